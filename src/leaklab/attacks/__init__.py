@@ -1,0 +1,1 @@
+"""Attacks. Each reads only an Observation (gradient attacks) or black/white-box access (embedding attacks)."""

@@ -1,0 +1,1 @@
+"""Embedding inversion attacks."""

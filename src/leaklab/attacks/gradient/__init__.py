@@ -1,0 +1,1 @@
+"""Gradient inversion attacks; each module registers itself with leaklab.attacks.base."""

@@ -1,0 +1,178 @@
+"""leaklab command line: each sub-command is a thin layer over the library."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from leaklab import __version__
+from leaklab.errors import LeaklabError
+
+app = typer.Typer(
+    name="leaklab",
+    help="Measure how much private text leaks from shared gradients and embeddings, and what stops it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+# Sub-command groups live in their own modules (leaklab.cli_<name>) and expose `app`; they are mounted here.
+SUBCOMMANDS = {
+    "gradient": "Gradient inversion attacks and benchmarks.",
+    "embed": "Embedding inversion attacks and benchmarks.",
+    "keys": "API keys of the embedding service.",
+    "monitor": "Probe detection reports of the embedding service.",
+    "signals": "Red-team signals over vector dumps.",
+}
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"leaklab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+) -> None:
+    from leaklab._quiet import quiet
+
+    quiet()
+
+
+@app.command("models")
+def models_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the packaged models (any Hugging Face folder or hub name also works with --model)."""
+    from leaklab.models.registry import PACKAGED
+
+    rows = [{"name": s.name, "family": s.family, "tasks": list(s.tasks), "random_init": s.random_init,
+             "description": s.description, "source": s.source} for s in PACKAGED.values()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="packaged models (also: any HF folder or hub name)")
+    for col in ("name", "tasks", "description"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], ",".join(r["tasks"]), r["description"])
+    console.print(table)
+
+
+@app.command("corpora")
+def corpora_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the packaged corpora (user .txt/.csv/.jsonl files and hf:NAME datasets also work)."""
+    from leaklab.corpora import describe_corpora
+
+    rows = describe_corpora()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="packaged corpora (also: .txt/.csv/.jsonl files, hf:dataset[@split] online)")
+    for col in ("name", "description", "variants"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        variants = ", ".join(r["variants"][:8]) + (" …" if len(r["variants"]) > 8 else "")
+        table.add_row(r["name"], r["description"], variants)
+    console.print(table)
+
+
+@app.command("update")
+def update_cmd(
+    model: Annotated[str, typer.Option(help="Packaged model name, HF folder or hub name.")] = "smollm2-135m",
+    corpus: Annotated[str, typer.Option(help="Corpus name (name:variant), file, or hf:dataset.")] = "rotten-tomatoes",
+    batch_size: Annotated[int, typer.Option(help="Texts in the private batch.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the batch draw and of dropout.")] = 0,
+    out: Annotated[Path, typer.Option(help="Update file to write (.safetensors).")] = Path("update.safetensors"),
+    task: Annotated[str, typer.Option(help="next-token or classify.")] = "next-token",
+    num_labels: Annotated[int, typer.Option(help="Classifier labels (classify).")] = 2,
+    min_tokens: Annotated[int, typer.Option(help="Shortest text, in tokens.")] = 1,
+    max_tokens: Annotated[int, typer.Option(help="Longest text, in tokens.")] = 64,
+    train_mode: Annotated[bool, typer.Option(help="Dropout on while computing the update.")] = False,
+    batch_size_known: Annotated[bool, typer.Option(help="Server learns the batch size.")] = True,
+    init_seed: Annotated[int, typer.Option(help="Seed of randomly initialised model parts.")] = 0,
+) -> None:
+    """Compute one client's FedSGD update on a private batch and save it (Secret beside it, for scoring)."""
+    from leaklab.models import ModelRef
+    from leaklab.threat import ThreatFlags, client_update, save_update
+    from leaklab.threat.store import secret_path
+
+    ref = ModelRef(model, task, num_labels, init_seed)
+    flags = ThreatFlags(batch_size_known=batch_size_known, train_mode=train_mode)
+    with console.status(f"computing the update of a {batch_size}-text batch on {model}"):
+        obs, secret = client_update(ref, corpus, batch_size, seed, min_tokens, max_tokens, flags)
+        save_update(out, obs, secret)
+    console.print(f"wrote {out} ({len(obs.gradients)} tensors) and {secret_path(out)} (private texts, for scoring)")
+
+
+@app.command("demo")
+def demo_cmd(
+    batch_size: Annotated[int, typer.Option(help="Texts in the private batch.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the batch draw.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Run folder.")] = None,
+) -> None:
+    """SOMP on the packaged defaults (smollm2-135m, rotten-tomatoes): what leaks from one FedSGD update."""
+    from leaklab.evaluate import show_run, run_gradient_eval
+
+    summary = run_gradient_eval(
+        attack="somp", model="smollm2-135m", corpus="rotten-tomatoes", batch_size=batch_size, batches=1, seed=seed,
+        min_tokens=8, max_tokens=32, task="next-token", out=out, console=console,
+    )
+    show_run(summary, console)
+
+
+def _mount_subcommands() -> None:
+    for name, help_text in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(f"leaklab.cli_{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"leaklab.cli_{name}":
+                continue
+            raise
+        app.add_typer(module.app, name=name, help=help_text)
+    try:
+        serve = importlib.import_module("leaklab.cli_serve")
+        app.command("serve")(serve.serve)
+    except ModuleNotFoundError as exc:
+        if exc.name != "leaklab.cli_serve":
+            raise
+
+
+_mount_subcommands()
+
+
+def main() -> None:
+    """Console entry point: user errors print one line and exit 2; no traceback."""
+    try:
+        app(standalone_mode=False)
+    except LeaklabError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors etc.
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Attack evaluation loop: victim update -> attack (Observation only) -> matched scoring -> run folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from leaklab.attacks.base import make_attack, run_attack
+from leaklab.metrics import score_batch
+from leaklab.models import ModelRef, load_model
+from leaklab.report import new_run_dir
+from leaklab.threat import ThreatFlags, client_update
+from leaklab.threat.observation import Observation, Secret
+
+METRICS = ("rouge1", "rouge2", "rougeL", "token_f1", "exact_rate")
+
+
+def score_recovery(obs: Observation, secret: Secret, rec) -> dict[str, Any]:
+    """Score one batch after one-to-one matching; token metrics on the model tokenizer's ids."""
+    loaded = load_model(obs.model)
+    pred_ids = rec.token_ids if rec.token_ids is not None else [loaded.encode(t) for t in rec.texts]
+    score = score_batch(rec.texts, list(secret.texts), pred_ids, [list(t) for t in secret.token_ids])
+    return {"aggregate": score.aggregate(), "pairs": [p.to_dict() for p in score.pairs]}
+
+
+def run_gradient_eval(
+    attack: str,
+    model: str,
+    corpus: str,
+    batch_size: int,
+    batches: int,
+    seed: int,
+    min_tokens: int,
+    max_tokens: int,
+    task: str = "next-token",
+    num_labels: int = 2,
+    flags: ThreatFlags | None = None,
+    attack_options: dict[str, Any] | None = None,
+    out: str | Path | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Attack ``batches`` private batches (seeds seed, seed+1, ...) and write a run folder."""
+    console = console or Console(stderr=True)
+    flags = flags or ThreatFlags()
+    ref = ModelRef(model, task, num_labels)
+    atk = make_attack(attack, **(attack_options or {}))
+    with console.status(f"loading {model}"):
+        load_model(ref)
+    run = new_run_dir(out, f"{attack}-{Path(model).name}-B{batch_size}")
+    config = {
+        "kind": "gradient-attack", "attack": attack, "attack_options": attack_options or {},
+        "model": ref.to_dict(), "corpus": corpus, "batch_size": batch_size, "batches": batches, "seed": seed,
+        "min_tokens": min_tokens, "max_tokens": max_tokens, "setting": "fedsgd", "flags": flags.to_dict(),
+    }
+    run.write_config(config)
+    items: list[dict[str, Any]] = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as bar:
+        task_id = bar.add_task(f"{attack} on {model}, B={batch_size}", total=batches)
+        for i in range(batches):
+            t0 = time.perf_counter()
+            bar.update(task_id, description=f"batch {i + 1}/{batches}: client update")
+            obs, secret = client_update(ref, corpus, batch_size, seed + i, min_tokens, max_tokens, flags)
+            grad_seconds = time.perf_counter() - t0
+            bar.update(task_id, description=f"batch {i + 1}/{batches}: {attack}")
+            rec = run_attack(atk, obs)
+            scored = score_recovery(obs, secret, rec)
+            items.append({"batch": i, "seed": seed + i, "gradient_seconds": grad_seconds,
+                          "attack_seconds": rec.seconds, "info": rec.info, **scored})
+            run.write_items(items)
+            bar.update(task_id, advance=1)
+    aggregate = summarise(items)
+    run.write_aggregate({**aggregate, "config": config})
+    return {"run_dir": str(run.path), "aggregate": aggregate, "items": items, "config": config}
+
+
+def summarise(items: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"batches": len(items)}
+    for key in METRICS:
+        vals = [it["aggregate"][key] for it in items]
+        out[key] = float(np.mean(vals)) if vals else 0.0
+        out[f"{key}_std"] = float(np.std(vals)) if vals else 0.0
+    out["attack_seconds"] = float(np.mean([it["attack_seconds"] for it in items])) if items else 0.0
+    out["gradient_seconds"] = float(np.mean([it["gradient_seconds"] for it in items])) if items else 0.0
+    return out
+
+
+def show_run(summary: dict[str, Any], console: Console, side_by_side: int = 8) -> None:
+    agg = summary["aggregate"]
+    cfg = summary["config"]
+    table = Table(title=f"{cfg['attack']} on {cfg['model']['name']} · {cfg['corpus']} · B={cfg['batch_size']} "
+                        f"· {agg['batches']} batch(es)")
+    for col in ("ROUGE-1", "ROUGE-2", "ROUGE-L", "token F1", "exact", "s/batch (attack)", "s/batch (gradient)"):
+        table.add_column(col, justify="right")
+    table.add_row(*(f"{agg[k]:.3f}" for k in METRICS), f"{agg['attack_seconds']:.1f}", f"{agg['gradient_seconds']:.1f}")
+    console.print(table)
+    pairs = summary["items"][0]["pairs"] if summary["items"] else []
+    if pairs:
+        side = Table(title="first batch: private text vs recovered (after matching)", show_lines=True)
+        side.add_column("private (secret)")
+        side.add_column("recovered")
+        side.add_column("R-1", justify="right")
+        for p in pairs[:side_by_side]:
+            side.add_row(p["true_text"], p["pred_text"] or "[dim](nothing)[/]", f"{p['rouge1']:.2f}")
+        console.print(side)
+    console.print(f"run folder: {summary['run_dir']}")
+
+
+def as_json(summary: dict[str, Any]) -> dict[str, Any]:
+    return {"run_dir": summary["run_dir"], **summary["aggregate"], "config": summary["config"]}
+
+
+__all__ = ["as_json", "run_gradient_eval", "score_recovery", "show_run", "summarise"]

@@ -1,0 +1,7 @@
+"""Model registry and family adapters."""
+
+from leaklab.models.adapter import FamilyAdapter, LayerProjections, Projection
+from leaklab.models.registry import PACKAGED, TASKS, LoadedModel, ModelRef, load_model, model_names
+
+__all__ = ["FamilyAdapter", "LayerProjections", "LoadedModel", "ModelRef", "PACKAGED", "Projection", "TASKS",
+           "load_model", "model_names"]

@@ -1,0 +1,113 @@
+"""Victim side, FedSGD: a client computes the gradient of its mean loss on one private batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from leaklab.corpora import load_corpus, sample_texts
+from leaklab.errors import LeaklabError
+from leaklab.models.registry import LoadedModel, ModelRef, load_model
+from leaklab.threat.observation import Observation, Secret, ThreatFlags
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # next-token targets (pads = -100) or class labels
+
+
+def collate(loaded: LoadedModel, token_ids: list[list[int]], labels: list[int]) -> Batch:
+    """Right-padded tensors; for next-token the targets are the inputs with pads ignored."""
+    if not token_ids or any(len(t) == 0 for t in token_ids):
+        raise LeaklabError("every text in a batch needs at least one token")
+    width = max(len(t) for t in token_ids)
+    pad = loaded.tokenizer.pad_token_id
+    ids = torch.full((len(token_ids), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, t in enumerate(token_ids):
+        ids[i, : len(t)] = torch.tensor(t)
+        mask[i, : len(t)] = 1
+    if loaded.ref.task == "next-token":
+        target = ids.masked_fill(mask == 0, IGNORE)
+    else:
+        if any(not 0 <= lab < loaded.ref.num_labels for lab in labels):
+            raise LeaklabError(f"labels {sorted(set(labels))} outside 0..{loaded.ref.num_labels - 1}")
+        target = torch.tensor(labels, dtype=torch.long)
+    return Batch(ids, mask, target)
+
+
+def batch_loss(loaded: LoadedModel, batch: Batch) -> torch.Tensor:
+    """Mean loss of the batch: over all target tokens (next-token) or over samples (classify)."""
+    out = loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+    return out.loss
+
+
+def gradient(loaded: LoadedModel, batch: Batch, train_mode: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+    """∇θ of the batch's mean loss, by parameter name (float32, detached)."""
+    model = loaded.model
+    model.zero_grad(set_to_none=True)
+    model.train(train_mode)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # fixes dropout masks in train mode
+            loss = batch_loss(loaded, batch)
+            loss.backward()
+    finally:
+        model.eval()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def fedsgd_update(
+    model: ModelRef,
+    texts: list[str],
+    labels: list[int] | None = None,
+    flags: ThreatFlags | None = None,
+    seed: int = 0,
+) -> tuple[Observation, Secret]:
+    """One client's FedSGD update on ``texts``, split into what the server sees and the private truth."""
+    flags = flags or ThreatFlags()
+    loaded = load_model(model)
+    ids = [loaded.encode(t) for t in texts]
+    labels = list(labels) if labels is not None else [0] * len(texts)
+    batch = collate(loaded, ids, labels)
+    grads = gradient(loaded, batch, train_mode=flags.train_mode, seed=seed)
+    obs = Observation(
+        model=model,
+        setting="fedsgd",
+        gradients=grads,
+        flags=flags,
+        batch_size=len(texts) if flags.batch_size_known else None,
+        labels=tuple(labels) if flags.labels_known else None,
+        lengths=tuple(len(t) for t in ids) if flags.lengths_known else None,
+        meta={"padding": "right", "loss": "mean"},
+    )
+    return obs, Secret(tuple(texts), tuple(tuple(t) for t in ids), tuple(labels))
+
+
+def client_update(
+    model: ModelRef,
+    corpus: str,
+    batch_size: int,
+    seed: int,
+    min_tokens: int = 1,
+    max_tokens: int = 10**9,
+    flags: ThreatFlags | None = None,
+) -> tuple[Observation, Secret]:
+    """Sample a private batch from ``corpus`` with ``seed`` and compute its FedSGD update."""
+    loaded = load_model(model)
+    data = load_corpus(corpus)
+    if model.task == "classify" and len(data.label_names) > model.num_labels:
+        raise LeaklabError(
+            f"corpus '{corpus}' has {len(data.label_names)} labels but the model has {model.num_labels}; "
+            f"pass --num-labels {len(data.label_names)}"
+        )
+    sample = sample_texts(data, loaded.tokenizer, batch_size, seed, min_tokens, max_tokens)
+    obs, secret = fedsgd_update(model, sample.texts, sample.labels, flags, seed)
+    return obs, secret

@@ -1,0 +1,115 @@
+"""The Observation/Secret contract.
+
+An :class:`Observation` is everything the threat model grants the attacker: the model reference, the shared
+tensors by parameter name, and metadata, each extra piece of knowledge an explicit flag. A :class:`Secret`
+(texts, token ids, labels, lengths) exists only for scoring. Attacks accept Observations and nothing else:
+:func:`require_observation` is the gate every attack entry point passes through.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+
+from leaklab.errors import LeaklabError
+from leaklab.models.registry import ModelRef
+
+SETTINGS = ("fedsgd",)
+
+
+@dataclass(frozen=True)
+class ThreatFlags:
+    """What the server knows beyond the shared tensors. Every field is recorded with each result."""
+
+    batch_size_known: bool = True  # FedSGD servers see sample counts
+    labels_known: bool = False
+    lengths_known: bool = False
+    train_mode: bool = False  # dropout was on when the client computed the update (known protocol fact)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ThreatFlags:
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise LeaklabError(f"unknown threat flags {sorted(unknown)}; valid: {sorted(names)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the server sees. ``batch_size``, ``labels`` and ``lengths`` are None unless granted by flags."""
+
+    model: ModelRef
+    setting: str
+    gradients: dict[str, torch.Tensor]
+    flags: ThreatFlags = field(default_factory=ThreatFlags)
+    batch_size: int | None = None
+    labels: tuple[int, ...] | None = None
+    lengths: tuple[int, ...] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.setting not in SETTINGS:
+            raise LeaklabError(f"unknown threat setting '{self.setting}'; valid: {', '.join(SETTINGS)}")
+        if (self.batch_size is not None) != self.flags.batch_size_known:
+            raise LeaklabError("batch_size must be given exactly when flags.batch_size_known is set")
+        if (self.labels is not None) != self.flags.labels_known:
+            raise LeaklabError("labels must be given exactly when flags.labels_known is set")
+        if (self.lengths is not None) != self.flags.lengths_known:
+            raise LeaklabError("lengths must be given exactly when flags.lengths_known is set")
+        for name, value in self.meta.items():
+            if isinstance(value, Secret):
+                raise TypeError(f"Observation.meta['{name}'] holds a Secret")
+
+    def check_finite(self) -> None:
+        for name, g in self.gradients.items():
+            if not torch.isfinite(g).all():
+                bad = int((~torch.isfinite(g)).sum())
+                raise LeaklabError(f"gradient '{name}' has {bad} NaN/inf entries; the update is corrupt")
+
+    def record(self) -> dict[str, Any]:
+        """What a results file records about the observation (no tensors)."""
+        return {
+            "model": self.model.to_dict(),
+            "setting": self.setting,
+            "flags": self.flags.to_dict(),
+            "batch_size": self.batch_size,
+            "n_tensors": len(self.gradients),
+            "meta": self.meta,
+        }
+
+
+@dataclass(frozen=True)
+class Secret:
+    """The private batch: for scoring only, never handed to an attack."""
+
+    texts: tuple[str, ...]
+    token_ids: tuple[tuple[int, ...], ...]
+    labels: tuple[int, ...]
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(len(t) for t in self.token_ids)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def require_observation(obj: Any) -> Observation:
+    """Gate for attack entry points: accept an Observation and nothing else (in particular no Secret)."""
+    if isinstance(obj, Secret):
+        raise TypeError("attacks receive an Observation, never a Secret")
+    if not isinstance(obj, Observation):
+        raise TypeError(f"attacks receive an Observation, got {type(obj).__name__}")
+    obj.check_finite()
+    return obj
+
+
+def grad_norm(gradients: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in gradients.values()))
