@@ -80,7 +80,7 @@ def _tiny_bert() -> Encoder:
 
 def _hashing(dim: int = 128, max_seq_len: int = 128) -> Encoder:
     """Bag of unigrams and bigrams over MiniLM WordPiece ids, each hashed to a fixed random Gaussian vector,
-    truncated at ``max_seq_len`` tokens like a transformer: fast, deterministic, order-aware."""
+    truncated at ``max_seq_len`` - 2 tokens (room for [CLS]/[SEP], as BERT): fast, deterministic, order-aware."""
     from leaklab.models.registry import minilm_tokenizer
 
     tok = minilm_tokenizer()
@@ -89,7 +89,7 @@ def _hashing(dim: int = 128, max_seq_len: int = 128) -> Encoder:
     bigram = rng.standard_normal((4096, dim)).astype(np.float32) * 0.5
 
     def embed(texts: list[str]) -> np.ndarray:
-        enc = tok(texts, add_special_tokens=False, truncation=True, max_length=max_seq_len)["input_ids"]
+        enc = tok(texts, add_special_tokens=False, truncation=True, max_length=max_seq_len - 2)["input_ids"]
         out = np.zeros((len(texts), dim), dtype=np.float32)
         for i, ids in enumerate(enc):
             if not ids:
