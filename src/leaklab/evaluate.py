@@ -54,14 +54,29 @@ def run_gradient_eval(
         load_model(ref)
     run = new_run_dir(out, f"{attack}-{Path(model).name}-B{batch_size}")
     config = {
-        "kind": "gradient-attack", "attack": attack, "attack_options": attack_options or {},
-        "model": ref.to_dict(), "corpus": corpus, "batch_size": batch_size, "batches": batches, "seed": seed,
-        "min_tokens": min_tokens, "max_tokens": max_tokens, "setting": "fedsgd", "flags": flags.to_dict(),
+        "kind": "gradient-attack",
+        "attack": attack,
+        "attack_options": attack_options or {},
+        "model": ref.to_dict(),
+        "corpus": corpus,
+        "batch_size": batch_size,
+        "batches": batches,
+        "seed": seed,
+        "min_tokens": min_tokens,
+        "max_tokens": max_tokens,
+        "setting": "fedsgd",
+        "flags": flags.to_dict(),
     }
     run.write_config(config)
     items: list[dict[str, Any]] = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
         task_id = bar.add_task(f"{attack} on {model}, B={batch_size}", total=batches)
         for i in range(batches):
             t0 = time.perf_counter()
@@ -71,8 +86,16 @@ def run_gradient_eval(
             bar.update(task_id, description=f"batch {i + 1}/{batches}: {attack}")
             rec = run_attack(atk, obs)
             scored = score_recovery(obs, secret, rec)
-            items.append({"batch": i, "seed": seed + i, "gradient_seconds": grad_seconds,
-                          "attack_seconds": rec.seconds, "info": rec.info, **scored})
+            items.append(
+                {
+                    "batch": i,
+                    "seed": seed + i,
+                    "gradient_seconds": grad_seconds,
+                    "attack_seconds": rec.seconds,
+                    "info": rec.info,
+                    **scored,
+                }
+            )
             run.write_items(items)
             bar.update(task_id, advance=1)
     aggregate = summarise(items)
@@ -94,11 +117,23 @@ def summarise(items: list[dict[str, Any]]) -> dict[str, Any]:
 def show_run(summary: dict[str, Any], console: Console, side_by_side: int = 8) -> None:
     agg = summary["aggregate"]
     cfg = summary["config"]
-    table = Table(title=f"{cfg['attack']} on {cfg['model']['name']} · {cfg['corpus']} · B={cfg['batch_size']} "
-                        f"· {agg['batches']} batch(es)")
-    for col in ("ROUGE-1", "ROUGE-2", "ROUGE-L", "token F1", "exact", "s/batch (attack)", "s/batch (gradient)"):
+    table = Table(
+        title=f"{cfg['attack']} on {cfg['model']['name']} · {cfg['corpus']} · B={cfg['batch_size']} "
+        f"· {agg['batches']} batch(es)"
+    )
+    for col in (
+        "ROUGE-1",
+        "ROUGE-2",
+        "ROUGE-L",
+        "token F1",
+        "exact",
+        "s/batch (attack)",
+        "s/batch (gradient)",
+    ):
         table.add_column(col, justify="right")
-    table.add_row(*(f"{agg[k]:.3f}" for k in METRICS), f"{agg['attack_seconds']:.1f}", f"{agg['gradient_seconds']:.1f}")
+    table.add_row(
+        *(f"{agg[k]:.3f}" for k in METRICS), f"{agg['attack_seconds']:.1f}", f"{agg['gradient_seconds']:.1f}"
+    )
     console.print(table)
     pairs = summary["items"][0]["pairs"] if summary["items"] else []
     if pairs:
