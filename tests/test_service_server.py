@@ -30,12 +30,18 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("svc")
     db = tmp / "svc.db"
     keys = _keys(db, "alice", "bob", "mallory")
-    cfg = write_config(tmp / "cfg.json", {
-        "search": {"corpus": "chatterbot:english", "limit": 200},
-        "limits": {"rate": 1000, "burst": 1000},
-        "defenses": [{"kind": "gaussian", "epsilon": 500, "delta": 1e-5}, {"kind": "quantise", "bits": 8}],
-        "keys": {"bob": {"defenses": [{"kind": "rotate", "secret": "0123456789abcdef-secret"}]}},
-    })
+    cfg = write_config(
+        tmp / "cfg.json",
+        {
+            "search": {"corpus": "chatterbot:english", "limit": 200},
+            "limits": {"rate": 1000, "burst": 1000},
+            "defenses": [
+                {"kind": "gaussian", "epsilon": 500, "delta": 1e-5},
+                {"kind": "quantise", "bits": 8},
+            ],
+            "keys": {"bob": {"defenses": [{"kind": "rotate", "secret": "0123456789abcdef-secret"}]}},
+        },
+    )
     with ServerProcess("hashing", db, cfg) as srv:
         yield srv, keys, db
 
@@ -62,26 +68,41 @@ def test_data_routes_need_a_valid_unrevoked_key(server):
 def test_openai_shape_base64_and_per_key_rotation(server):
     srv, keys, _ = server
     with httpx.Client(base_url=srv.url, timeout=10) as c:
-        r = c.post("/v1/embeddings", json={"input": ["a cat sat", "on the mat"]}, headers=_auth(keys["alice"]))
+        r = c.post(
+            "/v1/embeddings", json={"input": ["a cat sat", "on the mat"]}, headers=_auth(keys["alice"])
+        )
         body = r.json()
         assert r.status_code == 200 and body["object"] == "list" and body["model"] == "hashing"
         assert [d["index"] for d in body["data"]] == [0, 1] and body["usage"]["prompt_tokens"] > 0
         vecs = np.array([d["embedding"] for d in body["data"]])
         assert vecs.shape == (2, 128) and np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-4)
-        r64 = c.post("/v1/embeddings", json={"input": "a cat sat", "encoding_format": "base64"},
-                     headers=_auth(keys["alice"]))
+        r64 = c.post(
+            "/v1/embeddings",
+            json={"input": "a cat sat", "encoding_format": "base64"},
+            headers=_auth(keys["alice"]),
+        )
         v64 = np.frombuffer(base64.b64decode(r64.json()["data"][0]["embedding"]), dtype="<f4")
-        assert v64.shape == (128,) and float(v64 @ vecs[0]) > 0.3  # same text, fresh noise (sigma ~0.08 per dim)
+        assert (
+            v64.shape == (128,) and float(v64 @ vecs[0]) > 0.3
+        )  # same text, fresh noise (sigma ~0.08 per dim)
         # bob's vectors are rotated only: cosines between his own vectors equal the clean ones
         texts = ["a cat sat", "a cat sat on the mat", "stock markets fell sharply"]
-        rb = np.array([d["embedding"] for d in c.post("/v1/embeddings", json={"input": texts},
-                                                      headers=_auth(keys["bob"])).json()["data"]])
+        rb = np.array(
+            [
+                d["embedding"]
+                for d in c.post("/v1/embeddings", json={"input": texts}, headers=_auth(keys["bob"])).json()[
+                    "data"
+                ]
+            ]
+        )
         from leaklab.service.encoders import load_encoder
 
         clean = load_encoder("hashing").embed(texts)
         assert np.allclose(rb @ rb.T, clean @ clean.T, atol=1e-5)
         assert not np.allclose(rb, clean, atol=1e-2)
-        hits = c.post("/v1/search", json={"query": ["what is your name"], "top_k": 5}, headers=_auth(keys["bob"]))
+        hits = c.post(
+            "/v1/search", json={"query": ["what is your name"], "top_k": 5}, headers=_auth(keys["bob"])
+        )
         res = hits.json()["data"][0]["results"]
         assert len(res) == 5 and all(res[i]["score"] >= res[i + 1]["score"] for i in range(4))
         bad = c.post("/v1/embeddings", json={"input": ""}, headers=_auth(keys["alice"]))
@@ -116,12 +137,15 @@ def _burst(url: str, plan: list[tuple[str, dict]], concurrency: int) -> list[tup
         sem = asyncio.Semaphore(concurrency)
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as c:
+
             async def one(name_key, body):
                 name, key = name_key
                 async with sem:
                     r = await c.post("/v1/embeddings", json=body, headers=_auth(key))
                     return name, r.status_code, r.headers.get("x-request-id")
+
             return await asyncio.gather(*(one(nk, b) for nk, b in plan))
+
     return asyncio.run(go())
 
 
@@ -129,15 +153,36 @@ def test_burst_10k_quota_exact_and_logged(tmp_path):
     """10,000 loopback requests from 3 keys: no 5xx, nobody past its quota, each admitted request logged."""
     db = tmp_path / "burst.db"
     keys = _keys(db, "req-capped", "tok-capped", "rate-capped")
-    cfg = write_config(tmp_path / "cfg.json", {
-        "limits": {"rate": 100000, "burst": 100000},
-        "monitor": {"enabled": True},
-        "defenses": [{"kind": "gaussian", "epsilon": 500, "delta": 1e-5}],
-        "keys": {"req-capped": {"limits": {"daily_requests": 1500}},
-                 "tok-capped": {"limits": {"daily_tokens": 9000}},
-                 "rate-capped": {"limits": {"rate": 50, "burst": 20}}}})
+    cfg = write_config(
+        tmp_path / "cfg.json",
+        {
+            "limits": {"rate": 100000, "burst": 100000},
+            "monitor": {"enabled": True},
+            "defenses": [{"kind": "gaussian", "epsilon": 500, "delta": 1e-5}],
+            "keys": {
+                "req-capped": {"limits": {"daily_requests": 1500}},
+                "tok-capped": {"limits": {"daily_tokens": 9000}},
+                "rate-capped": {"limits": {"rate": 50, "burst": 20}},
+            },
+        },
+    )
     rng = np.random.default_rng(0)
-    words = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "rug", "big", "small", "red", "blue", "quickly"]
+    words = [
+        "the",
+        "cat",
+        "dog",
+        "sat",
+        "ran",
+        "on",
+        "a",
+        "mat",
+        "rug",
+        "big",
+        "small",
+        "red",
+        "blue",
+        "quickly",
+    ]
     plan = []
     for i in range(10_000):
         name = ("req-capped", "tok-capped", "rate-capped")[i % 3]
@@ -154,12 +199,17 @@ def test_burst_10k_quota_exact_and_logged(tmp_path):
     ok = {n: {rid for name, c, rid in results if name == n and c == 200} for n in keys}
     kid = {name: k.split("-")[1] for name, k in keys.items()}
     for name in keys:
-        logged = {r[0] for r in con.execute("SELECT DISTINCT request_id FROM queries WHERE key_id=?", (kid[name],))}
+        logged = {
+            r[0] for r in con.execute("SELECT DISTINCT request_id FROM queries WHERE key_id=?", (kid[name],))
+        }
         assert ok[name] == logged, name  # every admitted request in the log, nothing else
     assert len(ok["req-capped"]) == 1500  # exactly the quota: 3334 attempts
     used_tokens = con.execute("SELECT tokens FROM usage WHERE key_id=?", (kid["tok-capped"],)).fetchone()[0]
-    assert used_tokens <= 9000 and used_tokens == con.execute(
-        "SELECT SUM(tokens) FROM queries WHERE key_id=?", (kid["tok-capped"],)).fetchone()[0]
+    assert (
+        used_tokens <= 9000
+        and used_tokens
+        == con.execute("SELECT SUM(tokens) FROM queries WHERE key_id=?", (kid["tok-capped"],)).fetchone()[0]
+    )
     assert 20 <= len(ok["rate-capped"]) <= 20 + 50 * (elapsed + 1)
 
 

@@ -74,22 +74,28 @@ def test_quantise_truncate_rotate():
 def test_config_errors_name_the_problem():
     with pytest.raises(UnknownNameError, match="valid: gaussian, metric-dp, quantise, rotate, truncate"):
         parse_config({"defenses": [{"kind": "blur"}]})
-    with pytest.raises(LeaklabError, match="unknown field.*ratee"):
+    with pytest.raises(LeaklabError, match=r"unknown field.*ratee"):
         parse_config({"limits": {"ratee": 3}})
-    with pytest.raises(LeaklabError, match="monitor.action"):
+    with pytest.raises(LeaklabError, match=r"monitor\.action"):
         parse_config({"monitor": {"action": "ban"}})
     with pytest.raises(LeaklabError, match="gaussian has no parameter"):
         parse_config({"defenses": [{"kind": "gaussian", "eps": 1}]})
     with pytest.raises(LeaklabError, match="secret"):
         parse_config({"defenses": [{"kind": "rotate", "secret": "short"}]})
-    cfg = parse_config({"defenses": [{"kind": "gaussian", "epsilon": "10", "delta": "1e-5"}],
-                        "keys": {"vip": {"limits": {"daily_requests": 5}}}})
+    cfg = parse_config(
+        {
+            "defenses": [{"kind": "gaussian", "epsilon": "10", "delta": "1e-5"}],
+            "keys": {"vip": {"limits": {"daily_requests": 5}}},
+        }
+    )
     assert cfg.limits_for("vip").daily_requests == 5 and cfg.limits_for("vip").rate == cfg.limits.rate
 
 
 def test_token_bucket_against_a_simulation():
     lim = RateLimiter()
-    admitted = sum(lim.take("k", rate=5.0, burst=3, now=t * 0.01) == 0.0 for t in range(300))  # 3 s at 100 req/s
+    admitted = sum(
+        lim.take("k", rate=5.0, burst=3, now=t * 0.01) == 0.0 for t in range(300)
+    )  # 3 s at 100 req/s
     assert admitted == 3 + 14  # the burst, then one per 0.2 s over 2.99 s (refill reaches 15 tokens at 3.0 s)
     wait = lim.take("k", rate=5.0, burst=3, now=3.01)
     assert wait == 0.0 and lim.take("k", rate=5.0, burst=3, now=3.01) == pytest.approx(0.19, abs=1e-6)
@@ -116,16 +122,57 @@ def test_one_edit_matches_levenshtein():
 def test_monitor_flags_an_edit_chain_not_plain_sentences():
     rng = np.random.default_rng(3)
     mon = Monitor(window=32, min_queries=10, threshold=0.5)
-    sentences = [f"the {w} was {v} in the morning" for w, v in zip(
-        ["cat", "dog", "film", "plot", "actor", "song", "story", "ending", "show", "book", "city", "river", "train", "road", "shop", "cake"],
-        ["good", "bad", "long", "short", "fine", "late", "slow", "late", "great", "odd", "dull", "new", "big", "late", "warm", "calm"], strict=True)]
+    sentences = [
+        f"the {w} was {v} in the morning"
+        for w, v in zip(
+            [
+                "cat",
+                "dog",
+                "film",
+                "plot",
+                "actor",
+                "song",
+                "story",
+                "ending",
+                "show",
+                "book",
+                "city",
+                "river",
+                "train",
+                "road",
+                "shop",
+                "cake",
+            ],
+            [
+                "good",
+                "bad",
+                "long",
+                "short",
+                "fine",
+                "late",
+                "slow",
+                "late",
+                "great",
+                "odd",
+                "dull",
+                "new",
+                "big",
+                "late",
+                "warm",
+                "calm",
+            ],
+            strict=True,
+        )
+    ]
     for s in sentences:
         v = mon.observe("benign", [s], normalise(rng.standard_normal((1, 16))))
     assert not v.flagged
     words = ["alpha"]
     for i in range(30):
         words = [*words, f"tok{i % 7}"] if i % 2 else [*words[:-1], f"w{i}"]
-        v = mon.observe("probe", [" ".join(words)], normalise(np.ones((1, 16)) + 0.01 * rng.standard_normal((1, 16))))
+        v = mon.observe(
+            "probe", [" ".join(words)], normalise(np.ones((1, 16)) + 0.01 * rng.standard_normal((1, 16)))
+        )
     assert v.flagged and v.features["edit_chain"] > 0.8
 
 

@@ -35,9 +35,20 @@ def chat():
 
 
 def test_repeated_finds_each_cause(enc):
-    texts = ["Hello   World", "hello world", LONG + " ending one", LONG + " ending two",
-             "price \u2603\ufe0e now", "price \u2602 now", "a normal sentence", "another different line",
-             "cached query one", "cached query two", "near query one", "near query two"]
+    texts = [
+        "Hello   World",
+        "hello world",
+        LONG + " ending one",
+        LONG + " ending two",
+        "price \u2603\ufe0e now",
+        "price \u2602 now",
+        "a normal sentence",
+        "another different line",
+        "cached query one",
+        "cached query two",
+        "near query one",
+        "near query two",
+    ]
     vecs = enc.embed(texts)
     vecs[9] = vecs[8]  # a cache returning the same vector for another text
     vecs[11] = vecs[10] + 1e-4  # a near-collision
@@ -64,8 +75,14 @@ def test_lsh_candidates_match_brute_force(enc, chat):
 
 def test_fingerprint_names_documents_and_encoder(enc, chat):
     leaked_idx = list(range(10, 60))
-    leak = VectorSet(np.concatenate([enc.embed([chat[i] for i in leaked_idx]),
-                                     enc.embed(["an unseen secret line", "another private one"])]))
+    leak = VectorSet(
+        np.concatenate(
+            [
+                enc.embed([chat[i] for i in leaked_idx]),
+                enc.embed(["an unseen secret line", "another private one"]),
+            ]
+        )
+    )
     rep = fingerprint(leak, chat, {"hashing": enc, "tiny-bert": load_encoder("tiny-bert")})
     assert rep["encoders"][0]["encoder"] == "hashing" and rep["present_count"] == 50
     assert sorted(p["doc"] for p in rep["present"]) == leaked_idx
@@ -83,7 +100,9 @@ def test_cross_source_verdicts(enc, chat):
     tiny = load_encoder("tiny-bert").embed(chat)
     other = cross_source(VectorSet(a, ids=ids), VectorSet(tiny, ids=ids))
     assert not other["verdict"].startswith("same model") and other["procrustes_residual"] > 0.2
-    shuffled = cross_source(VectorSet(a), VectorSet(rot[np.random.default_rng(1).permutation(len(rot))]), "paired")
+    shuffled = cross_source(
+        VectorSet(a), VectorSet(rot[np.random.default_rng(1).permutation(len(rot))]), "paired"
+    )
     assert shuffled["verdict"].startswith("unrelated")
     anch = cross_source(VectorSet(a), VectorSet(rot), "anchors", anchors=200)
     assert anch["anchor_residual"] < 1e-3 and anch["mapped_share_nn_cos_0.99"] > 0.9
@@ -102,13 +121,27 @@ def test_signals_cli_and_bad_dump(tmp_path, enc, chat):
     path = save_vectors(tmp_path / "d.jsonl", VectorSet(enc.embed(chat[:40]), chat[:40]))
     back = load_vectors(path)
     assert back.texts == chat[:40] and np.allclose(back.vectors, enc.embed(chat[:40]), atol=1e-6)
-    res = CliRunner().invoke(app, ["signals", "fingerprint", "--dump", str(path), "--docs", "chatterbot:english",
-                                   "--limit", "300", "--encoders", "hashing", "--json"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "signals",
+            "fingerprint",
+            "--dump",
+            str(path),
+            "--docs",
+            "chatterbot:english",
+            "--limit",
+            "300",
+            "--encoders",
+            "hashing",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["present_count"] == 40
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"embedding": [1, 2]}\n{"embedding": [1]}\n')
-    with pytest.raises(LeaklabError, match="bad.jsonl:2: vector has 1 dimensions"):
+    with pytest.raises(LeaklabError, match=r"bad\.jsonl:2: vector has 1 dimensions"):
         load_vectors(bad)
 
 
@@ -116,6 +149,10 @@ def test_signals_cli_and_bad_dump(tmp_path, enc, chat):
 def test_minilm_truncates_at_256_tokens():
     """Red-team finding on the real encoder: texts that differ only after 254 tokens get the same vector."""
     enc = load_encoder("minilm-l6")
-    texts = [LONG + " " + LONG + " the ending is happy", LONG + " " + LONG + " the ending is sad", "short text"]
+    texts = [
+        LONG + " " + LONG + " the ending is happy",
+        LONG + " " + LONG + " the ending is sad",
+        "short text",
+    ]
     rep = repeated_embeddings(VectorSet(enc.embed(texts), texts), 1e-4, enc.tokenizer, enc.max_seq_len)
     assert rep["pairs"] == 1 and rep["by_cause"]["truncation"] == 1

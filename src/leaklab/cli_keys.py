@@ -28,20 +28,28 @@ def _when(ts: float | None) -> str:
 
 @app.command("create")
 def create(
-    name: Annotated[str, typer.Option(help="Unique key name (per-key limits/defenses in the config use it).")],
+    name: Annotated[
+        str, typer.Option(help="Unique key name (per-key limits/defenses in the config use it).")
+    ],
     db: DbOpt = Path("leaklab-service.db"),
-    tenant: Annotated[str | None, typer.Option(help="Tenant of the secret rotation (default: the name).")] = None,
+    tenant: Annotated[
+        str | None, typer.Option(help="Tenant of the secret rotation (default: the name).")
+    ] = None,
 ) -> None:
     """Create a key; the secret is printed once (only its hash is stored)."""
     rec, secret = _store(db).create_key(name, tenant)
-    console.print(f"created key {rec.id} ({rec.name}, tenant {rec.tenant}); store it now, it is not shown again:",
-                  highlight=False)
+    console.print(
+        f"created key {rec.id} ({rec.name}, tenant {rec.tenant}); store it now, it is not shown again:",
+        highlight=False,
+    )
     print(secret)
 
 
 @app.command("list")
-def list_keys(db: DbOpt = Path("leaklab-service.db"),
-              as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def list_keys(
+    db: DbOpt = Path("leaklab-service.db"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
     """List keys (ids, names, tenants, state); secrets are never shown."""
     recs = _store(db).list_keys()
     if as_json:
@@ -51,12 +59,16 @@ def list_keys(db: DbOpt = Path("leaklab-service.db"),
     for col in ("id", "name", "tenant", "created", "state"):
         table.add_column(col)
     for r in recs:
-        table.add_row(r.id, r.name, r.tenant, _when(r.created), f"revoked {_when(r.revoked)}" if r.revoked else "active")
+        table.add_row(
+            r.id, r.name, r.tenant, _when(r.created), f"revoked {_when(r.revoked)}" if r.revoked else "active"
+        )
     console.print(table)
 
 
 @app.command("revoke")
-def revoke(ident: Annotated[str, typer.Argument(help="Key id or name.")], db: DbOpt = Path("leaklab-service.db")) -> None:
+def revoke(
+    ident: Annotated[str, typer.Argument(help="Key id or name.")], db: DbOpt = Path("leaklab-service.db")
+) -> None:
     """Revoke a key: every data route answers 401 for it from the next request on."""
     rec = _store(db).revoke_key(ident)
     console.print(f"revoked key {rec.id} ({rec.name})", highlight=False)

@@ -18,6 +18,10 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 console = Console()
 
 
+def _hms(ts: float) -> str:
+    return time.strftime("%H:%M:%SZ", time.gmtime(ts))
+
+
 def flagged_report(db: Path) -> list[dict]:
     """One row per flagged key: flags, peak score, latest features, and its query-log statistics."""
     from leaklab.service.store import Store
@@ -28,8 +32,16 @@ def flagged_report(db: Path) -> list[dict]:
     try:
         by_key: dict[str, dict] = {}
         for f in store.flags():
-            row = by_key.setdefault(f["key_id"], {"key_id": f["key_id"], "name": f["name"], "flags": 0,
-                                                  "max_score": 0.0, "first_flag": f["ts"]})
+            row = by_key.setdefault(
+                f["key_id"],
+                {
+                    "key_id": f["key_id"],
+                    "name": f["name"],
+                    "flags": 0,
+                    "max_score": 0.0,
+                    "first_flag": f["ts"],
+                },
+            )
             row["flags"] += 1
             row["max_score"] = max(row["max_score"], f["score"])
             row["last_flag"], row["action"], row["evidence"] = f["ts"], f["action"], f["evidence"]
@@ -37,9 +49,15 @@ def flagged_report(db: Path) -> list[dict]:
             for key_id, row in by_key.items():
                 n, tokens, distinct, t0, t1 = store.conn.execute(
                     "SELECT COUNT(*), COALESCE(SUM(tokens),0), COUNT(DISTINCT text_hash), MIN(ts), MAX(ts) "
-                    "FROM queries WHERE key_id=?", (key_id,)).fetchone()
-                row["log"] = {"queries": n, "tokens": tokens, "repeated_text_share": round(1 - distinct / n, 3)
-                              if n else 0.0, "queries_per_min": round(n / max((t1 or 0) - (t0 or 0), 1) * 60, 1)}
+                    "FROM queries WHERE key_id=?",
+                    (key_id,),
+                ).fetchone()
+                row["log"] = {
+                    "queries": n,
+                    "tokens": tokens,
+                    "repeated_text_share": round(1 - distinct / n, 3) if n else 0.0,
+                    "queries_per_min": round(n / max((t1 or 0) - (t0 or 0), 1) * 60, 1),
+                }
     except sqlite3.DatabaseError as exc:
         raise LeaklabError(f"{db}: not a leaklab service database ({exc})") from exc
     finally:
@@ -65,10 +83,17 @@ def report(
         table.add_column(col, overflow="fold")
     for r in rows:
         ev = r["evidence"]
-        feats = ", ".join(f"{k}={v:.2f}" for k, v in sorted(ev["features"].items(), key=lambda kv: -kv[1]) if v)
+        feats = ", ".join(
+            f"{k}={v:.2f}" for k, v in sorted(ev["features"].items(), key=lambda kv: -kv[1]) if v
+        )
         log = r["log"]
-        table.add_row(f"{r['name']} ({r['key_id']})", str(r["flags"]), f"{r['max_score']:.2f}", r["action"],
-                      f"{feats} after {ev['queries']} queries; last {time.strftime('%H:%M:%S', time.gmtime(r['last_flag']))}Z",
-                      f"{log['queries']} queries, {log['tokens']} tokens, {log['queries_per_min']}/min, "
-                      f"repeated {log['repeated_text_share']:.0%}")
+        table.add_row(
+            f"{r['name']} ({r['key_id']})",
+            str(r["flags"]),
+            f"{r['max_score']:.2f}",
+            r["action"],
+            f"{feats} after {ev['queries']} queries; last {_hms(r['last_flag'])}",
+            f"{log['queries']} queries, {log['tokens']} tokens, {log['queries_per_min']}/min, "
+            f"repeated {log['repeated_text_share']:.0%}",
+        )
     console.print(table)

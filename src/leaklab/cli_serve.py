@@ -11,10 +11,15 @@ from leaklab.errors import LeaklabError
 
 
 def serve(
-    model: Annotated[str, typer.Option(help="Encoder to serve: minilm-l6, tiny-bert or hashing.")] = "minilm-l6",
+    model: Annotated[
+        str, typer.Option(help="Encoder to serve: minilm-l6, tiny-bert or hashing.")
+    ] = "minilm-l6",
     db: Annotated[Path, typer.Option(help="SQLite database (keys, query log); created if missing.")] = Path(
-        "leaklab-service.db"),
-    config: Annotated[Path | None, typer.Option(help="Service config (YAML or JSON): limits, defenses, monitor.")] = None,
+        "leaklab-service.db"
+    ),
+    config: Annotated[
+        Path | None, typer.Option(help="Service config (YAML or JSON): limits, defenses, monitor.")
+    ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",

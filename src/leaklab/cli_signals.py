@@ -36,12 +36,20 @@ def _emit(report: dict, out: Path | None, as_json: bool) -> bool:
 
 @app.command("repeated")
 def repeated(
-    dump: Annotated[Path | None, typer.Option(help="Vector dump (.jsonl with 'text' and 'embedding').")] = None,
-    texts: Annotated[str | None, typer.Option(help="Or: texts (corpus name or file) to embed with --model.")] = None,
-    model: Annotated[str | None, typer.Option(help="Encoder for --texts; also sets tokenizer/max_seq_len.")] = None,
+    dump: Annotated[
+        Path | None, typer.Option(help="Vector dump (.jsonl with 'text' and 'embedding').")
+    ] = None,
+    texts: Annotated[
+        str | None, typer.Option(help="Or: texts (corpus name or file) to embed with --model.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Encoder for --texts; also sets tokenizer/max_seq_len.")
+    ] = None,
     limit: Annotated[int, typer.Option(help="At most this many texts from --texts.")] = 5000,
     tol: Annotated[float, typer.Option(help="Cosine tolerance: pairs with cosine >= 1 - tol repeat.")] = 1e-4,
-    max_seq_len: Annotated[int | None, typer.Option(help="Encoder's max tokens (default: --model's, else 256).")] = None,
+    max_seq_len: Annotated[
+        int | None, typer.Option(help="Encoder's max tokens (default: --model's, else 256).")
+    ] = None,
     out: OutOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -65,7 +73,9 @@ def repeated(
     report = repeated_embeddings(vs, tol, tokenizer, seq)
     if _emit(report, out, as_json):
         return
-    console.print(f"{report['pairs']} repeated pair(s) among {report['vectors']} vectors (cosine >= 1 - {tol:g})")
+    console.print(
+        f"{report['pairs']} repeated pair(s) among {report['vectors']} vectors (cosine >= 1 - {tol:g})"
+    )
     table = Table(title="causes")
     table.add_column("cause")
     table.add_column("pairs", justify="right")
@@ -81,7 +91,9 @@ def fingerprint_cmd(
     dump: Annotated[Path, typer.Option(help="Leaked vectors (.npy or .jsonl).")],
     docs: Annotated[str, typer.Option(help="Known documents: corpus name or file.")],
     limit: Annotated[int, typer.Option(help="At most this many documents.")] = 5000,
-    encoders: Annotated[str, typer.Option(help="Candidate encoders, comma-separated.")] = "minilm-l6,tiny-bert,hashing",
+    encoders: Annotated[
+        str, typer.Option(help="Candidate encoders, comma-separated.")
+    ] = "minilm-l6,tiny-bert,hashing",
     threshold: Annotated[float, typer.Option(help="Cosine at which a vector is that document.")] = 0.99,
     out: OutOpt = None,
     as_json: JsonOpt = False,
@@ -95,17 +107,26 @@ def fingerprint_cmd(
     report = fingerprint(leak, _texts(docs, limit), cands, threshold)
     if _emit(report, out, as_json):
         return
-    table = Table(title=f"encoders vs {dump.name} ({report['vectors']} vectors, {report['documents']} documents)")
+    table = Table(
+        title=f"encoders vs {dump.name} ({report['vectors']} vectors, {report['documents']} documents)"
+    )
     for col in ("encoder", "dim", "matched share", "median NN cosine", "spectrum L1"):
         table.add_column(col)
     for r in report["encoders"]:
-        table.add_row(r["encoder"], str(r["dim"]), f"{r['match_share']:.1%}", str(r["median_nn_cosine"]),
-                      str(r["spectrum_l1"]))
+        table.add_row(
+            r["encoder"],
+            str(r["dim"]),
+            f"{r['match_share']:.1%}",
+            str(r["median_nn_cosine"]),
+            str(r["spectrum_l1"]),
+        )
     console.print(table)
     console.print(report["verdict"])
     for p in report["present"][:10]:
-        console.print(f"  vector {p['vector']} = doc {p['doc']} (cos {p['cosine']}): {p['text'][:80]!r}",
-                      highlight=False)
+        console.print(
+            f"  vector {p['vector']} = doc {p['doc']} (cos {p['cosine']}): {p['text'][:80]!r}",
+            highlight=False,
+        )
 
 
 @app.command("cross-source")

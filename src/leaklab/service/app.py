@@ -1,6 +1,8 @@
-"""The embedding service (no `from __future__ import annotations`: FastAPI must resolve closures): FastAPI app with OpenAI-shaped /v1/embeddings, /v1/search over a document index,
-API keys, rate limits and daily quotas, defenses on returned vectors, probe monitoring and a durable log."""
+"""The embedding service: FastAPI app with OpenAI-shaped /v1/embeddings, /v1/search over a document index,
+API keys, rate limits and daily quotas, defenses on returned vectors, probe monitoring and a durable log.
 
+No ``from __future__ import annotations`` here: FastAPI must resolve the closures used as dependencies.
+"""
 
 import base64
 import time
@@ -32,7 +34,9 @@ class ApiError(Exception):
 
 class EmbeddingRequest(BaseModel):
     input: str | list[str] = Field(description="A text or a list of texts (non-empty).")
-    model: str | None = Field(default=None, description="Ignored beyond a check; the server serves one model.")
+    model: str | None = Field(
+        default=None, description="Ignored beyond a check; the server serves one model."
+    )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1, description="Return only the first N dimensions.")
     user: str | None = None
@@ -116,14 +120,19 @@ def _seconds_to_utc_midnight(now: float) -> float:
 
 def _validate_pipelines(cfg: ServiceConfig, dim: int) -> None:
     probe = np.eye(1, dim, dtype=np.float32)
-    for name, pipe in [("defenses", cfg.defenses), *((f"keys.{k}.defenses", p) for k, p in cfg.key_defenses.items())]:
+    for name, pipe in [
+        ("defenses", cfg.defenses),
+        *((f"keys.{k}.defenses", p) for k, p in cfg.key_defenses.items()),
+    ]:
         try:
             pipe.apply(probe, "validation")
         except LeaklabError as exc:
             raise LeaklabError(f"config: {name}: {exc}") from exc
 
 
-def create_app(cfg: ServiceConfig, store: Store, encoder: Encoder, index: DocumentIndex | None = None) -> FastAPI:
+def create_app(
+    cfg: ServiceConfig, store: Store, encoder: Encoder, index: DocumentIndex | None = None
+) -> FastAPI:
     """The FastAPI application; all state (store, limiter, monitor, index) is held by the closure."""
     _validate_pipelines(cfg, encoder.dim)
     index = index or DocumentIndex([], np.zeros((0, encoder.dim), dtype=np.float32))
@@ -137,16 +146,25 @@ def create_app(cfg: ServiceConfig, store: Store, encoder: Encoder, index: Docume
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}},
-                            status_code=exc.status, headers=exc.headers)
+        return JSONResponse(
+            {"error": {"message": exc.message, "type": exc.kind, "code": exc.status}},
+            status_code=exc.status,
+            headers=exc.headers,
+        )
 
     def authenticate(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> KeyRecord:
         if cred is None or cred.scheme.lower() != "bearer":
-            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", "invalid_request_error",
-                           {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "missing API key: send 'Authorization: Bearer <key>'",
+                "invalid_request_error",
+                {"WWW-Authenticate": "Bearer"},
+            )
         rec = store.authenticate(cred.credentials)
         if rec is None:
-            raise ApiError(401, "invalid or revoked API key", "invalid_request_error", {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401, "invalid or revoked API key", "invalid_request_error", {"WWW-Authenticate": "Bearer"}
+            )
         return rec
 
     def texts_of(value: str | list[str], field: str, key: KeyRecord) -> list[str]:
@@ -155,13 +173,18 @@ def create_app(cfg: ServiceConfig, store: Store, encoder: Encoder, index: Docume
         if not texts:
             raise ApiError(400, f"'{field}' must not be empty", "invalid_request_error")
         if lim.max_inputs and len(texts) > lim.max_inputs:
-            raise ApiError(400, f"'{field}' holds {len(texts)} texts; at most {lim.max_inputs}", "invalid_request_error")
+            raise ApiError(
+                400, f"'{field}' holds {len(texts)} texts; at most {lim.max_inputs}", "invalid_request_error"
+            )
         for i, t in enumerate(texts):
             if not t.strip():
                 raise ApiError(400, f"'{field}'[{i}] is empty", "invalid_request_error")
             if lim.max_chars and len(t) > lim.max_chars:
-                raise ApiError(400, f"'{field}'[{i}] has {len(t)} characters; at most {lim.max_chars}",
-                               "invalid_request_error")
+                raise ApiError(
+                    400,
+                    f"'{field}'[{i}] has {len(t)} characters; at most {lim.max_chars}",
+                    "invalid_request_error",
+                )
         return texts
 
     def admit_rate(key: KeyRecord) -> None:
@@ -171,20 +194,30 @@ def create_app(cfg: ServiceConfig, store: Store, encoder: Encoder, index: Docume
             rate *= cfg.monitor.throttle_factor or 1.0
         wait = limiter.take(key.id, rate, lim.burst)
         if wait > 0:
-            raise ApiError(429, f"rate limit: {lim.burst} requests burst, {rate:g}/s", "rate_limit_exceeded",
-                           {"Retry-After": retry_after(wait)})
+            raise ApiError(
+                429,
+                f"rate limit: {lim.burst} requests burst, {rate:g}/s",
+                "rate_limit_exceeded",
+                {"Retry-After": retry_after(wait)},
+            )
 
     def quota_error(key: KeyRecord) -> ApiError:
         now = time.time()
-        return ApiError(429, "daily quota exhausted (requests or tokens)", "insufficient_quota",
-                        {"Retry-After": retry_after(_seconds_to_utc_midnight(now))})
+        return ApiError(
+            429,
+            "daily quota exhausted (requests or tokens)",
+            "insufficient_quota",
+            {"Retry-After": retry_after(_seconds_to_utc_midnight(now))},
+        )
 
     def precheck_quota(key: KeyRecord, tokens: int) -> None:
         from leaklab.service.store import utc_day
 
         lim = cfg.limits_for(key.name)
         req, tok = store.usage(key.id, utc_day(time.time()))
-        if (lim.daily_requests and req + 1 > lim.daily_requests) or (lim.daily_tokens and tok + tokens > lim.daily_tokens):
+        if (lim.daily_requests and req + 1 > lim.daily_requests) or (
+            lim.daily_tokens and tok + tokens > lim.daily_tokens
+        ):
             raise quota_error(key)
 
     def observe(key: KeyRecord, texts: list[str], clean: np.ndarray) -> bool:
@@ -192,8 +225,10 @@ def create_app(cfg: ServiceConfig, store: Store, encoder: Encoder, index: Docume
             return False
         verdict = monitor.observe(key.id, texts, clean)
         if verdict.new_flag:
-            evidence = {"features": {k: round(v, 3) for k, v in verdict.features.items()},
-                        "queries": monitor.sessions[key.id].count}
+            evidence = {
+                "features": {k: round(v, 3) for k, v in verdict.features.items()},
+                "queries": monitor.sessions[key.id].count,
+            }
             store.add_flag(key.id, verdict.score, cfg.monitor.action, evidence)
         return verdict.flagged
 
@@ -214,8 +249,11 @@ def create_app(cfg: ServiceConfig, store: Store, encoder: Encoder, index: Docume
         """OpenAI-compatible embeddings; vectors pass through the key's defenses before they are returned."""
         texts = texts_of(body.input, "input", key)
         if body.model not in (None, "", encoder.name):
-            raise ApiError(400, f"model '{body.model}' is not served; this server serves '{encoder.name}'",
-                           "invalid_request_error")
+            raise ApiError(
+                400,
+                f"model '{body.model}' is not served; this server serves '{encoder.name}'",
+                "invalid_request_error",
+            )
         admit_rate(key)
         counts = encoder.count_tokens(texts)
         precheck_quota(key, sum(counts))
@@ -227,8 +265,11 @@ def create_app(cfg: ServiceConfig, store: Store, encoder: Encoder, index: Docume
         out = pipe.apply(clean, key.tenant)
         if body.dimensions is not None:
             if body.dimensions > out.shape[1]:
-                raise ApiError(400, f"dimensions={body.dimensions} exceeds the returned size {out.shape[1]}",
-                               "invalid_request_error")
+                raise ApiError(
+                    400,
+                    f"dimensions={body.dimensions} exceeds the returned size {out.shape[1]}",
+                    "invalid_request_error",
+                )
             out = out[:, : body.dimensions]
             out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         out = np.ascontiguousarray(out, dtype=np.float32)
@@ -240,29 +281,45 @@ def create_app(cfg: ServiceConfig, store: Store, encoder: Encoder, index: Docume
             payload = out.tolist()
         data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(payload)]
         total = sum(counts)
-        return JSONResponse({"object": "list", "data": data, "model": encoder.name,
-                             "usage": {"prompt_tokens": total, "total_tokens": total}},
-                            headers={"X-Request-Id": request_id})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "model": encoder.name,
+                "usage": {"prompt_tokens": total, "total_tokens": total},
+            },
+            headers={"X-Request-Id": request_id},
+        )
 
     @app.post("/v1/search", response_model=SearchResponse, responses=errors)
     def search(body: SearchRequest, key: Annotated[KeyRecord, Depends(authenticate)]) -> JSONResponse:
         """Top-k cosine search over the indexed documents (the knowledge-base scenario)."""
         texts = texts_of(body.query, "query", key)
         if body.top_k > cfg.search.max_top_k:
-            raise ApiError(400, f"top_k={body.top_k} exceeds the maximum {cfg.search.max_top_k}", "invalid_request_error")
+            raise ApiError(
+                400, f"top_k={body.top_k} exceeds the maximum {cfg.search.max_top_k}", "invalid_request_error"
+            )
         admit_rate(key)
         counts = encoder.count_tokens(texts)
         precheck_quota(key, sum(counts))
         clean = encoder.embed(texts)
         observe(key, texts, clean)
         hits = index.top_k(clean, body.top_k)
-        rows = [LogRow(text_hash(t), c, text_hash(repr(h))) for t, c, h in zip(texts, counts, hits, strict=True)]
+        rows = [
+            LogRow(text_hash(t), c, text_hash(repr(h))) for t, c, h in zip(texts, counts, hits, strict=True)
+        ]
         request_id = commit(key, "search", rows, SEARCH_DEFENSE)
         data = [{"results": [{"id": i, "score": s} for i, s in h]} for h in hits]
         total = sum(counts)
-        return JSONResponse({"object": "list", "data": data, "model": encoder.name,
-                             "usage": {"prompt_tokens": total, "total_tokens": total}},
-                            headers={"X-Request-Id": request_id})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "model": encoder.name,
+                "usage": {"prompt_tokens": total, "total_tokens": total},
+            },
+            headers={"X-Request-Id": request_id},
+        )
 
     app.state.store, app.state.monitor, app.state.index = store, monitor, index
     return app

@@ -73,8 +73,10 @@ def _dataclass_from(cls: type, data: Any, where: str, base: Any = None) -> Any:
     valid = {f for f in cls.__dataclass_fields__}
     extra = set(data) - valid
     if extra:
-        raise LeaklabError(f"config: '{where}' has unknown field(s) {', '.join(sorted(extra))}; "
-                           f"valid: {', '.join(sorted(valid))}")
+        raise LeaklabError(
+            f"config: '{where}' has unknown field(s) {', '.join(sorted(extra))}; "
+            f"valid: {', '.join(sorted(valid))}"
+        )
     defaults = base if base is not None else cls()
     values = {}
     for name in valid:
@@ -101,20 +103,30 @@ def parse_config(data: Any, source: str = "config") -> ServiceConfig:
         raise LeaklabError(f"{source}: the top level must be a mapping with keys {', '.join(sorted(_TOP))}")
     extra = set(data) - _TOP
     if extra:
-        raise LeaklabError(f"{source}: unknown top-level field(s) {', '.join(sorted(extra))}; "
-                           f"valid: {', '.join(sorted(_TOP))}")
+        raise LeaklabError(
+            f"{source}: unknown top-level field(s) {', '.join(sorted(extra))}; "
+            f"valid: {', '.join(sorted(_TOP))}"
+        )
     limits = _dataclass_from(Limits, data.get("limits"), "limits")
     if limits.rate <= 0 or limits.burst < 1:
         raise LeaklabError("config: 'limits.rate' must be > 0 and 'limits.burst' >= 1")
     monitor = _dataclass_from(MonitorConfig, data.get("monitor"), "monitor")
     if monitor.action not in ACTIONS:
-        raise LeaklabError(f"config: 'monitor.action' must be one of {', '.join(ACTIONS)} (got {monitor.action!r})")
+        raise LeaklabError(
+            f"config: 'monitor.action' must be one of {', '.join(ACTIONS)} (got {monitor.action!r})"
+        )
     search = _dataclass_from(SearchConfig, data.get("search"), "search")
     durability = data.get("durability", "normal")
     if durability not in ("normal", "full"):
         raise LeaklabError(f"config: 'durability' must be 'normal' or 'full' (got {durability!r})")
-    cfg = ServiceConfig(limits=limits, defenses=make_pipeline(data.get("defenses"), "defenses"), monitor=monitor,
-                        search=search, durability=durability, raw=data)
+    cfg = ServiceConfig(
+        limits=limits,
+        defenses=make_pipeline(data.get("defenses"), "defenses"),
+        monitor=monitor,
+        search=search,
+        durability=durability,
+        raw=data,
+    )
     keys = data.get("keys") or {}
     if not isinstance(keys, dict):
         raise LeaklabError("config: 'keys' must map key names to {limits: ..., defenses: [...]}")
@@ -144,6 +156,8 @@ def load_config(path: str | Path | None) -> ServiceConfig:
         else:
             data = json.loads(text)
     except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
-        raise LeaklabError(f"{p}: not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: "
-                           f"{str(exc).splitlines()[0]}") from exc
+        raise LeaklabError(
+            f"{p}: not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
     return parse_config(data, str(p))

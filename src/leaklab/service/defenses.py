@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import math
@@ -22,7 +23,9 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = L
     """Smallest σ of the Gaussian mechanism that is (ε, δ)-DP (Balle & Wang 2018, Thm. 8):
     Φ(Δ/2σ − εσ/Δ) − e^ε Φ(−Δ/2σ − εσ/Δ) ≤ δ."""
     if epsilon <= 0 or not 0 < delta < 1:
-        raise LeaklabError(f"gaussian noise needs epsilon > 0 and 0 < delta < 1 (got epsilon={epsilon}, delta={delta})")
+        raise LeaklabError(
+            f"gaussian noise needs epsilon > 0 and 0 < delta < 1 (got epsilon={epsilon}, delta={delta})"
+        )
 
     def excess(sigma: float) -> float:
         a, b = sensitivity / (2 * sigma), epsilon * sigma / sensitivity
@@ -35,17 +38,15 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = L
 
 
 def classic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = L2_SENSITIVITY) -> float:
-    """σ = Δ·sqrt(2 ln(1.25/δ))/ε (Dwork & Roth Thm. A.1, valid for ε < 1); an upper bound of the analytic σ."""
+    """σ = Δ·sqrt(2 ln(1.25/δ))/ε (Dwork & Roth A.1, valid for ε < 1); >= the analytic σ."""
     return sensitivity * math.sqrt(2 * math.log(1.25 / delta)) / epsilon
 
 
 def as_number(v: object, where: str) -> float:
     """A finite number from a number or a numeric string (YAML reads ``1e-5`` as a string)."""
     if isinstance(v, str):
-        try:
+        with contextlib.suppress(ValueError):
             v = float(v)
-        except ValueError:
-            pass
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
         raise LeaklabError(f"{where} must be a number (got {v!r})")
     return v
@@ -85,7 +86,7 @@ class GaussianNoise(Defense):
 
 @dataclass
 class MetricDPNoise(Defense):
-    """Metric-DP on unit vectors: x + r·u, u uniform on the sphere, r ~ Gamma(d, 1/ε) (density ∝ exp(−ε‖z‖))."""
+    """Metric-DP: x + r·u, u uniform on the sphere, r ~ Gamma(d, 1/ε); density ∝ exp(−ε‖z‖)."""
 
     epsilon: float = 10.0
 
@@ -114,7 +115,9 @@ class Quantise(Defense):
     def __post_init__(self) -> None:
         self.kind = "quantise"
         if not 1 <= self.bits <= 16 or self.clip <= 0:
-            raise LeaklabError(f"quantise needs 1 <= bits <= 16 and clip > 0 (got bits={self.bits}, clip={self.clip})")
+            raise LeaklabError(
+                f"quantise needs 1 <= bits <= 16 and clip > 0 (got bits={self.bits}, clip={self.clip})"
+            )
 
     def apply(self, x, tenant, rng):
         levels = 2**self.bits - 1
@@ -174,10 +177,19 @@ class Rotate(Defense):
 
 
 DEFENSES: dict[str, type[Defense]] = {
-    "gaussian": GaussianNoise, "metric-dp": MetricDPNoise, "quantise": Quantise, "truncate": Truncate, "rotate": Rotate,
+    "gaussian": GaussianNoise,
+    "metric-dp": MetricDPNoise,
+    "quantise": Quantise,
+    "truncate": Truncate,
+    "rotate": Rotate,
 }
-_PARAMS = {"gaussian": {"epsilon", "delta"}, "metric-dp": {"epsilon"}, "quantise": {"bits", "clip"},
-           "truncate": {"dims"}, "rotate": {"secret"}}
+_PARAMS = {
+    "gaussian": {"epsilon", "delta"},
+    "metric-dp": {"epsilon"},
+    "quantise": {"bits", "clip"},
+    "truncate": {"dims"},
+    "rotate": {"secret"},
+}
 
 
 def make_defense(spec: dict, where: str = "defense") -> Defense:
@@ -190,8 +202,10 @@ def make_defense(spec: dict, where: str = "defense") -> Defense:
     params = {k: v for k, v in spec.items() if k != "kind"}
     extra = set(params) - _PARAMS[kind]
     if extra:
-        raise LeaklabError(f"{where}: {kind} has no parameter(s) {', '.join(sorted(extra))}; "
-                           f"valid: {', '.join(sorted(_PARAMS[kind]))}")
+        raise LeaklabError(
+            f"{where}: {kind} has no parameter(s) {', '.join(sorted(extra))}; "
+            f"valid: {', '.join(sorted(_PARAMS[kind]))}"
+        )
     for k, v in list(params.items()):
         if k != "secret":
             params[k] = as_number(v, f"{where}: {kind}.{k}")
@@ -221,7 +235,7 @@ class Pipeline:
         return "+".join(s.describe() for s in self.steps) or "none"
 
     def with_extra(self, extra: Defense) -> Pipeline:
-        """This pipeline with ``extra`` inserted before any quantisation/truncation/rotation (escalated noise)."""
+        """This pipeline with ``extra`` inserted before quantisation/truncation/rotation."""
         noise = [s for s in self.steps if s.kind in ("gaussian", "metric-dp")]
         rest = [s for s in self.steps if s.kind not in ("gaussian", "metric-dp")]
         return Pipeline([*noise, extra, *rest], self.renormalise)

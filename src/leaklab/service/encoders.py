@@ -1,4 +1,4 @@
-"""Sentence encoders the service can serve: the packaged MiniLM, a tiny random BERT and a fast hashing encoder."""
+"""Sentence encoders the service serves: the packaged MiniLM, a tiny random BERT, a fast hashing encoder."""
 
 from __future__ import annotations
 
@@ -54,8 +54,13 @@ def _minilm() -> Encoder:
     from leaklab.models.registry import minilm_dir
 
     st = SentenceTransformer(str(minilm_dir()), device="cpu")
-    return Encoder("minilm-l6", int(st.get_embedding_dimension()), int(st.max_seq_length), st.tokenizer,
-                   lambda texts: st.encode(texts, batch_size=64, convert_to_numpy=True, show_progress_bar=False))
+    return Encoder(
+        "minilm-l6",
+        int(st.get_embedding_dimension()),
+        int(st.max_seq_length),
+        st.tokenizer,
+        lambda texts: st.encode(texts, batch_size=64, convert_to_numpy=True, show_progress_bar=False),
+    )
 
 
 def _tiny_bert() -> Encoder:
@@ -80,7 +85,7 @@ def _tiny_bert() -> Encoder:
 
 def _hashing(dim: int = 128, max_seq_len: int = 128) -> Encoder:
     """Bag of unigrams and bigrams over MiniLM WordPiece ids, each hashed to a fixed random Gaussian vector,
-    truncated at ``max_seq_len`` - 2 tokens (room for [CLS]/[SEP], as BERT): fast, deterministic, order-aware."""
+    truncated at ``max_seq_len`` - 2 tokens (room for [CLS]/[SEP], as BERT): fast and order-aware."""
     from leaklab.models.registry import minilm_tokenizer
 
     tok = minilm_tokenizer()
@@ -107,7 +112,10 @@ def _hashing(dim: int = 128, max_seq_len: int = 128) -> Encoder:
 ENCODERS: dict[str, tuple[str, Callable[[], Encoder]]] = {
     "minilm-l6": ("all-MiniLM-L6-v2 via sentence-transformers (d=384, max 256 tokens)", _minilm),
     "tiny-bert": ("2-layer random-init BERT, mean pooling (d=128); fast tests", _tiny_bert),
-    "hashing": ("hashed WordPiece unigram+bigram encoder (d=128, max 128 tokens); fastest, for load tests", _hashing),
+    "hashing": (
+        "hashed WordPiece unigram+bigram encoder (d=128, max 128 tokens); fastest, for load tests",
+        _hashing,
+    ),
 }
 
 

@@ -16,14 +16,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-WEIGHTS = {"near_duplicate": 0.25, "edit_chain": 0.3, "convergence": 0.2, "sweep": 0.1, "unnatural": 0.15,
-           "rate": 0.0}
+WEIGHTS = {
+    "near_duplicate": 0.25,
+    "edit_chain": 0.3,
+    "convergence": 0.2,
+    "sweep": 0.1,
+    "unnatural": 0.15,
+    "rate": 0.0,
+}
 FEATURES = tuple(WEIGHTS)
 RATE_SCALE = 600.0  # queries per minute that count as rate feature 1.0 (reported; weight 0 by default)
 _STOP = (
-    "a an the and or but of to in on at for with by from as is are was were be been it its this that these those "
-    "i you he she we they me him her us them my your our their not no do does did have has had will would can "
-    "could should so if then than there here what which who how when where why all just very")
+    "a an the and or but of to in on at for with by from as is are was were be been it its this that "
+    "these those i you he she we they me him her us them my your our their not no do does did have has had "
+    "will would can "
+    "could should so if then than there here what which who how when where why all just very"
+)
 STOPWORDS = frozenset(_STOP.split(" "))
 
 
@@ -41,7 +49,7 @@ def one_edit(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     i = 0
     while i < len(short) and short[i] == long_[i]:
         i += 1
-    return short[i:] == long_[i + 1:]
+    return short[i:] == long_[i + 1 :]
 
 
 def prefix_step(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
@@ -77,7 +85,9 @@ class Session:
     last_flag_at: int = 0
     flagged: bool = False
 
-    def observe(self, text: str, vec: np.ndarray, ts: float, vocab: frozenset[str] | None) -> dict[str, float]:
+    def observe(
+        self, text: str, vec: np.ndarray, ts: float, vocab: frozenset[str] | None
+    ) -> dict[str, float]:
         """Add one query; return the feature means over the window."""
         ws = words(text)
         prev = list(self.entries)
@@ -85,7 +95,9 @@ class Session:
         if prev:
             mat = np.stack([e.vec for e in prev])
             sims = mat @ vec
-            f["near_duplicate"] = bool(any(s >= 0.9 and e.words != ws for s, e in zip(sims, prev, strict=True)))
+            f["near_duplicate"] = bool(
+                any(s >= 0.9 and e.words != ws for s, e in zip(sims, prev, strict=True))
+            )
             f["convergence"] = bool(sims[-1] >= 0.8)
             f["edit_chain"] = any(prefix_step(e.words, ws) or one_edit(e.words, ws) for e in prev)
         f["sweep"] = 0 < len(ws) <= 2
@@ -118,8 +130,14 @@ class Verdict:
 class Monitor:
     """Sessions per key; ``observe`` returns the running score and whether it crossed the threshold."""
 
-    def __init__(self, window: int = 64, min_queries: int = 16, threshold: float = 0.5,
-                 vocab: frozenset[str] | None = None, reflag_every: int = 500) -> None:
+    def __init__(
+        self,
+        window: int = 64,
+        min_queries: int = 16,
+        threshold: float = 0.5,
+        vocab: frozenset[str] | None = None,
+        reflag_every: int = 500,
+    ) -> None:
         self.window, self.min_queries, self.threshold = window, min_queries, threshold
         self.vocab = vocab
         self.reflag_every = reflag_every

@@ -31,8 +31,14 @@ def write_config(path: Path, config: dict) -> Path:
 class ServerProcess:
     """``with ServerProcess(model, db, config) as srv: srv.url``; the child is killed on exit."""
 
-    def __init__(self, model: str, db: Path, config: Path | None, port: int | None = None,
-                 startup_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        model: str,
+        db: Path,
+        config: Path | None,
+        port: int | None = None,
+        startup_timeout: float = 120.0,
+    ) -> None:
         self.model, self.db, self.config = model, Path(db), config
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -40,8 +46,20 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> ServerProcess:
-        cmd = [sys.executable, "-m", "leaklab.cli", "serve", "--model", self.model, "--db", str(self.db),
-               "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "leaklab.cli",
+            "serve",
+            "--model",
+            self.model,
+            "--db",
+            str(self.db),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         if self.config:
             cmd += ["--config", str(self.config)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

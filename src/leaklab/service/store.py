@@ -1,7 +1,8 @@
 """SQLite store of the service (WAL): API keys (hashed), the per-query log, daily usage and monitor flags.
 
 Every write commits before the HTTP response is sent. WAL with ``synchronous=NORMAL`` keeps every committed
-transaction across a process crash (SIGKILL); ``durability: full`` also survives power loss (fsync per commit).
+transaction across a process crash (SIGKILL); ``durability: full`` also survives power loss (fsync per
+commit).
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ class Store:
         if self.path.parent and not self.path.parent.exists():
             raise LeaklabError(f"database folder {self.path.parent} does not exist")
         try:
-            self.conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+            self.conn = sqlite3.connect(
+                str(self.path), check_same_thread=False, isolation_level=None, timeout=30
+            )
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
             self.conn.executescript(SCHEMA)
@@ -92,22 +95,27 @@ class Store:
         rec = KeyRecord(key_id, name, tenant or name, time.time(), None)
         with self.lock:
             try:
-                self.conn.execute("INSERT INTO keys VALUES (?,?,?,?,?,NULL)",
-                                  (rec.id, rec.name, rec.tenant, hash_key(secret), rec.created))
+                self.conn.execute(
+                    "INSERT INTO keys VALUES (?,?,?,?,?,NULL)",
+                    (rec.id, rec.name, rec.tenant, hash_key(secret), rec.created),
+                )
             except sqlite3.IntegrityError as exc:
                 raise LeaklabError(f"a key named '{name}' already exists (names are unique)") from exc
         return rec, secret
 
     def list_keys(self) -> list[KeyRecord]:
         with self.lock:
-            rows = self.conn.execute("SELECT id, name, tenant, created, revoked FROM keys ORDER BY created").fetchall()
+            rows = self.conn.execute(
+                "SELECT id, name, tenant, created, revoked FROM keys ORDER BY created"
+            ).fetchall()
         return [KeyRecord(*r) for r in rows]
 
     def revoke_key(self, ident: str) -> KeyRecord:
         """Revoke by id or name; revoking twice is an error that says so."""
         with self.lock:
-            row = self.conn.execute("SELECT id, name, tenant, created, revoked FROM keys WHERE id=? OR name=?",
-                                    (ident, ident)).fetchone()
+            row = self.conn.execute(
+                "SELECT id, name, tenant, created, revoked FROM keys WHERE id=? OR name=?", (ident, ident)
+            ).fetchone()
             if row is None:
                 raise LeaklabError(f"no key with id or name '{ident}'")
             if row[4] is not None:
@@ -119,8 +127,9 @@ class Store:
     def authenticate(self, secret: str) -> KeyRecord | None:
         """The active key whose hash matches ``secret``, else None."""
         with self.lock:
-            row = self.conn.execute("SELECT id, name, tenant, created, revoked FROM keys WHERE hash=?",
-                                    (hash_key(secret),)).fetchone()
+            row = self.conn.execute(
+                "SELECT id, name, tenant, created, revoked FROM keys WHERE hash=?", (hash_key(secret),)
+            ).fetchone()
         if row is None or row[4] is not None:
             return None
         return KeyRecord(*row)
@@ -128,12 +137,21 @@ class Store:
     # ------------------------------------------------------------------ quota + log
     def usage(self, key_id: str, day: str) -> tuple[int, int]:
         with self.lock:
-            row = self.conn.execute("SELECT requests, tokens FROM usage WHERE key_id=? AND day=?",
-                                    (key_id, day)).fetchone()
+            row = self.conn.execute(
+                "SELECT requests, tokens FROM usage WHERE key_id=? AND day=?", (key_id, day)
+            ).fetchone()
         return (row[0], row[1]) if row else (0, 0)
 
-    def admit_and_log(self, key_id: str, route: str, rows: list[LogRow], defense: str, daily_requests: int,
-                      daily_tokens: int, now: float | None = None) -> str | None:
+    def admit_and_log(
+        self,
+        key_id: str,
+        route: str,
+        rows: list[LogRow],
+        defense: str,
+        daily_requests: int,
+        daily_tokens: int,
+        now: float | None = None,
+    ) -> str | None:
         """Atomically: if the request fits today's quotas, log its rows and count it; returns the request id,
         or None when the quota would be exceeded (nothing is written)."""
         now = time.time() if now is None else now
@@ -141,19 +159,29 @@ class Store:
         tokens = sum(r.tokens for r in rows)
         request_id = secrets.token_hex(8)
         with self.lock:
-            used = self.conn.execute("SELECT requests, tokens FROM usage WHERE key_id=? AND day=?",
-                                     (key_id, day)).fetchone() or (0, 0)
-            if (daily_requests and used[0] + 1 > daily_requests) or (daily_tokens and used[1] + tokens > daily_tokens):
+            used = self.conn.execute(
+                "SELECT requests, tokens FROM usage WHERE key_id=? AND day=?", (key_id, day)
+            ).fetchone() or (0, 0)
+            if (daily_requests and used[0] + 1 > daily_requests) or (
+                daily_tokens and used[1] + tokens > daily_tokens
+            ):
                 return None
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 self.conn.executemany(
-                    "INSERT INTO queries (request_id, key_id, ts, route, text_hash, tokens, vector_hash, defense)"
+                    "INSERT INTO queries (request_id, key_id, ts, route, text_hash, tokens, vector_hash,"
+                    " defense)"
                     " VALUES (?,?,?,?,?,?,?,?)",
-                    [(request_id, key_id, now, route, r.text_hash, r.tokens, r.vector_hash, defense) for r in rows])
+                    [
+                        (request_id, key_id, now, route, r.text_hash, r.tokens, r.vector_hash, defense)
+                        for r in rows
+                    ],
+                )
                 self.conn.execute(
                     "INSERT INTO usage VALUES (?,?,1,?) ON CONFLICT(key_id, day) DO UPDATE SET "
-                    "requests=requests+1, tokens=tokens+excluded.tokens", (key_id, day, tokens))
+                    "requests=requests+1, tokens=tokens+excluded.tokens",
+                    (key_id, day, tokens),
+                )
                 self.conn.execute("COMMIT")
             except BaseException:
                 self.conn.execute("ROLLBACK")
@@ -162,16 +190,28 @@ class Store:
 
     def add_flag(self, key_id: str, score: float, action: str, evidence: dict) -> None:
         with self.lock:
-            self.conn.execute("INSERT INTO flags (key_id, ts, score, action, evidence) VALUES (?,?,?,?,?)",
-                              (key_id, time.time(), score, action, json.dumps(evidence, sort_keys=True)))
+            self.conn.execute(
+                "INSERT INTO flags (key_id, ts, score, action, evidence) VALUES (?,?,?,?,?)",
+                (key_id, time.time(), score, action, json.dumps(evidence, sort_keys=True)),
+            )
 
     def flags(self) -> list[dict]:
         with self.lock:
             rows = self.conn.execute(
                 "SELECT f.key_id, k.name, f.ts, f.score, f.action, f.evidence FROM flags f "
-                "LEFT JOIN keys k ON k.id = f.key_id ORDER BY f.ts").fetchall()
-        return [{"key_id": r[0], "name": r[1], "ts": r[2], "score": r[3], "action": r[4],
-                 "evidence": json.loads(r[5])} for r in rows]
+                "LEFT JOIN keys k ON k.id = f.key_id ORDER BY f.ts"
+            ).fetchall()
+        return [
+            {
+                "key_id": r[0],
+                "name": r[1],
+                "ts": r[2],
+                "score": r[3],
+                "action": r[4],
+                "evidence": json.loads(r[5]),
+            }
+            for r in rows
+        ]
 
     def query_rows(self, request_id: str | None = None) -> list[dict]:
         sql = "SELECT request_id, key_id, ts, route, text_hash, tokens, vector_hash, defense FROM queries"

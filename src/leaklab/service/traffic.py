@@ -48,7 +48,9 @@ def load_pools(max_words: int = 40) -> Pools:
     counts = Counter(w.lower().strip(".,!?;:'\"") for t in public for w in t.split())
     vocab = [w for w, _ in counts.most_common(3000) if w.isalpha()]
     targets = [t for t in rt if split_of(t) == "private" and 6 <= len(t.split()) <= 20]
-    return Pools([t for t in rt if split_of(t) == "private"], news, list(convs.values()), public, vocab, targets)
+    return Pools(
+        [t for t in rt if split_of(t) == "private"], news, list(convs.values()), public, vocab, targets
+    )
 
 
 def _cos(encoder: Encoder, texts: list[str], target: np.ndarray) -> np.ndarray:
@@ -132,7 +134,9 @@ def benign(kind: str, pools: Pools, rng: np.random.Generator, n: int) -> Session
 
 
 ATTACK_FNS: dict[str, Callable[[Encoder, Pools, np.random.Generator, int], Session]] = {
-    "greedy-prefix": greedy_prefix, "edit-chain": edit_chain, "kb-sweep": kb_sweep,
+    "greedy-prefix": greedy_prefix,
+    "edit-chain": edit_chain,
+    "kb-sweep": kb_sweep,
     "alignment-collect": alignment_collect,
 }
 
@@ -147,8 +151,9 @@ def session_score(encoder: Encoder, texts: Session, monitor_kwargs: dict) -> flo
     return verdict.score if verdict else 0.0
 
 
-def tpr_at_fpr(benign_scores: np.ndarray, attack_scores: np.ndarray, fpr: float,
-               calib: np.ndarray | None = None) -> tuple[float, float, float]:
+def tpr_at_fpr(
+    benign_scores: np.ndarray, attack_scores: np.ndarray, fpr: float, calib: np.ndarray | None = None
+) -> tuple[float, float, float]:
     """Threshold = the (1−fpr) quantile of benign calibration scores; returns (threshold, measured FPR on the
     held-out benign scores, TPR on the attack scores); a score strictly above the threshold is flagged."""
     calib = benign_scores if calib is None else calib

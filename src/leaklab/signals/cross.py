@@ -26,10 +26,12 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
 
 def mutual_knn(x: np.ndarray, y: np.ndarray, k: int = 10) -> float:
     """Mean overlap of each row's k nearest neighbours (cosine) in the two spaces."""
+
     def knn(z: np.ndarray) -> np.ndarray:
         s = unit(z) @ unit(z).T
         np.fill_diagonal(s, -np.inf)
         return np.argpartition(-s, k, axis=1)[:, :k]
+
     a, b = knn(x), knn(y)
     return float(np.mean([len(set(r) & set(q)) / k for r, q in zip(a, b, strict=True)]))
 
@@ -39,7 +41,7 @@ def _pad(x: np.ndarray, d: int) -> np.ndarray:
 
 
 def procrustes_residual(xa: np.ndarray, ya: np.ndarray, xt: np.ndarray, yt: np.ndarray) -> float:
-    """‖X_t R − Y_t‖_F / ‖Y_t‖_F with R the orthogonal map fitted on the pairs (X_a, Y_a) (zero-padded dims)."""
+    """‖X_t R − Y_t‖_F / ‖Y_t‖_F with R orthogonal, fitted on (X_a, Y_a) (zero-padded)."""
     d = max(xa.shape[1], ya.shape[1])
     r, _ = orthogonal_procrustes(_pad(unit(xa), d), _pad(unit(ya), d))
     pred, true = _pad(unit(xt), d) @ r, _pad(unit(yt), d)
@@ -49,12 +51,14 @@ def procrustes_residual(xa: np.ndarray, ya: np.ndarray, xt: np.ndarray, yt: np.n
 def _paired(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> dict:
     n = len(a)
     perm = rng.permutation(n)
-    fit, test = perm[: n // 2], perm[n // 2:]
+    fit, test = perm[: n // 2], perm[n // 2 :]
     k = max(1, min(10, n // 10))
     shuffled = b[rng.permutation(n)]
     out = {
-        "cka": linear_cka(a, b), "cka_null": linear_cka(a, shuffled),
-        "mutual_knn": mutual_knn(a, b, k), "mutual_knn_null": mutual_knn(a, shuffled, k),
+        "cka": linear_cka(a, b),
+        "cka_null": linear_cka(a, shuffled),
+        "mutual_knn": mutual_knn(a, b, k),
+        "mutual_knn_null": mutual_knn(a, shuffled, k),
         "procrustes_residual": procrustes_residual(a[fit], b[fit], a[test], b[test]),
         "procrustes_residual_null": procrustes_residual(a[fit], shuffled[fit], a[test], shuffled[test]),
     }
@@ -75,12 +79,19 @@ def _anchors(a: np.ndarray, b: np.ndarray, anchors: int) -> dict:
     rest = _pad(unit(b[anchors:]), d)
     nn = (mapped @ rest.T).max(1)
     base = (_pad(unit(a[anchors:]), d) @ rest.T).max(1) if a.shape[1] == b.shape[1] else np.zeros(len(nn))
-    out = {"anchors": anchors, "anchor_residual": round(float(
-        np.linalg.norm(_pad(unit(a[:anchors]), d) @ r - _pad(unit(b[:anchors]), d)) /
-        np.linalg.norm(_pad(unit(b[:anchors]), d))), 4),
+    out = {
+        "anchors": anchors,
+        "anchor_residual": round(
+            float(
+                np.linalg.norm(_pad(unit(a[:anchors]), d) @ r - _pad(unit(b[:anchors]), d))
+                / np.linalg.norm(_pad(unit(b[:anchors]), d))
+            ),
+            4,
+        ),
         "mapped_median_nn_cosine": round(float(np.median(nn)), 4),
         "mapped_share_nn_cos_0.99": round(float(np.mean(nn >= 0.99)), 4),
-        "unmapped_median_nn_cosine": round(float(np.median(base)), 4)}
+        "unmapped_median_nn_cosine": round(float(np.median(base)), 4),
+    }
     if out["mapped_share_nn_cos_0.99"] > 0.5:
         out["verdict"] = "same model up to a rotation, and the sets share most documents"
     elif out["anchor_residual"] < 0.05:
@@ -112,14 +123,23 @@ def _unpaired(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> dict:
     within = []
     for z in (a, b):
         perm = rng.permutation(len(z))
-        within.append(_distribution_stats(z[perm[: len(z) // 2]], z[perm[len(z) // 2:]], rng))
+        within.append(_distribution_stats(z[perm[: len(z) // 2]], z[perm[len(z) // 2 :]], rng))
     ws, wk = max(w[0] for w in within), max(w[1] for w in within)
-    out = {"dims": [int(a.shape[1])] * 2, "spectrum_l1": round(spec, 4), "spectrum_l1_within": round(ws, 4),
-           "pairwise_cosine_ks": round(ks, 4), "pairwise_cosine_ks_within": round(wk, 4)}
+    out = {
+        "dims": [int(a.shape[1])] * 2,
+        "spectrum_l1": round(spec, 4),
+        "spectrum_l1_within": round(ws, 4),
+        "pairwise_cosine_ks": round(ks, 4),
+        "pairwise_cosine_ks_within": round(wk, 4),
+    }
     same = spec <= 2 * ws + 0.05 and ks <= 2 * wk + 0.05
-    out["verdict"] = ("consistent with the same model and corpus (rotation-invariant statistics agree as well as "
-                      "random halves of each set do)" if same else
-                      "different model or corpus (spectrum or cosine distribution differs beyond the within-set spread)")
+    out["verdict"] = (
+        "consistent with the same model and corpus (rotation-invariant statistics agree as well as "
+        "random halves of each set do)"
+        if same
+        else "different model or corpus (spectrum or cosine distribution differs beyond the within-set "
+        "spread)"
+    )
     return out
 
 
@@ -133,7 +153,9 @@ def cross_source(a: VectorSet, b: VectorSet, mode: str = "auto", anchors: int = 
     result: dict = {"mode": mode, "sizes": [len(a), len(b)]}
     if mode == "paired":
         if len(a) != len(b) or len(a) < 20:
-            raise LeaklabError(f"paired mode needs two sets of the same size >= 20 (got {len(a)} and {len(b)})")
+            raise LeaklabError(
+                f"paired mode needs two sets of the same size >= 20 (got {len(a)} and {len(b)})"
+            )
         result.update(_paired(a.vectors, b.vectors, rng))
     elif mode == "anchors":
         if not 2 <= anchors < min(len(a), len(b)):

@@ -10,8 +10,14 @@ import numpy as np
 from leaklab.errors import LeaklabError
 from leaklab.signals.vectors import VectorSet, unit
 
-CAUSES = ("normalisation", "truncation", "unknown-token collapse", "tokenizer normalisation", "caching",
-          "near-collision")
+CAUSES = (
+    "normalisation",
+    "truncation",
+    "unknown-token collapse",
+    "tokenizer normalisation",
+    "caching",
+    "near-collision",
+)
 
 
 def normalise_text(text: str) -> str:
@@ -20,7 +26,7 @@ def normalise_text(text: str) -> str:
 
 
 def candidate_pairs(x: np.ndarray, tables: int = 6, bits: int = 16, seed: int = 0) -> set[tuple[int, int]]:
-    """Pairs sharing a SimHash bucket in any of ``tables`` tables of ``bits`` random hyperplanes (LSH for cosine)."""
+    """Pairs sharing a SimHash bucket in any of ``tables`` tables of ``bits`` hyperplanes (cosine LSH)."""
     rng = np.random.default_rng(seed)
     pairs: set[tuple[int, int]] = set()
     for _ in range(tables):
@@ -32,7 +38,7 @@ def candidate_pairs(x: np.ndarray, tables: int = 6, bits: int = 16, seed: int = 
         for group in np.split(order, bounds):
             if 1 < len(group) <= 2000:
                 g = np.sort(group)
-                pairs.update((int(a), int(b)) for i, a in enumerate(g) for b in g[i + 1:])
+                pairs.update((int(a), int(b)) for i, a in enumerate(g) for b in g[i + 1 :])
     return pairs
 
 
@@ -45,7 +51,9 @@ class Collision:
     detail: str
 
 
-def classify(a: str, b: str, va: np.ndarray, vb: np.ndarray, tokenizer, max_seq_len: int | None) -> tuple[str, str]:
+def classify(
+    a: str, b: str, va: np.ndarray, vb: np.ndarray, tokenizer, max_seq_len: int | None
+) -> tuple[str, str]:
     """Most specific explanation of why two different texts got (nearly) the same vector."""
     if normalise_text(a) == normalise_text(b):
         return "normalisation", "texts equal after NFKC + case folding + whitespace collapse"
@@ -55,22 +63,34 @@ def classify(a: str, b: str, va: np.ndarray, vb: np.ndarray, tokenizer, max_seq_
         if max_seq_len:
             room = max_seq_len - 2  # [CLS] and [SEP]
             if len(ia) >= room and len(ib) >= room and ia[:room] == ib[:room]:
-                return "truncation", f"both exceed {room} tokens and agree on the first {room} (max_seq_len {max_seq_len})"
+                return (
+                    "truncation",
+                    f"both exceed {room} tokens and agree on the first {room} (max_seq_len {max_seq_len})",
+                )
         if ia == ib:
             unk = getattr(tokenizer, "unk_token_id", None)
             if unk is not None and unk in ia:
-                return "unknown-token collapse", f"same token ids; {ia.count(unk)} unknown token(s) absorb the difference"
-            return "tokenizer normalisation", "same token ids (the tokenizer lower-cases or strips accents/symbols)"
+                return (
+                    "unknown-token collapse",
+                    f"same token ids; {ia.count(unk)} unknown token(s) absorb the difference",
+                )
+            return (
+                "tokenizer normalisation",
+                "same token ids (the tokenizer lower-cases or strips accents/symbols)",
+            )
     if np.array_equal(va, vb):
         return "caching", "bit-identical vectors for different token sequences (a cache keyed too coarsely?)"
     return "near-collision", "different tokens, near-identical vectors (adversarial or degenerate input)"
 
 
-def repeated_embeddings(vs: VectorSet, tol: float = 1e-4, tokenizer=None, max_seq_len: int | None = None,
-                        max_report: int = 200) -> dict:
-    """Pairs with cosine >= 1 − tol whose raw texts differ, grouped by cause; candidates come from SimHash LSH."""
+def repeated_embeddings(
+    vs: VectorSet, tol: float = 1e-4, tokenizer=None, max_seq_len: int | None = None, max_report: int = 200
+) -> dict:
+    """Pairs with cosine >= 1 − tol whose raw texts differ, by cause (SimHash LSH candidates)."""
     if vs.texts is None:
-        raise LeaklabError("the repeated-embedding signal needs the texts beside the vectors (.jsonl with 'text')")
+        raise LeaklabError(
+            "the repeated-embedding signal needs the texts beside the vectors (.jsonl with 'text')"
+        )
     if not 0 <= tol < 1:
         raise LeaklabError(f"tolerance must be in [0, 1) (got {tol})")
     x = unit(vs.vectors)
@@ -80,10 +100,26 @@ def repeated_embeddings(vs: VectorSet, tol: float = 1e-4, tokenizer=None, max_se
             continue
         c = float(x[i] @ x[j])
         if c >= 1 - tol:
-            cause, detail = classify(vs.texts[i], vs.texts[j], vs.vectors[i], vs.vectors[j], tokenizer, max_seq_len)
+            cause, detail = classify(
+                vs.texts[i], vs.texts[j], vs.vectors[i], vs.vectors[j], tokenizer, max_seq_len
+            )
             found.append(Collision(i, j, c, cause, detail))
     counts = {c: sum(f.cause == c for f in found) for c in CAUSES}
-    examples = [{"a": vs.texts[f.i][:160], "b": vs.texts[f.j][:160], "ids": [vs.ids[f.i] if vs.ids else f.i,
-                 vs.ids[f.j] if vs.ids else f.j], "cosine": round(f.cosine, 6), "cause": f.cause, "detail": f.detail}
-                for f in found[:max_report]]
-    return {"vectors": len(vs), "tolerance": tol, "pairs": len(found), "by_cause": counts, "examples": examples}
+    examples = [
+        {
+            "a": vs.texts[f.i][:160],
+            "b": vs.texts[f.j][:160],
+            "ids": [vs.ids[f.i] if vs.ids else f.i, vs.ids[f.j] if vs.ids else f.j],
+            "cosine": round(f.cosine, 6),
+            "cause": f.cause,
+            "detail": f.detail,
+        }
+        for f in found[:max_report]
+    ]
+    return {
+        "vectors": len(vs),
+        "tolerance": tol,
+        "pairs": len(found),
+        "by_cause": counts,
+        "examples": examples,
+    }
