@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import sqlite3
 import threading
 import time
@@ -29,12 +30,13 @@ def _keys(db, *names):
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("svc")
     db = tmp / "svc.db"
-    keys = _keys(db, "alice", "bob", "mallory")
+    keys = _keys(db, "alice", "bob", "mallory", "probe", "user")
     cfg = write_config(
         tmp / "cfg.json",
         {
             "search": {"corpus": "chatterbot:english", "limit": 200},
             "limits": {"rate": 1000, "burst": 1000},
+            "monitor": {"threshold": 0.25, "action": "noise", "noise_epsilon": 20},
             "defenses": [
                 {"kind": "gaussian", "epsilon": 500, "delta": 1e-5},
                 {"kind": "quantise", "bits": 8},
@@ -107,6 +109,35 @@ def test_openai_shape_base64_and_per_key_rotation(server):
         assert len(res) == 5 and all(res[i]["score"] >= res[i + 1]["score"] for i in range(4))
         bad = c.post("/v1/embeddings", json={"input": ""}, headers=_auth(keys["alice"]))
         assert bad.status_code == 400 and "empty" in bad.json()["error"]["message"]
+
+
+def test_monitor_flags_a_live_probe_session_and_escalates_noise(server):
+    """An edit-chain inversion loop through the real server is flagged (benign replay is not); the flagged key
+    then gets escalated noise, and `leaklab monitor report` lists it with its evidence."""
+    from typer.testing import CliRunner
+
+    from leaklab.cli import app
+    from leaklab.service.encoders import load_encoder
+    from leaklab.service.traffic import benign, edit_chain, load_pools
+
+    srv, keys, db = server
+    pools = load_pools()
+    rng = np.random.default_rng(0)
+    attack = edit_chain(load_encoder("hashing"), pools, rng, 40)
+    normal = benign("reviews", pools, rng, 40)
+    with httpx.Client(base_url=srv.url, timeout=10) as c:
+        for a, b in zip(attack, normal, strict=True):
+            assert (
+                c.post("/v1/embeddings", json={"input": a}, headers=_auth(keys["probe"])).status_code == 200
+            )
+            assert c.post("/v1/embeddings", json={"input": b}, headers=_auth(keys["user"])).status_code == 200
+    res = CliRunner().invoke(app, ["monitor", "report", "--db", str(db), "--json"])
+    assert res.exit_code == 0, res.output
+    flagged = {r["name"]: r for r in json.loads(res.output)}
+    assert "probe" in flagged and "user" not in flagged
+    assert flagged["probe"]["evidence"]["features"]["edit_chain"] > 0.5
+    defenses = [r["defense"] for r in Store(db).query_rows() if r["key_id"] == keys["probe"].split("-")[1]]
+    assert "gaussian(eps=20" in defenses[-1] and "gaussian(eps=20" not in defenses[0]
 
 
 def test_fuzz_openapi_no_5xx(server):
