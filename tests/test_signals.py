@@ -156,3 +156,22 @@ def test_minilm_truncates_at_256_tokens():
     ]
     rep = repeated_embeddings(VectorSet(enc.embed(texts), texts), 1e-4, enc.tokenizer, enc.max_seq_len)
     assert rep["pairs"] == 1 and rep["by_cause"]["truncation"] == 1
+
+
+def test_repeated_in_service_log(tmp_path):
+    from leaklab.service.store import LogRow, Store
+    from leaklab.signals.repeated import repeated_in_log
+
+    store = Store(tmp_path / "s.db")
+    rec, _ = store.create_key("k")
+    store.admit_and_log(rec.id, "embeddings", [LogRow("t1", 2, "v1"), LogRow("t2", 2, "v1")], "none", 0, 0)
+    store.admit_and_log(
+        rec.id, "embeddings", [LogRow("t3", 2, "v2"), LogRow("t4", 2, "v2")], "gaussian(x)", 0, 0
+    )
+    store.admit_and_log(rec.id, "embeddings", [LogRow("t5", 2, "v3"), LogRow("t5", 2, "v3")], "none", 0, 0)
+    store.close()
+    rep = repeated_in_log(tmp_path / "s.db")
+    causes = {g["vector_hash"]: g["likely_cause"] for g in rep["examples"]}
+    assert (
+        rep["groups"] == 2 and causes["v2"].startswith("caching") and not causes["v1"].startswith("caching")
+    )

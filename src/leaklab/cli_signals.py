@@ -39,6 +39,7 @@ def repeated(
     dump: Annotated[
         Path | None, typer.Option(help="Vector dump (.jsonl with 'text' and 'embedding').")
     ] = None,
+    db: Annotated[Path | None, typer.Option(help="Or: a service database (query log, hashes only).")] = None,
     texts: Annotated[
         str | None, typer.Option(help="Or: texts (corpus name or file) to embed with --model.")
     ] = None,
@@ -57,6 +58,18 @@ def repeated(
     from leaklab.models.registry import minilm_tokenizer
     from leaklab.signals import VectorSet, load_vectors, repeated_embeddings
 
+    if db is not None:
+        from leaklab.signals.repeated import repeated_in_log
+
+        if not db.is_file():
+            raise LeaklabError(f"database {db} not found")
+        log_report = repeated_in_log(db)
+        if not _emit(log_report, out, as_json):
+            console.print(f"{log_report['groups']} returned vector(s) shared by different texts in {db}")
+            for g in log_report["examples"][:20]:
+                head = f"  {g['vector_hash']} x{g['distinct_texts']} texts ({g['defense']})"
+                console.print(f"{head}: {g['likely_cause']}", highlight=False)
+        return
     tokenizer = minilm_tokenizer()
     if dump is not None:
         vs = load_vectors(dump)
@@ -69,7 +82,7 @@ def repeated(
         vs = VectorSet(enc.embed(items), items, [str(i) for i in range(len(items))])
         tokenizer, seq = enc.tokenizer, max_seq_len or enc.max_seq_len
     else:
-        raise LeaklabError("give --dump FILE, or --texts SOURCE with --model NAME")
+        raise LeaklabError("give --dump FILE, --db FILE, or --texts SOURCE with --model NAME")
     report = repeated_embeddings(vs, tol, tokenizer, seq)
     if _emit(report, out, as_json):
         return

@@ -123,3 +123,37 @@ def repeated_embeddings(
         "by_cause": counts,
         "examples": examples,
     }
+
+
+def repeated_in_log(db) -> dict:
+    """From a service query log (hashes only): returned vectors bit-identical across different texts.
+
+    Deterministic defenses keep such repeats; fresh noise never repeats, so a repeat under a noise defense
+    points at a cache that serves stored vectors for new inputs."""
+    from leaklab.service.store import Store
+
+    store = Store(db)
+    try:
+        with store.lock:
+            rows = store.conn.execute(
+                "SELECT vector_hash, defense, COUNT(DISTINCT text_hash), COUNT(*), "
+                "GROUP_CONCAT(DISTINCT key_id) "
+                "FROM queries WHERE route='embeddings' GROUP BY vector_hash, defense "
+                "HAVING COUNT(DISTINCT text_hash) > 1 ORDER BY COUNT(DISTINCT text_hash) DESC"
+            ).fetchall()
+    finally:
+        store.close()
+    groups = [
+        {
+            "vector_hash": v,
+            "defense": d,
+            "distinct_texts": n,
+            "responses": c,
+            "keys": (k or "").split(","),
+            "likely_cause": "caching (noise defense, yet identical vectors)"
+            if ("gaussian" in d or "metric-dp" in d)
+            else "texts the encoder maps identically (case, truncation, unknown tokens): check the texts",
+        }
+        for v, d, n, c, k in rows
+    ]
+    return {"groups": len(groups), "examples": groups[:200]}
