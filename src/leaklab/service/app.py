@@ -21,7 +21,7 @@ from leaklab.service.defenses import GaussianNoise, Pipeline
 from leaklab.service.encoders import Encoder, text_hash, vector_hash
 from leaklab.service.monitor import Monitor
 from leaklab.service.ratelimit import RateLimiter, retry_after
-from leaklab.service.store import KeyRecord, LogRow, Store
+from leaklab.service.store import KeyRecord, LogRow, Store, utc_day
 
 SEARCH_DEFENSE = "scores-rounded(4)"
 
@@ -211,8 +211,6 @@ def create_app(
         )
 
     def precheck_quota(key: KeyRecord, tokens: int) -> None:
-        from leaklab.service.store import utc_day
-
         lim = cfg.limits_for(key.name)
         req, tok = store.usage(key.id, utc_day(time.time()))
         if (lim.daily_requests and req + 1 > lim.daily_requests) or (
@@ -239,6 +237,24 @@ def create_app(
             raise quota_error(key)
         return request_id
 
+    def admit_and_embed(key: KeyRecord, texts: list[str]) -> tuple[list[int], np.ndarray, bool]:
+        """Rate limit, token count, quota pre-check, clean vectors, monitor verdict (flagged or not)."""
+        admit_rate(key)
+        counts = encoder.count_tokens(texts)
+        precheck_quota(key, sum(counts))
+        clean = encoder.embed(texts)
+        return counts, clean, observe(key, texts, clean)
+
+    def respond(data: list[dict], counts: list[int], request_id: str) -> JSONResponse:
+        total = sum(counts)
+        body = {
+            "object": "list",
+            "data": data,
+            "model": encoder.name,
+            "usage": {"prompt_tokens": total, "total_tokens": total},
+        }
+        return JSONResponse(body, headers={"X-Request-Id": request_id})
+
     @app.get("/health")
     def health() -> dict:
         """Liveness and what is served (no key needed)."""
@@ -254,11 +270,7 @@ def create_app(
                 f"model '{body.model}' is not served; this server serves '{encoder.name}'",
                 "invalid_request_error",
             )
-        admit_rate(key)
-        counts = encoder.count_tokens(texts)
-        precheck_quota(key, sum(counts))
-        clean = encoder.embed(texts)
-        flagged = observe(key, texts, clean)
+        counts, clean, flagged = admit_and_embed(key, texts)
         pipe: Pipeline = cfg.pipeline_for(key.name)
         if flagged and cfg.monitor.action == "noise":
             pipe = pipe.with_extra(escalation)
@@ -280,16 +292,7 @@ def create_app(
         else:
             payload = out.tolist()
         data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(payload)]
-        total = sum(counts)
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": data,
-                "model": encoder.name,
-                "usage": {"prompt_tokens": total, "total_tokens": total},
-            },
-            headers={"X-Request-Id": request_id},
-        )
+        return respond(data, counts, request_id)
 
     @app.post("/v1/search", response_model=SearchResponse, responses=errors)
     def search(body: SearchRequest, key: Annotated[KeyRecord, Depends(authenticate)]) -> JSONResponse:
@@ -299,27 +302,14 @@ def create_app(
             raise ApiError(
                 400, f"top_k={body.top_k} exceeds the maximum {cfg.search.max_top_k}", "invalid_request_error"
             )
-        admit_rate(key)
-        counts = encoder.count_tokens(texts)
-        precheck_quota(key, sum(counts))
-        clean = encoder.embed(texts)
-        observe(key, texts, clean)
+        counts, clean, _ = admit_and_embed(key, texts)
         hits = index.top_k(clean, body.top_k)
         rows = [
             LogRow(text_hash(t), c, text_hash(repr(h))) for t, c, h in zip(texts, counts, hits, strict=True)
         ]
         request_id = commit(key, "search", rows, SEARCH_DEFENSE)
         data = [{"results": [{"id": i, "score": s} for i, s in h]} for h in hits]
-        total = sum(counts)
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": data,
-                "model": encoder.name,
-                "usage": {"prompt_tokens": total, "total_tokens": total},
-            },
-            headers={"X-Request-Id": request_id},
-        )
+        return respond(data, counts, request_id)
 
     app.state.store, app.state.monitor, app.state.index = store, monitor, index
     return app
