@@ -192,3 +192,37 @@ def test_store_quota_is_exact_under_threads(tmp_path):
         t.join()
     assert sum(r is not None for r in ok) == 120
     assert len(store.query_rows()) == 120 and store.usage(rec.id, utc_day(time.time())) == (120, 360)
+
+
+def test_throttle_action_slows_a_flagged_key(tmp_path):
+    """In-process app: once the monitor flags a key, its token bucket refills at rate × throttle_factor."""
+    from fastapi.testclient import TestClient
+
+    from leaklab.service.app import create_app
+    from leaklab.service.encoders import load_encoder
+
+    cfg = parse_config(
+        {
+            "limits": {"rate": 1000, "burst": 40},
+            "monitor": {"threshold": 0.2, "min_queries": 8, "action": "throttle", "throttle_factor": 0.0001},
+        }
+    )
+    store = Store(tmp_path / "t.db")
+    _, probe = store.create_key("probe")
+    _, user = store.create_key("user")
+    client = TestClient(create_app(cfg, store, load_encoder("hashing")))
+    words = ["alpha"]
+    codes = []
+    for i in range(60):
+        words = [*words, f"tok{i}"] if i % 2 else [*words[:-1], f"w{i}"]
+        r = client.post(
+            "/v1/embeddings", json={"input": " ".join(words)}, headers={"Authorization": f"Bearer {probe}"}
+        )
+        codes.append(r.status_code)
+    assert codes[:8] == [200] * 8 and 429 in codes  # the burst drains and no longer refills
+    # flagged after ~8 queries: what is left of the 40-token burst drains, then 429 with a long Retry-After
+    assert codes.count(200) <= 8 + 40 + 1 and codes[-5:] == [429] * 5 and int(r.headers["retry-after"]) > 1
+    ok = client.post(
+        "/v1/embeddings", json={"input": "a normal review"}, headers={"Authorization": f"Bearer {user}"}
+    )
+    assert ok.status_code == 200
