@@ -234,23 +234,21 @@ def plot_curves(rows: list[dict], prior: float, path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     families = list(dict.fromkeys(r["family"] for r in rows))
-    for ax, metric, name in (
+    colours = {fam: plt.get_cmap("tab10")(i) for i, fam in enumerate(families)}
+    panels = (
         (axes[0], "bow_token_f1", "BoW probe token F1 (adaptive)"),
         (axes[1], "nn_reidentification", "NN re-identification (top-1)"),
-    ):
+    )
+    for ax, metric, name in panels:
         for fam in families:
             for k in sorted({r["known_pairs"] for r in rows}):
                 pts = [r for r in rows if r["family"] == fam and r["known_pairs"] == k]
                 if not pts:
                     continue
+                style = ("o-" if len(pts) > 1 else "s") if k == 0 else ("x--" if len(pts) > 1 else "X")
                 label = fam if k == 0 else f"{fam} +{k} known pairs"
-                ax.plot(
-                    [p["label_precision@10"] for p in pts],
-                    [p[metric] for p in pts],
-                    "o-" if len(pts) > 1 else "s",
-                    label=label,
-                    alpha=0.85,
-                )
+                xs, ys = [p["label_precision@10"] for p in pts], [p[metric] for p in pts]
+                ax.plot(xs, ys, style, color=colours[fam], label=label, alpha=0.8, ms=7 if k == 0 else 9)
         if metric == "bow_token_f1":
             ax.axhline(prior, color="grey", ls=":", label="prior (no vector)")
         ax.set_xlabel("utility: label precision@10 (victim's retrieval)")
