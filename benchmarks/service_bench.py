@@ -185,44 +185,59 @@ def privacy_utility(model: str, victims: int, public: int, pairs: int, seed: int
     return rows, prior_f1(data)
 
 
+SECTIONS = ("throughput", "detection", "privacy")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="Small sizes (smoke run).")
     ap.add_argument("--model", default="minilm-l6")
-    ap.add_argument("--detect-model", default=None, help="Encoder of the detection runs (default: --model).")
     ap.add_argument(
-        "--only-throughput",
-        action="store_true",
-        help="Re-measure throughput only; keep the other sections of the existing service.json.",
+        "--detect-model", default=None, help="Second encoder of the detection runs (default: --model)."
+    )
+    ap.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help="Sections to (re)measure; the others are kept from the existing service.json.",
     )
     args = ap.parse_args()
     quiet()
+    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    if set(sections) - set(SECTIONS):
+        ap.error(f"--sections takes {', '.join(SECTIONS)}")
     q = args.quick
-    t0 = time.time()
-    timings: dict[str, float] = {}
     command = "python benchmarks/service_bench.py" + (" --quick" if q else "") + f" --model {args.model}"
     if args.detect_model:
         command += f" --detect-model {args.detect_model}"
-    report: dict = {"environment": environment(), "command": command}
-    if args.only_throughput:
-        report = json.loads((RESULTS / "service.json").read_text(encoding="utf-8"))
-        report["throughput_command"] = command + " --only-throughput"
+    if args.sections != ",".join(SECTIONS):
+        command += f" --sections {args.sections}"
+    path = RESULTS / "service.json"
+    report: dict = json.loads(path.read_text(encoding="utf-8")) if path.exists() and len(sections) < 3 else {}
+    report["environment"] = environment()
+    report.setdefault("commands", {})
+    report.setdefault("timings_s", {})
     texts = list(load_pools().reviews[:400])
-    print("throughput ...", file=sys.stderr)
-    models = list(dict.fromkeys([args.model, "hashing"]))
-    report["throughput"] = [throughput(m, texts, 4 if q else 12, 2.0 if q else 4.0, 8) for m in models]
-    report["overhead"] = [overhead(m, texts[:100] if q else texts[:300]) for m in models]
-    timings["throughput"] = time.time() - t0
-    if not args.only_throughput:
+    if "throughput" in sections:
+        t0 = time.time()
+        print("throughput ...", file=sys.stderr)
+        models = list(dict.fromkeys([args.model, "hashing"]))
+        report["throughput"] = [throughput(m, texts, 4 if q else 12, 2.0 if q else 4.0, 8) for m in models]
+        report["overhead"] = [overhead(m, texts[:100] if q else texts[:300]) for m in models]
+        report["timings_s"]["throughput"], report["commands"]["throughput"] = time.time() - t0, command
+    if "detection" in sections:
+        t0 = time.time()
         print("detection ...", file=sys.stderr)
         dm = args.detect_model or args.model
-        report["detection"] = [detection("hashing", 60 if q else 600, 10 if q else 60, 48, 0)]
+        runs = [detection("hashing", 60 if q else 600, 10 if q else 60, 48, 0)]
         if dm != "hashing":
-            report["detection"].append(detection(dm, 60 if q else 200, 10 if q else 30, 48, 1))
-        timings["detection"] = time.time() - t0 - sum(timings.values())
+            runs.append(detection(dm, 60 if q else 200, 10 if q else 30, 48, 1))
+        fresh = {r["model"] for r in runs}
+        report["detection"] = [d for d in report.get("detection", []) if d["model"] not in fresh] + runs
+        report["timings_s"]["detection"], report["commands"]["detection"] = time.time() - t0, command
+    if "privacy" in sections:
+        t0 = time.time()
         print("privacy-utility ...", file=sys.stderr)
         rows, prior = privacy_utility(args.model, 200 if q else 600, 600 if q else 1500, 500, 0)
-        timings["privacy_utility"] = time.time() - t0 - sum(timings.values())
         report["privacy_utility"] = {
             "model": args.model,
             "corpus": "bbc-news:paragraphs",
@@ -231,11 +246,8 @@ def main() -> None:
         }
         png = RESULTS / "service_privacy_utility.png"
         plot_curves(rows, prior, png, f"{args.model} on bbc-news:paragraphs: adaptive attacker vs utility")
-        report["seconds"] = time.time() - t0
-        report["timings_s"] = timings
-    else:
-        report["timings_s"]["throughput"] = timings["throughput"]
-    atomic_write_json(RESULTS / "service.json", report)
+        report["timings_s"]["privacy_utility"], report["commands"]["privacy"] = time.time() - t0, command
+    atomic_write_json(path, report)
     atomic_write_text(RESULTS / "service.md", render(report))
     print(render(report))
 
@@ -244,12 +256,12 @@ def render(r: dict) -> str:
     lines = [
         "# Embedding service benchmark",
         "",
-        f"Command: `{r['command']}` ({r['seconds']:.0f} s; sections "
-        f"{json.dumps({k: round(v) for k, v in r['timings_s'].items()})} s; {r['environment']['platform']}).",
+        f"Seconds per section: {json.dumps({k: round(v) for k, v in r['timings_s'].items()})} "
+        f"({r['environment']['platform']}, 2 CPU cores shared with other jobs).",
         "",
         "## Throughput: all defenses + monitoring vs none (same run, alternating rounds)",
         "",
-        f"Measured by `{r.get('throughput_command', r['command'])}`.",
+        f"Measured by `{r['commands']['throughput']}`.",
         "",
         "| encoder | none (req/s) | all on (req/s) | ratio | target | non-200 |",
         "|---|---|---|---|---|---|",
@@ -282,7 +294,12 @@ def render(r: dict) -> str:
             f"{o['throughput_ratio_bound']:.3f} |"
         )
     lines.append("")
-    lines += ["## Probe detection: TPR at 1% FPR (session score after N queries)", ""]
+    lines += [
+        "## Probe detection: TPR at 1% FPR (session score after N queries)",
+        "",
+        f"Measured by `{r['commands']['detection']}`.",
+        "",
+    ]
     for d in r["detection"]:
         lines += [
             f"Encoder {d['model']}, sessions of {d['session_length']} queries, {d['benign_sessions']} benign "
@@ -300,12 +317,15 @@ def render(r: dict) -> str:
             "Benign 99th-percentile scores: "
             + ", ".join(f"{k} {v:.3f}" for k, v in d["benign_score_p99"].items())
             + ". alignment-collect (natural public sentences) is benign-looking by construction: the monitor "
-            "cannot see it; only quotas bound it.",
+            "cannot see it; only quotas bound it. padded-edit-chain (where measured) is the evasion of the "
+            "edit-chain loop with 3 natural public sentences after every probe: 4x the queries per probe.",
             "",
         ]
     pu = r["privacy_utility"]
     lines += [
         "## Privacy–utility (adaptive attacker retrained on defended vectors)",
+        "",
+        f"Measured by `{r['commands']['privacy']}`.",
         "",
         f"Encoder {pu['model']}, corpus {pu['corpus']}; plot: service_privacy_utility.png. "
         "Prior BoW token F1 "

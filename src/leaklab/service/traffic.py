@@ -20,7 +20,7 @@ from leaklab.service.encoders import Encoder
 from leaklab.service.monitor import Monitor
 
 Session = list[str]
-ATTACKS = ("greedy-prefix", "edit-chain", "kb-sweep", "alignment-collect")
+ATTACKS = ("greedy-prefix", "edit-chain", "kb-sweep", "alignment-collect", "padded-edit-chain")
 BENIGN = ("reviews", "news", "chat")
 
 
@@ -103,6 +103,16 @@ def alignment_collect(encoder: Encoder, pools: Pools, rng: np.random.Generator, 
     return [pools.public[i] for i in idx]
 
 
+def padded_edit_chain(encoder: Encoder, pools: Pools, rng: np.random.Generator, n: int, pad: int = 3) -> Session:
+    """Evasion: the edit-chain loop with ``pad`` natural public sentences after every probe (pad+1 × cost)."""
+    probes = edit_chain(encoder, pools, rng, n // (pad + 1) + 1)
+    out: Session = []
+    for p in probes:
+        out.append(p)
+        out.extend(pools.public[i] for i in rng.choice(len(pools.public), size=pad, replace=False))
+    return out[:n]
+
+
 def _with_retries(texts: list[str], rng: np.random.Generator) -> Session:
     """Real users sometimes resend a query or fix a typo in it (5% each)."""
     out: Session = []
@@ -138,6 +148,7 @@ ATTACK_FNS: dict[str, Callable[[Encoder, Pools, np.random.Generator, int], Sessi
     "edit-chain": edit_chain,
     "kb-sweep": kb_sweep,
     "alignment-collect": alignment_collect,
+    "padded-edit-chain": padded_edit_chain,
 }
 
 
