@@ -103,7 +103,9 @@ def alignment_collect(encoder: Encoder, pools: Pools, rng: np.random.Generator, 
     return [pools.public[i] for i in idx]
 
 
-def padded_edit_chain(encoder: Encoder, pools: Pools, rng: np.random.Generator, n: int, pad: int = 3) -> Session:
+def padded_edit_chain(
+    encoder: Encoder, pools: Pools, rng: np.random.Generator, n: int, pad: int = 3
+) -> Session:
     """Evasion: the edit-chain loop with ``pad`` natural public sentences after every probe (pad+1 × cost)."""
     probes = edit_chain(encoder, pools, rng, n // (pad + 1) + 1)
     out: Session = []
