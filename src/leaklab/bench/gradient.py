@@ -242,9 +242,8 @@ def check_targets(cells: list[dict[str, Any]]) -> list[str]:
         out.append(f"B={b} short: SOMP ROUGE-1 >= {goal:.2f} — {state} ({fmt(v)})")
     t = _stat(cells, "short", 16, "somp", "attack_seconds")
     state = "not measured" if t is None else ("reached" if t <= 120 else "missed")
-    out.append(
-        f"B=16 short: SOMP <= 120 s/batch (gradient excluded) — {state} ({'n/a' if t is None else f'{t:.1f} s'})"
-    )
+    shown = "n/a" if t is None else f"{t:.1f} s"
+    out.append(f"B=16 short: SOMP <= 120 s/batch (gradient excluded) — {state} ({shown})")
     langs = [
         r
         for r in ("italian", "spanish", "chinese", "german")
