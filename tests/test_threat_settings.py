@@ -192,7 +192,7 @@ def test_dropout_flag_reaches_multi_step_settings():
 
 def test_bad_setting_options_are_refused():
     ref = ModelRef("tiny-gpt2")
-    with pytest.raises(LeaklabError, match="no option.*valid: minibatch"):
+    with pytest.raises(LeaklabError, match=r"no option.*valid: minibatch"):
         make_update("fedavg", ref, TEXTS, bogus=1)
     with pytest.raises(LeaklabError, match="belong to fedavg"):
         make_update("fedsgd", ref, TEXTS, flags=ThreatFlags(learning_rate=0.1))

@@ -181,7 +181,7 @@ class TopK:
 
 
 def embedding_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every nn.Embedding table (tokens, learned positions, token types); a tied LM head is the same tensor."""
+    """Every nn.Embedding table (tokens, positions, token types); a tied LM head is the same tensor."""
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return {n: p for n, p in model.named_parameters() if id(p) in tables}
 
@@ -218,7 +218,7 @@ class FrozenEmbeddings:
         names = set(embedding_params(_shared_model(obs.model, obs.meta))) & set(obs.gradients)
         if not names:
             raise LeaklabError(
-                f"frozen-embeddings does not apply: the update (setting {obs.setting}) has no embedding tensor"
+                f"frozen-embeddings does not apply: the {obs.setting} update has no embedding tensor"
             )
         kept = {k: g for k, g in obs.gradients.items() if k not in names}
         return with_update(obs, kept, self.record(dropped=sorted(names)))
