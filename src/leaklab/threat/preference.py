@@ -155,6 +155,30 @@ def reward_ref(model: ModelRef) -> ModelRef:
     return ModelRef(model.name, "classify", 1, model.init_seed)
 
 
+def preference_objective(
+    setting: str,
+    loaded: LoadedModel,
+    ids: list[list[int]],
+    labels: list[int],
+    pairing: str,
+    beta: float,
+    seed: int,
+) -> DpoObjective | RewardObjective:
+    """The DPO (reference = ``loaded.model``, the initial weights) or Bradley–Terry objective on pairs."""
+    pairs = make_pairs(ids, labels, pairing, seed)
+    chosen, rejected = _seq_batch(loaded, pairs.chosen), _seq_batch(loaded, pairs.rejected)
+    if setting == "reward":
+        return RewardObjective(chosen, rejected)
+    with torch.no_grad():
+        return DpoObjective(
+            chosen,
+            rejected,
+            sequence_log_probs(loaded.model, chosen),
+            sequence_log_probs(loaded.model, rejected),
+            beta,
+        )
+
+
 def _preference(
     setting: str,
     model: ModelRef,
@@ -174,19 +198,7 @@ def _preference(
     loaded = load_model(ref)
     ids = [loaded.encode(t) for t in texts]
     labs = list(labels) if labels is not None else [0] * len(texts)
-    pairs = make_pairs(ids, labs, pairing, seed)
-    chosen, rejected = _seq_batch(loaded, pairs.chosen), _seq_batch(loaded, pairs.rejected)
-    if setting == "dpo":
-        with torch.no_grad():
-            objective = DpoObjective(
-                chosen,
-                rejected,
-                sequence_log_probs(loaded.model, chosen),
-                sequence_log_probs(loaded.model, rejected),
-                beta,
-            )
-    else:
-        objective = RewardObjective(chosen, rejected)
+    objective = preference_objective(setting, loaded, ids, labs, pairing, beta, seed)
     grads, records, steps = local_update(
         loaded.model,
         objective,
