@@ -222,3 +222,103 @@ def test_registry_lists_valid_names_and_parameters():
     with pytest.raises(LeaklabError, match="fraction must be in"):
         parse_defense("topk", ["fraction=2"])
     assert parse_defense("topk", ["fraction=0.5"]).fraction == 0.5
+
+
+def test_utility_applies_the_update_and_scores_public_texts():
+    from leaklab.corpora import split_of
+    from leaklab.defenses.utility import utility, validation_texts
+    from leaklab.threat.fedavg import fedavg_update
+    from leaklab.threat.fedsgd import collate
+    from leaklab.threat.local import TextObjective
+
+    upd, _ = fedavg_update(GPT2, TEXTS, flags=ThreatFlags(learning_rate=0.5))
+    texts, _ = validation_texts(upd, "rotten-tomatoes", 8, 0, 2, 24)
+    assert all(split_of(t) == "public" for t in texts)
+    loaded = load_model(GPT2)
+    model = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.sub_(upd.gradients[n])
+        batch = collate(loaded, [loaded.encode(t) for t in texts], [0] * len(texts))
+        expected = float(TextObjective(batch, "next-token").mean_loss(model))
+        before = float(TextObjective(batch, "next-token").mean_loss(loaded.model))
+    u = utility(upd, "rotten-tomatoes", 8, 0, 2, 24)
+    assert math.isclose(u["loss"], expected, rel_tol=1e-5) and math.isclose(
+        u["loss_before"], before, rel_tol=1e-5
+    )
+    assert u["loss"] < u["loss_before"] and u["applied"] == "theta - delta"
+
+
+def test_sweep_writes_table_json_plot_with_epsilon(tmp_path):
+    import json
+
+    from leaklab.sweep import sweep
+
+    result = sweep(
+        "dpsgd", [0.5], "tokenset", "tiny-gpt2", "rotten-tomatoes", 2, 1, 0, tmp_path, max_tokens=16
+    )
+    rows = result["rows"]
+    assert [r["value"] for r in rows] == ["none", 0.5] and rows[0]["epsilon"] is None
+    assert rows[1]["epsilon"] == rdp_epsilon(0.5, 1.0, 1, 1e-5)
+    assert all(0 <= r["rouge1"] <= 1 and r["utility_loss"] > 0 for r in rows)
+    assert json.loads((tmp_path / "sweep.json").read_text())["config"]["defense"] == "dpsgd"
+    assert "| noise_multiplier | ε |" in (tmp_path / "sweep.md").read_text()
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(LeaklabError, match="unknown defense 'dps'"):
+        sweep("dps", [1], "tokenset", "tiny-gpt2", "rotten-tomatoes", 2, 1, 0, tmp_path)
+
+
+def test_cli_update_setting_then_apply_defense(tmp_path):
+    from typer.testing import CliRunner
+
+    from leaklab.cli_defenses import app
+
+    runner = CliRunner()
+    path = tmp_path / "u.safetensors"
+    res = runner.invoke(
+        app,
+        [
+            "update-setting",
+            "--setting",
+            "fedavg",
+            "--lr",
+            "0.1",
+            "--model",
+            "tiny-gpt2",
+            "--batch-size",
+            "2",
+            "--max-tokens",
+            "16",
+            "--defense",
+            "frozen-embeddings",
+            "--out",
+            str(path),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    obs = load_update(path)
+    assert obs.setting == "fedavg" and "transformer.wte.weight" not in obs.gradients
+    res = runner.invoke(app, ["apply-defense", str(path), "--defense", "dpsgd:noise_multiplier=1"])
+    assert isinstance(res.exception, LeaklabError) and "does not apply to an update already computed" in str(
+        res.exception
+    )
+    out = tmp_path / "d.safetensors"
+    res = runner.invoke(
+        app, ["apply-defense", str(path), "--defense", "clip:max_norm=0.5", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    assert math.isclose(grad_norm(load_update(out).gradients), 0.5, rel_tol=1e-5)
+    res = runner.invoke(
+        app,
+        [
+            "apply-defense",
+            str(path),
+            "--defense",
+            "clip",
+            "--defense",
+            "topk",
+            "--defense-param",
+            "fraction=0.1",
+        ],
+    )
+    assert isinstance(res.exception, LeaklabError) and "exactly one --defense" in str(res.exception)
