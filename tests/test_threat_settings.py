@@ -39,7 +39,7 @@ def _next_token_loss(model, loaded, texts):
 
 
 def test_fedavg_delta_equals_handwritten_sgd_loop():
-    ref = ModelRef("tiny-llama")
+    ref = ModelRef("tiny-gpt2")
     loaded = load_model(ref)
     before = _checksum(loaded.model)
     flags = ThreatFlags(learning_rate=0.1, local_steps=2)
@@ -163,16 +163,14 @@ def test_label_pairing_prefers_the_higher_label():
         make_pairs([[1, 2]] * 3, [0] * 3, "label", 0)
 
 
-@pytest.mark.parametrize("reduce", ["sum", "mean"])
-def test_secagg_is_the_sum_of_individual_updates(reduce):
+def test_secagg_is_the_mean_of_individual_updates():
     ref = ModelRef("tiny-gpt2")
-    obs, secret = sample_update("secagg", ref, "rotten-tomatoes", 2, 5, 4, 16, clients=3, reduce=reduce)
+    obs, secret = sample_update("secagg", ref, "rotten-tomatoes", 2, 5, 4, 16, clients=3, reduce="mean")
     assert len(secret) == 6 and len(set(secret.texts)) == 6
     assert obs.flags.num_clients == 3 and obs.batch_size == 6
     parts = [fedsgd_update(ref, list(secret.texts[2 * c : 2 * c + 2]), seed=5 + c)[0] for c in range(3)]
-    scale = 1.0 if reduce == "sum" else 1 / 3
     for k, g in obs.gradients.items():
-        torch.testing.assert_close(g, scale * sum(p.gradients[k] for p in parts), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g, sum(p.gradients[k] for p in parts) / 3, rtol=1e-5, atol=1e-7)
 
 
 def test_dropout_flag_reaches_multi_step_settings():

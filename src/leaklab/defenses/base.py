@@ -92,6 +92,13 @@ def base_record(defense: Any, **derived: Any) -> dict[str, Any]:
     return {"name": defense.name, "side": defense.side, "params": params_of(defense), **derived}
 
 
+class Recorded:
+    """Mixin: the record of a defense is its name, side and parameters, plus values it derived."""
+
+    def record(self, steps: int = 1, **derived: Any) -> dict[str, Any]:
+        return base_record(self, **derived)
+
+
 def with_update(obs: Observation, gradients: dict[str, torch.Tensor], record: dict[str, Any]) -> Observation:
     """A new Observation with transformed tensors and the defense appended to ``meta["defenses"]``."""
     meta = {**obs.meta, "defenses": [*obs.meta.get("defenses", []), record]}

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from leaklab.defenses.base import base_record, register_defense, require_tensors, with_update
+from leaklab.defenses.base import Recorded, register_defense, require_tensors, with_update
 from leaklab.errors import LeaklabError
 from leaklab.threat.observation import Observation, grad_norm
 
@@ -34,7 +34,7 @@ def clip_bound(obs: Observation) -> float | None:
 
 @register_defense
 @dataclass(frozen=True)
-class Clip:
+class Clip(Recorded):
     """u ← u · min(1, C / ‖u‖₂) over the whole update (all tensors as one vector)."""
 
     max_norm: float = 1.0
@@ -51,13 +51,10 @@ class Clip:
         scale = min(1.0, self.max_norm / norm) if norm > 0 else 1.0
         return with_update(obs, {k: g * scale for k, g in obs.gradients.items()}, self.record())
 
-    def record(self, steps: int = 1) -> dict[str, Any]:
-        return base_record(self)
-
 
 @register_defense
 @dataclass(frozen=True)
-class Gaussian:
+class Gaussian(Recorded):
     """u ← u + N(0, σ²I). σ given, or the classical Gaussian mechanism σ = Δ₂·√(2 ln(1.25/δ))/ε
     (Dwork–Roth Thm A.1, proven for ε < 1), Δ₂ = ``sensitivity`` or the bound of an earlier clip."""
 
@@ -96,13 +93,10 @@ class Gaussian:
         }
         return with_update(obs, noisy, self.record(std=std, sensitivity=sens))
 
-    def record(self, steps: int = 1, **derived: Any) -> dict[str, Any]:
-        return base_record(self, **derived)
-
 
 @register_defense
 @dataclass(frozen=True)
-class Laplace:
+class Laplace(Recorded):
     """u ← u + Lap(0, b) per coordinate. b given, or b = Δ₁/ε (pure ε-DP), Δ₁ = ``sensitivity`` or
     √d·C from an earlier L2 clip to C over d coordinates (‖u‖₁ ≤ √d‖u‖₂)."""
 
@@ -144,13 +138,10 @@ class Laplace:
             out[k] = g - (b * torch.sign(u) * torch.log1p(-2 * u.abs())).to(g.dtype)
         return with_update(obs, out, self.record(scale=b, sensitivity=sens))
 
-    def record(self, steps: int = 1, **derived: Any) -> dict[str, Any]:
-        return base_record(self, **derived)
-
 
 @register_defense
 @dataclass(frozen=True)
-class TopK:
+class TopK(Recorded):
     """Keep the k = ⌈f·d⌉ largest-magnitude coordinates of the whole update, zero the rest."""
 
     fraction: float = 0.01
@@ -176,9 +167,6 @@ class TopK:
             start += g.numel()
         return with_update(obs, out, self.record(kept=k, total=flat.numel()))
 
-    def record(self, steps: int = 1, **derived: Any) -> dict[str, Any]:
-        return base_record(self, **derived)
-
 
 def embedding_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every nn.Embedding table (tokens, positions, token types); a tied LM head is the same tensor."""
@@ -188,7 +176,7 @@ def embedding_params(model: nn.Module) -> dict[str, nn.Parameter]:
 
 @register_defense
 @dataclass(frozen=True)
-class FrozenEmbeddings:
+class FrozenEmbeddings(Recorded):
     """The client trains with every embedding table frozen, so none is shared. On a one-step gradient this
     equals dropping those tensors; a multi-step update must be made with it (client side)."""
 
@@ -223,13 +211,10 @@ class FrozenEmbeddings:
         kept = {k: g for k, g in obs.gradients.items() if k not in names}
         return with_update(obs, kept, self.record(dropped=sorted(names)))
 
-    def record(self, steps: int = 1, **derived: Any) -> dict[str, Any]:
-        return base_record(self, **derived)
-
 
 @register_defense
 @dataclass(frozen=True)
-class Aggregate:
+class Aggregate(Recorded):
     """Secure aggregation over ``clients`` clients: the server sees the mean of their updates (protocol)."""
 
     clients: int = 8
@@ -245,6 +230,3 @@ class Aggregate:
             "aggregate changes the protocol (the other clients' private batches are needed): pass it to "
             "defended_update / update-setting, not to a computed update"
         )
-
-    def record(self, steps: int = 1) -> dict[str, Any]:
-        return base_record(self)

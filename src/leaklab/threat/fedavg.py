@@ -11,10 +11,8 @@ from collections.abc import Sequence
 
 from leaklab.errors import LeaklabError
 from leaklab.models.registry import ModelRef, load_model
-from leaklab.threat.local import ClientHook, TextObjective, local_update, package, text_batch
+from leaklab.threat.local import ClientHook, TextObjective, client_step, package, text_batch
 from leaklab.threat.observation import Observation, Secret, ThreatFlags
-
-DELTA = "delta = theta_before - theta_after (one full-batch step: lr * gradient)"
 
 
 def fedavg_update(
@@ -33,22 +31,6 @@ def fedavg_update(
         raise LeaklabError("FedAvg needs a local learning rate (ThreatFlags.learning_rate / --lr)")
     loaded = load_model(model)
     batch, ids, labs = text_batch(loaded, texts, labels)
-    objective = TextObjective(batch, model.task)
-    delta, records, steps = local_update(
-        loaded.model,
-        objective,
-        hooks,
-        flags.train_mode,
-        seed,
-        flags.local_steps,
-        flags.learning_rate,
-        minibatch,
-    )
-    meta = {
-        "update": DELTA,
-        "optimizer": "sgd",
-        "minibatch": minibatch or len(texts),
-        "optimizer_steps": steps,
-        **({"defenses": records} if records else {}),
-    }
+    delta, meta = client_step(loaded.model, TextObjective(batch, model.task), hooks, flags, seed, minibatch)
+    meta = {"optimizer": "sgd", "minibatch": minibatch or len(texts), **meta}
     return package("fedavg", model, delta, flags, texts, ids, labs, meta)

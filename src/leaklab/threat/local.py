@@ -22,6 +22,7 @@ from leaklab.threat.fedsgd import IGNORE, Batch, collate
 from leaklab.threat.observation import Observation, Secret, ThreatFlags
 
 Grads = dict[str, torch.Tensor]
+DELTA = "delta = theta_before - theta_after (one full-batch step: lr * gradient)"
 
 
 class Objective(Protocol):
@@ -228,3 +229,24 @@ def package(
         meta={"padding": "right", **meta},
     )
     return obs, Secret(tuple(texts), tuple(tuple(t) for t in ids), tuple(labels))
+
+
+def client_step(
+    base: nn.Module,
+    objective: Objective,
+    hooks: Sequence[ClientHook],
+    flags: ThreatFlags,
+    seed: int,
+    minibatch: int | None = None,
+) -> tuple[Grads, dict[str, Any]]:
+    """The client's shared tensors under the protocol in ``flags`` (a gradient without a learning rate, else
+    the delta of ``flags.local_steps`` SGD passes), and the meta every setting records about them."""
+    grads, records, steps = local_update(
+        base, objective, hooks, flags.train_mode, seed, flags.local_steps, flags.learning_rate, minibatch
+    )
+    meta = {
+        "update": "gradient" if flags.learning_rate is None else DELTA,
+        "optimizer_steps": steps,
+        **({"defenses": records} if records else {}),
+    }
+    return grads, meta

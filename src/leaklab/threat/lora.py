@@ -20,8 +20,7 @@ from torch import nn
 
 from leaklab.errors import LeaklabError, UnknownNameError
 from leaklab.models.registry import LoadedModel, ModelRef, load_model
-from leaklab.threat.fedavg import DELTA
-from leaklab.threat.local import ClientHook, TextObjective, local_update, package, text_batch
+from leaklab.threat.local import ClientHook, TextObjective, client_step, package, text_batch
 from leaklab.threat.observation import Observation, Secret, ThreatFlags
 
 TARGETS = {"attention": "qkv", "qv": "qv", "q": "q"}
@@ -113,20 +112,5 @@ def lora_update(
     meta = spec.meta(loaded)
     adapted = lora_model(model, meta)
     batch, ids, labs = text_batch(loaded, texts, labels)
-    grads, records, steps = local_update(
-        adapted,
-        TextObjective(batch, model.task),
-        hooks,
-        flags.train_mode,
-        seed,
-        flags.local_steps,
-        flags.learning_rate,
-        minibatch,
-    )
-    info = {
-        "lora": meta,
-        "update": "gradient" if flags.learning_rate is None else DELTA,
-        "optimizer_steps": steps,
-        **({"defenses": records} if records else {}),
-    }
-    return package("lora", model, grads, flags, texts, ids, labs, info)
+    grads, info = client_step(adapted, TextObjective(batch, model.task), hooks, flags, seed, minibatch)
+    return package("lora", model, grads, flags, texts, ids, labs, {"lora": meta, **info})

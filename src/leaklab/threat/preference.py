@@ -23,11 +23,10 @@ from torch import nn
 
 from leaklab.errors import LeaklabError, UnknownNameError
 from leaklab.models.registry import LoadedModel, ModelRef, load_model
-from leaklab.threat.fedavg import DELTA
 from leaklab.threat.fedsgd import Batch, collate
 from leaklab.threat.local import (
     ClientHook,
-    local_update,
+    client_step,
     package,
     position_ids,
     sub_batch,
@@ -199,24 +198,13 @@ def _preference(
     ids = [loaded.encode(t) for t in texts]
     labs = list(labels) if labels is not None else [0] * len(texts)
     objective = preference_objective(setting, loaded, ids, labs, pairing, beta, seed)
-    grads, records, steps = local_update(
-        loaded.model,
-        objective,
-        hooks,
-        flags.train_mode,
-        seed,
-        flags.local_steps,
-        flags.learning_rate,
-        minibatch,
-    )
+    grads, info = client_step(loaded.model, objective, hooks, flags, seed, minibatch)
     meta = {
         "pairing": pairing,
         "pairs": objective.n,
         "sequences_per_pair": 2,
-        "update": "gradient" if flags.learning_rate is None else DELTA,
-        "optimizer_steps": steps,
         **({"beta": beta, "reference": "frozen initial weights"} if setting == "dpo" else {}),
-        **({"defenses": records} if records else {}),
+        **info,
     }
     return package(setting, ref, grads, flags, texts, ids, labs, meta, batch_size=objective.n)
 

@@ -16,7 +16,7 @@ from leaklab.errors import LeaklabError, UnknownNameError
 from leaklab.models.registry import ModelRef, load_model
 from leaklab.threat.fedavg import fedavg_update
 from leaklab.threat.fedsgd import fedsgd_update
-from leaklab.threat.local import ClientHook, TextObjective, local_update, package, text_batch
+from leaklab.threat.local import ClientHook, TextObjective, client_step, package, text_batch
 from leaklab.threat.lora import LoraSpec, lora_update
 from leaklab.threat.observation import SETTINGS, Observation, Secret, ThreatFlags
 from leaklab.threat.preference import dpo_update, reward_update, texts_needed
@@ -51,10 +51,8 @@ def _hooked_fedsgd(
     """FedSGD through the hookable local trainer (same gradient as fedsgd_update when no hook acts)."""
     loaded = load_model(model)
     batch, ids, labs = text_batch(loaded, texts, labels)
-    grads, records, _ = local_update(
-        loaded.model, TextObjective(batch, model.task), hooks, flags.train_mode, seed
-    )
-    return package("fedsgd", model, grads, flags, texts, ids, labs, {"loss": "mean", "defenses": records})
+    grads, meta = client_step(loaded.model, TextObjective(batch, model.task), hooks, flags, seed)
+    return package("fedsgd", model, grads, flags, texts, ids, labs, {"loss": "mean", **meta})
 
 
 def make_update(
