@@ -322,3 +322,26 @@ def test_cli_update_setting_then_apply_defense(tmp_path):
         ],
     )
     assert isinstance(res.exception, LeaklabError) and "exactly one --defense" in str(res.exception)
+
+
+@pytest.mark.real
+def test_dpsgd_on_lora_adapters_of_smollm2():
+    """Opacus on the packaged Llama (RMSNorm, RoPE, GQA): per-sample clipping of LoRA adapter gradients."""
+    from leaklab.threat.lora import LoraSpec, lora_model
+
+    ref = ModelRef("smollm2-135m")
+    loaded = load_model(ref)
+    spec = LoraSpec(r=2, targets="q")
+    adapted = copy.deepcopy(lora_model(ref, spec.meta(loaded)))
+    per_sample = []
+    for t in TEXTS[:2]:
+        adapted.zero_grad()
+        ids = torch.tensor([loaded.encode(t)])
+        F.cross_entropy(adapted(input_ids=ids).logits[0, :-1], ids[0, 1:]).backward()
+        per_sample.append({n: p.grad.clone() for n, p in adapted.named_parameters() if p.requires_grad})
+    clip = 0.5 * min(grad_norm(g) for g in per_sample)
+    dp = make_defense("dpsgd", clip=clip, noise_multiplier=0.0)
+    obs, _ = make_update("lora", ref, TEXTS[:2], hooks=[dp], r=2, targets="q")
+    assert len(obs.gradients) == 2 * 30  # A and B of q_proj in 30 layers
+    for n, g in _clipped_mean(per_sample, clip).items():
+        assert float((obs.gradients[n] - g).norm()) <= 1e-3 * float(g.norm()) + 1e-9, n

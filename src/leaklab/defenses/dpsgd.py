@@ -7,10 +7,14 @@ client's data (default 1: the batch is all of it) and steps the noisy steps behi
 the client's optimiser steps, filled in by :func:`defended_update`). With an ``epsilon`` target, σ comes
 from ``opacus.accountants.utils.get_noise_multiplier``.
 
-What works (measured on the packaged models, ``grad_sample_mode``): Opacus's hooks have grad samplers for
+What works (Opacus 1.6, checked against per-sample autograd): Opacus's hooks have grad samplers for
 ``nn.Linear``, ``nn.Embedding`` and ``nn.LayerNorm``; layers without one (LlamaRMSNorm, GPT-2's Conv1D) fall
-back to functorch per layer (``strict=False``), so "hooks" works on tiny-llama, tiny-gpt2 and smollm2-135m;
-"functorch" forces functorch for every layer. Rotary embeddings have no parameters. Positions are passed
+back to functorch per layer (``strict=False``), so ``mode="hooks"`` works on tiny-llama, tiny-gpt2 and
+smollm2-135m (full model and LoRA adapters); ``mode="functorch"`` forces functorch for every layer and gives
+the same gradients. Tied input/output embeddings accumulate both per-sample contributions. Rotary embeddings
+have no parameters. Memory: per-sample gradients of every trainable parameter are materialised (B × model
+size × 4 bytes, twice for a tied embedding), e.g. about 5 GB peak for full-model DP-SGD on smollm2-135m at
+B = 2; DP-SGD on LoRA adapters is cheap. Positions are passed
 as explicit (B, T) ids so GPT-2's learned position table gets per-sample gradients. Opacus records
 activations only for modules in training mode, so without dropout only the leaf modules that own
 parameters are switched to training mode (dropout is decided by their parents, which stay in eval mode).
@@ -134,13 +138,14 @@ class DpSgd:
 
     # ------------------------------------------------------------------ records
     def record(self, steps: int = 1) -> dict[str, Any]:
-        steps = self.steps or steps
-        sigma = self.sigma(steps)
+        """σ as used by :meth:`gradient` and ε over the steps actually taken (unless ``steps`` was fixed)."""
+        sigma = self.sigma(self.steps or 1)
+        accounted = self.steps or steps
         return base_record(
             self,
             noise_multiplier=sigma,
-            epsilon=rdp_epsilon(sigma, self.sample_rate, steps, self.delta),
-            accounted_steps=steps,
+            epsilon=rdp_epsilon(sigma, self.sample_rate, accounted, self.delta),
+            accounted_steps=accounted,
             accountant="opacus RDP",
             loss="mean over samples of each sample's mean loss",
         )
