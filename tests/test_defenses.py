@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from leaklab.defenses import apply_defenses, defended_update, make_defense, parse_defense
 from leaklab.defenses.dpsgd import noise_for_epsilon, rdp_epsilon
@@ -13,7 +15,7 @@ from leaklab.defenses.update import embedding_params
 from leaklab.errors import LeaklabError
 from leaklab.models import ModelRef, load_model
 from leaklab.threat import ThreatFlags, fedsgd_update, load_update, save_update
-from leaklab.threat.observation import grad_norm
+from leaklab.threat.observation import Observation, grad_norm
 from leaklab.threat.settings import make_update
 
 TEXTS = ["the cat sat on the mat", "a dog barked", "rain again today in the city"]
@@ -37,6 +39,27 @@ def test_clip_scales_to_the_bound_and_keeps_small_updates(obs):
     same = make_defense("clip", max_norm=norm * 2).apply(obs)
     assert torch.equal(_flat(same), _flat(obs))
     assert clipped.defenses == [{"name": "clip", "side": "server", "params": {"max_norm": norm / 4}}]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4),
+    fraction=st.floats(0.01, 1.0),
+    max_norm=st.floats(0.01, 10.0),
+    seed=st.integers(0, 2**16),
+)
+def test_topk_and_clip_match_brute_force_on_random_updates(shapes, fraction, max_norm, seed):
+    gen = torch.Generator().manual_seed(seed)
+    grads = {f"t{i}": torch.randn(s, generator=gen) for i, s in enumerate(shapes)}
+    o = Observation(model=GPT2, setting="fedsgd", gradients=grads, batch_size=1)
+    flat = _flat(o)
+    top = _flat(make_defense("topk", fraction=fraction).apply(o))
+    k = math.ceil(fraction * flat.numel())
+    order = sorted(range(flat.numel()), key=lambda i: -abs(float(flat[i])))
+    assert int((top != 0).sum()) == k and set(torch.nonzero(top).flatten().tolist()) == set(order[:k])
+    clipped = _flat(make_defense("clip", max_norm=max_norm).apply(o))
+    norm = float(flat.norm())
+    torch.testing.assert_close(clipped, flat * min(1.0, max_norm / norm))
 
 
 def test_gaussian_noise_has_the_given_std_and_is_seeded(obs):
@@ -128,13 +151,15 @@ def _clipped_mean(per_sample, clip):
     return out
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
-def test_dpsgd_without_noise_is_the_mean_of_clipped_per_sample_gradients(name):
+@pytest.mark.parametrize(
+    ("name", "mode"), [("tiny-gpt2", "hooks"), ("tiny-llama", "hooks"), ("tiny-llama", "functorch")]
+)
+def test_dpsgd_without_noise_is_the_mean_of_clipped_per_sample_gradients(name, mode):
     ref = ModelRef(name)
     loaded = load_model(ref)
     per_sample = _per_sample_grads(copy.deepcopy(loaded.model), loaded, TEXTS)
     clip = 0.5 * min(grad_norm(g) for g in per_sample)  # every sample is clipped
-    dp = make_defense("dpsgd", clip=clip, noise_multiplier=0.0)
+    dp = make_defense("dpsgd", clip=clip, noise_multiplier=0.0, mode=mode)
     obs, _ = make_update("fedsgd", ref, TEXTS, hooks=[dp])
     expected = _clipped_mean(per_sample, clip)
     for n, g in expected.items():
