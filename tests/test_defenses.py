@@ -127,6 +127,7 @@ def test_accountant_epsilon_equals_opacus_rdp_directly():
         for _ in range(steps):
             acc.step(noise_multiplier=sigma, sample_rate=q)
         assert math.isclose(rdp_epsilon(sigma, q, steps, delta), acc.get_epsilon(delta), rel_tol=1e-9)
+    assert rdp_epsilon(0.0, 1.0, 1, 1e-5) is None  # no noise: no finite guarantee (JSON-safe)
     sigma = noise_for_epsilon(8.0, 1e-5, 1.0, 1)
     assert 7.9 <= rdp_epsilon(sigma, 1.0, 1, 1e-5) <= 8.0
 

@@ -37,12 +37,12 @@ from leaklab.threat.observation import Observation
 MODES = ("hooks", "functorch")
 
 
-def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """ε of ``steps`` subsampled-Gaussian steps from Opacus's RDP accountant (inf without noise)."""
+def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float | None:
+    """ε of ``steps`` subsampled-Gaussian steps by Opacus's RDP accountant (None without noise)."""
     from opacus.accountants import RDPAccountant
 
     if noise_multiplier == 0:
-        return float("inf")
+        return None
     acc = RDPAccountant()
     acc.history = [(noise_multiplier, sample_rate, steps)]
     return float(acc.get_epsilon(delta=delta))
