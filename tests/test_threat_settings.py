@@ -93,6 +93,16 @@ def test_lora_shares_only_adapter_gradients_equal_to_peft_autograd(name, targets
     save_update(tmp_path / "u.safetensors", obs)
     back = load_update(tmp_path / "u.safetensors")  # checked against the rebuilt LoRA model
     assert back.meta["lora"] == obs.meta["lora"]
+    # an attacker rebuilds the same seeded A from the meta alone (fresh build, not the memoised one)
+    from leaklab.threat import lora as lora_mod
+
+    victim_a = {
+        n: p.detach().clone() for n, p in lora_mod.lora_model(ref, back.meta["lora"]).named_parameters()
+    }
+    lora_mod._LORA.clear()
+    rebuilt = dict(lora_mod.lora_model(ref, back.meta["lora"]).named_parameters())
+    assert all(torch.equal(rebuilt[n], v) for n, v in victim_a.items())
+    assert all(torch.equal(v, peft_model.get_parameter(n)) for n, v in victim_a.items() if ".lora_A." in n)
 
 
 def _seq_logp(model, ids):
