@@ -95,7 +95,7 @@ def check_against_model(obs: Observation, ref: ModelRef | None = None) -> None:
     """Every shared tensor must exist in the model (``ref``, default the one the update names) with the
     same shape; the first mismatch is named with both shapes."""
     ref = ref or obs.model
-    params = dict(load_model(ref).model.named_parameters())
+    params = dict(_shared_model(ref, obs.meta).named_parameters())
     for name, tensor in obs.gradients.items():
         if name not in params:
             raise LeaklabError(
@@ -109,6 +109,15 @@ def check_against_model(obs: Observation, ref: ModelRef | None = None) -> None:
             )
         if tensor.dtype != torch.float32:
             raise LeaklabError(f"update tensor '{name}' is {tensor.dtype}, expected float32")
+
+
+def _shared_model(ref: ModelRef, meta: dict):
+    """The model whose parameters the update names: the LoRA-adapted model when the meta records one."""
+    if "lora" in meta:
+        from leaklab.threat.lora import lora_model
+
+        return lora_model(ref, meta["lora"])
+    return load_model(ref).model
 
 
 def load_secret(path: str | Path) -> Secret | None:
