@@ -105,7 +105,26 @@ def run_cell(
         "gradient_seconds": float(np.mean(grad_seconds)),
         "attacks": {a: summarise_runs(runs) | {"runs": runs} for a, runs in per_attack.items()},
         "environment": environment(),
+        "git_commit": _git_commit(),
     }
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit, so a stored cell names the code that produced it."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() or None
 
 
 def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
