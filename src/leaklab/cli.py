@@ -121,7 +121,7 @@ def demo_cmd(
     out: Annotated[Path | None, typer.Option(help="Run folder.")] = None,
 ) -> None:
     """SOMP on the packaged defaults (smollm2-135m, rotten-tomatoes): what leaks from one FedSGD update."""
-    from leaklab.evaluate import run_gradient_eval, show_run
+    from leaklab.evaluate import show_run, run_gradient_eval
 
     summary = run_gradient_eval(
         attack="somp", model="smollm2-135m", corpus="rotten-tomatoes", batch_size=batch_size, batches=1, seed=seed,

@@ -167,7 +167,7 @@ def _user_file(path: Path, text_column: str, label_column: str | None) -> Corpus
 
 
 def _hf_dataset(name: str, text_column: str, label_column: str | None) -> Corpus:
-    spec = name.removeprefix("hf:")
+    spec = name[3:] if name.startswith("hf:") else name
     dataset, _, split = spec.partition("@")
     try:
         import datasets
