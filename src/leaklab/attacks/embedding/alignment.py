@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from leaklab.attacks.embedding.registry import AttackReport, Scenario, option, register_embed_attack
+from leaklab.corpora.sampling import eligible
 from leaklab.encoders import (
     Encoder,
     TransformedEncoder,
@@ -128,6 +129,10 @@ def evaluate(scn: Scenario) -> AttackReport:
     ks = [int(k) for k in str(option(scn, "k", "16,64,256,1024")).split(",")]
     inner = [a for a in str(option(scn, "inner", "nearest,bow")).split(",") if a]
     method = option(scn, "method", "procrustes")
+    available = len(eligible(scn.corpus_obj, scn.tokenizer, scn.min_tokens, scn.max_tokens, "private")) - scn.n
+    if max(ks) > available:
+        raise LeaklabError(f"k={max(ks)} leaked pairs requested but only {max(available, 0)} private texts "
+                           "besides the targets are available")
     sample = scn.private(n=scn.n + max(ks))
     targets_text, pool = sample.texts[: scn.n], sample.texts[scn.n:]
     targets = victim.embed(targets_text)

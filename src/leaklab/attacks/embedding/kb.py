@@ -7,8 +7,9 @@ The victim indexes hidden documents; the attacker may only submit query texts an
 Attack (:class:`KBExtractor`), an adaptive probe search that grows text where scores rise:
 
 1. discovery: every vocabulary word is a probe; each answer gives s(w, d) for the docs d it returns.
-2. growth, per discovered doc d: words ranked by s(w, d) (plus frequent function words) are appended one at
-   a time to the current text x; a word is kept when s(x + w, d) > s(x, d).
+2. growth, per discovered doc d: words ranked by their specificity to d, s(w, d) − mean of w's returned
+   scores (then frequent function words), are appended one at a time to the current text x; a word is kept
+   when s(x + w, d) > s(x, d). All documents grow in lock-step, one batched search per step.
 3. pruning: each word is dropped once if s(x − w, d) rises.
 """
 
@@ -150,52 +151,84 @@ class KBExtractor:
         self.max_words, self.batch = max_words, batch
 
     def discover(self, kb: SearchIndex) -> dict[str, dict[str, float]]:
-        """s(w, d) for every probe word w and every doc d returned for it."""
+        """Specificity of every probe word w to every doc d returned for it: s(w, d) − mean_d' s(w, d')."""
         seen: dict[str, dict[str, float]] = defaultdict(dict)
         for i in range(0, len(self.vocab), self.batch):
             part = self.vocab[i:i + self.batch]
             for w, hits in zip(part, kb.search(part, self.top_k), strict=True):
+                mean = float(np.mean([s for _, s in hits])) if hits else 0.0
                 for doc_id, score in hits:
-                    seen[doc_id][w] = score
+                    seen[doc_id][w] = score - mean
         return seen
 
-    @staticmethod
-    def _score(kb: SearchIndex, text: str, doc_id: str, k: int) -> float:
-        return dict(kb.search([text], k)[0]).get(doc_id, -1.0)
-
-    def grow(self, kb: SearchIndex, doc_id: str, word_scores: dict[str, float]) -> tuple[str, int]:
-        """Greedy growth then pruning of one document; returns (text, queries spent)."""
+    def _start(self, word_scores: dict[str, float]) -> _Growth:
         ranked = sorted(word_scores, key=lambda w: -word_scores[w])[: self.candidates]
-        pool = ranked + [w for w in self.function_words if w not in ranked]
-        text_words = [ranked[0]]
-        best, spent = word_scores[ranked[0]], 0
-        for w in pool[1:] + ranked[:10]:  # a second look at the strongest words allows repeats
-            if len(text_words) >= self.max_words:
-                break
-            s = self._score(kb, " ".join([*text_words, w]), doc_id, self.top_k)
-            spent += 1
-            if s > best + self.min_gain:
-                text_words.append(w)
-                best = s
-        i = 0
-        while i < len(text_words) and len(text_words) > 1:
-            trial = text_words[:i] + text_words[i + 1:]
-            s = self._score(kb, " ".join(trial), doc_id, self.top_k)
-            spent += 1
-            if s > best + self.min_gain:
-                text_words, best = trial, s
-            else:
-                i += 1
-        return " ".join(text_words), spent
+        pool = ranked[1:] + [w for w in self.function_words if w not in ranked] + ranked[:10]
+        return _Growth(pool=pool, words=[ranked[0]])
 
     def run(self, kb: SearchIndex) -> Extraction:
+        """Discovery, then growth and pruning of all discovered documents in lock-step batches."""
         start = kb.queries
         seen = self.discover(kb)
         discovery = kb.queries - start
-        texts, spent = {}, {}
-        for doc_id, scores in seen.items():
-            texts[doc_id], spent[doc_id] = self.grow(kb, doc_id, scores)
-        return Extraction(texts, spent, discovery, {"discovered": len(seen)})
+        states = {d: self._start(scores) for d, scores in seen.items()}
+        while True:
+            asks = []
+            for d, st in states.items():
+                proposal = [] if st.done else st.proposal(self.max_words)
+                if not st.done:
+                    asks.append((d, proposal))
+            if not asks:
+                break
+            for i in range(0, len(asks), self.batch):
+                part = asks[i:i + self.batch]
+                answers = kb.search([" ".join(ws) for _, ws in part], self.top_k)
+                for (d, ws), hits in zip(part, answers, strict=True):
+                    states[d].update(ws, dict(hits).get(d, -1.0), self.min_gain)
+        return Extraction({d: " ".join(st.words) for d, st in states.items()},
+                          {d: st.spent for d, st in states.items()}, discovery, {"discovered": len(seen)})
+
+
+@dataclass
+class _Growth:
+    """Per-document state of the probe search: grow through ``pool`` (keep a word when the score rises),
+    then try dropping each word once (drop it when the score rises)."""
+
+    pool: list[str]
+    words: list[str]
+    best: float = -1.0
+    pos: int = -1  # -1: score the start text first
+    pruning: int = -1
+    spent: int = 0
+    done: bool = False
+
+    def proposal(self, max_words: int) -> list[str]:
+        if self.pos < 0:
+            return list(self.words)
+        if self.pruning < 0 and (self.pos >= len(self.pool) or len(self.words) >= max_words):
+            self.pruning = 0
+        if self.pruning >= 0:
+            if self.pruning >= len(self.words) or len(self.words) <= 1:
+                self.done = True
+                return list(self.words)
+            return self.words[: self.pruning] + self.words[self.pruning + 1:]
+        return [*self.words, self.pool[self.pos]]
+
+    def update(self, proposal: list[str], score: float, min_gain: float) -> None:
+        self.spent += 1
+        if self.done:
+            return
+        if self.pos < 0:
+            self.best, self.pos = score, 0
+        elif self.pruning >= 0:
+            if score > self.best + min_gain:
+                self.words, self.best = proposal, score
+            else:
+                self.pruning += 1
+        else:
+            if score > self.best + min_gain:
+                self.words, self.best = proposal, score
+            self.pos += 1
 
 
 def probe_vocab(texts: Sequence[str], size: int) -> tuple[list[str], list[str]]:

@@ -27,7 +27,7 @@ from leaklab.metrics.embedding import cosine_rows, membership_scores
 def drop_words(text: str, share: float, rng: np.random.Generator) -> str:
     """Delete round(share·n) random words (at least one kept)."""
     w = text.split()
-    k = min(len(w) - 1, int(round(share * len(w))))
+    k = min(len(w) - 1, round(share * len(w)))
     if k <= 0:
         return text
     drop = set(rng.choice(len(w), size=k, replace=False).tolist())
