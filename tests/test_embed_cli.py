@@ -73,3 +73,17 @@ def test_unknown_attack_and_empty_corpus_errors(monkeypatch, capsys, tmp_path):
     code, _, err = run_cli(monkeypatch, capsys, "attack", "--attack", "nearest", "--encoder", "tiny-bert",
                            "--corpus", str(empty))
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_bench_quick_writes_table_json_and_plots(monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "bench", "--quick", "--only", "nearest,membership", "--out",
+                           str(tmp_path))
+    assert code == 0, err
+    data = json.loads((tmp_path / "embedding-quick.json").read_text())
+    assert set(data["results"]) == {"nearest", "membership"}
+    table = (tmp_path / "embedding-quick.md").read_text()
+    assert "## Membership" in table and "## Nearest neighbour" in table
+    code, _, err = run_cli(monkeypatch, capsys, "bench", "--quick", "--render", "--out", str(tmp_path))
+    assert code == 0, err
+    code, _, err = run_cli(monkeypatch, capsys, "bench", "--only", "nope", "--out", str(tmp_path))
+    assert code == 2 and "valid:" in err

@@ -193,10 +193,15 @@ def bench_cmd(
     quick: Annotated[bool, typer.Option(help="Tiny encoder, few targets (smoke test).")] = False,
     only: Annotated[str | None, typer.Option(help="Comma-separated attacks to run (default: all).")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    render: Annotated[bool, typer.Option(help="Only rewrite the table and plots from the results JSON.")] = False,
 ) -> None:
-    """Benchmark every attack (minilm-l6, rotten-tomatoes ≤ 32 tokens); writes embedding.md/.json + plots."""
-    from leaklab.embed_bench import run_bench
+    """Benchmark every attack (minilm-l6, rotten-tomatoes ≤ 32 tokens); writes embedding.md/.json + plots.
+    With --only, the named entries are rerun and merged into the existing results."""
+    from leaklab.embed_bench import rerender, run_bench
 
-    paths = run_bench(out, quick=quick, only=only.split(",") if only else None, seed=seed, console=console)
+    if render:
+        paths = rerender(out, quick)
+    else:
+        paths = run_bench(out, quick=quick, only=only.split(",") if only else None, seed=seed, console=console)
     for p in paths:
         console.print(f"wrote {p}")

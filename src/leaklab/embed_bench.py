@@ -18,10 +18,10 @@ from leaklab.io import atomic_write, atomic_write_json, atomic_write_text
 FULL: dict[str, dict[str, Any]] = {
     "nearest": {"n": 100, "options": {"candidates": 2000}},
     "bow": {"n": 200, "options": {"train_seconds": 240, "epochs": 60}},
-    "whitebox": {"n": 10, "options": {"max_tokens": 16, "steps": 100, "rounds": 8}},
-    "decoder": {"n": 50, "options": {"train_seconds": 300, "steps": 2}},
+    "whitebox": {"n": 6, "options": {"max_tokens": 16, "steps": 100, "rounds": 10}},
+    "decoder": {"n": 30, "options": {"train_seconds": 300, "steps": 2}},
     "alignment": {"n": 100, "options": {"k": "8,32,128,384,1024", "inner": "nearest,bow", "train_seconds": 90}},
-    "kb-extract": {"n": 200, "options": {"vocab": 5000, "candidates": 40}},
+    "kb-extract": {"n": 200, "options": {"vocab": 3000, "candidates": 60}},
     "clustering": {"n": 200, "options": {"probes": 400}},
     "membership": {"n": 200, "options": {"target": "kb"}},
     "membership-encoder": {"n": 100, "options": {"target": "encoder", "epochs": 3}},
@@ -45,6 +45,18 @@ TARGETS = {
 }
 
 
+def rerender(out: Path, quick: bool = False) -> list[Path]:
+    """Rewrite the table and plots from an existing results JSON (no attack is run)."""
+    from leaklab.errors import LeaklabError
+
+    stem = "embedding-quick" if quick else "embedding"
+    path = out / f"{stem}.json"
+    if not path.exists():
+        raise LeaklabError(f"no benchmark results at {path}: run `leaklab embed bench` first")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return _write(data["results"], out, stem, data["encoder"], data["quick"], data["seed"])
+
+
 def run_bench(out: Path, quick: bool = False, only: list[str] | None = None, seed: int = 0,
               console: Console | None = None) -> list[Path]:
     console = console or Console()
@@ -57,7 +69,9 @@ def run_bench(out: Path, quick: bool = False, only: list[str] | None = None, see
         raise UnknownNameError("benchmark entry", unknown[0], list(plan))
     encoder = "tiny-bert" if quick else "minilm-l6"
     attack_names()
-    results: dict[str, Any] = {}
+    stem = "embedding-quick" if quick else "embedding"
+    results: dict[str, Any] = _previous(out / f"{stem}.json", encoder) if only else {}
+    paths: list[Path] = []
     for name in names:
         cfg = plan[name]
         attack = name.split("-encoder")[0]
@@ -68,15 +82,27 @@ def run_bench(out: Path, quick: bool = False, only: list[str] | None = None, see
         report = run_embed_attack(attack, scn)
         results[name] = report.to_dict()
         console.print(f"  done in {time.perf_counter() - start:.0f} s")
-    stem = "embedding-quick" if quick else "embedding"
+        paths = _write(results, out, stem, encoder, quick, seed)  # after each attack: partial runs survive
+    return paths
+
+
+def _previous(path: Path, encoder: str) -> dict[str, Any]:
+    """Results of an earlier run (same encoder) that ``--only`` updates in place."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return dict(data.get("results", {})) if data.get("encoder") == encoder else {}
+
+
+def _write(results: dict[str, Any], out: Path, stem: str, encoder: str, quick: bool, seed: int) -> list[Path]:
+    ordered = {k: results[k] for k in FULL if k in results}
     payload = {"encoder": encoder, "corpus": "rotten-tomatoes", "quick": quick, "seed": seed,
-               "machine": f"{platform.machine()}, {_cpus()} CPU cores, no GPU", "results": results,
-               "targets": _targets(results)}
+               "machine": f"{platform.machine()}, {_cpus()} CPU cores (shared), no GPU", "results": ordered,
+               "targets": _targets(ordered)}
     out.mkdir(parents=True, exist_ok=True)
     paths = [atomic_write_json(out / f"{stem}.json", payload),
              atomic_write_text(out / f"{stem}.md", render_markdown(payload))]
-    paths.extend(_plots(results, out, stem))
-    return paths
+    return paths + _plots(ordered, out, stem)
 
 
 def _cpus() -> int:
@@ -102,76 +128,111 @@ def _fmt(x: Any) -> str:
 def render_markdown(payload: dict[str, Any]) -> str:
     res = payload["results"]
     lines = [f"# Embedding attacks — {payload['encoder']}, {payload['corpus']} (≤ 32 tokens)", "",
-             f"Machine: {payload['machine']}. Inverters train on the public split only; targets are private texts. "
-             "Regenerate with `leaklab embed bench`" + (" --quick" if payload["quick"] else "") + ".", "",
-             "## Targets", "", "| attack | target | measured | reached |", "|---|---|---|---|"]
+             (f"Machine: {payload['machine']}. Inverters train on the public split only; targets are private "
+              "texts. Regenerate with `leaklab embed bench" + (" --quick" if payload["quick"] else "") + "`."),
+             "", "## Targets", "", "| attack | target | measured | reached |", "|---|---|---|---|"]
     for t in payload["targets"]:
         lines.append(f"| {t['attack']} | {t['target']} | {t['measured']:.3f} | {'yes' if t['reached'] else 'no'} |")
-    lines += ["", "## Inversion", "",
-              "| attack | n | token P | token R | token F1 | ROUGE-L | BLEU | exact | cosine | queries | seconds |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name in ("bow", "whitebox", "decoder"):
-        if name in res:
-            m, r = res[name]["metrics"], res[name]
-            lines.append(f"| {name} | {m['n']} | {m['token_precision']:.3f} | {m['token_recall']:.3f} | "
-                         f"{m['token_f1']:.3f} | {m['rougeL']:.3f} | {m['bleu']:.2f} | {m['exact']:.3f} | "
-                         f"{_fmt(m.get('cosine', '–'))} | {r['usage'].get('queries', 0)} | {r['seconds']:.0f} |")
+    for section in (_inversion, _nearest, _alignment, _kb, _clustering, _membership, _examples):
+        lines += section(res)
+    return "\n".join(lines) + "\n"
+
+
+def _inversion(res: dict[str, Any]) -> list[str]:
+    names = [n for n in ("bow", "whitebox", "decoder") if n in res]
+    if not names:
+        return []
+    lines = ["", "## Inversion", "",
+             "| attack | n | token P | token R | token F1 | ROUGE-L | BLEU | exact | cosine | queries | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        m, r = res[name]["metrics"], res[name]
+        lines.append(f"| {name} | {m['n']} | {m['token_precision']:.3f} | {m['token_recall']:.3f} | "
+                     f"{m['token_f1']:.3f} | {m['rougeL']:.3f} | {m['bleu']:.2f} | {m['exact']:.3f} | "
+                     f"{_fmt(m.get('cosine', '–'))} | {r['usage'].get('queries', 0)} | {r['seconds']:.0f} |")
     if "decoder" in res:
         b, info = res["decoder"]["metrics"]["base"], res["decoder"]["info"]
-        lines += ["", f"Decoder before correction: token F1 {b['token_f1']:.3f}, ROUGE-L {b['rougeL']:.3f}, "
-                  f"cosine {b.get('cosine', 0):.3f}. Training: {json.dumps({k: v for k, v in info.items() if k != 'training_usage'})}; "
-                  f"correction queries per target: {res['decoder']['metrics']['correction_queries_per_target']:.0f}."]
-    if "nearest" in res:
-        m = res["nearest"]["metrics"]
-        lines += ["", "## Nearest neighbour / fingerprint", "",
-                  f"{m['present']} of {m['present'] + m['absent']} leaked documents are in a {m['candidates']}-text "
-                  f"candidate list. Detection at cos ≥ 0.999: precision {m['detect_precision']:.3f}, recall "
-                  f"{m['detect_recall']:.3f}; presence AUC {m.get('presence_auc', float('nan')):.3f}; exact recovery "
-                  f"of present documents {m['exact_recovered_of_present']:.3f}; absent documents' nearest text token "
-                  f"F1 {m['absent_nearest_token_f1']:.3f}."]
-    if "alignment" in res:
-        m = res["alignment"]["metrics"]
-        lines += ["", f"## Alignment ({m['method']}; victim {m['victim']}, local {m['local']})", "",
-                  "| k pairs | mapped cosine | " + " | ".join(f"{a} token F1" for a in res["alignment"]["flags"]["inner_attacks"]) + " |",
-                  "|---|---|" + "---|" * len(res["alignment"]["flags"]["inner_attacks"])]
-        for row in m["sweep"]:
-            lines.append(f"| {row['k']} | {row['mapped_cosine']:.3f} | " + " | ".join(
-                f"{row[a]['token_f1']:.3f}" for a in res["alignment"]["flags"]["inner_attacks"]) + " |")
-    if "kb-extract" in res:
-        m = res["kb-extract"]["metrics"]
-        lines += ["", "## Knowledge-base extraction", "",
-                  f"{m['docs']} hidden documents, top-{res['kb-extract']['flags']['top_k']} (id, score) answers. "
-                  f"Discovered {m['discovered']}; recovered to token F1 ≥ {m['recovered_f1_threshold']}: "
-                  f"{m['recovered_share']:.3f}; mean token F1 {m['token_f1']:.3f}, ROUGE-L {m['rougeL']:.3f}. "
-                  f"Queries: {m['queries_total']} in all = {m['queries_per_doc']:.0f} per document "
-                  f"({m['discovery_queries']} shared discovery probes + {m['growth_queries_per_doc']:.0f} growth "
-                  f"queries per document). {res['kb-extract']['seconds']:.0f} s."]
-    if "clustering" in res:
-        m = res["clustering"]["metrics"]
-        lines += ["", "## Clustering from probes", "",
-                  f"{m['docs']} hidden {res['clustering']['scenario']['kb_corpus']} documents, "
-                  f"{res['clustering']['usage'].get('search_queries', 0)} probe queries; {m['docs_retrieved']} "
-                  f"documents retrieved. NMI with the true topics {m['nmi']:.3f} (ARI {m['ari']:.3f}); k-means on "
-                  f"the true vectors reaches NMI {m['oracle_nmi']:.3f}. Cosine of the probe-built representation to "
-                  f"the true vector {m['representation_cosine']:.3f}.", "",
-                  "| cluster | majority true topic | keywords |", "|---|---|---|"]
-        for c, kw in m["keywords"].items():
-            lines.append(f"| {c} | {m['true_topics'].get(c, '–')} | {', '.join(kw)} |")
-    mem_rows = []
+        training = json.dumps({k: v for k, v in info.items() if k != "training_usage"})
+        lines += ["", (f"Decoder before correction: token F1 {b['token_f1']:.3f}, ROUGE-L {b['rougeL']:.3f}, "
+                       f"cosine {b.get('cosine', 0):.3f}. Training: {training}; correction queries per target: "
+                       f"{res['decoder']['metrics']['correction_queries_per_target']:.0f}.")]
+    return lines
+
+
+def _nearest(res: dict[str, Any]) -> list[str]:
+    if "nearest" not in res:
+        return []
+    m = res["nearest"]["metrics"]
+    return ["", "## Nearest neighbour / fingerprint", "",
+            (f"{m['present']} of {m['present'] + m['absent']} leaked documents are in a {m['candidates']}-text "
+             f"candidate list. Detection at cos ≥ 0.999: precision {m['detect_precision']:.3f}, recall "
+             f"{m['detect_recall']:.3f}; presence AUC {m.get('presence_auc', float('nan')):.3f}; exact recovery "
+             f"of present documents {m['exact_recovered_of_present']:.3f}; absent documents' nearest text token "
+             f"F1 {m['absent_nearest_token_f1']:.3f}.")]
+
+
+def _alignment(res: dict[str, Any]) -> list[str]:
+    if "alignment" not in res:
+        return []
+    m, inner = res["alignment"]["metrics"], res["alignment"]["flags"]["inner_attacks"]
+    lines = ["", f"## Alignment ({m['method']}; victim {m['victim']}, local {m['local']})", "",
+             "| k pairs | mapped cosine | " + " | ".join(f"{a} token F1" for a in inner) + " |",
+             "|---|---|" + "---|" * len(inner)]
+    for row in m["sweep"]:
+        cells = " | ".join(f"{row[a]['token_f1']:.3f}" for a in inner)
+        lines.append(f"| {row['k']} | {row['mapped_cosine']:.3f} | {cells} |")
+    return lines
+
+
+def _kb(res: dict[str, Any]) -> list[str]:
+    if "kb-extract" not in res:
+        return []
+    r = res["kb-extract"]
+    m = r["metrics"]
+    return ["", "## Knowledge-base extraction", "",
+            (f"{m['docs']} hidden documents, top-{r['flags']['top_k']} (id, score) answers. "
+             f"Discovered {m['discovered']}; recovered to token F1 ≥ {m['recovered_f1_threshold']}: "
+             f"{m['recovered_share']:.3f}; mean token F1 {m['token_f1']:.3f} (P {m['token_precision']:.3f}, "
+             f"R {m['token_recall']:.3f}), ROUGE-L {m['rougeL']:.3f}. Queries: {m['queries_total']} in all = "
+             f"{m['queries_per_doc']:.0f} per document ({m['discovery_queries']} shared discovery probes + "
+             f"{m['growth_queries_per_doc']:.0f} growth queries per document). {r['seconds']:.0f} s.")]
+
+
+def _clustering(res: dict[str, Any]) -> list[str]:
+    if "clustering" not in res:
+        return []
+    r = res["clustering"]
+    m = r["metrics"]
+    lines = ["", "## Clustering from probes", "",
+             (f"{m['docs']} hidden {r['scenario']['kb_corpus']} documents, {r['usage'].get('search_queries', 0)} "
+              f"probe queries; {m['docs_retrieved']} documents retrieved. NMI with the true topics {m['nmi']:.3f} "
+              f"(ARI {m['ari']:.3f}); k-means on the true vectors reaches NMI {m['oracle_nmi']:.3f}. Cosine of the "
+              f"probe-built representation to the true vector {m['representation_cosine']:.3f}."), "",
+             "| cluster | majority true topic | keywords |", "|---|---|---|"]
+    for c, kw in m["keywords"].items():
+        lines.append(f"| {c} | {m['true_topics'].get(c, '–')} | {', '.join(kw)} |")
+    return lines
+
+
+def _membership(res: dict[str, Any]) -> list[str]:
+    rows = []
     for name in ("membership", "membership-encoder"):
-        if name in res:
-            for score, v in res[name]["metrics"].items():
-                if isinstance(v, dict) and "auc" in v:
-                    mem_rows.append(f"| {res[name]['flags']['target']} | {score} | {v['members']}/{v['non_members']} | "
-                                    f"{v['auc']:.3f} | {v['tpr_at_1pct_fpr']:.3f} | {v['tpr_at_0.1pct_fpr']:.3f} |")
-    if mem_rows:
-        lines += ["", "## Membership", "", "| target | score | members/non-members | AUC | TPR@1%FPR | TPR@0.1%FPR |",
-                  "|---|---|---|---|---|---|", *mem_rows]
-    lines += ["", "## Examples", ""]
+        for score, v in res.get(name, {}).get("metrics", {}).items():
+            if isinstance(v, dict) and "auc" in v:
+                rows.append(f"| {res[name]['flags']['target']} | {score} | {v['members']}/{v['non_members']} | "
+                            f"{v['auc']:.3f} | {v['tpr_at_1pct_fpr']:.3f} | {v['tpr_at_0.1pct_fpr']:.3f} |")
+    if not rows:
+        return []
+    return ["", "## Membership", "", "| target | score | members/non-members | AUC | TPR@1%FPR | TPR@0.1%FPR |",
+            "|---|---|---|---|---|---|", *rows]
+
+
+def _examples(res: dict[str, Any]) -> list[str]:
+    lines = ["", "## Examples", ""]
     for name, r in res.items():
         for ex in r.get("examples", [])[:2]:
             lines.append(f"- **{name}** — true: “{ex['true']}” → recovered: “{ex['recovered']}”")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:

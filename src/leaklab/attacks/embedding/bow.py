@@ -20,9 +20,11 @@ from leaklab.attacks.embedding.registry import (
     Scenario,
     examples,
     load_inverter_files,
+    load_or_train,
     option,
     register_embed_attack,
     save_inverter,
+    victim_targets,
 )
 from leaklab.encoders import check_texts, check_vectors
 from leaklab.errors import LeaklabError
@@ -147,18 +149,9 @@ def train_bow(scn: Scenario, encoder: Any = None) -> tuple[BagOfWordsInverter, d
 @register_embed_attack("bow", "vector -> vocabulary multi-label model trained on public (text, vector) pairs",
                        "black-box embed (public texts) + leaked vectors")
 def evaluate(scn: Scenario) -> AttackReport:
-    enc = scn.victim
-    sample = scn.private()
-    targets = enc.embed(sample.texts)
-    before = enc.usage.snapshot()
-    load_from = scn.options.get("load")
-    inv = BagOfWordsInverter.load(load_from) if load_from else None
-    info: dict[str, Any] = {"loaded": str(load_from)} if inv else {}
-    if inv is None:
-        inv, info = train_bow(scn)
-        if scn.options.get("save"):
-            inv.save(scn.options["save"])
+    sample, targets = victim_targets(scn)
+    before = scn.victim.usage.snapshot()
+    inv, info = load_or_train(scn, BagOfWordsInverter.load, lambda: train_bow(scn))
     pred = inv.invert(targets)
-    metrics = score_inversion(pred, sample.texts)
-    return AttackReport("bow", scn.to_dict(), metrics, enc.usage.since(before), 0.0,
-                        {"train_data": "public split only"}, examples(sample.texts, pred), info)
+    return AttackReport("bow", scn.to_dict(), score_inversion(pred, sample.texts), scn.victim.usage.since(before),
+                        0.0, {"train_data": "public split only"}, examples(sample.texts, pred), info)

@@ -24,9 +24,11 @@ from leaklab.attacks.embedding.registry import (
     Scenario,
     examples,
     load_inverter_files,
+    load_or_train,
     option,
     register_embed_attack,
     save_inverter,
+    victim_targets,
 )
 from leaklab.encoders import Encoder, check_texts, check_vectors
 from leaklab.errors import LeaklabError
@@ -233,17 +235,11 @@ def train_decoder(scn: Scenario, encoder: Encoder | None = None,
                        "black-box embed (public texts, corrections) + leaked vectors")
 def evaluate(scn: Scenario) -> AttackReport:
     enc = scn.victim
-    sample = scn.private()
-    targets = enc.embed(sample.texts)
+    sample, targets = victim_targets(scn)
     before = enc.usage.snapshot()
-    load_from = scn.options.get("load")
     pairs = scn.public_pairs(enc)
-    if load_from:
-        inv, info = DecoderInverter.load(load_from, scn.tokenizer), {"loaded": str(load_from)}
-    else:
-        inv, info = train_decoder(scn, enc, pairs)
-        if scn.options.get("save"):
-            inv.save(scn.options["save"])
+    inv, info = load_or_train(scn, lambda folder: DecoderInverter.load(folder, scn.tokenizer),
+                              lambda: train_decoder(scn, enc, pairs))
     train_usage = enc.usage.since(before)
     mid = enc.usage.snapshot()
     beam = option(scn, "beam", 4)
@@ -258,4 +254,5 @@ def evaluate(scn: Scenario) -> AttackReport:
     info.update({"training_usage": train_usage, "correction_steps": steps})
     return AttackReport("decoder", scn.to_dict(), metrics, enc.usage.since(before), 0.0,
                         {"train_data": "public split only",
-                         "correction_seeds": "nearest public texts (already embedded for training)"}, examples(sample.texts, pred), info)
+                         "correction_seeds": "nearest public texts (already embedded for training)"},
+                        examples(sample.texts, pred), info)

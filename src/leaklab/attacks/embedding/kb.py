@@ -7,10 +7,11 @@ The victim indexes hidden documents; the attacker may only submit query texts an
 Attack (:class:`KBExtractor`), an adaptive probe search that grows text where scores rise:
 
 1. discovery: every vocabulary word is a probe; each answer gives s(w, d) for the docs d it returns.
-2. growth, per discovered doc d: words ranked by their specificity to d, s(w, d) − mean of w's returned
-   scores (then frequent function words), are appended one at a time to the current text x; a word is kept
-   when s(x + w, d) > s(x, d). All documents grow in lock-step, one batched search per step.
-3. pruning: each word is dropped once if s(x − w, d) rises.
+2. per discovered doc d, words are ranked by their specificity to d, s(w, d) − mean of w's returned scores.
+   The text x starts as the most specific words; pruning drops a word when s(x − w, d) > s(x, d) (a synonym
+   is redundant once the true word is in); growth appends the other candidates (then frequent function
+   words) one at a time, keeping a word when s(x + w, d) rises; a last pruning pass follows.
+3. all documents advance in lock-step, one batched search per step.
 """
 
 from __future__ import annotations
@@ -142,13 +143,14 @@ class KBExtractor:
     name = "kb-extract"
 
     def __init__(self, vocab: Sequence[str], function_words: Sequence[str] = (), top_k: int = 10,
-                 candidates: int = 60, min_gain: float = 1e-3, max_words: int = 40, batch: int = 256) -> None:
+                 candidates: int = 60, min_gain: float = 1e-3, max_words: int = 40, batch: int = 256,
+                 start_words: int = 1) -> None:
         self.vocab = list(dict.fromkeys(w for w in vocab if w.strip()))
         if not self.vocab:
             raise LeaklabError("the probe vocabulary is empty")
         self.function_words = [w for w in function_words if w.strip()]
         self.top_k, self.candidates, self.min_gain = top_k, candidates, min_gain
-        self.max_words, self.batch = max_words, batch
+        self.max_words, self.batch, self.start_words = max_words, batch, max(1, start_words)
 
     def discover(self, kb: SearchIndex) -> dict[str, dict[str, float]]:
         """Specificity of every probe word w to every doc d returned for it: s(w, d) − mean_d' s(w, d')."""
@@ -163,8 +165,9 @@ class KBExtractor:
 
     def _start(self, word_scores: dict[str, float]) -> _Growth:
         ranked = sorted(word_scores, key=lambda w: -word_scores[w])[: self.candidates]
-        pool = ranked[1:] + [w for w in self.function_words if w not in ranked] + ranked[:10]
-        return _Growth(pool=pool, words=[ranked[0]])
+        head = ranked[: self.start_words]
+        pool = ranked[self.start_words:] + [w for w in self.function_words if w not in ranked] + head[:10]
+        return _Growth(pool=pool, words=head)
 
     def run(self, kb: SearchIndex) -> Extraction:
         """Discovery, then growth and pruning of all discovered documents in lock-step batches."""
@@ -191,44 +194,43 @@ class KBExtractor:
 
 @dataclass
 class _Growth:
-    """Per-document state of the probe search: grow through ``pool`` (keep a word when the score rises),
-    then try dropping each word once (drop it when the score rises)."""
+    """Per-document state of the probe search. Phases: score the start text (the ``start`` most specific
+    words), prune (drop a word when the score rises), grow through ``pool`` (append a word when the score
+    rises), prune again."""
 
     pool: list[str]
     words: list[str]
     best: float = -1.0
-    pos: int = -1  # -1: score the start text first
-    pruning: int = -1
+    phase: int = 0
+    ptr: int = 0
     spent: int = 0
     done: bool = False
 
     def proposal(self, max_words: int) -> list[str]:
-        if self.pos < 0:
-            return list(self.words)
-        if self.pruning < 0 and (self.pos >= len(self.pool) or len(self.words) >= max_words):
-            self.pruning = 0
-        if self.pruning >= 0:
-            if self.pruning >= len(self.words) or len(self.words) <= 1:
+        while True:
+            if self.phase == 0:
+                return list(self.words)
+            if self.phase in (1, 3):
+                if self.ptr < len(self.words) and len(self.words) > 1:
+                    return self.words[: self.ptr] + self.words[self.ptr + 1:]
+            elif self.ptr < len(self.pool) and len(self.words) < max_words:
+                return [*self.words, self.pool[self.ptr]]
+            self.phase, self.ptr = self.phase + 1, 0
+            if self.phase > 3:
                 self.done = True
                 return list(self.words)
-            return self.words[: self.pruning] + self.words[self.pruning + 1:]
-        return [*self.words, self.pool[self.pos]]
 
     def update(self, proposal: list[str], score: float, min_gain: float) -> None:
         self.spent += 1
-        if self.done:
+        if self.phase == 0:
+            self.best, self.phase = score, 1
             return
-        if self.pos < 0:
-            self.best, self.pos = score, 0
-        elif self.pruning >= 0:
-            if score > self.best + min_gain:
-                self.words, self.best = proposal, score
-            else:
-                self.pruning += 1
+        if score > self.best + min_gain:
+            self.words, self.best = proposal, score
+            if self.phase == 2:
+                self.ptr += 1
         else:
-            if score > self.best + min_gain:
-                self.words, self.best = proposal, score
-            self.pos += 1
+            self.ptr += 1
 
 
 def probe_vocab(texts: Sequence[str], size: int) -> tuple[list[str], list[str]]:
@@ -244,8 +246,8 @@ def evaluate(scn: Scenario) -> AttackReport:
     sample = scn.private()
     kb = HiddenKB(sample.texts, scn.victim, max_top_k=option(scn, "max_top_k", 100))
     vocab, function_words = probe_vocab(scn.public_texts(), option(scn, "vocab", 10000))
-    attack = KBExtractor(vocab, function_words, top_k=option(scn, "top_k", 10),
-                         candidates=option(scn, "candidates", 60))
+    attack = KBExtractor(vocab, function_words, top_k=option(scn, "top_k", 20),
+                         candidates=option(scn, "candidates", 60), start_words=option(scn, "start_words", 1))
     before = scn.victim.usage.snapshot()
     res = attack.run(kb)
     ids = kb.ids

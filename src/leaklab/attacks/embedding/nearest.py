@@ -10,7 +10,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from leaklab.attacks.embedding.registry import AttackReport, Scenario, examples, option, register_embed_attack
+from leaklab.attacks.embedding.registry import (
+    AttackReport,
+    Scenario,
+    examples,
+    option,
+    register_embed_attack,
+    victim_targets,
+)
 from leaklab.encoders import Encoder, cached_embed, check_texts, check_vectors
 from leaklab.metrics.embedding import membership_scores, score_inversion
 
@@ -59,8 +66,7 @@ class NearestNeighbour:
 def evaluate(scn: Scenario) -> AttackReport:
     """Half of the leaked documents are in the attacker's candidate list (with public distractors)."""
     enc = scn.victim
-    sample = scn.private()
-    targets = enc.embed(sample.texts)  # victim side
+    sample, targets = victim_targets(scn)
     before = enc.usage.snapshot()
     rng = np.random.default_rng(scn.seed)
     present = rng.random(len(sample.texts)) < 0.5

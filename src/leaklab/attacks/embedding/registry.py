@@ -102,6 +102,24 @@ class Scenario:
         return texts, cached_embed(encoder or self.victim, texts)
 
 
+def victim_targets(scn: Scenario, max_tokens: int | None = None) -> tuple[Any, np.ndarray]:
+    """The victim's private sample and its leaked vectors (victim side: not counted as attacker queries)."""
+    sample = scn.private(max_tokens=max_tokens)
+    return sample, scn.victim.embed(sample.texts)
+
+
+def load_or_train(scn: Scenario, load: Callable[[str], Any], train: Callable[[], tuple[Any, dict[str, Any]]]
+                  ) -> tuple[Any, dict[str, Any]]:
+    """The inverter saved at option ``load``, else a freshly trained one (saved to option ``save`` if given)."""
+    folder = scn.options.get("load")
+    if folder:
+        return load(str(folder)), {"loaded": str(folder)}
+    inv, info = train()
+    if scn.options.get("save"):
+        inv.save(scn.options["save"])
+    return inv, info
+
+
 @dataclass
 class AttackReport:
     """Result of one attack evaluation: scores, what the attacker spent, and what it was allowed to know."""

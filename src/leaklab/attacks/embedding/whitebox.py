@@ -1,7 +1,8 @@
 """White-box inversion: optimise a relaxed token distribution through the encoder, discretise, refine.
 
 1. relax: for each position t a distribution p_t = softmax(z_t) over a vocabulary V; the input embedding is
-   Σ_w p_t(w) E_w; minimise 1 − cos(e(p), v) with Adam (gradients through the encoder).
+   Σ_w p_t(w) E_w; minimise 1 − cos(e(p), v) with Adam (gradients through the encoder); in the last
+   ``hard_share`` of the steps the forward pass uses argmax tokens with the soft gradient (straight-through).
 2. discretise: x_t = argmax p_t.
 3. refine: beam search over single-token swaps and deletions; candidates are ranked by the first-order
    (HotFlip) change of the loss, the best ``candidates`` are re-embedded and the ``beam`` closest kept.
@@ -15,7 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from leaklab.attacks.embedding.registry import AttackReport, Scenario, examples, option, register_embed_attack
+from leaklab.attacks.embedding.registry import (
+    AttackReport,
+    Scenario,
+    examples,
+    option,
+    register_embed_attack,
+    victim_targets,
+)
 from leaklab.encoders import Encoder, LocalEncoder, check_vectors, require_local
 from leaklab.errors import LeaklabError
 from leaklab.metrics.embedding import score_inversion
@@ -35,7 +43,7 @@ class WhiteBoxInverter:
 
     def __init__(self, encoder: Encoder, vocab_ids: list[int] | None = None, length: int = 16, steps: int = 150,
                  lr: float = 0.1, refine_rounds: int = 12, candidates: int = 24, beam: int = 2,
-                 seed: int = 0) -> None:
+                 seed: int = 0, hard_share: float = 0.3) -> None:
         self.encoder: LocalEncoder = require_local(encoder, self.name)
         tok = self.encoder.tokenizer
         if vocab_ids is None:
@@ -48,6 +56,7 @@ class WhiteBoxInverter:
         self.vocab = torch.tensor(sorted(set(vocab_ids)))
         self.length, self.steps, self.lr = length, steps, lr
         self.rounds, self.candidates, self.beam, self.seed = refine_rounds, candidates, beam, seed
+        self.hard_share = hard_share
         self.emb = self.encoder.word_embeddings.detach()
         self.sub = self.emb[self.vocab]
         self.cls_id, self.sep_id = tok.cls_token_id, tok.sep_token_id
@@ -62,8 +71,12 @@ class WhiteBoxInverter:
         opt = torch.optim.Adam([z], lr=self.lr)
         ends = self.emb[[self.cls_id, self.sep_id]]
         mask = torch.ones(n, self.length + 2, dtype=torch.long)
-        for _ in range(self.steps):
-            mid = torch.softmax(z, -1) @ self.sub
+        for step in range(self.steps):
+            p = torch.softmax(z, -1)
+            if step >= self.steps * (1 - self.hard_share):  # straight-through: hard tokens forward, soft grads
+                hard = torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype)
+                p = hard + p - p.detach()
+            mid = p @ self.sub
             x = torch.cat([ends[0].expand(n, 1, -1), mid, ends[1].expand(n, 1, -1)], 1)
             loss = (1 - torch.nn.functional.cosine_similarity(self.encoder.forward_embeds(x, mask), targets)).sum()
             opt.zero_grad()
@@ -146,14 +159,14 @@ class WhiteBoxInverter:
                        "white-box encoder (gradients) + leaked vectors")
 def evaluate(scn: Scenario) -> AttackReport:
     enc = require_local(scn.victim, "whitebox")
-    sample = scn.private(max_tokens=option(scn, "max_tokens", min(scn.max_tokens, 16)))
-    targets = enc.embed(sample.texts)
+    sample, targets = victim_targets(scn, option(scn, "max_tokens", min(scn.max_tokens, 16)))
     before = enc.usage.snapshot()
     vocab_size = option(scn, "vocab", 8000)
     vocab = vocab_from_texts(enc.tokenizer, scn.public_texts(), vocab_size) if vocab_size > 0 else None
     inv = WhiteBoxInverter(enc, vocab, length=option(scn, "length", 16), steps=option(scn, "steps", 150),
                            lr=option(scn, "lr", 0.1), refine_rounds=option(scn, "rounds", 12),
-                           candidates=option(scn, "candidates", 24), beam=option(scn, "beam", 2), seed=scn.seed)
+                           candidates=option(scn, "candidates", 24), beam=option(scn, "beam", 2), seed=scn.seed,
+                           hard_share=option(scn, "hard_share", 0.3))
     pred, cos = inv.invert(targets)
     metrics = score_inversion(pred, sample.texts, targets, enc)
     metrics["attack_cosine"] = float(np.mean(cos))
