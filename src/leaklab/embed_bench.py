@@ -117,8 +117,19 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         if name in results:
             value = float(get(results[name]["metrics"]))
             rows.append({"attack": name, "target": label, "measured": round(value, 4),
-                         "reached": value >= goal})
+                         "reached": value >= goal, "note": _note(name, results[name])})
     return rows
+
+
+def _note(name: str, r: dict[str, Any]) -> str:
+    """Context a reader needs beside a target's measured value."""
+    m, info = r["metrics"], r.get("info", {})
+    if name == "decoder":
+        return (f"{info.get('train_seconds', '?')} s of training (wall, shared CPU), {info.get('steps', '?')} "
+                f"optimiser steps; n={m['n']}")
+    if name == "kb-extract":
+        return f"{m['queries_per_doc']:.0f} queries per document; mean token F1 {m['token_f1']:.3f}"
+    return f"n={m['n']}"
 
 
 def _fmt(x: Any) -> str:
@@ -130,9 +141,10 @@ def render_markdown(payload: dict[str, Any]) -> str:
     lines = [f"# Embedding attacks — {payload['encoder']}, {payload['corpus']} (≤ 32 tokens)", "",
              (f"Machine: {payload['machine']}. Inverters train on the public split only; targets are private "
               "texts. Regenerate with `leaklab embed bench" + (" --quick" if payload["quick"] else "") + "`."),
-             "", "## Targets", "", "| attack | target | measured | reached |", "|---|---|---|---|"]
+             "", "## Targets", "", "| attack | target | measured | reached | note |", "|---|---|---|---|---|"]
     for t in payload["targets"]:
-        lines.append(f"| {t['attack']} | {t['target']} | {t['measured']:.3f} | {'yes' if t['reached'] else 'no'} |")
+        lines.append(f"| {t['attack']} | {t['target']} | {t['measured']:.3f} | {'yes' if t['reached'] else 'no'} | "
+                     f"{t.get('note', '')} |")
     for section in (_inversion, _nearest, _alignment, _kb, _clustering, _membership, _examples):
         lines += section(res)
     return "\n".join(lines) + "\n"
