@@ -190,3 +190,15 @@ def test_minilm_nearest_and_kb_membership():
     assert rep.metrics["detect_recall"] == 1.0 and rep.metrics["exact_recovered_of_present"] == 1.0
     rep = run_embed_attack("membership", Scenario("minilm-l6", n=10, options={"target": "kb"}))
     assert rep.metrics["exact_query"]["auc"] == 1.0
+
+
+def test_bow_closed_form_matches_sklearn_ridge():
+    from sklearn.linear_model import Ridge
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((60, 8)).astype(np.float32))
+    y = torch.from_numpy((rng.random((60, 5)) < 0.3).astype(np.float32))
+    inv = BagOfWordsInverter(8, ["a", "b", "c", "d", "e"])
+    info = inv._fit_ridge(x, y, [], x[:0])
+    ref = Ridge(alpha=info["lambda"], fit_intercept=False).fit(x.numpy().astype(np.float64), y.numpy())
+    np.testing.assert_allclose(inv.model.weight.detach().numpy(), ref.coef_, atol=1e-4)
