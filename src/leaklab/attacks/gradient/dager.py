@@ -147,6 +147,7 @@ def decoder_search(spans: SpanModel, opts: DagerOptions) -> list[Found]:
             break
         dist, x = spans.extension_distances(frontier, cand, opts.chunk, previous)
         keep = dist < opts.tau2
+        log.debug("step %d: %d prefixes x %d candidates -> %d kept", p, len(frontier), len(cand), int(keep.sum()))
         for i in torch.nonzero(~keep.any(dim=1)).flatten().tolist():
             if p > 0:
                 finished.append(Found(frontier[i].tolist(), float(scores[i]) / p))

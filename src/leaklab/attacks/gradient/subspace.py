@@ -154,26 +154,32 @@ def extension_inputs(adapter: FamilyAdapter, prefixes: torch.Tensor, tokens: tor
     belongs to prefixes[i] + [tokens[j]]. Causal models only: the prefixes' layer caches are computed once
     and each extension costs one token's forward pass.
     """
+    n, m = prefixes.shape[0], tokens.numel()
+    rows = torch.arange(n).repeat_interleave(m)
+    return pair_inputs(adapter, prefixes, rows, tokens.repeat(n), layer, chunk).view(n, m, -1)
+
+
+@torch.no_grad()
+def pair_inputs(adapter: FamilyAdapter, prefixes: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor,
+                layer: int = 1, chunk: int = 2048) -> torch.Tensor:
+    """Input of ``layer``'s attention at the last position of prefixes[rows[k]] + [tokens[k]] (k x d)."""
     from transformers import DynamicCache
 
-    n, p = prefixes.shape
-    m = tokens.numel()
-    d = adapter.hidden_size
+    p = prefixes.shape[1]
+    out = torch.empty(tokens.numel(), adapter.hidden_size)
     if p == 0:
-        out = torch.empty(m, d)
-        for s in range(0, m, chunk):
+        for s in range(0, tokens.numel(), chunk):
             ids = tokens[s: s + chunk].view(-1, 1)
             out[s: s + ids.shape[0]] = adapter.layer_inputs(ids, layer)[:, 0]
-        return out.expand(n, m, d)
-    out = torch.empty(n * m, d)
+        return out
     cache = DynamicCache()
     adapter.layer_inputs(prefixes, layer, past_key_values=cache, use_cache=True)
     kv = [(lay.keys, lay.values) for lay in cache.layers[:layer]]
-    for s in range(0, n * m, chunk):
-        flat = torch.arange(s, min(s + chunk, n * m))
-        rows = flat // m
-        sel = DynamicCache(ddp_cache_data=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv])
-        ids = tokens[flat % m].view(-1, 1)
+    for s in range(0, tokens.numel(), chunk):
+        sel_rows = rows[s: s + chunk]
+        sel = DynamicCache(ddp_cache_data=[(k.index_select(0, sel_rows), v.index_select(0, sel_rows)) for k, v in kv])
+        ids = tokens[s: s + chunk].view(-1, 1)
         pos = torch.full_like(ids, p)
-        out[flat] = adapter.layer_inputs(ids, layer, position_ids=pos, past_key_values=sel, use_cache=True)[:, 0]
-    return out.view(n, m, d)
+        out[s: s + ids.shape[0]] = adapter.layer_inputs(ids, layer, position_ids=pos, past_key_values=sel,
+                                                        use_cache=True)[:, 0]
+    return out
