@@ -47,7 +47,8 @@ class DagerOptions:
     max_len: int = 512  # longest sequence searched
     max_frontier: int = 4096  # most prefixes kept per step (exact regime)
     encoder_cap: int = 4096  # most full combinations enumerated per length (encoders)
-    best_effort_topk: int = 0  # tokens kept per position in best-effort mode (0: 2 x batch tokens guess)
+    best_effort_topk: int = 0  # tokens tried per position in best-effort mode (0: 2 x hidden size)
+    best_effort_max_len: int = 48  # longest text decoded in best-effort mode
     chunk: int = 2048  # extensions per forward pass
 
 
@@ -175,8 +176,8 @@ def best_effort_decoder(spans: SpanModel, n_sentences: int, opts: DagerOptions) 
     first = spans.extension_distances(torch.zeros(1, 0, dtype=torch.long), starts, opts.chunk)[0][0]
     hist = [first.tolist()]
     alive = torch.ones(frontier.shape[0], dtype=torch.bool)
-    lengths = torch.full((frontier.shape[0],), opts.max_len)
-    limit = min(opts.max_len, spans.max_position())
+    lengths = torch.full((frontier.shape[0],), opts.best_effort_max_len)
+    limit = min(opts.best_effort_max_len, spans.max_position())
     for p in range(1, limit):
         if not bool(alive.any()):
             break
@@ -184,7 +185,7 @@ def best_effort_decoder(spans: SpanModel, n_sentences: int, opts: DagerOptions) 
         dist = spans.extension_distances(frontier, cand, opts.chunk)[0]
         best, arg = dist.min(dim=1)
         past = torch.tensor(hist, dtype=torch.float64)
-        stop = (p >= 4) & (best > past.mean(0) + 3 * past.std(0) + 1e-9)
+        stop = best > past.mean(0) + 3 * past.std(0) + 1e-9 if p >= 4 else torch.zeros_like(alive)
         newly = alive & stop
         lengths[newly] = p
         alive &= ~stop

@@ -23,7 +23,7 @@ class OmpResult:
 
 def least_squares(atoms: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """α = argmin ‖target − atomsᵀ α‖ for atoms (k x n) (float64, via lstsq)."""
-    return torch.linalg.lstsq(atoms.double().T, target.double().unsqueeze(1)).solution.squeeze(1)
+    return torch.linalg.lstsq(atoms.double().T, target.double().unsqueeze(1), driver="gelsd").solution.squeeze(1)
 
 
 def omp(atoms: torch.Tensor, target: torch.Tensor, max_atoms: int | None = None, tol: float = 1e-3,

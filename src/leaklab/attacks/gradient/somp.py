@@ -155,7 +155,7 @@ def guided_decode(spans: SpanModel, guide: OutputGuide, n_texts: int, opts: Somp
         arg = cost.argmin(dim=1)
         best = dist.gather(1, arg.view(-1, 1)).squeeze(1)
         past = torch.tensor(hist, dtype=torch.float64)[:, alive]
-        ended = (p >= 4) & (best > past.mean(0) + 3 * past.std(0) + 1e-6) if p >= 4 else torch.zeros_like(best).bool()
+        ended = best > past.mean(0) + 3 * past.std(0) + 1e-6 if p >= 4 else torch.zeros_like(best).bool()
         if p == limit:
             ended[:] = True
         new_col = torch.full((seqs.shape[0], 1), -1, dtype=torch.long)
