@@ -44,7 +44,7 @@ from leaklab.attacks.gradient.dictionary import (
     sketch_index,
 )
 from leaklab.attacks.gradient.omp import omp, refine_swaps
-from leaklab.attacks.gradient.subspace import pair_inputs
+from leaklab.attacks.gradient.subspace import pair_inputs, single_thread
 from leaklab.threat.observation import Observation
 
 
@@ -76,7 +76,9 @@ class OutputGuide:
             return
         g = spans.obs.gradients[name].double()
         self.row_norms = g.norm(dim=1)
-        _, _, vh = torch.linalg.svd(g[torch.topk(self.row_norms, min(4096, g.shape[0])).indices], full_matrices=False)
+        with single_thread():
+            top = g[torch.topk(self.row_norms, min(4096, g.shape[0])).indices]
+            _, _, vh = torch.linalg.svd(top, full_matrices=False)
         self.common = vh[:common_dirs]
         self.grad = self._deflate(g)
 

@@ -7,13 +7,14 @@ to that row space, ‖(I − RᵀR) x̂‖ with R an orthonormal basis, is (nume
 
 In a causal model the first position's query gets no gradient (softmax over one key is constant), so the Q
 block alone misses first tokens; K and V see them. We therefore stack the Q, K and V blocks, each scaled to
-unit spectral norm so that the narrower GQA K/V blocks are not drowned out, and take the row space of the
+unit norm so that the narrower GQA K/V blocks are not drowned out, and take the row space of the
 stack. Gradients arrive in float32; all analysis here is in float64.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -76,22 +77,34 @@ def numerical_rank(singular_values: torch.Tensor, noise_floor: float = NOISE_FLO
 
 def row_space(blocks: Sequence[torch.Tensor], max_rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal basis R (r x d) of the joint row space of ``blocks`` (each (out_i x d)), with σ of the
-    stack. Each block is scaled to unit spectral norm before stacking (float64)."""
+    stack. Each block is scaled to unit Frobenius norm before stacking (float64)."""
     scaled = []
     for b in blocks:
         b = b.detach().double()
-        top = torch.linalg.matrix_norm(b, ord=2)
-        if float(top) > 0:
-            scaled.append(b / top)
+        size = b.norm()
+        if float(size) > 0:
+            scaled.append(b / size)
     if not scaled:
         d = blocks[0].shape[1]
         return torch.zeros(0, d, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
     stack = torch.cat(scaled)
-    _, s, vh = torch.linalg.svd(stack, full_matrices=False)
+    with single_thread():
+        _, s, vh = torch.linalg.svd(stack, full_matrices=False)
     r = numerical_rank(s)
     if max_rank is not None:
         r = min(r, max_rank)
     return vh[:r].contiguous(), s
+
+
+@contextmanager
+def single_thread():
+    """Run LAPACK on one thread: on a busy 2-core machine a threaded SVD of a few hundred rows is ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def span_distance(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
