@@ -126,7 +126,7 @@ class SpanModel:
 
 def warn_best_effort(spans: SpanModel, info: dict) -> None:
     """Full-rank gradients: say so (log + warning + Recovery.info), never silently."""
-    msg = (f"batch token count reaches the hidden size ({spans.adapter.hidden_size}): the attention gradients "
+    msg = (f"the batch's token count reaches the hidden size ({spans.adapter.hidden_size}): the attention gradients "
            f"are full rank (layer-1 rank {spans.sub1.rank}, layer-2 rank {spans.sub2.rank} after capping), so "
            "span checks are inexact; results are best effort, ranked by span distance")
     log.warning(msg)
@@ -347,6 +347,17 @@ def complete_last_tokens(spans: SpanModel, found: list[Found]) -> None:
             f.ids = f.ids + [tok]
 
 
+def start_attack(obs: Observation) -> tuple[SpanModel, int | None, dict]:
+    """Subspaces, the batch size if granted, and the info record (with the best-effort warning if needed)."""
+    spans = SpanModel(obs)
+    n_known = batch_size_of(obs)
+    info: dict = {"rank_l1": spans.sub1.rank, "rank_l2": spans.sub2.rank, "best_effort": spans.full_rank,
+                  "batch_size_known": n_known is not None}
+    if spans.full_rank:
+        warn_best_effort(spans, info)
+    return spans, n_known, info
+
+
 @register_gradient_attack("dager")
 class DagerAttack:
     name = "dager"
@@ -355,16 +366,10 @@ class DagerAttack:
         self.opts = DagerOptions(**options)
 
     def run(self, obs: Observation) -> Recovery:
-        spans = SpanModel(obs)
-        b_known = batch_size_of(obs)
-        info: dict = {"rank_l1": spans.sub1.rank, "rank_l2": spans.sub2.rank, "best_effort": spans.full_rank,
-                      "batch_size_known": b_known is not None}
-        if spans.full_rank:
-            warn_best_effort(spans, info)
+        spans, b_known, info = start_attack(obs)
         if spans.causal:
-            found = decoder_search(spans, self.opts) if not spans.full_rank else []
-            if spans.full_rank or (b_known and sum(f.exact for f in found) < b_known):
-                found += best_effort_decoder(spans, b_known or 1, self.opts) if spans.full_rank else []
+            found = best_effort_decoder(spans, b_known or 1, self.opts) if spans.full_rank \
+                else decoder_search(spans, self.opts)
         else:
             found = encoder_search(spans, b_known or 1, self.opts)
             if not b_known:

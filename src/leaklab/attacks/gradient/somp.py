@@ -30,12 +30,12 @@ from leaklab.attacks.gradient.dager import (
     DagerOptions,
     Found,
     SpanModel,
-    batch_size_of,
+    assemble,
     complete_last_tokens,
     decoder_search,
     encoder_search,
+    start_attack,
     to_recovery,
-    warn_best_effort,
 )
 from leaklab.attacks.gradient.dictionary import (
     observed_vector,
@@ -183,14 +183,7 @@ def guided_decode(spans: SpanModel, guide: OutputGuide, n_texts: int, opts: Somp
 
 
 def dedupe(found: list[Found]) -> list[Found]:
-    seen: set[tuple[int, ...]] = set()
-    out = []
-    for f in sorted(found, key=lambda f: (not f.exact, f.score)):
-        key = tuple(f.ids)
-        if key and key not in seen:
-            seen.add(key)
-            out.append(f)
-    return out
+    return assemble(found, None)
 
 
 def with_last_alternatives(spans: SpanModel, found: list[Found], k: int) -> list[Found]:
@@ -259,13 +252,8 @@ class SompAttack:
         self.opts = SompOptions(**options)
 
     def run(self, obs: Observation) -> Recovery:
-        spans = SpanModel(obs)
-        n_known = batch_size_of(obs)
-        info: dict = {"rank_l1": spans.sub1.rank, "rank_l2": spans.sub2.rank, "best_effort": spans.full_rank,
-                      "batch_size_known": n_known is not None}
+        spans, n_known, info = start_attack(obs)
         dopts = DagerOptions(tau1=self.opts.tau1, tau2=self.opts.tau2, max_len=self.opts.max_len)
-        if spans.full_rank:
-            warn_best_effort(spans, info)
         if spans.causal and not spans.full_rank:
             found = with_last_alternatives(spans, dedupe(decoder_search(spans, dopts)), self.opts.last_alternatives)
         elif spans.causal:
