@@ -264,19 +264,28 @@ def _coordinate_search(spans: SpanModel, pools: list[torch.Tensor], n_starts: in
     return torch.stack(results)
 
 
-@torch.no_grad()
 def last_tokens(spans: SpanModel, prefixes: list[list[int]]) -> list[int | None]:
-    """Next-token task: the last token y_b of each text, from the output-embedding gradient.
+    """Next-token task: the most likely last token y_b of each text (see :func:`last_token_scores`)."""
+    scores = last_token_scores(spans, prefixes)
+    if scores is None:
+        return [None] * len(prefixes)
+    return scores.argmax(dim=1).tolist()
+
+
+@torch.no_grad()
+def last_token_scores(spans: SpanModel, prefixes: list[list[int]]) -> torch.Tensor | None:
+    """(B, V) evidence that token v ends text b, from the output-embedding gradient (None without one).
 
     With W the output embedding and h_t its inputs, ∂L/∂W = (1/N) Σ_t (softmax(W h_t) − e_{y_t}) h_tᵀ. Given
     the recovered prefixes every term is known except −e_{y_b} h_bᵀ at each prefix's last position, so
-    y_b = argmax_v −⟨R[v], h_b⟩ with R the observed gradient minus the known terms.
+    score_b(v) = −⟨R[v], h_b⟩ with R the observed gradient minus the known terms peaks at v = y_b (a tied
+    input embedding adds the input-token gradients to R: a source of errors that OMP later arbitrates).
     """
     model = spans.loaded.model
     head = model.get_output_embeddings()
     name = next((n for n, p in model.named_parameters() if head is not None and p is head.weight), None)
     if name is None or name not in spans.obs.gradients or not prefixes:
-        return [None] * len(prefixes)
+        return None
     grad = spans.obs.gradients[name].double()
     width = max(len(p) for p in prefixes)
     pad = spans.loaded.tokenizer.pad_token_id or 0
@@ -292,26 +301,24 @@ def last_tokens(spans: SpanModel, prefixes: list[list[int]]) -> list[int | None]
     finally:
         handle.remove()
     h = captured[0].double()  # (B, width, d)
-    probs = torch.softmax(logits, dim=-1)
     n_targets = int(mask.sum())  # Σ_b (len_b + 1 − 1)
-    out: list[int | None] = []
     flat_h = h[mask.bool()]  # (n, d)
-    flat_p = probs[mask.bool()]  # (n, V)
+    flat_p = torch.softmax(logits, dim=-1)[mask.bool()]  # (n, V)
     targets = torch.full((len(prefixes), width), -1, dtype=torch.long)
     targets[:, :-1] = ids[:, 1:]
     targets[mask == 0] = -1
     for i, p in enumerate(prefixes):
         targets[i, len(p) - 1] = -1
     flat_y = targets[mask.bool()]
+    has_y = flat_y >= 0
+    out = []
     for i, p in enumerate(prefixes):
         hb = h[i, len(p) - 1]
         gram = flat_h @ hb  # ⟨h_t, h_b⟩
         known = flat_p.T @ gram  # Σ_t p_t(v) ⟨h_t, h_b⟩
-        has_y = flat_y >= 0
         known.index_add_(0, flat_y[has_y], -gram[has_y])
-        resid = grad @ hb - known / n_targets
-        out.append(int(torch.argmax(-resid)))
-    return out
+        out.append(-(grad @ hb - known / n_targets))
+    return torch.stack(out)
 
 
 def assemble(found: list[Found], n_out: int | None) -> list[Found]:

@@ -31,9 +31,9 @@ from leaklab.attacks.gradient.dager import (
     Found,
     SpanModel,
     assemble,
-    complete_last_tokens,
     decoder_search,
     encoder_search,
+    last_token_scores,
     start_attack,
     to_recovery,
 )
@@ -57,7 +57,7 @@ class SompOptions:
     beta: float = 1.0  # weight of the output-gradient alignment against the layer-2 distance
     starts_factor: int = 2  # first tokens decoded per expected text (full-rank regime)
     common_dirs: int = 8  # leading directions of the output gradient projected out before alignment
-    last_alternatives: int = 2  # candidate last tokens per text, left for OMP to choose between
+    last_alternatives: int = 6  # candidate last tokens per text, left for OMP to choose between
     omp_tol: float = 1e-3
     omp_min_gain: float = 0.01
     max_atoms: int = 1024
@@ -187,36 +187,16 @@ def dedupe(found: list[Found]) -> list[Found]:
 
 
 def with_last_alternatives(spans: SpanModel, found: list[Found], k: int) -> list[Found]:
-    """Exact-regime texts lack their last token (next-token task): add the ``k`` best guesses as atoms."""
+    """Exact-regime texts lack their last token (next-token task): one candidate per ``k`` best-scoring last
+    tokens (:func:`last_token_scores`); OMP's swap refinement picks among them."""
     if not (spans.causal and spans.next_token) or not found:
         return found
-    guide = OutputGuide(spans, common_dirs=0)
-    if not guide.available:
+    scores = last_token_scores(spans, [f.ids for f in found])
+    if scores is None:
         return found
-    best = [Found(list(f.ids), f.score, f.exact, {"prefix": len(f.ids)}) for f in found]
-    complete_last_tokens(spans, best)
-    out = list(best)
-    if k > 1:
-        h = _final_states(spans, [f.ids for f in found])
-        pool = guide.pool(4 * spans.adapter.hidden_size)
-        top = pool[torch.topk(guide.alignment(h, pool), k, dim=1).indices]
-        for f, alts, b in zip(found, top.tolist(), best, strict=True):
-            out += [Found(f.ids + [t], f.score, f.exact, {"prefix": len(f.ids)}) for t in alts if t != b.ids[-1]]
-    return out
-
-
-@torch.no_grad()
-def _final_states(spans: SpanModel, prefixes: list[list[int]]) -> torch.Tensor:
-    model = spans.loaded.model
-    head = model.get_output_embeddings()
-    captured: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _m, a: captured.append(a[0][0, -1].detach()))
-    try:
-        for p in prefixes:
-            model(input_ids=torch.tensor([p]))
-    finally:
-        handle.remove()
-    return torch.stack(captured).double()
+    top = torch.topk(scores, min(k, scores.shape[1]), dim=1).indices.tolist()
+    return [Found(f.ids + [t], f.score, f.exact, {"prefix": len(f.ids)}) for f, alts in zip(found, top, strict=True)
+            for t in alts]
 
 
 def select_by_omp(spans: SpanModel, found: list[Found], n_known: int | None, opts: SompOptions) -> tuple[list[Found], dict]:
