@@ -21,6 +21,7 @@ Stages (our reconstruction, see the project's research notes; the paper's own eq
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +126,19 @@ class Stepper:
         self.cache.reorder_cache(rows)
 
 
+REPEAT_PENALTY = 10.0  # in z-score units: a decoded text does not repeat a bigram it already holds
+
+
+def _repeats_bigram(prefixes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(n, k) 1.0 where appending tokens[i, j] to prefixes[i] repeats a bigram already in prefixes[i]."""
+    out = torch.zeros(tokens.shape, dtype=torch.float64)
+    for i, row in enumerate(prefixes.tolist()):
+        seen = set(itertools.pairwise(row))
+        for j, t in enumerate(tokens[i].tolist()):
+            out[i, j] = float((row[-1], t) in seen)
+    return out
+
+
 def _zscore(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / x.std().clamp_min(1e-12) if x.numel() > 1 else x * 0
 
@@ -154,6 +168,7 @@ def guided_decode(spans: SpanModel, guide: OutputGuide, n_texts: int, opts: Somp
         dist = dist.view(alive.numel(), -1)
         cost = torch.stack([_zscore(d) for d in dist]) - opts.beta * torch.stack(
             [_zscore(a) for a in align.gather(1, short)])
+        cost = cost + REPEAT_PENALTY * _repeats_bigram(seqs[alive, :p], toks)
         arg = cost.argmin(dim=1)
         best = dist.gather(1, arg.view(-1, 1)).squeeze(1)
         past = torch.tensor(hist, dtype=torch.float64)[:, alive]
