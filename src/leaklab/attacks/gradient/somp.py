@@ -201,6 +201,9 @@ def dedupe(found: list[Found]) -> list[Found]:
     return assemble(found, None)
 
 
+LAST_MARGIN = 0.2  # runner-up last tokens scoring at least this share of the best one become atoms
+
+
 def with_last_alternatives(spans: SpanModel, found: list[Found], k: int) -> list[Found]:
     """Exact-regime texts lack their last token (next-token task): one candidate per ``k`` best-scoring last
     tokens (:func:`last_token_scores`); OMP's swap refinement picks among them."""
@@ -209,9 +212,11 @@ def with_last_alternatives(spans: SpanModel, found: list[Found], k: int) -> list
     scores = last_token_scores(spans, [f.ids for f in found])
     if scores is None:
         return found
-    top = torch.topk(scores, min(k, scores.shape[1]), dim=1).indices.tolist()
-    return [Found(f.ids + [t], f.score, f.exact, {"prefix": len(f.ids)}) for f, alts in zip(found, top, strict=True)
-            for t in alts]
+    val, top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+    keep = val >= LAST_MARGIN * val[:, :1]  # only close runners-up are worth a dictionary atom
+    return [Found(f.ids + [t], f.score, f.exact, {"prefix": len(f.ids)})
+            for f, alts, ok in zip(found, top.tolist(), keep.tolist(), strict=True)
+            for t, good in zip(alts, ok, strict=True) if good]
 
 
 def select_by_omp(spans: SpanModel, found: list[Found], n_known: int | None, opts: SompOptions) -> tuple[list[Found], dict]:
