@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from leaklab.attacks.base import make_attack, run_attack
+from leaklab.errors import LeaklabError
 from leaklab.metrics import score_batch
 from leaklab.models import ModelRef, load_model
 from leaklab.report import new_run_dir
-from leaklab.threat import ThreatFlags, client_update
+from leaklab.threat import ThreatFlags, client_update, load_secret, load_update
 from leaklab.threat.observation import Observation, Secret
+from leaklab.threat.store import check_against_model
 
 METRICS = ("rouge1", "rouge2", "rougeL", "token_f1", "exact_rate")
 
@@ -103,6 +106,92 @@ def run_gradient_eval(
     return {"run_dir": str(run.path), "aggregate": aggregate, "items": items, "config": config}
 
 
+def load_checked_update(
+    path: str | Path,
+    model: ModelRef | None = None,
+    batch_size: int | None = None,
+    batch_size_known: bool = True,
+) -> Observation:
+    """Read a saved update for an attack: the model (``model`` or the one it names) must have every tensor
+    with the same shape, the gradients must be finite, and a given ``batch_size`` must match the update's.
+    ``batch_size_known=False`` withholds the recorded batch size from the attacker."""
+    obs = load_update(path, check_model=False)
+    if not batch_size_known:
+        if batch_size is not None:
+            raise LeaklabError("--batch-size grants the batch size; it cannot go with --no-batch-size-known")
+        obs = replace(obs, flags=replace(obs.flags, batch_size_known=False), batch_size=None)
+    check_against_model(obs, model)
+    obs.check_finite()
+    if model is not None and model != obs.model:
+        obs = replace(obs, model=model)
+    if batch_size is not None:
+        if obs.batch_size is not None and batch_size != obs.batch_size:
+            raise LeaklabError(
+                f"--batch-size {batch_size} contradicts the update '{path}', which records a batch "
+                f"of {obs.batch_size}"
+            )
+        secret = load_secret(path)
+        if obs.batch_size is None and secret is not None and len(secret) != batch_size:
+            raise LeaklabError(
+                f"--batch-size {batch_size} contradicts the update '{path}', which holds a batch "
+                f"of {len(secret)}"
+            )
+        if obs.batch_size is None:  # the user grants the attacker the batch size: record it as a flag
+            obs = replace(obs, flags=replace(obs.flags, batch_size_known=True), batch_size=batch_size)
+    return obs
+
+
+def run_update_eval(
+    attack: str,
+    path: str | Path,
+    model: ModelRef | None = None,
+    batch_size: int | None = None,
+    attack_options: dict[str, Any] | None = None,
+    out: str | Path | None = None,
+    console: Console | None = None,
+    batch_size_known: bool = True,
+) -> dict[str, Any]:
+    """Attack one saved update; score it against its ``.secret.json`` when one lies beside it."""
+    console = console or Console(stderr=True)
+    atk = make_attack(attack, **(attack_options or {}))
+    with console.status(f"loading update {path}"):
+        obs = load_checked_update(path, model, batch_size, batch_size_known)
+    secret = load_secret(path)
+    run = new_run_dir(out, f"{attack}-update-{Path(path).stem}")
+    config = {
+        "kind": "gradient-attack",
+        "attack": attack,
+        "attack_options": attack_options or {},
+        "update": str(path),
+        "model": obs.model.to_dict(),
+        "corpus": None,
+        "batch_size": obs.batch_size,
+        "batches": 1,
+        "seed": None,
+        "setting": obs.setting,
+        "flags": obs.flags.to_dict(),
+        "scored": secret is not None,
+    }
+    run.write_config(config)
+    with console.status(f"{attack} on {path}"):
+        rec = run_attack(atk, obs)
+    item: dict[str, Any] = {
+        "batch": 0,
+        "seed": None,
+        "gradient_seconds": 0.0,
+        "attack_seconds": rec.seconds,
+        "info": rec.info,
+        "recovered": rec.texts,
+    }
+    if secret is not None:
+        item.update(score_recovery(obs, secret, rec))
+    items = [item]
+    run.write_items(items)
+    aggregate = summarise(items) if secret is not None else {"batches": 1, "attack_seconds": rec.seconds}
+    run.write_aggregate({**aggregate, "config": config})
+    return {"run_dir": str(run.path), "aggregate": aggregate, "items": items, "config": config}
+
+
 def summarise(items: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"batches": len(items)}
     for key in METRICS:
@@ -117,8 +206,19 @@ def summarise(items: list[dict[str, Any]]) -> dict[str, Any]:
 def show_run(summary: dict[str, Any], console: Console, side_by_side: int = 8) -> None:
     agg = summary["aggregate"]
     cfg = summary["config"]
+    if "rouge1" not in agg:  # an update without its secret: nothing to score against
+        table = Table(
+            title=f"{cfg['attack']} on {cfg['model']['name']}: recovered texts (no secret to score)"
+        )
+        table.add_column("recovered")
+        for text in summary["items"][0]["recovered"]:
+            table.add_row(text)
+        console.print(table)
+        console.print(f"run folder: {summary['run_dir']}")
+        return
+    source = cfg.get("update") or cfg["corpus"]
     table = Table(
-        title=f"{cfg['attack']} on {cfg['model']['name']} · {cfg['corpus']} · B={cfg['batch_size']} "
+        title=f"{cfg['attack']} on {cfg['model']['name']} · {source} · B={cfg['batch_size']} "
         f"· {agg['batches']} batch(es)"
     )
     for col in (
@@ -151,4 +251,12 @@ def as_json(summary: dict[str, Any]) -> dict[str, Any]:
     return {"run_dir": summary["run_dir"], **summary["aggregate"], "config": summary["config"]}
 
 
-__all__ = ["as_json", "run_gradient_eval", "score_recovery", "show_run", "summarise"]
+__all__ = [
+    "as_json",
+    "load_checked_update",
+    "run_gradient_eval",
+    "run_update_eval",
+    "score_recovery",
+    "show_run",
+    "summarise",
+]

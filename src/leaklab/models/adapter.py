@@ -118,8 +118,10 @@ class FamilyAdapter:
         layer: int,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        **model_kwargs,
     ) -> torch.Tensor:
-        """Input X (batch, tokens, d) of layer ``layer``'s attention projections: what W_q multiplies."""
+        """Input X (batch, tokens, d) of layer ``layer``'s attention projections: what W_q multiplies.
+        Extra ``model_kwargs`` (e.g. ``past_key_values``) go to the model's forward."""
         module = self.model.get_submodule(self.projections[layer].module)
         captured: list[torch.Tensor] = []
 
@@ -129,7 +131,7 @@ class FamilyAdapter:
 
         handle = module.register_forward_pre_hook(hook)
         try:
-            kwargs = {"input_ids": input_ids}
+            kwargs = {"input_ids": input_ids, **model_kwargs}
             if attention_mask is not None:
                 kwargs["attention_mask"] = attention_mask
             if position_ids is not None:

@@ -1,0 +1,387 @@
+"""DAGER (Petrov et al., NeurIPS 2024): exact batch recovery from low-rank attention gradients.
+
+1. Layer-1 filter: a vocabulary token v can occur at position p only if its first-layer input x(v, p) lies in
+   the row space R₁ of the layer-1 attention gradients (position-independent for RoPE models).
+2. Decoders: grow all prefixes greedily; an extension prefix + [v] survives iff the layer-2 attention input
+   at its new last position lies in R₂ (it is fixed by the prefix in a causal model). A prefix with no
+   surviving extension is a finished sentence.
+3. Encoders: per-position candidates, then whole sentences scored by their mean layer-2 distance (exhaustive
+   below a cap, coordinate search above it).
+
+When the batch has as many tokens as the hidden size the gradients are full rank and the span check cannot
+separate tokens: the attack then warns and ranks by distance to a rank-capped basis (best effort).
+In the next-token task the last token of each text feeds no loss through attention (its own prediction has
+no target), so it is recovered from the output-embedding gradient instead (:func:`last_tokens`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from leaklab.attacks.base import Recovery, register_gradient_attack
+from leaklab.attacks.gradient.subspace import (
+    Subspace,
+    attention_subspace,
+    extension_inputs,
+    sequence_inputs,
+    token_distances,
+)
+from leaklab.models.registry import LoadedModel, load_model
+from leaklab.threat.observation import Observation
+
+log = logging.getLogger(__name__)
+
+#: DAGER's rank cap in the best-effort regime (rank = d − this)
+RANK_CUTOFF = 20
+
+
+@dataclass
+class DagerOptions:
+    tau1: float = 1e-3  # layer-1 span distance below which a token is in the batch
+    tau2: float = 1e-3  # layer-2 span distance below which an extension is in the batch
+    max_len: int = 512  # longest sequence searched
+    max_frontier: int = 4096  # most prefixes kept per step (exact regime)
+    encoder_cap: int = 4096  # most full combinations enumerated per length (encoders)
+    best_effort_topk: int = 0  # tokens tried per position in best-effort mode (0: 2 x hidden size)
+    best_effort_max_len: int = 48  # longest text decoded in best-effort mode
+    chunk: int = 2048  # extensions per forward pass
+
+
+@dataclass
+class Found:
+    """One recovered sequence with its mean layer-2 distance (0 for exact)."""
+
+    ids: list[int]
+    score: float
+    exact: bool = True
+    meta: dict = field(default_factory=dict)
+
+
+class SpanModel:
+    """The observed layer-1/layer-2 subspaces and the model they belong to."""
+
+    def __init__(self, obs: Observation, loaded: LoadedModel | None = None) -> None:
+        self.obs = obs
+        self.loaded = loaded or load_model(obs.model)
+        self.adapter = self.loaded.adapter
+        self.sub1 = attention_subspace(obs, self.adapter, 0)
+        self.sub2 = attention_subspace(obs, self.adapter, 1)
+        self.full_rank = self.sub1.full or self.sub2.full
+        self.vocab = torch.arange(self.adapter.embeddings.num_embeddings)
+        self._dist1: dict[int, torch.Tensor] = {}
+        if self.full_rank:
+            cap = self.adapter.hidden_size - RANK_CUTOFF
+            self.sub1 = Subspace(self.sub1.basis[:cap], self.sub1.singular_values, 0)
+            self.sub2 = Subspace(self.sub2.basis[:cap], self.sub2.singular_values, 1)
+
+    @property
+    def causal(self) -> bool:
+        return self.adapter.is_causal
+
+    @property
+    def next_token(self) -> bool:
+        return self.loaded.ref.task == "next-token"
+
+    def layer1_distances(self, position: int) -> torch.Tensor:
+        """dist(x(v, p), R₁) for the whole vocabulary (memoised; one pass for RoPE models)."""
+        key = 0 if self.adapter.position != "learned" else position
+        if key not in self._dist1:
+            self._dist1[key] = token_distances(self.adapter, self.sub1, self.vocab, key)
+        return self._dist1[key]
+
+    def candidates(self, position: int, tau: float, topk: int = 0) -> torch.Tensor:
+        """Token ids whose layer-1 distance at ``position`` is below ``tau`` (or the ``topk`` nearest),
+        nearest first."""
+        d = self.layer1_distances(position)
+        if topk:
+            return torch.topk(d, min(topk, d.numel()), largest=False).indices
+        ids = torch.nonzero(d < tau).flatten()
+        return ids[torch.argsort(d[ids])]
+
+    def extension_distances(self, prefixes: torch.Tensor, tokens: torch.Tensor, chunk: int = 2048,
+                            previous: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, m) layer-2 distances of prefixes[i] + [tokens[j]] at the new position (causal models), and
+        the (n, m, d) inputs. An input equal to the prefix's ``previous`` one (a repeated first token under
+        RoPE: "A A A ..." reproduces the input of "A") gets distance 1: it carries no new evidence."""
+        x = extension_inputs(self.adapter, prefixes, tokens, layer=1, chunk=chunk)
+        dist = self.sub2.distance(x)
+        if previous is not None:
+            same = (x - previous[:, None, :]).norm(dim=-1) <= 1e-5 * x.norm(dim=-1)
+            dist = dist.masked_fill(same, 1.0)
+        return dist, x
+
+    def sentence_distances(self, seqs: torch.Tensor) -> torch.Tensor:
+        """(n, L) layer-2 distances of every position of whole sequences (no padding)."""
+        return self.sub2.distance(sequence_inputs(self.adapter, seqs, 1))
+
+    def max_position(self) -> int:
+        pe = self.adapter.position_embeddings
+        return pe.num_embeddings if pe is not None else 10**9
+
+
+def warn_best_effort(spans: SpanModel, info: dict) -> None:
+    """Full-rank gradients: say so (log + warning + Recovery.info), never silently."""
+    msg = (f"the batch's token count reaches the hidden size ({spans.adapter.hidden_size}): the attention gradients "
+           f"are full rank (layer-1 rank {spans.sub1.rank}, layer-2 rank {spans.sub2.rank} after capping), so "
+           "span checks are inexact; results are best effort, ranked by span distance")
+    log.warning(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    info["best_effort"] = True
+    info["warning"] = msg
+
+
+def decoder_search(spans: SpanModel, opts: DagerOptions) -> list[Found]:
+    """Greedy exact search: keep every extension whose new position passes the layer-2 span check."""
+    frontier = torch.zeros(1, 0, dtype=torch.long)
+    scores = torch.zeros(1, dtype=torch.float64)
+    previous: torch.Tensor | None = None
+    finished: list[Found] = []
+    limit = min(opts.max_len, spans.max_position())
+    for p in range(limit):
+        cand = spans.candidates(p, opts.tau1)
+        if cand.numel() == 0:
+            break
+        dist, x = spans.extension_distances(frontier, cand, opts.chunk, previous)
+        keep = dist < opts.tau2
+        log.debug("step %d: %d prefixes x %d candidates -> %d kept", p, len(frontier), len(cand), int(keep.sum()))
+        for i in torch.nonzero(~keep.any(dim=1)).flatten().tolist():
+            if p > 0:
+                finished.append(Found(frontier[i].tolist(), float(scores[i]) / p))
+        rows, cols = torch.nonzero(keep, as_tuple=True)
+        if rows.numel() == 0:
+            frontier = frontier[:0]
+            break
+        if rows.numel() > opts.max_frontier:
+            order = torch.argsort(dist[rows, cols])[: opts.max_frontier]
+            rows, cols = rows[order], cols[order]
+        frontier = torch.cat([frontier[rows], cand[cols].view(-1, 1)], dim=1)
+        scores = scores[rows] + dist[rows, cols]
+        previous = x[rows, cols]
+    finished += [Found(frontier[i].tolist(), float(scores[i]) / max(frontier.shape[1], 1))
+                 for i in range(frontier.shape[0])]
+    return finished
+
+
+def best_effort_decoder(spans: SpanModel, n_sentences: int, opts: DagerOptions) -> list[Found]:
+    """Full-rank regime: start from the nearest first tokens, extend each prefix by its nearest extension,
+    stop when the best extension is an outlier against the prefix's own distances."""
+    topk = opts.best_effort_topk or 2 * spans.adapter.hidden_size
+    starts = spans.candidates(0, 0.0, topk=max(n_sentences, 1))
+    frontier = starts.view(-1, 1)
+    first = spans.extension_distances(torch.zeros(1, 0, dtype=torch.long), starts, opts.chunk)[0][0]
+    hist = [first.tolist()]
+    alive = torch.ones(frontier.shape[0], dtype=torch.bool)
+    lengths = torch.full((frontier.shape[0],), opts.best_effort_max_len)
+    limit = min(opts.best_effort_max_len, spans.max_position())
+    for p in range(1, limit):
+        if not bool(alive.any()):
+            break
+        cand = spans.candidates(p, 0.0, topk=topk)
+        dist = spans.extension_distances(frontier, cand, opts.chunk)[0]
+        best, arg = dist.min(dim=1)
+        past = torch.tensor(hist, dtype=torch.float64)
+        stop = best > past.mean(0) + 3 * past.std(0) + 1e-9 if p >= 4 else torch.zeros_like(alive)
+        newly = alive & stop
+        lengths[newly] = p
+        alive &= ~stop
+        frontier = torch.cat([frontier, cand[arg].view(-1, 1)], dim=1)
+        hist.append(torch.where(alive, best, past.mean(0)).tolist())
+    past = torch.tensor(hist, dtype=torch.float64)
+    out = []
+    for i in range(frontier.shape[0]):
+        n = int(min(lengths[i], frontier.shape[1]))
+        out.append(Found(frontier[i, :n].tolist(), float(past[:n, i].mean()), exact=False))
+    return out
+
+
+def encoder_lengths(spans: SpanModel, cands: list[torch.Tensor]) -> list[int]:
+    """Sentence lengths suggested by where the per-position candidate count drops (or the last position)."""
+    sizes = [len(c) for c in cands]
+    out = {len(sizes)}
+    out.update(p + 1 for p in range(len(sizes) - 1) if sizes[p + 1] < sizes[p])
+    return sorted(out)
+
+
+def encoder_search(spans: SpanModel, n_sentences: int, opts: DagerOptions) -> list[Found]:
+    """Per-position candidates, then full sentences of each plausible length scored by mean layer-2
+    distance: exhaustive below ``encoder_cap`` combinations, coordinate descent above."""
+    cands: list[torch.Tensor] = []
+    topk = opts.best_effort_topk or 4 * max(n_sentences, 1) if spans.full_rank else 0
+    for p in range(min(opts.max_len, spans.max_position())):
+        c = spans.candidates(p, opts.tau1, topk=topk)
+        if c.numel() == 0 or (spans.full_rank and p >= opts.max_len):
+            break
+        cands.append(c[: max(4 * max(n_sentences, 1), 8)])
+    found: dict[tuple[int, ...], Found] = {}
+    for length in encoder_lengths(spans, cands):
+        pools = cands[:length]
+        total = 1
+        for c in pools:
+            total *= len(c)
+        seqs = _enumerate(pools) if total <= opts.encoder_cap else _coordinate_search(spans, pools, n_sentences)
+        for seq, score in _score_sentences(spans, seqs, opts.chunk):
+            if seq not in found or found[seq].score > score:
+                found[seq] = Found(list(seq), score, exact=score < opts.tau2)
+    return sorted(found.values(), key=lambda f: f.score)
+
+
+def _enumerate(pools: list[torch.Tensor]) -> torch.Tensor:
+    return torch.tensor(list(itertools.product(*[c.tolist() for c in pools])), dtype=torch.long)
+
+
+def _score_sentences(spans: SpanModel, seqs: torch.Tensor, chunk: int) -> list[tuple[tuple[int, ...], float]]:
+    out = []
+    step = max(1, chunk // max(seqs.shape[1], 1))
+    for s in range(0, seqs.shape[0], step):
+        part = seqs[s: s + step]
+        d = spans.sentence_distances(part).mean(dim=1)
+        out += [(tuple(r), float(v)) for r, v in zip(part.tolist(), d.tolist(), strict=True)]
+    return out
+
+
+def _coordinate_search(spans: SpanModel, pools: list[torch.Tensor], n_starts: int, sweeps: int = 3) -> torch.Tensor:
+    """From ``n_starts`` starts (the i-th candidate at every position), repeatedly set each position to its
+    best candidate given the others; returns the final sequences."""
+    results = []
+    for start in range(max(n_starts, 1)):
+        seq = torch.tensor([c[min(start, len(c) - 1)] for c in pools])
+        for _ in range(sweeps):
+            changed = False
+            for p, c in enumerate(pools):
+                trial = seq.repeat(len(c), 1)
+                trial[:, p] = c
+                best = int(spans.sentence_distances(trial).mean(dim=1).argmin())
+                changed |= bool(trial[best, p] != seq[p])
+                seq = trial[best]
+            if not changed:
+                break
+        results.append(seq)
+    return torch.stack(results)
+
+
+def last_tokens(spans: SpanModel, prefixes: list[list[int]]) -> list[int | None]:
+    """Next-token task: the most likely last token y_b of each text (see :func:`last_token_scores`)."""
+    scores = last_token_scores(spans, prefixes)
+    if scores is None:
+        return [None] * len(prefixes)
+    return scores.argmax(dim=1).tolist()
+
+
+@torch.no_grad()
+def last_token_scores(spans: SpanModel, prefixes: list[list[int]]) -> torch.Tensor | None:
+    """(B, V) evidence that token v ends text b, from the output-embedding gradient (None without one).
+
+    With W the output embedding and h_t its inputs, ∂L/∂W = (1/N) Σ_t (softmax(W h_t) − e_{y_t}) h_tᵀ. Given
+    the recovered prefixes every term is known except −e_{y_b} h_bᵀ at each prefix's last position, so
+    score_b(v) = −⟨R[v], h_b⟩ with R the observed gradient minus the known terms peaks at v = y_b (a tied
+    input embedding adds the input-token gradients to R: a source of errors that OMP later arbitrates).
+    """
+    model = spans.loaded.model
+    head = model.get_output_embeddings()
+    name = next((n for n, p in model.named_parameters() if head is not None and p is head.weight), None)
+    if name is None or name not in spans.obs.gradients or not prefixes:
+        return None
+    grad = spans.obs.gradients[name].double()
+    width = max(len(p) for p in prefixes)
+    pad = spans.loaded.tokenizer.pad_token_id or 0
+    ids = torch.full((len(prefixes), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prefixes):
+        ids[i, : len(p)] = torch.tensor(p)
+        mask[i, : len(p)] = 1
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+    try:
+        logits = model(input_ids=ids, attention_mask=mask).logits.double()
+    finally:
+        handle.remove()
+    h = captured[0].double()  # (B, width, d)
+    n_targets = int(mask.sum())  # Σ_b (len_b + 1 − 1)
+    flat_h = h[mask.bool()]  # (n, d)
+    flat_p = torch.softmax(logits, dim=-1)[mask.bool()]  # (n, V)
+    targets = torch.full((len(prefixes), width), -1, dtype=torch.long)
+    targets[:, :-1] = ids[:, 1:]
+    targets[mask == 0] = -1
+    for i, p in enumerate(prefixes):
+        targets[i, len(p) - 1] = -1
+    flat_y = targets[mask.bool()]
+    has_y = flat_y >= 0
+    out = []
+    for i, p in enumerate(prefixes):
+        hb = h[i, len(p) - 1]
+        gram = flat_h @ hb  # ⟨h_t, h_b⟩
+        known = flat_p.T @ gram  # Σ_t p_t(v) ⟨h_t, h_b⟩
+        known.index_add_(0, flat_y[has_y], -gram[has_y])
+        out.append(-(grad @ hb - known / n_targets))
+    return torch.stack(out)
+
+
+def assemble(found: list[Found], n_out: int | None) -> list[Found]:
+    """De-duplicate, exact before approximate, then lowest distance; keep ``n_out`` when known."""
+    seen: set[tuple[int, ...]] = set()
+    uniq = []
+    for f in sorted(found, key=lambda f: (not f.exact, f.score)):
+        key = tuple(f.ids)
+        if key and key not in seen:
+            seen.add(key)
+            uniq.append(f)
+    return uniq[:n_out] if n_out else uniq
+
+
+def batch_size_of(obs: Observation) -> int | None:
+    """B when the threat model grants it, else None (estimated by the attack)."""
+    return obs.batch_size if obs.flags.batch_size_known else None
+
+
+def to_recovery(spans: SpanModel, found: list[Found], info: dict) -> Recovery:
+    ids = [f.ids for f in found]
+    texts = [spans.loaded.decode(i) for i in ids]
+    info.setdefault("n_exact", sum(f.exact for f in found))
+    return Recovery(texts, ids, info=info)
+
+
+def complete_last_tokens(spans: SpanModel, found: list[Found]) -> None:
+    """Append each decoder text's invisible last token (next-token task) in place."""
+    if not (spans.causal and spans.next_token) or not found:
+        return
+    for f, tok in zip(found, last_tokens(spans, [f.ids for f in found]), strict=True):
+        if tok is not None:
+            f.ids = f.ids + [tok]
+
+
+def start_attack(obs: Observation) -> tuple[SpanModel, int | None, dict]:
+    """Subspaces, the batch size if granted, and the info record (with the best-effort warning if needed)."""
+    spans = SpanModel(obs)
+    n_known = batch_size_of(obs)
+    info: dict = {"rank_l1": spans.sub1.rank, "rank_l2": spans.sub2.rank, "best_effort": spans.full_rank,
+                  "batch_size_known": n_known is not None}
+    if spans.full_rank:
+        warn_best_effort(spans, info)
+    return spans, n_known, info
+
+
+@register_gradient_attack("dager")
+class DagerAttack:
+    name = "dager"
+
+    def __init__(self, **options) -> None:
+        self.opts = DagerOptions(**options)
+
+    def run(self, obs: Observation) -> Recovery:
+        spans, b_known, info = start_attack(obs)
+        if spans.causal:
+            found = best_effort_decoder(spans, b_known or 1, self.opts) if spans.full_rank \
+                else decoder_search(spans, self.opts)
+        else:
+            found = encoder_search(spans, b_known or 1, self.opts)
+            if not b_known:
+                found = [f for f in found if f.exact] or found[:1]
+        found = assemble(found, b_known)
+        complete_last_tokens(spans, found)
+        info["batch_size_estimate"] = b_known or len(found)
+        return to_recovery(spans, found, info)

@@ -1,0 +1,198 @@
+"""Subspace maths shared by the gradient attacks (DAGER, SOMP).
+
+For a linear map Y = X Wᵀ applied to the n token inputs X (n x d) of a batch, the weight gradient is
+G = ∂L/∂W = Δᵀ X (out x in): every row of G is a combination of the token inputs, so the row space of G is
+span(X) whenever Δ has full column rank. A candidate input x therefore belongs to the batch iff its distance
+to that row space, ‖(I − RᵀR) x̂‖ with R an orthonormal basis, is (numerically) zero.
+
+In a causal model the first position's query gets no gradient (softmax over one key is constant), so the Q
+block alone misses first tokens; K and V see them. We therefore stack the Q, K and V blocks, each scaled to
+unit norm so that the narrower GQA K/V blocks are not drowned out, and take the row space of the
+stack. Gradients arrive in float32; all analysis here is in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from leaklab.errors import LeaklabError
+from leaklab.models.adapter import FamilyAdapter
+from leaklab.threat.observation import Observation
+
+#: singular values below this fraction of the largest are float32 noise, never signal
+NOISE_FLOOR = 1e-6
+#: a drop by at least this factor between consecutive singular values marks the end of the signal
+RANK_GAP = 1e2
+
+
+@dataclass(frozen=True)
+class Subspace:
+    """Orthonormal basis (rows, float64) of the span of one layer's attention inputs."""
+
+    basis: torch.Tensor  # (r, d)
+    singular_values: torch.Tensor  # all singular values of the stacked, scaled gradient (descending)
+    layer: int
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.basis.shape[1])
+
+    @property
+    def full(self) -> bool:
+        """True when the gradient has (numerically) full rank: the span check no longer separates tokens."""
+        return self.rank >= self.dim
+
+    def distance(self, x: torch.Tensor) -> torch.Tensor:
+        """dist(x) = ‖(I − RᵀR) x̂‖ for each row x of ``x``."""
+        return span_distance(x, self.basis)
+
+
+def numerical_rank(singular_values: torch.Tensor, noise_floor: float = NOISE_FLOOR, gap: float = RANK_GAP) -> int:
+    """Rank of a float32-computed matrix from its descending singular values σ.
+
+    Let s = σ/σ₁. The rank is the position of the largest drop s_i/s_{i+1} ≥ ``gap`` whose lower side lies
+    below ``noise_floor`` (signal on one side, float32 round-off on the other). Without such a drop the
+    spectrum is smooth: the matrix is full rank up to the values above ``noise_floor``·1e-3.
+    """
+    s = singular_values.double()
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 0
+    s = s / s[0]
+    ratio = s[:-1] / s[1:].clamp_min(1e-300)
+    eligible = (ratio >= gap) & (s[1:] < noise_floor)
+    if bool(eligible.any()):
+        idx = torch.nonzero(eligible).flatten()
+        best = idx[torch.argmax(ratio[idx])]
+        return int(best) + 1
+    return int((s > noise_floor * 1e-3).sum())
+
+
+def row_space(blocks: Sequence[torch.Tensor], max_rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal basis R (r x d) of the joint row space of ``blocks`` (each (out_i x d)), with σ of the
+    stack. Each block is scaled to unit Frobenius norm before stacking (float64)."""
+    scaled = []
+    for b in blocks:
+        b = b.detach().double()
+        size = b.norm()
+        if float(size) > 0:
+            scaled.append(b / size)
+    if not scaled:
+        d = blocks[0].shape[1]
+        return torch.zeros(0, d, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    stack = torch.cat(scaled)
+    with single_thread():
+        _, s, vh = torch.linalg.svd(stack, full_matrices=False)
+    r = numerical_rank(s)
+    if max_rank is not None:
+        r = min(r, max_rank)
+    return vh[:r].contiguous(), s
+
+
+@contextmanager
+def single_thread():
+    """Run LAPACK on one thread: on a busy 2-core machine a threaded SVD of a few hundred rows is ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def span_distance(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """‖x̂ − RᵀR x̂‖ per row of x (x̂ = x/‖x‖); R has orthonormal rows. Computed in float64."""
+    xh = x.detach().double()
+    norm = xh.norm(dim=-1, keepdim=True)
+    xh = xh / norm.clamp_min(1e-300)
+    if basis.shape[0] == 0:
+        return torch.ones(xh.shape[:-1], dtype=torch.float64)
+    # ‖x̂ − RᵀRx̂‖² = 1 − ‖Rx̂‖² for orthonormal R; the direct form is more accurate near 0
+    resid = xh - (xh @ basis.T) @ basis
+    dist = resid.norm(dim=-1)
+    return torch.where(norm.squeeze(-1) > 0, dist, torch.ones_like(dist))  # a zero input is in no span
+
+
+def attention_blocks(obs: Observation, adapter: FamilyAdapter, layer: int,
+                     which: Sequence[str] = ("q", "k", "v")) -> list[torch.Tensor]:
+    """The (out x in) gradient blocks of ``layer``'s attention projections named in ``which``."""
+    proj = adapter.projections[layer]
+    out = []
+    for key, p in proj:
+        if key not in which:
+            continue
+        if p.param not in obs.gradients:
+            raise LeaklabError(f"the update has no gradient for '{p.param}' (layer {layer} attention {key}); "
+                               "span checks need the first two layers' attention gradients")
+        out.append(p.matrix(obs.gradients[p.param]))
+    return out
+
+
+def attention_subspace(obs: Observation, adapter: FamilyAdapter, layer: int,
+                       which: Sequence[str] = ("q", "k", "v"), max_rank: int | None = None) -> Subspace:
+    """Row space of layer ``layer``'s stacked (Q, K, V) attention gradients = span of its inputs."""
+    basis, s = row_space(attention_blocks(obs, adapter, layer, which), max_rank)
+    return Subspace(basis, s, layer)
+
+
+def candidate_inputs(adapter: FamilyAdapter, token_ids: torch.Tensor, position: int = 0) -> torch.Tensor:
+    """First-layer attention input of each token alone at ``position`` (n x d)."""
+    return adapter.token_inputs(token_ids, position=position, layer=0)
+
+
+def token_distances(adapter: FamilyAdapter, sub: Subspace, token_ids: torch.Tensor, position: int = 0) -> torch.Tensor:
+    """Layer-1 span distance of every token in ``token_ids`` placed at ``position``."""
+    return sub.distance(candidate_inputs(adapter, token_ids, position))
+
+
+def sequence_inputs(adapter: FamilyAdapter, input_ids: torch.Tensor, layer: int,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Input of ``layer``'s attention projections for whole sequences (batch, tokens, d)."""
+    return adapter.layer_inputs(input_ids, layer, attention_mask=attention_mask)
+
+
+@torch.no_grad()
+def extension_inputs(adapter: FamilyAdapter, prefixes: torch.Tensor, tokens: torch.Tensor, layer: int = 1,
+                     chunk: int = 2048) -> torch.Tensor:
+    """Input of ``layer``'s attention at the new last position of every prefix + token extension.
+
+    ``prefixes`` (n x p, all the same length, no padding), ``tokens`` (m,): returns (n, m, d) where [i, j]
+    belongs to prefixes[i] + [tokens[j]]. Causal models only: the prefixes' layer caches are computed once
+    and each extension costs one token's forward pass.
+    """
+    n, m = prefixes.shape[0], tokens.numel()
+    rows = torch.arange(n).repeat_interleave(m)
+    return pair_inputs(adapter, prefixes, rows, tokens.repeat(n), layer, chunk).view(n, m, -1)
+
+
+@torch.no_grad()
+def pair_inputs(adapter: FamilyAdapter, prefixes: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor,
+                layer: int = 1, chunk: int = 2048) -> torch.Tensor:
+    """Input of ``layer``'s attention at the last position of prefixes[rows[k]] + [tokens[k]] (k x d)."""
+    from transformers import DynamicCache
+
+    p = prefixes.shape[1]
+    out = torch.empty(tokens.numel(), adapter.hidden_size)
+    if p == 0:
+        for s in range(0, tokens.numel(), chunk):
+            ids = tokens[s: s + chunk].view(-1, 1)
+            out[s: s + ids.shape[0]] = adapter.layer_inputs(ids, layer)[:, 0]
+        return out
+    cache = DynamicCache()
+    adapter.layer_inputs(prefixes, layer, past_key_values=cache, use_cache=True)
+    kv = [(lay.keys, lay.values) for lay in cache.layers[:layer]]
+    for s in range(0, tokens.numel(), chunk):
+        sel_rows = rows[s: s + chunk]
+        sel = DynamicCache(ddp_cache_data=[(k.index_select(0, sel_rows), v.index_select(0, sel_rows)) for k, v in kv])
+        ids = tokens[s: s + chunk].view(-1, 1)
+        pos = torch.full_like(ids, p)
+        out[s: s + ids.shape[0]] = adapter.layer_inputs(ids, layer, position_ids=pos, past_key_values=sel,
+                                                        use_cache=True)[:, 0]
+    return out

@@ -1,0 +1,90 @@
+"""OMP against a reference least-squares solution, the gradient dictionary against the victim's gradient,
+and SOMP end to end."""
+
+import numpy as np
+import pytest
+import torch
+
+from leaklab.attacks.base import make_attack, run_attack
+from leaklab.attacks.gradient.dictionary import (
+    observed_vector,
+    sentence_gradients,
+    signal_params,
+    sketch_index,
+)
+from leaklab.attacks.gradient.omp import least_squares, omp, refine_swaps
+from leaklab.evaluate import score_recovery
+from leaklab.models import ModelRef, load_model
+from leaklab.threat import ThreatFlags, client_update, fedsgd_update
+
+
+def test_least_squares_matches_numpy():
+    rng = np.random.default_rng(0)
+    atoms, target = rng.normal(size=(4, 50)), rng.normal(size=50)
+    ref = np.linalg.lstsq(atoms.T, target, rcond=None)[0]
+    np.testing.assert_allclose(least_squares(torch.tensor(atoms), torch.tensor(target)).numpy(), ref, atol=1e-10)
+
+
+def test_omp_recovers_a_sparse_mix_and_refits_against_the_original_target():
+    rng = np.random.default_rng(1)
+    atoms = rng.normal(size=(40, 200))
+    true = [3, 17, 29]
+    target = atoms[true].T @ np.array([0.5, 1.0, 0.8])
+    res = omp(torch.tensor(atoms), torch.tensor(target), max_atoms=3)
+    assert sorted(res.selected) == true
+    ref = np.linalg.lstsq(atoms[res.selected].T, target, rcond=None)[0]
+    np.testing.assert_allclose(res.coef.numpy(), ref, atol=1e-8)
+    assert res.residual_norms[-1] < 1e-8
+    free = omp(torch.tensor(atoms), torch.tensor(target))  # unknown count: residual rule stops at 3
+    assert sorted(free.selected) == true and free.stop == "residual below tol"
+
+
+def test_omp_stops_on_no_gain_with_noise_and_swaps_within_groups():
+    rng = np.random.default_rng(2)
+    atoms = rng.normal(size=(30, 300))
+    target = atoms[[1, 2]].T @ np.array([1.0, 1.0]) + 0.01 * rng.normal(size=300)
+    res = omp(torch.tensor(atoms), torch.tensor(target))
+    assert sorted(res.selected) == [1, 2] and res.stop == "no gain"
+    # the wrong alternative of a group gets swapped for the right one
+    groups = list(range(30))
+    groups[5] = groups[1]
+    from leaklab.attacks.gradient.omp import OmpResult
+    fixed = refine_swaps(torch.tensor(atoms), torch.tensor(target), OmpResult([5, 2], torch.zeros(2)), groups)
+    assert sorted(fixed.selected) == [1, 2]
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_dictionary_atoms_sum_to_the_observed_gradient(name):
+    loaded = load_model(name)
+    texts = ["The movie was a total waste of time.", "A gorgeous, witty and moving film."]
+    obs, secret = fedsgd_update(ModelRef(name), texts)
+    index = sketch_index(obs, signal_params(loaded))
+    atoms = sentence_gradients(loaded, [list(t) for t in secret.token_ids], None, index)
+    n_targets = sum(len(t) - 1 for t in secret.token_ids)  # mean next-token loss over all targets
+    m = observed_vector(obs, index)
+    assert float((atoms.double().sum(0) / n_targets - m).norm() / m.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_somp_exact_on_tiny_llama(batch_size):
+    obs, secret = client_update(ModelRef("tiny-llama"), "rotten-tomatoes", batch_size, 3, 8, 24)
+    rec = run_attack(make_attack("somp"), obs)
+    assert score_recovery(obs, secret, rec)["aggregate"]["rouge1"] == 1.0
+
+
+def test_somp_without_batch_size_uses_the_residual_rule():
+    obs, secret = client_update(ModelRef("tiny-llama"), "rotten-tomatoes", 2, 5, 8, 24,
+                                ThreatFlags(batch_size_known=False))
+    assert obs.batch_size is None
+    rec = run_attack(make_attack("somp"), obs)
+    assert len(rec.texts) == 2 and rec.info["batch_size_estimate"] == 2
+    assert score_recovery(obs, secret, rec)["aggregate"]["rouge1"] == 1.0
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("attack", ["somp", "dager"])
+def test_smollm2_batch_of_two_short_texts_recovered(attack):
+    obs, secret = client_update(ModelRef("smollm2-135m"), "rotten-tomatoes", 2, 0, 8, 32)
+    rec = run_attack(make_attack(attack), obs)
+    agg = score_recovery(obs, secret, rec)["aggregate"]
+    assert agg["rouge1"] == 1.0 and agg["rouge2"] == 1.0

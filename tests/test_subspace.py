@@ -1,0 +1,88 @@
+"""Span-check maths against slow obvious references (least squares, brute force) on tiny models."""
+
+import pytest
+import torch
+
+from leaklab.attacks.gradient.subspace import (
+    attention_subspace,
+    extension_inputs,
+    numerical_rank,
+    row_space,
+    sequence_inputs,
+    span_distance,
+)
+from leaklab.models import ModelRef, load_model
+from leaklab.threat import fedsgd_update
+
+TEXTS = ["The movie was a total waste of time.", "A gorgeous, witty and moving film about love and loss."]
+
+
+def lstsq_distance(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Reference: residual of the least-squares fit of x̂ by the rows (no orthonormal basis involved)."""
+    xh = (x / x.norm(dim=-1, keepdim=True)).double()
+    coef = torch.linalg.lstsq(rows.double().T, xh.T, driver="gelsd").solution  # SVD-based: rank-deficient ok
+    return (xh.T - rows.double().T @ coef).norm(dim=0)
+
+
+def test_numerical_rank_finds_gap_and_full_rank():
+    torch.manual_seed(0)
+    low = (torch.randn(40, 7) @ torch.randn(7, 30)).float().double()
+    assert numerical_rank(torch.linalg.svdvals(low)) == 7
+    assert numerical_rank(torch.linalg.svdvals(torch.randn(40, 30, dtype=torch.float64))) == 30
+    assert numerical_rank(torch.zeros(5, dtype=torch.float64)) == 0
+
+
+def test_span_distance_matches_lstsq_reference():
+    torch.manual_seed(1)
+    x_in = torch.randn(6, 32, dtype=torch.float64)
+    grad = torch.randn(50, 6, dtype=torch.float64) @ x_in  # rows span the 6 inputs
+    basis, _ = row_space([grad.float()])
+    assert basis.shape[0] == 6
+    probes = torch.cat([x_in, torch.randn(5, 32, dtype=torch.float64)])
+    fast = span_distance(probes, basis)
+    ref = lstsq_distance(probes, x_in)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+    assert fast[:6].max() < 1e-5 and fast[6:].min() > 0.1
+    assert span_distance(torch.zeros(1, 32), basis).item() == 1.0  # a zero input is in no span
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_true_tokens_pass_span_check_others_fail(name):
+    loaded = load_model(name)
+    ad = loaded.adapter
+    obs, secret = fedsgd_update(ModelRef(name), TEXTS)
+    sub = attention_subspace(obs, ad, 0)
+    # brute force: every (token, position) the batch actually fed to a gradient vs. random others
+    true_x, fake_x = [], []
+    gen = torch.Generator().manual_seed(0)
+    for ids in secret.token_ids:
+        x = sequence_inputs(ad, torch.tensor([ids]), 0)[0]
+        true_x.append(x[:-1])  # next-token: the last token's input feeds no loss
+        fake = torch.randint(1000, 20000, (len(ids) - 1,), generator=gen)
+        fake = fake[~torch.isin(fake, torch.tensor(ids))]
+        fake_x.append(torch.stack([ad.token_inputs(fake[i: i + 1], position=i)[0] for i in range(len(fake))]))
+    true_x, fake_x = torch.cat(true_x), torch.cat(fake_x)
+    assert sub.distance(true_x).max() < 1e-4
+    assert sub.distance(fake_x).min() > 1e-2
+    # the gradient's row space is the span of the inputs the batch really fed: same distances as lstsq on them
+    torch.testing.assert_close(sub.distance(fake_x), lstsq_distance(fake_x, true_x), atol=1e-4, rtol=1e-4)
+
+
+def test_query_alone_misses_the_first_token():
+    name = "tiny-llama"
+    ad = load_model(name).adapter
+    obs, secret = fedsgd_update(ModelRef(name), TEXTS[:1])
+    first = ad.token_inputs(torch.tensor(secret.token_ids[0][:1]), 0)
+    assert attention_subspace(obs, ad, 0, which=("q",)).distance(first).item() > 1e-2
+    assert attention_subspace(obs, ad, 0).distance(first).item() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_cached_extensions_equal_full_forward(name):
+    ad = load_model(name).adapter
+    gen = torch.Generator().manual_seed(0)
+    pre, toks = torch.randint(100, 5000, (3, 5), generator=gen), torch.randint(100, 5000, (4,), generator=gen)
+    fast = extension_inputs(ad, pre, toks, chunk=5)
+    full = torch.cat([pre.repeat_interleave(4, 0), toks.repeat(3).view(-1, 1)], 1)
+    ref = sequence_inputs(ad, full, 1)[:, -1].view(3, 4, -1)
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
