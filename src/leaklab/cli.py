@@ -43,7 +43,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
 ) -> None:
     from leaklab._quiet import quiet
 
@@ -55,8 +57,17 @@ def models_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.
     """List the packaged models (any Hugging Face folder or hub name also works with --model)."""
     from leaklab.models.registry import PACKAGED
 
-    rows = [{"name": s.name, "family": s.family, "tasks": list(s.tasks), "random_init": s.random_init,
-             "description": s.description, "source": s.source} for s in PACKAGED.values()]
+    rows = [
+        {
+            "name": s.name,
+            "family": s.family,
+            "tasks": list(s.tasks),
+            "random_init": s.random_init,
+            "description": s.description,
+            "source": s.source,
+        }
+        for s in PACKAGED.values()
+    ]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -89,10 +100,14 @@ def corpora_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON
 @app.command("update")
 def update_cmd(
     model: Annotated[str, typer.Option(help="Packaged model name, HF folder or hub name.")] = "smollm2-135m",
-    corpus: Annotated[str, typer.Option(help="Corpus name (name:variant), file, or hf:dataset.")] = "rotten-tomatoes",
+    corpus: Annotated[
+        str, typer.Option(help="Corpus name (name:variant), file, or hf:dataset.")
+    ] = "rotten-tomatoes",
     batch_size: Annotated[int, typer.Option(help="Texts in the private batch.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the batch draw and of dropout.")] = 0,
-    out: Annotated[Path, typer.Option(help="Update file to write (.safetensors).")] = Path("update.safetensors"),
+    out: Annotated[Path, typer.Option(help="Update file to write (.safetensors).")] = Path(
+        "update.safetensors"
+    ),
     task: Annotated[str, typer.Option(help="next-token or classify.")] = "next-token",
     num_labels: Annotated[int, typer.Option(help="Classifier labels (classify).")] = 2,
     min_tokens: Annotated[int, typer.Option(help="Shortest text, in tokens.")] = 1,
@@ -111,7 +126,9 @@ def update_cmd(
     with console.status(f"computing the update of a {batch_size}-text batch on {model}"):
         obs, secret = client_update(ref, corpus, batch_size, seed, min_tokens, max_tokens, flags)
         save_update(out, obs, secret)
-    console.print(f"wrote {out} ({len(obs.gradients)} tensors) and {secret_path(out)} (private texts, for scoring)")
+    console.print(
+        f"wrote {out} ({len(obs.gradients)} tensors) and {secret_path(out)} (private texts, for scoring)"
+    )
 
 
 @app.command("demo")
@@ -121,11 +138,20 @@ def demo_cmd(
     out: Annotated[Path | None, typer.Option(help="Run folder.")] = None,
 ) -> None:
     """SOMP on the packaged defaults (smollm2-135m, rotten-tomatoes): what leaks from one FedSGD update."""
-    from leaklab.evaluate import show_run, run_gradient_eval
+    from leaklab.evaluate import run_gradient_eval, show_run
 
     summary = run_gradient_eval(
-        attack="somp", model="smollm2-135m", corpus="rotten-tomatoes", batch_size=batch_size, batches=1, seed=seed,
-        min_tokens=8, max_tokens=32, task="next-token", out=out, console=console,
+        attack="somp",
+        model="smollm2-135m",
+        corpus="rotten-tomatoes",
+        batch_size=batch_size,
+        batches=1,
+        seed=seed,
+        min_tokens=8,
+        max_tokens=32,
+        task="next-token",
+        out=out,
+        console=console,
     )
     show_run(summary, console)
 

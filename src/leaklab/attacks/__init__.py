@@ -1,1 +1,1 @@
-"""Attacks. Each reads only an Observation (gradient attacks) or black/white-box access (embedding attacks)."""
+"""Attacks: gradient attacks read only an Observation; embedding attacks get black- or white-box access."""

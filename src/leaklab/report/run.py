@@ -12,8 +12,20 @@ from typing import Any
 
 from leaklab.io import atomic_write_json
 
-_PACKAGES = ("leaklab", "torch", "transformers", "numpy", "scipy", "rouge-score", "safetensors", "peft", "opacus",
-             "flwr", "sentence-transformers", "fastapi")
+_PACKAGES = (
+    "leaklab",
+    "torch",
+    "transformers",
+    "numpy",
+    "scipy",
+    "rouge-score",
+    "safetensors",
+    "peft",
+    "opacus",
+    "flwr",
+    "sentence-transformers",
+    "fastapi",
+)
 
 
 def environment() -> dict[str, Any]:

@@ -17,7 +17,7 @@ import torch
 from leaklab.errors import LeaklabError
 from leaklab.models.registry import ModelRef
 
-SETTINGS = ("fedsgd",)
+SETTINGS = ("fedsgd", "fedavg", "lora", "dpo", "reward", "secagg")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,18 @@ class ThreatFlags:
     labels_known: bool = False
     lengths_known: bool = False
     train_mode: bool = False  # dropout was on when the client computed the update (known protocol fact)
+    # protocol facts of multi-step and aggregated settings (the server sets them, so it knows them)
+    local_steps: int = 1  # local optimiser steps behind the update (FedAvg); 1 for a gradient
+    learning_rate: float | None = None  # local SGD learning rate (FedAvg); None for a gradient
+    num_clients: int = 1  # clients summed into the update (secure aggregation)
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 1:
+            raise LeaklabError(f"local_steps must be >= 1, got {self.local_steps}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise LeaklabError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.num_clients < 1:
+            raise LeaklabError(f"num_clients must be >= 1, got {self.num_clients}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,6 +84,11 @@ class Observation:
             if not torch.isfinite(g).all():
                 bad = int((~torch.isfinite(g)).sum())
                 raise LeaklabError(f"gradient '{name}' has {bad} NaN/inf entries; the update is corrupt")
+
+    @property
+    def defenses(self) -> list[dict[str, Any]]:
+        """The defenses applied to this update, in order (name, params and derived values such as ε)."""
+        return list(self.meta.get("defenses", []))
 
     def record(self) -> dict[str, Any]:
         """What a results file records about the observation (no tensors)."""

@@ -37,14 +37,19 @@ def save_update(path: str | Path, obs: Observation, secret: Secret | None = None
         "meta": obs.meta,
     }
     tensors = {k: v.detach().contiguous() for k, v in obs.gradients.items()}
-    out = atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"leaklab": json.dumps(header)}))
+    out = atomic_write(
+        path, lambda tmp: save_file(tensors, str(tmp), metadata={"leaklab": json.dumps(header)})
+    )
     if secret is not None:
-        atomic_write_json(secret_path(path), {
-            "format": FORMAT,
-            "texts": list(secret.texts),
-            "token_ids": [list(t) for t in secret.token_ids],
-            "labels": list(secret.labels),
-        })
+        atomic_write_json(
+            secret_path(path),
+            {
+                "format": FORMAT,
+                "texts": list(secret.texts),
+                "token_ids": [list(t) for t in secret.token_ids],
+                "labels": list(secret.labels),
+            },
+        )
     return out
 
 
@@ -59,7 +64,7 @@ def load_update(path: str | Path, check_model: bool = True) -> Observation:
         with safe_open(str(p), framework="pt") as fh:
             meta = fh.metadata() or {}
         tensors = load_file(str(p))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
+    except Exception as exc:
         raise LeaklabError(f"'{p}' is not a safetensors update file ({exc})") from None
     if "leaklab" not in meta:
         raise LeaklabError(f"'{p}' has no leaklab metadata; write updates with 'leaklab update'")
@@ -90,11 +95,13 @@ def check_against_model(obs: Observation, ref: ModelRef | None = None) -> None:
     """Every shared tensor must exist in the model (``ref``, default the one the update names) with the
     same shape; the first mismatch is named with both shapes."""
     ref = ref or obs.model
-    params = dict(load_model(ref).model.named_parameters())
+    params = dict(_shared_model(ref, obs.meta).named_parameters())
     for name, tensor in obs.gradients.items():
         if name not in params:
-            raise LeaklabError(f"update tensor '{name}' (shape {tuple(tensor.shape)}) is not a parameter of "
-                               f"model '{ref.name}' (the update was made for '{obs.model.name}')")
+            raise LeaklabError(
+                f"update tensor '{name}' (shape {tuple(tensor.shape)}) is not a parameter of "
+                f"model '{ref.name}' (the update was made for '{obs.model.name}')"
+            )
         if tuple(tensor.shape) != tuple(params[name].shape):
             raise LeaklabError(
                 f"update tensor '{name}' has shape {tuple(tensor.shape)} but model '{ref.name}' "
@@ -102,6 +109,15 @@ def check_against_model(obs: Observation, ref: ModelRef | None = None) -> None:
             )
         if tensor.dtype != torch.float32:
             raise LeaklabError(f"update tensor '{name}' is {tensor.dtype}, expected float32")
+
+
+def _shared_model(ref: ModelRef, meta: dict):
+    """The model whose parameters the update names: the LoRA-adapted model when the meta records one."""
+    if "lora" in meta:
+        from leaklab.threat.lora import lora_model
+
+        return lora_model(ref, meta["lora"])
+    return load_model(ref).model
 
 
 def load_secret(path: str | Path) -> Secret | None:

@@ -18,9 +18,13 @@ from leaklab.threat.observation import Observation
 def leaked_token_ids(obs: Observation, tol: float = 0.0) -> list[int]:
     """Ids v whose embedding-gradient row has norm > tol·max row norm."""
     loaded = load_model(obs.model)
-    name = next((n for n, p in loaded.model.named_parameters() if p is loaded.adapter.embeddings.weight), None)
+    name = next(
+        (n for n, p in loaded.model.named_parameters() if p is loaded.adapter.embeddings.weight), None
+    )
     if name is None or name not in obs.gradients:
-        raise LeaklabError("the update has no token-embedding gradient (frozen embeddings?): no token set leaks")
+        raise LeaklabError(
+            "the update has no token-embedding gradient (frozen embeddings?): no token set leaks"
+        )
     norms = obs.gradients[name].double().norm(dim=1)
     if float(norms.max()) == 0.0:
         return []

@@ -1,0 +1,1 @@
+"""Benchmarks that write tables and plots (never timed tests)."""

@@ -1,0 +1,274 @@
+"""Gradient-attack benchmark: attacks × batch size × length regime, N batches per cell, resumable.
+
+Each cell computes every batch's client update once and runs every attack on it, so attacks are compared on
+identical updates. Finished cells are stored as JSON and skipped on a re-run, so a long grid can be filled
+over several sessions. ``write_report`` turns the cells into a Markdown table, PNG plots and a target list.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from leaklab.attacks.base import make_attack, run_attack
+from leaklab.evaluate import score_recovery
+from leaklab.io import atomic_write_json, atomic_write_text
+from leaklab.models import ModelRef, load_model
+from leaklab.report.run import environment
+from leaklab.threat import ThreatFlags, client_update
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    corpus: str
+    min_tokens: int
+    max_tokens: int
+
+
+REGIMES: dict[str, Regime] = {
+    "short": Regime("short", "rotten-tomatoes", 8, 32),
+    "long": Regime("long", "bbc-news:paragraphs", 64, 128),
+    "italian": Regime("italian", "chatterbot:italian", 4, 32),
+    "spanish": Regime("spanish", "chatterbot:spanish", 4, 32),
+    "chinese": Regime("chinese", "chatterbot:chinese", 4, 32),
+    "german": Regime("german", "chatterbot:german", 4, 32),
+}
+
+SUMMARY_KEYS = ("rouge1", "rouge2", "rougeL", "token_f1", "exact_rate")
+
+
+def cell_name(model: str, regime: str, batch_size: int) -> str:
+    return f"{Path(model).name}-{regime}-B{batch_size}"
+
+
+def run_cell(
+    model: str,
+    regime: Regime,
+    batch_size: int,
+    attacks: list[str],
+    batches: int,
+    seed: int,
+    flags: ThreatFlags,
+    console: Console,
+) -> dict[str, Any]:
+    """All attacks on the same ``batches`` client updates of one (regime, B) cell."""
+    ref = ModelRef(model)
+    load_model(ref)
+    atks = {a: make_attack(a) for a in attacks}
+    per_attack: dict[str, list[dict[str, Any]]] = {a: [] for a in attacks}
+    grad_seconds: list[float] = []
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task(f"{regime.name} B={batch_size}", total=batches * len(attacks))
+        for i in range(batches):
+            t0 = time.perf_counter()
+            bar.update(task, description=f"{regime.name} B={batch_size} batch {i + 1}: client update")
+            obs, secret = client_update(
+                ref, regime.corpus, batch_size, seed + i, regime.min_tokens, regime.max_tokens, flags
+            )
+            grad_seconds.append(time.perf_counter() - t0)
+            for name, atk in atks.items():
+                bar.update(task, description=f"{regime.name} B={batch_size} batch {i + 1}: {name}")
+                rec = run_attack(atk, obs)
+                scored = score_recovery(obs, secret, rec)
+                per_attack[name].append(
+                    {
+                        "seed": seed + i,
+                        "attack_seconds": rec.seconds,
+                        "info": rec.info,
+                        "tokens": sum(secret.lengths),
+                        **scored["aggregate"],
+                    }
+                )
+                bar.advance(task)
+    return {
+        "model": model,
+        "regime": regime.__dict__,
+        "batch_size": batch_size,
+        "batches": batches,
+        "seed": seed,
+        "flags": flags.to_dict(),
+        "gradient_seconds": float(np.mean(grad_seconds)),
+        "attacks": {a: summarise_runs(runs) | {"runs": runs} for a, runs in per_attack.items()},
+        "environment": environment(),
+        "git_commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit, so a stored cell names the code that produced it."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: float(np.mean([r[k] for r in runs])) for k in SUMMARY_KEYS}
+    out["attack_seconds"] = float(np.mean([r["attack_seconds"] for r in runs]))
+    out["mean_tokens"] = float(np.mean([r["tokens"] for r in runs]))
+    return out
+
+
+def run_grid(
+    out_dir: Path,
+    model: str = "smollm2-135m",
+    regimes: Iterable[str] = ("short", "long"),
+    batch_sizes: Iterable[int] = (1, 2, 4, 8, 16, 32, 64, 128),
+    attacks: Iterable[str] = ("somp", "dager"),
+    batches: int = 5,
+    seed: int = 0,
+    flags: ThreatFlags | None = None,
+    force: bool = False,
+    console: Console | None = None,
+) -> list[Path]:
+    """Run every missing cell of the grid, writing ``out_dir/cells/<cell>.json`` as each one finishes."""
+    from leaklab.errors import UnknownNameError
+
+    console = console or Console(stderr=True)
+    flags = flags or ThreatFlags()
+    written = []
+    for r in regimes:
+        if r not in REGIMES:
+            raise UnknownNameError("regime", r, list(REGIMES))
+    for r in regimes:
+        for b in batch_sizes:
+            path = out_dir / "cells" / f"{cell_name(model, r, b)}.json"
+            if path.exists() and not force:
+                done = json.loads(path.read_text(encoding="utf-8"))
+                if set(attacks) <= set(done["attacks"]) and done["batches"] >= batches:
+                    console.print(f"[dim]skip {path.name} (done; --force to redo)[/]")
+                    continue
+            cell = run_cell(model, REGIMES[r], b, list(attacks), batches, seed, flags, console)
+            atomic_write_json(path, cell)
+            written.append(path)
+    return written
+
+
+def load_cells(out_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted((out_dir / "cells").glob("*.json"))]
+
+
+def write_report(out_dir: Path, title: str = "Gradient inversion benchmark") -> Path:
+    """Markdown table + ROUGE-1-vs-B plots from the stored cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = load_cells(out_dir)
+    rows = []
+    for c in cells:
+        for a, s in c["attacks"].items():
+            rows.append(
+                (c["regime"]["name"], c["batch_size"], a, c["batches"], s, c["gradient_seconds"], c["model"])
+            )
+    order = {n: i for i, n in enumerate(REGIMES)}
+    rows.sort(key=lambda r: (r[6], order.get(r[0], 99), r[1], r[2]))
+    lines = [
+        f"# {title}",
+        "",
+        "Generated by `leaklab gradient bench` from the cells in `cells/`; "
+        "seconds are wall time on the machine in each cell's `environment`.",
+        "",
+        "| model | regime | B | attack | batches | mean tokens | ROUGE-1 | ROUGE-2 | token F1 | exact | "
+        "s/batch attack | s/batch gradient |",
+        "|" + "---|" * 12,
+    ]
+    for regime, b, a, n, s, gs, model in rows:
+        lines.append(
+            f"| {model} | {regime} | {b} | {a} | {n} | {s['mean_tokens']:.0f} | {s['rouge1']:.3f} | "
+            f"{s['rouge2']:.3f} | {s['token_f1']:.3f} | {s['exact_rate']:.2f} | {s['attack_seconds']:.1f} | "
+            f"{gs:.1f} |"
+        )
+    lines += ["", "## Targets (issue 3), evaluated from the cells above", ""]
+    lines += [f"- {t}" for t in check_targets(cells)]
+    md = out_dir / "gradient.md"
+    atomic_write_text(md, "\n".join(lines) + "\n")
+    for regime in sorted({r[0] for r in rows}, key=lambda x: order.get(x, 99)):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for a in sorted({r[2] for r in rows if r[0] == regime}):
+            pts = sorted((r[1], r[4]["rouge1"]) for r in rows if r[0] == regime and r[2] == a)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=a)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel("ROUGE-1 (matched)")
+        spec = REGIMES.get(regime)
+        ax.set_title(f"{regime}: {spec.corpus} {spec.min_tokens}-{spec.max_tokens} tok" if spec else regime)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / f"gradient_rouge1_{regime}.png", dpi=120)
+        plt.close(fig)
+    return md
+
+
+def _stat(cells: list[dict[str, Any]], regime: str, b: int, attack: str, key: str) -> float | None:
+    for c in cells:
+        if c["regime"]["name"] == regime and c["batch_size"] == b and attack in c["attacks"]:
+            return float(c["attacks"][attack][key])
+    return None
+
+
+def check_targets(cells: list[dict[str, Any]]) -> list[str]:
+    """Each issue-3 target as 'reached'/'missed'/'not measured', with the measured values."""
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    out = []
+    for b in (1, 2, 4, 8):
+        for a in ("somp", "dager"):
+            r1, r2 = _stat(cells, "short", b, a, "rouge1"), _stat(cells, "short", b, a, "rouge2")
+            state = "not measured" if r1 is None else ("reached" if min(r1, r2) >= 0.99 else "missed")
+            out.append(f"B={b} short, {a}: ROUGE-1/2 >= 0.99 — {state} (R1 {fmt(r1)}, R2 {fmt(r2)})")
+    s16, d16 = _stat(cells, "long", 16, "somp", "rouge1"), _stat(cells, "long", 16, "dager", "rouge1")
+    if s16 is None or d16 is None:
+        state = "not measured"
+    else:
+        state = "reached" if s16 >= 0.90 and s16 >= 1.5 * d16 else "missed"
+    out.append(
+        f"B=16 long: SOMP ROUGE-1 >= 0.90 and >= 1.5x DAGER — {state} (SOMP {fmt(s16)}, DAGER {fmt(d16)})"
+    )
+    for b, goal in ((64, 0.80), (128, 0.60)):
+        v = _stat(cells, "short", b, "somp", "rouge1")
+        state = "not measured" if v is None else ("reached" if v >= goal else "missed")
+        out.append(f"B={b} short: SOMP ROUGE-1 >= {goal:.2f} — {state} ({fmt(v)})")
+    t = _stat(cells, "short", 16, "somp", "attack_seconds")
+    state = "not measured" if t is None else ("reached" if t <= 120 else "missed")
+    shown = "n/a" if t is None else f"{t:.1f} s"
+    out.append(f"B=16 short: SOMP <= 120 s/batch (gradient excluded) — {state} ({shown})")
+    langs = [
+        r
+        for r in ("italian", "spanish", "chinese", "german")
+        if all(_stat(cells, r, b, "somp", "rouge1") is not None for b in (4, 16))
+    ]
+    out.append(
+        f"multilingual rows at B=4 and B=16: {len(langs)}/4 languages measured ({', '.join(langs) or 'none'})"
+    )
+    return out

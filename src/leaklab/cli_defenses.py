@@ -1,0 +1,242 @@
+"""Commands for threat settings and defenses (mounted by the main CLI, e.g. under ``leaklab gradient``).
+
+Defenses are given as ``--defense NAME`` (repeatable, applied in order) with parameters either inline,
+``--defense clip:max_norm=1`` / ``--defense dpsgd:clip=1,epsilon=8``, or as ``--defense-param k=v`` when
+exactly one defense is given.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from leaklab.errors import LeaklabError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+
+SettingOpt = Annotated[str, typer.Option(help="fedsgd, fedavg, lora, dpo, reward or secagg.")]
+DefenseOpt = Annotated[
+    list[str] | None, typer.Option("--defense", help="NAME or NAME:k=v,k=v (repeatable, in order).")
+]
+ParamOpt = Annotated[
+    list[str] | None, typer.Option("--defense-param", help="k=v for the single --defense (repeatable).")
+]
+
+
+def parse_defenses(specs: list[str] | None, params: list[str] | None) -> list:
+    """Defense objects from CLI specs; bare ``--defense-param`` items need exactly one defense."""
+    from leaklab.defenses import parse_defense
+
+    specs = specs or []
+    if params and len(specs) != 1:
+        raise LeaklabError("--defense-param needs exactly one --defense; with several use NAME:k=v,k=v")
+    out = []
+    for spec in specs:
+        name, _, inline = spec.partition(":")
+        items = [x for x in inline.split(",") if x] + (params or [])
+        out.append(parse_defense(name.strip(), items))
+    return out
+
+
+def setting_options(
+    setting: str,
+    minibatch: int | None,
+    clients: int,
+    inner: str,
+    reduce: str,
+    lora_r: int,
+    lora_alpha: int,
+    lora_targets: str,
+    lora_seed: int,
+    pairing: str,
+    beta: float,
+) -> dict[str, Any]:
+    """Only the options the chosen setting (and, for secagg, its inner setting) takes."""
+    from leaklab.threat.settings import OPTIONS
+
+    values = {
+        "minibatch": minibatch,
+        "clients": clients,
+        "inner": inner,
+        "reduce": reduce,
+        "r": lora_r,
+        "alpha": lora_alpha,
+        "targets": lora_targets,
+        "lora_seed": lora_seed,
+        "pairing": pairing,
+        "beta": beta,
+    }
+    keys = set(OPTIONS.get(setting, ())) | (set(OPTIONS.get(inner, ())) if setting == "secagg" else set())
+    return {k: v for k, v in values.items() if k in keys and v is not None}
+
+
+@app.command("update-setting")
+def update_setting_cmd(
+    setting: SettingOpt = "fedsgd",
+    defense: DefenseOpt = None,
+    defense_param: ParamOpt = None,
+    model: Annotated[str, typer.Option(help="Packaged model name, HF folder or hub name.")] = "smollm2-135m",
+    corpus: Annotated[str, typer.Option(help="Corpus name, file, or hf:dataset.")] = "rotten-tomatoes",
+    batch_size: Annotated[int, typer.Option(help="Texts per client (pairs for dpo/reward).")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the batch draw, dropout and noise.")] = 0,
+    out: Annotated[Path, typer.Option(help="Update file to write (.safetensors).")] = Path(
+        "update.safetensors"
+    ),
+    task: Annotated[str, typer.Option(help="next-token or classify.")] = "next-token",
+    num_labels: Annotated[int, typer.Option(help="Classifier labels (classify).")] = 2,
+    init_seed: Annotated[int, typer.Option(help="Seed of randomly initialised model parts.")] = 0,
+    min_tokens: Annotated[int, typer.Option(help="Shortest text, in tokens.")] = 2,
+    max_tokens: Annotated[int, typer.Option(help="Longest text, in tokens.")] = 64,
+    train_mode: Annotated[bool, typer.Option(help="Dropout on during local training.")] = False,
+    batch_size_known: Annotated[bool, typer.Option(help="Server learns the batch size.")] = True,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Local SGD learning rate: share a delta (fedavg; optional for lora/dpo)."),
+    ] = None,
+    local_steps: Annotated[int, typer.Option(help="Local passes over the batch (with --lr).")] = 1,
+    minibatch: Annotated[int | None, typer.Option(help="Texts per local SGD step (default: all).")] = None,
+    clients: Annotated[int, typer.Option(help="secagg: number of clients.")] = 2,
+    inner: Annotated[str, typer.Option(help="secagg: each client's setting.")] = "fedsgd",
+    reduce: Annotated[str, typer.Option(help="secagg: mean or sum.")] = "mean",
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
+    lora_targets: Annotated[str, typer.Option(help="LoRA targets: attention, qv or q.")] = "attention",
+    lora_seed: Annotated[int, typer.Option(help="Seed of the LoRA A init.")] = 0,
+    pairing: Annotated[str, typer.Option(help="dpo/reward pairs: shuffle or label.")] = "shuffle",
+    beta: Annotated[float, typer.Option(help="DPO beta.")] = 0.1,
+) -> None:
+    """Compute one client's update in a threat setting, with defenses, and save it (Secret beside it)."""
+    from leaklab.defenses import defended_update
+    from leaklab.models import ModelRef
+    from leaklab.threat import ThreatFlags, save_update
+    from leaklab.threat.store import secret_path
+
+    defs = parse_defenses(defense, defense_param)
+    ref = ModelRef(model, task, num_labels, init_seed)
+    flags = ThreatFlags(
+        batch_size_known=batch_size_known, train_mode=train_mode, local_steps=local_steps, learning_rate=lr
+    )
+    opts = setting_options(
+        setting, minibatch, clients, inner, reduce, lora_r, lora_alpha, lora_targets, lora_seed, pairing, beta
+    )
+    with console.status(f"computing a {setting} update on {model}"):
+        obs, secret = defended_update(
+            setting, ref, corpus, batch_size, seed, defs, min_tokens, max_tokens, flags, **opts
+        )
+        save_update(out, obs, secret)
+    console.print(f"wrote {out} ({obs.setting}, {len(obs.gradients)} tensors) and {secret_path(out)}")
+    for rec in obs.defenses:
+        eps = f", ε={rec['epsilon']:.3g}" if rec.get("epsilon") is not None else ""
+        console.print(f"  defense {rec['name']} ({rec['side']}) {rec['params']}{eps}")
+
+
+@app.command("apply-defense")
+def apply_defense_cmd(
+    update: Annotated[Path, typer.Argument(help="Update file written by update / update-setting.")],
+    defense: DefenseOpt = None,
+    defense_param: ParamOpt = None,
+    out: Annotated[Path, typer.Option(help="Defended update file to write.")] = Path("defended.safetensors"),
+    seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
+) -> None:
+    """Apply server-side defenses (clip, noise, top-k, frozen embeddings) to a saved update."""
+    from leaklab.defenses import apply_defenses
+    from leaklab.threat import load_secret, load_update, save_update
+
+    defs = parse_defenses(defense, defense_param)
+    if not defs:
+        raise LeaklabError("give at least one --defense")
+    obs = apply_defenses(load_update(update), defs, seed)
+    save_update(out, obs, load_secret(update))
+    console.print(
+        f"wrote {out} ({len(obs.gradients)} tensors; defenses: {[r['name'] for r in obs.defenses]})"
+    )
+
+
+@app.command("defenses")
+def defenses_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the defenses, where each acts, and their parameters."""
+    import dataclasses
+
+    from leaklab.defenses.base import DEFENSES, defense_names
+
+    rows = []
+    for name in defense_names():
+        cls = DEFENSES[name]
+        params = {f.name: f.default for f in dataclasses.fields(cls)}
+        rows.append(
+            {"name": name, "side": cls.side, "params": params, "doc": " ".join((cls.__doc__ or "").split())}
+        )
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title="defenses (--defense NAME:k=v,...)")
+    for col in ("name", "side", "parameters (defaults)", "what it does"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], r["side"], ", ".join(f"{k}={v}" for k, v in r["params"].items()), r["doc"])
+    console.print(table)
+
+
+@app.command("sweep")
+def sweep_cmd(
+    defense: Annotated[str, typer.Option(help="Defense to sweep (see 'defenses').")],
+    values: Annotated[str, typer.Option(help="Comma-separated values of its strength parameter.")] = "",
+    param: Annotated[str | None, typer.Option(help="Parameter the values set (default per defense).")] = None,
+    defense_param: ParamOpt = None,
+    attack: Annotated[str, typer.Option(help="Gradient attack name.")] = "somp",
+    setting: SettingOpt = "fedsgd",
+    model: Annotated[str, typer.Option(help="Model name.")] = "smollm2-135m",
+    corpus: Annotated[str, typer.Option(help="Corpus.")] = "rotten-tomatoes",
+    batch_size: Annotated[int, typer.Option(help="Texts per client.")] = 4,
+    batches: Annotated[int, typer.Option(help="Private batches per value.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the first batch.")] = 0,
+    min_tokens: Annotated[int, typer.Option(help="Shortest text, in tokens.")] = 4,
+    max_tokens: Annotated[int, typer.Option(help="Longest text, in tokens.")] = 32,
+    lr: Annotated[float | None, typer.Option(help="Local SGD learning rate (fedavg).")] = None,
+    local_steps: Annotated[int, typer.Option(help="Local passes (with --lr).")] = 1,
+    server_lr: Annotated[float, typer.Option(help="Step size applying a gradient for utility.")] = 1e-3,
+    utility_texts: Annotated[int, typer.Option(help="Public texts scoring utility.")] = 16,
+    out: Annotated[Path, typer.Option(help="Folder for sweep.json/.md/.png.")] = Path("sweep"),
+) -> None:
+    """Attack ROUGE-1 vs defense strength (and ε) vs utility; writes a table, JSON and a plot."""
+    from leaklab.sweep import sweep
+    from leaklab.threat import ThreatFlags
+
+    fixed = {}
+    for item in defense_param or []:
+        if "=" not in item:
+            raise LeaklabError(f"defense parameter '{item}' is not of the form key=value")
+        k, v = item.split("=", 1)
+        fixed[k.strip().replace("-", "_")] = v.strip()
+    vals = [v.strip() for v in values.split(",") if v.strip()]
+    flags = ThreatFlags(local_steps=local_steps, learning_rate=lr)
+    result = sweep(
+        defense,
+        vals,
+        attack,
+        model,
+        corpus,
+        batch_size,
+        batches,
+        seed,
+        out,
+        setting=setting,
+        param=param,
+        defense_params=fixed,
+        flags=flags,
+        min_tokens=min_tokens,
+        max_tokens=max_tokens,
+        utility_texts=utility_texts,
+        server_lr=server_lr,
+        console=console,
+    )
+    from leaklab.sweep import markdown_table
+
+    console.print(markdown_table(result))
+    console.print(f"wrote {out}/sweep.json, sweep.md, sweep.png")

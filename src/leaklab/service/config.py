@@ -1,0 +1,163 @@
+"""Service configuration (YAML or JSON), validated with errors that name the offending field."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from leaklab.errors import LeaklabError
+from leaklab.service.defenses import Pipeline, as_number, make_pipeline
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Token bucket (rate per second, burst) and daily quotas in requests and tokens; 0 means unlimited."""
+
+    rate: float = 20.0
+    burst: int = 40
+    daily_requests: int = 10_000
+    daily_tokens: int = 1_000_000
+    max_inputs: int = 256
+    max_chars: int = 20_000
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Probe detector: window, score threshold and the action on a flag (flag | throttle | noise)."""
+
+    enabled: bool = True
+    window: int = 64
+    min_queries: int = 16
+    threshold: float = 0.25  # above the 1%-FPR thresholds of benchmarks/service_bench.py (0.15, 0.21)
+    action: str = "flag"
+    throttle_factor: float = 0.1
+    noise_epsilon: float = 50.0
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    corpus: str | None = None
+    limit: int = 2000
+    max_top_k: int = 100
+
+
+@dataclass
+class ServiceConfig:
+    limits: Limits = field(default_factory=Limits)
+    key_limits: dict[str, Limits] = field(default_factory=dict)
+    defenses: Pipeline = field(default_factory=Pipeline)
+    key_defenses: dict[str, Pipeline] = field(default_factory=dict)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    durability: str = "normal"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def limits_for(self, key_name: str) -> Limits:
+        return self.key_limits.get(key_name, self.limits)
+
+    def pipeline_for(self, key_name: str) -> Pipeline:
+        return self.key_defenses.get(key_name, self.defenses)
+
+
+_TOP = {"limits", "defenses", "monitor", "search", "keys", "durability"}
+ACTIONS = ("flag", "throttle", "noise")
+
+
+def _dataclass_from(cls: type, data: Any, where: str, base: Any = None) -> Any:
+    if data is None:
+        return base if base is not None else cls()
+    if not isinstance(data, dict):
+        raise LeaklabError(f"config: '{where}' must be a mapping")
+    valid = {f for f in cls.__dataclass_fields__}
+    extra = set(data) - valid
+    if extra:
+        raise LeaklabError(
+            f"config: '{where}' has unknown field(s) {', '.join(sorted(extra))}; "
+            f"valid: {', '.join(sorted(valid))}"
+        )
+    defaults = base if base is not None else cls()
+    values = {}
+    for name in valid:
+        default = getattr(defaults, name)
+        v = data.get(name, default)
+        if isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise LeaklabError(f"config: '{where}.{name}' must be true or false (got {v!r})")
+        elif isinstance(default, int | float) and default is not None:
+            v = as_number(v, f"config: '{where}.{name}'")
+            if v < 0:
+                raise LeaklabError(f"config: '{where}.{name}' must be a number >= 0 (got {v!r})")
+            if isinstance(default, int) and not isinstance(default, bool) and v != int(v):
+                raise LeaklabError(f"config: '{where}.{name}' must be an integer (got {v!r})")
+            v = type(default)(v)
+        values[name] = v
+    return cls(**values)
+
+
+def parse_config(data: Any, source: str = "config") -> ServiceConfig:
+    """Validate a parsed config mapping into a :class:`ServiceConfig`."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise LeaklabError(f"{source}: the top level must be a mapping with keys {', '.join(sorted(_TOP))}")
+    extra = set(data) - _TOP
+    if extra:
+        raise LeaklabError(
+            f"{source}: unknown top-level field(s) {', '.join(sorted(extra))}; "
+            f"valid: {', '.join(sorted(_TOP))}"
+        )
+    limits = _dataclass_from(Limits, data.get("limits"), "limits")
+    if limits.rate <= 0 or limits.burst < 1:
+        raise LeaklabError("config: 'limits.rate' must be > 0 and 'limits.burst' >= 1")
+    monitor = _dataclass_from(MonitorConfig, data.get("monitor"), "monitor")
+    if monitor.action not in ACTIONS:
+        raise LeaklabError(
+            f"config: 'monitor.action' must be one of {', '.join(ACTIONS)} (got {monitor.action!r})"
+        )
+    search = _dataclass_from(SearchConfig, data.get("search"), "search")
+    durability = data.get("durability", "normal")
+    if durability not in ("normal", "full"):
+        raise LeaklabError(f"config: 'durability' must be 'normal' or 'full' (got {durability!r})")
+    cfg = ServiceConfig(
+        limits=limits,
+        defenses=make_pipeline(data.get("defenses"), "defenses"),
+        monitor=monitor,
+        search=search,
+        durability=durability,
+        raw=data,
+    )
+    keys = data.get("keys") or {}
+    if not isinstance(keys, dict):
+        raise LeaklabError("config: 'keys' must map key names to {limits: ..., defenses: [...]}")
+    for name, per in keys.items():
+        if not isinstance(per, dict) or set(per) - {"limits", "defenses"}:
+            raise LeaklabError(f"config: 'keys.{name}' may only hold 'limits' and 'defenses'")
+        if "limits" in per:
+            cfg.key_limits[name] = _dataclass_from(Limits, per["limits"], f"keys.{name}.limits", base=limits)
+        if "defenses" in per:
+            cfg.key_defenses[name] = make_pipeline(per["defenses"], f"keys.{name}.defenses")
+    return cfg
+
+
+def load_config(path: str | Path | None) -> ServiceConfig:
+    """Read a YAML (.yaml/.yml) or JSON config file; no path means the defaults (no defenses)."""
+    if path is None:
+        return parse_config({})
+    p = Path(path)
+    if not p.is_file():
+        raise LeaklabError(f"config file {p} not found")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
+        raise LeaklabError(
+            f"{p}: not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    return parse_config(data, str(p))

@@ -1,0 +1,140 @@
+"""Sentence encoders the service serves: the packaged MiniLM, a tiny random BERT, a fast hashing encoder."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+from leaklab.errors import UnknownNameError
+
+
+@dataclass
+class Encoder:
+    """Texts -> L2-normalised float32 vectors (n, dim); ``count_tokens`` uses the encoder's own tokenizer."""
+
+    name: str
+    dim: int
+    max_seq_len: int
+    tokenizer: object
+    _embed: Callable[[list[str]], np.ndarray]
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with self._lock:  # torch modules and the table lookups are not re-entrant across request threads
+            vecs = np.asarray(self._embed(list(texts)), dtype=np.float32)
+        return normalise(vecs)
+
+    def token_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
+        return list(ids)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        enc = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+        return [len(e) for e in enc]
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.where(norms == 0, 1.0, norms)).astype(np.float32)
+
+
+def _minilm() -> Encoder:
+    from sentence_transformers import SentenceTransformer
+
+    from leaklab.models.registry import minilm_dir
+
+    st = SentenceTransformer(str(minilm_dir()), device="cpu")
+    return Encoder(
+        "minilm-l6",
+        int(st.get_embedding_dimension()),
+        int(st.max_seq_length),
+        st.tokenizer,
+        lambda texts: st.encode(texts, batch_size=64, convert_to_numpy=True, show_progress_bar=False),
+    )
+
+
+def _tiny_bert() -> Encoder:
+    """Mean pooling over the last hidden states of the packaged 2-layer random-init BERT (d=128)."""
+    import torch
+
+    from leaklab.models import load_model
+
+    loaded = load_model("tiny-bert", task="classify")
+    model, tok = loaded.model, loaded.tokenizer
+    base = getattr(model, model.base_model_prefix, model)
+
+    def embed(texts: list[str]) -> np.ndarray:
+        batch = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        with torch.no_grad():
+            hidden = base(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy()
+
+    return Encoder("tiny-bert", int(base.config.hidden_size), 128, tok, embed)
+
+
+def _hashing(dim: int = 128, max_seq_len: int = 128) -> Encoder:
+    """Bag of unigrams and bigrams over MiniLM WordPiece ids, each hashed to a fixed random Gaussian vector,
+    truncated at ``max_seq_len`` - 2 tokens (room for [CLS]/[SEP], as BERT): fast and order-aware."""
+    from leaklab.models.registry import minilm_tokenizer
+
+    tok = minilm_tokenizer()
+    rng = np.random.default_rng(20240601)
+    table = rng.standard_normal((len(tok), dim)).astype(np.float32)
+    bigram = rng.standard_normal((4096, dim)).astype(np.float32) * 0.5
+
+    def embed(texts: list[str]) -> np.ndarray:
+        enc = tok(texts, add_special_tokens=False, truncation=True, max_length=max_seq_len - 2)["input_ids"]
+        out = np.zeros((len(texts), dim), dtype=np.float32)
+        for i, ids in enumerate(enc):
+            if not ids:
+                continue
+            out[i] = table[ids].sum(0)
+            if len(ids) > 1:
+                a = np.asarray(ids[:-1], dtype=np.int64)
+                b = np.asarray(ids[1:], dtype=np.int64)
+                out[i] += bigram[(a * 1000003 + b) % 4096].sum(0)
+        return out
+
+    return Encoder("hashing", dim, max_seq_len, tok, embed)
+
+
+ENCODERS: dict[str, tuple[str, Callable[[], Encoder]]] = {
+    "minilm-l6": ("all-MiniLM-L6-v2 via sentence-transformers (d=384, max 256 tokens)", _minilm),
+    "tiny-bert": ("2-layer random-init BERT, mean pooling (d=128); fast tests", _tiny_bert),
+    "hashing": (
+        "hashed WordPiece unigram+bigram encoder (d=128, max 128 tokens); fastest, for load tests",
+        _hashing,
+    ),
+}
+
+
+def encoder_names() -> list[str]:
+    return list(ENCODERS)
+
+
+@cache
+def load_encoder(name: str) -> Encoder:
+    """The encoder registered as ``name`` (memoised)."""
+    if name not in ENCODERS:
+        raise UnknownNameError("encoder", name, encoder_names())
+    return ENCODERS[name][1]()
+
+
+def vector_hash(vec: np.ndarray) -> str:
+    """SHA-256 (first 16 hex) of the float32 bytes of a vector: equal hashes mean bit-identical responses."""
+    return hashlib.sha256(np.ascontiguousarray(vec, dtype=np.float32).tobytes()).hexdigest()[:16]
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

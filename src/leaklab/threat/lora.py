@@ -1,0 +1,116 @@
+"""Victim side, LoRA (peft): only the adapter matrices train, and only their gradients or deltas are shared.
+
+With W' = W + (α/r)·B·A, peft initialises A at random (Kaiming-uniform) and B = 0, so at the first step
+∂L/∂A = 0 and only ∂L/∂B carries signal. The target modules are the attention projections the family
+adapter finds (no name whitelist); the Observation's ``meta["lora"]`` records r, α, the target modules and
+the seed of A's initialisation, so an attacker rebuilds the identical adapted model with
+:func:`lora_model`. For classification the seeded head stays frozen as well (no ``modules_to_save``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from leaklab.errors import LeaklabError, UnknownNameError
+from leaklab.models.registry import LoadedModel, ModelRef, load_model
+from leaklab.threat.local import ClientHook, TextObjective, client_step, package, text_batch
+from leaklab.threat.observation import Observation, Secret, ThreatFlags
+
+TARGETS = {"attention": "qkv", "qv": "qv", "q": "q"}
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Adapter shape: rank r, scale α, which attention projections, and the seed of A's random init."""
+
+    r: int = 8
+    alpha: int = 16
+    targets: str = "attention"
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.targets not in TARGETS:
+            raise UnknownNameError("LoRA target set", self.targets, list(TARGETS))
+        if self.r < 1:
+            raise LeaklabError(f"LoRA rank must be >= 1, got {self.r}")
+
+    def meta(self, loaded: LoadedModel) -> dict[str, Any]:
+        modules, transposed = target_modules(loaded, self.targets)
+        return {
+            "r": self.r,
+            "alpha": self.alpha,
+            "dropout": 0.0,
+            "targets": self.targets,
+            "target_modules": modules,
+            "fan_in_fan_out": transposed,
+            "init_seed": self.init_seed,
+        }
+
+
+def target_modules(loaded: LoadedModel, targets: str) -> tuple[list[str], bool]:
+    """Module names of the chosen attention projections in every layer (fused QKV counted once)."""
+    names: list[str] = []
+    transposed = False
+    for layer in loaded.adapter.projections:
+        for key, proj in layer:
+            if key in TARGETS[targets]:
+                name = proj.param.removesuffix(".weight")
+                transposed = transposed or proj.transposed
+                if name not in names:
+                    names.append(name)
+    return names, transposed
+
+
+_LORA: dict[tuple[ModelRef, str], nn.Module] = {}
+
+
+def lora_model(ref: ModelRef, meta: dict[str, Any]) -> nn.Module:
+    """The adapted model a LoRA update refers to (memoised, eval mode; rebuilt identically from the meta)."""
+    key = (ref, json.dumps(meta, sort_keys=True))
+    if key in _LORA:
+        return _LORA[key]
+    from peft import LoraConfig, get_peft_model
+
+    base = copy.deepcopy(load_model(ref).model)
+    config = LoraConfig(
+        r=meta["r"],
+        lora_alpha=meta["alpha"],
+        lora_dropout=meta["dropout"],
+        target_modules=list(meta["target_modules"]),
+        fan_in_fan_out=meta["fan_in_fan_out"],
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(meta["init_seed"])
+        model = get_peft_model(base, config)
+    model.eval()
+    _LORA[key] = model
+    return model
+
+
+def lora_update(
+    model: ModelRef,
+    texts: list[str],
+    labels: list[int] | None = None,
+    flags: ThreatFlags | None = None,
+    seed: int = 0,
+    spec: LoraSpec | None = None,
+    minibatch: int | None = None,
+    hooks: Sequence[ClientHook] = (),
+) -> tuple[Observation, Secret]:
+    """Adapter gradients (``flags.learning_rate`` None: FedSGD-style) or adapter deltas Δ = θ_0 − θ_k after
+    ``flags.local_steps`` SGD passes (FedAvg-style); every other weight stays frozen and unshared."""
+    flags = flags or ThreatFlags()
+    spec = spec or LoraSpec()
+    loaded = load_model(model)
+    meta = spec.meta(loaded)
+    adapted = lora_model(model, meta)
+    batch, ids, labs = text_batch(loaded, texts, labels)
+    grads, info = client_step(adapted, TextObjective(batch, model.task), hooks, flags, seed, minibatch)
+    return package("lora", model, grads, flags, texts, ids, labs, {"lora": meta, **info})
