@@ -25,14 +25,22 @@ app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 
-# Sub-command groups live in their own modules (leaklab.cli_<name>) and expose `app`; they are mounted here.
-SUBCOMMANDS = {
-    "gradient": "Gradient inversion attacks and benchmarks.",
-    "embed": "Embedding inversion attacks and benchmarks.",
-    "keys": "API keys of the embedding service.",
-    "monitor": "Probe detection reports of the embedding service.",
-    "signals": "Red-team signals over vector dumps.",
+# Sub-command groups are built from modules leaklab.cli_<name> that define `app` (their commands merge
+# into the group) and from plain functions mounted as single commands.
+GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "gradient": (
+        "Gradient inversion: attacks, threat settings, defenses, sweeps, benchmarks.",
+        ("cli_gradient", "cli_defenses", "cli_gradient_bench"),
+    ),
+    "embed": ("Embedding inversion attacks, benchmarks and API-defense evaluation.", ("cli_embed",)),
+    "keys": ("API keys of the embedding service.", ("cli_keys",)),
+    "monitor": ("Probe detection reports of the embedding service.", ("cli_monitor",)),
+    "signals": ("Red-team signals over vector dumps and the service log.", ("cli_signals",)),
 }
+FUNCTIONS: tuple[tuple[str | None, str, str, str], ...] = (
+    (None, "serve", "cli_serve", "serve"),
+    ("embed", "defend-eval", "cli_defend", "defend_eval"),
+)
 
 
 def _version(value: bool) -> None:
@@ -156,21 +164,29 @@ def demo_cmd(
     show_run(summary, console)
 
 
-def _mount_subcommands() -> None:
-    for name, help_text in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(f"leaklab.cli_{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"leaklab.cli_{name}":
-                continue
-            raise
-        app.add_typer(module.app, name=name, help=help_text)
+def _optional_module(name: str):
     try:
-        serve = importlib.import_module("leaklab.cli_serve")
-        app.command("serve")(serve.serve)
+        return importlib.import_module(f"leaklab.{name}")
     except ModuleNotFoundError as exc:
-        if exc.name != "leaklab.cli_serve":
-            raise
+        if exc.name == f"leaklab.{name}":
+            return None
+        raise
+
+
+def _mount_subcommands() -> None:
+    groups: dict[str, typer.Typer] = {}
+    for group, (help_text, modules) in GROUPS.items():
+        sub = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+        for name in modules:
+            module = _optional_module(name)
+            if module is not None:
+                sub.registered_commands.extend(module.app.registered_commands)
+        groups[group] = sub
+        app.add_typer(sub, name=group, help=help_text)
+    for group, command, module_name, func in FUNCTIONS:
+        module = _optional_module(module_name)
+        if module is not None:
+            (groups[group] if group else app).command(command)(getattr(module, func))
 
 
 _mount_subcommands()

@@ -1,0 +1,155 @@
+"""Known-plaintext alignment (ALGEN idea): from k leaked (text, victim vector) pairs, map the victim's space
+onto a local encoder's space, then run the local attacks through the map.
+
+- Procrustes: W = argmin_{WᵀW=I} ||X W − Y||_F = U Vᵀ with U Σ Vᵀ = SVD(Xᵀ Y) (needs equal dimensions).
+- ridge: W = (XᵀX + λI)⁻¹ Xᵀ Y (any dimensions; λ scaled by trace(XᵀX)/d).
+X: victim vectors of the leaked texts, Y: the local encoder's vectors of the same texts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from leaklab.attacks.embedding.registry import AttackReport, Scenario, option, register_embed_attack
+from leaklab.corpora.sampling import eligible
+from leaklab.encoders import (
+    Encoder,
+    TransformedEncoder,
+    cached_embed,
+    check_texts,
+    check_vectors,
+    load_encoder,
+    random_rotation,
+)
+from leaklab.errors import LeaklabError, UnknownNameError
+from leaklab.metrics.embedding import cosine_rows, score_inversion
+
+METHODS = ("procrustes", "ridge")
+
+
+class Alignment:
+    """A linear map from victim vectors to local-encoder vectors, fitted on k leaked pairs."""
+
+    def __init__(self, method: str = "procrustes", ridge: float = 1e-2) -> None:
+        if method not in METHODS:
+            raise UnknownNameError("alignment method", method, list(METHODS))
+        self.method, self.ridge = method, ridge
+        self.matrix: np.ndarray | None = None
+
+    def fit(self, victim: np.ndarray, local: np.ndarray) -> Alignment:
+        x = check_vectors(victim, np.shape(victim)[-1], "leaked victim vectors")
+        y = check_vectors(local, np.shape(local)[-1], "local vectors")
+        if len(x) != len(y):
+            raise LeaklabError(f"{len(x)} victim vectors but {len(y)} local vectors of the leaked texts")
+        x64, y64 = x.astype(np.float64), y.astype(np.float64)
+        if self.method == "procrustes":
+            if x.shape[1] != y.shape[1]:
+                raise LeaklabError(f"Procrustes needs equal dimensions (victim {x.shape[1]}, local {y.shape[1]}); "
+                                   "use --method ridge")
+            from scipy.linalg import orthogonal_procrustes
+
+            self.matrix, _ = orthogonal_procrustes(x64, y64)
+        else:
+            gram = x64.T @ x64
+            lam = self.ridge * np.trace(gram) / gram.shape[0]
+            self.matrix = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), x64.T @ y64)
+        return self
+
+    def transform(self, victim: np.ndarray) -> np.ndarray:
+        if self.matrix is None:
+            raise LeaklabError("alignment is not fitted")
+        x = check_vectors(victim, self.matrix.shape[0], "victim vectors")
+        out = x.astype(np.float64) @ self.matrix
+        return (out / np.linalg.norm(out, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
+
+
+def leaked_pairs(victim: Encoder, texts: list[str], k: int) -> tuple[list[str], np.ndarray]:
+    """The first k (text, victim vector) pairs the attacker holds; asking for more than exist is an error."""
+    texts = check_texts(texts, "leaked pairs")
+    if k < 1:
+        raise LeaklabError(f"k must be >= 1, got {k}")
+    if k > len(texts):
+        raise LeaklabError(f"k={k} leaked pairs requested but only {len(texts)} are available")
+    return texts[:k], victim.embed(texts[:k])
+
+
+def victim_encoder(scn: Scenario, local: Encoder) -> Encoder:
+    """The victim behind a secret rotation (default) of the scenario's encoder, or another encoder."""
+    other = scn.options.get("victim")
+    base = load_encoder(other, api_key=scn.api_key) if other else scn.victim
+    transform = option(scn, "transform", "rotation")
+    if transform == "rotation":
+        return TransformedEncoder(base, random_rotation(base.dim, scn.seed + 1), option(scn, "noise", 0.0),
+                                  seed=scn.seed, name=f"{base.name}+secret-rotation")
+    if transform == "none":
+        return base
+    raise UnknownNameError("victim transform", transform, ["rotation", "none"])
+
+
+def _inner_attack(name: str, scn: Scenario, local: Encoder, mapped: np.ndarray, true: list[str],
+                  cache: dict[str, Any]) -> dict[str, Any]:
+    """Run a local attack (trained / built on the local encoder's public pairs) on mapped vectors."""
+    if name == "nearest":
+        from leaklab.attacks.embedding.nearest import NearestNeighbour
+
+        if "nn" not in cache:
+            texts, vecs = scn.public_pairs(local)
+            cache["nn"] = NearestNeighbour(local, texts, candidate_vectors=vecs)
+        pred = cache["nn"].run(mapped).texts
+    elif name == "bow":
+        from leaklab.attacks.embedding.bow import train_bow
+
+        if "bow" not in cache:
+            cache["bow"] = train_bow(scn, local)[0]
+        pred = cache["bow"].invert(mapped)
+    elif name == "decoder":
+        from leaklab.attacks.embedding.decoder import train_decoder
+
+        if "dec" not in cache:
+            cache["dec"] = train_decoder(scn, local)[0]
+        pred = cache["dec"].invert(mapped, local, steps=option(scn, "steps", 1))
+    elif name == "whitebox":
+        from leaklab.attacks.embedding.whitebox import WhiteBoxInverter
+
+        pred = WhiteBoxInverter(local, steps=option(scn, "wb_steps", 60), refine_rounds=3).invert(mapped)[0]
+    else:
+        raise UnknownNameError("inner attack", name, ["nearest", "bow", "decoder", "whitebox"])
+    out = score_inversion(pred, true)
+    out.pop("per_item_f1")
+    return out
+
+
+@register_embed_attack("alignment", "Procrustes/ridge map from k leaked pairs, then local attacks through it",
+                       "k leaked (text, vector) pairs + leaked vectors + a local encoder")
+def evaluate(scn: Scenario) -> AttackReport:
+    local = load_encoder(option(scn, "local", scn.encoder))
+    victim = victim_encoder(scn, local)
+    ks = [int(k) for k in str(option(scn, "k", "16,64,256,1024")).split(",")]
+    inner = [a for a in str(option(scn, "inner", "nearest,bow")).split(",") if a]
+    method = option(scn, "method", "procrustes")
+    available = len(eligible(scn.corpus_obj, scn.tokenizer, scn.min_tokens, scn.max_tokens, "private")) - scn.n
+    if max(ks) > available:
+        raise LeaklabError(f"k={max(ks)} leaked pairs requested but only {max(available, 0)} private texts "
+                           "besides the targets are available")
+    sample = scn.private(n=scn.n + max(ks))
+    targets_text, pool = sample.texts[: scn.n], sample.texts[scn.n:]
+    targets = victim.embed(targets_text)
+    true_local = local.embed(targets_text)  # scoring only
+    leaked_texts, leaked_vecs = leaked_pairs(victim, pool, max(ks))  # what leaked; no attacker query
+    before = local.usage.snapshot()
+    rows, cache = [], {}
+    leaked_local = cached_embed(local, leaked_texts)
+    for k in ks:
+        align = Alignment(method, option(scn, "ridge", 1e-2)).fit(leaked_vecs[:k], leaked_local[:k])
+        mapped = align.transform(targets)
+        row = {"k": k, "mapped_cosine": float(cosine_rows(mapped, true_local).mean())}
+        for name in inner:
+            row[name] = _inner_attack(name, scn, local, mapped, targets_text, cache)
+        rows.append(row)
+    metrics = {"method": method, "sweep": rows, "victim": victim.name, "local": local.name}
+    usage = {"victim_queries": 0, **{f"local_{k}": v for k, v in local.usage.since(before).items()}}
+    return AttackReport("alignment", scn.to_dict(), metrics, usage, 0.0,
+                        {"leaked_pairs": "private texts disjoint from the targets", "inner_attacks": inner,
+                         "victim_queries": "none: only the leaked pairs and vectors"})

@@ -1,0 +1,122 @@
+"""Topic recovery from probes: the attacker sends many probe texts to a similarity search over hidden
+documents, sees which ids come back with which scores, and clusters the hidden documents.
+
+Each hidden document d is represented by the score-weighted mean of the probe vectors that retrieved it,
+r_d = Σ_j w_jd φ(q_j) with w_jd = exp(s_jd / τ) over the probes j returning d; k-means on r_d gives topics,
+named by the most frequent words of their strongest probes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from leaklab.attacks.embedding.kb import HiddenKB, SearchIndex
+from leaklab.attacks.embedding.registry import AttackReport, Scenario, option, register_embed_attack
+from leaklab.encoders import check_texts, check_vectors
+from leaklab.errors import LeaklabError
+from leaklab.metrics.embedding import cosine_rows, words
+
+_STOP = frozenset(["the", "a", "an", "and", "of", "to", "in", "is", "it", "that", "for", "on", "was", "with", "as", "at", "by", "be", "this", "are", "from", "has", "have", "had", "but", "not", "its", "his", "her", "their", "they", "he", "she", "we", "you", "i", "s", "said", "will", "would", "been", "which", "who", "or", "were"])
+
+
+@dataclass
+class Clusters:
+    doc_ids: list[str]
+    labels: np.ndarray
+    representations: np.ndarray
+    keywords: dict[int, list[str]]
+
+
+class ProbeClustering:
+    """Cluster hidden documents by the probes that retrieve them."""
+
+    name = "clustering"
+
+    def __init__(self, probe_texts: list[str], probe_vectors: np.ndarray, clusters: int = 5, top_k: int = 10,
+                 temperature: float = 0.05, seed: int = 0) -> None:
+        self.probes = check_texts(probe_texts, "probe texts")
+        if len(self.probes) != len(probe_texts):
+            raise LeaklabError("probe texts contain empty entries")
+        self.vectors = check_vectors(probe_vectors, np.shape(probe_vectors)[-1], "probe vectors")
+        if len(self.vectors) != len(self.probes):
+            raise LeaklabError(f"{len(self.probes)} probes but {len(self.vectors)} probe vectors")
+        if clusters < 1:
+            raise LeaklabError(f"clusters must be >= 1, got {clusters}")
+        self.k, self.top_k, self.tau, self.seed = clusters, top_k, temperature, seed
+
+    def run(self, kb: SearchIndex) -> Clusters:
+        hits = kb.search(self.probes, self.top_k)
+        by_doc: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        for j, row in enumerate(hits):
+            for doc_id, score in row:
+                by_doc[doc_id].append((j, score))
+        if len(by_doc) < self.k:
+            raise LeaklabError(f"the probes retrieved {len(by_doc)} documents, fewer than {self.k} clusters")
+        ids = sorted(by_doc)
+        reps = np.stack([self._represent(by_doc[d]) for d in ids])
+        from sklearn.cluster import KMeans
+
+        labels = KMeans(self.k, n_init=10, random_state=self.seed).fit_predict(reps)
+        keywords = {c: self._keywords([by_doc[d] for d, lab in zip(ids, labels, strict=True) if lab == c])
+                    for c in range(self.k)}
+        return Clusters(ids, labels, reps, keywords)
+
+    def _represent(self, hits: list[tuple[int, float]]) -> np.ndarray:
+        idx = np.array([j for j, _ in hits])
+        s = np.array([x for _, x in hits])
+        w = np.exp((s - s.max()) / self.tau)
+        r = (w[:, None] * self.vectors[idx]).sum(0)
+        return r / max(np.linalg.norm(r), 1e-12)
+
+    def _keywords(self, groups: list[list[tuple[int, float]]], n: int = 8) -> list[str]:
+        counts: Counter[str] = Counter()
+        for hits in groups:
+            for j, _ in sorted(hits, key=lambda h: -h[1])[:3]:
+                counts.update(w for w in set(words(self.probes[j])) if w not in _STOP and len(w) > 2)
+        return [w for w, _ in counts.most_common(n)]
+
+
+@register_embed_attack("clustering", "cluster hidden documents by the probe queries that retrieve them",
+                       "search endpoint only + probe vectors from the embedding API")
+def evaluate(scn: Scenario) -> AttackReport:
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from leaklab.corpora import load_corpus
+
+    kb_corpus = option(scn, "kb_corpus", "bbc-news:paragraphs")
+    sub = Scenario(scn.encoder, kb_corpus, scn.n, scn.seed,
+                   scn.min_tokens, option(scn, "kb_max_tokens", 64), api_key=scn.api_key)
+    sub.victim = scn.victim  # same encoder object
+    sub.corpus_obj = load_corpus(kb_corpus)
+    sample = sub.private()
+    labels_true = np.array(sample.labels)
+    kb = HiddenKB(sample.texts, scn.victim, max_top_k=100)
+    before = scn.victim.usage.snapshot()
+    probes = sub.public_texts(limit=option(scn, "probes", 400))
+    k = option(scn, "clusters", len(set(sample.labels)))
+    attack = ProbeClustering(probes, scn.victim.embed(probes), clusters=k, top_k=option(scn, "top_k", 10),
+                             seed=scn.seed)
+    res = attack.run(kb)
+    usage = scn.victim.usage.since(before)
+    usage["search_queries"] = kb.queries
+    pos = {d: i for i, d in enumerate(kb.ids)}
+    idx = np.array([pos[d] for d in res.doc_ids])
+    true_vecs = scn.victim.embed(sample.texts)  # scoring only
+    oracle = KMeans(k, n_init=10, random_state=scn.seed).fit_predict(true_vecs)
+    metrics = {
+        "docs": len(sample.texts), "docs_retrieved": len(res.doc_ids), "clusters": k,
+        "nmi": float(normalized_mutual_info_score(labels_true[idx], res.labels)),
+        "ari": float(adjusted_rand_score(labels_true[idx], res.labels)),
+        "oracle_nmi": float(normalized_mutual_info_score(labels_true, oracle)),
+        "representation_cosine": float(cosine_rows(res.representations, true_vecs[idx]).mean()),
+        "keywords": {str(c): kw for c, kw in res.keywords.items()},
+        "true_topics": {str(c): Counter(sub.corpus_obj.label_names[labels_true[i]] for i in idx[res.labels == c])
+                        .most_common(1)[0][0] for c in range(k) if (res.labels == c).any()},
+    }
+    return AttackReport("clustering", scn.to_dict() | {"kb_corpus": kb_corpus}, metrics, usage, 0.0,
+                        {"access": "query texts -> top-k ids and scores; probes from the public split",
+                         "oracle": "k-means on the true document vectors (upper bound, not an attack)"})

@@ -1,0 +1,258 @@
+"""Generative inversion: a small decoder conditioned on the vector, trained on the fly on public text, then
+iterative correction (vec2text's idea, without a second model).
+
+- decoder: GRU language model over the encoder's word pieces; h_0 = tanh(W v) and v's projection is fed at
+  every step, so p(x | v) = Π_t p(x_t | x_<t, v); trained by cross-entropy on public (text, φ(text)) pairs.
+- correction: each round re-embeds the hypotheses h (black-box queries, counted), decodes again from the
+  pushed target u = v + α (v − φ(h)) and tries dropping each word; the ``beam`` hypotheses closest to v
+  (cosine) survive.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from leaklab.attacks.embedding.registry import (
+    AttackReport,
+    Scenario,
+    examples,
+    load_inverter_files,
+    load_or_train,
+    option,
+    register_embed_attack,
+    save_inverter,
+    victim_targets,
+)
+from leaklab.encoders import Encoder, check_texts, check_vectors
+from leaklab.errors import LeaklabError
+from leaklab.metrics.embedding import cosine_rows, score_inversion
+
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+
+
+class GRUDecoder(nn.Module):
+    """p(x_t | x_<t, v) with h_0 = tanh(W_h v) and [E x_{t-1}; W_c v] as the step input; tied output."""
+
+    def __init__(self, dim: int, vocab: int, emb: int = 192, hidden: int = 384) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, emb, padding_idx=PAD)
+        self.init_h = nn.Linear(dim, hidden)
+        self.cond = nn.Linear(dim, emb)
+        self.gru = nn.GRU(2 * emb, hidden, batch_first=True)
+        self.proj = nn.Linear(hidden, emb)
+
+    def forward(self, v: torch.Tensor, inputs: torch.Tensor, h: torch.Tensor | None = None):
+        x = self.embed(inputs)
+        c = self.cond(v).unsqueeze(1).expand(-1, x.shape[1], -1)
+        if h is None:
+            h = torch.tanh(self.init_h(v)).unsqueeze(0)
+        out, h = self.gru(torch.cat([x, c], -1), h)
+        return self.proj(out) @ self.embed.weight.T, h
+
+
+class DecoderInverter:
+    """Train, decode (beam search) and correct with re-embedding."""
+
+    kind = "decoder"
+
+    def __init__(self, dim: int, piece_ids: list[int], tokenizer: Any, emb: int = 192, hidden: int = 384,
+                 max_len: int = 34, encoder: str = "") -> None:
+        if not piece_ids:
+            raise LeaklabError("decoder vocabulary is empty")
+        self.dim, self.piece_ids, self.tokenizer = dim, list(piece_ids), tokenizer
+        self.emb, self.hidden, self.max_len, self.encoder = emb, hidden, max_len, encoder
+        self.to_local = {p: i + 4 for i, p in enumerate(self.piece_ids)}
+        torch.manual_seed(0)
+        self.model = GRUDecoder(dim, len(self.piece_ids) + 4, emb, hidden)
+
+    # -- data
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [[self.to_local.get(i, UNK) for i in row][: self.max_len - 1] + [EOS] for row in ids]
+
+    def decode(self, local: list[int]) -> str:
+        pieces = [self.piece_ids[i - 4] for i in local if i >= 4]
+        return self.tokenizer.decode(pieces, skip_special_tokens=True)
+
+    # -- training
+    def fit(self, texts: list[str], vectors: np.ndarray, seconds: float = 180.0, epochs: int = 50,
+            batch_size: int = 32, lr: float = 3e-3, seed: int = 0) -> dict[str, Any]:
+        """Teacher-forced cross-entropy on public pairs, length-bucketed batches; stops at ``seconds``."""
+        texts = check_texts(texts, "training corpus")
+        v = torch.from_numpy(check_vectors(vectors, self.dim, "training vectors"))
+        if len(texts) != len(v):
+            raise LeaklabError(f"{len(texts)} training texts but {len(v)} vectors")
+        seqs = self.encode(texts)
+        order = np.argsort([len(s) for s in seqs], kind="stable")
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        rng = np.random.default_rng(seed)
+        opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=1e-4)
+        crit = nn.CrossEntropyLoss(ignore_index=PAD, label_smoothing=0.02)
+        start, steps, done, last = time.perf_counter(), 0, 0, float("nan")
+        self.model.train()
+        while done < epochs and time.perf_counter() - start < seconds:
+            for bi in rng.permutation(len(batches)):
+                idx = batches[bi]
+                width = max(len(seqs[i]) for i in idx)
+                tgt = torch.tensor([seqs[i] + [PAD] * (width - len(seqs[i])) for i in idx])
+                inp = torch.cat([torch.full((len(idx), 1), BOS), tgt[:, :-1]], 1)
+                logits, _ = self.model(v[idx], inp)
+                loss = crit(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+                opt.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                opt.step()
+                steps, last = steps + 1, loss.item()
+                if time.perf_counter() - start > seconds:
+                    break
+            done += 1
+        self.model.eval()
+        return {"train_pairs": len(texts), "steps": steps, "epochs_started": done, "final_loss": round(last, 4),
+                "train_seconds": round(time.perf_counter() - start, 1)}
+
+    # -- decoding
+    @torch.no_grad()
+    def beam_search(self, vectors: np.ndarray, beam: int = 4) -> list[list[str]]:
+        """The ``beam`` most probable texts (by length-normalised log p(x | v)) for each vector."""
+        v = torch.from_numpy(check_vectors(vectors, self.dim, "vectors"))
+        out = []
+        for row in v:
+            out.append([self.decode(s) for s in self._beam_one(row, beam)])
+        return out
+
+    def _beam_one(self, v: torch.Tensor, beam: int) -> list[list[int]]:
+        alive: list[tuple[float, list[int], torch.Tensor | None]] = [(0.0, [BOS], None)]
+        done: list[tuple[float, list[int]]] = []
+        for _ in range(self.max_len):
+            if not alive:
+                break
+            inputs = torch.tensor([[s[-1]] for _, s, _ in alive])
+            h = None if alive[0][2] is None else torch.cat([hh for _, _, hh in alive], 1)
+            logits, h_new = self.model(v.expand(len(alive), -1), inputs, h)
+            logp = torch.log_softmax(logits[:, -1], -1)
+            logp[:, [PAD, BOS, UNK]] = -1e9
+            scores = torch.tensor([s for s, _, _ in alive])[:, None] + logp
+            top = torch.topk(scores.flatten(), min(beam * 2, scores.numel()))
+            nxt = []
+            for sc, flat in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+                bi, tok = divmod(flat, logp.shape[1])
+                seq = alive[bi][1] + [tok]
+                if tok == EOS:
+                    done.append((sc / len(seq), seq))
+                elif len(nxt) < beam:
+                    nxt.append((sc, seq, h_new[:, bi:bi + 1]))
+            alive = nxt
+            if len(done) >= beam:
+                break
+        done.extend((sc / len(seq), seq) for sc, seq, _ in alive)
+        return [s for _, s in sorted(done, key=lambda d: -d[0])[:beam]]
+
+    def invert(self, vectors: np.ndarray, encoder: Encoder | None = None, steps: int = 3, beam: int = 4,
+               alpha: float = 1.0, seeds: list[list[str]] | None = None) -> list[str]:
+        """Best beam hypothesis, then ``steps`` rounds of correction by re-embedding through ``encoder``
+        (``seeds``: extra starting hypotheses per vector, e.g. its nearest public texts)."""
+        v = check_vectors(vectors, self.dim, "target vectors")
+        hyps = self.beam_search(v, beam)
+        if encoder is None or steps <= 0:
+            return [h[0] for h in hyps]
+        if seeds is not None:
+            hyps = [h + list(s) for h, s in zip(hyps, seeds, strict=True)]
+        return [self._correct(v[i], hyps[i], encoder, steps, beam, alpha) for i in range(len(v))]
+
+    def _correct(self, v: np.ndarray, first: list[str], encoder: Encoder, steps: int, beam: int,
+                 alpha: float) -> str:
+        scored: dict[str, float] = {}
+
+        def score(cands: list[str]) -> None:
+            new = list(dict.fromkeys(c for c in cands if c.strip() and c not in scored))
+            if new:
+                sims = cosine_rows(encoder.embed(new), np.repeat(v[None], len(new), 0))
+                scored.update(zip(new, sims.tolist(), strict=True))
+
+        score(first)
+        for _ in range(steps):
+            best = sorted(scored, key=lambda t: -scored[t])[:beam]
+            emb = encoder.embed(best)
+            pushed = v[None] + alpha * (v[None] - emb)
+            cands = [h for row in self.beam_search(pushed.astype(np.float32), beam) for h in row]
+            for b in best:
+                w = b.split()
+                cands.extend(" ".join(w[:i] + w[i + 1:]) for i in range(len(w)) if len(w) > 1)
+            before = len(scored)
+            score(cands)
+            if len(scored) == before:
+                break
+        return max(scored, key=lambda t: scored[t])
+
+    # -- persistence
+    def save(self, folder: str | Path) -> Path:
+        return save_inverter(folder, self.kind, self.model.state_dict(),
+                             {"dim": self.dim, "piece_ids": self.piece_ids, "emb": self.emb, "hidden": self.hidden,
+                              "max_len": self.max_len, "encoder": self.encoder,
+                              "tokenizer": getattr(self.tokenizer, "name_or_path", "")})
+
+    @classmethod
+    def load(cls, folder: str | Path, tokenizer: Any) -> DecoderInverter:
+        state, cfg = load_inverter_files(folder, cls.kind)
+        inv = cls(cfg["dim"], cfg["piece_ids"], tokenizer, cfg["emb"], cfg["hidden"], cfg["max_len"],
+                  cfg.get("encoder", ""))
+        inv.model.load_state_dict(state)
+        inv.model.eval()
+        return inv
+
+
+def piece_vocab(tokenizer: Any, texts: list[str], size: int) -> list[int]:
+    """The ``size`` most frequent word-piece ids of the public texts."""
+    counts = Counter(i for row in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in row)
+    return [i for i, _ in counts.most_common(size)]
+
+
+def nearest_texts(texts: list[str], vecs: np.ndarray, targets: np.ndarray, k: int) -> list[list[str]]:
+    """The ``k`` public texts closest (cosine) to each target vector."""
+    a = vecs / np.linalg.norm(vecs, axis=1, keepdims=True).clip(1e-12)
+    top = np.argsort(-(targets @ a.T), axis=1)[:, :k]
+    return [[texts[j] for j in row] for row in top]
+
+
+def train_decoder(scn: Scenario, encoder: Encoder | None = None,
+                  pairs: tuple[list[str], np.ndarray] | None = None) -> tuple[DecoderInverter, dict[str, Any]]:
+    enc = encoder or scn.victim
+    texts, vecs = pairs or scn.public_pairs(enc)
+    inv = DecoderInverter(enc.dim, piece_vocab(scn.tokenizer, texts, option(scn, "vocab", 4000)), scn.tokenizer,
+                          option(scn, "emb", 128), option(scn, "hidden", 256), scn.max_tokens + 2, enc.name)
+    info = inv.fit(texts, vecs, seconds=option(scn, "train_seconds", 180.0), seed=scn.seed)
+    return inv, info
+
+
+@register_embed_attack("decoder", "GRU decoder trained on public pairs + correction by re-embedding",
+                       "black-box embed (public texts, corrections) + leaked vectors")
+def evaluate(scn: Scenario) -> AttackReport:
+    enc = scn.victim
+    sample, targets = victim_targets(scn)
+    before = enc.usage.snapshot()
+    pairs = scn.public_pairs(enc)
+    inv, info = load_or_train(scn, lambda folder: DecoderInverter.load(folder, scn.tokenizer),
+                              lambda: train_decoder(scn, enc, pairs))
+    train_usage = enc.usage.since(before)
+    mid = enc.usage.snapshot()
+    beam = option(scn, "beam", 4)
+    base = inv.invert(targets, None, beam=beam)
+    steps = option(scn, "steps", 3)
+    seeds = nearest_texts(*pairs, targets, option(scn, "seeds", 2))
+    pred = inv.invert(targets, enc, steps=steps, beam=beam, seeds=seeds) if steps > 0 else base
+    attack_usage = enc.usage.since(mid)
+    metrics = score_inversion(pred, sample.texts, targets, enc)
+    metrics["base"] = {k: v for k, v in score_inversion(base, sample.texts, targets, enc).items() if k != "per_item_f1"}
+    metrics["correction_queries_per_target"] = attack_usage["queries"] / len(sample.texts)
+    info.update({"training_usage": train_usage, "correction_steps": steps})
+    return AttackReport("decoder", scn.to_dict(), metrics, enc.usage.since(before), 0.0,
+                        {"train_data": "public split only",
+                         "correction_seeds": "nearest public texts (already embedded for training)"},
+                        examples(sample.texts, pred), info)

@@ -1,0 +1,271 @@
+"""Knowledge-base extraction through similarity queries.
+
+The victim indexes hidden documents; the attacker may only submit query texts and read back the top-k
+(id, score) pairs — locally through :class:`HiddenKB.search`, remotely through :class:`HttpKB` (``POST
+/v1/search`` with ``{"query": str | [str], "top_k": k}`` answered by ``{"data": [{"results": [{"id", "score"}]}]}``).
+
+Attack (:class:`KBExtractor`), an adaptive probe search that grows text where scores rise:
+
+1. discovery: every vocabulary word is a probe; each answer gives s(w, d) for the docs d it returns.
+2. per discovered doc d, words are ranked by their specificity to d, s(w, d) − mean of w's returned scores.
+   The text x starts as the most specific words; pruning drops a word when s(x − w, d) > s(x, d) (a synonym
+   is redundant once the true word is in); growth appends the other candidates (then frequent function
+   words) one at a time, keeping a word when s(x + w, d) rises; a last pruning pass follows.
+3. all documents advance in lock-step, one batched search per step.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from leaklab.attacks.embedding.registry import AttackReport, Scenario, examples, option, register_embed_attack
+from leaklab.encoders import Encoder, check_texts
+from leaklab.errors import LeaklabError
+from leaklab.metrics.embedding import score_inversion, words
+
+Hit = tuple[str, float]
+
+
+class SearchIndex(Protocol):
+    """What a KB attacker can call: top-k (id, score) for each query text; counts its queries."""
+
+    queries: int
+
+    def search(self, query_texts: str | Sequence[str], k: int) -> list[list[Hit]]: ...
+
+
+class HiddenKB:
+    """A similarity search over hidden documents (the victim side): cosine of query and document vectors."""
+
+    def __init__(self, docs: Sequence[str], encoder: Encoder, ids: Sequence[str] | None = None,
+                 max_top_k: int = 100) -> None:
+        self._docs = check_texts(docs, "knowledge base")
+        if len(self._docs) != len(docs):
+            raise LeaklabError("knowledge base holds empty documents")
+        self.ids = list(ids) if ids is not None else [f"doc-{i}" for i in range(len(docs))]
+        if len(set(self.ids)) != len(self.ids) or len(self.ids) != len(self._docs):
+            raise LeaklabError("knowledge-base ids must be unique, one per document")
+        self.encoder = encoder
+        vecs = encoder.embed(self._docs)
+        self._matrix = vecs / np.linalg.norm(vecs, axis=1, keepdims=True).clip(1e-12)
+        self.max_top_k = max_top_k
+        self.queries = 0
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def search(self, query_texts: str | Sequence[str], k: int) -> list[list[Hit]]:
+        texts = [query_texts] if isinstance(query_texts, str) else list(query_texts)
+        if not 1 <= k <= self.max_top_k:
+            raise LeaklabError(f"top_k must be in 1..{self.max_top_k}, got {k}")
+        if not texts:
+            return []
+        self.queries += len(texts)
+        self.calls += 1
+        q = self.encoder.embed(texts)
+        q = q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
+        sims = q @ self._matrix.T
+        k = min(k, sims.shape[1])
+        top = np.argsort(-sims, axis=1)[:, :k]
+        return [[(self.ids[j], float(sims[i, j])) for j in row] for i, row in enumerate(top)]
+
+    def text_of(self, doc_id: str) -> str:
+        """Ground truth for scoring only."""
+        return self._docs[self.ids.index(doc_id)]
+
+
+class HttpKB:
+    """Client of a remote similarity search: POST {base}/v1/search, Bearer key; same API as HiddenKB."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0, client: Any = None,
+                 batch_size: int = 64) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        if not self.url.endswith("/v1/search"):
+            self.url += "/v1/search"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = client or httpx.Client(timeout=timeout, headers=headers)
+        if client is not None and api_key:
+            self._client.headers.update(headers)
+        self._batch = batch_size
+        self.queries = 0
+        self.calls = 0
+
+    @staticmethod
+    def request_body(texts: list[str], k: int) -> dict[str, Any]:
+        return {"query": texts, "top_k": k}
+
+    @staticmethod
+    def parse_response(body: dict[str, Any], n: int) -> list[list[Hit]]:
+        rows = body.get("data")
+        if not isinstance(rows, list) or len(rows) != n:
+            raise LeaklabError(f"search endpoint answered {len(rows) if isinstance(rows, list) else 'no'} "
+                               f"result lists for {n} queries")
+        return [[(str(h["id"]), float(h["score"])) for h in row.get("results", [])] for row in rows]
+
+    def search(self, query_texts: str | Sequence[str], k: int) -> list[list[Hit]]:
+        import httpx
+
+        texts = [query_texts] if isinstance(query_texts, str) else list(query_texts)
+        out: list[list[Hit]] = []
+        for i in range(0, len(texts), self._batch):
+            part = texts[i:i + self._batch]
+            try:
+                resp = self._client.post(self.url, json=self.request_body(part, k))
+            except httpx.HTTPError as exc:
+                raise LeaklabError(f"search endpoint {self.url} unreachable: {exc}") from None
+            if resp.status_code != 200:
+                raise LeaklabError(f"search endpoint {self.url} answered {resp.status_code}: {resp.text[:200]}")
+            out.extend(self.parse_response(resp.json(), len(part)))
+            self.queries += len(part)
+            self.calls += 1
+        return out
+
+
+@dataclass
+class Extraction:
+    texts: dict[str, str]
+    queries_per_doc: dict[str, int]
+    discovery_queries: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class KBExtractor:
+    """Adaptive probe search that grows each document's text where its score rises."""
+
+    name = "kb-extract"
+
+    def __init__(self, vocab: Sequence[str], function_words: Sequence[str] = (), top_k: int = 10,
+                 candidates: int = 60, min_gain: float = 1e-3, max_words: int = 40, batch: int = 256,
+                 start_words: int = 1) -> None:
+        self.vocab = list(dict.fromkeys(w for w in vocab if w.strip()))
+        if not self.vocab:
+            raise LeaklabError("the probe vocabulary is empty")
+        self.function_words = [w for w in function_words if w.strip()]
+        self.top_k, self.candidates, self.min_gain = top_k, candidates, min_gain
+        self.max_words, self.batch, self.start_words = max_words, batch, max(1, start_words)
+
+    def discover(self, kb: SearchIndex) -> dict[str, dict[str, float]]:
+        """Specificity of every probe word w to every doc d returned for it: s(w, d) − mean_d' s(w, d')."""
+        seen: dict[str, dict[str, float]] = defaultdict(dict)
+        for i in range(0, len(self.vocab), self.batch):
+            part = self.vocab[i:i + self.batch]
+            for w, hits in zip(part, kb.search(part, self.top_k), strict=True):
+                mean = float(np.mean([s for _, s in hits])) if hits else 0.0
+                for doc_id, score in hits:
+                    seen[doc_id][w] = score - mean
+        return seen
+
+    def _start(self, word_scores: dict[str, float]) -> _Growth:
+        ranked = sorted(word_scores, key=lambda w: -word_scores[w])[: self.candidates]
+        head = ranked[: self.start_words]
+        pool = ranked[self.start_words:] + [w for w in self.function_words if w not in ranked] + head[:10]
+        return _Growth(pool=pool, words=head)
+
+    def run(self, kb: SearchIndex) -> Extraction:
+        """Discovery, then growth and pruning of all discovered documents in lock-step batches."""
+        start = kb.queries
+        seen = self.discover(kb)
+        discovery = kb.queries - start
+        states = {d: self._start(scores) for d, scores in seen.items()}
+        while True:
+            asks = []
+            for d, st in states.items():
+                proposal = [] if st.done else st.proposal(self.max_words)
+                if not st.done:
+                    asks.append((d, proposal))
+            if not asks:
+                break
+            for i in range(0, len(asks), self.batch):
+                part = asks[i:i + self.batch]
+                answers = kb.search([" ".join(ws) for _, ws in part], self.top_k)
+                for (d, ws), hits in zip(part, answers, strict=True):
+                    states[d].update(ws, dict(hits).get(d, -1.0), self.min_gain)
+        return Extraction({d: " ".join(st.words) for d, st in states.items()},
+                          {d: st.spent for d, st in states.items()}, discovery, {"discovered": len(seen)})
+
+
+@dataclass
+class _Growth:
+    """Per-document state of the probe search. Phases: score the start text (the ``start`` most specific
+    words), prune (drop a word when the score rises), grow through ``pool`` (append a word when the score
+    rises), prune again."""
+
+    pool: list[str]
+    words: list[str]
+    best: float = -1.0
+    phase: int = 0
+    ptr: int = 0
+    spent: int = 0
+    done: bool = False
+
+    def proposal(self, max_words: int) -> list[str]:
+        while True:
+            if self.phase == 0:
+                return list(self.words)
+            if self.phase in (1, 3):
+                if self.ptr < len(self.words) and len(self.words) > 1:
+                    return self.words[: self.ptr] + self.words[self.ptr + 1:]
+            elif self.ptr < len(self.pool) and len(self.words) < max_words:
+                return [*self.words, self.pool[self.ptr]]
+            self.phase, self.ptr = self.phase + 1, 0
+            if self.phase > 3:
+                self.done = True
+                return list(self.words)
+
+    def update(self, proposal: list[str], score: float, min_gain: float) -> None:
+        self.spent += 1
+        if self.phase == 0:
+            self.best, self.phase = score, 1
+            return
+        if score > self.best + min_gain:
+            self.words, self.best = proposal, score
+            if self.phase == 2:
+                self.ptr += 1
+        else:
+            self.ptr += 1
+
+
+def probe_vocab(texts: Sequence[str], size: int) -> tuple[list[str], list[str]]:
+    """The attacker's probe words (``size`` most frequent public words) and its 40 most frequent words."""
+    counts = Counter(w for t in texts for w in words(t))
+    ranked = [w for w, _ in counts.most_common()]
+    return ranked[:size], ranked[:40]
+
+
+@register_embed_attack("kb-extract", "reconstruct hidden knowledge-base documents from similarity scores",
+                       "search endpoint only: query texts -> top-k (id, score)")
+def evaluate(scn: Scenario) -> AttackReport:
+    sample = scn.private()
+    kb = HiddenKB(sample.texts, scn.victim, max_top_k=option(scn, "max_top_k", 100))
+    vocab, function_words = probe_vocab(scn.public_texts(), option(scn, "vocab", 10000))
+    attack = KBExtractor(vocab, function_words, top_k=option(scn, "top_k", 20),
+                         candidates=option(scn, "candidates", 60), start_words=option(scn, "start_words", 1))
+    before = scn.victim.usage.snapshot()
+    res = attack.run(kb)
+    ids = kb.ids
+    pred = [res.texts.get(i, "") for i in ids]
+    true = [kb.text_of(i) for i in ids]
+    metrics = score_inversion(pred, true)
+    threshold = option(scn, "recovered_f1", 0.8)
+    f1 = np.array(metrics["per_item_f1"])
+    total = kb.queries
+    metrics.update({
+        "docs": len(ids), "discovered": res.info["discovered"],
+        "recovered_share": float((f1 >= threshold).mean()), "recovered_f1_threshold": threshold,
+        "queries_total": total, "queries_per_doc": total / len(ids),
+        "discovery_queries": res.discovery_queries,
+        "growth_queries_per_doc": float(np.mean(list(res.queries_per_doc.values()) or [0])),
+    })
+    usage = scn.victim.usage.since(before)
+    return AttackReport("kb-extract", scn.to_dict(), metrics, usage, 0.0,
+                        {"access": "query texts -> top-k ids and scores", "top_k": attack.top_k,
+                         "probe_vocab": f"{len(vocab)} most frequent public-split words"},
+                        examples(true, pred))

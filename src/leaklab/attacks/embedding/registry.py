@@ -1,0 +1,249 @@
+"""Registry and evaluation scenario of embedding attacks.
+
+Each attack module exposes a Python API (a class that receives only what its threat model grants: leaked
+vectors, a black-box ``embed``, a search endpoint, k leaked pairs, ...) and registers one ``evaluate``
+function that builds the victim side from a :class:`Scenario` (private texts -> vectors / hidden index),
+runs the attack on what the attacker may see, and scores the result against the private texts.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from leaklab.encoders import Encoder, load_encoder
+from leaklab.errors import LeaklabError, UnknownNameError
+
+
+@dataclass
+class Scenario:
+    """Victim encoder, private targets and the attacker's public data, all fixed by ``seed``."""
+
+    encoder: str = "minilm-l6"
+    corpus: str = "rotten-tomatoes"
+    n: int = 20
+    seed: int = 0
+    min_tokens: int = 1
+    max_tokens: int = 32
+    public_limit: int | None = None
+    api_key: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("api_key")
+        return d
+
+    @cached_property
+    def victim(self) -> Encoder:
+        return load_encoder(self.encoder, api_key=self.api_key)
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        tok = getattr(self.victim, "tokenizer", None)
+        if tok is None:
+            from leaklab.models.registry import minilm_tokenizer
+
+            tok = minilm_tokenizer()
+        return tok
+
+    @cached_property
+    def corpus_obj(self) -> Any:
+        from leaklab.corpora import load_corpus
+
+        return load_corpus(self.corpus)
+
+    def private(self, n: int | None = None, max_tokens: int | None = None) -> Any:
+        """The victim's texts (private split, scoring only)."""
+        from leaklab.corpora import sample_texts
+
+        return sample_texts(self.corpus_obj, self.tokenizer, n or self.n, self.seed, self.min_tokens,
+                            max_tokens or self.max_tokens, split="private")
+
+    def public_texts(self, limit: int | None = None, max_tokens: int | None = None) -> list[str]:
+        """The attacker's auxiliary texts: public-split texts within the length range, plus sentence chunks of
+        longer public texts (never a private text), shuffled with ``seed``."""
+        from leaklab.corpora.sampling import split_of
+
+        max_tokens = max_tokens or self.max_tokens
+        texts = [t for t in self.corpus_obj.texts if split_of(t) == "public"]
+        lengths = [len(x) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        keep = [t for t, n in zip(texts, lengths, strict=True) if self.min_tokens <= n <= max_tokens]
+        long = [t for t, n in zip(texts, lengths, strict=True) if n > max_tokens]
+        chunks = [c for t in long for c in re.split(r"(?<=[.!?;])\s+", t) if len(c.split()) >= 3]
+        if chunks:
+            clen = [len(x) for x in self.tokenizer(chunks, add_special_tokens=False)["input_ids"]]
+            private = {t for t in self.corpus_obj.texts if split_of(t) == "private"}
+            seen = set(keep)
+            for c, n in zip(chunks, clen, strict=True):
+                if self.min_tokens <= n <= max_tokens and c not in private and c not in seen:
+                    seen.add(c)
+                    keep.append(c)
+        rng = np.random.default_rng(self.seed + 7919)
+        order = rng.permutation(len(keep))
+        out = [keep[i] for i in order]
+        limit = limit or self.public_limit
+        if not out:
+            raise LeaklabError(f"corpus '{self.corpus}' has no public text of {self.min_tokens}..{max_tokens} tokens")
+        return out[:limit] if limit else out
+
+    def public_pairs(self, encoder: Encoder | None = None, limit: int | None = None) -> tuple[list[str], np.ndarray]:
+        """(public text, vector) pairs the attacker makes by embedding public texts (queries counted)."""
+        from leaklab.encoders import cached_embed
+
+        texts = self.public_texts(limit)
+        return texts, cached_embed(encoder or self.victim, texts)
+
+
+def victim_targets(scn: Scenario, max_tokens: int | None = None) -> tuple[Any, np.ndarray]:
+    """The victim's private sample and its leaked vectors (victim side: not counted as attacker queries)."""
+    sample = scn.private(max_tokens=max_tokens)
+    return sample, scn.victim.embed(sample.texts)
+
+
+def load_or_train(scn: Scenario, load: Callable[[str], Any], train: Callable[[], tuple[Any, dict[str, Any]]]
+                  ) -> tuple[Any, dict[str, Any]]:
+    """The inverter saved at option ``load``, else a freshly trained one (saved to option ``save`` if given)."""
+    folder = scn.options.get("load")
+    if folder:
+        return load(str(folder)), {"loaded": str(folder)}
+    inv, info = train()
+    if scn.options.get("save"):
+        inv.save(scn.options["save"])
+    return inv, info
+
+
+@dataclass
+class AttackReport:
+    """Result of one attack evaluation: scores, what the attacker spent, and what it was allowed to know."""
+
+    attack: str
+    scenario: dict[str, Any]
+    metrics: dict[str, Any]
+    usage: dict[str, int]
+    seconds: float
+    flags: dict[str, Any] = field(default_factory=dict)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def examples(true: list[str], pred: list[str], k: int = 5) -> list[dict[str, str]]:
+    return [{"true": t, "recovered": p} for t, p in list(zip(true, pred, strict=True))[:k]]
+
+
+@dataclass(frozen=True)
+class EmbedAttackSpec:
+    name: str
+    description: str
+    access: str
+    evaluate: Callable[[Scenario], AttackReport]
+
+
+EMBED_ATTACKS: dict[str, EmbedAttackSpec] = {}
+
+
+def register_embed_attack(name: str, description: str, access: str) -> Callable:
+    """Register the scenario evaluation of an attack under ``name``."""
+
+    def deco(fn: Callable[[Scenario], AttackReport]) -> Callable[[Scenario], AttackReport]:
+        EMBED_ATTACKS[name] = EmbedAttackSpec(name, description, access, fn)
+        return fn
+
+    return deco
+
+
+def load_builtin() -> None:
+    import importlib
+    import pkgutil
+
+    import leaklab.attacks.embedding as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name != "registry":
+            importlib.import_module(f"{pkg.__name__}.{mod.name}")
+
+
+def attack_names() -> list[str]:
+    load_builtin()
+    return list(EMBED_ATTACKS)
+
+
+def get_attack(name: str) -> EmbedAttackSpec:
+    load_builtin()
+    if name not in EMBED_ATTACKS:
+        raise UnknownNameError("embedding attack", name, list(EMBED_ATTACKS))
+    return EMBED_ATTACKS[name]
+
+
+def run_embed_attack(name: str, scenario: Scenario) -> AttackReport:
+    """Evaluate attack ``name`` on ``scenario`` (timed)."""
+    spec = get_attack(name)
+    start = time.perf_counter()
+    report = spec.evaluate(scenario)
+    report.seconds = round(time.perf_counter() - start, 3)
+    return report
+
+
+def option(scn: Scenario, key: str, default: Any) -> Any:
+    """An attack option from the scenario, cast to the default's type."""
+    value = scn.options.get(key, default)
+    if value is None or default is None:
+        return value
+    try:
+        return type(default)(value) if not isinstance(default, bool) else _as_bool(value)
+    except (TypeError, ValueError):
+        raise LeaklabError(f"option {key}={value!r}: expected {type(default).__name__}") from None
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+# ----------------------------------------------------------------------------- trained inverters on disk
+INVERTER_WEIGHTS = "model.safetensors"
+INVERTER_CONFIG = "config.json"
+
+
+def save_inverter(folder: str | Path, kind: str, state: dict[str, Any], config: dict[str, Any]) -> Path:
+    """Write ``folder/model.safetensors`` and ``folder/config.json`` (``kind`` recorded), each atomically."""
+    from safetensors.torch import save_file
+
+    from leaklab.io import atomic_write, atomic_write_json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(folder / INVERTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_json(folder / INVERTER_CONFIG, {"kind": kind, **config})
+    return folder
+
+
+def load_inverter_files(folder: str | Path, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read back what :func:`save_inverter` wrote; a missing file or another kind is a clear error."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path, w_path = folder / INVERTER_CONFIG, folder / INVERTER_WEIGHTS
+    if not cfg_path.exists() or not w_path.exists():
+        raise LeaklabError(f"'{folder}' is not a saved inverter (needs {INVERTER_CONFIG} and {INVERTER_WEIGHTS})")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise LeaklabError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if config.get("kind") != kind:
+        raise LeaklabError(f"'{folder}' holds a '{config.get('kind')}' inverter, not a '{kind}' one")
+    return load_file(str(w_path)), config

@@ -1,0 +1,207 @@
+"""`leaklab embed ...`: embedding inversion attacks, trained inverters and the benchmark."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from leaklab.errors import LeaklabError, UnknownNameError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+
+INVERTERS = ("bow", "decoder")
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """KEY=VALUE pairs (values parsed as JSON when possible, else kept as strings)."""
+    out: dict[str, Any] = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise LeaklabError(f"option '{item}' is not KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def load_vectors(path: Path) -> np.ndarray:
+    """Leaked vectors from .npy, .json (list of lists or {"data": [{"embedding": [...]}]}) or .jsonl."""
+    if not path.exists():
+        raise LeaklabError(f"vector file '{path}' does not exist")
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        elif path.suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            raise LeaklabError(f"vector file '{path}': use .npy, .json or .jsonl")
+    except (ValueError, OSError) as exc:
+        raise LeaklabError(f"vector file '{path}' is unreadable: {exc}") from None
+    if isinstance(rows, dict):
+        rows = rows.get("data", [])
+    rows = [r["embedding"] if isinstance(r, dict) else r for r in rows]
+    try:
+        return np.asarray(rows, dtype=np.float32)
+    except ValueError:
+        raise LeaklabError(f"vector file '{path}': rows have different lengths") from None
+
+
+def _scenario(encoder: str, corpus: str, n: int, seed: int, min_tokens: int, max_tokens: int,
+              options: dict[str, Any], api_key: str | None):
+    from leaklab.attacks.embedding.registry import Scenario
+
+    return Scenario(encoder, corpus, n, seed, min_tokens, max_tokens, api_key=api_key, options=options)
+
+
+def _print_metrics(metrics: dict[str, Any], title: str) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", overflow="fold")
+    for key, value in metrics.items():
+        if key == "per_item_f1":
+            continue
+        shown = f"{value:.4f}" if isinstance(value, float) else json.dumps(value, default=str)
+        table.add_row(key, shown if len(shown) < 400 else shown[:400] + " …")
+    console.print(table)
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """List the embedding attacks and what each may access."""
+    from leaklab.attacks.embedding.registry import EMBED_ATTACKS, load_builtin
+
+    load_builtin()
+    table = Table(title="embedding attacks")
+    for col in ("name", "access", "description"):
+        table.add_column(col, overflow="fold")
+    for spec in EMBED_ATTACKS.values():
+        table.add_row(spec.name, spec.access, spec.description)
+    console.print(table)
+
+
+@app.command("attack")
+def attack_cmd(
+    attack: Annotated[str, typer.Option("--attack", help="Attack name (see `leaklab embed list`).")],
+    encoder: Annotated[str, typer.Option(help="minilm-l6, tiny-bert, an encoder folder or http(s)://endpoint.")] = "minilm-l6",
+    corpus: Annotated[str, typer.Option(help="Corpus of the private targets and public attacker data.")] = "rotten-tomatoes",
+    n: Annotated[int, typer.Option(help="Private targets (documents, members).")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the target draw and the attack.")] = 0,
+    min_tokens: Annotated[int, typer.Option(help="Shortest text, in tokens.")] = 1,
+    max_tokens: Annotated[int, typer.Option(help="Longest text, in tokens.")] = 32,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Attack option KEY=VALUE.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="LEAKLAB_API_KEY", help="API key of an http encoder.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the full report here (JSON).")] = None,
+) -> None:
+    """Run one attack against a victim built from private texts, and score it."""
+    from leaklab.attacks.embedding.registry import get_attack, run_embed_attack
+    from leaklab.io import atomic_write_json
+
+    get_attack(attack)
+    scn = _scenario(encoder, corpus, n, seed, min_tokens, max_tokens, parse_options(option), api_key)
+    with console.status(f"running {attack} on {encoder}"):
+        report = run_embed_attack(attack, scn)
+    _print_metrics(report.metrics, f"{attack} on {encoder} ({corpus}, n={n})")
+    console.print(f"usage: {report.usage}  seconds: {report.seconds}  flags: {report.flags}")
+    for ex in report.examples[:3]:
+        console.print(f"[dim]true:[/] {ex['true']}\n[dim]got: [/] {ex['recovered']}", highlight=False)
+    if out:
+        atomic_write_json(out, report.to_dict())
+        console.print(f"wrote {out}")
+
+
+@app.command("train")
+def train_cmd(
+    inverter: Annotated[str, typer.Option(help="bow or decoder.")],
+    out: Annotated[Path, typer.Option(help="Folder to save the inverter (safetensors + config.json).")],
+    encoder: Annotated[str, typer.Option(help="Encoder whose vectors it inverts.")] = "minilm-l6",
+    corpus: Annotated[str, typer.Option(help="Corpus (its public split is the training data).")] = "rotten-tomatoes",
+    max_tokens: Annotated[int, typer.Option(help="Longest training text, in tokens.")] = 32,
+    train_seconds: Annotated[float, typer.Option(help="Training time budget.")] = 120.0,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Inverter option KEY=VALUE.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="LEAKLAB_API_KEY", help="API key of an http encoder.")] = None,
+) -> None:
+    """Train an inverter on public (text, vector) pairs only, and save it."""
+    if inverter not in INVERTERS:
+        raise UnknownNameError("inverter", inverter, list(INVERTERS))
+    opts = parse_options(option) | {"train_seconds": train_seconds}
+    scn = _scenario(encoder, corpus, 1, seed, 1, max_tokens, opts, api_key)
+    with console.status(f"training a {inverter} inverter on {encoder} (≤ {train_seconds:.0f} s)"):
+        if inverter == "bow":
+            from leaklab.attacks.embedding.bow import train_bow
+
+            inv, info = train_bow(scn)
+        else:
+            from leaklab.attacks.embedding.decoder import train_decoder
+
+            inv, info = train_decoder(scn)
+        inv.save(out)
+    console.print(f"saved {inverter} inverter to {out}: {info}")
+
+
+@app.command("invert")
+def invert_cmd(
+    inverter_dir: Annotated[Path, typer.Option("--inverter", help="Folder of a saved inverter.")],
+    vectors: Annotated[Path, typer.Option(help="Leaked vectors (.npy, .json, .jsonl).")],
+    encoder: Annotated[str | None, typer.Option(help="Black-box encoder for the decoder's correction.")] = None,
+    steps: Annotated[int, typer.Option(help="Correction steps (decoder, needs --encoder).")] = 0,
+    api_key: Annotated[str | None, typer.Option(envvar="LEAKLAB_API_KEY", help="API key of an http encoder.")] = None,
+) -> None:
+    """Invert leaked vectors with a saved inverter; prints one recovered text per line."""
+    from leaklab.attacks.embedding.registry import INVERTER_CONFIG
+
+    cfg_path = inverter_dir / INVERTER_CONFIG
+    if not cfg_path.exists():
+        raise LeaklabError(f"'{inverter_dir}' is not a saved inverter (no {INVERTER_CONFIG})")
+    kind = json.loads(cfg_path.read_text(encoding="utf-8")).get("kind")
+    vecs = load_vectors(vectors)
+    if kind == "bow":
+        from leaklab.attacks.embedding.bow import BagOfWordsInverter
+
+        texts = BagOfWordsInverter.load(inverter_dir).invert(vecs)
+    elif kind == "decoder":
+        from leaklab.attacks.embedding.decoder import DecoderInverter
+        from leaklab.encoders import load_encoder
+        from leaklab.models.registry import minilm_tokenizer
+
+        enc = load_encoder(encoder, api_key=api_key) if encoder else None
+        tok = getattr(enc, "tokenizer", None) or minilm_tokenizer()
+        inv = DecoderInverter.load(inverter_dir, tok)
+        texts = inv.invert(vecs, enc, steps=steps if enc else 0)
+        if enc is not None:
+            console.print(f"[dim]correction queries: {enc.usage.queries}[/]")
+    else:
+        raise UnknownNameError("inverter kind", str(kind), list(INVERTERS))
+    for t in texts:
+        print(t)
+
+
+@app.command("bench")
+def bench_cmd(
+    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("benchmarks/results"),
+    quick: Annotated[bool, typer.Option(help="Tiny encoder, few targets (smoke test).")] = False,
+    only: Annotated[str | None, typer.Option(help="Comma-separated attacks to run (default: all).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    render: Annotated[bool, typer.Option(help="Only rewrite the table and plots from the results JSON.")] = False,
+) -> None:
+    """Benchmark every attack (minilm-l6, rotten-tomatoes ≤ 32 tokens); writes embedding.md/.json + plots.
+    With --only, the named entries are rerun and merged into the existing results."""
+    from leaklab.embed_bench import rerender, run_bench
+
+    if render:
+        paths = rerender(out, quick)
+    else:
+        paths = run_bench(out, quick=quick, only=only.split(",") if only else None, seed=seed, console=console)
+    for p in paths:
+        console.print(f"wrote {p}")

@@ -1,0 +1,302 @@
+"""Embedding-attack benchmark: every attack on minilm-l6 with rotten-tomatoes texts (≤ 32 tokens), inverters
+trained on the public split only; writes embedding.md, embedding.json and PNG plots. ``quick`` runs a tiny
+random encoder with few targets (a smoke test, not a measurement)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from leaklab.attacks.embedding.registry import Scenario, attack_names, run_embed_attack
+from leaklab.io import atomic_write, atomic_write_json, atomic_write_text
+
+FULL: dict[str, dict[str, Any]] = {
+    "nearest": {"n": 100, "options": {"candidates": 2000}},
+    "bow": {"n": 200, "options": {"train_seconds": 240, "epochs": 60}},
+    "whitebox": {"n": 6, "options": {"max_tokens": 16, "steps": 100, "rounds": 10}},
+    "decoder": {"n": 30, "options": {"train_seconds": 300, "steps": 2}},
+    "alignment": {"n": 100, "options": {"k": "8,32,128,384,1024", "inner": "nearest,bow", "train_seconds": 90}},
+    "kb-extract": {"n": 200, "options": {"vocab": 3000, "candidates": 60}},
+    "clustering": {"n": 200, "options": {"probes": 400}},
+    "membership": {"n": 200, "options": {"target": "kb"}},
+    "membership-encoder": {"n": 100, "options": {"target": "encoder", "epochs": 3}},
+}
+QUICK: dict[str, dict[str, Any]] = {
+    "nearest": {"n": 6, "options": {"candidates": 50}},
+    "bow": {"n": 6, "options": {"train_seconds": 5, "epochs": 2}, "public_limit": 300},
+    "whitebox": {"n": 2, "options": {"max_tokens": 8, "length": 6, "steps": 10, "rounds": 1, "vocab": 500}},
+    "decoder": {"n": 3, "options": {"train_seconds": 5, "steps": 1}, "public_limit": 200},
+    "alignment": {"n": 4, "options": {"k": "4,16", "inner": "nearest"}, "public_limit": 100},
+    "kb-extract": {"n": 3, "options": {"vocab": 150, "candidates": 10}, "public_limit": 200},
+    "clustering": {"n": 12, "options": {"probes": 40, "clusters": 3}},
+    "membership": {"n": 8, "options": {"target": "kb"}},
+    "membership-encoder": {"n": 8, "options": {"target": "encoder", "epochs": 1}},
+}
+TARGETS = {
+    "bow": ("token F1 ≥ 0.6", lambda m: m["token_f1"], 0.6),
+    "decoder": ("ROUGE-L ≥ 0.5 after ≤ 15 min CPU training", lambda m: m["rougeL"], 0.5),
+    "whitebox": ("token F1 ≥ 0.7 on ≤ 16-token texts", lambda m: m["token_f1"], 0.7),
+    "kb-extract": ("≥ 95% of 200 docs recovered to token F1 ≥ 0.8", lambda m: m["recovered_share"], 0.95),
+}
+
+
+def rerender(out: Path, quick: bool = False) -> list[Path]:
+    """Rewrite the table and plots from an existing results JSON (no attack is run)."""
+    from leaklab.errors import LeaklabError
+
+    stem = "embedding-quick" if quick else "embedding"
+    path = out / f"{stem}.json"
+    if not path.exists():
+        raise LeaklabError(f"no benchmark results at {path}: run `leaklab embed bench` first")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return _write(data["results"], out, stem, data["encoder"], data["quick"], data["seed"])
+
+
+def run_bench(out: Path, quick: bool = False, only: list[str] | None = None, seed: int = 0,
+              console: Console | None = None) -> list[Path]:
+    console = console or Console()
+    plan = QUICK if quick else FULL
+    names = only or list(plan)
+    unknown = [n for n in names if n not in plan]
+    if unknown:
+        from leaklab.errors import UnknownNameError
+
+        raise UnknownNameError("benchmark entry", unknown[0], list(plan))
+    encoder = "tiny-bert" if quick else "minilm-l6"
+    attack_names()
+    stem = "embedding-quick" if quick else "embedding"
+    results: dict[str, Any] = _previous(out / f"{stem}.json", encoder) if only else {}
+    paths: list[Path] = []
+    for name in names:
+        cfg = plan[name]
+        attack = name.split("-encoder")[0]
+        scn = Scenario(encoder, "rotten-tomatoes", cfg["n"], seed, 1, 32, cfg.get("public_limit"),
+                       options=dict(cfg["options"]))
+        console.print(f"[bold]{name}[/] on {encoder} (n={cfg['n']}) …")
+        start = time.perf_counter()
+        report = run_embed_attack(attack, scn)
+        results[name] = report.to_dict()
+        console.print(f"  done in {time.perf_counter() - start:.0f} s")
+        paths = _write(results, out, stem, encoder, quick, seed)  # after each attack: partial runs survive
+    return paths
+
+
+def _previous(path: Path, encoder: str) -> dict[str, Any]:
+    """Results of an earlier run (same encoder) that ``--only`` updates in place."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return dict(data.get("results", {})) if data.get("encoder") == encoder else {}
+
+
+def _write(results: dict[str, Any], out: Path, stem: str, encoder: str, quick: bool, seed: int) -> list[Path]:
+    ordered = {k: results[k] for k in FULL if k in results}
+    payload = {"encoder": encoder, "corpus": "rotten-tomatoes", "quick": quick, "seed": seed,
+               "machine": f"{platform.machine()}, {_cpus()} CPU cores (shared), no GPU", "results": ordered,
+               "targets": _targets(ordered)}
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [atomic_write_json(out / f"{stem}.json", payload),
+             atomic_write_text(out / f"{stem}.md", render_markdown(payload))]
+    return paths + _plots(ordered, out, stem)
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+
+
+def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, (label, get, goal) in TARGETS.items():
+        if name in results:
+            value = float(get(results[name]["metrics"]))
+            rows.append({"attack": name, "target": label, "measured": round(value, 4),
+                         "reached": value >= goal, "note": _note(name, results[name])})
+    return rows
+
+
+def _note(name: str, r: dict[str, Any]) -> str:
+    """Context a reader needs beside a target's measured value."""
+    m, info = r["metrics"], r.get("info", {})
+    if name == "decoder":
+        return (f"{info.get('train_seconds', '?')} s of training (wall, shared CPU), {info.get('steps', '?')} "
+                f"optimiser steps; n={m['n']}")
+    if name == "kb-extract":
+        return f"{m['queries_per_doc']:.0f} queries per document; mean token F1 {m['token_f1']:.3f}"
+    return f"n={m['n']}"
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def render_markdown(payload: dict[str, Any]) -> str:
+    res = payload["results"]
+    lines = [f"# Embedding attacks — {payload['encoder']}, {payload['corpus']} (≤ 32 tokens)", "",
+             (f"Machine: {payload['machine']}. Inverters train on the public split only; targets are private "
+              "texts. Regenerate with `leaklab embed bench" + (" --quick" if payload["quick"] else "") + "`."),
+             "", "## Targets", "", "| attack | target | measured | reached | note |", "|---|---|---|---|---|"]
+    for t in payload["targets"]:
+        lines.append(f"| {t['attack']} | {t['target']} | {t['measured']:.3f} | {'yes' if t['reached'] else 'no'} | "
+                     f"{t.get('note', '')} |")
+    for section in (_inversion, _nearest, _alignment, _kb, _clustering, _membership, _examples):
+        lines += section(res)
+    return "\n".join(lines) + "\n"
+
+
+def _inversion(res: dict[str, Any]) -> list[str]:
+    names = [n for n in ("bow", "whitebox", "decoder") if n in res]
+    if not names:
+        return []
+    lines = ["", "## Inversion", "",
+             "| attack | n | token P | token R | token F1 | ROUGE-L | BLEU | exact | cosine | queries | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        m, r = res[name]["metrics"], res[name]
+        lines.append(f"| {name} | {m['n']} | {m['token_precision']:.3f} | {m['token_recall']:.3f} | "
+                     f"{m['token_f1']:.3f} | {m['rougeL']:.3f} | {m['bleu']:.2f} | {m['exact']:.3f} | "
+                     f"{_fmt(m.get('cosine', '–'))} | {r['usage'].get('queries', 0)} | {r['seconds']:.0f} |")
+    if "decoder" in res:
+        b, info = res["decoder"]["metrics"]["base"], res["decoder"]["info"]
+        training = json.dumps({k: v for k, v in info.items() if k != "training_usage"})
+        lines += ["", (f"Decoder before correction: token F1 {b['token_f1']:.3f}, ROUGE-L {b['rougeL']:.3f}, "
+                       f"cosine {b.get('cosine', 0):.3f}. Training: {training}; correction queries per target: "
+                       f"{res['decoder']['metrics']['correction_queries_per_target']:.0f}.")]
+    return lines
+
+
+def _nearest(res: dict[str, Any]) -> list[str]:
+    if "nearest" not in res:
+        return []
+    m = res["nearest"]["metrics"]
+    return ["", "## Nearest neighbour / fingerprint", "",
+            (f"{m['present']} of {m['present'] + m['absent']} leaked documents are in a {m['candidates']}-text "
+             f"candidate list. Detection at cos ≥ 0.999: precision {m['detect_precision']:.3f}, recall "
+             f"{m['detect_recall']:.3f}; presence AUC {m.get('presence_auc', float('nan')):.3f}; exact recovery "
+             f"of present documents {m['exact_recovered_of_present']:.3f}; absent documents' nearest text token "
+             f"F1 {m['absent_nearest_token_f1']:.3f}.")]
+
+
+def _alignment(res: dict[str, Any]) -> list[str]:
+    if "alignment" not in res:
+        return []
+    m, inner = res["alignment"]["metrics"], res["alignment"]["flags"]["inner_attacks"]
+    lines = ["", f"## Alignment ({m['method']}; victim {m['victim']}, local {m['local']})", "",
+             "| k pairs | mapped cosine | " + " | ".join(f"{a} token F1" for a in inner) + " |",
+             "|---|---|" + "---|" * len(inner)]
+    for row in m["sweep"]:
+        cells = " | ".join(f"{row[a]['token_f1']:.3f}" for a in inner)
+        lines.append(f"| {row['k']} | {row['mapped_cosine']:.3f} | {cells} |")
+    return lines
+
+
+def _kb(res: dict[str, Any]) -> list[str]:
+    if "kb-extract" not in res:
+        return []
+    r = res["kb-extract"]
+    m = r["metrics"]
+    return ["", "## Knowledge-base extraction", "",
+            (f"{m['docs']} hidden documents, top-{r['flags']['top_k']} (id, score) answers. "
+             f"Discovered {m['discovered']}; recovered to token F1 ≥ {m['recovered_f1_threshold']}: "
+             f"{m['recovered_share']:.3f}; mean token F1 {m['token_f1']:.3f} (P {m['token_precision']:.3f}, "
+             f"R {m['token_recall']:.3f}), ROUGE-L {m['rougeL']:.3f}. Queries: {m['queries_total']} in all = "
+             f"{m['queries_per_doc']:.0f} per document ({m['discovery_queries']} shared discovery probes + "
+             f"{m['growth_queries_per_doc']:.0f} growth queries per document). {r['seconds']:.0f} s.")]
+
+
+def _clustering(res: dict[str, Any]) -> list[str]:
+    if "clustering" not in res:
+        return []
+    r = res["clustering"]
+    m = r["metrics"]
+    lines = ["", "## Clustering from probes", "",
+             (f"{m['docs']} hidden {r['scenario']['kb_corpus']} documents, {r['usage'].get('search_queries', 0)} "
+              f"probe queries; {m['docs_retrieved']} documents retrieved. NMI with the true topics {m['nmi']:.3f} "
+              f"(ARI {m['ari']:.3f}); k-means on the true vectors reaches NMI {m['oracle_nmi']:.3f}. Cosine of the "
+              f"probe-built representation to the true vector {m['representation_cosine']:.3f}."), "",
+             "| cluster | majority true topic | keywords |", "|---|---|---|"]
+    for c, kw in m["keywords"].items():
+        lines.append(f"| {c} | {m['true_topics'].get(c, '–')} | {', '.join(kw)} |")
+    return lines
+
+
+def _membership(res: dict[str, Any]) -> list[str]:
+    rows = []
+    for name in ("membership", "membership-encoder"):
+        for score, v in res.get(name, {}).get("metrics", {}).items():
+            if isinstance(v, dict) and "auc" in v:
+                rows.append(f"| {res[name]['flags']['target']} | {score} | {v['members']}/{v['non_members']} | "
+                            f"{v['auc']:.3f} | {v['tpr_at_1pct_fpr']:.3f} | {v['tpr_at_0.1pct_fpr']:.3f} |")
+    if not rows:
+        return []
+    return ["", "## Membership", "", "| target | score | members/non-members | AUC | TPR@1%FPR | TPR@0.1%FPR |",
+            "|---|---|---|---|---|---|", *rows]
+
+
+def _examples(res: dict[str, Any]) -> list[str]:
+    lines = ["", "## Examples", ""]
+    for name, r in res.items():
+        for ex in r.get("examples", [])[:2]:
+            lines.append(f"- **{name}** — true: “{ex['true']}” → recovered: “{ex['recovered']}”")
+    return lines
+
+
+def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    inv = [n for n in ("bow", "whitebox", "decoder", "kb-extract") if n in results]
+    if inv:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        keys = ("token_f1", "rougeL", "cosine")
+        for i, key in enumerate(keys):
+            vals = [results[n]["metrics"].get(key, 0.0) or 0.0 for n in inv]
+            ax.bar([x + 0.25 * i for x in range(len(inv))], vals, width=0.25, label=key)
+        ax.set_xticks([x + 0.25 for x in range(len(inv))], inv)
+        ax.set_ylim(0, 1)
+        ax.set_title("inversion quality (private texts)")
+        ax.legend()
+        paths.append(_save(fig, out / f"{stem}-inversion.png"))
+    if "alignment" in results:
+        sweep = results["alignment"]["metrics"]["sweep"]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ks = [r["k"] for r in sweep]
+        ax.plot(ks, [r["mapped_cosine"] for r in sweep], "o-", label="mapped cosine")
+        for a in results["alignment"]["flags"]["inner_attacks"]:
+            ax.plot(ks, [r[a]["token_f1"] for r in sweep], "s--", label=f"{a} token F1")
+        ax.set_xscale("log")
+        ax.set_xlabel("leaked pairs k")
+        ax.set_ylim(0, 1.02)
+        ax.set_title("alignment through a secret rotation")
+        ax.legend()
+        paths.append(_save(fig, out / f"{stem}-alignment.png"))
+    if "kb-extract" in results:
+        f1 = results["kb-extract"]["metrics"]["per_item_f1"]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.hist(f1, bins=20, range=(0, 1))
+        ax.axvline(0.8, color="k", ls="--")
+        ax.set_xlabel("token F1 per hidden document")
+        ax.set_title("knowledge-base extraction")
+        paths.append(_save(fig, out / f"{stem}-kb.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    def write(tmp: Path) -> None:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+    atomic_write(path, write)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+

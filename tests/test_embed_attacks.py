@@ -1,0 +1,204 @@
+"""Embedding attacks from the Python API, on a tiny random encoder and on exact toy encoders."""
+
+import numpy as np
+import pytest
+import torch
+from embed_toys import bag_encoder
+
+from leaklab.attacks.embedding.alignment import Alignment, leaked_pairs
+from leaklab.attacks.embedding.bow import BagOfWordsInverter, build_vocab
+from leaklab.attacks.embedding.clustering import ProbeClustering
+from leaklab.attacks.embedding.decoder import DecoderInverter, piece_vocab
+from leaklab.attacks.embedding.kb import HiddenKB, HttpKB, KBExtractor
+from leaklab.attacks.embedding.membership import finetune_simcse, kb_scores
+from leaklab.attacks.embedding.nearest import NearestNeighbour
+from leaklab.attacks.embedding.registry import Scenario, attack_names, get_attack, run_embed_attack
+from leaklab.attacks.embedding.whitebox import WhiteBoxInverter
+from leaklab.corpora.sampling import split_of
+from leaklab.encoders import load_encoder
+from leaklab.errors import LeaklabError, UnknownNameError
+
+DOCS = ["red apples and green pears", "a fast blue car on the road", "quiet rain over the old town",
+        "the striker scored a late goal", "markets fell as oil prices rose"]
+VOCAB = sorted({w for d in DOCS for w in d.split()} | {"banana", "train", "snow", "music", "film"})
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_encoder("tiny-bert")
+
+
+@pytest.fixture(scope="module")
+def public():
+    scn = Scenario("tiny-bert", n=4, max_tokens=24, public_limit=300)
+    return scn.public_texts()
+
+
+def test_registry_has_all_attacks_and_rejects_unknown():
+    assert set(attack_names()) == {"nearest", "whitebox", "bow", "decoder", "alignment", "kb-extract",
+                                   "clustering", "membership"}
+    with pytest.raises(UnknownNameError, match="valid: alignment, bow"):
+        get_attack("nope")
+
+
+def test_public_texts_never_private(public):
+    corpus = Scenario("tiny-bert").corpus_obj
+    private = {t for t in corpus.texts if split_of(t) == "private"}
+    assert public and not private & set(public)
+
+
+def test_nearest_finds_present_documents(tiny, public):
+    nn = NearestNeighbour(tiny, public[:50] + DOCS[:2])
+    res = nn.run(tiny.embed(DOCS[:3]))
+    assert res.texts[:2] == DOCS[:2] and res.present.tolist() == [True, True, False]
+    with pytest.raises(LeaklabError, match="dimension 3 does not match"):
+        nn.run(np.ones((1, 3)))
+    with pytest.raises(LeaklabError, match="empty"):
+        NearestNeighbour(tiny, [])
+
+
+def test_bow_trains_saves_and_loads(tiny, public, tmp_path):
+    vecs = tiny.embed(public)
+    inv = BagOfWordsInverter(tiny.dim, build_vocab(public, 300), hidden=64)
+    info = inv.fit(public, vecs, epochs=3, seconds=20)
+    assert info["epochs"] >= 1 and info["train_pairs"] == len(public) - len(public) // 10
+    inv.save(tmp_path / "bow")
+    back = BagOfWordsInverter.load(tmp_path / "bow")
+    assert back.invert(vecs[:5]) == inv.invert(vecs[:5])
+    np.testing.assert_allclose(back.probabilities(vecs[:5]), inv.probabilities(vecs[:5]), atol=1e-6)
+    with pytest.raises(LeaklabError, match="not a 'decoder' one"):
+        DecoderInverter.load(tmp_path / "bow", tiny.tokenizer)
+    with pytest.raises(LeaklabError, match="NaN"):
+        inv.invert(np.full((1, tiny.dim), np.nan, dtype=np.float32))
+
+
+def test_decoder_trains_saves_loads_and_corrects(tiny, public, tmp_path):
+    vecs = tiny.embed(public)
+    inv = DecoderInverter(tiny.dim, piece_vocab(tiny.tokenizer, public, 300), tiny.tokenizer, emb=32, hidden=64,
+                          max_len=12)
+    info = inv.fit(public, vecs, seconds=3, epochs=1)
+    assert info["steps"] >= 1
+    inv.save(tmp_path / "dec")
+    back = DecoderInverter.load(tmp_path / "dec", tiny.tokenizer)
+    assert back.beam_search(vecs[:2], beam=2) == inv.beam_search(vecs[:2], beam=2)
+    before = tiny.usage.snapshot()
+    out = inv.invert(vecs[:2], tiny, steps=1, beam=2, seeds=[[public[0]], [public[1]]])
+    assert len(out) == 2 and tiny.usage.since(before)["queries"] > 0
+    # correction keeps the closest hypothesis: the exact text, when seeded, wins
+    assert out == public[:2]
+
+
+def test_whitebox_refinement_never_moves_away(tiny):
+    target = tiny.embed(["too dull to enjoy"])
+    ids = tiny.tokenizer("too dull to enjoy funny sad great movie", add_special_tokens=False)["input_ids"]
+    inv = WhiteBoxInverter(tiny, vocab_ids=ids, length=4, steps=15, refine_rounds=3, candidates=8)
+    z = inv.relax(torch.from_numpy(target))
+    init = inv.vocab[z.argmax(-1)][0].tolist()
+    start_cos = float(inv._cosines([init], torch.from_numpy(target))[0])
+    _, cos = inv.refine(init, torch.from_numpy(target))
+    assert cos >= start_cos - 1e-6
+    with pytest.raises(LeaklabError, match="white-box access"):
+        WhiteBoxInverter(bag_encoder(VOCAB))
+
+
+def test_procrustes_recovers_a_rotation_exactly():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((16, 16)))
+    local = rng.standard_normal((40, 16)).astype(np.float32)
+    victim = local @ q.T  # victim = local rotated; the map back is q
+    mapped = Alignment("procrustes").fit(victim, local).transform(victim[:5])
+    np.testing.assert_allclose(mapped, local[:5] / np.linalg.norm(local[:5], axis=1, keepdims=True), atol=1e-4)
+    ridge = Alignment("ridge", ridge=1e-8).fit(victim, local)
+    np.testing.assert_allclose(ridge.matrix, q, atol=1e-3)  # least squares with k > d finds q too
+    with pytest.raises(LeaklabError, match="equal dimensions"):
+        Alignment("procrustes").fit(victim[:, :8], local)
+
+
+def test_alignment_k_larger_than_pairs_is_an_error():
+    with pytest.raises(LeaklabError, match="k=10 leaked pairs requested but only 3"):
+        leaked_pairs(bag_encoder(VOCAB), DOCS[:3], 10)
+
+
+def test_kb_extraction_recovers_exact_bags_on_a_bag_encoder():
+    enc = bag_encoder(VOCAB)
+    kb = HiddenKB(DOCS, enc, max_top_k=5)
+    res = KBExtractor(VOCAB, ["the", "a"], top_k=5, candidates=40).run(kb)
+    for doc_id, text in res.texts.items():
+        assert sorted(text.split()) == sorted(kb.text_of(doc_id).split())
+    assert sum(res.queries_per_doc.values()) + res.discovery_queries == kb.queries
+    with pytest.raises(LeaklabError, match="top_k"):
+        kb.search(["x"], 99)
+
+
+def test_http_kb_request_and_response_shape():
+    import json
+
+    import httpx
+
+    def handler(request):
+        body = json.loads(request.content)
+        assert request.url.path == "/v1/search" and body["top_k"] == 2
+        assert request.headers["authorization"] == "Bearer k1"
+        return httpx.Response(200, json={"data": [{"results": [{"id": "d1", "score": 0.9}, {"id": "d2", "score": 0.1}]}
+                                                  for _ in body["query"]]})
+
+    kb = HttpKB("http://svc", api_key="k1", client=httpx.Client(transport=httpx.MockTransport(handler)))
+    assert kb.search(["a", "b"], 2) == [[("d1", 0.9), ("d2", 0.1)]] * 2 and kb.queries == 2
+    with pytest.raises(LeaklabError, match="result lists"):
+        HttpKB.parse_response({"data": []}, 1)
+
+
+def test_clustering_separates_two_topics():
+    enc = bag_encoder(VOCAB)
+    docs = ["red apples", "green pears", "apples pears", "fast car", "car road", "blue car road"]
+    kb = HiddenKB(docs, enc)
+    probes = ["apples", "pears", "red green", "car", "road", "blue fast"]
+    res = ProbeClustering(probes, enc.embed(probes), clusters=2, top_k=3).run(kb)
+    lab = dict(zip(res.doc_ids, res.labels, strict=True))
+    assert lab["doc-0"] == lab["doc-1"] == lab["doc-2"] != lab["doc-3"] == lab["doc-4"] == lab["doc-5"]
+
+
+def test_membership_kb_scores_and_finetune(tiny):
+    kb = HiddenKB(DOCS[:3], tiny)
+    s = kb_scores(kb, DOCS)
+    assert s[:3] == pytest.approx([1.0] * 3, abs=1e-5) and (s[3:] < 0.9999).all()
+    tuned = finetune_simcse(tiny, DOCS, epochs=1, batch_size=4)
+    assert not np.allclose(tuned.embed(DOCS), tiny.embed(DOCS))
+    assert np.allclose(load_encoder("tiny-bert").embed(DOCS[:1]), tiny.embed(DOCS[:1]))  # original untouched
+
+
+@pytest.mark.parametrize("name,opts", [
+    ("nearest", {"candidates": 30}),
+    ("membership", {"target": "kb"}),
+    ("alignment", {"k": "4,8", "inner": "nearest"}),
+])
+def test_scenarios_run_on_tiny(name, opts):
+    rep = run_embed_attack(name, Scenario("tiny-bert", n=4, max_tokens=24, public_limit=60, options=opts))
+    assert rep.attack == name and rep.seconds > 0 and rep.metrics
+
+
+def test_scenario_errors():
+    with pytest.raises(LeaklabError, match="k=50000 leaked pairs requested but only"):
+        run_embed_attack("alignment", Scenario("tiny-bert", n=4, options={"k": "50000", "inner": "nearest"}))
+    with pytest.raises(UnknownNameError, match="membership target"):
+        run_embed_attack("membership", Scenario("tiny-bert", n=2, options={"target": "nope"}))
+
+
+@pytest.mark.real
+def test_minilm_nearest_and_kb_membership():
+    rep = run_embed_attack("nearest", Scenario("minilm-l6", n=6, public_limit=40, options={"candidates": 40}))
+    assert rep.metrics["detect_recall"] == 1.0 and rep.metrics["exact_recovered_of_present"] == 1.0
+    rep = run_embed_attack("membership", Scenario("minilm-l6", n=10, options={"target": "kb"}))
+    assert rep.metrics["exact_query"]["auc"] == 1.0
+
+
+def test_bow_closed_form_matches_sklearn_ridge():
+    from sklearn.linear_model import Ridge
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((60, 8)).astype(np.float32))
+    y = torch.from_numpy((rng.random((60, 5)) < 0.3).astype(np.float32))
+    inv = BagOfWordsInverter(8, ["a", "b", "c", "d", "e"])
+    info = inv._fit_ridge(x, y, [], x[:0])
+    ref = Ridge(alpha=info["lambda"], fit_intercept=False).fit(x.numpy().astype(np.float64), y.numpy())
+    np.testing.assert_allclose(inv.model.weight.detach().numpy(), ref.coef_, atol=1e-4)
