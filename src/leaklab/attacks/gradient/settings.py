@@ -66,9 +66,14 @@ def fedsgd_view(obs: Observation) -> tuple[Observation, dict[str, Any]]:
         model=obs.model,
         setting="fedsgd",
         gradients=grads,
-        flags=replace(flags, local_steps=1, learning_rate=None, num_clients=1,
-                      labels_known=flags.labels_known and not paired,
-                      lengths_known=flags.lengths_known and not paired),
+        flags=replace(
+            flags,
+            local_steps=1,
+            learning_rate=None,
+            num_clients=1,
+            labels_known=flags.labels_known and not paired,
+            lengths_known=flags.lengths_known and not paired,
+        ),
         batch_size=batch,
         labels=None if paired else obs.labels,
         lengths=None if paired else obs.lengths,
@@ -94,7 +99,13 @@ def denoise_deltas(obs: Observation, grads: dict[str, torch.Tensor], scale: floa
             theta = params[p.param].detach() - grads[p.param] * scale
             ulp = (torch.nextafter(theta, torch.full_like(theta, float("inf"))) - theta).double()
             g = grads[p.param].double()
-            level = 3.0 * float(ulp.pow(2).mean().sqrt()) / 12**0.5 / scale * (g.shape[0] ** 0.5 + g.shape[1] ** 0.5)
+            level = (
+                3.0
+                * float(ulp.pow(2).mean().sqrt())
+                / 12**0.5
+                / scale
+                * (g.shape[0] ** 0.5 + g.shape[1] ** 0.5)
+            )
             u, sv, vh = torch.linalg.svd(g, full_matrices=False)
             k = int((sv > level).sum())
             grads[p.param] = ((u[:, :k] * sv[:k]) @ vh[:k]).float()
@@ -102,8 +113,9 @@ def denoise_deltas(obs: Observation, grads: dict[str, torch.Tensor], scale: floa
     return ranks
 
 
-def lora_pseudo_gradients(obs: Observation, grads: dict[str, torch.Tensor],
-                          lora_meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def lora_pseudo_gradients(
+    obs: Observation, grads: dict[str, torch.Tensor], lora_meta: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Base-weight pseudo-gradients whose (Q, K, V) row space per layer is span{P x_i} ⊕ null(A)."""
     from leaklab.threat.lora import lora_model
 
@@ -122,9 +134,9 @@ def lora_pseudo_gradients(obs: Observation, grads: dict[str, torch.Tensor],
             )
         key, a, grad_b, rows = pair
         a = a.detach().double()
-        g = grad_b.double()[rows[0]: rows[1]] @ torch.linalg.solve(a @ a.T, a)  # s·Δᵀ X P (out x d)
+        g = grad_b.double()[rows[0] : rows[1]] @ torch.linalg.solve(a @ a.T, a)  # s·Δᵀ X P (out x d)
         _, _, vh = torch.linalg.svd(a, full_matrices=True)
-        null = vh[a.shape[0]:]  # orthonormal basis of null(A), (d − r) x d
+        null = vh[a.shape[0] :]  # orthonormal basis of null(A), (d − r) x d
         used[layer] = key
         for slot, p in proj:
             if slot == key:
@@ -164,7 +176,7 @@ def _place(out: dict[str, torch.Tensor], proj, blocks: dict[str, torch.Tensor], 
             shape = params[p.param].shape
             out[p.param] = torch.zeros(shape, dtype=torch.float64)
         full = out[p.param].t() if p.transposed else out[p.param]
-        full[p.rows[0]: p.rows[1]] = blocks[slot]
+        full[p.rows[0] : p.rows[1]] = blocks[slot]
     for k in list(out):
         out[k] = out[k].float()
 
@@ -190,20 +202,26 @@ class _Adapted:
         return rec
 
 
-def keep_fluent_of_permutations(obs: Observation, rec: Recovery) -> Recovery:
-    """Shuffle-paired preference data: a rejected text is a permutation of its chosen one, so recovered
-    sequences sharing a token multiset are one pair; keep the member the public LM finds most likely."""
+def keep_fluent_of_permutations(obs: Observation, rec: Recovery, overlap: float = 0.6) -> Recovery:
+    """Shuffle-paired preference data: a rejected text is a permutation of its chosen one. Going through the
+    recovered sequences from most to least likely under the public LM, keep one unless its token multiset
+    overlaps a kept one by ≥ ``overlap`` (|a ∩ b| / max(|a|, |b|)): that is its pair's permutation."""
+    from collections import Counter
+
     from leaklab.models.registry import ModelRef
 
     lm = load_model(ModelRef(obs.model.name, "next-token", init_seed=obs.model.init_seed))
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, ids in enumerate(rec.token_ids or []):
-        groups.setdefault(tuple(sorted(ids)), []).append(i)
-    keep = []
-    for members in groups.values():
-        keep.append(min(members, key=lambda i: _nll(lm, rec.token_ids[i])) if len(members) > 1 else members[0])
+    ids = rec.token_ids or []
+    order = sorted(range(len(ids)), key=lambda i: _nll(lm, ids[i]))
+    keep: list[int] = []
+    for i in order:
+        bag = Counter(ids[i])
+        if all(
+            sum((bag & Counter(ids[j])).values()) < overlap * max(len(ids[i]), len(ids[j]), 1) for j in keep
+        ):
+            keep.append(i)
     keep.sort()
-    return Recovery([rec.texts[i] for i in keep], [rec.token_ids[i] for i in keep], rec.seconds, rec.info)
+    return Recovery([rec.texts[i] for i in keep], [ids[i] for i in keep], rec.seconds, rec.info)
 
 
 @torch.no_grad()
