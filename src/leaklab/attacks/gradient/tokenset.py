@@ -15,8 +15,8 @@ from leaklab.models.registry import load_model
 from leaklab.threat.observation import Observation
 
 
-def leaked_token_ids(obs: Observation, tol: float = 0.0) -> list[int]:
-    """Ids v whose embedding-gradient row has norm > tol·max row norm."""
+def embedding_gradient(obs: Observation) -> torch.Tensor:
+    """The token-embedding gradient (vocab x d) of the update, or a clear error when it is not shared."""
     loaded = load_model(obs.model)
     name = next(
         (n for n, p in loaded.model.named_parameters() if p is loaded.adapter.embeddings.weight), None
@@ -25,7 +25,12 @@ def leaked_token_ids(obs: Observation, tol: float = 0.0) -> list[int]:
         raise LeaklabError(
             "the update has no token-embedding gradient (frozen embeddings?): no token set leaks"
         )
-    norms = obs.gradients[name].double().norm(dim=1)
+    return obs.gradients[name]
+
+
+def leaked_token_ids(obs: Observation, tol: float = 0.0) -> list[int]:
+    """Ids v whose embedding-gradient row has norm > tol·max row norm."""
+    norms = embedding_gradient(obs).double().norm(dim=1)
     if float(norms.max()) == 0.0:
         return []
     return torch.nonzero(norms > tol * norms.max()).flatten().tolist()

@@ -1,0 +1,249 @@
+"""Adaptation layer: SOMP and DAGER on every threat setting, through a FedSGD-like view of the update.
+
+The span attacks need, for layers 1 and 2, gradient blocks whose row space is the span of the batch's
+attention inputs. Each setting reaches that view differently (:func:`fedsgd_view`):
+
+* fedsgd: the update itself.
+* fedavg: Δ = θ₀ − θ_k = η Σ_t ∇L(θ_t) ≈ kη ∇L(θ₀); we divide by kη (protocol facts in the flags). One step is
+  exactly the FedSGD gradient; k > 1 steps are only approximately low-rank (the inputs X_t drift with θ_t).
+* dpo / reward: the loss is a weighted sum over the chosen and the rejected sequence of each pair, so the
+  gradient holds ``meta["sequences_per_pair"]`` (= 2) sequences per pair: the batch to recover is 2 × pairs.
+  With shuffled rejected texts the two share a token set (the rejected one is a permutation).
+* secagg: a sum over clients' batches: batch = clients × per-client batch; the inner setting's view applies.
+* lora: only adapter gradients are shared. For W' = W + s·B·A on input X, ∂L/∂B = s·(∂L/∂W)·Aᵀ = s·Δᵀ(X Aᵀ):
+  its rows lie in span{A x_i} ⊂ R^r. With P = Aᵀ(AAᵀ)⁻¹A, G' = ∂L/∂B·(AAᵀ)⁻¹A = s·Δᵀ X P has row space
+  span{P x_i}; adding an orthonormal basis N of null(A) gives span{P x_i} ⊕ null(A), and a candidate x is
+  in it iff A x ∈ span{A x_i}: the unchanged span check is exact when the batch's token count n < r (the
+  rank is n + d − r < d), best effort (full rank) when n ≥ r. A is rebuilt from the seed in the meta.
+* dropout on (``flags.train_mode``): masks perturb the inputs, so span distances are approximate; the
+  attacks' rankings still apply, their exact thresholds may not (recorded in the result's info).
+
+Where no view exists (no first/second-layer attention gradient or LoRA pair) a :class:`LeaklabError` says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from leaklab.attacks.base import Recovery, register_gradient_attack
+from leaklab.errors import LeaklabError
+from leaklab.models.registry import load_model
+from leaklab.threat.observation import Observation
+
+#: layers whose attention gradients the span attacks read
+SPAN_LAYERS = (0, 1)
+
+
+def fedsgd_view(obs: Observation) -> tuple[Observation, dict[str, Any]]:
+    """A FedSGD-like Observation carrying the same span information as ``obs``, and what was adapted."""
+    setting, meta = obs.setting, obs.meta
+    info: dict[str, Any] = {"setting": setting}
+    if setting == "secagg":
+        setting, meta = meta["inner_setting"], meta["inner_meta"]
+        info["clients"] = obs.meta["clients"]
+        info["inner_setting"] = setting
+    grads = dict(obs.gradients)
+    flags = obs.flags
+    if flags.learning_rate is not None:
+        scale = flags.learning_rate * flags.local_steps
+        grads = {k: v / scale for k, v in grads.items()}
+        info["delta_rescale"] = 1.0 / scale
+        info["denoised_ranks"] = denoise_deltas(obs, grads, scale)
+        info["approximate"] = flags.local_steps > 1
+    per_seq = int(meta.get("sequences_per_pair", 1)) if setting in ("dpo", "reward") else 1
+    batch = obs.batch_size * per_seq if obs.batch_size is not None else None
+    info["sequences_per_pair"] = per_seq
+    if setting == "lora" or "lora" in meta:
+        grads, lora_info = lora_pseudo_gradients(obs, grads, meta["lora"])
+        info["lora"] = lora_info
+    if flags.train_mode:
+        info["dropout"] = "on: span distances approximate"
+    paired = per_seq != 1
+    view = Observation(
+        model=obs.model,
+        setting="fedsgd",
+        gradients=grads,
+        flags=replace(
+            flags,
+            local_steps=1,
+            learning_rate=None,
+            num_clients=1,
+            labels_known=flags.labels_known and not paired,
+            lengths_known=flags.lengths_known and not paired,
+        ),
+        batch_size=batch,
+        labels=None if paired else obs.labels,
+        lengths=None if paired else obs.lengths,
+        meta={k: v for k, v in obs.meta.items() if k == "defenses"},
+    )
+    return view, info
+
+
+def denoise_deltas(obs: Observation, grads: dict[str, torch.Tensor], scale: float) -> dict[str, int]:
+    """Truncate the span layers' rescaled deltas at the float32 round-off level of θ_k = θ₀ − Δ.
+
+    Δ/(kη) carries the rounding error of storing θ_k, entries of std ≈ ulp(θ_k)/√12 divided by kη: a dense
+    full-rank matrix E with ‖E‖₂ ≈ std·(√m + √n). Singular values below 3‖E‖₂ are dropped (rank per tensor
+    returned); without this a small learning rate makes every delta full rank.
+    """
+    loaded = load_model(obs.model)
+    params = dict(loaded.model.named_parameters())
+    ranks = {}
+    for layer in SPAN_LAYERS:
+        for _, p in loaded.adapter.projections[layer]:
+            if p.param not in grads or p.param not in params or p.param in ranks:
+                continue
+            theta = params[p.param].detach() - grads[p.param] * scale
+            ulp = (torch.nextafter(theta, torch.full_like(theta, float("inf"))) - theta).double()
+            g = grads[p.param].double()
+            level = (
+                3.0
+                * float(ulp.pow(2).mean().sqrt())
+                / 12**0.5
+                / scale
+                * (g.shape[0] ** 0.5 + g.shape[1] ** 0.5)
+            )
+            u, sv, vh = torch.linalg.svd(g, full_matrices=False)
+            k = int((sv > level).sum())
+            grads[p.param] = ((u[:, :k] * sv[:k]) @ vh[:k]).float()
+            ranks[p.param] = k
+    return ranks
+
+
+def lora_pseudo_gradients(
+    obs: Observation, grads: dict[str, torch.Tensor], lora_meta: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Base-weight pseudo-gradients whose (Q, K, V) row space per layer is span{P x_i} ⊕ null(A)."""
+    from leaklab.threat.lora import lora_model
+
+    loaded = load_model(obs.model)
+    adapted = dict(lora_model(obs.model, lora_meta).named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    used = {}
+    for layer in SPAN_LAYERS:
+        proj = loaded.adapter.projections[layer]
+        blocks: dict[str, torch.Tensor] = {}
+        pair = _lora_pair(proj, adapted, grads)
+        if pair is None:
+            raise LeaklabError(
+                f"the LoRA update has no adapter on layer {layer}'s attention projections "
+                f"(targets {lora_meta.get('targets')}): no span check applies"
+            )
+        key, a, grad_b, rows = pair
+        a = a.detach().double()
+        g = grad_b.double()[rows[0] : rows[1]] @ torch.linalg.solve(a @ a.T, a)  # s·Δᵀ X P (out x d)
+        _, _, vh = torch.linalg.svd(a, full_matrices=True)
+        null = vh[a.shape[0] :]  # orthonormal basis of null(A), (d − r) x d
+        used[layer] = key
+        for slot, p in proj:
+            if slot == key:
+                blocks[slot] = g
+            elif slot == "q" or (key == "q" and slot == "k"):
+                blocks[slot] = _fit_rows(null, p.rows[1] - p.rows[0])
+            else:
+                blocks[slot] = torch.zeros(p.rows[1] - p.rows[0], a.shape[1], dtype=torch.float64)
+        _place(out, proj, blocks, loaded)
+    return out, {"r": int(lora_meta["r"]), "projection": used, "exact_if_tokens_below": int(lora_meta["r"])}
+
+
+def _lora_pair(proj, adapted: dict[str, torch.nn.Parameter], grads: dict[str, torch.Tensor]):
+    """(slot, A, ∂L/∂B, output rows) of the first adapted projection among V, K, Q of a layer."""
+    for slot in ("v", "k", "q"):
+        p = getattr(proj, slot)
+        module = p.param.removesuffix(".weight")
+        name_a = f"base_model.model.{module}.lora_A.default.weight"
+        name_b = f"base_model.model.{module}.lora_B.default.weight"
+        if name_b in grads and name_a in adapted:
+            return slot, adapted[name_a], grads[name_b], p.rows
+    return None
+
+
+def _fit_rows(m: torch.Tensor, rows: int) -> torch.Tensor:
+    """``m`` cut or zero-padded to ``rows`` rows (row space kept when rows ≥ m's rows)."""
+    if m.shape[0] > rows:
+        raise LeaklabError(f"projection has {rows} outputs, fewer than the {m.shape[0]}-dim null space of A")
+    return torch.cat([m, m.new_zeros(rows - m.shape[0], m.shape[1])])
+
+
+def _place(out: dict[str, torch.Tensor], proj, blocks: dict[str, torch.Tensor], loaded) -> None:
+    """Write (out x in) blocks into base-parameter-shaped tensors (fused QKV and Conv1D layouts handled)."""
+    params = dict(loaded.model.named_parameters())
+    for slot, p in proj:
+        if p.param not in out:
+            shape = params[p.param].shape
+            out[p.param] = torch.zeros(shape, dtype=torch.float64)
+        full = out[p.param].t() if p.transposed else out[p.param]
+        full[p.rows[0] : p.rows[1]] = blocks[slot]
+    for k in list(out):
+        out[k] = out[k].float()
+
+
+class _Adapted:
+    """Wrap a span attack: run it on :func:`fedsgd_view` of any setting's update."""
+
+    inner_name = ""
+
+    def __init__(self, **options: Any) -> None:
+        from leaklab.attacks.base import make_attack
+
+        self.inner = make_attack(self.inner_name, **options)
+
+    def run(self, obs: Observation) -> Recovery:
+        view, adapted = fedsgd_view(obs)
+        rec = self.inner.run(view)
+        meta = obs.meta.get("inner_meta", obs.meta)
+        if adapted["sequences_per_pair"] > 1 and meta.get("pairing") == "shuffle" and rec.token_ids:
+            rec = keep_fluent_of_permutations(obs, rec)
+            adapted["kept_of_permutation_groups"] = len(rec.texts)
+        rec.info["adaptation"] = adapted
+        return rec
+
+
+def keep_fluent_of_permutations(obs: Observation, rec: Recovery, overlap: float = 0.6) -> Recovery:
+    """Shuffle-paired preference data: a rejected text is a permutation of its chosen one. Going through the
+    recovered sequences from most to least likely under the public LM, keep one unless its token multiset
+    overlaps a kept one by ≥ ``overlap`` (|a ∩ b| / max(|a|, |b|)): that is its pair's permutation."""
+    from collections import Counter
+
+    from leaklab.models.registry import ModelRef
+
+    lm = load_model(ModelRef(obs.model.name, "next-token", init_seed=obs.model.init_seed))
+    ids = rec.token_ids or []
+    order = sorted(range(len(ids)), key=lambda i: _nll(lm, ids[i]))
+    keep: list[int] = []
+    for i in order:
+        bag = Counter(ids[i])
+        if all(
+            sum((bag & Counter(ids[j])).values()) < overlap * max(len(ids[i]), len(ids[j]), 1) for j in keep
+        ):
+            keep.append(i)
+    keep.sort()
+    return Recovery([rec.texts[i] for i in keep], [ids[i] for i in keep], rec.seconds, rec.info)
+
+
+@torch.no_grad()
+def _nll(lm, ids: list[int]) -> float:
+    """Mean next-token negative log-likelihood of ``ids`` under the language model."""
+    if len(ids) < 2:
+        return 0.0
+    x = torch.tensor([ids])
+    return float(lm.model(input_ids=x, labels=x).loss)
+
+
+@register_gradient_attack("somp-any")
+class SompAnySetting(_Adapted):
+    """SOMP on any threat setting (fedsgd, fedavg, lora, dpo, reward, secagg, dropout)."""
+
+    name = "somp-any"
+    inner_name = "somp"
+
+
+@register_gradient_attack("dager-any")
+class DagerAnySetting(_Adapted):
+    """DAGER on any threat setting (fedsgd, fedavg, lora, dpo, reward, secagg, dropout)."""
+
+    name = "dager-any"
+    inner_name = "dager"

@@ -1,0 +1,51 @@
+"""Token-set leak for tied embeddings: rows of the embedding gradient the softmax term cannot explain.
+
+With the LM head tied to the input embedding E, ∂L/∂E[v] = Σ_t (p_t(v) − 1[y_t = v]) h_t + Σ_{t: x_t = v} ∂L/∂e_t.
+The softmax/target part of every row lies in S = span{h_t} (n dims); the input path adds a component
+outside S only for tokens that occurred as inputs. So every vocabulary row is non-zero (the plain non-zero
+test of :mod:`tokenset` returns the whole vocabulary), but estimating S from the bulk of rows (all but the
+``exclude`` largest) and keeping the rows with a large residual outside S recovers the input tokens.
+Tokens that occur only as the last token of a text (targets, never inputs) stay inside S and are missed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leaklab.attacks.base import Recovery, register_gradient_attack
+from leaklab.attacks.gradient.subspace import numerical_rank, single_thread
+from leaklab.attacks.gradient.tokenset import embedding_gradient
+from leaklab.models.registry import load_model
+from leaklab.threat.observation import Observation
+
+
+def residual_scores(grad: torch.Tensor, exclude: int = 2048) -> torch.Tensor:
+    """‖(I − P_S) g_v‖ per row, S the numerical row space of the rows outside the ``exclude`` largest."""
+    g = grad.double()
+    norms = g.norm(dim=1)
+    bulk = g[torch.argsort(norms)[: max(1, g.shape[0] - exclude)]]
+    with single_thread():
+        evals, evecs = torch.linalg.eigh(bulk.T @ bulk)
+    sv = evals.clamp_min(0).sqrt().flip(0)
+    basis = evecs.flip(1)[:, : numerical_rank(sv, noise_floor=1e-4)]
+    return (g - (g @ basis) @ basis.T).norm(dim=1)
+
+
+def leaked_tokens(obs: Observation, rel: float = 0.01, exclude: int = 2048) -> list[int]:
+    """Ids whose residual outside the softmax span exceeds ``rel`` × the largest residual."""
+    res = residual_scores(embedding_gradient(obs), exclude)
+    return torch.nonzero(res > rel * res.max()).flatten().tolist()
+
+
+@register_gradient_attack("tokenset-residual")
+class ResidualTokenSet:
+    """Bag of tokens from a tied embedding gradient (input path outside the softmax span)."""
+
+    name = "tokenset-residual"
+
+    def __init__(self, rel: float = 0.01, exclude: int = 2048) -> None:
+        self.rel, self.exclude = rel, exclude
+
+    def run(self, obs: Observation) -> Recovery:
+        ids = leaked_tokens(obs, self.rel, self.exclude)
+        return Recovery([load_model(obs.model).decode(ids)], [ids], info={"n_tokens": len(ids)})
