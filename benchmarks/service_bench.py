@@ -160,8 +160,7 @@ def detection(model: str, n_benign: int, n_attack: int, length: int, seed: int) 
         for k in BENIGN
     }
     att = {
-        k: [session_score(enc, ATTACK_FNS[k](enc, pools, rng, length), kw) for _ in range(n_attack)]
-        for k in ATTACKS
+        k: [session_score(enc, ATTACK_FNS[k](enc, pools, rng, length), kw) for _ in range(n_attack)] for k in ATTACKS
     }
     all_ben = np.array([s for v in ben.values() for s in v])
     perm = rng.permutation(len(all_ben))
@@ -192,9 +191,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="Small sizes (smoke run).")
     ap.add_argument("--model", default="minilm-l6")
-    ap.add_argument(
-        "--detect-model", default=None, help="Second encoder of the detection runs (default: --model)."
-    )
+    ap.add_argument("--detect-model", default=None, help="Second encoder of the detection runs (default: --model).")
     ap.add_argument(
         "--sections",
         default=",".join(SECTIONS),

@@ -12,16 +12,22 @@ from leaklab.threat import ThreatFlags, fedsgd_update, save_update
 
 
 def leaklab(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "leaklab.cli", "gradient", *args], capture_output=True, text=True,
-                          check=False,
-                          cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "leaklab.cli", "gradient", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
 def saved_update(tmp_path_factory):
     path = tmp_path_factory.mktemp("upd") / "update.safetensors"
-    obs, secret = fedsgd_update(ModelRef("tiny-llama"), ["A gripping little thriller.", "Dull, slow and long."],
-                                flags=ThreatFlags())
+    obs, secret = fedsgd_update(
+        ModelRef("tiny-llama"), ["A gripping little thriller.", "Dull, slow and long."], flags=ThreatFlags()
+    )
     save_update(path, obs, secret)
     return path, obs, secret
 
@@ -36,8 +42,23 @@ def test_attack_saved_update_json(saved_update, tmp_path):
 
 
 def test_fresh_batches_table(tmp_path):
-    res = leaklab("attack", "--attack", "somp", "--model", "tiny-gpt2", "--batch-size", "2", "--batches", "1",
-                  "--min-tokens", "8", "--max-tokens", "16", "--out", str(tmp_path / "r"))
+    res = leaklab(
+        "attack",
+        "--attack",
+        "somp",
+        "--model",
+        "tiny-gpt2",
+        "--batch-size",
+        "2",
+        "--batches",
+        "1",
+        "--min-tokens",
+        "8",
+        "--max-tokens",
+        "16",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert res.returncode == 0, res.stderr
     assert "ROUGE-1" in res.stdout and "recovered" in res.stdout
 
@@ -66,6 +87,7 @@ def test_nan_gradient_is_refused(saved_update, tmp_path):
     grads[name][0, 0] = float("nan")
     bad = tmp_path / "nan.safetensors"
     from dataclasses import replace
+
     save_update(bad, replace(obs, gradients=grads), secret)
     _one_line_error(leaklab("attack", "--update", str(bad)), "NaN/inf", name)
 

@@ -10,10 +10,17 @@ from leaklab.models import ModelRef
 from leaklab.threat import client_update, fedsgd_update
 
 
-@pytest.mark.parametrize(("name", "batch_size", "seed"), [
-    ("tiny-llama", 1, 0), ("tiny-llama", 2, 1), ("tiny-llama", 4, 2),
-    ("tiny-gpt2", 1, 0), ("tiny-gpt2", 3, 1), ("tiny-gpt2", 4, 2),
-])
+@pytest.mark.parametrize(
+    ("name", "batch_size", "seed"),
+    [
+        ("tiny-llama", 1, 0),
+        ("tiny-llama", 2, 1),
+        ("tiny-llama", 4, 2),
+        ("tiny-gpt2", 1, 0),
+        ("tiny-gpt2", 3, 1),
+        ("tiny-gpt2", 4, 2),
+    ],
+)
 def test_exact_recovery_on_tiny_decoders(name, batch_size, seed):
     obs, secret = client_update(ModelRef(name), "rotten-tomatoes", batch_size, seed, 8, 24)
     assert sum(len(t) for t in secret.token_ids) < 128  # below the hidden size: exact regime
@@ -49,8 +56,9 @@ def test_full_rank_gradient_warns_and_still_answers():
 
 
 def test_encoder_recovery_on_tiny_bert():
-    obs, secret = fedsgd_update(ModelRef("tiny-bert", "classify"), ["a gripping thriller", "dull and slow"],
-                                labels=[1, 0])
+    obs, secret = fedsgd_update(
+        ModelRef("tiny-bert", "classify"), ["a gripping thriller", "dull and slow"], labels=[1, 0]
+    )
     rec = run_attack(make_attack("dager"), obs)
     assert score_recovery(obs, secret, rec)["aggregate"]["rouge1"] == 1.0
     assert torch.is_tensor(obs.gradients[next(iter(obs.gradients))])

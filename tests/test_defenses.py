@@ -73,9 +73,7 @@ def test_gaussian_noise_has_the_given_std_and_is_seeded(obs):
 
 
 def test_gaussian_calibrated_from_epsilon_uses_the_clip_bound(obs):
-    out = apply_defenses(
-        obs, [make_defense("clip", max_norm=2.0), make_defense("gaussian", epsilon=0.5, delta=1e-5)]
-    )
+    out = apply_defenses(obs, [make_defense("clip", max_norm=2.0), make_defense("gaussian", epsilon=0.5, delta=1e-5)])
     expected = 2.0 * math.sqrt(2 * math.log(1.25 / 1e-5)) / 0.5
     rec = out.defenses[-1]
     assert math.isclose(rec["std"], expected) and rec["sensitivity"] == 2.0
@@ -189,9 +187,7 @@ def test_dpsgd_on_dpo_clips_per_pair():
         (-F.logsigmoid(beta * (lp[0] - lp[0].detach() - lp[1] + lp[1].detach()))).backward()
         per_pair.append({n: p.grad.clone() for n, p in model.named_parameters()})
     clip = 0.5 * min(grad_norm(g) for g in per_pair)
-    obs, _ = make_update(
-        "dpo", GPT2, TEXTS, beta=beta, hooks=[make_defense("dpsgd", clip=clip, noise_multiplier=0.0)]
-    )
+    obs, _ = make_update("dpo", GPT2, TEXTS, beta=beta, hooks=[make_defense("dpsgd", clip=clip, noise_multiplier=0.0)])
     for n, g in _clipped_mean(per_pair, clip).items():
         assert float((obs.gradients[n] - g).norm()) <= 1e-4 * float(g.norm()) + 1e-8, n
 
@@ -202,9 +198,7 @@ def test_dpsgd_noise_and_record(tmp_path):
     )
     rec = obs.defenses[0]
     assert rec["name"] == "dpsgd" and rec["accounted_steps"] == 1
-    assert 7.9 <= rec["epsilon"] <= 8.0 and rec["epsilon"] == rdp_epsilon(
-        rec["noise_multiplier"], 1.0, 1, 1e-5
-    )
+    assert 7.9 <= rec["epsilon"] <= 8.0 and rec["epsilon"] == rdp_epsilon(rec["noise_multiplier"], 1.0, 1, 1e-5)
     # noise std σ·C/B per coordinate dominates the clipped signal (norm ≤ C)
     noise_std = float(_flat(obs).std())
     assert abs(noise_std - rec["noise_multiplier"] * 1.0 / 2) < 0.01
@@ -231,9 +225,7 @@ def test_inapplicable_defenses_are_refused(obs):
     with pytest.raises(LeaklabError, match="topk' does not apply: the update shares no tensor"):
         make_defense("topk", fraction=0.1).apply(empty)
     with pytest.raises(LeaklabError, match="given twice"):
-        defended_update(
-            "fedsgd", GPT2, "rotten-tomatoes", 1, 0, [make_defense("dpsgd", noise_multiplier=1)] * 2
-        )
+        defended_update("fedsgd", GPT2, "rotten-tomatoes", 1, 0, [make_defense("dpsgd", noise_multiplier=1)] * 2)
 
 
 def test_registry_lists_valid_names_and_parameters():
@@ -269,9 +261,7 @@ def test_utility_applies_the_update_and_scores_public_texts():
         expected = float(TextObjective(batch, "next-token").mean_loss(model))
         before = float(TextObjective(batch, "next-token").mean_loss(loaded.model))
     u = utility(upd, "rotten-tomatoes", 8, 0, 2, 24)
-    assert math.isclose(u["loss"], expected, rel_tol=1e-5) and math.isclose(
-        u["loss_before"], before, rel_tol=1e-5
-    )
+    assert math.isclose(u["loss"], expected, rel_tol=1e-5) and math.isclose(u["loss_before"], before, rel_tol=1e-5)
     assert u["loss"] < u["loss_before"] and u["applied"] == "theta - delta"
 
 
@@ -280,9 +270,7 @@ def test_sweep_writes_table_json_plot_with_epsilon(tmp_path):
 
     from leaklab.sweep import sweep
 
-    result = sweep(
-        "dpsgd", [0.5], "tokenset", "tiny-gpt2", "rotten-tomatoes", 2, 1, 0, tmp_path, max_tokens=16
-    )
+    result = sweep("dpsgd", [0.5], "tokenset", "tiny-gpt2", "rotten-tomatoes", 2, 1, 0, tmp_path, max_tokens=16)
     rows = result["rows"]
     assert [r["value"] for r in rows] == ["none", 0.5] and rows[0]["epsilon"] is None
     assert rows[1]["epsilon"] == rdp_epsilon(0.5, 1.0, 1, 1e-5)
@@ -329,9 +317,7 @@ def test_cli_update_setting_then_apply_defense(tmp_path):
         res.exception
     )
     out = tmp_path / "d.safetensors"
-    res = runner.invoke(
-        app, ["apply-defense", str(path), "--defense", "clip:max_norm=0.5", "--out", str(out)]
-    )
+    res = runner.invoke(app, ["apply-defense", str(path), "--defense", "clip:max_norm=0.5", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert math.isclose(grad_norm(load_update(out).gradients), 0.5, rel_tol=1e-5)
     res = runner.invoke(

@@ -18,8 +18,13 @@ from leaklab.corpora.sampling import split_of
 from leaklab.encoders import load_encoder
 from leaklab.errors import LeaklabError, UnknownNameError
 
-DOCS = ["red apples and green pears", "a fast blue car on the road", "quiet rain over the old town",
-        "the striker scored a late goal", "markets fell as oil prices rose"]
+DOCS = [
+    "red apples and green pears",
+    "a fast blue car on the road",
+    "quiet rain over the old town",
+    "the striker scored a late goal",
+    "markets fell as oil prices rose",
+]
 VOCAB = sorted({w for d in DOCS for w in d.split()} | {"banana", "train", "snow", "music", "film"})
 
 
@@ -35,8 +40,16 @@ def public():
 
 
 def test_registry_has_all_attacks_and_rejects_unknown():
-    assert set(attack_names()) == {"nearest", "whitebox", "bow", "decoder", "alignment", "kb-extract",
-                                   "clustering", "membership"}
+    assert set(attack_names()) == {
+        "nearest",
+        "whitebox",
+        "bow",
+        "decoder",
+        "alignment",
+        "kb-extract",
+        "clustering",
+        "membership",
+    }
     with pytest.raises(UnknownNameError, match="valid: alignment, bow"):
         get_attack("nope")
 
@@ -74,8 +87,9 @@ def test_bow_trains_saves_and_loads(tiny, public, tmp_path):
 
 def test_decoder_trains_saves_loads_and_corrects(tiny, public, tmp_path):
     vecs = tiny.embed(public)
-    inv = DecoderInverter(tiny.dim, piece_vocab(tiny.tokenizer, public, 300), tiny.tokenizer, emb=32, hidden=64,
-                          max_len=12)
+    inv = DecoderInverter(
+        tiny.dim, piece_vocab(tiny.tokenizer, public, 300), tiny.tokenizer, emb=32, hidden=64, max_len=12
+    )
     info = inv.fit(public, vecs, seconds=3, epochs=1)
     assert info["steps"] >= 1
     inv.save(tmp_path / "dec")
@@ -139,8 +153,12 @@ def test_http_kb_request_and_response_shape():
         body = json.loads(request.content)
         assert request.url.path == "/v1/search" and body["top_k"] == 2
         assert request.headers["authorization"] == "Bearer k1"
-        return httpx.Response(200, json={"data": [{"results": [{"id": "d1", "score": 0.9}, {"id": "d2", "score": 0.1}]}
-                                                  for _ in body["query"]]})
+        return httpx.Response(
+            200,
+            json={
+                "data": [{"results": [{"id": "d1", "score": 0.9}, {"id": "d2", "score": 0.1}]} for _ in body["query"]]
+            },
+        )
 
     kb = HttpKB("http://svc", api_key="k1", client=httpx.Client(transport=httpx.MockTransport(handler)))
     assert kb.search(["a", "b"], 2) == [[("d1", 0.9), ("d2", 0.1)]] * 2 and kb.queries == 2
@@ -167,11 +185,14 @@ def test_membership_kb_scores_and_finetune(tiny):
     assert np.allclose(load_encoder("tiny-bert").embed(DOCS[:1]), tiny.embed(DOCS[:1]))  # original untouched
 
 
-@pytest.mark.parametrize("name,opts", [
-    ("nearest", {"candidates": 30}),
-    ("membership", {"target": "kb"}),
-    ("alignment", {"k": "4,8", "inner": "nearest"}),
-])
+@pytest.mark.parametrize(
+    "name,opts",
+    [
+        ("nearest", {"candidates": 30}),
+        ("membership", {"target": "kb"}),
+        ("alignment", {"k": "4,8", "inner": "nearest"}),
+    ],
+)
 def test_scenarios_run_on_tiny(name, opts):
     rep = run_embed_attack(name, Scenario("tiny-bert", n=4, max_tokens=24, public_limit=60, options=opts))
     assert rep.attack == name and rep.seconds > 0 and rep.metrics

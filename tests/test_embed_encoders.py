@@ -55,8 +55,10 @@ def _openai_server(seen: list):
         if request.headers.get("authorization") != "Bearer sk-test":
             return httpx.Response(401, json={"error": "bad key"})
         body = json.loads(request.content)
-        data = [{"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0, 0.0]}
-                for i, t in enumerate(body["input"])]
+        data = [
+            {"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0, 0.0]}
+            for i, t in enumerate(body["input"])
+        ]
         return httpx.Response(200, json={"data": data[::-1], "usage": {"prompt_tokens": 7 * len(data)}})
 
     return httpx.Client(transport=httpx.MockTransport(handler))

@@ -6,9 +6,7 @@ from leaklab.models import PACKAGED, ModelRef, load_model, model_names
 
 
 def test_registry_lists_required_models():
-    assert {"smollm2-135m", "minilm-l6", "gpt2-arch", "tiny-llama", "tiny-gpt2", "tiny-bert"} <= set(
-        model_names()
-    )
+    assert {"smollm2-135m", "minilm-l6", "gpt2-arch", "tiny-llama", "tiny-gpt2", "tiny-bert"} <= set(model_names())
 
 
 def test_unknown_model_lists_valid_names():

@@ -70,9 +70,7 @@ def test_data_routes_need_a_valid_unrevoked_key(server):
 def test_openai_shape_base64_and_per_key_rotation(server):
     srv, keys, _ = server
     with httpx.Client(base_url=srv.url, timeout=10) as c:
-        r = c.post(
-            "/v1/embeddings", json={"input": ["a cat sat", "on the mat"]}, headers=_auth(keys["alice"])
-        )
+        r = c.post("/v1/embeddings", json={"input": ["a cat sat", "on the mat"]}, headers=_auth(keys["alice"]))
         body = r.json()
         assert r.status_code == 200 and body["object"] == "list" and body["model"] == "hashing"
         assert [d["index"] for d in body["data"]] == [0, 1] and body["usage"]["prompt_tokens"] > 0
@@ -84,17 +82,13 @@ def test_openai_shape_base64_and_per_key_rotation(server):
             headers=_auth(keys["alice"]),
         )
         v64 = np.frombuffer(base64.b64decode(r64.json()["data"][0]["embedding"]), dtype="<f4")
-        assert (
-            v64.shape == (128,) and float(v64 @ vecs[0]) > 0.3
-        )  # same text, fresh noise (sigma ~0.08 per dim)
+        assert v64.shape == (128,) and float(v64 @ vecs[0]) > 0.3  # same text, fresh noise (sigma ~0.08 per dim)
         # bob's vectors are rotated only: cosines between his own vectors equal the clean ones
         texts = ["a cat sat", "a cat sat on the mat", "stock markets fell sharply"]
         rb = np.array(
             [
                 d["embedding"]
-                for d in c.post("/v1/embeddings", json={"input": texts}, headers=_auth(keys["bob"])).json()[
-                    "data"
-                ]
+                for d in c.post("/v1/embeddings", json={"input": texts}, headers=_auth(keys["bob"])).json()["data"]
             ]
         )
         from leaklab.service.encoders import load_encoder
@@ -102,9 +96,7 @@ def test_openai_shape_base64_and_per_key_rotation(server):
         clean = load_encoder("hashing").embed(texts)
         assert np.allclose(rb @ rb.T, clean @ clean.T, atol=1e-5)
         assert not np.allclose(rb, clean, atol=1e-2)
-        hits = c.post(
-            "/v1/search", json={"query": ["what is your name"], "top_k": 5}, headers=_auth(keys["bob"])
-        )
+        hits = c.post("/v1/search", json={"query": ["what is your name"], "top_k": 5}, headers=_auth(keys["bob"]))
         res = hits.json()["data"][0]["results"]
         assert len(res) == 5 and all(res[i]["score"] >= res[i + 1]["score"] for i in range(4))
         bad = c.post("/v1/embeddings", json={"input": ""}, headers=_auth(keys["alice"]))
@@ -127,9 +119,7 @@ def test_monitor_flags_a_live_probe_session_and_escalates_noise(server):
     normal = benign("reviews", pools, rng, 40)
     with httpx.Client(base_url=srv.url, timeout=10) as c:
         for a, b in zip(attack, normal, strict=True):
-            assert (
-                c.post("/v1/embeddings", json={"input": a}, headers=_auth(keys["probe"])).status_code == 200
-            )
+            assert c.post("/v1/embeddings", json={"input": a}, headers=_auth(keys["probe"])).status_code == 200
             assert c.post("/v1/embeddings", json={"input": b}, headers=_auth(keys["user"])).status_code == 200
     res = CliRunner().invoke(app, ["monitor", "report", "--db", str(db), "--json"])
     assert res.exit_code == 0, res.output
@@ -230,9 +220,7 @@ def test_burst_10k_quota_exact_and_logged(tmp_path):
     ok = {n: {rid for name, c, rid in results if name == n and c == 200} for n in keys}
     kid = {name: k.split("-")[1] for name, k in keys.items()}
     for name in keys:
-        logged = {
-            r[0] for r in con.execute("SELECT DISTINCT request_id FROM queries WHERE key_id=?", (kid[name],))
-        }
+        logged = {r[0] for r in con.execute("SELECT DISTINCT request_id FROM queries WHERE key_id=?", (kid[name],))}
         assert ok[name] == logged, name  # every admitted request in the log, nothing else
     assert len(ok["req-capped"]) == 1500  # exactly the quota: 3334 attempts
     used_tokens = con.execute("SELECT tokens FROM usage WHERE key_id=?", (kid["tok-capped"],)).fetchone()[0]

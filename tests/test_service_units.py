@@ -93,9 +93,7 @@ def test_config_errors_name_the_problem():
 
 def test_token_bucket_against_a_simulation():
     lim = RateLimiter()
-    admitted = sum(
-        lim.take("k", rate=5.0, burst=3, now=t * 0.01) == 0.0 for t in range(300)
-    )  # 3 s at 100 req/s
+    admitted = sum(lim.take("k", rate=5.0, burst=3, now=t * 0.01) == 0.0 for t in range(300))  # 3 s at 100 req/s
     assert admitted == 3 + 14  # the burst, then one per 0.2 s over 2.99 s (refill reaches 15 tokens at 3.0 s)
     wait = lim.take("k", rate=5.0, burst=3, now=3.01)
     assert wait == 0.0 and lim.take("k", rate=5.0, burst=3, now=3.01) == pytest.approx(0.19, abs=1e-6)
@@ -170,9 +168,7 @@ def test_monitor_flags_an_edit_chain_not_plain_sentences():
     words = ["alpha"]
     for i in range(30):
         words = [*words, f"tok{i % 7}"] if i % 2 else [*words[:-1], f"w{i}"]
-        v = mon.observe(
-            "probe", [" ".join(words)], normalise(np.ones((1, 16)) + 0.01 * rng.standard_normal((1, 16)))
-        )
+        v = mon.observe("probe", [" ".join(words)], normalise(np.ones((1, 16)) + 0.01 * rng.standard_normal((1, 16))))
     assert v.flagged and v.features["edit_chain"] > 0.8
 
 
@@ -215,14 +211,10 @@ def test_throttle_action_slows_a_flagged_key(tmp_path):
     codes = []
     for i in range(60):
         words = [*words, f"tok{i}"] if i % 2 else [*words[:-1], f"w{i}"]
-        r = client.post(
-            "/v1/embeddings", json={"input": " ".join(words)}, headers={"Authorization": f"Bearer {probe}"}
-        )
+        r = client.post("/v1/embeddings", json={"input": " ".join(words)}, headers={"Authorization": f"Bearer {probe}"})
         codes.append(r.status_code)
     assert codes[:8] == [200] * 8 and 429 in codes  # the burst drains and no longer refills
     # flagged after ~8 queries: what is left of the 40-token burst drains, then 429 with a long Retry-After
     assert codes.count(200) <= 8 + 40 + 1 and codes[-5:] == [429] * 5 and int(r.headers["retry-after"]) > 1
-    ok = client.post(
-        "/v1/embeddings", json={"input": "a normal review"}, headers={"Authorization": f"Bearer {user}"}
-    )
+    ok = client.post("/v1/embeddings", json={"input": "a normal review"}, headers={"Authorization": f"Bearer {user}"})
     assert ok.status_code == 200

@@ -100,9 +100,7 @@ def test_cross_source_verdicts(enc, chat):
     tiny = load_encoder("tiny-bert").embed(chat)
     other = cross_source(VectorSet(a, ids=ids), VectorSet(tiny, ids=ids))
     assert not other["verdict"].startswith("same model") and other["procrustes_residual"] > 0.2
-    shuffled = cross_source(
-        VectorSet(a), VectorSet(rot[np.random.default_rng(1).permutation(len(rot))]), "paired"
-    )
+    shuffled = cross_source(VectorSet(a), VectorSet(rot[np.random.default_rng(1).permutation(len(rot))]), "paired")
     assert shuffled["verdict"].startswith("unrelated")
     anch = cross_source(VectorSet(a), VectorSet(rot), "anchors", anchors=200)
     assert anch["anchor_residual"] < 1e-3 and anch["mapped_share_nn_cos_0.99"] > 0.9
@@ -165,13 +163,9 @@ def test_repeated_in_service_log(tmp_path):
     store = Store(tmp_path / "s.db")
     rec, _ = store.create_key("k")
     store.admit_and_log(rec.id, "embeddings", [LogRow("t1", 2, "v1"), LogRow("t2", 2, "v1")], "none", 0, 0)
-    store.admit_and_log(
-        rec.id, "embeddings", [LogRow("t3", 2, "v2"), LogRow("t4", 2, "v2")], "gaussian(x)", 0, 0
-    )
+    store.admit_and_log(rec.id, "embeddings", [LogRow("t3", 2, "v2"), LogRow("t4", 2, "v2")], "gaussian(x)", 0, 0)
     store.admit_and_log(rec.id, "embeddings", [LogRow("t5", 2, "v3"), LogRow("t5", 2, "v3")], "none", 0, 0)
     store.close()
     rep = repeated_in_log(tmp_path / "s.db")
     causes = {g["vector_hash"]: g["likely_cause"] for g in rep["examples"]}
-    assert (
-        rep["groups"] == 2 and causes["v2"].startswith("caching") and not causes["v1"].startswith("caching")
-    )
+    assert rep["groups"] == 2 and causes["v2"].startswith("caching") and not causes["v1"].startswith("caching")

@@ -49,6 +49,7 @@ def test_omp_stops_on_no_gain_with_noise_and_swaps_within_groups():
     groups = list(range(30))
     groups[5] = groups[1]
     from leaklab.attacks.gradient.omp import OmpResult
+
     fixed = refine_swaps(torch.tensor(atoms), torch.tensor(target), OmpResult([5, 2], torch.zeros(2)), groups)
     assert sorted(fixed.selected) == [1, 2]
 
@@ -73,8 +74,9 @@ def test_somp_exact_on_tiny_llama(batch_size):
 
 
 def test_somp_without_batch_size_uses_the_residual_rule():
-    obs, secret = client_update(ModelRef("tiny-llama"), "rotten-tomatoes", 2, 5, 8, 24,
-                                ThreatFlags(batch_size_known=False))
+    obs, secret = client_update(
+        ModelRef("tiny-llama"), "rotten-tomatoes", 2, 5, 8, 24, ThreatFlags(batch_size_known=False)
+    )
     assert obs.batch_size is None
     rec = run_attack(make_attack("somp"), obs)
     assert len(rec.texts) == 2 and rec.info["batch_size_estimate"] == 2

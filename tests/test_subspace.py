@@ -60,7 +60,7 @@ def test_true_tokens_pass_span_check_others_fail(name):
         true_x.append(x[:-1])  # next-token: the last token's input feeds no loss
         fake = torch.randint(1000, 20000, (len(ids) - 1,), generator=gen)
         fake = fake[~torch.isin(fake, torch.tensor(ids))]
-        fake_x.append(torch.stack([ad.token_inputs(fake[i: i + 1], position=i)[0] for i in range(len(fake))]))
+        fake_x.append(torch.stack([ad.token_inputs(fake[i : i + 1], position=i)[0] for i in range(len(fake))]))
     true_x, fake_x = torch.cat(true_x), torch.cat(fake_x)
     assert sub.distance(true_x).max() < 1e-4
     assert sub.distance(fake_x).min() > 1e-2

@@ -58,9 +58,7 @@ def test_fedsgd_classify_equals_reference():
     model = loaded.model
     model.zero_grad(set_to_none=True)
     loss = sum(
-        torch.nn.functional.cross_entropy(
-            model(input_ids=torch.tensor([loaded.encode(t)])).logits, torch.tensor([y])
-        )
+        torch.nn.functional.cross_entropy(model(input_ids=torch.tensor([loaded.encode(t)])).logits, torch.tensor([y]))
         for t, y in zip(TEXTS, labels, strict=True)
     ) / len(TEXTS)
     loss.backward()

@@ -96,9 +96,7 @@ def test_lora_shares_only_adapter_gradients_equal_to_peft_autograd(name, targets
     # an attacker rebuilds the same seeded A from the meta alone (fresh build, not the memoised one)
     from leaklab.threat import lora as lora_mod
 
-    victim_a = {
-        n: p.detach().clone() for n, p in lora_mod.lora_model(ref, back.meta["lora"]).named_parameters()
-    }
+    victim_a = {n: p.detach().clone() for n, p in lora_mod.lora_model(ref, back.meta["lora"]).named_parameters()}
     lora_mod._LORA.clear()
     rebuilt = dict(lora_mod.lora_model(ref, back.meta["lora"]).named_parameters())
     assert all(torch.equal(rebuilt[n], v) for n, v in victim_a.items())
@@ -192,9 +190,7 @@ def test_dropout_flag_reaches_multi_step_settings():
     off, _ = make_update("fedavg", ref, TEXTS, flags=ThreatFlags(learning_rate=0.1), seed=1)
     k = "transformer.h.0.attn.c_attn.weight"
     assert torch.equal(a.gradients[k], b.gradients[k])
-    assert not torch.equal(a.gradients[k], c.gradients[k]) and not torch.equal(
-        a.gradients[k], off.gradients[k]
-    )
+    assert not torch.equal(a.gradients[k], c.gradients[k]) and not torch.equal(a.gradients[k], off.gradients[k])
     assert not load_model(ref).model.training
 
 

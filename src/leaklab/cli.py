@@ -108,14 +108,10 @@ def corpora_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON
 @app.command("update")
 def update_cmd(
     model: Annotated[str, typer.Option(help="Packaged model name, HF folder or hub name.")] = "smollm2-135m",
-    corpus: Annotated[
-        str, typer.Option(help="Corpus name (name:variant), file, or hf:dataset.")
-    ] = "rotten-tomatoes",
+    corpus: Annotated[str, typer.Option(help="Corpus name (name:variant), file, or hf:dataset.")] = "rotten-tomatoes",
     batch_size: Annotated[int, typer.Option(help="Texts in the private batch.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the batch draw and of dropout.")] = 0,
-    out: Annotated[Path, typer.Option(help="Update file to write (.safetensors).")] = Path(
-        "update.safetensors"
-    ),
+    out: Annotated[Path, typer.Option(help="Update file to write (.safetensors).")] = Path("update.safetensors"),
     task: Annotated[str, typer.Option(help="next-token or classify.")] = "next-token",
     num_labels: Annotated[int, typer.Option(help="Classifier labels (classify).")] = 2,
     min_tokens: Annotated[int, typer.Option(help="Shortest text, in tokens.")] = 1,
@@ -134,9 +130,7 @@ def update_cmd(
     with console.status(f"computing the update of a {batch_size}-text batch on {model}"):
         obs, secret = client_update(ref, corpus, batch_size, seed, min_tokens, max_tokens, flags)
         save_update(out, obs, secret)
-    console.print(
-        f"wrote {out} ({len(obs.gradients)} tensors) and {secret_path(out)} (private texts, for scoring)"
-    )
+    console.print(f"wrote {out} ({len(obs.gradients)} tensors) and {secret_path(out)} (private texts, for scoring)")
 
 
 @app.command("demo")

@@ -13,14 +13,10 @@ console = Console()
 
 def defend_eval(
     model: Annotated[str, typer.Option(help="Encoder: minilm-l6, tiny-bert or hashing.")] = "minilm-l6",
-    corpus: Annotated[
-        str, typer.Option(help="Labelled corpus (victim docs: private split).")
-    ] = "bbc-news:paragraphs",
+    corpus: Annotated[str, typer.Option(help="Labelled corpus (victim docs: private split).")] = "bbc-news:paragraphs",
     victims: Annotated[int, typer.Option(help="Victim documents (their vectors leak).")] = 800,
     public: Annotated[int, typer.Option(help="Attacker's public texts (training its probes).")] = 2000,
-    known_pairs: Annotated[
-        str, typer.Option(help="Victim-tenant pairs the attacker holds, comma list.")
-    ] = "0,500",
+    known_pairs: Annotated[str, typer.Option(help="Victim-tenant pairs the attacker holds, comma list.")] = "0,500",
     seed: Annotated[int, typer.Option(help="Seed of sampling and noise.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<time>-defend-eval).")] = None,
 ) -> None:
@@ -59,9 +55,7 @@ def defend_eval(
     run.write_config(config)
     run.write_items(rows)
     run.write_aggregate({"prior_bow_token_f1": prior, "points": len(rows)})
-    plot_curves(
-        rows, prior, run.path / "privacy_utility.png", f"{model} on {corpus}: adaptive attacker vs utility"
-    )
+    plot_curves(rows, prior, run.path / "privacy_utility.png", f"{model} on {corpus}: adaptive attacker vs utility")
     atomic_write_text(
         run.path / "privacy_utility.md", table_md(rows) + f"\nprior BoW token F1 (no vector): {prior:.3f}\n"
     )

@@ -21,9 +21,7 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
 console = Console()
 
 SettingOpt = Annotated[str, typer.Option(help="fedsgd, fedavg, lora, dpo, reward or secagg.")]
-DefenseOpt = Annotated[
-    list[str] | None, typer.Option("--defense", help="NAME or NAME:k=v,k=v (repeatable, in order).")
-]
+DefenseOpt = Annotated[list[str] | None, typer.Option("--defense", help="NAME or NAME:k=v,k=v (repeatable, in order).")]
 ParamOpt = Annotated[
     list[str] | None, typer.Option("--defense-param", help="k=v for the single --defense (repeatable).")
 ]
@@ -85,9 +83,7 @@ def update_setting_cmd(
     corpus: Annotated[str, typer.Option(help="Corpus name, file, or hf:dataset.")] = "rotten-tomatoes",
     batch_size: Annotated[int, typer.Option(help="Texts per client (pairs for dpo/reward).")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the batch draw, dropout and noise.")] = 0,
-    out: Annotated[Path, typer.Option(help="Update file to write (.safetensors).")] = Path(
-        "update.safetensors"
-    ),
+    out: Annotated[Path, typer.Option(help="Update file to write (.safetensors).")] = Path("update.safetensors"),
     task: Annotated[str, typer.Option(help="next-token or classify.")] = "next-token",
     num_labels: Annotated[int, typer.Option(help="Classifier labels (classify).")] = 2,
     init_seed: Annotated[int, typer.Option(help="Seed of randomly initialised model parts.")] = 0,
@@ -153,9 +149,7 @@ def apply_defense_cmd(
         raise LeaklabError("give at least one --defense")
     obs = apply_defenses(load_update(update), defs, seed)
     save_update(out, obs, load_secret(update))
-    console.print(
-        f"wrote {out} ({len(obs.gradients)} tensors; defenses: {[r['name'] for r in obs.defenses]})"
-    )
+    console.print(f"wrote {out} ({len(obs.gradients)} tensors; defenses: {[r['name'] for r in obs.defenses]})")
 
 
 @app.command("defenses")
@@ -169,9 +163,7 @@ def defenses_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
     for name in defense_names():
         cls = DEFENSES[name]
         params = {f.name: f.default for f in dataclasses.fields(cls)}
-        rows.append(
-            {"name": name, "side": cls.side, "params": params, "doc": " ".join((cls.__doc__ or "").split())}
-        )
+        rows.append({"name": name, "side": cls.side, "params": params, "doc": " ".join((cls.__doc__ or "").split())})
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return

@@ -57,8 +57,16 @@ def load_vectors(path: Path) -> np.ndarray:
         raise LeaklabError(f"vector file '{path}': rows have different lengths") from None
 
 
-def _scenario(encoder: str, corpus: str, n: int, seed: int, min_tokens: int, max_tokens: int,
-              options: dict[str, Any], api_key: str | None):
+def _scenario(
+    encoder: str,
+    corpus: str,
+    n: int,
+    seed: int,
+    min_tokens: int,
+    max_tokens: int,
+    options: dict[str, Any],
+    api_key: str | None,
+):
     from leaklab.attacks.embedding.registry import Scenario
 
     return Scenario(encoder, corpus, n, seed, min_tokens, max_tokens, api_key=api_key, options=options)
@@ -93,8 +101,12 @@ def list_cmd() -> None:
 @app.command("attack")
 def attack_cmd(
     attack: Annotated[str, typer.Option("--attack", help="Attack name (see `leaklab embed list`).")],
-    encoder: Annotated[str, typer.Option(help="minilm-l6, tiny-bert, an encoder folder or http(s)://endpoint.")] = "minilm-l6",
-    corpus: Annotated[str, typer.Option(help="Corpus of the private targets and public attacker data.")] = "rotten-tomatoes",
+    encoder: Annotated[
+        str, typer.Option(help="minilm-l6, tiny-bert, an encoder folder or http(s)://endpoint.")
+    ] = "minilm-l6",
+    corpus: Annotated[
+        str, typer.Option(help="Corpus of the private targets and public attacker data.")
+    ] = "rotten-tomatoes",
     n: Annotated[int, typer.Option(help="Private targets (documents, members).")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the target draw and the attack.")] = 0,
     min_tokens: Annotated[int, typer.Option(help="Shortest text, in tokens.")] = 1,

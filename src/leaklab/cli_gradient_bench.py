@@ -32,9 +32,7 @@ def bench_cmd(
     batches: Annotated[int, typer.Option(help="Batches per cell.")] = 5,
     seed: Annotated[int, typer.Option(help="First batch seed.")] = 0,
     force: Annotated[bool, typer.Option(help="Redo cells that are already stored.")] = False,
-    report_only: Annotated[
-        bool, typer.Option(help="Only rebuild the table and plots from stored cells.")
-    ] = False,
+    report_only: Annotated[bool, typer.Option(help="Only rebuild the table and plots from stored cells.")] = False,
 ) -> None:
     """Run the missing cells of the grid (resumable), then write the table, plots and target check."""
     from leaklab.bench.gradient import run_grid, write_report

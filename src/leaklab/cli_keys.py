@@ -28,13 +28,9 @@ def _when(ts: float | None) -> str:
 
 @app.command("create")
 def create(
-    name: Annotated[
-        str, typer.Option(help="Unique key name (per-key limits/defenses in the config use it).")
-    ],
+    name: Annotated[str, typer.Option(help="Unique key name (per-key limits/defenses in the config use it).")],
     db: DbOpt = Path("leaklab-service.db"),
-    tenant: Annotated[
-        str | None, typer.Option(help="Tenant of the secret rotation (default: the name).")
-    ] = None,
+    tenant: Annotated[str | None, typer.Option(help="Tenant of the secret rotation (default: the name).")] = None,
 ) -> None:
     """Create a key; the secret is printed once (only its hash is stored)."""
     rec, secret = _store(db).create_key(name, tenant)

@@ -83,9 +83,7 @@ def report(
         table.add_column(col, overflow="fold")
     for r in rows:
         ev = r["evidence"]
-        feats = ", ".join(
-            f"{k}={v:.2f}" for k, v in sorted(ev["features"].items(), key=lambda kv: -kv[1]) if v
-        )
+        feats = ", ".join(f"{k}={v:.2f}" for k, v in sorted(ev["features"].items(), key=lambda kv: -kv[1]) if v)
         log = r["log"]
         table.add_row(
             f"{r['name']} ({r['key_id']})",

@@ -36,16 +36,10 @@ def _emit(report: dict, out: Path | None, as_json: bool) -> bool:
 
 @app.command("repeated")
 def repeated(
-    dump: Annotated[
-        Path | None, typer.Option(help="Vector dump (.jsonl with 'text' and 'embedding').")
-    ] = None,
+    dump: Annotated[Path | None, typer.Option(help="Vector dump (.jsonl with 'text' and 'embedding').")] = None,
     db: Annotated[Path | None, typer.Option(help="Or: a service database (query log, hashes only).")] = None,
-    texts: Annotated[
-        str | None, typer.Option(help="Or: texts (corpus name or file) to embed with --model.")
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Encoder for --texts; also sets tokenizer/max_seq_len.")
-    ] = None,
+    texts: Annotated[str | None, typer.Option(help="Or: texts (corpus name or file) to embed with --model.")] = None,
+    model: Annotated[str | None, typer.Option(help="Encoder for --texts; also sets tokenizer/max_seq_len.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many texts from --texts.")] = 5000,
     tol: Annotated[float, typer.Option(help="Cosine tolerance: pairs with cosine >= 1 - tol repeat.")] = 1e-4,
     max_seq_len: Annotated[
@@ -86,9 +80,7 @@ def repeated(
     report = repeated_embeddings(vs, tol, tokenizer, seq)
     if _emit(report, out, as_json):
         return
-    console.print(
-        f"{report['pairs']} repeated pair(s) among {report['vectors']} vectors (cosine >= 1 - {tol:g})"
-    )
+    console.print(f"{report['pairs']} repeated pair(s) among {report['vectors']} vectors (cosine >= 1 - {tol:g})")
     table = Table(title="causes")
     table.add_column("cause")
     table.add_column("pairs", justify="right")
@@ -104,9 +96,7 @@ def fingerprint_cmd(
     dump: Annotated[Path, typer.Option(help="Leaked vectors (.npy or .jsonl).")],
     docs: Annotated[str, typer.Option(help="Known documents: corpus name or file.")],
     limit: Annotated[int, typer.Option(help="At most this many documents.")] = 5000,
-    encoders: Annotated[
-        str, typer.Option(help="Candidate encoders, comma-separated.")
-    ] = "minilm-l6,tiny-bert,hashing",
+    encoders: Annotated[str, typer.Option(help="Candidate encoders, comma-separated.")] = "minilm-l6,tiny-bert,hashing",
     threshold: Annotated[float, typer.Option(help="Cosine at which a vector is that document.")] = 0.99,
     out: OutOpt = None,
     as_json: JsonOpt = False,
@@ -120,9 +110,7 @@ def fingerprint_cmd(
     report = fingerprint(leak, _texts(docs, limit), cands, threshold)
     if _emit(report, out, as_json):
         return
-    table = Table(
-        title=f"encoders vs {dump.name} ({report['vectors']} vectors, {report['documents']} documents)"
-    )
+    table = Table(title=f"encoders vs {dump.name} ({report['vectors']} vectors, {report['documents']} documents)")
     for col in ("encoder", "dim", "matched share", "median NN cosine", "spectrum L1"):
         table.add_column(col)
     for r in report["encoders"]:

@@ -20,7 +20,10 @@ FULL: dict[str, dict[str, Any]] = {
     "bow": {"n": 200, "options": {"train_seconds": 240, "epochs": 60}},
     "whitebox": {"n": 6, "options": {"max_tokens": 16, "steps": 100, "rounds": 10}},
     "decoder": {"n": 30, "options": {"train_seconds": 300, "steps": 2}},
-    "alignment": {"n": 100, "options": {"k": "8,32,128,384,1024", "inner": "nearest,bow", "train_seconds": 90}},
+    "alignment": {
+        "n": 100,
+        "options": {"k": "8,32,128,384,1024", "inner": "nearest,bow", "train_seconds": 90},
+    },
     "kb-extract": {"n": 200, "options": {"vocab": 3000, "candidates": 60}},
     "clustering": {"n": 200, "options": {"probes": 400}},
     "membership": {"n": 200, "options": {"target": "kb"}},
@@ -57,8 +60,13 @@ def rerender(out: Path, quick: bool = False) -> list[Path]:
     return _write(data["results"], out, stem, data["encoder"], data["quick"], data["seed"])
 
 
-def run_bench(out: Path, quick: bool = False, only: list[str] | None = None, seed: int = 0,
-              console: Console | None = None) -> list[Path]:
+def run_bench(
+    out: Path,
+    quick: bool = False,
+    only: list[str] | None = None,
+    seed: int = 0,
+    console: Console | None = None,
+) -> list[Path]:
     console = console or Console()
     plan = QUICK if quick else FULL
     names = only or list(plan)
@@ -75,8 +83,16 @@ def run_bench(out: Path, quick: bool = False, only: list[str] | None = None, see
     for name in names:
         cfg = plan[name]
         attack = name.split("-encoder")[0]
-        scn = Scenario(encoder, "rotten-tomatoes", cfg["n"], seed, 1, 32, cfg.get("public_limit"),
-                       options=dict(cfg["options"]))
+        scn = Scenario(
+            encoder,
+            "rotten-tomatoes",
+            cfg["n"],
+            seed,
+            1,
+            32,
+            cfg.get("public_limit"),
+            options=dict(cfg["options"]),
+        )
         console.print(f"[bold]{name}[/] on {encoder} (n={cfg['n']}) …")
         start = time.perf_counter()
         report = run_embed_attack(attack, scn)
@@ -96,12 +112,20 @@ def _previous(path: Path, encoder: str) -> dict[str, Any]:
 
 def _write(results: dict[str, Any], out: Path, stem: str, encoder: str, quick: bool, seed: int) -> list[Path]:
     ordered = {k: results[k] for k in FULL if k in results}
-    payload = {"encoder": encoder, "corpus": "rotten-tomatoes", "quick": quick, "seed": seed,
-               "machine": f"{platform.machine()}, {_cpus()} CPU cores (shared), no GPU", "results": ordered,
-               "targets": _targets(ordered)}
+    payload = {
+        "encoder": encoder,
+        "corpus": "rotten-tomatoes",
+        "quick": quick,
+        "seed": seed,
+        "machine": f"{platform.machine()}, {_cpus()} CPU cores (shared), no GPU",
+        "results": ordered,
+        "targets": _targets(ordered),
+    }
     out.mkdir(parents=True, exist_ok=True)
-    paths = [atomic_write_json(out / f"{stem}.json", payload),
-             atomic_write_text(out / f"{stem}.md", render_markdown(payload))]
+    paths = [
+        atomic_write_json(out / f"{stem}.json", payload),
+        atomic_write_text(out / f"{stem}.md", render_markdown(payload)),
+    ]
     return paths + _plots(ordered, out, stem)
 
 
@@ -116,8 +140,15 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for name, (label, get, goal) in TARGETS.items():
         if name in results:
             value = float(get(results[name]["metrics"]))
-            rows.append({"attack": name, "target": label, "measured": round(value, 4),
-                         "reached": value >= goal, "note": _note(name, results[name])})
+            rows.append(
+                {
+                    "attack": name,
+                    "target": label,
+                    "measured": round(value, 4),
+                    "reached": value >= goal,
+                    "note": _note(name, results[name]),
+                }
+            )
     return rows
 
 
@@ -125,8 +156,10 @@ def _note(name: str, r: dict[str, Any]) -> str:
     """Context a reader needs beside a target's measured value."""
     m, info = r["metrics"], r.get("info", {})
     if name == "decoder":
-        return (f"{info.get('train_seconds', '?')} s of training (wall, shared CPU), {info.get('steps', '?')} "
-                f"optimiser steps; n={m['n']}")
+        return (
+            f"{info.get('train_seconds', '?')} s of training (wall, shared CPU), {info.get('steps', '?')} "
+            f"optimiser steps; n={m['n']}"
+        )
     if name == "kb-extract":
         return f"{m['queries_per_doc']:.0f} queries per document; mean token F1 {m['token_f1']:.3f}"
     return f"n={m['n']}"
@@ -138,13 +171,24 @@ def _fmt(x: Any) -> str:
 
 def render_markdown(payload: dict[str, Any]) -> str:
     res = payload["results"]
-    lines = [f"# Embedding attacks — {payload['encoder']}, {payload['corpus']} (≤ 32 tokens)", "",
-             (f"Machine: {payload['machine']}. Inverters train on the public split only; targets are private "
-              "texts. Regenerate with `leaklab embed bench" + (" --quick" if payload["quick"] else "") + "`."),
-             "", "## Targets", "", "| attack | target | measured | reached | note |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Embedding attacks — {payload['encoder']}, {payload['corpus']} (≤ 32 tokens)",
+        "",
+        (
+            f"Machine: {payload['machine']}. Inverters train on the public split only; targets are private "
+            "texts. Regenerate with `leaklab embed bench" + (" --quick" if payload["quick"] else "") + "`."
+        ),
+        "",
+        "## Targets",
+        "",
+        "| attack | target | measured | reached | note |",
+        "|---|---|---|---|---|",
+    ]
     for t in payload["targets"]:
-        lines.append(f"| {t['attack']} | {t['target']} | {t['measured']:.3f} | {'yes' if t['reached'] else 'no'} | "
-                     f"{t.get('note', '')} |")
+        lines.append(
+            f"| {t['attack']} | {t['target']} | {t['measured']:.3f} | {'yes' if t['reached'] else 'no'} | "
+            f"{t.get('note', '')} |"
+        )
     for section in (_inversion, _nearest, _alignment, _kb, _clustering, _membership, _examples):
         lines += section(res)
     return "\n".join(lines) + "\n"
@@ -154,20 +198,31 @@ def _inversion(res: dict[str, Any]) -> list[str]:
     names = [n for n in ("bow", "whitebox", "decoder") if n in res]
     if not names:
         return []
-    lines = ["", "## Inversion", "",
-             "| attack | n | token P | token R | token F1 | ROUGE-L | BLEU | exact | cosine | queries | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Inversion",
+        "",
+        "| attack | n | token P | token R | token F1 | ROUGE-L | BLEU | exact | cosine | queries | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name in names:
         m, r = res[name]["metrics"], res[name]
-        lines.append(f"| {name} | {m['n']} | {m['token_precision']:.3f} | {m['token_recall']:.3f} | "
-                     f"{m['token_f1']:.3f} | {m['rougeL']:.3f} | {m['bleu']:.2f} | {m['exact']:.3f} | "
-                     f"{_fmt(m.get('cosine', '–'))} | {r['usage'].get('queries', 0)} | {r['seconds']:.0f} |")
+        lines.append(
+            f"| {name} | {m['n']} | {m['token_precision']:.3f} | {m['token_recall']:.3f} | "
+            f"{m['token_f1']:.3f} | {m['rougeL']:.3f} | {m['bleu']:.2f} | {m['exact']:.3f} | "
+            f"{_fmt(m.get('cosine', '–'))} | {r['usage'].get('queries', 0)} | {r['seconds']:.0f} |"
+        )
     if "decoder" in res:
         b, info = res["decoder"]["metrics"]["base"], res["decoder"]["info"]
         training = json.dumps({k: v for k, v in info.items() if k != "training_usage"})
-        lines += ["", (f"Decoder before correction: token F1 {b['token_f1']:.3f}, ROUGE-L {b['rougeL']:.3f}, "
-                       f"cosine {b.get('cosine', 0):.3f}. Training: {training}; correction queries per target: "
-                       f"{res['decoder']['metrics']['correction_queries_per_target']:.0f}.")]
+        lines += [
+            "",
+            (
+                f"Decoder before correction: token F1 {b['token_f1']:.3f}, ROUGE-L {b['rougeL']:.3f}, "
+                f"cosine {b.get('cosine', 0):.3f}. Training: {training}; correction queries per target: "
+                f"{res['decoder']['metrics']['correction_queries_per_target']:.0f}."
+            ),
+        ]
     return lines
 
 
@@ -175,21 +230,31 @@ def _nearest(res: dict[str, Any]) -> list[str]:
     if "nearest" not in res:
         return []
     m = res["nearest"]["metrics"]
-    return ["", "## Nearest neighbour / fingerprint", "",
-            (f"{m['present']} of {m['present'] + m['absent']} leaked documents are in a {m['candidates']}-text "
-             f"candidate list. Detection at cos ≥ 0.999: precision {m['detect_precision']:.3f}, recall "
-             f"{m['detect_recall']:.3f}; presence AUC {m.get('presence_auc', float('nan')):.3f}; exact recovery "
-             f"of present documents {m['exact_recovered_of_present']:.3f}; absent documents' nearest text token "
-             f"F1 {m['absent_nearest_token_f1']:.3f}.")]
+    return [
+        "",
+        "## Nearest neighbour / fingerprint",
+        "",
+        (
+            f"{m['present']} of {m['present'] + m['absent']} leaked documents are in a {m['candidates']}-text "
+            f"candidate list. Detection at cos ≥ 0.999: precision {m['detect_precision']:.3f}, recall "
+            f"{m['detect_recall']:.3f}; presence AUC {m.get('presence_auc', float('nan')):.3f}; exact recovery "
+            f"of present documents {m['exact_recovered_of_present']:.3f}; absent documents' nearest text token "
+            f"F1 {m['absent_nearest_token_f1']:.3f}."
+        ),
+    ]
 
 
 def _alignment(res: dict[str, Any]) -> list[str]:
     if "alignment" not in res:
         return []
     m, inner = res["alignment"]["metrics"], res["alignment"]["flags"]["inner_attacks"]
-    lines = ["", f"## Alignment ({m['method']}; victim {m['victim']}, local {m['local']})", "",
-             "| k pairs | mapped cosine | " + " | ".join(f"{a} token F1" for a in inner) + " |",
-             "|---|---|" + "---|" * len(inner)]
+    lines = [
+        "",
+        f"## Alignment ({m['method']}; victim {m['victim']}, local {m['local']})",
+        "",
+        "| k pairs | mapped cosine | " + " | ".join(f"{a} token F1" for a in inner) + " |",
+        "|---|---|" + "---|" * len(inner),
+    ]
     for row in m["sweep"]:
         cells = " | ".join(f"{row[a]['token_f1']:.3f}" for a in inner)
         lines.append(f"| {row['k']} | {row['mapped_cosine']:.3f} | {cells} |")
@@ -201,13 +266,19 @@ def _kb(res: dict[str, Any]) -> list[str]:
         return []
     r = res["kb-extract"]
     m = r["metrics"]
-    return ["", "## Knowledge-base extraction", "",
-            (f"{m['docs']} hidden documents, top-{r['flags']['top_k']} (id, score) answers. "
-             f"Discovered {m['discovered']}; recovered to token F1 ≥ {m['recovered_f1_threshold']}: "
-             f"{m['recovered_share']:.3f}; mean token F1 {m['token_f1']:.3f} (P {m['token_precision']:.3f}, "
-             f"R {m['token_recall']:.3f}), ROUGE-L {m['rougeL']:.3f}. Queries: {m['queries_total']} in all = "
-             f"{m['queries_per_doc']:.0f} per document ({m['discovery_queries']} shared discovery probes + "
-             f"{m['growth_queries_per_doc']:.0f} growth queries per document). {r['seconds']:.0f} s.")]
+    return [
+        "",
+        "## Knowledge-base extraction",
+        "",
+        (
+            f"{m['docs']} hidden documents, top-{r['flags']['top_k']} (id, score) answers. "
+            f"Discovered {m['discovered']}; recovered to token F1 ≥ {m['recovered_f1_threshold']}: "
+            f"{m['recovered_share']:.3f}; mean token F1 {m['token_f1']:.3f} (P {m['token_precision']:.3f}, "
+            f"R {m['token_recall']:.3f}), ROUGE-L {m['rougeL']:.3f}. Queries: {m['queries_total']} in all = "
+            f"{m['queries_per_doc']:.0f} per document ({m['discovery_queries']} shared discovery probes + "
+            f"{m['growth_queries_per_doc']:.0f} growth queries per document). {r['seconds']:.0f} s."
+        ),
+    ]
 
 
 def _clustering(res: dict[str, Any]) -> list[str]:
@@ -215,12 +286,20 @@ def _clustering(res: dict[str, Any]) -> list[str]:
         return []
     r = res["clustering"]
     m = r["metrics"]
-    lines = ["", "## Clustering from probes", "",
-             (f"{m['docs']} hidden {r['scenario']['kb_corpus']} documents, {r['usage'].get('search_queries', 0)} "
-              f"probe queries; {m['docs_retrieved']} documents retrieved. NMI with the true topics {m['nmi']:.3f} "
-              f"(ARI {m['ari']:.3f}); k-means on the true vectors reaches NMI {m['oracle_nmi']:.3f}. Cosine of the "
-              f"probe-built representation to the true vector {m['representation_cosine']:.3f}."), "",
-             "| cluster | majority true topic | keywords |", "|---|---|---|"]
+    lines = [
+        "",
+        "## Clustering from probes",
+        "",
+        (
+            f"{m['docs']} hidden {r['scenario']['kb_corpus']} documents, {r['usage'].get('search_queries', 0)} "
+            f"probe queries; {m['docs_retrieved']} documents retrieved. NMI with the true topics {m['nmi']:.3f} "
+            f"(ARI {m['ari']:.3f}); k-means on the true vectors reaches NMI {m['oracle_nmi']:.3f}. Cosine of the "
+            f"probe-built representation to the true vector {m['representation_cosine']:.3f}."
+        ),
+        "",
+        "| cluster | majority true topic | keywords |",
+        "|---|---|---|",
+    ]
     for c, kw in m["keywords"].items():
         lines.append(f"| {c} | {m['true_topics'].get(c, '–')} | {', '.join(kw)} |")
     return lines
@@ -231,12 +310,20 @@ def _membership(res: dict[str, Any]) -> list[str]:
     for name in ("membership", "membership-encoder"):
         for score, v in res.get(name, {}).get("metrics", {}).items():
             if isinstance(v, dict) and "auc" in v:
-                rows.append(f"| {res[name]['flags']['target']} | {score} | {v['members']}/{v['non_members']} | "
-                            f"{v['auc']:.3f} | {v['tpr_at_1pct_fpr']:.3f} | {v['tpr_at_0.1pct_fpr']:.3f} |")
+                rows.append(
+                    f"| {res[name]['flags']['target']} | {score} | {v['members']}/{v['non_members']} | "
+                    f"{v['auc']:.3f} | {v['tpr_at_1pct_fpr']:.3f} | {v['tpr_at_0.1pct_fpr']:.3f} |"
+                )
     if not rows:
         return []
-    return ["", "## Membership", "", "| target | score | members/non-members | AUC | TPR@1%FPR | TPR@0.1%FPR |",
-            "|---|---|---|---|---|---|", *rows]
+    return [
+        "",
+        "## Membership",
+        "",
+        "| target | score | members/non-members | AUC | TPR@1%FPR | TPR@0.1%FPR |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def _examples(res: dict[str, Any]) -> list[str]:
@@ -299,4 +386,3 @@ def _save(fig: Any, path: Path) -> Path:
 
     plt.close(fig)
     return path
-

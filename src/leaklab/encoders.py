@@ -46,8 +46,11 @@ class Usage:
         return Usage(self.queries, self.calls, self.tokens)
 
     def since(self, before: Usage) -> dict[str, int]:
-        return {"queries": self.queries - before.queries, "calls": self.calls - before.calls,
-                "tokens": self.tokens - before.tokens}
+        return {
+            "queries": self.queries - before.queries,
+            "calls": self.calls - before.calls,
+            "tokens": self.tokens - before.tokens,
+        }
 
 
 @dataclass
@@ -84,8 +87,13 @@ class Encoder:
 class CallableEncoder(Encoder):
     """Black-box access through any ``embed(texts) -> array`` callable."""
 
-    def __init__(self, fn: Callable[[list[str]], Any], dim: int | None = None, name: str = "callable",
-                 batch_size: int = 256) -> None:
+    def __init__(
+        self,
+        fn: Callable[[list[str]], Any],
+        dim: int | None = None,
+        name: str = "callable",
+        batch_size: int = 256,
+    ) -> None:
         self._fn = fn
         self._batch = batch_size
         if dim is None:
@@ -93,8 +101,10 @@ class CallableEncoder(Encoder):
         super().__init__(name, dim)
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        parts = [np.asarray(self._fn(texts[i:i + self._batch]), dtype=np.float32)
-                 for i in range(0, len(texts), self._batch)]
+        parts = [
+            np.asarray(self._fn(texts[i : i + self._batch]), dtype=np.float32)
+            for i in range(0, len(texts), self._batch)
+        ]
         return np.concatenate(parts)
 
 
@@ -102,8 +112,16 @@ class HttpEncoder(Encoder):
     """Client of an OpenAI-style embeddings endpoint: POST {base}/v1/embeddings {"model", "input": [..]} with
     ``Authorization: Bearer KEY``; reads ``data[i].embedding`` (ordered by ``index``) and ``usage.prompt_tokens``."""
 
-    def __init__(self, url: str, api_key: str | None = None, model: str = "minilm-l6", dim: int | None = None,
-                 batch_size: int = 64, timeout: float = 60.0, client: Any = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        model: str = "minilm-l6",
+        dim: int | None = None,
+        batch_size: int = 64,
+        timeout: float = 60.0,
+        client: Any = None,
+    ) -> None:
         import httpx
 
         self.url = url.rstrip("/")
@@ -139,7 +157,7 @@ class HttpEncoder(Encoder):
     def _embed(self, texts: list[str]) -> np.ndarray:
         parts, server_tokens = [], 0
         for i in range(0, len(texts), self._batch):
-            parts.append(self._post(texts[i:i + self._batch]))
+            parts.append(self._post(texts[i : i + self._batch]))
             server_tokens += self._server_tokens
         if server_tokens:  # the server's own count replaces the rough one
             self.usage.tokens += server_tokens - self.count_tokens(texts)
@@ -152,8 +170,16 @@ class LocalEncoder(Encoder):
 
     e(x) = normalise(Σ_t m_t h_t / Σ_t m_t) for mean pooling (h: last layer, m: attention mask)."""
 
-    def __init__(self, name: str, backbone: torch.nn.Module, tokenizer: Any, pooling: str = "mean",
-                 normalize: bool = True, max_length: int = 128, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        name: str,
+        backbone: torch.nn.Module,
+        tokenizer: Any,
+        pooling: str = "mean",
+        normalize: bool = True,
+        max_length: int = 128,
+        batch_size: int = 64,
+    ) -> None:
         if pooling not in ("mean", "cls"):
             raise UnknownNameError("pooling", pooling, ["mean", "cls"])
         self.backbone = backbone.eval()
@@ -175,8 +201,12 @@ class LocalEncoder(Encoder):
         return self.backbone.get_input_embeddings().weight
 
     def count_tokens(self, texts: Sequence[str]) -> int:
-        return sum(len(x) for x in self.tokenizer(list(texts), add_special_tokens=True, truncation=True,
-                                                  max_length=self.max_length)["input_ids"])
+        return sum(
+            len(x)
+            for x in self.tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=self.max_length)[
+                "input_ids"
+            ]
+        )
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
@@ -199,8 +229,13 @@ class LocalEncoder(Encoder):
         parts = []
         with torch.no_grad():
             for i in range(0, len(texts), self._batch):
-                enc = self.tokenizer(texts[i:i + self._batch], padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt")
+                enc = self.tokenizer(
+                    texts[i : i + self._batch],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
                 parts.append(self.forward_ids(enc["input_ids"], enc["attention_mask"]).numpy())
         return np.concatenate(parts)
 
@@ -209,7 +244,11 @@ class LocalEncoder(Encoder):
         self.usage.queries += len(ids)
         self.usage.calls += 1
         self.usage.tokens += sum(len(x) + 2 for x in ids)
-        cls_id, sep_id, pad_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id, self.tokenizer.pad_token_id
+        cls_id, sep_id, pad_id = (
+            self.tokenizer.cls_token_id,
+            self.tokenizer.sep_token_id,
+            self.tokenizer.pad_token_id,
+        )
         rows = [[cls_id, *list(x)[: self.max_length - 2], sep_id] for x in ids]
         width = max(len(r) for r in rows)
         input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
@@ -340,8 +379,9 @@ def cached_embed(encoder: Encoder, texts: Sequence[str]) -> np.ndarray:
 class TransformedEncoder(Encoder):
     """Black-box view of another encoder behind a secret linear map: e'(x) = e(x) M (+ Gaussian noise σ)."""
 
-    def __init__(self, base: Encoder, matrix: np.ndarray, noise: float = 0.0, seed: int = 0,
-                 name: str | None = None) -> None:
+    def __init__(
+        self, base: Encoder, matrix: np.ndarray, noise: float = 0.0, seed: int = 0, name: str | None = None
+    ) -> None:
         if matrix.shape[0] != base.dim:
             raise LeaklabError(f"transform has {matrix.shape[0]} rows, the encoder has dimension {base.dim}")
         self.base, self.matrix, self.noise = base, matrix.astype(np.float32), noise

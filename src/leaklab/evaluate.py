@@ -127,14 +127,12 @@ def load_checked_update(
     if batch_size is not None:
         if obs.batch_size is not None and batch_size != obs.batch_size:
             raise LeaklabError(
-                f"--batch-size {batch_size} contradicts the update '{path}', which records a batch "
-                f"of {obs.batch_size}"
+                f"--batch-size {batch_size} contradicts the update '{path}', which records a batch of {obs.batch_size}"
             )
         secret = load_secret(path)
         if obs.batch_size is None and secret is not None and len(secret) != batch_size:
             raise LeaklabError(
-                f"--batch-size {batch_size} contradicts the update '{path}', which holds a batch "
-                f"of {len(secret)}"
+                f"--batch-size {batch_size} contradicts the update '{path}', which holds a batch of {len(secret)}"
             )
         if obs.batch_size is None:  # the user grants the attacker the batch size: record it as a flag
             obs = replace(obs, flags=replace(obs.flags, batch_size_known=True), batch_size=batch_size)
@@ -207,9 +205,7 @@ def show_run(summary: dict[str, Any], console: Console, side_by_side: int = 8) -
     agg = summary["aggregate"]
     cfg = summary["config"]
     if "rouge1" not in agg:  # an update without its secret: nothing to score against
-        table = Table(
-            title=f"{cfg['attack']} on {cfg['model']['name']}: recovered texts (no secret to score)"
-        )
+        table = Table(title=f"{cfg['attack']} on {cfg['model']['name']}: recovered texts (no secret to score)")
         table.add_column("recovered")
         for text in summary["items"][0]["recovered"]:
             table.add_row(text)
@@ -231,9 +227,7 @@ def show_run(summary: dict[str, Any], console: Console, side_by_side: int = 8) -
         "s/batch (gradient)",
     ):
         table.add_column(col, justify="right")
-    table.add_row(
-        *(f"{agg[k]:.3f}" for k in METRICS), f"{agg['attack_seconds']:.1f}", f"{agg['gradient_seconds']:.1f}"
-    )
+    table.add_row(*(f"{agg[k]:.3f}" for k in METRICS), f"{agg['attack_seconds']:.1f}", f"{agg['gradient_seconds']:.1f}")
     console.print(table)
     pairs = summary["items"][0]["pairs"] if summary["items"] else []
     if pairs:

@@ -225,9 +225,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     cfg, rows = result["config"], result["rows"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    labels = [
-        f"{r['value']}" + (f"\nε={_fmt(r['epsilon'])}" if r["epsilon"] is not None else "") for r in rows
-    ]
+    labels = [f"{r['value']}" + (f"\nε={_fmt(r['epsilon'])}" if r["epsilon"] is not None else "") for r in rows]
     xs = np.arange(len(rows))
     dloss = [r["utility_loss"] - r["utility_loss_before"] for r in rows]
     ax.plot(xs, [r["rouge1"] for r in rows], "o-", color="tab:red", label="attack ROUGE-1")
@@ -240,8 +238,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     twin.set_ylabel("Δ validation loss (after − before update)", color="tab:blue")
     twin.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useOffset=False)
     ax.set_title(
-        f"{cfg['attack']} vs {cfg['defense']} "
-        f"({cfg['model']['name']}, {cfg['setting']}, B={cfg['batch_size']})"
+        f"{cfg['attack']} vs {cfg['defense']} ({cfg['model']['name']}, {cfg['setting']}, B={cfg['batch_size']})"
     )
     ax2.scatter(dloss, [r["rouge1"] for r in rows], color="tab:purple")
     for r, d, lab in zip(rows, dloss, labels, strict=True):

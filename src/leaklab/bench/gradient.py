@@ -184,9 +184,7 @@ def write_report(out_dir: Path, title: str = "Gradient inversion benchmark") -> 
     rows = []
     for c in cells:
         for a, s in c["attacks"].items():
-            rows.append(
-                (c["regime"]["name"], c["batch_size"], a, c["batches"], s, c["gradient_seconds"], c["model"])
-            )
+            rows.append((c["regime"]["name"], c["batch_size"], a, c["batches"], s, c["gradient_seconds"], c["model"]))
     order = {n: i for i, n in enumerate(REGIMES)}
     rows.sort(key=lambda r: (r[6], order.get(r[0], 99), r[1], r[2]))
     lines = [
@@ -248,13 +246,9 @@ def check_targets(cells: list[dict[str, Any]]) -> list[str]:
             state = "not measured" if r1 is None else ("reached" if min(r1, r2) >= 0.99 else "missed")
             out.append(f"B={b} short, {a}: ROUGE-1/2 >= 0.99 — {state} (R1 {fmt(r1)}, R2 {fmt(r2)})")
     s16, d16 = _stat(cells, "long", 16, "somp", "rouge1"), _stat(cells, "long", 16, "dager", "rouge1")
-    if s16 is None or d16 is None:
-        state = "not measured"
-    else:
-        state = "reached" if s16 >= 0.90 and s16 >= 1.5 * d16 else "missed"
-    out.append(
-        f"B=16 long: SOMP ROUGE-1 >= 0.90 and >= 1.5x DAGER — {state} (SOMP {fmt(s16)}, DAGER {fmt(d16)})"
-    )
+    measured = s16 is not None and d16 is not None
+    state = ("reached" if s16 >= 0.90 and s16 >= 1.5 * d16 else "missed") if measured else "not measured"
+    out.append(f"B=16 long: SOMP ROUGE-1 >= 0.90 and >= 1.5x DAGER — {state} (SOMP {fmt(s16)}, DAGER {fmt(d16)})")
     for b, goal in ((64, 0.80), (128, 0.60)):
         v = _stat(cells, "short", b, "somp", "rouge1")
         state = "not measured" if v is None else ("reached" if v >= goal else "missed")
@@ -268,7 +262,5 @@ def check_targets(cells: list[dict[str, Any]]) -> list[str]:
         for r in ("italian", "spanish", "chinese", "german")
         if all(_stat(cells, r, b, "somp", "rouge1") is not None for b in (4, 16))
     ]
-    out.append(
-        f"multilingual rows at B=4 and B=16: {len(langs)}/4 languages measured ({', '.join(langs) or 'none'})"
-    )
+    out.append(f"multilingual rows at B=4 and B=16: {len(langs)}/4 languages measured ({', '.join(langs) or 'none'})")
     return out

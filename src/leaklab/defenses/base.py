@@ -48,9 +48,7 @@ def make_defense(name: str, **params: Any) -> Defense:
     valid = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - set(valid))
     if unknown:
-        raise LeaklabError(
-            f"defense '{name}' has no parameter(s) {unknown}; valid: {', '.join(valid) or 'none'}"
-        )
+        raise LeaklabError(f"defense '{name}' has no parameter(s) {unknown}; valid: {', '.join(valid) or 'none'}")
     try:
         return cls(**{k: _coerce(valid[k], v) for k, v in params.items()})
     except (TypeError, ValueError) as exc:

@@ -108,9 +108,7 @@ class DpSgd:
         sigma = self.sigma(self.steps or 1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            gsm = GradSampleModule(
-                model, loss_reduction="mean", strict=False, force_functorch=self.mode == "functorch"
-            )
+            gsm = GradSampleModule(model, loss_reduction="mean", strict=False, force_functorch=self.mode == "functorch")
             try:
                 _train_parameter_leaves(model)
                 objective.sample_losses(gsm).mean().backward()

@@ -74,15 +74,11 @@ def defended_update(
     check_options(setting, options)
     setting, options, client, server = resolve(setting, defenses, options)
     steps = optimiser_steps(setting, batch_size, flags, options)
-    hooks = [
-        dataclasses.replace(d, steps=steps) if isinstance(d, DpSgd) and d.steps is None else d for d in client
-    ]
+    hooks = [dataclasses.replace(d, steps=steps) if isinstance(d, DpSgd) and d.steps is None else d for d in client]
     obs, secret = sample_update(
         setting, model, corpus, batch_size, seed, min_tokens, max_tokens, flags, hooks, **options
     )
     protocol = [d.record() for d in defenses if d.side == "protocol"]
     if protocol:
-        obs = dataclasses.replace(
-            obs, meta={**obs.meta, "defenses": [*protocol, *obs.meta.get("defenses", [])]}
-        )
+        obs = dataclasses.replace(obs, meta={**obs.meta, "defenses": [*protocol, *obs.meta.get("defenses", [])]})
     return apply_defenses(obs, server, seed), secret

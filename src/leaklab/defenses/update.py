@@ -88,9 +88,7 @@ class Gaussian(Recorded):
         require_tensors(obs, self.name)
         std, sens = self.std(obs)
         gen = _generator(seed)
-        noisy = {
-            k: g + std * torch.randn(g.shape, generator=gen, dtype=g.dtype) for k, g in obs.gradients.items()
-        }
+        noisy = {k: g + std * torch.randn(g.shape, generator=gen, dtype=g.dtype) for k, g in obs.gradients.items()}
         return with_update(obs, noisy, self.record(std=std, sensitivity=sens))
 
 
@@ -205,9 +203,7 @@ class FrozenEmbeddings(Recorded):
             )
         names = set(embedding_params(_shared_model(obs.model, obs.meta))) & set(obs.gradients)
         if not names:
-            raise LeaklabError(
-                f"frozen-embeddings does not apply: the {obs.setting} update has no embedding tensor"
-            )
+            raise LeaklabError(f"frozen-embeddings does not apply: the {obs.setting} update has no embedding tensor")
         kept = {k: g for k, g in obs.gradients.items() if k not in names}
         return with_update(obs, kept, self.record(dropped=sorted(names)))
 

@@ -83,9 +83,7 @@ def validation_texts(
 ) -> tuple[list[str], list[int]]:
     """A seeded sample of the corpus's public split (held out from every private batch)."""
     loaded = load_model(obs.model)
-    sample = sample_texts(
-        load_corpus(corpus), loaded.tokenizer, n, seed, min_tokens, max_tokens, split="public"
-    )
+    sample = sample_texts(load_corpus(corpus), loaded.tokenizer, n, seed, min_tokens, max_tokens, split="public")
     return sample.texts, sample.labels
 
 

@@ -47,8 +47,9 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (na * nb)
 
 
-def score_inversion(pred: Sequence[str], true: Sequence[str], target_vectors: np.ndarray | None = None,
-                    encoder: Any = None) -> dict[str, Any]:
+def score_inversion(
+    pred: Sequence[str], true: Sequence[str], target_vectors: np.ndarray | None = None, encoder: Any = None
+) -> dict[str, Any]:
     """Paired inversion scores; with an encoder and targets, also the cosine of the re-embedded recovery
     (those embedding calls are the scorer's, not the attacker's: usage is restored afterwards)."""
     if len(pred) != len(true):
@@ -59,15 +60,23 @@ def score_inversion(pred: Sequence[str], true: Sequence[str], target_vectors: np
     rl = np.array([rouge_scores(p, t)["rougeL"] for p, t in zip(pred, true, strict=True)])
     exact = np.array([words(p) == words(t) for p, t in zip(pred, true, strict=True)])
     out: dict[str, Any] = {
-        "n": len(true), "token_precision": float(prf[:, 0].mean()), "token_recall": float(prf[:, 1].mean()),
-        "token_f1": float(prf[:, 2].mean()), "rougeL": float(rl.mean()), "bleu": bleu(pred, true),
-        "exact": float(exact.mean()), "per_item_f1": prf[:, 2].round(4).tolist(),
+        "n": len(true),
+        "token_precision": float(prf[:, 0].mean()),
+        "token_recall": float(prf[:, 1].mean()),
+        "token_f1": float(prf[:, 2].mean()),
+        "rougeL": float(rl.mean()),
+        "bleu": bleu(pred, true),
+        "exact": float(exact.mean()),
+        "per_item_f1": prf[:, 2].round(4).tolist(),
     }
     if encoder is not None and target_vectors is not None:
         before = encoder.usage.snapshot()
         re_emb = encoder.embed([p if p.strip() else "." for p in pred])
-        encoder.usage.queries, encoder.usage.calls, encoder.usage.tokens = (before.queries, before.calls,
-                                                                           before.tokens)
+        encoder.usage.queries, encoder.usage.calls, encoder.usage.tokens = (
+            before.queries,
+            before.calls,
+            before.tokens,
+        )
         out["cosine"] = float(cosine_rows(re_emb, target_vectors).mean())
     return out
 
@@ -95,6 +104,10 @@ def tpr_at_fpr(scores: Sequence[float], labels: Sequence[int], fpr: float = 0.01
 
 
 def membership_scores(scores: Sequence[float], labels: Sequence[int]) -> dict[str, float]:
-    return {"auc": roc_auc(scores, labels), "tpr_at_1pct_fpr": tpr_at_fpr(scores, labels, 0.01),
-            "tpr_at_0.1pct_fpr": tpr_at_fpr(scores, labels, 0.001),
-            "members": int(np.sum(labels)), "non_members": int(len(labels) - np.sum(labels))}
+    return {
+        "auc": roc_auc(scores, labels),
+        "tpr_at_1pct_fpr": tpr_at_fpr(scores, labels, 0.01),
+        "tpr_at_0.1pct_fpr": tpr_at_fpr(scores, labels, 0.001),
+        "members": int(np.sum(labels)),
+        "non_members": int(len(labels) - np.sum(labels)),
+    }

@@ -31,9 +31,7 @@ class UnicodeTokenizer:
         return _TOKEN.findall(text.lower())
 
 
-_SCORER = rouge_scorer.RougeScorer(
-    ["rouge1", "rouge2", "rougeL"], use_stemmer=False, tokenizer=UnicodeTokenizer()
-)
+_SCORER = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False, tokenizer=UnicodeTokenizer())
 
 
 def rouge_scores(prediction: str, reference: str) -> dict[str, float]:

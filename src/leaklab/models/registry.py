@@ -106,9 +106,7 @@ def gpt2_tokenizer():
         _save_atomically(cached, write)
     tok = GPT2TokenizerFast.from_pretrained(str(cached))
     if len(tok) < 50000:
-        raise LeaklabError(
-            f"GPT-2 tokenizer in {cached} is incomplete ({len(tok)} tokens); delete that folder"
-        )
+        raise LeaklabError(f"GPT-2 tokenizer in {cached} is incomplete ({len(tok)} tokens); delete that folder")
     tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
@@ -133,13 +131,9 @@ def smollm2_checkpoint() -> Path:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=False
-    ) as bar:
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=False) as bar:
         step = bar.add_task("smollm2-135m: dequantising the packaged GGUF (one time)", total=3)
-        gguf = AutoModelForCausalLM.from_pretrained(
-            str(_smollm2_dir()), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-        )
+        gguf = AutoModelForCausalLM.from_pretrained(str(_smollm2_dir()), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         bar.update(step, advance=1, description="smollm2-135m: building an fp32 checkpoint")
         cfg = gguf.config
         if hasattr(cfg, "quantization_config"):
@@ -338,9 +332,7 @@ def _build_external(ref: ModelRef):
     name = ref.name
     is_folder = os.path.isdir(os.path.expanduser(name))
     if not is_folder and "/" not in name:
-        raise UnknownNameError(
-            "model", name, model_names(), "or a Hugging Face folder or hub name like org/name"
-        )
+        raise UnknownNameError("model", name, model_names(), "or a Hugging Face folder or hub name like org/name")
     folder = os.path.expanduser(name) if is_folder else name
     offline = hub_offline()
     try:
@@ -381,9 +373,7 @@ def hub_offline() -> bool:
 _LOADED: dict[ModelRef, LoadedModel] = {}
 
 
-def load_model(
-    ref: ModelRef | str, task: str = "next-token", num_labels: int = 2, init_seed: int = 0
-) -> LoadedModel:
+def load_model(ref: ModelRef | str, task: str = "next-token", num_labels: int = 2, init_seed: int = 0) -> LoadedModel:
     """Build (or return the already built) model for ``ref`` in eval mode. Treat it as read-only: callers
     that train must ``copy.deepcopy(loaded.model)``."""
     if isinstance(ref, str):

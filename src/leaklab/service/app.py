@@ -34,9 +34,7 @@ class ApiError(Exception):
 
 class EmbeddingRequest(BaseModel):
     input: str | list[str] = Field(description="A text or a list of texts (non-empty).")
-    model: str | None = Field(
-        default=None, description="Ignored beyond a check; the server serves one model."
-    )
+    model: str | None = Field(default=None, description="Ignored beyond a check; the server serves one model.")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1, description="Return only the first N dimensions.")
     user: str | None = None
@@ -130,9 +128,7 @@ def _validate_pipelines(cfg: ServiceConfig, dim: int) -> None:
             raise LeaklabError(f"config: {name}: {exc}") from exc
 
 
-def create_app(
-    cfg: ServiceConfig, store: Store, encoder: Encoder, index: DocumentIndex | None = None
-) -> FastAPI:
+def create_app(cfg: ServiceConfig, store: Store, encoder: Encoder, index: DocumentIndex | None = None) -> FastAPI:
     """The FastAPI application; all state (store, limiter, monitor, index) is held by the closure."""
     _validate_pipelines(cfg, encoder.dim)
     index = index or DocumentIndex([], np.zeros((0, encoder.dim), dtype=np.float32))
@@ -162,9 +158,7 @@ def create_app(
             )
         rec = store.authenticate(cred.credentials)
         if rec is None:
-            raise ApiError(
-                401, "invalid or revoked API key", "invalid_request_error", {"WWW-Authenticate": "Bearer"}
-            )
+            raise ApiError(401, "invalid or revoked API key", "invalid_request_error", {"WWW-Authenticate": "Bearer"})
         return rec
 
     def texts_of(value: str | list[str], field: str, key: KeyRecord) -> list[str]:
@@ -304,9 +298,7 @@ def create_app(
             )
         counts, clean, _ = admit_and_embed(key, texts)
         hits = index.top_k(clean, body.top_k)
-        rows = [
-            LogRow(text_hash(t), c, text_hash(repr(h))) for t, c, h in zip(texts, counts, hits, strict=True)
-        ]
+        rows = [LogRow(text_hash(t), c, text_hash(repr(h))) for t, c, h in zip(texts, counts, hits, strict=True)]
         request_id = commit(key, "search", rows, SEARCH_DEFENSE)
         data = [{"results": [{"id": i, "score": s} for i, s in h]} for h in hits]
         return respond(data, counts, request_id)

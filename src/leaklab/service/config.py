@@ -74,8 +74,7 @@ def _dataclass_from(cls: type, data: Any, where: str, base: Any = None) -> Any:
     extra = set(data) - valid
     if extra:
         raise LeaklabError(
-            f"config: '{where}' has unknown field(s) {', '.join(sorted(extra))}; "
-            f"valid: {', '.join(sorted(valid))}"
+            f"config: '{where}' has unknown field(s) {', '.join(sorted(extra))}; valid: {', '.join(sorted(valid))}"
         )
     defaults = base if base is not None else cls()
     values = {}
@@ -104,17 +103,14 @@ def parse_config(data: Any, source: str = "config") -> ServiceConfig:
     extra = set(data) - _TOP
     if extra:
         raise LeaklabError(
-            f"{source}: unknown top-level field(s) {', '.join(sorted(extra))}; "
-            f"valid: {', '.join(sorted(_TOP))}"
+            f"{source}: unknown top-level field(s) {', '.join(sorted(extra))}; valid: {', '.join(sorted(_TOP))}"
         )
     limits = _dataclass_from(Limits, data.get("limits"), "limits")
     if limits.rate <= 0 or limits.burst < 1:
         raise LeaklabError("config: 'limits.rate' must be > 0 and 'limits.burst' >= 1")
     monitor = _dataclass_from(MonitorConfig, data.get("monitor"), "monitor")
     if monitor.action not in ACTIONS:
-        raise LeaklabError(
-            f"config: 'monitor.action' must be one of {', '.join(ACTIONS)} (got {monitor.action!r})"
-        )
+        raise LeaklabError(f"config: 'monitor.action' must be one of {', '.join(ACTIONS)} (got {monitor.action!r})")
     search = _dataclass_from(SearchConfig, data.get("search"), "search")
     durability = data.get("durability", "normal")
     if durability not in ("normal", "full"):
@@ -157,7 +153,6 @@ def load_config(path: str | Path | None) -> ServiceConfig:
             data = json.loads(text)
     except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
         raise LeaklabError(
-            f"{p}: not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: "
-            f"{str(exc).splitlines()[0]}"
+            f"{p}: not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {str(exc).splitlines()[0]}"
         ) from exc
     return parse_config(data, str(p))

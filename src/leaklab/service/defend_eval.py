@@ -37,12 +37,9 @@ def default_sweep() -> list[tuple[str, float | str, list[dict]]]:
     """(family, parameter, defense specs): the curves drawn by default."""
     sweep: list[tuple[str, float | str, list[dict]]] = [("none", 0, [])]
     sweep += [
-        ("gaussian", e, [{"kind": "gaussian", "epsilon": e, "delta": 1e-5}])
-        for e in (100, 300, 1000, 3000, 10000)
+        ("gaussian", e, [{"kind": "gaussian", "epsilon": e, "delta": 1e-5}]) for e in (100, 300, 1000, 3000, 10000)
     ]
-    sweep += [
-        ("metric-dp", e, [{"kind": "metric-dp", "epsilon": e}]) for e in (100, 200, 400, 800, 1600, 3200)
-    ]
+    sweep += [("metric-dp", e, [{"kind": "metric-dp", "epsilon": e}]) for e in (100, 200, 400, 800, 1600, 3200)]
     sweep += [("quantise", b, [{"kind": "quantise", "bits": b, "clip": 0.25}]) for b in (1, 2, 3, 4, 8)]
     sweep += [("truncate", d, [{"kind": "truncate", "dims": d}]) for d in (4, 8, 16, 32, 64, 128)]
     sweep += [("rotate", "secret", [{"kind": "rotate", "secret": ROTATION_SECRET}])]
@@ -108,9 +105,7 @@ def topk_neighbours(x: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-s, axis=1)[:, :k]
 
 
-def utility(
-    defended: np.ndarray, clean: np.ndarray, labels: np.ndarray, clean_nn: np.ndarray, k: int = 10
-) -> dict:
+def utility(defended: np.ndarray, clean: np.ndarray, labels: np.ndarray, clean_nn: np.ndarray, k: int = 10) -> dict:
     nn = topk_neighbours(defended, k)
     label_p = float(np.mean(labels[nn] == labels[:, None]))
     recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(nn, clean_nn, strict=True)]))
@@ -145,8 +140,7 @@ def prepare(
     pub = [i for i, t in enumerate(c.texts) if split_of(t) == "public"]
     if len(priv) < n_victim or len(pub) < n_public:
         raise LeaklabError(
-            f"corpus '{corpus}' has {len(priv)} private / {len(pub)} public texts; "
-            f"asked for {n_victim} / {n_public}"
+            f"corpus '{corpus}' has {len(priv)} private / {len(pub)} public texts; asked for {n_victim} / {n_public}"
         )
     vi = sorted(rng.choice(priv, n_victim, replace=False))
     pi = sorted(rng.choice(pub, n_public, replace=False))
@@ -176,15 +170,11 @@ def evaluate_point(
         a_pairs = attacker_train[idx]
         half = known_pairs // 2
         r = _align(v_pairs[:half], a_pairs[:half])
-        if np.linalg.norm(v_pairs[half:] @ r - a_pairs[half:]) < np.linalg.norm(
-            v_pairs[half:] - a_pairs[half:]
-        ):
+        if np.linalg.norm(v_pairs[half:] @ r - a_pairs[half:]) < np.linalg.norm(v_pairs[half:] - a_pairs[half:]):
             leaked = victim @ _align(v_pairs, a_pairs)
     probe = BowProbe(data.vocab).fit(attacker_train, data.public_texts)
     f1 = token_f1(probe.predict(leaked), data.victim_texts)
-    pool = np.vstack(
-        [pipe.apply(data.victim_clean, ATTACKER, rng), attacker_train]
-    )  # victim docs are candidates
+    pool = np.vstack([pipe.apply(data.victim_clean, ATTACKER, rng), attacker_train])  # victim docs are candidates
     hits = np.argmax(leaked @ pool.T, axis=1) == np.arange(len(leaked))
     return {
         **utility(victim, data.victim_clean, data.victim_labels, clean_nn),
@@ -219,9 +209,7 @@ def run_sweep(
             if progress:
                 progress(f"{pipe.describe()} known_pairs={k}")
             row = evaluate_point(data, pipe, k, np.random.default_rng(seed), clean_nn)
-            rows.append(
-                {"family": family, "param": param, "defense": pipe.describe(), "known_pairs": k, **row}
-            )
+            rows.append({"family": family, "param": param, "defense": pipe.describe(), "known_pairs": k, **row})
     return rows
 
 

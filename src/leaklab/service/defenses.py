@@ -23,9 +23,7 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = L
     """Smallest σ of the Gaussian mechanism that is (ε, δ)-DP (Balle & Wang 2018, Thm. 8):
     Φ(Δ/2σ − εσ/Δ) − e^ε Φ(−Δ/2σ − εσ/Δ) ≤ δ."""
     if epsilon <= 0 or not 0 < delta < 1:
-        raise LeaklabError(
-            f"gaussian noise needs epsilon > 0 and 0 < delta < 1 (got epsilon={epsilon}, delta={delta})"
-        )
+        raise LeaklabError(f"gaussian noise needs epsilon > 0 and 0 < delta < 1 (got epsilon={epsilon}, delta={delta})")
 
     def excess(sigma: float) -> float:
         a, b = sensitivity / (2 * sigma), epsilon * sigma / sensitivity
@@ -115,9 +113,7 @@ class Quantise(Defense):
     def __post_init__(self) -> None:
         self.kind = "quantise"
         if not 1 <= self.bits <= 16 or self.clip <= 0:
-            raise LeaklabError(
-                f"quantise needs 1 <= bits <= 16 and clip > 0 (got bits={self.bits}, clip={self.clip})"
-            )
+            raise LeaklabError(f"quantise needs 1 <= bits <= 16 and clip > 0 (got bits={self.bits}, clip={self.clip})")
 
     def apply(self, x, tenant, rng):
         levels = 2**self.bits - 1
@@ -203,8 +199,7 @@ def make_defense(spec: dict, where: str = "defense") -> Defense:
     extra = set(params) - _PARAMS[kind]
     if extra:
         raise LeaklabError(
-            f"{where}: {kind} has no parameter(s) {', '.join(sorted(extra))}; "
-            f"valid: {', '.join(sorted(_PARAMS[kind]))}"
+            f"{where}: {kind} has no parameter(s) {', '.join(sorted(extra))}; valid: {', '.join(sorted(_PARAMS[kind]))}"
         )
     for k, v in list(params.items()):
         if k != "secret":

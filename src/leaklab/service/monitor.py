@@ -85,9 +85,7 @@ class Session:
     last_flag_at: int = 0
     flagged: bool = False
 
-    def observe(
-        self, text: str, vec: np.ndarray, ts: float, vocab: frozenset[str] | None
-    ) -> dict[str, float]:
+    def observe(self, text: str, vec: np.ndarray, ts: float, vocab: frozenset[str] | None) -> dict[str, float]:
         """Add one query; return the feature means over the window."""
         ws = words(text)
         prev = list(self.entries)
@@ -95,9 +93,7 @@ class Session:
         if prev:
             mat = np.stack([e.vec for e in prev])
             sims = mat @ vec
-            f["near_duplicate"] = bool(
-                any(s >= 0.9 and e.words != ws for s, e in zip(sims, prev, strict=True))
-            )
+            f["near_duplicate"] = bool(any(s >= 0.9 and e.words != ws for s, e in zip(sims, prev, strict=True)))
             f["convergence"] = bool(sims[-1] >= 0.8)
             f["edit_chain"] = any(prefix_step(e.words, ws) or one_edit(e.words, ws) for e in prev)
         f["sweep"] = 0 < len(ws) <= 2

@@ -71,9 +71,7 @@ class Store:
         if self.path.parent and not self.path.parent.exists():
             raise LeaklabError(f"database folder {self.path.parent} does not exist")
         try:
-            self.conn = sqlite3.connect(
-                str(self.path), check_same_thread=False, isolation_level=None, timeout=30
-            )
+            self.conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
             self.conn.executescript(SCHEMA)
@@ -105,9 +103,7 @@ class Store:
 
     def list_keys(self) -> list[KeyRecord]:
         with self.lock:
-            rows = self.conn.execute(
-                "SELECT id, name, tenant, created, revoked FROM keys ORDER BY created"
-            ).fetchall()
+            rows = self.conn.execute("SELECT id, name, tenant, created, revoked FROM keys ORDER BY created").fetchall()
         return [KeyRecord(*r) for r in rows]
 
     def revoke_key(self, ident: str) -> KeyRecord:
@@ -162,9 +158,7 @@ class Store:
             used = self.conn.execute(
                 "SELECT requests, tokens FROM usage WHERE key_id=? AND day=?", (key_id, day)
             ).fetchone() or (0, 0)
-            if (daily_requests and used[0] + 1 > daily_requests) or (
-                daily_tokens and used[1] + tokens > daily_tokens
-            ):
+            if (daily_requests and used[0] + 1 > daily_requests) or (daily_tokens and used[1] + tokens > daily_tokens):
                 return None
             self.conn.execute("BEGIN IMMEDIATE")
             try:
@@ -172,10 +166,7 @@ class Store:
                     "INSERT INTO queries (request_id, key_id, ts, route, text_hash, tokens, vector_hash,"
                     " defense)"
                     " VALUES (?,?,?,?,?,?,?,?)",
-                    [
-                        (request_id, key_id, now, route, r.text_hash, r.tokens, r.vector_hash, defense)
-                        for r in rows
-                    ],
+                    [(request_id, key_id, now, route, r.text_hash, r.tokens, r.vector_hash, defense) for r in rows],
                 )
                 self.conn.execute(
                     "INSERT INTO usage VALUES (?,?,1,?) ON CONFLICT(key_id, day) DO UPDATE SET "

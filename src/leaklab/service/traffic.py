@@ -48,9 +48,7 @@ def load_pools(max_words: int = 40) -> Pools:
     counts = Counter(w.lower().strip(".,!?;:'\"") for t in public for w in t.split())
     vocab = [w for w, _ in counts.most_common(3000) if w.isalpha()]
     targets = [t for t in rt if split_of(t) == "private" and 6 <= len(t.split()) <= 20]
-    return Pools(
-        [t for t in rt if split_of(t) == "private"], news, list(convs.values()), public, vocab, targets
-    )
+    return Pools([t for t in rt if split_of(t) == "private"], news, list(convs.values()), public, vocab, targets)
 
 
 def _cos(encoder: Encoder, texts: list[str], target: np.ndarray) -> np.ndarray:
@@ -103,9 +101,7 @@ def alignment_collect(encoder: Encoder, pools: Pools, rng: np.random.Generator, 
     return [pools.public[i] for i in idx]
 
 
-def padded_edit_chain(
-    encoder: Encoder, pools: Pools, rng: np.random.Generator, n: int, pad: int = 3
-) -> Session:
+def padded_edit_chain(encoder: Encoder, pools: Pools, rng: np.random.Generator, n: int, pad: int = 3) -> Session:
     """Evasion: the edit-chain loop with ``pad`` natural public sentences after every probe (pad+1 × cost)."""
     probes = edit_chain(encoder, pools, rng, n // (pad + 1) + 1)
     out: Session = []

@@ -137,8 +137,7 @@ def _unpaired(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> dict:
         "consistent with the same model and corpus (rotation-invariant statistics agree as well as "
         "random halves of each set do)"
         if same
-        else "different model or corpus (spectrum or cosine distribution differs beyond the within-set "
-        "spread)"
+        else "different model or corpus (spectrum or cosine distribution differs beyond the within-set spread)"
     )
     return out
 
@@ -153,9 +152,7 @@ def cross_source(a: VectorSet, b: VectorSet, mode: str = "auto", anchors: int = 
     result: dict = {"mode": mode, "sizes": [len(a), len(b)]}
     if mode == "paired":
         if len(a) != len(b) or len(a) < 20:
-            raise LeaklabError(
-                f"paired mode needs two sets of the same size >= 20 (got {len(a)} and {len(b)})"
-            )
+            raise LeaklabError(f"paired mode needs two sets of the same size >= 20 (got {len(a)} and {len(b)})")
         result.update(_paired(a.vectors, b.vectors, rng))
     elif mode == "anchors":
         if not 2 <= anchors < min(len(a), len(b)):

@@ -14,9 +14,7 @@ def _spectrum(x: np.ndarray, k: int) -> np.ndarray:
     return np.pad(s, (0, k - len(s)))
 
 
-def fingerprint(
-    leak: VectorSet, docs: list[str], encoders: dict[str, object], threshold: float = 0.99
-) -> dict:
+def fingerprint(leak: VectorSet, docs: list[str], encoders: dict[str, object], threshold: float = 0.99) -> dict:
     """For each candidate encoder: nearest known document of every leaked vector (cosine), documents present
     (cosine >= threshold) and a rotation-invariant spectrum distance; the best encoder is the best match."""
     x = unit(leak.vectors)

@@ -51,9 +51,7 @@ class Collision:
     detail: str
 
 
-def classify(
-    a: str, b: str, va: np.ndarray, vb: np.ndarray, tokenizer, max_seq_len: int | None
-) -> tuple[str, str]:
+def classify(a: str, b: str, va: np.ndarray, vb: np.ndarray, tokenizer, max_seq_len: int | None) -> tuple[str, str]:
     """Most specific explanation of why two different texts got (nearly) the same vector."""
     if normalise_text(a) == normalise_text(b):
         return "normalisation", "texts equal after NFKC + case folding + whitespace collapse"
@@ -88,9 +86,7 @@ def repeated_embeddings(
 ) -> dict:
     """Pairs with cosine >= 1 − tol whose raw texts differ, by cause (SimHash LSH candidates)."""
     if vs.texts is None:
-        raise LeaklabError(
-            "the repeated-embedding signal needs the texts beside the vectors (.jsonl with 'text')"
-        )
+        raise LeaklabError("the repeated-embedding signal needs the texts beside the vectors (.jsonl with 'text')")
     if not 0 <= tol < 1:
         raise LeaklabError(f"tolerance must be in [0, 1) (got {tol})")
     x = unit(vs.vectors)
@@ -100,9 +96,7 @@ def repeated_embeddings(
             continue
         c = float(x[i] @ x[j])
         if c >= 1 - tol:
-            cause, detail = classify(
-                vs.texts[i], vs.texts[j], vs.vectors[i], vs.vectors[j], tokenizer, max_seq_len
-            )
+            cause, detail = classify(vs.texts[i], vs.texts[j], vs.vectors[i], vs.vectors[j], tokenizer, max_seq_len)
             found.append(Collision(i, j, c, cause, detail))
     counts = {c: sum(f.cause == c for f in found) for c in CAUSES}
     examples = [

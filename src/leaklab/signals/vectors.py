@@ -23,9 +23,7 @@ class VectorSet:
     def __post_init__(self) -> None:
         self.vectors = np.asarray(self.vectors, dtype=np.float32)
         if self.vectors.ndim != 2 or len(self.vectors) == 0:
-            raise LeaklabError(
-                f"a vector set needs a non-empty (n, d) array (got shape {self.vectors.shape})"
-            )
+            raise LeaklabError(f"a vector set needs a non-empty (n, d) array (got shape {self.vectors.shape})")
         for name in ("texts", "ids"):
             col = getattr(self, name)
             if col is not None and len(col) != len(self.vectors):
@@ -59,9 +57,7 @@ def load_vectors(path: str | Path) -> VectorSet:
         if field is None:
             raise LeaklabError(f"{p}:{n}: no 'embedding' (or 'vector') field")
         if vecs and len(row[field]) != len(vecs[0]):
-            raise LeaklabError(
-                f"{p}:{n}: vector has {len(row[field])} dimensions, earlier rows {len(vecs[0])}"
-            )
+            raise LeaklabError(f"{p}:{n}: vector has {len(row[field])} dimensions, earlier rows {len(vecs[0])}")
         vecs.append(row[field])
         texts.append(row.get("text"))
         ids.append(str(row.get("id", n - 1)))

@@ -47,9 +47,7 @@ def batch_loss(loaded: LoadedModel, batch: Batch) -> torch.Tensor:
     return out.loss
 
 
-def gradient(
-    loaded: LoadedModel, batch: Batch, train_mode: bool = False, seed: int = 0
-) -> dict[str, torch.Tensor]:
+def gradient(loaded: LoadedModel, batch: Batch, train_mode: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
     """∇θ of the batch's mean loss, by parameter name (float32, detached)."""
     model = loaded.model
     model.zero_grad(set_to_none=True)

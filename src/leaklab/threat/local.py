@@ -84,9 +84,7 @@ class TextObjective:
         """ℓ_i: mean token cross-entropy of text i (next-token) or its class cross-entropy (classify)."""
         b = self.batch
         if self.task == "classify":
-            logits = model(
-                input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=position_ids(b)
-            ).logits
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=position_ids(b)).logits
             return torch.nn.functional.cross_entropy(logits, b.labels, reduction="none")
         logp, mask = token_log_probs(model, b)
         mask = mask & (b.labels[:, 1:] != IGNORE)
@@ -148,9 +146,7 @@ class LocalTrainer:
             finally:
                 self.model.eval()
 
-    def sgd_delta(
-        self, objective: Objective, steps: int, lr: float, minibatch: int | None, seed: int
-    ) -> Grads:
+    def sgd_delta(self, objective: Objective, steps: int, lr: float, minibatch: int | None, seed: int) -> Grads:
         """Δ = θ_0 − θ_k after k plain SGD steps θ ← θ − η·g (each step one pass over the minibatches)."""
         params = trainable(self.model)
         start = {n: p.detach().clone() for n, p in params.items()}
@@ -186,9 +182,7 @@ def local_update(
     trainer = LocalTrainer.from_model(base, hooks, train_mode)
     if lr is None:
         if steps != 1 or minibatch:
-            raise LeaklabError(
-                "a gradient update is one step on the whole batch: give a learning rate for more"
-            )
+            raise LeaklabError("a gradient update is one step on the whole batch: give a learning rate for more")
         return trainer.gradient(objective, seed), trainer.records(1), 1
     if minibatch is not None and minibatch < 1:
         raise LeaklabError(f"minibatch size must be >= 1, got {minibatch}")

@@ -118,9 +118,7 @@ class DpoObjective:
 
 def rewards(model: nn.Module, batch: Batch) -> torch.Tensor:
     """r(y): the scalar head's output at the last real token, shape (B,)."""
-    out = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids(batch)
-    )
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids(batch))
     return out.logits[:, 0]
 
 

@@ -49,9 +49,7 @@ def secagg_update(
     secrets: list[Secret] = []
     first: Observation | None = None
     for c, share in enumerate(split_clients(texts, clients)):
-        obs, secret = client_fn(
-            texts[share], labels[share] if labels is not None else None, client_flags, seed + c
-        )
+        obs, secret = client_fn(texts[share], labels[share] if labels is not None else None, client_flags, seed + c)
         first = first or obs
         secrets.append(secret)
         total = dict(obs.gradients) if total is None else {k: total[k] + obs.gradients[k] for k in total}

@@ -89,9 +89,7 @@ def make_update(
         pairing, beta = str(options.get("pairing", "shuffle")), float(options.get("beta", 0.1))
         return dpo_update(model, texts, labels, flags, seed, pairing, beta, mb, hooks)
     if setting == "reward":
-        return reward_update(
-            model, texts, labels, flags, seed, str(options.get("pairing", "shuffle")), mb, hooks
-        )
+        return reward_update(model, texts, labels, flags, seed, str(options.get("pairing", "shuffle")), mb, hooks)
     inner = str(options.get("inner", "fedsgd"))
     inner_opts = {k: v for k, v in options.items() if k not in OPTIONS["secagg"]}
 
@@ -99,9 +97,7 @@ def make_update(
         return make_update(inner, model, t, lab, f, s, hooks, **inner_opts)
 
     clients = int(options.get("clients", 2))
-    return secagg_update(
-        client, texts, labels, flags, seed, clients, inner, str(options.get("reduce", "mean"))
-    )
+    return secagg_update(client, texts, labels, flags, seed, clients, inner, str(options.get("reduce", "mean")))
 
 
 def texts_per_batch(setting: str, batch_size: int, options: dict[str, Any]) -> int:

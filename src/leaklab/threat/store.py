@@ -37,9 +37,7 @@ def save_update(path: str | Path, obs: Observation, secret: Secret | None = None
         "meta": obs.meta,
     }
     tensors = {k: v.detach().contiguous() for k, v in obs.gradients.items()}
-    out = atomic_write(
-        path, lambda tmp: save_file(tensors, str(tmp), metadata={"leaklab": json.dumps(header)})
-    )
+    out = atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"leaklab": json.dumps(header)}))
     if secret is not None:
         atomic_write_json(
             secret_path(path),

@@ -46,8 +46,9 @@ class Alignment:
         x64, y64 = x.astype(np.float64), y.astype(np.float64)
         if self.method == "procrustes":
             if x.shape[1] != y.shape[1]:
-                raise LeaklabError(f"Procrustes needs equal dimensions (victim {x.shape[1]}, local {y.shape[1]}); "
-                                   "use --method ridge")
+                raise LeaklabError(
+                    f"Procrustes needs equal dimensions (victim {x.shape[1]}, local {y.shape[1]}); use --method ridge"
+                )
             from scipy.linalg import orthogonal_procrustes
 
             self.matrix, _ = orthogonal_procrustes(x64, y64)
@@ -81,15 +82,21 @@ def victim_encoder(scn: Scenario, local: Encoder) -> Encoder:
     base = load_encoder(other, api_key=scn.api_key) if other else scn.victim
     transform = option(scn, "transform", "rotation")
     if transform == "rotation":
-        return TransformedEncoder(base, random_rotation(base.dim, scn.seed + 1), option(scn, "noise", 0.0),
-                                  seed=scn.seed, name=f"{base.name}+secret-rotation")
+        return TransformedEncoder(
+            base,
+            random_rotation(base.dim, scn.seed + 1),
+            option(scn, "noise", 0.0),
+            seed=scn.seed,
+            name=f"{base.name}+secret-rotation",
+        )
     if transform == "none":
         return base
     raise UnknownNameError("victim transform", transform, ["rotation", "none"])
 
 
-def _inner_attack(name: str, scn: Scenario, local: Encoder, mapped: np.ndarray, true: list[str],
-                  cache: dict[str, Any]) -> dict[str, Any]:
+def _inner_attack(
+    name: str, scn: Scenario, local: Encoder, mapped: np.ndarray, true: list[str], cache: dict[str, Any]
+) -> dict[str, Any]:
     """Run a local attack (trained / built on the local encoder's public pairs) on mapped vectors."""
     if name == "nearest":
         from leaklab.attacks.embedding.nearest import NearestNeighbour
@@ -121,8 +128,11 @@ def _inner_attack(name: str, scn: Scenario, local: Encoder, mapped: np.ndarray, 
     return out
 
 
-@register_embed_attack("alignment", "Procrustes/ridge map from k leaked pairs, then local attacks through it",
-                       "k leaked (text, vector) pairs + leaked vectors + a local encoder")
+@register_embed_attack(
+    "alignment",
+    "Procrustes/ridge map from k leaked pairs, then local attacks through it",
+    "k leaked (text, vector) pairs + leaked vectors + a local encoder",
+)
 def evaluate(scn: Scenario) -> AttackReport:
     local = load_encoder(option(scn, "local", scn.encoder))
     victim = victim_encoder(scn, local)
@@ -131,10 +141,12 @@ def evaluate(scn: Scenario) -> AttackReport:
     method = option(scn, "method", "procrustes")
     available = len(eligible(scn.corpus_obj, scn.tokenizer, scn.min_tokens, scn.max_tokens, "private")) - scn.n
     if max(ks) > available:
-        raise LeaklabError(f"k={max(ks)} leaked pairs requested but only {max(available, 0)} private texts "
-                           "besides the targets are available")
+        raise LeaklabError(
+            f"k={max(ks)} leaked pairs requested but only {max(available, 0)} private texts "
+            "besides the targets are available"
+        )
     sample = scn.private(n=scn.n + max(ks))
-    targets_text, pool = sample.texts[: scn.n], sample.texts[scn.n:]
+    targets_text, pool = sample.texts[: scn.n], sample.texts[scn.n :]
     targets = victim.embed(targets_text)
     true_local = local.embed(targets_text)  # scoring only
     leaked_texts, leaked_vecs = leaked_pairs(victim, pool, max(ks))  # what leaked; no attacker query
@@ -150,6 +162,15 @@ def evaluate(scn: Scenario) -> AttackReport:
         rows.append(row)
     metrics = {"method": method, "sweep": rows, "victim": victim.name, "local": local.name}
     usage = {"victim_queries": 0, **{f"local_{k}": v for k, v in local.usage.since(before).items()}}
-    return AttackReport("alignment", scn.to_dict(), metrics, usage, 0.0,
-                        {"leaked_pairs": "private texts disjoint from the targets", "inner_attacks": inner,
-                         "victim_queries": "none: only the leaked pairs and vectors"})
+    return AttackReport(
+        "alignment",
+        scn.to_dict(),
+        metrics,
+        usage,
+        0.0,
+        {
+            "leaked_pairs": "private texts disjoint from the targets",
+            "inner_attacks": inner,
+            "victim_queries": "none: only the leaked pairs and vectors",
+        },
+    )

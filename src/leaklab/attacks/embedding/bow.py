@@ -43,8 +43,14 @@ def build_vocab(texts: list[str], size: int, min_count: int = 2) -> list[str]:
 
 
 def _mlp(dim: int, hidden: int, vocab: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, hidden), nn.GELU(),
-                         nn.Linear(hidden, vocab))
+    return nn.Sequential(
+        nn.Linear(dim, hidden),
+        nn.GELU(),
+        nn.Dropout(0.1),
+        nn.Linear(hidden, hidden),
+        nn.GELU(),
+        nn.Linear(hidden, vocab),
+    )
 
 
 class BagOfWordsInverter:
@@ -52,11 +58,16 @@ class BagOfWordsInverter:
 
     kind = "bow"
 
-    def __init__(self, dim: int, vocab: list[str], hidden: int = 0, threshold: float = 0.3,
-                 encoder: str = "") -> None:
+    def __init__(self, dim: int, vocab: list[str], hidden: int = 0, threshold: float = 0.3, encoder: str = "") -> None:
         if not vocab:
             raise LeaklabError("bag-of-words vocabulary is empty: the public corpus has no repeated words")
-        self.dim, self.vocab, self.hidden, self.threshold, self.encoder = dim, vocab, hidden, threshold, encoder
+        self.dim, self.vocab, self.hidden, self.threshold, self.encoder = (
+            dim,
+            vocab,
+            hidden,
+            threshold,
+            encoder,
+        )
         self.index = {w: i for i, w in enumerate(vocab)}
         torch.manual_seed(0)
         self.model = _mlp(dim, hidden, len(vocab)) if hidden > 0 else nn.Linear(dim, len(vocab))
@@ -70,8 +81,16 @@ class BagOfWordsInverter:
                     y[i, j] = 1.0
         return y
 
-    def fit(self, texts: list[str], vectors: np.ndarray, epochs: int = 30, seconds: float = 120.0,
-            batch_size: int = 256, lr: float = 3e-3, seed: int = 0) -> dict[str, Any]:
+    def fit(
+        self,
+        texts: list[str],
+        vectors: np.ndarray,
+        epochs: int = 30,
+        seconds: float = 120.0,
+        batch_size: int = 256,
+        lr: float = 3e-3,
+        seed: int = 0,
+    ) -> dict[str, Any]:
         """Train on public pairs (10% held out to choose the threshold); stops at ``epochs`` or ``seconds``."""
         texts = check_texts(texts, "training corpus")
         x = torch.from_numpy(check_vectors(vectors, self.dim, "training vectors"))
@@ -93,7 +112,7 @@ class BagOfWordsInverter:
         for _ in range(epochs):
             order = tr[torch.randperm(len(tr), generator=gen)]
             for i in range(0, len(order), batch_size):
-                b = order[i:i + batch_size]
+                b = order[i : i + batch_size]
                 loss = crit(self.model(x[b]), y[b])
                 opt.zero_grad()
                 loss.backward()
@@ -104,11 +123,16 @@ class BagOfWordsInverter:
         self.model.eval()
         if n_val:
             self.threshold = self._best_threshold(val_texts, x[val])[1]
-        return {"model": "mlp", "epochs": done, "train_pairs": len(tr),
-                "seconds": round(time.perf_counter() - start, 2), "threshold": self.threshold, "vocab": len(self.vocab)}
+        return {
+            "model": "mlp",
+            "epochs": done,
+            "train_pairs": len(tr),
+            "seconds": round(time.perf_counter() - start, 2),
+            "threshold": self.threshold,
+            "vocab": len(self.vocab),
+        }
 
-    def _fit_ridge(self, x: torch.Tensor, y: torch.Tensor, val_texts: list[str], x_val: torch.Tensor
-                   ) -> dict[str, Any]:
+    def _fit_ridge(self, x: torch.Tensor, y: torch.Tensor, val_texts: list[str], x_val: torch.Tensor) -> dict[str, Any]:
         """Closed-form W = (XᵀX + λI)⁻¹ XᵀY for λ in a grid; λ and threshold picked by held-out word F1."""
         start = time.perf_counter()
         xd = x.double()
@@ -126,16 +150,24 @@ class BagOfWordsInverter:
         w = torch.linalg.solve(gram + lam * torch.eye(self.dim, dtype=gram.dtype), xty)
         with torch.no_grad():
             self.model.weight.copy_(w.T.float())
-        return {"model": "ridge", "lambda": lam, "train_pairs": len(x), "held_out_f1": round(best[0], 4),
-                "seconds": round(time.perf_counter() - start, 2), "threshold": self.threshold,
-                "vocab": len(self.vocab)}
+        return {
+            "model": "ridge",
+            "lambda": lam,
+            "train_pairs": len(x),
+            "held_out_f1": round(best[0], 4),
+            "seconds": round(time.perf_counter() - start, 2),
+            "threshold": self.threshold,
+            "vocab": len(self.vocab),
+        }
 
     def _best_threshold(self, texts: list[str], x: torch.Tensor) -> tuple[float, float]:
         """(best mean word F1, its threshold) over a grid, on held-out pairs."""
         probs = self.probabilities(x.numpy())
         grid = np.arange(0.05, 0.9, 0.05)
-        f1 = [np.mean([word_prf(" ".join(self._words(p, t)), txt)[2] for p, txt in zip(probs, texts, strict=True)])
-              for t in grid]
+        f1 = [
+            np.mean([word_prf(" ".join(self._words(p, t)), txt)[2] for p, txt in zip(probs, texts, strict=True)])
+            for t in grid
+        ]
         return float(max(f1)), float(grid[int(np.argmax(f1))])
 
     def probabilities(self, vectors: np.ndarray) -> np.ndarray:
@@ -156,9 +188,18 @@ class BagOfWordsInverter:
         return [" ".join(self._words(p, self.threshold)) for p in self.probabilities(vectors)]
 
     def save(self, folder: str | Path) -> Path:
-        return save_inverter(folder, self.kind, self.model.state_dict(),
-                             {"dim": self.dim, "vocab": self.vocab, "hidden": self.hidden,
-                              "threshold": self.threshold, "encoder": self.encoder})
+        return save_inverter(
+            folder,
+            self.kind,
+            self.model.state_dict(),
+            {
+                "dim": self.dim,
+                "vocab": self.vocab,
+                "hidden": self.hidden,
+                "threshold": self.threshold,
+                "encoder": self.encoder,
+            },
+        )
 
     @classmethod
     def load(cls, folder: str | Path) -> BagOfWordsInverter:
@@ -173,19 +214,36 @@ def train_bow(scn: Scenario, encoder: Any = None) -> tuple[BagOfWordsInverter, d
     """Fit a bag-of-words inverter on the scenario's public pairs through ``encoder`` (default: the victim)."""
     enc = encoder or scn.victim
     texts, vecs = scn.public_pairs(enc)
-    inv = BagOfWordsInverter(enc.dim, build_vocab(texts, option(scn, "vocab", 5000)),
-                             option(scn, "hidden", 0), encoder=enc.name)
-    info = inv.fit(texts, vecs, epochs=option(scn, "epochs", 40), seconds=option(scn, "train_seconds", 120.0),
-                   seed=scn.seed)
+    inv = BagOfWordsInverter(
+        enc.dim, build_vocab(texts, option(scn, "vocab", 5000)), option(scn, "hidden", 0), encoder=enc.name
+    )
+    info = inv.fit(
+        texts,
+        vecs,
+        epochs=option(scn, "epochs", 40),
+        seconds=option(scn, "train_seconds", 120.0),
+        seed=scn.seed,
+    )
     return inv, info
 
 
-@register_embed_attack("bow", "vector -> vocabulary multi-label model trained on public (text, vector) pairs",
-                       "black-box embed (public texts) + leaked vectors")
+@register_embed_attack(
+    "bow",
+    "vector -> vocabulary multi-label model trained on public (text, vector) pairs",
+    "black-box embed (public texts) + leaked vectors",
+)
 def evaluate(scn: Scenario) -> AttackReport:
     sample, targets = victim_targets(scn)
     before = scn.victim.usage.snapshot()
     inv, info = load_or_train(scn, BagOfWordsInverter.load, lambda: train_bow(scn))
     pred = inv.invert(targets)
-    return AttackReport("bow", scn.to_dict(), score_inversion(pred, sample.texts), scn.victim.usage.since(before),
-                        0.0, {"train_data": "public split only"}, examples(sample.texts, pred), info)
+    return AttackReport(
+        "bow",
+        scn.to_dict(),
+        score_inversion(pred, sample.texts),
+        scn.victim.usage.since(before),
+        0.0,
+        {"train_data": "public split only"},
+        examples(sample.texts, pred),
+        info,
+    )

@@ -19,7 +19,55 @@ from leaklab.encoders import check_texts, check_vectors
 from leaklab.errors import LeaklabError
 from leaklab.metrics.embedding import cosine_rows, words
 
-_STOP = frozenset(["the", "a", "an", "and", "of", "to", "in", "is", "it", "that", "for", "on", "was", "with", "as", "at", "by", "be", "this", "are", "from", "has", "have", "had", "but", "not", "its", "his", "her", "their", "they", "he", "she", "we", "you", "i", "s", "said", "will", "would", "been", "which", "who", "or", "were"])
+_STOP = frozenset(
+    [
+        "the",
+        "a",
+        "an",
+        "and",
+        "of",
+        "to",
+        "in",
+        "is",
+        "it",
+        "that",
+        "for",
+        "on",
+        "was",
+        "with",
+        "as",
+        "at",
+        "by",
+        "be",
+        "this",
+        "are",
+        "from",
+        "has",
+        "have",
+        "had",
+        "but",
+        "not",
+        "its",
+        "his",
+        "her",
+        "their",
+        "they",
+        "he",
+        "she",
+        "we",
+        "you",
+        "i",
+        "s",
+        "said",
+        "will",
+        "would",
+        "been",
+        "which",
+        "who",
+        "or",
+        "were",
+    ]
+)
 
 
 @dataclass
@@ -35,8 +83,15 @@ class ProbeClustering:
 
     name = "clustering"
 
-    def __init__(self, probe_texts: list[str], probe_vectors: np.ndarray, clusters: int = 5, top_k: int = 10,
-                 temperature: float = 0.05, seed: int = 0) -> None:
+    def __init__(
+        self,
+        probe_texts: list[str],
+        probe_vectors: np.ndarray,
+        clusters: int = 5,
+        top_k: int = 10,
+        temperature: float = 0.05,
+        seed: int = 0,
+    ) -> None:
         self.probes = check_texts(probe_texts, "probe texts")
         if len(self.probes) != len(probe_texts):
             raise LeaklabError("probe texts contain empty entries")
@@ -60,8 +115,10 @@ class ProbeClustering:
         from sklearn.cluster import KMeans
 
         labels = KMeans(self.k, n_init=10, random_state=self.seed).fit_predict(reps)
-        keywords = {c: self._keywords([by_doc[d] for d, lab in zip(ids, labels, strict=True) if lab == c])
-                    for c in range(self.k)}
+        keywords = {
+            c: self._keywords([by_doc[d] for d, lab in zip(ids, labels, strict=True) if lab == c])
+            for c in range(self.k)
+        }
         return Clusters(ids, labels, reps, keywords)
 
     def _represent(self, hits: list[tuple[int, float]]) -> np.ndarray:
@@ -79,8 +136,11 @@ class ProbeClustering:
         return [w for w, _ in counts.most_common(n)]
 
 
-@register_embed_attack("clustering", "cluster hidden documents by the probe queries that retrieve them",
-                       "search endpoint only + probe vectors from the embedding API")
+@register_embed_attack(
+    "clustering",
+    "cluster hidden documents by the probe queries that retrieve them",
+    "search endpoint only + probe vectors from the embedding API",
+)
 def evaluate(scn: Scenario) -> AttackReport:
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
@@ -88,8 +148,15 @@ def evaluate(scn: Scenario) -> AttackReport:
     from leaklab.corpora import load_corpus
 
     kb_corpus = option(scn, "kb_corpus", "bbc-news:paragraphs")
-    sub = Scenario(scn.encoder, kb_corpus, scn.n, scn.seed,
-                   scn.min_tokens, option(scn, "kb_max_tokens", 64), api_key=scn.api_key)
+    sub = Scenario(
+        scn.encoder,
+        kb_corpus,
+        scn.n,
+        scn.seed,
+        scn.min_tokens,
+        option(scn, "kb_max_tokens", 64),
+        api_key=scn.api_key,
+    )
     sub.victim = scn.victim  # same encoder object
     sub.corpus_obj = load_corpus(kb_corpus)
     sample = sub.private()
@@ -98,8 +165,9 @@ def evaluate(scn: Scenario) -> AttackReport:
     before = scn.victim.usage.snapshot()
     probes = sub.public_texts(limit=option(scn, "probes", 400))
     k = option(scn, "clusters", len(set(sample.labels)))
-    attack = ProbeClustering(probes, scn.victim.embed(probes), clusters=k, top_k=option(scn, "top_k", 10),
-                             seed=scn.seed)
+    attack = ProbeClustering(
+        probes, scn.victim.embed(probes), clusters=k, top_k=option(scn, "top_k", 10), seed=scn.seed
+    )
     res = attack.run(kb)
     usage = scn.victim.usage.since(before)
     usage["search_queries"] = kb.queries
@@ -108,15 +176,30 @@ def evaluate(scn: Scenario) -> AttackReport:
     true_vecs = scn.victim.embed(sample.texts)  # scoring only
     oracle = KMeans(k, n_init=10, random_state=scn.seed).fit_predict(true_vecs)
     metrics = {
-        "docs": len(sample.texts), "docs_retrieved": len(res.doc_ids), "clusters": k,
+        "docs": len(sample.texts),
+        "docs_retrieved": len(res.doc_ids),
+        "clusters": k,
         "nmi": float(normalized_mutual_info_score(labels_true[idx], res.labels)),
         "ari": float(adjusted_rand_score(labels_true[idx], res.labels)),
         "oracle_nmi": float(normalized_mutual_info_score(labels_true, oracle)),
         "representation_cosine": float(cosine_rows(res.representations, true_vecs[idx]).mean()),
         "keywords": {str(c): kw for c, kw in res.keywords.items()},
-        "true_topics": {str(c): Counter(sub.corpus_obj.label_names[labels_true[i]] for i in idx[res.labels == c])
-                        .most_common(1)[0][0] for c in range(k) if (res.labels == c).any()},
+        "true_topics": {
+            str(c): Counter(sub.corpus_obj.label_names[labels_true[i]] for i in idx[res.labels == c]).most_common(1)[0][
+                0
+            ]
+            for c in range(k)
+            if (res.labels == c).any()
+        },
     }
-    return AttackReport("clustering", scn.to_dict() | {"kb_corpus": kb_corpus}, metrics, usage, 0.0,
-                        {"access": "query texts -> top-k ids and scores; probes from the public split",
-                         "oracle": "k-means on the true document vectors (upper bound, not an attack)"})
+    return AttackReport(
+        "clustering",
+        scn.to_dict() | {"kb_corpus": kb_corpus},
+        metrics,
+        usage,
+        0.0,
+        {
+            "access": "query texts -> top-k ids and scores; probes from the public split",
+            "oracle": "k-means on the true document vectors (upper bound, not an attack)",
+        },
+    )

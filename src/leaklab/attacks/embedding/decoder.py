@@ -62,8 +62,16 @@ class DecoderInverter:
 
     kind = "decoder"
 
-    def __init__(self, dim: int, piece_ids: list[int], tokenizer: Any, emb: int = 192, hidden: int = 384,
-                 max_len: int = 34, encoder: str = "") -> None:
+    def __init__(
+        self,
+        dim: int,
+        piece_ids: list[int],
+        tokenizer: Any,
+        emb: int = 192,
+        hidden: int = 384,
+        max_len: int = 34,
+        encoder: str = "",
+    ) -> None:
         if not piece_ids:
             raise LeaklabError("decoder vocabulary is empty")
         self.dim, self.piece_ids, self.tokenizer = dim, list(piece_ids), tokenizer
@@ -82,8 +90,16 @@ class DecoderInverter:
         return self.tokenizer.decode(pieces, skip_special_tokens=True)
 
     # -- training
-    def fit(self, texts: list[str], vectors: np.ndarray, seconds: float = 180.0, epochs: int = 50,
-            batch_size: int = 32, lr: float = 3e-3, seed: int = 0) -> dict[str, Any]:
+    def fit(
+        self,
+        texts: list[str],
+        vectors: np.ndarray,
+        seconds: float = 180.0,
+        epochs: int = 50,
+        batch_size: int = 32,
+        lr: float = 3e-3,
+        seed: int = 0,
+    ) -> dict[str, Any]:
         """Teacher-forced cross-entropy on public pairs, length-bucketed batches; stops at ``seconds``."""
         texts = check_texts(texts, "training corpus")
         v = torch.from_numpy(check_vectors(vectors, self.dim, "training vectors"))
@@ -91,7 +107,7 @@ class DecoderInverter:
             raise LeaklabError(f"{len(texts)} training texts but {len(v)} vectors")
         seqs = self.encode(texts)
         order = np.argsort([len(s) for s in seqs], kind="stable")
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         rng = np.random.default_rng(seed)
         opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=1e-4)
         crit = nn.CrossEntropyLoss(ignore_index=PAD, label_smoothing=0.02)
@@ -114,8 +130,13 @@ class DecoderInverter:
                     break
             done += 1
         self.model.eval()
-        return {"train_pairs": len(texts), "steps": steps, "epochs_started": done, "final_loss": round(last, 4),
-                "train_seconds": round(time.perf_counter() - start, 1)}
+        return {
+            "train_pairs": len(texts),
+            "steps": steps,
+            "epochs_started": done,
+            "final_loss": round(last, 4),
+            "train_seconds": round(time.perf_counter() - start, 1),
+        }
 
     # -- decoding
     @torch.no_grad()
@@ -147,15 +168,22 @@ class DecoderInverter:
                 if tok == EOS:
                     done.append((sc / len(seq), seq))
                 elif len(nxt) < beam:
-                    nxt.append((sc, seq, h_new[:, bi:bi + 1]))
+                    nxt.append((sc, seq, h_new[:, bi : bi + 1]))
             alive = nxt
             if len(done) >= beam:
                 break
         done.extend((sc / len(seq), seq) for sc, seq, _ in alive)
         return [s for _, s in sorted(done, key=lambda d: -d[0])[:beam]]
 
-    def invert(self, vectors: np.ndarray, encoder: Encoder | None = None, steps: int = 3, beam: int = 4,
-               alpha: float = 1.0, seeds: list[list[str]] | None = None) -> list[str]:
+    def invert(
+        self,
+        vectors: np.ndarray,
+        encoder: Encoder | None = None,
+        steps: int = 3,
+        beam: int = 4,
+        alpha: float = 1.0,
+        seeds: list[list[str]] | None = None,
+    ) -> list[str]:
         """Best beam hypothesis, then ``steps`` rounds of correction by re-embedding through ``encoder``
         (``seeds``: extra starting hypotheses per vector, e.g. its nearest public texts)."""
         v = check_vectors(vectors, self.dim, "target vectors")
@@ -166,8 +194,7 @@ class DecoderInverter:
             hyps = [h + list(s) for h, s in zip(hyps, seeds, strict=True)]
         return [self._correct(v[i], hyps[i], encoder, steps, beam, alpha) for i in range(len(v))]
 
-    def _correct(self, v: np.ndarray, first: list[str], encoder: Encoder, steps: int, beam: int,
-                 alpha: float) -> str:
+    def _correct(self, v: np.ndarray, first: list[str], encoder: Encoder, steps: int, beam: int, alpha: float) -> str:
         scored: dict[str, float] = {}
 
         def score(cands: list[str]) -> None:
@@ -184,7 +211,7 @@ class DecoderInverter:
             cands = [h for row in self.beam_search(pushed.astype(np.float32), beam) for h in row]
             for b in best:
                 w = b.split()
-                cands.extend(" ".join(w[:i] + w[i + 1:]) for i in range(len(w)) if len(w) > 1)
+                cands.extend(" ".join(w[:i] + w[i + 1 :]) for i in range(len(w)) if len(w) > 1)
             before = len(scored)
             score(cands)
             if len(scored) == before:
@@ -193,16 +220,33 @@ class DecoderInverter:
 
     # -- persistence
     def save(self, folder: str | Path) -> Path:
-        return save_inverter(folder, self.kind, self.model.state_dict(),
-                             {"dim": self.dim, "piece_ids": self.piece_ids, "emb": self.emb, "hidden": self.hidden,
-                              "max_len": self.max_len, "encoder": self.encoder,
-                              "tokenizer": getattr(self.tokenizer, "name_or_path", "")})
+        return save_inverter(
+            folder,
+            self.kind,
+            self.model.state_dict(),
+            {
+                "dim": self.dim,
+                "piece_ids": self.piece_ids,
+                "emb": self.emb,
+                "hidden": self.hidden,
+                "max_len": self.max_len,
+                "encoder": self.encoder,
+                "tokenizer": getattr(self.tokenizer, "name_or_path", ""),
+            },
+        )
 
     @classmethod
     def load(cls, folder: str | Path, tokenizer: Any) -> DecoderInverter:
         state, cfg = load_inverter_files(folder, cls.kind)
-        inv = cls(cfg["dim"], cfg["piece_ids"], tokenizer, cfg["emb"], cfg["hidden"], cfg["max_len"],
-                  cfg.get("encoder", ""))
+        inv = cls(
+            cfg["dim"],
+            cfg["piece_ids"],
+            tokenizer,
+            cfg["emb"],
+            cfg["hidden"],
+            cfg["max_len"],
+            cfg.get("encoder", ""),
+        )
         inv.model.load_state_dict(state)
         inv.model.eval()
         return inv
@@ -221,25 +265,39 @@ def nearest_texts(texts: list[str], vecs: np.ndarray, targets: np.ndarray, k: in
     return [[texts[j] for j in row] for row in top]
 
 
-def train_decoder(scn: Scenario, encoder: Encoder | None = None,
-                  pairs: tuple[list[str], np.ndarray] | None = None) -> tuple[DecoderInverter, dict[str, Any]]:
+def train_decoder(
+    scn: Scenario, encoder: Encoder | None = None, pairs: tuple[list[str], np.ndarray] | None = None
+) -> tuple[DecoderInverter, dict[str, Any]]:
     enc = encoder or scn.victim
     texts, vecs = pairs or scn.public_pairs(enc)
-    inv = DecoderInverter(enc.dim, piece_vocab(scn.tokenizer, texts, option(scn, "vocab", 4000)), scn.tokenizer,
-                          option(scn, "emb", 128), option(scn, "hidden", 256), scn.max_tokens + 2, enc.name)
+    inv = DecoderInverter(
+        enc.dim,
+        piece_vocab(scn.tokenizer, texts, option(scn, "vocab", 4000)),
+        scn.tokenizer,
+        option(scn, "emb", 128),
+        option(scn, "hidden", 256),
+        scn.max_tokens + 2,
+        enc.name,
+    )
     info = inv.fit(texts, vecs, seconds=option(scn, "train_seconds", 180.0), seed=scn.seed)
     return inv, info
 
 
-@register_embed_attack("decoder", "GRU decoder trained on public pairs + correction by re-embedding",
-                       "black-box embed (public texts, corrections) + leaked vectors")
+@register_embed_attack(
+    "decoder",
+    "GRU decoder trained on public pairs + correction by re-embedding",
+    "black-box embed (public texts, corrections) + leaked vectors",
+)
 def evaluate(scn: Scenario) -> AttackReport:
     enc = scn.victim
     sample, targets = victim_targets(scn)
     before = enc.usage.snapshot()
     pairs = scn.public_pairs(enc)
-    inv, info = load_or_train(scn, lambda folder: DecoderInverter.load(folder, scn.tokenizer),
-                              lambda: train_decoder(scn, enc, pairs))
+    inv, info = load_or_train(
+        scn,
+        lambda folder: DecoderInverter.load(folder, scn.tokenizer),
+        lambda: train_decoder(scn, enc, pairs),
+    )
     train_usage = enc.usage.since(before)
     mid = enc.usage.snapshot()
     beam = option(scn, "beam", 4)
@@ -252,7 +310,16 @@ def evaluate(scn: Scenario) -> AttackReport:
     metrics["base"] = {k: v for k, v in score_inversion(base, sample.texts, targets, enc).items() if k != "per_item_f1"}
     metrics["correction_queries_per_target"] = attack_usage["queries"] / len(sample.texts)
     info.update({"training_usage": train_usage, "correction_steps": steps})
-    return AttackReport("decoder", scn.to_dict(), metrics, enc.usage.since(before), 0.0,
-                        {"train_data": "public split only",
-                         "correction_seeds": "nearest public texts (already embedded for training)"},
-                        examples(sample.texts, pred), info)
+    return AttackReport(
+        "decoder",
+        scn.to_dict(),
+        metrics,
+        enc.usage.since(before),
+        0.0,
+        {
+            "train_data": "public split only",
+            "correction_seeds": "nearest public texts (already embedded for training)",
+        },
+        examples(sample.texts, pred),
+        info,
+    )

@@ -42,8 +42,9 @@ class SearchIndex(Protocol):
 class HiddenKB:
     """A similarity search over hidden documents (the victim side): cosine of query and document vectors."""
 
-    def __init__(self, docs: Sequence[str], encoder: Encoder, ids: Sequence[str] | None = None,
-                 max_top_k: int = 100) -> None:
+    def __init__(
+        self, docs: Sequence[str], encoder: Encoder, ids: Sequence[str] | None = None, max_top_k: int = 100
+    ) -> None:
         self._docs = check_texts(docs, "knowledge base")
         if len(self._docs) != len(docs):
             raise LeaklabError("knowledge base holds empty documents")
@@ -83,8 +84,14 @@ class HiddenKB:
 class HttpKB:
     """Client of a remote similarity search: POST {base}/v1/search, Bearer key; same API as HiddenKB."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0, client: Any = None,
-                 batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        client: Any = None,
+        batch_size: int = 64,
+    ) -> None:
         import httpx
 
         self.url = url.rstrip("/")
@@ -106,8 +113,9 @@ class HttpKB:
     def parse_response(body: dict[str, Any], n: int) -> list[list[Hit]]:
         rows = body.get("data")
         if not isinstance(rows, list) or len(rows) != n:
-            raise LeaklabError(f"search endpoint answered {len(rows) if isinstance(rows, list) else 'no'} "
-                               f"result lists for {n} queries")
+            raise LeaklabError(
+                f"search endpoint answered {len(rows) if isinstance(rows, list) else 'no'} result lists for {n} queries"
+            )
         return [[(str(h["id"]), float(h["score"])) for h in row.get("results", [])] for row in rows]
 
     def search(self, query_texts: str | Sequence[str], k: int) -> list[list[Hit]]:
@@ -116,7 +124,7 @@ class HttpKB:
         texts = [query_texts] if isinstance(query_texts, str) else list(query_texts)
         out: list[list[Hit]] = []
         for i in range(0, len(texts), self._batch):
-            part = texts[i:i + self._batch]
+            part = texts[i : i + self._batch]
             try:
                 resp = self._client.post(self.url, json=self.request_body(part, k))
             except httpx.HTTPError as exc:
@@ -142,9 +150,17 @@ class KBExtractor:
 
     name = "kb-extract"
 
-    def __init__(self, vocab: Sequence[str], function_words: Sequence[str] = (), top_k: int = 10,
-                 candidates: int = 60, min_gain: float = 1e-3, max_words: int = 40, batch: int = 256,
-                 start_words: int = 1) -> None:
+    def __init__(
+        self,
+        vocab: Sequence[str],
+        function_words: Sequence[str] = (),
+        top_k: int = 10,
+        candidates: int = 60,
+        min_gain: float = 1e-3,
+        max_words: int = 40,
+        batch: int = 256,
+        start_words: int = 1,
+    ) -> None:
         self.vocab = list(dict.fromkeys(w for w in vocab if w.strip()))
         if not self.vocab:
             raise LeaklabError("the probe vocabulary is empty")
@@ -156,7 +172,7 @@ class KBExtractor:
         """Specificity of every probe word w to every doc d returned for it: s(w, d) − mean_d' s(w, d')."""
         seen: dict[str, dict[str, float]] = defaultdict(dict)
         for i in range(0, len(self.vocab), self.batch):
-            part = self.vocab[i:i + self.batch]
+            part = self.vocab[i : i + self.batch]
             for w, hits in zip(part, kb.search(part, self.top_k), strict=True):
                 mean = float(np.mean([s for _, s in hits])) if hits else 0.0
                 for doc_id, score in hits:
@@ -166,7 +182,7 @@ class KBExtractor:
     def _start(self, word_scores: dict[str, float]) -> _Growth:
         ranked = sorted(word_scores, key=lambda w: -word_scores[w])[: self.candidates]
         head = ranked[: self.start_words]
-        pool = ranked[self.start_words:] + [w for w in self.function_words if w not in ranked] + head[:10]
+        pool = ranked[self.start_words :] + [w for w in self.function_words if w not in ranked] + head[:10]
         return _Growth(pool=pool, words=head)
 
     def run(self, kb: SearchIndex) -> Extraction:
@@ -184,12 +200,16 @@ class KBExtractor:
             if not asks:
                 break
             for i in range(0, len(asks), self.batch):
-                part = asks[i:i + self.batch]
+                part = asks[i : i + self.batch]
                 answers = kb.search([" ".join(ws) for _, ws in part], self.top_k)
                 for (d, ws), hits in zip(part, answers, strict=True):
                     states[d].update(ws, dict(hits).get(d, -1.0), self.min_gain)
-        return Extraction({d: " ".join(st.words) for d, st in states.items()},
-                          {d: st.spent for d, st in states.items()}, discovery, {"discovered": len(seen)})
+        return Extraction(
+            {d: " ".join(st.words) for d, st in states.items()},
+            {d: st.spent for d, st in states.items()},
+            discovery,
+            {"discovered": len(seen)},
+        )
 
 
 @dataclass
@@ -212,7 +232,7 @@ class _Growth:
                 return list(self.words)
             if self.phase in (1, 3):
                 if self.ptr < len(self.words) and len(self.words) > 1:
-                    return self.words[: self.ptr] + self.words[self.ptr + 1:]
+                    return self.words[: self.ptr] + self.words[self.ptr + 1 :]
             elif self.ptr < len(self.pool) and len(self.words) < max_words:
                 return [*self.words, self.pool[self.ptr]]
             self.phase, self.ptr = self.phase + 1, 0
@@ -240,14 +260,22 @@ def probe_vocab(texts: Sequence[str], size: int) -> tuple[list[str], list[str]]:
     return ranked[:size], ranked[:40]
 
 
-@register_embed_attack("kb-extract", "reconstruct hidden knowledge-base documents from similarity scores",
-                       "search endpoint only: query texts -> top-k (id, score)")
+@register_embed_attack(
+    "kb-extract",
+    "reconstruct hidden knowledge-base documents from similarity scores",
+    "search endpoint only: query texts -> top-k (id, score)",
+)
 def evaluate(scn: Scenario) -> AttackReport:
     sample = scn.private()
     kb = HiddenKB(sample.texts, scn.victim, max_top_k=option(scn, "max_top_k", 100))
     vocab, function_words = probe_vocab(scn.public_texts(), option(scn, "vocab", 10000))
-    attack = KBExtractor(vocab, function_words, top_k=option(scn, "top_k", 20),
-                         candidates=option(scn, "candidates", 60), start_words=option(scn, "start_words", 1))
+    attack = KBExtractor(
+        vocab,
+        function_words,
+        top_k=option(scn, "top_k", 20),
+        candidates=option(scn, "candidates", 60),
+        start_words=option(scn, "start_words", 1),
+    )
     before = scn.victim.usage.snapshot()
     res = attack.run(kb)
     ids = kb.ids
@@ -257,15 +285,29 @@ def evaluate(scn: Scenario) -> AttackReport:
     threshold = option(scn, "recovered_f1", 0.8)
     f1 = np.array(metrics["per_item_f1"])
     total = kb.queries
-    metrics.update({
-        "docs": len(ids), "discovered": res.info["discovered"],
-        "recovered_share": float((f1 >= threshold).mean()), "recovered_f1_threshold": threshold,
-        "queries_total": total, "queries_per_doc": total / len(ids),
-        "discovery_queries": res.discovery_queries,
-        "growth_queries_per_doc": float(np.mean(list(res.queries_per_doc.values()) or [0])),
-    })
+    metrics.update(
+        {
+            "docs": len(ids),
+            "discovered": res.info["discovered"],
+            "recovered_share": float((f1 >= threshold).mean()),
+            "recovered_f1_threshold": threshold,
+            "queries_total": total,
+            "queries_per_doc": total / len(ids),
+            "discovery_queries": res.discovery_queries,
+            "growth_queries_per_doc": float(np.mean(list(res.queries_per_doc.values()) or [0])),
+        }
+    )
     usage = scn.victim.usage.since(before)
-    return AttackReport("kb-extract", scn.to_dict(), metrics, usage, 0.0,
-                        {"access": "query texts -> top-k ids and scores", "top_k": attack.top_k,
-                         "probe_vocab": f"{len(vocab)} most frequent public-split words"},
-                        examples(true, pred))
+    return AttackReport(
+        "kb-extract",
+        scn.to_dict(),
+        metrics,
+        usage,
+        0.0,
+        {
+            "access": "query texts -> top-k ids and scores",
+            "top_k": attack.top_k,
+            "probe_vocab": f"{len(vocab)} most frequent public-split words",
+        },
+        examples(true, pred),
+    )

@@ -40,8 +40,9 @@ def kb_scores(kb: SearchIndex, texts: Sequence[str]) -> np.ndarray:
     return np.array([row[0][1] if row else -1.0 for row in hits])
 
 
-def augmentation_consistency(encoder: Encoder, texts: Sequence[str], views: int = 3, share: float = 0.2,
-                             seed: int = 0) -> np.ndarray:
+def augmentation_consistency(
+    encoder: Encoder, texts: Sequence[str], views: int = 3, share: float = 0.2, seed: int = 0
+) -> np.ndarray:
     """mean_a cos(φ(x), φ(a(x))) over ``views`` word-drop views per text (black-box queries)."""
     rng = np.random.default_rng(seed)
     texts = check_texts(texts, "membership candidates")
@@ -50,16 +51,29 @@ def augmentation_consistency(encoder: Encoder, texts: Sequence[str], views: int 
     return cosine_rows(base, encoder.embed(aug)).reshape(len(texts), views).mean(1)
 
 
-def finetune_simcse(encoder: LocalEncoder, texts: Sequence[str], epochs: int = 3, batch_size: int = 16,
-                    lr: float = 3e-5, temperature: float = 0.05, seed: int = 0) -> LocalEncoder:
+def finetune_simcse(
+    encoder: LocalEncoder,
+    texts: Sequence[str],
+    epochs: int = 3,
+    batch_size: int = 16,
+    lr: float = 3e-5,
+    temperature: float = 0.05,
+    seed: int = 0,
+) -> LocalEncoder:
     """A copy of ``encoder`` fine-tuned with unsupervised SimCSE (InfoNCE over two dropout views)."""
     texts = check_texts(texts, "fine-tuning set")
     if len(texts) < 2:
         raise LeaklabError("fine-tuning needs at least two texts")
     torch.manual_seed(seed)
     backbone = copy.deepcopy(encoder.backbone)
-    tuned = LocalEncoder(f"{encoder.name}+simcse-s{seed}-{len(texts)}", backbone, encoder.tokenizer, encoder.pooling,
-                         encoder.normalize, encoder.max_length)
+    tuned = LocalEncoder(
+        f"{encoder.name}+simcse-s{seed}-{len(texts)}",
+        backbone,
+        encoder.tokenizer,
+        encoder.pooling,
+        encoder.normalize,
+        encoder.max_length,
+    )
     for p in backbone.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(backbone.parameters(), lr=lr)
@@ -68,11 +82,12 @@ def finetune_simcse(encoder: LocalEncoder, texts: Sequence[str], epochs: int = 3
     for _ in range(epochs):
         order = rng.permutation(len(texts))
         for i in range(0, len(order), batch_size):
-            batch = [texts[j] for j in order[i:i + batch_size]]
+            batch = [texts[j] for j in order[i : i + batch_size]]
             if len(batch) < 2:
                 continue
-            enc = encoder.tokenizer(batch, padding=True, truncation=True, max_length=encoder.max_length,
-                                    return_tensors="pt")
+            enc = encoder.tokenizer(
+                batch, padding=True, truncation=True, max_length=encoder.max_length, return_tensors="pt"
+            )
             a = tuned.forward_ids(enc["input_ids"], enc["attention_mask"])
             b = tuned.forward_ids(enc["input_ids"], enc["attention_mask"])
             logits = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T
@@ -92,8 +107,11 @@ def _split(scn: Scenario, n: int) -> tuple[list[str], list[str]]:
     return texts[:n], texts[n:]
 
 
-@register_embed_attack("membership", "was a text in the indexed knowledge base or the encoder's fine-tuning data",
-                       "search endpoint (kb) or black-box embed of the fine-tuned encoder + public base (encoder)")
+@register_embed_attack(
+    "membership",
+    "was a text in the indexed knowledge base or the encoder's fine-tuning data",
+    "search endpoint (kb) or black-box embed of the fine-tuned encoder + public base (encoder)",
+)
 def evaluate(scn: Scenario) -> AttackReport:
     target = option(scn, "target", "kb")
     if target == "kb":
@@ -114,27 +132,46 @@ def _evaluate_kb(scn: Scenario) -> AttackReport:
     rng = np.random.default_rng(scn.seed)
     exact = kb_scores(kb, candidates)
     perturbed = kb_scores(kb, [drop_words(t, 0.2, rng) for t in candidates])
-    metrics = {"exact_query": membership_scores(exact, labels), "perturbed_query": membership_scores(perturbed, labels)}
+    metrics = {
+        "exact_query": membership_scores(exact, labels),
+        "perturbed_query": membership_scores(perturbed, labels),
+    }
     usage = scn.victim.usage.since(before) | {"search_queries": kb.queries}
-    return AttackReport("membership", scn.to_dict(), metrics, usage, 0.0,
-                        {"target": "kb", "split": "random halving of private texts (same distribution)"})
+    return AttackReport(
+        "membership",
+        scn.to_dict(),
+        metrics,
+        usage,
+        0.0,
+        {"target": "kb", "split": "random halving of private texts (same distribution)"},
+    )
 
 
 def _evaluate_encoder(scn: Scenario) -> AttackReport:
     base = require_local(load_encoder(scn.encoder), "membership --target encoder")
     members, non = _split(scn, scn.n)
-    tuned = finetune_simcse(base, members, epochs=option(scn, "epochs", 3), lr=option(scn, "lr", 3e-5),
-                            seed=scn.seed)
+    tuned = finetune_simcse(base, members, epochs=option(scn, "epochs", 3), lr=option(scn, "lr", 3e-5), seed=scn.seed)
     candidates = members + non
     labels = np.array([1] * len(members) + [0] * len(non))
     views = option(scn, "views", 3)
     ft = augmentation_consistency(tuned, candidates, views, seed=scn.seed)
     ref = augmentation_consistency(base, candidates, views, seed=scn.seed)
     drift = cosine_rows(tuned.embed(candidates), base.embed(candidates))
-    metrics = {"consistency_ref": membership_scores(ft - ref, labels),
-               "consistency": membership_scores(ft, labels),
-               "drift_from_base": membership_scores(-drift, labels),
-               "finetune": {"members": len(members), "epochs": option(scn, "epochs", 3), "objective": "SimCSE"}}
-    return AttackReport("membership", scn.to_dict(), metrics, dict(tuned.usage.__dict__), 0.0,
-                        {"target": "encoder", "reference": f"public base model {base.name}",
-                         "split": "random halving of private texts (same distribution)"})
+    metrics = {
+        "consistency_ref": membership_scores(ft - ref, labels),
+        "consistency": membership_scores(ft, labels),
+        "drift_from_base": membership_scores(-drift, labels),
+        "finetune": {"members": len(members), "epochs": option(scn, "epochs", 3), "objective": "SimCSE"},
+    }
+    return AttackReport(
+        "membership",
+        scn.to_dict(),
+        metrics,
+        dict(tuned.usage.__dict__),
+        0.0,
+        {
+            "target": "encoder",
+            "reference": f"public base model {base.name}",
+            "split": "random halving of private texts (same distribution)",
+        },
+    )

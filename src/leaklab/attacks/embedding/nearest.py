@@ -44,8 +44,13 @@ class NearestNeighbour:
 
     name = "nearest"
 
-    def __init__(self, encoder: Encoder, candidates: list[str], near_exact: float = 0.999,
-                 candidate_vectors: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        candidates: list[str],
+        near_exact: float = 0.999,
+        candidate_vectors: np.ndarray | None = None,
+    ) -> None:
         self.encoder = encoder
         self.candidates = check_texts(candidates, "candidate corpus")
         vecs = candidate_vectors if candidate_vectors is not None else cached_embed(encoder, self.candidates)
@@ -61,8 +66,11 @@ class NearestNeighbour:
         return NeighbourResult([self.candidates[i] for i in top[:, 0]], top, scores, scores[:, 0] >= self.near_exact)
 
 
-@register_embed_attack("nearest", "fingerprint leaked vectors against a candidate corpus (exact / near-exact)",
-                       "black-box embed + leaked vectors")
+@register_embed_attack(
+    "nearest",
+    "fingerprint leaked vectors against a candidate corpus (exact / near-exact)",
+    "black-box embed + leaked vectors",
+)
 def evaluate(scn: Scenario) -> AttackReport:
     """Half of the leaked documents are in the attacker's candidate list (with public distractors)."""
     enc = scn.victim
@@ -78,19 +86,33 @@ def evaluate(scn: Scenario) -> AttackReport:
     hit_at_k = [truth_idx.get(t, -1) in row for t, row in zip(sample.texts, res.top_indices, strict=True)]
     flagged = res.present
     metrics = {
-        "present": int(present.sum()), "absent": int((~present).sum()),
+        "present": int(present.sum()),
+        "absent": int((~present).sum()),
         "detect_precision": float((flagged & present).sum() / max(flagged.sum(), 1)),
         "detect_recall": float((flagged & present).sum() / max(present.sum(), 1)),
-        "exact_recovered_of_present": float(np.mean([r == t for r, t, p in zip(res.texts, sample.texts, present,
-                                                                               strict=True) if p] or [0.0])),
+        "exact_recovered_of_present": float(
+            np.mean([r == t for r, t, p in zip(res.texts, sample.texts, present, strict=True) if p] or [0.0])
+        ),
         "recall_at_k_present": float(np.mean([h for h, p in zip(hit_at_k, present, strict=True) if p] or [0.0])),
         "candidates": len(attack.candidates),
     }
     if present.any() and (~present).any():
         metrics.update({f"presence_{k}": v for k, v in membership_scores(res.best_score, present.astype(int)).items()})
-    absent_scores = score_inversion([r for r, p in zip(res.texts, present, strict=True) if not p],
-                                    [t for t, p in zip(sample.texts, present, strict=True) if not p]) if (~present).any() else {}
+    absent_scores = (
+        score_inversion(
+            [r for r, p in zip(res.texts, present, strict=True) if not p],
+            [t for t, p in zip(sample.texts, present, strict=True) if not p],
+        )
+        if (~present).any()
+        else {}
+    )
     metrics["absent_nearest_token_f1"] = absent_scores.get("token_f1", 0.0)
-    return AttackReport("nearest", scn.to_dict(), metrics, enc.usage.since(before), 0.0,
-                        {"candidate_corpus": "public split + half of the leaked documents"},
-                        examples(sample.texts, res.texts))
+    return AttackReport(
+        "nearest",
+        scn.to_dict(),
+        metrics,
+        enc.usage.since(before),
+        0.0,
+        {"candidate_corpus": "public split + half of the leaked documents"},
+        examples(sample.texts, res.texts),
+    )

@@ -64,8 +64,15 @@ class Scenario:
         """The victim's texts (private split, scoring only)."""
         from leaklab.corpora import sample_texts
 
-        return sample_texts(self.corpus_obj, self.tokenizer, n or self.n, self.seed, self.min_tokens,
-                            max_tokens or self.max_tokens, split="private")
+        return sample_texts(
+            self.corpus_obj,
+            self.tokenizer,
+            n or self.n,
+            self.seed,
+            self.min_tokens,
+            max_tokens or self.max_tokens,
+            split="private",
+        )
 
     def public_texts(self, limit: int | None = None, max_tokens: int | None = None) -> list[str]:
         """The attacker's auxiliary texts: public-split texts within the length range, plus sentence chunks of
@@ -108,8 +115,9 @@ def victim_targets(scn: Scenario, max_tokens: int | None = None) -> tuple[Any, n
     return sample, scn.victim.embed(sample.texts)
 
 
-def load_or_train(scn: Scenario, load: Callable[[str], Any], train: Callable[[], tuple[Any, dict[str, Any]]]
-                  ) -> tuple[Any, dict[str, Any]]:
+def load_or_train(
+    scn: Scenario, load: Callable[[str], Any], train: Callable[[], tuple[Any, dict[str, Any]]]
+) -> tuple[Any, dict[str, Any]]:
     """The inverter saved at option ``load``, else a freshly trained one (saved to option ``save`` if given)."""
     folder = scn.options.get("load")
     if folder:

@@ -41,9 +41,19 @@ class WhiteBoxInverter:
 
     name = "whitebox"
 
-    def __init__(self, encoder: Encoder, vocab_ids: list[int] | None = None, length: int = 16, steps: int = 150,
-                 lr: float = 0.1, refine_rounds: int = 12, candidates: int = 24, beam: int = 2,
-                 seed: int = 0, hard_share: float = 0.3) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        vocab_ids: list[int] | None = None,
+        length: int = 16,
+        steps: int = 150,
+        lr: float = 0.1,
+        refine_rounds: int = 12,
+        candidates: int = 24,
+        beam: int = 2,
+        seed: int = 0,
+        hard_share: float = 0.3,
+    ) -> None:
         self.encoder: LocalEncoder = require_local(encoder, self.name)
         tok = self.encoder.tokenizer
         if vocab_ids is None:
@@ -121,7 +131,7 @@ class WhiteBoxInverter:
             if cand != seq:
                 out.append(cand)
         if len(seq) > 1:
-            out.extend(seq[:t] + seq[t + 1:] for t in range(len(seq)))
+            out.extend(seq[:t] + seq[t + 1 :] for t in range(len(seq)))
         return out
 
     def refine(self, seq: list[int], target: torch.Tensor) -> tuple[list[int], float]:
@@ -144,32 +154,52 @@ class WhiteBoxInverter:
         v = torch.from_numpy(check_vectors(vectors, self.encoder.dim, "target vectors"))
         texts, cosines = [], []
         for i in range(0, len(v), batch):
-            tgt = v[i:i + batch]
+            tgt = v[i : i + batch]
             z = self.relax(tgt)
             init = self.vocab[z.argmax(-1)]
             for j in range(len(tgt)):
-                seq, cos = self.refine(init[j].tolist(), tgt[j:j + 1])
+                seq, cos = self.refine(init[j].tolist(), tgt[j : j + 1])
                 texts.append(self.encoder.tokenizer.decode(seq, skip_special_tokens=True))
                 cosines.append(cos)
         self.encoder.usage.queries += self.forward_passes
         return texts, cosines
 
 
-@register_embed_attack("whitebox", "relaxed token distributions optimised through a local encoder + beam swaps",
-                       "white-box encoder (gradients) + leaked vectors")
+@register_embed_attack(
+    "whitebox",
+    "relaxed token distributions optimised through a local encoder + beam swaps",
+    "white-box encoder (gradients) + leaked vectors",
+)
 def evaluate(scn: Scenario) -> AttackReport:
     enc = require_local(scn.victim, "whitebox")
     sample, targets = victim_targets(scn, option(scn, "max_tokens", min(scn.max_tokens, 16)))
     before = enc.usage.snapshot()
     vocab_size = option(scn, "vocab", 8000)
     vocab = vocab_from_texts(enc.tokenizer, scn.public_texts(), vocab_size) if vocab_size > 0 else None
-    inv = WhiteBoxInverter(enc, vocab, length=option(scn, "length", 16), steps=option(scn, "steps", 150),
-                           lr=option(scn, "lr", 0.1), refine_rounds=option(scn, "rounds", 12),
-                           candidates=option(scn, "candidates", 24), beam=option(scn, "beam", 2), seed=scn.seed,
-                           hard_share=option(scn, "hard_share", 0.3))
+    inv = WhiteBoxInverter(
+        enc,
+        vocab,
+        length=option(scn, "length", 16),
+        steps=option(scn, "steps", 150),
+        lr=option(scn, "lr", 0.1),
+        refine_rounds=option(scn, "rounds", 12),
+        candidates=option(scn, "candidates", 24),
+        beam=option(scn, "beam", 2),
+        seed=scn.seed,
+        hard_share=option(scn, "hard_share", 0.3),
+    )
     pred, cos = inv.invert(targets)
     metrics = score_inversion(pred, sample.texts, targets, enc)
     metrics["attack_cosine"] = float(np.mean(cos))
-    return AttackReport("whitebox", scn.to_dict(), metrics, enc.usage.since(before), 0.0,
-                        {"vocab_prior": f"top {vocab_size} public-split token ids" if vocab else "full vocabulary",
-                         "length_prior": f"≤ {inv.length} tokens"}, examples(sample.texts, pred))
+    return AttackReport(
+        "whitebox",
+        scn.to_dict(),
+        metrics,
+        enc.usage.since(before),
+        0.0,
+        {
+            "vocab_prior": f"top {vocab_size} public-split token ids" if vocab else "full vocabulary",
+            "length_prior": f"≤ {inv.length} tokens",
+        },
+        examples(sample.texts, pred),
+    )

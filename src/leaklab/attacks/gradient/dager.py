@@ -103,8 +103,13 @@ class SpanModel:
         ids = torch.nonzero(d < tau).flatten()
         return ids[torch.argsort(d[ids])]
 
-    def extension_distances(self, prefixes: torch.Tensor, tokens: torch.Tensor, chunk: int = 2048,
-                            previous: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def extension_distances(
+        self,
+        prefixes: torch.Tensor,
+        tokens: torch.Tensor,
+        chunk: int = 2048,
+        previous: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, m) layer-2 distances of prefixes[i] + [tokens[j]] at the new position (causal models), and
         the (n, m, d) inputs. An input equal to the prefix's ``previous`` one (a repeated first token under
         RoPE: "A A A ..." reproduces the input of "A") gets distance 1: it carries no new evidence."""
@@ -126,9 +131,11 @@ class SpanModel:
 
 def warn_best_effort(spans: SpanModel, info: dict) -> None:
     """Full-rank gradients: say so (log + warning + Recovery.info), never silently."""
-    msg = (f"the batch's token count reaches the hidden size ({spans.adapter.hidden_size}): the attention gradients "
-           f"are full rank (layer-1 rank {spans.sub1.rank}, layer-2 rank {spans.sub2.rank} after capping), so "
-           "span checks are inexact; results are best effort, ranked by span distance")
+    msg = (
+        f"the batch's token count reaches the hidden size ({spans.adapter.hidden_size}): the attention gradients "
+        f"are full rank (layer-1 rank {spans.sub1.rank}, layer-2 rank {spans.sub2.rank} after capping), so "
+        "span checks are inexact; results are best effort, ranked by span distance"
+    )
     log.warning(msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
     info["best_effort"] = True
@@ -162,8 +169,9 @@ def decoder_search(spans: SpanModel, opts: DagerOptions) -> list[Found]:
         frontier = torch.cat([frontier[rows], cand[cols].view(-1, 1)], dim=1)
         scores = scores[rows] + dist[rows, cols]
         previous = x[rows, cols]
-    finished += [Found(frontier[i].tolist(), float(scores[i]) / max(frontier.shape[1], 1))
-                 for i in range(frontier.shape[0])]
+    finished += [
+        Found(frontier[i].tolist(), float(scores[i]) / max(frontier.shape[1], 1)) for i in range(frontier.shape[0])
+    ]
     return finished
 
 
@@ -238,7 +246,7 @@ def _score_sentences(spans: SpanModel, seqs: torch.Tensor, chunk: int) -> list[t
     out = []
     step = max(1, chunk // max(seqs.shape[1], 1))
     for s in range(0, seqs.shape[0], step):
-        part = seqs[s: s + step]
+        part = seqs[s : s + step]
         d = spans.sentence_distances(part).mean(dim=1)
         out += [(tuple(r), float(v)) for r, v in zip(part.tolist(), d.tolist(), strict=True)]
     return out
@@ -358,8 +366,12 @@ def start_attack(obs: Observation) -> tuple[SpanModel, int | None, dict]:
     """Subspaces, the batch size if granted, and the info record (with the best-effort warning if needed)."""
     spans = SpanModel(obs)
     n_known = batch_size_of(obs)
-    info: dict = {"rank_l1": spans.sub1.rank, "rank_l2": spans.sub2.rank, "best_effort": spans.full_rank,
-                  "batch_size_known": n_known is not None}
+    info: dict = {
+        "rank_l1": spans.sub1.rank,
+        "rank_l2": spans.sub2.rank,
+        "best_effort": spans.full_rank,
+        "batch_size_known": n_known is not None,
+    }
     if spans.full_rank:
         warn_best_effort(spans, info)
     return spans, n_known, info
@@ -375,8 +387,11 @@ class DagerAttack:
     def run(self, obs: Observation) -> Recovery:
         spans, b_known, info = start_attack(obs)
         if spans.causal:
-            found = best_effort_decoder(spans, b_known or 1, self.opts) if spans.full_rank \
+            found = (
+                best_effort_decoder(spans, b_known or 1, self.opts)
+                if spans.full_rank
                 else decoder_search(spans, self.opts)
+            )
         else:
             found = encoder_search(spans, b_known or 1, self.opts)
             if not b_known:

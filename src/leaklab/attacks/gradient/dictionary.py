@@ -45,16 +45,21 @@ def observed_vector(obs: Observation, index: dict[str, torch.Tensor]) -> torch.T
     return torch.cat([obs.gradients[p].flatten()[i].double() for p, i in index.items()])
 
 
-def sentence_gradients(loaded: LoadedModel, sentences: list[list[int]], labels: list[int] | None,
-                       index: dict[str, torch.Tensor], batch: int = 8) -> torch.Tensor:
+def sentence_gradients(
+    loaded: LoadedModel,
+    sentences: list[list[int]],
+    labels: list[int] | None,
+    index: dict[str, torch.Tensor],
+    batch: int = 8,
+) -> torch.Tensor:
     """(n, sketch) gradient of each sentence's summed loss (next-token: over its targets; classify: its
     label), restricted to ``index``'s coordinates. Sentences are right-padded; pads carry no gradient."""
     model = loaded.model
     modules = {p: model.get_submodule(p.rsplit(".", 1)[0]) for p in index}
     rows: list[torch.Tensor] = []
     for s in range(0, len(sentences), batch):
-        part = sentences[s: s + batch]
-        labs = labels[s: s + batch] if labels is not None else None
+        part = sentences[s : s + batch]
+        labs = labels[s : s + batch] if labels is not None else None
         rows.append(_batch_gradients(loaded, modules, index, part, labs))
     return torch.cat(rows)
 
@@ -84,8 +89,12 @@ def _batch_gradients(loaded, modules, index, sentences, labels) -> torch.Tensor:
         logits = out.logits.float()
         if loaded.ref.task == "next-token":
             target = ids.masked_fill(mask == 0, -100)[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                     target.reshape(-1), ignore_index=-100, reduction="sum")
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                target.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
         else:
             loss = torch.nn.functional.cross_entropy(logits, torch.tensor(labels), reduction="sum")
         with warnings.catch_warnings():  # the hooks fire on module outputs only: that is what we need

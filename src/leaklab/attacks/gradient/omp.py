@@ -26,8 +26,14 @@ def least_squares(atoms: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.linalg.lstsq(atoms.double().T, target.double().unsqueeze(1), driver="gelsd").solution.squeeze(1)
 
 
-def omp(atoms: torch.Tensor, target: torch.Tensor, max_atoms: int | None = None, tol: float = 1e-3,
-        min_gain: float = 0.01, groups: list[int] | None = None) -> OmpResult:
+def omp(
+    atoms: torch.Tensor,
+    target: torch.Tensor,
+    max_atoms: int | None = None,
+    tol: float = 1e-3,
+    min_gain: float = 0.01,
+    groups: list[int] | None = None,
+) -> OmpResult:
     """Select atoms (rows of ``atoms``, n_atoms x dim) explaining ``target`` (dim,).
 
     Step: i* = argmax_i |⟨r, g_i⟩| / ‖g_i‖ over unselected atoms; α = lstsq(m, D_S); r = m − D_S α.
@@ -86,7 +92,7 @@ def refine_swaps(atoms: torch.Tensor, target: torch.Tensor, result: OmpResult, g
     best, coef = residual(selected)
     for pos, atom in enumerate(list(selected)):
         for alt in (i for i, g in enumerate(groups) if g == groups[atom] and i != atom):
-            trial = selected[:pos] + [alt] + selected[pos + 1:]
+            trial = selected[:pos] + [alt] + selected[pos + 1 :]
             rel, c = residual(trial)
             if rel < best:
                 best, coef, selected = rel, c, trial

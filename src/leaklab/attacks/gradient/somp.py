@@ -147,8 +147,16 @@ def guided_decode(spans: SpanModel, guide: OutputGuide, n_texts: int, opts: Somp
     """Full-rank regime decoding (stage 2): one greedy path per start token, steered by layer-2 distance
     and output-gradient alignment, ended where the layer-2 distance jumps."""
     pool = guide.pool(max(4 * spans.adapter.hidden_size, 8 * n_texts))
-    first = spans.sub2.distance(pair_inputs(spans.adapter, torch.zeros(1, 0, dtype=torch.long),
-                                            torch.zeros(pool.numel(), dtype=torch.long), pool, 1, opts.chunk))
+    first = spans.sub2.distance(
+        pair_inputs(
+            spans.adapter,
+            torch.zeros(1, 0, dtype=torch.long),
+            torch.zeros(pool.numel(), dtype=torch.long),
+            pool,
+            1,
+            opts.chunk,
+        )
+    )
     starts = pool[torch.argsort(first)[: max(opts.starts_factor * n_texts, 1)]]
     seqs = starts.view(-1, 1)
     stepper = Stepper(spans, guide)
@@ -167,7 +175,8 @@ def guided_decode(spans: SpanModel, guide: OutputGuide, n_texts: int, opts: Somp
         dist = spans.sub2.distance(pair_inputs(spans.adapter, seqs[alive], rows, toks.flatten(), 1, opts.chunk))
         dist = dist.view(alive.numel(), -1)
         cost = torch.stack([_zscore(d) for d in dist]) - opts.beta * torch.stack(
-            [_zscore(a) for a in align.gather(1, short)])
+            [_zscore(a) for a in align.gather(1, short)]
+        )
         cost = cost + REPEAT_PENALTY * _repeats_bigram(seqs[alive, :p], toks)
         arg = cost.argmin(dim=1)
         best = dist.gather(1, arg.view(-1, 1)).squeeze(1)
@@ -183,7 +192,7 @@ def guided_decode(spans: SpanModel, guide: OutputGuide, n_texts: int, opts: Somp
         hist.append(full_hist.tolist())
         for j in torch.nonzero(ended).flatten().tolist():
             i = int(alive[j])
-            ids = seqs[i, : p].tolist()
+            ids = seqs[i, :p].tolist()
             last = toks[j, torch.argsort(align.gather(1, short)[j], descending=True)[: opts.last_alternatives]]
             score = float(torch.tensor(hist, dtype=torch.float64)[:p, i].nanmean())
             done += [Found(ids + [int(t)], score, exact=False) for t in last]
@@ -214,12 +223,17 @@ def with_last_alternatives(spans: SpanModel, found: list[Found], k: int) -> list
         return found
     val, top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
     keep = val >= LAST_MARGIN * val[:, :1]  # only close runners-up are worth a dictionary atom
-    return [Found(f.ids + [t], f.score, f.exact, {"prefix": len(f.ids)})
-            for f, alts, ok in zip(found, top.tolist(), keep.tolist(), strict=True)
-            for t, good in zip(alts, ok, strict=True) if good]
+    return [
+        Found(f.ids + [t], f.score, f.exact, {"prefix": len(f.ids)})
+        for f, alts, ok in zip(found, top.tolist(), keep.tolist(), strict=True)
+        for t, good in zip(alts, ok, strict=True)
+        if good
+    ]
 
 
-def select_by_omp(spans: SpanModel, found: list[Found], n_known: int | None, opts: SompOptions) -> tuple[list[Found], dict]:
+def select_by_omp(
+    spans: SpanModel, found: list[Found], n_known: int | None, opts: SompOptions
+) -> tuple[list[Found], dict]:
     """Stage 3: OMP over the candidates' gradients (one atom per label for ``classify``)."""
     found = found[: opts.max_atoms]
     if not found:
@@ -233,14 +247,19 @@ def select_by_omp(spans: SpanModel, found: list[Found], n_known: int | None, opt
     atoms = sentence_gradients(loaded, sentences, atom_labels, index)
     # one text per group: texts sharing a prefix with different last-token guesses are alternatives
     keys: dict[tuple, int] = {}
-    text_group = [keys.setdefault(("prefix", *f.ids[: f.meta["prefix"]]) if "prefix" in f.meta else ("text", i),
-                                  len(keys)) for i, f in enumerate(found)]
+    text_group = [
+        keys.setdefault(("prefix", *f.ids[: f.meta["prefix"]]) if "prefix" in f.meta else ("text", i), len(keys))
+        for i, f in enumerate(found)
+    ]
     groups = [text_group[i] for i in range(len(found)) for _ in labels]
     target = observed_vector(spans.obs, index)
     res = refine_swaps(atoms, target, omp(atoms, target, n_known, opts.omp_tol, opts.omp_min_gain, groups), groups)
     chosen = [found[atom // len(labels)] for atom in res.selected]
-    info = {"omp_stop": res.stop, "omp_residual": res.residual_norms[-1] if res.residual_norms else 1.0,
-            "dictionary": len(sentences)}
+    info = {
+        "omp_stop": res.stop,
+        "omp_residual": res.residual_norms[-1] if res.residual_norms else 1.0,
+        "dictionary": len(sentences),
+    }
     return chosen, info
 
 

@@ -80,7 +80,7 @@ def row_space(blocks: Sequence[torch.Tensor], max_rank: int | None = None) -> tu
     stack. Each block is scaled to unit Frobenius norm before stacking (float64)."""
     scaled = []
     for b in blocks:
-        b = b.detach().double()
+        b = b.detach().double()  # noqa: PLW2901
         size = b.norm()
         if float(size) > 0:
             scaled.append(b / size)
@@ -120,8 +120,9 @@ def span_distance(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return torch.where(norm.squeeze(-1) > 0, dist, torch.ones_like(dist))  # a zero input is in no span
 
 
-def attention_blocks(obs: Observation, adapter: FamilyAdapter, layer: int,
-                     which: Sequence[str] = ("q", "k", "v")) -> list[torch.Tensor]:
+def attention_blocks(
+    obs: Observation, adapter: FamilyAdapter, layer: int, which: Sequence[str] = ("q", "k", "v")
+) -> list[torch.Tensor]:
     """The (out x in) gradient blocks of ``layer``'s attention projections named in ``which``."""
     proj = adapter.projections[layer]
     out = []
@@ -129,14 +130,21 @@ def attention_blocks(obs: Observation, adapter: FamilyAdapter, layer: int,
         if key not in which:
             continue
         if p.param not in obs.gradients:
-            raise LeaklabError(f"the update has no gradient for '{p.param}' (layer {layer} attention {key}); "
-                               "span checks need the first two layers' attention gradients")
+            raise LeaklabError(
+                f"the update has no gradient for '{p.param}' (layer {layer} attention {key}); "
+                "span checks need the first two layers' attention gradients"
+            )
         out.append(p.matrix(obs.gradients[p.param]))
     return out
 
 
-def attention_subspace(obs: Observation, adapter: FamilyAdapter, layer: int,
-                       which: Sequence[str] = ("q", "k", "v"), max_rank: int | None = None) -> Subspace:
+def attention_subspace(
+    obs: Observation,
+    adapter: FamilyAdapter,
+    layer: int,
+    which: Sequence[str] = ("q", "k", "v"),
+    max_rank: int | None = None,
+) -> Subspace:
     """Row space of layer ``layer``'s stacked (Q, K, V) attention gradients = span of its inputs."""
     basis, s = row_space(attention_blocks(obs, adapter, layer, which), max_rank)
     return Subspace(basis, s, layer)
@@ -152,15 +160,17 @@ def token_distances(adapter: FamilyAdapter, sub: Subspace, token_ids: torch.Tens
     return sub.distance(candidate_inputs(adapter, token_ids, position))
 
 
-def sequence_inputs(adapter: FamilyAdapter, input_ids: torch.Tensor, layer: int,
-                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def sequence_inputs(
+    adapter: FamilyAdapter, input_ids: torch.Tensor, layer: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Input of ``layer``'s attention projections for whole sequences (batch, tokens, d)."""
     return adapter.layer_inputs(input_ids, layer, attention_mask=attention_mask)
 
 
 @torch.no_grad()
-def extension_inputs(adapter: FamilyAdapter, prefixes: torch.Tensor, tokens: torch.Tensor, layer: int = 1,
-                     chunk: int = 2048) -> torch.Tensor:
+def extension_inputs(
+    adapter: FamilyAdapter, prefixes: torch.Tensor, tokens: torch.Tensor, layer: int = 1, chunk: int = 2048
+) -> torch.Tensor:
     """Input of ``layer``'s attention at the new last position of every prefix + token extension.
 
     ``prefixes`` (n x p, all the same length, no padding), ``tokens`` (m,): returns (n, m, d) where [i, j]
@@ -173,8 +183,14 @@ def extension_inputs(adapter: FamilyAdapter, prefixes: torch.Tensor, tokens: tor
 
 
 @torch.no_grad()
-def pair_inputs(adapter: FamilyAdapter, prefixes: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor,
-                layer: int = 1, chunk: int = 2048) -> torch.Tensor:
+def pair_inputs(
+    adapter: FamilyAdapter,
+    prefixes: torch.Tensor,
+    rows: torch.Tensor,
+    tokens: torch.Tensor,
+    layer: int = 1,
+    chunk: int = 2048,
+) -> torch.Tensor:
     """Input of ``layer``'s attention at the last position of prefixes[rows[k]] + [tokens[k]] (k x d)."""
     from transformers import DynamicCache
 
@@ -182,17 +198,18 @@ def pair_inputs(adapter: FamilyAdapter, prefixes: torch.Tensor, rows: torch.Tens
     out = torch.empty(tokens.numel(), adapter.hidden_size)
     if p == 0:
         for s in range(0, tokens.numel(), chunk):
-            ids = tokens[s: s + chunk].view(-1, 1)
-            out[s: s + ids.shape[0]] = adapter.layer_inputs(ids, layer)[:, 0]
+            ids = tokens[s : s + chunk].view(-1, 1)
+            out[s : s + ids.shape[0]] = adapter.layer_inputs(ids, layer)[:, 0]
         return out
     cache = DynamicCache()
     adapter.layer_inputs(prefixes, layer, past_key_values=cache, use_cache=True)
     kv = [(lay.keys, lay.values) for lay in cache.layers[:layer]]
     for s in range(0, tokens.numel(), chunk):
-        sel_rows = rows[s: s + chunk]
+        sel_rows = rows[s : s + chunk]
         sel = DynamicCache(ddp_cache_data=[(k.index_select(0, sel_rows), v.index_select(0, sel_rows)) for k, v in kv])
-        ids = tokens[s: s + chunk].view(-1, 1)
+        ids = tokens[s : s + chunk].view(-1, 1)
         pos = torch.full_like(ids, p)
-        out[s: s + ids.shape[0]] = adapter.layer_inputs(ids, layer, position_ids=pos, past_key_values=sel,
-                                                        use_cache=True)[:, 0]
+        out[s : s + ids.shape[0]] = adapter.layer_inputs(
+            ids, layer, position_ids=pos, past_key_values=sel, use_cache=True
+        )[:, 0]
     return out
