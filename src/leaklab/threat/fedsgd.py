@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leaklab.corpora import load_corpus, sample_texts
+from leaklab.corpora import Sample, load_corpus, sample_texts
 from leaklab.errors import LeaklabError
 from leaklab.models.registry import LoadedModel, ModelRef, load_model
 from leaklab.threat.observation import Observation, Secret, ThreatFlags
@@ -101,13 +101,20 @@ def client_update(
     flags: ThreatFlags | None = None,
 ) -> tuple[Observation, Secret]:
     """Sample a private batch from ``corpus`` with ``seed`` and compute its FedSGD update."""
+    sample = private_sample(model, corpus, batch_size, seed, min_tokens, max_tokens)
+    return fedsgd_update(model, sample.texts, sample.labels, flags, seed)
+
+
+def private_sample(
+    model: ModelRef, corpus: str, n: int, seed: int, min_tokens: int, max_tokens: int, check_labels: bool = True
+) -> Sample:
+    """``n`` seeded private-split texts of ``corpus``, length-selected under the model's tokenizer; a classify
+    model must have room for every label of the corpus."""
     loaded = load_model(model)
     data = load_corpus(corpus)
-    if model.task == "classify" and len(data.label_names) > model.num_labels:
+    if check_labels and model.task == "classify" and len(data.label_names) > model.num_labels:
         raise LeaklabError(
             f"corpus '{corpus}' has {len(data.label_names)} labels but the model has {model.num_labels}; "
             f"pass --num-labels {len(data.label_names)}"
         )
-    sample = sample_texts(data, loaded.tokenizer, batch_size, seed, min_tokens, max_tokens)
-    obs, secret = fedsgd_update(model, sample.texts, sample.labels, flags, seed)
-    return obs, secret
+    return sample_texts(data, loaded.tokenizer, n, seed, min_tokens, max_tokens)

@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from leaklab.corpora import load_corpus, sample_texts
 from leaklab.errors import LeaklabError, UnknownNameError
 from leaklab.models.registry import ModelRef, load_model
 from leaklab.threat.fedavg import fedavg_update
-from leaklab.threat.fedsgd import fedsgd_update
+from leaklab.threat.fedsgd import fedsgd_update, private_sample
 from leaklab.threat.local import ClientHook, TextObjective, client_step, package, text_batch
 from leaklab.threat.lora import LoraSpec, lora_update
 from leaklab.threat.observation import SETTINGS, Observation, Secret, ThreatFlags
@@ -125,14 +124,7 @@ def sample_update(
     """Draw the private texts from ``corpus`` (private split, seeded; distinct across secagg clients) and
     compute the setting's update; ``batch_size`` is per client (pairs for dpo/reward)."""
     check_options(setting, options)
-    loaded = load_model(model)
-    data = load_corpus(corpus)
     inner = str(options.get("inner", "fedsgd")) if setting == "secagg" else setting
-    if model.task == "classify" and inner != "reward" and len(data.label_names) > model.num_labels:
-        raise LeaklabError(
-            f"corpus '{corpus}' has {len(data.label_names)} labels but the model has {model.num_labels}; "
-            f"pass --num-labels {len(data.label_names)}"
-        )
     n = texts_per_batch(setting, batch_size, options)
-    sample = sample_texts(data, loaded.tokenizer, n, seed, min_tokens, max_tokens)
+    sample = private_sample(model, corpus, n, seed, min_tokens, max_tokens, check_labels=inner != "reward")
     return make_update(setting, model, sample.texts, sample.labels, flags, seed, hooks, **options)
