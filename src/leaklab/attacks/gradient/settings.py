@@ -82,34 +82,38 @@ def fedsgd_view(obs: Observation) -> tuple[Observation, dict[str, Any]]:
     return view, info
 
 
-def denoise_deltas(obs: Observation, grads: dict[str, torch.Tensor], scale: float) -> dict[str, int]:
-    """Truncate the span layers' rescaled deltas at the float32 round-off level of θ_k = θ₀ − Δ.
+def denoise_deltas(obs: Observation, grads: dict[str, torch.Tensor], scale: float) -> dict[int, int]:
+    """Truncate each span layer's rescaled (Q, K, V) deltas jointly at the float32 round-off of θ_k = θ₀ − Δ.
 
-    Δ/(kη) carries the rounding error of storing θ_k, entries of std ≈ ulp(θ_k)/√12 divided by kη: a dense
-    full-rank matrix E with ‖E‖₂ ≈ std·(√m + √n). Singular values below 3‖E‖₂ are dropped (rank per tensor
-    returned); without this a small learning rate makes every delta full rank.
+    Δ/(kη) carries the rounding error of storing θ_k: entries of std σ ≈ ulp(θ_k)/(√12·kη), a dense full-rank
+    matrix. Each block is whitened by its σ and the blocks are stacked; right singular vectors whose singular
+    value exceeds 3(√M + √d) (the noise's spectral-norm scale) span the inputs, and every block is projected
+    onto them (rank per layer returned). Without this a small learning rate makes every delta full rank.
     """
     loaded = load_model(obs.model)
     params = dict(loaded.model.named_parameters())
     ranks = {}
     for layer in SPAN_LAYERS:
-        for _, p in loaded.adapter.projections[layer]:
-            if p.param not in grads or p.param not in params or p.param in ranks:
-                continue
-            theta = params[p.param].detach() - grads[p.param] * scale
+        names = [p.param for _, p in loaded.adapter.projections[layer]]
+        names = [n for i, n in enumerate(names) if n in grads and n in params and n not in names[:i]]
+        if not names:
+            continue
+        transposed = {p.param: p.transposed for _, p in loaded.adapter.projections[layer]}
+        blocks = []
+        for n in names:
+            theta = params[n].detach() - grads[n] * scale
             ulp = (torch.nextafter(theta, torch.full_like(theta, float("inf"))) - theta).double()
-            g = grads[p.param].double()
-            level = (
-                3.0
-                * float(ulp.pow(2).mean().sqrt())
-                / 12**0.5
-                / scale
-                * (g.shape[0] ** 0.5 + g.shape[1] ** 0.5)
-            )
-            u, sv, vh = torch.linalg.svd(g, full_matrices=False)
-            k = int((sv > level).sum())
-            grads[p.param] = ((u[:, :k] * sv[:k]) @ vh[:k]).float()
-            ranks[p.param] = k
+            sigma = float(ulp.pow(2).mean().sqrt()) / 12**0.5 / scale
+            g = grads[n].double()
+            blocks.append((g.t() if transposed[n] else g) / sigma)
+        stack = torch.cat(blocks)
+        _, sv, vh = torch.linalg.svd(stack, full_matrices=False)
+        k = int((sv > 3.0 * (stack.shape[0] ** 0.5 + stack.shape[1] ** 0.5)).sum())
+        proj = vh[:k].T @ vh[:k]
+        for n in names:
+            g = grads[n].double()
+            grads[n] = ((g.t() @ proj).t() if transposed[n] else g @ proj).float()
+        ranks[layer] = k
     return ranks
 
 

@@ -1,6 +1,7 @@
 """Token-set leak for tied embeddings: rows of the embedding gradient the softmax term cannot explain.
 
-With the LM head tied to the input embedding E, ∂L/∂E[v] = Σ_t (p_t(v) − 1[y_t = v]) h_t + Σ_{t: x_t = v} ∂L/∂e_t.
+With the LM head tied to the input embedding E,
+∂L/∂E[v] = Σ_t (p_t(v) − 1[y_t = v]) h_t + Σ_{t: x_t = v} ∂L/∂e_t.
 The softmax/target part of every row lies in S = span{h_t} (n dims); the input path adds a component
 outside S only for tokens that occurred as inputs. So every vocabulary row is non-zero (the plain non-zero
 test of :mod:`tokenset` returns the whole vocabulary), but estimating S from the bulk of rows (all but the
