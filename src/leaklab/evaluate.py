@@ -9,13 +9,13 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from leaklab.attacks.base import make_attack, run_attack
 from leaklab.errors import LeaklabError
 from leaklab.metrics import score_batch
 from leaklab.models import ModelRef, load_model
+from leaklab.progress import step_progress
 from leaklab.report import new_run_dir
 from leaklab.threat import ThreatFlags, client_update, load_secret, load_update
 from leaklab.threat.observation import Observation, Secret
@@ -72,14 +72,7 @@ def run_gradient_eval(
     }
     run.write_config(config)
     items: list[dict[str, Any]] = []
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
+    with step_progress(console) as bar:
         task_id = bar.add_task(f"{attack} on {model}, B={batch_size}", total=batches)
         for i in range(batches):
             t0 = time.perf_counter()

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from leaklab.attacks.base import Recovery, make_attack, run_attack
 from leaklab.defenses import defended_update, make_defense
@@ -25,6 +24,7 @@ from leaklab.errors import LeaklabError
 from leaklab.evaluate import score_recovery
 from leaklab.io import atomic_write, atomic_write_json, atomic_write_text
 from leaklab.models import ModelRef, load_model
+from leaklab.progress import step_progress
 from leaklab.report.run import environment
 from leaklab.threat import ThreatFlags
 
@@ -121,13 +121,7 @@ def sweep(
     atk = make_attack(attack, **(attack_options or {}))
     load_model(ref)
     rows = []
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
+    with step_progress(console) as bar:
         task = bar.add_task(f"{defense} sweep", total=len(points) * batches)
         for value, defs in points:
             done = []

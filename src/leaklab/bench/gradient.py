@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from leaklab.attacks.base import make_attack, run_attack
 from leaklab.evaluate import score_recovery
 from leaklab.io import atomic_write_json, atomic_write_text
 from leaklab.models import ModelRef, load_model
+from leaklab.progress import step_progress
 from leaklab.report.run import environment
 from leaklab.threat import ThreatFlags, client_update
 
@@ -66,13 +66,7 @@ def run_cell(
     atks = {a: make_attack(a) for a in attacks}
     per_attack: dict[str, list[dict[str, Any]]] = {a: [] for a in attacks}
     grad_seconds: list[float] = []
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
+    with step_progress(console) as bar:
         task = bar.add_task(f"{regime.name} B={batch_size}", total=batches * len(attacks))
         for i in range(batches):
             t0 = time.perf_counter()
