@@ -400,3 +400,12 @@ def random_rotation(dim: int, seed: int) -> np.ndarray:
     from scipy.stats import special_ortho_group
 
     return special_ortho_group.rvs(dim, random_state=seed).astype(np.float32)
+
+
+def check_pairs(texts: Sequence[str], vectors: Any, dim: int) -> tuple[list[str], np.ndarray]:
+    """Training pairs: non-empty texts, finite ``dim``-wide vectors, one vector per text."""
+    texts = check_texts(texts, "training corpus")
+    vecs = check_vectors(vectors, dim, "training vectors")
+    if len(texts) != len(vecs):
+        raise LeaklabError(f"{len(texts)} training texts but {len(vecs)} vectors")
+    return texts, vecs

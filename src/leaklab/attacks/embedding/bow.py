@@ -31,7 +31,7 @@ from leaklab.attacks.embedding.registry import (
     save_inverter,
     victim_targets,
 )
-from leaklab.encoders import check_texts, check_vectors
+from leaklab.encoders import check_pairs, check_vectors
 from leaklab.errors import LeaklabError
 from leaklab.metrics.embedding import score_inversion, word_prf, words
 
@@ -92,10 +92,8 @@ class BagOfWordsInverter:
         seed: int = 0,
     ) -> dict[str, Any]:
         """Train on public pairs (10% held out to choose the threshold); stops at ``epochs`` or ``seconds``."""
-        texts = check_texts(texts, "training corpus")
-        x = torch.from_numpy(check_vectors(vectors, self.dim, "training vectors"))
-        if len(texts) != len(x):
-            raise LeaklabError(f"{len(texts)} training texts but {len(x)} vectors")
+        texts, pair_vectors = check_pairs(texts, vectors, self.dim)
+        x = torch.from_numpy(pair_vectors)
         y = self._targets(texts)
         gen = torch.Generator().manual_seed(seed)
         perm = torch.randperm(len(x), generator=gen)

@@ -30,7 +30,7 @@ from leaklab.attacks.embedding.registry import (
     save_inverter,
     victim_targets,
 )
-from leaklab.encoders import Encoder, check_texts, check_vectors
+from leaklab.encoders import Encoder, check_pairs, check_vectors
 from leaklab.errors import LeaklabError
 from leaklab.metrics.embedding import cosine_rows, score_inversion
 
@@ -101,10 +101,8 @@ class DecoderInverter:
         seed: int = 0,
     ) -> dict[str, Any]:
         """Teacher-forced cross-entropy on public pairs, length-bucketed batches; stops at ``seconds``."""
-        texts = check_texts(texts, "training corpus")
-        v = torch.from_numpy(check_vectors(vectors, self.dim, "training vectors"))
-        if len(texts) != len(v):
-            raise LeaklabError(f"{len(texts)} training texts but {len(v)} vectors")
+        texts, pair_vectors = check_pairs(texts, vectors, self.dim)
+        v = torch.from_numpy(pair_vectors)
         seqs = self.encode(texts)
         order = np.argsort([len(s) for s in seqs], kind="stable")
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
