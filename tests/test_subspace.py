@@ -3,10 +3,14 @@
 import pytest
 import torch
 
+from leaklab.attacks.gradient.extend import RopeExtender
 from leaklab.attacks.gradient.subspace import (
+    Subspace,
     attention_subspace,
     extension_inputs,
+    mlp_subspace,
     numerical_rank,
+    pair_module_inputs,
     row_space,
     sequence_inputs,
     span_distance,
@@ -36,7 +40,7 @@ def test_span_distance_matches_lstsq_reference():
     torch.manual_seed(1)
     x_in = torch.randn(6, 32, dtype=torch.float64)
     grad = torch.randn(50, 6, dtype=torch.float64) @ x_in  # rows span the 6 inputs
-    basis, _ = row_space([grad.float()])
+    basis, _, _ = row_space([grad.float()])
     assert basis.shape[0] == 6
     probes = torch.cat([x_in, torch.randn(5, 32, dtype=torch.float64)])
     fast = span_distance(probes, basis)
@@ -86,3 +90,52 @@ def test_cached_extensions_equal_full_forward(name):
     full = torch.cat([pre.repeat_interleave(4, 0), toks.repeat(3).view(-1, 1)], 1)
     ref = sequence_inputs(ad, full, 1)[:, -1].view(3, 4, -1)
     torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_complement_distance_matches_basis_distance_and_capping():
+    """Subspace.distance through the orthogonal complement equals the direct residual, capped or not."""
+    torch.manual_seed(3)
+    x_in = torch.randn(20, 24, dtype=torch.float64)
+    grad = torch.randn(60, 20, dtype=torch.float64) @ x_in
+    basis, s, comp = row_space([grad.float()])
+    assert basis.shape[0] == 20 and comp is not None and comp.shape[0] == 4
+    sub = Subspace(basis, s, 0, comp)
+    probes = torch.cat([x_in, torch.randn(7, 24, dtype=torch.float64)])
+    torch.testing.assert_close(sub.distance(probes), span_distance(probes, basis), atol=1e-9, rtol=0)
+    cut = sub.capped(12)
+    assert cut.rank == 12 and cut.complement.shape[0] == 12
+    torch.testing.assert_close(cut.distance(probes), span_distance(probes, basis[:12]), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize(("name", "n_proj"), [("tiny-llama", 2), ("tiny-gpt2", 1)])
+def test_mlp_subspace_contains_the_post_attention_states(name, n_proj):
+    """Layer-1 MLP input gradients span the post-attention hidden states of the batch (brute force)."""
+    loaded = load_model(name)
+    ad = loaded.adapter
+    mlp = ad.mlp_inputs(0)
+    assert len(mlp.projections) == n_proj
+    obs, secret = fedsgd_update(ModelRef(name), TEXTS)
+    sub = mlp_subspace(obs, ad, 0)
+    inside, outside = [], []
+    for ids in secret.token_ids:
+        (z,) = ad.module_inputs(torch.tensor([ids]), [mlp.module])
+        inside.append(z[0, :-1])  # the last position feeds no loss
+        other = torch.tensor([list(reversed(ids))])
+        (zo,) = ad.module_inputs(other, [mlp.module])
+        outside.append(zo[0, 1:-1])
+    assert sub.distance(torch.cat(inside)).max() < 1e-4
+    assert sub.distance(torch.cat(outside)).min() > 1e-2
+
+
+def test_fast_rope_extension_equals_the_generic_forward():
+    loaded = load_model("tiny-llama")
+    ad = loaded.adapter
+    tokens = torch.arange(500, 560)
+    ext = RopeExtender.build(ad, tokens)
+    assert ext is not None
+    prefixes = torch.tensor([[11, 12, 13, 14], [400, 401, 402, 403]])
+    fast = ext.all_pairs(prefixes).reshape(-1, ad.hidden_size)
+    rows = torch.arange(2).repeat_interleave(tokens.numel())
+    (slow,) = pair_module_inputs(ad, prefixes, rows, tokens.repeat(2), [ad.mlp_inputs(0).module], 1)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+    assert RopeExtender.build(load_model("tiny-gpt2").adapter, tokens) is None  # learned positions: generic path

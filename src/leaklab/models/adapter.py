@@ -20,6 +20,8 @@ _Q_NAMES = ("q_proj", "query", "q_lin", "wq")
 _K_NAMES = ("k_proj", "key", "k_lin", "wk")
 _V_NAMES = ("v_proj", "value", "v_lin", "wv")
 _FUSED_NAMES = ("c_attn", "qkv_proj", "Wqkv", "query_key_value", "qkv")
+#: the MLP's input-side linear maps (what multiplies the post-attention hidden state)
+_MLP_IN_NAMES = ("gate_proj", "up_proj", "c_fc", "fc1", "w1", "w3", "dense_h_to_4h")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,15 @@ class LayerProjections:
 
     def __iter__(self):
         return iter((("q", self.q), ("k", self.k), ("v", self.v)))
+
+
+@dataclass(frozen=True)
+class MlpInputs:
+    """The input-side linear maps of one layer's MLP; all multiply the same post-attention hidden state."""
+
+    layer: int
+    projections: tuple[Projection, ...]
+    module: str  # a module whose input is that hidden state
 
 
 class _StopForward(Exception):
@@ -105,7 +116,55 @@ class FamilyAdapter:
             projs.append(Projection(f"{name}.weight", (0, out), transposed))
         return LayerProjections(layer, *projs, module=found["q"][0])
 
+    def mlp_inputs(self, layer: int) -> MlpInputs:
+        """The MLP input projections of ``layer`` (Llama gate/up, GPT-2 c_fc, BERT intermediate.dense)."""
+        block = self.blocks[layer]
+        prefix = f"{self.blocks_name}.{layer}"
+        found: list[tuple[str, nn.Module]] = []
+        for name, mod in block.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            weight = getattr(mod, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                continue
+            if leaf in _MLP_IN_NAMES or name.endswith("intermediate.dense"):
+                found.append((f"{prefix}.{name}", mod))
+        if not found:
+            raise LeaklabError(f"cannot find the MLP input projection in block {prefix} ({type(block).__name__})")
+        projs = []
+        for name, mod in found:
+            transposed = type(mod).__name__ == "Conv1D"
+            out = mod.weight.shape[1] if transposed else mod.weight.shape[0]
+            projs.append(Projection(f"{name}.weight", (0, out), transposed))
+        return MlpInputs(layer, tuple(projs), module=found[0][0])
+
     # ---------------------------------------------------------------- capture
+    def module_inputs(self, input_ids: torch.Tensor, modules: list[str], **model_kwargs) -> list[torch.Tensor]:
+        """Inputs of ``modules`` (listed in forward order) in one forward pass that stops after the last."""
+        captured: dict[int, torch.Tensor] = {}
+        handles = []
+
+        def make_hook(i: int):
+            def hook(_mod, args):
+                captured[i] = args[0].detach()
+                if i == len(modules) - 1:
+                    raise _StopForward
+
+            return hook
+
+        for i, name in enumerate(modules):
+            handles.append(self.model.get_submodule(name).register_forward_pre_hook(make_hook(i)))
+        try:
+            self.model(input_ids=input_ids, **model_kwargs)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if len(captured) != len(modules):
+            missing = [m for i, m in enumerate(modules) if i not in captured]
+            raise LeaklabError(f"the forward pass did not reach {missing}")
+        return [captured[i] for i in range(len(modules))]
+
     @torch.no_grad()
     def layer_inputs(
         self,

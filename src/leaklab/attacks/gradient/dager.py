@@ -25,7 +25,6 @@ import torch
 
 from leaklab.attacks.base import Recovery, register_gradient_attack
 from leaklab.attacks.gradient.subspace import (
-    Subspace,
     attention_subspace,
     extension_inputs,
     sequence_inputs,
@@ -71,13 +70,17 @@ class SpanModel:
         self.adapter = self.loaded.adapter
         self.sub1 = attention_subspace(obs, self.adapter, 0)
         self.sub2 = attention_subspace(obs, self.adapter, 1)
-        self.full_rank = self.sub1.full or self.sub2.full
+        self.l1_exact, self.l2_exact = not self.sub1.full, not self.sub2.full
+        self.full_rank = not (self.l1_exact and self.l2_exact)
         self.vocab = torch.arange(self.adapter.embeddings.num_embeddings)
         self._dist1: dict[int, torch.Tensor] = {}
-        if self.full_rank:
-            cap = self.adapter.hidden_size - RANK_CUTOFF
-            self.sub1 = Subspace(self.sub1.basis[:cap], self.sub1.singular_values, 0)
-            self.sub2 = Subspace(self.sub2.basis[:cap], self.sub2.singular_values, 1)
+        # a full-rank span check separates nothing: rank-cap it (DAGER's best effort); a RoPE model's layer-1
+        # inputs depend on the token alone, so layer 1 often stays exact while layer 2 is full
+        cap = self.adapter.hidden_size - RANK_CUTOFF
+        if self.sub1.full:
+            self.sub1 = self.sub1.capped(cap)
+        if self.sub2.full:
+            self.sub2 = self.sub2.capped(cap)
 
     @property
     def causal(self) -> bool:
@@ -189,7 +192,7 @@ def best_effort_decoder(spans: SpanModel, n_sentences: int, opts: DagerOptions) 
     for p in range(1, limit):
         if not bool(alive.any()):
             break
-        cand = spans.candidates(p, 0.0, topk=topk)
+        cand = spans.candidates(p, opts.tau1) if spans.l1_exact else spans.candidates(p, 0.0, topk=topk)
         dist = spans.extension_distances(frontier, cand, opts.chunk)[0]
         best, arg = dist.min(dim=1)
         past = torch.tensor(hist, dtype=torch.float64)
@@ -305,13 +308,13 @@ def last_token_scores(spans: SpanModel, prefixes: list[list[int]]) -> torch.Tens
     captured: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
     try:
-        logits = model(input_ids=ids, attention_mask=mask).logits.double()
+        for s in range(0, len(prefixes), 8):  # bounded memory: logits are (rows, width, V)
+            model(input_ids=ids[s : s + 8], attention_mask=mask[s : s + 8])
     finally:
         handle.remove()
-    h = captured[0].double()  # (B, width, d)
+    h = torch.cat(captured).double()  # (B, width, d)
     n_targets = int(mask.sum())  # Σ_b (len_b + 1 − 1)
     flat_h = h[mask.bool()]  # (n, d)
-    flat_p = torch.softmax(logits, dim=-1)[mask.bool()]  # (n, V)
     targets = torch.full((len(prefixes), width), -1, dtype=torch.long)
     targets[:, :-1] = ids[:, 1:]
     targets[mask == 0] = -1
@@ -319,14 +322,14 @@ def last_token_scores(spans: SpanModel, prefixes: list[list[int]]) -> torch.Tens
         targets[i, len(p) - 1] = -1
     flat_y = targets[mask.bool()]
     has_y = flat_y >= 0
-    out = []
-    for i, p in enumerate(prefixes):
-        hb = h[i, len(p) - 1]
-        gram = flat_h @ hb  # ⟨h_t, h_b⟩
-        known = flat_p.T @ gram  # Σ_t p_t(v) ⟨h_t, h_b⟩
-        known.index_add_(0, flat_y[has_y], -gram[has_y])
-        out.append(-(grad @ hb - known / n_targets))
-    return torch.stack(out)
+    last = torch.stack([h[i, len(p) - 1] for i, p in enumerate(prefixes)])  # (B, d)
+    gram = flat_h @ last.T  # (n, B): ⟨h_t, h_b⟩
+    known = torch.zeros(grad.shape[0], len(prefixes), dtype=torch.float64)  # Σ_t p_t(v) ⟨h_t, h_b⟩
+    for s in range(0, flat_h.shape[0], 512):
+        probs = torch.softmax(head(flat_h[s : s + 512].to(head.weight.dtype)).double(), dim=-1)  # (chunk, V)
+        known += probs.T @ gram[s : s + 512]
+    known.index_add_(0, flat_y[has_y], -gram[has_y])
+    return -(grad @ last.T - known / n_targets).T  # (B, V)
 
 
 def assemble(found: list[Found], n_out: int | None) -> list[Found]:

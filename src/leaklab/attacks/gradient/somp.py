@@ -44,8 +44,16 @@ from leaklab.attacks.gradient.dictionary import (
     signal_params,
     sketch_index,
 )
+from leaklab.attacks.gradient.extend import RopeExtender
 from leaklab.attacks.gradient.omp import omp, refine_swaps
-from leaklab.attacks.gradient.subspace import pair_inputs, single_thread
+from leaklab.attacks.gradient.subspace import (
+    Subspace,
+    attention_subspace,
+    mlp_subspace,
+    pair_inputs,
+    pair_module_inputs,
+    single_thread,
+)
 from leaklab.threat.observation import Observation
 
 
@@ -54,9 +62,14 @@ class SompOptions:
     tau1: float = 1e-3
     tau2: float = 1e-3
     max_len: int = 160
-    shortlist: int = 24  # pool tokens tried per prefix and step (full-rank regime)
+    shortlist: int = 8  # extensions per prefix re-scored with the layer-2 check (full-rank regime)
+    rank_cut: int = 12  # singular directions dropped from a full-rank span (full-rank regime)
+    beam: int = 6  # prefixes kept per start token (full-rank regime)
+    end_z: float = 6.5  # a prefix ends where its best extension is less of an outlier than this (robust z)
+    stop_z: float = 4.0  # ... and stops growing below this (in between: emitted and grown)
+    budget_s: float = 900.0  # decoding time limit; prefixes still open then are closed as they stand
     beta: float = 1.0  # weight of the output-gradient alignment against the layer-2 distance
-    starts_factor: int = 2  # first tokens decoded per expected text (full-rank regime)
+    starts_factor: float = 1.5  # first tokens decoded per expected text (full-rank regime)
     common_dirs: int = 8  # leading directions of the output gradient projected out before alignment
     last_alternatives: int = 6  # candidate last tokens per text, left for OMP to choose between
     omp_tol: float = 1e-3
@@ -206,6 +219,130 @@ def guided_decode(spans: SpanModel, guide: OutputGuide, n_texts: int, opts: Somp
     return done
 
 
+class FullRankChecks:
+    """Two prefix-dependent span checks at an extension's new position, for when T > d: the layer-1 MLP input
+    (post-attention hidden state; reached without running the MLP, so it scores every extension cheaply) and
+    the layer-2 attention input (re-scores a shortlist). Full-rank spans are rank-capped, which no longer
+    decides membership but still ranks the batch's extensions first; the score is Σ log distance."""
+
+    def __init__(self, spans: SpanModel, tokens: torch.Tensor, cut: int) -> None:
+        ad = spans.adapter
+        self.adapter = ad
+        self.tokens = tokens
+        self.mlp = self._capped(mlp_subspace(spans.obs, ad, 0), cut)
+        self.att = self._capped(attention_subspace(spans.obs, ad, 1), cut)
+        self.mlp_module = ad.mlp_inputs(0).module
+        self.att_module = ad.projections[1].module
+        self.fast = RopeExtender.build(ad, tokens)
+
+    @staticmethod
+    def _capped(sub: Subspace, cut: int) -> Subspace:
+        return sub.capped(sub.dim - cut) if sub.full else sub
+
+    def cheap(self, prefixes: torch.Tensor, chunk: int) -> torch.Tensor:
+        """(n, m) log distance of the MLP input of every prefix + every token."""
+        n, m = prefixes.shape[0], self.tokens.numel()
+        if self.fast is not None:
+            x = self.fast.all_pairs(prefixes, chunk).view(n * m, -1)
+        else:
+            rows = torch.arange(n).repeat_interleave(m)
+            (x,) = pair_module_inputs(self.adapter, prefixes, rows, self.tokens.repeat(n), [self.mlp_module], 1, chunk)
+        return self.mlp.distance(x).clamp_min(1e-12).log().view(n, m)
+
+    def full(self, prefixes: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
+        xm, xa = pair_module_inputs(self.adapter, prefixes, rows, tokens, [self.mlp_module, self.att_module], 1, chunk)
+        return self.mlp.distance(xm).clamp_min(1e-12).log() + self.att.distance(xa).clamp_min(1e-12).log()
+
+
+def _loops(seqs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(n, m) True where appending tokens[j] to seqs[i] starts a loop: it repeats a trigram already in seqs[i],
+    or extends a run of one token ("A A" gives the input of "A": under RoPE attention over identical tokens
+    reproduces the same layer inputs, so the span checks cannot stop a loop)."""
+    out = torch.zeros(seqs.shape[0], tokens.numel(), dtype=torch.bool)
+    col = {int(t): j for j, t in enumerate(tokens.tolist())}
+    for i, row in enumerate(seqs.tolist()):
+        if len(set(row)) == 1 and row[0] in col:
+            out[i, col[row[0]]] = True
+    if seqs.shape[1] < 3:
+        return out
+    for i, row in enumerate(seqs.tolist()):
+        last = (row[-2], row[-1])
+        for a, b, c in zip(row, row[1:], row[2:], strict=False):
+            if (a, b) == last and c in col:
+                out[i, col[c]] = True
+    return out
+
+
+def robust_z(scores: torch.Tensor) -> torch.Tensor:
+    """(n, m) → (n, m): how far below each row's median a score lies, in units of the row's MAD."""
+    med = scores.median(dim=1, keepdim=True).values
+    mad = (scores - med).abs().median(dim=1, keepdim=True).values.clamp_min(1e-9)
+    return (med - scores) / mad
+
+
+def span_beam_decode(spans: SpanModel, tokens: torch.Tensor, n_texts: int, opts: SompOptions) -> list[Found]:
+    """Full-rank regime decoding (stage 2): from the start tokens that best pass the checks at position 0,
+    grow every prefix by the extensions among ``tokens`` that stand out (cheap check over all, both checks
+    over a shortlist): the best one, and every other that is as much of an outlier (texts sharing a prefix),
+    at most ``beam`` prefixes per start token. A prefix ends where its best extension stops standing out
+    (the next-token task's last token reaches no attention gradient; it is added afterwards); in the
+    ambiguous band between ``stop_z`` and ``end_z`` it is both emitted and continued, for OMP to decide."""
+    import time
+
+    checks = FullRankChecks(spans, tokens, opts.rank_cut)
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    zeros = torch.zeros(tokens.numel(), dtype=torch.long)
+    first = checks.full(empty, zeros, tokens, opts.chunk)
+    n_starts = min(tokens.numel(), max(1, round(opts.starts_factor * n_texts)))
+    order = torch.argsort(first)[:n_starts]
+    seqs = tokens[order].view(-1, 1)
+    group = torch.arange(n_starts)
+    total = first[order].clone()  # Σ score so far
+    done: list[Found] = []
+    limit = min(opts.max_len, spans.max_position())
+    t_end = time.perf_counter() + opts.budget_s
+    k = min(opts.shortlist, tokens.numel())
+    for p in range(1, limit + 1):
+        if seqs.shape[0] == 0:
+            break
+        n = seqs.shape[0]
+        cheap = checks.cheap(seqs, opts.chunk)
+        cheap = cheap.masked_fill(_loops(seqs, tokens), 0.0)  # log distance 0 = distance 1: never chosen
+        z = robust_z(cheap)
+        short = torch.topk(cheap, k, dim=1, largest=False).indices  # (n, k)
+        rows = torch.arange(n).repeat_interleave(k)
+        both = checks.full(seqs, rows, tokens[short].flatten(), opts.chunk).view(n, k)
+        rank = torch.argsort(both, dim=1)
+        z_short = z.gather(1, short.gather(1, rank))  # robust z of the shortlist, best (by both checks) first
+        last_step = time.perf_counter() > t_end or p == limit
+        emit = (z_short[:, 0] < opts.end_z) | last_step
+        stop = (z_short[:, 0] < opts.stop_z) | last_step
+        for i in torch.nonzero(emit).flatten().tolist():
+            done.append(Found(seqs[i].tolist(), float(total[i]) / p, exact=False))
+            if bool(stop[i]):  # the second-to-last position (one loss term) is the weakest: also keep it
+                tail = tokens[short[i, rank[i, 0]]].view(1)
+                score = float(total[i] + both[i, rank[i, 0]]) / (p + 1)
+                done.append(Found([*seqs[i].tolist(), int(tail)], score, exact=False))
+        children: dict[int, list[tuple[float, torch.Tensor, torch.Tensor]]] = {}
+        for i in torch.nonzero(~stop).flatten().tolist():
+            for j in range(k):
+                if j > 0 and z_short[i, j] < opts.end_z:
+                    break
+                tok = tokens[short[i, rank[i, j]]]
+                score = total[i] + both[i, rank[i, j]]
+                children.setdefault(int(group[i]), []).append((float(score), torch.cat([seqs[i], tok.view(1)]), score))
+        nxt, nxt_group, nxt_total = [], [], []
+        for g, kids in children.items():
+            for _, seq, score in sorted(kids, key=lambda c: c[0])[: opts.beam]:
+                nxt.append(seq)
+                nxt_group.append(g)
+                nxt_total.append(score)
+        if not nxt:
+            break
+        seqs, group, total = torch.stack(nxt), torch.tensor(nxt_group), torch.stack(nxt_total)
+    return done
+
+
 def dedupe(found: list[Found]) -> list[Found]:
     return assemble(found, None)
 
@@ -270,15 +407,26 @@ class SompAttack:
     def __init__(self, **options) -> None:
         self.opts = SompOptions(**options)
 
+    def token_set(self, spans: SpanModel) -> torch.Tensor:
+        """The batch's tokens: exact from layer 1 while its span is not full, else the largest rows of the
+        output-embedding gradient (progressive narrowing)."""
+        if spans.l1_exact:
+            return spans.candidates(0, self.opts.tau1)
+        guide = OutputGuide(spans, self.opts.common_dirs)
+        size = 2 * spans.adapter.hidden_size
+        return guide.pool(size) if guide.available else spans.candidates(0, 0.0, topk=size)
+
     def run(self, obs: Observation) -> Recovery:
         spans, n_known, info = start_attack(obs)
         dopts = DagerOptions(tau1=self.opts.tau1, tau2=self.opts.tau2, max_len=self.opts.max_len)
         if spans.causal and not spans.full_rank:
             found = with_last_alternatives(spans, dedupe(decoder_search(spans, dopts)), self.opts.last_alternatives)
         elif spans.causal:
-            guide = OutputGuide(spans, self.opts.common_dirs)
             n_texts = n_known or max(1, spans.adapter.hidden_size // 16)
-            found = dedupe(guided_decode(spans, guide, n_texts, self.opts)) if guide.available else []
+            tokens = self.token_set(spans)
+            info["token_set"] = int(tokens.numel())
+            found = dedupe(span_beam_decode(spans, tokens, n_texts, self.opts))
+            found = with_last_alternatives(spans, found, self.opts.last_alternatives)
         else:
             found = dedupe(encoder_search(spans, n_known or 1, dopts))
         info["candidates"] = len(found)

@@ -36,6 +36,7 @@ class Subspace:
     basis: torch.Tensor  # (r, d)
     singular_values: torch.Tensor  # all singular values of the stacked, scaled gradient (descending)
     layer: int
+    complement: torch.Tensor | None = None  # (d − r, d) orthonormal basis of the orthogonal complement
 
     @property
     def rank(self) -> int:
@@ -50,8 +51,19 @@ class Subspace:
         """True when the gradient has (numerically) full rank: the span check no longer separates tokens."""
         return self.rank >= self.dim
 
+    def capped(self, rank: int) -> Subspace:
+        """The span of the leading ``rank`` directions (DAGER's best effort once the span is full)."""
+        rows = torch.cat([self.basis, self.complement]) if self.complement is not None else self.basis
+        rest = rows[rank:] if rows.shape[0] == self.dim else None
+        return Subspace(rows[:rank], self.singular_values, self.layer, rest)
+
     def distance(self, x: torch.Tensor) -> torch.Tensor:
-        """dist(x) = ‖(I − RᵀR) x̂‖ for each row x of ``x``."""
+        """dist(x) = ‖(I − RᵀR) x̂‖ for each row x of ``x`` (via the complement when it is the smaller side)."""
+        if self.complement is not None and self.complement.shape[0] < self.rank:
+            xh = x.detach().double()
+            norm = xh.norm(dim=-1)
+            dist = (xh @ self.complement.T).norm(dim=-1) / norm.clamp_min(1e-300)
+            return torch.where(norm > 0, dist, torch.ones_like(dist))
         return span_distance(x, self.basis)
 
 
@@ -75,9 +87,12 @@ def numerical_rank(singular_values: torch.Tensor, noise_floor: float = NOISE_FLO
     return int((s > noise_floor * 1e-3).sum())
 
 
-def row_space(blocks: Sequence[torch.Tensor], max_rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def row_space(
+    blocks: Sequence[torch.Tensor], max_rank: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Orthonormal basis R (r x d) of the joint row space of ``blocks`` (each (out_i x d)), with σ of the
-    stack. Each block is scaled to unit Frobenius norm before stacking (float64)."""
+    stack and a basis of the orthogonal complement (None when the stack has fewer rows than d). Each block
+    is scaled to unit Frobenius norm before stacking (float64)."""
     scaled = []
     for b in blocks:
         b = b.detach().double()  # noqa: PLW2901
@@ -86,14 +101,15 @@ def row_space(blocks: Sequence[torch.Tensor], max_rank: int | None = None) -> tu
             scaled.append(b / size)
     if not scaled:
         d = blocks[0].shape[1]
-        return torch.zeros(0, d, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        return torch.zeros(0, d, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), torch.eye(d).double()
     stack = torch.cat(scaled)
     with single_thread():
         _, s, vh = torch.linalg.svd(stack, full_matrices=False)
     r = numerical_rank(s)
     if max_rank is not None:
         r = min(r, max_rank)
-    return vh[:r].contiguous(), s
+    complement = vh[r:].contiguous() if vh.shape[0] == vh.shape[1] else None
+    return vh[:r].contiguous(), s, complement
 
 
 @contextmanager
@@ -146,8 +162,21 @@ def attention_subspace(
     max_rank: int | None = None,
 ) -> Subspace:
     """Row space of layer ``layer``'s stacked (Q, K, V) attention gradients = span of its inputs."""
-    basis, s = row_space(attention_blocks(obs, adapter, layer, which), max_rank)
-    return Subspace(basis, s, layer)
+    basis, s, complement = row_space(attention_blocks(obs, adapter, layer, which), max_rank)
+    return Subspace(basis, s, layer, complement)
+
+
+def mlp_subspace(obs: Observation, adapter: FamilyAdapter, layer: int, max_rank: int | None = None) -> Subspace:
+    """Row space of layer ``layer``'s MLP input-projection gradients = span of its post-attention hidden
+    states (prefix-dependent, like the next layer's attention inputs, but reached without the MLP)."""
+    mlp = adapter.mlp_inputs(layer)
+    blocks = []
+    for p in mlp.projections:
+        if p.param not in obs.gradients:
+            raise LeaklabError(f"the update has no gradient for '{p.param}' (layer {layer} MLP input)")
+        blocks.append(p.matrix(obs.gradients[p.param]))
+    basis, s, complement = row_space(blocks, max_rank)
+    return Subspace(basis, s, layer, complement)
 
 
 def candidate_inputs(adapter: FamilyAdapter, token_ids: torch.Tensor, position: int = 0) -> torch.Tensor:
@@ -192,24 +221,48 @@ def pair_inputs(
     chunk: int = 2048,
 ) -> torch.Tensor:
     """Input of ``layer``'s attention at the last position of prefixes[rows[k]] + [tokens[k]] (k x d)."""
+    return pair_module_inputs(adapter, prefixes, rows, tokens, [adapter.projections[layer].module], layer, chunk)[0]
+
+
+@torch.no_grad()
+def pair_module_inputs(
+    adapter: FamilyAdapter,
+    prefixes: torch.Tensor,
+    rows: torch.Tensor,
+    tokens: torch.Tensor,
+    modules: list[str],
+    cache_layers: int,
+    chunk: int = 2048,
+) -> list[torch.Tensor]:
+    """Inputs of ``modules`` (forward order) at the last position of prefixes[rows[k]] + [tokens[k]], one
+    (k x d) tensor per module. The prefixes' key/value caches of the first ``cache_layers`` blocks (all the
+    modules need) are computed once; each extension then costs one token's forward pass."""
     from transformers import DynamicCache
 
     p = prefixes.shape[1]
-    out = torch.empty(tokens.numel(), adapter.hidden_size)
+    outs = [torch.empty(tokens.numel(), adapter.hidden_size) for _ in modules]
+
+    def put(s: int, got: list[torch.Tensor]) -> None:
+        for out, g in zip(outs, got, strict=True):
+            out[s : s + g.shape[0]] = g[:, -1]
+
     if p == 0:
         for s in range(0, tokens.numel(), chunk):
             ids = tokens[s : s + chunk].view(-1, 1)
-            out[s : s + ids.shape[0]] = adapter.layer_inputs(ids, layer)[:, 0]
-        return out
+            put(s, adapter.module_inputs(ids, modules, position_ids=torch.zeros_like(ids)))
+        return outs
     cache = DynamicCache()
-    adapter.layer_inputs(prefixes, layer, past_key_values=cache, use_cache=True)
-    kv = [(lay.keys, lay.values) for lay in cache.layers[:layer]]
+    if cache_layers > 0:
+        deepest = adapter.projections[min(cache_layers, adapter.num_layers - 1)].module
+        if cache_layers < adapter.num_layers:
+            adapter.module_inputs(prefixes, [deepest], past_key_values=cache, use_cache=True)
+        else:
+            adapter.model(input_ids=prefixes, past_key_values=cache, use_cache=True)
+    kv = [(lay.keys, lay.values) for lay in cache.layers[:cache_layers]]
     for s in range(0, tokens.numel(), chunk):
         sel_rows = rows[s : s + chunk]
         sel = DynamicCache(ddp_cache_data=[(k.index_select(0, sel_rows), v.index_select(0, sel_rows)) for k, v in kv])
         ids = tokens[s : s + chunk].view(-1, 1)
         pos = torch.full_like(ids, p)
-        out[s : s + ids.shape[0]] = adapter.layer_inputs(
-            ids, layer, position_ids=pos, past_key_values=sel, use_cache=True
-        )[:, 0]
-    return out
+        put(s, adapter.module_inputs(ids, modules, position_ids=pos, past_key_values=sel, use_cache=True))
+    return outs
