@@ -185,6 +185,10 @@ class BagOfWordsInverter:
         """Recovered bag of each vector, as a space-joined string of words (most probable first)."""
         return [" ".join(self._words(p, self.threshold)) for p in self.probabilities(vectors)]
 
+    def top_words(self, vectors: np.ndarray, k: int) -> list[str]:
+        """The ``k`` highest-scoring words of each vector, space-joined."""
+        return [" ".join(self.vocab[i] for i in np.argsort(-p)[:k]) for p in self.probabilities(vectors)]
+
     def save(self, folder: str | Path) -> Path:
         return save_inverter(
             folder,
