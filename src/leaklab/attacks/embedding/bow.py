@@ -215,7 +215,7 @@ class BagOfWordsInverter:
 def train_bow(scn: Scenario, encoder: Any = None) -> tuple[BagOfWordsInverter, dict[str, Any]]:
     """Fit a bag-of-words inverter on the scenario's public pairs through ``encoder`` (default: the victim)."""
     enc = encoder or scn.victim
-    texts, vecs = scn.public_pairs(enc)
+    texts, vecs = scn.public_pairs(enc, extra=option(scn, "extra_corpora", ""))
     inv = BagOfWordsInverter(
         enc.dim, build_vocab(texts, option(scn, "vocab", 5000)), option(scn, "hidden", 0), encoder=enc.name
     )
