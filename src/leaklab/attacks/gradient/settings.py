@@ -220,7 +220,9 @@ def keep_fluent_of_permutations(obs: Observation, rec: Recovery, overlap: float 
     keep: list[int] = []
     for i in order:
         bag = Counter(ids[i])
-        if all(sum((bag & Counter(ids[j])).values()) < overlap * max(len(ids[i]), len(ids[j]), 1) for j in keep):
+        if all(
+            sum((bag & Counter(ids[j])).values()) < overlap * max(len(ids[i]), len(ids[j]), 1) for j in keep
+        ):
             keep.append(i)
     keep.sort()
     return Recovery([rec.texts[i] for i in keep], [ids[i] for i in keep], rec.seconds, rec.info)
