@@ -58,6 +58,8 @@ def test_public_texts_never_private(public):
     corpus = Scenario("tiny-bert").corpus_obj
     private = {t for t in corpus.texts if split_of(t) == "private"}
     assert public and not private & set(public)
+    extra = Scenario("tiny-bert", max_tokens=24).extra_public_texts("chatterbot:english")
+    assert len(extra) > 100 and not private & set(extra) and all(len(t.split()) >= 3 for t in extra)
 
 
 def test_nearest_finds_present_documents(tiny, public):

@@ -26,7 +26,7 @@ FULL: dict[str, dict[str, Any]] = {
     },
     "kb-extract": {
         "n": 200,
-        "options": {"encoder_known": True, "vocab": 3000, "pool": 20, "passes": 2, "candidates": 8, "length": 32},
+        "options": {"encoder_known": True, "vocab": 3000, "pool": 12, "passes": 1, "candidates": 4, "length": 32},
     },
     "kb-extract-blackbox": {"attack": "kb-extract", "n": 200, "options": {"vocab": 3000, "candidates": 60}},
     "clustering": {"n": 200, "options": {"probes": 400}},
