@@ -9,7 +9,7 @@ from leaklab.attacks.embedding.alignment import Alignment, leaked_pairs
 from leaklab.attacks.embedding.bow import BagOfWordsInverter, build_vocab
 from leaklab.attacks.embedding.clustering import ProbeClustering
 from leaklab.attacks.embedding.decoder import DecoderInverter, piece_vocab
-from leaklab.attacks.embedding.kb import HiddenKB, HttpKB, KBExtractor
+from leaklab.attacks.embedding.kb import HiddenKB, HttpKB, KBExtractor, KBVectorRecovery
 from leaklab.attacks.embedding.membership import finetune_simcse, kb_scores
 from leaklab.attacks.embedding.nearest import NearestNeighbour
 from leaklab.attacks.embedding.registry import Scenario, attack_names, get_attack, run_embed_attack
@@ -58,6 +58,8 @@ def test_public_texts_never_private(public):
     corpus = Scenario("tiny-bert").corpus_obj
     private = {t for t in corpus.texts if split_of(t) == "private"}
     assert public and not private & set(public)
+    extra = Scenario("tiny-bert", max_tokens=24).extra_public_texts("chatterbot:english")
+    assert len(extra) > 100 and not private & set(extra) and all(len(t.split()) >= 3 for t in extra)
 
 
 def test_nearest_finds_present_documents(tiny, public):
@@ -102,17 +104,51 @@ def test_decoder_trains_saves_loads_and_corrects(tiny, public, tmp_path):
     assert out == public[:2]
 
 
-def test_whitebox_refinement_never_moves_away(tiny):
-    target = tiny.embed(["too dull to enjoy"])
+def test_whitebox_search_never_moves_away_and_its_fast_paths_match_references(tiny):
+    target = torch.from_numpy(tiny.embed(["too dull to enjoy"]))
     ids = tiny.tokenizer("too dull to enjoy funny sad great movie", add_special_tokens=False)["input_ids"]
-    inv = WhiteBoxInverter(tiny, vocab_ids=ids, length=4, steps=15, refine_rounds=3, candidates=8)
-    z = inv.relax(torch.from_numpy(target))
-    init = inv.vocab[z.argmax(-1)][0].tolist()
-    start_cos = float(inv._cosines([init], torch.from_numpy(target))[0])
-    _, cos = inv.refine(init, torch.from_numpy(target))
-    assert cos >= start_cos - 1e-6
+    inv = WhiteBoxInverter(tiny, vocab_ids=ids, candidates=4, passes=2)
+    start = ids[4:7]
+    seq, cos = inv.search(start, target)
+    assert inv.objective([seq], target)[0] >= inv.objective([start], target)[0] - 1e-6
+    assert cos == pytest.approx(float(inv.cosines([seq], target)[0]), abs=1e-6)
+    # the HotFlip gradient against a central finite difference of the real encoder
+    g = inv.gradient(start, target)
+    direction = torch.randn(len(start), tiny.dim, generator=torch.Generator().manual_seed(0))
+    row = torch.tensor([[inv.cls_id, *start, inv.sep_id]])
+
+    def cos_at(eps: float) -> float:
+        x = inv.emb[row].clone()
+        x[0, 1:-1] += eps * direction
+        return float(torch.nn.functional.cosine_similarity(tiny.forward_embeds(x, torch.ones_like(row)), target))
+
+    fd = (cos_at(1e-3) - cos_at(-1e-3)) / 2e-3
+    assert fd == pytest.approx(float((g * direction).sum()), rel=2e-2, abs=1e-5)
+    # batched proposal scoring equals one-at-a-time scoring
+    props = inv.proposals(start, 1, g, ids[:2])
+    assert start[:1] + start[2:] in props and [start[0], ids[0], *start[1:]] in props
+    single = [inv.cosines([p], target)[0] for p in props[:6]]
+    np.testing.assert_allclose(inv.cosines(props, target)[:6], single, atol=1e-5)
+    with pytest.raises(LeaklabError, match="2 starting texts for 1 vectors"):
+        inv.invert(target.numpy(), ["a", "b"])
+    with pytest.raises(LeaklabError, match="dimension 3 does not match"):
+        inv.invert(np.ones((1, 3)))
     with pytest.raises(LeaklabError, match="white-box access"):
         WhiteBoxInverter(bag_encoder(VOCAB))
+
+
+def test_kb_vector_recovery_matches_the_true_document_vectors(tiny, public):
+    kb = HiddenKB(public[:8], tiny)
+    words = sorted({w for t in public for w in t.lower().split()})
+    rec = KBVectorRecovery(load_encoder("tiny-bert", fresh=True), public[20:220], words, top_k=3, per_round=16)
+    res = rec.run(kb)
+    assert res.adaptive_queries > 0 and min(res.observations.values()) >= tiny.dim + 16
+    assert res.discovery_queries + res.adaptive_queries == kb.queries
+    for i, doc_id in enumerate(kb.ids):  # reference: the index's own (hidden) normalised vectors
+        assert float(res.vectors[doc_id] @ kb._matrix[i]) > 0.999
+        assert res.residual[doc_id] < 1e-5
+    with pytest.raises(LeaklabError, match="probe texts"):
+        KBVectorRecovery(tiny, [], words)
 
 
 def test_procrustes_recovers_a_rotation_exactly():
@@ -191,11 +227,15 @@ def test_membership_kb_scores_and_finetune(tiny):
         ("nearest", {"candidates": 30}),
         ("membership", {"target": "kb"}),
         ("alignment", {"k": "4,8", "inner": "nearest"}),
+        ("whitebox", {"max_tokens": 8, "length": 6, "passes": 1, "vocab": 300}),
+        ("kb-extract", {"encoder_known": True, "vocab": 150, "passes": 1, "candidates": 4}),
     ],
 )
 def test_scenarios_run_on_tiny(name, opts):
     rep = run_embed_attack(name, Scenario("tiny-bert", n=4, max_tokens=24, public_limit=60, options=opts))
     assert rep.attack == name and rep.seconds > 0 and rep.metrics
+    if name == "kb-extract":
+        assert rep.flags["encoder_known"] is True and rep.metrics["discovered"] == 4
 
 
 def test_scenario_errors():

@@ -18,13 +18,17 @@ from leaklab.io import atomic_write, atomic_write_json, atomic_write_text
 FULL: dict[str, dict[str, Any]] = {
     "nearest": {"n": 100, "options": {"candidates": 2000}},
     "bow": {"n": 200, "options": {"train_seconds": 240, "epochs": 60}},
-    "whitebox": {"n": 6, "options": {"max_tokens": 16, "steps": 100, "rounds": 10}},
+    "whitebox": {"n": 30, "options": {"max_tokens": 16, "pool": 20}},
     "decoder": {"n": 30, "options": {"train_seconds": 300, "steps": 2}},
     "alignment": {
         "n": 100,
         "options": {"k": "8,32,128,384,1024", "inner": "nearest,bow", "train_seconds": 90},
     },
-    "kb-extract": {"n": 200, "options": {"vocab": 3000, "candidates": 60}},
+    "kb-extract": {
+        "n": 200,
+        "options": {"encoder_known": True, "vocab": 3000, "pool": 12, "passes": 1, "candidates": 4, "length": 32},
+    },
+    "kb-extract-blackbox": {"attack": "kb-extract", "n": 200, "options": {"vocab": 3000, "candidates": 60}},
     "clustering": {"n": 200, "options": {"probes": 400}},
     "membership": {"n": 200, "options": {"target": "kb"}},
     "membership-encoder": {"n": 100, "options": {"target": "encoder", "epochs": 3}},
@@ -32,10 +36,20 @@ FULL: dict[str, dict[str, Any]] = {
 QUICK: dict[str, dict[str, Any]] = {
     "nearest": {"n": 6, "options": {"candidates": 50}},
     "bow": {"n": 6, "options": {"train_seconds": 5, "epochs": 2}, "public_limit": 300},
-    "whitebox": {"n": 2, "options": {"max_tokens": 8, "length": 6, "steps": 10, "rounds": 1, "vocab": 500}},
+    "whitebox": {"n": 2, "options": {"max_tokens": 8, "length": 6, "passes": 1, "vocab": 500}},
     "decoder": {"n": 3, "options": {"train_seconds": 5, "steps": 1}, "public_limit": 200},
     "alignment": {"n": 4, "options": {"k": "4,16", "inner": "nearest"}, "public_limit": 100},
-    "kb-extract": {"n": 3, "options": {"vocab": 150, "candidates": 10}, "public_limit": 200},
+    "kb-extract": {
+        "n": 3,
+        "options": {"encoder_known": True, "vocab": 150, "probes": 200, "passes": 1, "candidates": 4},
+        "public_limit": 200,
+    },
+    "kb-extract-blackbox": {
+        "attack": "kb-extract",
+        "n": 3,
+        "options": {"vocab": 150, "candidates": 10},
+        "public_limit": 200,
+    },
     "clustering": {"n": 12, "options": {"probes": 40, "clusters": 3}},
     "membership": {"n": 8, "options": {"target": "kb"}},
     "membership-encoder": {"n": 8, "options": {"target": "encoder", "epochs": 1}},
@@ -45,6 +59,7 @@ TARGETS = {
     "decoder": ("ROUGE-L ≥ 0.5 after ≤ 15 min CPU training", lambda m: m["rougeL"], 0.5),
     "whitebox": ("token F1 ≥ 0.7 on ≤ 16-token texts", lambda m: m["token_f1"], 0.7),
     "kb-extract": ("≥ 95% of 200 docs recovered to token F1 ≥ 0.8", lambda m: m["recovered_share"], 0.95),
+    "kb-extract-blackbox": ("≥ 95% of 200 docs recovered to token F1 ≥ 0.8", lambda m: m["recovered_share"], 0.95),
 }
 
 
@@ -82,7 +97,7 @@ def run_bench(
     paths: list[Path] = []
     for name in names:
         cfg = plan[name]
-        attack = name.split("-encoder")[0]
+        attack = cfg.get("attack", name.split("-encoder")[0])
         scn = Scenario(
             encoder,
             "rotten-tomatoes",
@@ -160,8 +175,9 @@ def _note(name: str, r: dict[str, Any]) -> str:
             f"{info.get('train_seconds', '?')} s of training (wall, shared CPU), {info.get('steps', '?')} "
             f"optimiser steps; n={m['n']}"
         )
-    if name == "kb-extract":
-        return f"{m['queries_per_doc']:.0f} queries per document; mean token F1 {m['token_f1']:.3f}"
+    if name.startswith("kb-extract"):
+        known = "encoder known" if r.get("flags", {}).get("encoder_known") else "search endpoint only"
+        return f"{known}; {m['queries_per_doc']:.0f} queries per document; mean token F1 {m['token_f1']:.3f}"
     return f"n={m['n']}"
 
 
@@ -262,23 +278,38 @@ def _alignment(res: dict[str, Any]) -> list[str]:
 
 
 def _kb(res: dict[str, Any]) -> list[str]:
-    if "kb-extract" not in res:
-        return []
-    r = res["kb-extract"]
+    lines: list[str] = []
+    for name in ("kb-extract", "kb-extract-blackbox"):
+        if name in res:
+            lines += _kb_one(name, res[name])
+    return lines
+
+
+def _kb_one(name: str, r: dict[str, Any]) -> list[str]:
     m = r["metrics"]
-    return [
-        "",
-        "## Knowledge-base extraction",
-        "",
-        (
-            f"{m['docs']} hidden documents, top-{r['flags']['top_k']} (id, score) answers. "
-            f"Discovered {m['discovered']}; recovered to token F1 ≥ {m['recovered_f1_threshold']}: "
-            f"{m['recovered_share']:.3f}; mean token F1 {m['token_f1']:.3f} (P {m['token_precision']:.3f}, "
-            f"R {m['token_recall']:.3f}), ROUGE-L {m['rougeL']:.3f}. Queries: {m['queries_total']} in all = "
-            f"{m['queries_per_doc']:.0f} per document ({m['discovery_queries']} shared discovery probes + "
-            f"{m['growth_queries_per_doc']:.0f} growth queries per document). {r['seconds']:.0f} s."
-        ),
-    ]
+    known = bool(r["flags"].get("encoder_known"))
+    head = (
+        f"{m['docs']} hidden documents, top-{r['flags']['top_k']} (id, score) answers. "
+        f"Discovered {m['discovered']}; recovered to token F1 ≥ {m['recovered_f1_threshold']}: "
+        f"{m['recovered_share']:.3f}; mean token F1 {m['token_f1']:.3f} (P {m['token_precision']:.3f}, "
+        f"R {m['token_recall']:.3f}), ROUGE-L {m['rougeL']:.3f}. Queries: {m['queries_total']} in all = "
+        f"{m['queries_per_doc']:.0f} per document"
+    )
+    if known:
+        tail = (
+            f" ({m['discovery_queries']} public probe texts + {m['adaptive_queries']} adaptive perturbations); "
+            f"{m['observations_per_doc']:.0f} returned scores per document on average. Least-squares document "
+            f"vectors: mean cosine to the true vector {m['vector_cosine']:.4f} (min {m['vector_cosine_min']:.4f}); "
+            f"offline white-box inversion {m['inversion_seconds']:.0f} s, no further query. {r['seconds']:.0f} s."
+        )
+        title = "encoder known (flag `encoder_known`)"
+    else:
+        tail = (
+            f" ({m['discovery_queries']} shared discovery probes + {m['growth_queries_per_doc']:.0f} growth "
+            f"queries per document). {r['seconds']:.0f} s."
+        )
+        title = "search endpoint only"
+    return ["", f"## Knowledge-base extraction — {title}", "", head + tail]
 
 
 def _clustering(res: dict[str, Any]) -> list[str]:

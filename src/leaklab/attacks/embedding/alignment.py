@@ -120,7 +120,7 @@ def _inner_attack(
     elif name == "whitebox":
         from leaklab.attacks.embedding.whitebox import WhiteBoxInverter
 
-        pred = WhiteBoxInverter(local, steps=option(scn, "wb_steps", 60), refine_rounds=3).invert(mapped)[0]
+        pred = WhiteBoxInverter(local, passes=option(scn, "wb_passes", 2)).invert(mapped)[0]
     else:
         raise UnknownNameError("inner attack", name, ["nearest", "bow", "decoder", "whitebox"])
     out = score_inversion(pred, true)

@@ -185,6 +185,10 @@ class BagOfWordsInverter:
         """Recovered bag of each vector, as a space-joined string of words (most probable first)."""
         return [" ".join(self._words(p, self.threshold)) for p in self.probabilities(vectors)]
 
+    def top_words(self, vectors: np.ndarray, k: int) -> list[str]:
+        """The ``k`` highest-scoring words of each vector, space-joined."""
+        return [" ".join(self.vocab[i] for i in np.argsort(-p)[:k]) for p in self.probabilities(vectors)]
+
     def save(self, folder: str | Path) -> Path:
         return save_inverter(
             folder,
@@ -211,7 +215,7 @@ class BagOfWordsInverter:
 def train_bow(scn: Scenario, encoder: Any = None) -> tuple[BagOfWordsInverter, dict[str, Any]]:
     """Fit a bag-of-words inverter on the scenario's public pairs through ``encoder`` (default: the victim)."""
     enc = encoder or scn.victim
-    texts, vecs = scn.public_pairs(enc)
+    texts, vecs = scn.public_pairs(enc, extra=option(scn, "extra_corpora", ""))
     inv = BagOfWordsInverter(
         enc.dim, build_vocab(texts, option(scn, "vocab", 5000)), option(scn, "hidden", 0), encoder=enc.name
     )

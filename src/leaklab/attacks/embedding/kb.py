@@ -12,6 +12,12 @@ Attack (:class:`KBExtractor`), an adaptive probe search that grows text where sc
    is redundant once the true word is in); growth appends the other candidates (then frequent function
    words) one at a time, keeping a word when s(x + w, d) rises; a last pruning pass follows.
 3. all documents advance in lock-step, one batched search per step.
+
+With the flag ``encoder_known`` (the attacker also holds the index's encoder, :class:`KBVectorRecovery`):
+every returned score is s(q, d) = ⟨e(q), d̂⟩ with e(q) computable locally, so ≥ dim returned scores of a
+document pin its unit vector d̂ by least squares. Probes are public texts, then adaptive perturbations of the
+queries that scored highest for a document (they keep it in the top-k answers); d̂ is then inverted offline
+by the white-box inverter with no further query.
 """
 
 from __future__ import annotations
@@ -253,6 +259,108 @@ class _Growth:
             self.ptr += 1
 
 
+@dataclass
+class VectorRecovery:
+    """Recovered document vectors, the returned scores each rests on, and the least-squares residuals."""
+
+    vectors: dict[str, np.ndarray]
+    observations: dict[str, int]
+    residual: dict[str, float]
+    discovery_queries: int
+    adaptive_queries: int
+
+
+class KBVectorRecovery:
+    """Least-squares recovery of hidden document vectors from similarity scores (encoder known)."""
+
+    name = "kb-vectors"
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        probe_texts: Sequence[str],
+        vocab: Sequence[str],
+        top_k: int = 20,
+        min_obs: int | None = None,
+        per_round: int = 32,
+        max_rounds: int = 40,
+        batch: int = 256,
+        seed: int = 0,
+    ) -> None:
+        self.encoder = encoder
+        self.probes = list(dict.fromkeys(t for t in probe_texts if t.strip()))
+        self.vocab = [w for w in vocab if w.strip()]
+        if not self.probes or not self.vocab:
+            raise LeaklabError("vector recovery needs probe texts and a probe vocabulary")
+        self.top_k, self.per_round, self.max_rounds, self.batch = top_k, per_round, max_rounds, batch
+        self.min_obs = min_obs or encoder.dim + 16
+        self.rng = np.random.default_rng(seed)
+        self._vecs: dict[str, np.ndarray] = {}
+        self._rows: dict[str, list[tuple[str, float]]] = defaultdict(list)
+
+    def _ask(self, kb: SearchIndex, texts: list[str]) -> None:
+        """Submit ``texts`` and record every returned (doc, query, score)."""
+        texts = [t for t in dict.fromkeys(texts) if t not in self._vecs]
+        for i in range(0, len(texts), self.batch):
+            part = texts[i : i + self.batch]
+            vecs = self.encoder.embed(part)
+            vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True).clip(1e-12)
+            self._vecs.update(zip(part, vecs, strict=True))
+            for q, hits in zip(part, kb.search(part, self.top_k), strict=True):
+                for doc_id, score in hits:
+                    self._rows[doc_id].append((q, score))
+
+    def _perturb(self, text: str) -> str:
+        """One random edit of a query: replace, insert or delete a word (a new direction near the same doc)."""
+        ws = text.split()
+        op, w = self.rng.integers(3), str(self.vocab[self.rng.integers(len(self.vocab))])
+        i = int(self.rng.integers(len(ws) + 1))
+        if op == 0 and ws:
+            ws[min(i, len(ws) - 1)] = w
+        elif op == 1 or len(ws) < 3:
+            ws.insert(i, w)
+        else:
+            del ws[min(i, len(ws) - 1)]
+        return " ".join(ws)
+
+    def _adaptive(self, doc_id: str) -> list[str]:
+        """Perturbations of the queries that scored highest for ``doc_id``."""
+        best = [q for q, _ in sorted(self._rows[doc_id], key=lambda qs: -qs[1])[:4]]
+        return [self._perturb(best[j % len(best)]) for j in range(self.per_round)]
+
+    def solve(self, doc_id: str, mu: np.ndarray, ridge: float = 1e-8) -> tuple[np.ndarray, float]:
+        """d̂ = μ + (QᵀQ + λI)⁻¹ Qᵀ(s − Qμ) (Q: unit vectors of the queries that returned the doc, s: their
+        scores, μ: mean probe vector as the prior of undetermined directions), then normalised."""
+        rows = self._rows[doc_id]
+        q = np.stack([self._vecs[t] for t, _ in rows]).astype(np.float64)
+        s = np.array([sc for _, sc in rows], dtype=np.float64)
+        a = q.T @ q + ridge * np.eye(q.shape[1])
+        d = mu + np.linalg.solve(a, q.T @ (s - q @ mu))
+        resid = float(np.sqrt(np.mean((q @ d - s) ** 2)))
+        return (d / max(np.linalg.norm(d), 1e-12)).astype(np.float32), resid
+
+    def run(self, kb: SearchIndex) -> VectorRecovery:
+        start = kb.queries
+        self._ask(kb, self.probes)
+        discovery = kb.queries - start
+        for _ in range(self.max_rounds):
+            short = [d for d in self._rows if len({q for q, _ in self._rows[d]}) < self.min_obs]
+            if not short:
+                break
+            self._ask(kb, [q for d in short for q in self._adaptive(d)])
+        vectors, residual = {}, {}
+        mu = np.mean(np.stack(list(self._vecs.values())), axis=0).astype(np.float64)
+        for d in self._rows:
+            vectors[d], residual[d] = self.solve(d, mu)
+        return VectorRecovery(
+            vectors,
+            {d: len(r) for d, r in self._rows.items()},
+            residual,
+            discovery,
+            kb.queries - start - discovery,
+        )
+
+
 def probe_vocab(texts: Sequence[str], size: int) -> tuple[list[str], list[str]]:
     """The attacker's probe words (``size`` most frequent public words) and its 40 most frequent words."""
     counts = Counter(w for t in texts for w in words(t))
@@ -263,41 +371,52 @@ def probe_vocab(texts: Sequence[str], size: int) -> tuple[list[str], list[str]]:
 @register_embed_attack(
     "kb-extract",
     "reconstruct hidden knowledge-base documents from similarity scores",
-    "search endpoint only: query texts -> top-k (id, score)",
+    "search endpoint only: query texts -> top-k (id, score); option encoder_known adds the index's encoder",
 )
 def evaluate(scn: Scenario) -> AttackReport:
     sample = scn.private()
     kb = HiddenKB(sample.texts, scn.victim, max_top_k=option(scn, "max_top_k", 100))
-    vocab, function_words = probe_vocab(scn.public_texts(), option(scn, "vocab", 10000))
-    attack = KBExtractor(
-        vocab,
-        function_words,
-        top_k=option(scn, "top_k", 20),
-        candidates=option(scn, "candidates", 60),
-        start_words=option(scn, "start_words", 1),
-    )
+    public = scn.public_texts()
+    vocab, function_words = probe_vocab(public, option(scn, "vocab", 10000))
+    top_k = option(scn, "top_k", 20)
+    known = option(scn, "encoder_known", False)
     before = scn.victim.usage.snapshot()
-    res = attack.run(kb)
+    if known:
+        pred_of, extra, info = _extract_known(scn, kb, public, vocab, top_k)
+    else:
+        attack = KBExtractor(
+            vocab,
+            function_words,
+            top_k=top_k,
+            candidates=option(scn, "candidates", 60),
+            start_words=option(scn, "start_words", 1),
+        )
+        res = attack.run(kb)
+        pred_of = res.texts
+        extra = {
+            "discovery_queries": res.discovery_queries,
+            "growth_queries_per_doc": float(np.mean(list(res.queries_per_doc.values()) or [0])),
+        }
+        info = {"discovered": res.info["discovered"]}
     ids = kb.ids
-    pred = [res.texts.get(i, "") for i in ids]
+    pred = [pred_of.get(i, "") for i in ids]
     true = [kb.text_of(i) for i in ids]
     metrics = score_inversion(pred, true)
     threshold = option(scn, "recovered_f1", 0.8)
     f1 = np.array(metrics["per_item_f1"])
-    total = kb.queries
     metrics.update(
         {
             "docs": len(ids),
-            "discovered": res.info["discovered"],
+            "discovered": info.pop("discovered"),
             "recovered_share": float((f1 >= threshold).mean()),
             "recovered_f1_threshold": threshold,
-            "queries_total": total,
-            "queries_per_doc": total / len(ids),
-            "discovery_queries": res.discovery_queries,
-            "growth_queries_per_doc": float(np.mean(list(res.queries_per_doc.values()) or [0])),
+            "queries_total": kb.queries,
+            "queries_per_doc": kb.queries / len(ids),
+            **extra,
         }
     )
     usage = scn.victim.usage.since(before)
+    usage["search_queries"] = kb.queries
     return AttackReport(
         "kb-extract",
         scn.to_dict(),
@@ -306,8 +425,48 @@ def evaluate(scn: Scenario) -> AttackReport:
         0.0,
         {
             "access": "query texts -> top-k ids and scores",
-            "top_k": attack.top_k,
+            "encoder_known": known,
+            "top_k": top_k,
             "probe_vocab": f"{len(vocab)} most frequent public-split words",
         },
         examples(true, pred),
+        info,
     )
+
+
+def _extract_known(
+    scn: Scenario, kb: HiddenKB, public: list[str], vocab: list[str], top_k: int
+) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
+    """Encoder known: least-squares document vectors from scores, then offline white-box inversion of each."""
+    import time
+
+    from leaklab.attacks.embedding.whitebox import bow_guesses, make_whitebox
+    from leaklab.encoders import load_encoder, require_local
+    from leaklab.metrics.embedding import cosine_rows
+
+    local = require_local(load_encoder(scn.encoder, fresh=True), "kb-extract (encoder_known)")
+    rec = KBVectorRecovery(
+        local,
+        public[: option(scn, "probes", 2000)],
+        vocab,
+        top_k=top_k,
+        per_round=option(scn, "per_round", 32),
+        max_rounds=option(scn, "rounds", 40),
+        seed=scn.seed,
+    ).run(kb)
+    ids = [d for d in kb.ids if d in rec.vectors]
+    vecs = np.stack([rec.vectors[d] for d in ids]) if ids else np.zeros((0, local.dim), np.float32)
+    true_vecs = kb._matrix[[kb.ids.index(d) for d in ids]]  # scoring only: how well d̂ was recovered
+    start = time.perf_counter()
+    inv = make_whitebox(scn, local)
+    guesses = bow_guesses(scn, local, vecs) if ids else None
+    texts, _ = inv.invert(vecs, *(guesses or (None, None))) if ids else ([], [])
+    extra = {
+        "discovery_queries": rec.discovery_queries,
+        "adaptive_queries": rec.adaptive_queries,
+        "observations_per_doc": float(np.mean(list(rec.observations.values()) or [0])),
+        "vector_cosine": float(cosine_rows(vecs, true_vecs).mean()) if ids else 0.0,
+        "vector_cosine_min": float(cosine_rows(vecs, true_vecs).min()) if ids else 0.0,
+        "inversion_seconds": round(time.perf_counter() - start, 1),
+    }
+    return dict(zip(ids, texts, strict=True)), extra, {"discovered": len(ids), "local_usage": vars(local.usage)}

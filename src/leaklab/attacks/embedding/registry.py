@@ -101,11 +101,35 @@ class Scenario:
             raise LeaklabError(f"corpus '{self.corpus}' has no public text of {self.min_tokens}..{max_tokens} tokens")
         return out[:limit] if limit else out
 
-    def public_pairs(self, encoder: Encoder | None = None, limit: int | None = None) -> tuple[list[str], np.ndarray]:
-        """(public text, vector) pairs the attacker makes by embedding public texts (queries counted)."""
+    def extra_public_texts(self, corpora: str | list[str]) -> list[str]:
+        """Public-split sentences (≥ 3 words, within the token range) of other corpora (comma-separated names):
+        more attacker training text, never a private text of its own corpus or of the scenario's corpus."""
+        from leaklab.corpora import load_corpus
+        from leaklab.corpora.sampling import split_of
+
+        names = [c.strip() for c in (corpora.split(",") if isinstance(corpora, str) else corpora) if c.strip()]
+        private = {t for t in self.corpus_obj.texts if split_of(t) == "private"}
+        out: dict[str, None] = {}
+        for name in names:
+            texts = [t for t in load_corpus(name).texts if split_of(t) == "public"]
+            for sent in (c for t in texts for c in re.split(r"(?<=[.!?;])\s+", t.strip())):
+                if len(sent.split()) >= 3 and sent not in private:
+                    out[sent] = None
+        sents = list(out)
+        lengths = [len(x) for x in self.tokenizer(sents, add_special_tokens=False)["input_ids"]] if sents else []
+        return [t for t, n in zip(sents, lengths, strict=True) if self.min_tokens <= n <= self.max_tokens]
+
+    def public_pairs(
+        self, encoder: Encoder | None = None, limit: int | None = None, extra: str | list[str] = ""
+    ) -> tuple[list[str], np.ndarray]:
+        """(public text, vector) pairs the attacker makes by embedding public texts (queries counted); ``extra``
+        adds public sentences of other corpora."""
         from leaklab.encoders import cached_embed
 
         texts = self.public_texts(limit)
+        if extra:
+            seen = set(texts)
+            texts = texts + [t for t in self.extra_public_texts(extra) if t not in seen]
         return texts, cached_embed(encoder or self.victim, texts)
 
 

@@ -1,11 +1,15 @@
-"""White-box inversion: optimise a relaxed token distribution through the encoder, discretise, refine.
+"""White-box inversion: discrete coordinate search that evaluates the real encoder in batches.
 
-1. relax: for each position t a distribution p_t = softmax(z_t) over a vocabulary V; the input embedding is
-   Σ_w p_t(w) E_w; minimise 1 − cos(e(p), v) with Adam (gradients through the encoder); in the last
-   ``hard_share`` of the steps the forward pass uses argmax tokens with the soft gradient (straight-through).
-2. discretise: x_t = argmax p_t.
-3. refine: beam search over single-token swaps and deletions; candidates are ranked by the first-order
-   (HotFlip) change of the loss, the best ``candidates`` are re-embedded and the ``beam`` closest kept.
+Objective: J(x) = cos(e(x), v) − λ·|x| (λ: a length penalty, since the length is unknown and a longer text
+can always fit v a little better with filler).
+
+1. start: the bag-of-words inverter's words for v (or any given text, or the empty text); its top words are
+   also proposed at every position (the pool).
+2. passes over positions t = 0..|x|: with g = ∂cos/∂(input embedding) of x (one backward pass), propose
+   the top-K HotFlip swaps x_t → w by the first-order gain ⟨g_t, E_w − E_{x_t}⟩, the deletion of x_t, and the
+   top-K insertions before t by ⟨ḡ_t, E_w⟩ (ḡ_t: mean gradient of the neighbours); all proposals are scored
+   by one batched forward pass of the encoder and the best is kept if it raises J.
+3. repeat passes until none raises J (or ``passes`` run out).
 """
 
 from __future__ import annotations
@@ -29,15 +33,19 @@ from leaklab.errors import LeaklabError
 from leaklab.metrics.embedding import score_inversion
 
 
-def vocab_from_texts(tokenizer: Any, texts: list[str], size: int = 8000) -> list[int]:
-    """The ``size`` most frequent non-special token ids of ``texts`` (the attacker's public prior)."""
+def vocab_from_texts(tokenizer: Any, texts: list[str], size: int = 8000, whole_words: bool = True) -> list[int]:
+    """The ``size`` most frequent non-special token ids of ``texts`` (the attacker's public prior); with
+    ``whole_words`` no word-piece continuations (``##x``), so every proposal is a word."""
     counts = Counter(i for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in ids)
     special = set(tokenizer.all_special_ids)
-    return sorted(i for i, _ in counts.most_common(size + len(special)) if i not in special)[:size]
+    ranked = [i for i, _ in counts.most_common() if i not in special]
+    if whole_words:
+        ranked = [i for i in ranked if not str(tokenizer.convert_ids_to_tokens(i)).startswith("##")]
+    return ranked[:size]
 
 
 class WhiteBoxInverter:
-    """Gradient-based inversion of a local encoder's vectors."""
+    """Batched coordinate search over token sequences through a local encoder."""
 
     name = "whitebox"
 
@@ -45,14 +53,10 @@ class WhiteBoxInverter:
         self,
         encoder: Encoder,
         vocab_ids: list[int] | None = None,
-        length: int = 16,
-        steps: int = 150,
-        lr: float = 0.1,
-        refine_rounds: int = 12,
         candidates: int = 24,
-        beam: int = 2,
-        seed: int = 0,
-        hard_share: float = 0.3,
+        length_penalty: float = 0.01,
+        max_len: int = 24,
+        passes: int = 6,
     ) -> None:
         self.encoder: LocalEncoder = require_local(encoder, self.name)
         tok = self.encoder.tokenizer
@@ -61,134 +65,132 @@ class WhiteBoxInverter:
             vocab_ids = [i for i in range(self.encoder.word_embeddings.shape[0]) if i not in special]
         if not vocab_ids:
             raise LeaklabError("white-box vocabulary is empty")
-        if length < 1:
-            raise LeaklabError(f"length must be >= 1, got {length}")
-        self.vocab = torch.tensor(sorted(set(vocab_ids)))
-        self.length, self.steps, self.lr = length, steps, lr
-        self.rounds, self.candidates, self.beam, self.seed = refine_rounds, candidates, beam, seed
-        self.hard_share = hard_share
+        if max_len < 1 or candidates < 1:
+            raise LeaklabError(f"max_len and candidates must be >= 1, got {max_len} and {candidates}")
+        self.vocab = torch.tensor(list(dict.fromkeys(vocab_ids)))
+        self.candidates, self.penalty, self.max_len, self.passes = candidates, length_penalty, max_len, passes
         self.emb = self.encoder.word_embeddings.detach()
         self.sub = self.emb[self.vocab]
         self.cls_id, self.sep_id = tok.cls_token_id, tok.sep_token_id
         self.forward_passes = 0
 
-    # -- 1+2: relaxed optimisation, then argmax
-    def relax(self, targets: torch.Tensor) -> torch.Tensor:
-        """Token logits (n, L, |V|) minimising 1 − cos(e(softmax(z) E_V), v)."""
-        gen = torch.Generator().manual_seed(self.seed)
-        n = targets.shape[0]
-        z = (0.01 * torch.randn(n, self.length, len(self.vocab), generator=gen)).requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=self.lr)
-        ends = self.emb[[self.cls_id, self.sep_id]]
-        mask = torch.ones(n, self.length + 2, dtype=torch.long)
-        for step in range(self.steps):
-            p = torch.softmax(z, -1)
-            if step >= self.steps * (1 - self.hard_share):  # straight-through: hard tokens forward, soft grads
-                hard = torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype)
-                p = hard + p - p.detach()
-            mid = p @ self.sub
-            x = torch.cat([ends[0].expand(n, 1, -1), mid, ends[1].expand(n, 1, -1)], 1)
-            loss = (1 - torch.nn.functional.cosine_similarity(self.encoder.forward_embeds(x, mask), targets)).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            self.forward_passes += n
-        return z.detach()
-
-    # -- 3: beam refinement
-    def _cosines(self, seqs: list[list[int]], target: torch.Tensor) -> torch.Tensor:
-        vecs = torch.from_numpy(self.encoder.embed_ids(seqs))
+    def cosines(self, seqs: list[list[int]], target: torch.Tensor) -> np.ndarray:
+        """cos(e(x), v) of each token sequence (one batched forward pass)."""
         self.forward_passes += len(seqs)
-        return torch.nn.functional.cosine_similarity(vecs, target.expand_as(vecs))
+        before = self.encoder.usage.snapshot()
+        vecs = torch.from_numpy(self.encoder.embed_ids(seqs))
+        self.encoder.usage.queries = before.queries  # counted once, in invert()
+        return torch.nn.functional.cosine_similarity(vecs, target.expand_as(vecs)).numpy()
 
-    def _swap_gains(self, seq: list[int], target: torch.Tensor) -> torch.Tensor:
-        """First-order loss decrease of putting vocab word w at position t: −(g_{t,w} − g_{t,x_t})."""
+    def objective(self, seqs: list[list[int]], target: torch.Tensor) -> np.ndarray:
+        """J(x) = cos(e(x), v) − λ·|x|."""
+        return self.cosines(seqs, target) - self.penalty * np.array([len(s) for s in seqs])
+
+    def gradient(self, seq: list[int], target: torch.Tensor) -> torch.Tensor:
+        """∂cos(e(x), v)/∂(input embedding of x_t) for every position t, shape (|x|, d)."""
         ids = torch.tensor([[self.cls_id, *seq, self.sep_id]])
-        onehot = torch.zeros(len(seq), len(self.vocab))
-        pos = {int(v): i for i, v in enumerate(self.vocab.tolist())}
-        for t, i in enumerate(seq):
-            if i in pos:
-                onehot[t, pos[i]] = 1.0
-        onehot.requires_grad_(True)
-        mid = onehot @ self.sub
-        missing = torch.tensor([i not in pos for i in seq])
-        mid = torch.where(missing[:, None], self.emb[torch.tensor(seq)], mid)
-        x = torch.cat([self.emb[ids[0, :1]], mid, self.emb[ids[0, -1:]]], 0)[None]
-        loss = 1 - torch.nn.functional.cosine_similarity(self.encoder.forward_embeds(x, torch.ones_like(ids)), target)
-        (g,) = torch.autograd.grad(loss.sum(), onehot)
-        current = (g * onehot.detach()).sum(1, keepdim=True)
-        return -(g - current)
+        x = self.emb[ids].clone().requires_grad_(True)
+        v = self.encoder.forward_embeds(x, torch.ones_like(ids))
+        (g,) = torch.autograd.grad(torch.nn.functional.cosine_similarity(v, target).sum(), x)
+        self.forward_passes += 1
+        return g[0, 1:-1]
 
-    def _expand(self, seq: list[int], target: torch.Tensor) -> list[list[int]]:
-        gains = self._swap_gains(seq, target)
-        k = min(self.candidates, gains.numel())
-        top = torch.topk(gains.flatten(), k).indices
-        out = []
-        for flat in top.tolist():
-            t, w = divmod(flat, len(self.vocab))
-            cand = list(seq)
-            cand[t] = int(self.vocab[w])
-            if cand != seq:
-                out.append(cand)
-        if len(seq) > 1:
-            out.extend(seq[:t] + seq[t + 1 :] for t in range(len(seq)))
+    def proposals(self, seq: list[int], pos: int, g: torch.Tensor | None, pool: list[int] = ()) -> list[list[int]]:
+        """HotFlip swaps at ``pos``, its deletion, and insertions before ``pos``; the words of ``pool`` (e.g. a
+        bag-of-words guess) are proposed at every position too."""
+        k = min(self.candidates, len(self.vocab))
+        out: list[list[int]] = []
+        if g is not None and pos < len(seq):
+            gain = self.sub @ g[pos] - g[pos] @ self.emb[seq[pos]]
+            words = dict.fromkeys([*self.vocab[torch.topk(gain, k).indices].tolist(), *pool])
+            out.extend([*seq[:pos], w, *seq[pos + 1 :]] for w in words if w != seq[pos])
+            if len(seq) > 1:
+                out.append(seq[:pos] + seq[pos + 1 :])
+        if len(seq) < self.max_len:
+            near = g[max(0, pos - 1) : pos + 1].mean(0) if g is not None else self.sub.mean(0)
+            words = dict.fromkeys([*self.vocab[torch.topk(self.sub @ near, k).indices].tolist(), *pool])
+            out.extend([*seq[:pos], w, *seq[pos:]] for w in words)
         return out
 
-    def refine(self, seq: list[int], target: torch.Tensor) -> tuple[list[int], float]:
-        beams = [(float(self._cosines([seq], target)[0]), seq)]
-        for _ in range(self.rounds):
-            pool: dict[tuple[int, ...], float] = {tuple(s): c for c, s in beams}
-            for _, s in beams:
-                cands = [c for c in self._expand(s, target) if tuple(c) not in pool]
-                if cands:
-                    for c, cos in zip(cands, self._cosines(cands, target).tolist(), strict=True):
-                        pool[tuple(c)] = cos
-            best = sorted(((c, list(s)) for s, c in pool.items()), key=lambda cs: -cs[0])[: self.beam]
-            if best[0][0] <= beams[0][0] + 1e-6:
-                beams = best
+    def search(self, seq: list[int], target: torch.Tensor, pool: list[int] = ()) -> tuple[list[int], float]:
+        """Coordinate passes until no proposal raises J; returns the sequence and its cosine."""
+        seq = list(seq)[: self.max_len]
+        best = float(self.objective([seq], target)[0]) if seq else -np.inf
+        for _ in range(self.passes):
+            improved, pos = False, 0
+            while pos <= len(seq):
+                props = self.proposals(seq, pos, self.gradient(seq, target) if seq else None, pool)
+                if props:
+                    scores = self.objective(props, target)
+                    b = int(scores.argmax())
+                    if scores[b] > best + 1e-5:
+                        shorter = len(props[b]) < len(seq)
+                        seq, best, improved = props[b], float(scores[b]), True
+                        if shorter:
+                            continue
+                pos += 1
+            if not improved:
                 break
-            beams = best
-        return beams[0][1], beams[0][0]
+        return seq, float(self.cosines([seq], target)[0])
 
-    def invert(self, vectors: np.ndarray, batch: int = 16) -> tuple[list[str], list[float]]:
+    def invert(
+        self, vectors: np.ndarray, init: list[str] | None = None, pools: list[str] | None = None
+    ) -> tuple[list[str], list[float]]:
+        """Recovered texts and their cosines; ``init``: one starting text per vector (else the empty text);
+        ``pools``: per vector, words proposed at every position besides the HotFlip candidates."""
         v = torch.from_numpy(check_vectors(vectors, self.encoder.dim, "target vectors"))
+        if init is not None and len(init) != len(v):
+            raise LeaklabError(f"{len(init)} starting texts for {len(v)} vectors")
+        tok = self.encoder.tokenizer
+        starts = tok(init, add_special_tokens=False)["input_ids"] if init else [[] for _ in range(len(v))]
+        extra = tok(pools, add_special_tokens=False)["input_ids"] if pools else [[] for _ in range(len(v))]
+        start_passes = self.forward_passes
         texts, cosines = [], []
-        for i in range(0, len(v), batch):
-            tgt = v[i : i + batch]
-            z = self.relax(tgt)
-            init = self.vocab[z.argmax(-1)]
-            for j in range(len(tgt)):
-                seq, cos = self.refine(init[j].tolist(), tgt[j : j + 1])
-                texts.append(self.encoder.tokenizer.decode(seq, skip_special_tokens=True))
-                cosines.append(cos)
-        self.encoder.usage.queries += self.forward_passes
+        for j in range(len(v)):
+            seq, cos = self.search(starts[j], v[j : j + 1], extra[j])
+            texts.append(tok.decode(seq, skip_special_tokens=True))
+            cosines.append(cos)
+        self.encoder.usage.queries += self.forward_passes - start_passes
         return texts, cosines
+
+
+def make_whitebox(scn: Scenario, encoder: LocalEncoder) -> WhiteBoxInverter:
+    """The white-box inverter with the scenario's options and a public-split vocabulary prior."""
+    vocab_size = option(scn, "vocab", 8000)
+    vocab = vocab_from_texts(encoder.tokenizer, scn.public_texts(), vocab_size) if vocab_size > 0 else None
+    return WhiteBoxInverter(
+        encoder,
+        vocab,
+        candidates=option(scn, "candidates", 24),
+        length_penalty=option(scn, "length_penalty", 0.01),
+        max_len=option(scn, "length", 24),
+        passes=option(scn, "passes", 6),
+    )
+
+
+def bow_guesses(scn: Scenario, encoder: Encoder, vectors: np.ndarray) -> tuple[list[str], list[str]] | None:
+    """Starting texts and per-vector word pools (top ``pool`` words) from a bag-of-words inverter trained on
+    public pairs (option ``init=bow``; ``init=empty`` starts from nothing)."""
+    if option(scn, "init", "bow") != "bow":
+        return None
+    from leaklab.attacks.embedding.bow import train_bow
+
+    inv, _ = train_bow(scn, encoder)
+    return inv.invert(vectors), inv.top_words(vectors, option(scn, "pool", 20))
 
 
 @register_embed_attack(
     "whitebox",
-    "relaxed token distributions optimised through a local encoder + beam swaps",
+    "batched coordinate search (HotFlip proposals, real-encoder scoring) from a bag-of-words start",
     "white-box encoder (gradients) + leaked vectors",
 )
 def evaluate(scn: Scenario) -> AttackReport:
     enc = require_local(scn.victim, "whitebox")
     sample, targets = victim_targets(scn, option(scn, "max_tokens", min(scn.max_tokens, 16)))
     before = enc.usage.snapshot()
-    vocab_size = option(scn, "vocab", 8000)
-    vocab = vocab_from_texts(enc.tokenizer, scn.public_texts(), vocab_size) if vocab_size > 0 else None
-    inv = WhiteBoxInverter(
-        enc,
-        vocab,
-        length=option(scn, "length", 16),
-        steps=option(scn, "steps", 150),
-        lr=option(scn, "lr", 0.1),
-        refine_rounds=option(scn, "rounds", 12),
-        candidates=option(scn, "candidates", 24),
-        beam=option(scn, "beam", 2),
-        seed=scn.seed,
-        hard_share=option(scn, "hard_share", 0.3),
-    )
-    pred, cos = inv.invert(targets)
+    inv = make_whitebox(scn, enc)
+    guesses = bow_guesses(scn, enc, targets)
+    pred, cos = inv.invert(targets, *(guesses or (None, None)))
     metrics = score_inversion(pred, sample.texts, targets, enc)
     metrics["attack_cosine"] = float(np.mean(cos))
     return AttackReport(
@@ -198,8 +200,9 @@ def evaluate(scn: Scenario) -> AttackReport:
         enc.usage.since(before),
         0.0,
         {
-            "vocab_prior": f"top {vocab_size} public-split token ids" if vocab else "full vocabulary",
-            "length_prior": f"≤ {inv.length} tokens",
+            "vocab_prior": f"top {len(inv.vocab)} public-split whole-word token ids",
+            "length_prior": f"≤ {inv.max_len} tokens, penalty {inv.penalty} per token",
+            "start": "bag-of-words inverter (public pairs): start text + word pool" if guesses else "empty text",
         },
         examples(sample.texts, pred),
     )
