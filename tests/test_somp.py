@@ -90,3 +90,29 @@ def test_smollm2_batch_of_two_short_texts_recovered(attack):
     rec = run_attack(make_attack(attack), obs)
     agg = score_recovery(obs, secret, rec)["aggregate"]
     assert agg["rouge1"] == 1.0 and agg["rouge2"] == 1.0
+
+
+def test_loop_blocking_and_robust_outlier_score():
+    from leaklab.attacks.gradient.somp import _loops, robust_z
+
+    tokens = torch.tensor([5, 6, 7])
+    seqs = torch.tensor([[5, 5, 5, 5, 5], [5, 6, 7, 5, 6], [7, 6, 5, 6, 7]])
+    blocked = _loops(seqs, tokens)
+    # a run of one token cannot grow; "5 6 7 5 6" + 7 would repeat "5 6 7"; "... 6 7" was never followed
+    assert blocked.tolist() == [[True, False, False], [False, False, True], [False, False, False]]
+    z = robust_z(torch.tensor([[0.0, 0.0, 0.0, 1.0, -1.0, -9.0]]))
+    assert z.argmax().item() == 5 and z[0, 5] > 5 * z[0, 4]
+
+
+def test_somp_full_rank_layer2_beats_dager_best_effort():
+    """T > d on tiny-llama while the batch's distinct tokens stay below d: layer 1 exact, layer 2 full rank.
+    SOMP's outlier-based decoding recovers the batch; DAGER's rank-capped best effort does not."""
+    obs, secret = client_update(ModelRef("tiny-llama"), "rotten-tomatoes", 9, 1, 6, 20)
+    assert sum(len(t) for t in secret.token_ids) > 128 > len({x for t in secret.token_ids for x in t})
+    with pytest.warns(RuntimeWarning, match="full rank"):
+        rec = run_attack(make_attack("somp"), obs)
+    with pytest.warns(RuntimeWarning, match="full rank"):
+        base = run_attack(make_attack("dager"), obs)
+    somp_r1 = score_recovery(obs, secret, rec)["aggregate"]["rouge1"]
+    dager_r1 = score_recovery(obs, secret, base)["aggregate"]["rouge1"]
+    assert rec.info["best_effort"] and somp_r1 >= 0.9 and dager_r1 < 0.5
