@@ -176,28 +176,12 @@ class FamilyAdapter:
     ) -> torch.Tensor:
         """Input X (batch, tokens, d) of layer ``layer``'s attention projections: what W_q multiplies.
         Extra ``model_kwargs`` (e.g. ``past_key_values``) go to the model's forward."""
-        module = self.model.get_submodule(self.projections[layer].module)
-        captured: list[torch.Tensor] = []
-
-        def hook(_mod, args, kwargs=None):
-            captured.append(args[0].detach())
-            raise _StopForward
-
-        handle = module.register_forward_pre_hook(hook)
-        try:
-            kwargs = {"input_ids": input_ids, **model_kwargs}
-            if attention_mask is not None:
-                kwargs["attention_mask"] = attention_mask
-            if position_ids is not None:
-                kwargs["position_ids"] = position_ids
-            self.model(**kwargs)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise LeaklabError(f"layer {layer} input was not reached in the forward pass")
-        return captured[0]
+        kwargs = dict(model_kwargs)
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        return self.module_inputs(input_ids, [self.projections[layer].module], **kwargs)[0]
 
     @torch.no_grad()
     def token_inputs(

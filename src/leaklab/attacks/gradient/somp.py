@@ -2,17 +2,16 @@
 
 Stages (our reconstruction, see the project's research notes; the paper's own equations were unavailable):
 
-1. Token pool (progressive narrowing). Exact regime (batch tokens < hidden size): DAGER's layer-1 span check.
-   Full-rank regime: the rows of the (tied) output-embedding gradient, ∂L/∂W[v] = (1/N) Σ_t (p_t(v) −
-   [y_t = v]) h_t, are large exactly for the batch's target tokens, which ranks the batch's tokens far better
-   than attention-span distances once those stop being exact (measured: recall ≈ 0.99 at 2x the pool size
-   for B = 64 short texts on smollm2-135m, against ≈ 0.4 for the q_proj span distance).
-2. Candidates. Exact regime: DAGER's greedy layer-2 search. Full-rank regime: from the first tokens nearest
-   to the layer-2 span (position 0 depends on the first token alone), extend each prefix with the pool
-   tokens whose output-embedding gradient row is most aligned with −h (the prefix's final hidden state,
-   which every true next token's row contains), chosen by layer-2 span distance; a prefix ends where its
-   best extension's layer-2 distance jumps (the last token of a text is invisible to attention gradients in
-   the next-token task), and the last token is the best-aligned row.
+1. Token pool (progressive narrowing). While the layer-1 span is not full — for RoPE models that is while the
+   batch has fewer distinct tokens than the hidden size, since layer-1 inputs depend on the token alone —
+   DAGER's exact layer-1 span check. Beyond that: the rows of the (tied) output-embedding gradient,
+   ∂L/∂W[v] = (1/N) Σ_t (p_t(v) − [y_t = v]) h_t, are large exactly for the batch's target tokens (measured:
+   recall ≈ 0.99 at 2x the pool size for B = 64 short texts on smollm2-135m).
+2. Candidates. Exact regime: DAGER's greedy layer-2 search. Full-rank regime (:func:`span_beam_decode`):
+   every extension of every prefix is scored by rank-capped span checks of its new position (layer-1 MLP
+   input, then layer-2 attention input on a shortlist); a robust outlier test branches texts that share a
+   prefix and ends texts (the last token of a text is invisible to attention gradients in the next-token
+   task; it is chosen afterwards from the output-embedding gradient).
 3. De-duplication, then the dictionary: every candidate's gradient on the first two layers' attention
    projections (for ``classify`` one atom per label of the label set — labels are never taken from the
    victim), and OMP (:mod:`leaklab.attacks.gradient.omp`) refitting least squares against the observed
@@ -21,7 +20,6 @@ Stages (our reconstruction, see the project's research notes; the paper's own eq
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +48,7 @@ from leaklab.attacks.gradient.subspace import (
     Subspace,
     attention_subspace,
     mlp_subspace,
-    pair_inputs,
     pair_module_inputs,
-    single_thread,
 )
 from leaklab.threat.observation import Observation
 
@@ -68,9 +64,7 @@ class SompOptions:
     end_z: float = 6.5  # a prefix ends where its best extension is less of an outlier than this (robust z)
     stop_z: float = 4.0  # ... and stops growing below this (in between: emitted and grown)
     budget_s: float = 900.0  # decoding time limit; prefixes still open then are closed as they stand
-    beta: float = 1.0  # weight of the output-gradient alignment against the layer-2 distance
     starts_factor: float = 1.5  # first tokens decoded per expected text (full-rank regime)
-    common_dirs: int = 8  # leading directions of the output gradient projected out before alignment
     last_alternatives: int = 6  # candidate last tokens per text, left for OMP to choose between
     omp_tol: float = 1e-3
     omp_min_gain: float = 0.01
@@ -78,145 +72,15 @@ class SompOptions:
     chunk: int = 2048
 
 
-class OutputGuide:
-    """The output-embedding gradient W_grad (V x d): token pool and next-token alignment scores."""
-
-    def __init__(self, spans: SpanModel, common_dirs: int) -> None:
-        model = spans.loaded.model
-        self.head = model.get_output_embeddings()
-        name = next((n for n, p in model.named_parameters() if self.head is not None and p is self.head.weight), None)
-        self.available = name is not None and name in spans.obs.gradients
-        if not self.available:
-            return
-        g = spans.obs.gradients[name].double()
-        self.row_norms = g.norm(dim=1)
-        with single_thread():
-            top = g[torch.topk(self.row_norms, min(4096, g.shape[0])).indices]
-            _, _, vh = torch.linalg.svd(top, full_matrices=False)
-        self.common = vh[:common_dirs]
-        self.grad = self._deflate(g)
-
-    def _deflate(self, x: torch.Tensor) -> torch.Tensor:
-        return x - (x @ self.common.T) @ self.common
-
-    def pool(self, size: int) -> torch.Tensor:
-        """The ``size`` tokens with the largest gradient rows."""
-        return torch.topk(self.row_norms, min(size, self.row_norms.numel())).indices
-
-    def alignment(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """(n, m) score −⟨W_grad[v], h⟩ / ‖h‖ after removing the common directions: large for v = next token."""
-        hd = self._deflate(h.double())
-        hd = hd / hd.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-        return -(hd @ self.grad[tokens].T)
-
-
-class Stepper:
-    """Full-model incremental forward over a set of prefixes (KV cache), exposing each prefix's final
-    hidden state h (the output head's input)."""
-
-    def __init__(self, spans: SpanModel, guide: OutputGuide) -> None:
-        from transformers import DynamicCache
-
-        self.model = spans.loaded.model
-        self.head = guide.head
-        self.cache = DynamicCache()
-        self.length = 0
-
-    @torch.no_grad()
-    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append one token to every prefix; returns h at the new position (n x d)."""
-        captured: list[torch.Tensor] = []
-        handle = self.head.register_forward_pre_hook(lambda _m, a: captured.append(a[0][:, -1].detach()))
-        pos = torch.full((tokens.numel(), 1), self.length)
-        try:
-            self.model(input_ids=tokens.view(-1, 1), position_ids=pos, past_key_values=self.cache, use_cache=True)
-        finally:
-            handle.remove()
-        self.length += 1
-        return captured[0].double()
-
-    def select(self, rows: torch.Tensor) -> None:
-        self.cache.reorder_cache(rows)
-
-
-REPEAT_PENALTY = 10.0  # in z-score units: a decoded text does not repeat a bigram it already holds
-
-
-def _repeats_bigram(prefixes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """(n, k) 1.0 where appending tokens[i, j] to prefixes[i] repeats a bigram already in prefixes[i]."""
-    out = torch.zeros(tokens.shape, dtype=torch.float64)
-    for i, row in enumerate(prefixes.tolist()):
-        seen = set(itertools.pairwise(row))
-        for j, t in enumerate(tokens[i].tolist()):
-            out[i, j] = float((row[-1], t) in seen)
-    return out
-
-
-def _zscore(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.mean()) / x.std().clamp_min(1e-12) if x.numel() > 1 else x * 0
-
-
-def guided_decode(spans: SpanModel, guide: OutputGuide, n_texts: int, opts: SompOptions) -> list[Found]:
-    """Full-rank regime decoding (stage 2): one greedy path per start token, steered by layer-2 distance
-    and output-gradient alignment, ended where the layer-2 distance jumps."""
-    pool = guide.pool(max(4 * spans.adapter.hidden_size, 8 * n_texts))
-    first = spans.sub2.distance(
-        pair_inputs(
-            spans.adapter,
-            torch.zeros(1, 0, dtype=torch.long),
-            torch.zeros(pool.numel(), dtype=torch.long),
-            pool,
-            1,
-            opts.chunk,
-        )
-    )
-    starts = pool[torch.argsort(first)[: max(opts.starts_factor * n_texts, 1)]]
-    seqs = starts.view(-1, 1)
-    stepper = Stepper(spans, guide)
-    h = stepper.feed(starts)
-    hist = [first[torch.argsort(first)[: starts.numel()]].tolist()]
-    alive = torch.arange(starts.numel())
-    done: list[Found] = []
-    limit = min(opts.max_len, spans.max_position())
-    for p in range(1, limit + 1):
-        if alive.numel() == 0:
-            break
-        align = guide.alignment(h, pool)  # (n_alive, |pool|)
-        short = torch.topk(align, min(opts.shortlist, pool.numel()), dim=1).indices
-        toks = pool[short]  # (n_alive, k)
-        rows = torch.arange(alive.numel()).repeat_interleave(short.shape[1])
-        dist = spans.sub2.distance(pair_inputs(spans.adapter, seqs[alive], rows, toks.flatten(), 1, opts.chunk))
-        dist = dist.view(alive.numel(), -1)
-        cost = torch.stack([_zscore(d) for d in dist]) - opts.beta * torch.stack(
-            [_zscore(a) for a in align.gather(1, short)]
-        )
-        cost = cost + REPEAT_PENALTY * _repeats_bigram(seqs[alive, :p], toks)
-        arg = cost.argmin(dim=1)
-        best = dist.gather(1, arg.view(-1, 1)).squeeze(1)
-        past = torch.tensor(hist, dtype=torch.float64)[:, alive]
-        ended = best > past.mean(0) + 3 * past.std(0) + 1e-6 if p >= 4 else torch.zeros_like(best).bool()
-        if p == limit:
-            ended[:] = True
-        new_col = torch.full((seqs.shape[0], 1), -1, dtype=torch.long)
-        new_col[alive] = toks.gather(1, arg.view(-1, 1))
-        seqs = torch.cat([seqs, new_col], dim=1)
-        full_hist = torch.full((seqs.shape[0],), float("nan"), dtype=torch.float64)
-        full_hist[alive] = best
-        hist.append(full_hist.tolist())
-        for j in torch.nonzero(ended).flatten().tolist():
-            i = int(alive[j])
-            ids = seqs[i, :p].tolist()
-            last = toks[j, torch.argsort(align.gather(1, short)[j], descending=True)[: opts.last_alternatives]]
-            score = float(torch.tensor(hist, dtype=torch.float64)[:p, i].nanmean())
-            done += [Found(ids + [int(t)], score, exact=False) for t in last]
-        keep = ~ended
-        if bool(keep.any()):
-            stepper.select(torch.nonzero(keep).flatten())
-            alive = alive[keep]
-            h = stepper.feed(seqs[alive, p])
-        else:
-            alive = alive[:0]
-    return done
+def output_pool(spans: SpanModel, size: int) -> torch.Tensor | None:
+    """The ``size`` tokens with the largest rows of the output-embedding gradient (None without one)."""
+    model = spans.loaded.model
+    head = model.get_output_embeddings()
+    name = next((n for n, p in model.named_parameters() if head is not None and p is head.weight), None)
+    if name is None or name not in spans.obs.gradients:
+        return None
+    norms = spans.obs.gradients[name].double().norm(dim=1)
+    return torch.topk(norms, min(size, norms.numel())).indices
 
 
 class FullRankChecks:
@@ -412,9 +276,9 @@ class SompAttack:
         output-embedding gradient (progressive narrowing)."""
         if spans.l1_exact:
             return spans.candidates(0, self.opts.tau1)
-        guide = OutputGuide(spans, self.opts.common_dirs)
         size = 2 * spans.adapter.hidden_size
-        return guide.pool(size) if guide.available else spans.candidates(0, 0.0, topk=size)
+        pool = output_pool(spans, size)
+        return pool if pool is not None else spans.candidates(0, 0.0, topk=size)
 
     def run(self, obs: Observation) -> Recovery:
         spans, n_known, info = start_attack(obs)
