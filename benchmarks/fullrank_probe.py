@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from leaklab.attacks.gradient.dager import SpanModel
-from leaklab.attacks.gradient.somp import FullRankChecks, SompAttack
+from leaklab.attacks.gradient.somp import FullRankChecks, SompAttack, robust_z
 from leaklab.bench.gradient import REGIMES
 from leaklab.models.registry import ModelRef
 from leaklab.threat.fedsgd import client_update
@@ -40,7 +40,10 @@ def main() -> None:
     tokens = attack.token_set(spans)
     checks = FullRankChecks(spans, tokens, attack.opts.rank_cut)
     k = attack.opts.shortlist
-    cheap_rank, first_both = [], []
+    model = spans.loaded.model
+    lambdas = (0.5, 1.0, 2.0, 4.0, 8.0)
+    cheap_rank, first_both, lm_rank = [], [], []
+    mixed_rank: dict[float, list[int]] = {lam: [] for lam in lambdas}
     for ids in secret.token_ids[: args.texts]:
         t = torch.tensor(ids)
         for p in range(1, min(len(ids) - 1, args.max_positions)):
@@ -52,6 +55,13 @@ def main() -> None:
             short = torch.topk(cheap, k, largest=False).indices
             both = checks.full(t[:p].view(1, -1), torch.zeros(k, dtype=torch.long), tokens[short], attack.opts.chunk)
             first_both.append(int(tokens[short[both.argmin()]]) == ids[p])
+            with torch.no_grad():  # the model's own next-token prior, restricted to the token set
+                logp = torch.log_softmax(model(t[:p].view(1, -1)).logits[0, -1].double()[tokens], dim=0)
+            lm_rank.append(int((logp > logp[hit[0]]).sum()))
+            z = robust_z(cheap.view(1, -1))[0].double()
+            for lam in lambdas:
+                mix = z + lam * logp
+                mixed_rank[lam].append(int((mix > mix[hit[0]]).sum()))
     ranks = torch.tensor(cheap_rank, dtype=torch.float)
     total = sum(len(i) for i in secret.token_ids)
     print(
@@ -60,6 +70,12 @@ def main() -> None:
     )
     print(f"cheap check: true token first {float((ranks == 0).float().mean()):.3f}, median rank {ranks.median():.0f}")
     print(f"both checks on the shortlist: true token first {sum(first_both) / max(len(first_both), 1):.3f}")
+    for name, got in [("LM prior", lm_rank)] + [(f"robust z + {lam} log p", mixed_rank[lam]) for lam in lambdas]:
+        r = torch.tensor(got, dtype=torch.float)
+        print(
+            f"{name}: true token first {float((r == 0).float().mean()):.3f}, in top 5 "
+            f"{float((r < 5).float().mean()):.3f}, median rank {r.median():.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from leaklab.threat.settings import sample_update
 SETTINGS: dict[str, tuple[str, ThreatFlags, dict]] = {
     "fedsgd": ("fedsgd", ThreatFlags(), {}),
     "fedavg (1 step, η=1e-3)": ("fedavg", ThreatFlags(learning_rate=1e-3), {}),
+    "fedavg (1 step, η=1e-2)": ("fedavg", ThreatFlags(learning_rate=1e-2), {}),
     "fedavg (3 steps, η=1e-3)": ("fedavg", ThreatFlags(learning_rate=1e-3, local_steps=3), {}),
     "lora r=8": ("lora", ThreatFlags(), {"r": 8}),
     "lora r=256": ("lora", ThreatFlags(), {"r": 256}),

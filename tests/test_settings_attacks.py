@@ -69,8 +69,11 @@ def test_lora_rank_above_tokens_is_exact_and_below_is_not():
     assert n_tokens < 64
     _, s = _attack("somp-any", obs, sec)
     assert s.rouge1 == 1.0
+    assert fedsgd_view(obs)[1]["lora"]["saturated_layers"] == []
     small, _ = _update("tiny-llama", "lora", 2, ThreatFlags(), r=4)
-    view, _ = fedsgd_view(small)
+    with pytest.warns(RuntimeWarning, match="full rank r = 4 on layer\\(s\\) \\[0, 1\\]"):
+        view, info = fedsgd_view(small)
+    assert info["lora"]["saturated_layers"] == [0, 1]
     assert attention_subspace(view, load_model(small.model).adapter, 0).full
 
 

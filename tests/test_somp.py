@@ -1,11 +1,14 @@
 """OMP against a reference least-squares solution, the gradient dictionary against the victim's gradient,
 and SOMP end to end."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from leaklab.attacks.base import make_attack, run_attack
+from leaklab.attacks.base import make_attack, parse_options, run_attack
+from leaklab.attacks.gradient.dager import SpanModel
 from leaklab.attacks.gradient.dictionary import (
     observed_vector,
     sentence_gradients,
@@ -13,6 +16,8 @@ from leaklab.attacks.gradient.dictionary import (
     sketch_index,
 )
 from leaklab.attacks.gradient.omp import least_squares, omp, refine_swaps
+from leaklab.attacks.gradient.somp import FullRankChecks, SompAttack, lm_prior, sentence_final
+from leaklab.errors import LeaklabError
 from leaklab.evaluate import score_recovery
 from leaklab.models import ModelRef, load_model
 from leaklab.threat import ThreatFlags, client_update, fedsgd_update
@@ -116,3 +121,47 @@ def test_somp_full_rank_layer2_beats_dager_best_effort():
     somp_r1 = score_recovery(obs, secret, rec)["aggregate"]["rouge1"]
     dager_r1 = score_recovery(obs, secret, base)["aggregate"]["rouge1"]
     assert rec.info["best_effort"] and somp_r1 >= 0.9 and dager_r1 < 0.5
+
+
+def test_somp_full_rank_without_mlp_gradient_uses_attention_checks():
+    """An update without the layer-1 MLP gradient (e.g. LoRA on attention only) still decodes in the
+    full-rank regime, through the layer-2 attention check alone; DAGER's best-effort texts join the atoms."""
+    obs, secret = client_update(ModelRef("tiny-llama"), "rotten-tomatoes", 9, 1, 6, 20)
+    mlp = {p.param for p in load_model(obs.model).adapter.mlp_inputs(0).projections}
+    grads = {k: v for k, v in obs.gradients.items() if k not in mlp}
+    view = dataclasses.replace(obs, gradients=grads)
+    spans = SpanModel(view)
+    checks = FullRankChecks(spans, SompAttack().token_set(spans), 12)
+    assert checks.mlp is None
+    with pytest.warns(RuntimeWarning, match="full rank"):
+        rec = run_attack(make_attack("somp", budget_s=60), view)
+    assert rec.info["best_effort_atoms"] > 0
+    assert score_recovery(view, secret, rec)["aggregate"]["rouge1"] >= 0.5
+
+
+def test_attack_options_parse_and_unknown_option_is_refused():
+    assert parse_options(["beam=4", "budget_s=1.5", "best-effort-atoms=false", "x=a"]) == {
+        "beam": 4,
+        "budget_s": 1.5,
+        "best_effort_atoms": False,
+        "x": "a",
+    }
+    with pytest.raises(LeaklabError, match="key=value"):
+        parse_options(["beam"])
+    with pytest.raises(LeaklabError, match="does not accept the options \\['bogus'\\]"):
+        make_attack("somp", bogus=1)
+
+
+def test_lm_prior_matches_a_per_prefix_reference_and_sentence_ends_are_found():
+    loaded = load_model("tiny-llama")
+    tok = loaded.tokenizer
+    tokens = torch.tensor(sorted({*tok.encode(" the cat sat. It ran! Why?", add_special_tokens=False)}))
+    seqs = torch.tensor([tok.encode(t, add_special_tokens=False)[:3] for t in ("a dog ran off", "we saw it go")])
+    got = lm_prior(loaded.model, seqs, tokens, chunk=3)  # chunking: one prefix per forward pass
+    with torch.no_grad():
+        ref = torch.stack([loaded.model(s.view(1, -1)).logits[0, -1].double()[tokens].log_softmax(0) for s in seqs])
+    torch.testing.assert_close(got, ref)
+    ends = sentence_final(loaded, tokens)
+    words = [tok.decode([t]).strip() for t in tokens.tolist()]
+    assert {w for w, e in zip(words, ends.tolist(), strict=True) if e} == {w for w in words if w[-1:] in ".!?"}
+    assert ends.any() and not ends.all()

@@ -182,6 +182,9 @@ def sweep_cmd(
     param: Annotated[str | None, typer.Option(help="Parameter the values set (default per defense).")] = None,
     defense_param: ParamOpt = None,
     attack: Annotated[str, typer.Option(help="Gradient attack name.")] = "somp",
+    attack_option: Annotated[
+        list[str] | None, typer.Option("--attack-option", help="k=v option of the attack, e.g. budget_s=120.")
+    ] = None,
     setting: SettingOpt = "fedsgd",
     model: Annotated[str, typer.Option(help="Model name.")] = "smollm2-135m",
     corpus: Annotated[str, typer.Option(help="Corpus.")] = "rotten-tomatoes",
@@ -197,6 +200,7 @@ def sweep_cmd(
     out: Annotated[Path, typer.Option(help="Folder for sweep.json/.md/.png.")] = Path("sweep"),
 ) -> None:
     """Attack ROUGE-1 vs defense strength (and ε) vs utility; writes a table, JSON and a plot."""
+    from leaklab.attacks.base import parse_options
     from leaklab.sweep import sweep
     from leaklab.threat import ThreatFlags
 
@@ -221,6 +225,7 @@ def sweep_cmd(
         setting=setting,
         param=param,
         defense_params=fixed,
+        attack_options=parse_options(attack_option),
         flags=flags,
         min_tokens=min_tokens,
         max_tokens=max_tokens,

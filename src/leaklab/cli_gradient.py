@@ -44,8 +44,12 @@ def attack_cmd(
         bool,
         typer.Option(help="Threat model: the server learns the batch size (FedSGD servers see sample counts)."),
     ] = True,
+    attack_option: Annotated[
+        list[str] | None, typer.Option("--attack-option", help="k=v option of the attack, e.g. lm_weight=0.5.")
+    ] = None,
 ) -> None:
     """Run a gradient inversion attack and score it against the private texts (matched ROUGE, token F1)."""
+    from leaklab.attacks.base import parse_options
     from leaklab.evaluate import as_json as to_json
     from leaklab.evaluate import run_gradient_eval, run_update_eval, show_run
     from leaklab.models import ModelRef
@@ -56,10 +60,18 @@ def attack_cmd(
     if batch_size is not None and batch_size < 1:
         raise LeaklabError(f"--batch-size must be at least 1, got {batch_size}")
     status = err if as_json else console
+    options = parse_options(attack_option)
     if update is not None:
         ref = ModelRef(model, task, num_labels) if model is not None else None
         summary = run_update_eval(
-            attack, update, ref, batch_size, out=out, console=status, batch_size_known=batch_size_known
+            attack,
+            update,
+            ref,
+            batch_size,
+            out=out,
+            console=status,
+            batch_size_known=batch_size_known,
+            attack_options=options,
         )
     else:
         summary = run_gradient_eval(
@@ -74,6 +86,7 @@ def attack_cmd(
             task=task,
             num_labels=num_labels,
             flags=ThreatFlags(batch_size_known=batch_size_known),
+            attack_options=options,
             out=out,
             console=status,
         )

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from leaklab.errors import UnknownNameError
+from leaklab.errors import LeaklabError, UnknownNameError
 from leaklab.threat.observation import Observation, require_observation
 
 
@@ -46,7 +46,31 @@ def make_attack(name: str, **options: Any) -> GradientAttack:
     _load_builtin_attacks()
     if name not in GRADIENT_ATTACKS:
         raise UnknownNameError("attack", name, list(GRADIENT_ATTACKS))
-    return GRADIENT_ATTACKS[name](**options)
+    try:
+        return GRADIENT_ATTACKS[name](**options)
+    except TypeError as exc:  # an option the attack's options dataclass does not have
+        raise LeaklabError(f"attack '{name}' does not accept the options {sorted(options)}: {exc}") from exc
+
+
+def parse_options(items: list[str] | None) -> dict[str, Any]:
+    """``["beam=4", "budget_s=120"]`` → ``{"beam": 4, "budget_s": 120.0}`` (ints, floats, booleans, strings)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise LeaklabError(f"option '{item}' is not of the form key=value")
+        key, raw = (x.strip() for x in item.split("=", 1))
+        value: Any = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(raw)
+                    break
+                except ValueError:
+                    pass
+        out[key.replace("-", "_")] = value
+    return out
 
 
 def run_attack(attack: GradientAttack, obs: Any) -> Recovery:

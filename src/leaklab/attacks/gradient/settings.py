@@ -23,15 +23,20 @@ Where no view exists (no first/second-layer attention gradient or LoRA pair) a :
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import replace
 from typing import Any
 
 import torch
 
 from leaklab.attacks.base import Recovery, register_gradient_attack
+from leaklab.attacks.gradient.subspace import numerical_rank
 from leaklab.errors import LeaklabError
 from leaklab.models.registry import load_model
 from leaklab.threat.observation import Observation
+
+log = logging.getLogger(__name__)
 
 #: layers whose attention gradients the span attacks read
 SPAN_LAYERS = (0, 1)
@@ -127,6 +132,7 @@ def lora_pseudo_gradients(
     adapted = dict(lora_model(obs.model, lora_meta).named_parameters())
     out: dict[str, torch.Tensor] = {}
     used = {}
+    saturated: list[int] = []
     for layer in SPAN_LAYERS:
         proj = loaded.adapter.projections[layer]
         blocks: dict[str, torch.Tensor] = {}
@@ -139,6 +145,8 @@ def lora_pseudo_gradients(
         key, a, grad_b, rows = pair
         a = a.detach().double()
         g = grad_b.double()[rows[0] : rows[1]] @ torch.linalg.solve(a @ a.T, a)  # s·Δᵀ X P (out x d)
+        if numerical_rank(torch.linalg.svdvals(g)) >= a.shape[0]:
+            saturated.append(layer)
         _, _, vh = torch.linalg.svd(a, full_matrices=True)
         null = vh[a.shape[0] :]  # orthonormal basis of null(A), (d − r) x d
         used[layer] = key
@@ -150,7 +158,15 @@ def lora_pseudo_gradients(
             else:
                 blocks[slot] = torch.zeros(p.rows[1] - p.rows[0], a.shape[1], dtype=torch.float64)
         _place(out, proj, blocks, loaded)
-    return out, {"r": int(lora_meta["r"]), "projection": used, "exact_if_tokens_below": int(lora_meta["r"])}
+    if saturated:  # span{A x_i} is all of R^r: every candidate passes, the span checks carry no information
+        msg = (
+            f"the LoRA adapter gradient has full rank r = {int(lora_meta['r'])} on layer(s) {saturated}: the batch "
+            "has at least r tokens, so span checks cannot separate the batch's inputs from others (expect nothing)"
+        )
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    info = {"r": int(lora_meta["r"]), "projection": used, "exact_if_tokens_below": int(lora_meta["r"])}
+    return out, {**info, "saturated_layers": saturated}
 
 
 def _lora_pair(proj, adapted: dict[str, torch.nn.Parameter], grads: dict[str, torch.Tensor]):
@@ -220,9 +236,7 @@ def keep_fluent_of_permutations(obs: Observation, rec: Recovery, overlap: float 
     keep: list[int] = []
     for i in order:
         bag = Counter(ids[i])
-        if all(
-            sum((bag & Counter(ids[j])).values()) < overlap * max(len(ids[i]), len(ids[j]), 1) for j in keep
-        ):
+        if all(sum((bag & Counter(ids[j])).values()) < overlap * max(len(ids[i]), len(ids[j]), 1) for j in keep):
             keep.append(i)
     keep.sort()
     return Recovery([rec.texts[i] for i in keep], [ids[i] for i in keep], rec.seconds, rec.info)

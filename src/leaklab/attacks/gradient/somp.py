@@ -30,6 +30,8 @@ from leaklab.attacks.gradient.dager import (
     Found,
     SpanModel,
     assemble,
+    best_effort_decoder,
+    complete_last_tokens,
     decoder_search,
     encoder_search,
     last_token_scores,
@@ -65,10 +67,12 @@ class SompOptions:
     stop_z: float = 4.0  # ... and stops growing below this (in between: emitted and grown)
     budget_s: float = 900.0  # decoding time limit; prefixes still open then are closed as they stand
     starts_factor: float = 1.5  # first tokens decoded per expected text (full-rank regime)
+    lm_weight: float = 0.5  # pool regime: weight of the model's own next-token log-prior in the ranking
     last_alternatives: int = 6  # candidate last tokens per text, left for OMP to choose between
     omp_tol: float = 1e-3
     omp_min_gain: float = 0.01
     max_atoms: int = 1024
+    best_effort_atoms: bool = True  # full-rank regime: DAGER's best-effort texts are dictionary atoms as well
     chunk: int = 2048
 
 
@@ -93,11 +97,15 @@ class FullRankChecks:
         ad = spans.adapter
         self.adapter = ad
         self.tokens = tokens
-        self.mlp = self._capped(mlp_subspace(spans.obs, ad, 0), cut)
         self.att = self._capped(attention_subspace(spans.obs, ad, 1), cut)
-        self.mlp_module = ad.mlp_inputs(0).module
         self.att_module = ad.projections[1].module
-        self.fast = RopeExtender.build(ad, tokens)
+        mlp_params = [p.param for p in ad.mlp_inputs(0).projections]
+        if all(name in spans.obs.gradients for name in mlp_params):
+            self.mlp: Subspace | None = self._capped(mlp_subspace(spans.obs, ad, 0), cut)
+            self.mlp_module = ad.mlp_inputs(0).module
+            self.fast = RopeExtender.build(ad, tokens)
+        else:  # e.g. LoRA on the attention only: the layer-2 attention check scores every extension
+            self.mlp, self.mlp_module, self.fast = None, None, None
 
     @staticmethod
     def _capped(sub: Subspace, cut: int) -> Subspace:
@@ -106,6 +114,8 @@ class FullRankChecks:
     def cheap(self, prefixes: torch.Tensor, chunk: int) -> torch.Tensor:
         """(n, m) log distance of the MLP input of every prefix + every token."""
         n, m = prefixes.shape[0], self.tokens.numel()
+        if self.mlp is None:
+            return self.full(prefixes, torch.arange(n).repeat_interleave(m), self.tokens.repeat(n), chunk).view(n, m)
         if self.fast is not None:
             x = self.fast.all_pairs(prefixes, chunk).view(n * m, -1)
         else:
@@ -114,8 +124,22 @@ class FullRankChecks:
         return self.mlp.distance(x).clamp_min(1e-12).log().view(n, m)
 
     def full(self, prefixes: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
+        if self.mlp is None:
+            (xa,) = pair_module_inputs(self.adapter, prefixes, rows, tokens, [self.att_module], 1, chunk)
+            return self.att.distance(xa).clamp_min(1e-12).log()
         xm, xa = pair_module_inputs(self.adapter, prefixes, rows, tokens, [self.mlp_module, self.att_module], 1, chunk)
         return self.mlp.distance(xm).clamp_min(1e-12).log() + self.att.distance(xa).clamp_min(1e-12).log()
+
+
+def lm_prior(model: torch.nn.Module, seqs: torch.Tensor, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(n, m) log p(tokens[j] | seqs[i]) under the attacked model, renormalised over the token set."""
+    out = []
+    step = max(1, chunk // max(seqs.shape[1], 1))
+    with torch.no_grad():
+        for s in range(0, seqs.shape[0], step):
+            logits = model(seqs[s : s + step]).logits[:, -1].double()
+            out.append(torch.log_softmax(logits[:, tokens], dim=1))
+    return torch.cat(out)
 
 
 def _loops(seqs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -144,16 +168,34 @@ def robust_z(scores: torch.Tensor) -> torch.Tensor:
     return (med - scores) / mad
 
 
-def span_beam_decode(spans: SpanModel, tokens: torch.Tensor, n_texts: int, opts: SompOptions) -> list[Found]:
+SENTENCE_ENDS = (".", "!", "?", '."', '!"', '?"', ".'", ".)")
+
+
+def sentence_final(loaded, tokens: torch.Tensor) -> torch.Tensor:
+    """(m,) True for the tokens whose text ends a sentence."""
+    return torch.tensor([loaded.tokenizer.decode([t]).rstrip().endswith(SENTENCE_ENDS) for t in tokens.tolist()])
+
+
+def span_beam_decode(
+    spans: SpanModel, tokens: torch.Tensor, n_texts: int, opts: SompOptions, prior: bool = False
+) -> list[Found]:
     """Full-rank regime decoding (stage 2): from the start tokens that best pass the checks at position 0,
     grow every prefix by the extensions among ``tokens`` that stand out (cheap check over all, both checks
     over a shortlist): the best one, and every other that is as much of an outlier (texts sharing a prefix),
     at most ``beam`` prefixes per start token. A prefix ends where its best extension stops standing out
     (the next-token task's last token reaches no attention gradient; it is added afterwards); in the
-    ambiguous band between ``stop_z`` and ``end_z`` it is both emitted and continued, for OMP to decide."""
+    ambiguous band between ``stop_z`` and ``end_z`` it is both emitted and continued, for OMP to decide.
+
+    With ``prior`` (the token set is the output-gradient pool: T well above d, the checks rank the true token
+    first only a fraction of the time) the ranking is robust z + ``lm_weight`` · log p_model(token | prefix)
+    over the pool, prefixes are not ended by the outlier test (it no longer separates), and a candidate is
+    emitted wherever the best next token ends a sentence: OMP chooses the length."""
     import time
 
     checks = FullRankChecks(spans, tokens, opts.rank_cut)
+    model = spans.loaded.model
+    use_prior = prior and opts.lm_weight > 0
+    ends = sentence_final(spans.loaded, tokens) if use_prior else None
     empty = torch.zeros(1, 0, dtype=torch.long)
     zeros = torch.zeros(tokens.numel(), dtype=torch.long)
     first = checks.full(empty, zeros, tokens, opts.chunk)
@@ -173,14 +215,24 @@ def span_beam_decode(spans: SpanModel, tokens: torch.Tensor, n_texts: int, opts:
         cheap = checks.cheap(seqs, opts.chunk)
         cheap = cheap.masked_fill(_loops(seqs, tokens), 0.0)  # log distance 0 = distance 1: never chosen
         z = robust_z(cheap)
-        short = torch.topk(cheap, k, dim=1, largest=False).indices  # (n, k)
-        rows = torch.arange(n).repeat_interleave(k)
-        both = checks.full(seqs, rows, tokens[short].flatten(), opts.chunk).view(n, k)
+        if use_prior:  # span evidence (robust z) plus the model's own prior, both as scores
+            mixed = z + opts.lm_weight * lm_prior(model, seqs, tokens, opts.chunk)
+            short = torch.topk(mixed, k, dim=1).indices
+            rows = torch.arange(n).repeat_interleave(k)
+            both = -mixed.gather(1, short)  # lower is better, like a log distance
+        else:
+            short = torch.topk(cheap, k, dim=1, largest=False).indices  # (n, k)
+            rows = torch.arange(n).repeat_interleave(k)
+            both = checks.full(seqs, rows, tokens[short].flatten(), opts.chunk).view(n, k)
         rank = torch.argsort(both, dim=1)
         z_short = z.gather(1, short.gather(1, rank))  # robust z of the shortlist, best (by both checks) first
         last_step = time.perf_counter() > t_end or p == limit
-        emit = (z_short[:, 0] < opts.end_z) | last_step
-        stop = (z_short[:, 0] < opts.stop_z) | last_step
+        if use_prior:
+            emit = ends[short.gather(1, rank)[:, 0]] | last_step
+            stop = torch.full_like(emit, last_step)
+        else:
+            emit = (z_short[:, 0] < opts.end_z) | last_step
+            stop = (z_short[:, 0] < opts.stop_z) | last_step
         for i in torch.nonzero(emit).flatten().tolist():
             done.append(Found(seqs[i].tolist(), float(total[i]) / p, exact=False))
             if bool(stop[i]):  # the second-to-last position (one loss term) is the weakest: also keep it
@@ -257,6 +309,7 @@ def select_by_omp(
     res = refine_swaps(atoms, target, omp(atoms, target, n_known, opts.omp_tol, opts.omp_min_gain, groups), groups)
     chosen = [found[atom // len(labels)] for atom in res.selected]
     info = {
+        "omp_coef": [float(c) for c in res.coef],
         "omp_stop": res.stop,
         "omp_residual": res.residual_norms[-1] if res.residual_norms else 1.0,
         "dictionary": len(sentences),
@@ -289,8 +342,15 @@ class SompAttack:
             n_texts = n_known or max(1, spans.adapter.hidden_size // 16)
             tokens = self.token_set(spans)
             info["token_set"] = int(tokens.numel())
-            found = dedupe(span_beam_decode(spans, tokens, n_texts, self.opts))
+            found = dedupe(span_beam_decode(spans, tokens, n_texts, self.opts, prior=not spans.l1_exact))
             found = with_last_alternatives(spans, found, self.opts.last_alternatives)
+            if self.opts.best_effort_atoms:  # DAGER's greedy best-effort texts join the dictionary too
+                extra = assemble(best_effort_decoder(spans, n_texts, dopts), None)
+                complete_last_tokens(spans, extra)
+                seen = {tuple(f.ids) for f in extra}
+                room = max(0, self.opts.max_atoms - len(extra))
+                found = [f for f in found if tuple(f.ids) not in seen][:room] + extra
+                info["best_effort_atoms"] = len(extra)
         else:
             found = dedupe(encoder_search(spans, n_known or 1, dopts))
         info["candidates"] = len(found)

@@ -18,13 +18,9 @@ from leaklab.threat.observation import Observation
 def embedding_gradient(obs: Observation) -> torch.Tensor:
     """The token-embedding gradient (vocab x d) of the update, or a clear error when it is not shared."""
     loaded = load_model(obs.model)
-    name = next(
-        (n for n, p in loaded.model.named_parameters() if p is loaded.adapter.embeddings.weight), None
-    )
+    name = next((n for n, p in loaded.model.named_parameters() if p is loaded.adapter.embeddings.weight), None)
     if name is None or name not in obs.gradients:
-        raise LeaklabError(
-            "the update has no token-embedding gradient (frozen embeddings?): no token set leaks"
-        )
+        raise LeaklabError("the update has no token-embedding gradient (frozen embeddings?): no token set leaks")
     return obs.gradients[name]
 
 
