@@ -74,6 +74,9 @@ def test_lora_rank_above_tokens_is_exact_and_below_is_not():
     with pytest.warns(RuntimeWarning, match="full rank r = 4 on layer\\(s\\) \\[0, 1\\]"):
         view, info = fedsgd_view(small)
     assert info["lora"]["saturated_layers"] == [0, 1]
+    with pytest.warns(RuntimeWarning, match="full rank r = 4"):
+        rec = run_attack(make_attack("somp-any"), small)
+    assert rec.texts == [] and "saturated" in rec.info["skipped"]
     assert attention_subspace(view, load_model(small.model).adapter, 0).full
 
 

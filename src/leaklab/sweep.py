@@ -118,6 +118,26 @@ def sweep(
     for v in values or [None]:
         params = {**fixed, **({param: v} if param is not None else {})}
         points.append((v, [make_defense(defense, **params)]))
+    config = {
+        "kind": "defense-sweep",
+        "defense": defense,
+        "param": param,
+        "values": list(values),
+        "defense_params": fixed,
+        "attack": attack,
+        "attack_options": attack_options or {},
+        "model": ref.to_dict(),
+        "corpus": corpus,
+        "setting": setting,
+        "setting_options": setting_options or {},
+        "flags": flags.to_dict(),
+        "batch_size": batch_size,
+        "batches": batches,
+        "seed": seed,
+        "min_tokens": min_tokens,
+        "max_tokens": max_tokens,
+        "utility": {"texts": utility_texts, "split": "public", "server_lr": server_lr},
+    }
     atk = make_attack(attack, **(attack_options or {}))
     load_model(ref)
     rows = []
@@ -156,26 +176,8 @@ def sweep(
                 )
                 bar.advance(task)
             rows.append(_row(value, param, done))
-    config = {
-        "kind": "defense-sweep",
-        "defense": defense,
-        "param": param,
-        "values": list(values),
-        "defense_params": fixed,
-        "attack": attack,
-        "attack_options": attack_options or {},
-        "model": ref.to_dict(),
-        "corpus": corpus,
-        "setting": setting,
-        "setting_options": setting_options or {},
-        "flags": flags.to_dict(),
-        "batch_size": batch_size,
-        "batches": batches,
-        "seed": seed,
-        "min_tokens": min_tokens,
-        "max_tokens": max_tokens,
-        "utility": {"texts": utility_texts, "split": "public", "server_lr": server_lr},
-    }
+            # every finished point is on disk at once: an interrupted sweep keeps what it measured
+            write_outputs(Path(out), {"config": config, "rows": rows, "environment": environment()})
     result = {"config": config, "rows": rows, "environment": environment()}
     write_outputs(Path(out), result)
     return result

@@ -213,6 +213,8 @@ class _Adapted:
 
     def run(self, obs: Observation) -> Recovery:
         view, adapted = fedsgd_view(obs)
+        if len(adapted.get("lora", {}).get("saturated_layers", [])) == len(SPAN_LAYERS):
+            return Recovery([], [], info={"adaptation": adapted, "skipped": "LoRA span saturated: no information"})
         rec = self.inner.run(view)
         meta = obs.meta.get("inner_meta", obs.meta)
         if adapted["sequences_per_pair"] > 1 and meta.get("pairing") == "shuffle" and rec.token_ids:
