@@ -104,9 +104,7 @@ def test_lora_span_check_matches_brute_force():
     for ids in (fast, slow):
         members = set(torch.nonzero(ids < 1e-3).flatten().tolist())
         assert inside <= members and len(members) < 40
-    assert set(torch.nonzero(fast < 1e-3).flatten().tolist()) == set(
-        torch.nonzero(slow < 1e-3).flatten().tolist()
-    )
+    assert set(torch.nonzero(fast < 1e-3).flatten().tolist()) == set(torch.nonzero(slow < 1e-3).flatten().tolist())
 
 
 def test_lora_without_early_layer_adapter_is_refused():
