@@ -19,7 +19,7 @@ FULL: dict[str, dict[str, Any]] = {
     "nearest": {"n": 100, "options": {"candidates": 2000}},
     "bow": {"n": 200, "options": {"train_seconds": 240, "epochs": 60}},
     "whitebox": {"n": 30, "options": {"max_tokens": 16, "pool": 20}},
-    "decoder": {"n": 30, "options": {"train_seconds": 300, "steps": 2}},
+    "decoder": {"n": 30, "options": {"arch": "lm", "train_seconds": 900, "layers": 2, "lr": 1e-4, "steps": 2}},
     "alignment": {
         "n": 100,
         "options": {"k": "8,32,128,384,1024", "inner": "nearest,bow", "train_seconds": 90},
@@ -37,7 +37,11 @@ QUICK: dict[str, dict[str, Any]] = {
     "nearest": {"n": 6, "options": {"candidates": 50}},
     "bow": {"n": 6, "options": {"train_seconds": 5, "epochs": 2}, "public_limit": 300},
     "whitebox": {"n": 2, "options": {"max_tokens": 8, "length": 6, "passes": 1, "vocab": 500}},
-    "decoder": {"n": 3, "options": {"train_seconds": 5, "steps": 1}, "public_limit": 200},
+    "decoder": {
+        "n": 3,
+        "options": {"arch": "lm", "base": "tiny-llama", "layers": 1, "train_seconds": 5, "steps": 1},
+        "public_limit": 200,
+    },
     "alignment": {"n": 4, "options": {"k": "4,16", "inner": "nearest"}, "public_limit": 100},
     "kb-extract": {
         "n": 3,
