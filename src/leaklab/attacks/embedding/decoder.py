@@ -71,18 +71,22 @@ class CorrectingInverter:
         beam: int = 4,
         alpha: float = 1.0,
         seeds: list[list[str]] | None = None,
+        edits: int = 0,
     ) -> list[str]:
         """Best beam hypothesis, then ``steps`` rounds of correction by re-embedding through ``encoder``
-        (``seeds``: extra starting hypotheses per vector, e.g. its nearest public texts)."""
+        (``seeds``: extra starting hypotheses per vector, e.g. its nearest public texts; ``edits``: word
+        substitutions tried per round on the best hypothesis)."""
         v = check_vectors(vectors, self.dim, "target vectors")
         hyps = self.beam_search(v, beam)
         if encoder is None or steps <= 0:
             return [h[0] for h in hyps]
         if seeds is not None:
             hyps = [h + list(s) for h, s in zip(hyps, seeds, strict=True)]
-        return [self._correct(v[i], hyps[i], encoder, steps, beam, alpha) for i in range(len(v))]
+        return [self._correct(v[i], hyps[i], encoder, steps, beam, alpha, edits) for i in range(len(v))]
 
-    def _correct(self, v: np.ndarray, first: list[str], encoder: Encoder, steps: int, beam: int, alpha: float) -> str:
+    def _correct(
+        self, v: np.ndarray, first: list[str], encoder: Encoder, steps: int, beam: int, alpha: float, edits: int = 0
+    ) -> str:
         scored: dict[str, float] = {}
 
         def score(cands: list[str]) -> None:
@@ -100,11 +104,28 @@ class CorrectingInverter:
             for b in best:
                 w = b.split()
                 cands.extend(" ".join(w[:i] + w[i + 1 :]) for i in range(len(w)) if len(w) > 1)
+            cands.extend(substitutions(best[0], first + cands, edits))
             before = len(scored)
             score(cands)
             if len(scored) == before:
                 break
         return max(scored, key=lambda t: scored[t])
+
+
+def substitutions(text: str, pool_texts: list[str], limit: int) -> list[str]:
+    """Up to ``limit`` one-word substitutions of ``text`` with words of ``pool_texts`` (most frequent first)."""
+    if limit <= 0:
+        return []
+    words = text.split()
+    pool = [w for w, _ in Counter(w for t in pool_texts for w in set(t.split())).most_common()]
+    out = []
+    for new in pool:
+        for i, old in enumerate(words):
+            if new != old:
+                out.append(" ".join(words[:i] + [new] + words[i + 1 :]))
+                if len(out) >= limit:
+                    return out
+    return out
 
 
 class DecoderInverter(CorrectingInverter):
@@ -288,7 +309,7 @@ def train_decoder(
     (trained from scratch); ``train_seconds`` is the whole training budget."""
     enc = encoder or scn.victim
     texts, vecs = pairs or scn.public_pairs(enc)
-    arch = option(scn, "arch", "lm")
+    arch = option(scn, "arch", "gru")
     if arch not in ARCHS:
         from leaklab.errors import UnknownNameError
 
@@ -356,12 +377,13 @@ def evaluate(scn: Scenario) -> AttackReport:
     base = inv.invert(targets, None, beam=beam)
     steps = option(scn, "steps", 3)
     seeds = nearest_texts(*pairs, targets, option(scn, "seeds", 2))
-    pred = inv.invert(targets, enc, steps=steps, beam=beam, seeds=seeds) if steps > 0 else base
+    edits = option(scn, "edits", 0)
+    pred = inv.invert(targets, enc, steps=steps, beam=beam, seeds=seeds, edits=edits) if steps > 0 else base
     attack_usage = enc.usage.since(mid)
     metrics = score_inversion(pred, sample.texts, targets, enc)
     metrics["base"] = {k: v for k, v in score_inversion(base, sample.texts, targets, enc).items() if k != "per_item_f1"}
     metrics["correction_queries_per_target"] = attack_usage["queries"] / len(sample.texts)
-    info.update({"training_usage": train_usage, "correction_steps": steps})
+    info.update({"training_usage": train_usage, "correction_steps": steps, "correction_edits": edits})
     return AttackReport(
         "decoder",
         scn.to_dict(),

@@ -83,6 +83,12 @@ class LMDecoderInverter(CorrectingInverter):
         for i, layer in enumerate(layers[self.split :]):
             layer.register_forward_pre_hook(self._hook(i), with_kwargs=True)
 
+    @staticmethod
+    def tokenizer_of(base: str) -> Any:
+        from leaklab.models import load_model
+
+        return load_model(base).tokenizer
+
     def trainable_lm(self) -> list[nn.Parameter]:
         return [p for layer in self.model.model.layers[self.split :] for p in layer.parameters()] + list(
             self.model.model.norm.parameters()
@@ -219,6 +225,16 @@ class LMDecoderInverter(CorrectingInverter):
         for r, i in enumerate(idx):  # no loss on the padding after each text's end token
             tgt[r, len(seqs[i]) - 1 :] = -100
         return h.to(torch.bfloat16), tgt
+
+    @torch.no_grad()
+    def loss(self, texts: list[str], vectors: np.ndarray) -> float:
+        """Mean teacher-forced cross-entropy per token, -1/N Σ log p(x_t | x_<t, v) over V (no training)."""
+        texts, v = check_pairs(texts, vectors, self.dim)
+        seqs = self.encode(texts)
+        h, tgt = self._cache(seqs, np.arange(len(seqs)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = self._upper_logits(h.float(), torch.from_numpy(v), torch.tensor(self.vocab_ids))
+        return float(nn.functional.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100))
 
     # -- decoding
     @torch.no_grad()
