@@ -112,6 +112,10 @@ def test_substitutions_match_brute_force():
     want = [" ".join(w if j == i else o for j, o in enumerate(["a", "bad", "film"])) for w in words for i in range(3)]
     assert got == [t for t in want if t != "a bad film"]
     assert substitutions("a bad film", pool, 2) == got[:2] and substitutions("x", pool, 0) == []
+    both = substitutions("a bad film", pool, 100, insert=True)
+    base = ["a", "bad", "film"]
+    inserted = [" ".join([*base[:i], w, *base[i:]]) for w in words for i in range(4)]
+    assert sorted(both) == sorted(got + inserted)
 
 
 def test_lm_decoder_learns_saves_and_loads(tiny, tmp_path):

@@ -19,7 +19,7 @@ FULL: dict[str, dict[str, Any]] = {
     "nearest": {"n": 100, "options": {"candidates": 2000}},
     "bow": {"n": 200, "options": {"train_seconds": 240, "epochs": 60}},
     "whitebox": {"n": 30, "options": {"max_tokens": 16, "pool": 20}},
-    "decoder": {"n": 30, "options": {"arch": "gru", "train_seconds": 300, "steps": 2}},
+    "decoder": {"n": 30, "options": {"arch": "gru", "train_seconds": 300, "steps": 5, "edits": 200}},
     "decoder-lm": {
         "attack": "decoder",
         "n": 30,

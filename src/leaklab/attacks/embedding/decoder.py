@@ -104,7 +104,7 @@ class CorrectingInverter:
             for b in best:
                 w = b.split()
                 cands.extend(" ".join(w[:i] + w[i + 1 :]) for i in range(len(w)) if len(w) > 1)
-            cands.extend(substitutions(best[0], first + cands, edits))
+            cands.extend(substitutions(best[0], first + cands, edits, insert=True))
             before = len(scored)
             score(cands)
             if len(scored) == before:
@@ -112,19 +112,22 @@ class CorrectingInverter:
         return max(scored, key=lambda t: scored[t])
 
 
-def substitutions(text: str, pool_texts: list[str], limit: int) -> list[str]:
-    """Up to ``limit`` one-word substitutions of ``text`` with words of ``pool_texts`` (most frequent first)."""
+def substitutions(text: str, pool_texts: list[str], limit: int, insert: bool = False) -> list[str]:
+    """Up to ``limit`` one-word substitutions (and, with ``insert``, insertions) of ``text`` with words of
+    ``pool_texts``, most frequent pool word first."""
     if limit <= 0:
         return []
     words = text.split()
     pool = [w for w, _ in Counter(w for t in pool_texts for w in set(t.split())).most_common()]
     out = []
     for new in pool:
-        for i, old in enumerate(words):
-            if new != old:
+        for i in range(len(words) + insert):
+            if i < len(words) and new != words[i]:
                 out.append(" ".join(words[:i] + [new] + words[i + 1 :]))
-                if len(out) >= limit:
-                    return out
+            if insert:
+                out.append(" ".join(words[:i] + [new] + words[i:]))
+            if len(out) >= limit:
+                return out[:limit]
     return out
 
 
