@@ -118,7 +118,7 @@ def substitutions(text: str, pool_texts: list[str], limit: int, insert: bool = F
     if limit <= 0:
         return []
     words = text.split()
-    pool = [w for w, _ in Counter(w for t in pool_texts for w in set(t.split())).most_common()]
+    pool = [w for w, _ in Counter(w for t in pool_texts for w in dict.fromkeys(t.split())).most_common()]
     out = []
     for new in pool:
         for i in range(len(words) + insert):
@@ -344,7 +344,9 @@ def train_decoder(
         scn.max_tokens + 2,
         enc.name,
     )
-    info = inv.fit(texts, vecs, seconds=option(scn, "train_seconds", 180.0), seed=scn.seed)
+    info = inv.fit(
+        texts, vecs, seconds=option(scn, "train_seconds", 180.0), epochs=option(scn, "epochs", 50), seed=scn.seed
+    )
     info["arch"] = "gru"
     return inv, info
 
