@@ -8,8 +8,9 @@ from embed_toys import bag_encoder
 from leaklab.attacks.embedding.alignment import Alignment, leaked_pairs
 from leaklab.attacks.embedding.bow import BagOfWordsInverter, build_vocab
 from leaklab.attacks.embedding.clustering import ProbeClustering
-from leaklab.attacks.embedding.decoder import DecoderInverter, piece_vocab
+from leaklab.attacks.embedding.decoder import DecoderInverter, load_decoder, piece_vocab, substitutions
 from leaklab.attacks.embedding.kb import HiddenKB, HttpKB, KBExtractor, KBVectorRecovery
+from leaklab.attacks.embedding.lmdecoder import LMDecoderInverter, lm_vocab
 from leaklab.attacks.embedding.membership import finetune_simcse, kb_scores
 from leaklab.attacks.embedding.nearest import NearestNeighbour
 from leaklab.attacks.embedding.registry import Scenario, attack_names, get_attack, run_embed_attack
@@ -102,6 +103,45 @@ def test_decoder_trains_saves_loads_and_corrects(tiny, public, tmp_path):
     assert len(out) == 2 and tiny.usage.since(before)["queries"] > 0
     # correction keeps the closest hypothesis: the exact text, when seeded, wins
     assert out == public[:2]
+
+
+def test_substitutions_match_brute_force():
+    pool = ["good film", "film bad", "good"]
+    got = substitutions("a bad film", pool, 100)
+    words = ["good", "film", "bad"]  # pool words by how many pool texts hold them (ties: first seen)
+    want = [" ".join(w if j == i else o for j, o in enumerate(["a", "bad", "film"])) for w in words for i in range(3)]
+    assert got == [t for t in want if t != "a bad film"]
+    assert substitutions("a bad film", pool, 2) == got[:2] and substitutions("x", pool, 0) == []
+    both = substitutions("a bad film", pool, 100, insert=True)
+    base = ["a", "bad", "film"]
+    inserted = [" ".join([*base[:i], w, *base[i:]]) for w in words for i in range(4)]
+    assert sorted(both) == sorted(got + inserted)
+
+
+def test_lm_decoder_learns_saves_and_loads(tiny, tmp_path):
+    texts = DOCS + ["a long slow film about the sea", "the music was loud and happy"]
+    vecs = tiny.embed(texts)
+    vocab = lm_vocab(LMDecoderInverter.tokenizer_of("tiny-llama"), texts)
+    inv = LMDecoderInverter(tiny.dim, vocab, "tiny-llama", 1, 12)
+    before = inv.loss(texts, vecs)
+    info = inv.fit(texts, vecs, seconds=12, epochs=150, batch_size=4, lr=3e-3, cond_lr=3e-3, progress=False)
+    assert info["steps"] >= 20 and info["arch"] == "lm"
+    after = inv.loss(texts, vecs)
+    shuffled = inv.loss(texts, vecs[::-1].copy())
+    # it learns the pairs, and the vector (not only the text prior) carries what it learned
+    assert after < 0.5 * before and after < shuffled - 0.5
+    hyps = inv.beam_search(vecs, beam=2)
+    assert sum(h[0] == t for h, t in zip(hyps, texts, strict=True)) >= len(texts) // 2
+    inv.save(tmp_path / "lm")
+    back = load_decoder(tmp_path / "lm", tiny.tokenizer)
+    assert isinstance(back, LMDecoderInverter) and back.beam_search(vecs[:3], beam=2) == hyps[:3]
+    assert back.loss(texts, vecs) == pytest.approx(after, abs=1e-5)
+    with pytest.raises(LeaklabError, match="'lm' decoder, not a 'gru' one"):
+        DecoderInverter.load(tmp_path / "lm", tiny.tokenizer)
+    with pytest.raises(LeaklabError, match="dimension 3 does not match"):
+        inv.beam_search(np.ones((1, 3), dtype=np.float32))
+    with pytest.raises(LeaklabError, match="top=5"):
+        LMDecoderInverter(tiny.dim, [5, 6], "tiny-llama", 5)
 
 
 def test_whitebox_search_never_moves_away_and_its_fast_paths_match_references(tiny):

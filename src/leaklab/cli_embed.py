@@ -183,13 +183,13 @@ def invert_cmd(
 
         texts = BagOfWordsInverter.load(inverter_dir).invert(vecs)
     elif kind == "decoder":
-        from leaklab.attacks.embedding.decoder import DecoderInverter
+        from leaklab.attacks.embedding.decoder import load_decoder
         from leaklab.encoders import load_encoder
         from leaklab.models.registry import minilm_tokenizer
 
         enc = load_encoder(encoder, api_key=api_key) if encoder else None
         tok = getattr(enc, "tokenizer", None) or minilm_tokenizer()
-        inv = DecoderInverter.load(inverter_dir, tok)
+        inv = load_decoder(inverter_dir, tok)
         texts = inv.invert(vecs, enc, steps=steps if enc else 0)
         if enc is not None:
             console.print(f"[dim]correction queries: {enc.usage.queries}[/]")

@@ -19,7 +19,12 @@ FULL: dict[str, dict[str, Any]] = {
     "nearest": {"n": 100, "options": {"candidates": 2000}},
     "bow": {"n": 200, "options": {"train_seconds": 240, "epochs": 60}},
     "whitebox": {"n": 30, "options": {"max_tokens": 16, "pool": 20}},
-    "decoder": {"n": 30, "options": {"train_seconds": 300, "steps": 2}},
+    "decoder": {"n": 30, "options": {"arch": "gru", "train_seconds": 300, "steps": 5, "edits": 200}},
+    "decoder-lm": {
+        "attack": "decoder",
+        "n": 30,
+        "options": {"arch": "lm", "train_seconds": 900, "layers": 2, "lr": 1e-4, "steps": 2},
+    },
     "alignment": {
         "n": 100,
         "options": {"k": "8,32,128,384,1024", "inner": "nearest,bow", "train_seconds": 90},
@@ -37,7 +42,13 @@ QUICK: dict[str, dict[str, Any]] = {
     "nearest": {"n": 6, "options": {"candidates": 50}},
     "bow": {"n": 6, "options": {"train_seconds": 5, "epochs": 2}, "public_limit": 300},
     "whitebox": {"n": 2, "options": {"max_tokens": 8, "length": 6, "passes": 1, "vocab": 500}},
-    "decoder": {"n": 3, "options": {"train_seconds": 5, "steps": 1}, "public_limit": 200},
+    "decoder": {"n": 3, "options": {"arch": "gru", "train_seconds": 5, "steps": 1}, "public_limit": 200},
+    "decoder-lm": {
+        "attack": "decoder",
+        "n": 3,
+        "options": {"arch": "lm", "base": "tiny-llama", "layers": 1, "train_seconds": 5, "steps": 1},
+        "public_limit": 200,
+    },
     "alignment": {"n": 4, "options": {"k": "4,16", "inner": "nearest"}, "public_limit": 100},
     "kb-extract": {
         "n": 3,
@@ -57,6 +68,7 @@ QUICK: dict[str, dict[str, Any]] = {
 TARGETS = {
     "bow": ("token F1 ≥ 0.6", lambda m: m["token_f1"], 0.6),
     "decoder": ("ROUGE-L ≥ 0.5 after ≤ 15 min CPU training", lambda m: m["rougeL"], 0.5),
+    "decoder-lm": ("ROUGE-L ≥ 0.5 after ≤ 15 min CPU training", lambda m: m["rougeL"], 0.5),
     "whitebox": ("token F1 ≥ 0.7 on ≤ 16-token texts", lambda m: m["token_f1"], 0.7),
     "kb-extract": ("≥ 95% of 200 docs recovered to token F1 ≥ 0.8", lambda m: m["recovered_share"], 0.95),
     "kb-extract-blackbox": ("≥ 95% of 200 docs recovered to token F1 ≥ 0.8", lambda m: m["recovered_share"], 0.95),
@@ -170,10 +182,10 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 def _note(name: str, r: dict[str, Any]) -> str:
     """Context a reader needs beside a target's measured value."""
     m, info = r["metrics"], r.get("info", {})
-    if name == "decoder":
+    if name.startswith("decoder"):
         return (
-            f"{info.get('train_seconds', '?')} s of training (wall, shared CPU), {info.get('steps', '?')} "
-            f"optimiser steps; n={m['n']}"
+            f"{info.get('arch', 'gru')} decoder; {info.get('train_seconds', '?')} s of training (wall, shared CPU), "
+            f"{info.get('steps', '?')} optimiser steps; n={m['n']}"
         )
     if name.startswith("kb-extract"):
         known = "encoder known" if r.get("flags", {}).get("encoder_known") else "search endpoint only"
@@ -211,7 +223,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
 
 
 def _inversion(res: dict[str, Any]) -> list[str]:
-    names = [n for n in ("bow", "whitebox", "decoder") if n in res]
+    names = [n for n in ("bow", "whitebox", "decoder", "decoder-lm") if n in res]
     if not names:
         return []
     lines = [
@@ -228,15 +240,17 @@ def _inversion(res: dict[str, Any]) -> list[str]:
             f"{m['token_f1']:.3f} | {m['rougeL']:.3f} | {m['bleu']:.2f} | {m['exact']:.3f} | "
             f"{_fmt(m.get('cosine', '–'))} | {r['usage'].get('queries', 0)} | {r['seconds']:.0f} |"
         )
-    if "decoder" in res:
-        b, info = res["decoder"]["metrics"]["base"], res["decoder"]["info"]
+    for name in ("decoder", "decoder-lm"):
+        if name not in res:
+            continue
+        b, info = res[name]["metrics"]["base"], res[name]["info"]
         training = json.dumps({k: v for k, v in info.items() if k != "training_usage"})
         lines += [
             "",
             (
-                f"Decoder before correction: token F1 {b['token_f1']:.3f}, ROUGE-L {b['rougeL']:.3f}, "
+                f"{name} before correction: token F1 {b['token_f1']:.3f}, ROUGE-L {b['rougeL']:.3f}, "
                 f"cosine {b.get('cosine', 0):.3f}. Training: {training}; correction queries per target: "
-                f"{res['decoder']['metrics']['correction_queries_per_target']:.0f}."
+                f"{res[name]['metrics']['correction_queries_per_target']:.0f}."
             ),
         ]
     return lines
@@ -372,7 +386,7 @@ def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    inv = [n for n in ("bow", "whitebox", "decoder", "kb-extract") if n in results]
+    inv = [n for n in ("bow", "whitebox", "decoder", "decoder-lm", "kb-extract") if n in results]
     if inv:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         keys = ("token_f1", "rougeL", "cosine")

@@ -57,10 +57,85 @@ class GRUDecoder(nn.Module):
         return self.proj(out) @ self.embed.weight.T, h
 
 
-class DecoderInverter:
-    """Train, decode (beam search) and correct with re-embedding."""
+class CorrectingInverter:
+    """Beam-search hypotheses, then correction by re-embedding (shared by the GRU and LM decoders)."""
+
+    def beam_search(self, vectors: np.ndarray, beam: int = 4) -> list[list[str]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def invert(
+        self,
+        vectors: np.ndarray,
+        encoder: Encoder | None = None,
+        steps: int = 3,
+        beam: int = 4,
+        alpha: float = 1.0,
+        seeds: list[list[str]] | None = None,
+        edits: int = 0,
+    ) -> list[str]:
+        """Best beam hypothesis, then ``steps`` rounds of correction by re-embedding through ``encoder``
+        (``seeds``: extra starting hypotheses per vector, e.g. its nearest public texts; ``edits``: word
+        substitutions tried per round on the best hypothesis)."""
+        v = check_vectors(vectors, self.dim, "target vectors")
+        hyps = self.beam_search(v, beam)
+        if encoder is None or steps <= 0:
+            return [h[0] for h in hyps]
+        if seeds is not None:
+            hyps = [h + list(s) for h, s in zip(hyps, seeds, strict=True)]
+        return [self._correct(v[i], hyps[i], encoder, steps, beam, alpha, edits) for i in range(len(v))]
+
+    def _correct(
+        self, v: np.ndarray, first: list[str], encoder: Encoder, steps: int, beam: int, alpha: float, edits: int = 0
+    ) -> str:
+        scored: dict[str, float] = {}
+
+        def score(cands: list[str]) -> None:
+            new = list(dict.fromkeys(c for c in cands if c.strip() and c not in scored))
+            if new:
+                sims = cosine_rows(encoder.embed(new), np.repeat(v[None], len(new), 0))
+                scored.update(zip(new, sims.tolist(), strict=True))
+
+        score(first)
+        for _ in range(steps):
+            best = sorted(scored, key=lambda t: -scored[t])[:beam]
+            emb = encoder.embed(best)
+            pushed = v[None] + alpha * (v[None] - emb)
+            cands = [h for row in self.beam_search(pushed.astype(np.float32), beam) for h in row]
+            for b in best:
+                w = b.split()
+                cands.extend(" ".join(w[:i] + w[i + 1 :]) for i in range(len(w)) if len(w) > 1)
+            cands.extend(substitutions(best[0], first + cands, edits, insert=True))
+            before = len(scored)
+            score(cands)
+            if len(scored) == before:
+                break
+        return max(scored, key=lambda t: scored[t])
+
+
+def substitutions(text: str, pool_texts: list[str], limit: int, insert: bool = False) -> list[str]:
+    """Up to ``limit`` one-word substitutions (and, with ``insert``, insertions) of ``text`` with words of
+    ``pool_texts``, most frequent pool word first."""
+    if limit <= 0:
+        return []
+    words = text.split()
+    pool = [w for w, _ in Counter(w for t in pool_texts for w in dict.fromkeys(t.split())).most_common()]
+    out = []
+    for new in pool:
+        for i in range(len(words) + insert):
+            if i < len(words) and new != words[i]:
+                out.append(" ".join(words[:i] + [new] + words[i + 1 :]))
+            if insert:
+                out.append(" ".join(words[:i] + [new] + words[i:]))
+            if len(out) >= limit:
+                return out[:limit]
+    return out
+
+
+class DecoderInverter(CorrectingInverter):
+    """GRU decoder: train, decode (beam search) and correct with re-embedding."""
 
     kind = "decoder"
+    arch = "gru"
 
     def __init__(
         self,
@@ -173,49 +248,6 @@ class DecoderInverter:
         done.extend((sc / len(seq), seq) for sc, seq, _ in alive)
         return [s for _, s in sorted(done, key=lambda d: -d[0])[:beam]]
 
-    def invert(
-        self,
-        vectors: np.ndarray,
-        encoder: Encoder | None = None,
-        steps: int = 3,
-        beam: int = 4,
-        alpha: float = 1.0,
-        seeds: list[list[str]] | None = None,
-    ) -> list[str]:
-        """Best beam hypothesis, then ``steps`` rounds of correction by re-embedding through ``encoder``
-        (``seeds``: extra starting hypotheses per vector, e.g. its nearest public texts)."""
-        v = check_vectors(vectors, self.dim, "target vectors")
-        hyps = self.beam_search(v, beam)
-        if encoder is None or steps <= 0:
-            return [h[0] for h in hyps]
-        if seeds is not None:
-            hyps = [h + list(s) for h, s in zip(hyps, seeds, strict=True)]
-        return [self._correct(v[i], hyps[i], encoder, steps, beam, alpha) for i in range(len(v))]
-
-    def _correct(self, v: np.ndarray, first: list[str], encoder: Encoder, steps: int, beam: int, alpha: float) -> str:
-        scored: dict[str, float] = {}
-
-        def score(cands: list[str]) -> None:
-            new = list(dict.fromkeys(c for c in cands if c.strip() and c not in scored))
-            if new:
-                sims = cosine_rows(encoder.embed(new), np.repeat(v[None], len(new), 0))
-                scored.update(zip(new, sims.tolist(), strict=True))
-
-        score(first)
-        for _ in range(steps):
-            best = sorted(scored, key=lambda t: -scored[t])[:beam]
-            emb = encoder.embed(best)
-            pushed = v[None] + alpha * (v[None] - emb)
-            cands = [h for row in self.beam_search(pushed.astype(np.float32), beam) for h in row]
-            for b in best:
-                w = b.split()
-                cands.extend(" ".join(w[:i] + w[i + 1 :]) for i in range(len(w)) if len(w) > 1)
-            before = len(scored)
-            score(cands)
-            if len(scored) == before:
-                break
-        return max(scored, key=lambda t: scored[t])
-
     # -- persistence
     def save(self, folder: str | Path) -> Path:
         return save_inverter(
@@ -223,6 +255,7 @@ class DecoderInverter:
             self.kind,
             self.model.state_dict(),
             {
+                "arch": self.arch,
                 "dim": self.dim,
                 "piece_ids": self.piece_ids,
                 "emb": self.emb,
@@ -236,6 +269,12 @@ class DecoderInverter:
     @classmethod
     def load(cls, folder: str | Path, tokenizer: Any) -> DecoderInverter:
         state, cfg = load_inverter_files(folder, cls.kind)
+        if cfg.get("arch", "gru") != cls.arch:
+            raise LeaklabError(f"'{folder}' holds an '{cfg.get('arch')}' decoder, not a '{cls.arch}' one")
+        return cls.from_saved(state, cfg, tokenizer)
+
+    @classmethod
+    def from_saved(cls, state: dict[str, Any], cfg: dict[str, Any], tokenizer: Any) -> DecoderInverter:
         inv = cls(
             cfg["dim"],
             cfg["piece_ids"],
@@ -263,11 +302,39 @@ def nearest_texts(texts: list[str], vecs: np.ndarray, targets: np.ndarray, k: in
     return [[texts[j] for j in row] for row in top]
 
 
+ARCHS = ("lm", "gru")
+
+
 def train_decoder(
     scn: Scenario, encoder: Encoder | None = None, pairs: tuple[list[str], np.ndarray] | None = None
-) -> tuple[DecoderInverter, dict[str, Any]]:
+) -> tuple[CorrectingInverter, dict[str, Any]]:
+    """Option ``arch``: ``lm`` (a packaged pretrained LM, option ``base``, top ``layers`` fine-tuned) or ``gru``
+    (trained from scratch); ``train_seconds`` is the whole training budget."""
     enc = encoder or scn.victim
     texts, vecs = pairs or scn.public_pairs(enc)
+    arch = option(scn, "arch", "gru")
+    if arch not in ARCHS:
+        from leaklab.errors import UnknownNameError
+
+        raise UnknownNameError("decoder arch", arch, list(ARCHS))
+    if arch == "lm":
+        from leaklab.attacks.embedding.lmdecoder import LMDecoderInverter, lm_vocab
+        from leaklab.models import load_model
+
+        base = option(scn, "base", "smollm2-135m")
+        lm = LMDecoderInverter(
+            enc.dim, lm_vocab(load_model(base).tokenizer, texts), base, option(scn, "layers", 2), 40, enc.name
+        )
+        info = lm.fit(
+            texts,
+            vecs,
+            seconds=option(scn, "train_seconds", 600.0),
+            lr=option(scn, "lr", 2e-4),
+            cond_lr=option(scn, "cond_lr", 3e-3),
+            seed=scn.seed,
+            progress=option(scn, "progress", True),
+        )
+        return lm, info
     inv = DecoderInverter(
         enc.dim,
         piece_vocab(scn.tokenizer, texts, option(scn, "vocab", 4000)),
@@ -277,13 +344,26 @@ def train_decoder(
         scn.max_tokens + 2,
         enc.name,
     )
-    info = inv.fit(texts, vecs, seconds=option(scn, "train_seconds", 180.0), seed=scn.seed)
+    info = inv.fit(
+        texts, vecs, seconds=option(scn, "train_seconds", 180.0), epochs=option(scn, "epochs", 50), seed=scn.seed
+    )
+    info["arch"] = "gru"
     return inv, info
+
+
+def load_decoder(folder: str | Path, tokenizer: Any) -> CorrectingInverter:
+    """A saved decoder of either arch (``tokenizer``: the encoder's, used by the GRU arch only)."""
+    from leaklab.attacks.embedding.lmdecoder import LMDecoderInverter
+
+    state, cfg = load_inverter_files(folder, "decoder")
+    if cfg.get("arch", "gru") == "lm":
+        return LMDecoderInverter.from_saved(state, cfg)
+    return DecoderInverter.from_saved(state, cfg, tokenizer)
 
 
 @register_embed_attack(
     "decoder",
-    "GRU decoder trained on public pairs + correction by re-embedding",
+    "decoder (pretrained LM, top layers fine-tuned; or GRU) trained on public pairs + correction by re-embedding",
     "black-box embed (public texts, corrections) + leaked vectors",
 )
 def evaluate(scn: Scenario) -> AttackReport:
@@ -293,7 +373,7 @@ def evaluate(scn: Scenario) -> AttackReport:
     pairs = scn.public_pairs(enc)
     inv, info = load_or_train(
         scn,
-        lambda folder: DecoderInverter.load(folder, scn.tokenizer),
+        lambda folder: load_decoder(folder, scn.tokenizer),
         lambda: train_decoder(scn, enc, pairs),
     )
     train_usage = enc.usage.since(before)
@@ -302,12 +382,13 @@ def evaluate(scn: Scenario) -> AttackReport:
     base = inv.invert(targets, None, beam=beam)
     steps = option(scn, "steps", 3)
     seeds = nearest_texts(*pairs, targets, option(scn, "seeds", 2))
-    pred = inv.invert(targets, enc, steps=steps, beam=beam, seeds=seeds) if steps > 0 else base
+    edits = option(scn, "edits", 0)
+    pred = inv.invert(targets, enc, steps=steps, beam=beam, seeds=seeds, edits=edits) if steps > 0 else base
     attack_usage = enc.usage.since(mid)
     metrics = score_inversion(pred, sample.texts, targets, enc)
     metrics["base"] = {k: v for k, v in score_inversion(base, sample.texts, targets, enc).items() if k != "per_item_f1"}
     metrics["correction_queries_per_target"] = attack_usage["queries"] / len(sample.texts)
-    info.update({"training_usage": train_usage, "correction_steps": steps})
+    info.update({"training_usage": train_usage, "correction_steps": steps, "correction_edits": edits})
     return AttackReport(
         "decoder",
         scn.to_dict(),
