@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from leaklab.attacks.gradient.dager import start_attack
-from leaklab.attacks.gradient.dictionary import signal_params
+from leaklab.attacks.gradient.dictionary import sentence_gradients, signal_params
 from leaklab.attacks.gradient.somp import SompAttack, dedupe, select_by_omp, span_beam_decode, with_last_alternatives
 from leaklab.attacks.gradient.subspace import numerical_rank
 from leaklab.models.registry import ModelRef
@@ -24,23 +24,14 @@ from leaklab.threat.fedsgd import client_update
 
 
 def summed_gradient(loaded, texts: list[list[int]], params: list[str]) -> dict[str, torch.Tensor]:
-    """Gradient of the summed next-token loss of ``texts`` (right-padded, masked) on ``params``."""
-    width = max(len(t) for t in texts)
-    ids = torch.full((len(texts), width), loaded.tokenizer.pad_token_id or 0)
-    mask = torch.zeros_like(ids)
-    for i, t in enumerate(texts):
-        ids[i, : len(t)] = torch.tensor(t)
-        mask[i, : len(t)] = 1
-    model = loaded.model
-    model.zero_grad(set_to_none=True)
-    logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    target = ids.masked_fill(mask == 0, -100)[:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    loss.backward()
-    out = {p: model.get_parameter(p).grad.detach().clone() for p in params}
-    model.zero_grad(set_to_none=True)
+    """Σ of the texts' next-token-loss gradients on ``params`` (the OMP atoms, on every coordinate)."""
+    shapes = {p: loaded.model.get_parameter(p).shape for p in params}
+    index = {p: torch.arange(shape.numel()) for p, shape in shapes.items()}
+    total = sentence_gradients(loaded, texts, None, index).double().sum(0)
+    out, start = {}, 0
+    for p, shape in shapes.items():
+        out[p] = total[start : start + shape.numel()].view(shape)
+        start += shape.numel()
     return out
 
 

@@ -177,9 +177,8 @@ def sweep(
                 bar.advance(task)
             rows.append(_row(value, param, done))
             # every finished point is on disk at once: an interrupted sweep keeps what it measured
-            write_outputs(Path(out), {"config": config, "rows": rows, "environment": environment()})
-    result = {"config": config, "rows": rows, "environment": environment()}
-    write_outputs(Path(out), result)
+            result = {"config": config, "rows": rows, "environment": environment()}
+            write_outputs(Path(out), result)
     return result
 
 
