@@ -357,3 +357,24 @@ def test_dpsgd_on_lora_adapters_of_smollm2():
     assert len(obs.gradients) == 2 * 30  # A and B of q_proj in 30 layers
     for n, g in _clipped_mean(per_sample, clip).items():
         assert float((obs.gradients[n] - g).norm()) <= 1e-3 * float(g.norm()) + 1e-9, n
+
+
+def test_interrupted_sweep_keeps_the_points_it_finished(tmp_path, monkeypatch):
+    import json
+
+    import leaklab.sweep as sweep_mod
+
+    real, calls = sweep_mod._attack_batch, []
+
+    def flaky(atk, obs, secret):
+        calls.append(1)
+        if len(calls) > 1:  # the second point (after the undefended baseline) is interrupted
+            raise KeyboardInterrupt
+        return real(atk, obs, secret)
+
+    monkeypatch.setattr(sweep_mod, "_attack_batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        sweep_mod.sweep("clip", [1.0], "tokenset", "tiny-gpt2", "rotten-tomatoes", 2, 1, 0, tmp_path, max_tokens=16)
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [r["value"] for r in rows] == ["none"]
+    assert "| none |" in (tmp_path / "sweep.md").read_text()
