@@ -53,6 +53,12 @@ def test_full_rank_gradient_warns_and_still_answers():
         rec = run_attack(make_attack("dager", best_effort_max_len=12), obs)
     assert rec.info["best_effort"] and "warning" in rec.info
     assert len(rec.texts) == 8
+    assert "budget_stop" not in rec.info and max(len(t) for t in rec.token_ids) > 2
+    # a spent time budget closes every prefix where it stands (first token + its last token) and says so
+    with pytest.warns(RuntimeWarning, match="full rank"):
+        cut = run_attack(make_attack("dager", best_effort_max_len=12, budget_s=0.0), obs)
+    assert cut.info["budget_stop"] == 1 and len(cut.texts) == 8
+    assert max(len(t) for t in cut.token_ids) <= 2
 
 
 def test_encoder_recovery_on_tiny_bert():

@@ -68,6 +68,23 @@ def test_fedsgd_classify_equals_reference():
     model.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize(("name", "task"), [("tiny-llama", "next-token"), ("tiny-bert", "classify")])
+def test_chunked_gradient_equals_the_whole_batch(name, task):
+    """Row chunks (for memory) weighted by their loss terms give the whole batch's gradient."""
+    from leaklab.threat.fedsgd import collate, gradient
+
+    loaded = load_model(ModelRef(name, task=task, num_labels=2))
+    texts = [*TEXTS, "one more line of text", "short"]
+    batch = collate(loaded, [loaded.encode(t) for t in texts], [0, 1, 1, 0, 1])
+    whole = gradient(loaded, batch)
+    width = batch.input_ids.shape[1]
+    for rows in (1, 2):
+        chunked = gradient(loaded, batch, max_pass_tokens=rows * width)
+        assert set(chunked) == set(whole)
+        for k, g in whole.items():
+            torch.testing.assert_close(chunked[k], g, rtol=1e-4, atol=1e-6)
+
+
 def test_train_mode_uses_dropout_and_is_seeded():
     ref = ModelRef("tiny-bert", task="classify")
     flags = ThreatFlags(train_mode=True)

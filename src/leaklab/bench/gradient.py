@@ -59,16 +59,32 @@ def run_cell(
     seed: int,
     flags: ThreatFlags,
     console: Console,
+    partial: Path | None = None,
 ) -> dict[str, Any]:
-    """All attacks on the same ``batches`` client updates of one (regime, B) cell."""
+    """All attacks on the same ``batches`` client updates of one (regime, B) cell; with ``partial``, the
+    finished batches are kept there after each batch and a rerun of the same cell (same code, options and
+    flags) resumes after them."""
     ref = ModelRef(model)
     load_model(ref)
     atks = {a: make_attack(a) for a in attacks}
-    per_attack: dict[str, list[dict[str, Any]]] = {a: [] for a in attacks}
-    grad_seconds: list[float] = []
+    key = _as_json(
+        {
+            "model": model,
+            "regime": regime.__dict__,
+            "batch_size": batch_size,
+            "attacks": list(attacks),
+            "seed": seed,
+            "flags": flags.to_dict(),
+            "git_commit": _git_commit(),
+        }
+    )
+    state = _resume(partial, key, console)
+    per_attack: dict[str, list[dict[str, Any]]] = state.get("per_attack") or {a: [] for a in attacks}
+    grad_seconds: list[float] = state.get("grad_seconds", [])
     with step_progress(console) as bar:
         task = bar.add_task(f"{regime.name} B={batch_size}", total=batches * len(attacks))
-        for i in range(batches):
+        bar.advance(task, len(grad_seconds) * len(attacks))
+        for i in range(len(grad_seconds), batches):
             t0 = time.perf_counter()
             bar.update(task, description=f"{regime.name} B={batch_size} batch {i + 1}: client update")
             obs, secret = client_update(
@@ -89,6 +105,8 @@ def run_cell(
                     }
                 )
                 bar.advance(task)
+            if partial is not None:
+                atomic_write_json(partial, {"key": key, "per_attack": per_attack, "grad_seconds": grad_seconds})
     return {
         "model": model,
         "regime": regime.__dict__,
@@ -101,6 +119,26 @@ def run_cell(
         "environment": environment(),
         "git_commit": _git_commit(),
     }
+
+
+def _as_json(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists), so stored and fresh keys compare equal."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _resume(partial: Path | None, key: dict[str, Any], console: Console) -> dict[str, Any]:
+    """The finished batches of an interrupted run of the same cell, or nothing."""
+    if partial is None or not partial.exists():
+        return {}
+    try:
+        state = json.loads(partial.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if state.get("key") != key or key["git_commit"] is None:
+        console.print(f"[dim]not resuming {partial.name}: it comes from other code or options[/]")
+        return {}
+    console.print(f"[dim]resuming {partial.name} after {len(state['grad_seconds'])} finished batches[/]")
+    return state
 
 
 def _git_commit() -> str | None:
@@ -157,8 +195,10 @@ def run_grid(
                 if set(attacks) <= set(done["attacks"]) and done["batches"] >= batches:
                     console.print(f"[dim]skip {path.name} (done; --force to redo)[/]")
                     continue
-            cell = run_cell(model, REGIMES[r], b, list(attacks), batches, seed, flags, console)
+            partial = out_dir / "cells" / ".partial" / path.name
+            cell = run_cell(model, REGIMES[r], b, list(attacks), batches, seed, flags, console, partial)
             atomic_write_json(path, cell)
+            partial.unlink(missing_ok=True)
             written.append(path)
     return written
 

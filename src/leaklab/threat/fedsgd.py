@@ -47,21 +47,44 @@ def batch_loss(loaded: LoadedModel, batch: Batch) -> torch.Tensor:
     return out.loss
 
 
-def gradient(loaded: LoadedModel, batch: Batch, train_mode: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
-    """∇θ of the batch's mean loss, by parameter name (float32, detached)."""
+def gradient(
+    loaded: LoadedModel, batch: Batch, train_mode: bool = False, seed: int = 0, max_pass_tokens: int = 4096
+) -> dict[str, torch.Tensor]:
+    """∇θ of the batch's mean loss, by parameter name (float32, detached).
+
+    Batches wider than ``max_pass_tokens`` (rows × width) are run in row chunks whose losses are weighted
+    by their share of the batch's loss terms (target tokens, or samples for classify), so the accumulated
+    gradient is the full batch's — only the peak memory changes."""
     model = loaded.model
     model.zero_grad(set_to_none=True)
     model.train(train_mode)
+    rows = max(1, max_pass_tokens // max(batch.input_ids.shape[1], 1))
+    terms = _loss_terms(loaded, batch)
+    total = float(terms.sum())
     try:
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # fixes dropout masks in train mode
-            loss = batch_loss(loaded, batch)
-            loss.backward()
+            for s in range(0, batch.input_ids.shape[0], rows):
+                part = Batch(
+                    batch.input_ids[s : s + rows], batch.attention_mask[s : s + rows], batch.labels[s : s + rows]
+                )
+                share = float(terms[s : s + rows].sum()) / total if total > 0 else 0.0
+                if share == 0.0 and s > 0:
+                    continue
+                loss = batch_loss(loaded, part)
+                (loss * share if rows < batch.input_ids.shape[0] else loss).backward()
     finally:
         model.eval()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return grads
+
+
+def _loss_terms(loaded: LoadedModel, batch: Batch) -> torch.Tensor:
+    """How many terms each row adds to the batch's mean loss: its shifted target tokens, or 1 (classify)."""
+    if loaded.ref.task == "next-token":
+        return (batch.labels[:, 1:] != IGNORE).sum(dim=1)
+    return torch.ones(batch.labels.shape[0], dtype=torch.long)
 
 
 def fedsgd_update(

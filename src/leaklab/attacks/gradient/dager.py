@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -49,6 +50,7 @@ class DagerOptions:
     best_effort_topk: int = 0  # tokens tried per position in best-effort mode (0: 2 x hidden size)
     best_effort_max_len: int = 48  # longest text decoded in best-effort mode
     chunk: int = 2048  # extensions per forward pass
+    budget_s: float = 900.0  # best-effort decoding time limit; open prefixes are then closed as they stand
 
 
 @dataclass
@@ -178,9 +180,13 @@ def decoder_search(spans: SpanModel, opts: DagerOptions) -> list[Found]:
     return finished
 
 
-def best_effort_decoder(spans: SpanModel, n_sentences: int, opts: DagerOptions) -> list[Found]:
+def best_effort_decoder(
+    spans: SpanModel, n_sentences: int, opts: DagerOptions, info: dict | None = None
+) -> list[Found]:
     """Full-rank regime: start from the nearest first tokens, extend each prefix by its nearest extension,
-    stop when the best extension is an outlier against the prefix's own distances."""
+    stop when the best extension is an outlier against the prefix's own distances (or when ``budget_s``
+    runs out: the position reached is recorded as ``info["budget_stop"]``)."""
+    t_end = time.perf_counter() + opts.budget_s
     topk = opts.best_effort_topk or 2 * spans.adapter.hidden_size
     starts = spans.candidates(0, 0.0, topk=max(n_sentences, 1))
     frontier = starts.view(-1, 1)
@@ -191,6 +197,10 @@ def best_effort_decoder(spans: SpanModel, n_sentences: int, opts: DagerOptions) 
     limit = min(opts.best_effort_max_len, spans.max_position())
     for p in range(1, limit):
         if not bool(alive.any()):
+            break
+        if time.perf_counter() > t_end:
+            if info is not None:
+                info["budget_stop"] = p
             break
         cand = spans.candidates(p, opts.tau1) if spans.l1_exact else spans.candidates(p, 0.0, topk=topk)
         dist = spans.extension_distances(frontier, cand, opts.chunk)[0]
@@ -391,7 +401,7 @@ class DagerAttack:
         spans, b_known, info = start_attack(obs)
         if spans.causal:
             found = (
-                best_effort_decoder(spans, b_known or 1, self.opts)
+                best_effort_decoder(spans, b_known or 1, self.opts, info)
                 if spans.full_rank
                 else decoder_search(spans, self.opts)
             )

@@ -335,7 +335,9 @@ class SompAttack:
 
     def run(self, obs: Observation) -> Recovery:
         spans, n_known, info = start_attack(obs)
-        dopts = DagerOptions(tau1=self.opts.tau1, tau2=self.opts.tau2, max_len=self.opts.max_len)
+        dopts = DagerOptions(
+            tau1=self.opts.tau1, tau2=self.opts.tau2, max_len=self.opts.max_len, budget_s=self.opts.budget_s
+        )
         if spans.causal and not spans.full_rank:
             found = with_last_alternatives(spans, dedupe(decoder_search(spans, dopts)), self.opts.last_alternatives)
         elif spans.causal:

@@ -1,0 +1,38 @@
+"""The gradient benchmark grid: cells, resumable after an interruption, and the report."""
+
+import json
+
+import pytest
+
+import leaklab.bench.gradient as bench
+
+
+def test_interrupted_cell_resumes_after_its_finished_batches(tmp_path, monkeypatch):
+    calls, fail_at = [], [2]
+    real = bench.run_attack
+
+    def flaky(attack, obs):
+        calls.append(obs.batch_size)
+        if len(calls) == fail_at[0]:
+            raise RuntimeError("killed")  # the session ends during the second batch
+        return real(attack, obs)
+
+    monkeypatch.setattr(bench, "run_attack", flaky)
+    args = dict(model="tiny-llama", regimes=["short"], batch_sizes=[1], attacks=["dager"], batches=3)
+    with pytest.raises(RuntimeError, match="killed"):
+        bench.run_grid(tmp_path, **args)
+    partial = tmp_path / "cells" / ".partial" / "tiny-llama-short-B1.json"
+    kept = json.loads(partial.read_text())
+    assert len(kept["grad_seconds"]) == 1 and len(kept["per_attack"]["dager"]) == 1
+
+    calls.clear()
+    fail_at[0] = 0
+    (path,) = bench.run_grid(tmp_path, **args)
+    assert len(calls) == 2  # only batches 2 and 3 ran again
+    cell = json.loads(path.read_text())
+    runs = cell["attacks"]["dager"]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1, 2] and runs[0] == kept["per_attack"]["dager"][0]
+    assert cell["batches"] == 3 and not partial.exists()
+    assert bench.run_grid(tmp_path, **args) == []  # done: skipped
+    report = bench.write_report(tmp_path)
+    assert "| tiny-llama | short | 1 | dager | 3 |" in report.read_text()
