@@ -42,10 +42,33 @@ def main() -> None:
     k = attack.opts.shortlist
     model = spans.loaded.model
     lambdas = (0.5, 1.0, 2.0, 4.0, 8.0)
+    head = model.get_output_embeddings()
+    gname = next(n for n, prm in model.named_parameters() if prm is head.weight)
+    grows = obs.gradients[gname].double()[tokens]  # (pool, d): the output-embedding gradient's pool rows
+    from leaklab.corpora import load_corpus, sample_texts
+
+    public = sample_texts(load_corpus(regime.corpus), spans.loaded.tokenizer, 32, 0, 8, 64, split="public").texts
+    pub_h: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, a: pub_h.append(a[0][0].detach()))
+    with torch.no_grad():
+        for text in public:  # the attacker's public reference: mean lm_head input over public text
+            model(torch.tensor([spans.loaded.encode(text)]))
+    hook.remove()
+    h_ref = torch.cat(pub_h).double().mean(0)
+    unit_g = grows / grows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    out_variants = ("-<g,h>", "-<g,h-mean>", "-cos(g,h-mean)", "-cos(g,h-public mean)")
+    out_rank: dict[str, list[int]] = {v: [] for v in out_variants}
+    outmix_rank: dict[str, list[int]] = {}
     cheap_rank, first_both, lm_rank = [], [], []
     mixed_rank: dict[float, list[int]] = {lam: [] for lam in lambdas}
     for ids in secret.token_ids[: args.texts]:
         t = torch.tensor(ids)
+        captured: list[torch.Tensor] = []
+        hook = head.register_forward_pre_hook(lambda _m, a, out=captured: out.append(a[0].detach()))
+        with torch.no_grad():
+            model(t.view(1, -1))
+        hook.remove()
+        hs = captured[0][0].double()  # (len, d): lm_head inputs at every position
         for p in range(1, min(len(ids) - 1, args.max_positions)):
             hit = torch.nonzero(tokens == ids[p]).flatten()
             if hit.numel() == 0:
@@ -59,6 +82,24 @@ def main() -> None:
                 logp = torch.log_softmax(model(t[:p].view(1, -1)).logits[0, -1].double()[tokens], dim=0)
             lm_rank.append(int((logp > logp[hit[0]]).sum()))
             z = robust_z(cheap.view(1, -1))[0].double()
+            h = hs[p - 1]
+            hc = h - hs[:p].mean(0)
+            outs = {
+                "-<g,h>": -(grows @ h),
+                "-<g,h-mean>": -(grows @ hc),
+                "-cos(g,h-mean)": -(grows @ hc) / (grows.norm(dim=1) * hc.norm() + 1e-30),
+                "-cos(g,h-public mean)": -(unit_g @ (h - h_ref)) / ((h - h_ref).norm() + 1e-30),
+            }
+            for name, sc in outs.items():
+                out_rank[name].append(int((sc > sc[hit[0]]).sum()))
+            oz = robust_z(-outs["-cos(g,h-public mean)"].view(1, -1))[0].double()  # robust_z ranks low values high
+            mixes = {"cos z": oz}
+            for a in (0.25, 0.5, 1.0, 2.0):
+                mixes[f"{a} cos z + z"] = a * oz + z
+                mixes[f"{a} cos z + 0.5 log p"] = a * oz + 0.5 * logp
+                mixes[f"{a} cos z + z + 0.5 log p"] = a * oz + z + 0.5 * logp
+            for label, mix in mixes.items():
+                outmix_rank.setdefault(label, []).append(int((mix > mix[hit[0]]).sum()))
             for lam in lambdas:
                 mix = z + lam * logp
                 mixed_rank[lam].append(int((mix > mix[hit[0]]).sum()))
@@ -70,7 +111,9 @@ def main() -> None:
     )
     print(f"cheap check: true token first {float((ranks == 0).float().mean()):.3f}, median rank {ranks.median():.0f}")
     print(f"both checks on the shortlist: true token first {sum(first_both) / max(len(first_both), 1):.3f}")
-    for name, got in [("LM prior", lm_rank)] + [(f"robust z + {lam} log p", mixed_rank[lam]) for lam in lambdas]:
+    rows = [("LM prior", lm_rank)] + [(f"robust z + {lam} log p", mixed_rank[lam]) for lam in lambdas]
+    rows += [(f"output gradient {v}", out_rank[v]) for v in out_variants] + list(outmix_rank.items())
+    for name, got in rows:
         r = torch.tensor(got, dtype=torch.float)
         print(
             f"{name}: true token first {float((r == 0).float().mean()):.3f}, in top 5 "

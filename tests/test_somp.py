@@ -16,7 +16,7 @@ from leaklab.attacks.gradient.dictionary import (
     sketch_index,
 )
 from leaklab.attacks.gradient.omp import least_squares, omp, refine_swaps
-from leaklab.attacks.gradient.somp import FullRankChecks, SompAttack, lm_prior, sentence_final
+from leaklab.attacks.gradient.somp import FullRankChecks, NextTokenEvidence, SompAttack, robust_z, sentence_final
 from leaklab.errors import LeaklabError
 from leaklab.evaluate import score_recovery
 from leaklab.models import ModelRef, load_model
@@ -152,15 +152,39 @@ def test_attack_options_parse_and_unknown_option_is_refused():
         make_attack("somp", bogus=1)
 
 
-def test_lm_prior_matches_a_per_prefix_reference_and_sentence_ends_are_found():
-    loaded = load_model("tiny-llama")
+def test_next_token_evidence_matches_a_per_prefix_reference_and_sentence_ends_are_found():
+    """The KV-cached evidence (cache rows re-selected like a beam) equals recomputing every prefix in full."""
+    obs, _ = fedsgd_update(ModelRef("tiny-llama"), ["the cat sat on the mat.", "It ran away! Why?"])
+    spans = SpanModel(obs)
+    loaded = spans.loaded
     tok = loaded.tokenizer
     tokens = torch.tensor(sorted({*tok.encode(" the cat sat. It ran! Why?", add_special_tokens=False)}))
-    seqs = torch.tensor([tok.encode(t, add_special_tokens=False)[:3] for t in ("a dog ran off", "we saw it go")])
-    got = lm_prior(loaded.model, seqs, tokens, chunk=3)  # chunking: one prefix per forward pass
-    with torch.no_grad():
-        ref = torch.stack([loaded.model(s.view(1, -1)).logits[0, -1].double()[tokens].log_softmax(0) for s in seqs])
-    torch.testing.assert_close(got, ref)
+    ev = NextTokenEvidence(spans, tokens)
+    head = loaded.model.get_output_embeddings()
+    grad = obs.gradients[next(n for n, p in loaded.model.named_parameters() if p is head.weight)].double()[tokens]
+    seqs = torch.tensor([tok.encode(t, add_special_tokens=False)[:2] for t in ("a dog ran off", "we saw it go")])
+
+    def reference(rows):
+        """log p over the token set and the lm_head input at the last position, recomputed per prefix."""
+        captured = []
+        hook = head.register_forward_pre_hook(lambda _m, a: captured.append(a[0][0, -1].double()))
+        with torch.no_grad():
+            lp = [loaded.model(r.view(1, -1)).logits[0, -1].double()[tokens].log_softmax(0) for r in rows]
+        hook.remove()
+        return torch.stack(lp), torch.stack(captured)
+
+    ev.step(seqs[:, :1])  # position 0 of both rows
+    seen = [reference(seqs[:, :1])[1]]
+    for parents, extra in ((torch.tensor([0, 1]), None), (torch.tensor([1, 1, 0]), torch.tensor([[5], [9], [7]]))):
+        ev.select(parents)
+        seqs = seqs[parents] if extra is None else torch.cat([seqs[parents], extra], dim=1)
+        logp, out_z = ev.step(seqs)
+        ref, h = reference(seqs)
+        torch.testing.assert_close(logp, ref)
+        seen.append(h)
+        hc = h - torch.cat(seen).mean(0)  # h̄: mean over every position fed so far
+        cos = (hc @ grad.T) / (hc.norm(dim=1, keepdim=True) * grad.norm(dim=1))
+        torch.testing.assert_close(out_z, robust_z(cos), rtol=1e-4, atol=1e-4)
     ends = sentence_final(loaded, tokens)
     words = [tok.decode([t]).strip() for t in tokens.tolist()]
     assert {w for w, e in zip(words, ends.tolist(), strict=True) if e} == {w for w in words if w[-1:] in ".!?"}

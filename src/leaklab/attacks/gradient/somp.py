@@ -68,6 +68,7 @@ class SompOptions:
     budget_s: float = 900.0  # decoding time limit; prefixes still open then are closed as they stand
     starts_factor: float = 1.5  # first tokens decoded per expected text (full-rank regime)
     lm_weight: float = 0.0  # pool regime (opt-in): weight of the model's own next-token log-prior in the ranking
+    out_weight: float = 0.0  # pool regime (opt-in): weight of the output-gradient matched filter (NextTokenEvidence)
     last_alternatives: int = 6  # candidate last tokens per text, left for OMP to choose between
     omp_tol: float = 1e-3
     omp_min_gain: float = 0.01
@@ -131,15 +132,57 @@ class FullRankChecks:
         return self.mlp.distance(xm).clamp_min(1e-12).log() + self.att.distance(xa).clamp_min(1e-12).log()
 
 
-def lm_prior(model: torch.nn.Module, seqs: torch.Tensor, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
-    """(n, m) log p(tokens[j] | seqs[i]) under the attacked model, renormalised over the token set."""
-    out = []
-    step = max(1, chunk // max(seqs.shape[1], 1))
-    with torch.no_grad():
-        for s in range(0, seqs.shape[0], step):
-            logits = model(seqs[s : s + step]).logits[:, -1].double()
-            out.append(torch.log_softmax(logits[:, tokens], dim=1))
-    return torch.cat(out)
+class NextTokenEvidence:
+    """Per-prefix next-token evidence from one KV-cached forward of the attacked model per decoding step.
+
+    * log p_model(v | prefix), renormalised over the token set (the model's own prior);
+    * the output-embedding gradient's matched filter. Row v of ∂L/∂W_out is (1/N) Σ_t (p_t(v) − [y_t = v]) h_t
+      (h_t: the lm_head input at position t), so a prefix whose next token is v leaves −h_t in row v:
+      f(v) = −cos(g_v, h − h̄), h̄ the mean lm_head input over every position decoded so far (the attacker's
+      own prefixes; it removes the component all positions share). Returned as a robust z (higher = better).
+
+    The cache holds each row's prefix but its last token; ``step`` feeds the last tokens, ``select`` keeps the
+    cache rows of the prefixes that survive (children share their parent's cache)."""
+
+    def __init__(self, spans: SpanModel, tokens: torch.Tensor) -> None:
+        from transformers import DynamicCache
+
+        self.model = spans.loaded.model
+        self.tokens = tokens
+        self.cache = DynamicCache()
+        head = self.model.get_output_embeddings()
+        name = next((n for n, p in self.model.named_parameters() if head is not None and p is head.weight), None)
+        self.rows: torch.Tensor | None = None
+        if name is not None and name in spans.obs.gradients:
+            g = spans.obs.gradients[name].double()[tokens]
+            self.rows = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        self.head = head
+        self.h_sum: torch.Tensor | None = None
+        self.h_count = 0
+
+    @torch.no_grad()
+    def step(self, seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log prior (n, m), matched-filter robust z (n, m) or None) for extending each row of ``seqs``."""
+        captured: list[torch.Tensor] = []
+        hook = self.head.register_forward_pre_hook(lambda _m, a: captured.append(a[0][:, -1].detach()))
+        try:
+            out = self.model(seqs[:, -1:], past_key_values=self.cache, use_cache=True)
+        finally:
+            hook.remove()
+        self.cache = out.past_key_values
+        logp = torch.log_softmax(out.logits[:, -1].double()[:, self.tokens], dim=1)
+        if self.rows is None:
+            return logp, None
+        h = captured[0].double()
+        self.h_sum = h.sum(0) if self.h_sum is None else self.h_sum + h.sum(0)
+        self.h_count += h.shape[0]
+        hc = h - self.h_sum / self.h_count
+        cos = (hc @ self.rows.T) / hc.norm(dim=1, keepdim=True).clamp_min(1e-30)  # cos(g_v, h − h̄)
+        return logp, robust_z(cos)  # low cosine = strong −h_t evidence = high z
+
+    def select(self, parents: torch.Tensor) -> None:
+        """Keep (and repeat) the cache rows of ``parents``, in the order of the next step's prefixes."""
+        self.cache.reorder_cache(parents)
 
 
 def _loops(seqs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -188,14 +231,15 @@ def span_beam_decode(
 
     With ``prior`` (the token set is the output-gradient pool: T well above d, the checks rank the true token
     first only a fraction of the time) the ranking is robust z + ``lm_weight`` · log p_model(token | prefix)
-    over the pool, prefixes are not ended by the outlier test (it no longer separates), and a candidate is
-    emitted wherever the best next token ends a sentence: OMP chooses the length."""
+    + ``out_weight`` · the output-gradient filter's robust z (:class:`NextTokenEvidence`) over the pool,
+    prefixes are not ended by the outlier test (it no longer separates), and a candidate is emitted wherever
+    the best next token ends a sentence: OMP chooses the length."""
     import time
 
     checks = FullRankChecks(spans, tokens, opts.rank_cut)
-    model = spans.loaded.model
-    use_prior = prior and opts.lm_weight > 0
+    use_prior = prior and (opts.lm_weight > 0 or opts.out_weight > 0)
     ends = sentence_final(spans.loaded, tokens) if use_prior else None
+    evidence = NextTokenEvidence(spans, tokens) if use_prior else None
     empty = torch.zeros(1, 0, dtype=torch.long)
     zeros = torch.zeros(tokens.numel(), dtype=torch.long)
     first = checks.full(empty, zeros, tokens, opts.chunk)
@@ -215,8 +259,11 @@ def span_beam_decode(
         cheap = checks.cheap(seqs, opts.chunk)
         cheap = cheap.masked_fill(_loops(seqs, tokens), 0.0)  # log distance 0 = distance 1: never chosen
         z = robust_z(cheap)
-        if use_prior:  # span evidence (robust z) plus the model's own prior, both as scores
-            mixed = z + opts.lm_weight * lm_prior(model, seqs, tokens, opts.chunk)
+        if use_prior:  # span evidence (robust z), the model's own prior and the output-gradient filter
+            logp, out_z = evidence.step(seqs)
+            mixed = z + opts.lm_weight * logp
+            if out_z is not None and opts.out_weight > 0:
+                mixed = mixed + opts.out_weight * out_z
             short = torch.topk(mixed, k, dim=1).indices
             rows = torch.arange(n).repeat_interleave(k)
             both = -mixed.gather(1, short)  # lower is better, like a log distance
@@ -239,23 +286,27 @@ def span_beam_decode(
                 tail = tokens[short[i, rank[i, 0]]].view(1)
                 score = float(total[i] + both[i, rank[i, 0]]) / (p + 1)
                 done.append(Found([*seqs[i].tolist(), int(tail)], score, exact=False))
-        children: dict[int, list[tuple[float, torch.Tensor, torch.Tensor]]] = {}
+        children: dict[int, list[tuple[float, torch.Tensor, torch.Tensor, int]]] = {}
         for i in torch.nonzero(~stop).flatten().tolist():
             for j in range(k):
                 if j > 0 and z_short[i, j] < opts.end_z:
                     break
                 tok = tokens[short[i, rank[i, j]]]
                 score = total[i] + both[i, rank[i, j]]
-                children.setdefault(int(group[i]), []).append((float(score), torch.cat([seqs[i], tok.view(1)]), score))
-        nxt, nxt_group, nxt_total = [], [], []
+                kid = (float(score), torch.cat([seqs[i], tok.view(1)]), score, i)
+                children.setdefault(int(group[i]), []).append(kid)
+        nxt, nxt_group, nxt_total, parents = [], [], [], []
         for g, kids in children.items():
-            for _, seq, score in sorted(kids, key=lambda c: c[0])[: opts.beam]:
+            for _, seq, score, parent in sorted(kids, key=lambda c: c[0])[: opts.beam]:
                 nxt.append(seq)
                 nxt_group.append(g)
                 nxt_total.append(score)
+                parents.append(parent)
         if not nxt:
             break
         seqs, group, total = torch.stack(nxt), torch.tensor(nxt_group), torch.stack(nxt_total)
+        if evidence is not None:
+            evidence.select(torch.tensor(parents))
     return done
 
 
