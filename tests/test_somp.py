@@ -189,3 +189,17 @@ def test_next_token_evidence_matches_a_per_prefix_reference_and_sentence_ends_ar
     words = [tok.decode([t]).strip() for t in tokens.tolist()]
     assert {w for w, e in zip(words, ends.tolist(), strict=True) if e} == {w for w in words if w[-1:] in ".!?"}
     assert ends.any() and not ends.all()
+
+
+def test_norm_knee_finds_the_batch_token_count_like_a_brute_force_scan():
+    from leaklab.attacks.gradient.somp import norm_knee
+
+    gen = torch.Generator().manual_seed(0)
+    for present in (300, 777, 1400):
+        inside = torch.exp(-3 - 0.3 * torch.rand(present, generator=gen) - torch.linspace(0, 1, present))
+        outside = torch.exp(-7 - torch.linspace(0, 2, 6000))
+        norms = torch.cat([outside[:3000], inside, outside[3000:]])[torch.randperm(present + 6000, generator=gen)]
+        knee = norm_knee(norms, 288, 4608)
+        logs = sorted((float(v) for v in norms.log()), reverse=True)
+        brute = max(range(288, 4608), key=lambda r: logs[r] - logs[r + 64]) + 32  # steepest 64-rank drop
+        assert knee == brute and abs(knee - present) <= 32

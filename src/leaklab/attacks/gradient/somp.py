@@ -77,15 +77,31 @@ class SompOptions:
     chunk: int = 2048
 
 
-def output_pool(spans: SpanModel, size: int) -> torch.Tensor | None:
-    """The ``size`` tokens with the largest rows of the output-embedding gradient (None without one)."""
+def output_pool(spans: SpanModel, size: int | None = None) -> torch.Tensor | None:
+    """The tokens with the largest rows of the output-embedding gradient (None without one): ``size`` of them,
+    or (``size`` None) max(2d, 1.25 × the knee of the sorted row norms, :func:`norm_knee`)."""
     model = spans.loaded.model
     head = model.get_output_embeddings()
     name = next((n for n, p in model.named_parameters() if head is not None and p is head.weight), None)
     if name is None or name not in spans.obs.gradients:
         return None
     norms = spans.obs.gradients[name].double().norm(dim=1)
+    if size is None:
+        d = spans.adapter.hidden_size
+        size = max(2 * d, int(1.25 * norm_knee(norms, d // 2, 8 * d)))
     return torch.topk(norms, min(size, norms.numel())).indices
+
+
+def norm_knee(norms: torch.Tensor, lo: int, hi: int, window: int = 64) -> int:
+    """The rank in [lo, hi] where the sorted log row norms fall fastest (mean drop over ``window`` ranks):
+    rows of tokens in the batch carry −h_t terms, the others only the softmax mass, so the curve falls
+    steeply just past the batch's number of distinct tokens."""
+    logs = torch.sort(norms.clamp_min(1e-300), descending=True).values.log()
+    hi = min(hi, logs.numel() - window)
+    if hi <= lo:
+        return lo
+    drop = logs[lo:hi] - logs[lo + window : hi + window]
+    return lo + int(drop.argmax()) + window // 2
 
 
 class FullRankChecks:
@@ -380,9 +396,8 @@ class SompAttack:
         output-embedding gradient (progressive narrowing)."""
         if spans.l1_exact:
             return spans.candidates(0, self.opts.tau1)
-        size = 2 * spans.adapter.hidden_size
-        pool = output_pool(spans, size)
-        return pool if pool is not None else spans.candidates(0, 0.0, topk=size)
+        pool = output_pool(spans)
+        return pool if pool is not None else spans.candidates(0, 0.0, topk=2 * spans.adapter.hidden_size)
 
     def run(self, obs: Observation) -> Recovery:
         spans, n_known, info = start_attack(obs)
