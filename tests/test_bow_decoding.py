@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from leaklab.attacks.embedding.bow import BagOfWordsInverter, expected_f1_k
+from leaklab.attacks.embedding.bow import BagOfWordsInverter, expected_f1_k, whitening
 from leaklab.attacks.embedding.registry import save_inverter, span_augment
 from leaklab.corpora import load_corpus
 from leaklab.corpora.sampling import split_of
@@ -22,6 +22,16 @@ def test_expected_f1_top_k_matches_brute_force_over_subsets():
         best = max(2 * s[list(c)].sum() / (r + length) for r in range(1, 9) for c in combinations(range(8), r))
         assert 2 * s[:k].sum() / (k + length) == pytest.approx(best)
     assert expected_f1_k(np.zeros(0), 3.0) == 0
+
+
+def test_whitening_is_the_inverse_square_root_of_the_shrunk_covariance():
+    rng = np.random.default_rng(2)
+    a = torch.from_numpy(rng.standard_normal((50, 6)))
+    cov = a.T @ a / 50
+    w = whitening(cov, shrink=0.1).double()
+    shrunk = cov + 0.1 * torch.trace(cov) / 6 * torch.eye(6, dtype=torch.float64)
+    np.testing.assert_allclose((w @ shrunk @ w).numpy(), np.eye(6), atol=1e-5)
+    np.testing.assert_allclose(w.numpy(), w.numpy().T, atol=1e-6)
 
 
 def test_span_augment_keeps_to_public_words_and_skips_excluded():

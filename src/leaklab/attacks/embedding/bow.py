@@ -7,11 +7,12 @@ Trained only on (public text, vector) pairs, either
 
 Decoding (``decode="ef1"``, the default): a forward dictionary D (one atom per word, ridge fit of
 φ(x) ≈ Σ_w c_w(x)/|x| · D_w on length-normalised word counts) gives non-negative least-squares word weights
-a = argmin_{a≥0} ‖φ - Dᵀa‖ over the probe's top candidates, rescaled to the predicted length L (a ridge fit of
-log |x| on φ); the scores s = (p + α·min(a, 1)) / (1 + α) are sorted and the top k kept, k maximising the expected
-F1 2·Σ_{i≤k} s_i / (k + γL). α and γ are chosen on held-out public pairs (``decode="threshold"``: words with
-p above a held-out threshold, the older rule). Training texts may be augmented with spans and word-dropped copies
-of public texts (option ``augment``), each embedded (counted queries).
+a = argmin_{a≥0} ‖Σ^-1/2 (φ - Dᵀa)‖ (Σ: covariance of the forward model's training residuals) over the probe's
+top candidates, rescaled to the predicted length L (a ridge fit of log |x| on φ); the scores
+s = (p + α·min(a, 1)) / (1 + α) are sorted and the top k kept, k maximising the expected F1
+2·Σ_{i≤k} s_i / (k + γL). α and γ are chosen on held-out public pairs (``decode="threshold"``: words with p above
+a held-out threshold, the older rule). Training texts may be augmented with spans and word-dropped copies of
+public texts (option ``augment``), each embedded (counted queries).
 """
 
 from __future__ import annotations
@@ -49,7 +50,15 @@ def build_vocab(texts: list[str], size: int, min_count: int = 2) -> list[str]:
     return [w for w, c in counts.most_common(size) if c >= min_count]
 
 
-_FORWARD, _LENGTH = "forward.D", "length.w"
+_FORWARD, _LENGTH, _WHITEN = "forward.D", "length.w", "forward.whiten"
+
+
+def whitening(cov: torch.Tensor, shrink: float = 0.01) -> torch.Tensor:
+    """Σ_s^-1/2 with Σ_s = Σ + shrink·tr(Σ)/d·I (symmetric inverse square root by eigendecomposition)."""
+    d = cov.shape[0]
+    cov = cov.double() + shrink * float(torch.trace(cov.double())) / d * torch.eye(d, dtype=torch.float64)
+    ev, u = torch.linalg.eigh(cov)
+    return ((u * ev.clamp_min(1e-12).rsqrt()) @ u.T).float()
 
 
 def expected_f1_k(scores: np.ndarray, length: float) -> int:
@@ -107,6 +116,7 @@ class BagOfWordsInverter:
         self.index = {w: i for i, w in enumerate(vocab)}
         self.forward = torch.zeros(len(vocab), dim)  # D: word atoms of the forward model
         self.length_w = torch.zeros(dim + 1)  # log-length regressor on [φ, 1]
+        self.whiten = torch.eye(dim)  # Σ^-1/2 of the forward model's residuals
         torch.manual_seed(0)
         self.model = _mlp(dim, hidden, len(vocab)) if hidden > 0 else nn.Linear(dim, len(vocab))
 
@@ -222,6 +232,8 @@ class BagOfWordsInverter:
         gram.diagonal().add_(lam)
         rhs = torch.from_numpy(np.asarray(c.T @ x.numpy().astype(np.float64))).float()
         self.forward = torch.linalg.solve(gram, rhs)
+        resid = x.double() - torch.from_numpy(np.asarray(c @ self.forward.double().numpy()))
+        self.whiten = whitening(resid.T @ resid / max(1, len(x)))
         xa = torch.cat([x, torch.ones(len(x), 1)], 1).double()
         log_len = torch.tensor([np.log(max(1, len(words(t)))) for t in texts], dtype=torch.float64)
         self.length_w = torch.linalg.solve(
@@ -232,7 +244,8 @@ class BagOfWordsInverter:
         """(top candidate words by probe score, their NNLS weights a ≥ 0 rescaled to sum L, predicted length L)."""
         cand = np.argsort(-p)[:CANDIDATES]
         length = float(np.exp(np.append(v, 1.0) @ self.length_w.numpy().astype(np.float64)))
-        a, _ = nnls(self.forward.numpy()[cand].T.astype(np.float64), v.astype(np.float64))
+        w = self.whiten.numpy().astype(np.float64)
+        a, _ = nnls(w @ self.forward.numpy()[cand].T.astype(np.float64), w @ v.astype(np.float64))
         return cand, a / max(float(a.sum()), 1e-12) * length, length
 
     def _ef1_words(
@@ -332,7 +345,7 @@ class BagOfWordsInverter:
         return save_inverter(
             folder,
             self.kind,
-            {**self.model.state_dict(), **{_FORWARD: self.forward, _LENGTH: self.length_w}},
+            {**self.model.state_dict(), _FORWARD: self.forward, _LENGTH: self.length_w, _WHITEN: self.whiten},
             {
                 "dim": self.dim,
                 "vocab": self.vocab,
@@ -349,7 +362,7 @@ class BagOfWordsInverter:
     def load(cls, folder: str | Path) -> BagOfWordsInverter:
         """A saved inverter; one saved before the ef1 decoding existed decodes by its threshold."""
         state, cfg = load_inverter_files(folder, cls.kind)
-        has_forward = _FORWARD in state and _LENGTH in state
+        has_forward = all(k in state for k in (_FORWARD, _LENGTH, _WHITEN))
         inv = cls(
             cfg["dim"],
             cfg["vocab"],
@@ -361,7 +374,7 @@ class BagOfWordsInverter:
             float(cfg.get("length_scale", 1.0)),
         )
         if has_forward:
-            inv.forward, inv.length_w = state.pop(_FORWARD), state.pop(_LENGTH)
+            inv.forward, inv.length_w, inv.whiten = state.pop(_FORWARD), state.pop(_LENGTH), state.pop(_WHITEN)
         inv.model.load_state_dict(state)
         inv.model.eval()
         return inv
