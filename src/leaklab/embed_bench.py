@@ -187,6 +187,11 @@ def _note(name: str, r: dict[str, Any]) -> str:
             f"{info.get('arch', 'gru')} decoder; {info.get('train_seconds', '?')} s of training (wall, shared CPU), "
             f"{info.get('steps', '?')} optimiser steps; n={m['n']}"
         )
+    if name == "bow" and "augmented_pairs" in info:
+        return (
+            f"{info.get('model')} probe + whitened NNLS over a forward word dictionary; {info['public_pairs']} public "
+            f"+ {info['augmented_pairs']} span pairs, {info.get('seconds', '?')} s training; n={m['n']}"
+        )
     if name.startswith("kb-extract"):
         known = "encoder known" if r.get("flags", {}).get("encoder_known") else "search endpoint only"
         return f"{known}; {m['queries_per_doc']:.0f} queries per document; mean token F1 {m['token_f1']:.3f}"
