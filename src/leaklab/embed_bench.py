@@ -17,7 +17,7 @@ from leaklab.io import atomic_write, atomic_write_json, atomic_write_text
 
 FULL: dict[str, dict[str, Any]] = {
     "nearest": {"n": 100, "options": {"candidates": 2000}},
-    "bow": {"n": 200, "options": {"train_seconds": 240, "epochs": 60}},
+    "bow": {"n": 200, "options": {"train_seconds": 240, "epochs": 60, "augment": 8}},
     "whitebox": {"n": 30, "options": {"max_tokens": 16, "pool": 20}},
     "decoder": {"n": 30, "options": {"arch": "gru", "train_seconds": 300, "steps": 5, "edits": 200}},
     "decoder-lm": {
