@@ -17,7 +17,7 @@ from leaklab.io import atomic_write, atomic_write_json, atomic_write_text
 
 FULL: dict[str, dict[str, Any]] = {
     "nearest": {"n": 100, "options": {"candidates": 2000}},
-    "bow": {"n": 200, "options": {"train_seconds": 240, "epochs": 60}},
+    "bow": {"n": 200, "options": {"train_seconds": 240, "epochs": 60, "augment": 8}},
     "whitebox": {"n": 30, "options": {"max_tokens": 16, "pool": 20}},
     "decoder": {"n": 30, "options": {"arch": "gru", "train_seconds": 300, "steps": 5, "edits": 200}},
     "decoder-lm": {
@@ -186,6 +186,11 @@ def _note(name: str, r: dict[str, Any]) -> str:
         return (
             f"{info.get('arch', 'gru')} decoder; {info.get('train_seconds', '?')} s of training (wall, shared CPU), "
             f"{info.get('steps', '?')} optimiser steps; n={m['n']}"
+        )
+    if name == "bow" and "augmented_pairs" in info:
+        return (
+            f"{info.get('model')} probe + whitened NNLS over a forward word dictionary; {info['public_pairs']} public "
+            f"+ {info['augmented_pairs']} span pairs, {info.get('seconds', '?')} s training; n={m['n']}"
         )
     if name.startswith("kb-extract"):
         known = "encoder known" if r.get("flags", {}).get("encoder_known") else "search endpoint only"

@@ -5,8 +5,14 @@ Trained only on (public text, vector) pairs, either
 - ``hidden=0`` (default): a linear probe in closed form, W = (XᵀX + λI)⁻¹ XᵀY (Y: word-presence matrix), or
 - ``hidden>0``: p(w ∈ x | φ(x)) = σ(MLP(φ(x)))_w trained with binary cross-entropy.
 
-A text is recovered as the words scoring above a threshold; λ and the threshold are chosen on held-out public
-pairs for the best mean word F1.
+Decoding (``decode="ef1"``, the default): a forward dictionary D (one atom per word, ridge fit of
+φ(x) ≈ Σ_w c_w(x)/|x| · D_w on length-normalised word counts) gives non-negative least-squares word weights
+a = argmin_{a≥0} ‖Σ^-1/2 (φ - Dᵀa)‖ (Σ: covariance of the forward model's training residuals) over the probe's
+top candidates, rescaled to the predicted length L (a ridge fit of log |x| on φ); the scores
+s = (p + α·min(a, 1)) / (1 + α) are sorted and the top k kept, k maximising the expected F1
+2·Σ_{i≤k} s_i / (k + γL). α and γ are chosen on held-out public pairs (``decode="threshold"``: words with p above
+a held-out threshold, the older rule). Training texts may be augmented with spans and word-dropped copies of
+public texts (option ``augment``), each embedded (counted queries).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.optimize import nnls
 from torch import nn
 
 from leaklab.attacks.embedding.registry import (
@@ -29,6 +36,7 @@ from leaklab.attacks.embedding.registry import (
     option,
     register_embed_attack,
     save_inverter,
+    span_augment,
     victim_targets,
 )
 from leaklab.encoders import check_pairs, check_vectors
@@ -42,6 +50,26 @@ def build_vocab(texts: list[str], size: int, min_count: int = 2) -> list[str]:
     return [w for w, c in counts.most_common(size) if c >= min_count]
 
 
+_FORWARD, _LENGTH, _WHITEN = "forward.D", "length.w", "forward.whiten"
+
+
+def whitening(cov: torch.Tensor, shrink: float = 0.01) -> torch.Tensor:
+    """Σ_s^-1/2 with Σ_s = Σ + shrink·tr(Σ)/d·I (symmetric inverse square root by eigendecomposition)."""
+    d = cov.shape[0]
+    cov = cov.double() + shrink * float(torch.trace(cov.double())) / d * torch.eye(d, dtype=torch.float64)
+    ev, u = torch.linalg.eigh(cov)
+    return ((u * ev.clamp_min(1e-12).rsqrt()) @ u.T).float()
+
+
+def expected_f1_k(scores: np.ndarray, length: float) -> int:
+    """k maximising the expected F1 2·Σ_{i≤k} s_i / (k + L) of keeping the k best of ``scores`` (sorted
+    descending, each a word's presence probability; L the expected true word count); at least 1."""
+    if scores.size == 0:
+        return 0
+    gain = np.cumsum(scores) / (np.arange(1, scores.size + 1) + max(length, 0.0))
+    return int(np.argmax(gain)) + 1
+
+
 def _mlp(dim: int, hidden: int, vocab: int) -> nn.Module:
     return nn.Sequential(
         nn.Linear(dim, hidden),
@@ -53,12 +81,26 @@ def _mlp(dim: int, hidden: int, vocab: int) -> nn.Module:
     )
 
 
+DECODERS = ("ef1", "threshold")
+CANDIDATES = 200  # words scored by the probe that the non-negative least squares may use
+
+
 class BagOfWordsInverter:
     """Vector -> set of vocabulary words."""
 
     kind = "bow"
 
-    def __init__(self, dim: int, vocab: list[str], hidden: int = 0, threshold: float = 0.3, encoder: str = "") -> None:
+    def __init__(
+        self,
+        dim: int,
+        vocab: list[str],
+        hidden: int = 0,
+        threshold: float = 0.3,
+        encoder: str = "",
+        decode: str = "ef1",
+        mix: float = 0.0,
+        length_scale: float = 1.0,
+    ) -> None:
         if not vocab:
             raise LeaklabError("bag-of-words vocabulary is empty: the public corpus has no repeated words")
         self.dim, self.vocab, self.hidden, self.threshold, self.encoder = (
@@ -68,18 +110,26 @@ class BagOfWordsInverter:
             threshold,
             encoder,
         )
+        if decode not in DECODERS:
+            raise LeaklabError(f"unknown bag-of-words decoding '{decode}'; valid: {', '.join(DECODERS)}")
+        self.decode, self.mix, self.length_scale = decode, mix, length_scale
         self.index = {w: i for i, w in enumerate(vocab)}
+        self.forward = torch.zeros(len(vocab), dim)  # D: word atoms of the forward model
+        self.length_w = torch.zeros(dim + 1)  # log-length regressor on [φ, 1]
+        self.whiten = torch.eye(dim)  # Σ^-1/2 of the forward model's residuals
         torch.manual_seed(0)
         self.model = _mlp(dim, hidden, len(vocab)) if hidden > 0 else nn.Linear(dim, len(vocab))
 
-    def _targets(self, texts: list[str]) -> torch.Tensor:
-        y = torch.zeros(len(texts), len(self.vocab))
+    def _targets(self, texts: list[str]) -> Any:
+        """Sparse (texts x vocab) word-presence matrix."""
+        from scipy.sparse import csr_matrix
+
+        rows, cols = [], []
         for i, t in enumerate(texts):
-            for w in set(words(t)):
-                j = self.index.get(w)
-                if j is not None:
-                    y[i, j] = 1.0
-        return y
+            for j in {self.index[w] for w in words(t) if w in self.index}:
+                rows.append(i)
+                cols.append(j)
+        return csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(texts), len(self.vocab)))
 
     def fit(
         self,
@@ -90,19 +140,49 @@ class BagOfWordsInverter:
         batch_size: int = 256,
         lr: float = 3e-3,
         seed: int = 0,
+        val: tuple[list[str], np.ndarray] | None = None,
+        forward_lambda: float = 0.03,
     ) -> dict[str, Any]:
-        """Train on public pairs (10% held out to choose the threshold); stops at ``epochs`` or ``seconds``."""
+        """Train on public pairs (``val``, else 10% of them, held out to choose the decoding); the MLP stops at
+        ``epochs`` or ``seconds``."""
+        start = time.perf_counter()
         texts, pair_vectors = check_pairs(texts, vectors, self.dim)
         x = torch.from_numpy(pair_vectors)
-        y = self._targets(texts)
         gen = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(len(x), generator=gen)
-        n_val = max(1, len(x) // 10) if len(x) >= 20 else 0
-        val, tr = perm[:n_val], perm[n_val:]
-        val_texts = [texts[i] for i in val.tolist()]
+        if val is None:
+            perm = torch.randperm(len(x), generator=gen)
+            n_val = max(1, len(x) // 10) if len(x) >= 20 else 0
+            val_texts, x_val = [texts[i] for i in perm[:n_val].tolist()], x[perm[:n_val]]
+            texts, x = [texts[i] for i in perm[n_val:].tolist()], x[perm[n_val:]]
+        else:
+            val_texts, val_vectors = check_pairs(val[0], val[1], self.dim)
+            x_val = torch.from_numpy(val_vectors)
+        info = self._fit_probe(texts, x, val_texts, x_val, epochs, seconds, batch_size, lr, gen)
+        self.fit_forward(texts, x, forward_lambda)
+        if val_texts and self.decode == "ef1":
+            info["held_out_f1"] = round(self._choose_decoding(val_texts, x_val), 4)
+        info |= {"decode": self.decode, "mix": self.mix, "length_scale": self.length_scale}
+        info["seconds"] = round(time.perf_counter() - start, 2)
+        return info
+
+    def _fit_probe(
+        self,
+        texts: list[str],
+        x: torch.Tensor,
+        val_texts: list[str],
+        x_val: torch.Tensor,
+        epochs: int,
+        seconds: float,
+        batch_size: int,
+        lr: float,
+        gen: torch.Generator,
+    ) -> dict[str, Any]:
+        """The word-presence probe: closed-form ridge (``hidden=0``) or the MLP trained with BCE."""
+        y = self._targets(texts)
         if self.hidden <= 0:
-            return self._fit_ridge(x[tr], y[tr], val_texts, x[val])
-        pos = y[tr].mean(0).clamp(1e-4, 0.5)
+            return self._fit_ridge(x, y, val_texts, x_val)
+        tr = torch.arange(len(x))
+        pos = torch.from_numpy(np.asarray(y.mean(0)).ravel()).float().clamp(1e-4, 0.5)
         crit = nn.BCEWithLogitsLoss(pos_weight=((1 - pos) / pos).sqrt())
         opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=1e-4)
         start, done = time.perf_counter(), 0
@@ -111,7 +191,7 @@ class BagOfWordsInverter:
             order = tr[torch.randperm(len(tr), generator=gen)]
             for i in range(0, len(order), batch_size):
                 b = order[i : i + batch_size]
-                loss = crit(self.model(x[b]), y[b])
+                loss = crit(self.model(x[b]), torch.from_numpy(y[b.numpy()].toarray()))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -119,22 +199,87 @@ class BagOfWordsInverter:
             if time.perf_counter() - start > seconds:
                 break
         self.model.eval()
-        if n_val:
-            self.threshold = self._best_threshold(val_texts, x[val])[1]
+        if val_texts:
+            self.threshold = self._best_threshold(val_texts, x_val)[1]
         return {
             "model": "mlp",
             "epochs": done,
             "train_pairs": len(tr),
-            "seconds": round(time.perf_counter() - start, 2),
             "threshold": self.threshold,
             "vocab": len(self.vocab),
         }
 
-    def _fit_ridge(self, x: torch.Tensor, y: torch.Tensor, val_texts: list[str], x_val: torch.Tensor) -> dict[str, Any]:
+    def _counts(self, texts: list[str]) -> Any:
+        """Sparse (texts x vocab) matrix of word counts divided by the text's word count."""
+        from scipy.sparse import csr_matrix
+
+        rows, cols, vals = [], [], []
+        for i, t in enumerate(texts):
+            ws = words(t)
+            for w, c in Counter(ws).items():
+                j = self.index.get(w)
+                if j is not None:
+                    rows.append(i)
+                    cols.append(j)
+                    vals.append(c / len(ws))
+        return csr_matrix((vals, (rows, cols)), shape=(len(texts), len(self.vocab)))
+
+    def fit_forward(self, texts: list[str], x: torch.Tensor, lam: float = 0.03) -> None:
+        """Forward dictionary D = (CᵀC + λI)⁻¹ CᵀΦ (C: length-normalised counts) and the ridge fit of log |x|
+        on [Φ, 1]."""
+        c = self._counts(texts)
+        gram = torch.from_numpy((c.T @ c).toarray()).float()
+        gram.diagonal().add_(lam)
+        rhs = torch.from_numpy(np.asarray(c.T @ x.numpy().astype(np.float64))).float()
+        self.forward = torch.linalg.solve(gram, rhs)
+        resid = x.double() - torch.from_numpy(np.asarray(c @ self.forward.double().numpy()))
+        self.whiten = whitening(resid.T @ resid / max(1, len(x)))
+        xa = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+        log_len = torch.tensor([np.log(max(1, len(words(t)))) for t in texts], dtype=torch.float64)
+        self.length_w = torch.linalg.solve(
+            xa.T @ xa + 1e-2 * torch.eye(self.dim + 1, dtype=xa.dtype), xa.T @ log_len
+        ).float()
+
+    def _weights(self, v: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """(top candidate words by probe score, their NNLS weights a ≥ 0 rescaled to sum L, predicted length L)."""
+        cand = np.argsort(-p)[:CANDIDATES]
+        length = float(np.exp(np.append(v, 1.0) @ self.length_w.numpy().astype(np.float64)))
+        w = self.whiten.numpy().astype(np.float64)
+        a, _ = nnls(w @ self.forward.numpy()[cand].T.astype(np.float64), w @ v.astype(np.float64))
+        return cand, a / max(float(a.sum()), 1e-12) * length, length
+
+    def _ef1_words(
+        self, cand: np.ndarray, p: np.ndarray, a: np.ndarray, length: float, mix: float, scale: float
+    ) -> list[str]:
+        """Words of s = (p + α·min(a, 1)) / (1 + α), the top k by expected F1."""
+        s = (np.clip(p[cand], 0.0, 1.0) + mix * np.minimum(a, 1.0)) / (1.0 + mix)
+        order = np.argsort(-s, kind="stable")
+        return [self.vocab[cand[i]] for i in order[: expected_f1_k(s[order], scale * length)]]
+
+    def _choose_decoding(self, texts: list[str], x: torch.Tensor) -> float:
+        """Pick α (mix) and γ (length scale) of the ef1 decoding by held-out mean word F1; returns that F1."""
+        vecs = x.numpy()
+        probs = self.probabilities(vecs)
+        parts = [self._weights(v, p) for v, p in zip(vecs, probs, strict=True)]
+        best = (-1.0, 0.0, 1.0)
+        for mix in (0.0, 0.25, 0.5, 1.0, 2.0):
+            for scale in (0.8, 1.0, 1.2):
+                f1 = np.mean(
+                    [
+                        word_prf(" ".join(self._ef1_words(c, p, a, n, mix, scale)), t)[2]
+                        for (c, a, n), p, t in zip(parts, probs, texts, strict=True)
+                    ]
+                )
+                if f1 > best[0]:
+                    best = (float(f1), mix, scale)
+        _, self.mix, self.length_scale = best
+        return best[0]
+
+    def _fit_ridge(self, x: torch.Tensor, y: Any, val_texts: list[str], x_val: torch.Tensor) -> dict[str, Any]:
         """Closed-form W = (XᵀX + λI)⁻¹ XᵀY for λ in a grid; λ and threshold picked by held-out word F1."""
-        start = time.perf_counter()
         xd = x.double()
-        gram, xty = xd.T @ xd, xd.T @ y.double()
+        xty = xd.T @ y.double() if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y.T @ xd.numpy()).T)
+        gram = xd.T @ xd
         best = (-1.0, 0.0, 0.0)
         for lam in (0.01, 0.1, 1.0):
             w = torch.linalg.solve(gram + lam * torch.eye(self.dim, dtype=gram.dtype), xty)
@@ -153,7 +298,6 @@ class BagOfWordsInverter:
             "lambda": lam,
             "train_pairs": len(x),
             "held_out_f1": round(best[0], 4),
-            "seconds": round(time.perf_counter() - start, 2),
             "threshold": self.threshold,
             "vocab": len(self.vocab),
         }
@@ -182,8 +326,16 @@ class BagOfWordsInverter:
         return [self.vocab[i] for i in idx[np.argsort(-probs[idx])]]
 
     def invert(self, vectors: np.ndarray) -> list[str]:
-        """Recovered bag of each vector, as a space-joined string of words (most probable first)."""
-        return [" ".join(self._words(p, self.threshold)) for p in self.probabilities(vectors)]
+        """Recovered bag of each vector, as a space-joined string of words (highest score first)."""
+        vecs = check_vectors(vectors, self.dim, "leaked vectors")
+        probs = self.probabilities(vecs)
+        if self.decode == "threshold":
+            return [" ".join(self._words(p, self.threshold)) for p in probs]
+        out = []
+        for v, p in zip(vecs, probs, strict=True):
+            cand, a, length = self._weights(v, p)
+            out.append(" ".join(self._ef1_words(cand, p, a, length, self.mix, self.length_scale)))
+        return out
 
     def top_words(self, vectors: np.ndarray, k: int) -> list[str]:
         """The ``k`` highest-scoring words of each vector, space-joined."""
@@ -193,20 +345,36 @@ class BagOfWordsInverter:
         return save_inverter(
             folder,
             self.kind,
-            self.model.state_dict(),
+            {**self.model.state_dict(), _FORWARD: self.forward, _LENGTH: self.length_w, _WHITEN: self.whiten},
             {
                 "dim": self.dim,
                 "vocab": self.vocab,
                 "hidden": self.hidden,
                 "threshold": self.threshold,
                 "encoder": self.encoder,
+                "decode": self.decode,
+                "mix": self.mix,
+                "length_scale": self.length_scale,
             },
         )
 
     @classmethod
     def load(cls, folder: str | Path) -> BagOfWordsInverter:
+        """A saved inverter; one saved before the ef1 decoding existed decodes by its threshold."""
         state, cfg = load_inverter_files(folder, cls.kind)
-        inv = cls(cfg["dim"], cfg["vocab"], cfg["hidden"], cfg["threshold"], cfg.get("encoder", ""))
+        has_forward = all(k in state for k in (_FORWARD, _LENGTH, _WHITEN))
+        inv = cls(
+            cfg["dim"],
+            cfg["vocab"],
+            cfg["hidden"],
+            cfg["threshold"],
+            cfg.get("encoder", ""),
+            cfg.get("decode", "ef1") if has_forward else "threshold",
+            float(cfg.get("mix", 0.0)),
+            float(cfg.get("length_scale", 1.0)),
+        )
+        if has_forward:
+            inv.forward, inv.length_w, inv.whiten = state.pop(_FORWARD), state.pop(_LENGTH), state.pop(_WHITEN)
         inv.model.load_state_dict(state)
         inv.model.eval()
         return inv
@@ -214,19 +382,34 @@ class BagOfWordsInverter:
 
 def train_bow(scn: Scenario, encoder: Any = None) -> tuple[BagOfWordsInverter, dict[str, Any]]:
     """Fit a bag-of-words inverter on the scenario's public pairs through ``encoder`` (default: the victim)."""
+    from leaklab.corpora.sampling import split_of
+    from leaklab.encoders import cached_embed
+
     enc = encoder or scn.victim
     texts, vecs = scn.public_pairs(enc, extra=option(scn, "extra_corpora", ""))
+    n_val = len(texts) // 10 if len(texts) >= 20 else 0
+    perm = np.random.default_rng(scn.seed).permutation(len(texts))
+    val_texts, tr_texts = [texts[i] for i in perm[:n_val]], [texts[i] for i in perm[n_val:]]
+    private = {t for t in scn.corpus_obj.texts if split_of(t) == "private"}
+    aug = span_augment(tr_texts, option(scn, "augment", 4), scn.seed, private | set(val_texts))
     inv = BagOfWordsInverter(
-        enc.dim, build_vocab(texts, option(scn, "vocab", 5000)), option(scn, "hidden", 0), encoder=enc.name
+        enc.dim,
+        build_vocab(tr_texts, option(scn, "vocab", 8000)),
+        option(scn, "hidden", 0),
+        encoder=enc.name,
+        decode=option(scn, "decode", "ef1"),
     )
+    aug_vecs = cached_embed(enc, aug) if aug else np.zeros((0, enc.dim), dtype=np.float32)
     info = inv.fit(
-        texts,
-        vecs,
+        tr_texts + aug,
+        np.concatenate([vecs[perm[n_val:]], aug_vecs]),
         epochs=option(scn, "epochs", 40),
         seconds=option(scn, "train_seconds", 120.0),
         seed=scn.seed,
+        val=(val_texts, vecs[perm[:n_val]]) if n_val else None,
+        forward_lambda=option(scn, "forward_lambda", 0.03),
     )
-    return inv, info
+    return inv, info | {"public_pairs": len(tr_texts), "augmented_pairs": len(aug), "held_out_pairs": n_val}
 
 
 @register_embed_attack(

@@ -133,6 +133,30 @@ class Scenario:
         return texts, cached_embed(encoder or self.victim, texts)
 
 
+def span_augment(
+    texts: list[str], per_text: int, seed: int, exclude: set[str] | frozenset[str] = frozenset()
+) -> list[str]:
+    """Up to ``per_text`` new training texts per text: contiguous word spans (60%) and copies with words dropped
+    (40%); texts of fewer than 4 words, repeats and anything in ``exclude`` (e.g. the private split) are skipped."""
+    rng = np.random.default_rng(seed + 104729)
+    seen, out = set(texts) | set(exclude), []
+    for text in texts:
+        w = text.split()
+        if len(w) < 4:
+            continue
+        for _ in range(per_text):
+            if rng.random() < 0.6:
+                length = int(rng.integers(max(2, len(w) // 4), len(w)))
+                start = int(rng.integers(0, len(w) - length + 1))
+                cand = " ".join(w[start : start + length])
+            else:
+                cand = " ".join(x for x, keep in zip(w, rng.random(len(w)) > 0.25, strict=True) if keep)
+            if len(cand.split()) >= 2 and cand not in seen:
+                seen.add(cand)
+                out.append(cand)
+    return out
+
+
 def victim_targets(scn: Scenario, max_tokens: int | None = None) -> tuple[Any, np.ndarray]:
     """The victim's private sample and its leaked vectors (victim side: not counted as attacker queries)."""
     sample = scn.private(max_tokens=max_tokens)
