@@ -67,8 +67,8 @@ class SompOptions:
     stop_z: float = 4.0  # ... and stops growing below this (in between: emitted and grown)
     budget_s: float = 900.0  # decoding time limit; prefixes still open then are closed as they stand
     starts_factor: float = 1.5  # first tokens decoded per expected text (full-rank regime)
-    lm_weight: float = 0.0  # pool regime (opt-in): weight of the model's own next-token log-prior in the ranking
-    out_weight: float = 0.0  # pool regime (opt-in): weight of the output-gradient matched filter (NextTokenEvidence)
+    lm_weight: float = 0.5  # pool regime: weight of the model's own next-token log-prior in the ranking
+    out_weight: float = 1.0  # pool regime: weight of the output-gradient matched filter (NextTokenEvidence)
     last_alternatives: int = 6  # candidate last tokens per text, left for OMP to choose between
     omp_tol: float = 1e-3
     omp_min_gain: float = 0.01
