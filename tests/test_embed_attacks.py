@@ -14,7 +14,7 @@ from leaklab.attacks.embedding.lmdecoder import LMDecoderInverter, lm_vocab
 from leaklab.attacks.embedding.membership import finetune_simcse, kb_scores
 from leaklab.attacks.embedding.nearest import NearestNeighbour
 from leaklab.attacks.embedding.registry import Scenario, attack_names, get_attack, run_embed_attack
-from leaklab.attacks.embedding.whitebox import WhiteBoxInverter
+from leaklab.attacks.embedding.whitebox import WhiteBoxInverter, whole_word_ids
 from leaklab.corpora.sampling import split_of
 from leaklab.encoders import load_encoder
 from leaklab.errors import LeaklabError, UnknownNameError
@@ -175,6 +175,38 @@ def test_whitebox_search_never_moves_away_and_its_fast_paths_match_references(ti
         inv.invert(np.ones((1, 3)))
     with pytest.raises(LeaklabError, match="white-box access"):
         WhiteBoxInverter(bag_encoder(VOCAB))
+
+
+def test_whitebox_prior_moves_hops_and_budget_match_references(tiny):
+    target = torch.from_numpy(tiny.embed(["too dull to enjoy"]))
+    ids = tiny.tokenizer("too dull to enjoy funny sad great movie", add_special_tokens=False)["input_ids"]
+    whole = whole_word_ids(tiny.tokenizer)
+    toks = tiny.tokenizer.convert_ids_to_tokens(whole)
+    assert len(whole) > 1000 and not any(t.startswith(("##", "[")) for t in toks) and ids[0] in whole
+    # prior: the words of highest cos(e(w), v), against embedding each word alone
+    inv = WhiteBoxInverter(tiny, vocab_ids=ids, candidates=4, passes=2, prior=3, prior_ids=ids)
+    single = [float(tiny.embed_ids([[w]])[0] @ target[0].numpy()) for w in ids]
+    assert inv.prior_words(target) == [ids[i] for i in np.argsort(single)[::-1][:3]]
+    # moves: every re-placement of the token at a position is proposed
+    start = ids[4:8]
+    props = inv.proposals(start, 1, inv.gradient(start, target))
+    rest = start[:1] + start[2:]
+    assert all([*rest[:j], start[1], *rest[j:]] in props for j in (0, 2, 3))
+    # basin hopping keeps the best objective: never below the plain descent from the same start
+    plain = WhiteBoxInverter(tiny, vocab_ids=ids, candidates=4, passes=2)
+    hops = WhiteBoxInverter(tiny, vocab_ids=ids, candidates=4, passes=2, hops=3, seed=1)
+    s0, _ = plain.search(start, target)
+    s1, _ = hops.search(start, target)
+    assert hops.objective([s1], target)[0] >= plain.objective([s0], target)[0] - 1e-6
+    # the forward budget bounds the search (one proposal batch may overshoot it)
+    capped = WhiteBoxInverter(tiny, vocab_ids=ids, candidates=4, passes=6, hops=5, budget=20)
+    capped.search(start, target)
+    assert capped.forward_passes <= 20 + 2 * len(ids) + 12
+    # the encoder's usage counts every forward pass of the search once
+    fresh = WhiteBoxInverter(tiny, vocab_ids=ids, candidates=4, passes=1, prior=2, prior_ids=ids)
+    before = tiny.usage.queries
+    fresh.invert(target.numpy(), ["dull movie"])
+    assert tiny.usage.queries - before == fresh.forward_passes > len(ids)
 
 
 def test_kb_vector_recovery_matches_the_true_document_vectors(tiny, public):

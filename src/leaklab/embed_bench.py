@@ -18,7 +18,10 @@ from leaklab.io import atomic_write, atomic_write_json, atomic_write_text
 FULL: dict[str, dict[str, Any]] = {
     "nearest": {"n": 100, "options": {"candidates": 2000}},
     "bow": {"n": 200, "options": {"train_seconds": 240, "epochs": 60, "augment": 8}},
-    "whitebox": {"n": 30, "options": {"max_tokens": 16, "pool": 20}},
+    "whitebox": {
+        "n": 30,
+        "options": {"max_tokens": 16, "pool": 20, "full": True, "prior": 40, "budget": 6000},
+    },
     "decoder": {"n": 30, "options": {"arch": "gru", "train_seconds": 300, "steps": 5, "edits": 200}},
     "decoder-lm": {
         "attack": "decoder",
@@ -31,7 +34,16 @@ FULL: dict[str, dict[str, Any]] = {
     },
     "kb-extract": {
         "n": 200,
-        "options": {"encoder_known": True, "vocab": 3000, "pool": 12, "passes": 1, "candidates": 4, "length": 32},
+        "options": {
+            "encoder_known": True,
+            "vocab": 3000,
+            "pool": 12,
+            "passes": 1,
+            "candidates": 4,
+            "length": 32,
+            "full": True,
+            "prior": 12,
+        },
     },
     "kb-extract-blackbox": {"attack": "kb-extract", "n": 200, "options": {"vocab": 3000, "candidates": 60}},
     "clustering": {"n": 200, "options": {"probes": 400}},

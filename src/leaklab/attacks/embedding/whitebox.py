@@ -4,12 +4,16 @@ Objective: J(x) = cos(e(x), v) − λ·|x| (λ: a length penalty, since the leng
 can always fit v a little better with filler).
 
 1. start: the bag-of-words inverter's words for v (or any given text, or the empty text); its top words are
-   also proposed at every position (the pool).
+   also proposed at every position (the pool), and so are (option ``prior``) the words w of highest
+   cos(e(w), v) over the whole word vocabulary (e(w): each word embedded alone, once per inverter) — content
+   words and rare names of v rank there even when the public split never has them.
 2. passes over positions t = 0..|x|: with g = ∂cos/∂(input embedding) of x (one backward pass), propose
-   the top-K HotFlip swaps x_t → w by the first-order gain ⟨g_t, E_w − E_{x_t}⟩, the deletion of x_t, and the
-   top-K insertions before t by ⟨ḡ_t, E_w⟩ (ḡ_t: mean gradient of the neighbours); all proposals are scored
-   by one batched forward pass of the encoder and the best is kept if it raises J.
-3. repeat passes until none raises J (or ``passes`` run out).
+   the top-K HotFlip swaps x_t → w by the first-order gain ⟨g_t, E_w − E_{x_t}⟩, the deletion of x_t, its
+   moves to every other place, and the top-K insertions before t by ⟨ḡ_t, E_w⟩ (ḡ_t: mean gradient of the
+   neighbours); all proposals are scored by one batched forward pass and the best is kept if it raises J.
+3. repeat passes until none raises J (or ``passes`` or the per-vector ``budget`` of encoder passes run out);
+   then ``hops`` rounds of basin hopping: kick the best x (delete or replace one or two tokens), descend
+   again, keep the result only if its J is higher.
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ class WhiteBoxInverter:
         length_penalty: float = 0.01,
         max_len: int = 24,
         passes: int = 6,
+        prior: int = 0,
+        hops: int = 0,
+        budget: int = 0,
+        seed: int = 0,
+        prior_ids: list[int] | None = None,
     ) -> None:
         self.encoder: LocalEncoder = require_local(encoder, self.name)
         tok = self.encoder.tokenizer
@@ -69,17 +78,44 @@ class WhiteBoxInverter:
             raise LeaklabError(f"max_len and candidates must be >= 1, got {max_len} and {candidates}")
         self.vocab = torch.tensor(list(dict.fromkeys(vocab_ids)))
         self.candidates, self.penalty, self.max_len, self.passes = candidates, length_penalty, max_len, passes
+        self.prior, self.hops, self.budget = prior, hops, budget
+        self.rng = np.random.default_rng(seed)
+        self.prior_vocab = torch.tensor(list(dict.fromkeys(prior_ids))) if prior_ids else self.vocab
         self.emb = self.encoder.word_embeddings.detach()
         self.sub = self.emb[self.vocab]
         self.cls_id, self.sep_id = tok.cls_token_id, tok.sep_token_id
         self.forward_passes = 0
+        self._single: torch.Tensor | None = None
+        self._limit = 0
+
+    def single_vectors(self) -> torch.Tensor:
+        """e(w) of every prior-vocabulary word alone (computed once, |V| forward passes)."""
+        if self._single is None:
+            ids = [[w] for w in self.prior_vocab.tolist()]
+            self._single = torch.from_numpy(
+                np.concatenate([self._embed(ids[i : i + 1024]) for i in range(0, len(ids), 1024)])
+            )
+        return self._single
+
+    def _embed(self, seqs: list[list[int]]) -> np.ndarray:
+        """Encoder vectors of token sequences, counted in ``forward_passes`` (queries: once, in invert())."""
+        self.forward_passes += len(seqs)
+        before = self.encoder.usage.snapshot()
+        vecs = self.encoder.embed_ids(seqs)
+        self.encoder.usage.queries = before.queries
+        return vecs
+
+    def prior_words(self, target: torch.Tensor) -> list[int]:
+        """The ``prior`` words w of the prior vocabulary with the highest cos(e(w), v): the content words of v
+        rank there (rare names included), function words do not."""
+        if self.prior <= 0:
+            return []
+        top = torch.topk(self.single_vectors() @ target[0], min(self.prior, len(self.prior_vocab))).indices
+        return self.prior_vocab[top].tolist()
 
     def cosines(self, seqs: list[list[int]], target: torch.Tensor) -> np.ndarray:
         """cos(e(x), v) of each token sequence (one batched forward pass)."""
-        self.forward_passes += len(seqs)
-        before = self.encoder.usage.snapshot()
-        vecs = torch.from_numpy(self.encoder.embed_ids(seqs))
-        self.encoder.usage.queries = before.queries  # counted once, in invert()
+        vecs = torch.from_numpy(self._embed(seqs))
         return torch.nn.functional.cosine_similarity(vecs, target.expand_as(vecs)).numpy()
 
     def objective(self, seqs: list[list[int]], target: torch.Tensor) -> np.ndarray:
@@ -96,8 +132,8 @@ class WhiteBoxInverter:
         return g[0, 1:-1]
 
     def proposals(self, seq: list[int], pos: int, g: torch.Tensor | None, pool: list[int] = ()) -> list[list[int]]:
-        """HotFlip swaps at ``pos``, its deletion, and insertions before ``pos``; the words of ``pool`` (e.g. a
-        bag-of-words guess) are proposed at every position too."""
+        """HotFlip swaps at ``pos``, its deletion, its moves to every other place, and insertions before
+        ``pos``; the words of ``pool`` (e.g. a bag-of-words guess) are proposed at every position too."""
         k = min(self.candidates, len(self.vocab))
         out: list[list[int]] = []
         if g is not None and pos < len(seq):
@@ -105,20 +141,23 @@ class WhiteBoxInverter:
             words = dict.fromkeys([*self.vocab[torch.topk(gain, k).indices].tolist(), *pool])
             out.extend([*seq[:pos], w, *seq[pos + 1 :]] for w in words if w != seq[pos])
             if len(seq) > 1:
-                out.append(seq[:pos] + seq[pos + 1 :])
+                rest = seq[:pos] + seq[pos + 1 :]
+                out.append(rest)
+                out.extend([*rest[:j], seq[pos], *rest[j:]] for j in range(len(rest) + 1) if j != pos)
         if len(seq) < self.max_len:
             near = g[max(0, pos - 1) : pos + 1].mean(0) if g is not None else self.sub.mean(0)
             words = dict.fromkeys([*self.vocab[torch.topk(self.sub @ near, k).indices].tolist(), *pool])
             out.extend([*seq[:pos], w, *seq[pos:]] for w in words)
         return out
 
-    def search(self, seq: list[int], target: torch.Tensor, pool: list[int] = ()) -> tuple[list[int], float]:
-        """Coordinate passes until no proposal raises J; returns the sequence and its cosine."""
-        seq = list(seq)[: self.max_len]
-        best = float(self.objective([seq], target)[0]) if seq else -np.inf
+    def _spent(self) -> bool:
+        return self._limit > 0 and self.forward_passes >= self._limit
+
+    def descend(self, seq: list[int], best: float, target: torch.Tensor, pool: list[int]) -> tuple[list[int], float]:
+        """Coordinate passes from ``seq`` (objective ``best``) until no proposal raises J."""
         for _ in range(self.passes):
             improved, pos = False, 0
-            while pos <= len(seq):
+            while pos <= len(seq) and not self._spent():
                 props = self.proposals(seq, pos, self.gradient(seq, target) if seq else None, pool)
                 if props:
                     scores = self.objective(props, target)
@@ -129,8 +168,36 @@ class WhiteBoxInverter:
                         if shorter:
                             continue
                 pos += 1
-            if not improved:
+            if not improved or self._spent():
                 break
+        return seq, best
+
+    def perturb(self, seq: list[int], pool: list[int]) -> list[int]:
+        """A random kick: delete one or two tokens, or replace one by a pool word (basin hopping)."""
+        seq = list(seq)
+        for _ in range(int(self.rng.integers(1, 3))):
+            if len(seq) > 1 and (not pool or self.rng.random() < 0.5):
+                del seq[int(self.rng.integers(len(seq)))]
+            elif pool and seq:
+                seq[int(self.rng.integers(len(seq)))] = pool[int(self.rng.integers(len(pool)))]
+        return seq
+
+    def search(self, seq: list[int], target: torch.Tensor, pool: list[int] = ()) -> tuple[list[int], float]:
+        """Coordinate descent, then ``hops`` perturb-and-descend rounds keeping the best J; returns the
+        sequence and its cosine."""
+        pool = list(dict.fromkeys([*pool, *self.prior_words(target)]))
+        self._limit = self.forward_passes + self.budget if self.budget > 0 else 0
+        seq = list(seq)[: self.max_len]
+        best = float(self.objective([seq], target)[0]) if seq else -np.inf
+        seq, best = self.descend(seq, best, target, pool)
+        for _ in range(self.hops):
+            if self._spent():
+                break
+            kicked = self.perturb(seq, pool)
+            cand, score = self.descend(kicked, float(self.objective([kicked], target)[0]), target, pool)
+            if score > best + 1e-5:
+                seq, best = cand, score
+        self._limit = 0
         return seq, float(self.cosines([seq], target)[0])
 
     def invert(
@@ -154,10 +221,21 @@ class WhiteBoxInverter:
         return texts, cosines
 
 
+def whole_word_ids(tokenizer: Any) -> list[int]:
+    """Every whole-word token of the tokenizer's vocabulary (no ``##`` continuation, special or unused slot)."""
+    special = set(tokenizer.all_special_ids)
+    toks = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return [i for i, t in enumerate(toks) if i not in special and not t.startswith(("##", "[")) and t.strip()]
+
+
 def make_whitebox(scn: Scenario, encoder: LocalEncoder) -> WhiteBoxInverter:
-    """The white-box inverter with the scenario's options and a public-split vocabulary prior."""
+    """The white-box inverter with the scenario's options: the public-split words by frequency first, then
+    (option ``full``) every other whole word of the tokenizer."""
     vocab_size = option(scn, "vocab", 8000)
     vocab = vocab_from_texts(encoder.tokenizer, scn.public_texts(), vocab_size) if vocab_size > 0 else None
+    whole = whole_word_ids(encoder.tokenizer)
+    if vocab is not None and option(scn, "full", False):
+        vocab = list(dict.fromkeys([*vocab, *whole]))
     return WhiteBoxInverter(
         encoder,
         vocab,
@@ -165,6 +243,11 @@ def make_whitebox(scn: Scenario, encoder: LocalEncoder) -> WhiteBoxInverter:
         length_penalty=option(scn, "length_penalty", 0.01),
         max_len=option(scn, "length", 24),
         passes=option(scn, "passes", 6),
+        prior=option(scn, "prior", 0),
+        hops=option(scn, "hops", 0),
+        budget=option(scn, "budget", 0),
+        seed=scn.seed,
+        prior_ids=whole,
     )
 
 
@@ -200,7 +283,12 @@ def evaluate(scn: Scenario) -> AttackReport:
         enc.usage.since(before),
         0.0,
         {
-            "vocab_prior": f"top {len(inv.vocab)} public-split whole-word token ids",
+            "vocab_prior": f"{len(inv.vocab)} token ids: public-split whole words by frequency"
+            + (", then every other whole word of the tokenizer" if option(scn, "full", False) else ""),
+            "word_prior": f"per vector, the {inv.prior} words w of highest cos(e(w), v), proposed at every position"
+            if inv.prior
+            else "none",
+            "search": f"≤ {inv.budget or 'unlimited'} encoder passes per vector, {inv.hops} perturbation rounds",
             "length_prior": f"≤ {inv.max_len} tokens, penalty {inv.penalty} per token",
             "start": "bag-of-words inverter (public pairs): start text + word pool" if guesses else "empty text",
         },
