@@ -293,6 +293,16 @@ def last_tokens(spans: SpanModel, prefixes: list[list[int]]) -> list[int | None]
     return scores.argmax(dim=1).tolist()
 
 
+def output_gradient(spans: SpanModel) -> torch.Tensor | None:
+    """The observed gradient of the output embedding (V × d, float64), or None when the update lacks it."""
+    model = spans.loaded.model
+    head = model.get_output_embeddings()
+    name = next((n for n, p in model.named_parameters() if head is not None and p is head.weight), None)
+    if name is None or name not in spans.obs.gradients:
+        return None
+    return spans.obs.gradients[name].double()
+
+
 @torch.no_grad()
 def last_token_scores(spans: SpanModel, prefixes: list[list[int]]) -> torch.Tensor | None:
     """(B, V) evidence that token v ends text b, from the output-embedding gradient (None without one).
@@ -304,10 +314,9 @@ def last_token_scores(spans: SpanModel, prefixes: list[list[int]]) -> torch.Tens
     """
     model = spans.loaded.model
     head = model.get_output_embeddings()
-    name = next((n for n, p in model.named_parameters() if head is not None and p is head.weight), None)
-    if name is None or name not in spans.obs.gradients or not prefixes:
+    grad = output_gradient(spans)
+    if grad is None or not prefixes:
         return None
-    grad = spans.obs.gradients[name].double()
     width = max(len(p) for p in prefixes)
     pad = spans.loaded.tokenizer.pad_token_id or 0
     ids = torch.full((len(prefixes), width), pad, dtype=torch.long)

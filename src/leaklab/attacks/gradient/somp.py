@@ -35,6 +35,7 @@ from leaklab.attacks.gradient.dager import (
     decoder_search,
     encoder_search,
     last_token_scores,
+    output_gradient,
     start_attack,
     to_recovery,
 )
@@ -80,12 +81,10 @@ class SompOptions:
 def output_pool(spans: SpanModel, size: int | None = None) -> torch.Tensor | None:
     """The tokens with the largest rows of the output-embedding gradient (None without one): ``size`` of them,
     or (``size`` None) max(2d, 1.25 × the knee of the sorted row norms, :func:`norm_knee`)."""
-    model = spans.loaded.model
-    head = model.get_output_embeddings()
-    name = next((n for n, p in model.named_parameters() if head is not None and p is head.weight), None)
-    if name is None or name not in spans.obs.gradients:
+    grad = output_gradient(spans)
+    if grad is None:
         return None
-    norms = spans.obs.gradients[name].double().norm(dim=1)
+    norms = grad.norm(dim=1)
     if size is None:
         d = spans.adapter.hidden_size
         size = max(2 * d, int(1.25 * norm_knee(norms, d // 2, 8 * d)))
@@ -166,13 +165,12 @@ class NextTokenEvidence:
         self.model = spans.loaded.model
         self.tokens = tokens
         self.cache = DynamicCache()
-        head = self.model.get_output_embeddings()
-        name = next((n for n, p in self.model.named_parameters() if head is not None and p is head.weight), None)
+        grad = output_gradient(spans)
         self.rows: torch.Tensor | None = None
-        if name is not None and name in spans.obs.gradients:
-            g = spans.obs.gradients[name].double()[tokens]
+        if grad is not None:
+            g = grad[tokens]
             self.rows = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        self.head = head
+        self.head = self.model.get_output_embeddings()
         self.h_sum: torch.Tensor | None = None
         self.h_count = 0
 
