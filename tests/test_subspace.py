@@ -36,6 +36,22 @@ def test_numerical_rank_finds_gap_and_full_rank():
     assert numerical_rank(torch.zeros(5, dtype=torch.float64)) == 0
 
 
+def test_numerical_rank_of_float32_matrices_with_a_smooth_signal_spectrum():
+    """Signal decaying over six decades down to just above float32 round-off (like real layer-2 gradients):
+    the rank is the signal's, not the count of values above a fixed floor; smooth full-rank spectra stay full."""
+    torch.manual_seed(0)
+    for r in (50, 200, 400):
+        u = torch.linalg.qr(torch.randn(600, r, dtype=torch.float64))[0]
+        v = torch.linalg.qr(torch.randn(576, r, dtype=torch.float64))[0]
+        m = ((u * torch.logspace(0, -6.4, r, dtype=torch.float64)) @ v.T).float().double()
+        assert numerical_rank(torch.linalg.svdvals(m)) == r
+    u = torch.linalg.qr(torch.randn(600, 576, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(576, 576, dtype=torch.float64))[0]
+    full = ((u * torch.logspace(0, -5, 576, dtype=torch.float64)) @ v.T).float().double()
+    assert numerical_rank(torch.linalg.svdvals(full)) == 576
+    assert numerical_rank(torch.linalg.svdvals(torch.randn(700, 576).double())) == 576
+
+
 def test_span_distance_matches_lstsq_reference():
     torch.manual_seed(1)
     x_in = torch.randn(6, 32, dtype=torch.float64)
