@@ -36,3 +36,26 @@ def test_interrupted_cell_resumes_after_its_finished_batches(tmp_path, monkeypat
     assert bench.run_grid(tmp_path, **args) == []  # done: skipped
     report = bench.write_report(tmp_path)
     assert "| tiny-llama | short | 1 | dager | 3 |" in report.read_text()
+
+
+def test_attack_options_reach_the_attack_and_are_recorded_in_the_cell_and_the_table(tmp_path, monkeypatch):
+    from leaklab.cli_gradient_bench import attack_options
+    from leaklab.errors import LeaklabError
+
+    seen = []
+    real = bench.run_attack
+    monkeypatch.setattr(bench, "run_attack", lambda attack, obs: seen.append(attack.opts) or real(attack, obs))
+    options = attack_options(["dager:max_frontier=64", "dager:budget_s=30"])
+    assert options == {"dager": {"max_frontier": 64, "budget_s": 30}}
+    (path,) = bench.run_grid(
+        tmp_path, "tiny-llama", ["short"], [1], ["dager"], batches=1, options=options, console=None
+    )
+    assert seen[0].max_frontier == 64 and seen[0].budget_s == 30
+    assert json.loads(path.read_text())["attack_options"] == {"dager": {"max_frontier": 64, "budget_s": 30}}
+    assert "| dager (budget_s=30, max_frontier=64) | 1 |" in bench.write_report(tmp_path).read_text()
+    with pytest.raises(LeaklabError, match="ATTACK:key=value"):
+        attack_options(["max_atoms=3"])
+    with pytest.raises(LeaklabError, match="not run"):
+        bench.run_grid(tmp_path, "tiny-llama", ["short"], [1], ["dager"], options={"somp": {"beam": 2}})
+    with pytest.raises(LeaklabError, match="does not accept"):
+        bench.run_grid(tmp_path / "x", "tiny-llama", ["short"], [1], ["dager"], options={"dager": {"nope": 1}})

@@ -16,7 +16,14 @@ from leaklab.attacks.gradient.dictionary import (
     sketch_index,
 )
 from leaklab.attacks.gradient.omp import least_squares, omp, refine_swaps
-from leaklab.attacks.gradient.somp import FullRankChecks, NextTokenEvidence, SompAttack, robust_z, sentence_final
+from leaklab.attacks.gradient.somp import (
+    FullRankChecks,
+    NextTokenEvidence,
+    SompAttack,
+    model_samples,
+    robust_z,
+    sentence_final,
+)
 from leaklab.errors import LeaklabError
 from leaklab.evaluate import score_recovery
 from leaklab.models import ModelRef, load_model
@@ -159,31 +166,45 @@ def test_next_token_evidence_matches_a_per_prefix_reference_and_sentence_ends_ar
     loaded = spans.loaded
     tok = loaded.tokenizer
     tokens = torch.tensor(sorted({*tok.encode(" the cat sat. It ran! Why?", add_special_tokens=False)}))
-    ev = NextTokenEvidence(spans, tokens)
+    ev = NextTokenEvidence(spans, tokens, samples=10, sample_len=6)
     head = loaded.model.get_output_embeddings()
     grad = obs.gradients[next(n for n, p in loaded.model.named_parameters() if p is head.weight)].double()[tokens]
     seqs = torch.tensor([tok.encode(t, add_special_tokens=False)[:2] for t in ("a dog ran off", "we saw it go")])
 
     def reference(rows):
-        """log p over the token set and the lm_head input at the last position, recomputed per prefix."""
+        """log p over the token set, full logits and the lm_head input at the last position, per prefix."""
         captured = []
         hook = head.register_forward_pre_hook(lambda _m, a: captured.append(a[0][0, -1].double()))
         with torch.no_grad():
-            lp = [loaded.model(r.view(1, -1)).logits[0, -1].double()[tokens].log_softmax(0) for r in rows]
+            logits = torch.stack([loaded.model(r.view(1, -1)).logits[0, -1].double() for r in rows])
         hook.remove()
-        return torch.stack(lp), torch.stack(captured)
+        return logits[:, tokens].log_softmax(1), logits, torch.stack(captured)
+
+    # the background from the model's own samples: Σ_t p_t(v) h_t over every sampled position but the last,
+    # recomputed one sample and one position at a time (the attack batches 8 samples per forward)
+    samples = model_samples(loaded, 10, 6, 0)
+    assert samples.shape == (10, 7)
+    bg_sum, count = torch.zeros_like(grad), 0
+    for row in samples:
+        for t in range(1, row.numel()):
+            _, logits, h = reference(row[:t].view(1, -1))
+            bg_sum += torch.softmax(logits[0], 0)[tokens].view(-1, 1) * h
+            count += 1
+    torch.testing.assert_close(ev.bg_sum, bg_sum)
+    assert ev.bg_count == count == 60
 
     ev.step(seqs[:, :1])  # position 0 of both rows
-    seen = [reference(seqs[:, :1])[1]]
+    _, logits, h = reference(seqs[:, :1])
+    bg_sum, count = bg_sum + torch.softmax(logits, 1)[:, tokens].T @ h, count + 2
     for parents, extra in ((torch.tensor([0, 1]), None), (torch.tensor([1, 1, 0]), torch.tensor([[5], [9], [7]]))):
         ev.select(parents)
         seqs = seqs[parents] if extra is None else torch.cat([seqs[parents], extra], dim=1)
         logp, out_z = ev.step(seqs)
-        ref, h = reference(seqs)
+        ref, logits, h = reference(seqs)
         torch.testing.assert_close(logp, ref)
-        seen.append(h)
-        hc = h - torch.cat(seen).mean(0)  # h̄: mean over every position fed so far
-        cos = (hc @ grad.T) / (hc.norm(dim=1, keepdim=True) * grad.norm(dim=1))
+        bg_sum, count = bg_sum + torch.softmax(logits, 1)[:, tokens].T @ h, count + h.shape[0]
+        resid = grad - bg_sum / count  # the row minus E[p(v) h] over every position seen so far
+        cos = (h @ resid.T) / (h.norm(dim=1, keepdim=True) * resid.norm(dim=1))
         torch.testing.assert_close(out_z, robust_z(cos), rtol=1e-4, atol=1e-4)
     ends = sentence_final(loaded, tokens)
     words = [tok.decode([t]).strip() for t in tokens.tolist()]

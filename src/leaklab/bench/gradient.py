@@ -18,6 +18,7 @@ import numpy as np
 from rich.console import Console
 
 from leaklab.attacks.base import make_attack, run_attack
+from leaklab.errors import LeaklabError
 from leaklab.evaluate import score_recovery
 from leaklab.io import atomic_write_json, atomic_write_text
 from leaklab.models import ModelRef, load_model
@@ -60,19 +61,22 @@ def run_cell(
     flags: ThreatFlags,
     console: Console,
     partial: Path | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """All attacks on the same ``batches`` client updates of one (regime, B) cell; with ``partial``, the
     finished batches are kept there after each batch and a rerun of the same cell (same code, options and
-    flags) resumes after them."""
+    flags) resumes after them. ``options``: non-default options per attack (recorded in the cell)."""
     ref = ModelRef(model)
     load_model(ref)
-    atks = {a: make_attack(a) for a in attacks}
+    options = {a: dict(o) for a, o in (options or {}).items() if o}
+    atks = {a: make_attack(a, **options.get(a, {})) for a in attacks}
     key = _as_json(
         {
             "model": model,
             "regime": regime.__dict__,
             "batch_size": batch_size,
             "attacks": list(attacks),
+            "attack_options": options,
             "seed": seed,
             "flags": flags.to_dict(),
             "git_commit": _git_commit(),
@@ -114,6 +118,7 @@ def run_cell(
         "batches": batches,
         "seed": seed,
         "flags": flags.to_dict(),
+        "attack_options": options,
         "gradient_seconds": float(np.mean(grad_seconds)),
         "attacks": {a: summarise_runs(runs) | {"runs": runs} for a, runs in per_attack.items()},
         "environment": environment(),
@@ -177,8 +182,10 @@ def run_grid(
     flags: ThreatFlags | None = None,
     force: bool = False,
     console: Console | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
 ) -> list[Path]:
-    """Run every missing cell of the grid, writing ``out_dir/cells/<cell>.json`` as each one finishes."""
+    """Run every missing cell of the grid, writing ``out_dir/cells/<cell>.json`` as each one finishes.
+    ``options``: non-default options per attack name, e.g. ``{"somp": {"max_atoms": 256}}``."""
     from leaklab.errors import UnknownNameError
 
     console = console or Console(stderr=True)
@@ -187,6 +194,9 @@ def run_grid(
     for r in regimes:
         if r not in REGIMES:
             raise UnknownNameError("regime", r, list(REGIMES))
+    for a in options or {}:
+        if a not in attacks:
+            raise LeaklabError(f"options given for attack '{a}', which is not run (attacks: {', '.join(attacks)})")
     for r in regimes:
         for b in batch_sizes:
             path = out_dir / "cells" / f"{cell_name(model, r, b)}.json"
@@ -196,7 +206,7 @@ def run_grid(
                     console.print(f"[dim]skip {path.name} (done; --force to redo)[/]")
                     continue
             partial = out_dir / "cells" / ".partial" / path.name
-            cell = run_cell(model, REGIMES[r], b, list(attacks), batches, seed, flags, console, partial)
+            cell = run_cell(model, REGIMES[r], b, list(attacks), batches, seed, flags, console, partial, options)
             atomic_write_json(path, cell)
             partial.unlink(missing_ok=True)
             written.append(path)
@@ -218,7 +228,11 @@ def write_report(out_dir: Path, title: str = "Gradient inversion benchmark") -> 
     rows = []
     for c in cells:
         for a, s in c["attacks"].items():
-            rows.append((c["regime"]["name"], c["batch_size"], a, c["batches"], s, c["gradient_seconds"], c["model"]))
+            opts = c.get("attack_options", {}).get(a)
+            label = f"{a} ({', '.join(f'{k}={v}' for k, v in sorted(opts.items()))})" if opts else a
+            rows.append(
+                (c["regime"]["name"], c["batch_size"], label, c["batches"], s, c["gradient_seconds"], c["model"])
+            )
     order = {n: i for i, n in enumerate(REGIMES)}
     rows.sort(key=lambda r: (r[6], order.get(r[0], 99), r[1], r[2]))
     lines = [

@@ -68,7 +68,7 @@ class SompOptions:
     stop_z: float = 4.0  # ... and stops growing below this (in between: emitted and grown)
     budget_s: float = 900.0  # decoding time limit; prefixes still open then are closed as they stand
     starts_factor: float = 1.5  # first tokens decoded per expected text (full-rank regime)
-    lm_weight: float = 0.5  # pool regime: weight of the model's own next-token log-prior in the ranking
+    lm_weight: float = 0.2  # pool regime: weight of the model's own next-token log-prior in the ranking
     out_weight: float = 1.0  # pool regime: weight of the output-gradient matched filter (NextTokenEvidence)
     last_alternatives: int = 6  # candidate last tokens per text, left for OMP to choose between
     omp_tol: float = 1e-3
@@ -152,27 +152,43 @@ class NextTokenEvidence:
 
     * log p_model(v | prefix), renormalised over the token set (the model's own prior);
     * the output-embedding gradient's matched filter. Row v of ∂L/∂W_out is (1/N) Σ_t (p_t(v) − [y_t = v]) h_t
-      (h_t: the lm_head input at position t), so a prefix whose next token is v leaves −h_t in row v:
-      f(v) = −cos(g_v, h − h̄), h̄ the mean lm_head input over every position decoded so far (the attacker's
-      own prefixes; it removes the component all positions share). Returned as a robust z (higher = better).
+      (h_t: the lm_head input at position t), so a prefix whose next token is v leaves −h_t in row v. The
+      softmax part (1/N) Σ_t p_t(v) h_t ≈ E_t[p_t(v) h_t] (N ≈ T) is subtracted first, estimated from text the
+      model samples itself (no data beyond the model) pooled with every position decoded so far (the batch's
+      own prefixes, as far as they are right); the filter is f(v) = −cos(g_v − E[p(v) h], h), returned as a
+      robust z (higher = better). Teacher-forced (``benchmarks/output_probe.py``) this ranks the true next
+      token first more often than the earlier −cos(g_v, h − h̄).
 
     The cache holds each row's prefix but its last token; ``step`` feeds the last tokens, ``select`` keeps the
     cache rows of the prefixes that survive (children share their parent's cache)."""
 
-    def __init__(self, spans: SpanModel, tokens: torch.Tensor) -> None:
+    def __init__(
+        self, spans: SpanModel, tokens: torch.Tensor, samples: int = 32, sample_len: int = 96, seed: int = 0
+    ) -> None:
         from transformers import DynamicCache
 
         self.model = spans.loaded.model
         self.tokens = tokens
         self.cache = DynamicCache()
-        grad = output_gradient(spans)
-        self.rows: torch.Tensor | None = None
-        if grad is not None:
-            g = grad[tokens]
-            self.rows = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
         self.head = self.model.get_output_embeddings()
-        self.h_sum: torch.Tensor | None = None
-        self.h_count = 0
+        grad = output_gradient(spans)
+        self.rows: torch.Tensor | None = None if grad is None else grad[tokens]
+        self.bg_sum: torch.Tensor | None = None
+        self.bg_count = 0
+        if self.rows is not None and samples > 0:
+            ids = model_samples(spans.loaded, samples, sample_len, seed)
+            for i in range(0, samples, 8):  # bounded memory: logits are (8 · sample_len, V)
+                self._add_background(*lm_head_states(self.model, ids[i : i + 8]))
+
+    def _add_background(self, h: torch.Tensor, logits: torch.Tensor) -> None:
+        """Pool Σ p_t(v) h_t over the token set for the positions (h (n, d), logits (n, V)) into the background."""
+        part = torch.softmax(logits.double(), dim=-1)[:, self.tokens].T @ h.double()
+        self.bg_sum = part if self.bg_sum is None else self.bg_sum + part
+        self.bg_count += h.shape[0]
+
+    def background(self) -> torch.Tensor:
+        """(m, d) the current estimate of E_t[p_t(v) h_t] for the token set."""
+        return self.bg_sum / max(self.bg_count, 1)
 
     @torch.no_grad()
     def step(self, seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -184,19 +200,51 @@ class NextTokenEvidence:
         finally:
             hook.remove()
         self.cache = out.past_key_values
-        logp = torch.log_softmax(out.logits[:, -1].double()[:, self.tokens], dim=1)
+        logits = out.logits[:, -1].double()
+        logp = torch.log_softmax(logits[:, self.tokens], dim=1)
         if self.rows is None:
             return logp, None
         h = captured[0].double()
-        self.h_sum = h.sum(0) if self.h_sum is None else self.h_sum + h.sum(0)
-        self.h_count += h.shape[0]
-        hc = h - self.h_sum / self.h_count
-        cos = (hc @ self.rows.T) / hc.norm(dim=1, keepdim=True).clamp_min(1e-30)  # cos(g_v, h − h̄)
+        self._add_background(h, logits)
+        resid = self.rows - self.background()
+        resid = resid / resid.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        cos = (h @ resid.T) / h.norm(dim=1, keepdim=True).clamp_min(1e-30)  # cos(g_v − E[p(v) h], h)
         return logp, robust_z(cos)  # low cosine = strong −h_t evidence = high z
 
     def select(self, parents: torch.Tensor) -> None:
         """Keep (and repeat) the cache rows of ``parents``, in the order of the next step's prefixes."""
         self.cache.reorder_cache(parents)
+
+
+@torch.no_grad()
+def model_samples(loaded, n: int, length: int, seed: int) -> torch.Tensor:
+    """(n, 1 + length) token ids sampled from the model itself (temperature 1) after its BOS token."""
+    tok = loaded.tokenizer
+    bos = tok.bos_token_id if tok.bos_token_id is not None else (tok.eos_token_id or 0)
+    gen = torch.Generator().manual_seed(seed)
+    from transformers import DynamicCache
+
+    seqs = torch.full((n, 1), bos, dtype=torch.long)
+    cache = DynamicCache()
+    for _ in range(length):
+        logits = loaded.model(seqs[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1].float()
+        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)
+        seqs = torch.cat([seqs, nxt], dim=1)
+    return seqs
+
+
+@torch.no_grad()
+def lm_head_states(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n·(L−1), d) lm_head inputs and (n·(L−1), V) logits at every position of ``ids`` (n, L) but the last."""
+    head = model.get_output_embeddings()
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, a: captured.append(a[0].detach()))
+    try:
+        logits = model(ids).logits[:, :-1]
+    finally:
+        hook.remove()
+    h = captured[0][:, :-1]
+    return h.reshape(-1, h.shape[-1]), logits.reshape(-1, logits.shape[-1])
 
 
 def _loops(seqs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
