@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from leaklab.attacks.base import make_attack, parse_options, run_attack
-from leaklab.attacks.gradient.dager import SpanModel
+from leaklab.attacks.gradient.dager import Found, SpanModel
 from leaklab.attacks.gradient.dictionary import (
     observed_vector,
     sentence_gradients,
@@ -23,6 +23,7 @@ from leaklab.attacks.gradient.somp import (
     model_samples,
     robust_z,
     sentence_final,
+    with_last_alternatives,
 )
 from leaklab.errors import LeaklabError
 from leaklab.evaluate import score_recovery
@@ -224,3 +225,22 @@ def test_norm_knee_finds_the_batch_token_count_like_a_brute_force_scan():
         logs = sorted((float(v) for v in norms.log()), reverse=True)
         brute = max(range(288, 4608), key=lambda r: logs[r] - logs[r + 64]) + 32  # steepest 64-rank drop
         assert knee == brute and abs(knee - present) <= 32
+
+
+def test_a_capped_dictionary_drops_runner_up_last_tokens_before_any_text():
+    """With room for n atoms and n texts, every text keeps exactly its best completion; with room to spare,
+    runners-up come back; with no cap, the same as a large room."""
+    texts = ["the cat sat on the mat", "a dog ran off", "we saw it go", "my hat is red"]
+    obs, _ = fedsgd_update(ModelRef("tiny-llama"), texts)
+    spans = SpanModel(obs)
+    prefixes = [Found(spans.loaded.encode(t)[:-1], 0.0) for t in texts]
+    free = with_last_alternatives(spans, prefixes, 6)
+    assert len(free) > len(texts)  # random-init model: runners-up score close to the best
+    assert with_last_alternatives(spans, prefixes, 6, room=10**6) == free
+    tight = with_last_alternatives(spans, prefixes, 6, room=len(texts))
+    assert [f.ids[:-1] for f in tight] == [f.ids for f in prefixes]
+    assert [f.ids for f in tight] == [next(g.ids for g in free if g.ids[:-1] == f.ids) for f in prefixes]
+    middle = with_last_alternatives(spans, prefixes, 6, room=len(texts) + 2)
+    assert len(texts) <= len(middle) <= len(texts) + 2 and {tuple(f.ids[:-1]) for f in middle} == {
+        tuple(f.ids) for f in prefixes
+    }

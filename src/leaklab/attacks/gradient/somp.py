@@ -379,9 +379,11 @@ def dedupe(found: list[Found]) -> list[Found]:
 LAST_MARGIN = 0.2  # runner-up last tokens scoring at least this share of the best one become atoms
 
 
-def with_last_alternatives(spans: SpanModel, found: list[Found], k: int) -> list[Found]:
+def with_last_alternatives(spans: SpanModel, found: list[Found], k: int, room: int | None = None) -> list[Found]:
     """Exact-regime texts lack their last token (next-token task): one candidate per ``k`` best-scoring last
-    tokens (:func:`last_token_scores`); OMP's swap refinement picks among them."""
+    tokens (:func:`last_token_scores`); OMP's swap refinement picks among them. With ``room`` (the dictionary's
+    atom budget) runners-up are dropped, worst rank first across all texts, before any text loses its best
+    completion: a capped dictionary keeps every decoded text rather than the alternatives of the first ones."""
     if not (spans.causal and spans.next_token) or not found:
         return found
     scores = last_token_scores(spans, [f.ids for f in found])
@@ -389,6 +391,11 @@ def with_last_alternatives(spans: SpanModel, found: list[Found], k: int) -> list
         return found
     val, top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
     keep = val >= LAST_MARGIN * val[:, :1]  # only close runners-up are worth a dictionary atom
+    rank = torch.arange(keep.shape[1]).expand_as(keep)
+    width = keep.shape[1]
+    while room is not None and width > 1 and int(keep.sum()) > room:
+        width -= 1
+        keep &= rank < width
     return [
         Found(f.ids + [t], f.score, f.exact, {"prefix": len(f.ids)})
         for f, alts, ok in zip(found, top.tolist(), keep.tolist(), strict=True)
@@ -451,20 +458,22 @@ class SompAttack:
             tau1=self.opts.tau1, tau2=self.opts.tau2, max_len=self.opts.max_len, budget_s=self.opts.budget_s
         )
         if spans.causal and not spans.full_rank:
-            found = with_last_alternatives(spans, dedupe(decoder_search(spans, dopts)), self.opts.last_alternatives)
+            found = dedupe(decoder_search(spans, dopts))
+            found = with_last_alternatives(spans, found, self.opts.last_alternatives, self.opts.max_atoms)
         elif spans.causal:
             n_texts = n_known or max(1, spans.adapter.hidden_size // 16)
             tokens = self.token_set(spans)
             info["token_set"] = int(tokens.numel())
             found = dedupe(span_beam_decode(spans, tokens, n_texts, self.opts, prior=not spans.l1_exact))
-            found = with_last_alternatives(spans, found, self.opts.last_alternatives)
+            extra: list[Found] = []
             if self.opts.best_effort_atoms:  # DAGER's greedy best-effort texts join the dictionary too
                 extra = assemble(best_effort_decoder(spans, n_texts, dopts), None)
                 complete_last_tokens(spans, extra)
-                seen = {tuple(f.ids) for f in extra}
-                room = max(0, self.opts.max_atoms - len(extra))
-                found = [f for f in found if tuple(f.ids) not in seen][:room] + extra
                 info["best_effort_atoms"] = len(extra)
+            room = max(0, self.opts.max_atoms - len(extra))
+            found = with_last_alternatives(spans, found[:room], self.opts.last_alternatives, room)
+            seen = {tuple(f.ids) for f in extra}
+            found = [f for f in found if tuple(f.ids) not in seen][:room] + extra
         else:
             found = dedupe(encoder_search(spans, n_known or 1, dopts))
         info["candidates"] = len(found)
