@@ -68,7 +68,7 @@ class SompOptions:
     stop_z: float = 4.0  # ... and stops growing below this (in between: emitted and grown)
     budget_s: float = 900.0  # decoding time limit; prefixes still open then are closed as they stand
     starts_factor: float = 1.5  # first tokens decoded per expected text (full-rank regime)
-    lm_weight: float = 0.2  # pool regime: weight of the model's own next-token log-prior in the ranking
+    lm_weight: float = 0.1  # pool regime: weight of the model's own next-token log-prior in the ranking
     out_weight: float = 1.0  # pool regime: weight of the output-gradient matched filter (NextTokenEvidence)
     last_alternatives: int = 6  # candidate last tokens per text, left for OMP to choose between
     omp_tol: float = 1e-3
