@@ -3,7 +3,7 @@ the same batch: the largest drops of the singular-value spectrum, the rank estim
 the time of :func:`leaklab.attacks.gradient.dager.decoder_search`. The Secret gives T for the printout only.
 
     python benchmarks/rank_probe.py --regime long --batch-size 4 --seed 2 --search
-    python benchmarks/rank_probe.py --regime long --batch-size 4 --seed 2 --gap 100   # the rule before session 5
+    python benchmarks/rank_probe.py --regime long --batch-size 4 --seed 2 --gap 100 --search --max-len 2   # old rule
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=2)
     ap.add_argument("--search", action="store_true", help="also run DAGER's exact search and time it")
+    ap.add_argument("--max-len", type=int, default=512, help="positions the exact search may grow")
     ap.add_argument("--gap", type=float, default=None, help="rank-gap factor instead of subspace.RANK_GAP")
     args = ap.parse_args()
     if args.gap is not None:  # numerical_rank's defaults were bound at import: replace them
@@ -66,7 +67,7 @@ def main() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
         t0 = time.perf_counter()
-        found = decoder_search(spans, DagerOptions())
+        found = decoder_search(spans, DagerOptions(max_len=args.max_len))
         widest = max(handler.lines, key=lambda line: int(line.rsplit("->", 1)[1].split()[0]), default="")
         print(f"  exact search: {len(found)} texts in {time.perf_counter() - t0:.1f} s; widest step: {widest}")
 
