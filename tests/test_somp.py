@@ -244,3 +244,52 @@ def test_a_capped_dictionary_drops_runner_up_last_tokens_before_any_text():
     assert len(texts) <= len(middle) <= len(texts) + 2 and {tuple(f.ids[:-1]) for f in middle} == {
         tuple(f.ids) for f in prefixes
     }
+
+
+def test_swap_refinement_replaces_a_near_duplicate_and_matches_the_best_subset():
+    """Greedy OMP takes a truncated copy of a true text (it correlates best with the whole target) and then
+    fills the other slots; the swap search ends on the best subset of an exhaustive search (the reference)."""
+    import itertools
+
+    from leaklab.attacks.gradient.omp import OmpResult
+
+    rng = np.random.default_rng(3)
+    true = rng.normal(size=(4, 200))
+    target = true.sum(0)
+    near = 0.85 * true[0] + 0.6 * true[1] + 0.3 * rng.normal(size=200)  # greedy takes this near-duplicate first
+    decoys = rng.normal(size=(6, 200))
+    atoms = torch.tensor(np.vstack([true, near, decoys]))
+    groups = list(range(atoms.shape[0]))
+    greedy = omp(atoms, torch.tensor(target), max_atoms=4)
+    assert greedy.selected[0] == 4  # the near-duplicate is the first pick
+    fixed = refine_swaps(atoms, torch.tensor(target), greedy, groups)
+
+    def rel(sel):
+        d = atoms[list(sel)].double()
+        return float((torch.tensor(target) - d.T @ least_squares(d, torch.tensor(target))).norm())
+
+    best = min(itertools.combinations(range(atoms.shape[0]), 4), key=rel)
+    assert sorted(fixed.selected) == sorted(best) == [0, 1, 2, 3]
+    assert fixed.residual_norms[-1] < 1e-8
+    # one text per group: an atom of an already represented group never joins
+    groups[0] = groups[1]
+    fixed = refine_swaps(atoms, torch.tensor(target), OmpResult([4, 1, 2, 3], torch.zeros(4)), groups)
+    assert 0 not in fixed.selected
+
+
+def test_last_tokens_are_rechosen_with_only_the_chosen_prefixes_as_the_batch():
+    texts = ["the cat sat on the mat", "a dog ran off fast", "we saw it go home"]
+    obs, secret = fedsgd_update(ModelRef("tiny-llama"), texts)
+    spans = SpanModel(obs)
+    true = [list(t) for t in secret.token_ids]
+    wrong = [Found(t[:-1] + [(t[-1] + 7) % 500], 0.0, True, {"prefix": len(t) - 1}) for t in true]
+    attack = SompAttack()
+    got, info = attack.rechoose_last_tokens(spans, wrong, {"omp_residual": 1.0, "dictionary": 3})
+    assert sorted(f.ids for f in got) == sorted(true) and info["last_token_pass"] == "rechosen"
+    assert info["omp_residual"] < 1e-4 and info["dictionary"] == 3
+    # a second pass that fits worse than the first keeps the first choice
+    got, info = attack.rechoose_last_tokens(spans, wrong, {"omp_residual": 0.0, "dictionary": 3})
+    assert [f.ids for f in got] == [f.ids for f in wrong] and info["last_token_pass"] == "kept"
+    # texts without a recorded prefix (e.g. DAGER's best-effort atoms) are left alone
+    plain = [Found(t, 0.0) for t in true]
+    assert attack.rechoose_last_tokens(spans, plain, {"omp_residual": 1.0}) == (plain, {"omp_residual": 1.0})

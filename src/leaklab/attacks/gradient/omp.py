@@ -76,24 +76,53 @@ def omp(
     return OmpResult(selected, coef, history, stop)
 
 
-def refine_swaps(atoms: torch.Tensor, target: torch.Tensor, result: OmpResult, groups: list[int]) -> OmpResult:
-    """Swap each selected atom for another atom of its group when that lowers the least-squares residual
-    (greedy selection can take the wrong alternative of a group early; one pass per selected atom)."""
+def refine_swaps(
+    atoms: torch.Tensor,
+    target: torch.Tensor,
+    result: OmpResult,
+    groups: list[int],
+    passes: int = 3,
+    max_trials: int = 60_000,
+) -> OmpResult:
+    """Local search after greedy selection: replace a selected atom by another atom of its group (another
+    last-token guess) or by an atom of an unrepresented group (another text: greedy OMP can spend a slot on a
+    near-duplicate, e.g. a truncated copy of a true text, that correlates well first but fits worse in the
+    end), keeping each swap that lowers the least-squares residual; repeated until a pass changes nothing.
+
+    Residuals of trial subsets come from the Gram matrix, ‖m − D_S α‖² = ‖m‖² − b_Sᵀ G_SS⁻¹ b_S (b = D m),
+    so a trial costs one |S| × |S| solve. Other-group candidates per slot are the atoms most correlated with
+    the residual, as many as ``max_trials`` allows."""
     d, m = atoms.double(), target.double()
     m_norm = float(m.norm()) or 1.0
-
-    def residual(sel: list[int]) -> tuple[float, torch.Tensor]:
-        coef = least_squares(d[sel], m)
-        return float((m - d[sel].T @ coef).norm()) / m_norm, coef
-
     selected = list(result.selected)
     if not selected:
         return result
-    best, coef = residual(selected)
-    for pos, atom in enumerate(list(selected)):
-        for alt in (i for i, g in enumerate(groups) if g == groups[atom] and i != atom):
-            trial = selected[:pos] + [alt] + selected[pos + 1 :]
-            rel, c = residual(trial)
-            if rel < best:
-                best, coef, selected = rel, c, trial
+    gram, b, mm = d @ d.T, d @ m, float(m @ m)
+    norms = d.norm(dim=1).clamp_min(1e-300)
+
+    def residual(sel: list[int]) -> float:
+        idx = torch.tensor(sel)
+        coef = torch.linalg.lstsq(gram[idx][:, idx], b[idx].unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        return max(mm - float(b[idx] @ coef), 0.0) ** 0.5 / m_norm
+
+    best = residual(selected)
+    width = max(4, max_trials // max(1, passes * len(selected)))
+    for _ in range(passes):
+        changed = False
+        for pos in range(len(selected)):
+            atom = selected[pos]
+            others = {groups[a] for i, a in enumerate(selected) if i != pos}
+            resid = m - d[selected].T @ least_squares(d[selected], m)
+            score = (d @ resid).abs() / norms
+            ranked = [i for i in torch.argsort(score, descending=True).tolist() if groups[i] not in others]
+            same = [i for i, g in enumerate(groups) if g == groups[atom] and i != atom]
+            for alt in same + [i for i in ranked[:width] if groups[i] != groups[atom]]:
+                trial = selected[:pos] + [alt] + selected[pos + 1 :]
+                rel = residual(trial)
+                if rel < best - 1e-12:
+                    best, selected, changed = rel, trial, True
+                    atom = alt
+        if not changed:
+            break
+    coef = least_squares(d[selected], m)
     return OmpResult(selected, coef, result.residual_norms + [best], result.stop)

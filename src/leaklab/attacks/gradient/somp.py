@@ -452,6 +452,21 @@ class SompAttack:
         pool = output_pool(spans)
         return pool if pool is not None else spans.candidates(0, 0.0, topk=2 * spans.adapter.hidden_size)
 
+    def rechoose_last_tokens(self, spans: SpanModel, chosen: list[Found], info: dict) -> tuple[list[Found], dict]:
+        """Second pass over the last tokens. :func:`last_token_scores` subtracts the softmax terms of every
+        prefix it is given as if they were the batch; on the whole candidate list (near-duplicates, truncated
+        copies) that over-subtracts and can push the true last token out of the alternatives. Rescored with
+        only OMP's chosen prefixes as the batch, their alternatives go through OMP once more (one per text)."""
+        pairs = [(f, f.meta["prefix"]) for f in chosen if "prefix" in f.meta]
+        if not pairs or len(pairs) != len(chosen):
+            return chosen, info
+        prefixes = [Found(f.ids[:cut], f.score, f.exact) for f, cut in pairs]
+        again = with_last_alternatives(spans, prefixes, self.opts.last_alternatives, self.opts.max_atoms)
+        rechosen, again_info = select_by_omp(spans, again, len(chosen), self.opts)
+        if len(rechosen) != len(chosen) or again_info["omp_residual"] > info["omp_residual"]:
+            return chosen, info | {"last_token_pass": "kept"}
+        return rechosen, again_info | {"dictionary": info["dictionary"], "last_token_pass": "rechosen"}
+
     def run(self, obs: Observation) -> Recovery:
         spans, n_known, info = start_attack(obs)
         dopts = DagerOptions(
@@ -478,6 +493,7 @@ class SompAttack:
             found = dedupe(encoder_search(spans, n_known or 1, dopts))
         info["candidates"] = len(found)
         chosen, omp_info = select_by_omp(spans, found, n_known, self.opts)
+        chosen, omp_info = self.rechoose_last_tokens(spans, chosen, omp_info)
         info.update(omp_info)
         info["batch_size_estimate"] = n_known or len(chosen)
         return to_recovery(spans, chosen, info)
