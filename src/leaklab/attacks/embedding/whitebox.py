@@ -14,6 +14,9 @@ can always fit v a little better with filler).
 3. repeat passes until none raises J (or ``passes`` or the per-vector ``budget`` of encoder passes run out);
    then ``hops`` rounds of basin hopping: kick the best x (delete or replace one or two tokens), descend
    again, keep the result only if its J is higher.
+4. (option ``lm``) an LM-guided restart (leaklab.attacks.embedding.lmguide): a causal LM's beam search over
+   the LM's next words and the evidence words (the result of 3 and the pool), scored by the encoder, then
+   descended again under its own budget ``lm_budget``; kept only if its J is higher.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from leaklab.attacks.embedding.lmguide import LMPrior, lm_beam
 from leaklab.attacks.embedding.registry import (
     AttackReport,
     Scenario,
@@ -66,6 +70,11 @@ class WhiteBoxInverter:
         budget: int = 0,
         seed: int = 0,
         prior_ids: list[int] | None = None,
+        lm: LMPrior | None = None,
+        lm_budget: int = 3000,
+        lm_opts: dict[str, Any] | None = None,
+        lm_moves: int = 0,
+        lm_restart: bool = True,
     ) -> None:
         self.encoder: LocalEncoder = require_local(encoder, self.name)
         tok = self.encoder.tokenizer
@@ -87,6 +96,8 @@ class WhiteBoxInverter:
         self.forward_passes = 0
         self._single: torch.Tensor | None = None
         self._limit = 0
+        self.lm, self.lm_budget, self.lm_opts = lm, lm_budget, dict(lm_opts or {})
+        self.lm_moves, self.use_restart = lm_moves, lm_restart
 
     def single_vectors(self) -> torch.Tensor:
         """e(w) of every prior-vocabulary word alone (computed once, |V| forward passes)."""
@@ -158,7 +169,9 @@ class WhiteBoxInverter:
         for _ in range(self.passes):
             improved, pos = False, 0
             while pos <= len(seq) and not self._spent():
-                props = self.proposals(seq, pos, self.gradient(seq, target) if seq else None, pool)
+                props = self.proposals(
+                    seq, pos, self.gradient(seq, target) if seq else None, pool + self.lm_words(seq, pos)
+                )
                 if props:
                     scores = self.objective(props, target)
                     b = int(scores.argmax())
@@ -171,6 +184,12 @@ class WhiteBoxInverter:
             if not improved or self._spent():
                 break
         return seq, best
+
+    def lm_words(self, seq: list[int], pos: int) -> list[int]:
+        """(option ``lm_moves``) the LM's top next words after seq[:pos], proposed at ``pos`` like pool words."""
+        if self.lm is None or self.lm_moves <= 0:
+            return []
+        return self.lm.proposals(self.lm.next_logprobs([seq[:pos]])[0], [], self.lm_moves, 0)
 
     def perturb(self, seq: list[int], pool: list[int]) -> list[int]:
         """A random kick: delete one or two tokens, or replace one by a pool word (basin hopping)."""
@@ -197,8 +216,29 @@ class WhiteBoxInverter:
             cand, score = self.descend(kicked, float(self.objective([kicked], target)[0]), target, pool)
             if score > best + 1e-5:
                 seq, best = cand, score
+        if self.lm is not None and self.use_restart:
+            seq, best = self.lm_restart(seq, best, target, pool)
         self._limit = 0
         return seq, float(self.cosines([seq], target)[0])
+
+    def lm_restart(self, seq: list[int], best: float, target: torch.Tensor, pool: list[int]) -> tuple[list[int], float]:
+        """LM beam search over the LM's words and the evidence (``seq`` + ``pool``), then coordinate descent
+        from its best text, within ``lm_budget`` encoder passes; the result replaces ``seq`` only if J rises."""
+        assert self.lm is not None
+        self._limit = self.forward_passes + self.lm_budget if self.lm_budget > 0 else 0
+        evidence = list(dict.fromkeys([*seq, *pool]))
+        cand, score = lm_beam(
+            self.lm,
+            lambda s: self.cosines(s, target),
+            evidence,
+            self.max_len,
+            self.penalty,
+            spent=self._spent,
+            **self.lm_opts,
+        )
+        if cand:
+            cand, score = self.descend(cand, score, target, pool)
+        return (cand, score) if score > best + 1e-5 else (seq, best)
 
     def invert(
         self, vectors: np.ndarray, init: list[str] | None = None, pools: list[str] | None = None
@@ -236,6 +276,9 @@ def make_whitebox(scn: Scenario, encoder: LocalEncoder) -> WhiteBoxInverter:
     whole = whole_word_ids(encoder.tokenizer)
     if vocab is not None and option(scn, "full", False):
         vocab = list(dict.fromkeys([*vocab, *whole]))
+    lm_name = option(scn, "lm", "")
+    lm = LMPrior(lm_name, encoder.tokenizer, vocab if vocab is not None else whole) if lm_name else None
+    lm_opts = {k: option(scn, f"lm_{k}", d) for k, d in (("beams", 6), ("k_lm", 6), ("k_ev", 14), ("weight", 0.02))}
     return WhiteBoxInverter(
         encoder,
         vocab,
@@ -248,6 +291,11 @@ def make_whitebox(scn: Scenario, encoder: LocalEncoder) -> WhiteBoxInverter:
         budget=option(scn, "budget", 0),
         seed=scn.seed,
         prior_ids=whole,
+        lm=lm,
+        lm_budget=option(scn, "lm_budget", 3000),
+        lm_opts=lm_opts,
+        lm_moves=option(scn, "lm_moves", 0),
+        lm_restart=option(scn, "lm_restart", True),
     )
 
 
@@ -291,6 +339,11 @@ def evaluate(scn: Scenario) -> AttackReport:
             "search": f"≤ {inv.budget or 'unlimited'} encoder passes per vector, {inv.hops} perturbation rounds",
             "length_prior": f"≤ {inv.max_len} tokens, penalty {inv.penalty} per token",
             "start": "bag-of-words inverter (public pairs): start text + word pool" if guesses else "empty text",
+            "lm_restart": (
+                f"{option(scn, 'lm', '')} beam search ({inv.lm_opts}) + descent, ≤ {inv.lm_budget} encoder passes"
+                if inv.lm is not None
+                else "none"
+            ),
         },
         examples(sample.texts, pred),
     )
