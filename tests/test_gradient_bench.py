@@ -59,3 +59,34 @@ def test_attack_options_reach_the_attack_and_are_recorded_in_the_cell_and_the_ta
         bench.run_grid(tmp_path, "tiny-llama", ["short"], [1], ["dager"], options={"somp": {"beam": 2}})
     with pytest.raises(LeaklabError, match="does not accept"):
         bench.run_grid(tmp_path / "x", "tiny-llama", ["short"], [1], ["dager"], options={"dager": {"nope": 1}})
+
+
+def test_attacks_run_one_at_a_time_are_merged_into_one_cell_each_with_its_commit(tmp_path, monkeypatch):
+    ran = []
+    real = bench.run_attack
+    monkeypatch.setattr(bench, "run_attack", lambda attack, obs: ran.append(attack.name) or real(attack, obs))
+    args = dict(model="tiny-llama", regimes=["short"], batch_sizes=[1], batches=1)
+    (path,) = bench.run_grid(tmp_path, attacks=["dager"], options={"dager": {"budget_s": 30}}, **args)
+    old = json.loads(path.read_text())
+    monkeypatch.setattr(bench, "_git_commit", lambda: "later")
+    (path2,) = bench.run_grid(tmp_path, attacks=["somp", "dager"], options={"somp": {"beam": 2}}, **args)
+    assert path2 == path and ran == ["dager", "somp"]  # dager was stored already: only somp ran
+    cell = json.loads(path.read_text())
+    assert set(cell["attacks"]) == {"dager", "somp"}
+    assert cell["attacks"]["dager"]["runs"] == old["attacks"]["dager"]["runs"]
+    assert (
+        cell["attacks"]["dager"]["git_commit"] == old["git_commit"] and cell["attacks"]["somp"]["git_commit"] == "later"
+    )
+    assert cell["attack_options"] == {"dager": {"budget_s": 30}, "somp": {"beam": 2}}
+    assert bench.run_grid(tmp_path, attacks=["somp", "dager"], **args) == []  # both stored: skipped
+    ran.clear()
+    bench.run_grid(tmp_path, attacks=["dager"], force=True, **args)  # rerun one attack, keep the other
+    cell = json.loads(path.read_text())
+    assert (
+        ran == ["dager"]
+        and set(cell["attacks"]) == {"dager", "somp"}
+        and cell["attack_options"] == {"somp": {"beam": 2}}
+    )
+    bench.run_grid(tmp_path, attacks=["dager"], force=True, **(args | {"batches": 2}))  # other batches: replaced
+    cell = json.loads(path.read_text())
+    assert set(cell["attacks"]) == {"dager"} and cell["batches"] == 2

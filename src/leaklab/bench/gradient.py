@@ -68,7 +68,7 @@ def run_cell(
     flags) resumes after them. ``options``: non-default options per attack (recorded in the cell)."""
     ref = ModelRef(model)
     load_model(ref)
-    options = {a: dict(o) for a, o in (options or {}).items() if o}
+    options = {a: dict(o) for a, o in (options or {}).items() if o and a in attacks}
     atks = {a: make_attack(a, **options.get(a, {})) for a in attacks}
     key = _as_json(
         {
@@ -120,9 +120,31 @@ def run_cell(
         "flags": flags.to_dict(),
         "attack_options": options,
         "gradient_seconds": float(np.mean(grad_seconds)),
-        "attacks": {a: summarise_runs(runs) | {"runs": runs} for a, runs in per_attack.items()},
+        "attacks": {
+            a: summarise_runs(runs) | {"git_commit": key["git_commit"], "runs": runs} for a, runs in per_attack.items()
+        },
         "environment": environment(),
-        "git_commit": _git_commit(),
+        "git_commit": key["git_commit"],
+    }
+
+
+SAME_BATCHES = ("model", "regime", "batch_size", "batches", "seed", "flags")
+
+
+def merge_cells(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` plus the attacks of ``old`` that ``new`` did not run, when both scored the same client updates
+    (same model, regime, B, batch count, seed and flags; else ``new`` alone). Every attack keeps the commit
+    that produced it, so attacks can be run (and rerun) one at a time on one cell."""
+    if any(_as_json(old.get(k)) != _as_json(new.get(k)) for k in SAME_BATCHES):
+        return new
+    kept = {a: s for a, s in old["attacks"].items() if a not in new["attacks"]}
+    for s in kept.values():
+        s.setdefault("git_commit", old.get("git_commit"))
+    opts = {a: o for a, o in old.get("attack_options", {}).items() if a in kept}
+    return new | {
+        "attacks": kept | new["attacks"],
+        "attack_options": opts | new.get("attack_options", {}),
+        "git_commit": new["git_commit"],
     }
 
 
@@ -200,13 +222,18 @@ def run_grid(
     for r in regimes:
         for b in batch_sizes:
             path = out_dir / "cells" / f"{cell_name(model, r, b)}.json"
-            if path.exists() and not force:
-                done = json.loads(path.read_text(encoding="utf-8"))
+            done = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+            todo = list(attacks)
+            if done is not None and not force:
                 if set(attacks) <= set(done["attacks"]) and done["batches"] >= batches:
                     console.print(f"[dim]skip {path.name} (done; --force to redo)[/]")
                     continue
+                if done["batches"] == batches:
+                    todo = [a for a in attacks if a not in done["attacks"]]  # add only the missing attacks
             partial = out_dir / "cells" / ".partial" / path.name
-            cell = run_cell(model, REGIMES[r], b, list(attacks), batches, seed, flags, console, partial, options)
+            cell = run_cell(model, REGIMES[r], b, todo, batches, seed, flags, console, partial, options)
+            if done is not None:
+                cell = merge_cells(done, cell)
             atomic_write_json(path, cell)
             partial.unlink(missing_ok=True)
             written.append(path)
