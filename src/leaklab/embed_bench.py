@@ -22,6 +22,19 @@ FULL: dict[str, dict[str, Any]] = {
         "n": 30,
         "options": {"max_tokens": 16, "pool": 20, "full": True, "prior": 40, "budget": 6000},
     },
+    "whitebox-lm": {
+        "attack": "whitebox",
+        "n": 30,
+        "options": {
+            "max_tokens": 16,
+            "pool": 20,
+            "full": True,
+            "prior": 40,
+            "budget": 6000,
+            "lm": "smollm2-135m",
+            "lm_budget": 3000,
+        },
+    },
     "decoder": {"n": 30, "options": {"arch": "gru", "train_seconds": 300, "steps": 5, "edits": 200}},
     "decoder-lm": {
         "attack": "decoder",
@@ -54,6 +67,11 @@ QUICK: dict[str, dict[str, Any]] = {
     "nearest": {"n": 6, "options": {"candidates": 50}},
     "bow": {"n": 6, "options": {"train_seconds": 5, "epochs": 2}, "public_limit": 300},
     "whitebox": {"n": 2, "options": {"max_tokens": 8, "length": 6, "passes": 1, "vocab": 500}},
+    "whitebox-lm": {
+        "attack": "whitebox",
+        "n": 2,
+        "options": {"max_tokens": 8, "length": 6, "passes": 1, "vocab": 500, "lm": "tiny-llama", "lm_budget": 50},
+    },
     "decoder": {"n": 3, "options": {"arch": "gru", "train_seconds": 5, "steps": 1}, "public_limit": 200},
     "decoder-lm": {
         "attack": "decoder",
@@ -82,6 +100,7 @@ TARGETS = {
     "decoder": ("ROUGE-L ≥ 0.5 after ≤ 15 min CPU training", lambda m: m["rougeL"], 0.5),
     "decoder-lm": ("ROUGE-L ≥ 0.5 after ≤ 15 min CPU training", lambda m: m["rougeL"], 0.5),
     "whitebox": ("token F1 ≥ 0.7 on ≤ 16-token texts", lambda m: m["token_f1"], 0.7),
+    "whitebox-lm": ("token F1 ≥ 0.7 on ≤ 16-token texts", lambda m: m["token_f1"], 0.7),
     "kb-extract": ("≥ 95% of 200 docs recovered to token F1 ≥ 0.8", lambda m: m["recovered_share"], 0.95),
     "kb-extract-blackbox": ("≥ 95% of 200 docs recovered to token F1 ≥ 0.8", lambda m: m["recovered_share"], 0.95),
 }
@@ -240,7 +259,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
 
 
 def _inversion(res: dict[str, Any]) -> list[str]:
-    names = [n for n in ("bow", "whitebox", "decoder", "decoder-lm") if n in res]
+    names = [n for n in ("bow", "whitebox", "whitebox-lm", "decoder", "decoder-lm") if n in res]
     if not names:
         return []
     lines = [
@@ -403,7 +422,7 @@ def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    inv = [n for n in ("bow", "whitebox", "decoder", "decoder-lm", "kb-extract") if n in results]
+    inv = [n for n in ("bow", "whitebox", "whitebox-lm", "decoder", "decoder-lm", "kb-extract") if n in results]
     if inv:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         keys = ("token_f1", "rougeL", "cosine")
