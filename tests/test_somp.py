@@ -293,3 +293,41 @@ def test_last_tokens_are_rechosen_with_only_the_chosen_prefixes_as_the_batch():
     # texts without a recorded prefix (e.g. DAGER's best-effort atoms) are left alone
     plain = [Found(t, 0.0) for t in true]
     assert attack.rechoose_last_tokens(spans, plain, {"omp_residual": 1.0}) == (plain, {"omp_residual": 1.0})
+
+
+def test_explaining_away_subtracts_the_decoded_positions_exact_terms_and_fits_the_token_count():
+    """Decoded positions' terms Σ (p_t − e_{y_t}) h_t accumulate as a per-position reference computes them; fed
+    the true batch, the fitted scale α is 1/N (N: the predicted positions) and the explained rows drop to the
+    rest of the gradient."""
+    texts = ["the cat sat on the mat and then it ran away", "we saw a dog go by the old red barn today"]
+    obs, secret = fedsgd_update(ModelRef("tiny-llama"), texts)
+    spans = SpanModel(obs)
+    loaded = spans.loaded
+    head = loaded.model.get_output_embeddings()
+    tokens = torch.arange(head.weight.shape[0])  # every token: the rows are the whole output gradient
+    ev = NextTokenEvidence(spans, tokens, samples=4, sample_len=4)
+    assert torch.equal(ev.expected(), ev.background())  # nothing decoded yet
+    ids = [list(t) for t in secret.token_ids]
+    n = min(len(t) for t in ids)
+    seqs = torch.tensor([t[:1] for t in ids])
+    ref_dec = torch.zeros_like(ev.rows)
+    for p in range(1, n):
+        ev.step(seqs)
+        captured = []
+        hook = head.register_forward_pre_hook(lambda _m, a, out=captured: out.append(a[0][:, -1].double()))
+        with torch.no_grad():
+            logits = loaded.model(seqs).logits[:, -1].double()
+        hook.remove()
+        h = captured[0]
+        nxt = torch.tensor([t[p] for t in ids])
+        ref_dec += torch.softmax(logits, 1).T @ h
+        ref_dec.index_add_(0, nxt, -h)
+        ev.select(torch.arange(len(ids)), nxt)  # token ids are columns: the token set is the whole vocabulary
+        seqs = torch.cat([seqs, nxt.view(-1, 1)], dim=1)
+    torch.testing.assert_close(ev.decoded, ref_dec, rtol=1e-4, atol=1e-5)  # KV cache vs full forward (float32)
+    assert ev.n_decoded == len(ids) * (n - 1)
+    assert len({len(t) for t in ids}) == 1  # every predicted position decoded: N = n_decoded
+    alpha = float((ev.rows * ev.decoded).sum() / (ev.decoded**2).sum())
+    assert abs(alpha * ev.n_decoded - 1) < 0.2
+    resid = (ev.rows - ev.expected()).norm() / ev.rows.norm()
+    assert resid < (ev.rows - ev.background()).norm() / ev.rows.norm()
