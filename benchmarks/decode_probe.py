@@ -1,0 +1,66 @@
+"""SOMP's full-rank decoder alone (stage 2), scored against the private texts: how far decoding stays right.
+
+Runs :func:`leaklab.attacks.gradient.somp.span_beam_decode` on one client update exactly as SOMP does (same
+token set, same options; ``--opt key=value`` overrides one) and prints, per private text, the longest prefix
+that some candidate gets right and the best candidate's bag-of-tokens recall over the first ``--max-len``
+tokens. The Secret is used for scoring only.
+
+    python benchmarks/decode_probe.py --regime long --batch-size 16 --seed 100 --max-len 110 --budget 600
+    python benchmarks/decode_probe.py --regime long --batch-size 16 --seed 100 --max-len 110 --budget 600 \\
+        --opt explain=false
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from leaklab.attacks.base import parse_options
+from leaklab.attacks.gradient.dager import SpanModel
+from leaklab.attacks.gradient.somp import SompAttack, dedupe, span_beam_decode
+from leaklab.bench.gradient import REGIMES
+from leaklab.models.registry import ModelRef
+from leaklab.threat.fedsgd import client_update
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--regime", default="long", choices=["short", "long"])
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=100)
+    ap.add_argument("--max-len", type=int, default=40, help="positions decoded (and scored)")
+    ap.add_argument("--budget", type=float, default=300.0, help="decoding time limit, seconds")
+    ap.add_argument("--opt", action="append", default=[], help="a SOMP option, key=value (repeatable)")
+    args = ap.parse_args()
+    regime = REGIMES[args.regime]
+    obs, secret = client_update(
+        ModelRef(args.model), regime.corpus, args.batch_size, args.seed, regime.min_tokens, regime.max_tokens
+    )
+    spans = SpanModel(obs)
+    attack = SompAttack(max_len=args.max_len, budget_s=args.budget, **parse_options(args.opt))
+    tokens = attack.token_set(spans)
+    start = time.perf_counter()
+    found = dedupe(span_beam_decode(spans, tokens, args.batch_size, attack.opts, prior=not spans.l1_exact))
+    seconds = time.perf_counter() - start
+    print(
+        f"{args.regime} B={args.batch_size} seed {args.seed}: T={sum(secret.lengths)}, layer-1 exact "
+        f"{spans.l1_exact}, token set {tokens.numel()}; {len(found)} candidates in {seconds:.0f} s"
+    )
+    prefixes, recalls = [], []
+    for text in secret.token_ids:
+        ids = list(text)[: args.max_len]
+        prefixes.append(max(common_prefix(f.ids, ids) for f in found))
+        recalls.append(max(len(set(f.ids) & set(ids)) for f in found) / len(set(ids)))
+    print(f"longest correct prefix per text: {prefixes}, mean {sum(prefixes) / len(prefixes):.2f}")
+    print(
+        f"best bag-of-tokens recall per text: {[round(r, 2) for r in recalls]}, mean {sum(recalls) / len(recalls):.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
