@@ -12,15 +12,13 @@ tokens. The Secret is used for scoring only.
 
 from __future__ import annotations
 
-import argparse
 import time
+
+from probe_setup import probe_parser, probe_update
 
 from leaklab.attacks.base import parse_options
 from leaklab.attacks.gradient.dager import SpanModel
 from leaklab.attacks.gradient.somp import SompAttack, dedupe, span_beam_decode
-from leaklab.bench.gradient import REGIMES
-from leaklab.models.registry import ModelRef
-from leaklab.threat.fedsgd import client_update
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -28,19 +26,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--regime", default="long", choices=["short", "long"])
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=100)
+    ap = probe_parser(__doc__)
     ap.add_argument("--max-len", type=int, default=40, help="positions decoded (and scored)")
     ap.add_argument("--budget", type=float, default=300.0, help="decoding time limit, seconds")
     ap.add_argument("--opt", action="append", default=[], help="a SOMP option, key=value (repeatable)")
     args = ap.parse_args()
-    regime = REGIMES[args.regime]
-    obs, secret = client_update(
-        ModelRef(args.model), regime.corpus, args.batch_size, args.seed, regime.min_tokens, regime.max_tokens
-    )
+    obs, secret = probe_update(args)
     spans = SpanModel(obs)
     attack = SompAttack(max_len=args.max_len, budget_s=args.budget, **parse_options(args.opt))
     tokens = attack.token_set(spans)

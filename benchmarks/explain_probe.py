@@ -18,31 +18,20 @@ each with + 0.1 log p_model (SOMP's mix). The Secret is used to feed the true pr
 
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
 
 import torch
+from probe_setup import probe_parser, probe_update
 
 from leaklab.attacks.gradient.dager import SpanModel
 from leaklab.attacks.gradient.somp import NextTokenEvidence, SompAttack, robust_z
-from leaklab.bench.gradient import REGIMES
-from leaklab.models.registry import ModelRef
-from leaklab.threat.fedsgd import client_update
 
 BUCKETS = ((0, 10), (10, 30), (30, 60), (60, 10_000))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--regime", default="long", choices=["short", "long"])
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=100)
-    args = ap.parse_args()
-    regime = REGIMES[args.regime]
-    obs, secret = client_update(
-        ModelRef(args.model), regime.corpus, args.batch_size, args.seed, regime.min_tokens, regime.max_tokens
-    )
+    args = probe_parser(__doc__).parse_args()
+    obs, secret = probe_update(args)
     spans = SpanModel(obs)
     model = spans.loaded.model
     head = model.get_output_embeddings()

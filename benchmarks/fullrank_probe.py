@@ -11,30 +11,21 @@ used here for scoring only (this is an analysis of the attack, not the attack).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from probe_setup import probe_parser, probe_update
 
 from leaklab.attacks.gradient.dager import SpanModel
 from leaklab.attacks.gradient.somp import FullRankChecks, SompAttack, robust_z
 from leaklab.bench.gradient import REGIMES
-from leaklab.models.registry import ModelRef
-from leaklab.threat.fedsgd import client_update
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--regime", default="short", choices=["short", "long"])
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=100)
+    ap = probe_parser(__doc__, regime="short", batch_size=32)
     ap.add_argument("--texts", type=int, default=6)
     ap.add_argument("--max-positions", type=int, default=40)
     args = ap.parse_args()
     regime = REGIMES[args.regime]
-    obs, secret = client_update(
-        ModelRef(args.model), regime.corpus, args.batch_size, args.seed, regime.min_tokens, regime.max_tokens
-    )
+    obs, secret = probe_update(args)
     spans = SpanModel(obs)
     attack = SompAttack()
     tokens = attack.token_set(spans)

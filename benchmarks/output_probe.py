@@ -15,15 +15,11 @@
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from probe_setup import probe_parser, probe_update
 
 from leaklab.attacks.gradient.dager import SpanModel
 from leaklab.attacks.gradient.somp import NextTokenEvidence, SompAttack, norm_knee, robust_z
-from leaklab.bench.gradient import REGIMES
-from leaklab.models.registry import ModelRef
-from leaklab.threat.fedsgd import client_update
 
 
 def ranks(score: torch.Tensor, truth: torch.Tensor) -> str:
@@ -33,16 +29,8 @@ def ranks(score: torch.Tensor, truth: torch.Tensor) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--regime", default="long", choices=["short", "long"])
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=100)
-    args = ap.parse_args()
-    regime = REGIMES[args.regime]
-    obs, secret = client_update(
-        ModelRef(args.model), regime.corpus, args.batch_size, args.seed, regime.min_tokens, regime.max_tokens
-    )
+    args = probe_parser(__doc__).parse_args()
+    obs, secret = probe_update(args)
     spans = SpanModel(obs)
     model = spans.loaded.model
     head = model.get_output_embeddings()
