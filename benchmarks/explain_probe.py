@@ -10,10 +10,13 @@ true next token ranks first among SOMP's token pool is printed for:
 * explain (1/N known): the decoded positions' terms subtracted with the true 1/N, the pooled background
   scaled to the positions left (an upper bound: the attacker does not observe N);
 * explain (α fitted): as SOMP does it, α = 1/N fitted by least squares of the rows on the decoded terms;
+* explain (α fitted), whitened: the same cosine in the whitened metric of the lm_head inputs (SOMP's
+  ``whiten`` option, default 1e-3);
 
 each with + 0.1 log p_model (SOMP's mix). The Secret is used to feed the true prefixes and to score only.
 
     python benchmarks/explain_probe.py --regime long --batch-size 16 --seed 100
+    python benchmarks/explain_probe.py --regime short --batch-size 64 --seed 100
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from probe_setup import probe_parser, probe_update
 
 from leaklab.attacks.gradient.dager import SpanModel
-from leaklab.attacks.gradient.somp import NextTokenEvidence, SompAttack, robust_z
+from leaklab.attacks.gradient.somp import NextTokenEvidence, SompAttack, SompOptions, robust_z
 
 BUCKETS = ((0, 10), (10, 30), (30, 60), (60, 10_000))
 
@@ -37,7 +40,8 @@ def main() -> None:
     head = model.get_output_embeddings()
     tokens = SompAttack().token_set(spans)
     col = {int(t): j for j, t in enumerate(tokens.tolist())}
-    ev = NextTokenEvidence(spans, tokens)
+    ev = NextTokenEvidence(spans, tokens, whiten=SompOptions().whiten)
+    white = ev.white
     rows = ev.rows
     texts = []
     for ids in secret.token_ids:
@@ -55,23 +59,27 @@ def main() -> None:
     hits: dict[str, list[tuple[int, bool]]] = defaultdict(list)
     decoded, n_dec = torch.zeros_like(rows), 0
 
-    def z_of(expected: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def z_of(expected: torch.Tensor, x: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:
         resid = rows - expected
+        if metric is not None:
+            resid, x = resid @ metric, x @ metric
         resid = resid / resid.norm(dim=1, keepdim=True)
         return robust_z((x @ resid.T) / x.norm())
 
     for s in range(max(h.shape[0] for h, *_ in texts)):
         alpha = float((rows * decoded).sum() / (decoded * decoded).sum()) if n_dec else 0.0
+        fitted = alpha * decoded + max(0.0, 1 - alpha * n_dec) * pooled if alpha > 0 else pooled
         variants = {
-            "current": pooled,
-            "explain (1/N known)": (decoded + (n_total - n_dec) * pooled) / n_total,
-            "explain (α fitted)": alpha * decoded + max(0.0, 1 - alpha * n_dec) * pooled if alpha > 0 else pooled,
+            "current": (pooled, None),
+            "explain (1/N known)": ((decoded + (n_total - n_dec) * pooled) / n_total, None),
+            "explain (α fitted)": (fitted, None),
+            "explain (α fitted), whitened": (fitted, white),
         }
         for h, _, y, lp in texts:
             if s >= h.shape[0] or y[s] < 0:
                 continue
-            for name, expected in variants.items():
-                z = z_of(expected, h[s : s + 1])
+            for name, (expected, metric) in variants.items():
+                z = z_of(expected, h[s : s + 1], metric)
                 hits[name].append((s, int(z.argmax()) == int(y[s])))
                 hits[name + " + 0.1 log p"].append((s, int((z + 0.1 * lp[s : s + 1]).argmax()) == int(y[s])))
         for h, probs, y, _ in texts:  # every text's position s is now decoded
@@ -88,7 +96,7 @@ def main() -> None:
         pos = torch.tensor([p for p, _ in vals])
         ok = torch.tensor([o for _, o in vals], dtype=torch.float)
         parts = [f"{float(ok[(pos >= a) & (pos < b)].mean()):.3f}" for a, b in BUCKETS]
-        print(f"  {name:32s} {float(ok.mean()):.3f} | " + " | ".join(parts))
+        print(f"  {name:44s} {float(ok.mean()):.3f} | " + " | ".join(parts))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from leaklab.attacks.gradient.somp import (
     model_samples,
     robust_z,
     sentence_final,
+    whitener,
     with_last_alternatives,
 )
 from leaklab.errors import LeaklabError
@@ -331,3 +332,48 @@ def test_explaining_away_subtracts_the_decoded_positions_exact_terms_and_fits_th
     assert abs(alpha * ev.n_decoded - 1) < 0.2
     resid = (ev.rows - ev.expected()).norm() / ev.rows.norm()
     assert resid < (ev.rows - ev.background()).norm() / ev.rows.norm()
+
+
+def test_whitener_is_the_inverse_square_root_of_the_ridged_second_moments():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 12, generator=gen, dtype=torch.float64) * torch.linspace(0.01, 30, 12, dtype=torch.float64)
+    m = x.T @ x / 300
+    w = whitener(m, 1e-3)
+    ridged = m + 1e-3 * torch.linalg.eigvalsh(m).max() * torch.eye(12, dtype=torch.float64)
+    torch.testing.assert_close(w, w.T)
+    torch.testing.assert_close(w @ ridged @ w, torch.eye(12, dtype=torch.float64))  # reference: the formula
+    torch.testing.assert_close(w @ w, torch.linalg.inv(ridged))
+
+
+def test_whitened_filter_is_the_cosine_in_the_whitened_metric_and_first_positions_are_capped():
+    """``step``'s z against a reference computed from the rows, the background and a full forward in the
+    whitened metric; at a text's first position (no BOS) the z of each row is capped at its n-th best value."""
+    texts = ["the cat sat on the mat and then it ran away", "we saw a dog go by the old red barn today"]
+    obs, secret = fedsgd_update(ModelRef("tiny-llama"), texts)
+    spans = SpanModel(obs)
+    loaded = spans.loaded
+    head = loaded.model.get_output_embeddings()
+    tokens = torch.arange(head.weight.shape[0])
+    ev = NextTokenEvidence(spans, tokens, samples=8, sample_len=8, whiten=1e-3)
+    plain = NextTokenEvidence(spans, tokens, samples=8, sample_len=8)
+    assert ev.white is not None and plain.white is None
+    ids = torch.tensor([list(t)[:4] for t in secret.token_ids])
+    _, z0 = ev.step(ids[:, :1])
+    top = torch.topk(z0, 2, dim=1).values
+    assert torch.equal(top[:, 0], top[:, 1])  # 2 rows: the best two tie at the cap
+    assert int((z0 == z0.max(dim=1, keepdim=True).values).sum(dim=1).min()) >= 2
+    for p in range(1, 3):  # later positions: no cap, the whitened cosine
+        ev.select(torch.arange(2))  # no columns: nothing counts as decoded, expected() is the background
+        _, z = ev.step(ids[:, : p + 1])
+    captured = []
+    hook = head.register_forward_pre_hook(lambda _m, a, out=captured: out.append(a[0][:, -1].double()))
+    with torch.no_grad():
+        loaded.model(ids[:, :3])
+    hook.remove()
+    h = captured[0] @ ev.white
+    resid = (ev.rows - ev.background()) @ ev.white
+    cos = (h @ resid.T) / h.norm(dim=1, keepdim=True) / resid.norm(dim=1)
+    torch.testing.assert_close(z, robust_z(cos), rtol=1e-3, atol=1e-3)
+    # the plain filter on the same rows differs: the metric matters
+    _, zp = plain.step(ids[:, :1])
+    assert not torch.allclose(zp, z0)

@@ -71,6 +71,8 @@ class SompOptions:
     lm_weight: float = 0.1  # pool regime: weight of the model's own next-token log-prior in the ranking
     out_weight: float = 1.0  # pool regime: weight of the output-gradient matched filter (NextTokenEvidence)
     explain: bool = True  # pool regime: explain away the decoded positions' output-gradient terms
+    whiten: float = 1e-3  # pool regime: matched filter in the metric whitening the lm_head inputs (ridge, × top
+    # eigenvalue); 0 = plain cosine
     last_alternatives: int = 6  # candidate last tokens per text, left for OMP to choose between
     omp_tol: float = 1e-3
     omp_min_gain: float = 0.01
@@ -160,6 +162,15 @@ class NextTokenEvidence:
       robust z (higher = better). Teacher-forced (``benchmarks/output_probe.py``) this ranks the true next
       token first more often than the earlier −cos(g_v, h − h̄).
 
+    With ``whiten`` the cosine is taken in the metric M^(−1/2) of the lm_head inputs' second moments (from the
+    model's samples, :func:`whitener`): the rows are sums of lm_head inputs, and the directions all of them share
+    otherwise decide the cosine. Teacher-forced (first-choice rate over the pool, + 0.1 log p) this lifts short
+    B = 64 from 0.53 to 0.74 and long B = 16 from 0.65–0.67 to 0.67–0.69. The first position of a text (no BOS)
+    is an attention sink: its lm_head input is nearly the same whatever the token, so every text's second token
+    matches it about equally (teacher-forced: one token wins for 53 of 64 texts). There the filter only says
+    which tokens are second tokens at all: its z is capped at the n-th best value (n: rows), and the span checks
+    and the prior choose among them.
+
     The cache holds each row's prefix but its last token; ``step`` feeds the last tokens, ``select`` keeps the
     cache rows of the prefixes that survive (children share their parent's cache)."""
 
@@ -171,6 +182,7 @@ class NextTokenEvidence:
         sample_len: int = 96,
         seed: int = 0,
         explain: bool = True,
+        whiten: float = 0.0,
     ) -> None:
         from transformers import DynamicCache
 
@@ -186,10 +198,17 @@ class NextTokenEvidence:
         self.decoded: torch.Tensor | None = None  # Σ (p_t − e_{y_t}) h_t over the decoded positions (pool rows)
         self.n_decoded = 0
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.white: torch.Tensor | None = None
         if self.rows is not None and samples > 0:
             ids = model_samples(spans.loaded, samples, sample_len, seed)
+            second = None
             for i in range(0, samples, 8):  # bounded memory: logits are (8 · sample_len, V)
-                self._add_background(*lm_head_states(self.model, ids[i : i + 8]))
+                h, logits = lm_head_states(self.model, ids[i : i + 8])
+                self._add_background(h, logits)
+                part = h.double().T @ h.double()
+                second = part if second is None else second + part
+            if whiten > 0:
+                self.white = whitener(second / (samples * (ids.shape[1] - 1)), whiten)
 
     def _add_background(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Pool Σ p_t(v) h_t over the token set for the positions (h (n, d), logits (n, V)) into the background;
@@ -236,9 +255,15 @@ class NextTokenEvidence:
         probs = self._add_background(h, logits)
         self._last = (h, probs)
         resid = self.rows - self.expected()
+        if self.white is not None:  # rows are sums of lm_head inputs: compare both in the whitened metric
+            resid, h = resid @ self.white, h @ self.white
         resid = resid / resid.norm(dim=1, keepdim=True).clamp_min(1e-30)
         cos = (h @ resid.T) / h.norm(dim=1, keepdim=True).clamp_min(1e-30)  # cos(g_v − E[p(v) h], h)
-        return logp, robust_z(cos)  # low cosine = strong −h_t evidence = high z
+        z = robust_z(cos)
+        if seqs.shape[1] == 1:  # first positions (no BOS): lm_head inputs nearly alike, see the class notes
+            cap = torch.topk(z, min(z.shape[1], max(1, z.shape[0])), dim=1).values[:, -1:]
+            z = torch.minimum(z, cap)
+        return logp, z  # low cosine = strong −h_t evidence = high z
 
     def select(self, parents: torch.Tensor, columns: torch.Tensor | None = None) -> None:
         """Keep (and repeat) the cache rows of ``parents``, in the order of the next step's prefixes; with
@@ -253,6 +278,15 @@ class NextTokenEvidence:
         part.index_add_(0, columns, -h[parents])
         self.decoded = part if self.decoded is None else self.decoded + part
         self.n_decoded += kept.numel()
+
+
+def whitener(second: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(d, d) symmetric M^(−1/2) of the second-moment matrix ``second`` + ``ridge`` × its top eigenvalue: in
+    that metric the directions every lm_head input shares (massive activations, the mean) no longer dominate
+    the cosine, so a row's −h_t term of one position stands out from the other positions' terms."""
+    evals, evecs = torch.linalg.eigh(second.double())
+    evals = evals.clamp_min(0) + ridge * float(evals.max())
+    return (evecs * evals.rsqrt()) @ evecs.T
 
 
 @torch.no_grad()
@@ -340,7 +374,7 @@ def span_beam_decode(
     checks = FullRankChecks(spans, tokens, opts.rank_cut)
     use_prior = prior and (opts.lm_weight > 0 or opts.out_weight > 0)
     ends = sentence_final(spans.loaded, tokens) if use_prior else None
-    evidence = NextTokenEvidence(spans, tokens, explain=opts.explain) if use_prior else None
+    evidence = NextTokenEvidence(spans, tokens, explain=opts.explain, whiten=opts.whiten) if use_prior else None
     empty = torch.zeros(1, 0, dtype=torch.long)
     zeros = torch.zeros(tokens.numel(), dtype=torch.long)
     first = checks.full(empty, zeros, tokens, opts.chunk)
