@@ -377,3 +377,27 @@ def test_whitened_filter_is_the_cosine_in_the_whitened_metric_and_first_position
     # the plain filter on the same rows differs: the metric matters
     _, zp = plain.step(ids[:, :1])
     assert not torch.allclose(zp, z0)
+
+
+def test_pool_regime_decoder_rescores_shortlists_with_both_span_checks_only_when_asked(monkeypatch):
+    """Full-rank pool regime (T > d on tiny-llama, d = 128): the decoder runs with the output-gradient filter,
+    and ``full_weight`` > 0 re-scores every step's shortlists with the layer-2 check (off: only the first
+    position's start tokens use it)."""
+    from leaklab.attacks.gradient.somp import SompOptions, span_beam_decode
+
+    obs, secret = client_update(ModelRef("tiny-llama"), "rotten-tomatoes", 16, 0, 8, 32)
+    spans = SpanModel(obs)
+    assert spans.full_rank and not spans.l1_exact  # more distinct tokens than d: the output-gradient pool
+    texts = secret.texts
+    tokens = SompAttack().token_set(spans)
+    calls = []
+    real = FullRankChecks.full
+    monkeypatch.setattr(FullRankChecks, "full", lambda self, *a: calls.append(1) or real(self, *a))
+    counts = {}
+    for weight in (0.0, 1.0):
+        calls.clear()
+        opts = SompOptions(max_len=5, full_weight=weight, beam=2, budget_s=120)
+        found = span_beam_decode(spans, tokens, len(texts), opts, prior=True)
+        assert found and all(len(f.ids) >= 1 for f in found)
+        counts[weight] = len(calls)
+    assert counts[0.0] == 1 and counts[1.0] > 1

@@ -71,6 +71,7 @@ class SompOptions:
     lm_weight: float = 0.1  # pool regime: weight of the model's own next-token log-prior in the ranking
     out_weight: float = 1.0  # pool regime: weight of the output-gradient matched filter (NextTokenEvidence)
     explain: bool = True  # pool regime: explain away the decoded positions' output-gradient terms
+    full_weight: float = 0.0  # pool regime: weight of the layer-2 check's robust z over each prefix's shortlist
     whiten: float = 1e-3  # pool regime: matched filter in the metric whitening the lm_head inputs (ridge, × top
     # eigenvalue); 0 = plain cosine
     last_alternatives: int = 6  # candidate last tokens per text, left for OMP to choose between
@@ -402,6 +403,9 @@ def span_beam_decode(
             short = torch.topk(mixed, k, dim=1).indices
             rows = torch.arange(n).repeat_interleave(k)
             both = -mixed.gather(1, short)  # lower is better, like a log distance
+            if opts.full_weight > 0 and k > 2:  # the shortlist re-scored by both span checks, as a robust z
+                full = checks.full(seqs, rows, tokens[short].flatten(), opts.chunk).view(n, k)
+                both = both - opts.full_weight * robust_z(full)
         else:
             short = torch.topk(cheap, k, dim=1, largest=False).indices  # (n, k)
             rows = torch.arange(n).repeat_interleave(k)
