@@ -168,7 +168,8 @@ class NextTokenEvidence:
     otherwise decide the cosine. Teacher-forced (first-choice rate over the pool, + 0.1 log p) this lifts short
     B = 64 from 0.53 to 0.74 and long B = 16 from 0.65–0.67 to 0.67–0.69. The first position of a text (no BOS)
     is an attention sink: its lm_head input is nearly the same whatever the token, so every text's second token
-    matches it about equally (teacher-forced: one token wins for 53 of 64 texts). There the filter only says
+    matches it about equally (``benchmarks/first_position_probe.py``: on short B = 64 one token is the uncapped
+    filter's first choice for all 61 texts). There the filter only says
     which tokens are second tokens at all: its z is capped at the n-th best value (n: rows), and the span checks
     and the prior choose among them.
 
@@ -206,8 +207,9 @@ class NextTokenEvidence:
             for i in range(0, samples, 8):  # bounded memory: logits are (8 · sample_len, V)
                 h, logits = lm_head_states(self.model, ids[i : i + 8])
                 self._add_background(h, logits)
-                part = h.double().T @ h.double()
-                second = part if second is None else second + part
+                if whiten > 0:
+                    part = h.double().T @ h.double()
+                    second = part if second is None else second + part
             if whiten > 0:
                 self.white = whitener(second / (samples * (ids.shape[1] - 1)), whiten)
 
