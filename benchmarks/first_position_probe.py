@@ -19,7 +19,7 @@ import torch
 from probe_setup import probe_parser, probe_update
 
 from leaklab.attacks.gradient.dager import SpanModel
-from leaklab.attacks.gradient.somp import NextTokenEvidence, SompAttack, SompOptions, robust_z
+from leaklab.attacks.gradient.somp import NextTokenEvidence, SompAttack, SompOptions
 
 
 def main() -> None:
@@ -43,10 +43,7 @@ def main() -> None:
             logp_bos = torch.log_softmax(spans.loaded.model(with_bos).logits[:, -1].double()[:, tokens], 1)
         y = torch.tensor([col.get(int(t), -1) for t in seqs[:, s + 1]])
         if s == 0:
-            h, _ = ev._last
-            resid = (ev.rows - ev.expected()) @ ev.white if ev.white is not None else ev.rows - ev.expected()
-            hw = h @ ev.white if ev.white is not None else h
-            raw = robust_z((hw @ resid.T) / hw.norm(dim=1, keepdim=True) / resid.norm(dim=1).clamp_min(1e-30))
+            raw = ev.filter_z(ev._last[0])  # the same positions, without the first-position cap
             picks = Counter(tok.decode([int(tokens[j])]) for j in raw.argmax(1).tolist())
             top, count = picks.most_common(1)[0]
             print(f"first position, uncapped filter: {count} of {seqs.shape[0]} texts get {top!r} as first choice")

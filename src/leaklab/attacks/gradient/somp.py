@@ -257,16 +257,20 @@ class NextTokenEvidence:
         h = captured[0].double()
         probs = self._add_background(h, logits)
         self._last = (h, probs)
+        z = self.filter_z(h)
+        if seqs.shape[1] == 1:  # first positions (no BOS): lm_head inputs nearly alike, see the class notes
+            cap = torch.topk(z, min(z.shape[1], max(1, z.shape[0])), dim=1).values[:, -1:]
+            z = torch.minimum(z, cap)
+        return logp, z
+
+    def filter_z(self, h: torch.Tensor) -> torch.Tensor:
+        """(n, m) the matched filter's robust z (higher = better) for lm_head inputs ``h`` (n, d), uncapped."""
         resid = self.rows - self.expected()
         if self.white is not None:  # rows are sums of lm_head inputs: compare both in the whitened metric
             resid, h = resid @ self.white, h @ self.white
         resid = resid / resid.norm(dim=1, keepdim=True).clamp_min(1e-30)
         cos = (h @ resid.T) / h.norm(dim=1, keepdim=True).clamp_min(1e-30)  # cos(g_v − E[p(v) h], h)
-        z = robust_z(cos)
-        if seqs.shape[1] == 1:  # first positions (no BOS): lm_head inputs nearly alike, see the class notes
-            cap = torch.topk(z, min(z.shape[1], max(1, z.shape[0])), dim=1).values[:, -1:]
-            z = torch.minimum(z, cap)
-        return logp, z  # low cosine = strong −h_t evidence = high z
+        return robust_z(cos)  # low cosine = strong −h_t evidence = high z
 
     def select(self, parents: torch.Tensor, columns: torch.Tensor | None = None) -> None:
         """Keep (and repeat) the cache rows of ``parents``, in the order of the next step's prefixes; with
