@@ -184,6 +184,21 @@ def test_whitebox_prior_moves_hops_and_budget_match_references(tiny):
     whole = whole_word_ids(tiny.tokenizer)
     toks = tiny.tokenizer.convert_ids_to_tokens(whole)
     assert len(whole) > 1000 and not any(t.startswith(("##", "[")) for t in toks) and ids[0] in whole
+    # option pieces: the word-piece continuations join the vocabulary (a split word becomes reachable)
+    with_pieces = whole_word_ids(tiny.tokenizer, pieces=True)
+    cont = [
+        i
+        for i, t in zip(with_pieces, tiny.tokenizer.convert_ids_to_tokens(with_pieces), strict=True)
+        if t.startswith("##")
+    ]
+    assert set(whole) < set(with_pieces) and set(with_pieces) - set(whole) == set(cont) and len(cont) > 100
+    scn = Scenario("tiny-bert", n=2, max_tokens=16, public_limit=200, options={"vocab": 300, "full": True})
+    from leaklab.attacks.embedding.whitebox import make_whitebox
+
+    plain_vocab = set(make_whitebox(scn, tiny).vocab.tolist())
+    scn.options["pieces"] = True
+    piece_vocab = set(make_whitebox(scn, tiny).vocab.tolist())
+    assert not plain_vocab & set(cont) and set(cont) <= piece_vocab and plain_vocab <= piece_vocab
     # prior: the words of highest cos(e(w), v), against embedding each word alone
     inv = WhiteBoxInverter(tiny, vocab_ids=ids, candidates=4, passes=2, prior=3, prior_ids=ids)
     single = [float(tiny.embed_ids([[w]])[0] @ target[0].numpy()) for w in ids]

@@ -20,7 +20,15 @@ FULL: dict[str, dict[str, Any]] = {
     "bow": {"n": 200, "options": {"train_seconds": 240, "epochs": 60, "augment": 8}},
     "whitebox": {
         "n": 30,
-        "options": {"max_tokens": 16, "pool": 20, "full": True, "prior": 40, "budget": 6000},
+        "options": {
+            "max_tokens": 16,
+            "pool": 20,
+            "full": True,
+            "pieces": True,
+            "prior": 40,
+            "budget": 24000,
+            "hops": 12,
+        },
     },
     "whitebox-lm": {
         "attack": "whitebox",

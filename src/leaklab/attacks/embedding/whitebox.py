@@ -3,6 +3,9 @@
 Objective: J(x) = cos(e(x), v) − λ·|x| (λ: a length penalty, since the length is unknown and a longer text
 can always fit v a little better with filler).
 
+0. vocabulary: the public split's words by frequency (option ``vocab``), then (option ``full``) every whole
+   word of the tokenizer; option ``pieces`` adds the ``##`` word-piece continuations, so that words the
+   tokenizer splits (``hap ##ha ##zard``) can be rebuilt piece by piece.
 1. start: the bag-of-words inverter's words for v (or any given text, or the empty text); its top words are
    also proposed at every position (the pool), and so are (option ``prior``) the words w of highest
    cos(e(w), v) over the whole word vocabulary (e(w): each word embedded alone, once per inverter) — content
@@ -261,21 +264,28 @@ class WhiteBoxInverter:
         return texts, cosines
 
 
-def whole_word_ids(tokenizer: Any) -> list[int]:
-    """Every whole-word token of the tokenizer's vocabulary (no ``##`` continuation, special or unused slot)."""
+def whole_word_ids(tokenizer: Any, pieces: bool = False) -> list[int]:
+    """Every whole-word token of the tokenizer's vocabulary (no special or unused slot); with ``pieces`` also
+    the ``##`` word-piece continuations (words the vocabulary splits, e.g. ``hap ##ha ##zard``)."""
     special = set(tokenizer.all_special_ids)
     toks = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return [i for i, t in enumerate(toks) if i not in special and not t.startswith(("##", "[")) and t.strip()]
+    return [
+        i
+        for i, t in enumerate(toks)
+        if i not in special and not t.startswith("[") and (pieces or not t.startswith("##")) and t.strip()
+    ]
 
 
 def make_whitebox(scn: Scenario, encoder: LocalEncoder) -> WhiteBoxInverter:
     """The white-box inverter with the scenario's options: the public-split words by frequency first, then
     (option ``full``) every other whole word of the tokenizer."""
     vocab_size = option(scn, "vocab", 8000)
-    vocab = vocab_from_texts(encoder.tokenizer, scn.public_texts(), vocab_size) if vocab_size > 0 else None
-    whole = whole_word_ids(encoder.tokenizer)
+    pieces = option(scn, "pieces", False)
+    tok = encoder.tokenizer
+    vocab = vocab_from_texts(tok, scn.public_texts(), vocab_size, whole_words=not pieces) if vocab_size > 0 else None
+    whole = whole_word_ids(tok)
     if vocab is not None and option(scn, "full", False):
-        vocab = list(dict.fromkeys([*vocab, *whole]))
+        vocab = list(dict.fromkeys([*vocab, *whole_word_ids(tok, pieces)]))
     lm_name = option(scn, "lm", "")
     lm = LMPrior(lm_name, encoder.tokenizer, vocab if vocab is not None else whole) if lm_name else None
     lm_opts = {k: option(scn, f"lm_{k}", d) for k, d in (("beams", 6), ("k_lm", 6), ("k_ev", 14), ("weight", 0.02))}
@@ -332,7 +342,8 @@ def evaluate(scn: Scenario) -> AttackReport:
         0.0,
         {
             "vocab_prior": f"{len(inv.vocab)} token ids: public-split whole words by frequency"
-            + (", then every other whole word of the tokenizer" if option(scn, "full", False) else ""),
+            + (", then every other whole word of the tokenizer" if option(scn, "full", False) else "")
+            + (", ## word pieces included (option pieces)" if option(scn, "pieces", False) else ""),
             "word_prior": f"per vector, the {inv.prior} words w of highest cos(e(w), v), proposed at every position"
             if inv.prior
             else "none",
