@@ -401,3 +401,25 @@ def test_pool_regime_decoder_rescores_shortlists_with_both_span_checks_only_when
         assert found and all(len(f.ids) >= 1 for f in found)
         counts[weight] = len(calls)
     assert counts[0.0] == 1 and counts[1.0] > 1
+
+
+def test_pool_regime_decoder_branches_at_the_second_token_only_when_asked():
+    """``branch_second`` = m keeps m second tokens per start token (the outlier test, made unreachable here by
+    end_z, would keep only one), and every later position keeps one extension per prefix."""
+    from leaklab.attacks.gradient.somp import SompOptions, span_beam_decode
+
+    obs, secret = client_update(ModelRef("tiny-llama"), "rotten-tomatoes", 16, 0, 8, 32)
+    spans = SpanModel(obs)
+    assert spans.full_rank and not spans.l1_exact
+    tokens = SompAttack().token_set(spans)
+    for m in (1, 3):
+        opts = SompOptions(max_len=4, beam=4, end_z=1e9, branch_second=m, budget_s=120)
+        found = span_beam_decode(spans, tokens, len(secret.texts), opts, prior=True)
+        seconds, thirds = {}, {}
+        for f in found:
+            if len(f.ids) >= 2:
+                seconds.setdefault(f.ids[0], set()).add(f.ids[1])
+            if len(f.ids) >= 3:
+                thirds.setdefault(tuple(f.ids[:2]), set()).add(f.ids[2])
+        assert seconds and all(len(v) == m for v in seconds.values())
+        assert all(len(v) == 1 for v in thirds.values())

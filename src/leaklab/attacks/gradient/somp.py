@@ -74,6 +74,8 @@ class SompOptions:
     full_weight: float = 0.0  # pool regime: weight of the layer-2 check's robust z over each prefix's shortlist
     whiten: float = 1e-3  # pool regime: matched filter in the metric whitening the lm_head inputs (ridge, × top
     # eigenvalue); 0 = plain cosine
+    branch_second: int = 1  # pool regime: second tokens kept per start token whatever their z (the first position
+    # is an attention sink, so the second token is the least decidable; the later positions' evidence decides)
     last_alternatives: int = 6  # candidate last tokens per text, left for OMP to choose between
     omp_tol: float = 1e-3
     omp_min_gain: float = 0.01
@@ -375,7 +377,8 @@ def span_beam_decode(
     first only a fraction of the time) the ranking is robust z + ``lm_weight`` · log p_model(token | prefix)
     + ``out_weight`` · the output-gradient filter's robust z (:class:`NextTokenEvidence`) over the pool,
     prefixes are not ended by the outlier test (it no longer separates), and a candidate is emitted wherever
-    the best next token ends a sentence: OMP chooses the length."""
+    the best next token ends a sentence: OMP chooses the length. There, ``branch_second`` > 1 keeps that many
+    second tokens per start token (up to ``beam``), each grown on, for OMP to choose between."""
     import time
 
     checks = FullRankChecks(spans, tokens, opts.rank_cut)
@@ -434,7 +437,8 @@ def span_beam_decode(
         children: dict[int, list[tuple[float, torch.Tensor, torch.Tensor, int, int]]] = {}
         for i in torch.nonzero(~stop).flatten().tolist():
             for j in range(k):
-                if j > 0 and z_short[i, j] < opts.end_z:
+                wide = use_prior and p == 1 and j < opts.branch_second
+                if j > 0 and z_short[i, j] < opts.end_z and not wide:
                     break
                 colj = short[i, rank[i, j]]
                 tok = tokens[colj]
