@@ -14,7 +14,7 @@ from leaklab.attacks.embedding.lmdecoder import LMDecoderInverter, lm_vocab
 from leaklab.attacks.embedding.membership import finetune_simcse, kb_scores
 from leaklab.attacks.embedding.nearest import NearestNeighbour
 from leaklab.attacks.embedding.registry import Scenario, attack_names, get_attack, run_embed_attack
-from leaklab.attacks.embedding.whitebox import WhiteBoxInverter, whole_word_ids
+from leaklab.attacks.embedding.whitebox import WhiteBoxInverter, make_whitebox, whole_word_ids
 from leaklab.corpora.sampling import split_of
 from leaklab.encoders import load_encoder
 from leaklab.errors import LeaklabError, UnknownNameError
@@ -193,8 +193,6 @@ def test_whitebox_prior_moves_hops_and_budget_match_references(tiny):
     ]
     assert set(whole) < set(with_pieces) and set(with_pieces) - set(whole) == set(cont) and len(cont) > 100
     scn = Scenario("tiny-bert", n=2, max_tokens=16, public_limit=200, options={"vocab": 300, "full": True})
-    from leaklab.attacks.embedding.whitebox import make_whitebox
-
     plain_vocab = set(make_whitebox(scn, tiny).vocab.tolist())
     scn.options["pieces"] = True
     piece_vocab = set(make_whitebox(scn, tiny).vocab.tolist())

@@ -278,14 +278,14 @@ def whole_word_ids(tokenizer: Any, pieces: bool = False) -> list[int]:
 
 def make_whitebox(scn: Scenario, encoder: LocalEncoder) -> WhiteBoxInverter:
     """The white-box inverter with the scenario's options: the public-split words by frequency first, then
-    (option ``full``) every other whole word of the tokenizer."""
+    (option ``full``) every other whole word of the tokenizer; option ``pieces``: ``##`` continuations too."""
     vocab_size = option(scn, "vocab", 8000)
     pieces = option(scn, "pieces", False)
     tok = encoder.tokenizer
     vocab = vocab_from_texts(tok, scn.public_texts(), vocab_size, whole_words=not pieces) if vocab_size > 0 else None
     whole = whole_word_ids(tok)
     if vocab is not None and option(scn, "full", False):
-        vocab = list(dict.fromkeys([*vocab, *whole_word_ids(tok, pieces)]))
+        vocab = list(dict.fromkeys([*vocab, *(whole_word_ids(tok, pieces) if pieces else whole)]))
     lm_name = option(scn, "lm", "")
     lm = LMPrior(lm_name, encoder.tokenizer, vocab if vocab is not None else whole) if lm_name else None
     lm_opts = {k: option(scn, f"lm_{k}", d) for k, d in (("beams", 6), ("k_lm", 6), ("k_ev", 14), ("weight", 0.02))}
