@@ -14,7 +14,7 @@ from leaklab.attacks.embedding.lmdecoder import LMDecoderInverter, lm_vocab
 from leaklab.attacks.embedding.membership import finetune_simcse, kb_scores
 from leaklab.attacks.embedding.nearest import NearestNeighbour
 from leaklab.attacks.embedding.registry import Scenario, attack_names, get_attack, run_embed_attack
-from leaklab.attacks.embedding.whitebox import WhiteBoxInverter, make_whitebox, whole_word_ids
+from leaklab.attacks.embedding.whitebox import WhiteBoxInverter, make_whitebox, piece_words, whole_word_ids
 from leaklab.corpora.sampling import split_of
 from leaklab.encoders import load_encoder
 from leaklab.errors import LeaklabError, UnknownNameError
@@ -349,3 +349,60 @@ def test_bow_closed_form_matches_sklearn_ridge():
     info = inv._fit_ridge(x, y, [], x[:0])
     ref = Ridge(alpha=info["lambda"], fit_intercept=False).fit(x.numpy().astype(np.float64), y.numpy())
     np.testing.assert_allclose(inv.model.weight.detach().numpy(), ref.coef_, atol=1e-4)
+
+
+def test_whitebox_word_completion_replaces_a_split_word_whole(tiny):
+    tok = tiny.tokenizer
+    words = ["heartfelt", "whimsical", "mishmash", "haphazard"]
+    split = {w: tuple(tok(w, add_special_tokens=False)["input_ids"]) for w in words}
+    assert all(len(u) > 1 for u in split.values())
+    texts = ["a haphazard, whimsical mishmash", "haphazard heartfelt", "haphazard again"]
+    units = piece_words(tok, texts)
+    # reference: every split word of the texts once, the most frequent first, ties by first appearance
+    assert units == [split[w] for w in ["haphazard", "whimsical", "mishmash", "heartfelt"]]
+    assert all(tok.convert_ids_to_tokens(list(u))[1].startswith("##") for u in units)
+    # a word assembled from the wrong stem: "<other> ##felt" is completed to "heartfelt" (shared ## piece)
+    heart = split["heartfelt"]
+    other = tok("dull", add_special_tokens=False)["input_ids"][0]
+    wrong = [other, *heart[1:]]
+    inv = WhiteBoxInverter(tiny, vocab_ids=[other], candidates=1, passes=1, units=units, words=3)
+    assert heart in inv.completions(wrong)
+    # reference by brute force: the units sharing the stem or a ## piece, stem matches first
+    ref = [u for u in units if u[0] == wrong[0]] + [
+        u for u in units if u[0] != wrong[0] and set(u[1:]) & set(wrong[1:])
+    ]
+    assert inv.completions(wrong) == [u for u in ref if u != tuple(wrong)][:3]
+    a = tok("a", add_special_tokens=False)["input_ids"][0]
+    seq = [a, *wrong, a]
+    target = torch.from_numpy(tiny.embed(["a heartfelt a"]))
+    props = inv.proposals(seq, 1, inv.gradient(seq, target))
+    assert [a, *heart, a] in props and [a, a] in props  # completed whole, and deleted whole
+    assert inv.word_end(seq, 1) == 1 + len(wrong) and inv.word_end(seq, 0) == 1
+    # no completion is proposed inside a word, nor with the option off
+    assert [a, *heart, a] not in inv.proposals(seq, 2, inv.gradient(seq, target))
+    inv.words = 0
+    assert [a, *heart, a] not in inv.proposals(seq, 1, inv.gradient(seq, target))
+    inv.words = 3
+    found, _ = inv.search(seq, target)
+    assert inv.objective([found], target)[0] >= inv.objective([seq], target)[0] - 1e-6
+
+
+def test_whitebox_pool_top_screens_the_pool_by_first_order_gain(tiny):
+    tok = tiny.tokenizer
+    target = torch.from_numpy(tiny.embed(["too dull to enjoy"]))
+    ids = tok("too dull to enjoy funny sad great movie", add_special_tokens=False)["input_ids"]
+    pool = tok("boring awful fine nice bad good", add_special_tokens=False)["input_ids"]
+    inv = WhiteBoxInverter(tiny, vocab_ids=ids[:2], candidates=1, passes=1, pool_top=2)
+    start = ids[4:7]
+    g = inv.gradient(start, target)
+    # reference: the two pool words of highest <g_t, E_w> at the swap, by a loop
+    gains = [float(g[1] @ inv.emb[w]) for w in pool]
+    best2 = {pool[i] for i in np.argsort(gains)[::-1][:2]}
+    assert set(inv.top_pool(pool, g[1])) == best2
+    props = inv.proposals(start, 1, g, pool)
+    swapped = {p[1] for p in props if len(p) == len(start) and p[0] == start[0] and p[2:] == start[2:]}
+    assert best2 <= swapped and not (set(pool) - best2) & swapped - set(ids[:2])
+    # pool_top 0 tries the whole pool
+    inv.pool_top = 0
+    props = inv.proposals(start, 1, g, pool)
+    assert set(pool) <= {p[1] for p in props if len(p) == len(start) and p[0] == start[0] and p[2:] == start[2:]}

@@ -13,7 +13,15 @@ can always fit v a little better with filler).
 2. passes over positions t = 0..|x|: with g = ∂cos/∂(input embedding) of x (one backward pass), propose
    the top-K HotFlip swaps x_t → w by the first-order gain ⟨g_t, E_w − E_{x_t}⟩, the deletion of x_t, its
    moves to every other place, and the top-K insertions before t by ⟨ḡ_t, E_w⟩ (ḡ_t: mean gradient of the
-   neighbours); all proposals are scored by one batched forward pass and the best is kept if it raises J.
+   neighbours); (option ``pool_top`` = m) the pool is screened like the vocabulary,
+   only its m words of highest first-order gain are tried at t; all proposals are scored by one batched
+   forward pass and the best is kept if it raises J.
+   (option ``words`` = m) word completion: the public-split words u that the tokenizer cuts into several
+   pieces (``heartfelt`` → ``heart ##felt``) and that share the stem or a ``##`` piece with the word at t
+   (x_t and its ``##`` continuations) replace that whole word — m of them at most, the most frequent first —
+   and the whole word at t is proposed for deletion: the search often assembles a split word from the wrong
+   pieces (``age ##felt``, ``ob ##vant``), and no chain of one-token moves reaches the right one without
+   passing through worse texts.
 3. repeat passes until none raises J (or ``passes`` or the per-vector ``budget`` of encoder passes run out);
    then ``hops`` rounds of basin hopping: kick the best x (delete or replace one or two tokens), descend
    again, keep the result only if its J is higher.
@@ -42,6 +50,25 @@ from leaklab.attacks.embedding.registry import (
 from leaklab.encoders import Encoder, LocalEncoder, check_vectors, require_local
 from leaklab.errors import LeaklabError
 from leaklab.metrics.embedding import score_inversion
+
+
+def piece_words(tokenizer: Any, texts: list[str]) -> list[tuple[int, ...]]:
+    """The distinct words of ``texts`` that the tokenizer cuts into several pieces (a token followed by its
+    ``##`` continuations), as token-id tuples, the most frequent first (ties: first appearance); empty for
+    tokenizers without the ``##`` convention."""
+    special = set(tokenizer.all_special_ids)
+    out: Counter[tuple[int, ...]] = Counter()
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        toks = tokenizer.convert_ids_to_tokens(ids)
+        word: list[int] = []
+        for i, t in [*zip(ids, toks, strict=True), (None, "")]:
+            if i is not None and t.startswith("##") and word:
+                word.append(i)
+                continue
+            if len(word) > 1:
+                out[tuple(word)] += 1
+            word = [i] if i is not None and i not in special and not t.startswith("##") else []
+    return [u for u, _ in out.most_common()]
 
 
 def vocab_from_texts(tokenizer: Any, texts: list[str], size: int = 8000, whole_words: bool = True) -> list[int]:
@@ -78,6 +105,9 @@ class WhiteBoxInverter:
         lm_opts: dict[str, Any] | None = None,
         lm_moves: int = 0,
         lm_restart: bool = True,
+        units: list[tuple[int, ...]] | None = None,
+        words: int = 0,
+        pool_top: int = 0,
     ) -> None:
         self.encoder: LocalEncoder = require_local(encoder, self.name)
         tok = self.encoder.tokenizer
@@ -101,6 +131,15 @@ class WhiteBoxInverter:
         self._limit = 0
         self.lm, self.lm_budget, self.lm_opts = lm, lm_budget, dict(lm_opts or {})
         self.lm_moves, self.use_restart = lm_moves, lm_restart
+        self.units = [tuple(u) for u in (units or []) if 1 < len(u) <= max_len]
+        self.words, self.pool_top = words, pool_top
+        self._cont = {i for i, t in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))) if t.startswith("##")}
+        self._by_stem: dict[int, list[tuple[int, ...]]] = {}
+        self._by_piece: dict[int, list[tuple[int, ...]]] = {}
+        for u in self.units:
+            self._by_stem.setdefault(u[0], []).append(u)
+            for piece in dict.fromkeys(u[1:]):
+                self._by_piece.setdefault(piece, []).append(u)
 
     def single_vectors(self) -> torch.Tensor:
         """e(w) of every prior-vocabulary word alone (computed once, |V| forward passes)."""
@@ -127,6 +166,25 @@ class WhiteBoxInverter:
         top = torch.topk(self.single_vectors() @ target[0], min(self.prior, len(self.prior_vocab))).indices
         return self.prior_vocab[top].tolist()
 
+    def completions(self, word: list[int]) -> list[tuple[int, ...]]:
+        """(option ``words`` = m) up to m multi-piece words u ≠ ``word`` that share its stem (first token) or
+        one of its ``##`` pieces: those sharing the stem first, then by the ``##`` pieces in order; within
+        each, the most frequent first."""
+        if self.words <= 0 or not word:
+            return []
+        orphan = word[0] in self._cont  # a ``##`` piece with no stem before it (at the start of x)
+        stem = [] if orphan else self._by_stem.get(word[0], [])
+        lists = [stem, *(self._by_piece.get(p, []) for p in (word if orphan else word[1:]))]
+        out = dict.fromkeys(u for lst in lists for u in lst if u != tuple(word))
+        return list(out)[: self.words]
+
+    def word_end(self, seq: list[int], pos: int) -> int:
+        """One past the last ``##`` continuation that follows ``seq[pos]`` (the end of the word starting there)."""
+        end = pos + 1
+        while end < len(seq) and seq[end] in self._cont:
+            end += 1
+        return end
+
     def cosines(self, seqs: list[list[int]], target: torch.Tensor) -> np.ndarray:
         """cos(e(x), v) of each token sequence (one batched forward pass)."""
         vecs = torch.from_numpy(self._embed(seqs))
@@ -150,9 +208,10 @@ class WhiteBoxInverter:
         ``pos``; the words of ``pool`` (e.g. a bag-of-words guess) are proposed at every position too."""
         k = min(self.candidates, len(self.vocab))
         out: list[list[int]] = []
+        pool = list(dict.fromkeys(pool))
         if g is not None and pos < len(seq):
             gain = self.sub @ g[pos] - g[pos] @ self.emb[seq[pos]]
-            words = dict.fromkeys([*self.vocab[torch.topk(gain, k).indices].tolist(), *pool])
+            words = dict.fromkeys([*self.vocab[torch.topk(gain, k).indices].tolist(), *self.top_pool(pool, g[pos])])
             out.extend([*seq[:pos], w, *seq[pos + 1 :]] for w in words if w != seq[pos])
             if len(seq) > 1:
                 rest = seq[:pos] + seq[pos + 1 :]
@@ -160,9 +219,25 @@ class WhiteBoxInverter:
                 out.extend([*rest[:j], seq[pos], *rest[j:]] for j in range(len(rest) + 1) if j != pos)
         if len(seq) < self.max_len:
             near = g[max(0, pos - 1) : pos + 1].mean(0) if g is not None else self.sub.mean(0)
-            words = dict.fromkeys([*self.vocab[torch.topk(self.sub @ near, k).indices].tolist(), *pool])
+            top = self.top_pool(pool, near) if g is not None else pool
+            words = dict.fromkeys([*self.vocab[torch.topk(self.sub @ near, k).indices].tolist(), *top])
             out.extend([*seq[:pos], w, *seq[pos:]] for w in words)
+        if self.words > 0 and pos < len(seq) and (pos == 0 or seq[pos] not in self._cont):
+            end = self.word_end(seq, pos)
+            for u in self.completions(seq[pos:end]):
+                if len(seq) - (end - pos) + len(u) <= self.max_len:
+                    out.append([*seq[:pos], *u, *seq[end:]])
+            if end - pos > 1 and len(seq) > end - pos:
+                out.append(seq[:pos] + seq[end:])
         return out
+
+    def top_pool(self, pool: list[int], direction: torch.Tensor) -> list[int]:
+        """(option ``pool_top`` = m) the m pool words of highest first-order gain ⟨direction, E_w⟩ (all of
+        them when m is 0 or the pool is no larger): the pool is screened like the vocabulary, not tried whole."""
+        if self.pool_top <= 0 or len(pool) <= self.pool_top:
+            return pool
+        top = torch.topk(self.emb[pool] @ direction, self.pool_top).indices
+        return [pool[i] for i in sorted(top.tolist())]
 
     def _spent(self) -> bool:
         return self._limit > 0 and self.forward_passes >= self._limit
@@ -286,6 +361,8 @@ def make_whitebox(scn: Scenario, encoder: LocalEncoder) -> WhiteBoxInverter:
     whole = whole_word_ids(tok)
     if vocab is not None and option(scn, "full", False):
         vocab = list(dict.fromkeys([*vocab, *(whole_word_ids(tok, pieces) if pieces else whole)]))
+    n_words = option(scn, "words", 0)
+    units = piece_words(tok, scn.public_texts()) if n_words > 0 else None
     lm_name = option(scn, "lm", "")
     lm = LMPrior(lm_name, encoder.tokenizer, vocab if vocab is not None else whole) if lm_name else None
     lm_opts = {k: option(scn, f"lm_{k}", d) for k, d in (("beams", 6), ("k_lm", 6), ("k_ev", 14), ("weight", 0.02))}
@@ -306,6 +383,9 @@ def make_whitebox(scn: Scenario, encoder: LocalEncoder) -> WhiteBoxInverter:
         lm_opts=lm_opts,
         lm_moves=option(scn, "lm_moves", 0),
         lm_restart=option(scn, "lm_restart", True),
+        units=units,
+        words=n_words,
+        pool_top=option(scn, "pool_top", 0),
     )
 
 
@@ -347,7 +427,12 @@ def evaluate(scn: Scenario) -> AttackReport:
             "word_prior": f"per vector, the {inv.prior} words w of highest cos(e(w), v), proposed at every position"
             if inv.prior
             else "none",
-            "search": f"≤ {inv.budget or 'unlimited'} encoder passes per vector, {inv.hops} perturbation rounds",
+            "word_completion": f"≤ {inv.words} of {len(inv.units)} multi-piece public-split words sharing the stem "
+            "or a ## piece of the word at each position replace it whole"
+            if inv.words
+            else "none",
+            "search": f"≤ {inv.budget or 'unlimited'} encoder passes per vector, {inv.hops} perturbation rounds"
+            + (f", pool screened to its {inv.pool_top} best words by first-order gain" if inv.pool_top else ""),
             "length_prior": f"≤ {inv.max_len} tokens, penalty {inv.penalty} per token",
             "start": "bag-of-words inverter (public pairs): start text + word pool" if guesses else "empty text",
             "lm_restart": (
