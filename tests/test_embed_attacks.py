@@ -382,6 +382,13 @@ def test_whitebox_word_completion_replaces_a_split_word_whole(tiny):
     assert [a, *heart, a] not in inv.proposals(seq, 2, inv.gradient(seq, target))
     inv.words = 0
     assert [a, *heart, a] not in inv.proposals(seq, 1, inv.gradient(seq, target))
+    # option nonword: J − μ per split word outside the unit list, against the formula
+    orphan = heart[1]
+    assert inv.nonwords([a, *heart, a]) == 0 and inv.nonwords(seq) == 1 and inv.nonwords([orphan, *seq]) == 2
+    pen = WhiteBoxInverter(tiny, vocab_ids=[other], candidates=1, passes=1, units=units, words=3, nonword=0.05)
+    for x in ([a, *heart, a], seq, [orphan, *seq]):
+        formula = inv.cosines([x], target)[0] - 0.01 * len(x) - 0.05 * inv.nonwords(x)
+        assert pen.objective([x], target)[0] == pytest.approx(formula, abs=1e-6)
     inv.words = 3
     found, _ = inv.search(seq, target)
     assert inv.objective([found], target)[0] >= inv.objective([seq], target)[0] - 1e-6

@@ -28,6 +28,8 @@ FULL: dict[str, dict[str, Any]] = {
             "prior": 40,
             "budget": 24000,
             "hops": 12,
+            "words": 20,
+            "nonword": 0.01,
         },
     },
     "whitebox-lm": {

@@ -1,7 +1,9 @@
 """White-box inversion: discrete coordinate search that evaluates the real encoder in batches.
 
 Objective: J(x) = cos(e(x), v) − λ·|x| (λ: a length penalty, since the length is unknown and a longer text
-can always fit v a little better with filler).
+can always fit v a little better with filler); with option ``nonword`` = μ also − μ per word of x built of
+several pieces that is no word of the public split (``age ##felt``, ``ob ##vant``: the search assembles such
+blends because they fit v a little better than the real word).
 
 0. vocabulary: the public split's words by frequency (option ``vocab``), then (option ``full``) every whole
    word of the tokenizer; option ``pieces`` adds the ``##`` word-piece continuations, so that words the
@@ -108,6 +110,7 @@ class WhiteBoxInverter:
         units: list[tuple[int, ...]] | None = None,
         words: int = 0,
         pool_top: int = 0,
+        nonword: float = 0.0,
     ) -> None:
         self.encoder: LocalEncoder = require_local(encoder, self.name)
         tok = self.encoder.tokenizer
@@ -132,7 +135,8 @@ class WhiteBoxInverter:
         self.lm, self.lm_budget, self.lm_opts = lm, lm_budget, dict(lm_opts or {})
         self.lm_moves, self.use_restart = lm_moves, lm_restart
         self.units = [tuple(u) for u in (units or []) if 1 < len(u) <= max_len]
-        self.words, self.pool_top = words, pool_top
+        self.words, self.pool_top, self.nonword = words, pool_top, nonword
+        self._unit_set = set(self.units)
         self._cont = {i for i, t in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))) if t.startswith("##")}
         self._by_stem: dict[int, list[tuple[int, ...]]] = {}
         self._by_piece: dict[int, list[tuple[int, ...]]] = {}
@@ -191,8 +195,23 @@ class WhiteBoxInverter:
         return torch.nn.functional.cosine_similarity(vecs, target.expand_as(vecs)).numpy()
 
     def objective(self, seqs: list[list[int]], target: torch.Tensor) -> np.ndarray:
-        """J(x) = cos(e(x), v) − λ·|x|."""
-        return self.cosines(seqs, target) - self.penalty * np.array([len(s) for s in seqs])
+        """J(x) = cos(e(x), v) − λ·|x| (− μ·nonwords(x) with option ``nonword`` = μ)."""
+        cost = self.penalty * np.array([len(s) for s in seqs], dtype=np.float64)
+        if self.nonword > 0:
+            cost += self.nonword * np.array([self.nonwords(s) for s in seqs])
+        return self.cosines(seqs, target) - cost
+
+    def nonwords(self, seq: list[int]) -> int:
+        """How many words of ``seq`` are built of several pieces (a token and its ``##`` continuations, or a
+        ``##`` piece with no stem) and are not a word of the public split (the unit list): ``age ##felt``
+        counts, ``heart ##felt`` does not."""
+        count, pos = 0, 0
+        while pos < len(seq):
+            end = self.word_end(seq, pos)
+            if (end - pos > 1 or seq[pos] in self._cont) and tuple(seq[pos:end]) not in self._unit_set:
+                count += 1
+            pos = end
+        return count
 
     def gradient(self, seq: list[int], target: torch.Tensor) -> torch.Tensor:
         """∂cos(e(x), v)/∂(input embedding of x_t) for every position t, shape (|x|, d)."""
@@ -362,7 +381,8 @@ def make_whitebox(scn: Scenario, encoder: LocalEncoder) -> WhiteBoxInverter:
     if vocab is not None and option(scn, "full", False):
         vocab = list(dict.fromkeys([*vocab, *(whole_word_ids(tok, pieces) if pieces else whole)]))
     n_words = option(scn, "words", 0)
-    units = piece_words(tok, scn.public_texts()) if n_words > 0 else None
+    nonword = float(option(scn, "nonword", 0.0))
+    units = piece_words(tok, scn.public_texts()) if n_words > 0 or nonword > 0 else None
     lm_name = option(scn, "lm", "")
     lm = LMPrior(lm_name, encoder.tokenizer, vocab if vocab is not None else whole) if lm_name else None
     lm_opts = {k: option(scn, f"lm_{k}", d) for k, d in (("beams", 6), ("k_lm", 6), ("k_ev", 14), ("weight", 0.02))}
@@ -386,6 +406,7 @@ def make_whitebox(scn: Scenario, encoder: LocalEncoder) -> WhiteBoxInverter:
         units=units,
         words=n_words,
         pool_top=option(scn, "pool_top", 0),
+        nonword=nonword,
     )
 
 
@@ -433,7 +454,8 @@ def evaluate(scn: Scenario) -> AttackReport:
             else "none",
             "search": f"≤ {inv.budget or 'unlimited'} encoder passes per vector, {inv.hops} perturbation rounds"
             + (f", pool screened to its {inv.pool_top} best words by first-order gain" if inv.pool_top else ""),
-            "length_prior": f"≤ {inv.max_len} tokens, penalty {inv.penalty} per token",
+            "length_prior": f"≤ {inv.max_len} tokens, penalty {inv.penalty} per token"
+            + (f", {inv.nonword} per split word not in the public split" if inv.nonword else ""),
             "start": "bag-of-words inverter (public pairs): start text + word pool" if guesses else "empty text",
             "lm_restart": (
                 f"{option(scn, 'lm', '')} beam search ({inv.lm_opts}) + descent, ≤ {inv.lm_budget} encoder passes"
