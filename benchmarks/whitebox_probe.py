@@ -9,6 +9,7 @@ texts) is used for scoring only.
 
     python benchmarks/whitebox_probe.py --n 10
     python benchmarks/whitebox_probe.py --n 10 --opt budget=24000 --opt hops=12 --opt pieces=1
+    python benchmarks/whitebox_probe.py --n 10 --score "1:lame teen comedy" --score "1:lame haphazard teen comedy"
 """
 
 from __future__ import annotations
@@ -30,14 +31,28 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10, help="private texts")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--opt", action="append", default=[], help="a white-box option, key=value (repeatable)")
+    ap.add_argument(
+        "--score",
+        action="append",
+        default=[],
+        metavar="I:TEXT",
+        help="only print J and cos of TEXT against private text I's vector (repeatable; no search)",
+    )
     args = ap.parse_args()
     opts = {"max_tokens": 16, "pool": 20, "full": True, "prior": 40, "budget": 6000, **parse_options(args.opt)}
     scn = Scenario(n=args.n, seed=args.seed, options=opts)
     enc = scn.victim
     sample, targets = victim_targets(scn, 16)
-    starts, pools = bow_guesses(scn, enc, targets)
     inv = make_whitebox(scn, enc)
     tok, vocab = enc.tokenizer, set(inv.vocab.tolist())
+    if args.score:
+        for item in args.score:
+            i, _, text = item.partition(":")
+            v = torch.from_numpy(targets[int(i) : int(i) + 1])
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            print(f"{i} J {inv.objective([ids], v)[0]:.4f} cos {inv.cosines([ids], v)[0]:.4f} {text!r}")
+        return
+    starts, pools = bow_guesses(scn, enc, targets)
     t0, f1s, failures = time.perf_counter(), [], 0
     for j, true in enumerate(sample.texts):
         v = torch.from_numpy(targets[j : j + 1])
