@@ -389,6 +389,8 @@ def test_whitebox_word_completion_replaces_a_split_word_whole(tiny):
     for x in ([a, *heart, a], seq, [orphan, *seq]):
         formula = inv.cosines([x], target)[0] - 0.01 * len(x) - 0.05 * inv.nonwords(x)
         assert pen.objective([x], target)[0] == pytest.approx(formula, abs=1e-6)
+    with pytest.raises(LeaklabError, match=r"must be >= 0, got 1, 0 and -0\.1"):
+        WhiteBoxInverter(tiny, vocab_ids=[other], units=units, words=1, nonword=-0.1)
     inv.words = 3
     found, _ = inv.search(seq, target)
     assert inv.objective([found], target)[0] >= inv.objective([seq], target)[0] - 1e-6

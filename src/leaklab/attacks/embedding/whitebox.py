@@ -134,6 +134,8 @@ class WhiteBoxInverter:
         self._limit = 0
         self.lm, self.lm_budget, self.lm_opts = lm, lm_budget, dict(lm_opts or {})
         self.lm_moves, self.use_restart = lm_moves, lm_restart
+        if words < 0 or pool_top < 0 or nonword < 0:
+            raise LeaklabError(f"words, pool_top and nonword must be >= 0, got {words}, {pool_top} and {nonword}")
         self.units = [tuple(u) for u in (units or []) if 1 < len(u) <= max_len]
         self.words, self.pool_top, self.nonword = words, pool_top, nonword
         self._unit_set = set(self.units)
