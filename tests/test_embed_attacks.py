@@ -389,7 +389,7 @@ def test_whitebox_word_completion_replaces_a_split_word_whole(tiny):
     for x in ([a, *heart, a], seq, [orphan, *seq]):
         formula = inv.cosines([x], target)[0] - 0.01 * len(x) - 0.05 * inv.nonwords(x)
         assert pen.objective([x], target)[0] == pytest.approx(formula, abs=1e-6)
-    with pytest.raises(LeaklabError, match=r"must be >= 0, got 1, 0 and -0\.1"):
+    with pytest.raises(LeaklabError, match=r"must be >= 0, got 1, 0, -0\.1, 0 and 0"):
         WhiteBoxInverter(tiny, vocab_ids=[other], units=units, words=1, nonword=-0.1)
     inv.words = 3
     found, _ = inv.search(seq, target)
@@ -415,3 +415,63 @@ def test_whitebox_pool_top_screens_the_pool_by_first_order_gain(tiny):
     inv.pool_top = 0
     props = inv.proposals(start, 1, g, pool)
     assert set(pool) <= {p[1] for p in props if len(p) == len(start) and p[0] == start[0] and p[2:] == start[2:]}
+
+
+def test_whitebox_span_moves_and_common_words_match_references(tiny):
+    tok = tiny.tokenizer
+    text = "a haphazard teen comedy of the whimsical kind"
+    seq = tok(text, add_special_tokens=False)["input_ids"]
+    inv = WhiteBoxInverter(tiny, vocab_ids=seq[:2], candidates=1, passes=1, spans=3)
+    # reference: split into whole words by the ## prefix, move n = 1..3 words from word a to every other gap
+    pieces = tok.convert_ids_to_tokens(seq)
+    words: list[list[int]] = []
+    for t, p in zip(seq, pieces, strict=True):
+        if p.startswith("##") and words:
+            words[-1].append(t)
+        else:
+            words.append([t])
+    assert any(len(w) > 1 for w in words)
+    starts = np.cumsum([0, *map(len, words)])[:-1].tolist()
+    assert inv.word_starts(seq) == starts
+    for a, pos in enumerate(starts):
+        ref = []
+        for n in range(1, 4):
+            if a + n > len(words):
+                break
+            span = [t for w in words[a : a + n] for t in w]
+            if len(span) == 1 or len(span) == len(seq):
+                continue
+            rest = words[:a] + words[a + n :]
+            ref.extend(
+                [t for w in rest[:b] for t in w] + span + [t for w in rest[b:] for t in w]
+                for b in range(len(rest) + 1)
+                if b != a
+            )
+        assert inv.span_moves(seq, pos) == ref
+        assert all(sorted(m) == sorted(seq) and m != seq for m in ref)
+    # inside a word, or with the option off: no span moves
+    inside = next(i for i, p in enumerate(pieces) if p.startswith("##"))
+    assert inv.span_moves(seq, inside) == []
+    target = torch.from_numpy(tiny.embed(["the haphazard comedy"]))
+    g = inv.gradient(seq, target)
+    assert [m for m in inv.span_moves(seq, 0) if m not in inv.proposals(seq, 0, g)] == []
+    inv.spans = 0
+    assert inv.span_moves(seq, 0) == [] and [seq[1], seq[0], *seq[2:]] in inv.proposals(seq, 0, g)
+    # option common = m: the m common words of highest <g_t, E_w> are swapped in at t and inserted before t
+    common = tok("the of and to is it that in as but with film movie", add_special_tokens=False)["input_ids"]
+    inv = WhiteBoxInverter(tiny, vocab_ids=seq[:1], candidates=1, passes=1, common=3, common_ids=common)
+    gains = [float(g[2] @ inv.emb[w]) for w in common]
+    best3 = {common[i] for i in np.argsort(gains)[::-1][:3]}
+    assert set(inv.top_common(g[2])) == best3
+    props = inv.proposals(seq, 2, g)
+    swapped = {p[2] for p in props if len(p) == len(seq) and p[:2] == seq[:2] and p[3:] == seq[3:]}
+    assert best3 <= swapped and not (set(common) - best3) & swapped - {seq[0]}
+    near = g[1:3].mean(0)
+    ins = {p[2] for p in props if len(p) == len(seq) + 1 and p[:2] == seq[:2] and p[3:] == seq[2:]}
+    assert {common[i] for i in np.argsort([float(near @ inv.emb[w]) for w in common])[::-1][:3]} <= ins
+    inv.common = 0
+    assert inv.top_common(g[2]) == []
+    with pytest.raises(LeaklabError, match=r"got 0, 0, 0\.0, -1 and 0"):
+        WhiteBoxInverter(tiny, vocab_ids=seq[:1], spans=-1)
+    found, _ = WhiteBoxInverter(tiny, vocab_ids=seq, candidates=2, passes=2, spans=2, common=2).search(seq, target)
+    assert inv.objective([found], target)[0] >= inv.objective([seq], target)[0] - 1e-6

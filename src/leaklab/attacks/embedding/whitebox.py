@@ -111,6 +111,9 @@ class WhiteBoxInverter:
         words: int = 0,
         pool_top: int = 0,
         nonword: float = 0.0,
+        spans: int = 0,
+        common: int = 0,
+        common_ids: list[int] | None = None,
     ) -> None:
         self.encoder: LocalEncoder = require_local(encoder, self.name)
         tok = self.encoder.tokenizer
@@ -134,8 +137,13 @@ class WhiteBoxInverter:
         self._limit = 0
         self.lm, self.lm_budget, self.lm_opts = lm, lm_budget, dict(lm_opts or {})
         self.lm_moves, self.use_restart = lm_moves, lm_restart
-        if words < 0 or pool_top < 0 or nonword < 0:
-            raise LeaklabError(f"words, pool_top and nonword must be >= 0, got {words}, {pool_top} and {nonword}")
+        if min(words, pool_top, nonword, spans, common) < 0:
+            raise LeaklabError(
+                f"words, pool_top, nonword, spans and common must be >= 0, "
+                f"got {words}, {pool_top}, {nonword}, {spans} and {common}"
+            )
+        self.spans, self.common = spans, common
+        self.common_ids = list(dict.fromkeys(common_ids if common_ids is not None else self.vocab[:200].tolist()))
         self.units = [tuple(u) for u in (units or []) if 1 < len(u) <= max_len]
         self.words, self.pool_top, self.nonword = words, pool_top, nonword
         self._unit_set = set(self.units)
@@ -226,13 +234,21 @@ class WhiteBoxInverter:
 
     def proposals(self, seq: list[int], pos: int, g: torch.Tensor | None, pool: list[int] = ()) -> list[list[int]]:
         """HotFlip swaps at ``pos``, its deletion, its moves to every other place, and insertions before
-        ``pos``; the words of ``pool`` (e.g. a bag-of-words guess) are proposed at every position too."""
+        ``pos``; the words of ``pool`` (e.g. a bag-of-words guess) are proposed at every position too.
+        Option ``common`` = m adds the m common words of highest first-order gain to the swaps and insertions;
+        option ``spans`` = s moves the run of 1..s whole words starting at ``pos`` to every other word start."""
         k = min(self.candidates, len(self.vocab))
         out: list[list[int]] = []
         pool = list(dict.fromkeys(pool))
         if g is not None and pos < len(seq):
             gain = self.sub @ g[pos] - g[pos] @ self.emb[seq[pos]]
-            words = dict.fromkeys([*self.vocab[torch.topk(gain, k).indices].tolist(), *self.top_pool(pool, g[pos])])
+            words = dict.fromkeys(
+                [
+                    *self.vocab[torch.topk(gain, k).indices].tolist(),
+                    *self.top_pool(pool, g[pos]),
+                    *self.top_common(g[pos]),
+                ]
+            )
             out.extend([*seq[:pos], w, *seq[pos + 1 :]] for w in words if w != seq[pos])
             if len(seq) > 1:
                 rest = seq[:pos] + seq[pos + 1 :]
@@ -241,8 +257,10 @@ class WhiteBoxInverter:
         if len(seq) < self.max_len:
             near = g[max(0, pos - 1) : pos + 1].mean(0) if g is not None else self.sub.mean(0)
             top = self.top_pool(pool, near) if g is not None else pool
-            words = dict.fromkeys([*self.vocab[torch.topk(self.sub @ near, k).indices].tolist(), *top])
+            common = self.top_common(near) if g is not None else []
+            words = dict.fromkeys([*self.vocab[torch.topk(self.sub @ near, k).indices].tolist(), *top, *common])
             out.extend([*seq[:pos], w, *seq[pos:]] for w in words)
+        out.extend(self.span_moves(seq, pos))
         if self.words > 0 and pos < len(seq) and (pos == 0 or seq[pos] not in self._cont):
             end = self.word_end(seq, pos)
             for u in self.completions(seq[pos:end]):
@@ -250,6 +268,37 @@ class WhiteBoxInverter:
                     out.append([*seq[:pos], *u, *seq[end:]])
             if end - pos > 1 and len(seq) > end - pos:
                 out.append(seq[:pos] + seq[end:])
+        return out
+
+    def top_common(self, direction: torch.Tensor) -> list[int]:
+        """(option ``common`` = m) the m common words (``common_ids``: by default the first 200 of the search
+        vocabulary, the public split's most frequent words) of highest first-order gain ⟨direction, E_w⟩."""
+        if self.common <= 0 or not self.common_ids:
+            return []
+        top = torch.topk(self.emb[self.common_ids] @ direction, min(self.common, len(self.common_ids))).indices
+        return [self.common_ids[i] for i in top.tolist()]
+
+    def word_starts(self, seq: list[int]) -> list[int]:
+        """The positions where a word starts (a token that is not a ``##`` continuation, or position 0)."""
+        return [i for i, t in enumerate(seq) if i == 0 or t not in self._cont]
+
+    def span_moves(self, seq: list[int], pos: int) -> list[list[int]]:
+        """(option ``spans`` = s) the run of n = 1..s whole words starting at ``pos`` moved to every other word
+        start of the rest (single one-token words are left out: ``proposals`` moves those already)."""
+        if self.spans <= 0 or pos >= len(seq) or (pos > 0 and seq[pos] in self._cont):
+            return []
+        out: list[list[int]] = []
+        starts = [i for i in self.word_starts(seq) if i > pos] + [len(seq)]
+        for n in range(1, self.spans + 1):
+            if n > len(starts):
+                break
+            end = starts[n - 1]
+            if end - pos == 1 or end - pos == len(seq):
+                continue
+            span, rest = seq[pos:end], seq[:pos] + seq[end:]
+            for j in [*self.word_starts(rest), len(rest)]:
+                if j != pos:
+                    out.append([*rest[:j], *span, *rest[j:]])
         return out
 
     def top_pool(self, pool: list[int], direction: torch.Tensor) -> list[int]:
@@ -409,6 +458,8 @@ def make_whitebox(scn: Scenario, encoder: LocalEncoder) -> WhiteBoxInverter:
         words=n_words,
         pool_top=option(scn, "pool_top", 0),
         nonword=nonword,
+        spans=option(scn, "spans", 0),
+        common=option(scn, "common", 0),
     )
 
 
