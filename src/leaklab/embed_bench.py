@@ -30,6 +30,8 @@ FULL: dict[str, dict[str, Any]] = {
             "hops": 12,
             "words": 20,
             "nonword": 0.01,
+            "spans": 2,
+            "common": 4,
         },
     },
     "whitebox-lm": {
