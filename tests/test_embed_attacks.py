@@ -475,3 +475,17 @@ def test_whitebox_span_moves_and_common_words_match_references(tiny):
         WhiteBoxInverter(tiny, vocab_ids=seq[:1], spans=-1)
     found, _ = WhiteBoxInverter(tiny, vocab_ids=seq, candidates=2, passes=2, spans=2, common=2).search(seq, target)
     assert inv.objective([found], target)[0] >= inv.objective([seq], target)[0] - 1e-6
+
+
+def test_whitebox_word_corpora_appends_other_public_split_words(tiny):
+    scn = Scenario("tiny-bert", n=2, max_tokens=16, public_limit=200, options={"vocab": 300, "words": 5})
+    own = make_whitebox(scn, tiny).units
+    scn.options["word_corpora"] = "bbc-news:paragraphs"
+    both = make_whitebox(scn, tiny).units
+    extra = scn.extra_public_texts("bbc-news:paragraphs", any_length=True)
+    # reference: the scenario's own words first, in order, then the new words of the other corpus by frequency
+    assert both[: len(own)] == own
+    assert both[len(own) :] == [u for u in piece_words(tiny.tokenizer, extra) if u not in set(own) and len(u) <= 24]
+    assert len(both) > len(own) + 100
+    # any_length keeps the long sentences that the token range leaves out
+    assert set(scn.extra_public_texts("bbc-news:paragraphs")) < set(extra)

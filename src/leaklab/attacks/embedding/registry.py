@@ -101,9 +101,10 @@ class Scenario:
             raise LeaklabError(f"corpus '{self.corpus}' has no public text of {self.min_tokens}..{max_tokens} tokens")
         return out[:limit] if limit else out
 
-    def extra_public_texts(self, corpora: str | list[str]) -> list[str]:
-        """Public-split sentences (≥ 3 words, within the token range) of other corpora (comma-separated names):
-        more attacker training text, never a private text of its own corpus or of the scenario's corpus."""
+    def extra_public_texts(self, corpora: str | list[str], any_length: bool = False) -> list[str]:
+        """Public-split sentences (≥ 3 words, within the token range unless ``any_length``) of other corpora
+        (comma-separated names): more attacker training text, never a private text of its own corpus or of the
+        scenario's corpus."""
         from leaklab.corpora import load_corpus
         from leaklab.corpora.sampling import split_of
 
@@ -116,6 +117,8 @@ class Scenario:
                 if len(sent.split()) >= 3 and sent not in private:
                     out[sent] = None
         sents = list(out)
+        if any_length:
+            return sents
         lengths = [len(x) for x in self.tokenizer(sents, add_special_tokens=False)["input_ids"]] if sents else []
         return [t for t, n in zip(sents, lengths, strict=True) if self.min_tokens <= n <= self.max_tokens]
 

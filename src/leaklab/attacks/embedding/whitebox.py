@@ -423,7 +423,9 @@ def whole_word_ids(tokenizer: Any, pieces: bool = False) -> list[int]:
 
 def make_whitebox(scn: Scenario, encoder: LocalEncoder) -> WhiteBoxInverter:
     """The white-box inverter with the scenario's options: the public-split words by frequency first, then
-    (option ``full``) every other whole word of the tokenizer; option ``pieces``: ``##`` continuations too."""
+    (option ``full``) every other whole word of the tokenizer; option ``pieces``: ``##`` continuations too.
+    Options ``words``/``nonword`` use the public split's multi-piece words; ``word_corpora`` (comma-separated
+    corpus names) appends those of other corpora's public splits."""
     vocab_size = option(scn, "vocab", 8000)
     pieces = option(scn, "pieces", False)
     tok = encoder.tokenizer
@@ -434,6 +436,12 @@ def make_whitebox(scn: Scenario, encoder: LocalEncoder) -> WhiteBoxInverter:
     n_words = option(scn, "words", 0)
     nonword = float(option(scn, "nonword", 0.0))
     units = piece_words(tok, scn.public_texts()) if n_words > 0 or nonword > 0 else None
+    word_corpora = option(scn, "word_corpora", "")
+    if units is not None and word_corpora:
+        # more known words from other corpora's public splits, after the scenario's own (most frequent first)
+        known = set(units)
+        more = piece_words(tok, scn.extra_public_texts(word_corpora, any_length=True))
+        units += [u for u in more if u not in known]
     lm_name = option(scn, "lm", "")
     lm = LMPrior(lm_name, encoder.tokenizer, vocab if vocab is not None else whole) if lm_name else None
     lm_opts = {k: option(scn, f"lm_{k}", d) for k, d in (("beams", 6), ("k_lm", 6), ("k_ev", 14), ("weight", 0.02))}
