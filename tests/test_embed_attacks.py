@@ -14,7 +14,13 @@ from leaklab.attacks.embedding.lmdecoder import LMDecoderInverter, lm_vocab
 from leaklab.attacks.embedding.membership import finetune_simcse, kb_scores
 from leaklab.attacks.embedding.nearest import NearestNeighbour
 from leaklab.attacks.embedding.registry import Scenario, attack_names, get_attack, run_embed_attack
-from leaklab.attacks.embedding.whitebox import WhiteBoxInverter, make_whitebox, piece_words, whole_word_ids
+from leaklab.attacks.embedding.whitebox import (
+    WhiteBoxInverter,
+    make_whitebox,
+    piece_words,
+    vocab_from_texts,
+    whole_word_ids,
+)
 from leaklab.corpora.sampling import split_of
 from leaklab.encoders import load_encoder
 from leaklab.errors import LeaklabError, UnknownNameError
@@ -471,6 +477,9 @@ def test_whitebox_span_moves_and_common_words_match_references(tiny):
     assert {common[i] for i in np.argsort([float(near @ inv.emb[w]) for w in common])[::-1][:3]} <= ins
     inv.common = 0
     assert inv.top_common(g[2]) == []
+    with pytest.raises(LeaklabError, match="option common needs common words"):
+        WhiteBoxInverter(tiny, common=2)  # the whole tokenizer, in id order: no ranking to take common words from
+    assert WhiteBoxInverter(tiny, vocab_ids=seq, common=2).common_ids == list(dict.fromkeys(seq))
     with pytest.raises(LeaklabError, match=r"got 0, 0, 0\.0, -1 and 0"):
         WhiteBoxInverter(tiny, vocab_ids=seq[:1], spans=-1)
     found, _ = WhiteBoxInverter(tiny, vocab_ids=seq, candidates=2, passes=2, spans=2, common=2).search(seq, target)
@@ -489,3 +498,8 @@ def test_whitebox_word_corpora_appends_other_public_split_words(tiny):
     assert len(both) > len(own) + 100
     # any_length keeps the long sentences that the token range leaves out
     assert set(scn.extra_public_texts("bbc-news:paragraphs")) < set(extra)
+    # option common with vocab=0 (the whole tokenizer): the common words are the public split's most frequent
+    scn = Scenario("tiny-bert", n=2, max_tokens=16, public_limit=200, options={"vocab": 0, "common": 3})
+    inv = make_whitebox(scn, tiny)
+    assert inv.common_ids == vocab_from_texts(tiny.tokenizer, scn.public_texts(), 200)
+    assert len(inv.common_ids) == 200 and len(inv.vocab) > 1000

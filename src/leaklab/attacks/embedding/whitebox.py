@@ -117,6 +117,7 @@ class WhiteBoxInverter:
     ) -> None:
         self.encoder: LocalEncoder = require_local(encoder, self.name)
         tok = self.encoder.tokenizer
+        ranked = vocab_ids is not None  # a given vocabulary is taken as ranked, the most frequent words first
         if vocab_ids is None:
             special = set(tok.all_special_ids)
             vocab_ids = [i for i in range(self.encoder.word_embeddings.shape[0]) if i not in special]
@@ -143,7 +144,11 @@ class WhiteBoxInverter:
                 f"got {words}, {pool_top}, {nonword}, {spans} and {common}"
             )
         self.spans, self.common = spans, common
-        self.common_ids = list(dict.fromkeys(common_ids if common_ids is not None else self.vocab[:200].tolist()))
+        if common_ids is None:
+            common_ids = self.vocab[:200].tolist() if ranked else []
+        self.common_ids = list(dict.fromkeys(common_ids))
+        if common > 0 and not self.common_ids:
+            raise LeaklabError("option common needs common words: pass common_ids or a vocabulary ranked by frequency")
         self.units = [tuple(u) for u in (units or []) if 1 < len(u) <= max_len]
         self.words, self.pool_top, self.nonword = words, pool_top, nonword
         self._unit_set = set(self.units)
@@ -271,9 +276,10 @@ class WhiteBoxInverter:
         return out
 
     def top_common(self, direction: torch.Tensor) -> list[int]:
-        """(option ``common`` = m) the m common words (``common_ids``: by default the first 200 of the search
-        vocabulary, the public split's most frequent words) of highest first-order gain ⟨direction, E_w⟩."""
-        if self.common <= 0 or not self.common_ids:
+        """(option ``common`` = m) the m common words (``common_ids``: by default the first 200 of the given search
+        vocabulary, which ``make_whitebox`` ranks by public-split frequency) of highest first-order gain
+        ⟨direction, E_w⟩."""
+        if self.common <= 0:
             return []
         top = torch.topk(self.emb[self.common_ids] @ direction, min(self.common, len(self.common_ids))).indices
         return [self.common_ids[i] for i in top.tolist()]
@@ -435,6 +441,10 @@ def make_whitebox(scn: Scenario, encoder: LocalEncoder) -> WhiteBoxInverter:
         vocab = list(dict.fromkeys([*vocab, *(whole_word_ids(tok, pieces) if pieces else whole)]))
     n_words = option(scn, "words", 0)
     nonword = float(option(scn, "nonword", 0.0))
+    common = option(scn, "common", 0)
+    common_ids = None
+    if common > 0 and vocab is None:  # option vocab=0: the common words still come from the public split
+        common_ids = vocab_from_texts(tok, scn.public_texts(), 200, whole_words=not pieces)
     units = piece_words(tok, scn.public_texts()) if n_words > 0 or nonword > 0 else None
     word_corpora = option(scn, "word_corpora", "")
     if units is not None and word_corpora:
@@ -467,7 +477,8 @@ def make_whitebox(scn: Scenario, encoder: LocalEncoder) -> WhiteBoxInverter:
         pool_top=option(scn, "pool_top", 0),
         nonword=nonword,
         spans=option(scn, "spans", 0),
-        common=option(scn, "common", 0),
+        common=common,
+        common_ids=common_ids,
     )
 
 
