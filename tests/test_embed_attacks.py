@@ -503,3 +503,27 @@ def test_whitebox_word_corpora_appends_other_public_split_words(tiny):
     inv = make_whitebox(scn, tiny)
     assert inv.common_ids == vocab_from_texts(tiny.tokenizer, scn.public_texts(), 200)
     assert len(inv.common_ids) == 200 and len(inv.vocab) > 1000
+
+
+def test_attack_option_keys_match_the_code_and_a_typo_is_one_clear_error():
+    import re
+    from pathlib import Path
+
+    import leaklab.attacks.embedding as pkg
+    from leaklab.attacks.embedding.registry import OPTION_KEYS
+    from leaklab.embed_bench import FULL
+
+    # reference: every key the attack modules read, by scanning their source
+    read: set[str] = set()
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        src = path.read_text(encoding="utf-8")
+        read |= set(re.findall(r'option\(scn, "(\w+)"', src)) | set(re.findall(r'options(?:\.get\(|\[)"(\w+)"', src))
+        read |= {f"lm_{k}" for k in re.findall(r'\("(\w+)", [\d.]+\)', src) if "lm_opts" in src}
+    assert read == set(OPTION_KEYS)
+    assert all(set(cfg["options"]) <= OPTION_KEYS for cfg in FULL.values())
+    with pytest.raises(UnknownNameError, match=r"unknown attack option 'spnas'; valid: .*\bspans\b"):
+        Scenario("tiny-bert", options={"spnas": 2})
+    scn = Scenario("tiny-bert", options={"spans": 2})
+    scn.options["comon"] = 4
+    with pytest.raises(UnknownNameError, match="'comon'"):
+        run_embed_attack("whitebox", scn)

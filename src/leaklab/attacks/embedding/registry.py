@@ -21,6 +21,91 @@ import numpy as np
 from leaklab.encoders import Encoder, load_encoder
 from leaklab.errors import LeaklabError, UnknownNameError
 
+# Every option key that some embedding attack reads (``option(scn, KEY, ...)``, ``scn.options.get(KEY)``); a test
+# keeps it in step with the code. Keys are shared across attacks (kb-extract runs the white-box inverter, alignment
+# the bag-of-words one), so one list serves them all; any other key is a typo and an error.
+OPTION_KEYS = frozenset(
+    {
+        "arch",
+        "augment",
+        "base",
+        "beam",
+        "budget",
+        "candidates",
+        "clusters",
+        "common",
+        "cond_lr",
+        "decode",
+        "edits",
+        "emb",
+        "encoder_known",
+        "epochs",
+        "extra_corpora",
+        "forward_lambda",
+        "full",
+        "hidden",
+        "hops",
+        "init",
+        "inner",
+        "k",
+        "kb_corpus",
+        "kb_max_tokens",
+        "layers",
+        "length",
+        "length_penalty",
+        "lm",
+        "lm_beams",
+        "lm_budget",
+        "lm_k_ev",
+        "lm_k_lm",
+        "lm_moves",
+        "lm_restart",
+        "lm_weight",
+        "load",
+        "local",
+        "lr",
+        "max_tokens",
+        "max_top_k",
+        "method",
+        "near_exact",
+        "noise",
+        "nonword",
+        "passes",
+        "per_round",
+        "pieces",
+        "pool",
+        "pool_top",
+        "prior",
+        "probes",
+        "progress",
+        "recovered_f1",
+        "ridge",
+        "rounds",
+        "save",
+        "seeds",
+        "spans",
+        "start_words",
+        "steps",
+        "target",
+        "top_k",
+        "train_seconds",
+        "transform",
+        "victim",
+        "views",
+        "vocab",
+        "wb_passes",
+        "word_corpora",
+        "words",
+    }
+)
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Raise :class:`UnknownNameError` (listing the valid keys) for an option key no attack reads."""
+    for key in options:
+        if key not in OPTION_KEYS:
+            raise UnknownNameError("attack option", key, list(OPTION_KEYS))
+
 
 @dataclass
 class Scenario:
@@ -35,6 +120,9 @@ class Scenario:
     public_limit: int | None = None
     api_key: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_options(self.options)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -247,6 +335,7 @@ def get_attack(name: str) -> EmbedAttackSpec:
 def run_embed_attack(name: str, scenario: Scenario) -> AttackReport:
     """Evaluate attack ``name`` on ``scenario`` (timed)."""
     spec = get_attack(name)
+    check_options(scenario.options)
     start = time.perf_counter()
     report = spec.evaluate(scenario)
     report.seconds = round(time.perf_counter() - start, 3)
