@@ -53,6 +53,8 @@ from leaklab.encoders import Encoder, LocalEncoder, check_vectors, require_local
 from leaklab.errors import LeaklabError
 from leaklab.metrics.embedding import score_inversion
 
+COMMON_WORDS = 200  # option common screens this many of the most frequent public-split tokens
+
 
 def piece_words(tokenizer: Any, texts: list[str]) -> list[tuple[int, ...]]:
     """The distinct words of ``texts`` that the tokenizer cuts into several pieces (a token followed by its
@@ -145,7 +147,7 @@ class WhiteBoxInverter:
             )
         self.spans, self.common = spans, common
         if common_ids is None:
-            common_ids = self.vocab[:200].tolist() if ranked else []
+            common_ids = self.vocab[:COMMON_WORDS].tolist() if ranked else []
         self.common_ids = list(dict.fromkeys(common_ids))
         if common > 0 and not self.common_ids:
             raise LeaklabError("option common needs common words: pass common_ids or a vocabulary ranked by frequency")
@@ -276,9 +278,9 @@ class WhiteBoxInverter:
         return out
 
     def top_common(self, direction: torch.Tensor) -> list[int]:
-        """(option ``common`` = m) the m common words (``common_ids``: by default the first 200 of the given search
-        vocabulary, which ``make_whitebox`` ranks by public-split frequency) of highest first-order gain
-        ⟨direction, E_w⟩."""
+        """(option ``common`` = m) the m common words (``common_ids``: by default the first COMMON_WORDS of the
+        given search vocabulary, which ``make_whitebox`` ranks by public-split frequency) of highest first-order
+        gain ⟨direction, E_w⟩."""
         if self.common <= 0:
             return []
         top = torch.topk(self.emb[self.common_ids] @ direction, min(self.common, len(self.common_ids))).indices
@@ -444,7 +446,7 @@ def make_whitebox(scn: Scenario, encoder: LocalEncoder) -> WhiteBoxInverter:
     common = option(scn, "common", 0)
     common_ids = None
     if common > 0 and vocab is None:  # option vocab=0: the common words still come from the public split
-        common_ids = vocab_from_texts(tok, scn.public_texts(), 200, whole_words=not pieces)
+        common_ids = vocab_from_texts(tok, scn.public_texts(), COMMON_WORDS, whole_words=not pieces)
     units = piece_words(tok, scn.public_texts()) if n_words > 0 or nonword > 0 else None
     word_corpora = option(scn, "word_corpora", "")
     if units is not None and word_corpora:
