@@ -8,7 +8,16 @@ from embed_toys import bag_encoder
 from leaklab.attacks.embedding.alignment import Alignment, leaked_pairs
 from leaklab.attacks.embedding.bow import BagOfWordsInverter, build_vocab
 from leaklab.attacks.embedding.clustering import ProbeClustering
-from leaklab.attacks.embedding.decoder import DecoderInverter, load_decoder, piece_vocab, substitutions
+from leaklab.attacks.embedding.decoder import (
+    BOS,
+    EOS,
+    PAD,
+    UNK,
+    DecoderInverter,
+    load_decoder,
+    piece_vocab,
+    substitutions,
+)
 from leaklab.attacks.embedding.kb import HiddenKB, HttpKB, KBExtractor, KBVectorRecovery
 from leaklab.attacks.embedding.lmdecoder import LMDecoderInverter, lm_vocab
 from leaklab.attacks.embedding.membership import finetune_simcse, kb_scores
@@ -22,7 +31,7 @@ from leaklab.attacks.embedding.whitebox import (
     whole_word_ids,
 )
 from leaklab.corpora.sampling import split_of
-from leaklab.encoders import load_encoder
+from leaklab.encoders import CallableEncoder, load_encoder
 from leaklab.errors import LeaklabError, UnknownNameError
 
 DOCS = [
@@ -109,6 +118,17 @@ def test_decoder_trains_saves_loads_and_corrects(tiny, public, tmp_path):
     assert len(out) == 2 and tiny.usage.since(before)["queries"] > 0
     # correction keeps the closest hypothesis: the exact text, when seeded, wins
     assert out == public[:2]
+    # per-position proposals (one teacher-forced pass) against step-by-step decoding with the hidden state
+    seq = tiny.tokenizer(public[2], add_special_tokens=False)["input_ids"][:6]
+    got = inv.position_candidates(vecs[2], seq, 5)
+    v, h, want = torch.from_numpy(vecs[2:3]), None, []
+    for t in range(len(seq) + 1):
+        prev = BOS if t == 0 else inv.to_local.get(seq[t - 1], UNK)
+        logits, h = inv.model(v, torch.tensor([[prev]]), h)
+        row = logits[0, -1].detach().clone()
+        row[[PAD, BOS, EOS, UNK]] = -torch.inf
+        want.append([inv.piece_ids[i - 4] for i in torch.topk(row, 5).indices.tolist()])
+    assert got == want and len(got) == len(seq) + 1
 
 
 def test_substitutions_match_brute_force():
@@ -484,6 +504,59 @@ def test_whitebox_span_moves_and_common_words_match_references(tiny):
         WhiteBoxInverter(tiny, vocab_ids=seq[:1], spans=-1)
     found, _ = WhiteBoxInverter(tiny, vocab_ids=seq, candidates=2, passes=2, spans=2, common=2).search(seq, target)
     assert inv.objective([found], target)[0] >= inv.objective([seq], target)[0] - 1e-6
+
+
+def test_whitebox_black_box_mode_searches_through_texts_only(tiny):
+    """Black-box mode: the encoder is only ``embed(texts)``; objective, proposals and search against references."""
+    tok = tiny.tokenizer
+    black = CallableEncoder(tiny.embed, dim=tiny.dim, name="black")
+    ids = tok("too dull to enjoy funny sad great movie", add_special_tokens=False)["input_ids"]
+    common = tok("the of and", add_special_tokens=False)["input_ids"]
+    inv = WhiteBoxInverter(
+        black, vocab_ids=ids, length_penalty=0.0, passes=4, common=2, common_ids=common, tokenizer=tok
+    )
+    white = WhiteBoxInverter(tiny, vocab_ids=ids)
+    target = torch.from_numpy(tiny.embed(["too dull to enjoy"]))
+    # the text path scores like the white-box id path (whole words: decoding and re-tokenizing is exact)
+    seqs = [ids[:4], ids[4:8], [ids[1], ids[0]], ids[2:3]]
+    np.testing.assert_allclose(inv.cosines(seqs, target), white.cosines(seqs, target), atol=1e-5)
+    assert inv.gradient(ids[:4], target) is None and inv.emb is None
+    # proposals at pos: the proposer's words for pos, the pool and the first 2 common words, as swaps and
+    # insertions; the deletion and the moves of x_pos (brute-force reference)
+    seq, pos, pool = ids[4:8], 1, [ids[0], ids[1]]
+    inv._propose = lambda s: [[ids[2]] for _ in range(len(s) + 1)]
+    words = [ids[2], ids[0], ids[1], common[0], common[1]]
+    rest = seq[:pos] + seq[pos + 1 :]
+    ref = [seq[:pos] + [w] + seq[pos + 1 :] for w in words if w != seq[pos]]
+    ref += [rest] + [rest[:j] + [seq[pos]] + rest[j:] for j in range(len(rest) + 1) if j != pos]
+    ref += [seq[:pos] + [w] + seq[pos:] for w in words]
+    assert sorted(inv.proposals(seq, pos, None, pool)) == sorted(ref)
+    # the search reaches the target text when its missing word is proposed, and only ever raises J
+    start = [ids[0], ids[4], ids[2], ids[3]]  # "too funny to enjoy"
+    before, passes = black.usage.snapshot(), inv.forward_passes
+    texts, cos = inv.invert(target.numpy(), [tok.decode(start)], None, [lambda s: [[ids[1]]] * (len(s) + 1)])
+    assert texts == ["too dull to enjoy"] and cos[0] == pytest.approx(1.0, abs=1e-5)
+    # queries: each scored text once, counted by the encoder itself
+    assert black.usage.since(before)["queries"] == inv.forward_passes - passes > 0
+    found, _ = inv.search(start, target, pool)
+    assert inv.objective([found], target)[0] >= inv.objective([start], target)[0] - 1e-6
+    with pytest.raises(LeaklabError, match="2 proposers for 1 vectors"):
+        inv.invert(target.numpy(), None, None, [None, None])
+    with pytest.raises(LeaklabError, match="pool_top screens by gradient"):
+        WhiteBoxInverter(black, vocab_ids=ids, pool_top=3, tokenizer=tok)
+
+
+def test_decoder_search_option_refines_through_black_box_queries():
+    opts = {"train_seconds": 3, "epochs": 1, "steps": 1, "hidden": 32, "emb": 16, "vocab": 200}
+    base = run_embed_attack("decoder", Scenario("tiny-bert", n=2, max_tokens=12, public_limit=200, options=opts))
+    scn = Scenario("tiny-bert", n=2, max_tokens=12, public_limit=200, options={**opts, "search": 120, "prior": 0})
+    rep = run_embed_attack("decoder", scn)
+    assert "≤ 120 queries per vector" in rep.flags["search"] and base.flags["search"] == "none"
+    assert rep.info["search_budget"] == 120 and "corrected" in rep.metrics and "corrected" not in base.metrics
+    # the search starts from the corrected texts (the same as without it) and spends its queries on top
+    assert rep.metrics["corrected"]["token_f1"] == pytest.approx(base.metrics["token_f1"])
+    spent = rep.metrics["correction_queries_per_target"] - base.metrics["correction_queries_per_target"]
+    assert 0 < spent <= 120 + 200
 
 
 def test_whitebox_word_corpora_appends_other_public_split_words(tiny):

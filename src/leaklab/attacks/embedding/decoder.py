@@ -248,6 +248,18 @@ class DecoderInverter(CorrectingInverter):
         done.extend((sc / len(seq), seq) for sc, seq, _ in alive)
         return [s for _, s in sorted(done, key=lambda d: -d[0])[:beam]]
 
+    @torch.no_grad()
+    def position_candidates(self, vector: np.ndarray, seq: list[int], k: int) -> list[list[int]]:
+        """For t = 0..|seq|, the ``k`` most probable tokens x_t given seq[:t] and the vector (one teacher-forced
+        pass; ``seq`` and the result are the encoder tokenizer's ids, tokens outside the decoder's vocabulary
+        read as unknown)."""
+        inp = torch.tensor([[BOS, *(self.to_local.get(i, UNK) for i in seq)]])
+        logits, _ = self.model(torch.as_tensor(vector, dtype=torch.float32).view(1, -1), inp)
+        logits = logits[0].clone()
+        logits[:, [PAD, BOS, EOS, UNK]] = -torch.inf
+        top = torch.topk(logits, min(k, logits.shape[1] - 4)).indices
+        return [[self.piece_ids[i - 4] for i in row] for row in top.tolist()]
+
     # -- persistence
     def save(self, folder: str | Path) -> Path:
         return save_inverter(
@@ -361,6 +373,64 @@ def load_decoder(folder: str | Path, tokenizer: Any) -> CorrectingInverter:
     return DecoderInverter.from_saved(state, cfg, tokenizer)
 
 
+def search_refine(
+    scn: Scenario,
+    enc: Encoder,
+    inv: CorrectingInverter,
+    targets: np.ndarray,
+    starts: list[str],
+    evidence: list[list[str]],
+) -> list[str]:
+    """Option ``search`` = n: the white-box inverter's coordinate search in black-box mode (texts in, vectors
+    out, no gradient) from each corrected text, ≤ n queries per vector. Proposals at each position: the GRU
+    decoder's ``candidates`` most probable tokens there given the prefix and v; the ``pool`` words of the
+    vector's other hypotheses (``evidence``: beam and seed texts) most often there and not in the start; the
+    ``prior`` words w of highest cos(e(w), v); the ``common`` most frequent public tokens. Options ``hops``,
+    ``spans``, ``words``, ``nonword``, ``length_penalty`` and ``passes`` as for the white-box attack."""
+    from leaklab.attacks.embedding.whitebox import (
+        COMMON_WORDS,
+        WhiteBoxInverter,
+        piece_words,
+        vocab_from_texts,
+        whole_word_ids,
+    )
+
+    tok = scn.tokenizer
+    public = scn.public_texts()
+    n_words, nonword = option(scn, "words", 20), float(option(scn, "nonword", 0.01))
+    searcher = WhiteBoxInverter(
+        enc,
+        vocab_from_texts(tok, public, COMMON_WORDS, whole_words=False),
+        length_penalty=option(scn, "length_penalty", 0.01),
+        max_len=scn.max_tokens,
+        passes=option(scn, "passes", 6),
+        prior=option(scn, "prior", 40),
+        hops=option(scn, "hops", 6),
+        budget=option(scn, "search", 0),
+        seed=scn.seed,
+        prior_ids=whole_word_ids(tok),
+        units=piece_words(tok, public) if n_words > 0 or nonword > 0 else None,
+        words=n_words,
+        nonword=nonword,
+        spans=option(scn, "spans", 2),
+        common=option(scn, "common", 20),
+        tokenizer=tok,
+    )
+    k, size = option(scn, "candidates", 8), option(scn, "pool", 20)
+    pools = []
+    for start, texts in zip(starts, evidence, strict=True):
+        have = set(tok(start, add_special_tokens=False)["input_ids"])
+        rows = tok(texts, add_special_tokens=False)["input_ids"]
+        words = (i for row in rows for i in set(row) - have if not tok.convert_ids_to_tokens(i).startswith("##"))
+        counts = Counter(words)
+        pools.append(tok.decode([i for i, _ in counts.most_common(size)]))
+    proposers = None
+    if k > 0 and hasattr(inv, "position_candidates"):
+        proposers = [lambda seq, v=v: inv.position_candidates(v, seq, k) for v in targets]
+    texts, _ = searcher.invert(targets, starts, pools, proposers)
+    return texts
+
+
 @register_embed_attack(
     "decoder",
     "decoder (pretrained LM, top layers fine-tuned; or GRU) trained on public pairs + correction by re-embedding",
@@ -384,11 +454,22 @@ def evaluate(scn: Scenario) -> AttackReport:
     seeds = nearest_texts(*pairs, targets, option(scn, "seeds", 2))
     edits = option(scn, "edits", 0)
     pred = inv.invert(targets, enc, steps=steps, beam=beam, seeds=seeds, edits=edits) if steps > 0 else base
+    corrected = pred
+    search = option(scn, "search", 0)
+    if search > 0:
+        hyps = inv.beam_search(targets, beam)
+        pred = search_refine(scn, enc, inv, targets, pred, [h + s for h, s in zip(hyps, seeds, strict=True)])
     attack_usage = enc.usage.since(mid)
     metrics = score_inversion(pred, sample.texts, targets, enc)
     metrics["base"] = {k: v for k, v in score_inversion(base, sample.texts, targets, enc).items() if k != "per_item_f1"}
+    if search > 0:
+        metrics["corrected"] = {
+            k: v for k, v in score_inversion(corrected, sample.texts, targets, enc).items() if k != "per_item_f1"
+        }
     metrics["correction_queries_per_target"] = attack_usage["queries"] / len(sample.texts)
-    info.update({"training_usage": train_usage, "correction_steps": steps, "correction_edits": edits})
+    info.update(
+        {"training_usage": train_usage, "correction_steps": steps, "correction_edits": edits, "search_budget": search}
+    )
     return AttackReport(
         "decoder",
         scn.to_dict(),
@@ -398,6 +479,14 @@ def evaluate(scn: Scenario) -> AttackReport:
         {
             "train_data": "public split only",
             "correction_seeds": "nearest public texts (already embedded for training)",
+            "search": (
+                f"black-box coordinate search from the corrected text, ≤ {search} queries per vector; proposals: "
+                "the decoder's top next tokens at each position, words of its beam and seeds, the words w of "
+                "highest cos(e(w), v) (every whole word of the tokenizer embedded once, queries counted), "
+                "common public words"
+            )
+            if search > 0
+            else "none",
         },
         examples(sample.texts, pred),
         info,

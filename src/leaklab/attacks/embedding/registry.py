@@ -82,6 +82,7 @@ OPTION_KEYS = frozenset(
         "ridge",
         "rounds",
         "save",
+        "search",
         "seeds",
         "spans",
         "start_words",

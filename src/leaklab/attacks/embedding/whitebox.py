@@ -35,6 +35,7 @@ blends because they fit v a little better than the real word).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -116,13 +117,24 @@ class WhiteBoxInverter:
         spans: int = 0,
         common: int = 0,
         common_ids: list[int] | None = None,
+        tokenizer: Any = None,
     ) -> None:
-        self.encoder: LocalEncoder = require_local(encoder, self.name)
-        tok = self.encoder.tokenizer
+        # black-box mode (a tokenizer given): any encoder, texts in and vectors out, no gradient; the search
+        # works on the tokenizer's ids and queries the encoder with their decoded texts
+        self.black_box = tokenizer is not None
+        if self.black_box:
+            self.encoder: Encoder = encoder
+            tok = tokenizer
+            if pool_top > 0:
+                raise LeaklabError("option pool_top screens by gradient: it needs white-box access")
+        else:
+            self.encoder = require_local(encoder, self.name)
+            tok = self.encoder.tokenizer
+        self.tok = tok
         ranked = vocab_ids is not None  # a given vocabulary is taken as ranked, the most frequent words first
         if vocab_ids is None:
             special = set(tok.all_special_ids)
-            vocab_ids = [i for i in range(self.encoder.word_embeddings.shape[0]) if i not in special]
+            vocab_ids = [i for i in range(len(tok)) if i not in special]
         if not vocab_ids:
             raise LeaklabError("white-box vocabulary is empty")
         if max_len < 1 or candidates < 1:
@@ -132,8 +144,11 @@ class WhiteBoxInverter:
         self.prior, self.hops, self.budget = prior, hops, budget
         self.rng = np.random.default_rng(seed)
         self.prior_vocab = torch.tensor(list(dict.fromkeys(prior_ids))) if prior_ids else self.vocab
-        self.emb = self.encoder.word_embeddings.detach()
-        self.sub = self.emb[self.vocab]
+        self.emb = None if self.black_box else self.encoder.word_embeddings.detach()
+        self.sub = None if self.emb is None else self.emb[self.vocab]
+        # black-box mode: per-position proposals, seq -> |seq|+1 lists of token ids (e.g. a conditioned decoder's
+        # top next tokens after seq[:t]); set per vector by ``search``
+        self._propose: Callable[[list[int]], list[list[int]]] | None = None
         self.cls_id, self.sep_id = tok.cls_token_id, tok.sep_token_id
         self.forward_passes = 0
         self._single: torch.Tensor | None = None
@@ -175,7 +190,10 @@ class WhiteBoxInverter:
         """Encoder vectors of token sequences, counted in ``forward_passes`` (queries: once, in invert())."""
         self.forward_passes += len(seqs)
         before = self.encoder.usage.snapshot()
-        vecs = self.encoder.embed_ids(seqs)
+        if self.black_box:
+            vecs = self.encoder.embed([t if t.strip() else "." for t in self.tok.batch_decode(seqs)])
+        else:
+            vecs = self.encoder.embed_ids(seqs)
         self.encoder.usage.queries = before.queries
         return vecs
 
@@ -230,8 +248,10 @@ class WhiteBoxInverter:
             pos = end
         return count
 
-    def gradient(self, seq: list[int], target: torch.Tensor) -> torch.Tensor:
-        """∂cos(e(x), v)/∂(input embedding of x_t) for every position t, shape (|x|, d)."""
+    def gradient(self, seq: list[int], target: torch.Tensor) -> torch.Tensor | None:
+        """∂cos(e(x), v)/∂(input embedding of x_t) for every position t, shape (|x|, d); None in black-box mode."""
+        if self.black_box:
+            return None
         ids = torch.tensor([[self.cls_id, *seq, self.sep_id]])
         x = self.emb[ids].clone().requires_grad_(True)
         v = self.encoder.forward_embeds(x, torch.ones_like(ids))
@@ -240,34 +260,53 @@ class WhiteBoxInverter:
         return g[0, 1:-1]
 
     def proposals(self, seq: list[int], pos: int, g: torch.Tensor | None, pool: list[int] = ()) -> list[list[int]]:
-        """HotFlip swaps at ``pos``, its deletion, its moves to every other place, and insertions before
-        ``pos``; the words of ``pool`` (e.g. a bag-of-words guess) are proposed at every position too.
-        Option ``common`` = m adds the m common words of highest first-order gain to the swaps and insertions;
-        option ``spans`` = s moves the run of 1..s whole words starting at ``pos`` to every other word start."""
-        k = min(self.candidates, len(self.vocab))
-        out: list[list[int]] = []
+        """Swaps of x_pos, its deletion, its moves to every other place, and insertions before ``pos``.
+        White-box mode: the top-K HotFlip words, and the words of ``pool`` (e.g. a bag-of-words guess); option
+        ``common`` = m adds the m common words of highest first-order gain. Black-box mode (no gradient to
+        screen with): the proposer's words for ``pos``, the pool and the m most frequent common words, for both
+        swaps and insertions. Option ``spans`` = s moves the run of 1..s whole words starting at ``pos`` to every
+        other word start; option ``words`` proposes word completions."""
         pool = list(dict.fromkeys(pool))
-        if g is not None and pos < len(seq):
-            gain = self.sub @ g[pos] - g[pos] @ self.emb[seq[pos]]
-            words = dict.fromkeys(
-                [
-                    *self.vocab[torch.topk(gain, k).indices].tolist(),
-                    *self.top_pool(pool, g[pos]),
-                    *self.top_common(g[pos]),
-                ]
-            )
-            out.extend([*seq[:pos], w, *seq[pos + 1 :]] for w in words if w != seq[pos])
+        if self.black_box:
+            extra = self._propose(seq)[pos] if self._propose is not None else []
+            swaps = inserts = list(dict.fromkeys([*extra, *pool, *self.common_ids[: self.common]]))
+        else:
+            swaps, inserts = self.hotflip_words(seq, pos, g, pool)
+        out: list[list[int]] = []
+        if pos < len(seq):
+            out.extend([*seq[:pos], w, *seq[pos + 1 :]] for w in swaps if w != seq[pos])
             if len(seq) > 1:
                 rest = seq[:pos] + seq[pos + 1 :]
                 out.append(rest)
                 out.extend([*rest[:j], seq[pos], *rest[j:]] for j in range(len(rest) + 1) if j != pos)
         if len(seq) < self.max_len:
+            out.extend([*seq[:pos], w, *seq[pos:]] for w in inserts)
+        return out + self.span_moves(seq, pos) + self.word_moves(seq, pos)
+
+    def hotflip_words(
+        self, seq: list[int], pos: int, g: torch.Tensor | None, pool: list[int]
+    ) -> tuple[list[int], list[int]]:
+        """White-box mode: the words to swap in at ``pos`` (top-K by the first-order gain ⟨g_pos, E_w − E_x_pos⟩,
+        the screened pool and common words) and to insert before it (by ⟨ḡ, E_w⟩, ḡ the mean gradient of the
+        neighbours; with no gradient, i.e. from the empty text, the top-K by the mean embedding and the pool)."""
+        k = min(self.candidates, len(self.vocab))
+        swaps: list[int] = []
+        if g is not None and pos < len(seq):
+            gain = self.sub @ g[pos] - g[pos] @ self.emb[seq[pos]]
+            top = self.vocab[torch.topk(gain, k).indices].tolist()
+            swaps = list(dict.fromkeys([*top, *self.top_pool(pool, g[pos]), *self.top_common(g[pos])]))
+        inserts: list[int] = []
+        if len(seq) < self.max_len:
             near = g[max(0, pos - 1) : pos + 1].mean(0) if g is not None else self.sub.mean(0)
             top = self.top_pool(pool, near) if g is not None else pool
             common = self.top_common(near) if g is not None else []
-            words = dict.fromkeys([*self.vocab[torch.topk(self.sub @ near, k).indices].tolist(), *top, *common])
-            out.extend([*seq[:pos], w, *seq[pos:]] for w in words)
-        out.extend(self.span_moves(seq, pos))
+            inserts = list(dict.fromkeys([*self.vocab[torch.topk(self.sub @ near, k).indices].tolist(), *top, *common]))
+        return swaps, inserts
+
+    def word_moves(self, seq: list[int], pos: int) -> list[list[int]]:
+        """(option ``words``) the completions of the whole word at ``pos`` and, if it has several pieces, its
+        deletion."""
+        out: list[list[int]] = []
         if self.words > 0 and pos < len(seq) and (pos == 0 or seq[pos] not in self._cont):
             end = self.word_end(seq, pos)
             for u in self.completions(seq[pos:end]):
@@ -357,9 +396,16 @@ class WhiteBoxInverter:
                 seq[int(self.rng.integers(len(seq)))] = pool[int(self.rng.integers(len(pool)))]
         return seq
 
-    def search(self, seq: list[int], target: torch.Tensor, pool: list[int] = ()) -> tuple[list[int], float]:
+    def search(
+        self,
+        seq: list[int],
+        target: torch.Tensor,
+        pool: list[int] = (),
+        propose: Callable[[list[int]], list[list[int]]] | None = None,
+    ) -> tuple[list[int], float]:
         """Coordinate descent, then ``hops`` perturb-and-descend rounds keeping the best J; returns the
-        sequence and its cosine."""
+        sequence and its cosine (``propose``: black-box mode's per-position proposals for this vector)."""
+        self._propose = propose
         pool = list(dict.fromkeys([*pool, *self.prior_words(target)]))
         self._limit = self.forward_passes + self.budget if self.budget > 0 else 0
         seq = list(seq)[: self.max_len]
@@ -397,20 +443,26 @@ class WhiteBoxInverter:
         return (cand, score) if score > best + 1e-5 else (seq, best)
 
     def invert(
-        self, vectors: np.ndarray, init: list[str] | None = None, pools: list[str] | None = None
+        self,
+        vectors: np.ndarray,
+        init: list[str] | None = None,
+        pools: list[str] | None = None,
+        proposers: list[Callable[[list[int]], list[list[int]]]] | None = None,
     ) -> tuple[list[str], list[float]]:
         """Recovered texts and their cosines; ``init``: one starting text per vector (else the empty text);
-        ``pools``: per vector, words proposed at every position besides the HotFlip candidates."""
+        ``pools``: per vector, words proposed at every position besides the HotFlip candidates; ``proposers``:
+        per vector, black-box mode's per-position proposals."""
         v = torch.from_numpy(check_vectors(vectors, self.encoder.dim, "target vectors"))
-        if init is not None and len(init) != len(v):
-            raise LeaklabError(f"{len(init)} starting texts for {len(v)} vectors")
-        tok = self.encoder.tokenizer
+        for what, given in (("starting texts", init), ("word pools", pools), ("proposers", proposers)):
+            if given is not None and len(given) != len(v):
+                raise LeaklabError(f"{len(given)} {what} for {len(v)} vectors")
+        tok = self.tok
         starts = tok(init, add_special_tokens=False)["input_ids"] if init else [[] for _ in range(len(v))]
         extra = tok(pools, add_special_tokens=False)["input_ids"] if pools else [[] for _ in range(len(v))]
         start_passes = self.forward_passes
         texts, cosines = [], []
         for j in range(len(v)):
-            seq, cos = self.search(starts[j], v[j : j + 1], extra[j])
+            seq, cos = self.search(starts[j], v[j : j + 1], extra[j], proposers[j] if proposers else None)
             texts.append(tok.decode(seq, skip_special_tokens=True))
             cosines.append(cos)
         self.encoder.usage.queries += self.forward_passes - start_passes
