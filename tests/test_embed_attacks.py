@@ -557,6 +557,15 @@ def test_decoder_search_option_refines_through_black_box_queries():
     assert rep.metrics["corrected"]["token_f1"] == pytest.approx(base.metrics["token_f1"])
     spent = rep.metrics["correction_queries_per_target"] - base.metrics["correction_queries_per_target"]
     assert 0 < spent <= 120 + 200
+    # the bag-of-words start and pool (default init=bow) train on public pairs: counted apart from the search
+    assert rep.info["search_bow_training_usage"]["queries"] > 0
+    with pytest.raises(UnknownNameError, match="valid: bow, decoder"):
+        run_embed_attack(
+            "decoder",
+            Scenario(
+                "tiny-bert", n=1, max_tokens=12, public_limit=200, options={**opts, "search": 10, "init": "empty"}
+            ),
+        )
 
 
 def test_whitebox_word_corpora_appends_other_public_split_words(tiny):

@@ -380,13 +380,16 @@ def search_refine(
     targets: np.ndarray,
     starts: list[str],
     evidence: list[list[str]],
-) -> list[str]:
+) -> tuple[list[str], dict[str, int]]:
     """Option ``search`` = n: the white-box inverter's coordinate search in black-box mode (texts in, vectors
     out, no gradient) from each corrected text, ≤ n queries per vector. Proposals at each position: the GRU
     decoder's ``candidates`` most probable tokens there given the prefix and v; the ``pool`` words of the
     vector's other hypotheses (``evidence``: beam and seed texts) most often there and not in the start; the
-    ``prior`` words w of highest cos(e(w), v); the ``common`` most frequent public tokens. Options ``hops``,
-    ``spans``, ``words``, ``nonword``, ``length_penalty`` and ``passes`` as for the white-box attack."""
+    ``prior`` words w of highest cos(e(w), v); the ``common`` most frequent public tokens; (option ``init`` =
+    ``bow``, the default; ``decoder`` leaves it out) the ``pool`` top words of a bag-of-words inverter trained on
+    the public pairs, whose text also replaces the start where its J is higher. Options ``hops``, ``spans``,
+    ``words``, ``nonword``, ``length_penalty`` and ``passes`` as for the white-box attack. Returns the texts and
+    the usage of the bag-of-words training (public pairs, apart from the search's queries)."""
     from leaklab.attacks.embedding.whitebox import (
         COMMON_WORDS,
         WhiteBoxInverter,
@@ -417,18 +420,43 @@ def search_refine(
         tokenizer=tok,
     )
     k, size = option(scn, "candidates", 8), option(scn, "pool", 20)
+    init = option(scn, "init", "bow")
+    if init not in ("bow", "decoder"):
+        from leaklab.errors import UnknownNameError
+
+        raise UnknownNameError("decoder search init", init, ["bow", "decoder"])
+    bow_pools, bow_usage = [""] * len(starts), {"queries": 0, "calls": 0, "tokens": 0}
+    if init == "bow":
+        # a bag-of-words inverter (its own defaults; public pairs only): its text is a second start, the one of
+        # higher J is kept, and its top words join the pool
+        from dataclasses import replace
+
+        from leaklab.attacks.embedding.whitebox import bow_guesses
+
+        before = enc.usage.snapshot()
+        guesses = bow_guesses(replace(scn, options={"pool": size}), enc, targets)
+        bow_usage = enc.usage.since(before)
+        assert guesses is not None
+        bow_starts, bow_pools = guesses
+        ids = tok([*starts, *bow_starts], add_special_tokens=False)["input_ids"]
+        starts = list(starts)
+        for j in range(len(starts)):
+            v = torch.from_numpy(targets[j : j + 1])
+            pair = [ids[j][: scn.max_tokens], ids[len(starts) + j][: scn.max_tokens]]
+            if all(pair) and searcher.objective(pair, v).argmax() == 1:
+                starts[j] = bow_starts[j]
     pools = []
-    for start, texts in zip(starts, evidence, strict=True):
+    for start, texts, extra in zip(starts, evidence, bow_pools, strict=True):
         have = set(tok(start, add_special_tokens=False)["input_ids"])
         rows = tok(texts, add_special_tokens=False)["input_ids"]
         words = (i for row in rows for i in set(row) - have if not tok.convert_ids_to_tokens(i).startswith("##"))
         counts = Counter(words)
-        pools.append(tok.decode([i for i, _ in counts.most_common(size)]))
+        pools.append(" ".join([extra, tok.decode([i for i, _ in counts.most_common(size)])]))
     proposers = None
     if k > 0 and hasattr(inv, "position_candidates"):
         proposers = [lambda seq, v=v: inv.position_candidates(v, seq, k) for v in targets]
     texts, _ = searcher.invert(targets, starts, pools, proposers)
-    return texts
+    return texts, bow_usage
 
 
 @register_embed_attack(
@@ -456,9 +484,11 @@ def evaluate(scn: Scenario) -> AttackReport:
     pred = inv.invert(targets, enc, steps=steps, beam=beam, seeds=seeds, edits=edits) if steps > 0 else base
     corrected = pred
     search = option(scn, "search", 0)
+    bow_usage = {"queries": 0}
     if search > 0:
         hyps = inv.beam_search(targets, beam)
-        pred = search_refine(scn, enc, inv, targets, pred, [h + s for h, s in zip(hyps, seeds, strict=True)])
+        evidence = [h + s for h, s in zip(hyps, seeds, strict=True)]
+        pred, bow_usage = search_refine(scn, enc, inv, targets, pred, evidence)
     attack_usage = enc.usage.since(mid)
     metrics = score_inversion(pred, sample.texts, targets, enc)
     metrics["base"] = {k: v for k, v in score_inversion(base, sample.texts, targets, enc).items() if k != "per_item_f1"}
@@ -466,9 +496,15 @@ def evaluate(scn: Scenario) -> AttackReport:
         metrics["corrected"] = {
             k: v for k, v in score_inversion(corrected, sample.texts, targets, enc).items() if k != "per_item_f1"
         }
-    metrics["correction_queries_per_target"] = attack_usage["queries"] / len(sample.texts)
+    metrics["correction_queries_per_target"] = (attack_usage["queries"] - bow_usage["queries"]) / len(sample.texts)
     info.update(
-        {"training_usage": train_usage, "correction_steps": steps, "correction_edits": edits, "search_budget": search}
+        {
+            "training_usage": train_usage,
+            "search_bow_training_usage": bow_usage,
+            "correction_steps": steps,
+            "correction_edits": edits,
+            "search_budget": search,
+        }
     )
     return AttackReport(
         "decoder",
