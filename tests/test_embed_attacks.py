@@ -129,6 +129,17 @@ def test_decoder_trains_saves_loads_and_corrects(tiny, public, tmp_path):
         row[[PAD, BOS, EOS, UNK]] = -torch.inf
         want.append([inv.piece_ids[i - 4] for i in torch.topk(row, 5).indices.tolist()])
     assert got == want and len(got) == len(seq) + 1
+    # mean log p(x, end | v), batched with padding, against the same step-by-step pass
+    seqs = [seq, seq[:2], [seq[3], seq[0]]]
+    ref = []
+    for s in seqs:
+        h, total, prev = None, 0.0, BOS
+        for nxt in [*(inv.to_local.get(i, UNK) for i in s), EOS]:
+            logits, h = inv.model(v, torch.tensor([[prev]]), h)
+            total += float(torch.log_softmax(logits[0, -1], -1)[nxt])
+            prev = nxt
+        ref.append(total / (len(s) + 1))
+    np.testing.assert_allclose(inv.mean_logprob(vecs[2], seqs), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_substitutions_match_brute_force():
@@ -540,8 +551,16 @@ def test_whitebox_black_box_mode_searches_through_texts_only(tiny):
     assert black.usage.since(before)["queries"] == inv.forward_passes - passes > 0
     found, _ = inv.search(start, target, pool)
     assert inv.objective([found], target)[0] >= inv.objective([start], target)[0] - 1e-6
+    # a scorer's term is added to J (e.g. a decoder's fluency), and search leaves none set behind
+    plain = inv.objective(seqs, target)
+    inv._score = lambda xs: np.array([0.5 * len(x) for x in xs])
+    np.testing.assert_allclose(inv.objective(seqs, target), plain + [0.5 * len(x) for x in seqs], atol=1e-6)
+    inv.search(start, target, pool, None, lambda xs: np.zeros(len(xs)))
+    assert inv._score is None and inv._propose is None
     with pytest.raises(LeaklabError, match="2 proposers for 1 vectors"):
         inv.invert(target.numpy(), None, None, [None, None])
+    with pytest.raises(LeaklabError, match="3 scorers for 1 vectors"):
+        inv.invert(target.numpy(), None, None, None, [None] * 3)
     with pytest.raises(LeaklabError, match="pool_top screens by gradient"):
         WhiteBoxInverter(black, vocab_ids=ids, pool_top=3, tokenizer=tok)
 
@@ -549,7 +568,9 @@ def test_whitebox_black_box_mode_searches_through_texts_only(tiny):
 def test_decoder_search_option_refines_through_black_box_queries():
     opts = {"train_seconds": 3, "epochs": 1, "steps": 1, "hidden": 32, "emb": 16, "vocab": 200}
     base = run_embed_attack("decoder", Scenario("tiny-bert", n=2, max_tokens=12, public_limit=200, options=opts))
-    scn = Scenario("tiny-bert", n=2, max_tokens=12, public_limit=200, options={**opts, "search": 120, "prior": 0})
+    scn = Scenario(
+        "tiny-bert", n=2, max_tokens=12, public_limit=200, options={**opts, "search": 120, "prior": 0, "fluency": 0.01}
+    )
     rep = run_embed_attack("decoder", scn)
     assert "≤ 120 queries per vector" in rep.flags["search"] and base.flags["search"] == "none"
     assert rep.info["search_budget"] == 120 and "corrected" in rep.metrics and "corrected" not in base.metrics

@@ -260,6 +260,20 @@ class DecoderInverter(CorrectingInverter):
         top = torch.topk(logits, min(k, logits.shape[1] - 4)).indices
         return [[self.piece_ids[i - 4] for i in row] for row in top.tolist()]
 
+    @torch.no_grad()
+    def mean_logprob(self, vector: np.ndarray, seqs: list[list[int]]) -> np.ndarray:
+        """(1/(|x|+1))·log p(x, end | v) of each token sequence (the encoder tokenizer's ids, tokens outside the
+        decoder's vocabulary read as unknown), one batched teacher-forced pass."""
+        rows = [[self.to_local.get(i, UNK) for i in s] + [EOS] for s in seqs]
+        width = max(len(r) for r in rows)
+        tgt = torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
+        inp = torch.cat([torch.full((len(rows), 1), BOS), tgt[:, :-1]], 1)
+        v = torch.as_tensor(vector, dtype=torch.float32).view(1, -1).expand(len(rows), -1)
+        logits, _ = self.model(v, inp)
+        logp = torch.log_softmax(logits, -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        mask = (tgt != PAD).float()
+        return ((logp * mask).sum(1) / mask.sum(1)).numpy()
+
     # -- persistence
     def save(self, folder: str | Path) -> Path:
         return save_inverter(
@@ -388,7 +402,8 @@ def search_refine(
     ``prior`` words w of highest cos(e(w), v); the ``common`` most frequent public tokens; (option ``init`` =
     ``bow``, the default; ``decoder`` leaves it out) the ``pool`` top words of a bag-of-words inverter trained on
     the public pairs, whose text also replaces the start where its J is higher. Options ``hops``, ``spans``,
-    ``words``, ``nonword``, ``length_penalty`` and ``passes`` as for the white-box attack. Returns the texts and
+    ``words``, ``nonword``, ``length_penalty`` and ``passes`` as for the white-box attack. Option ``fluency`` = β
+    adds β·(1/(|x|+1))·log p_dec(x, end | v) to J: the decoder's word order. Returns the texts and
     the usage of the bag-of-words training (public pairs, apart from the search's queries)."""
     from leaklab.attacks.embedding.whitebox import (
         COMMON_WORDS,
@@ -452,10 +467,13 @@ def search_refine(
         words = (i for row in rows for i in set(row) - have if not tok.convert_ids_to_tokens(i).startswith("##"))
         counts = Counter(words)
         pools.append(" ".join([extra, tok.decode([i for i, _ in counts.most_common(size)])]))
-    proposers = None
+    proposers = scorers = None
     if k > 0 and hasattr(inv, "position_candidates"):
         proposers = [lambda seq, v=v: inv.position_candidates(v, seq, k) for v in targets]
-    texts, _ = searcher.invert(targets, starts, pools, proposers)
+    fluency = float(option(scn, "fluency", 0.0))
+    if fluency > 0 and hasattr(inv, "mean_logprob"):
+        scorers = [lambda seqs, v=v: fluency * inv.mean_logprob(v, seqs) for v in targets]
+    texts, _ = searcher.invert(targets, starts, pools, proposers, scorers)
     return texts, bow_usage
 
 

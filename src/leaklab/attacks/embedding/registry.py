@@ -41,6 +41,7 @@ OPTION_KEYS = frozenset(
         "encoder_known",
         "epochs",
         "extra_corpora",
+        "fluency",
         "forward_lambda",
         "full",
         "hidden",

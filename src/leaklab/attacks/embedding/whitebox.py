@@ -149,6 +149,8 @@ class WhiteBoxInverter:
         # black-box mode: per-position proposals, seq -> |seq|+1 lists of token ids (e.g. a conditioned decoder's
         # top next tokens after seq[:t]); set per vector by ``search``
         self._propose: Callable[[list[int]], list[list[int]]] | None = None
+        # an extra term of J per sequence (seqs -> array), set per vector by ``search``
+        self._score: Callable[[list[list[int]]], np.ndarray] | None = None
         self.cls_id, self.sep_id = tok.cls_token_id, tok.sep_token_id
         self.forward_passes = 0
         self._single: torch.Tensor | None = None
@@ -230,10 +232,13 @@ class WhiteBoxInverter:
         return torch.nn.functional.cosine_similarity(vecs, target.expand_as(vecs)).numpy()
 
     def objective(self, seqs: list[list[int]], target: torch.Tensor) -> np.ndarray:
-        """J(x) = cos(e(x), v) − λ·|x| (− μ·nonwords(x) with option ``nonword`` = μ)."""
+        """J(x) = cos(e(x), v) − λ·|x| (− μ·nonwords(x) with option ``nonword`` = μ; + the vector's scorer's
+        term, e.g. a conditioned decoder's fluency, where one is set)."""
         cost = self.penalty * np.array([len(s) for s in seqs], dtype=np.float64)
         if self.nonword > 0:
             cost += self.nonword * np.array([self.nonwords(s) for s in seqs])
+        if self._score is not None:
+            cost -= np.asarray(self._score(seqs), dtype=np.float64)
         return self.cosines(seqs, target) - cost
 
     def nonwords(self, seq: list[int]) -> int:
@@ -402,10 +407,12 @@ class WhiteBoxInverter:
         target: torch.Tensor,
         pool: list[int] = (),
         propose: Callable[[list[int]], list[list[int]]] | None = None,
+        score: Callable[[list[list[int]]], np.ndarray] | None = None,
     ) -> tuple[list[int], float]:
         """Coordinate descent, then ``hops`` perturb-and-descend rounds keeping the best J; returns the
-        sequence and its cosine (``propose``: black-box mode's per-position proposals for this vector)."""
-        self._propose = propose
+        sequence and its cosine (``propose``: black-box mode's per-position proposals for this vector;
+        ``score``: an extra term of J)."""
+        self._propose, self._score = propose, score
         pool = list(dict.fromkeys([*pool, *self.prior_words(target)]))
         self._limit = self.forward_passes + self.budget if self.budget > 0 else 0
         seq = list(seq)[: self.max_len]
@@ -421,6 +428,7 @@ class WhiteBoxInverter:
         if self.lm is not None and self.use_restart:
             seq, best = self.lm_restart(seq, best, target, pool)
         self._limit = 0
+        self._propose = self._score = None
         return seq, float(self.cosines([seq], target)[0])
 
     def lm_restart(self, seq: list[int], best: float, target: torch.Tensor, pool: list[int]) -> tuple[list[int], float]:
@@ -448,12 +456,14 @@ class WhiteBoxInverter:
         init: list[str] | None = None,
         pools: list[str] | None = None,
         proposers: list[Callable[[list[int]], list[list[int]]]] | None = None,
+        scorers: list[Callable[[list[list[int]]], np.ndarray]] | None = None,
     ) -> tuple[list[str], list[float]]:
         """Recovered texts and their cosines; ``init``: one starting text per vector (else the empty text);
         ``pools``: per vector, words proposed at every position besides the HotFlip candidates; ``proposers``:
-        per vector, black-box mode's per-position proposals."""
+        per vector, black-box mode's per-position proposals; ``scorers``: per vector, an extra term of J."""
         v = torch.from_numpy(check_vectors(vectors, self.encoder.dim, "target vectors"))
-        for what, given in (("starting texts", init), ("word pools", pools), ("proposers", proposers)):
+        given_lists = (("starting texts", init), ("word pools", pools), ("proposers", proposers), ("scorers", scorers))
+        for what, given in given_lists:
             if given is not None and len(given) != len(v):
                 raise LeaklabError(f"{len(given)} {what} for {len(v)} vectors")
         tok = self.tok
@@ -462,7 +472,9 @@ class WhiteBoxInverter:
         start_passes = self.forward_passes
         texts, cosines = [], []
         for j in range(len(v)):
-            seq, cos = self.search(starts[j], v[j : j + 1], extra[j], proposers[j] if proposers else None)
+            seq, cos = self.search(
+                starts[j], v[j : j + 1], extra[j], proposers[j] if proposers else None, scorers[j] if scorers else None
+            )
             texts.append(tok.decode(seq, skip_special_tokens=True))
             cosines.append(cos)
         self.encoder.usage.queries += self.forward_passes - start_passes
