@@ -47,7 +47,17 @@ FULL: dict[str, dict[str, Any]] = {
             "lm_budget": 3000,
         },
     },
-    "decoder": {"n": 30, "options": {"arch": "gru", "train_seconds": 300, "steps": 5, "edits": 200}},
+    "decoder": {
+        "n": 30,
+        "options": {
+            "arch": "gru",
+            "train_seconds": 300,
+            "steps": 5,
+            "edits": 200,
+            "search": 20000,
+            "length_penalty": 0.003,
+        },
+    },
     "decoder-lm": {
         "attack": "decoder",
         "n": 30,
