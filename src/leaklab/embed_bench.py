@@ -236,9 +236,12 @@ def _note(name: str, r: dict[str, Any]) -> str:
     """Context a reader needs beside a target's measured value."""
     m, info = r["metrics"], r.get("info", {})
     if name.startswith("decoder"):
+        search = info.get("search_budget", 0)
         return (
             f"{info.get('arch', 'gru')} decoder; {info.get('train_seconds', '?')} s of training (wall, shared CPU), "
-            f"{info.get('steps', '?')} optimiser steps; n={m['n']}"
+            f"{info.get('steps', '?')} optimiser steps"
+            + (f"; black-box search ≤ {search} queries per vector" if search else "")
+            + f"; n={m['n']}"
         )
     if name == "bow" and "augmented_pairs" in info:
         return (
@@ -301,14 +304,26 @@ def _inversion(res: dict[str, Any]) -> list[str]:
     for name in ("decoder", "decoder-lm"):
         if name not in res:
             continue
-        b, info = res[name]["metrics"]["base"], res[name]["info"]
-        training = json.dumps({k: v for k, v in info.items() if k != "training_usage"})
+        m, info = res[name]["metrics"], res[name]["info"]
+        b = m["base"]
+        usage_keys = ("training_usage", "search_bow_training_usage")
+        training = json.dumps({k: v for k, v in info.items() if k not in usage_keys})
+        stages = f"{name} before correction: token F1 {b['token_f1']:.3f}, ROUGE-L {b['rougeL']:.3f}, "
+        stages += f"cosine {b.get('cosine', 0):.3f}."
+        if "corrected" in m:
+            c = m["corrected"]
+            stages += (
+                f" After correction, before the search: token F1 {c['token_f1']:.3f}, ROUGE-L {c['rougeL']:.3f}, "
+                f"cosine {c.get('cosine', 0):.3f}."
+            )
+        bow_q = info.get("search_bow_training_usage", {}).get("queries", 0)
         lines += [
             "",
             (
-                f"{name} before correction: token F1 {b['token_f1']:.3f}, ROUGE-L {b['rougeL']:.3f}, "
-                f"cosine {b.get('cosine', 0):.3f}. Training: {training}; correction queries per target: "
-                f"{res[name]['metrics']['correction_queries_per_target']:.0f}."
+                f"{stages} Training: {training}; correction (and search) queries per target: "
+                f"{m['correction_queries_per_target']:.0f}"
+                + (f"; the search's bag-of-words inverter embedded {bow_q} public texts" if bow_q else "")
+                + "."
             ),
         ]
     return lines
