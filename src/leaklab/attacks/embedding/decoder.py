@@ -387,6 +387,16 @@ def load_decoder(folder: str | Path, tokenizer: Any) -> CorrectingInverter:
     return DecoderInverter.from_saved(state, cfg, tokenizer)
 
 
+def search_init(scn: Scenario) -> str:
+    """Option ``init`` of the decoder's search (``bow`` or ``decoder``), checked before any training."""
+    init = option(scn, "init", "bow")
+    if init not in ("bow", "decoder"):
+        from leaklab.errors import UnknownNameError
+
+        raise UnknownNameError("decoder search init", init, ["bow", "decoder"])
+    return init
+
+
 def search_refine(
     scn: Scenario,
     enc: Encoder,
@@ -435,11 +445,7 @@ def search_refine(
         tokenizer=tok,
     )
     k, size = option(scn, "candidates", 8), option(scn, "pool", 20)
-    init = option(scn, "init", "bow")
-    if init not in ("bow", "decoder"):
-        from leaklab.errors import UnknownNameError
-
-        raise UnknownNameError("decoder search init", init, ["bow", "decoder"])
+    init = search_init(scn)
     bow_pools, bow_usage = [""] * len(starts), {"queries": 0, "calls": 0, "tokens": 0}
     if init == "bow":
         # a bag-of-words inverter (its own defaults; public pairs only): its text is a second start, the one of
@@ -485,6 +491,8 @@ def search_refine(
 def evaluate(scn: Scenario) -> AttackReport:
     enc = scn.victim
     sample, targets = victim_targets(scn)
+    if option(scn, "search", 0) > 0:
+        search_init(scn)  # a bad value fails here, not after minutes of training
     before = enc.usage.snapshot()
     pairs = scn.public_pairs(enc)
     inv, info = load_or_train(
