@@ -151,6 +151,8 @@ class WhiteBoxInverter:
         self._propose: Callable[[list[int]], list[list[int]]] | None = None
         # an extra term of J per sequence (seqs -> array), set per vector by ``search``
         self._score: Callable[[list[list[int]]], np.ndarray] | None = None
+        self._proposed_key: tuple[Any, tuple[int, ...]] | None = None
+        self._proposed: list[list[int]] = []
         self.cls_id, self.sep_id = tok.cls_token_id, tok.sep_token_id
         self.forward_passes = 0
         self._single: torch.Tensor | None = None
@@ -273,7 +275,7 @@ class WhiteBoxInverter:
         other word start; option ``words`` proposes word completions."""
         pool = list(dict.fromkeys(pool))
         if self.black_box:
-            extra = self._propose(seq)[pos] if self._propose is not None else []
+            extra = self.proposed(seq)[pos] if self._propose is not None else []
             swaps = inserts = list(dict.fromkeys([*extra, *pool, *self.common_ids[: self.common]]))
         else:
             swaps, inserts = self.hotflip_words(seq, pos, g, pool)
@@ -287,6 +289,13 @@ class WhiteBoxInverter:
         if len(seq) < self.max_len:
             out.extend([*seq[:pos], w, *seq[pos:]] for w in inserts)
         return out + self.span_moves(seq, pos) + self.word_moves(seq, pos)
+
+    def proposed(self, seq: list[int]) -> list[list[int]]:
+        """The proposer's lists for ``seq``, computed once per sequence (``descend`` asks at every position)."""
+        key = (self._propose, tuple(seq))
+        if self._proposed_key != key:
+            self._proposed_key, self._proposed = key, self._propose(seq)
+        return self._proposed
 
     def hotflip_words(
         self, seq: list[int], pos: int, g: torch.Tensor | None, pool: list[int]
