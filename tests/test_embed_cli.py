@@ -133,3 +133,105 @@ def test_bench_quick_writes_table_json_and_plots(monkeypatch, capsys, tmp_path):
     assert code == 0, err
     code, _, err = run_cli(monkeypatch, capsys, "bench", "--only", "nope", "--out", str(tmp_path))
     assert code == 2 and "valid:" in err
+
+
+EVERY_ATTACK = ("nearest", "whitebox", "bow", "decoder", "alignment", "kb-extract", "clustering", "membership")
+
+
+@pytest.mark.parametrize("name", EVERY_ATTACK)
+def test_every_attack_runs_from_the_cli(monkeypatch, capsys, tmp_path, name):
+    """`leaklab embed attack` runs each registered attack on the tiny encoder with the quick bench settings and
+    writes a report; inversion attacks also report the cosine of the re-embedded recovery."""
+    from leaklab.attacks.embedding.registry import EMBED_ATTACKS, load_builtin
+    from leaklab.embed_bench import QUICK
+
+    load_builtin()
+    assert set(EVERY_ATTACK) == set(EMBED_ATTACKS)  # a new attack must be added here
+    entry = QUICK[name]
+    report = tmp_path / "r.json"
+    args = ["attack", "--attack", name, "--encoder", "tiny-bert", "--n", str(entry["n"]), "--out", str(report)]
+    if "public_limit" in entry:
+        args += ["--public-limit", str(entry["public_limit"])]
+    for key, value in entry["options"].items():
+        args += ["-o", f"{key}={value}"]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["attack"] == name and data["metrics"]
+    if name in ("whitebox", "bow", "decoder", "kb-extract"):
+        assert -1.0 <= data["metrics"]["cosine"] <= 1.0 + 1e-6
+    if name == "alignment":
+        assert all(-1.0 <= row["nearest"]["cosine"] <= 1.0 + 1e-6 for row in data["metrics"]["sweep"])
+
+
+def test_inverter_of_another_encoder_and_bad_options_exit_with_one_line(monkeypatch, capsys, tmp_path):
+    from leaklab.attacks.embedding.bow import BagOfWordsInverter
+    from leaklab.attacks.embedding.decoder import DecoderInverter
+    from leaklab.corpora.sampling import split_of
+    from leaklab.models.registry import minilm_tokenizer
+
+    def one_line(code, err, *parts):
+        assert code == 2, err
+        assert len(err.strip().splitlines()) == 1, err
+        for part in parts:
+            assert part in err, err
+
+    small_bow, small_dec = tmp_path / "bow8", tmp_path / "dec8"
+    BagOfWordsInverter(8, ["film", "song"]).save(small_bow)
+    DecoderInverter(8, [1000, 1001, 1002], minilm_tokenizer(), emb=8, hidden=8).save(small_dec)
+    vecs = tmp_path / "v.npy"
+    np.save(vecs, np.ones((2, 8), dtype=np.float32))
+    # a saved inverter of an 8-d encoder, used with the 128-d tiny encoder
+    code, _, err = run_cli(
+        monkeypatch, capsys, "invert", "--inverter", str(small_dec), "--vectors", str(vecs), "--encoder", "tiny-bert"
+    )
+    one_line(code, err, "inverts 8-d vectors", "gives 128-d vectors")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "invert", "--inverter", str(small_bow), "--vectors", str(vecs), "--encoder", "tiny-bert"
+    )
+    one_line(code, err, "inverts 8-d vectors", "gives 128-d vectors")
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "attack",
+        "--attack",
+        "bow",
+        "--encoder",
+        "tiny-bert",
+        "--n",
+        "2",
+        "-o",
+        f"load={small_bow}",
+    )
+    one_line(code, err, "inverts 8-d vectors", "'tiny-bert' gives 128-d vectors")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "invert", "--inverter", str(small_dec), "--vectors", str(vecs), "--steps", "2"
+    )
+    one_line(code, err, "--steps needs --encoder")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    code, _, err = run_cli(monkeypatch, capsys, "invert", "--inverter", str(small_bow), "--vectors", str(empty))
+    one_line(code, err, "holds no vectors")
+    # option values: k of the alignment sweep, probe counts
+    for k in ("abc", "0", "4,-1"):
+        code, _, err = run_cli(
+            monkeypatch, capsys, "attack", "--attack", "alignment", "--encoder", "tiny-bert", "--n", "2",
+            "-o", f"k={k}", "-o", "inner=nearest",
+        )  # fmt: skip
+        one_line(code, err, "option k must be comma-separated whole numbers >= 1")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "attack", "--attack", "clustering", "--encoder", "tiny-bert", "-o", "probes=0"
+    )
+    one_line(code, err, "option probes=0: must be at least 1")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "attack", "--attack", "nearest", "--encoder", "tiny-bert", "--public-limit", "0"
+    )
+    one_line(code, err, "--public-limit must be at least 1")
+    # a corpus whose texts all fall in the public split: no private target can be drawn
+    public_only = [t for t in (f"a public line number {i}" for i in range(40)) if split_of(t) == "public"][:3]
+    corpus = tmp_path / "public.txt"
+    corpus.write_text("\n".join(public_only) + "\n")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "attack", "--attack", "nearest", "--encoder", "tiny-bert", "--corpus", str(corpus)
+    )
+    one_line(code, err, "has no text in the private split", "give more texts")

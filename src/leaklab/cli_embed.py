@@ -51,6 +51,8 @@ def load_vectors(path: Path) -> np.ndarray:
     if isinstance(rows, dict):
         rows = rows.get("data", [])
     rows = [r["embedding"] if isinstance(r, dict) else r for r in rows]
+    if not rows:
+        raise LeaklabError(f"vector file '{path}' holds no vectors")
     try:
         return np.asarray(rows, dtype=np.float32)
     except ValueError:
@@ -66,10 +68,13 @@ def _scenario(
     max_tokens: int,
     options: dict[str, Any],
     api_key: str | None,
+    public_limit: int | None = None,
 ):
     from leaklab.attacks.embedding.registry import Scenario
 
-    return Scenario(encoder, corpus, n, seed, min_tokens, max_tokens, api_key=api_key, options=options)
+    if public_limit is not None and public_limit < 1:
+        raise LeaklabError(f"--public-limit must be at least 1, got {public_limit}")
+    return Scenario(encoder, corpus, n, seed, min_tokens, max_tokens, public_limit, api_key=api_key, options=options)
 
 
 def _print_metrics(metrics: dict[str, Any], title: str) -> None:
@@ -114,13 +119,16 @@ def attack_cmd(
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Attack option KEY=VALUE.")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="LEAKLAB_API_KEY", help="API key of an http encoder.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the full report here (JSON).")] = None,
+    public_limit: Annotated[
+        int | None, typer.Option(help="Use at most this many public texts as attacker data (default: all).")
+    ] = None,
 ) -> None:
     """Run one attack against a victim built from private texts, and score it."""
     from leaklab.attacks.embedding.registry import get_attack, run_embed_attack
     from leaklab.io import atomic_write_json
 
     get_attack(attack)
-    scn = _scenario(encoder, corpus, n, seed, min_tokens, max_tokens, parse_options(option), api_key)
+    scn = _scenario(encoder, corpus, n, seed, min_tokens, max_tokens, parse_options(option), api_key, public_limit)
     with console.status(f"running {attack} on {encoder}"):
         report = run_embed_attack(attack, scn)
     _print_metrics(report.metrics, f"{attack} on {encoder} ({corpus}, n={n})")
@@ -166,7 +174,10 @@ def train_cmd(
 def invert_cmd(
     inverter_dir: Annotated[Path, typer.Option("--inverter", help="Folder of a saved inverter.")],
     vectors: Annotated[Path, typer.Option(help="Leaked vectors (.npy, .json, .jsonl).")],
-    encoder: Annotated[str | None, typer.Option(help="Black-box encoder for the decoder's correction.")] = None,
+    encoder: Annotated[
+        str | None,
+        typer.Option(help="Black-box encoder: the decoder's correction; for any inverter, its dimension is checked."),
+    ] = None,
     steps: Annotated[int, typer.Option(help="Correction steps (decoder, needs --encoder).")] = 0,
     api_key: Annotated[str | None, typer.Option(envvar="LEAKLAB_API_KEY", help="API key of an http encoder.")] = None,
 ) -> None:
@@ -178,10 +189,21 @@ def invert_cmd(
         raise LeaklabError(f"'{inverter_dir}' is not a saved inverter (no {INVERTER_CONFIG})")
     kind = json.loads(cfg_path.read_text(encoding="utf-8")).get("kind")
     vecs = load_vectors(vectors)
+    if steps > 0 and not encoder:
+        raise LeaklabError("--steps needs --encoder: correction re-embeds hypotheses through the black-box encoder")
     if kind == "bow":
         from leaklab.attacks.embedding.bow import BagOfWordsInverter
+        from leaklab.encoders import load_encoder
 
-        texts = BagOfWordsInverter.load(inverter_dir).invert(vecs)
+        bow = BagOfWordsInverter.load(inverter_dir)
+        if encoder:  # the bag-of-words inverter does not query; the encoder only checks the vectors' dimension
+            enc_dim = load_encoder(encoder, api_key=api_key).dim
+            if enc_dim != bow.dim:
+                raise LeaklabError(
+                    f"the bag-of-words inverter at '{inverter_dir}' inverts {bow.dim}-d vectors but encoder "
+                    f"'{encoder}' gives {enc_dim}-d vectors"
+                )
+        texts = bow.invert(vecs)
     elif kind == "decoder":
         from leaklab.attacks.embedding.decoder import load_decoder
         from leaklab.encoders import load_encoder
@@ -190,6 +212,11 @@ def invert_cmd(
         enc = load_encoder(encoder, api_key=api_key) if encoder else None
         tok = getattr(enc, "tokenizer", None) or minilm_tokenizer()
         inv = load_decoder(inverter_dir, tok)
+        if enc is not None and enc.dim != inv.dim:
+            raise LeaklabError(
+                f"the decoder at '{inverter_dir}' inverts {inv.dim}-d vectors but encoder '{encoder}' gives "
+                f"{enc.dim}-d vectors: pass the encoder it was trained for"
+            )
         texts = inv.invert(vecs, enc, steps=steps if enc else 0)
         if enc is not None:
             console.print(f"[dim]correction queries: {enc.usage.queries}[/]")

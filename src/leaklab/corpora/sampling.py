@@ -46,9 +46,16 @@ def eligible(
         if min_tokens <= n <= max_tokens and (split == "all" or split_of(corpus.texts[i]) == split)
     ]
     if not idx:
+        in_split = [i for i, t in enumerate(corpus.texts) if split == "all" or split_of(t) == split]
+        if not in_split:
+            raise LeaklabError(
+                f"corpus '{corpus.name}' has no text in the {split} split ({len(corpus.texts)} texts; each text goes "
+                "to a split by a hash, 30 % private, 70 % public): give more texts"
+            )
+        span = lengths[in_split]
         raise LeaklabError(
             f"no text of corpus '{corpus.name}' ({split} split) has {min_tokens}..{max_tokens} tokens "
-            f"(its texts have {int(lengths.min())}..{int(lengths.max())})"
+            f"(its texts there have {int(span.min())}..{int(span.max())})"
         )
     return idx
 

@@ -68,12 +68,20 @@ class Alignment:
 
 def leaked_pairs(victim: Encoder, texts: list[str], k: int) -> tuple[list[str], np.ndarray]:
     """The first k (text, victim vector) pairs the attacker holds; asking for more than exist is an error."""
-    texts = check_texts(texts, "leaked pairs")
     if k < 1:
         raise LeaklabError(f"k must be >= 1, got {k}")
+    texts = check_texts(texts, "leaked pairs")
     if k > len(texts):
         raise LeaklabError(f"k={k} leaked pairs requested but only {len(texts)} are available")
     return texts[:k], victim.embed(texts[:k])
+
+
+def parse_ks(value: str) -> list[int]:
+    """The k sweep of option ``k``: comma-separated whole numbers ≥ 1 (one clear error otherwise)."""
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise LeaklabError(f"option k must be comma-separated whole numbers >= 1 (e.g. 8,32,128), got '{value}'")
+    return [int(p) for p in parts]
 
 
 def victim_encoder(scn: Scenario, local: Encoder) -> Encoder:
@@ -95,9 +103,16 @@ def victim_encoder(scn: Scenario, local: Encoder) -> Encoder:
 
 
 def _inner_attack(
-    name: str, scn: Scenario, local: Encoder, mapped: np.ndarray, true: list[str], cache: dict[str, Any]
+    name: str,
+    scn: Scenario,
+    local: Encoder,
+    mapped: np.ndarray,
+    true: list[str],
+    cache: dict[str, Any],
+    scorer: tuple[np.ndarray, Encoder] | None = None,
 ) -> dict[str, Any]:
-    """Run a local attack (trained / built on the local encoder's public pairs) on mapped vectors."""
+    """Run a local attack (trained / built on the local encoder's public pairs) on mapped vectors; ``scorer``
+    (the victim's target vectors and encoder) adds the cosine of the re-embedded recovery in the victim's space."""
     if name == "nearest":
         from leaklab.attacks.embedding.nearest import NearestNeighbour
 
@@ -123,7 +138,7 @@ def _inner_attack(
         pred = WhiteBoxInverter(local, passes=option(scn, "wb_passes", 2)).invert(mapped)[0]
     else:
         raise UnknownNameError("inner attack", name, ["nearest", "bow", "decoder", "whitebox"])
-    out = score_inversion(pred, true)
+    out = score_inversion(pred, true, *(scorer or (None, None)))
     out.pop("per_item_f1")
     return out
 
@@ -136,7 +151,7 @@ def _inner_attack(
 def evaluate(scn: Scenario) -> AttackReport:
     local = load_encoder(option(scn, "local", scn.encoder))
     victim = victim_encoder(scn, local)
-    ks = [int(k) for k in str(option(scn, "k", "16,64,256,1024")).split(",")]
+    ks = parse_ks(str(option(scn, "k", "16,64,256,1024")))
     inner = [a for a in str(option(scn, "inner", "nearest,bow")).split(",") if a]
     method = option(scn, "method", "procrustes")
     available = len(eligible(scn.corpus_obj, scn.tokenizer, scn.min_tokens, scn.max_tokens, "private")) - scn.n
@@ -158,7 +173,7 @@ def evaluate(scn: Scenario) -> AttackReport:
         mapped = align.transform(targets)
         row = {"k": k, "mapped_cosine": float(cosine_rows(mapped, true_local).mean())}
         for name in inner:
-            row[name] = _inner_attack(name, scn, local, mapped, targets_text, cache)
+            row[name] = _inner_attack(name, scn, local, mapped, targets_text, cache, (targets, victim))
         rows.append(row)
     metrics = {"method": method, "sweep": rows, "victim": victim.name, "local": local.name}
     usage = {"victim_queries": 0, **{f"local_{k}": v for k, v in local.usage.since(before).items()}}

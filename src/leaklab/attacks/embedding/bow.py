@@ -425,7 +425,7 @@ def evaluate(scn: Scenario) -> AttackReport:
     return AttackReport(
         "bow",
         scn.to_dict(),
-        score_inversion(pred, sample.texts),
+        score_inversion(pred, sample.texts, targets, scn.victim),
         scn.victim.usage.since(before),
         0.0,
         {"train_data": "public split only"},

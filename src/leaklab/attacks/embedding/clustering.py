@@ -163,10 +163,10 @@ def evaluate(scn: Scenario) -> AttackReport:
     labels_true = np.array(sample.labels)
     kb = HiddenKB(sample.texts, scn.victim, max_top_k=100)
     before = scn.victim.usage.snapshot()
-    probes = sub.public_texts(limit=option(scn, "probes", 400))
+    probes = sub.public_texts(limit=option(scn, "probes", 400, minimum=1))
     k = option(scn, "clusters", len(set(sample.labels)))
     attack = ProbeClustering(
-        probes, scn.victim.embed(probes), clusters=k, top_k=option(scn, "top_k", 10), seed=scn.seed
+        probes, scn.victim.embed(probes), clusters=k, top_k=option(scn, "top_k", 10, minimum=1), seed=scn.seed
     )
     res = attack.run(kb)
     usage = scn.victim.usage.since(before)

@@ -378,7 +378,7 @@ def evaluate(scn: Scenario) -> AttackReport:
     kb = HiddenKB(sample.texts, scn.victim, max_top_k=option(scn, "max_top_k", 100))
     public = scn.public_texts()
     vocab, function_words = probe_vocab(public, option(scn, "vocab", 10000))
-    top_k = option(scn, "top_k", 20)
+    top_k = option(scn, "top_k", 20, minimum=1)
     known = option(scn, "encoder_known", False)
     before = scn.victim.usage.snapshot()
     if known:
@@ -401,7 +401,7 @@ def evaluate(scn: Scenario) -> AttackReport:
     ids = kb.ids
     pred = [pred_of.get(i, "") for i in ids]
     true = [kb.text_of(i) for i in ids]
-    metrics = score_inversion(pred, true)
+    metrics = score_inversion(pred, true, kb._matrix, scn.victim)  # the cosine is the scorer's (usage restored)
     threshold = option(scn, "recovered_f1", 0.8)
     f1 = np.array(metrics["per_item_f1"])
     metrics.update(
@@ -447,7 +447,7 @@ def _extract_known(
     local = require_local(load_encoder(scn.encoder, fresh=True), "kb-extract (encoder_known)")
     rec = KBVectorRecovery(
         local,
-        public[: option(scn, "probes", 2000)],
+        public[: option(scn, "probes", 2000, minimum=1)],
         vocab,
         top_k=top_k,
         per_round=option(scn, "per_round", 32),

@@ -78,10 +78,10 @@ def evaluate(scn: Scenario) -> AttackReport:
     before = enc.usage.snapshot()
     rng = np.random.default_rng(scn.seed)
     present = rng.random(len(sample.texts)) < 0.5
-    distractors = scn.public_texts(limit=option(scn, "candidates", 1000))
+    distractors = scn.public_texts(limit=option(scn, "candidates", 1000, minimum=1))
     candidates = distractors + [t for t, p in zip(sample.texts, present, strict=True) if p]
     attack = NearestNeighbour(enc, candidates, near_exact=option(scn, "near_exact", 0.999))
-    res = attack.run(targets, k=option(scn, "k", 5))
+    res = attack.run(targets, k=option(scn, "k", 5, minimum=1))
     truth_idx = {t: i for i, t in enumerate(attack.candidates)}
     hit_at_k = [truth_idx.get(t, -1) in row for t, row in zip(sample.texts, res.top_indices, strict=True)]
     flagged = res.present

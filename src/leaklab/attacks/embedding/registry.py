@@ -262,7 +262,14 @@ def load_or_train(
     """The inverter saved at option ``load``, else a freshly trained one (saved to option ``save`` if given)."""
     folder = scn.options.get("load")
     if folder:
-        return load(str(folder)), {"loaded": str(folder)}
+        inv = load(str(folder))
+        dim = getattr(inv, "dim", None)
+        if dim is not None and dim != scn.victim.dim:
+            raise LeaklabError(
+                f"the inverter at '{folder}' inverts {dim}-d vectors but encoder '{scn.encoder}' gives "
+                f"{scn.victim.dim}-d vectors: load one trained for this encoder"
+            )
+        return inv, {"loaded": str(folder)}
     inv, info = train()
     if scn.options.get("save"):
         inv.save(scn.options["save"])
@@ -344,15 +351,18 @@ def run_embed_attack(name: str, scenario: Scenario) -> AttackReport:
     return report
 
 
-def option(scn: Scenario, key: str, default: Any) -> Any:
-    """An attack option from the scenario, cast to the default's type."""
+def option(scn: Scenario, key: str, default: Any, minimum: float | None = None) -> Any:
+    """An attack option from the scenario, cast to the default's type (and at least ``minimum`` if given)."""
     value = scn.options.get(key, default)
     if value is None or default is None:
         return value
     try:
-        return type(default)(value) if not isinstance(default, bool) else _as_bool(value)
+        value = type(default)(value) if not isinstance(default, bool) else _as_bool(value)
     except (TypeError, ValueError):
         raise LeaklabError(f"option {key}={value!r}: expected {type(default).__name__}") from None
+    if minimum is not None and value < minimum:
+        raise LeaklabError(f"option {key}={value!r}: must be at least {minimum}")
+    return value
 
 
 def _as_bool(value: Any) -> bool:
