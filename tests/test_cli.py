@@ -106,3 +106,14 @@ def test_update_smollm2_roundtrip(tmp_path):
     for k in ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
         assert torch.equal(obs.gradients[k], again.gradients[k])
     assert set(obs.gradients) == set(again.gradients)
+
+
+@pytest.mark.real
+def test_demo_runs_somp_on_the_packaged_defaults(tmp_path):
+    out = tmp_path / "demo"
+    proc = cli("demo", "--batch-size", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    agg = json.loads((out / "aggregate.json").read_text())
+    assert agg["config"]["attack"] == "somp" and agg["config"]["model"]["name"] == "smollm2-135m"
+    assert agg["rouge1"] == 1.0 and agg["rouge2"] == 1.0
+    assert "recovered" in proc.stdout.lower() or "leaked" in proc.stdout.lower()

@@ -96,3 +96,13 @@ def test_contradicting_batch_size_is_refused(saved_update):
     path, _, _ = saved_update
     _one_line_error(leaklab("attack", "--update", str(path), "--batch-size", "5"), "contradicts", "batch of 2")
     assert torch.is_tensor(saved_update[1].gradients[next(iter(saved_update[1].gradients))])
+
+
+def test_unknown_corpus_or_length_range_fails_before_any_batch(tmp_path):
+    out = tmp_path / "run"
+    base = ("attack", "--attack", "dager", "--model", "tiny-llama", "--batch-size", "2", "--out", str(out))
+    res = leaklab(*base, "--corpus", "nosuch")
+    _one_line_error(res, "unknown corpus 'nosuch'", "valid: bbc-news")
+    res = leaklab(*base, "--min-tokens", "500", "--max-tokens", "600")
+    _one_line_error(res, "has 500..600 tokens")
+    assert not out.exists()  # no run folder (and no progress line) for a run that cannot start

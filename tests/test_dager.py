@@ -7,7 +7,7 @@ from leaklab.attacks.base import make_attack, run_attack
 from leaklab.attacks.gradient.dager import DagerAttack, SpanModel, last_tokens
 from leaklab.evaluate import score_recovery
 from leaklab.models import ModelRef
-from leaklab.threat import client_update, fedsgd_update
+from leaklab.threat import ThreatFlags, client_update, fedsgd_update
 
 
 @pytest.mark.parametrize(
@@ -61,6 +61,19 @@ def test_full_rank_gradient_warns_and_still_answers():
     assert max(len(t) for t in cut.token_ids) <= 2
 
 
+def test_full_rank_without_batch_size_decodes_the_guessed_number_of_texts():
+    # the same full-rank batch with the batch size withheld: DAGER decodes d/16 texts (8 on tiny-llama, d=128), not 1
+    obs, secret = client_update(
+        ModelRef("tiny-llama"), "rotten-tomatoes", 8, 0, 20, 24, ThreatFlags(batch_size_known=False)
+    )
+    assert obs.batch_size is None
+    with pytest.warns(RuntimeWarning, match="full rank"):
+        rec = run_attack(make_attack("dager", best_effort_max_len=12), obs)
+    assert rec.info["batch_size_estimate"] == 128 // 16 == len(rec.texts)
+    assert sum(1 for t in rec.token_ids if len(t) > 2) > 1  # more than one text is decoded
+    assert score_recovery(obs, secret, rec)["aggregate"]["rouge1"] > 0.0
+
+
 def test_encoder_recovery_on_tiny_bert():
     obs, secret = fedsgd_update(
         ModelRef("tiny-bert", "classify"), ["a gripping thriller", "dull and slow"], labels=[1, 0]
@@ -68,3 +81,24 @@ def test_encoder_recovery_on_tiny_bert():
     rec = run_attack(make_attack("dager"), obs)
     assert score_recovery(obs, secret, rec)["aggregate"]["rouge1"] == 1.0
     assert torch.is_tensor(obs.gradients[next(iter(obs.gradients))])
+
+
+def test_encoder_lengths_see_a_text_end_behind_a_stray_candidate():
+    from leaklab.attacks.gradient.dager import encoder_lengths
+
+    # texts of 3 and 5 tokens; at position 3 a stray token (distance 1e-4, true ones ~1e-8) keeps the count at 2
+    dist = {
+        0: [1e-8, 2e-8],
+        1: [1e-8, 3e-8],
+        2: [2e-8, 1e-8],
+        3: [1e-8, 1e-4],
+        4: [2e-8],
+    }
+
+    class Stub:
+        def layer1_distances(self, p):
+            return torch.tensor(dist[p] + [0.5] * 10, dtype=torch.float64)
+
+    cands = [torch.arange(len(dist[p])) for p in range(5)]
+    assert encoder_lengths(Stub(), cands) == [3, 4, 5]  # both counts' drops are tried; exact scoring decides
+    assert encoder_lengths(Stub(), cands, margin=1e6) == [4, 5]  # counting every candidate alone misses 3

@@ -423,3 +423,36 @@ def test_pool_regime_decoder_branches_at_the_second_token_only_when_asked():
                 thirds.setdefault(tuple(f.ids[:2]), set()).add(f.ids[2])
         assert seconds and all(len(v) == m for v in seconds.values())
         assert all(len(v) == 1 for v in thirds.values())
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("attack", ["somp", "dager"])
+def test_gpt2_arch_and_minilm_classify_batches_of_two_recovered(attack):
+    """The other packaged families: GPT-2 (learned positions, fused QKV) and a BERT encoder on ``classify``.
+    minilm seed 1 holds texts of 8 and 13 tokens: a stray candidate kept the shorter length hidden before the
+    confident-count rule of :func:`encoder_lengths`."""
+    for ref, seeds in ((ModelRef("gpt2-arch"), (0,)), (ModelRef("minilm-l6", "classify"), (0, 1))):
+        for seed in seeds:
+            obs, secret = client_update(ref, "rotten-tomatoes", 2, seed, 8, 16)
+            rec = run_attack(make_attack(attack), obs)
+            assert score_recovery(obs, secret, rec)["aggregate"]["rouge1"] == 1.0, (ref.name, seed, rec.texts)
+
+
+def test_somp_pool_option_ranks_the_full_rank_token_pool():
+    from leaklab.attacks.gradient.somp import SompAttack, output_pool
+    from leaklab.attacks.gradient.subspace import candidate_inputs, headwise_scores
+    from leaklab.errors import UnknownNameError
+
+    obs, secret = client_update(ModelRef("tiny-llama"), "rotten-tomatoes", 16, 0, 20, 24)
+    spans = SpanModel(obs)
+    assert not spans.l1_exact  # more distinct tokens than d = 128: the layer-1 span is full
+    size = 2 * spans.adapter.hidden_size
+    scores = headwise_scores(obs, spans.adapter, candidate_inputs(spans.adapter, spans.vocab, 0))
+    assert torch.equal(SompAttack(pool="headwise").token_set(spans), torch.topk(scores, size).indices)
+    assert torch.equal(SompAttack(pool="span").token_set(spans), spans.candidates(0, 0.0, topk=size))
+    assert torch.equal(SompAttack().token_set(spans), output_pool(spans))
+    # the head-wise ranking puts the batch's tokens above chance (a random pool of this size holds ~1 %)
+    true = torch.tensor(sorted({t for ids in secret.token_ids for t in ids}))
+    assert float(torch.isin(true, SompAttack(pool="headwise").token_set(spans)).float().mean()) > 0.1
+    with pytest.raises(UnknownNameError, match="valid: headwise, output, span"):
+        make_attack("somp", pool="nope")

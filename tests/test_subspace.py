@@ -8,6 +8,9 @@ from leaklab.attacks.gradient.subspace import (
     Subspace,
     attention_subspace,
     extension_inputs,
+    head_blocks,
+    headwise_scores,
+    input_whitener,
     mlp_subspace,
     numerical_rank,
     pair_module_inputs,
@@ -155,3 +158,27 @@ def test_fast_rope_extension_equals_the_generic_forward():
     (slow,) = pair_module_inputs(ad, prefixes, rows, tokens.repeat(2), [ad.mlp_inputs(0).module], 1)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
     assert RopeExtender.build(load_model("tiny-gpt2").adapter, tokens) is None  # learned positions: generic path
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_headwise_scores_match_a_per_head_least_squares_reference(whiten):
+    """Each head's score is 1 − (least-squares residual of the unit input on that head's gradient rows)², over
+    the rank share r_h/d; the reported score is the max over heads. Checked per head against lstsq."""
+    name = "tiny-llama"
+    ad = load_model(name).adapter
+    obs, _ = fedsgd_update(ModelRef(name), TEXTS)
+    blocks = head_blocks(obs, ad, 0)
+    assert len(blocks) == ad.num_heads + 2 * ad.num_kv_heads and all(b.shape[0] == ad.head_dim for *_, b in blocks)
+    inputs = ad.token_inputs(torch.arange(400, 460), position=0).double()
+    w = input_whitener(inputs) if whiten else torch.eye(inputs.shape[1], dtype=torch.float64)
+    xw = inputs @ w
+    ref = torch.zeros(inputs.shape[0], dtype=torch.float64)
+    for *_, block in blocks:
+        rows = block.double() @ w
+        rank = numerical_rank(torch.linalg.svdvals(rows / rows.norm()))
+        # least squares on the rows, ignoring their float32 round-off directions (below 1e-4 of the largest)
+        xh = xw / xw.norm(dim=-1, keepdim=True)
+        coef = torch.linalg.lstsq(rows.T, xh.T, rcond=1e-4, driver="gelsd").solution
+        energy = 1 - (xh.T - rows.T @ coef).norm(dim=0).pow(2)
+        ref = torch.maximum(ref, energy / (rank / inputs.shape[1]))
+    torch.testing.assert_close(headwise_scores(obs, ad, inputs, whiten=whiten), ref, atol=1e-6, rtol=1e-6)

@@ -18,6 +18,7 @@ from leaklab.models import ModelRef, load_model
 from leaklab.progress import step_progress
 from leaklab.report import new_run_dir
 from leaklab.threat import ThreatFlags, client_update, load_secret, load_update
+from leaklab.threat.fedsgd import private_sample
 from leaklab.threat.observation import Observation, Secret
 from leaklab.threat.store import check_against_model
 
@@ -53,8 +54,9 @@ def run_gradient_eval(
     flags = flags or ThreatFlags()
     ref = ModelRef(model, task, num_labels)
     atk = make_attack(attack, **(attack_options or {}))
-    with console.status(f"loading {model}"):
+    with console.status(f"loading {model} and checking corpus '{corpus}'"):
         load_model(ref)
+        private_sample(ref, corpus, batch_size, seed, min_tokens, max_tokens)  # bad corpus or lengths: fail now
     run = new_run_dir(out, f"{attack}-{Path(model).name}-B{batch_size}")
     config = {
         "kind": "gradient-attack",

@@ -220,11 +220,21 @@ def best_effort_decoder(
     return out
 
 
-def encoder_lengths(spans: SpanModel, cands: list[torch.Tensor]) -> list[int]:
-    """Sentence lengths suggested by where the per-position candidate count drops (or the last position)."""
+def encoder_lengths(spans: SpanModel, cands: list[torch.Tensor], margin: float = 100.0) -> list[int]:
+    """Sentence lengths suggested by where the per-position candidate count drops (or the last position).
+
+    Counts are taken twice: over all candidates, and over the confident ones, within ``margin`` × the noise
+    floor (the median over positions of the smallest distance). With learned positions a token of one text
+    can pass the loose threshold at another text's position (measured on minilm-l6: true tokens at 1e-8, such
+    strays at 3e-5 to 5e-4), which keeps the count up where a shorter text has ended."""
     sizes = [len(c) for c in cands]
     out = {len(sizes)}
     out.update(p + 1 for p in range(len(sizes) - 1) if sizes[p + 1] < sizes[p])
+    dists = [spans.layer1_distances(p)[c] for p, c in enumerate(cands) if c.numel()]
+    if len(dists) == len(cands) and dists:
+        floor = float(torch.stack([d.min() for d in dists]).median())
+        sure = [int((d <= margin * floor).sum()) for d in dists]
+        out.update(p + 1 for p in range(len(sure) - 1) if sure[p + 1] < sure[p])
     return sorted(out)
 
 
@@ -399,6 +409,12 @@ def start_attack(obs: Observation) -> tuple[SpanModel, int | None, dict]:
     return spans, n_known, info
 
 
+def full_rank_batch_guess(spans: SpanModel) -> int:
+    """Texts to decode at full rank when the batch size is not granted: the rank no longer counts the batch's
+    tokens, so the guess is d/16 (a batch of d/16 texts of ~16+ tokens fills the span)."""
+    return max(1, spans.adapter.hidden_size // 16)
+
+
 @register_gradient_attack("dager")
 class DagerAttack:
     name = "dager"
@@ -410,7 +426,7 @@ class DagerAttack:
         spans, b_known, info = start_attack(obs)
         if spans.causal:
             found = (
-                best_effort_decoder(spans, b_known or 1, self.opts, info)
+                best_effort_decoder(spans, b_known or full_rank_batch_guess(spans), self.opts, info)
                 if spans.full_rank
                 else decoder_search(spans, self.opts)
             )

@@ -6,7 +6,12 @@ Stages (our reconstruction, see the project's research notes; the paper's own eq
    batch has fewer distinct tokens than the hidden size, since layer-1 inputs depend on the token alone —
    DAGER's exact layer-1 span check. Beyond that: the rows of the (tied) output-embedding gradient,
    ∂L/∂W[v] = (1/N) Σ_t (p_t(v) − [y_t = v]) h_t, are large exactly for the batch's target tokens (measured:
-   recall ≈ 0.99 at 2x the pool size for B = 64 short texts on smollm2-135m).
+   recall ≈ 0.99 at 2x the pool size for B = 64 short texts on smollm2-135m). Option ``pool``: ``span`` ranks
+   by the rank-capped layer-1 span distance instead, ``headwise`` by the head-wise subspace scores (each head's
+   Q/K/V gradient block has at most head_dim rows, so it is never full rank; :func:`headwise_scores`). On
+   smollm2-135m the head-wise scores find far fewer of the batch's tokens (``benchmarks/headwise_probe.py``:
+   recall 0.38 / 0.32 / 0.26 in the top n at short B = 64 / long B = 16 / short B = 128, against 0.92 / 0.91 /
+   0.93 for the output gradient), so ``output`` stays the default.
 2. Candidates. Exact regime: DAGER's greedy layer-2 search. Full-rank regime (:func:`span_beam_decode`):
    every extension of every prefix is scored by rank-capped span checks of its new position (layer-1 MLP
    input, then layer-2 attention input on a shortlist); a robust outlier test branches texts that share a
@@ -34,6 +39,7 @@ from leaklab.attacks.gradient.dager import (
     complete_last_tokens,
     decoder_search,
     encoder_search,
+    full_rank_batch_guess,
     last_token_scores,
     output_gradient,
     start_attack,
@@ -50,9 +56,12 @@ from leaklab.attacks.gradient.omp import omp, refine_swaps
 from leaklab.attacks.gradient.subspace import (
     Subspace,
     attention_subspace,
+    candidate_inputs,
+    headwise_scores,
     mlp_subspace,
     pair_module_inputs,
 )
+from leaklab.errors import UnknownNameError
 from leaklab.threat.observation import Observation
 
 
@@ -82,6 +91,16 @@ class SompOptions:
     max_atoms: int = 1024
     best_effort_atoms: bool = True  # full-rank regime: DAGER's best-effort texts are dictionary atoms as well
     chunk: int = 2048
+    pool: str = "output"  # full-rank regime: how the token pool is ranked (POOLS; `benchmarks/headwise_probe.py`)
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOLS:
+            raise UnknownNameError("somp pool", self.pool, list(POOLS))
+
+
+#: rankings of the full-rank token pool: the output-embedding gradient's row norms (default; the stacked span
+#: below when the update has no such gradient), the layer-1 stacked span distance, or the head-wise scores
+POOLS = ("output", "span", "headwise")
 
 
 def output_pool(spans: SpanModel, size: int | None = None) -> torch.Tensor | None:
@@ -538,8 +557,13 @@ class SompAttack:
         output-embedding gradient (progressive narrowing)."""
         if spans.l1_exact:
             return spans.candidates(0, self.opts.tau1)
-        pool = output_pool(spans)
-        return pool if pool is not None else spans.candidates(0, 0.0, topk=2 * spans.adapter.hidden_size)
+        size = 2 * spans.adapter.hidden_size
+        if self.opts.pool == "headwise":
+            inputs = candidate_inputs(spans.adapter, spans.vocab, 0)
+            scores = headwise_scores(spans.obs, spans.adapter, inputs)
+            return spans.vocab[torch.topk(scores, min(size, scores.numel())).indices]
+        pool = output_pool(spans) if self.opts.pool == "output" else None
+        return pool if pool is not None else spans.candidates(0, 0.0, topk=size)
 
     def rechoose_last_tokens(self, spans: SpanModel, chosen: list[Found], info: dict) -> tuple[list[Found], dict]:
         """Second pass over the last tokens. :func:`last_token_scores` subtracts the softmax terms of every
@@ -565,7 +589,7 @@ class SompAttack:
             found = dedupe(decoder_search(spans, dopts))
             found = with_last_alternatives(spans, found, self.opts.last_alternatives, self.opts.max_atoms)
         elif spans.causal:
-            n_texts = n_known or max(1, spans.adapter.hidden_size // 16)
+            n_texts = n_known or full_rank_batch_guess(spans)
             tokens = self.token_set(spans)
             info["token_set"] = int(tokens.numel())
             found = dedupe(span_beam_decode(spans, tokens, n_texts, self.opts, prior=not spans.l1_exact))

@@ -268,3 +268,49 @@ def pair_module_inputs(
         pos = torch.full_like(ids, p)
         put(s, adapter.module_inputs(ids, modules, position_ids=pos, past_key_values=sel, use_cache=True))
     return outs
+
+
+def head_blocks(obs: Observation, adapter: FamilyAdapter, layer: int = 0) -> list[tuple[str, int, torch.Tensor]]:
+    """(projection, head, block) for every attention head of ``layer``: the head's (head_dim x d) rows of the
+    Q, K and V gradients (GQA: K and V have fewer heads)."""
+    hd = adapter.head_dim
+    out = []
+    for key, g in zip(("q", "k", "v"), attention_blocks(obs, adapter, layer), strict=True):
+        for h in range(g.shape[0] // hd):
+            out.append((key, h, g[h * hd : (h + 1) * hd]))
+    return out
+
+
+def input_whitener(x: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
+    """M^(-1/2) of the centred second moments M of the rows of ``x`` (ridge × the top eigenvalue added): token
+    inputs share a few strong directions that otherwise decide every projection."""
+    xc = x.double() - x.double().mean(0)
+    cov = xc.T @ xc / max(1, x.shape[0])
+    ev, u = torch.linalg.eigh(cov)
+    ev = ev + ridge * float(ev[-1])
+    return (u * ev.clamp_min(1e-300).rsqrt()) @ u.T
+
+
+def headwise_scores(
+    obs: Observation, adapter: FamilyAdapter, inputs: torch.Tensor, layer: int = 0, whiten: bool = True
+) -> torch.Tensor:
+    """Head-wise subspace score of each candidate input (rows of ``inputs``, e.g. every token's layer-1 input):
+    max over heads of the energy of the unit input in the head's gradient row space, ‖R_h x̂‖², divided by
+    what a random direction gets (r_h / d); higher = more like the batch's inputs.
+
+    Each head's block G_h = Δ_hᵀ X has at most head_dim rows, so it never spans all of X and the score does
+    not need the stacked gradient to be below full rank (SOMP's "head-wise geometric structure"). With
+    ``whiten`` both sides are taken in the metric of the candidates' own second moments M: G_h M^(-1/2) =
+    Δ_hᵀ (X M^(-1/2)) spans the whitened inputs."""
+    x = inputs.detach().double()
+    w = input_whitener(x) if whiten else torch.eye(x.shape[1], dtype=torch.float64)
+    x = x @ w
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    best = torch.zeros(x.shape[0], dtype=torch.float64)
+    for _key, _h, block in head_blocks(obs, adapter, layer):
+        basis, _, _ = row_space([block.double() @ w])
+        if basis.shape[0] == 0:
+            continue
+        energy = (x @ basis.T).pow(2).sum(1) / (basis.shape[0] / x.shape[1])
+        best = torch.maximum(best, energy)
+    return best
