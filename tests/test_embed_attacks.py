@@ -630,3 +630,20 @@ def test_attack_option_keys_match_the_code_and_a_typo_is_one_clear_error():
     scn.options["comon"] = 4
     with pytest.raises(UnknownNameError, match="'comon'"):
         run_embed_attack("whitebox", scn)
+
+
+@pytest.mark.real
+def test_every_attack_runs_on_minilm_with_the_quick_settings():
+    """The packaged real encoder, each registered attack once (the quick bench entries, minilm-l6 instead of the
+    tiny encoder)."""
+    from leaklab.attacks.embedding.registry import EMBED_ATTACKS, load_builtin
+    from leaklab.embed_bench import QUICK
+
+    load_builtin()
+    for name in sorted(EMBED_ATTACKS):
+        entry = QUICK[name]
+        scn = Scenario("minilm-l6", n=entry["n"], public_limit=entry.get("public_limit"), options=entry["options"])
+        rep = run_embed_attack(name, scn)
+        assert rep.attack == name and rep.metrics and rep.scenario["encoder"] == "minilm-l6", name
+        if "cosine" in rep.metrics:
+            assert -1.0 <= rep.metrics["cosine"] <= 1.0 + 1e-6, name

@@ -107,7 +107,7 @@ def list_cmd() -> None:
 def attack_cmd(
     attack: Annotated[str, typer.Option("--attack", help="Attack name (see `leaklab embed list`).")],
     encoder: Annotated[
-        str, typer.Option(help="minilm-l6, tiny-bert, an encoder folder or http(s)://endpoint.")
+        str, typer.Option(help="minilm-l6, tiny-bert, an encoder folder or http(s)://endpoint[#model].")
     ] = "minilm-l6",
     corpus: Annotated[
         str, typer.Option(help="Corpus of the private targets and public attacker data.")

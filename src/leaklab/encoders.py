@@ -304,12 +304,16 @@ _CACHE: dict[str, LocalEncoder] = {}
 
 
 def load_encoder(spec: str, api_key: str | None = None, fresh: bool = False, **kw: Any) -> Encoder:
-    """``minilm-l6`` | ``tiny-bert`` | an encoder folder | ``http(s)://host[:port]`` (OpenAI-style endpoint).
+    """``minilm-l6`` | ``tiny-bert`` | an encoder folder | ``http(s)://host[:port][#model]`` (OpenAI-style
+    endpoint; ``#model`` names the model the requests ask for, default ``minilm-l6``).
 
     Local encoders are memoised (usage counters are per call site: use ``usage.snapshot``/``since``);
     ``fresh=True`` builds a new one."""
     if spec.startswith(("http://", "https://")):
-        return HttpEncoder(spec, api_key=api_key or os.environ.get("LEAKLAB_API_KEY"), **kw)
+        url, _, model = spec.partition("#")
+        if model:
+            kw.setdefault("model", model)
+        return HttpEncoder(url, api_key=api_key or os.environ.get("LEAKLAB_API_KEY"), **kw)
     if not fresh and not kw and spec in _CACHE:
         return _CACHE[spec]
     if spec in LOCAL_ENCODERS:

@@ -1,0 +1,30 @@
+"""Embedding attacks through the HTTP client of a live leaklab service (OpenAI-style /v1/embeddings): the same
+results as on the local encoder, and every query counted."""
+
+from __future__ import annotations
+
+import pytest
+
+from leaklab.attacks.embedding.registry import Scenario, run_embed_attack
+from leaklab.service.process import ServerProcess, write_config
+from leaklab.service.store import Store
+
+
+def test_black_box_attacks_through_the_http_encoder_match_the_local_encoder(tmp_path):
+    db = tmp_path / "svc.db"
+    store = Store(db)
+    key = store.create_key("attacker")[1]
+    store.close()
+    cfg = write_config(tmp_path / "cfg.json", {"limits": {"rate": 100000, "burst": 100000}})
+    with ServerProcess("tiny-bert", db, cfg) as srv:
+        for name, opts, metrics in (
+            ("nearest", {"candidates": 30}, ("detect_recall", "absent_nearest_token_f1")),
+            ("bow", {"augment": 0, "vocab": 300}, ("token_f1", "rougeL", "cosine")),
+        ):
+            url = f"{srv.url}#tiny-bert"  # the served model's name goes in the request's "model" field
+            remote = run_embed_attack(name, Scenario(url, n=4, public_limit=60, api_key=key, options=opts))
+            local = run_embed_attack(name, Scenario("tiny-bert", n=4, public_limit=60, options=opts))
+            for metric in metrics:
+                assert remote.metrics[metric] == pytest.approx(local.metrics[metric], abs=1e-6), (name, metric)
+            assert remote.usage["queries"] == local.usage["queries"] > 0, name  # the public pairs, counted
+            assert remote.usage["tokens"] > 0
