@@ -647,3 +647,37 @@ def test_every_attack_runs_on_minilm_with_the_quick_settings():
         assert rep.attack == name and rep.metrics and rep.scenario["encoder"] == "minilm-l6", name
         if "cosine" in rep.metrics:
             assert -1.0 <= rep.metrics["cosine"] <= 1.0 + 1e-6, name
+
+
+def test_membership_split_has_no_domain_or_order_shift():
+    """Members and non-members are one seeded halving of the same private draw: disjoint, all private, and
+    neither drawn from one end of the corpus nor from one length range."""
+    from scipy.stats import ks_2samp
+
+    from leaklab.attacks.embedding.membership import _split
+    from leaklab.corpora.sampling import split_of
+
+    scn = Scenario("tiny-bert", n=150)
+    members, non = _split(scn, scn.n)
+    assert len(members) == len(non) == 150 and not set(members) & set(non)
+    assert all(split_of(t) == "private" for t in members + non)
+    where = {t: i for i, t in enumerate(scn.corpus_obj.texts)}
+    size = len(scn.corpus_obj.texts)
+    pos_m, pos_n = [where[t] / size for t in members], [where[t] / size for t in non]
+    assert ks_2samp(pos_m, pos_n).pvalue > 0.01  # corpus order (crawl/time) is not what separates them
+    lengths = scn.tokenizer([*members, *non], add_special_tokens=False)["input_ids"]
+    assert ks_2samp([len(x) for x in lengths[:150]], [len(x) for x in lengths[150:]]).pvalue > 0.01
+
+
+@pytest.mark.parametrize(
+    "name,opts",
+    [("bow", {"augment": 0, "vocab": 300}), ("decoder", {"arch": "gru", "train_seconds": 2, "steps": 0})],
+)
+def test_attack_options_save_then_load_the_trained_inverter(tmp_path, name, opts):
+    folder = str(tmp_path / name)
+    first = run_embed_attack(name, Scenario("tiny-bert", n=4, public_limit=60, options={**opts, "save": folder}))
+    again = run_embed_attack(name, Scenario("tiny-bert", n=4, public_limit=60, options={**opts, "load": folder}))
+    assert again.info.get("loaded") == folder and "loaded" not in first.info
+    assert again.metrics["token_f1"] == first.metrics["token_f1"] and again.examples == first.examples
+    if name == "bow":  # loading spends no training queries (the decoder still embeds public texts as seeds)
+        assert first.usage["queries"] >= 60 > again.usage["queries"]
