@@ -10,13 +10,13 @@ from leaklab.attacks.gradient.subspace import (
     extension_inputs,
     head_blocks,
     headwise_scores,
-    input_whitener,
     mlp_subspace,
     numerical_rank,
     pair_module_inputs,
     row_space,
     sequence_inputs,
     span_distance,
+    whitener,
 )
 from leaklab.models import ModelRef, load_model
 from leaklab.threat import fedsgd_update
@@ -170,7 +170,8 @@ def test_headwise_scores_match_a_per_head_least_squares_reference(whiten):
     blocks = head_blocks(obs, ad, 0)
     assert len(blocks) == ad.num_heads + 2 * ad.num_kv_heads and all(b.shape[0] == ad.head_dim for *_, b in blocks)
     inputs = ad.token_inputs(torch.arange(400, 460), position=0).double()
-    w = input_whitener(inputs) if whiten else torch.eye(inputs.shape[1], dtype=torch.float64)
+    centred = inputs - inputs.mean(0)
+    w = whitener(centred.T @ centred / len(inputs), 1e-4) if whiten else torch.eye(inputs.shape[1]).double()
     xw = inputs @ w
     ref = torch.zeros(inputs.shape[0], dtype=torch.float64)
     for *_, block in blocks:

@@ -60,6 +60,7 @@ from leaklab.attacks.gradient.subspace import (
     headwise_scores,
     mlp_subspace,
     pair_module_inputs,
+    whitener,
 )
 from leaklab.errors import UnknownNameError
 from leaklab.threat.observation import Observation
@@ -306,15 +307,6 @@ class NextTokenEvidence:
         part.index_add_(0, columns, -h[parents])
         self.decoded = part if self.decoded is None else self.decoded + part
         self.n_decoded += kept.numel()
-
-
-def whitener(second: torch.Tensor, ridge: float) -> torch.Tensor:
-    """(d, d) symmetric M^(−1/2) of the second-moment matrix ``second`` + ``ridge`` × its top eigenvalue: in
-    that metric the directions every lm_head input shares (massive activations, the mean) no longer dominate
-    the cosine, so a row's −h_t term of one position stands out from the other positions' terms."""
-    evals, evecs = torch.linalg.eigh(second.double())
-    evals = evals.clamp_min(0) + ridge * float(evals.max())
-    return (evecs * evals.rsqrt()) @ evecs.T
 
 
 @torch.no_grad()

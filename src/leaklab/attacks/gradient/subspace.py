@@ -281,14 +281,13 @@ def head_blocks(obs: Observation, adapter: FamilyAdapter, layer: int = 0) -> lis
     return out
 
 
-def input_whitener(x: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
-    """M^(-1/2) of the centred second moments M of the rows of ``x`` (ridge × the top eigenvalue added): token
-    inputs share a few strong directions that otherwise decide every projection."""
-    xc = x.double() - x.double().mean(0)
-    cov = xc.T @ xc / max(1, x.shape[0])
-    ev, u = torch.linalg.eigh(cov)
-    ev = ev + ridge * float(ev[-1])
-    return (u * ev.clamp_min(1e-300).rsqrt()) @ u.T
+def whitener(second: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(d, d) symmetric M^(−1/2) of the second-moment matrix ``second`` + ``ridge`` × its top eigenvalue: in
+    that metric the directions all the vectors share (massive activations, the mean) no longer dominate a
+    cosine or a projection (SOMP's output-gradient filter, the head-wise scores)."""
+    evals, evecs = torch.linalg.eigh(second.double())
+    evals = evals.clamp_min(0) + ridge * float(evals.max())
+    return (evecs * evals.rsqrt()) @ evecs.T
 
 
 def headwise_scores(
@@ -303,7 +302,11 @@ def headwise_scores(
     ``whiten`` both sides are taken in the metric of the candidates' own second moments M: G_h M^(-1/2) =
     Δ_hᵀ (X M^(-1/2)) spans the whitened inputs."""
     x = inputs.detach().double()
-    w = input_whitener(x) if whiten else torch.eye(x.shape[1], dtype=torch.float64)
+    if whiten:
+        xc = x - x.mean(0)
+        w = whitener(xc.T @ xc / max(1, x.shape[0]), 1e-4)
+    else:
+        w = torch.eye(x.shape[1], dtype=torch.float64)
     x = x @ w
     x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)
     best = torch.zeros(x.shape[0], dtype=torch.float64)
