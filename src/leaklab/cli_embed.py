@@ -191,37 +191,29 @@ def invert_cmd(
     vecs = load_vectors(vectors)
     if steps > 0 and not encoder:
         raise LeaklabError("--steps needs --encoder: correction re-embeds hypotheses through the black-box encoder")
-    if kind == "bow":
-        from leaklab.attacks.embedding.bow import BagOfWordsInverter
-        from leaklab.encoders import load_encoder
+    if kind not in INVERTERS:
+        raise UnknownNameError("inverter kind", str(kind), list(INVERTERS))
+    from leaklab.attacks.embedding.registry import check_inverter_encoder
+    from leaklab.encoders import load_encoder
 
-        bow = BagOfWordsInverter.load(inverter_dir)
-        if encoder:  # the bag-of-words inverter does not query; the encoder only checks the vectors' dimension
-            enc_dim = load_encoder(encoder, api_key=api_key).dim
-            if enc_dim != bow.dim:
-                raise LeaklabError(
-                    f"the bag-of-words inverter at '{inverter_dir}' inverts {bow.dim}-d vectors but encoder "
-                    f"'{encoder}' gives {enc_dim}-d vectors"
-                )
-        texts = bow.invert(vecs)
-    elif kind == "decoder":
+    enc = load_encoder(encoder, api_key=api_key) if encoder else None
+    if kind == "bow":  # the bag-of-words inverter does not query: an encoder only checks the dimension
+        from leaklab.attacks.embedding.bow import BagOfWordsInverter
+
+        inv = BagOfWordsInverter.load(inverter_dir)
+    else:
         from leaklab.attacks.embedding.decoder import load_decoder
-        from leaklab.encoders import load_encoder
         from leaklab.models.registry import minilm_tokenizer
 
-        enc = load_encoder(encoder, api_key=api_key) if encoder else None
-        tok = getattr(enc, "tokenizer", None) or minilm_tokenizer()
-        inv = load_decoder(inverter_dir, tok)
-        if enc is not None and enc.dim != inv.dim:
-            raise LeaklabError(
-                f"the decoder at '{inverter_dir}' inverts {inv.dim}-d vectors but encoder '{encoder}' gives "
-                f"{enc.dim}-d vectors: pass the encoder it was trained for"
-            )
+        inv = load_decoder(inverter_dir, getattr(enc, "tokenizer", None) or minilm_tokenizer())
+    if enc is not None:
+        check_inverter_encoder(inv, str(inverter_dir), str(encoder), enc.dim)
+    if kind == "bow":
+        texts = inv.invert(vecs)
+    else:
         texts = inv.invert(vecs, enc, steps=steps if enc else 0)
         if enc is not None:
             console.print(f"[dim]correction queries: {enc.usage.queries}[/]")
-    else:
-        raise UnknownNameError("inverter kind", str(kind), list(INVERTERS))
     for t in texts:
         print(t)
 

@@ -256,6 +256,16 @@ def victim_targets(scn: Scenario, max_tokens: int | None = None) -> tuple[Any, n
     return sample, scn.victim.embed(sample.texts)
 
 
+def check_inverter_encoder(inverter: Any, folder: str, encoder: str, encoder_dim: int) -> None:
+    """A saved inverter must invert the encoder's vectors: one clear error naming both dimensions otherwise."""
+    dim = getattr(inverter, "dim", None)
+    if dim is not None and dim != encoder_dim:
+        raise LeaklabError(
+            f"the inverter at '{folder}' inverts {dim}-d vectors but encoder '{encoder}' gives {encoder_dim}-d "
+            "vectors: use one trained for this encoder"
+        )
+
+
 def load_or_train(
     scn: Scenario, load: Callable[[str], Any], train: Callable[[], tuple[Any, dict[str, Any]]]
 ) -> tuple[Any, dict[str, Any]]:
@@ -263,12 +273,7 @@ def load_or_train(
     folder = scn.options.get("load")
     if folder:
         inv = load(str(folder))
-        dim = getattr(inv, "dim", None)
-        if dim is not None and dim != scn.victim.dim:
-            raise LeaklabError(
-                f"the inverter at '{folder}' inverts {dim}-d vectors but encoder '{scn.encoder}' gives "
-                f"{scn.victim.dim}-d vectors: load one trained for this encoder"
-            )
+        check_inverter_encoder(inv, str(folder), scn.encoder, scn.victim.dim)
         return inv, {"loaded": str(folder)}
     inv, info = train()
     if scn.options.get("save"):
