@@ -17,7 +17,7 @@ from leaklab.metrics import score_batch
 from leaklab.models import ModelRef, load_model
 from leaklab.progress import step_progress
 from leaklab.report import new_run_dir
-from leaklab.threat import ThreatFlags, client_update, load_secret, load_update
+from leaklab.threat import ThreatFlags, fedsgd_update, load_secret, load_update
 from leaklab.threat.fedsgd import private_sample
 from leaklab.threat.observation import Observation, Secret
 from leaklab.threat.store import check_against_model
@@ -56,7 +56,7 @@ def run_gradient_eval(
     atk = make_attack(attack, **(attack_options or {}))
     with console.status(f"loading {model} and checking corpus '{corpus}'"):
         load_model(ref)
-        private_sample(ref, corpus, batch_size, seed, min_tokens, max_tokens)  # bad corpus or lengths: fail now
+        first = private_sample(ref, corpus, batch_size, seed, min_tokens, max_tokens)  # bad corpus/lengths fail now
     run = new_run_dir(out, f"{attack}-{Path(model).name}-B{batch_size}")
     config = {
         "kind": "gradient-attack",
@@ -79,7 +79,8 @@ def run_gradient_eval(
         for i in range(batches):
             t0 = time.perf_counter()
             bar.update(task_id, description=f"batch {i + 1}/{batches}: client update")
-            obs, secret = client_update(ref, corpus, batch_size, seed + i, min_tokens, max_tokens, flags)
+            sample = first if i == 0 else private_sample(ref, corpus, batch_size, seed + i, min_tokens, max_tokens)
+            obs, secret = fedsgd_update(ref, sample.texts, sample.labels, flags, seed + i)  # = client_update
             grad_seconds = time.perf_counter() - t0
             bar.update(task_id, description=f"batch {i + 1}/{batches}: {attack}")
             rec = run_attack(atk, obs)
