@@ -42,7 +42,7 @@ def main() -> None:
     opts = {"max_tokens": 16, "pool": 20, "full": True, "prior": 40, "budget": 6000, **parse_options(args.opt)}
     scn = Scenario(n=args.n, seed=args.seed, options=opts)
     enc = scn.victim
-    sample, targets = victim_targets(scn, 16)
+    sample, targets = victim_targets(scn, int(opts["max_tokens"]))
     inv = make_whitebox(scn, enc)
     tok, vocab = enc.tokenizer, set(inv.vocab.tolist())
     if args.score:
