@@ -285,7 +285,7 @@ def test_sweep_writes_table_json_plot_with_epsilon(tmp_path):
 def test_cli_update_setting_then_apply_defense(tmp_path):
     from typer.testing import CliRunner
 
-    from leaklab.cli_defenses import app
+    from leaklab.cli.gradient import app
 
     runner = CliRunner()
     path = tmp_path / "u.safetensors"

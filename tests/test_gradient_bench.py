@@ -39,7 +39,7 @@ def test_interrupted_cell_resumes_after_its_finished_batches(tmp_path, monkeypat
 
 
 def test_attack_options_reach_the_attack_and_are_recorded_in_the_cell_and_the_table(tmp_path, monkeypatch):
-    from leaklab.cli_gradient_bench import attack_options
+    from leaklab.cli.gradient import attack_options
     from leaklab.errors import LeaklabError
 
     seen = []

@@ -51,7 +51,7 @@ def test_user_errors_are_one_line(tmp_path):
 
 
 def test_defend_eval_writes_curves(tmp_path):
-    from leaklab.cli_defend import defend_eval
+    from leaklab.cli.embed import defend_eval
 
     sub = typer.Typer()
     sub.command()(defend_eval)

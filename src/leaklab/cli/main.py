@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -24,23 +23,6 @@ app = typer.Typer(
 )
 console = Console()
 err = Console(stderr=True)
-
-# Sub-command groups are built from modules leaklab.cli_<name> that define `app` (their commands merge
-# into the group) and from plain functions mounted as single commands.
-GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "gradient": (
-        "Gradient inversion: attacks, threat settings, defenses, sweeps, benchmarks.",
-        ("cli_gradient", "cli_defenses", "cli_gradient_bench"),
-    ),
-    "embed": ("Embedding inversion attacks, benchmarks and API-defense evaluation.", ("cli_embed",)),
-    "keys": ("API keys of the embedding service.", ("cli_keys",)),
-    "monitor": ("Probe detection reports of the embedding service.", ("cli_monitor",)),
-    "signals": ("Red-team signals over vector dumps and the service log.", ("cli_signals",)),
-}
-FUNCTIONS: tuple[tuple[str | None, str, str, str], ...] = (
-    (None, "serve", "cli_serve", "serve"),
-    ("embed", "defend-eval", "cli_defend", "defend_eval"),
-)
 
 
 def _version(value: bool) -> None:
@@ -158,29 +140,20 @@ def demo_cmd(
     show_run(summary, console)
 
 
-def _optional_module(name: str):
-    try:
-        return importlib.import_module(f"leaklab.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"leaklab.{name}":
-            return None
-        raise
-
-
 def _mount_subcommands() -> None:
-    groups: dict[str, typer.Typer] = {}
-    for group, (help_text, modules) in GROUPS.items():
-        sub = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-        for name in modules:
-            module = _optional_module(name)
-            if module is not None:
-                sub.registered_commands.extend(module.app.registered_commands)
-        groups[group] = sub
-        app.add_typer(sub, name=group, help=help_text)
-    for group, command, module_name, func in FUNCTIONS:
-        module = _optional_module(module_name)
-        if module is not None:
-            (groups[group] if group else app).command(command)(getattr(module, func))
+    """The command groups, listed explicitly: a broken module fails loudly instead of vanishing from --help."""
+    from leaklab.cli import embed, gradient, keys, monitor, serve, signals
+
+    groups = (
+        (gradient.app, "gradient", "Gradient inversion: attacks, threat settings, defenses, sweeps, benchmarks."),
+        (embed.app, "embed", "Embedding inversion attacks, benchmarks and API-defense evaluation."),
+        (keys.app, "keys", "API keys of the embedding service."),
+        (monitor.app, "monitor", "Probe detection reports of the embedding service."),
+        (signals.app, "signals", "Red-team signals over vector dumps and the service log."),
+    )
+    for sub, name, help_text in groups:
+        app.add_typer(sub, name=name, help=help_text)
+    app.command("serve")(serve.serve)
 
 
 _mount_subcommands()
@@ -208,7 +181,3 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
-
-
-if __name__ == "__main__":
-    main()

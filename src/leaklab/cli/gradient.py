@@ -1,9 +1,4 @@
-"""Commands for threat settings and defenses (mounted by the main CLI, e.g. under ``leaklab gradient``).
-
-Defenses are given as ``--defense NAME`` (repeatable, applied in order) with parameters either inline,
-``--defense clip:max_norm=1`` / ``--defense dpsgd:clip=1,epsilon=8``, or as ``--defense-param k=v`` when
-exactly one defense is given.
-"""
+"""`leaklab gradient ...`: gradient inversion attacks, threat settings, defenses, sweeps and the benchmark."""
 
 from __future__ import annotations
 
@@ -19,6 +14,88 @@ from leaklab.errors import LeaklabError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console()
+err = Console(stderr=True)
+
+
+@app.command("attack")
+def attack_cmd(
+    attack: Annotated[str, typer.Option(help="Attack: somp, dager or tokenset.")] = "somp",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model (packaged name, HF folder or hub name); default "
+            "smollm2-135m, or the update's model with --update."
+        ),
+    ] = None,
+    corpus: Annotated[str, typer.Option(help="Private corpus the victim batches are drawn from.")] = "rotten-tomatoes",
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Texts per private batch (default 4; with --update it must agree with the update)."),
+    ] = None,
+    min_tokens: Annotated[int, typer.Option(help="Shortest private text, in tokens.")] = 8,
+    max_tokens: Annotated[int, typer.Option(help="Longest private text, in tokens.")] = 32,
+    batches: Annotated[int, typer.Option(help="Private batches to attack (seeds seed, seed+1, ...).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the first batch draw.")] = 0,
+    task: Annotated[str, typer.Option(help="Victim training task: next-token or classify.")] = "next-token",
+    num_labels: Annotated[int, typer.Option(help="Classifier labels (classify).")] = 2,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<time>-<label>).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the aggregate as JSON.")] = False,
+    update: Annotated[Path | None, typer.Option(help="Attack this saved update instead of fresh batches.")] = None,
+    batch_size_known: Annotated[
+        bool,
+        typer.Option(help="Threat model: the server learns the batch size (FedSGD servers see sample counts)."),
+    ] = True,
+    attack_option: Annotated[
+        list[str] | None, typer.Option("--attack-option", help="k=v option of the attack, e.g. lm_weight=0.5.")
+    ] = None,
+) -> None:
+    """Run a gradient inversion attack and score it against the private texts (matched ROUGE, token F1)."""
+    from leaklab.attacks.base import parse_options
+    from leaklab.evaluate import as_json as to_json
+    from leaklab.evaluate import run_gradient_eval, run_update_eval, show_run
+    from leaklab.models import ModelRef
+    from leaklab.threat import ThreatFlags
+
+    if batches < 1:
+        raise LeaklabError(f"--batches must be at least 1, got {batches}")
+    if batch_size is not None and batch_size < 1:
+        raise LeaklabError(f"--batch-size must be at least 1, got {batch_size}")
+    status = err if as_json else console
+    options = parse_options(attack_option)
+    if update is not None:
+        ref = ModelRef(model, task, num_labels) if model is not None else None
+        summary = run_update_eval(
+            attack,
+            update,
+            ref,
+            batch_size,
+            out=out,
+            console=status,
+            batch_size_known=batch_size_known,
+            attack_options=options,
+        )
+    else:
+        summary = run_gradient_eval(
+            attack=attack,
+            model=model or "smollm2-135m",
+            corpus=corpus,
+            batch_size=batch_size or 4,
+            batches=batches,
+            seed=seed,
+            min_tokens=min_tokens,
+            max_tokens=max_tokens,
+            task=task,
+            num_labels=num_labels,
+            flags=ThreatFlags(batch_size_known=batch_size_known),
+            attack_options=options,
+            out=out,
+            console=status,
+        )
+    if as_json:
+        print(json.dumps(to_json(summary), indent=2))
+    else:
+        show_run(summary, console)
+
 
 SettingOpt = Annotated[str, typer.Option(help="fedsgd, fedavg, lora, dpo, reward or secagg.")]
 DefenseOpt = Annotated[list[str] | None, typer.Option("--defense", help="NAME or NAME:k=v,k=v (repeatable, in order).")]
@@ -237,3 +314,66 @@ def sweep_cmd(
 
     console.print(markdown_table(result))
     console.print(f"wrote {out}/sweep.json, sweep.md, sweep.png")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LeaklabError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def attack_options(items: list[str] | None) -> dict[str, dict]:
+    """``["somp:max_atoms=256", "somp:budget_s=400"]`` → ``{"somp": {"max_atoms": 256, "budget_s": 400}}``."""
+    from leaklab.attacks.base import parse_options
+
+    out: dict[str, dict] = {}
+    for item in items or []:
+        attack, sep, pair = item.partition(":")
+        if not sep or not attack or "=" not in pair:
+            raise LeaklabError(f"attack option '{item}' is not of the form ATTACK:key=value")
+        out.setdefault(attack, {}).update(parse_options([pair]))
+    return out
+
+
+@app.command("bench")
+def bench_cmd(
+    out: Annotated[Path, typer.Option(help="Results folder (cells/ + gradient.md + PNGs).")] = Path(
+        "benchmarks/results/gradient"
+    ),
+    model: Annotated[str, typer.Option(help="Model.")] = "smollm2-135m",
+    regimes: Annotated[str, typer.Option(help="short,long,italian,spanish,chinese,german")] = "short,long",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,2,4,8,16,32,64,128",
+    attacks: Annotated[str, typer.Option(help="Comma-separated attacks.")] = "somp,dager",
+    batches: Annotated[int, typer.Option(help="Batches per cell.")] = 5,
+    seed: Annotated[int, typer.Option(help="First batch seed.")] = 0,
+    force: Annotated[bool, typer.Option(help="Redo cells that are already stored.")] = False,
+    report_only: Annotated[bool, typer.Option(help="Only rebuild the table and plots from stored cells.")] = False,
+    attack_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--attack-option",
+            help="ATTACK:key=value, a non-default option of one attack (repeatable; recorded in the cell and "
+            "shown in the table), e.g. somp:max_atoms=256.",
+        ),
+    ] = None,
+) -> None:
+    """Run the missing cells of the grid (resumable), then write the table, plots and target check."""
+    from leaklab.bench.gradient import run_grid, write_report
+
+    console = Console(stderr=True)
+    if not report_only:
+        run_grid(
+            out,
+            model,
+            regimes.split(","),
+            _ints(batch_sizes),
+            attacks.split(","),
+            batches,
+            seed,
+            force=force,
+            console=console,
+            options=attack_options(attack_option),
+        )
+    md = write_report(out)
+    Console().print(md.read_text(encoding="utf-8"))

@@ -1,0 +1,3 @@
+from leaklab.cli.main import main
+
+main()
