@@ -16,9 +16,9 @@ import time
 
 from probe_setup import probe_parser, probe_update
 
-from leaklab.attacks.base import parse_options
 from leaklab.attacks.gradient.dager import SpanModel
-from leaklab.attacks.gradient.somp import SompAttack, dedupe, span_beam_decode
+from leaklab.attacks.gradient.somp import SompAttack, SompOptions, dedupe, span_beam_decode
+from leaklab.core import parse_pairs
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -33,7 +33,8 @@ def main() -> None:
     args = ap.parse_args()
     obs, secret = probe_update(args)
     spans = SpanModel(obs)
-    attack = SompAttack(max_len=args.max_len, budget_s=args.budget, **parse_options(args.opt))
+    opts = {"max_len": args.max_len, "budget_s": args.budget, **parse_pairs(args.opt)}
+    attack = SompAttack(SompOptions.from_dict(opts, "somp"))
     tokens = attack.token_set(spans)
     start = time.perf_counter()
     found = dedupe(span_beam_decode(spans, tokens, args.batch_size, attack.opts, prior=not spans.l1_exact))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from leaklab.attacks.base import parse_options
+from leaklab.core import parse_pairs as parse_options
 from leaklab.attacks.embedding.registry import Scenario, run_embed_attack, victim_targets
 from leaklab.embed_bench import FULL
 

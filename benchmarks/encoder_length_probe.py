@@ -15,7 +15,7 @@ import argparse
 
 from leaklab.attacks.base import make_attack, run_attack
 from leaklab.attacks.gradient.dager import DagerOptions, SpanModel, encoder_lengths
-from leaklab.evaluate import score_recovery
+from leaklab.experiments.runner import score as score_recovery
 from leaklab.models import ModelRef
 from leaklab.threat import client_update
 

@@ -5,7 +5,7 @@ import torch
 
 from leaklab.attacks.base import make_attack, run_attack
 from leaklab.attacks.gradient.dager import DagerAttack, SpanModel, last_tokens
-from leaklab.evaluate import score_recovery
+from leaklab.experiments.runner import score as score_recovery
 from leaklab.models import ModelRef
 from leaklab.threat import ThreatFlags, client_update, fedsgd_update
 

@@ -274,7 +274,8 @@ def test_sweep_writes_table_json_plot_with_epsilon(tmp_path):
     rows = result["rows"]
     assert [r["value"] for r in rows] == ["none", 0.5] and rows[0]["epsilon"] is None
     assert rows[1]["epsilon"] == rdp_epsilon(0.5, 1.0, 1, 1e-5)
-    assert all(0 <= r["rouge1"] <= 1 and r["utility_loss"] > 0 for r in rows)
+    assert all(r["metric"] == "bag_f1" and 0 < r["leak"] <= 1 and r["rouge1"] is None for r in rows)
+    assert all(r["utility_loss"] > 0 for r in rows)
     assert json.loads((tmp_path / "sweep.json").read_text())["config"]["defense"] == "dpsgd"
     assert "| noise_multiplier | ε |" in (tmp_path / "sweep.md").read_text()
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
@@ -364,15 +365,15 @@ def test_interrupted_sweep_keeps_the_points_it_finished(tmp_path, monkeypatch):
 
     import leaklab.sweep as sweep_mod
 
-    real, calls = sweep_mod._attack_batch, []
+    real, calls = sweep_mod.attack_batch, []
 
-    def flaky(atk, obs, secret):
+    def flaky(atk, obs, secret, **kw):
         calls.append(1)
         if len(calls) > 1:  # the second point (after the undefended baseline) is interrupted
             raise KeyboardInterrupt
-        return real(atk, obs, secret)
+        return real(atk, obs, secret, **kw)
 
-    monkeypatch.setattr(sweep_mod, "_attack_batch", flaky)
+    monkeypatch.setattr(sweep_mod, "attack_batch", flaky)
     with pytest.raises(KeyboardInterrupt):
         sweep_mod.sweep("clip", [1.0], "tokenset", "tiny-gpt2", "rotten-tomatoes", 2, 1, 0, tmp_path, max_tokens=16)
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]

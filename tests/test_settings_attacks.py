@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from leaklab.attacks.base import make_attack, run_attack
-from leaklab.attacks.gradient.settings import fedsgd_view, lora_pseudo_gradients
 from leaklab.attacks.gradient.subspace import attention_subspace, span_distance
+from leaklab.attacks.gradient.views import fedsgd_view, lora_pseudo_gradients
 from leaklab.errors import LeaklabError
 from leaklab.metrics import score_batch
 from leaklab.models.registry import ModelRef, load_model
@@ -32,7 +32,7 @@ def test_fedavg_one_step_is_fedsgd_and_recovers_exactly():
     g, r = view.gradients[name].double(), ref.gradients[name].double()
     assert float((g - r).norm() / r.norm()) < 1e-3  # Δ/η, denoised, is the FedSGD gradient
     assert 0 < info["denoised_ranks"][0] < 128
-    _, s = _attack("dager-any", obs, sec)
+    _, s = _attack("dager", obs, sec)
     assert s.rouge1 == 1.0 and s.rouge2 == 1.0
 
 
@@ -50,7 +50,7 @@ def test_secagg_two_clients_recovers_both_batches():
     obs, sec = _update("tiny-gpt2", "secagg", 1, ThreatFlags(), clients=2)
     view, _ = fedsgd_view(obs)
     assert view.batch_size == 2 and len(sec) == 2
-    _, s = _attack("dager-any", obs, sec)
+    _, s = _attack("dager", obs, sec)
     assert s.rouge1 == 1.0
 
 
@@ -58,7 +58,7 @@ def test_dpo_pairs_hold_two_sequences_each():
     obs, sec = _update("tiny-gpt2", "dpo", 2, ThreatFlags(), pairing="label")
     view, info = fedsgd_view(obs)
     assert obs.batch_size == 2 and view.batch_size == 4 and info["sequences_per_pair"] == 2
-    rec, s = _attack("dager-any", obs, sec)
+    rec, s = _attack("dager", obs, sec)
     assert len(rec.texts) == 4
     assert s.rouge1 > 0.85  # all but some last tokens (their evidence assumes a cross-entropy loss)
 
@@ -67,7 +67,7 @@ def test_lora_rank_above_tokens_is_exact_and_below_is_not():
     obs, sec = _update("tiny-llama", "lora", 2, ThreatFlags(), r=64)
     n_tokens = sum(len(t) for t in sec.token_ids)
     assert n_tokens < 64
-    _, s = _attack("somp-any", obs, sec)
+    _, s = _attack("somp", obs, sec)
     assert s.rouge1 == 1.0
     assert fedsgd_view(obs)[1]["lora"]["saturated_layers"] == []
     small, _ = _update("tiny-llama", "lora", 2, ThreatFlags(), r=4)
@@ -75,8 +75,9 @@ def test_lora_rank_above_tokens_is_exact_and_below_is_not():
         view, info = fedsgd_view(small)
     assert info["lora"]["saturated_layers"] == [0, 1]
     with pytest.warns(RuntimeWarning, match="full rank r = 4"):
-        rec = run_attack(make_attack("somp-any"), small)
-    assert rec.texts == [] and "saturated" in rec.info["skipped"]
+        rec = run_attack(make_attack("somp"), small)
+    assert rec.status == "no_signal" and rec.texts == []
+    assert rec.reason.startswith("somp on the 'lora' setting: the LoRA adapter gradient is saturated (rank r = 4")
     assert attention_subspace(view, load_model(small.model).adapter, 0).full
 
 
@@ -118,8 +119,9 @@ def test_dager_refuses_update_without_attention_gradients():
     obs, _ = _update("tiny-llama", "fedsgd", 1, ThreatFlags())
     emb = {k: v for k, v in obs.gradients.items() if "embed" in k}
     stripped = type(obs)(obs.model, "fedsgd", emb, obs.flags, obs.batch_size)
-    with pytest.raises(LeaklabError, match="no gradient for"):
-        run_attack(make_attack("dager-any"), stripped)
+    rec = run_attack(make_attack("dager"), stripped)
+    assert rec.status == "could_not_run" and rec.texts == [] and rec.token_ids is None
+    assert rec.reason.startswith("dager on the 'fedsgd' setting: ") and "no gradient for" in rec.reason
 
 
 def test_residual_token_set_is_exact_on_input_tokens_where_plain_norm_test_is_not():

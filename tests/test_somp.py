@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from leaklab.attacks.base import make_attack, parse_options, run_attack
+from leaklab.attacks.base import make_attack, run_attack
 from leaklab.attacks.gradient.dager import Found, SpanModel
 from leaklab.attacks.gradient.dictionary import (
     observed_vector,
@@ -20,14 +20,16 @@ from leaklab.attacks.gradient.somp import (
     FullRankChecks,
     NextTokenEvidence,
     SompAttack,
+    SompOptions,
     model_samples,
     robust_z,
     sentence_final,
     whitener,
     with_last_alternatives,
 )
+from leaklab.core import parse_pairs
 from leaklab.errors import LeaklabError
-from leaklab.evaluate import score_recovery
+from leaklab.experiments.runner import score as score_recovery
 from leaklab.models import ModelRef, load_model
 from leaklab.threat import ThreatFlags, client_update, fedsgd_update
 
@@ -149,16 +151,15 @@ def test_somp_full_rank_without_mlp_gradient_uses_attention_checks():
 
 
 def test_attack_options_parse_and_unknown_option_is_refused():
-    assert parse_options(["beam=4", "budget_s=1.5", "best-effort-atoms=false", "x=a"]) == {
-        "beam": 4,
-        "budget_s": 1.5,
-        "best_effort_atoms": False,
-        "x": "a",
-    }
+    attack = make_attack("somp", parse_pairs(["beam=4", "budget_s=1.5", "best-effort-atoms=false"]))
+    assert (attack.opts.beam, attack.opts.budget_s, attack.opts.best_effort_atoms) == (4, 1.5, False)
+    assert attack.config.changed() == {"beam": 4, "budget_s": 1.5, "best_effort_atoms": False}
     with pytest.raises(LeaklabError, match="key=value"):
-        parse_options(["beam"])
-    with pytest.raises(LeaklabError, match="does not accept the options \\['bogus'\\]"):
+        parse_pairs(["beam"])
+    with pytest.raises(LeaklabError, match="attack 'somp' has no option 'bogus'; valid: tau1, tau2, max_len"):
         make_attack("somp", bogus=1)
+    with pytest.raises(LeaklabError, match="option 'beam': expected an integer, got 'four'"):
+        make_attack("somp", {"beam": "four"})
 
 
 def test_next_token_evidence_matches_a_per_prefix_reference_and_sentence_ends_are_found():
@@ -448,11 +449,11 @@ def test_somp_pool_option_ranks_the_full_rank_token_pool():
     assert not spans.l1_exact  # more distinct tokens than d = 128: the layer-1 span is full
     size = 2 * spans.adapter.hidden_size
     scores = headwise_scores(obs, spans.adapter, candidate_inputs(spans.adapter, spans.vocab, 0))
-    assert torch.equal(SompAttack(pool="headwise").token_set(spans), torch.topk(scores, size).indices)
-    assert torch.equal(SompAttack(pool="span").token_set(spans), spans.candidates(0, 0.0, topk=size))
+    assert torch.equal(SompAttack(SompOptions(pool="headwise")).token_set(spans), torch.topk(scores, size).indices)
+    assert torch.equal(SompAttack(SompOptions(pool="span")).token_set(spans), spans.candidates(0, 0.0, topk=size))
     assert torch.equal(SompAttack().token_set(spans), output_pool(spans))
     # the head-wise ranking puts the batch's tokens above chance (a random pool of this size holds ~1 %)
     true = torch.tensor(sorted({t for ids in secret.token_ids for t in ids}))
-    assert float(torch.isin(true, SompAttack(pool="headwise").token_set(spans)).float().mean()) > 0.1
+    assert float(torch.isin(true, SompAttack(SompOptions(pool="headwise")).token_set(spans)).float().mean()) > 0.1
     with pytest.raises(UnknownNameError, match="valid: headwise, output, span"):
         make_attack("somp", pool="nope")

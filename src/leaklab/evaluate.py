@@ -1,4 +1,4 @@
-"""Attack evaluation loop: victim update -> attack (Observation only) -> matched scoring -> run folder."""
+"""Gradient-attack runs: victim update → the runner (attack on the Observation only, scoring) → run folder."""
 
 from __future__ import annotations
 
@@ -7,30 +7,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from leaklab.attacks.base import make_attack, run_attack
+from leaklab.attacks.base import make_attack
 from leaklab.errors import LeaklabError
-from leaklab.metrics import score_batch
+from leaklab.experiments.runner import BAG_METRICS, TEXT_METRICS, attack_batch, outcome_text, summarise
 from leaklab.models import ModelRef, load_model
 from leaklab.progress import step_progress
 from leaklab.report import new_run_dir
 from leaklab.threat import ThreatFlags, fedsgd_update, load_secret, load_update
 from leaklab.threat.fedsgd import private_sample
-from leaklab.threat.observation import Observation, Secret
+from leaklab.threat.observation import Observation
 from leaklab.threat.store import check_against_model
-
-METRICS = ("rouge1", "rouge2", "rougeL", "token_f1", "exact_rate")
-
-
-def score_recovery(obs: Observation, secret: Secret, rec) -> dict[str, Any]:
-    """Score one batch after one-to-one matching; token metrics on the model tokenizer's ids."""
-    loaded = load_model(obs.model)
-    pred_ids = rec.token_ids if rec.token_ids is not None else [loaded.encode(t) for t in rec.texts]
-    score = score_batch(rec.texts, list(secret.texts), pred_ids, [list(t) for t in secret.token_ids])
-    return {"aggregate": score.aggregate(), "pairs": [p.to_dict() for p in score.pairs]}
 
 
 def run_gradient_eval(
@@ -53,15 +42,15 @@ def run_gradient_eval(
     console = console or Console(stderr=True)
     flags = flags or ThreatFlags()
     ref = ModelRef(model, task, num_labels)
-    atk = make_attack(attack, **(attack_options or {}))
+    atk = make_attack(attack, attack_options or {})
     with console.status(f"loading {model} and checking corpus '{corpus}'"):
         load_model(ref)
         first = private_sample(ref, corpus, batch_size, seed, min_tokens, max_tokens)  # bad corpus/lengths fail now
     run = new_run_dir(out, f"{attack}-{Path(model).name}-B{batch_size}")
     config = {
         "kind": "gradient-attack",
-        "attack": attack,
-        "attack_options": attack_options or {},
+        "attack": atk.name,
+        "attack_options": atk.config.to_dict(),
         "model": ref.to_dict(),
         "corpus": corpus,
         "batch_size": batch_size,
@@ -81,20 +70,10 @@ def run_gradient_eval(
             bar.update(task_id, description=f"batch {i + 1}/{batches}: client update")
             sample = first if i == 0 else private_sample(ref, corpus, batch_size, seed + i, min_tokens, max_tokens)
             obs, secret = fedsgd_update(ref, sample.texts, sample.labels, flags, seed + i)  # = client_update
-            grad_seconds = time.perf_counter() - t0
             bar.update(task_id, description=f"batch {i + 1}/{batches}: {attack}")
-            rec = run_attack(atk, obs)
-            scored = score_recovery(obs, secret, rec)
-            items.append(
-                {
-                    "batch": i,
-                    "seed": seed + i,
-                    "gradient_seconds": grad_seconds,
-                    "attack_seconds": rec.seconds,
-                    "info": rec.info,
-                    **scored,
-                }
-            )
+            victim_seconds = time.perf_counter() - t0
+            record = attack_batch(atk, obs, secret, batch=i, seed=seed + i, victim_seconds=victim_seconds)
+            items.append(record.to_dict())
             run.write_items(items)
             bar.update(task_id, advance=1)
     aggregate = summarise(items)
@@ -147,15 +126,15 @@ def run_update_eval(
 ) -> dict[str, Any]:
     """Attack one saved update; score it against its ``.secret.json`` when one lies beside it."""
     console = console or Console(stderr=True)
-    atk = make_attack(attack, **(attack_options or {}))
+    atk = make_attack(attack, attack_options or {})
     with console.status(f"loading update {path}"):
         obs = load_checked_update(path, model, batch_size, batch_size_known)
     secret = load_secret(path)
     run = new_run_dir(out, f"{attack}-update-{Path(path).stem}")
     config = {
         "kind": "gradient-attack",
-        "attack": attack,
-        "attack_options": attack_options or {},
+        "attack": atk.name,
+        "attack_options": atk.config.to_dict(),
         "update": str(path),
         "model": obs.model.to_dict(),
         "corpus": None,
@@ -168,64 +147,48 @@ def run_update_eval(
     }
     run.write_config(config)
     with console.status(f"{attack} on {path}"):
-        rec = run_attack(atk, obs)
-    item: dict[str, Any] = {
-        "batch": 0,
-        "seed": None,
-        "gradient_seconds": 0.0,
-        "attack_seconds": rec.seconds,
-        "info": rec.info,
-        "recovered": rec.texts,
-    }
-    if secret is not None:
-        item.update(score_recovery(obs, secret, rec))
-    items = [item]
+        record = attack_batch(atk, obs, secret, batch=0)
+    items = [record.to_dict()]
     run.write_items(items)
-    aggregate = summarise(items) if secret is not None else {"batches": 1, "attack_seconds": rec.seconds}
+    aggregate = summarise(items)
     run.write_aggregate({**aggregate, "config": config})
     return {"run_dir": str(run.path), "aggregate": aggregate, "items": items, "config": config}
 
 
-def summarise(items: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"batches": len(items)}
-    for key in METRICS:
-        vals = [it["aggregate"][key] for it in items]
-        out[key] = float(np.mean(vals)) if vals else 0.0
-        out[f"{key}_std"] = float(np.std(vals)) if vals else 0.0
-    out["attack_seconds"] = float(np.mean([it["attack_seconds"] for it in items])) if items else 0.0
-    out["gradient_seconds"] = float(np.mean([it["gradient_seconds"] for it in items])) if items else 0.0
-    return out
-
-
 def show_run(summary: dict[str, Any], console: Console, side_by_side: int = 8) -> None:
-    agg = summary["aggregate"]
-    cfg = summary["config"]
-    if "rouge1" not in agg:  # an update without its secret: nothing to score against
-        table = Table(title=f"{cfg['attack']} on {cfg['model']['name']}: recovered texts (no secret to score)")
-        table.add_column("recovered")
-        for text in summary["items"][0]["recovered"]:
-            table.add_row(text)
-        console.print(table)
-        console.print(f"run folder: {summary['run_dir']}")
-        return
+    """The outcome table (scores, or 'n/a: could not run (reason)'), then the first batch side by side."""
+    agg, cfg, items = summary["aggregate"], summary["config"], summary["items"]
     source = cfg.get("update") or cfg["corpus"]
-    table = Table(
-        title=f"{cfg['attack']} on {cfg['model']['name']} · {source} · B={cfg['batch_size']} "
-        f"· {agg['batches']} batch(es)"
-    )
-    for col in (
-        "ROUGE-1",
-        "ROUGE-2",
-        "ROUGE-L",
-        "token F1",
-        "exact",
-        "s/batch (attack)",
-        "s/batch (gradient)",
-    ):
-        table.add_column(col, justify="right")
-    table.add_row(*(f"{agg[k]:.3f}" for k in METRICS), f"{agg['attack_seconds']:.1f}", f"{agg['gradient_seconds']:.1f}")
+    title = f"{cfg['attack']} on {cfg['model']['name']} · {source} · {cfg.get('setting', 'fedsgd')}"
+    title += f" · B={cfg['batch_size']} · {agg['batches']} batch(es)"
+    if agg["scored_batches"] == 0 and agg["status"] == "recovered":  # an update without its secret
+        table = Table(title=f"{title}: recovered texts (no secret to score)")
+        table.add_column("recovered")
+        for text in items[0]["recovered"]:
+            table.add_row(text)
+    elif agg["status"] != "recovered":
+        table = Table(title=title)
+        table.add_column("outcome")
+        table.add_row(outcome_text(agg))
+    else:
+        kinds = {it["kind"] for it in items if it["status"] == "recovered"}
+        metrics = BAG_METRICS if kinds == {"bag"} else TEXT_METRICS
+        heads = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "token_f1": "token F1"}
+        heads |= {"exact_rate": "exact", "bag_precision": "bag P", "bag_recall": "bag R", "bag_f1": "bag F1"}
+        heads |= {"bag_distinct_recall": "distinct tokens found"}
+        table = Table(title=title)
+        for key in metrics:
+            table.add_column(heads[key], justify="right")
+        table.add_column("s/batch (attack)", justify="right")
+        table.add_column("s/batch (victim)", justify="right")
+        table.add_row(
+            *(outcome_text(agg, k) for k in metrics), f"{agg['attack_seconds']:.1f}", f"{agg['victim_seconds']:.1f}"
+        )
+        failed = {k: v for k, v in agg["outcomes"].items() if k != "recovered"}
+        if failed:
+            table.caption = f"not in the means: {failed} ({'; '.join(agg['reasons'])})"
     console.print(table)
-    pairs = summary["items"][0]["pairs"] if summary["items"] else []
+    pairs = items[0]["pairs"] if items else []
     if pairs:
         side = Table(title="first batch: private text vs recovered (after matching)", show_lines=True)
         side.add_column("private (secret)")
@@ -246,7 +209,5 @@ __all__ = [
     "load_checked_update",
     "run_gradient_eval",
     "run_update_eval",
-    "score_recovery",
     "show_run",
-    "summarise",
 ]

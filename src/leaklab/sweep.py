@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from leaklab.attacks.base import Recovery, make_attack, run_attack
+from leaklab.attacks.base import make_attack
 from leaklab.defenses import defended_update, make_defense
 from leaklab.defenses.utility import utility
 from leaklab.errors import LeaklabError
-from leaklab.evaluate import score_recovery
+from leaklab.experiments.runner import attack_batch, outcome_summary, outcome_text
 from leaklab.io import atomic_write, atomic_write_json, atomic_write_text
 from leaklab.models import ModelRef, load_model
 from leaklab.progress import step_progress
@@ -47,36 +47,35 @@ def strength_param(defense: str, param: str | None) -> str | None:
     return STRENGTH.get(defense)
 
 
-def _attack_batch(atk, obs, secret) -> tuple[dict[str, Any], float, str | None]:
-    """Run and score; an attack that finds nothing to work with (e.g. no embedding gradient) scores 0."""
-    try:
-        rec = run_attack(atk, obs)
-        error = None
-    except LeaklabError as exc:
-        rec, error = Recovery([], []), str(exc)
-    return score_recovery(obs, secret, rec)["aggregate"], rec.seconds, error
-
-
 def _row(value: Any, param: str | None, batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """One strength value: means over the batches the attack recovered (None where it recovered none), the
+    outcome counts and reasons of the others, utility over all batches."""
+
     def mean(key: str, src: str) -> float | None:
-        vals = [b[src][key] for b in batches if b[src].get(key) is not None]
+        vals = [b[src][key] for b in batches if b[src] and b[src].get(key) is not None]
         return float(np.mean(vals)) if vals else None
 
     eps = [r.get("epsilon") for r in batches[0]["defenses"] if r.get("epsilon") is not None]
+    metric = "bag_f1" if any(b["kind"] == "bag" for b in batches if b["score"]) else "rouge1"
+    scored = [b["score"][metric] for b in batches if b["score"]]
+    outcome = outcome_summary([b["status"] for b in batches], [b["reason"] for b in batches])
     return {
         "value": value,
         "param": param,
         "epsilon": eps[0] if eps else None,
+        **outcome,
+        "metric": metric,
+        "leak": mean(metric, "score"),
+        "leak_std": float(np.std(scored)) if scored else None,
         "rouge1": mean("rouge1", "score"),
-        "rouge1_std": float(np.std([b["score"]["rouge1"] for b in batches])),
         "rouge2": mean("rouge2", "score"),
         "token_f1": mean("token_f1", "score"),
         "token_recall": mean("token_recall", "score"),
+        "bag_f1": mean("bag_f1", "score"),
         "utility_loss": mean("loss", "utility"),
         "utility_loss_before": mean("loss_before", "utility"),
         "utility_accuracy": mean("accuracy", "utility"),
         "attack_seconds": float(np.mean([b["attack_seconds"] for b in batches])),
-        "attack_errors": sorted({b["attack_error"] for b in batches if b["attack_error"]}),
         "defenses": batches[0]["defenses"],
         "batches": batches,
     }
@@ -118,14 +117,15 @@ def sweep(
     for v in values or [None]:
         params = {**fixed, **({param: v} if param is not None else {})}
         points.append((v, [make_defense(defense, **params)]))
+    atk = make_attack(attack, attack_options or {})
     config = {
         "kind": "defense-sweep",
         "defense": defense,
         "param": param,
         "values": list(values),
         "defense_params": fixed,
-        "attack": attack,
-        "attack_options": attack_options or {},
+        "attack": atk.name,
+        "attack_options": atk.config.to_dict(),
         "model": ref.to_dict(),
         "corpus": corpus,
         "setting": setting,
@@ -138,7 +138,6 @@ def sweep(
         "max_tokens": max_tokens,
         "utility": {"texts": utility_texts, "split": "public", "server_lr": server_lr},
     }
-    atk = make_attack(attack, **(attack_options or {}))
     load_model(ref)
     rows = []
     with step_progress(console) as bar:
@@ -161,16 +160,18 @@ def sweep(
                     **(setting_options or {}),
                 )
                 update_seconds = time.perf_counter() - t0
-                score, seconds, error = _attack_batch(atk, obs, secret)
+                record = attack_batch(atk, obs, secret, seed=seed + b, victim_seconds=update_seconds)
                 util = utility(obs, corpus, utility_texts, seed, 2, max_tokens, server_lr)
                 done.append(
                     {
                         "seed": seed + b,
-                        "score": score,
+                        "status": record.status,
+                        "kind": record.kind,
+                        "reason": record.reason,
+                        "score": record.aggregate,
                         "utility": util,
-                        "attack_seconds": seconds,
+                        "attack_seconds": record.attack_seconds,
                         "update_seconds": update_seconds,
-                        "attack_error": error,
                         "defenses": obs.defenses,
                     }
                 )
@@ -189,16 +190,21 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{cfg['setting']} · B={cfg['batch_size']} · {cfg['batches']} batch(es)\n\n"
         f"Utility: validation loss on {cfg['utility']['texts']} public texts after the update "
         f"(lower is better).\n\n"
-        f"| {cfg['param'] or 'defense'} | ε | ROUGE-1 | ± | ROUGE-2 | token F1 | utility loss | Δ loss | "
-        "accuracy | attack s | note |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "A batch the attack could not run on, or found no signal in, is counted in *outcome* and left out of "
+        "the means; a value with no recovered batch reads n/a, never 0.\n\n"
+        "*leak* is ROUGE-1 after matching for text attacks and the bag F1 for token-set attacks.\n\n"
+        f"| {cfg['param'] or 'defense'} | ε | outcome | leak | ± | ROUGE-1 | ROUGE-2 | token F1 | bag F1 | "
+        "utility loss | Δ loss | accuracy | attack s | note |\n|" + "---|" * 14 + "\n"
     )
     lines = []
     for r in result["rows"]:
+        outcome = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in r["outcomes"].items())
         lines.append(
-            f"| {r['value']} | {_fmt(r['epsilon'])} | {_fmt(r['rouge1'])} | {_fmt(r['rouge1_std'])} | "
-            f"{_fmt(r['rouge2'])} | {_fmt(r['token_f1'])} | {r['utility_loss']:.4f} | "
+            f"| {r['value']} | {_fmt(r['epsilon'])} | {outcome} | {outcome_text(r, 'leak')} | {_fmt(r['leak_std'])} | "
+            f"{_fmt(r['rouge1'])} | {_fmt(r['rouge2'])} | {_fmt(r['token_f1'])} | {_fmt(r['bag_f1'])} | "
+            f"{r['utility_loss']:.4f} | "
             f"{r['utility_loss'] - r['utility_loss_before']:+.2e} | "
-            f"{_fmt(r['utility_accuracy'])} | {r['attack_seconds']:.1f} | {'; '.join(r['attack_errors'])} |"
+            f"{_fmt(r['utility_accuracy'])} | {r['attack_seconds']:.1f} | {'; '.join(r['reasons'])} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -223,8 +229,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
     labels = [f"{r['value']}" + (f"\nε={_fmt(r['epsilon'])}" if r["epsilon"] is not None else "") for r in rows]
     xs = np.arange(len(rows))
     dloss = [r["utility_loss"] - r["utility_loss_before"] for r in rows]
-    ax.plot(xs, [r["rouge1"] for r in rows], "o-", color="tab:red", label="attack ROUGE-1")
-    ax.set_ylabel("attack ROUGE-1", color="tab:red")
+    name = "bag F1" if any(r["metric"] == "bag_f1" for r in rows) else "ROUGE-1"
+    r1 = [r["leak"] if r["leak"] is not None else np.nan for r in rows]
+    ax.plot(xs, r1, "o-", color="tab:red", label=f"attack {name}")
+    failed = [i for i, r in enumerate(rows) if r["leak"] is None]
+    if failed:  # no recovered batch: a distinct marker on the axis and the outcome, never a point at 0
+        ax.scatter(xs[failed], [0.02] * len(failed), marker="x", s=70, color="black", zorder=5, label="n/a (no run)")
+        for i in failed:
+            ax.annotate(outcome_text(rows[i], "leak").split(" (")[0], (xs[i], 0.06), fontsize=7, rotation=90)
+    ax.set_ylabel(f"attack {name}", color="tab:red")
     ax.set_ylim(0, 1.02)
     ax.set_xticks(xs, labels, fontsize=8)
     ax.set_xlabel(f"{cfg['defense']} {cfg['param'] or ''}")
@@ -235,13 +248,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title(
         f"{cfg['attack']} vs {cfg['defense']} ({cfg['model']['name']}, {cfg['setting']}, B={cfg['batch_size']})"
     )
-    ax2.scatter(dloss, [r["rouge1"] for r in rows], color="tab:purple")
+    ax2.scatter(dloss, r1, color="tab:purple")
     for r, d, lab in zip(rows, dloss, labels, strict=True):
-        ax2.annotate(lab.replace("\n", " "), (d, r["rouge1"]), fontsize=7)
+        if r["leak"] is not None:
+            ax2.annotate(lab.replace("\n", " "), (d, r["leak"]), fontsize=7)
+        else:
+            ax2.scatter([d], [0.02], marker="x", color="black")
+            ax2.annotate(f"{lab.replace(chr(10), ' ')}: n/a", (d, 0.04), fontsize=7)
     ax2.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3), useOffset=False)
     ax2.locator_params(axis="x", nbins=5)
     ax2.set_xlabel("Δ validation loss after update (utility cost; lower is better)")
-    ax2.set_ylabel("attack ROUGE-1")
+    ax2.set_ylabel(f"attack {name}")
     ax2.set_ylim(0, 1.02)
     ax2.set_title("privacy–utility")
     fig.tight_layout()

@@ -1,28 +1,56 @@
 """The gradient-attack contract and registry.
 
-An attack is a class with a ``name`` and ``run(obs)``. :func:`run_attack` is the only entry point: it
-passes the argument through :func:`require_observation`, so a Secret can never reach an attack.
+An attack is a class built from its typed options (a :class:`~leaklab.core.Config`) with ``run(obs)``.
+:func:`run_attack` is the only entry point: it passes the argument through :func:`require_observation`, so a
+Secret can never reach an attack, applies the threat setting's view of the update (:mod:`.gradient.views`), and
+turns what happened into an outcome: recovered, could not run (with the reason) or no signal (with the reason).
+Nothing turns a failure into a score.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from leaklab.errors import LeaklabError, UnknownNameError
-from leaklab.threat.observation import Observation, require_observation
+from leaklab.core import Config, Entry, NoOptions, Registry
+from leaklab.errors import LeaklabError
+from leaklab.threat.observation import SETTINGS, Observation, grad_norm, require_observation
+
+Status = Literal["recovered", "could_not_run", "no_signal"]
+Kind = Literal["texts", "bag"]
+STATUSES: tuple[Status, ...] = ("recovered", "could_not_run", "no_signal")
 
 
 @dataclass
 class Recovery:
-    """What an attack returns: recovered texts (with token ids when it works in token space)."""
+    """What an attack returns: recovered texts (with token ids when it works in token space), or, with ``kind``
+    "bag", one unordered bag of the batch's tokens (``token_ids[0]``). ``status`` says whether the attack ran
+    and found signal; ``reason`` says why not."""
 
     texts: list[str]
     token_ids: list[list[int]] | None = None
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    kind: Kind = "texts"
+    status: Status = "recovered"
+    reason: str | None = None
+
+    @classmethod
+    def failed(cls, status: Status, reason: str, info: dict[str, Any] | None = None) -> Recovery:
+        return cls([], None, info=dict(info or {}), status=status, reason=reason)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "recovered"
+
+
+class CannotRun(LeaklabError):
+    """Raised inside an attack when the Observation lacks what it needs (reported as 'could not run')."""
+
+
+class NoSignal(LeaklabError):
+    """Raised inside an attack when the update carries no information it can use (reported as 'no signal')."""
 
 
 class GradientAttack(Protocol):
@@ -31,62 +59,84 @@ class GradientAttack(Protocol):
     def run(self, obs: Observation) -> Recovery: ...
 
 
-GRADIENT_ATTACKS: dict[str, Callable[..., GradientAttack]] = {}
+def _builtins() -> None:
+    import leaklab.attacks.gradient.dager
+    import leaklab.attacks.gradient.somp
+    import leaklab.attacks.gradient.tokenleak
+    import leaklab.attacks.gradient.tokenset  # noqa: F401
 
 
-def register_gradient_attack(name: str) -> Callable:
-    def deco(factory: Callable[..., GradientAttack]) -> Callable[..., GradientAttack]:
-        GRADIENT_ATTACKS[name] = factory
-        return factory
-
-    return deco
+GRADIENT_ATTACKS: Registry[type] = Registry("attack", builtins=_builtins, entry_points="leaklab.attacks")
 
 
-def make_attack(name: str, **options: Any) -> GradientAttack:
-    _load_builtin_attacks()
-    if name not in GRADIENT_ATTACKS:
-        raise UnknownNameError("attack", name, list(GRADIENT_ATTACKS))
-    try:
-        return GRADIENT_ATTACKS[name](**options)
-    except TypeError as exc:  # an option the attack's options dataclass does not have
-        raise LeaklabError(f"attack '{name}' does not accept the options {sorted(options)}: {exc}") from exc
+def register_gradient_attack(
+    name: str,
+    config: type[Config] = NoOptions,
+    settings: tuple[str, ...] = SETTINGS,
+    aliases: tuple[str, ...] = (),
+    help: str = "",
+):
+    """Class decorator: register a gradient attack (built as ``cls(config)``) for the settings it supports."""
+    return GRADIENT_ATTACKS.register(name, config=config, settings=settings, aliases=aliases, help=help)
 
 
-def parse_options(items: list[str] | None) -> dict[str, Any]:
-    """``["beam=4", "budget_s=120"]`` → ``{"beam": 4, "budget_s": 120.0}`` (ints, floats, booleans, strings)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise LeaklabError(f"option '{item}' is not of the form key=value")
-        key, raw = (x.strip() for x in item.split("=", 1))
-        value: Any = raw
-        if raw.lower() in ("true", "false"):
-            value = raw.lower() == "true"
-        else:
-            for cast in (int, float):
-                try:
-                    value = cast(raw)
-                    break
-                except ValueError:
-                    pass
-        out[key.replace("-", "_")] = value
-    return out
+def attack_entry(name: str) -> Entry:
+    return GRADIENT_ATTACKS.get(name)
+
+
+def make_attack(name: str, options: Any = None, /, **kw: Any) -> GradientAttack:
+    """Build an attack from its name and options (a dict, ``k=v`` strings or its config; keywords also work).
+    Unknown options fail listing the attack's keys."""
+    entry = attack_entry(name)
+    if options is not None and kw:
+        raise LeaklabError("give attack options either as one dict/config or as keywords, not both")
+    config = entry.options(options if options is not None else kw)
+    attack = entry.impl(config)
+    attack.name = entry.name
+    attack.config = config
+    return attack
 
 
 def run_attack(attack: GradientAttack, obs: Any) -> Recovery:
-    """Run ``attack`` on an Observation (anything else, a Secret above all, is refused) and time it."""
+    """Run ``attack`` on an Observation (anything else, a Secret above all, is refused) through the setting's
+    view, and time it. An attack that cannot use this observation returns status "could_not_run" with the
+    reason; one that finds no information, "no_signal"; neither ever reads as a score."""
+    from leaklab.attacks.gradient.views import after_view, setting_view
+
     obs = require_observation(obs)
+    name = getattr(attack, "name", type(attack).__name__)
     start = time.perf_counter()
-    rec = attack.run(obs)
+    supported = _supported(name)
+    if supported is not None and obs.setting not in supported:
+        rec = Recovery.failed(
+            "could_not_run",
+            f"{name} does not support the '{obs.setting}' setting (supported: {', '.join(supported)})",
+        )
+    elif grad_norm(obs.gradients) == 0.0:
+        rec = Recovery.failed("no_signal", f"the {obs.setting} update is all zeros: nothing to reconstruct from")
+    else:
+        rec = _run_viewed(attack, obs, name, setting_view, after_view)
     rec.seconds = time.perf_counter() - start
     return rec
 
 
-def _load_builtin_attacks() -> None:
-    import importlib
-    import pkgutil
+def _run_viewed(attack: GradientAttack, obs: Observation, name: str, setting_view, after_view) -> Recovery:
+    where = f"{name} on the '{obs.setting}' setting"
+    try:
+        view, adapted = setting_view(obs)
+        if adapted.get("no_signal"):
+            return Recovery.failed("no_signal", f"{where}: {adapted['no_signal']}", {"adaptation": adapted})
+        rec = attack.run(view)
+    except NoSignal as exc:
+        return Recovery.failed("no_signal", f"{where}: {exc}")
+    except LeaklabError as exc:  # the observation lacks what the attack needs (not a user error at this point)
+        return Recovery.failed("could_not_run", f"{where}: {exc}")
+    rec = after_view(obs, rec, adapted)
+    rec.info["adaptation"] = adapted
+    if rec.ok and not rec.texts:
+        return Recovery.failed("no_signal", f"{where}: the attack ran but recovered no text", rec.info)
+    return rec
 
-    import leaklab.attacks.gradient as pkg
 
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{pkg.__name__}.{mod.name}")
+def _supported(name: str) -> tuple[str, ...] | None:
+    return GRADIENT_ATTACKS.get(name).settings if name in GRADIENT_ATTACKS else None

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from leaklab.attacks.base import make_attack, run_attack
+from leaklab.attacks.base import make_attack
 from leaklab.errors import LeaklabError
-from leaklab.evaluate import score_recovery
+from leaklab.experiments.runner import attack_batch, outcome_summary, outcome_text
 from leaklab.io import atomic_write_json, atomic_write_text
 from leaklab.models import ModelRef, load_model
 from leaklab.progress import step_progress
@@ -69,7 +69,7 @@ def run_cell(
     ref = ModelRef(model)
     load_model(ref)
     options = {a: dict(o) for a, o in (options or {}).items() if o and a in attacks}
-    atks = {a: make_attack(a, **options.get(a, {})) for a in attacks}
+    atks = {a: make_attack(a, options.get(a, {})) for a in attacks}
     key = _as_json(
         {
             "model": model,
@@ -97,15 +97,16 @@ def run_cell(
             grad_seconds.append(time.perf_counter() - t0)
             for name, atk in atks.items():
                 bar.update(task, description=f"{regime.name} B={batch_size} batch {i + 1}: {name}")
-                rec = run_attack(atk, obs)
-                scored = score_recovery(obs, secret, rec)
+                record = attack_batch(atk, obs, secret, batch=i, seed=seed + i)
                 per_attack[name].append(
                     {
                         "seed": seed + i,
-                        "attack_seconds": rec.seconds,
-                        "info": rec.info,
-                        "tokens": sum(secret.lengths),
-                        **scored["aggregate"],
+                        "status": record.status,
+                        "reason": record.reason,
+                        "attack_seconds": record.attack_seconds,
+                        "info": record.info,
+                        "tokens": record.tokens,
+                        **(record.aggregate or {}),
                     }
                 )
                 bar.advance(task)
@@ -187,7 +188,10 @@ def _git_commit() -> str | None:
 
 
 def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: float(np.mean([r[k] for r in runs])) for k in SUMMARY_KEYS}
+    """Means over the recovered runs (None where none was), with the outcome counts of the others."""
+    ok = [r for r in runs if r.get("status", "recovered") == "recovered" and r.get(SUMMARY_KEYS[0]) is not None]
+    out: dict[str, Any] = {k: float(np.mean([r[k] for r in ok])) if ok else None for k in SUMMARY_KEYS}
+    out |= outcome_summary([r.get("status", "recovered") for r in runs], [r.get("reason") for r in runs])
     out["attack_seconds"] = float(np.mean([r["attack_seconds"] for r in runs]))
     out["mean_tokens"] = float(np.mean([r["tokens"] for r in runs]))
     return out
@@ -273,10 +277,13 @@ def write_report(out_dir: Path, title: str = "Gradient inversion benchmark") -> 
         "|" + "---|" * 12,
     ]
     for regime, b, a, n, s, gs, model in rows:
+        if s.get("rouge1") is None:  # no recovered batch: the outcome, never a 0
+            scores = f"{outcome_text(s)} | – | – | –"
+        else:
+            scores = f"{s['rouge1']:.3f} | {s['rouge2']:.3f} | {s['token_f1']:.3f} | {s['exact_rate']:.2f}"
         lines.append(
-            f"| {model} | {regime} | {b} | {a} | {n} | {s['mean_tokens']:.0f} | {s['rouge1']:.3f} | "
-            f"{s['rouge2']:.3f} | {s['token_f1']:.3f} | {s['exact_rate']:.2f} | {s['attack_seconds']:.1f} | "
-            f"{gs:.1f} |"
+            f"| {model} | {regime} | {b} | {a} | {n} | {s['mean_tokens']:.0f} | {scores} | "
+            f"{s['attack_seconds']:.1f} | {gs:.1f} |"
         )
     lines += ["", "## Targets (issue 3), evaluated from the cells above", ""]
     lines += [f"- {t}" for t in check_targets(cells)]
@@ -286,6 +293,7 @@ def write_report(out_dir: Path, title: str = "Gradient inversion benchmark") -> 
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for a in sorted({r[2] for r in rows if r[0] == regime}):
             pts = sorted((r[1], r[4]["rouge1"]) for r in rows if r[0] == regime and r[2] == a)
+            pts = [(b, np.nan if v is None else v) for b, v in pts]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=a)
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 1.02)
@@ -304,7 +312,8 @@ def write_report(out_dir: Path, title: str = "Gradient inversion benchmark") -> 
 def _stat(cells: list[dict[str, Any]], regime: str, b: int, attack: str, key: str) -> float | None:
     for c in cells:
         if c["regime"]["name"] == regime and c["batch_size"] == b and attack in c["attacks"]:
-            return float(c["attacks"][attack][key])
+            value = c["attacks"][attack][key]
+            return None if value is None else float(value)
     return None
 
 

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from leaklab.attacks.base import GRADIENT_ATTACKS
 from leaklab.errors import LeaklabError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -19,7 +20,7 @@ err = Console(stderr=True)
 
 @app.command("attack")
 def attack_cmd(
-    attack: Annotated[str, typer.Option(help="Attack: somp, dager or tokenset.")] = "somp",
+    attack: Annotated[str, typer.Option(help=f"Attack: {GRADIENT_ATTACKS.help_names()} (see 'list').")] = "somp",
     model: Annotated[
         str | None,
         typer.Option(
@@ -49,8 +50,11 @@ def attack_cmd(
         list[str] | None, typer.Option("--attack-option", help="k=v option of the attack, e.g. lm_weight=0.5.")
     ] = None,
 ) -> None:
-    """Run a gradient inversion attack and score it against the private texts (matched ROUGE, token F1)."""
-    from leaklab.attacks.base import parse_options
+    """Run a gradient inversion attack and score it against the private texts (matched ROUGE, token F1).
+
+    Any threat setting's update works with every attack (its view is applied first). Exit code 3: the attack
+    could not run on this update, or found no signal (the reason is printed; never a score of 0)."""
+    from leaklab.core import parse_pairs
     from leaklab.evaluate import as_json as to_json
     from leaklab.evaluate import run_gradient_eval, run_update_eval, show_run
     from leaklab.models import ModelRef
@@ -61,7 +65,7 @@ def attack_cmd(
     if batch_size is not None and batch_size < 1:
         raise LeaklabError(f"--batch-size must be at least 1, got {batch_size}")
     status = err if as_json else console
-    options = parse_options(attack_option)
+    options = parse_pairs(attack_option, "attack option")
     if update is not None:
         ref = ModelRef(model, task, num_labels) if model is not None else None
         summary = run_update_eval(
@@ -95,6 +99,25 @@ def attack_cmd(
         print(json.dumps(to_json(summary), indent=2))
     else:
         show_run(summary, console)
+    if summary["aggregate"]["status"] != "recovered":
+        raise typer.Exit(3)
+
+
+@app.command("list")
+def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the gradient attacks, the settings each supports, and their options with defaults."""
+    rows = [e.describe() for e in GRADIENT_ATTACKS.entries()]
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    for row in rows:
+        table = Table(title=f"{row['name']}: {row['help']}", title_justify="left")
+        table.caption = f"settings: {', '.join(row['settings'])}"
+        for col in ("option", "type", "default", "help"):
+            table.add_column(col, overflow="fold")
+        for opt in row["options"]:
+            table.add_row(opt["name"], opt["type"], str(opt["default"]), opt["help"])
+        console.print(table)
 
 
 SettingOpt = Annotated[str, typer.Option(help="fedsgd, fedavg, lora, dpo, reward or secagg.")]
@@ -258,7 +281,7 @@ def sweep_cmd(
     values: Annotated[str, typer.Option(help="Comma-separated values of its strength parameter.")] = "",
     param: Annotated[str | None, typer.Option(help="Parameter the values set (default per defense).")] = None,
     defense_param: ParamOpt = None,
-    attack: Annotated[str, typer.Option(help="Gradient attack name.")] = "somp",
+    attack: Annotated[str, typer.Option(help=f"Attack: {GRADIENT_ATTACKS.help_names()}.")] = "somp",
     attack_option: Annotated[
         list[str] | None, typer.Option("--attack-option", help="k=v option of the attack, e.g. budget_s=120.")
     ] = None,
@@ -277,16 +300,11 @@ def sweep_cmd(
     out: Annotated[Path, typer.Option(help="Folder for sweep.json/.md/.png.")] = Path("sweep"),
 ) -> None:
     """Attack ROUGE-1 vs defense strength (and ε) vs utility; writes a table, JSON and a plot."""
-    from leaklab.attacks.base import parse_options
+    from leaklab.core import parse_pairs
     from leaklab.sweep import sweep
     from leaklab.threat import ThreatFlags
 
-    fixed = {}
-    for item in defense_param or []:
-        if "=" not in item:
-            raise LeaklabError(f"defense parameter '{item}' is not of the form key=value")
-        k, v = item.split("=", 1)
-        fixed[k.strip().replace("-", "_")] = v.strip()
+    fixed = parse_pairs(defense_param, "defense parameter")
     vals = [v.strip() for v in values.split(",") if v.strip()]
     flags = ThreatFlags(local_steps=local_steps, learning_rate=lr)
     result = sweep(
@@ -302,7 +320,7 @@ def sweep_cmd(
         setting=setting,
         param=param,
         defense_params=fixed,
-        attack_options=parse_options(attack_option),
+        attack_options=parse_pairs(attack_option, "attack option"),
         flags=flags,
         min_tokens=min_tokens,
         max_tokens=max_tokens,
@@ -324,15 +342,21 @@ def _ints(text: str) -> list[int]:
 
 
 def attack_options(items: list[str] | None) -> dict[str, dict]:
-    """``["somp:max_atoms=256", "somp:budget_s=400"]`` → ``{"somp": {"max_atoms": 256, "budget_s": 400}}``."""
-    from leaklab.attacks.base import parse_options
+    """``["somp:max_atoms=256", "somp:budget_s=400"]`` → ``{"somp": {"max_atoms": 256, "budget_s": 400}}``
+    (typed by each attack's config; unknown attacks and options fail listing the valid ones)."""
+    from leaklab.core import parse_pairs
 
-    out: dict[str, dict] = {}
+    grouped: dict[str, list[str]] = {}
     for item in items or []:
         attack, sep, pair = item.partition(":")
         if not sep or not attack or "=" not in pair:
             raise LeaklabError(f"attack option '{item}' is not of the form ATTACK:key=value")
-        out.setdefault(attack, {}).update(parse_options([pair]))
+        grouped.setdefault(attack, []).append(pair)
+    out: dict[str, dict] = {}
+    for attack, pairs in grouped.items():
+        entry = GRADIENT_ATTACKS.get(attack)
+        given = parse_pairs(pairs, "attack option")
+        out[entry.name] = {k: v for k, v in entry.options(given).to_dict().items() if k in given}
     return out
 
 

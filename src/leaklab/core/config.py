@@ -95,8 +95,9 @@ class Config:
         values = {k: coerce(v, hints[k], f"{who} option '{k}'") for k, v in data.items()}
         try:
             return cls(**values)
-        except LeaklabError as exc:
-            raise LeaklabError(f"{who}: {exc}") from None
+        except LeaklabError as exc:  # keep the class (e.g. UnknownNameError), name the owner
+            exc.args = (f"{who}: {exc}",)
+            raise
         except (TypeError, ValueError) as exc:
             raise LeaklabError(f"{who}: bad option ({exc})") from None
 

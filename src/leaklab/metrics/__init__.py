@@ -5,8 +5,9 @@ from leaklab.metrics.text import (
     PairScore,
     match_texts,
     rouge_scores,
+    score_bag,
     score_batch,
     token_prf,
 )
 
-__all__ = ["BatchScore", "PairScore", "match_texts", "rouge_scores", "score_batch", "token_prf"]
+__all__ = ["BatchScore", "PairScore", "match_texts", "rouge_scores", "score_bag", "score_batch", "token_prf"]

@@ -75,6 +75,20 @@ class PairScore:
         return asdict(self)
 
 
+def score_bag(predicted: Sequence[int], true_ids: Sequence[Sequence[int]]) -> dict[str, float]:
+    """A recovered bag of tokens against the batch's token multiset: multiset precision, recall and F1
+    (:func:`token_prf`), and the share of the batch's distinct tokens that are in the bag."""
+    truth = [t for ids in true_ids for t in ids]
+    p, r, f = token_prf(predicted, truth)
+    distinct = set(truth)
+    return {
+        "bag_precision": p,
+        "bag_recall": r,
+        "bag_f1": f,
+        "bag_distinct_recall": len(distinct & set(predicted)) / len(distinct) if distinct else 0.0,
+    }
+
+
 @dataclass(frozen=True)
 class BatchScore:
     pairs: list[PairScore]

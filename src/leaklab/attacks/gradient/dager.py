@@ -31,6 +31,8 @@ from leaklab.attacks.gradient.subspace import (
     sequence_inputs,
     token_distances,
 )
+from leaklab.core import Config, option
+from leaklab.errors import LeaklabError
 from leaklab.models.registry import LoadedModel, load_model
 from leaklab.threat.observation import Observation
 
@@ -40,17 +42,27 @@ log = logging.getLogger(__name__)
 RANK_CUTOFF = 20
 
 
-@dataclass
-class DagerOptions:
-    tau1: float = 1e-3  # layer-1 span distance below which a token is in the batch
-    tau2: float = 1e-3  # layer-2 span distance below which an extension is in the batch
-    max_len: int = 512  # longest sequence searched
-    max_frontier: int = 4096  # most prefixes kept per step (exact regime)
-    encoder_cap: int = 4096  # most full combinations enumerated per length (encoders)
-    best_effort_topk: int = 0  # tokens tried per position in best-effort mode (0: 2 x hidden size)
-    best_effort_max_len: int = 48  # longest text decoded in best-effort mode
-    chunk: int = 2048  # extensions per forward pass
-    budget_s: float = 900.0  # best-effort decoding time limit; open prefixes are then closed as they stand
+@dataclass(frozen=True)
+class DagerOptions(Config):
+    """DAGER's options (``-o key=value``)."""
+
+    tau1: float = option(1e-3, "layer-1 span distance below which a token is in the batch")
+    tau2: float = option(1e-3, "layer-2 span distance below which an extension is in the batch")
+    max_len: int = option(512, "longest sequence searched, in tokens")
+    max_frontier: int = option(4096, "most prefixes kept per step (exact regime)")
+    encoder_cap: int = option(4096, "most full combinations enumerated per length (encoders)")
+    best_effort_topk: int = option(0, "tokens tried per position in best-effort mode (0: 2 x hidden size)")
+    best_effort_max_len: int = option(48, "longest text decoded in best-effort mode")
+    chunk: int = option(2048, "extensions per forward pass")
+    budget_s: float = option(900.0, "best-effort decoding time limit (s); open prefixes are then closed as they stand")
+
+    def __post_init__(self) -> None:
+        for name in ("max_len", "max_frontier", "encoder_cap", "best_effort_max_len", "chunk", "budget_s"):
+            if not getattr(self, name) > 0:
+                raise LeaklabError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("tau1", "tau2", "best_effort_topk"):
+            if getattr(self, name) < 0:
+                raise LeaklabError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -415,12 +427,14 @@ def full_rank_batch_guess(spans: SpanModel) -> int:
     return max(1, spans.adapter.hidden_size // 16)
 
 
-@register_gradient_attack("dager")
+@register_gradient_attack("dager", DagerOptions, aliases=("dager-any",))
 class DagerAttack:
+    """DAGER: exact span checks of first-layer inputs, greedy extension checked against layer 2."""
+
     name = "dager"
 
-    def __init__(self, **options) -> None:
-        self.opts = DagerOptions(**options)
+    def __init__(self, opts: DagerOptions | None = None) -> None:
+        self.opts = opts or DagerOptions()
 
     def run(self, obs: Observation) -> Recovery:
         spans, b_known, info = start_attack(obs)

@@ -62,41 +62,52 @@ from leaklab.attacks.gradient.subspace import (
     pair_module_inputs,
     whitener,
 )
-from leaklab.errors import UnknownNameError
+from leaklab.core import Config, option
+from leaklab.errors import LeaklabError, UnknownNameError
 from leaklab.threat.observation import Observation
 
 
-@dataclass
-class SompOptions:
-    tau1: float = 1e-3
-    tau2: float = 1e-3
-    max_len: int = 160
-    shortlist: int = 8  # extensions per prefix re-scored with the layer-2 check (full-rank regime)
-    rank_cut: int = 12  # singular directions dropped from a full-rank span (full-rank regime)
-    beam: int = 6  # prefixes kept per start token (full-rank regime)
-    end_z: float = 6.5  # a prefix ends where its best extension is less of an outlier than this (robust z)
-    stop_z: float = 4.0  # ... and stops growing below this (in between: emitted and grown)
-    budget_s: float = 900.0  # decoding time limit; prefixes still open then are closed as they stand
-    starts_factor: float = 1.5  # first tokens decoded per expected text (full-rank regime)
-    lm_weight: float = 0.1  # pool regime: weight of the model's own next-token log-prior in the ranking
-    out_weight: float = 1.0  # pool regime: weight of the output-gradient matched filter (NextTokenEvidence)
-    explain: bool = True  # pool regime: explain away the decoded positions' output-gradient terms
-    full_weight: float = 0.0  # pool regime: weight of the layer-2 check's robust z over each prefix's shortlist
-    whiten: float = 1e-3  # pool regime: matched filter in the metric whitening the lm_head inputs (ridge, × top
-    # eigenvalue); 0 = plain cosine
-    branch_second: int = 1  # pool regime: second tokens kept per start token whatever their z (the first position
-    # is an attention sink, so the second token is the least decidable; the later positions' evidence decides)
-    last_alternatives: int = 6  # candidate last tokens per text, left for OMP to choose between
-    omp_tol: float = 1e-3
-    omp_min_gain: float = 0.01
-    max_atoms: int = 1024
-    best_effort_atoms: bool = True  # full-rank regime: DAGER's best-effort texts are dictionary atoms as well
-    chunk: int = 2048
-    pool: str = "output"  # full-rank regime: how the token pool is ranked (POOLS; `benchmarks/headwise_probe.py`)
+@dataclass(frozen=True)
+class SompOptions(Config):
+    """SOMP's options (``-o key=value``)."""
+
+    tau1: float = option(1e-3, "layer-1 span distance below which a token is in the batch")
+    tau2: float = option(1e-3, "layer-2 span distance below which an extension is in the batch")
+    max_len: int = option(160, "longest text decoded, in tokens")
+    shortlist: int = option(8, "full-rank regime: extensions per prefix re-scored with the layer-2 check")
+    rank_cut: int = option(12, "full-rank regime: singular directions dropped from a full-rank span")
+    beam: int = option(6, "full-rank regime: prefixes kept per start token")
+    end_z: float = option(6.5, "a prefix ends where its best extension is less of an outlier than this (robust z)")
+    stop_z: float = option(4.0, "... and stops growing below this (in between: emitted and grown)")
+    budget_s: float = option(900.0, "decoding time limit (s); prefixes still open then are closed as they stand")
+    starts_factor: float = option(1.5, "full-rank regime: first tokens decoded per expected text")
+    lm_weight: float = option(0.1, "pool regime: weight of the model's own next-token log-prior in the ranking")
+    out_weight: float = option(1.0, "pool regime: weight of the output-gradient matched filter")
+    explain: bool = option(True, "pool regime: explain away the decoded positions' output-gradient terms")
+    full_weight: float = option(0.0, "pool regime: weight of the layer-2 check's robust z over each shortlist")
+    whiten: float = option(
+        1e-3, "pool regime: ridge (x top eigenvalue) of the metric whitening the lm_head inputs; 0 = plain cosine"
+    )
+    branch_second: int = option(
+        1, "pool regime: second tokens kept per start token whatever their z (the first position is a sink)"
+    )
+    last_alternatives: int = option(6, "candidate last tokens per text, left for OMP to choose between")
+    omp_tol: float = option(1e-3, "OMP stops when the relative residual falls below this")
+    omp_min_gain: float = option(0.01, "OMP stops when an atom lowers the residual by less than this")
+    max_atoms: int = option(1024, "largest OMP dictionary")
+    best_effort_atoms: bool = option(True, "full-rank regime: DAGER's best-effort texts are dictionary atoms too")
+    chunk: int = option(2048, "extensions per forward pass")
+    pool: str = option("output", "full-rank regime: how the token pool is ranked: output, span or headwise")
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
             raise UnknownNameError("somp pool", self.pool, list(POOLS))
+        for name in ("max_len", "beam", "max_atoms", "chunk", "shortlist", "starts_factor", "budget_s"):
+            if not getattr(self, name) > 0:
+                raise LeaklabError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("tau1", "tau2", "rank_cut", "last_alternatives", "branch_second", "whiten", "omp_tol"):
+            if getattr(self, name) < 0:
+                raise LeaklabError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 #: rankings of the full-rank token pool: the output-embedding gradient's row norms (default; the stacked span
@@ -537,12 +548,14 @@ def select_by_omp(
     return chosen, info
 
 
-@register_gradient_attack("somp")
+@register_gradient_attack("somp", SompOptions, aliases=("somp-any",))
 class SompAttack:
+    """SOMP: subspace-guided OMP over candidate-sentence gradients (any setting, through its view)."""
+
     name = "somp"
 
-    def __init__(self, **options) -> None:
-        self.opts = SompOptions(**options)
+    def __init__(self, opts: SompOptions | None = None) -> None:
+        self.opts = opts or SompOptions()
 
     def token_set(self, spans: SpanModel) -> torch.Tensor:
         """The batch's tokens: exact from layer 1 while its span is not full, else the largest rows of the

@@ -11,12 +11,15 @@ Tokens that occur only as the last token of a text (targets, never inputs) stay 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from leaklab.attacks.base import Recovery, register_gradient_attack
 from leaklab.attacks.gradient.subspace import numerical_rank, single_thread
-from leaklab.attacks.gradient.tokenset import embedding_gradient
-from leaklab.models.registry import load_model
+from leaklab.attacks.gradient.tokenset import BAG_SETTINGS, bag, embedding_gradient
+from leaklab.core import Config, option
+from leaklab.errors import LeaklabError
 from leaklab.threat.observation import Observation
 
 
@@ -38,15 +41,28 @@ def leaked_tokens(obs: Observation, rel: float = 0.01, exclude: int = 2048) -> l
     return torch.nonzero(res > rel * res.max()).flatten().tolist()
 
 
-@register_gradient_attack("tokenset-residual")
+@dataclass(frozen=True)
+class ResidualOptions(Config):
+    """Options of the tied-embedding token-set attack."""
+
+    rel: float = option(0.01, "keep rows whose residual exceeds rel x the largest residual")
+    exclude: int = option(2048, "largest rows left out when estimating the softmax span")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rel < 1:
+            raise LeaklabError(f"rel must be in [0, 1), got {self.rel}")
+        if self.exclude < 0:
+            raise LeaklabError(f"exclude must be >= 0, got {self.exclude}")
+
+
+@register_gradient_attack("tokenset-residual", ResidualOptions, settings=BAG_SETTINGS)
 class ResidualTokenSet:
     """Bag of tokens from a tied embedding gradient (input path outside the softmax span)."""
 
     name = "tokenset-residual"
 
-    def __init__(self, rel: float = 0.01, exclude: int = 2048) -> None:
-        self.rel, self.exclude = rel, exclude
+    def __init__(self, opts: ResidualOptions | None = None) -> None:
+        self.opts = opts or ResidualOptions()
 
     def run(self, obs: Observation) -> Recovery:
-        ids = leaked_tokens(obs, self.rel, self.exclude)
-        return Recovery([load_model(obs.model).decode(ids)], [ids], info={"n_tokens": len(ids)})
+        return bag(obs, leaked_tokens(obs, self.opts.rel, self.opts.exclude), {})

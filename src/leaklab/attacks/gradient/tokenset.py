@@ -7,12 +7,18 @@ tokens, not their order, and returns it as one pseudo-text per batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from leaklab.attacks.base import Recovery, register_gradient_attack
+from leaklab.attacks.base import CannotRun, Recovery, register_gradient_attack
+from leaklab.core import Config, option
 from leaklab.errors import LeaklabError
 from leaklab.models.registry import load_model
-from leaklab.threat.observation import Observation
+from leaklab.threat.observation import SETTINGS, Observation
+
+#: settings whose update can carry the token-embedding gradient (LoRA shares adapter tensors only)
+BAG_SETTINGS = tuple(s for s in SETTINGS if s != "lora")
 
 
 def embedding_gradient(obs: Observation) -> torch.Tensor:
@@ -20,7 +26,7 @@ def embedding_gradient(obs: Observation) -> torch.Tensor:
     loaded = load_model(obs.model)
     name = next((n for n, p in loaded.model.named_parameters() if p is loaded.adapter.embeddings.weight), None)
     if name is None or name not in obs.gradients:
-        raise LeaklabError("the update has no token-embedding gradient (frozen embeddings?): no token set leaks")
+        raise CannotRun("the update has no token-embedding gradient (frozen embeddings?): no token set leaks")
     return obs.gradients[name]
 
 
@@ -32,14 +38,32 @@ def leaked_token_ids(obs: Observation, tol: float = 0.0) -> list[int]:
     return torch.nonzero(norms > tol * norms.max()).flatten().tolist()
 
 
-@register_gradient_attack("tokenset")
+@dataclass(frozen=True)
+class TokenSetOptions(Config):
+    """Options of the token-set attack."""
+
+    tol: float = option(0.0, "a row counts when its norm exceeds tol x the largest row norm")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.tol < 1:
+            raise LeaklabError(f"tol must be in [0, 1), got {self.tol}")
+
+
+def bag(obs: Observation, ids: list[int], info: dict) -> Recovery:
+    """A bag-of-tokens recovery (scored as a set, never as a text)."""
+    if not ids:
+        return Recovery.failed("no_signal", "no token's embedding-gradient row stands out", info)
+    return Recovery([load_model(obs.model).decode(ids)], [ids], info={"n_tokens": len(ids), **info}, kind="bag")
+
+
+@register_gradient_attack("tokenset", TokenSetOptions, settings=BAG_SETTINGS)
 class TokenSetAttack:
+    """The bag of the batch's tokens: non-zero rows of an untied token-embedding gradient."""
+
     name = "tokenset"
 
-    def __init__(self, tol: float = 0.0) -> None:
-        self.tol = tol
+    def __init__(self, opts: TokenSetOptions | None = None) -> None:
+        self.opts = opts or TokenSetOptions()
 
     def run(self, obs: Observation) -> Recovery:
-        ids = leaked_token_ids(obs, self.tol)
-        loaded = load_model(obs.model)
-        return Recovery([loaded.decode(ids)], [ids], info={"n_tokens": len(ids)})
+        return bag(obs, leaked_token_ids(obs, self.opts.tol), {})

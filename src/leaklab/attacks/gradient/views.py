@@ -1,4 +1,7 @@
-"""Adaptation layer: SOMP and DAGER on every threat setting, through a FedSGD-like view of the update.
+"""Per-setting views: every gradient attack sees a FedSGD-like view of the update, whatever the setting.
+
+:func:`leaklab.attacks.base.run_attack` applies :func:`setting_view` before the attack and :func:`after_view`
+after it, so ``somp``, ``dager`` and ``tokenset`` take any setting's update by their plain names.
 
 The span attacks need, for layers 1 and 2, gradient blocks whose row space is the span of the batch's
 attention inputs. Each setting reaches that view differently (:func:`fedsgd_view`):
@@ -18,7 +21,9 @@ attention inputs. Each setting reaches that view differently (:func:`fedsgd_view
 * dropout on (``flags.train_mode``): masks perturb the inputs, so span distances are approximate; the
   attacks' rankings still apply, their exact thresholds may not (recorded in the result's info).
 
-Where no view exists (no first/second-layer attention gradient or LoRA pair) a :class:`LeaklabError` says so.
+Where no view exists (no first/second-layer attention gradient or LoRA pair) a :class:`LeaklabError` says so;
+where the view exists but carries no information (LoRA rank saturated on both span layers) the view says so
+and the attack is reported as 'no signal'.
 """
 
 from __future__ import annotations
@@ -26,15 +31,17 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from leaklab.attacks.base import Recovery, register_gradient_attack
 from leaklab.attacks.gradient.subspace import numerical_rank
 from leaklab.errors import LeaklabError
 from leaklab.models.registry import load_model
 from leaklab.threat.observation import Observation
+
+if TYPE_CHECKING:
+    from leaklab.attacks.base import Recovery
 
 log = logging.getLogger(__name__)
 
@@ -201,27 +208,25 @@ def _place(out: dict[str, torch.Tensor], proj, blocks: dict[str, torch.Tensor], 
         out[k] = out[k].float()
 
 
-class _Adapted:
-    """Wrap a span attack: run it on :func:`fedsgd_view` of any setting's update."""
+def setting_view(obs: Observation) -> tuple[Observation, dict[str, Any]]:
+    """:func:`fedsgd_view`, plus ``info["no_signal"]`` (the reason) when the view carries no information."""
+    view, info = fedsgd_view(obs)
+    saturated = info.get("lora", {}).get("saturated_layers", [])
+    if len(saturated) == len(SPAN_LAYERS):
+        info["no_signal"] = (
+            f"the LoRA adapter gradient is saturated (rank r = {info['lora']['r']} on layers {saturated}: the batch "
+            "has at least r tokens), so span checks cannot tell the batch's inputs from any other"
+        )
+    return view, info
 
-    inner_name = ""
 
-    def __init__(self, **options: Any) -> None:
-        from leaklab.attacks.base import make_attack
-
-        self.inner = make_attack(self.inner_name, **options)
-
-    def run(self, obs: Observation) -> Recovery:
-        view, adapted = fedsgd_view(obs)
-        if len(adapted.get("lora", {}).get("saturated_layers", [])) == len(SPAN_LAYERS):
-            return Recovery([], [], info={"adaptation": adapted, "skipped": "LoRA span saturated: no information"})
-        rec = self.inner.run(view)
-        meta = obs.meta.get("inner_meta", obs.meta)
-        if adapted["sequences_per_pair"] > 1 and meta.get("pairing") == "shuffle" and rec.token_ids:
-            rec = keep_fluent_of_permutations(obs, rec)
-            adapted["kept_of_permutation_groups"] = len(rec.texts)
-        rec.info["adaptation"] = adapted
-        return rec
+def after_view(obs: Observation, rec: Recovery, info: dict[str, Any]) -> Recovery:
+    """Setting-specific clean-up of a recovery: shuffle-paired preference data keeps one text per pair."""
+    meta = obs.meta.get("inner_meta", obs.meta)
+    if rec.kind == "texts" and info["sequences_per_pair"] > 1 and meta.get("pairing") == "shuffle" and rec.token_ids:
+        rec = keep_fluent_of_permutations(obs, rec)
+        info["kept_of_permutation_groups"] = len(rec.texts)
+    return rec
 
 
 def keep_fluent_of_permutations(obs: Observation, rec: Recovery, overlap: float = 0.6) -> Recovery:
@@ -241,7 +246,7 @@ def keep_fluent_of_permutations(obs: Observation, rec: Recovery, overlap: float 
         if all(sum((bag & Counter(ids[j])).values()) < overlap * max(len(ids[i]), len(ids[j]), 1) for j in keep):
             keep.append(i)
     keep.sort()
-    return Recovery([rec.texts[i] for i in keep], [ids[i] for i in keep], rec.seconds, rec.info)
+    return replace(rec, texts=[rec.texts[i] for i in keep], token_ids=[ids[i] for i in keep])
 
 
 @torch.no_grad()
@@ -251,19 +256,3 @@ def _nll(lm, ids: list[int]) -> float:
         return 0.0
     x = torch.tensor([ids])
     return float(lm.model(input_ids=x, labels=x).loss)
-
-
-@register_gradient_attack("somp-any")
-class SompAnySetting(_Adapted):
-    """SOMP on any threat setting (fedsgd, fedavg, lora, dpo, reward, secagg, dropout)."""
-
-    name = "somp-any"
-    inner_name = "somp"
-
-
-@register_gradient_attack("dager-any")
-class DagerAnySetting(_Adapted):
-    """DAGER on any threat setting (fedsgd, fedavg, lora, dpo, reward, secagg, dropout)."""
-
-    name = "dager-any"
-    inner_name = "dager"

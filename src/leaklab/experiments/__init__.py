@@ -1,0 +1,1 @@
+"""Experiments: the one runner (:mod:`.runner`) every front-end goes through."""

@@ -1,0 +1,140 @@
+"""The one loop: Observation → attack → score → :class:`RunRecord`.
+
+Every front-end (``gradient attack``, ``gradient bench``, ``gradient sweep``, the settings benchmark, the Python
+API) goes through :func:`attack_batch`; only here are an Observation and its Secret held together. An attack
+that could not run, or found no signal, yields a record with that status and its reason and no scores:
+:func:`summarise` averages recovered batches only and counts the others, so a failure never reads as 0.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from leaklab.attacks.base import GradientAttack, Recovery, make_attack, run_attack
+from leaklab.metrics import score_bag, score_batch
+from leaklab.models import load_model
+from leaklab.threat.observation import Observation, Secret
+
+#: text metrics (matched ROUGE and token scores) and bag metrics (a token set scored as a set)
+TEXT_METRICS = ("rouge1", "rouge2", "rougeL", "token_f1", "exact_rate")
+BAG_METRICS = ("bag_precision", "bag_recall", "bag_f1", "bag_distinct_recall")
+STATUS_LABEL = {"recovered": "recovered", "could_not_run": "could not run", "no_signal": "no signal"}
+
+
+@dataclass
+class RunRecord:
+    """One attacked batch: what ran on what, its outcome, and (when recovered and a secret is known) scores."""
+
+    attack: str
+    options: dict[str, Any]
+    setting: str
+    status: str
+    reason: str | None
+    kind: str
+    recovered: list[str]
+    attack_seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+    observation: dict[str, Any] = field(default_factory=dict)
+    aggregate: dict[str, float] | None = None  # the scores; None when not recovered or not scored
+    pairs: list[dict[str, Any]] = field(default_factory=list)
+    batch: int | None = None
+    seed: int | None = None
+    victim_seconds: float = 0.0
+    tokens: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def score(obs: Observation, secret: Secret, rec: Recovery) -> dict[str, Any]:
+    """Scores of a recovered batch: texts after one-to-one matching (ROUGE, token P/R/F1, exact) on the model
+    tokenizer's ids; a bag of tokens as a set against the batch's token multiset. Refuses unrecovered batches."""
+    if not rec.ok:
+        raise ValueError(f"nothing to score: the attack's outcome is '{rec.status}' ({rec.reason})")
+    true_ids = [list(t) for t in secret.token_ids]
+    if rec.kind == "bag":
+        return {"aggregate": score_bag(rec.token_ids[0] if rec.token_ids else [], true_ids), "pairs": []}
+    loaded = load_model(obs.model)
+    pred_ids = rec.token_ids if rec.token_ids is not None else [loaded.encode(t) for t in rec.texts]
+    scored = score_batch(rec.texts, list(secret.texts), pred_ids, true_ids)
+    return {"aggregate": scored.aggregate(), "pairs": [p.to_dict() for p in scored.pairs]}
+
+
+def attack_batch(
+    attack: GradientAttack | str,
+    obs: Observation,
+    secret: Secret | None = None,
+    *,
+    batch: int | None = None,
+    seed: int | None = None,
+    victim_seconds: float = 0.0,
+    options: Any = None,
+) -> RunRecord:
+    """Run ``attack`` (an attack, or a registered name with ``options``) on ``obs``; score it against
+    ``secret`` when given and the attack recovered something."""
+    atk = make_attack(attack, options) if isinstance(attack, str) else attack
+    rec = run_attack(atk, obs)
+    config = getattr(atk, "config", None)
+    record = RunRecord(
+        attack=getattr(atk, "name", type(atk).__name__),
+        options=config.to_dict() if config is not None else {},
+        setting=obs.setting,
+        status=rec.status,
+        reason=rec.reason,
+        kind=rec.kind,
+        recovered=list(rec.texts),
+        attack_seconds=rec.seconds,
+        info=rec.info,
+        observation=obs.record(),
+        batch=batch,
+        seed=seed,
+        victim_seconds=victim_seconds,
+        tokens=sum(secret.lengths) if secret is not None else None,
+    )
+    if secret is not None and rec.ok:
+        scored = score(obs, secret, rec)
+        record.aggregate, record.pairs = scored["aggregate"], scored["pairs"]
+    return record
+
+
+def outcome_summary(statuses: list[str], reasons: list[str | None]) -> dict[str, Any]:
+    """Counts per status, the overall status (recovered if any batch was) and the distinct reasons."""
+    counts = Counter(statuses)
+    overall = "recovered" if counts["recovered"] else ("no_signal" if counts["no_signal"] else "could_not_run")
+    return {
+        "status": overall if statuses else "could_not_run",
+        "outcomes": {s: counts[s] for s in STATUS_LABEL if counts[s]},
+        "reasons": sorted({r for r in reasons if r}),
+    }
+
+
+def summarise(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and std of each metric over the recovered, scored batches (None where there are none), the outcome
+    counts and reasons, and mean seconds. Items are :meth:`RunRecord.to_dict` rows."""
+    out: dict[str, Any] = {"batches": len(items)}
+    out.update(outcome_summary([it["status"] for it in items], [it.get("reason") for it in items]))
+    scored = [it["aggregate"] for it in items if it.get("aggregate")]
+    for key in (*TEXT_METRICS, *BAG_METRICS):
+        vals = [s[key] for s in scored if s.get(key) is not None]
+        out[key] = float(np.mean(vals)) if vals else None
+        out[f"{key}_std"] = float(np.std(vals)) if vals else None
+    out["scored_batches"] = len(scored)
+    out["attack_seconds"] = float(np.mean([it["attack_seconds"] for it in items])) if items else 0.0
+    out["victim_seconds"] = float(np.mean([it.get("victim_seconds", 0.0) for it in items])) if items else 0.0
+    return out
+
+
+def outcome_text(summary: dict[str, Any], metric: str = "rouge1") -> str:
+    """``"0.812"`` for a recovered metric; ``"n/a: could not run (reason)"`` otherwise."""
+    value = summary.get(metric)
+    if value is not None:
+        return f"{value:.3f}"
+    status = summary.get("status", "could_not_run")
+    if status == "recovered":
+        return "n/a"
+    reasons = "; ".join(summary.get("reasons", []))
+    return f"n/a: {STATUS_LABEL[status]}" + (f" ({reasons})" if reasons else "")
