@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from leaklab.core import parse_pairs as parse_options
 from leaklab.attacks.embedding.registry import Scenario, run_embed_attack, victim_targets
+from leaklab.core import parse_pairs as parse_options
 from leaklab.embed_bench import FULL
 
 

@@ -20,9 +20,9 @@ import time
 import numpy as np
 import torch
 
-from leaklab.core import parse_pairs as parse_options
 from leaklab.attacks.embedding.registry import Scenario, victim_targets
 from leaklab.attacks.embedding.whitebox import bow_guesses, make_whitebox
+from leaklab.core import parse_pairs as parse_options
 from leaklab.metrics.embedding import word_prf
 
 
