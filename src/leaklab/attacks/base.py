@@ -59,14 +59,14 @@ class GradientAttack(Protocol):
     def run(self, obs: Observation) -> Recovery: ...
 
 
-def _builtins() -> None:
-    import leaklab.attacks.gradient.dager
-    import leaklab.attacks.gradient.somp
-    import leaklab.attacks.gradient.tokenleak
-    import leaklab.attacks.gradient.tokenset  # noqa: F401
-
-
-GRADIENT_ATTACKS: Registry[type] = Registry("attack", builtins=_builtins, entry_points="leaklab.attacks")
+#: the built-in gradient attacks' modules (each registers its attack when imported)
+BUILTINS = (
+    "leaklab.attacks.gradient.somp",
+    "leaklab.attacks.gradient.dager",
+    "leaklab.attacks.gradient.tokenset",
+    "leaklab.attacks.gradient.tokenleak",
+)
+GRADIENT_ATTACKS: Registry[type] = Registry("attack", builtins=BUILTINS, entry_points="leaklab.attacks")
 
 
 def register_gradient_attack(

@@ -1,13 +1,15 @@
 """One registry type for attacks, defenses and threat settings.
 
 An :class:`Entry` is name → (implementation, config class, kind, supported settings, help). A :class:`Registry`
-refuses duplicate names, imports its built-ins explicitly (a function listing the modules, no package scans)
+refuses duplicate names, imports its built-ins explicitly (a tuple of module names, imported on first lookup, so
+the modules that register can import the registry without an import cycle; no package scans)
 and, for third-party code, the Python entry point group it names (e.g. ``leaklab.attacks``: each entry point is
 a module, or a callable taking the registry, that registers its entries when loaded).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -77,7 +79,12 @@ def load_plugins(group: str) -> None:
 class Registry(Generic[T]):
     """name → :class:`Entry`; duplicates refused; built-ins and entry points loaded on first lookup."""
 
-    def __init__(self, kind: str, builtins: Callable[[], None] | None = None, entry_points: str | None = None):
+    def __init__(
+        self,
+        kind: str,
+        builtins: tuple[str, ...] | Callable[[], None] | None = None,
+        entry_points: str | None = None,
+    ):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
         self._aliases: dict[str, str] = {}
@@ -122,8 +129,11 @@ class Registry(Generic[T]):
             return
         self._loading = True
         try:
-            if self._builtins is not None:
+            if callable(self._builtins):
                 self._builtins()
+            else:  # module names: importing each registers its entries (no import edge back to the registry)
+                for module in self._builtins or ():
+                    importlib.import_module(module)
             if self._entry_points:
                 self._load_entry_points()
             self._loaded = True
