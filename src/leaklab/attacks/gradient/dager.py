@@ -237,8 +237,8 @@ def encoder_lengths(spans: SpanModel, cands: list[torch.Tensor], margin: float =
 
     Counts are taken twice: over all candidates, and over the confident ones, within ``margin`` × the noise
     floor (the median over positions of the smallest distance). With learned positions a token of one text
-    can pass the loose threshold at another text's position (measured on minilm-l6: true tokens at 1e-8, such
-    strays at 3e-5 to 5e-4), which keeps the count up where a shorter text has ended."""
+    can pass the loose threshold at another text's position (distances in analysis.md), which keeps the count up
+    where a shorter text has ended."""
     sizes = [len(c) for c in cands]
     out = {len(sizes)}
     out.update(p + 1 for p in range(len(sizes) - 1) if sizes[p + 1] < sizes[p])

@@ -5,13 +5,12 @@ Stages (our reconstruction, see the project's research notes; the paper's own eq
 1. Token pool (progressive narrowing). While the layer-1 span is not full — for RoPE models that is while the
    batch has fewer distinct tokens than the hidden size, since layer-1 inputs depend on the token alone —
    DAGER's exact layer-1 span check. Beyond that: the rows of the (tied) output-embedding gradient,
-   ∂L/∂W[v] = (1/N) Σ_t (p_t(v) − [y_t = v]) h_t, are large exactly for the batch's target tokens (measured:
-   recall ≈ 0.99 at 2x the pool size for B = 64 short texts on smollm2-135m). Option ``pool``: ``span`` ranks
+   ∂L/∂W[v] = (1/N) Σ_t (p_t(v) − [y_t = v]) h_t, are large exactly for the batch's target tokens (recall in
+   ``benchmarks/results/gradient/analysis.md``, "Numbers moved from code comments"). Option ``pool``: ``span`` ranks
    by the rank-capped layer-1 span distance instead, ``headwise`` by the head-wise subspace scores (each head's
-   Q/K/V gradient block has at most head_dim rows, so it is never full rank; :func:`headwise_scores`). On
-   smollm2-135m the head-wise scores find far fewer of the batch's tokens (``benchmarks/headwise_probe.py``:
-   recall 0.38 / 0.32 / 0.26 in the top n at short B = 64 / long B = 16 / short B = 128, against 0.92 / 0.91 /
-   0.93 for the output gradient), so ``output`` stays the default.
+   Q/K/V gradient block has at most head_dim rows, so it is never full rank; :func:`headwise_scores`). The
+   head-wise scores find far fewer of the batch's tokens (``benchmarks/headwise_probe.py``; numbers in
+   analysis.md), so ``output`` stays the default.
 2. Candidates. Exact regime: DAGER's greedy layer-2 search. Full-rank regime (:func:`span_beam_decode`):
    every extension of every prefix is scored by rank-capped span checks of its new position (layer-1 MLP
    input, then layer-2 attention input on a shortlist); a robust outlier test branches texts that share a
@@ -198,11 +197,10 @@ class NextTokenEvidence:
 
     With ``whiten`` the cosine is taken in the metric M^(−1/2) of the lm_head inputs' second moments (from the
     model's samples, :func:`whitener`): the rows are sums of lm_head inputs, and the directions all of them share
-    otherwise decide the cosine. Teacher-forced (first-choice rate over the pool, + 0.1 log p) this lifts short
-    B = 64 from 0.53 to 0.74 and long B = 16 from 0.65–0.67 to 0.67–0.69. The first position of a text (no BOS)
-    is an attention sink: its lm_head input is nearly the same whatever the token, so every text's second token
-    matches it about equally (``benchmarks/first_position_probe.py``: on short B = 64 one token is the uncapped
-    filter's first choice for all 61 texts). There the filter only says
+    otherwise decide the cosine; teacher-forced, this raises the first-choice rate (analysis.md). The first
+    position of a text (no BOS) is an attention sink: its lm_head input is nearly the same whatever the token, so
+    every text's second token matches it about equally (``benchmarks/first_position_probe.py``). There the
+    filter only says
     which tokens are second tokens at all: its z is capped at the n-th best value (n: rows), and the span checks
     and the prior choose among them.
 

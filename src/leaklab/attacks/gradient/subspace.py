@@ -25,9 +25,8 @@ from leaklab.threat.observation import Observation
 
 #: singular values below this fraction of the largest are float32 noise, never signal
 NOISE_FLOOR = 1e-6
-#: a drop by at least this factor between consecutive singular values marks the end of the signal (real
-#: float32 gradients: the smallest signal values sit only ~20-90x above the round-off plateau, measured on
-#: smollm2-135m layer 2 at T = 412 and on synthetic spectra in the tests)
+#: a drop by at least this factor between consecutive singular values marks the end of the signal (in real
+#: float32 gradients the smallest signal values sit little above the round-off plateau: analysis.md)
 RANK_GAP = 10.0
 
 
