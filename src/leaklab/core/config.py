@@ -108,6 +108,15 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
+    def require(self, positive: Iterable[str] = (), non_negative: Iterable[str] = ()) -> None:
+        """For ``__post_init__``: the named fields must be > 0 / >= 0 (one clear error naming the first)."""
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise LeaklabError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise LeaklabError(f"{name} must be >= 0, got {getattr(self, name)}")
+
     def changed(self) -> dict[str, Any]:
         """The options that differ from their defaults."""
         base = {r["name"]: r["default"] for r in self.describe()}

@@ -32,7 +32,6 @@ from leaklab.attacks.gradient.subspace import (
     token_distances,
 )
 from leaklab.core import Config, option
-from leaklab.errors import LeaklabError
 from leaklab.models.registry import LoadedModel, load_model
 from leaklab.threat.observation import Observation
 
@@ -43,26 +42,33 @@ RANK_CUTOFF = 20
 
 
 @dataclass(frozen=True)
-class DagerOptions(Config):
-    """DAGER's options (``-o key=value``)."""
+class SpanOptions(Config):
+    """Options every span attack shares (DAGER's and SOMP's span checks and decoding limits)."""
 
     tau1: float = option(1e-3, "layer-1 span distance below which a token is in the batch")
     tau2: float = option(1e-3, "layer-2 span distance below which an extension is in the batch")
     max_len: int = option(512, "longest sequence searched, in tokens")
+    chunk: int = option(2048, "extensions per forward pass")
+    budget_s: float = option(900.0, "decoding time limit (s); prefixes still open then are closed as they stand")
+
+    def __post_init__(self) -> None:
+        self.require(positive=("max_len", "chunk", "budget_s"), non_negative=("tau1", "tau2"))
+
+
+@dataclass(frozen=True)
+class DagerOptions(SpanOptions):
+    """DAGER's options (``-o key=value``); ``budget_s`` limits the best-effort decoding."""
+
     max_frontier: int = option(4096, "most prefixes kept per step (exact regime)")
     encoder_cap: int = option(4096, "most full combinations enumerated per length (encoders)")
     best_effort_topk: int = option(0, "tokens tried per position in best-effort mode (0: 2 x hidden size)")
     best_effort_max_len: int = option(48, "longest text decoded in best-effort mode")
-    chunk: int = option(2048, "extensions per forward pass")
-    budget_s: float = option(900.0, "best-effort decoding time limit (s); open prefixes are then closed as they stand")
 
     def __post_init__(self) -> None:
-        for name in ("max_len", "max_frontier", "encoder_cap", "best_effort_max_len", "chunk", "budget_s"):
-            if not getattr(self, name) > 0:
-                raise LeaklabError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("tau1", "tau2", "best_effort_topk"):
-            if getattr(self, name) < 0:
-                raise LeaklabError(f"{name} must be >= 0, got {getattr(self, name)}")
+        super().__post_init__()
+        self.require(
+            positive=("max_frontier", "encoder_cap", "best_effort_max_len"), non_negative=("best_effort_topk",)
+        )
 
 
 @dataclass

@@ -33,6 +33,7 @@ from leaklab.attacks.gradient.dager import (
     DagerOptions,
     Found,
     SpanModel,
+    SpanOptions,
     assemble,
     best_effort_decoder,
     complete_last_tokens,
@@ -61,24 +62,21 @@ from leaklab.attacks.gradient.subspace import (
     pair_module_inputs,
     whitener,
 )
-from leaklab.core import Config, option
-from leaklab.errors import LeaklabError, UnknownNameError
+from leaklab.core import option
+from leaklab.errors import UnknownNameError
 from leaklab.threat.observation import Observation
 
 
 @dataclass(frozen=True)
-class SompOptions(Config):
+class SompOptions(SpanOptions):
     """SOMP's options (``-o key=value``)."""
 
-    tau1: float = option(1e-3, "layer-1 span distance below which a token is in the batch")
-    tau2: float = option(1e-3, "layer-2 span distance below which an extension is in the batch")
     max_len: int = option(160, "longest text decoded, in tokens")
     shortlist: int = option(8, "full-rank regime: extensions per prefix re-scored with the layer-2 check")
     rank_cut: int = option(12, "full-rank regime: singular directions dropped from a full-rank span")
     beam: int = option(6, "full-rank regime: prefixes kept per start token")
     end_z: float = option(6.5, "a prefix ends where its best extension is less of an outlier than this (robust z)")
     stop_z: float = option(4.0, "... and stops growing below this (in between: emitted and grown)")
-    budget_s: float = option(900.0, "decoding time limit (s); prefixes still open then are closed as they stand")
     starts_factor: float = option(1.5, "full-rank regime: first tokens decoded per expected text")
     lm_weight: float = option(0.1, "pool regime: weight of the model's own next-token log-prior in the ranking")
     out_weight: float = option(1.0, "pool regime: weight of the output-gradient matched filter")
@@ -95,18 +93,16 @@ class SompOptions(Config):
     omp_min_gain: float = option(0.01, "OMP stops when an atom lowers the residual by less than this")
     max_atoms: int = option(1024, "largest OMP dictionary")
     best_effort_atoms: bool = option(True, "full-rank regime: DAGER's best-effort texts are dictionary atoms too")
-    chunk: int = option(2048, "extensions per forward pass")
     pool: str = option("output", "full-rank regime: how the token pool is ranked: output, span or headwise")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.pool not in POOLS:
             raise UnknownNameError("somp pool", self.pool, list(POOLS))
-        for name in ("max_len", "beam", "max_atoms", "chunk", "shortlist", "starts_factor", "budget_s"):
-            if not getattr(self, name) > 0:
-                raise LeaklabError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("tau1", "tau2", "rank_cut", "last_alternatives", "branch_second", "whiten", "omp_tol"):
-            if getattr(self, name) < 0:
-                raise LeaklabError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.require(
+            positive=("beam", "max_atoms", "shortlist", "starts_factor"),
+            non_negative=("rank_cut", "last_alternatives", "branch_second", "whiten", "omp_tol"),
+        )
 
 
 #: rankings of the full-rank token pool: the output-embedding gradient's row norms (default; the stacked span
@@ -586,7 +582,11 @@ class SompAttack:
     def run(self, obs: Observation) -> Recovery:
         spans, n_known, info = start_attack(obs)
         dopts = DagerOptions(
-            tau1=self.opts.tau1, tau2=self.opts.tau2, max_len=self.opts.max_len, budget_s=self.opts.budget_s
+            tau1=self.opts.tau1,
+            tau2=self.opts.tau2,
+            max_len=self.opts.max_len,
+            chunk=self.opts.chunk,
+            budget_s=self.opts.budget_s,
         )
         if spans.causal and not spans.full_rank:
             found = dedupe(decoder_search(spans, dopts))
