@@ -140,7 +140,7 @@ def setting_options(
     ``--setting-option`` pairs, typed and checked by the setting's config."""
     from leaklab.threat.settings import resolve_setting
 
-    flags = {
+    from_flags = {
         "minibatch": minibatch,
         "clients": clients,
         "inner": inner,
@@ -156,7 +156,7 @@ def setting_options(
     keys = set(THREAT_SETTINGS.get(setting).config.keys())
     if "inner" in keys:
         keys |= set(THREAT_SETTINGS.get(str(given.get("inner", inner))).config.keys())
-    values = {k: v for k, v in flags.items() if k in keys and v is not None}
+    values = {k: v for k, v in from_flags.items() if k in keys and v is not None}
     return resolve_setting(setting, {**values, **given}).to_dict()
 
 
