@@ -229,7 +229,7 @@ def test_setting_options_are_typed_checked_and_listed():
     from leaklab.threat.preference import PAIRINGS
     from leaklab.threat.secagg import REDUCTIONS
 
-    assert sorted(SETTINGS) == THREAT_SETTINGS.names()
+    assert SETTINGS == ("dpo", "fedavg", "fedsgd", "lora", "reward", "secagg") == tuple(THREAT_SETTINGS.names())
     s = resolve_setting("secagg", ["clients=4", "inner=lora", "r=2", "targets=q"])
     assert s.options.clients == 4 and s.client.options.r == 2 and s.texts_per_batch(3) == 12
     assert resolve_setting("dpo", {"pairing": "label"}).texts_per_batch(3) == 6

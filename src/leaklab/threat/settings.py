@@ -9,6 +9,7 @@ computed, so the registry is cheap to import (CLI help texts are built from it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -65,7 +66,7 @@ class DpoOptions(RewardOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.beta < float("inf"):
+        if not 0 < self.beta < math.inf:
             raise LeaklabError(f"DPO beta must be a finite number > 0, got {self.beta}")
 
 
