@@ -52,9 +52,10 @@ def as_number(v: object, where: str) -> float:
     return v
 
 
-def _positive(value: float, what: str) -> None:
+def _positive(value: float, kind: str, name: str) -> None:
+    """Refuse anything but a finite number > 0."""
     if not 0 < value < math.inf:
-        raise LeaklabError(f"{what} must be a finite number > 0 (got {value})")
+        raise LeaklabError(f"{kind} needs {name} > 0, finite (got {name}={value})")
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,9 @@ class GaussianNoise(ApiDefense):
     kind: ClassVar[str] = "gaussian"
 
     def __post_init__(self) -> None:
-        _positive(self.epsilon, "gaussian epsilon")
+        _positive(self.epsilon, "gaussian noise", "epsilon")
         if not 0 < self.delta < 1:
-            raise LeaklabError(f"gaussian delta must be in (0, 1) (got {self.delta})")
+            raise LeaklabError(f"gaussian noise needs 0 < delta < 1 (got delta={self.delta})")
 
     @cached_property
     def sigma(self) -> float:
@@ -103,7 +104,7 @@ class MetricDPNoise(ApiDefense):
     kind: ClassVar[str] = "metric-dp"
 
     def __post_init__(self) -> None:
-        _positive(self.epsilon, "metric-dp epsilon")
+        _positive(self.epsilon, "metric-dp", "epsilon")
 
     def apply(self, x, tenant, rng):
         n, d = x.shape
@@ -126,7 +127,7 @@ class Quantise(ApiDefense):
     def __post_init__(self) -> None:
         if not 1 <= self.bits <= 16:
             raise LeaklabError(f"quantise needs 1 <= bits <= 16 (got {self.bits})")
-        _positive(self.clip, "quantise clip")
+        _positive(self.clip, "quantise", "clip")
 
     def apply(self, x, tenant, rng):
         levels = 2**self.bits - 1
