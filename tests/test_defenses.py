@@ -1,6 +1,7 @@
 """Each defense against its formula; Opacus's accountant; DP-SGD per-sample clipping; refusals."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from leaklab.defenses import apply_defenses, defended_update, make_defense, parse_defense
+from leaklab.defenses import DEFENSES, apply_defenses, defended_update, make_defense, parse_defense
 from leaklab.defenses.dpsgd import noise_for_epsilon, rdp_epsilon
 from leaklab.defenses.update import embedding_params
 from leaklab.errors import LeaklabError
@@ -231,7 +232,7 @@ def test_inapplicable_defenses_are_refused(obs):
 def test_registry_lists_valid_names_and_parameters():
     with pytest.raises(LeaklabError, match="unknown defense 'dp'; valid: aggregate, clip, dpsgd"):
         make_defense("dp")
-    with pytest.raises(LeaklabError, match=r"no parameter\(s\) \['sigma'\]; valid: clip, noise_multiplier"):
+    with pytest.raises(LeaklabError, match="defense 'dpsgd' has no option 'sigma'; valid: clip, noise_multiplier"):
         parse_defense("dpsgd", ["sigma=1"])
     with pytest.raises(LeaklabError, match="exactly one of noise_multiplier or epsilon"):
         parse_defense("dpsgd", ["clip=1"])
@@ -240,6 +241,41 @@ def test_registry_lists_valid_names_and_parameters():
     with pytest.raises(LeaklabError, match="fraction must be in"):
         parse_defense("topk", ["fraction=2"])
     assert parse_defense("topk", ["fraction=0.5"]).fraction == 0.5
+    assert parse_defense("topk:fraction=0.5").fraction == 0.5
+    with pytest.raises(LeaklabError, match="defense 'clip' option 'max_norm': expected a number, got 'abc'"):
+        parse_defense("clip:max_norm=abc")
+    with pytest.raises(LeaklabError, match="'max_norm' is given twice"):
+        parse_defense("clip:max_norm=1", ["max_norm=2"])
+    with pytest.raises(LeaklabError, match="defense 'dpsgd' option 'mode': 'x' is not one of hooks, functorch"):
+        make_defense("dpsgd", noise_multiplier=1, mode="x")
+
+
+@pytest.mark.parametrize("name", DEFENSES.names())
+def test_every_defense_refuses_an_unknown_option_with_one_line_of_its_keys(name):
+    keys = DEFENSES.get(name).config.keys()
+    with pytest.raises(LeaklabError) as exc:
+        make_defense(name, bogus="1")
+    assert str(exc.value) == f"defense '{name}' has no option 'bogus'; valid: {', '.join(keys) or 'none'}"
+
+
+def test_defense_registry_refuses_duplicates_and_lists_options():
+    from typer.testing import CliRunner
+
+    from leaklab.cli.gradient import app
+    from leaklab.defenses import register_defense
+    from leaklab.defenses.update import Clip
+
+    with pytest.raises(LeaklabError, match="defense 'clip' is already registered"):
+        register_defense(Clip)
+    res = CliRunner().invoke(app, ["defenses", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(res.stdout)}
+    assert sorted(rows) == DEFENSES.names()
+    assert {r["name"]: r["side"] for r in rows.values()} == {n: DEFENSES.get(n).impl.side for n in rows}
+    opts = {o["name"]: o for o in rows["dpsgd"]["options"]}
+    assert opts["clip"] == {"name": "clip", "type": "float", "default": 1.0, "help": "per-sample L2 bound C (> 0)"}
+    assert opts["mode"]["default"] == "hooks" and opts["mode"]["type"] == "hooks|functorch"
+    assert rows["frozen-embeddings"]["options"] == [] and rows["clip"]["help"].startswith("u ← u · min(1, C")
 
 
 def test_utility_applies_the_update_and_scores_public_texts():

@@ -13,6 +13,7 @@ from scipy.stats import norm
 from leaklab.errors import LeaklabError, UnknownNameError
 from leaklab.service.config import parse_config
 from leaklab.service.defenses import (
+    API_DEFENSES,
     GaussianNoise,
     MetricDPNoise,
     Quantise,
@@ -20,6 +21,7 @@ from leaklab.service.defenses import (
     Truncate,
     analytic_gaussian_sigma,
     classic_gaussian_sigma,
+    make_api_defense,
     make_pipeline,
 )
 from leaklab.service.encoders import normalise
@@ -78,10 +80,16 @@ def test_config_errors_name_the_problem():
         parse_config({"limits": {"ratee": 3}})
     with pytest.raises(LeaklabError, match=r"monitor\.action"):
         parse_config({"monitor": {"action": "ban"}})
-    with pytest.raises(LeaklabError, match="gaussian has no parameter"):
+    with pytest.raises(
+        LeaklabError, match=r"defenses\[0\]: API defense 'gaussian' has no option 'eps'; valid: epsilon"
+    ):
         parse_config({"defenses": [{"kind": "gaussian", "eps": 1}]})
     with pytest.raises(LeaklabError, match="secret"):
         parse_config({"defenses": [{"kind": "rotate", "secret": "short"}]})
+    with pytest.raises(LeaklabError, match=r"keys\.b\.defenses\[0\]: API defense 'quantise' option 'bits'"):
+        parse_config({"keys": {"b": {"defenses": [{"kind": "quantise", "bits": "abc"}]}}})
+    with pytest.raises(LeaklabError, match=r"metric-dp needs epsilon > 0, finite \(got epsilon=inf\)"):
+        parse_config({"defenses": [{"kind": "metric-dp", "epsilon": "inf"}]})
     cfg = parse_config(
         {
             "defenses": [{"kind": "gaussian", "epsilon": "10", "delta": "1e-5"}],
@@ -89,6 +97,22 @@ def test_config_errors_name_the_problem():
         }
     )
     assert cfg.limits_for("vip").daily_requests == 5 and cfg.limits_for("vip").rate == cfg.limits.rate
+
+
+@pytest.mark.parametrize("kind", API_DEFENSES.names())
+def test_every_api_defense_refuses_an_unknown_option_with_one_line_of_its_keys(kind):
+    keys = ", ".join(API_DEFENSES.get(kind).config.keys())
+    with pytest.raises(LeaklabError) as exc:
+        make_api_defense({"kind": kind, "bogus": 1}, "defenses[2]")
+    assert str(exc.value) == f"defenses[2]: API defense '{kind}' has no option 'bogus'; valid: {keys}"
+
+
+def test_api_defense_registry_refuses_duplicates_and_describes_options():
+    with pytest.raises(LeaklabError, match="API defense 'gaussian' is already registered"):
+        API_DEFENSES.register("gaussian", GaussianNoise, config=GaussianNoise)
+    rows = {r["name"]: r["default"] for r in API_DEFENSES.get("quantise").describe()["options"]}
+    assert rows == {"bits": 8, "clip": 0.5}
+    assert make_api_defense({"kind": "quantise", "bits": 8.0}) == Quantise(bits=8)
 
 
 def test_token_bucket_against_a_simulation():

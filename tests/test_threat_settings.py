@@ -1,6 +1,9 @@
 """Each threat setting's update against a slow reference computation on tiny models."""
 
 import copy
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from leaklab.threat import ThreatFlags, fedsgd_update, load_update, save_update
 from leaklab.threat.fedavg import fedavg_update
 from leaklab.threat.lora import LoraSpec, lora_update
 from leaklab.threat.preference import dpo_update, make_pairs, reward_ref, reward_update
-from leaklab.threat.settings import make_update, sample_update
+from leaklab.threat.settings import THREAT_SETTINGS, make_update, resolve_setting, sample_update
 
 TEXTS = ["the cat sat on the mat", "a dog barked", "rain again today in the city"]
 
@@ -206,3 +209,71 @@ def test_bad_setting_options_are_refused():
         make_update("secagg", ref, TEXTS, clients=2)
     with pytest.raises(LeaklabError, match="learning_rate must be > 0"):
         ThreatFlags(learning_rate=0.0)
+
+
+@pytest.mark.parametrize("name", THREAT_SETTINGS.names())
+def test_every_setting_refuses_an_unknown_option_with_one_line_of_its_keys(name):
+    keys = THREAT_SETTINGS.get(name).config.keys()  # secagg's default inner setting, fedsgd, has none
+    with pytest.raises(LeaklabError) as exc:
+        resolve_setting(name, {"bogus": "1"})
+    where = "threat setting 'secagg' (inner fedsgd)" if name == "secagg" else f"threat setting '{name}'"
+    assert str(exc.value) == f"{where} has no option 'bogus'; valid: {', '.join(keys) or 'none'}"
+
+
+def test_setting_options_are_typed_checked_and_listed():
+    from typer.testing import CliRunner
+
+    from leaklab.cli.gradient import app
+    from leaklab.threat.lora import TARGETS
+    from leaklab.threat.observation import SETTINGS
+    from leaklab.threat.preference import PAIRINGS
+    from leaklab.threat.secagg import REDUCTIONS
+
+    assert SETTINGS == ("dpo", "fedavg", "fedsgd", "lora", "reward", "secagg") == tuple(THREAT_SETTINGS.names())
+    s = resolve_setting("secagg", ["clients=4", "inner=lora", "r=2", "targets=q"])
+    assert s.options.clients == 4 and s.client.options.r == 2 and s.texts_per_batch(3) == 12
+    assert resolve_setting("dpo", {"pairing": "label"}).texts_per_batch(3) == 6
+    assert s.to_dict() == {
+        **resolve_setting("lora", {"r": 2, "targets": "q"}).to_dict(),
+        "clients": 4,
+        "inner": "lora",
+        "reduce": "mean",
+    }
+    with pytest.raises(LeaklabError, match="threat setting 'lora' option 'r': expected an integer, got 'two'"):
+        resolve_setting("lora", ["r=two"])
+    with pytest.raises(LeaklabError, match="setting option 'lora' is not of the form key=value"):
+        resolve_setting("secagg", ["lora"])
+    with pytest.raises(LeaklabError, match="unknown inner setting 'secagg'; valid: dpo, fedavg, fedsgd, lora, reward"):
+        resolve_setting("secagg", {"inner": "secagg"})
+    with pytest.raises(
+        LeaklabError,
+        match=r"threat setting 'secagg' \(inner lora\) has no option 'beta'; valid: clients, inner, reduce, minibatch",
+    ):
+        resolve_setting("secagg", {"inner": "lora", "beta": 1})
+    with pytest.raises(LeaklabError, match="threat setting 'fedsgd' is already registered"):
+        THREAT_SETTINGS.register("fedsgd", make_update)
+    choices = {
+        o["name"]: o["type"] for n in ("lora", "dpo", "secagg") for o in THREAT_SETTINGS.get(n).config.describe()
+    }
+    assert choices["targets"].split("|") == list(TARGETS) and choices["pairing"].split("|") == list(PAIRINGS)
+    assert choices["reduce"].split("|") == list(REDUCTIONS)
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["settings", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: {o["name"]: o["default"] for o in r["options"]} for r in json.loads(res.stdout)}
+    assert sorted(rows) == THREAT_SETTINGS.names() and rows["fedsgd"] == {}
+    assert rows["lora"] == {"minibatch": None, "r": 8, "alpha": 16, "targets": "attention", "lora_seed": 0}
+    assert rows["secagg"] == {"clients": 2, "inner": "fedsgd", "reduce": "mean"}
+    res = runner.invoke(app, ["update-setting", "--setting", "lora", "--setting-option", "rank=4"])
+    assert isinstance(res.exception, LeaklabError)
+    assert (
+        str(res.exception)
+        == "threat setting 'lora' has no option 'rank'; valid: minibatch, r, alpha, targets, lora_seed"
+    )
+
+
+def test_the_setting_registry_imports_without_the_model_code():
+    code = "import sys, leaklab.threat.settings as s; s.THREAT_SETTINGS.names(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -11,7 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from leaklab.attacks.base import GRADIENT_ATTACKS
+from leaklab.core import Registry, parse_pairs
 from leaklab.errors import LeaklabError
+from leaklab.threat.settings import THREAT_SETTINGS
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console()
@@ -120,10 +122,16 @@ def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")
         console.print(table)
 
 
-SettingOpt = Annotated[str, typer.Option(help="fedsgd, fedavg, lora, dpo, reward or secagg.")]
-DefenseOpt = Annotated[list[str] | None, typer.Option("--defense", help="NAME or NAME:k=v,k=v (repeatable, in order).")]
+SettingOpt = Annotated[str, typer.Option(help=f"Threat setting: {THREAT_SETTINGS.help_names()} (see 'settings').")]
+DefenseOpt = Annotated[
+    list[str] | None, typer.Option("--defense", help="NAME or NAME:k=v,k=v (repeatable, in order; see 'defenses').")
+]
 ParamOpt = Annotated[
     list[str] | None, typer.Option("--defense-param", help="k=v for the single --defense (repeatable).")
+]
+SettingOptionOpt = Annotated[
+    list[str] | None,
+    typer.Option("--setting-option", help="k=v option of the setting, e.g. r=4 (repeatable; see 'settings')."),
 ]
 
 
@@ -134,12 +142,7 @@ def parse_defenses(specs: list[str] | None, params: list[str] | None) -> list:
     specs = specs or []
     if params and len(specs) != 1:
         raise LeaklabError("--defense-param needs exactly one --defense; with several use NAME:k=v,k=v")
-    out = []
-    for spec in specs:
-        name, _, inline = spec.partition(":")
-        items = [x for x in inline.split(",") if x] + (params or [])
-        out.append(parse_defense(name.strip(), items))
-    return out
+    return [parse_defense(spec, params) for spec in specs]
 
 
 def setting_options(
@@ -154,11 +157,13 @@ def setting_options(
     lora_seed: int,
     pairing: str,
     beta: float,
+    pairs: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Only the options the chosen setting (and, for secagg, its inner setting) takes."""
-    from leaklab.threat.settings import OPTIONS
+    """The options of the chosen setting (and, for secagg, its inner setting) from its flags, then the
+    ``--setting-option`` pairs, typed and checked by the setting's config."""
+    from leaklab.threat.settings import resolve_setting
 
-    values = {
+    from_flags = {
         "minibatch": minibatch,
         "clients": clients,
         "inner": inner,
@@ -170,8 +175,12 @@ def setting_options(
         "pairing": pairing,
         "beta": beta,
     }
-    keys = set(OPTIONS.get(setting, ())) | (set(OPTIONS.get(inner, ())) if setting == "secagg" else set())
-    return {k: v for k, v in values.items() if k in keys and v is not None}
+    given = parse_pairs(pairs, "setting option")
+    keys = set(THREAT_SETTINGS.get(setting).config.keys())
+    if "inner" in keys:
+        keys |= set(THREAT_SETTINGS.get(str(given.get("inner", inner))).config.keys())
+    values = {k: v for k, v in from_flags.items() if k in keys and v is not None}
+    return resolve_setting(setting, {**values, **given}).to_dict()
 
 
 @app.command("update-setting")
@@ -206,6 +215,7 @@ def update_setting_cmd(
     lora_seed: Annotated[int, typer.Option(help="Seed of the LoRA A init.")] = 0,
     pairing: Annotated[str, typer.Option(help="dpo/reward pairs: shuffle or label.")] = "shuffle",
     beta: Annotated[float, typer.Option(help="DPO beta.")] = 0.1,
+    setting_option: SettingOptionOpt = None,
 ) -> None:
     """Compute one client's update in a threat setting, with defenses, and save it (Secret beside it)."""
     from leaklab.defenses import defended_update
@@ -219,7 +229,18 @@ def update_setting_cmd(
         batch_size_known=batch_size_known, train_mode=train_mode, local_steps=local_steps, learning_rate=lr
     )
     opts = setting_options(
-        setting, minibatch, clients, inner, reduce, lora_r, lora_alpha, lora_targets, lora_seed, pairing, beta
+        setting,
+        minibatch,
+        clients,
+        inner,
+        reduce,
+        lora_r,
+        lora_alpha,
+        lora_targets,
+        lora_seed,
+        pairing,
+        beta,
+        setting_option,
     )
     with console.status(f"computing a {setting} update on {model}"):
         obs, secret = defended_update(
@@ -252,27 +273,34 @@ def apply_defense_cmd(
     console.print(f"wrote {out} ({len(obs.gradients)} tensors; defenses: {[r['name'] for r in obs.defenses]})")
 
 
-@app.command("defenses")
-def defenses_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """List the defenses, where each acts, and their parameters."""
-    import dataclasses
-
-    from leaklab.defenses.base import DEFENSES, defense_names
-
-    rows = []
-    for name in defense_names():
-        cls = DEFENSES[name]
-        params = {f.name: f.default for f in dataclasses.fields(cls)}
-        rows.append({"name": name, "side": cls.side, "params": params, "doc": " ".join((cls.__doc__ or "").split())})
+def _list_entries(registry: Registry, title: str, as_json: bool, **columns: str) -> None:
+    """Each entry of ``registry`` with its help and options (type, default, help); ``columns`` names extra
+    fields of the entries to show (``side="side"``)."""
+    rows = [{**e.describe(), **{k: e.extra.get(k) for k in columns}} for e in registry.entries()]
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return
-    table = Table(title="defenses (--defense NAME:k=v,...)")
-    for col in ("name", "side", "parameters (defaults)", "what it does"):
+    table = Table(title=title)
+    for col in ("name", *columns.values(), "options (type, default): help", "what it does"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["name"], r["side"], ", ".join(f"{k}={v}" for k, v in r["params"].items()), r["doc"])
+        opts = "\n".join(f"{o['name']} ({o['type']}, default {o['default']}): {o['help']}" for o in r["options"])
+        table.add_row(r["name"], *(str(r[k]) for k in columns), opts or "none", r["help"])
     console.print(table)
+
+
+@app.command("defenses")
+def defenses_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the defenses, where each acts, and their options."""
+    from leaklab.defenses import DEFENSES
+
+    _list_entries(DEFENSES, "defenses (--defense NAME:k=v,...)", as_json, side="side")
+
+
+@app.command("settings")
+def settings_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the threat settings and their options."""
+    _list_entries(THREAT_SETTINGS, "threat settings (--setting NAME --setting-option k=v)", as_json)
 
 
 @app.command("sweep")

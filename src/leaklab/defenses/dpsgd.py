@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from leaklab.defenses.base import base_record, register_defense
-from leaklab.errors import LeaklabError, UnknownNameError
+from leaklab.core import option
+from leaklab.defenses.base import DefenseConfig, Side
+from leaklab.errors import LeaklabError
 from leaklab.threat.local import Grads, Objective, trainable
 from leaklab.threat.observation import Observation
-
-MODES = ("hooks", "functorch")
 
 
 def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float | None:
@@ -59,21 +58,20 @@ def noise_for_epsilon(epsilon: float, delta: float, sample_rate: float, steps: i
     )
 
 
-@register_defense
 @dataclass(frozen=True)
-class DpSgd:
+class DpSgd(DefenseConfig):
     """DP-SGD on the client: per-sample clipping to ``clip`` and Gaussian noise σ·clip (σ =
     ``noise_multiplier``, or calibrated from ``epsilon`` at ``delta``)."""
 
-    clip: float = 1.0
-    noise_multiplier: float | None = None
-    epsilon: float | None = None
-    delta: float = 1e-5
-    sample_rate: float = 1.0
-    steps: int | None = None
-    mode: str = "hooks"
+    clip: float = option(1.0, "per-sample L2 bound C (> 0)")
+    noise_multiplier: float | None = option(None, "σ: noise N(0, σ²C²I) per step (or give epsilon)")
+    epsilon: float | None = option(None, "target ε at delta: σ from the RDP accountant (or give noise_multiplier)")
+    delta: float = option(1e-5, "δ of the accounting")
+    sample_rate: float = option(1.0, "q: the batch's share of the client's data, in (0, 1]")
+    steps: int | None = option(None, "noisy steps accounted (default: the client's optimiser steps)")
+    mode: Literal["hooks", "functorch"] = option("hooks", "Opacus per-sample gradients: hooks or functorch")
     name: ClassVar[str] = "dpsgd"
-    side: ClassVar[str] = "client"
+    side: ClassVar[Side] = "client"
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.epsilon is None):
@@ -86,8 +84,8 @@ class DpSgd:
             raise LeaklabError(f"epsilon must be > 0, got {self.epsilon}")
         if not 0 < self.sample_rate <= 1 or not 0 < self.delta < 1:
             raise LeaklabError("dpsgd needs 0 < sample_rate <= 1 and 0 < delta < 1")
-        if self.mode not in MODES:
-            raise UnknownNameError("grad_sample_mode", self.mode, list(MODES))
+        if self.steps is not None and self.steps < 1:
+            raise LeaklabError(f"dpsgd steps must be >= 1, got {self.steps}")
 
     def sigma(self, steps: int) -> float:
         if self.noise_multiplier is not None:
@@ -139,8 +137,8 @@ class DpSgd:
         """σ as used by :meth:`gradient` and ε over the steps actually taken (unless ``steps`` was fixed)."""
         sigma = self.sigma(self.steps or 1)
         accounted = self.steps or steps
-        return base_record(
-            self,
+        return super().record(
+            steps,
             noise_multiplier=sigma,
             epsilon=rdp_epsilon(sigma, self.sample_rate, accounted, self.delta),
             accounted_steps=accounted,

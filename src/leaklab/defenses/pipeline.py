@@ -14,7 +14,7 @@ from leaklab.defenses.update import Aggregate
 from leaklab.errors import LeaklabError
 from leaklab.models.registry import ModelRef
 from leaklab.threat.observation import Observation, Secret, ThreatFlags
-from leaklab.threat.settings import check_options, sample_update, texts_per_batch
+from leaklab.threat.settings import Setting, resolve_setting, sample_update
 
 
 def apply_defenses(obs: Observation, defenses: Sequence[Defense], seed: int = 0) -> Observation:
@@ -24,21 +24,16 @@ def apply_defenses(obs: Observation, defenses: Sequence[Defense], seed: int = 0)
     return obs
 
 
-def optimiser_steps(setting: str, batch_size: int, flags: ThreatFlags, options: dict[str, Any]) -> int:
-    """Local optimiser steps one client takes: 1 for a gradient, else local_steps · ⌈B / minibatch⌉."""
-    inner = str(options.get("inner", "fedsgd")) if setting == "secagg" else setting
+def optimiser_steps(setting: Setting, batch_size: int, flags: ThreatFlags) -> int:
+    """Local optimiser steps one client takes: 1 for a gradient, else local_steps · ⌈B / minibatch⌉ (B texts,
+    or pairs for dpo/reward)."""
     if flags.learning_rate is None:
         return 1
-    per_client = texts_per_batch(inner, batch_size, options)
-    if inner in ("dpo", "reward"):
-        per_client = batch_size  # pairs
-    mb = options.get("minibatch") or per_client
-    return flags.local_steps * math.ceil(per_client / int(mb))
+    minibatch = getattr(setting.client.options, "minibatch", None) or batch_size
+    return flags.local_steps * math.ceil(batch_size / minibatch)
 
 
-def resolve(
-    setting: str, defenses: Sequence[Defense], options: dict[str, Any]
-) -> tuple[str, dict[str, Any], list[Defense], list[Defense]]:
+def resolve(setting: Setting, defenses: Sequence[Defense]) -> tuple[Setting, list[Defense], list[Defense]]:
     """Split defenses by side; a protocol defense turns the setting into secagg over more clients."""
     client = [d for d in defenses if d.side == "client"]
     server = [d for d in defenses if d.side == "server"]
@@ -50,11 +45,10 @@ def resolve(
     if protocol:
         agg = protocol[0]
         assert isinstance(agg, Aggregate)
-        if setting == "secagg":
-            raise LeaklabError("the setting is already secagg: set its clients option instead of aggregate")
-        options = {**options, "inner": setting, "clients": agg.clients}
-        setting = "secagg"
-    return setting, options, client, server
+        if setting.inner is not None:
+            raise LeaklabError(f"the setting is already {setting.name}: set its clients option instead of aggregate")
+        setting = resolve_setting("secagg", {**setting.to_dict(), "inner": setting.name, "clients": agg.clients})
+    return setting, client, server
 
 
 def defended_update(
@@ -71,12 +65,11 @@ def defended_update(
 ) -> tuple[Observation, Secret]:
     """One defended update of ``setting`` on a private batch drawn from ``corpus`` with ``seed``."""
     flags = flags or ThreatFlags()
-    check_options(setting, options)
-    setting, options, client, server = resolve(setting, defenses, options)
-    steps = optimiser_steps(setting, batch_size, flags, options)
+    resolved, client, server = resolve(resolve_setting(setting, options), defenses)
+    steps = optimiser_steps(resolved, batch_size, flags)
     hooks = [dataclasses.replace(d, steps=steps) if isinstance(d, DpSgd) and d.steps is None else d for d in client]
     obs, secret = sample_update(
-        setting, model, corpus, batch_size, seed, min_tokens, max_tokens, flags, hooks, **options
+        resolved.name, model, corpus, batch_size, seed, min_tokens, max_tokens, flags, hooks, **resolved.to_dict()
     )
     protocol = [d.record() for d in defenses if d.side == "protocol"]
     if protocol:

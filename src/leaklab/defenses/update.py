@@ -10,7 +10,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from leaklab.defenses.base import Recorded, register_defense, require_tensors, with_update
+from leaklab.core import option
+from leaklab.defenses.base import DefenseConfig, Side, require_tensors, with_update
 from leaklab.errors import LeaklabError
 from leaklab.threat.observation import Observation, grad_norm
 
@@ -32,14 +33,13 @@ def clip_bound(obs: Observation) -> float | None:
     return bound
 
 
-@register_defense
 @dataclass(frozen=True)
-class Clip(Recorded):
+class Clip(DefenseConfig):
     """u ← u · min(1, C / ‖u‖₂) over the whole update (all tensors as one vector)."""
 
-    max_norm: float = 1.0
+    max_norm: float = option(1.0, "L2 bound C of the whole update (> 0)")
     name: ClassVar[str] = "clip"
-    side: ClassVar[str] = "server"
+    side: ClassVar[Side] = "server"
 
     def __post_init__(self) -> None:
         if not self.max_norm > 0:
@@ -52,18 +52,17 @@ class Clip(Recorded):
         return with_update(obs, {k: g * scale for k, g in obs.gradients.items()}, self.record())
 
 
-@register_defense
 @dataclass(frozen=True)
-class Gaussian(Recorded):
+class Gaussian(DefenseConfig):
     """u ← u + N(0, σ²I). σ given, or the classical Gaussian mechanism σ = Δ₂·√(2 ln(1.25/δ))/ε
     (Dwork–Roth Thm A.1, proven for ε < 1), Δ₂ = ``sensitivity`` or the bound of an earlier clip."""
 
-    sigma: float | None = None
-    epsilon: float | None = None
-    delta: float = 1e-5
-    sensitivity: float | None = None
+    sigma: float | None = option(None, "noise standard deviation σ (or give epsilon)")
+    epsilon: float | None = option(None, "target ε: σ from the Gaussian mechanism (or give sigma)")
+    delta: float = option(1e-5, "δ of the (ε, δ) calibration")
+    sensitivity: float | None = option(None, "L2 sensitivity Δ₂ (default: the bound of an earlier clip)")
     name: ClassVar[str] = "gaussian"
-    side: ClassVar[str] = "server"
+    side: ClassVar[Side] = "server"
 
     def __post_init__(self) -> None:
         if (self.sigma is None) == (self.epsilon is None):
@@ -92,17 +91,16 @@ class Gaussian(Recorded):
         return with_update(obs, noisy, self.record(std=std, sensitivity=sens))
 
 
-@register_defense
 @dataclass(frozen=True)
-class Laplace(Recorded):
+class Laplace(DefenseConfig):
     """u ← u + Lap(0, b) per coordinate. b given, or b = Δ₁/ε (pure ε-DP), Δ₁ = ``sensitivity`` or
     √d·C from an earlier L2 clip to C over d coordinates (‖u‖₁ ≤ √d‖u‖₂)."""
 
-    scale: float | None = None
-    epsilon: float | None = None
-    sensitivity: float | None = None
+    scale: float | None = option(None, "Laplace scale b (or give epsilon)")
+    epsilon: float | None = option(None, "target ε: b = Δ₁/ε (or give scale)")
+    sensitivity: float | None = option(None, "L1 sensitivity Δ₁ (default: √d·C from an earlier clip)")
     name: ClassVar[str] = "laplace"
-    side: ClassVar[str] = "server"
+    side: ClassVar[Side] = "server"
 
     def __post_init__(self) -> None:
         if (self.scale is None) == (self.epsilon is None):
@@ -137,14 +135,13 @@ class Laplace(Recorded):
         return with_update(obs, out, self.record(scale=b, sensitivity=sens))
 
 
-@register_defense
 @dataclass(frozen=True)
-class TopK(Recorded):
+class TopK(DefenseConfig):
     """Keep the k = ⌈f·d⌉ largest-magnitude coordinates of the whole update, zero the rest."""
 
-    fraction: float = 0.01
+    fraction: float = option(0.01, "fraction f of coordinates kept, in (0, 1]")
     name: ClassVar[str] = "topk"
-    side: ClassVar[str] = "server"
+    side: ClassVar[Side] = "server"
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
@@ -172,14 +169,13 @@ def embedding_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if id(p) in tables}
 
 
-@register_defense
 @dataclass(frozen=True)
-class FrozenEmbeddings(Recorded):
+class FrozenEmbeddings(DefenseConfig):
     """The client trains with every embedding table frozen, so none is shared. On a one-step gradient this
     equals dropping those tensors; a multi-step update must be made with it (client side)."""
 
     name: ClassVar[str] = "frozen-embeddings"
-    side: ClassVar[str] = "client"
+    side: ClassVar[Side] = "client"
 
     def prepare(self, model: nn.Module) -> None:
         params = {n: p for n, p in embedding_params(model).items() if p.requires_grad}
@@ -208,14 +204,13 @@ class FrozenEmbeddings(Recorded):
         return with_update(obs, kept, self.record(dropped=sorted(names)))
 
 
-@register_defense
 @dataclass(frozen=True)
-class Aggregate(Recorded):
+class Aggregate(DefenseConfig):
     """Secure aggregation over ``clients`` clients: the server sees the mean of their updates (protocol)."""
 
-    clients: int = 8
+    clients: int = option(8, "clients whose updates the server sees only as a mean (>= 1)")
     name: ClassVar[str] = "aggregate"
-    side: ClassVar[str] = "protocol"
+    side: ClassVar[Side] = "protocol"
 
     def __post_init__(self) -> None:
         if self.clients < 1:

@@ -7,12 +7,14 @@ import hashlib
 import hmac
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
+from typing import ClassVar
 
 import numpy as np
 from scipy.optimize import brentq
 from scipy.stats import norm
 
+from leaklab.core import Config, Registry, option
 from leaklab.errors import LeaklabError, UnknownNameError
 from leaklab.service.encoders import normalise
 
@@ -50,48 +52,59 @@ def as_number(v: object, where: str) -> float:
     return v
 
 
-@dataclass
-class Defense:
-    """One transform on a batch of unit vectors (n, d)."""
+def _positive(value: float, kind: str, name: str) -> None:
+    """Refuse anything but a finite number > 0."""
+    if not 0 < value < math.inf:
+        raise LeaklabError(f"{kind} needs {name} > 0, finite (got {name}={value})")
 
-    kind: str = ""
+
+@dataclass(frozen=True)
+class ApiDefense(Config):
+    """One transform on a batch of unit vectors (n, d); the defense is the frozen config of its options."""
+
+    kind: ClassVar[str] = ""
 
     def apply(self, x: np.ndarray, tenant: str, rng: np.random.Generator) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
-    def describe(self) -> str:
+    def label(self) -> str:
+        """How the request log names this defense."""
         return self.kind
 
 
-@dataclass
-class GaussianNoise(Defense):
+@dataclass(frozen=True)
+class GaussianNoise(ApiDefense):
     """x + N(0, σ²I) with σ from (ε, δ) by the analytic Gaussian mechanism, sensitivity 2 on unit vectors."""
 
-    epsilon: float = 1.0
-    delta: float = 1e-5
-    sigma: float = field(init=False)
+    epsilon: float = option(1.0, "ε of the (ε, δ) guarantee per returned vector (> 0)")
+    delta: float = option(1e-5, "δ, in (0, 1)")
+    kind: ClassVar[str] = "gaussian"
 
     def __post_init__(self) -> None:
-        self.kind = "gaussian"
-        self.sigma = analytic_gaussian_sigma(self.epsilon, self.delta)
+        _positive(self.epsilon, "gaussian noise", "epsilon")
+        if not 0 < self.delta < 1:
+            raise LeaklabError(f"gaussian noise needs 0 < delta < 1 (got delta={self.delta})")
+
+    @cached_property
+    def sigma(self) -> float:
+        return analytic_gaussian_sigma(self.epsilon, self.delta)
 
     def apply(self, x, tenant, rng):
         return x + rng.standard_normal(x.shape).astype(np.float32) * np.float32(self.sigma)
 
-    def describe(self) -> str:
+    def label(self) -> str:
         return f"gaussian(eps={self.epsilon:g},delta={self.delta:g},sigma={self.sigma:.4g})"
 
 
-@dataclass
-class MetricDPNoise(Defense):
+@dataclass(frozen=True)
+class MetricDPNoise(ApiDefense):
     """Metric-DP: x + r·u, u uniform on the sphere, r ~ Gamma(d, 1/ε); density ∝ exp(−ε‖z‖)."""
 
-    epsilon: float = 10.0
+    epsilon: float = option(10.0, "ε of the metric-DP guarantee (> 0)")
+    kind: ClassVar[str] = "metric-dp"
 
     def __post_init__(self) -> None:
-        self.kind = "metric-dp"
-        if self.epsilon <= 0:
-            raise LeaklabError(f"metric-dp needs epsilon > 0 (got {self.epsilon})")
+        _positive(self.epsilon, "metric-dp", "epsilon")
 
     def apply(self, x, tenant, rng):
         n, d = x.shape
@@ -99,21 +112,22 @@ class MetricDPNoise(Defense):
         r = rng.gamma(shape=d, scale=1.0 / self.epsilon, size=(n, 1))
         return x + (u * r).astype(np.float32)
 
-    def describe(self) -> str:
+    def label(self) -> str:
         return f"metric-dp(eps={self.epsilon:g})"
 
 
-@dataclass
-class Quantise(Defense):
+@dataclass(frozen=True)
+class Quantise(ApiDefense):
     """Uniform scalar quantisation of each coordinate to 2^bits levels over [−clip, clip] (absmax-style)."""
 
-    bits: int = 8
-    clip: float = 0.5
+    bits: int = option(8, "bits per coordinate, 1 to 16")
+    clip: float = option(0.5, "coordinates are clipped to [−clip, clip] (> 0)")
+    kind: ClassVar[str] = "quantise"
 
     def __post_init__(self) -> None:
-        self.kind = "quantise"
-        if not 1 <= self.bits <= 16 or self.clip <= 0:
-            raise LeaklabError(f"quantise needs 1 <= bits <= 16 and clip > 0 (got bits={self.bits}, clip={self.clip})")
+        if not 1 <= self.bits <= 16:
+            raise LeaklabError(f"quantise needs 1 <= bits <= 16 (got {self.bits})")
+        _positive(self.clip, "quantise", "clip")
 
     def apply(self, x, tenant, rng):
         levels = 2**self.bits - 1
@@ -121,18 +135,18 @@ class Quantise(Defense):
         q = np.round((np.clip(x, -self.clip, self.clip) + self.clip) / step)
         return (q * step - self.clip).astype(np.float32)
 
-    def describe(self) -> str:
+    def label(self) -> str:
         return f"quantise(bits={self.bits},clip={self.clip:g})"
 
 
-@dataclass
-class Truncate(Defense):
+@dataclass(frozen=True)
+class Truncate(ApiDefense):
     """Keep the first ``dims`` coordinates (Matryoshka-style dimension truncation)."""
 
-    dims: int = 64
+    dims: int = option(64, "coordinates kept (>= 1, at most the encoder's dimension)")
+    kind: ClassVar[str] = "truncate"
 
     def __post_init__(self) -> None:
-        self.kind = "truncate"
         if self.dims < 1:
             raise LeaklabError(f"truncate needs dims >= 1 (got {self.dims})")
 
@@ -141,7 +155,7 @@ class Truncate(Defense):
             raise LeaklabError(f"truncate dims={self.dims} exceeds the encoder dimension {x.shape[1]}")
         return np.ascontiguousarray(x[:, : self.dims])
 
-    def describe(self) -> str:
+    def label(self) -> str:
         return f"truncate(dims={self.dims})"
 
 
@@ -154,69 +168,52 @@ def tenant_rotation(secret: str, tenant: str, dim: int) -> np.ndarray:
     return (q * np.sign(np.diag(r))).astype(np.float32)
 
 
-@dataclass
-class Rotate(Defense):
+@dataclass(frozen=True)
+class Rotate(ApiDefense):
     """x·Qᵀ with a secret orthogonal Q per tenant: cosines within a tenant are kept exactly."""
 
-    secret: str = ""
+    secret: str = option("", "key of the per-tenant rotations (at least 16 characters)")
+    kind: ClassVar[str] = "rotate"
 
     def __post_init__(self) -> None:
-        self.kind = "rotate"
         if len(self.secret) < 16:
             raise LeaklabError("rotate needs a 'secret' of at least 16 characters")
 
     def apply(self, x, tenant, rng):
         return x @ tenant_rotation(self.secret, tenant, x.shape[1]).T
 
-    def describe(self) -> str:
+    def label(self) -> str:
         return "rotate(per-tenant)"
 
 
-DEFENSES: dict[str, type[Defense]] = {
-    "gaussian": GaussianNoise,
-    "metric-dp": MetricDPNoise,
-    "quantise": Quantise,
-    "truncate": Truncate,
-    "rotate": Rotate,
-}
-_PARAMS = {
-    "gaussian": {"epsilon", "delta"},
-    "metric-dp": {"epsilon"},
-    "quantise": {"bits", "clip"},
-    "truncate": {"dims"},
-    "rotate": {"secret"},
-}
+def _builtins() -> None:
+    for cls in (GaussianNoise, MetricDPNoise, Quantise, Truncate, Rotate):
+        API_DEFENSES.register(cls.kind, cls, config=cls)
 
 
-def make_defense(spec: dict, where: str = "defense") -> Defense:
-    """Build one defense from ``{"kind": ..., **params}``; unknown kinds or parameters name the valid ones."""
+API_DEFENSES: Registry[type[ApiDefense]] = Registry("API defense", builtins=_builtins)
+
+
+def make_api_defense(spec: dict, where: str = "defense") -> ApiDefense:
+    """Build one defense from ``{"kind": ..., **options}``; unknown kinds or options name the valid ones."""
     if not isinstance(spec, dict) or "kind" not in spec:
-        raise LeaklabError(f"{where}: each defense is a mapping with a 'kind' (one of {', '.join(DEFENSES)})")
-    kind = spec["kind"]
-    if kind not in DEFENSES:
-        raise UnknownNameError(f"defense kind in {where}", str(kind), list(DEFENSES))
-    params = {k: v for k, v in spec.items() if k != "kind"}
-    extra = set(params) - _PARAMS[kind]
-    if extra:
         raise LeaklabError(
-            f"{where}: {kind} has no parameter(s) {', '.join(sorted(extra))}; valid: {', '.join(sorted(_PARAMS[kind]))}"
+            f"{where}: each defense is a mapping with a 'kind' (one of {', '.join(API_DEFENSES.names())})"
         )
-    for k, v in list(params.items()):
-        if k != "secret":
-            params[k] = as_number(v, f"{where}: {kind}.{k}")
-    for k in ("bits", "dims"):
-        if k in params:
-            if params[k] != int(params[k]):
-                raise LeaklabError(f"{where}: {kind}.{k} must be an integer (got {params[k]!r})")
-            params[k] = int(params[k])
-    return DEFENSES[kind](**params)
+    kind = str(spec["kind"])
+    if kind not in API_DEFENSES:
+        raise UnknownNameError(f"API defense kind in {where}", kind, API_DEFENSES.names())
+    try:
+        return API_DEFENSES.get(kind).options({k: v for k, v in spec.items() if k != "kind"})
+    except LeaklabError as exc:
+        raise LeaklabError(f"{where}: {exc}") from None
 
 
 @dataclass
 class Pipeline:
     """Defenses applied in order; the result is re-normalised to unit length (post-processing keeps DP)."""
 
-    steps: list[Defense] = field(default_factory=list)
+    steps: list[ApiDefense] = field(default_factory=list)
     renormalise: bool = True
 
     def apply(self, x: np.ndarray, tenant: str, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -227,9 +224,9 @@ class Pipeline:
         return normalise(out) if self.renormalise and self.steps else out
 
     def describe(self) -> str:
-        return "+".join(s.describe() for s in self.steps) or "none"
+        return "+".join(s.label() for s in self.steps) or "none"
 
-    def with_extra(self, extra: Defense) -> Pipeline:
+    def with_extra(self, extra: ApiDefense) -> Pipeline:
         """This pipeline with ``extra`` inserted before quantisation/truncation/rotation."""
         noise = [s for s in self.steps if s.kind in ("gaussian", "metric-dp")]
         rest = [s for s in self.steps if s.kind not in ("gaussian", "metric-dp")]
@@ -241,4 +238,4 @@ def make_pipeline(specs: list[dict] | None, where: str = "defenses") -> Pipeline
         return Pipeline([])
     if not isinstance(specs, list):
         raise LeaklabError(f"{where} must be a list of defenses")
-    return Pipeline([make_defense(s, f"{where}[{i}]") for i, s in enumerate(specs)])
+    return Pipeline([make_api_defense(s, f"{where}[{i}]") for i, s in enumerate(specs)])

@@ -16,8 +16,9 @@ import torch
 
 from leaklab.errors import LeaklabError
 from leaklab.models.registry import ModelRef
+from leaklab.threat.settings import THREAT_SETTINGS
 
-SETTINGS = ("fedsgd", "fedavg", "lora", "dpo", "reward", "secagg")
+SETTINGS = tuple(THREAT_SETTINGS.names())  # the registered threat settings' names
 
 
 @dataclass(frozen=True)
