@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from leaklab.core import Config, Entry, NoOptions, Registry
+from leaklab.attacks.registry import GRADIENT_ATTACKS, attack_entry, register_gradient_attack
 from leaklab.errors import LeaklabError
-from leaklab.threat.observation import SETTINGS, Observation, grad_norm, require_observation
+from leaklab.threat.observation import Observation, grad_norm, require_observation
 
 Status = Literal["recovered", "could_not_run", "no_signal"]
 Kind = Literal["texts", "bag"]
@@ -57,31 +57,6 @@ class GradientAttack(Protocol):
     name: str
 
     def run(self, obs: Observation) -> Recovery: ...
-
-
-#: the built-in gradient attacks' modules (each registers its attack when imported)
-BUILTINS = (
-    "leaklab.attacks.gradient.somp",
-    "leaklab.attacks.gradient.dager",
-    "leaklab.attacks.gradient.tokenset",
-    "leaklab.attacks.gradient.tokenleak",
-)
-GRADIENT_ATTACKS: Registry[type] = Registry("attack", builtins=BUILTINS, entry_points="leaklab.attacks")
-
-
-def register_gradient_attack(
-    name: str,
-    config: type[Config] = NoOptions,
-    settings: tuple[str, ...] = SETTINGS,
-    aliases: tuple[str, ...] = (),
-    help: str = "",
-):
-    """Class decorator: register a gradient attack (built as ``cls(config)``) for the settings it supports."""
-    return GRADIENT_ATTACKS.register(name, config=config, settings=settings, aliases=aliases, help=help)
-
-
-def attack_entry(name: str) -> Entry:
-    return GRADIENT_ATTACKS.get(name)
 
 
 def make_attack(name: str, options: Any = None, /, **kw: Any) -> GradientAttack:
@@ -139,4 +114,18 @@ def _run_viewed(attack: GradientAttack, obs: Observation, name: str, setting_vie
 
 
 def _supported(name: str) -> tuple[str, ...] | None:
+    """The settings the attack declares (None: every setting, or an attack built outside the registry)."""
     return GRADIENT_ATTACKS.get(name).settings if name in GRADIENT_ATTACKS else None
+
+
+__all__ = [
+    "GRADIENT_ATTACKS",
+    "CannotRun",
+    "GradientAttack",
+    "NoSignal",
+    "Recovery",
+    "attack_entry",
+    "make_attack",
+    "register_gradient_attack",
+    "run_attack",
+]

@@ -10,10 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from leaklab.attacks.base import GRADIENT_ATTACKS
+from leaklab.attacks.registry import GRADIENT_ATTACKS
 from leaklab.core import Registry, parse_pairs
 from leaklab.errors import LeaklabError
-from leaklab.threat.settings import THREAT_SETTINGS
+from leaklab.threat.registry import THREAT_SETTINGS
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console()
@@ -114,7 +114,7 @@ def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")
         return
     for row in rows:
         table = Table(title=f"{row['name']}: {row['help']}", title_justify="left")
-        table.caption = f"settings: {', '.join(row['settings'])}"
+        table.caption = f"settings: {', '.join(row['settings'] or ['all (each through its view)'])}"
         for col in ("option", "type", "default", "help"):
             table.add_column(col, overflow="fold")
         for opt in row["options"]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -82,7 +82,7 @@ class Registry(Generic[T]):
     def __init__(
         self,
         kind: str,
-        builtins: tuple[str, ...] | Callable[[], None] | None = None,
+        builtins: Mapping[str, str] | tuple[str, ...] | Callable[[], None] | None = None,
         entry_points: str | None = None,
     ):
         self.kind = kind
@@ -132,8 +132,14 @@ class Registry(Generic[T]):
             if callable(self._builtins):
                 self._builtins()
             else:  # module names: importing each registers its entries (no import edge back to the registry)
-                for module in self._builtins or ():
+                modules = self._builtins.values() if isinstance(self._builtins, Mapping) else self._builtins or ()
+                for module in dict.fromkeys(modules):
                     importlib.import_module(module)
+                missing = (
+                    sorted(set(self._builtins) - set(self._entries)) if isinstance(self._builtins, Mapping) else []
+                )
+                if missing:
+                    raise LeaklabError(f"built-in {self.kind} {missing} declared but not registered by its module")
             if self._entry_points:
                 self._load_entry_points()
             self._loaded = True
@@ -162,7 +168,17 @@ class Registry(Generic[T]):
         for n in self.names(hidden):
             yield self._entries[n]
 
+    def declared_names(self) -> list[str]:
+        """The names known without importing any implementation: built-ins declared as ``{name: module}`` and
+        the entry points' names (for help texts at CLI start-up; :meth:`names` loads everything)."""
+        if self._loaded or not isinstance(self._builtins, Mapping):
+            return self.names()
+        from importlib.metadata import entry_points
+
+        plugins = [ep.name for ep in entry_points(group=self._entry_points)] if self._entry_points else []
+        return sorted({*self._builtins, *self._entries, *plugins} - set(self._aliases))
+
     def help_names(self) -> str:
-        """``"a, b or c"`` for CLI help texts."""
-        names = self.names()
+        """``"a, b or c"`` for CLI help texts (from :meth:`declared_names`: nothing is imported)."""
+        names = self.declared_names()
         return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]

@@ -16,9 +16,9 @@ import torch
 
 from leaklab.errors import LeaklabError
 from leaklab.models.registry import ModelRef
-from leaklab.threat.settings import THREAT_SETTINGS
+from leaklab.threat.registry import THREAT_SETTINGS
 
-SETTINGS = tuple(THREAT_SETTINGS.names())  # the registered threat settings' names
+SETTINGS = tuple(THREAT_SETTINGS.declared_names())  # the registered threat settings' names
 
 
 @dataclass(frozen=True)

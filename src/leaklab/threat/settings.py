@@ -14,8 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from leaklab.core import Config, NoOptions, Registry, option, parse_pairs
+from leaklab.core import Config, NoOptions, option, parse_pairs
 from leaklab.errors import LeaklabError, UnknownNameError
+from leaklab.threat.registry import THREAT_SETTINGS
 
 if TYPE_CHECKING:
     from leaklab.models.registry import ModelRef
@@ -128,7 +129,6 @@ class Client:
 
 
 UpdateFn = Callable[[Setting, Client], "tuple[Observation, Secret]"]
-THREAT_SETTINGS: Registry[UpdateFn] = Registry("threat setting")
 
 
 def inner_settings() -> list[str]:
