@@ -314,6 +314,7 @@ def sweep_cmd(
         list[str] | None, typer.Option("--attack-option", help="k=v option of the attack, e.g. budget_s=120.")
     ] = None,
     setting: SettingOpt = "fedsgd",
+    setting_option: SettingOptionOpt = None,
     model: Annotated[str, typer.Option(help="Model name.")] = "smollm2-135m",
     corpus: Annotated[str, typer.Option(help="Corpus.")] = "rotten-tomatoes",
     batch_size: Annotated[int, typer.Option(help="Texts per client.")] = 4,
@@ -328,11 +329,12 @@ def sweep_cmd(
     out: Annotated[Path, typer.Option(help="Folder for sweep.json/.md/.png.")] = Path("sweep"),
 ) -> None:
     """Attack ROUGE-1 vs defense strength (and ε) vs utility; writes a table, JSON and a plot."""
-    from leaklab.core import parse_pairs
     from leaklab.sweep import sweep
     from leaklab.threat import ThreatFlags
+    from leaklab.threat.settings import resolve_setting
 
     fixed = parse_pairs(defense_param, "defense parameter")
+    typed_setting = resolve_setting(setting, setting_option or []).to_dict()
     vals = [v.strip() for v in values.split(",") if v.strip()]
     flags = ThreatFlags(local_steps=local_steps, learning_rate=lr)
     result = sweep(
@@ -350,6 +352,7 @@ def sweep_cmd(
         defense_params=fixed,
         attack_options=parse_pairs(attack_option, "attack option"),
         flags=flags,
+        setting_options=typed_setting,
         min_tokens=min_tokens,
         max_tokens=max_tokens,
         utility_texts=utility_texts,
