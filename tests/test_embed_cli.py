@@ -142,11 +142,10 @@ EVERY_ATTACK = ("nearest", "whitebox", "bow", "decoder", "alignment", "kb-extrac
 def test_every_attack_runs_from_the_cli(monkeypatch, capsys, tmp_path, name):
     """`leaklab embed attack` runs each registered attack on the tiny encoder with the quick bench settings and
     writes a report; inversion attacks also report the cosine of the re-embedded recovery."""
-    from leaklab.attacks.embedding.registry import EMBED_ATTACKS, load_builtin
+    from leaklab.attacks.embedding.registry import EMBED_ATTACKS
     from leaklab.embed_bench import QUICK
 
-    load_builtin()
-    assert set(EVERY_ATTACK) == set(EMBED_ATTACKS)  # a new attack must be added here
+    assert set(EVERY_ATTACK) == set(EMBED_ATTACKS.names())  # a new attack must be added here
     entry = QUICK[name]
     report = tmp_path / "r.json"
     args = ["attack", "--attack", name, "--encoder", "tiny-bert", "--n", str(entry["n"]), "--out", str(report)]
