@@ -1,23 +1,10 @@
 """`leaklab embed ...` from the command line: two attacks, train/invert round trip, one-line errors."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
-
-from leaklab.cli import main
-
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["leaklab", "embed", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from cli_helpers import run_cli
 
 
 def test_list_and_two_attacks(monkeypatch, capsys, tmp_path):

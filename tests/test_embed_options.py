@@ -3,27 +3,15 @@ and `leaklab embed list` shows every option with its default and help."""
 
 import dataclasses
 import json
-import sys
 
 import pytest
+from cli_helpers import run_cli
 
 from leaklab.attacks.embedding.registry import EMBED_ATTACKS, Scenario, run_embed_attack
-from leaklab.cli import main
 from leaklab.core import Config
 from leaklab.errors import LeaklabError
 
 NAMES = EMBED_ATTACKS.names()
-
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["leaklab", "embed", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("name", NAMES)
