@@ -98,6 +98,13 @@ def attack_rows() -> list[dict[str, Any]]:
     return [e.describe() | {"access": e.extra.get("access", "")} for e in EMBED_ATTACKS.entries()]
 
 
+def _as_typed(value: Any) -> str:
+    """A default as it is written after ``-o name=``."""
+    if isinstance(value, tuple | list):
+        value = ",".join(str(v) for v in value)
+    return "none" if value is None else str(value) if value != "" else "''"
+
+
 @app.command("list")
 def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the embedding attacks, what each may access, and its options (`-o key=value`)."""
@@ -105,11 +112,11 @@ def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return
-    table = Table(title="embedding attacks")
-    for col in ("attack", "options (default): help"):
-        table.add_column(col, overflow="fold")
+    table = Table(title="embedding attacks (options: -o name=value)", expand=True)
+    table.add_column("attack", overflow="fold", ratio=1)
+    table.add_column("options (default): help", overflow="fold", ratio=2)
     for row in rows:
-        opts = "\n".join(f"[bold]{o['name']}[/] ({o['default']!r}): {o['help']}" for o in row["options"])
+        opts = "\n".join(f"[bold]{o['name']}[/] ({_as_typed(o['default'])}): {o['help']}" for o in row["options"])
         table.add_row(f"[bold]{row['name']}[/]\n{row['help']}\n[dim]access: {row['access']}[/]", opts or "none")
     console.print(table)
 
