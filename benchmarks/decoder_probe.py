@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from leaklab.attacks.embedding.registry import Scenario, run_embed_attack, victim_targets
-from leaklab.core import parse_pairs as parse_options
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, Scenario, run_embed_attack, victim_targets
+from leaklab.core import parse_pairs
 from leaklab.embed_bench import FULL
 
 
@@ -28,12 +28,13 @@ def main() -> None:
     ap.add_argument("options", nargs="*", help="decoder options, key=value")
     args = ap.parse_args()
     base = {k: v for k, v in FULL["decoder"]["options"].items() if k not in ("search", "length_penalty")}
-    scn = Scenario(n=args.n, seed=args.seed, options={**base, **parse_options(args.options)})
+    opts = EMBED_ATTACKS.get("decoder").options({**base, **parse_pairs(args.options)})
+    scn = Scenario(n=args.n, seed=args.seed)
     bench = Scenario(n=FULL["decoder"]["n"], seed=0)
     shared = set(victim_targets(scn)[0].texts) & set(victim_targets(bench)[0].texts)
-    print(f"options {scn.options}; {len(shared)} of the {args.n} texts are among the bench's {bench.n}")
+    print(f"options {opts.changed()}; {len(shared)} of the {args.n} texts are among the bench's {bench.n}")
     t0 = time.perf_counter()
-    rep = run_embed_attack("decoder", scn)
+    rep = run_embed_attack("decoder", scn, opts)
     m = rep.metrics
     keys = ("token_f1", "rougeL", "cosine")
     for stage, d in (("beam", m["base"]), ("corrected", m.get("corrected")), ("final", m)):

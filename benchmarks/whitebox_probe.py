@@ -20,9 +20,10 @@ import time
 import numpy as np
 import torch
 
-from leaklab.attacks.embedding.registry import Scenario, victim_targets
+from leaklab.attacks.embedding.bow import BowTraining
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, Scenario, sub_config, victim_targets
 from leaklab.attacks.embedding.whitebox import bow_guesses, make_whitebox
-from leaklab.core import parse_pairs as parse_options
+from leaklab.core import parse_pairs
 from leaklab.metrics.embedding import word_prf
 
 
@@ -39,11 +40,12 @@ def main() -> None:
         help="only print J and cos of TEXT against private text I's vector (repeatable; no search)",
     )
     args = ap.parse_args()
-    opts = {"max_tokens": 16, "pool": 20, "full": True, "prior": 40, "budget": 6000, **parse_options(args.opt)}
-    scn = Scenario(n=args.n, seed=args.seed, options=opts)
+    given = {"max_tokens": 16, "pool": 20, "full": True, "prior": 40, "budget": 6000, **parse_pairs(args.opt)}
+    opts = EMBED_ATTACKS.get("whitebox").options(given)
+    scn = Scenario(n=args.n, seed=args.seed)
     enc = scn.victim
-    sample, targets = victim_targets(scn, int(opts["max_tokens"]))
-    inv = make_whitebox(scn, enc)
+    sample, targets = victim_targets(scn, opts.max_tokens)
+    inv = make_whitebox(scn, enc, opts)
     tok, vocab = enc.tokenizer, set(inv.vocab.tolist())
     if args.score:
         for item in args.score:
@@ -52,7 +54,7 @@ def main() -> None:
             ids = tok(text, add_special_tokens=False)["input_ids"]
             print(f"{i} J {inv.objective([ids], v)[0]:.4f} cos {inv.cosines([ids], v)[0]:.4f} {text!r}")
         return
-    starts, pools = bow_guesses(scn, enc, targets)
+    starts, pools = bow_guesses(scn, enc, targets, opts.pool, sub_config(BowTraining, opts))
     t0, f1s, failures = time.perf_counter(), [], 0
     for j, true in enumerate(sample.texts):
         v = torch.from_numpy(targets[j : j + 1])

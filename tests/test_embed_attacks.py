@@ -8,6 +8,7 @@ from embed_toys import bag_encoder
 from leaklab.attacks.embedding.alignment import Alignment, leaked_pairs
 from leaklab.attacks.embedding.bow import BagOfWordsInverter, build_vocab
 from leaklab.attacks.embedding.clustering import ProbeClustering
+from leaklab.attacks.embedding.correction import substitutions
 from leaklab.attacks.embedding.decoder import (
     BOS,
     EOS,
@@ -16,14 +17,14 @@ from leaklab.attacks.embedding.decoder import (
     DecoderInverter,
     load_decoder,
     piece_vocab,
-    substitutions,
 )
 from leaklab.attacks.embedding.kb import HiddenKB, HttpKB, KBExtractor, KBVectorRecovery
 from leaklab.attacks.embedding.lmdecoder import LMDecoderInverter, lm_vocab
 from leaklab.attacks.embedding.membership import finetune_simcse, kb_scores
 from leaklab.attacks.embedding.nearest import NearestNeighbour
-from leaklab.attacks.embedding.registry import Scenario, attack_names, get_attack, run_embed_attack
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, Scenario, run_embed_attack
 from leaklab.attacks.embedding.whitebox import (
+    WhiteBoxConfig,
     WhiteBoxInverter,
     make_whitebox,
     piece_words,
@@ -56,7 +57,7 @@ def public():
 
 
 def test_registry_has_all_attacks_and_rejects_unknown():
-    assert set(attack_names()) == {
+    assert set(EMBED_ATTACKS.names()) == {
         "nearest",
         "whitebox",
         "bow",
@@ -67,7 +68,7 @@ def test_registry_has_all_attacks_and_rejects_unknown():
         "membership",
     }
     with pytest.raises(UnknownNameError, match="valid: alignment, bow"):
-        get_attack("nope")
+        EMBED_ATTACKS.get("nope")
 
 
 def test_public_texts_never_private(public):
@@ -229,10 +230,9 @@ def test_whitebox_prior_moves_hops_and_budget_match_references(tiny):
         if t.startswith("##")
     ]
     assert set(whole) < set(with_pieces) and set(with_pieces) - set(whole) == set(cont) and len(cont) > 100
-    scn = Scenario("tiny-bert", n=2, max_tokens=16, public_limit=200, options={"vocab": 300, "full": True})
-    plain_vocab = set(make_whitebox(scn, tiny).vocab.tolist())
-    scn.options["pieces"] = True
-    piece_vocab = set(make_whitebox(scn, tiny).vocab.tolist())
+    scn = Scenario("tiny-bert", n=2, max_tokens=16, public_limit=200)
+    plain_vocab = set(make_whitebox(scn, tiny, WhiteBoxConfig(vocab=300, full=True)).vocab.tolist())
+    piece_vocab = set(make_whitebox(scn, tiny, WhiteBoxConfig(vocab=300, full=True, pieces=True)).vocab.tolist())
     assert not plain_vocab & set(cont) and set(cont) <= piece_vocab and plain_vocab <= piece_vocab
     # prior: the words of highest cos(e(w), v), against embedding each word alone
     inv = WhiteBoxInverter(tiny, vocab_ids=ids, candidates=4, passes=2, prior=3, prior_ids=ids)
@@ -351,11 +351,11 @@ def test_membership_kb_scores_and_finetune(tiny):
         ("membership", {"target": "kb"}),
         ("alignment", {"k": "4,8", "inner": "nearest"}),
         ("whitebox", {"max_tokens": 8, "length": 6, "passes": 1, "vocab": 300}),
-        ("kb-extract", {"encoder_known": True, "vocab": 150, "passes": 1, "candidates": 4}),
+        ("kb-extract", {"encoder_known": True, "vocab": 150, "wb_vocab": 150, "passes": 1, "wb_candidates": 4}),
     ],
 )
 def test_scenarios_run_on_tiny(name, opts):
-    rep = run_embed_attack(name, Scenario("tiny-bert", n=4, max_tokens=24, public_limit=60, options=opts))
+    rep = run_embed_attack(name, Scenario("tiny-bert", n=4, max_tokens=24, public_limit=60), opts)
     assert rep.attack == name and rep.seconds > 0 and rep.metrics
     if name == "kb-extract":
         assert rep.flags["encoder_known"] is True and rep.metrics["discovered"] == 4
@@ -363,16 +363,16 @@ def test_scenarios_run_on_tiny(name, opts):
 
 def test_scenario_errors():
     with pytest.raises(LeaklabError, match="k=50000 leaked pairs requested but only"):
-        run_embed_attack("alignment", Scenario("tiny-bert", n=4, options={"k": "50000", "inner": "nearest"}))
-    with pytest.raises(UnknownNameError, match="membership target"):
-        run_embed_attack("membership", Scenario("tiny-bert", n=2, options={"target": "nope"}))
+        run_embed_attack("alignment", Scenario("tiny-bert", n=4), {"k": "50000", "inner": "nearest"})
+    with pytest.raises(LeaklabError, match="membership' option 'target': 'nope' is not one of kb, encoder"):
+        run_embed_attack("membership", Scenario("tiny-bert", n=2), {"target": "nope"})
 
 
 @pytest.mark.real
 def test_minilm_nearest_and_kb_membership():
-    rep = run_embed_attack("nearest", Scenario("minilm-l6", n=6, public_limit=40, options={"candidates": 40}))
+    rep = run_embed_attack("nearest", Scenario("minilm-l6", n=6, public_limit=40), {"candidates": 40})
     assert rep.metrics["detect_recall"] == 1.0 and rep.metrics["exact_recovered_of_present"] == 1.0
-    rep = run_embed_attack("membership", Scenario("minilm-l6", n=10, options={"target": "kb"}))
+    rep = run_embed_attack("membership", Scenario("minilm-l6", n=10), {"target": "kb"})
     assert rep.metrics["exact_query"]["auc"] == 1.0
 
 
@@ -567,11 +567,9 @@ def test_whitebox_black_box_mode_searches_through_texts_only(tiny):
 
 def test_decoder_search_option_refines_through_black_box_queries():
     opts = {"train_seconds": 3, "epochs": 1, "steps": 1, "hidden": 32, "emb": 16, "vocab": 200}
-    base = run_embed_attack("decoder", Scenario("tiny-bert", n=2, max_tokens=12, public_limit=200, options=opts))
-    scn = Scenario(
-        "tiny-bert", n=2, max_tokens=12, public_limit=200, options={**opts, "search": 120, "prior": 0, "fluency": 0.01}
-    )
-    rep = run_embed_attack("decoder", scn)
+    scn = Scenario("tiny-bert", n=2, max_tokens=12, public_limit=200)
+    base = run_embed_attack("decoder", scn, opts)
+    rep = run_embed_attack("decoder", scn, {**opts, "search": 120, "prior": 0, "fluency": 0.01})
     assert "≤ 120 queries per vector" in rep.flags["search"] and base.flags["search"] == "none"
     assert rep.info["search_budget"] == 120 and "corrected" in rep.metrics and "corrected" not in base.metrics
     # the search starts from the corrected texts (the same as without it) and spends its queries on top
@@ -580,20 +578,14 @@ def test_decoder_search_option_refines_through_black_box_queries():
     assert 0 < spent <= 120 + 200
     # the bag-of-words start and pool (default init=bow) train on public pairs: counted apart from the search
     assert rep.info["search_bow_training_usage"]["queries"] > 0
-    with pytest.raises(UnknownNameError, match="valid: bow, decoder"):
-        run_embed_attack(
-            "decoder",
-            Scenario(
-                "tiny-bert", n=1, max_tokens=12, public_limit=200, options={**opts, "search": 10, "init": "empty"}
-            ),
-        )
+    with pytest.raises(LeaklabError, match="option 'init': 'empty' is not one of bow, decoder"):
+        run_embed_attack("decoder", Scenario("tiny-bert", n=1), {**opts, "search": 10, "init": "empty"})
 
 
 def test_whitebox_word_corpora_appends_other_public_split_words(tiny):
-    scn = Scenario("tiny-bert", n=2, max_tokens=16, public_limit=200, options={"vocab": 300, "words": 5})
-    own = make_whitebox(scn, tiny).units
-    scn.options["word_corpora"] = "bbc-news:paragraphs"
-    both = make_whitebox(scn, tiny).units
+    scn = Scenario("tiny-bert", n=2, max_tokens=16, public_limit=200)
+    own = make_whitebox(scn, tiny, WhiteBoxConfig(vocab=300, words=5)).units
+    both = make_whitebox(scn, tiny, WhiteBoxConfig(vocab=300, words=5, word_corpora="bbc-news:paragraphs")).units
     extra = scn.extra_public_texts("bbc-news:paragraphs", any_length=True)
     # reference: the scenario's own words first, in order, then the new words of the other corpus by frequency
     assert both[: len(own)] == own
@@ -602,48 +594,22 @@ def test_whitebox_word_corpora_appends_other_public_split_words(tiny):
     # any_length keeps the long sentences that the token range leaves out
     assert set(scn.extra_public_texts("bbc-news:paragraphs")) < set(extra)
     # option common with vocab=0 (the whole tokenizer): the common words are the public split's most frequent
-    scn = Scenario("tiny-bert", n=2, max_tokens=16, public_limit=200, options={"vocab": 0, "common": 3})
-    inv = make_whitebox(scn, tiny)
+    scn = Scenario("tiny-bert", n=2, max_tokens=16, public_limit=200)
+    inv = make_whitebox(scn, tiny, WhiteBoxConfig(vocab=0, common=3))
     assert inv.common_ids == vocab_from_texts(tiny.tokenizer, scn.public_texts(), 200)
     assert len(inv.common_ids) == 200 and len(inv.vocab) > 1000
-
-
-def test_attack_option_keys_match_the_code_and_a_typo_is_one_clear_error():
-    import re
-    from pathlib import Path
-
-    import leaklab.attacks.embedding as pkg
-    from leaklab.attacks.embedding.registry import OPTION_KEYS
-    from leaklab.embed_bench import FULL
-
-    # reference: every key the attack modules read, by scanning their source
-    read: set[str] = set()
-    for path in Path(pkg.__file__).parent.glob("*.py"):
-        src = path.read_text(encoding="utf-8")
-        read |= set(re.findall(r'option\(scn, "(\w+)"', src)) | set(re.findall(r'options(?:\.get\(|\[)"(\w+)"', src))
-        read |= {f"lm_{k}" for k in re.findall(r'\("(\w+)", [\d.]+\)', src) if "lm_opts" in src}
-    assert read == set(OPTION_KEYS)
-    assert all(set(cfg["options"]) <= OPTION_KEYS for cfg in FULL.values())
-    with pytest.raises(UnknownNameError, match=r"unknown attack option 'spnas'; valid: .*\bspans\b"):
-        Scenario("tiny-bert", options={"spnas": 2})
-    scn = Scenario("tiny-bert", options={"spans": 2})
-    scn.options["comon"] = 4
-    with pytest.raises(UnknownNameError, match="'comon'"):
-        run_embed_attack("whitebox", scn)
 
 
 @pytest.mark.real
 def test_every_attack_runs_on_minilm_with_the_quick_settings():
     """The packaged real encoder, each registered attack once (the quick bench entries, minilm-l6 instead of the
     tiny encoder)."""
-    from leaklab.attacks.embedding.registry import EMBED_ATTACKS, load_builtin
     from leaklab.embed_bench import QUICK
 
-    load_builtin()
-    for name in sorted(EMBED_ATTACKS):
+    for name in EMBED_ATTACKS.names():
         entry = QUICK[name]
-        scn = Scenario("minilm-l6", n=entry["n"], public_limit=entry.get("public_limit"), options=entry["options"])
-        rep = run_embed_attack(name, scn)
+        scn = Scenario("minilm-l6", n=entry["n"], public_limit=entry.get("public_limit"))
+        rep = run_embed_attack(name, scn, entry["options"])
         assert rep.attack == name and rep.metrics and rep.scenario["encoder"] == "minilm-l6", name
         if "cosine" in rep.metrics:
             assert -1.0 <= rep.metrics["cosine"] <= 1.0 + 1e-6, name
@@ -675,8 +641,8 @@ def test_membership_split_has_no_domain_or_order_shift():
 )
 def test_attack_options_save_then_load_the_trained_inverter(tmp_path, name, opts):
     folder = str(tmp_path / name)
-    first = run_embed_attack(name, Scenario("tiny-bert", n=4, public_limit=60, options={**opts, "save": folder}))
-    again = run_embed_attack(name, Scenario("tiny-bert", n=4, public_limit=60, options={**opts, "load": folder}))
+    first = run_embed_attack(name, Scenario("tiny-bert", n=4, public_limit=60), {**opts, "save": folder})
+    again = run_embed_attack(name, Scenario("tiny-bert", n=4, public_limit=60), {**opts, "load": folder})
     assert again.info.get("loaded") == folder and "loaded" not in first.info
     assert again.metrics["token_f1"] == first.metrics["token_f1"] and again.examples == first.examples
     if name == "bow":  # loading spends no training queries (the decoder still embeds public texts as seeds)

@@ -1,23 +1,10 @@
 """`leaklab embed ...` from the command line: two attacks, train/invert round trip, one-line errors."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
-
-from leaklab.cli import main
-
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["leaklab", "embed", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from cli_helpers import run_cli
 
 
 def test_list_and_two_attacks(monkeypatch, capsys, tmp_path):
@@ -142,11 +129,10 @@ EVERY_ATTACK = ("nearest", "whitebox", "bow", "decoder", "alignment", "kb-extrac
 def test_every_attack_runs_from_the_cli(monkeypatch, capsys, tmp_path, name):
     """`leaklab embed attack` runs each registered attack on the tiny encoder with the quick bench settings and
     writes a report; inversion attacks also report the cosine of the re-embedded recovery."""
-    from leaklab.attacks.embedding.registry import EMBED_ATTACKS, load_builtin
+    from leaklab.attacks.embedding.registry import EMBED_ATTACKS
     from leaklab.embed_bench import QUICK
 
-    load_builtin()
-    assert set(EVERY_ATTACK) == set(EMBED_ATTACKS)  # a new attack must be added here
+    assert set(EVERY_ATTACK) == set(EMBED_ATTACKS.names())  # a new attack must be added here
     entry = QUICK[name]
     report = tmp_path / "r.json"
     args = ["attack", "--attack", name, "--encoder", "tiny-bert", "--n", str(entry["n"]), "--out", str(report)]

@@ -93,3 +93,23 @@ def test_check_vectors_errors():
 def test_unknown_encoder_lists_valid_names():
     with pytest.raises(UnknownNameError, match="minilm-l6, tiny-bert"):
         load_encoder("no-such-encoder")
+
+
+def test_the_service_serves_the_attacks_encoder_type():
+    """One Encoder type: the service's encoders are attack encoders (usage counted), with the model's tokenizer
+    counting each text's tokens (special tokens, no truncation) and unit-length rows (zero rows stay zero)."""
+    from leaklab.encoders import CallableEncoder, Encoder, normalise
+    from leaklab.service.encoders import load_encoder as load_served
+
+    enc = load_served("hashing")
+    assert isinstance(enc, Encoder) and enc.max_seq_len == 128 and enc.name == "hashing"
+    texts = ["a short film", "another one " * 100]
+    want = [len(x) for x in enc.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+    assert enc.token_counts(texts) == want and want[1] > 128
+    before = enc.usage.snapshot()
+    v = enc.embed(texts)
+    assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    assert enc.usage.since(before) == {"queries": 2, "calls": 1, "tokens": sum(want)}
+    raw = CallableEncoder(lambda t: np.array([[3.0, 4.0], [0.0, 0.0]])[: len(t)], 2, normalize=True, batch_size=None)
+    np.testing.assert_allclose(raw.embed(["x", "y"]), [[0.6, 0.8], [0.0, 0.0]])
+    np.testing.assert_allclose(normalise(np.array([[0.0, 2.0]])), [[0.0, 1.0]])

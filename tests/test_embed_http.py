@@ -22,8 +22,8 @@ def test_black_box_attacks_through_the_http_encoder_match_the_local_encoder(tmp_
             ("bow", {"augment": 0, "vocab": 300}, ("token_f1", "rougeL", "cosine")),
         ):
             url = f"{srv.url}#tiny-bert"  # the served model's name goes in the request's "model" field
-            remote = run_embed_attack(name, Scenario(url, n=4, public_limit=60, api_key=key, options=opts))
-            local = run_embed_attack(name, Scenario("tiny-bert", n=4, public_limit=60, options=opts))
+            remote = run_embed_attack(name, Scenario(url, n=4, public_limit=60, api_key=key), opts)
+            local = run_embed_attack(name, Scenario("tiny-bert", n=4, public_limit=60), opts)
             for metric in metrics:
                 assert remote.metrics[metric] == pytest.approx(local.metrics[metric], abs=1e-6), (name, metric)
             assert remote.usage["queries"] == local.usage["queries"] > 0, name  # the public pairs, counted

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
+from leaklab.encoders import normalise
 from leaklab.errors import LeaklabError, UnknownNameError
 from leaklab.service.config import parse_config
 from leaklab.service.defenses import (
@@ -24,7 +25,6 @@ from leaklab.service.defenses import (
     make_api_defense,
     make_pipeline,
 )
-from leaklab.service.encoders import normalise
 from leaklab.service.monitor import Monitor, one_edit, prefix_step
 from leaklab.service.ratelimit import RateLimiter
 from leaklab.service.store import LogRow, Store, utc_day

@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from leaklab.attacks.embedding.registry import Scenario, attack_names, run_embed_attack
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, Scenario, run_embed_attack
 from leaklab.io import atomic_write, atomic_write_json, atomic_write_text
 
 FULL: dict[str, dict[str, Any]] = {
@@ -72,9 +72,10 @@ FULL: dict[str, dict[str, Any]] = {
         "options": {
             "encoder_known": True,
             "vocab": 3000,
+            "wb_vocab": 3000,
             "pool": 12,
             "passes": 1,
-            "candidates": 4,
+            "wb_candidates": 4,
             "length": 32,
             "full": True,
             "prior": 12,
@@ -104,7 +105,14 @@ QUICK: dict[str, dict[str, Any]] = {
     "alignment": {"n": 4, "options": {"k": "4,16", "inner": "nearest"}, "public_limit": 100},
     "kb-extract": {
         "n": 3,
-        "options": {"encoder_known": True, "vocab": 150, "probes": 200, "passes": 1, "candidates": 4},
+        "options": {
+            "encoder_known": True,
+            "vocab": 150,
+            "wb_vocab": 150,
+            "probes": 200,
+            "passes": 1,
+            "wb_candidates": 4,
+        },
         "public_limit": 200,
     },
     "kb-extract-blackbox": {
@@ -156,30 +164,27 @@ def run_bench(
 
         raise UnknownNameError("benchmark entry", unknown[0], list(plan))
     encoder = "tiny-bert" if quick else "minilm-l6"
-    attack_names()
+    for name in names:  # every entry's options are checked before the first attack runs
+        EMBED_ATTACKS.get(_attack_of(name, plan[name])).options(plan[name]["options"])
     stem = "embedding-quick" if quick else "embedding"
     results: dict[str, Any] = _previous(out / f"{stem}.json", encoder) if only else {}
     paths: list[Path] = []
     for name in names:
         cfg = plan[name]
-        attack = cfg.get("attack", name.split("-encoder")[0])
-        scn = Scenario(
-            encoder,
-            "rotten-tomatoes",
-            cfg["n"],
-            seed,
-            1,
-            32,
-            cfg.get("public_limit"),
-            options=dict(cfg["options"]),
-        )
+        attack = _attack_of(name, cfg)
+        scn = Scenario(encoder, "rotten-tomatoes", cfg["n"], seed, 1, 32, cfg.get("public_limit"))
         console.print(f"[bold]{name}[/] on {encoder} (n={cfg['n']}) …")
         start = time.perf_counter()
-        report = run_embed_attack(attack, scn)
+        report = run_embed_attack(attack, scn, cfg["options"])
         results[name] = report.to_dict()
         console.print(f"  done in {time.perf_counter() - start:.0f} s")
         paths = _write(results, out, stem, encoder, quick, seed)  # after each attack: partial runs survive
     return paths
+
+
+def _attack_of(name: str, entry: dict[str, Any]) -> str:
+    """The attack a bench entry runs: its ``attack`` key, else its name (``membership-encoder``: membership)."""
+    return entry.get("attack", name.split("-encoder")[0])
 
 
 def _previous(path: Path, encoder: str) -> dict[str, Any]:

@@ -7,7 +7,9 @@ Two kinds of access:
 - **black-box** (:class:`CallableEncoder`, :class:`HttpEncoder`): any ``embed(texts) -> array``, including an
   OpenAI-style ``POST /v1/embeddings`` endpoint with an API key.
 
-Every encoder counts what it was asked: ``queries`` (texts embedded), ``calls`` (requests) and ``tokens``.
+Every encoder counts what it was asked: ``queries`` (texts embedded), ``calls`` (requests) and ``tokens``. The
+embedding service serves encoders of the same type (:mod:`leaklab.service.encoders` builds them as
+:class:`CallableEncoder` with the model's tokenizer and unit-length output).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,28 +56,47 @@ class Usage:
         }
 
 
+def normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.where(norms == 0, 1.0, norms)).astype(np.float32)
+
+
 @dataclass
 class Encoder:
-    """Base: ``embed(texts)`` counts usage, checks the output and returns float32 (n, dim)."""
+    """Base: ``embed(texts)`` counts usage, checks the output and returns float32 (n, dim); one call at a time
+    (torch modules and table lookups are not re-entrant across the service's request threads)."""
 
     name: str
     dim: int
     usage: Usage = field(default_factory=Usage, init=False)
+    _lock: Any = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
+
+    tokenizer = None  # the encoder's own tokenizer, where known (token counts, searches over its vocabulary)
+    max_seq_len = None  # the longest input it reads, in tokens with the special ones, where known
 
     def _embed(self, texts: list[str]) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text: the encoder's tokenizer (special tokens, no truncation) where known, else words
+        and punctuation marks."""
+        if self.tokenizer is None:
+            return [rough_token_count(t) for t in texts]
+        return [len(x) for x in self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]]
+
     def count_tokens(self, texts: Sequence[str]) -> int:
-        return sum(rough_token_count(t) for t in texts)
+        return sum(self.token_counts(texts))
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         texts = [str(t) for t in texts]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        self.usage.queries += len(texts)
-        self.usage.calls += 1
-        self.usage.tokens += self.count_tokens(texts)
-        out = np.asarray(self._embed(texts), dtype=np.float32)
+        with self._lock:
+            self.usage.queries += len(texts)
+            self.usage.calls += 1
+            self.usage.tokens += self.count_tokens(texts)
+            out = np.asarray(self._embed(texts), dtype=np.float32)
         if out.shape != (len(texts), self.dim):
             raise LeaklabError(f"encoder '{self.name}' returned shape {out.shape}, expected ({len(texts)}, {self.dim})")
         return out
@@ -85,27 +107,31 @@ class Encoder:
 
 
 class CallableEncoder(Encoder):
-    """Black-box access through any ``embed(texts) -> array`` callable."""
+    """Black-box access through any ``embed(texts) -> array`` callable (in batches of ``batch_size``, or all at
+    once when it is None); ``normalize`` scales the output rows to unit length."""
 
     def __init__(
         self,
         fn: Callable[[list[str]], Any],
         dim: int | None = None,
         name: str = "callable",
-        batch_size: int = 256,
+        batch_size: int | None = 256,
+        tokenizer: Any = None,
+        max_seq_len: int | None = None,
+        normalize: bool = False,
     ) -> None:
         self._fn = fn
         self._batch = batch_size
+        self.tokenizer, self.max_seq_len, self.normalize = tokenizer, max_seq_len, normalize
         if dim is None:
             dim = int(np.asarray(fn(["probe"])).shape[-1])
         super().__init__(name, dim)
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        parts = [
-            np.asarray(self._fn(texts[i : i + self._batch]), dtype=np.float32)
-            for i in range(0, len(texts), self._batch)
-        ]
-        return np.concatenate(parts)
+        step = self._batch or len(texts)
+        parts = [np.asarray(self._fn(texts[i : i + step]), dtype=np.float32) for i in range(0, len(texts), step)]
+        out = np.concatenate(parts)
+        return normalise(out) if self.normalize else out
 
 
 class HttpEncoder(Encoder):
@@ -197,16 +223,17 @@ class LocalEncoder(Encoder):
         return True
 
     @property
+    def max_seq_len(self) -> int:
+        return self.max_length
+
+    @property
     def word_embeddings(self) -> torch.Tensor:
         return self.backbone.get_input_embeddings().weight
 
-    def count_tokens(self, texts: Sequence[str]) -> int:
-        return sum(
-            len(x)
-            for x in self.tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=self.max_length)[
-                "input_ids"
-            ]
-        )
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text as the encoder reads it (special tokens, truncated at ``max_length``)."""
+        ids = self.tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=self.max_length)
+        return [len(x) for x in ids["input_ids"]]
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":

@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
 from leaklab.errors import LeaklabError, UnknownNameError
 
@@ -17,20 +19,21 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
 console = Console()
 
 INVERTERS = ("bow", "decoder")
+ATTACKS_HELP = "{attacks}"  # filled from the attack registry when the help is shown (importing it is slow)
 
 
-def parse_options(pairs: list[str] | None) -> dict[str, Any]:
-    """KEY=VALUE pairs (values parsed as JSON when possible, else kept as strings)."""
-    out: dict[str, Any] = {}
-    for item in pairs or []:
-        if "=" not in item:
-            raise LeaklabError(f"option '{item}' is not KEY=VALUE")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip().replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip().replace("-", "_")] = value
-    return out
+class RegistryHelp(TyperCommand):
+    """A command whose option help texts name the registered attacks (``{attacks}``), looked up only when the
+    help is shown."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from leaklab.attacks.embedding.registry import EMBED_ATTACKS
+
+        for param in self.params:
+            help_text = getattr(param, "help", None)
+            if help_text and ATTACKS_HELP in help_text:
+                param.help = help_text.replace(ATTACKS_HELP, EMBED_ATTACKS.help_names())
+        super().format_help(ctx, formatter)
 
 
 def load_vectors(path: Path) -> np.ndarray:
@@ -66,7 +69,6 @@ def _scenario(
     seed: int,
     min_tokens: int,
     max_tokens: int,
-    options: dict[str, Any],
     api_key: str | None,
     public_limit: int | None = None,
 ):
@@ -74,7 +76,7 @@ def _scenario(
 
     if public_limit is not None and public_limit < 1:
         raise LeaklabError(f"--public-limit must be at least 1, got {public_limit}")
-    return Scenario(encoder, corpus, n, seed, min_tokens, max_tokens, public_limit, api_key=api_key, options=options)
+    return Scenario(encoder, corpus, n, seed, min_tokens, max_tokens, public_limit, api_key=api_key)
 
 
 def _print_metrics(metrics: dict[str, Any], title: str) -> None:
@@ -89,23 +91,39 @@ def _print_metrics(metrics: dict[str, Any], title: str) -> None:
     console.print(table)
 
 
-@app.command("list")
-def list_cmd() -> None:
-    """List the embedding attacks and what each may access."""
-    from leaklab.attacks.embedding.registry import EMBED_ATTACKS, load_builtin
+def attack_rows() -> list[dict[str, Any]]:
+    """Each registered attack: name, help, what it may access, and its options (name, type, default, help)."""
+    from leaklab.attacks.embedding.registry import EMBED_ATTACKS
 
-    load_builtin()
-    table = Table(title="embedding attacks")
-    for col in ("name", "access", "description"):
-        table.add_column(col, overflow="fold")
-    for spec in EMBED_ATTACKS.values():
-        table.add_row(spec.name, spec.access, spec.description)
+    return [e.describe() | {"access": e.extra.get("access", "")} for e in EMBED_ATTACKS.entries()]
+
+
+def _as_typed(value: Any) -> str:
+    """A default as it is written after ``-o name=``."""
+    if isinstance(value, tuple | list):
+        value = ",".join(str(v) for v in value)
+    return "none" if value is None else str(value) if value != "" else "''"
+
+
+@app.command("list")
+def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the embedding attacks, what each may access, and its options (`-o key=value`)."""
+    rows = attack_rows()
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title="embedding attacks (options: -o name=value)", expand=True)
+    table.add_column("attack", overflow="fold", ratio=1)
+    table.add_column("options (default): help", overflow="fold", ratio=2)
+    for row in rows:
+        opts = "\n".join(f"[bold]{o['name']}[/] ({_as_typed(o['default'])}): {o['help']}" for o in row["options"])
+        table.add_row(f"[bold]{row['name']}[/]\n{row['help']}\n[dim]access: {row['access']}[/]", opts or "none")
     console.print(table)
 
 
-@app.command("attack")
+@app.command("attack", cls=RegistryHelp)
 def attack_cmd(
-    attack: Annotated[str, typer.Option("--attack", help="Attack name (see `leaklab embed list`).")],
+    attack: Annotated[str, typer.Option("--attack", help=f"Attack: {ATTACKS_HELP} (see `leaklab embed list`).")],
     encoder: Annotated[
         str, typer.Option(help="minilm-l6, tiny-bert, an encoder folder or http(s)://endpoint[#model].")
     ] = "minilm-l6",
@@ -116,7 +134,9 @@ def attack_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the target draw and the attack.")] = 0,
     min_tokens: Annotated[int, typer.Option(help="Shortest text, in tokens.")] = 1,
     max_tokens: Annotated[int, typer.Option(help="Longest text, in tokens.")] = 32,
-    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Attack option KEY=VALUE.")] = None,
+    option: Annotated[
+        list[str] | None, typer.Option("--option", "-o", help="Attack option KEY=VALUE (see `leaklab embed list`).")
+    ] = None,
     api_key: Annotated[str | None, typer.Option(envvar="LEAKLAB_API_KEY", help="API key of an http encoder.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the full report here (JSON).")] = None,
     public_limit: Annotated[
@@ -124,13 +144,13 @@ def attack_cmd(
     ] = None,
 ) -> None:
     """Run one attack against a victim built from private texts, and score it."""
-    from leaklab.attacks.embedding.registry import get_attack, run_embed_attack
+    from leaklab.attacks.embedding.registry import EMBED_ATTACKS, run_embed_attack
     from leaklab.io import atomic_write_json
 
-    get_attack(attack)
-    scn = _scenario(encoder, corpus, n, seed, min_tokens, max_tokens, parse_options(option), api_key, public_limit)
+    cfg = EMBED_ATTACKS.get(attack).options(option or [])  # a bad name or option fails before any work
+    scn = _scenario(encoder, corpus, n, seed, min_tokens, max_tokens, api_key, public_limit)
     with console.status(f"running {attack} on {encoder}"):
-        report = run_embed_attack(attack, scn)
+        report = run_embed_attack(attack, scn, cfg)
     _print_metrics(report.metrics, f"{attack} on {encoder} ({corpus}, n={n})")
     console.print(f"usage: {report.usage}  seconds: {report.seconds}  flags: {report.flags}")
     for ex in report.examples[:3]:
@@ -149,23 +169,28 @@ def train_cmd(
     max_tokens: Annotated[int, typer.Option(help="Longest training text, in tokens.")] = 32,
     train_seconds: Annotated[float, typer.Option(help="Training time budget.")] = 120.0,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Inverter option KEY=VALUE.")] = None,
+    option: Annotated[
+        list[str] | None, typer.Option("--option", "-o", help="Training option KEY=VALUE of the bow or decoder attack.")
+    ] = None,
     api_key: Annotated[str | None, typer.Option(envvar="LEAKLAB_API_KEY", help="API key of an http encoder.")] = None,
 ) -> None:
     """Train an inverter on public (text, vector) pairs only, and save it."""
+    from leaklab.core import parse_pairs
+
     if inverter not in INVERTERS:
         raise UnknownNameError("inverter", inverter, list(INVERTERS))
-    opts = parse_options(option) | {"train_seconds": train_seconds}
-    scn = _scenario(encoder, corpus, 1, seed, 1, max_tokens, opts, api_key)
+    pairs = parse_pairs(option) | {"train_seconds": train_seconds}
+    if inverter == "bow":
+        from leaklab.attacks.embedding.bow import BowTraining, train_bow
+
+        opts, train = BowTraining.from_dict(pairs, "bow inverter"), train_bow
+    else:
+        from leaklab.attacks.embedding.decoder import DecoderTraining, train_decoder
+
+        opts, train = DecoderTraining.from_dict(pairs, "decoder inverter"), train_decoder
+    scn = _scenario(encoder, corpus, 1, seed, 1, max_tokens, api_key)
     with console.status(f"training a {inverter} inverter on {encoder} (≤ {train_seconds:.0f} s)"):
-        if inverter == "bow":
-            from leaklab.attacks.embedding.bow import train_bow
-
-            inv, info = train_bow(scn)
-        else:
-            from leaklab.attacks.embedding.decoder import train_decoder
-
-            inv, info = train_decoder(scn)
+        inv, info = train(scn, opts)
         inv.save(out)
     console.print(f"saved {inverter} inverter to {out}: {info}")
 

@@ -15,10 +15,11 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
+from leaklab.encoders import Encoder
 from leaklab.errors import LeaklabError
 from leaklab.service.config import ServiceConfig
 from leaklab.service.defenses import GaussianNoise, Pipeline
-from leaklab.service.encoders import Encoder, text_hash, vector_hash
+from leaklab.service.encoders import text_hash, vector_hash
 from leaklab.service.monitor import Monitor
 from leaklab.service.ratelimit import RateLimiter, retry_after
 from leaklab.service.store import KeyRecord, LogRow, Store, utc_day
@@ -234,7 +235,7 @@ def create_app(cfg: ServiceConfig, store: Store, encoder: Encoder, index: Docume
     def admit_and_embed(key: KeyRecord, texts: list[str]) -> tuple[list[int], np.ndarray, bool]:
         """Rate limit, token count, quota pre-check, clean vectors, monitor verdict (flagged or not)."""
         admit_rate(key)
-        counts = encoder.count_tokens(texts)
+        counts = encoder.token_counts(texts)
         precheck_quota(key, sum(counts))
         clean = encoder.embed(texts)
         return counts, clean, observe(key, texts, clean)

@@ -15,8 +15,8 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from leaklab.core import Config, Registry, option
+from leaklab.encoders import normalise
 from leaklab.errors import LeaklabError, UnknownNameError
-from leaklab.service.encoders import normalise
 
 L2_SENSITIVITY = 2.0  # two unit vectors differ by at most 2 in L2
 

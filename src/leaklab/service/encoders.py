@@ -1,51 +1,24 @@
-"""Sentence encoders the service serves: the packaged MiniLM, a tiny random BERT, a fast hashing encoder."""
+"""Sentence encoders the service serves: the packaged MiniLM, a tiny random BERT, a fast hashing encoder.
+
+Each is a :class:`leaklab.encoders.CallableEncoder` (the attacks' encoder type) with the model's tokenizer
+(token counts: special tokens, no truncation), its input limit and unit-length output.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 
+from leaklab.encoders import CallableEncoder, Encoder
 from leaklab.errors import UnknownNameError
 
 
-@dataclass
-class Encoder:
-    """Texts -> L2-normalised float32 vectors (n, dim); ``count_tokens`` uses the encoder's own tokenizer."""
-
-    name: str
-    dim: int
-    max_seq_len: int
-    tokenizer: object
-    _embed: Callable[[list[str]], np.ndarray]
-
-    def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        with self._lock:  # torch modules and the table lookups are not re-entrant across request threads
-            vecs = np.asarray(self._embed(list(texts)), dtype=np.float32)
-        return normalise(vecs)
-
-    def token_ids(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
-        return list(ids)
-
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        enc = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
-        return [len(e) for e in enc]
-
-
-def normalise(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero)."""
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.where(norms == 0, 1.0, norms)).astype(np.float32)
+def served(name: str, dim: int, max_seq_len: int, tokenizer: object, fn: Callable[[list[str]], np.ndarray]) -> Encoder:
+    """An encoder as the service serves it: ``fn`` on each request's texts at once, rows at unit length."""
+    return CallableEncoder(fn, dim, name, None, tokenizer, max_seq_len, normalize=True)
 
 
 def _minilm() -> Encoder:
@@ -54,7 +27,7 @@ def _minilm() -> Encoder:
     from leaklab.models.registry import minilm_dir
 
     st = SentenceTransformer(str(minilm_dir()), device="cpu")
-    return Encoder(
+    return served(
         "minilm-l6",
         int(st.get_embedding_dimension()),
         int(st.max_seq_length),
@@ -80,7 +53,7 @@ def _tiny_bert() -> Encoder:
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy()
 
-    return Encoder("tiny-bert", int(base.config.hidden_size), 128, tok, embed)
+    return served("tiny-bert", int(base.config.hidden_size), 128, tok, embed)
 
 
 def _hashing(dim: int = 128, max_seq_len: int = 128) -> Encoder:
@@ -106,7 +79,7 @@ def _hashing(dim: int = 128, max_seq_len: int = 128) -> Encoder:
                 out[i] += bigram[(a * 1000003 + b) % 4096].sum(0)
         return out
 
-    return Encoder("hashing", dim, max_seq_len, tok, embed)
+    return served("hashing", dim, max_seq_len, tok, embed)
 
 
 ENCODERS: dict[str, tuple[str, Callable[[], Encoder]]] = {

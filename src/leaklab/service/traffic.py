@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from leaklab.corpora.sampling import split_of
-from leaklab.service.encoders import Encoder
+from leaklab.encoders import Encoder
 from leaklab.service.monitor import Monitor
 
 Session = list[str]

@@ -8,11 +8,17 @@ X: victim vectors of the leaked texts, Y: the local encoder's vectors of the sam
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
-from leaklab.attacks.embedding.registry import AttackReport, Scenario, option, register_embed_attack
+from leaklab.attacks.embedding.bow import BowTraining, train_bow
+from leaklab.attacks.embedding.decoder import DecoderTraining, train_decoder
+from leaklab.attacks.embedding.nearest import NearestNeighbour
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario, sub_config
+from leaklab.attacks.embedding.whitebox import WhiteBoxInverter
+from leaklab.core import option
 from leaklab.corpora.sampling import eligible
 from leaklab.encoders import (
     Encoder,
@@ -84,27 +90,53 @@ def parse_ks(value: str) -> list[int]:
     return [int(p) for p in parts]
 
 
-def victim_encoder(scn: Scenario, local: Encoder) -> Encoder:
+@dataclass(frozen=True)
+class AlignmentConfig(BowTraining):
+    """Options of the alignment attack; the bag-of-words fields train its inner ``bow`` attack."""
+
+    k: str = option("16,64,256,1024", "leaked pairs: comma-separated sweep of k")
+    method: Literal["procrustes", "ridge"] = option("procrustes", "the linear map fitted on the leaked pairs")
+    ridge: float = option(1e-2, "method=ridge: λ, scaled by trace(XᵀX)/d")
+    inner: tuple[Literal["nearest", "bow", "decoder", "whitebox"], ...] = option(
+        ("nearest", "bow"), "local attacks run through the map (comma-separated)"
+    )
+    local: str | None = option(None, "the attacker's local encoder (default: the scenario's)")
+    victim: str | None = option(None, "the victim's encoder (default: the scenario's, secretly rotated)")
+    transform: Literal["rotation", "none"] = option("rotation", "secret transform of the victim's space")
+    noise: float = option(0.0, "transform=rotation: noise added to the victim's vectors")
+    steps: int = option(1, "inner decoder: correction rounds")
+    wb_passes: int = option(2, "inner whitebox: coordinate passes")
+    decoder: tuple[str, ...] = option(
+        (), "inner decoder: training options as key=value pairs, e.g. decoder=arch=gru,vocab=2000"
+    )
+
+    def __post_init__(self) -> None:
+        parse_ks(self.k)
+        self.decoder_training()
+
+    @property
+    def ks(self) -> list[int]:
+        return parse_ks(self.k)
+
+    def decoder_training(self) -> DecoderTraining:
+        """The inner decoder's training options (option ``decoder``)."""
+        return DecoderTraining.from_pairs(self.decoder, "alignment's inner decoder")
+
+
+def victim_encoder(scn: Scenario, cfg: AlignmentConfig) -> Encoder:
     """The victim behind a secret rotation (default) of the scenario's encoder, or another encoder."""
-    other = scn.options.get("victim")
-    base = load_encoder(other, api_key=scn.api_key) if other else scn.victim
-    transform = option(scn, "transform", "rotation")
-    if transform == "rotation":
-        return TransformedEncoder(
-            base,
-            random_rotation(base.dim, scn.seed + 1),
-            option(scn, "noise", 0.0),
-            seed=scn.seed,
-            name=f"{base.name}+secret-rotation",
-        )
-    if transform == "none":
+    base = load_encoder(cfg.victim, api_key=scn.api_key) if cfg.victim else scn.victim
+    if cfg.transform == "none":
         return base
-    raise UnknownNameError("victim transform", transform, ["rotation", "none"])
+    return TransformedEncoder(
+        base, random_rotation(base.dim, scn.seed + 1), cfg.noise, seed=scn.seed, name=f"{base.name}+secret-rotation"
+    )
 
 
 def _inner_attack(
     name: str,
     scn: Scenario,
+    cfg: AlignmentConfig,
     local: Encoder,
     mapped: np.ndarray,
     true: list[str],
@@ -114,46 +146,35 @@ def _inner_attack(
     """Run a local attack (trained / built on the local encoder's public pairs) on mapped vectors; ``scorer``
     (the victim's target vectors and encoder) adds the cosine of the re-embedded recovery in the victim's space."""
     if name == "nearest":
-        from leaklab.attacks.embedding.nearest import NearestNeighbour
-
         if "nn" not in cache:
             texts, vecs = scn.public_pairs(local)
             cache["nn"] = NearestNeighbour(local, texts, candidate_vectors=vecs)
         pred = cache["nn"].run(mapped).texts
     elif name == "bow":
-        from leaklab.attacks.embedding.bow import train_bow
-
         if "bow" not in cache:
-            cache["bow"] = train_bow(scn, local)[0]
+            cache["bow"] = train_bow(scn, sub_config(BowTraining, cfg), local)[0]
         pred = cache["bow"].invert(mapped)
     elif name == "decoder":
-        from leaklab.attacks.embedding.decoder import train_decoder
-
         if "dec" not in cache:
-            cache["dec"] = train_decoder(scn, local)[0]
-        pred = cache["dec"].invert(mapped, local, steps=option(scn, "steps", 1))
-    elif name == "whitebox":
-        from leaklab.attacks.embedding.whitebox import WhiteBoxInverter
-
-        pred = WhiteBoxInverter(local, passes=option(scn, "wb_passes", 2)).invert(mapped)[0]
+            cache["dec"] = train_decoder(scn, cfg.decoder_training(), local)[0]
+        pred = cache["dec"].invert(mapped, local, steps=cfg.steps)
     else:
-        raise UnknownNameError("inner attack", name, ["nearest", "bow", "decoder", "whitebox"])
+        pred = WhiteBoxInverter(local, passes=cfg.wb_passes).invert(mapped)[0]
     out = score_inversion(pred, true, *(scorer or (None, None)))
     out.pop("per_item_f1")
     return out
 
 
-@register_embed_attack(
+@EMBED_ATTACKS.register(
     "alignment",
-    "Procrustes/ridge map from k leaked pairs, then local attacks through it",
-    "k leaked (text, vector) pairs + leaked vectors + a local encoder",
+    config=AlignmentConfig,
+    help="Procrustes/ridge map from k leaked pairs, then local attacks through it",
+    access="k leaked (text, vector) pairs + leaked vectors + a local encoder",
 )
-def evaluate(scn: Scenario) -> AttackReport:
-    local = load_encoder(option(scn, "local", scn.encoder))
-    victim = victim_encoder(scn, local)
-    ks = parse_ks(str(option(scn, "k", "16,64,256,1024")))
-    inner = [a for a in str(option(scn, "inner", "nearest,bow")).split(",") if a]
-    method = option(scn, "method", "procrustes")
+def evaluate(scn: Scenario, cfg: AlignmentConfig) -> AttackReport:
+    local = load_encoder(cfg.local or scn.encoder)
+    victim = victim_encoder(scn, cfg)
+    ks, inner, method = cfg.ks, list(cfg.inner), cfg.method
     available = len(eligible(scn.corpus_obj, scn.tokenizer, scn.min_tokens, scn.max_tokens, "private")) - scn.n
     if max(ks) > available:
         raise LeaklabError(
@@ -169,11 +190,11 @@ def evaluate(scn: Scenario) -> AttackReport:
     rows, cache = [], {}
     leaked_local = cached_embed(local, leaked_texts)
     for k in ks:
-        align = Alignment(method, option(scn, "ridge", 1e-2)).fit(leaked_vecs[:k], leaked_local[:k])
+        align = Alignment(method, cfg.ridge).fit(leaked_vecs[:k], leaked_local[:k])
         mapped = align.transform(targets)
         row = {"k": k, "mapped_cosine": float(cosine_rows(mapped, true_local).mean())}
         for name in inner:
-            row[name] = _inner_attack(name, scn, local, mapped, targets_text, cache, (targets, victim))
+            row[name] = _inner_attack(name, scn, cfg, local, mapped, targets_text, cache, (targets, victim))
         rows.append(row)
     metrics = {"method": method, "sweep": rows, "victim": victim.name, "local": local.name}
     usage = {"victim_queries": 0, **{f"local_{k}": v for k, v in local.usage.since(before).items()}}

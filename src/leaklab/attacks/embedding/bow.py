@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -28,17 +29,18 @@ from scipy.optimize import nnls
 from torch import nn
 
 from leaklab.attacks.embedding.registry import (
+    EMBED_ATTACKS,
     AttackReport,
+    SavedInverter,
     Scenario,
     examples,
     load_inverter_files,
     load_or_train,
-    option,
-    register_embed_attack,
     save_inverter,
     span_augment,
     victim_targets,
 )
+from leaklab.core import Config, option
 from leaklab.encoders import check_pairs, check_vectors
 from leaklab.errors import LeaklabError
 from leaklab.metrics.embedding import score_inversion, word_prf, words
@@ -380,47 +382,67 @@ class BagOfWordsInverter:
         return inv
 
 
-def train_bow(scn: Scenario, encoder: Any = None) -> tuple[BagOfWordsInverter, dict[str, Any]]:
-    """Fit a bag-of-words inverter on the scenario's public pairs through ``encoder`` (default: the victim)."""
+@dataclass(frozen=True)
+class BowTraining(Config):
+    """Options of training a bag-of-words inverter (the bow attack's, and the start of those that use one)."""
+
+    vocab: int = option(8000, "most frequent public-split words the inverter can output")
+    hidden: int = option(0, "hidden width of an MLP probe; 0: the closed-form ridge probe")
+    decode: Literal["ef1", "threshold"] = option("ef1", "ef1: expected-F1 decoding; threshold: the older rule")
+    augment: int = option(4, "span and word-drop copies per public text added as training pairs (embedded)")
+    epochs: int = option(40, "MLP probe: most epochs")
+    train_seconds: float = option(120.0, "MLP probe: training time budget in seconds")
+    forward_lambda: float = option(0.03, "ridge λ of the forward word dictionary")
+    extra_corpora: str = option("", "comma-separated corpora whose public sentences add training pairs")
+
+
+@dataclass(frozen=True)
+class BowConfig(SavedInverter, BowTraining):
+    """Options of the bag-of-words attack."""
+
+
+def train_bow(
+    scn: Scenario, opts: BowTraining | None = None, encoder: Any = None
+) -> tuple[BagOfWordsInverter, dict[str, Any]]:
+    """Fit a bag-of-words inverter (``opts``, default: the defaults) on the scenario's public pairs through
+    ``encoder`` (default: the victim)."""
     from leaklab.corpora.sampling import split_of
     from leaklab.encoders import cached_embed
 
+    opts = opts or BowTraining()
     enc = encoder or scn.victim
-    texts, vecs = scn.public_pairs(enc, extra=option(scn, "extra_corpora", ""))
+    texts, vecs = scn.public_pairs(enc, extra=opts.extra_corpora)
     n_val = len(texts) // 10 if len(texts) >= 20 else 0
     perm = np.random.default_rng(scn.seed).permutation(len(texts))
     val_texts, tr_texts = [texts[i] for i in perm[:n_val]], [texts[i] for i in perm[n_val:]]
     private = {t for t in scn.corpus_obj.texts if split_of(t) == "private"}
-    aug = span_augment(tr_texts, option(scn, "augment", 4), scn.seed, private | set(val_texts))
+    aug = span_augment(tr_texts, opts.augment, scn.seed, private | set(val_texts))
     inv = BagOfWordsInverter(
-        enc.dim,
-        build_vocab(tr_texts, option(scn, "vocab", 8000)),
-        option(scn, "hidden", 0),
-        encoder=enc.name,
-        decode=option(scn, "decode", "ef1"),
+        enc.dim, build_vocab(tr_texts, opts.vocab), opts.hidden, encoder=enc.name, decode=opts.decode
     )
     aug_vecs = cached_embed(enc, aug) if aug else np.zeros((0, enc.dim), dtype=np.float32)
     info = inv.fit(
         tr_texts + aug,
         np.concatenate([vecs[perm[n_val:]], aug_vecs]),
-        epochs=option(scn, "epochs", 40),
-        seconds=option(scn, "train_seconds", 120.0),
+        epochs=opts.epochs,
+        seconds=opts.train_seconds,
         seed=scn.seed,
         val=(val_texts, vecs[perm[:n_val]]) if n_val else None,
-        forward_lambda=option(scn, "forward_lambda", 0.03),
+        forward_lambda=opts.forward_lambda,
     )
     return inv, info | {"public_pairs": len(tr_texts), "augmented_pairs": len(aug), "held_out_pairs": n_val}
 
 
-@register_embed_attack(
+@EMBED_ATTACKS.register(
     "bow",
-    "vector -> vocabulary multi-label model trained on public (text, vector) pairs",
-    "black-box embed (public texts) + leaked vectors",
+    config=BowConfig,
+    help="vector -> vocabulary multi-label model trained on public (text, vector) pairs",
+    access="black-box embed (public texts) + leaked vectors",
 )
-def evaluate(scn: Scenario) -> AttackReport:
+def evaluate(scn: Scenario, cfg: BowConfig) -> AttackReport:
     sample, targets = victim_targets(scn)
     before = scn.victim.usage.snapshot()
-    inv, info = load_or_train(scn, BagOfWordsInverter.load, lambda: train_bow(scn))
+    inv, info = load_or_train(scn, cfg, BagOfWordsInverter.load, lambda: train_bow(scn, cfg))
     pred = inv.invert(targets)
     return AttackReport(
         "bow",

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from leaklab.attacks.embedding.kb import HiddenKB, SearchIndex
-from leaklab.attacks.embedding.registry import AttackReport, Scenario, option, register_embed_attack
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario, at_least
+from leaklab.core import Config, option
 from leaklab.encoders import check_texts, check_vectors
 from leaklab.errors import LeaklabError
 from leaklab.metrics.embedding import cosine_rows, words
@@ -136,25 +137,40 @@ class ProbeClustering:
         return [w for w, _ in counts.most_common(n)]
 
 
-@register_embed_attack(
+@dataclass(frozen=True)
+class ClusteringConfig(Config):
+    """Options of the probe-clustering attack."""
+
+    kb_corpus: str = option("bbc-news:paragraphs", "labelled corpus of the hidden documents (and the probes)")
+    kb_max_tokens: int = option(64, "longest hidden document and probe, in tokens")
+    probes: int = option(400, "public probe texts sent to the search (at least 1)")
+    clusters: int | None = option(None, "k of k-means (default: the corpus's number of topics)")
+    top_k: int = option(10, "results returned per probe (at least 1)")
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "probes", "top_k")
+
+
+@EMBED_ATTACKS.register(
     "clustering",
-    "cluster hidden documents by the probe queries that retrieve them",
-    "search endpoint only + probe vectors from the embedding API",
+    config=ClusteringConfig,
+    help="cluster hidden documents by the probe queries that retrieve them",
+    access="search endpoint only + probe vectors from the embedding API",
 )
-def evaluate(scn: Scenario) -> AttackReport:
+def evaluate(scn: Scenario, cfg: ClusteringConfig) -> AttackReport:
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     from leaklab.corpora import load_corpus
 
-    kb_corpus = option(scn, "kb_corpus", "bbc-news:paragraphs")
+    kb_corpus = cfg.kb_corpus
     sub = Scenario(
         scn.encoder,
         kb_corpus,
         scn.n,
         scn.seed,
         scn.min_tokens,
-        option(scn, "kb_max_tokens", 64),
+        cfg.kb_max_tokens,
         api_key=scn.api_key,
     )
     sub.victim = scn.victim  # same encoder object
@@ -163,11 +179,9 @@ def evaluate(scn: Scenario) -> AttackReport:
     labels_true = np.array(sample.labels)
     kb = HiddenKB(sample.texts, scn.victim, max_top_k=100)
     before = scn.victim.usage.snapshot()
-    probes = sub.public_texts(limit=option(scn, "probes", 400, minimum=1))
-    k = option(scn, "clusters", len(set(sample.labels)))
-    attack = ProbeClustering(
-        probes, scn.victim.embed(probes), clusters=k, top_k=option(scn, "top_k", 10, minimum=1), seed=scn.seed
-    )
+    probes = sub.public_texts(limit=cfg.probes)
+    k = cfg.clusters if cfg.clusters is not None else len(set(sample.labels))
+    attack = ProbeClustering(probes, scn.victim.embed(probes), clusters=k, top_k=cfg.top_k, seed=scn.seed)
     res = attack.run(kb)
     usage = scn.victim.usage.since(before)
     usage["search_queries"] = kb.queries

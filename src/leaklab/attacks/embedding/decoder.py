@@ -3,36 +3,49 @@ iterative correction (vec2text's idea, without a second model).
 
 - decoder: GRU language model over the encoder's word pieces; h_0 = tanh(W v) and v's projection is fed at
   every step, so p(x | v) = Π_t p(x_t | x_<t, v); trained by cross-entropy on public (text, φ(text)) pairs.
-- correction: each round re-embeds the hypotheses h (black-box queries, counted), decodes again from the
-  pushed target u = v + α (v − φ(h)) and tries dropping each word; the ``beam`` hypotheses closest to v
-  (cosine) survive.
+- correction (:mod:`leaklab.attacks.embedding.correction`): each round re-embeds the hypotheses h (black-box
+  queries, counted), decodes again from the pushed target u = v + α (v − φ(h)) and tries dropping each word;
+  the ``beam`` hypotheses closest to v (cosine) survive.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from leaklab.attacks.embedding.bow import BowTraining
+from leaklab.attacks.embedding.correction import CorrectingInverter
+from leaklab.attacks.embedding.lmdecoder import LMDecoderInverter, lm_vocab
 from leaklab.attacks.embedding.registry import (
+    EMBED_ATTACKS,
     AttackReport,
+    SavedInverter,
     Scenario,
     examples,
     load_inverter_files,
     load_or_train,
-    option,
-    register_embed_attack,
     save_inverter,
     victim_targets,
 )
+from leaklab.attacks.embedding.whitebox import (
+    COMMON_WORDS,
+    WhiteBoxInverter,
+    bow_guesses,
+    piece_words,
+    vocab_from_texts,
+    whole_word_ids,
+)
+from leaklab.core import Config, option
 from leaklab.encoders import Encoder, check_pairs, check_vectors
 from leaklab.errors import LeaklabError
-from leaklab.metrics.embedding import cosine_rows, score_inversion
+from leaklab.metrics.embedding import score_inversion
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 
@@ -55,80 +68,6 @@ class GRUDecoder(nn.Module):
             h = torch.tanh(self.init_h(v)).unsqueeze(0)
         out, h = self.gru(torch.cat([x, c], -1), h)
         return self.proj(out) @ self.embed.weight.T, h
-
-
-class CorrectingInverter:
-    """Beam-search hypotheses, then correction by re-embedding (shared by the GRU and LM decoders)."""
-
-    def beam_search(self, vectors: np.ndarray, beam: int = 4) -> list[list[str]]:  # pragma: no cover
-        raise NotImplementedError
-
-    def invert(
-        self,
-        vectors: np.ndarray,
-        encoder: Encoder | None = None,
-        steps: int = 3,
-        beam: int = 4,
-        alpha: float = 1.0,
-        seeds: list[list[str]] | None = None,
-        edits: int = 0,
-    ) -> list[str]:
-        """Best beam hypothesis, then ``steps`` rounds of correction by re-embedding through ``encoder``
-        (``seeds``: extra starting hypotheses per vector, e.g. its nearest public texts; ``edits``: word
-        substitutions tried per round on the best hypothesis)."""
-        v = check_vectors(vectors, self.dim, "target vectors")
-        hyps = self.beam_search(v, beam)
-        if encoder is None or steps <= 0:
-            return [h[0] for h in hyps]
-        if seeds is not None:
-            hyps = [h + list(s) for h, s in zip(hyps, seeds, strict=True)]
-        return [self._correct(v[i], hyps[i], encoder, steps, beam, alpha, edits) for i in range(len(v))]
-
-    def _correct(
-        self, v: np.ndarray, first: list[str], encoder: Encoder, steps: int, beam: int, alpha: float, edits: int = 0
-    ) -> str:
-        scored: dict[str, float] = {}
-
-        def score(cands: list[str]) -> None:
-            new = list(dict.fromkeys(c for c in cands if c.strip() and c not in scored))
-            if new:
-                sims = cosine_rows(encoder.embed(new), np.repeat(v[None], len(new), 0))
-                scored.update(zip(new, sims.tolist(), strict=True))
-
-        score(first)
-        for _ in range(steps):
-            best = sorted(scored, key=lambda t: -scored[t])[:beam]
-            emb = encoder.embed(best)
-            pushed = v[None] + alpha * (v[None] - emb)
-            cands = [h for row in self.beam_search(pushed.astype(np.float32), beam) for h in row]
-            for b in best:
-                w = b.split()
-                cands.extend(" ".join(w[:i] + w[i + 1 :]) for i in range(len(w)) if len(w) > 1)
-            cands.extend(substitutions(best[0], first + cands, edits, insert=True))
-            before = len(scored)
-            score(cands)
-            if len(scored) == before:
-                break
-        return max(scored, key=lambda t: scored[t])
-
-
-def substitutions(text: str, pool_texts: list[str], limit: int, insert: bool = False) -> list[str]:
-    """Up to ``limit`` one-word substitutions (and, with ``insert``, insertions) of ``text`` with words of
-    ``pool_texts``, most frequent pool word first."""
-    if limit <= 0:
-        return []
-    words = text.split()
-    pool = [w for w, _ in Counter(w for t in pool_texts for w in dict.fromkeys(t.split())).most_common()]
-    out = []
-    for new in pool:
-        for i in range(len(words) + insert):
-            if i < len(words) and new != words[i]:
-                out.append(" ".join(words[:i] + [new] + words[i + 1 :]))
-            if insert:
-                out.append(" ".join(words[:i] + [new] + words[i:]))
-            if len(out) >= limit:
-                return out[:limit]
-    return out
 
 
 class DecoderInverter(CorrectingInverter):
@@ -328,77 +267,101 @@ def nearest_texts(texts: list[str], vecs: np.ndarray, targets: np.ndarray, k: in
     return [[texts[j] for j in row] for row in top]
 
 
-ARCHS = ("lm", "gru")
+@dataclass(frozen=True)
+class DecoderTraining(Config):
+    """Options of training a decoder inverter (the decoder attack's, and alignment's inner decoder's)."""
+
+    arch: Literal["gru", "lm"] = option("gru", "gru: trained from scratch; lm: a packaged pretrained causal LM")
+    base: str = option("smollm2-135m", "arch=lm: the packaged LM")
+    layers: int = option(2, "arch=lm: top layers fine-tuned")
+    train_seconds: float | None = option(None, "whole training budget in seconds (default: 600 for lm, 180 for gru)")
+    lr: float = option(2e-4, "arch=lm: learning rate of the LM's top layers")
+    cond_lr: float = option(3e-3, "arch=lm: learning rate of the vector conditioning")
+    progress: bool = option(True, "arch=lm: show a progress bar")
+    vocab: int = option(4000, "arch=gru: most frequent public word pieces the decoder writes")
+    emb: int = option(128, "arch=gru: token embedding width")
+    hidden: int = option(256, "arch=gru: GRU state width")
+    epochs: int = option(50, "arch=gru: most epochs")
 
 
 def train_decoder(
-    scn: Scenario, encoder: Encoder | None = None, pairs: tuple[list[str], np.ndarray] | None = None
+    scn: Scenario,
+    opts: DecoderTraining | None = None,
+    encoder: Encoder | None = None,
+    pairs: tuple[list[str], np.ndarray] | None = None,
 ) -> tuple[CorrectingInverter, dict[str, Any]]:
     """Option ``arch``: ``lm`` (a packaged pretrained LM, option ``base``, top ``layers`` fine-tuned) or ``gru``
-    (trained from scratch); ``train_seconds`` is the whole training budget."""
+    (trained from scratch); ``train_seconds`` is the whole training budget (``opts``, default: the defaults)."""
+    opts = opts or DecoderTraining()
     enc = encoder or scn.victim
     texts, vecs = pairs or scn.public_pairs(enc)
-    arch = option(scn, "arch", "gru")
-    if arch not in ARCHS:
-        from leaklab.errors import UnknownNameError
-
-        raise UnknownNameError("decoder arch", arch, list(ARCHS))
-    if arch == "lm":
-        from leaklab.attacks.embedding.lmdecoder import LMDecoderInverter, lm_vocab
+    if opts.arch == "lm":
         from leaklab.models import load_model
 
-        base = option(scn, "base", "smollm2-135m")
         lm = LMDecoderInverter(
-            enc.dim, lm_vocab(load_model(base).tokenizer, texts), base, option(scn, "layers", 2), 40, enc.name
+            enc.dim, lm_vocab(load_model(opts.base).tokenizer, texts), opts.base, opts.layers, 40, enc.name
         )
         info = lm.fit(
             texts,
             vecs,
-            seconds=option(scn, "train_seconds", 600.0),
-            lr=option(scn, "lr", 2e-4),
-            cond_lr=option(scn, "cond_lr", 3e-3),
+            seconds=opts.train_seconds if opts.train_seconds is not None else 600.0,
+            lr=opts.lr,
+            cond_lr=opts.cond_lr,
             seed=scn.seed,
-            progress=option(scn, "progress", True),
+            progress=opts.progress,
         )
         return lm, info
     inv = DecoderInverter(
         enc.dim,
-        piece_vocab(scn.tokenizer, texts, option(scn, "vocab", 4000)),
+        piece_vocab(scn.tokenizer, texts, opts.vocab),
         scn.tokenizer,
-        option(scn, "emb", 128),
-        option(scn, "hidden", 256),
+        opts.emb,
+        opts.hidden,
         scn.max_tokens + 2,
         enc.name,
     )
-    info = inv.fit(
-        texts, vecs, seconds=option(scn, "train_seconds", 180.0), epochs=option(scn, "epochs", 50), seed=scn.seed
-    )
+    seconds = opts.train_seconds if opts.train_seconds is not None else 180.0
+    info = inv.fit(texts, vecs, seconds=seconds, epochs=opts.epochs, seed=scn.seed)
     info["arch"] = "gru"
     return inv, info
 
 
 def load_decoder(folder: str | Path, tokenizer: Any) -> CorrectingInverter:
     """A saved decoder of either arch (``tokenizer``: the encoder's, used by the GRU arch only)."""
-    from leaklab.attacks.embedding.lmdecoder import LMDecoderInverter
-
     state, cfg = load_inverter_files(folder, "decoder")
     if cfg.get("arch", "gru") == "lm":
         return LMDecoderInverter.from_saved(state, cfg)
     return DecoderInverter.from_saved(state, cfg, tokenizer)
 
 
-def search_init(scn: Scenario) -> str:
-    """Option ``init`` of the decoder's search (``bow`` or ``decoder``), checked before any training."""
-    init = option(scn, "init", "bow")
-    if init not in ("bow", "decoder"):
-        from leaklab.errors import UnknownNameError
+@dataclass(frozen=True)
+class DecoderConfig(SavedInverter, DecoderTraining):
+    """Options of the decoder attack: training, correction, and the black-box search that refines it."""
 
-        raise UnknownNameError("decoder search init", init, ["bow", "decoder"])
-    return init
+    beam: int = option(4, "beam width of decoding and correction")
+    steps: int = option(3, "correction rounds by re-embedding (0: none)")
+    seeds: int = option(2, "nearest public texts added as starting hypotheses per vector")
+    edits: int = option(0, "word substitutions and insertions tried per correction round")
+    search: int = option(0, "black-box coordinate search after the correction: queries per vector (0: none)")
+    init: Literal["bow", "decoder"] = option(
+        "bow", "search start: also a bag-of-words inverter's, or the decoder's only"
+    )
+    fluency: float = option(0.0, "search: β of + β·mean log p_dec(x | v) in J")
+    candidates: int = option(8, "search: the decoder's most probable tokens proposed per position")
+    pool: int = option(20, "search: evidence words (and bag-of-words top words) proposed at every position")
+    prior: int = option(40, "search: words w of highest cos(e(w), v) proposed at every position")
+    common: int = option(20, "search: most frequent public tokens proposed at every position")
+    words: int = option(20, "search: word completion (as for the white-box attack)")
+    nonword: float = option(0.01, "search: μ per split word that is no public-split word")
+    length_penalty: float = option(0.01, "search: λ of J = cos − λ·|x|, per token")
+    passes: int = option(6, "search: most coordinate passes per descent")
+    hops: int = option(6, "search: basin-hopping rounds")
+    spans: int = option(2, "search: moves of runs of up to this many whole words")
 
 
 def search_refine(
     scn: Scenario,
+    cfg: DecoderConfig,
     enc: Encoder,
     inv: CorrectingInverter,
     targets: np.ndarray,
@@ -415,50 +378,34 @@ def search_refine(
     ``words``, ``nonword``, ``length_penalty`` and ``passes`` as for the white-box attack. Option ``fluency`` = β
     adds β·(1/(|x|+1))·log p_dec(x, end | v) to J: the decoder's word order. Returns the texts and
     the usage of the bag-of-words training (public pairs, apart from the search's queries)."""
-    from leaklab.attacks.embedding.whitebox import (
-        COMMON_WORDS,
-        WhiteBoxInverter,
-        piece_words,
-        vocab_from_texts,
-        whole_word_ids,
-    )
-
     tok = scn.tokenizer
     public = scn.public_texts()
-    n_words, nonword = option(scn, "words", 20), float(option(scn, "nonword", 0.01))
     searcher = WhiteBoxInverter(
         enc,
         vocab_from_texts(tok, public, COMMON_WORDS, whole_words=False),
-        length_penalty=option(scn, "length_penalty", 0.01),
+        length_penalty=cfg.length_penalty,
         max_len=scn.max_tokens,
-        passes=option(scn, "passes", 6),
-        prior=option(scn, "prior", 40),
-        hops=option(scn, "hops", 6),
-        budget=option(scn, "search", 0),
+        passes=cfg.passes,
+        prior=cfg.prior,
+        hops=cfg.hops,
+        budget=cfg.search,
         seed=scn.seed,
         prior_ids=whole_word_ids(tok),
-        units=piece_words(tok, public) if n_words > 0 or nonword > 0 else None,
-        words=n_words,
-        nonword=nonword,
-        spans=option(scn, "spans", 2),
-        common=option(scn, "common", 20),
+        units=piece_words(tok, public) if cfg.words > 0 or cfg.nonword > 0 else None,
+        words=cfg.words,
+        nonword=cfg.nonword,
+        spans=cfg.spans,
+        common=cfg.common,
         tokenizer=tok,
     )
-    k, size = option(scn, "candidates", 8), option(scn, "pool", 20)
-    init = search_init(scn)
+    k, size = cfg.candidates, cfg.pool
     bow_pools, bow_usage = [""] * len(starts), {"queries": 0, "calls": 0, "tokens": 0}
-    if init == "bow":
+    if cfg.init == "bow":
         # a bag-of-words inverter (its own defaults; public pairs only): its text is a second start, the one of
         # higher J is kept, and its top words join the pool
-        from dataclasses import replace
-
-        from leaklab.attacks.embedding.whitebox import bow_guesses
-
         before = enc.usage.snapshot()
-        guesses = bow_guesses(replace(scn, options={"pool": size}), enc, targets)
+        bow_starts, bow_pools = bow_guesses(scn, enc, targets, size, BowTraining())
         bow_usage = enc.usage.since(before)
-        assert guesses is not None
-        bow_starts, bow_pools = guesses
         ids = tok([*starts, *bow_starts], add_special_tokens=False)["input_ids"]
         starts = list(starts)
         for j in range(len(starts)):
@@ -476,45 +423,42 @@ def search_refine(
     proposers = scorers = None
     if k > 0 and hasattr(inv, "position_candidates"):
         proposers = [lambda seq, v=v: inv.position_candidates(v, seq, k) for v in targets]
-    fluency = float(option(scn, "fluency", 0.0))
+    fluency = cfg.fluency
     if fluency > 0 and hasattr(inv, "mean_logprob"):
         scorers = [lambda seqs, v=v: fluency * inv.mean_logprob(v, seqs) for v in targets]
     texts, _ = searcher.invert(targets, starts, pools, proposers, scorers)
     return texts, bow_usage
 
 
-@register_embed_attack(
+@EMBED_ATTACKS.register(
     "decoder",
-    "decoder (pretrained LM, top layers fine-tuned; or GRU) trained on public pairs + correction by re-embedding",
-    "black-box embed (public texts, corrections) + leaked vectors",
+    config=DecoderConfig,
+    help="decoder (pretrained LM, top layers fine-tuned; or GRU) trained on public pairs + correction by re-embedding",
+    access="black-box embed (public texts, corrections) + leaked vectors",
 )
-def evaluate(scn: Scenario) -> AttackReport:
+def evaluate(scn: Scenario, cfg: DecoderConfig) -> AttackReport:
     enc = scn.victim
     sample, targets = victim_targets(scn)
-    if option(scn, "search", 0) > 0:
-        search_init(scn)  # a bad value fails here, not after minutes of training
     before = enc.usage.snapshot()
     pairs = scn.public_pairs(enc)
     inv, info = load_or_train(
         scn,
+        cfg,
         lambda folder: load_decoder(folder, scn.tokenizer),
-        lambda: train_decoder(scn, enc, pairs),
+        lambda: train_decoder(scn, cfg, enc, pairs),
     )
     train_usage = enc.usage.since(before)
     mid = enc.usage.snapshot()
-    beam = option(scn, "beam", 4)
+    beam, steps, edits, search = cfg.beam, cfg.steps, cfg.edits, cfg.search
     base = inv.invert(targets, None, beam=beam)
-    steps = option(scn, "steps", 3)
-    seeds = nearest_texts(*pairs, targets, option(scn, "seeds", 2))
-    edits = option(scn, "edits", 0)
+    seeds = nearest_texts(*pairs, targets, cfg.seeds)
     pred = inv.invert(targets, enc, steps=steps, beam=beam, seeds=seeds, edits=edits) if steps > 0 else base
     corrected = pred
-    search = option(scn, "search", 0)
     bow_usage = {"queries": 0}
     if search > 0:
         hyps = inv.beam_search(targets, beam)
         evidence = [h + s for h, s in zip(hyps, seeds, strict=True)]
-        pred, bow_usage = search_refine(scn, enc, inv, targets, pred, evidence)
+        pred, bow_usage = search_refine(scn, cfg, enc, inv, targets, pred, evidence)
     attack_usage = enc.usage.since(mid)
     metrics = score_inversion(pred, sample.texts, targets, enc)
     metrics["base"] = {k: v for k, v in score_inversion(base, sample.texts, targets, enc).items() if k != "per_item_f1"}

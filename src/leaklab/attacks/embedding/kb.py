@@ -29,7 +29,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from leaklab.attacks.embedding.registry import AttackReport, Scenario, examples, option, register_embed_attack
+from leaklab.attacks.embedding.bow import BowTraining
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario, at_least, examples, sub_config
+from leaklab.attacks.embedding.whitebox import WhiteBoxSearch, make_whitebox, search_start
+from leaklab.core import option
 from leaklab.encoders import Encoder, check_texts
 from leaklab.errors import LeaklabError
 from leaklab.metrics.embedding import score_inversion, words
@@ -368,29 +371,53 @@ def probe_vocab(texts: Sequence[str], size: int) -> tuple[list[str], list[str]]:
     return ranked[:size], ranked[:40]
 
 
-@register_embed_attack(
+@dataclass(frozen=True)
+class KbExtractConfig(BowTraining, WhiteBoxSearch):
+    """Options of knowledge-base extraction; with ``encoder_known``, the white-box search (and the bag-of-words
+    inverter of its start) that inverts the recovered vectors, whose vocabulary and candidates are ``wb_*``."""
+
+    vocab: int = option(10000, "probe words: the most frequent public-split words")
+    candidates: int = option(60, "most specific words per document that the growth tries")
+    start_words: int = option(1, "most specific words of the starting text")
+    top_k: int = option(20, "results asked per query (at least 1)")
+    max_top_k: int = option(100, "most results the victim's search returns per query")
+    recovered_f1: float = option(0.8, "token F1 at which a document counts as recovered")
+    encoder_known: bool = option(False, "the attacker holds the index's encoder: recover vectors, then invert them")
+    probes: int = option(2000, "encoder_known: public probe texts of the vector recovery (at least 1)")
+    per_round: int = option(32, "encoder_known: adaptive probes per under-observed document and round")
+    rounds: int = option(40, "encoder_known: most adaptive rounds")
+    wb_vocab: int = option(8000, "encoder_known: vocab of the white-box search and of its bag-of-words start")
+    wb_candidates: int = option(24, "encoder_known: candidates of the white-box search")
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "top_k", "probes")
+
+    def search(self) -> WhiteBoxSearch:
+        """The white-box search's options (its vocab and candidates are ``wb_vocab`` and ``wb_candidates``)."""
+        return sub_config(WhiteBoxSearch, self, vocab=self.wb_vocab, candidates=self.wb_candidates)
+
+    def bow(self) -> BowTraining:
+        """The options of the search start's bag-of-words inverter (its vocab is ``wb_vocab``)."""
+        return sub_config(BowTraining, self, vocab=self.wb_vocab)
+
+
+@EMBED_ATTACKS.register(
     "kb-extract",
-    "reconstruct hidden knowledge-base documents from similarity scores",
-    "search endpoint only: query texts -> top-k (id, score); option encoder_known adds the index's encoder",
+    config=KbExtractConfig,
+    help="reconstruct hidden knowledge-base documents from similarity scores",
+    access="search endpoint only: query texts -> top-k (id, score); option encoder_known adds the index's encoder",
 )
-def evaluate(scn: Scenario) -> AttackReport:
+def evaluate(scn: Scenario, cfg: KbExtractConfig) -> AttackReport:
     sample = scn.private()
-    kb = HiddenKB(sample.texts, scn.victim, max_top_k=option(scn, "max_top_k", 100))
+    kb = HiddenKB(sample.texts, scn.victim, max_top_k=cfg.max_top_k)
     public = scn.public_texts()
-    vocab, function_words = probe_vocab(public, option(scn, "vocab", 10000))
-    top_k = option(scn, "top_k", 20, minimum=1)
-    known = option(scn, "encoder_known", False)
+    vocab, function_words = probe_vocab(public, cfg.vocab)
+    top_k, known = cfg.top_k, cfg.encoder_known
     before = scn.victim.usage.snapshot()
     if known:
-        pred_of, extra, info = _extract_known(scn, kb, public, vocab, top_k)
+        pred_of, extra, info = _extract_known(scn, cfg, kb, public, vocab)
     else:
-        attack = KBExtractor(
-            vocab,
-            function_words,
-            top_k=top_k,
-            candidates=option(scn, "candidates", 60),
-            start_words=option(scn, "start_words", 1),
-        )
+        attack = KBExtractor(vocab, function_words, top_k=top_k, candidates=cfg.candidates, start_words=cfg.start_words)
         res = attack.run(kb)
         pred_of = res.texts
         extra = {
@@ -402,7 +429,7 @@ def evaluate(scn: Scenario) -> AttackReport:
     pred = [pred_of.get(i, "") for i in ids]
     true = [kb.text_of(i) for i in ids]
     metrics = score_inversion(pred, true, kb._matrix, scn.victim)  # the cosine is the scorer's (usage restored)
-    threshold = option(scn, "recovered_f1", 0.8)
+    threshold = cfg.recovered_f1
     f1 = np.array(metrics["per_item_f1"])
     metrics.update(
         {
@@ -435,32 +462,31 @@ def evaluate(scn: Scenario) -> AttackReport:
 
 
 def _extract_known(
-    scn: Scenario, kb: HiddenKB, public: list[str], vocab: list[str], top_k: int
+    scn: Scenario, cfg: KbExtractConfig, kb: HiddenKB, public: list[str], vocab: list[str]
 ) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
     """Encoder known: least-squares document vectors from scores, then offline white-box inversion of each."""
     import time
 
-    from leaklab.attacks.embedding.whitebox import bow_guesses, make_whitebox
     from leaklab.encoders import load_encoder, require_local
     from leaklab.metrics.embedding import cosine_rows
 
     local = require_local(load_encoder(scn.encoder, fresh=True), "kb-extract (encoder_known)")
     rec = KBVectorRecovery(
         local,
-        public[: option(scn, "probes", 2000, minimum=1)],
+        public[: cfg.probes],
         vocab,
-        top_k=top_k,
-        per_round=option(scn, "per_round", 32),
-        max_rounds=option(scn, "rounds", 40),
+        top_k=cfg.top_k,
+        per_round=cfg.per_round,
+        max_rounds=cfg.rounds,
         seed=scn.seed,
     ).run(kb)
     ids = [d for d in kb.ids if d in rec.vectors]
     vecs = np.stack([rec.vectors[d] for d in ids]) if ids else np.zeros((0, local.dim), np.float32)
     true_vecs = kb._matrix[[kb.ids.index(d) for d in ids]]  # scoring only: how well d̂ was recovered
     start = time.perf_counter()
-    inv = make_whitebox(scn, local)
-    guesses = bow_guesses(scn, local, vecs) if ids else None
-    texts, _ = inv.invert(vecs, *(guesses or (None, None))) if ids else ([], [])
+    inv = make_whitebox(scn, local, cfg.search())
+    starts, pools = search_start(scn, local, vecs, cfg.search(), cfg.bow()) if ids else (None, None)
+    texts, _ = inv.invert(vecs, starts, pools) if ids else ([], [])
     extra = {
         "discovery_queries": rec.discovery_queries,
         "adaptive_queries": rec.adaptive_queries,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from leaklab.attacks.embedding.decoder import CorrectingInverter
+from leaklab.attacks.embedding.correction import CorrectingInverter
 from leaklab.attacks.embedding.registry import load_inverter_files, save_inverter
 from leaklab.encoders import check_pairs, check_vectors
 from leaklab.errors import LeaklabError

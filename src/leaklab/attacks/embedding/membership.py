@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
 from leaklab.attacks.embedding.kb import HiddenKB, SearchIndex
-from leaklab.attacks.embedding.registry import AttackReport, Scenario, option, register_embed_attack
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario
+from leaklab.core import Config, option
 from leaklab.encoders import Encoder, LocalEncoder, check_texts, load_encoder, require_local
 from leaklab.errors import LeaklabError
 from leaklab.metrics.embedding import cosine_rows, membership_scores
@@ -107,20 +110,24 @@ def _split(scn: Scenario, n: int) -> tuple[list[str], list[str]]:
     return texts[:n], texts[n:]
 
 
-@register_embed_attack(
-    "membership",
-    "was a text in the indexed knowledge base or the encoder's fine-tuning data",
-    "search endpoint (kb) or black-box embed of the fine-tuned encoder + public base (encoder)",
-)
-def evaluate(scn: Scenario) -> AttackReport:
-    target = option(scn, "target", "kb")
-    if target == "kb":
-        return _evaluate_kb(scn)
-    if target == "encoder":
-        return _evaluate_encoder(scn)
-    from leaklab.errors import UnknownNameError
+@dataclass(frozen=True)
+class MembershipConfig(Config):
+    """Options of the membership attack."""
 
-    raise UnknownNameError("membership target", target, ["kb", "encoder"])
+    target: Literal["kb", "encoder"] = option("kb", "membership of the indexed knowledge base or of fine-tuning")
+    epochs: int = option(3, "target=encoder: SimCSE fine-tuning epochs of the victim's encoder")
+    lr: float = option(3e-5, "target=encoder: fine-tuning learning rate")
+    views: int = option(3, "target=encoder: word-drop views per text of the consistency score")
+
+
+@EMBED_ATTACKS.register(
+    "membership",
+    config=MembershipConfig,
+    help="was a text in the indexed knowledge base or the encoder's fine-tuning data",
+    access="search endpoint (kb) or black-box embed of the fine-tuned encoder + public base (encoder)",
+)
+def evaluate(scn: Scenario, cfg: MembershipConfig) -> AttackReport:
+    return _evaluate_kb(scn) if cfg.target == "kb" else _evaluate_encoder(scn, cfg)
 
 
 def _evaluate_kb(scn: Scenario) -> AttackReport:
@@ -147,21 +154,20 @@ def _evaluate_kb(scn: Scenario) -> AttackReport:
     )
 
 
-def _evaluate_encoder(scn: Scenario) -> AttackReport:
+def _evaluate_encoder(scn: Scenario, cfg: MembershipConfig) -> AttackReport:
     base = require_local(load_encoder(scn.encoder), "membership --target encoder")
     members, non = _split(scn, scn.n)
-    tuned = finetune_simcse(base, members, epochs=option(scn, "epochs", 3), lr=option(scn, "lr", 3e-5), seed=scn.seed)
+    tuned = finetune_simcse(base, members, epochs=cfg.epochs, lr=cfg.lr, seed=scn.seed)
     candidates = members + non
     labels = np.array([1] * len(members) + [0] * len(non))
-    views = option(scn, "views", 3)
-    ft = augmentation_consistency(tuned, candidates, views, seed=scn.seed)
-    ref = augmentation_consistency(base, candidates, views, seed=scn.seed)
+    ft = augmentation_consistency(tuned, candidates, cfg.views, seed=scn.seed)
+    ref = augmentation_consistency(base, candidates, cfg.views, seed=scn.seed)
     drift = cosine_rows(tuned.embed(candidates), base.embed(candidates))
     metrics = {
         "consistency_ref": membership_scores(ft - ref, labels),
         "consistency": membership_scores(ft, labels),
         "drift_from_base": membership_scores(-drift, labels),
-        "finetune": {"members": len(members), "epochs": option(scn, "epochs", 3), "objective": "SimCSE"},
+        "finetune": {"members": len(members), "epochs": cfg.epochs, "objective": "SimCSE"},
     }
     return AttackReport(
         "membership",

@@ -10,14 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from leaklab.attacks.embedding.registry import (
-    AttackReport,
-    Scenario,
-    examples,
-    option,
-    register_embed_attack,
-    victim_targets,
-)
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario, at_least, examples, victim_targets
+from leaklab.core import Config, option
 from leaklab.encoders import Encoder, cached_embed, check_texts, check_vectors
 from leaklab.metrics.embedding import membership_scores, score_inversion
 
@@ -66,22 +60,35 @@ class NearestNeighbour:
         return NeighbourResult([self.candidates[i] for i in top[:, 0]], top, scores, scores[:, 0] >= self.near_exact)
 
 
-@register_embed_attack(
+@dataclass(frozen=True)
+class NearestConfig(Config):
+    """Options of the nearest-neighbour attack."""
+
+    candidates: int = option(1000, "public distractor texts in the candidate list (at least 1)")
+    near_exact: float = option(0.999, "cosine at or above which a candidate is declared present")
+    k: int = option(5, "candidates ranked per leaked vector (recall@k; at least 1)")
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "candidates", "k")
+
+
+@EMBED_ATTACKS.register(
     "nearest",
-    "fingerprint leaked vectors against a candidate corpus (exact / near-exact)",
-    "black-box embed + leaked vectors",
+    config=NearestConfig,
+    help="fingerprint leaked vectors against a candidate corpus (exact / near-exact)",
+    access="black-box embed + leaked vectors",
 )
-def evaluate(scn: Scenario) -> AttackReport:
+def evaluate(scn: Scenario, cfg: NearestConfig) -> AttackReport:
     """Half of the leaked documents are in the attacker's candidate list (with public distractors)."""
     enc = scn.victim
     sample, targets = victim_targets(scn)
     before = enc.usage.snapshot()
     rng = np.random.default_rng(scn.seed)
     present = rng.random(len(sample.texts)) < 0.5
-    distractors = scn.public_texts(limit=option(scn, "candidates", 1000, minimum=1))
+    distractors = scn.public_texts(limit=cfg.candidates)
     candidates = distractors + [t for t, p in zip(sample.texts, present, strict=True) if p]
-    attack = NearestNeighbour(enc, candidates, near_exact=option(scn, "near_exact", 0.999))
-    res = attack.run(targets, k=option(scn, "k", 5, minimum=1))
+    attack = NearestNeighbour(enc, candidates, near_exact=cfg.near_exact)
+    res = attack.run(targets, k=cfg.k)
     truth_idx = {t: i for i, t in enumerate(attack.candidates)}
     hit_at_k = [truth_idx.get(t, -1) in row for t, row in zip(sample.texts, res.top_indices, strict=True)]
     flagged = res.present

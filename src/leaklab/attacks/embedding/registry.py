@@ -1,9 +1,10 @@
 """Registry and evaluation scenario of embedding attacks.
 
 Each attack module exposes a Python API (a class that receives only what its threat model grants: leaked
-vectors, a black-box ``embed``, a search endpoint, k leaked pairs, ...) and registers one ``evaluate``
-function that builds the victim side from a :class:`Scenario` (private texts -> vectors / hidden index),
-runs the attack on what the attacker may see, and scores the result against the private texts.
+vectors, a black-box ``embed``, a search endpoint, k leaked pairs, ...) and registers in :data:`EMBED_ATTACKS`
+one ``evaluate(scenario, config)`` function, with its typed options (a :class:`leaklab.core.Config`), that
+builds the victim side from a :class:`Scenario` (private texts -> vectors / hidden index), runs the attack on
+what the attacker may see, and scores the result against the private texts.
 """
 
 from __future__ import annotations
@@ -11,102 +12,18 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from leaklab.core import Config, Registry, option
 from leaklab.encoders import Encoder, load_encoder
-from leaklab.errors import LeaklabError, UnknownNameError
+from leaklab.errors import LeaklabError
 
-# Every option key that some embedding attack reads (``option(scn, KEY, ...)``, ``scn.options.get(KEY)``); a test
-# keeps it in step with the code. Keys are shared across attacks (kb-extract runs the white-box inverter, alignment
-# the bag-of-words one), so one list serves them all; any other key is a typo and an error.
-OPTION_KEYS = frozenset(
-    {
-        "arch",
-        "augment",
-        "base",
-        "beam",
-        "budget",
-        "candidates",
-        "clusters",
-        "common",
-        "cond_lr",
-        "decode",
-        "edits",
-        "emb",
-        "encoder_known",
-        "epochs",
-        "extra_corpora",
-        "fluency",
-        "forward_lambda",
-        "full",
-        "hidden",
-        "hops",
-        "init",
-        "inner",
-        "k",
-        "kb_corpus",
-        "kb_max_tokens",
-        "layers",
-        "length",
-        "length_penalty",
-        "lm",
-        "lm_beams",
-        "lm_budget",
-        "lm_k_ev",
-        "lm_k_lm",
-        "lm_moves",
-        "lm_restart",
-        "lm_weight",
-        "load",
-        "local",
-        "lr",
-        "max_tokens",
-        "max_top_k",
-        "method",
-        "near_exact",
-        "noise",
-        "nonword",
-        "passes",
-        "per_round",
-        "pieces",
-        "pool",
-        "pool_top",
-        "prior",
-        "probes",
-        "progress",
-        "recovered_f1",
-        "ridge",
-        "rounds",
-        "save",
-        "search",
-        "seeds",
-        "spans",
-        "start_words",
-        "steps",
-        "target",
-        "top_k",
-        "train_seconds",
-        "transform",
-        "victim",
-        "views",
-        "vocab",
-        "wb_passes",
-        "word_corpora",
-        "words",
-    }
-)
-
-
-def check_options(options: dict[str, Any]) -> None:
-    """Raise :class:`UnknownNameError` (listing the valid keys) for an option key no attack reads."""
-    for key in options:
-        if key not in OPTION_KEYS:
-            raise UnknownNameError("attack option", key, list(OPTION_KEYS))
+C = TypeVar("C", bound=Config)
 
 
 @dataclass
@@ -121,10 +38,6 @@ class Scenario:
     max_tokens: int = 32
     public_limit: int | None = None
     api_key: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        check_options(self.options)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -266,18 +179,39 @@ def check_inverter_encoder(inverter: Any, folder: str, encoder: str, encoder_dim
         )
 
 
+@dataclass(frozen=True)
+class SavedInverter(Config):
+    """Options of attacks whose inverter can be saved after training, or loaded instead of trained."""
+
+    load: str | None = option(None, "folder of a saved inverter to use instead of training one")
+    save: str | None = option(None, "folder to save the trained inverter to")
+
+
+def sub_config(cls: type[C], source: Config, **override: Any) -> C:
+    """The config ``cls`` of a sub-attack from the same-named fields of ``source`` (``override`` wins)."""
+    names = {f.name for f in fields(source)}
+    return cls(**{f.name: getattr(source, f.name) for f in fields(cls) if f.name in names} | override)
+
+
+def at_least(cfg: Config, minimum: float, *names: str) -> None:
+    """Refuse option values below ``minimum``: ``option probes=0: must be at least 1``."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < minimum:
+            raise LeaklabError(f"option {name}={value!r}: must be at least {minimum}")
+
+
 def load_or_train(
-    scn: Scenario, load: Callable[[str], Any], train: Callable[[], tuple[Any, dict[str, Any]]]
+    scn: Scenario, cfg: SavedInverter, load: Callable[[str], Any], train: Callable[[], tuple[Any, dict[str, Any]]]
 ) -> tuple[Any, dict[str, Any]]:
     """The inverter saved at option ``load``, else a freshly trained one (saved to option ``save`` if given)."""
-    folder = scn.options.get("load")
-    if folder:
-        inv = load(str(folder))
-        check_inverter_encoder(inv, str(folder), scn.encoder, scn.victim.dim)
-        return inv, {"loaded": str(folder)}
+    if cfg.load:
+        inv = load(cfg.load)
+        check_inverter_encoder(inv, cfg.load, scn.encoder, scn.victim.dim)
+        return inv, {"loaded": cfg.load}
     inv, info = train()
-    if scn.options.get("save"):
-        inv.save(scn.options["save"])
+    if cfg.save:
+        inv.save(cfg.save)
     return inv, info
 
 
@@ -302,78 +236,32 @@ def examples(true: list[str], pred: list[str], k: int = 5) -> list[dict[str, str
     return [{"true": t, "recovered": p} for t, p in list(zip(true, pred, strict=True))[:k]]
 
 
-@dataclass(frozen=True)
-class EmbedAttackSpec:
-    name: str
-    description: str
-    access: str
-    evaluate: Callable[[Scenario], AttackReport]
+BUILTIN_MODULES = ("nearest", "whitebox", "bow", "decoder", "alignment", "kb", "clustering", "membership")
 
 
-EMBED_ATTACKS: dict[str, EmbedAttackSpec] = {}
-
-
-def register_embed_attack(name: str, description: str, access: str) -> Callable:
-    """Register the scenario evaluation of an attack under ``name``."""
-
-    def deco(fn: Callable[[Scenario], AttackReport]) -> Callable[[Scenario], AttackReport]:
-        EMBED_ATTACKS[name] = EmbedAttackSpec(name, description, access, fn)
-        return fn
-
-    return deco
-
-
-def load_builtin() -> None:
+def _load_builtin() -> None:
+    """Import the built-in attack modules, listed explicitly (each registers its attack)."""
     import importlib
-    import pkgutil
 
-    import leaklab.attacks.embedding as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name != "registry":
-            importlib.import_module(f"{pkg.__name__}.{mod.name}")
+    for name in BUILTIN_MODULES:
+        importlib.import_module(f"leaklab.attacks.embedding.{name}")
 
 
-def attack_names() -> list[str]:
-    load_builtin()
-    return list(EMBED_ATTACKS)
+EMBED_ATTACKS: Registry[Callable[..., AttackReport]] = Registry(
+    "embedding attack", builtins=_load_builtin, entry_points="leaklab.attacks"
+)
 
 
-def get_attack(name: str) -> EmbedAttackSpec:
-    load_builtin()
-    if name not in EMBED_ATTACKS:
-        raise UnknownNameError("embedding attack", name, list(EMBED_ATTACKS))
-    return EMBED_ATTACKS[name]
-
-
-def run_embed_attack(name: str, scenario: Scenario) -> AttackReport:
-    """Evaluate attack ``name`` on ``scenario`` (timed)."""
-    spec = get_attack(name)
-    check_options(scenario.options)
+def run_embed_attack(name: str, scenario: Scenario, options: Any = None) -> AttackReport:
+    """Evaluate attack ``name`` on ``scenario`` with ``options`` (a dict, ``key=value`` strings or the attack's
+    config), timed; the report's scenario records the full config (``to_dict``)."""
+    entry = EMBED_ATTACKS.get(name)
+    cfg = entry.options(options)
     start = time.perf_counter()
-    report = spec.evaluate(scenario)
+    report = entry.impl(scenario, cfg)
     report.seconds = round(time.perf_counter() - start, 3)
+    report.scenario = {**report.scenario, "options": cfg.to_dict()}
     return report
-
-
-def option(scn: Scenario, key: str, default: Any, minimum: float | None = None) -> Any:
-    """An attack option from the scenario, cast to the default's type (and at least ``minimum`` if given)."""
-    value = scn.options.get(key, default)
-    if value is None or default is None:
-        return value
-    try:
-        value = type(default)(value) if not isinstance(default, bool) else _as_bool(value)
-    except (TypeError, ValueError):
-        raise LeaklabError(f"option {key}={value!r}: expected {type(default).__name__}") from None
-    if minimum is not None and value < minimum:
-        raise LeaklabError(f"option {key}={value!r}: must be at least {minimum}")
-    return value
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.lower() in ("1", "true", "yes", "on")
-    return bool(value)
 
 
 # ----------------------------------------------------------------------------- trained inverters on disk

@@ -36,20 +36,23 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from leaklab.attacks.embedding.bow import BowTraining, train_bow
 from leaklab.attacks.embedding.lmguide import LMPrior, lm_beam
 from leaklab.attacks.embedding.registry import (
+    EMBED_ATTACKS,
     AttackReport,
     Scenario,
     examples,
-    option,
-    register_embed_attack,
+    sub_config,
     victim_targets,
 )
+from leaklab.core import Config, option
 from leaklab.encoders import Encoder, LocalEncoder, check_vectors, require_local
 from leaklab.errors import LeaklabError
 from leaklab.metrics.embedding import score_inversion
@@ -502,84 +505,126 @@ def whole_word_ids(tokenizer: Any, pieces: bool = False) -> list[int]:
     ]
 
 
-def make_whitebox(scn: Scenario, encoder: LocalEncoder) -> WhiteBoxInverter:
-    """The white-box inverter with the scenario's options: the public-split words by frequency first, then
-    (option ``full``) every other whole word of the tokenizer; option ``pieces``: ``##`` continuations too.
-    Options ``words``/``nonword`` use the public split's multi-piece words; ``word_corpora`` (comma-separated
-    corpus names) appends those of other corpora's public splits."""
-    vocab_size = option(scn, "vocab", 8000)
-    pieces = option(scn, "pieces", False)
+@dataclass(frozen=True)
+class WhiteBoxSearch(Config):
+    """Options of the white-box coordinate search and its start (the white-box attack's, and kb-extract's with
+    ``encoder_known``)."""
+
+    vocab: int = option(8000, "public-split words by frequency in the search vocabulary (0: the whole tokenizer)")
+    full: bool = option(False, "add every other whole word of the tokenizer to the vocabulary")
+    pieces: bool = option(False, "add the ## word-piece continuations to the vocabulary")
+    candidates: int = option(24, "top-K HotFlip swaps and insertions proposed per position")
+    length_penalty: float = option(0.01, "λ of J = cos − λ·|x|, per token")
+    length: int = option(24, "longest recovered text, in tokens")
+    passes: int = option(6, "most coordinate passes per descent")
+    prior: int = option(0, "words w of highest cos(e(w), v) proposed at every position")
+    hops: int = option(0, "basin-hopping rounds after the descent")
+    budget: int = option(0, "encoder passes per vector (0: unlimited)")
+    words: int = option(0, "word completion: multi-piece public words tried in place of the word at a position")
+    nonword: float = option(0.0, "μ of J − μ per split word that is no public-split word")
+    word_corpora: str = option("", "comma-separated corpora whose public multi-piece words join the known words")
+    spans: int = option(0, "moves of runs of up to this many whole words")
+    common: int = option(0, "common public words of highest first-order gain proposed at every position")
+    pool_top: int = option(0, "screen the word pool to this many words of highest first-order gain (0: all)")
+    init: Literal["bow", "empty"] = option("bow", "start: the bag-of-words inverter's text and word pool, or nothing")
+    pool: int = option(20, "top words of the bag-of-words inverter proposed at every position")
+    lm: str = option("", "causal LM of the guided restart (e.g. smollm2-135m; empty: none)")
+    lm_budget: int = option(3000, "encoder passes of the LM-guided restart per vector (0: unlimited)")
+    lm_restart: bool = option(True, "run the LM-guided restart (with lm)")
+    lm_moves: int = option(0, "the LM's top next words proposed at every position (with lm)")
+    lm_beams: int = option(6, "beams of the LM-guided restart")
+    lm_k_lm: int = option(6, "the LM's next words proposed per beam")
+    lm_k_ev: int = option(14, "evidence words proposed per beam, ranked by the LM")
+    lm_weight: float = option(0.02, "μ of the LM's mean log-probability in the beam ranking")
+
+
+@dataclass(frozen=True)
+class WhiteBoxConfig(BowTraining, WhiteBoxSearch):
+    """Options of the white-box attack: the search, and the bag-of-words inverter of its start."""
+
+    vocab: int = option(8000, "public-split words by frequency in the search vocabulary and the bag-of-words start's")
+    max_tokens: int | None = option(None, "longest private target, in tokens (default: the scenario's, at most 16)")
+
+
+def make_whitebox(scn: Scenario, encoder: LocalEncoder, opts: WhiteBoxSearch) -> WhiteBoxInverter:
+    """The white-box inverter with options ``opts``: the public-split words by frequency first, then (option
+    ``full``) every other whole word of the tokenizer; option ``pieces``: ``##`` continuations too. Options
+    ``words``/``nonword`` use the public split's multi-piece words; ``word_corpora`` (comma-separated corpus
+    names) appends those of other corpora's public splits."""
+    pieces = opts.pieces
     tok = encoder.tokenizer
-    vocab = vocab_from_texts(tok, scn.public_texts(), vocab_size, whole_words=not pieces) if vocab_size > 0 else None
+    vocab = vocab_from_texts(tok, scn.public_texts(), opts.vocab, whole_words=not pieces) if opts.vocab > 0 else None
     whole = whole_word_ids(tok)
-    if vocab is not None and option(scn, "full", False):
+    if vocab is not None and opts.full:
         vocab = list(dict.fromkeys([*vocab, *(whole_word_ids(tok, pieces) if pieces else whole)]))
-    n_words = option(scn, "words", 0)
-    nonword = float(option(scn, "nonword", 0.0))
-    common = option(scn, "common", 0)
     common_ids = None
-    if common > 0 and vocab is None:  # option vocab=0: the common words still come from the public split
+    if opts.common > 0 and vocab is None:  # option vocab=0: the common words still come from the public split
         common_ids = vocab_from_texts(tok, scn.public_texts(), COMMON_WORDS, whole_words=not pieces)
-    units = piece_words(tok, scn.public_texts()) if n_words > 0 or nonword > 0 else None
-    word_corpora = option(scn, "word_corpora", "")
-    if units is not None and word_corpora:
+    units = piece_words(tok, scn.public_texts()) if opts.words > 0 or opts.nonword > 0 else None
+    if units is not None and opts.word_corpora:
         # more known words from other corpora's public splits, after the scenario's own (most frequent first)
         known = set(units)
-        more = piece_words(tok, scn.extra_public_texts(word_corpora, any_length=True))
+        more = piece_words(tok, scn.extra_public_texts(opts.word_corpora, any_length=True))
         units += [u for u in more if u not in known]
-    lm_name = option(scn, "lm", "")
-    lm = LMPrior(lm_name, encoder.tokenizer, vocab if vocab is not None else whole) if lm_name else None
-    lm_opts = {k: option(scn, f"lm_{k}", d) for k, d in (("beams", 6), ("k_lm", 6), ("k_ev", 14), ("weight", 0.02))}
+    lm = LMPrior(opts.lm, encoder.tokenizer, vocab if vocab is not None else whole) if opts.lm else None
+    lm_opts = {"beams": opts.lm_beams, "k_lm": opts.lm_k_lm, "k_ev": opts.lm_k_ev, "weight": opts.lm_weight}
     return WhiteBoxInverter(
         encoder,
         vocab,
-        candidates=option(scn, "candidates", 24),
-        length_penalty=option(scn, "length_penalty", 0.01),
-        max_len=option(scn, "length", 24),
-        passes=option(scn, "passes", 6),
-        prior=option(scn, "prior", 0),
-        hops=option(scn, "hops", 0),
-        budget=option(scn, "budget", 0),
+        candidates=opts.candidates,
+        length_penalty=opts.length_penalty,
+        max_len=opts.length,
+        passes=opts.passes,
+        prior=opts.prior,
+        hops=opts.hops,
+        budget=opts.budget,
         seed=scn.seed,
         prior_ids=whole,
         lm=lm,
-        lm_budget=option(scn, "lm_budget", 3000),
+        lm_budget=opts.lm_budget,
         lm_opts=lm_opts,
-        lm_moves=option(scn, "lm_moves", 0),
-        lm_restart=option(scn, "lm_restart", True),
+        lm_moves=opts.lm_moves,
+        lm_restart=opts.lm_restart,
         units=units,
-        words=n_words,
-        pool_top=option(scn, "pool_top", 0),
-        nonword=nonword,
-        spans=option(scn, "spans", 0),
-        common=common,
+        words=opts.words,
+        pool_top=opts.pool_top,
+        nonword=opts.nonword,
+        spans=opts.spans,
+        common=opts.common,
         common_ids=common_ids,
     )
 
 
-def bow_guesses(scn: Scenario, encoder: Encoder, vectors: np.ndarray) -> tuple[list[str], list[str]] | None:
-    """Starting texts and per-vector word pools (top ``pool`` words) from a bag-of-words inverter trained on
-    public pairs (option ``init=bow``; ``init=empty`` starts from nothing)."""
-    if option(scn, "init", "bow") != "bow":
-        return None
-    from leaklab.attacks.embedding.bow import train_bow
-
-    inv, _ = train_bow(scn, encoder)
-    return inv.invert(vectors), inv.top_words(vectors, option(scn, "pool", 20))
+def bow_guesses(
+    scn: Scenario, encoder: Encoder, vectors: np.ndarray, pool: int, bow: BowTraining
+) -> tuple[list[str], list[str]]:
+    """Starting texts and per-vector word pools (top ``pool`` words) from a bag-of-words inverter trained
+    (options ``bow``) on public pairs."""
+    inv, _ = train_bow(scn, bow, encoder)
+    return inv.invert(vectors), inv.top_words(vectors, pool)
 
 
-@register_embed_attack(
+def search_start(
+    scn: Scenario, encoder: Encoder, vectors: np.ndarray, opts: WhiteBoxSearch, bow: BowTraining
+) -> tuple[list[str], list[str]] | tuple[None, None]:
+    """The search's starting texts and word pools: the bag-of-words guesses (option ``init=bow``), or none."""
+    return bow_guesses(scn, encoder, vectors, opts.pool, bow) if opts.init == "bow" else (None, None)
+
+
+@EMBED_ATTACKS.register(
     "whitebox",
-    "batched coordinate search (HotFlip proposals, real-encoder scoring) from a bag-of-words start",
-    "white-box encoder (gradients) + leaked vectors",
+    config=WhiteBoxConfig,
+    help="batched coordinate search (HotFlip proposals, real-encoder scoring) from a bag-of-words start",
+    access="white-box encoder (gradients) + leaked vectors",
 )
-def evaluate(scn: Scenario) -> AttackReport:
+def evaluate(scn: Scenario, cfg: WhiteBoxConfig) -> AttackReport:
     enc = require_local(scn.victim, "whitebox")
-    sample, targets = victim_targets(scn, option(scn, "max_tokens", min(scn.max_tokens, 16)))
+    max_tokens = cfg.max_tokens if cfg.max_tokens is not None else min(scn.max_tokens, 16)
+    sample, targets = victim_targets(scn, max_tokens)
     before = enc.usage.snapshot()
-    inv = make_whitebox(scn, enc)
-    guesses = bow_guesses(scn, enc, targets)
-    pred, cos = inv.invert(targets, *(guesses or (None, None)))
+    inv = make_whitebox(scn, enc, cfg)
+    starts, pools = search_start(scn, enc, targets, cfg, sub_config(BowTraining, cfg))
+    pred, cos = inv.invert(targets, starts, pools)
     metrics = score_inversion(pred, sample.texts, targets, enc)
     metrics["attack_cosine"] = float(np.mean(cos))
     return AttackReport(
@@ -590,8 +635,8 @@ def evaluate(scn: Scenario) -> AttackReport:
         0.0,
         {
             "vocab_prior": f"{len(inv.vocab)} token ids: public-split whole words by frequency"
-            + (", then every other whole word of the tokenizer" if option(scn, "full", False) else "")
-            + (", ## word pieces included (option pieces)" if option(scn, "pieces", False) else ""),
+            + (", then every other whole word of the tokenizer" if cfg.full else "")
+            + (", ## word pieces included (option pieces)" if cfg.pieces else ""),
             "word_prior": f"per vector, the {inv.prior} words w of highest cos(e(w), v), proposed at every position"
             if inv.prior
             else "none",
@@ -603,9 +648,9 @@ def evaluate(scn: Scenario) -> AttackReport:
             + (f", pool screened to its {inv.pool_top} best words by first-order gain" if inv.pool_top else ""),
             "length_prior": f"≤ {inv.max_len} tokens, penalty {inv.penalty} per token"
             + (f", {inv.nonword} per split word not in the public split" if inv.nonword else ""),
-            "start": "bag-of-words inverter (public pairs): start text + word pool" if guesses else "empty text",
+            "start": "bag-of-words inverter (public pairs): start text + word pool" if starts else "empty text",
             "lm_restart": (
-                f"{option(scn, 'lm', '')} beam search ({inv.lm_opts}) + descent, ≤ {inv.lm_budget} encoder passes"
+                f"{cfg.lm} beam search ({inv.lm_opts}) + descent, ≤ {inv.lm_budget} encoder passes"
                 if inv.lm is not None
                 else "none"
             ),
