@@ -91,7 +91,8 @@ def write(out: Path, rows: list[dict]) -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        outcome = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in r.get("outcomes", {"recovered": 0}).items())
+        outcomes = r.get("outcomes")  # rows from before issue 20 have none (a failure then read as 0)
+        outcome = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in outcomes.items()) if outcomes else "not recorded"
         lines.append(
             f"| {r['setting']} | {r['B']} | {r['attack']} | {r['batches']} | {outcome} | {_fmt(r['rouge1'])} | "
             f"{_fmt(r['rouge2'])} | {_fmt(r['token_f1'])} | {_fmt(r['seconds'], '.1f')} |"

@@ -8,10 +8,20 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from leaklab.attacks.registry import GRADIENT_ATTACKS
-from leaklab.core import Registry, parse_pairs
+from leaklab.cli.common import (
+    CorpusOpt,
+    JsonOpt,
+    MaxTokensOpt,
+    MinTokensOpt,
+    ModelOpt,
+    NumLabelsOpt,
+    TaskOpt,
+    UpdateOutOpt,
+    list_entries,
+)
+from leaklab.core import Entry, parse_pairs
 from leaklab.errors import LeaklabError
 from leaklab.threat.registry import THREAT_SETTINGS
 
@@ -39,8 +49,8 @@ def attack_cmd(
     max_tokens: Annotated[int, typer.Option(help="Longest private text, in tokens.")] = 32,
     batches: Annotated[int, typer.Option(help="Private batches to attack (seeds seed, seed+1, ...).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the first batch draw.")] = 0,
-    task: Annotated[str, typer.Option(help="Victim training task: next-token or classify.")] = "next-token",
-    num_labels: Annotated[int, typer.Option(help="Classifier labels (classify).")] = 2,
+    task: TaskOpt = "next-token",
+    num_labels: NumLabelsOpt = 2,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<time>-<label>).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the aggregate as JSON.")] = False,
     update: Annotated[Path | None, typer.Option(help="Attack this saved update instead of fresh batches.")] = None,
@@ -106,20 +116,13 @@ def attack_cmd(
 
 
 @app.command("list")
-def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def list_cmd(as_json: JsonOpt = False) -> None:
     """List the gradient attacks, the settings each supports, and their options with defaults."""
-    rows = [e.describe() for e in GRADIENT_ATTACKS.entries()]
-    if as_json:
-        print(json.dumps(rows, indent=2, default=str))
-        return
-    for row in rows:
-        table = Table(title=f"{row['name']}: {row['help']}", title_justify="left")
-        table.caption = f"settings: {', '.join(row['settings'] or ['all (each through its view)'])}"
-        for col in ("option", "type", "default", "help"):
-            table.add_column(col, overflow="fold")
-        for opt in row["options"]:
-            table.add_row(opt["name"], opt["type"], str(opt["default"]), opt["help"])
-        console.print(table)
+    list_entries(GRADIENT_ATTACKS, "gradient attacks (-o / --attack-option k=v)", as_json, supports=_settings_of)
+
+
+def _settings_of(entry: Entry) -> str:
+    return ", ".join(entry.settings) if entry.settings else "all (each through its view)"
 
 
 SettingOpt = Annotated[str, typer.Option(help=f"Threat setting: {THREAT_SETTINGS.help_names()} (see 'settings').")]
@@ -188,16 +191,16 @@ def update_setting_cmd(
     setting: SettingOpt = "fedsgd",
     defense: DefenseOpt = None,
     defense_param: ParamOpt = None,
-    model: Annotated[str, typer.Option(help="Packaged model name, HF folder or hub name.")] = "smollm2-135m",
-    corpus: Annotated[str, typer.Option(help="Corpus name, file, or hf:dataset.")] = "rotten-tomatoes",
+    model: ModelOpt = "smollm2-135m",
+    corpus: CorpusOpt = "rotten-tomatoes",
     batch_size: Annotated[int, typer.Option(help="Texts per client (pairs for dpo/reward).")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the batch draw, dropout and noise.")] = 0,
-    out: Annotated[Path, typer.Option(help="Update file to write (.safetensors).")] = Path("update.safetensors"),
-    task: Annotated[str, typer.Option(help="next-token or classify.")] = "next-token",
-    num_labels: Annotated[int, typer.Option(help="Classifier labels (classify).")] = 2,
+    out: UpdateOutOpt = Path("update.safetensors"),
+    task: TaskOpt = "next-token",
+    num_labels: NumLabelsOpt = 2,
     init_seed: Annotated[int, typer.Option(help="Seed of randomly initialised model parts.")] = 0,
-    min_tokens: Annotated[int, typer.Option(help="Shortest text, in tokens.")] = 2,
-    max_tokens: Annotated[int, typer.Option(help="Longest text, in tokens.")] = 64,
+    min_tokens: MinTokensOpt = 2,
+    max_tokens: MaxTokensOpt = 64,
     train_mode: Annotated[bool, typer.Option(help="Dropout on during local training.")] = False,
     batch_size_known: Annotated[bool, typer.Option(help="Server learns the batch size.")] = True,
     lr: Annotated[
@@ -273,34 +276,18 @@ def apply_defense_cmd(
     console.print(f"wrote {out} ({len(obs.gradients)} tensors; defenses: {[r['name'] for r in obs.defenses]})")
 
 
-def _list_entries(registry: Registry, title: str, as_json: bool, **columns: str) -> None:
-    """Each entry of ``registry`` with its help and options (type, default, help); ``columns`` names extra
-    fields of the entries to show (``side="side"``)."""
-    rows = [{**e.describe(), **{k: e.extra.get(k) for k in columns}} for e in registry.entries()]
-    if as_json:
-        print(json.dumps(rows, indent=2, default=str))
-        return
-    table = Table(title=title)
-    for col in ("name", *columns.values(), "options (type, default): help", "what it does"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        opts = "\n".join(f"{o['name']} ({o['type']}, default {o['default']}): {o['help']}" for o in r["options"])
-        table.add_row(r["name"], *(str(r[k]) for k in columns), opts or "none", r["help"])
-    console.print(table)
-
-
 @app.command("defenses")
-def defenses_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def defenses_cmd(as_json: JsonOpt = False) -> None:
     """List the defenses, where each acts, and their options."""
     from leaklab.defenses import DEFENSES
 
-    _list_entries(DEFENSES, "defenses (--defense NAME:k=v,...)", as_json, side="side")
+    list_entries(DEFENSES, "defenses (--defense NAME:k=v,...)", as_json, side=lambda e: e.extra.get("side"))
 
 
 @app.command("settings")
-def settings_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def settings_cmd(as_json: JsonOpt = False) -> None:
     """List the threat settings and their options."""
-    _list_entries(THREAT_SETTINGS, "threat settings (--setting NAME --setting-option k=v)", as_json)
+    list_entries(THREAT_SETTINGS, "threat settings (--setting NAME --setting-option k=v)", as_json)
 
 
 @app.command("sweep")
@@ -320,8 +307,8 @@ def sweep_cmd(
     batch_size: Annotated[int, typer.Option(help="Texts per client.")] = 4,
     batches: Annotated[int, typer.Option(help="Private batches per value.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of the first batch.")] = 0,
-    min_tokens: Annotated[int, typer.Option(help="Shortest text, in tokens.")] = 4,
-    max_tokens: Annotated[int, typer.Option(help="Longest text, in tokens.")] = 32,
+    min_tokens: MinTokensOpt = 4,
+    max_tokens: MaxTokensOpt = 32,
     lr: Annotated[float | None, typer.Option(help="Local SGD learning rate (fedavg).")] = None,
     local_steps: Annotated[int, typer.Option(help="Local passes (with --lr).")] = 1,
     server_lr: Annotated[float, typer.Option(help="Step size applying a gradient for utility.")] = 1e-3,

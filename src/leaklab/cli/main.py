@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from leaklab import __version__
+from leaklab.cli.common import (
+    CorpusOpt,
+    JsonOpt,
+    MaxTokensOpt,
+    MinTokensOpt,
+    ModelOpt,
+    NumLabelsOpt,
+    TaskOpt,
+    UpdateOutOpt,
+    print_rows,
+)
 from leaklab.errors import LeaklabError
 
 app = typer.Typer(
@@ -43,7 +52,7 @@ def _root(
 
 
 @app.command("models")
-def models_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def models_cmd(as_json: JsonOpt = False) -> None:
     """List the packaged models (any Hugging Face folder or hub name also works with --model)."""
     from leaklab.models.registry import PACKAGED
 
@@ -58,46 +67,38 @@ def models_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.
         }
         for s in PACKAGED.values()
     ]
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    table = Table(title="packaged models (also: any HF folder or hub name)")
-    for col in ("name", "tasks", "description"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(r["name"], ",".join(r["tasks"]), r["description"])
-    console.print(table)
+    title = "packaged models (also: any HF folder or hub name)"
+    print_rows(rows, as_json, title, ("name", "tasks", "description"), _model_cells)
+
+
+def _model_cells(r: dict) -> tuple[str, str, str]:
+    return r["name"], ",".join(r["tasks"]), r["description"]
 
 
 @app.command("corpora")
-def corpora_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def corpora_cmd(as_json: JsonOpt = False) -> None:
     """List the packaged corpora (user .txt/.csv/.jsonl files and hf:NAME datasets also work)."""
     from leaklab.corpora import describe_corpora
 
-    rows = describe_corpora()
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    table = Table(title="packaged corpora (also: .txt/.csv/.jsonl files, hf:dataset[@split] online)")
-    for col in ("name", "description", "variants"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        variants = ", ".join(r["variants"][:8]) + (" …" if len(r["variants"]) > 8 else "")
-        table.add_row(r["name"], r["description"], variants)
-    console.print(table)
+    title = "packaged corpora (also: .txt/.csv/.jsonl files, hf:dataset[@split] online)"
+
+    def cells(r: dict) -> tuple[str, str, str]:
+        return r["name"], r["description"], ", ".join(r["variants"][:8]) + (" …" if len(r["variants"]) > 8 else "")
+
+    print_rows(describe_corpora(), as_json, title, ("name", "description", "variants"), cells)
 
 
 @app.command("update")
 def update_cmd(
-    model: Annotated[str, typer.Option(help="Packaged model name, HF folder or hub name.")] = "smollm2-135m",
-    corpus: Annotated[str, typer.Option(help="Corpus name (name:variant), file, or hf:dataset.")] = "rotten-tomatoes",
+    model: ModelOpt = "smollm2-135m",
+    corpus: CorpusOpt = "rotten-tomatoes",
     batch_size: Annotated[int, typer.Option(help="Texts in the private batch.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the batch draw and of dropout.")] = 0,
-    out: Annotated[Path, typer.Option(help="Update file to write (.safetensors).")] = Path("update.safetensors"),
-    task: Annotated[str, typer.Option(help="next-token or classify.")] = "next-token",
-    num_labels: Annotated[int, typer.Option(help="Classifier labels (classify).")] = 2,
-    min_tokens: Annotated[int, typer.Option(help="Shortest text, in tokens.")] = 1,
-    max_tokens: Annotated[int, typer.Option(help="Longest text, in tokens.")] = 64,
+    out: UpdateOutOpt = Path("update.safetensors"),
+    task: TaskOpt = "next-token",
+    num_labels: NumLabelsOpt = 2,
+    min_tokens: MinTokensOpt = 1,
+    max_tokens: MaxTokensOpt = 64,
     train_mode: Annotated[bool, typer.Option(help="Dropout on while computing the update.")] = False,
     batch_size_known: Annotated[bool, typer.Option(help="Server learns the batch size.")] = True,
     init_seed: Annotated[int, typer.Option(help="Seed of randomly initialised model parts.")] = 0,
