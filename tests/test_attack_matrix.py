@@ -176,3 +176,55 @@ def test_sweep_whose_attack_cannot_run_says_so_not_zero(tmp_path):
     assert len(rows) == 2 and all(r[3].startswith("n/a: could not run") for r in rows)  # the leak column
     saved = json.loads((tmp_path / "sweep.json").read_text())
     assert [r["leak"] for r in saved["rows"]] == [None, None]
+
+
+def test_gradient_list_shows_every_attack_with_its_options():
+    from typer.testing import CliRunner
+
+    from leaklab.cli import app
+
+    res = CliRunner().invoke(app, ["gradient", "list", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert [r["name"] for r in rows] == GRADIENT_ATTACKS.names()
+    somp = {o["name"]: o for o in next(r for r in rows if r["name"] == "somp")["options"]}
+    assert somp["beam"] == {
+        "name": "beam",
+        "type": "int",
+        "default": 6,
+        "help": "full-rank regime: prefixes kept per start token",
+    }
+    tokenset = next(r for r in rows if r["name"] == "tokenset")
+    assert "lora" not in tokenset["settings"] and "lora" not in tokenset["supports"]
+
+
+def test_cli_attack_that_cannot_run_says_so_and_exits_3(tmp_path):
+    """A LoRA update shares no embedding gradient: `gradient attack --attack tokenset` prints the outcome, not 0."""
+    from typer.testing import CliRunner
+
+    from leaklab.cli import app
+
+    update = tmp_path / "lora.safetensors"
+    runner = CliRunner()
+    args = [
+        "--setting",
+        "lora",
+        "--model",
+        "tiny-gpt2",
+        "--batch-size",
+        "2",
+        "--max-tokens",
+        "12",
+        "--out",
+        str(update),
+    ]
+    res = runner.invoke(app, ["gradient", "update-setting", *args])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["gradient", "attack", "--attack", "tokenset", "--update", str(update), "--out", str(out)])
+    assert res.exit_code == 3, res.output
+    assert "n/a: could not run" in res.output and "'lora' setting" in res.output
+    items = json.loads((out / "items.json").read_text())
+    assert items[0]["status"] == "could_not_run" and items[0]["aggregate"] is None
+    aggregate = json.loads((out / "aggregate.json").read_text())
+    assert aggregate["rouge1"] is None and aggregate["outcomes"] == {"could_not_run": 1}
