@@ -35,7 +35,7 @@ SETTINGS: dict[str, tuple[str, ThreatFlags, dict]] = {
     "dropout on": ("fedsgd", ThreatFlags(train_mode=True), {}),
 }
 ATTACKS = ("somp", "dager")  # plain names: the runner applies each setting's view
-METRICS = ("rouge1", "rouge2", "token_f1", "seconds")
+SCORES = ("rouge1", "rouge2", "token_f1")
 
 
 def run_cell(label: str, b: int, n: int, model: str, corpus: str) -> list[dict]:
@@ -65,7 +65,8 @@ def run_cell(label: str, b: int, n: int, model: str, corpus: str) -> list[dict]:
             "model": model,
             "corpus": corpus,
             "outcomes": dict(Counter(r["status"] for r in rows[a])),
-            **{m: _mean([r.get(m) for r in rows[a] if r["status"] == "recovered"]) for m in METRICS},
+            **{m: _mean([r.get(m) for r in rows[a] if r["status"] == "recovered"]) for m in SCORES},
+            "seconds": statistics.mean(r["seconds"] for r in rows[a]),
         }
         for a in ATTACKS
     ]

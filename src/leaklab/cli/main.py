@@ -161,9 +161,11 @@ _mount_subcommands()
 
 
 def main() -> None:
-    """Console entry point: user errors print one line and exit 2; no traceback."""
+    """Console entry point: user errors print one line and exit 2; no traceback. A command's exit code (e.g. 3:
+    the attack did not recover; 130: interrupted) is the process's: without standalone mode click returns it
+    instead of exiting, so it is passed on here."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except LeaklabError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -182,3 +184,6 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if code == 130:
+        err.print("interrupted")
+    sys.exit(code if isinstance(code, int) else 0)
