@@ -4,6 +4,8 @@ with the stated score or refuses with one line naming the setting; failures are 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -221,9 +223,10 @@ def test_cli_attack_that_cannot_run_says_so_and_exits_3(tmp_path):
     res = runner.invoke(app, ["gradient", "update-setting", *args])
     assert res.exit_code == 0, res.output
     out = tmp_path / "run"
-    res = runner.invoke(app, ["gradient", "attack", "--attack", "tokenset", "--update", str(update), "--out", str(out)])
-    assert res.exit_code == 3, res.output
-    assert "n/a: could not run" in res.output and "'lora' setting" in res.output
+    cmd = [sys.executable, "-m", "leaklab.cli", "gradient", "attack", "--attack", "tokenset", "--update", str(update)]
+    res = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, check=False, timeout=600)
+    assert res.returncode == 3, res.stdout + res.stderr  # the real process's code, not only typer's
+    assert "n/a: could not run" in res.stdout and "'lora' setting" in res.stdout
     items = json.loads((out / "items.json").read_text())
     assert items[0]["status"] == "could_not_run" and items[0]["aggregate"] is None
     aggregate = json.loads((out / "aggregate.json").read_text())
