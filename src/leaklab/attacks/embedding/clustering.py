@@ -211,7 +211,6 @@ def evaluate(scn: Scenario, cfg: ClusteringConfig) -> AttackReport:
         scn.to_dict() | {"kb_corpus": kb_corpus},
         metrics,
         usage,
-        0.0,
         {
             "access": "query texts -> top-k ids and scores; probes from the public split",
             "oracle": "k-means on the true document vectors (upper bound, not an attack)",

@@ -449,7 +449,6 @@ def evaluate(scn: Scenario, cfg: KbExtractConfig) -> AttackReport:
         scn.to_dict(),
         metrics,
         usage,
-        0.0,
         {
             "access": "query texts -> top-k ids and scores",
             "encoder_known": known,
