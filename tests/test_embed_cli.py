@@ -29,7 +29,7 @@ def test_list_and_two_attacks(monkeypatch, capsys, tmp_path):
     )
     assert code == 0, err
     data = json.loads(report.read_text())
-    assert data["attack"] == "nearest" and data["metrics"]["detect_recall"] == 1.0
+    assert data["attack"] == "nearest" and data["aggregate"]["detect_recall"] == 1.0
     code, out, err = run_cli(
         monkeypatch,
         capsys,
@@ -144,11 +144,11 @@ def test_every_attack_runs_from_the_cli(monkeypatch, capsys, tmp_path, name):
     code, _, err = run_cli(monkeypatch, capsys, *args)
     assert code == 0, err
     data = json.loads(report.read_text())
-    assert data["attack"] == name and data["metrics"]
+    assert data["attack"] == name and data["aggregate"]
     if name in ("whitebox", "bow", "decoder", "kb-extract"):
-        assert -1.0 <= data["metrics"]["cosine"] <= 1.0 + 1e-6
+        assert -1.0 <= data["aggregate"]["cosine"] <= 1.0 + 1e-6
     if name == "alignment":
-        assert all(-1.0 <= row["nearest"]["cosine"] <= 1.0 + 1e-6 for row in data["metrics"]["sweep"])
+        assert all(-1.0 <= row["nearest"]["cosine"] <= 1.0 + 1e-6 for row in data["aggregate"]["sweep"])
 
 
 def test_inverter_of_another_encoder_and_bad_options_exit_with_one_line(monkeypatch, capsys, tmp_path):
