@@ -86,7 +86,7 @@ def test_the_report_records_the_full_config(monkeypatch, capsys, tmp_path):
         "-o", "candidates=20", "--out", str(report),
     )  # fmt: skip
     assert code == 0, err
-    recorded = json.loads(report.read_text())["scenario"]["options"]
+    recorded = json.loads(report.read_text())["options"]
     assert recorded == {"candidates": 20, "near_exact": 0.999, "k": 5}
 
 
