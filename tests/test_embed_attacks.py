@@ -1,10 +1,13 @@
 """Embedding attacks from the Python API, on a tiny random encoder and on exact toy encoders."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from embed_toys import bag_encoder
 
+from leaklab.attacks.base import NoSignal
 from leaklab.attacks.embedding.alignment import Alignment, leaked_pairs
 from leaklab.attacks.embedding.bow import BagOfWordsInverter, build_vocab
 from leaklab.attacks.embedding.clustering import ProbeClustering
@@ -334,6 +337,28 @@ def test_clustering_separates_two_topics():
     res = ProbeClustering(probes, enc.embed(probes), clusters=2, top_k=3).run(kb)
     lab = dict(zip(res.doc_ids, res.labels, strict=True))
     assert lab["doc-0"] == lab["doc-1"] == lab["doc-2"] != lab["doc-3"] == lab["doc-4"] == lab["doc-5"]
+
+
+def test_an_attack_that_finds_nothing_reports_no_signal(monkeypatch, tiny):
+    """Probes that retrieve no document carry no signal; the runner records that outcome with the reason and
+    no metrics (never a score of 0)."""
+
+    class Silent:
+        def search(self, texts, k):
+            return [[] for _ in texts]
+
+    probes = ["apples", "pears", "car"]
+    with pytest.raises(NoSignal, match="retrieved no document"):
+        ProbeClustering(probes, tiny.embed(probes), clusters=2, top_k=3).run(Silent())
+
+    def nothing(scn, cfg):
+        return ProbeClustering(probes, scn.victim.embed(probes)).run(Silent())
+
+    entry = dataclasses.replace(EMBED_ATTACKS.get("clustering"), impl=nothing)
+    monkeypatch.setitem(EMBED_ATTACKS._entries, "clustering", entry)
+    rec = run_embedding("clustering", Scenario("tiny-bert", n=4), {"probes": 3})
+    assert rec.status == "no_signal" and rec.aggregate is None and rec.options["probes"] == 3
+    assert rec.reason == "clustering on 'tiny-bert': the probes retrieved no document"
 
 
 def test_membership_kb_scores_and_finetune(tiny):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from leaklab.attacks.base import NoSignal
 from leaklab.attacks.embedding.kb import HiddenKB, SearchIndex
 from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario, at_least
 from leaklab.core import Config, option
@@ -109,6 +110,8 @@ class ProbeClustering:
         for j, row in enumerate(hits):
             for doc_id, score in row:
                 by_doc[doc_id].append((j, score))
+        if not by_doc:
+            raise NoSignal("the probes retrieved no document")
         if len(by_doc) < self.k:
             raise LeaklabError(f"the probes retrieved {len(by_doc)} documents, fewer than {self.k} clusters")
         ids = sorted(by_doc)
