@@ -495,7 +495,7 @@ def _examples(res: dict[str, Any]) -> list[str]:
 
 
 def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
-    """Inversion bars (an entry that did not recover: a red ✕ marked n/a, no bar), the alignment sweep and the
+    """Inversion bars (an entry that did not recover: a black ✕ marked n/a, no bar), the alignment sweep and the
     knowledge-base F1 histogram (those two only when their entry recovered)."""
     import matplotlib
 
@@ -512,7 +512,7 @@ def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
             ax.bar([x + 0.25 * i for x in range(len(inv))], vals, width=0.25, label=key)
         failed = [x for x, n in enumerate(inv) if results[n]["status"] != "recovered"]
         if failed:
-            ax.plot([x + 0.25 for x in failed], [0.05] * len(failed), "x", color="red", ms=12, mew=3, label="n/a")
+            ax.plot([x + 0.25 for x in failed], [0.05] * len(failed), "x", color="black", ms=12, mew=3, label="n/a")
             for x in failed:
                 ax.annotate(results[inv[x]]["status"].replace("_", " "), (x + 0.25, 0.1), ha="center", rotation=90)
         ax.set_xticks([x + 0.25 for x in range(len(inv))], inv)

@@ -227,7 +227,7 @@ def run_sweep(
 
 def plot_curves(rows: list[dict], prior: float, path, title: str) -> None:
     """Two panels: attack success (BoW token F1; NN re-identification) against label precision@10; a point whose
-    attacker could not run is a red ✕ on the bottom edge at its utility (n/a, not 0)."""
+    attacker could not run is a black ✕ on the bottom edge at its utility (n/a, not 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,8 +253,8 @@ def plot_curves(rows: list[dict], prior: float, path, title: str) -> None:
                 ax.plot(xs, ys, style, color=colours[fam], label=label, alpha=0.8, ms=7 if k == 0 else 9)
         if failed:
             xs = [r["label_precision@10"] for r in failed]
-            ax.plot(xs, [0.02] * len(xs), "x", color="red", ms=10, mew=2, transform=ax.get_xaxis_transform())
-            ax.plot([], [], "x", color="red", label="n/a: attacker could not run")
+            ax.plot(xs, [0.02] * len(xs), "x", color="black", ms=10, mew=2, transform=ax.get_xaxis_transform())
+            ax.plot([], [], "x", color="black", label="n/a: attacker could not run")
         if metric == "bow_token_f1":
             ax.axhline(prior, color="grey", ls=":", label="prior (no vector)")
         ax.set_xlabel("utility: label precision@10 (victim's retrieval)")
