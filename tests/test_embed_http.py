@@ -31,3 +31,7 @@ def test_black_box_attacks_through_the_http_encoder_match_the_local_encoder(tmp_
                 name
             )  # the public pairs, counted
             assert remote.info["usage"]["tokens"] > 0
+        # the white-box attack needs gradients: through the HTTP encoder it could not run (the reason, no metrics)
+        rec = run_embedding("whitebox", Scenario(url, n=2, api_key=key), {"max_tokens": 8, "vocab": 300})
+        assert rec.status == "could_not_run" and rec.aggregate is None and rec.info == {}
+        assert rec.reason.startswith(f"whitebox on '{url}': attack 'whitebox' needs white-box access")
