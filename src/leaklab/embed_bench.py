@@ -304,19 +304,21 @@ def render_markdown(payload: dict[str, Any]) -> str:
         measured = "n/a" if t["measured"] is None else f"{t['measured']:.3f}"
         reached = {True: "yes", False: "no", None: "–"}[t["reached"]]
         lines.append(f"| {t['attack']} | {t['target']} | {measured} | {reached} | {t.get('note', '')} |")
-    lines += _inversion(res) + _not_scored(res)
-    for section in (_nearest, _alignment, _kb, _clustering, _membership, _examples):
+    lines += _inversion(res)
+    for section in (_nearest, _alignment, _kb, _clustering, _membership):
         lines += section(scored(res))
+    lines += _not_scored(res) + _examples(scored(res))
     return "\n".join(lines) + "\n"
 
 
 def _not_scored(res: dict[str, Any]) -> list[str]:
     """Entries that could not run or found no signal: n/a with the reason (never a score of 0)."""
-    rows = [f"| {name} | {record_outcome(r)} | {r['attack_seconds']:.0f} |" for name, r in res.items()]
-    failed = [row for (name, r), row in zip(res.items(), rows, strict=True) if r["status"] != "recovered"]
-    if not failed:
-        return []
-    return ["", "## Not scored", "", "| entry | outcome | seconds |", "|---|---|---|", *failed]
+    rows = [
+        f"| {name} | {record_outcome(r)} | {r['attack_seconds']:.0f} |"
+        for name, r in res.items()
+        if r["status"] != "recovered"
+    ]
+    return ["", "## Not scored", "", "| entry | outcome | seconds |", "|---|---|---|", *rows] if rows else []
 
 
 def _inversion(res: dict[str, Any]) -> list[str]:
@@ -507,10 +509,12 @@ def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
     if inv:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         keys = ("token_f1", "rougeL", "cosine")
-        for i, key in enumerate(keys):
-            vals = [(results[n]["aggregate"] or {}).get(key, 0.0) or 0.0 for n in inv]
-            ax.bar([x + 0.25 * i for x in range(len(inv))], vals, width=0.25, label=key)
         failed = [x for x, n in enumerate(inv) if results[n]["status"] != "recovered"]
+        for i, key in enumerate(keys):
+            vals = [
+                float("nan") if x in failed else results[n]["aggregate"].get(key, 0.0) or 0.0 for x, n in enumerate(inv)
+            ]
+            ax.bar([x + 0.25 * i for x in range(len(inv))], vals, width=0.25, label=key)
         if failed:
             ax.plot([x + 0.25 for x in failed], [0.05] * len(failed), "x", color="black", ms=12, mew=3, label="n/a")
             for x in failed:

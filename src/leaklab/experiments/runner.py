@@ -110,13 +110,13 @@ def attack_batch(
 
 def outcome_of(where: str, run: Callable[[], T]) -> tuple[str, str | None, T | None]:
     """(status, reason, result) of ``run()``: "recovered" with its result; "no_signal" on :class:`NoSignal` and
-    "could_not_run" on any other :class:`LeaklabError`, each with the reason prefixed by ``where``."""
+    "could_not_run" on any other :class:`LeaklabError`, each with a one-line reason prefixed by ``where``."""
     try:
         return "recovered", None, run()
     except NoSignal as exc:
-        return "no_signal", f"{where}: {exc}", None
+        return "no_signal", " ".join(f"{where}: {exc}".split()), None
     except LeaklabError as exc:  # the scenario lacks what the attack needs (its input was checked before)
-        return "could_not_run", f"{where}: {exc}", None
+        return "could_not_run", " ".join(f"{where}: {exc}".split()), None
 
 
 def run_embedding(name: str, scenario: Scenario, options: Any = None) -> RunRecord:
