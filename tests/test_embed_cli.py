@@ -213,12 +213,15 @@ def test_inverter_of_another_encoder_and_bad_options_exit_with_one_line(monkeypa
 def test_an_attack_that_cannot_run_on_its_scenario_exits_3_with_the_reason(monkeypatch, capsys, tmp_path):
     """A saved inverter of an 8-d encoder given to the bow attack on the 128-d tiny encoder: the options are
     valid, the attack cannot run on this scenario; the CLI prints n/a with the reason (never a score) and the
-    run record has no metrics."""
+    run record has no metrics. A folder that holds no saved inverter is the user's error: exit 2 before any work."""
     from leaklab.attacks.embedding.bow import BagOfWordsInverter
 
     small_bow, record = tmp_path / "bow8", tmp_path / "record.json"
-    BagOfWordsInverter(8, ["film", "song"]).save(small_bow)
     args = ["attack", "--attack", "bow", "--encoder", "tiny-bert", "--n", "2", "-o", f"load={small_bow}"]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"option load='{small_bow}' is not a saved inverter (no config.json or model.safetensors)" in err
+    BagOfWordsInverter(8, ["film", "song"]).save(small_bow)
     code, out, err = run_cli(monkeypatch, capsys, *args, "--out", str(record))
     assert code == 3, err
     line = next(x for x in out.splitlines() if "n/a" in x)

@@ -191,6 +191,11 @@ class SavedInverter(Config):
     load: str | None = option(None, "folder of a saved inverter to use instead of training one")
     save: str | None = option(None, "folder to save the trained inverter to")
 
+    def __post_init__(self) -> None:
+        missing = [f for f in (INVERTER_CONFIG, INVERTER_WEIGHTS) if self.load and not (Path(self.load) / f).exists()]
+        if missing:
+            raise LeaklabError(f"option load='{self.load}' is not a saved inverter (no {' or '.join(missing)})")
+
 
 def sub_config(cls: type[C], source: Config, **override: Any) -> C:
     """The config ``cls`` of a sub-attack from the same-named fields of ``source`` (``override`` wins)."""
