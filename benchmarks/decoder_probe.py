@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from leaklab.attacks.embedding.registry import EMBED_ATTACKS, Scenario, run_embed_attack, victim_targets
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, Scenario, victim_targets
 from leaklab.core import parse_pairs
 from leaklab.embed_bench import FULL
+from leaklab.experiments.runner import run_embedding
 
 
 def main() -> None:
@@ -34,15 +35,15 @@ def main() -> None:
     shared = set(victim_targets(scn)[0].texts) & set(victim_targets(bench)[0].texts)
     print(f"options {opts.changed()}; {len(shared)} of the {args.n} texts are among the bench's {bench.n}")
     t0 = time.perf_counter()
-    rep = run_embed_attack("decoder", scn, opts)
-    m = rep.metrics
+    rep = run_embedding("decoder", scn, opts)
+    m = rep.aggregate
     keys = ("token_f1", "rougeL", "cosine")
     for stage, d in (("beam", m["base"]), ("corrected", m.get("corrected")), ("final", m)):
         if d is not None:
             print(f"{stage:>9}: " + ", ".join(f"{k} {d[k]:.3f}" for k in keys if k in d))
     print(f"queries per target {m['correction_queries_per_target']:.0f}; {time.perf_counter() - t0:.0f} s")
-    for e in rep.examples:
-        print(f"   {e['true']!r} -> {e['recovered']!r}")
+    for e in rep.pairs:
+        print(f"   {e['true_text']!r} -> {e['pred_text']!r}")
 
 
 if __name__ == "__main__":

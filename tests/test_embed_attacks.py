@@ -1,10 +1,13 @@
 """Embedding attacks from the Python API, on a tiny random encoder and on exact toy encoders."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from embed_toys import bag_encoder
 
+from leaklab.attacks.base import NoSignal
 from leaklab.attacks.embedding.alignment import Alignment, leaked_pairs
 from leaklab.attacks.embedding.bow import BagOfWordsInverter, build_vocab
 from leaklab.attacks.embedding.clustering import ProbeClustering
@@ -22,7 +25,7 @@ from leaklab.attacks.embedding.kb import HiddenKB, HttpKB, KBExtractor, KBVector
 from leaklab.attacks.embedding.lmdecoder import LMDecoderInverter, lm_vocab
 from leaklab.attacks.embedding.membership import finetune_simcse, kb_scores
 from leaklab.attacks.embedding.nearest import NearestNeighbour
-from leaklab.attacks.embedding.registry import EMBED_ATTACKS, Scenario, run_embed_attack
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, Scenario
 from leaklab.attacks.embedding.whitebox import (
     WhiteBoxConfig,
     WhiteBoxInverter,
@@ -34,6 +37,7 @@ from leaklab.attacks.embedding.whitebox import (
 from leaklab.corpora.sampling import split_of
 from leaklab.encoders import CallableEncoder, load_encoder
 from leaklab.errors import LeaklabError, UnknownNameError
+from leaklab.experiments.runner import run_embedding
 
 DOCS = [
     "red apples and green pears",
@@ -335,6 +339,28 @@ def test_clustering_separates_two_topics():
     assert lab["doc-0"] == lab["doc-1"] == lab["doc-2"] != lab["doc-3"] == lab["doc-4"] == lab["doc-5"]
 
 
+def test_an_attack_that_finds_nothing_reports_no_signal(monkeypatch, tiny):
+    """Probes that retrieve no document carry no signal; the runner records that outcome with the reason and
+    no metrics (never a score of 0)."""
+
+    class Silent:
+        def search(self, texts, k):
+            return [[] for _ in texts]
+
+    probes = ["apples", "pears", "car"]
+    with pytest.raises(NoSignal, match="retrieved no document"):
+        ProbeClustering(probes, tiny.embed(probes), clusters=2, top_k=3).run(Silent())
+
+    def nothing(scn, cfg):
+        return ProbeClustering(probes, scn.victim.embed(probes)).run(Silent())
+
+    entry = dataclasses.replace(EMBED_ATTACKS.get("clustering"), impl=nothing)
+    monkeypatch.setitem(EMBED_ATTACKS._entries, "clustering", entry)
+    rec = run_embedding("clustering", Scenario("tiny-bert", n=4), {"probes": 3})
+    assert rec.status == "no_signal" and rec.aggregate is None and rec.options["probes"] == 3
+    assert rec.reason == "clustering on 'tiny-bert': the probes retrieved no document"
+
+
 def test_membership_kb_scores_and_finetune(tiny):
     kb = HiddenKB(DOCS[:3], tiny)
     s = kb_scores(kb, DOCS)
@@ -355,25 +381,28 @@ def test_membership_kb_scores_and_finetune(tiny):
     ],
 )
 def test_scenarios_run_on_tiny(name, opts):
-    rep = run_embed_attack(name, Scenario("tiny-bert", n=4, max_tokens=24, public_limit=60), opts)
-    assert rep.attack == name and rep.seconds > 0 and rep.metrics
+    rep = run_embedding(name, Scenario("tiny-bert", n=4, max_tokens=24, public_limit=60), opts)
+    assert rep.attack == name and rep.attack_seconds > 0 and rep.aggregate
     if name == "kb-extract":
-        assert rep.flags["encoder_known"] is True and rep.metrics["discovered"] == 4
+        assert rep.observation["flags"]["encoder_known"] is True and rep.aggregate["discovered"] == 4
 
 
 def test_scenario_errors():
-    with pytest.raises(LeaklabError, match="k=50000 leaked pairs requested but only"):
-        run_embed_attack("alignment", Scenario("tiny-bert", n=4), {"k": "50000", "inner": "nearest"})
+    """Too many leaked pairs for the scenario: the attack could not run (the reason, no metrics); a bad option
+    value is the user's error, raised before any work."""
+    rec = run_embedding("alignment", Scenario("tiny-bert", n=4), {"k": "50000", "inner": "nearest"})
+    assert rec.status == "could_not_run" and rec.aggregate is None and rec.setting == "embedding"
+    assert rec.reason.startswith("alignment on 'tiny-bert': k=50000 leaked pairs requested but only")
     with pytest.raises(LeaklabError, match="membership' option 'target': 'nope' is not one of kb, encoder"):
-        run_embed_attack("membership", Scenario("tiny-bert", n=2), {"target": "nope"})
+        run_embedding("membership", Scenario("tiny-bert", n=2), {"target": "nope"})
 
 
 @pytest.mark.real
 def test_minilm_nearest_and_kb_membership():
-    rep = run_embed_attack("nearest", Scenario("minilm-l6", n=6, public_limit=40), {"candidates": 40})
-    assert rep.metrics["detect_recall"] == 1.0 and rep.metrics["exact_recovered_of_present"] == 1.0
-    rep = run_embed_attack("membership", Scenario("minilm-l6", n=10), {"target": "kb"})
-    assert rep.metrics["exact_query"]["auc"] == 1.0
+    rep = run_embedding("nearest", Scenario("minilm-l6", n=6, public_limit=40), {"candidates": 40})
+    assert rep.aggregate["detect_recall"] == 1.0 and rep.aggregate["exact_recovered_of_present"] == 1.0
+    rep = run_embedding("membership", Scenario("minilm-l6", n=10), {"target": "kb"})
+    assert rep.aggregate["exact_query"]["auc"] == 1.0
 
 
 def test_bow_closed_form_matches_sklearn_ridge():
@@ -568,18 +597,21 @@ def test_whitebox_black_box_mode_searches_through_texts_only(tiny):
 def test_decoder_search_option_refines_through_black_box_queries():
     opts = {"train_seconds": 3, "epochs": 1, "steps": 1, "hidden": 32, "emb": 16, "vocab": 200}
     scn = Scenario("tiny-bert", n=2, max_tokens=12, public_limit=200)
-    base = run_embed_attack("decoder", scn, opts)
-    rep = run_embed_attack("decoder", scn, {**opts, "search": 120, "prior": 0, "fluency": 0.01})
-    assert "≤ 120 queries per vector" in rep.flags["search"] and base.flags["search"] == "none"
-    assert rep.info["search_budget"] == 120 and "corrected" in rep.metrics and "corrected" not in base.metrics
+    base = run_embedding("decoder", scn, opts)
+    rep = run_embedding("decoder", scn, {**opts, "search": 120, "prior": 0, "fluency": 0.01})
+    assert (
+        "≤ 120 queries per vector" in rep.observation["flags"]["search"]
+        and base.observation["flags"]["search"] == "none"
+    )
+    assert rep.info["search_budget"] == 120 and "corrected" in rep.aggregate and "corrected" not in base.aggregate
     # the search starts from the corrected texts (the same as without it) and spends its queries on top
-    assert rep.metrics["corrected"]["token_f1"] == pytest.approx(base.metrics["token_f1"])
-    spent = rep.metrics["correction_queries_per_target"] - base.metrics["correction_queries_per_target"]
+    assert rep.aggregate["corrected"]["token_f1"] == pytest.approx(base.aggregate["token_f1"])
+    spent = rep.aggregate["correction_queries_per_target"] - base.aggregate["correction_queries_per_target"]
     assert 0 < spent <= 120 + 200
     # the bag-of-words start and pool (default init=bow) train on public pairs: counted apart from the search
     assert rep.info["search_bow_training_usage"]["queries"] > 0
     with pytest.raises(LeaklabError, match="option 'init': 'empty' is not one of bow, decoder"):
-        run_embed_attack("decoder", Scenario("tiny-bert", n=1), {**opts, "search": 10, "init": "empty"})
+        run_embedding("decoder", Scenario("tiny-bert", n=1), {**opts, "search": 10, "init": "empty"})
 
 
 def test_whitebox_word_corpora_appends_other_public_split_words(tiny):
@@ -609,10 +641,10 @@ def test_every_attack_runs_on_minilm_with_the_quick_settings():
     for name in EMBED_ATTACKS.names():
         entry = QUICK[name]
         scn = Scenario("minilm-l6", n=entry["n"], public_limit=entry.get("public_limit"))
-        rep = run_embed_attack(name, scn, entry["options"])
-        assert rep.attack == name and rep.metrics and rep.scenario["encoder"] == "minilm-l6", name
-        if "cosine" in rep.metrics:
-            assert -1.0 <= rep.metrics["cosine"] <= 1.0 + 1e-6, name
+        rep = run_embedding(name, scn, entry["options"])
+        assert rep.attack == name and rep.aggregate and rep.observation["encoder"] == "minilm-l6", name
+        if "cosine" in rep.aggregate:
+            assert -1.0 <= rep.aggregate["cosine"] <= 1.0 + 1e-6, name
 
 
 def test_membership_split_has_no_domain_or_order_shift():
@@ -641,9 +673,9 @@ def test_membership_split_has_no_domain_or_order_shift():
 )
 def test_attack_options_save_then_load_the_trained_inverter(tmp_path, name, opts):
     folder = str(tmp_path / name)
-    first = run_embed_attack(name, Scenario("tiny-bert", n=4, public_limit=60), {**opts, "save": folder})
-    again = run_embed_attack(name, Scenario("tiny-bert", n=4, public_limit=60), {**opts, "load": folder})
+    first = run_embedding(name, Scenario("tiny-bert", n=4, public_limit=60), {**opts, "save": folder})
+    again = run_embedding(name, Scenario("tiny-bert", n=4, public_limit=60), {**opts, "load": folder})
     assert again.info.get("loaded") == folder and "loaded" not in first.info
-    assert again.metrics["token_f1"] == first.metrics["token_f1"] and again.examples == first.examples
+    assert again.aggregate["token_f1"] == first.aggregate["token_f1"] and again.pairs == first.pairs
     if name == "bow":  # loading spends no training queries (the decoder still embeds public texts as seeds)
-        assert first.usage["queries"] >= 60 > again.usage["queries"]
+        assert first.info["usage"]["queries"] >= 60 > again.info["usage"]["queries"]

@@ -1,5 +1,6 @@
-"""`leaklab embed ...` from the command line: two attacks, train/invert round trip, one-line errors."""
+"""`leaklab embed ...` from the command line: two attacks, train/invert round trip, one-line errors, outcomes."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -28,7 +29,7 @@ def test_list_and_two_attacks(monkeypatch, capsys, tmp_path):
     )
     assert code == 0, err
     data = json.loads(report.read_text())
-    assert data["attack"] == "nearest" and data["metrics"]["detect_recall"] == 1.0
+    assert data["attack"] == "nearest" and data["aggregate"]["detect_recall"] == 1.0
     code, out, err = run_cli(
         monkeypatch,
         capsys,
@@ -143,11 +144,11 @@ def test_every_attack_runs_from_the_cli(monkeypatch, capsys, tmp_path, name):
     code, _, err = run_cli(monkeypatch, capsys, *args)
     assert code == 0, err
     data = json.loads(report.read_text())
-    assert data["attack"] == name and data["metrics"]
+    assert data["attack"] == name and data["aggregate"]
     if name in ("whitebox", "bow", "decoder", "kb-extract"):
-        assert -1.0 <= data["metrics"]["cosine"] <= 1.0 + 1e-6
+        assert -1.0 <= data["aggregate"]["cosine"] <= 1.0 + 1e-6
     if name == "alignment":
-        assert all(-1.0 <= row["nearest"]["cosine"] <= 1.0 + 1e-6 for row in data["metrics"]["sweep"])
+        assert all(-1.0 <= row["nearest"]["cosine"] <= 1.0 + 1e-6 for row in data["aggregate"]["sweep"])
 
 
 def test_inverter_of_another_encoder_and_bad_options_exit_with_one_line(monkeypatch, capsys, tmp_path):
@@ -176,20 +177,6 @@ def test_inverter_of_another_encoder_and_bad_options_exit_with_one_line(monkeypa
         monkeypatch, capsys, "invert", "--inverter", str(small_bow), "--vectors", str(vecs), "--encoder", "tiny-bert"
     )
     one_line(code, err, "inverts 8-d vectors", "gives 128-d vectors")
-    code, _, err = run_cli(
-        monkeypatch,
-        capsys,
-        "attack",
-        "--attack",
-        "bow",
-        "--encoder",
-        "tiny-bert",
-        "--n",
-        "2",
-        "-o",
-        f"load={small_bow}",
-    )
-    one_line(code, err, "inverts 8-d vectors", "'tiny-bert' gives 128-d vectors")
     code, _, err = run_cli(
         monkeypatch, capsys, "invert", "--inverter", str(small_dec), "--vectors", str(vecs), "--steps", "2"
     )
@@ -221,3 +208,52 @@ def test_inverter_of_another_encoder_and_bad_options_exit_with_one_line(monkeypa
         monkeypatch, capsys, "attack", "--attack", "nearest", "--encoder", "tiny-bert", "--corpus", str(corpus)
     )
     one_line(code, err, "has no text in the private split", "give more texts")
+
+
+def test_an_attack_that_cannot_run_on_its_scenario_exits_3_with_the_reason(monkeypatch, capsys, tmp_path):
+    """A saved inverter of an 8-d encoder given to the bow attack on the 128-d tiny encoder: the options are
+    valid, the attack cannot run on this scenario; the CLI prints n/a with the reason (never a score) and the
+    run record has no metrics. A folder that holds no saved inverter is the user's error: exit 2 before any work."""
+    from leaklab.attacks.embedding.bow import BagOfWordsInverter
+
+    small_bow, record = tmp_path / "bow8", tmp_path / "record.json"
+    args = ["attack", "--attack", "bow", "--encoder", "tiny-bert", "--n", "2", "-o", f"load={small_bow}"]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"option load='{small_bow}' is not a saved inverter (no config.json or model.safetensors)" in err
+    BagOfWordsInverter(8, ["film", "song"]).save(small_bow)
+    code, out, err = run_cli(monkeypatch, capsys, *args, "--out", str(record))
+    assert code == 3, err
+    line = next(x for x in out.splitlines() if "n/a" in x)
+    assert line.startswith("bow on tiny-bert (rotten-tomatoes, n=2): n/a: could not run (bow on 'tiny-bert': ")
+    assert "inverts 8-d vectors" in line and "'tiny-bert' gives 128-d vectors" in line and "token_f1" not in out
+    data = json.loads(record.read_text())
+    assert data["status"] == "could_not_run" and data["aggregate"] is None and data["pairs"] == []
+    assert data["reason"] in line and data["options"]["load"] == str(small_bow) and data["setting"] == "embedding"
+
+
+def test_bench_renders_an_entry_that_could_not_run_as_na_and_scores_the_others(monkeypatch, capsys, tmp_path):
+    """One bench entry fails on its scenario (its attack is patched to raise): the table, JSON and plots show it
+    as n/a with the reason, never 0, and the other entries are still run and scored."""
+    from leaklab.attacks.embedding.registry import EMBED_ATTACKS
+    from leaklab.errors import LeaklabError
+
+    def cannot(scn, cfg):
+        raise LeaklabError("no search endpoint on this encoder")
+
+    monkeypatch.setitem(EMBED_ATTACKS._entries, "bow", dataclasses.replace(EMBED_ATTACKS.get("bow"), impl=cannot))
+    code, _, err = run_cli(monkeypatch, capsys, "bench", "--quick", "--only", "bow,nearest", "--out", str(tmp_path))
+    assert code == 0, err
+    reason = "bow on 'tiny-bert': no search endpoint on this encoder"
+    data = json.loads((tmp_path / "embedding-quick.json").read_text())
+    bow, nearest = data["results"]["bow"], data["results"]["nearest"]
+    assert bow["status"] == "could_not_run" and bow["reason"] == reason and bow["aggregate"] is None
+    assert nearest["status"] == "recovered" and nearest["aggregate"]["detect_recall"] == 1.0
+    target = next(t for t in data["targets"] if t["attack"] == "bow")
+    assert target["measured"] is None and target["reached"] is None
+    assert target["note"] == f"n/a: could not run ({reason})"
+    table = (tmp_path / "embedding-quick.md").read_text()
+    assert f"| bow | token F1 ≥ 0.6 | n/a | – | n/a: could not run ({reason}) |" in table
+    assert f"| bow | n/a: could not run ({reason}) |" in table and "## Not scored" in table
+    assert "## Nearest neighbour" in table and "| bow | 0.000" not in table
+    assert (tmp_path / "embedding-quick-inversion.png").exists()

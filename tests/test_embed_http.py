@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from leaklab.attacks.embedding.registry import Scenario, run_embed_attack
+from leaklab.attacks.embedding.registry import Scenario
+from leaklab.experiments.runner import run_embedding
 from leaklab.service.process import ServerProcess, write_config
 from leaklab.service.store import Store
 
@@ -22,9 +23,15 @@ def test_black_box_attacks_through_the_http_encoder_match_the_local_encoder(tmp_
             ("bow", {"augment": 0, "vocab": 300}, ("token_f1", "rougeL", "cosine")),
         ):
             url = f"{srv.url}#tiny-bert"  # the served model's name goes in the request's "model" field
-            remote = run_embed_attack(name, Scenario(url, n=4, public_limit=60, api_key=key), opts)
-            local = run_embed_attack(name, Scenario("tiny-bert", n=4, public_limit=60), opts)
+            remote = run_embedding(name, Scenario(url, n=4, public_limit=60, api_key=key), opts)
+            local = run_embedding(name, Scenario("tiny-bert", n=4, public_limit=60), opts)
             for metric in metrics:
-                assert remote.metrics[metric] == pytest.approx(local.metrics[metric], abs=1e-6), (name, metric)
-            assert remote.usage["queries"] == local.usage["queries"] > 0, name  # the public pairs, counted
-            assert remote.usage["tokens"] > 0
+                assert remote.aggregate[metric] == pytest.approx(local.aggregate[metric], abs=1e-6), (name, metric)
+            assert remote.info["usage"]["queries"] == local.info["usage"]["queries"] > 0, (
+                name
+            )  # the public pairs, counted
+            assert remote.info["usage"]["tokens"] > 0
+        # the white-box attack needs gradients: through the HTTP encoder it could not run (the reason, no metrics)
+        rec = run_embedding("whitebox", Scenario(url, n=2, api_key=key), {"max_tokens": 8, "vocab": 300})
+        assert rec.status == "could_not_run" and rec.aggregate is None and rec.info == {}
+        assert rec.reason.startswith(f"whitebox on '{url}': attack 'whitebox' needs white-box access")

@@ -7,9 +7,10 @@ import json
 import pytest
 from cli_helpers import run_cli
 
-from leaklab.attacks.embedding.registry import EMBED_ATTACKS, Scenario, run_embed_attack
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, Scenario
 from leaklab.core import Config
 from leaklab.errors import LeaklabError
+from leaklab.experiments.runner import run_embedding
 
 NAMES = EMBED_ATTACKS.names()
 
@@ -23,7 +24,7 @@ def test_an_unknown_option_lists_that_attacks_keys(name):
         entry.options({"bogus": 1})
     assert str(err.value) == want
     with pytest.raises(LeaklabError, match="has no option 'bogus'"):
-        run_embed_attack(name, Scenario("tiny-bert", n=1), {"bogus": 1})
+        run_embedding(name, Scenario("tiny-bert", n=1), {"bogus": 1})
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -85,7 +86,7 @@ def test_the_report_records_the_full_config(monkeypatch, capsys, tmp_path):
         "-o", "candidates=20", "--out", str(report),
     )  # fmt: skip
     assert code == 0, err
-    recorded = json.loads(report.read_text())["scenario"]["options"]
+    recorded = json.loads(report.read_text())["options"]
     assert recorded == {"candidates": 20, "near_exact": 0.999, "k": 5}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from leaklab.service.defend_eval import BowProbe, default_sweep, prepare, prior_f1, run_sweep
+from leaklab.service.defend_eval import BowProbe, default_sweep, plot_curves, prepare, prior_f1, run_sweep, table_md
 from leaklab.service.encoders import load_encoder
 
 
@@ -41,3 +41,20 @@ def test_noise_trades_utility_for_privacy(data):
     util = [r["neighbour_recall@10"] for r in rows]
     cos = [r["cosine_to_clean"] for r in rows]
     assert util == sorted(util) and cos == sorted(cos)  # larger ε, less noise, more utility
+
+
+def test_a_point_whose_attacker_cannot_run_is_na_not_zero(data, tmp_path):
+    """More known pairs than the attacker has texts: that point's outcome is 'could not run' with the reason
+    and no attack values (n/a in the table, a marker in the plot); the other point is scored as before."""
+    sweep = [s for s in default_sweep() if s[0] == "none"]
+    ok, failed = run_sweep(data, sweep, seed=0, known_pairs=(0, 5000))
+    assert ok["status"] == "recovered" and ok["reason"] is None and ok["nn_reidentification"] == 1.0
+    assert failed["status"] == "could_not_run" and failed["bow_token_f1"] is None
+    assert failed["nn_reidentification"] is None and failed["label_precision@10"] == ok["label_precision@10"]
+    assert failed["reason"] == (
+        "adaptive attacker on 'none' with 5000 known pairs: 5000 known pairs asked for, but the attacker has 400 texts"
+    )
+    table = table_md([ok, failed])
+    assert f"| n/a: could not run ({failed['reason']}) | n/a |" in table and f"{ok['bow_token_f1']:.3f}" in table
+    plot_curves([ok, failed], prior_f1(data), tmp_path / "curves.png", "test")
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -1,6 +1,7 @@
 """Embedding-attack benchmark: every attack on minilm-l6 with rotten-tomatoes texts (≤ 32 tokens), inverters
-trained on the public split only; writes embedding.md, embedding.json and PNG plots. ``quick`` runs a tiny
-random encoder with few targets (a smoke test, not a measurement)."""
+trained on the public split only; writes embedding.md, embedding.json (one run record per entry) and PNG plots.
+An entry that could not run, or found no signal, is shown as n/a with its reason, never as 0, and the other
+entries go on. ``quick`` runs a tiny random encoder with few targets (a smoke test, not a measurement)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 
 from rich.console import Console
 
-from leaklab.attacks.embedding.registry import EMBED_ATTACKS, Scenario, run_embed_attack
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario
+from leaklab.experiments.runner import embedding_record, record_outcome, run_embedding
 from leaklab.io import atomic_write, atomic_write_json, atomic_write_text
 
 FULL: dict[str, dict[str, Any]] = {
@@ -145,7 +147,8 @@ def rerender(out: Path, quick: bool = False) -> list[Path]:
     if not path.exists():
         raise LeaklabError(f"no benchmark results at {path}: run `leaklab embed bench` first")
     data = json.loads(path.read_text(encoding="utf-8"))
-    return _write(data["results"], out, stem, data["encoder"], data["quick"], data["seed"])
+    results = {k: as_record(v) for k, v in data["results"].items()}
+    return _write(results, out, stem, data["encoder"], data["quick"], data["seed"])
 
 
 def run_bench(
@@ -175,9 +178,9 @@ def run_bench(
         scn = Scenario(encoder, "rotten-tomatoes", cfg["n"], seed, 1, 32, cfg.get("public_limit"))
         console.print(f"[bold]{name}[/] on {encoder} (n={cfg['n']}) …")
         start = time.perf_counter()
-        report = run_embed_attack(attack, scn, cfg["options"])
-        results[name] = report.to_dict()
-        console.print(f"  done in {time.perf_counter() - start:.0f} s")
+        results[name] = run_embedding(attack, scn, cfg["options"]).to_dict()
+        outcome = record_outcome(results[name])
+        console.print(f"  {outcome} in {time.perf_counter() - start:.0f} s", highlight=False, markup=False)
         paths = _write(results, out, stem, encoder, quick, seed)  # after each attack: partial runs survive
     return paths
 
@@ -192,7 +195,26 @@ def _previous(path: Path, encoder: str) -> dict[str, Any]:
     if not path.exists():
         return {}
     data = json.loads(path.read_text(encoding="utf-8"))
-    return dict(data.get("results", {})) if data.get("encoder") == encoder else {}
+    return {k: as_record(v) for k, v in data.get("results", {}).items()} if data.get("encoder") == encoder else {}
+
+
+def as_record(entry: dict[str, Any]) -> dict[str, Any]:
+    """A results entry as a run record (:meth:`RunRecord.to_dict`); entries written before the runner held the
+    attack report (metrics, usage, flags, examples, seconds) of a run that recovered."""
+    if "status" in entry:
+        return entry
+    scenario = {k: v for k, v in entry["scenario"].items() if k != "options"}
+    pairs = [{"true_text": e["true"], "pred_text": e["recovered"]} for e in entry.get("examples", [])]
+    report = AttackReport(
+        entry["attack"], scenario, entry["metrics"], entry["usage"], entry["flags"], pairs, entry["info"]
+    )
+    options = entry["scenario"].get("options", {})
+    return embedding_record(entry["attack"], options, scenario, entry["seconds"], "recovered", None, report).to_dict()
+
+
+def scored(results: dict[str, Any]) -> dict[str, Any]:
+    """The entries that recovered something (their metrics are in ``aggregate``)."""
+    return {k: r for k, r in results.items() if r["status"] == "recovered"}
 
 
 def _write(results: dict[str, Any], out: Path, stem: str, encoder: str, quick: bool, seed: int) -> list[Path]:
@@ -221,25 +243,25 @@ def _cpus() -> int:
 
 
 def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target's measured value; an entry that did not recover has none (n/a, its outcome as the note)."""
     rows = []
     for name, (label, get, goal) in TARGETS.items():
-        if name in results:
-            value = float(get(results[name]["metrics"]))
-            rows.append(
-                {
-                    "attack": name,
-                    "target": label,
-                    "measured": round(value, 4),
-                    "reached": value >= goal,
-                    "note": _note(name, results[name]),
-                }
-            )
+        if name not in results:
+            continue
+        r = results[name]
+        row: dict[str, Any] = {"attack": name, "target": label, "measured": None, "reached": None}
+        if r["status"] == "recovered":
+            value = float(get(r["aggregate"]))
+            row |= {"measured": round(value, 4), "reached": value >= goal, "note": _note(name, r)}
+        else:
+            row["note"] = record_outcome(r)
+        rows.append(row)
     return rows
 
 
 def _note(name: str, r: dict[str, Any]) -> str:
     """Context a reader needs beside a target's measured value."""
-    m, info = r["metrics"], r.get("info", {})
+    m, info = r["aggregate"], r["info"]
     if name.startswith("decoder"):
         search = info.get("search_budget", 0)
         return (
@@ -254,7 +276,7 @@ def _note(name: str, r: dict[str, Any]) -> str:
             f"+ {info['augmented_pairs']} span pairs, {info.get('seconds', '?')} s training; n={m['n']}"
         )
     if name.startswith("kb-extract"):
-        known = "encoder known" if r.get("flags", {}).get("encoder_known") else "search endpoint only"
+        known = "encoder known" if r["observation"]["flags"].get("encoder_known") else "search endpoint only"
         return f"{known}; {m['queries_per_doc']:.0f} queries per document; mean token F1 {m['token_f1']:.3f}"
     return f"n={m['n']}"
 
@@ -279,13 +301,24 @@ def render_markdown(payload: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for t in payload["targets"]:
-        lines.append(
-            f"| {t['attack']} | {t['target']} | {t['measured']:.3f} | {'yes' if t['reached'] else 'no'} | "
-            f"{t.get('note', '')} |"
-        )
-    for section in (_inversion, _nearest, _alignment, _kb, _clustering, _membership, _examples):
-        lines += section(res)
+        measured = "n/a" if t["measured"] is None else f"{t['measured']:.3f}"
+        reached = {True: "yes", False: "no", None: "–"}[t["reached"]]
+        lines.append(f"| {t['attack']} | {t['target']} | {measured} | {reached} | {t.get('note', '')} |")
+    lines += _inversion(res)
+    for section in (_nearest, _alignment, _kb, _clustering, _membership):
+        lines += section(scored(res))
+    lines += _not_scored(res) + _examples(scored(res))
     return "\n".join(lines) + "\n"
+
+
+def _not_scored(res: dict[str, Any]) -> list[str]:
+    """Entries that could not run or found no signal: n/a with the reason (never a score of 0)."""
+    rows = [
+        f"| {name} | {record_outcome(r)} | {r['attack_seconds']:.0f} |"
+        for name, r in res.items()
+        if r["status"] != "recovered"
+    ]
+    return ["", "## Not scored", "", "| entry | outcome | seconds |", "|---|---|---|", *rows] if rows else []
 
 
 def _inversion(res: dict[str, Any]) -> list[str]:
@@ -300,18 +333,22 @@ def _inversion(res: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
-        m, r = res[name]["metrics"], res[name]
+        r = res[name]
+        if r["status"] != "recovered":
+            lines.append(f"| {name} | {record_outcome(r)} |" + " |" * 9)
+            continue
+        m = r["aggregate"]
         lines.append(
             f"| {name} | {m['n']} | {m['token_precision']:.3f} | {m['token_recall']:.3f} | "
             f"{m['token_f1']:.3f} | {m['rougeL']:.3f} | {m['bleu']:.2f} | {m['exact']:.3f} | "
-            f"{_fmt(m.get('cosine', '–'))} | {r['usage'].get('queries', 0)} | {r['seconds']:.0f} |"
+            f"{_fmt(m.get('cosine', '–'))} | {r['info']['usage'].get('queries', 0)} | {r['attack_seconds']:.0f} |"
         )
     for name in ("decoder", "decoder-lm"):
-        if name not in res:
+        if name not in res or res[name]["status"] != "recovered":
             continue
-        m, info = res[name]["metrics"], res[name]["info"]
+        m, info = res[name]["aggregate"], res[name]["info"]
         b = m["base"]
-        usage_keys = ("training_usage", "search_bow_training_usage")
+        usage_keys = ("training_usage", "search_bow_training_usage", "usage")
         training = json.dumps({k: v for k, v in info.items() if k not in usage_keys})
         stages = f"{name} before correction: token F1 {b['token_f1']:.3f}, ROUGE-L {b['rougeL']:.3f}, "
         stages += f"cosine {b.get('cosine', 0):.3f}."
@@ -337,7 +374,7 @@ def _inversion(res: dict[str, Any]) -> list[str]:
 def _nearest(res: dict[str, Any]) -> list[str]:
     if "nearest" not in res:
         return []
-    m = res["nearest"]["metrics"]
+    m = res["nearest"]["aggregate"]
     return [
         "",
         "## Nearest neighbour / fingerprint",
@@ -355,7 +392,7 @@ def _nearest(res: dict[str, Any]) -> list[str]:
 def _alignment(res: dict[str, Any]) -> list[str]:
     if "alignment" not in res:
         return []
-    m, inner = res["alignment"]["metrics"], res["alignment"]["flags"]["inner_attacks"]
+    m, inner = res["alignment"]["aggregate"], res["alignment"]["observation"]["flags"]["inner_attacks"]
     lines = [
         "",
         f"## Alignment ({m['method']}; victim {m['victim']}, local {m['local']})",
@@ -378,10 +415,10 @@ def _kb(res: dict[str, Any]) -> list[str]:
 
 
 def _kb_one(name: str, r: dict[str, Any]) -> list[str]:
-    m = r["metrics"]
-    known = bool(r["flags"].get("encoder_known"))
+    m, flags = r["aggregate"], r["observation"]["flags"]
+    known = bool(flags.get("encoder_known"))
     head = (
-        f"{m['docs']} hidden documents, top-{r['flags']['top_k']} (id, score) answers. "
+        f"{m['docs']} hidden documents, top-{flags['top_k']} (id, score) answers. "
         f"Discovered {m['discovered']}; recovered to token F1 ≥ {m['recovered_f1_threshold']}: "
         f"{m['recovered_share']:.3f}; mean token F1 {m['token_f1']:.3f} (P {m['token_precision']:.3f}, "
         f"R {m['token_recall']:.3f}), ROUGE-L {m['rougeL']:.3f}. Queries: {m['queries_total']} in all = "
@@ -392,13 +429,14 @@ def _kb_one(name: str, r: dict[str, Any]) -> list[str]:
             f" ({m['discovery_queries']} public probe texts + {m['adaptive_queries']} adaptive perturbations); "
             f"{m['observations_per_doc']:.0f} returned scores per document on average. Least-squares document "
             f"vectors: mean cosine to the true vector {m['vector_cosine']:.4f} (min {m['vector_cosine_min']:.4f}); "
-            f"offline white-box inversion {m['inversion_seconds']:.0f} s, no further query. {r['seconds']:.0f} s."
+            f"offline white-box inversion {m['inversion_seconds']:.0f} s, no further query. "
+            f"{r['attack_seconds']:.0f} s."
         )
         title = "encoder known (flag `encoder_known`)"
     else:
         tail = (
             f" ({m['discovery_queries']} shared discovery probes + {m['growth_queries_per_doc']:.0f} growth "
-            f"queries per document). {r['seconds']:.0f} s."
+            f"queries per document). {r['attack_seconds']:.0f} s."
         )
         title = "search endpoint only"
     return ["", f"## Knowledge-base extraction — {title}", "", head + tail]
@@ -408,13 +446,14 @@ def _clustering(res: dict[str, Any]) -> list[str]:
     if "clustering" not in res:
         return []
     r = res["clustering"]
-    m = r["metrics"]
+    m = r["aggregate"]
     lines = [
         "",
         "## Clustering from probes",
         "",
         (
-            f"{m['docs']} hidden {r['scenario']['kb_corpus']} documents, {r['usage'].get('search_queries', 0)} "
+            f"{m['docs']} hidden {r['observation']['kb_corpus']} documents, "
+            f"{r['info']['usage'].get('search_queries', 0)} "
             f"probe queries; {m['docs_retrieved']} documents retrieved. NMI with the true topics {m['nmi']:.3f} "
             f"(ARI {m['ari']:.3f}); k-means on the true vectors reaches NMI {m['oracle_nmi']:.3f}. Cosine of the "
             f"probe-built representation to the true vector {m['representation_cosine']:.3f}."
@@ -431,10 +470,10 @@ def _clustering(res: dict[str, Any]) -> list[str]:
 def _membership(res: dict[str, Any]) -> list[str]:
     rows = []
     for name in ("membership", "membership-encoder"):
-        for score, v in res.get(name, {}).get("metrics", {}).items():
+        for score, v in res.get(name, {}).get("aggregate", {}).items():
             if isinstance(v, dict) and "auc" in v:
                 rows.append(
-                    f"| {res[name]['flags']['target']} | {score} | {v['members']}/{v['non_members']} | "
+                    f"| {res[name]['observation']['flags']['target']} | {score} | {v['members']}/{v['non_members']} | "
                     f"{v['auc']:.3f} | {v['tpr_at_1pct_fpr']:.3f} | {v['tpr_at_0.1pct_fpr']:.3f} |"
                 )
     if not rows:
@@ -452,12 +491,14 @@ def _membership(res: dict[str, Any]) -> list[str]:
 def _examples(res: dict[str, Any]) -> list[str]:
     lines = ["", "## Examples", ""]
     for name, r in res.items():
-        for ex in r.get("examples", [])[:2]:
-            lines.append(f"- **{name}** — true: “{ex['true']}” → recovered: “{ex['recovered']}”")
+        for ex in r["pairs"][:2]:
+            lines.append(f"- **{name}** — true: “{ex['true_text']}” → recovered: “{ex['pred_text']}”")
     return lines
 
 
 def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
+    """Inversion bars (an entry that did not recover: a black ✕ marked n/a, no bar), the alignment sweep and the
+    knowledge-base F1 histogram (those two only when their entry recovered)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -468,20 +509,28 @@ def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
     if inv:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         keys = ("token_f1", "rougeL", "cosine")
+        failed = [x for x, n in enumerate(inv) if results[n]["status"] != "recovered"]
         for i, key in enumerate(keys):
-            vals = [results[n]["metrics"].get(key, 0.0) or 0.0 for n in inv]
+            vals = [
+                float("nan") if x in failed else results[n]["aggregate"].get(key, 0.0) or 0.0 for x, n in enumerate(inv)
+            ]
             ax.bar([x + 0.25 * i for x in range(len(inv))], vals, width=0.25, label=key)
+        if failed:
+            ax.plot([x + 0.25 for x in failed], [0.05] * len(failed), "x", color="black", ms=12, mew=3, label="n/a")
+            for x in failed:
+                ax.annotate(results[inv[x]]["status"].replace("_", " "), (x + 0.25, 0.1), ha="center", rotation=90)
         ax.set_xticks([x + 0.25 for x in range(len(inv))], inv)
         ax.set_ylim(0, 1)
         ax.set_title("inversion quality (private texts)")
         ax.legend()
         paths.append(_save(fig, out / f"{stem}-inversion.png"))
+    results = scored(results)
     if "alignment" in results:
-        sweep = results["alignment"]["metrics"]["sweep"]
+        sweep = results["alignment"]["aggregate"]["sweep"]
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ks = [r["k"] for r in sweep]
         ax.plot(ks, [r["mapped_cosine"] for r in sweep], "o-", label="mapped cosine")
-        for a in results["alignment"]["flags"]["inner_attacks"]:
+        for a in results["alignment"]["observation"]["flags"]["inner_attacks"]:
             ax.plot(ks, [r[a]["token_f1"] for r in sweep], "s--", label=f"{a} token F1")
         ax.set_xscale("log")
         ax.set_xlabel("leaked pairs k")
@@ -490,7 +539,7 @@ def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
         ax.legend()
         paths.append(_save(fig, out / f"{stem}-alignment.png"))
     if "kb-extract" in results:
-        f1 = results["kb-extract"]["metrics"]["per_item_f1"]
+        f1 = results["kb-extract"]["aggregate"]["per_item_f1"]
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.hist(f1, bins=20, range=(0, 1))
         ax.axvline(0.8, color="k", ls="--")

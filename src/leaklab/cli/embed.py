@@ -138,26 +138,37 @@ def attack_cmd(
         list[str] | None, typer.Option("--option", "-o", help="Attack option KEY=VALUE (see `leaklab embed list`).")
     ] = None,
     api_key: Annotated[str | None, typer.Option(envvar="LEAKLAB_API_KEY", help="API key of an http encoder.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Write the full report here (JSON).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the run record here (JSON).")] = None,
     public_limit: Annotated[
         int | None, typer.Option(help="Use at most this many public texts as attacker data (default: all).")
     ] = None,
 ) -> None:
-    """Run one attack against a victim built from private texts, and score it."""
-    from leaklab.attacks.embedding.registry import EMBED_ATTACKS, run_embed_attack
+    """Run one attack against a victim built from private texts, and score it.
+
+    Exit code 3: the attack could not run on this scenario, or found no signal (the reason is printed; never a
+    score of 0)."""
+    from leaklab.attacks.embedding.registry import EMBED_ATTACKS
+    from leaklab.experiments.runner import record_outcome, run_embedding
     from leaklab.io import atomic_write_json
 
     cfg = EMBED_ATTACKS.get(attack).options(option or [])  # a bad name or option fails before any work
     scn = _scenario(encoder, corpus, n, seed, min_tokens, max_tokens, api_key, public_limit)
     with console.status(f"running {attack} on {encoder}"):
-        report = run_embed_attack(attack, scn, cfg)
-    _print_metrics(report.metrics, f"{attack} on {encoder} ({corpus}, n={n})")
-    console.print(f"usage: {report.usage}  seconds: {report.seconds}  flags: {report.flags}")
-    for ex in report.examples[:3]:
-        console.print(f"[dim]true:[/] {ex['true']}\n[dim]got: [/] {ex['recovered']}", highlight=False)
+        record = run_embedding(attack, scn, cfg)
+    title = f"{attack} on {encoder} ({corpus}, n={n})"
+    if record.aggregate is None:
+        console.print(f"{title}: {record_outcome(record.to_dict())}", highlight=False, markup=False, soft_wrap=True)
+    else:
+        _print_metrics(record.aggregate, title)
+        usage = record.info.get("usage", {})
+        console.print(f"usage: {usage}  seconds: {record.attack_seconds}  flags: {record.observation['flags']}")
+    for ex in record.pairs[:3]:
+        console.print(f"[dim]true:[/] {ex['true_text']}\n[dim]got: [/] {ex['pred_text']}", highlight=False)
     if out:
-        atomic_write_json(out, report.to_dict())
+        atomic_write_json(out, record.to_dict())
         console.print(f"wrote {out}")
+    if record.status != "recovered":
+        raise SystemExit(3)  # not typer.Exit: the entry point runs typer with standalone_mode=False, which drops it
 
 
 @app.command("train")

@@ -1,20 +1,25 @@
 """The one loop: Observation → attack → score → :class:`RunRecord`.
 
-Every front-end (``gradient attack``, ``gradient bench``, ``gradient sweep``, the settings benchmark, the Python
-API) goes through :func:`attack_batch`; only here are an Observation and its Secret held together. An attack
-that could not run, or found no signal, yields a record with that status and its reason and no scores:
+Every gradient front-end (``gradient attack``, ``gradient bench``, ``gradient sweep``, the settings benchmark,
+the Python API) goes through :func:`attack_batch`; only here are an Observation and its Secret held together.
+Every embedding front-end (``embed attack``, ``embed bench``) goes through :func:`run_embedding`. An attack that
+could not run, or found no signal, yields a record with that status and its reason and no scores:
 :func:`summarise` averages recovered batches only and counts the others, so a failure never reads as 0.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from leaklab.attacks.base import GradientAttack, Recovery, make_attack, run_attack
+from leaklab.attacks.base import GradientAttack, NoSignal, Recovery, make_attack, run_attack
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario
+from leaklab.errors import LeaklabError
 from leaklab.metrics import score_bag, score_batch
 from leaklab.models import load_model
 from leaklab.threat.observation import Observation, Secret
@@ -23,6 +28,8 @@ from leaklab.threat.observation import Observation, Secret
 TEXT_METRICS = ("rouge1", "rouge2", "rougeL", "token_f1", "exact_rate")
 BAG_METRICS = ("bag_precision", "bag_recall", "bag_f1", "bag_distinct_recall")
 STATUS_LABEL = {"recovered": "recovered", "could_not_run": "could not run", "no_signal": "no signal"}
+EMBEDDING = "embedding"  # the setting of embedding-attack records
+T = TypeVar("T")
 
 
 @dataclass
@@ -99,6 +106,70 @@ def attack_batch(
         scored = score(obs, secret, rec)
         record.aggregate, record.pairs = scored["aggregate"], scored["pairs"]
     return record
+
+
+def outcome_of(where: str, run: Callable[[], T]) -> tuple[str, str | None, T | None]:
+    """(status, reason, result) of ``run()``: "recovered" with its result; "no_signal" on :class:`NoSignal` and
+    "could_not_run" on any other :class:`LeaklabError`, each with a one-line reason prefixed by ``where``."""
+    try:
+        return "recovered", None, run()
+    except NoSignal as exc:
+        return "no_signal", " ".join(f"{where}: {exc}".split()), None
+    except LeaklabError as exc:  # the scenario lacks what the attack needs (its input was checked before)
+        return "could_not_run", " ".join(f"{where}: {exc}".split()), None
+
+
+def run_embedding(name: str, scenario: Scenario, options: Any = None) -> RunRecord:
+    """Evaluate embedding attack ``name`` on ``scenario`` with ``options`` (a dict, ``key=value`` strings or the
+    attack's config), timed. Bad options and a scenario whose encoder or corpus cannot supply its targets raise
+    (the user's input); an attack that then fails on the scenario yields "could_not_run" (or "no_signal") with
+    the reason and no metrics. The record's observation is the scenario with the attacker's flags; ``aggregate``
+    holds the attack's metrics, ``info`` its own info and the attacker's ``usage``, ``pairs`` a few
+    (true, recovered) texts; ``recovered`` stays empty (the attacks report examples, not every text)."""
+    entry = EMBED_ATTACKS.get(name)
+    cfg = entry.options(options)
+    scenario.check()
+    start = time.perf_counter()
+    outcome = outcome_of(f"{name} on '{scenario.encoder}'", lambda: entry.impl(scenario, cfg))
+    return embedding_record(name, cfg.to_dict(), scenario.to_dict(), time.perf_counter() - start, *outcome)
+
+
+def embedding_record(
+    name: str,
+    options: dict[str, Any],
+    scenario: dict[str, Any],
+    seconds: float,
+    status: str,
+    reason: str | None,
+    report: AttackReport | None,
+) -> RunRecord:
+    """The run record of an embedding attack's outcome, with what its module reported when it ran: metrics,
+    the attacker's flags (in the observation) and usage (in info), and example pairs."""
+    record = RunRecord(
+        attack=name,
+        options=options,
+        setting=EMBEDDING,
+        status=status,
+        reason=reason,
+        kind="metrics",
+        recovered=[],
+        attack_seconds=round(seconds, 3),
+        observation=scenario,
+        seed=scenario.get("seed"),
+    )
+    if report is not None:
+        record.observation = {**report.scenario, "flags": report.flags}
+        record.aggregate = report.metrics
+        record.info = {**report.info, "usage": report.usage}
+        record.pairs = report.examples
+    return record
+
+
+def record_outcome(record: dict[str, Any]) -> str:
+    """One record's (a :meth:`RunRecord.to_dict` row) outcome: "recovered", or "n/a: could not run (reason)"."""
+    if record["status"] == "recovered":
+        return STATUS_LABEL["recovered"]
+    return outcome_text(outcome_summary([record["status"]], [record.get("reason")]))
 
 
 def outcome_summary(statuses: list[str], reasons: list[str | None]) -> dict[str, Any]:

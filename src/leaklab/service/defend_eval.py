@@ -26,11 +26,13 @@ from scipy.linalg import orthogonal_procrustes
 
 from leaklab.corpora.sampling import split_of
 from leaklab.errors import LeaklabError
+from leaklab.experiments.runner import outcome_of, record_outcome
 from leaklab.service.defenses import Pipeline, make_pipeline
 from leaklab.service.monitor import STOPWORDS
 
 ROTATION_SECRET = "defend-eval-secret-0123456789"
 VICTIM, ATTACKER = "victim", "attacker"
+ATTACK_METRICS = ("bow_token_f1", "nn_reidentification", "bow_words_per_text")
 
 
 def default_sweep() -> list[tuple[str, float | str, list[dict]]]:
@@ -158,8 +160,23 @@ def _align(victim_pairs: np.ndarray, attacker_pairs: np.ndarray) -> np.ndarray:
 def evaluate_point(
     data: EvalData, pipe: Pipeline, known_pairs: int, rng: np.random.Generator, clean_nn: np.ndarray
 ) -> dict:
-    """One defense: utility for the victim and attack success of the adaptive attacker."""
+    """One defense: utility for the victim, and the adaptive attacker's outcome (the runner's: "recovered" with
+    its success, or "could_not_run" with the reason and no success values, never 0)."""
     victim = pipe.apply(data.victim_clean, VICTIM, rng)
+    where = f"adaptive attacker on '{pipe.describe()}' with {known_pairs} known pairs"
+    status, reason, success = outcome_of(where, lambda: _attack(data, pipe, known_pairs, rng, victim))
+    return {
+        **utility(victim, data.victim_clean, data.victim_labels, clean_nn),
+        "status": status,
+        "reason": reason,
+        **(success or dict.fromkeys(ATTACK_METRICS)),
+    }
+
+
+def _attack(data: EvalData, pipe: Pipeline, known_pairs: int, rng: np.random.Generator, victim: np.ndarray) -> dict:
+    """BoW probe token F1 and NN re-identification of the attacker (its own tenant) on the leaked vectors."""
+    if known_pairs > len(data.public_texts):
+        raise LeaklabError(f"{known_pairs} known pairs asked for, but the attacker has {len(data.public_texts)} texts")
     attacker_train = pipe.apply(data.public_clean, ATTACKER, rng)
     leaked = victim
     if known_pairs:
@@ -176,12 +193,7 @@ def evaluate_point(
     f1 = token_f1(probe.predict(leaked), data.victim_texts)
     pool = np.vstack([pipe.apply(data.victim_clean, ATTACKER, rng), attacker_train])  # victim docs are candidates
     hits = np.argmax(leaked @ pool.T, axis=1) == np.arange(len(leaked))
-    return {
-        **utility(victim, data.victim_clean, data.victim_labels, clean_nn),
-        "bow_token_f1": f1,
-        "nn_reidentification": float(hits.mean()),
-        "bow_words_per_text": probe.m,
-    }
+    return {"bow_token_f1": f1, "nn_reidentification": float(hits.mean()), "bow_words_per_text": probe.m}
 
 
 def prior_f1(data: EvalData) -> float:
@@ -214,7 +226,8 @@ def run_sweep(
 
 
 def plot_curves(rows: list[dict], prior: float, path, title: str) -> None:
-    """Two panels: attack success (BoW token F1; NN re-identification) against label precision@10."""
+    """Two panels: attack success (BoW token F1; NN re-identification) against label precision@10; a point whose
+    attacker could not run is a black ✕ on the bottom edge at its utility (n/a, not 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,16 +240,21 @@ def plot_curves(rows: list[dict], prior: float, path, title: str) -> None:
         (axes[0], "bow_token_f1", "BoW probe token F1 (adaptive)"),
         (axes[1], "nn_reidentification", "NN re-identification (top-1)"),
     )
+    failed = [r for r in rows if r.get("status", "recovered") != "recovered"]
     for ax, metric, name in panels:
         for fam in families:
             for k in sorted({r["known_pairs"] for r in rows}):
-                pts = [r for r in rows if r["family"] == fam and r["known_pairs"] == k]
+                pts = [r for r in rows if r["family"] == fam and r["known_pairs"] == k and r not in failed]
                 if not pts:
                     continue
                 style = ("o-" if len(pts) > 1 else "s") if k == 0 else ("x--" if len(pts) > 1 else "X")
                 label = fam if k == 0 else f"{fam} +{k} known pairs"
                 xs, ys = [p["label_precision@10"] for p in pts], [p[metric] for p in pts]
                 ax.plot(xs, ys, style, color=colours[fam], label=label, alpha=0.8, ms=7 if k == 0 else 9)
+        if failed:
+            xs = [r["label_precision@10"] for r in failed]
+            ax.plot(xs, [0.02] * len(xs), "x", color="black", ms=10, mew=2, transform=ax.get_xaxis_transform())
+            ax.plot([], [], "x", color="black", label="n/a: attacker could not run")
         if metric == "bow_token_f1":
             ax.axhline(prior, color="grey", ls=":", label="prior (no vector)")
         ax.set_xlabel("utility: label precision@10 (victim's retrieval)")
@@ -257,7 +275,14 @@ def table_md(rows: list[dict]) -> str:
     body = "".join(
         f"| {r['defense']} | {r['known_pairs']} | {r['label_precision@10']:.3f} | "
         f"{r['neighbour_recall@10']:.3f} | "
-        f"{r['cosine_to_clean']:.3f} | {r['bow_token_f1']:.3f} | {r['nn_reidentification']:.3f} |\n"
+        f"{r['cosine_to_clean']:.3f} | {_attack_cells(r)} |\n"
         for r in rows
     )
     return head + body
+
+
+def _attack_cells(row: dict) -> str:
+    """The BoW and NN cells of a table row: the values, or n/a with the reason when the attacker could not run."""
+    if row.get("status", "recovered") == "recovered":
+        return f"{row['bow_token_f1']:.3f} | {row['nn_reidentification']:.3f}"
+    return f"{record_outcome(row)} | n/a"

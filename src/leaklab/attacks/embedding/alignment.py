@@ -203,7 +203,6 @@ def evaluate(scn: Scenario, cfg: AlignmentConfig) -> AttackReport:
         scn.to_dict(),
         metrics,
         usage,
-        0.0,
         {
             "leaked_pairs": "private texts disjoint from the targets",
             "inner_attacks": inner,

@@ -449,7 +449,6 @@ def evaluate(scn: Scenario, cfg: BowConfig) -> AttackReport:
         scn.to_dict(),
         score_inversion(pred, sample.texts, targets, scn.victim),
         scn.victim.usage.since(before),
-        0.0,
         {"train_data": "public split only"},
         examples(sample.texts, pred),
         info,

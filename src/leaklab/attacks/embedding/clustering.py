@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from leaklab.attacks.base import NoSignal
 from leaklab.attacks.embedding.kb import HiddenKB, SearchIndex
 from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario, at_least
 from leaklab.core import Config, option
@@ -109,6 +110,8 @@ class ProbeClustering:
         for j, row in enumerate(hits):
             for doc_id, score in row:
                 by_doc[doc_id].append((j, score))
+        if not by_doc:
+            raise NoSignal("the probes retrieved no document")
         if len(by_doc) < self.k:
             raise LeaklabError(f"the probes retrieved {len(by_doc)} documents, fewer than {self.k} clusters")
         ids = sorted(by_doc)
@@ -211,7 +214,6 @@ def evaluate(scn: Scenario, cfg: ClusteringConfig) -> AttackReport:
         scn.to_dict() | {"kb_corpus": kb_corpus},
         metrics,
         usage,
-        0.0,
         {
             "access": "query texts -> top-k ids and scores; probes from the public split",
             "oracle": "k-means on the true document vectors (upper bound, not an attack)",

@@ -481,7 +481,6 @@ def evaluate(scn: Scenario, cfg: DecoderConfig) -> AttackReport:
         scn.to_dict(),
         metrics,
         enc.usage.since(before),
-        0.0,
         {
             "train_data": "public split only",
             "correction_seeds": "nearest public texts (already embedded for training)",

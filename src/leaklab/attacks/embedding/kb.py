@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from leaklab.attacks.base import NoSignal
 from leaklab.attacks.embedding.bow import BowTraining
 from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario, at_least, examples, sub_config
 from leaklab.attacks.embedding.whitebox import WhiteBoxSearch, make_whitebox, search_start
@@ -425,6 +426,8 @@ def evaluate(scn: Scenario, cfg: KbExtractConfig) -> AttackReport:
             "growth_queries_per_doc": float(np.mean(list(res.queries_per_doc.values()) or [0])),
         }
         info = {"discovered": res.info["discovered"]}
+    if not info["discovered"]:
+        raise NoSignal("the probes discovered no hidden document")
     ids = kb.ids
     pred = [pred_of.get(i, "") for i in ids]
     true = [kb.text_of(i) for i in ids]
@@ -449,7 +452,6 @@ def evaluate(scn: Scenario, cfg: KbExtractConfig) -> AttackReport:
         scn.to_dict(),
         metrics,
         usage,
-        0.0,
         {
             "access": "query texts -> top-k ids and scores",
             "encoder_known": known,

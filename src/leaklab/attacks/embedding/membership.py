@@ -149,7 +149,6 @@ def _evaluate_kb(scn: Scenario) -> AttackReport:
         scn.to_dict(),
         metrics,
         usage,
-        0.0,
         {"target": "kb", "split": "random halving of private texts (same distribution)"},
     )
 
@@ -174,7 +173,6 @@ def _evaluate_encoder(scn: Scenario, cfg: MembershipConfig) -> AttackReport:
         scn.to_dict(),
         metrics,
         dict(tuned.usage.__dict__),
-        0.0,
         {
             "target": "encoder",
             "reference": f"public base model {base.name}",

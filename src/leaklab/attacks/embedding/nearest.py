@@ -119,7 +119,6 @@ def evaluate(scn: Scenario, cfg: NearestConfig) -> AttackReport:
         scn.to_dict(),
         metrics,
         enc.usage.since(before),
-        0.0,
         {"candidate_corpus": "public split + half of the leaked documents"},
         examples(sample.texts, res.texts),
     )

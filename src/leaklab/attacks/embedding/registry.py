@@ -10,7 +10,6 @@ what the attacker may see, and scores the result against the private texts.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
@@ -76,6 +75,12 @@ class Scenario:
             max_tokens or self.max_tokens,
             split="private",
         )
+
+    def check(self) -> None:
+        """Load the victim encoder and draw the private targets and public texts once: what the user named fails
+        here, before any attack runs."""
+        self.private()
+        self.public_texts()
 
     def public_texts(self, limit: int | None = None, max_tokens: int | None = None) -> list[str]:
         """The attacker's auxiliary texts: public-split texts within the length range, plus sentence chunks of
@@ -186,6 +191,11 @@ class SavedInverter(Config):
     load: str | None = option(None, "folder of a saved inverter to use instead of training one")
     save: str | None = option(None, "folder to save the trained inverter to")
 
+    def __post_init__(self) -> None:
+        missing = [f for f in (INVERTER_CONFIG, INVERTER_WEIGHTS) if self.load and not (Path(self.load) / f).exists()]
+        if missing:
+            raise LeaklabError(f"option load='{self.load}' is not a saved inverter (no {' or '.join(missing)})")
+
 
 def sub_config(cls: type[C], source: Config, **override: Any) -> C:
     """The config ``cls`` of a sub-attack from the same-named fields of ``source`` (``override`` wins)."""
@@ -217,23 +227,21 @@ def load_or_train(
 
 @dataclass
 class AttackReport:
-    """Result of one attack evaluation: scores, what the attacker spent, and what it was allowed to know."""
+    """What an attack module reports (:func:`leaklab.experiments.runner.run_embedding` turns it into a record):
+    scores, what the attacker spent, and what it was allowed to know."""
 
     attack: str
     scenario: dict[str, Any]
     metrics: dict[str, Any]
     usage: dict[str, int]
-    seconds: float
     flags: dict[str, Any] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def examples(true: list[str], pred: list[str], k: int = 5) -> list[dict[str, str]]:
-    return [{"true": t, "recovered": p} for t, p in list(zip(true, pred, strict=True))[:k]]
+    """The first ``k`` (true, recovered) pairs, keyed as the gradient records' pairs."""
+    return [{"true_text": t, "pred_text": p} for t, p in list(zip(true, pred, strict=True))[:k]]
 
 
 BUILTIN_MODULES = ("nearest", "whitebox", "bow", "decoder", "alignment", "kb", "clustering", "membership")
@@ -250,18 +258,6 @@ def _load_builtin() -> None:
 EMBED_ATTACKS: Registry[Callable[..., AttackReport]] = Registry(
     "embedding attack", builtins=_load_builtin, entry_points="leaklab.attacks"
 )
-
-
-def run_embed_attack(name: str, scenario: Scenario, options: Any = None) -> AttackReport:
-    """Evaluate attack ``name`` on ``scenario`` with ``options`` (a dict, ``key=value`` strings or the attack's
-    config), timed; the report's scenario records the full config (``to_dict``)."""
-    entry = EMBED_ATTACKS.get(name)
-    cfg = entry.options(options)
-    start = time.perf_counter()
-    report = entry.impl(scenario, cfg)
-    report.seconds = round(time.perf_counter() - start, 3)
-    report.scenario = {**report.scenario, "options": cfg.to_dict()}
-    return report
 
 
 # ----------------------------------------------------------------------------- trained inverters on disk

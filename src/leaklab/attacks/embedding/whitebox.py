@@ -632,7 +632,6 @@ def evaluate(scn: Scenario, cfg: WhiteBoxConfig) -> AttackReport:
         scn.to_dict(),
         metrics,
         enc.usage.since(before),
-        0.0,
         {
             "vocab_prior": f"{len(inv.vocab)} token ids: public-split whole words by frequency"
             + (", then every other whole word of the tokenizer" if cfg.full else "")
