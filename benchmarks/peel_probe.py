@@ -20,7 +20,7 @@ from leaklab.attacks.gradient.dictionary import sentence_gradients, signal_param
 from leaklab.attacks.gradient.somp import SompAttack, dedupe, select_by_omp, span_beam_decode, with_last_alternatives
 from leaklab.attacks.gradient.subspace import numerical_rank
 from leaklab.models.registry import ModelRef
-from leaklab.threat.fedsgd import client_update
+from leaklab.threat.settings import client_update
 
 
 def summed_gradient(loaded, texts: list[list[int]], params: list[str]) -> dict[str, torch.Tensor]:

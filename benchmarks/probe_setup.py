@@ -7,8 +7,8 @@ import argparse
 
 from leaklab.bench.gradient import REGIMES
 from leaklab.models.registry import ModelRef
-from leaklab.threat.fedsgd import client_update
 from leaklab.threat.observation import Observation, Secret
+from leaklab.threat.settings import client_update
 
 
 def probe_parser(doc: str, regime: str = "long", batch_size: int = 16, seed: int = 100) -> argparse.ArgumentParser:

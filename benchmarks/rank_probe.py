@@ -17,7 +17,7 @@ import torch
 from leaklab.attacks.gradient.dager import DagerOptions, SpanModel, decoder_search
 from leaklab.bench.gradient import REGIMES
 from leaklab.models.registry import ModelRef
-from leaklab.threat.fedsgd import client_update
+from leaklab.threat.settings import client_update
 
 
 class FrontierLog(logging.Handler):

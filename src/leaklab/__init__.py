@@ -42,7 +42,7 @@ _API: dict[str, str] = {
     "option": "leaklab.core.config",
     # victim updates for each setting
     "fedsgd_update": "leaklab.threat.fedsgd",
-    "client_update": "leaklab.threat.fedsgd",
+    "client_update": "leaklab.threat.settings",
     "make_update": "leaklab.threat.settings",
     "sample_update": "leaklab.threat.settings",
     "load_update": "leaklab.threat.store",

@@ -10,17 +10,7 @@ import typer
 from rich.console import Console
 
 from leaklab.attacks.registry import GRADIENT_ATTACKS
-from leaklab.cli.common import (
-    CorpusOpt,
-    JsonOpt,
-    MaxTokensOpt,
-    MinTokensOpt,
-    ModelOpt,
-    NumLabelsOpt,
-    TaskOpt,
-    UpdateOutOpt,
-    list_entries,
-)
+from leaklab.cli import common
 from leaklab.core import Entry, parse_pairs
 from leaklab.errors import LeaklabError
 from leaklab.threat.registry import THREAT_SETTINGS
@@ -49,8 +39,8 @@ def attack_cmd(
     max_tokens: Annotated[int, typer.Option(help="Longest private text, in tokens.")] = 32,
     batches: Annotated[int, typer.Option(help="Private batches to attack (seeds seed, seed+1, ...).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the first batch draw.")] = 0,
-    task: TaskOpt = "next-token",
-    num_labels: NumLabelsOpt = 2,
+    task: common.TaskOpt = "next-token",
+    num_labels: common.NumLabelsOpt = 2,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<time>-<label>).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the aggregate as JSON.")] = False,
     update: Annotated[Path | None, typer.Option(help="Attack this saved update instead of fresh batches.")] = None,
@@ -116,9 +106,9 @@ def attack_cmd(
 
 
 @app.command("list")
-def list_cmd(as_json: JsonOpt = False) -> None:
+def list_cmd(as_json: common.JsonOpt = False) -> None:
     """List the gradient attacks, the settings each supports, and their options with defaults."""
-    list_entries(GRADIENT_ATTACKS, "gradient attacks (-o / --attack-option k=v)", as_json, supports=_settings_of)
+    common.list_entries(GRADIENT_ATTACKS, "gradient attacks (-o / --attack-option k=v)", as_json, supports=_settings_of)
 
 
 def _settings_of(entry: Entry) -> str:
@@ -191,16 +181,16 @@ def update_setting_cmd(
     setting: SettingOpt = "fedsgd",
     defense: DefenseOpt = None,
     defense_param: ParamOpt = None,
-    model: ModelOpt = "smollm2-135m",
-    corpus: CorpusOpt = "rotten-tomatoes",
+    model: common.ModelOpt = "smollm2-135m",
+    corpus: common.CorpusOpt = "rotten-tomatoes",
     batch_size: Annotated[int, typer.Option(help="Texts per client (pairs for dpo/reward).")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the batch draw, dropout and noise.")] = 0,
-    out: UpdateOutOpt = Path("update.safetensors"),
-    task: TaskOpt = "next-token",
-    num_labels: NumLabelsOpt = 2,
+    out: common.UpdateOutOpt = Path("update.safetensors"),
+    task: common.TaskOpt = "next-token",
+    num_labels: common.NumLabelsOpt = 2,
     init_seed: Annotated[int, typer.Option(help="Seed of randomly initialised model parts.")] = 0,
-    min_tokens: MinTokensOpt = 2,
-    max_tokens: MaxTokensOpt = 64,
+    min_tokens: common.MinTokensOpt = 2,
+    max_tokens: common.MaxTokensOpt = 64,
     train_mode: Annotated[bool, typer.Option(help="Dropout on during local training.")] = False,
     batch_size_known: Annotated[bool, typer.Option(help="Server learns the batch size.")] = True,
     lr: Annotated[
@@ -277,17 +267,17 @@ def apply_defense_cmd(
 
 
 @app.command("defenses")
-def defenses_cmd(as_json: JsonOpt = False) -> None:
+def defenses_cmd(as_json: common.JsonOpt = False) -> None:
     """List the defenses, where each acts, and their options."""
     from leaklab.defenses import DEFENSES
 
-    list_entries(DEFENSES, "defenses (--defense NAME:k=v,...)", as_json, side=lambda e: e.extra.get("side"))
+    common.list_entries(DEFENSES, "defenses (--defense NAME:k=v,...)", as_json, side=lambda e: e.extra.get("side"))
 
 
 @app.command("settings")
-def settings_cmd(as_json: JsonOpt = False) -> None:
+def settings_cmd(as_json: common.JsonOpt = False) -> None:
     """List the threat settings and their options."""
-    list_entries(THREAT_SETTINGS, "threat settings (--setting NAME --setting-option k=v)", as_json)
+    common.list_entries(THREAT_SETTINGS, "threat settings (--setting NAME --setting-option k=v)", as_json)
 
 
 @app.command("sweep")
@@ -307,8 +297,8 @@ def sweep_cmd(
     batch_size: Annotated[int, typer.Option(help="Texts per client.")] = 4,
     batches: Annotated[int, typer.Option(help="Private batches per value.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of the first batch.")] = 0,
-    min_tokens: MinTokensOpt = 4,
-    max_tokens: MaxTokensOpt = 32,
+    min_tokens: common.MinTokensOpt = 4,
+    max_tokens: common.MaxTokensOpt = 32,
     lr: Annotated[float | None, typer.Option(help="Local SGD learning rate (fedavg).")] = None,
     local_steps: Annotated[int, typer.Option(help="Local passes (with --lr).")] = 1,
     server_lr: Annotated[float, typer.Option(help="Step size applying a gradient for utility.")] = 1e-3,

@@ -10,17 +10,7 @@ import typer
 from rich.console import Console
 
 from leaklab import __version__
-from leaklab.cli.common import (
-    CorpusOpt,
-    JsonOpt,
-    MaxTokensOpt,
-    MinTokensOpt,
-    ModelOpt,
-    NumLabelsOpt,
-    TaskOpt,
-    UpdateOutOpt,
-    print_rows,
-)
+from leaklab.cli import common
 from leaklab.errors import LeaklabError
 
 app = typer.Typer(
@@ -52,7 +42,7 @@ def _root(
 
 
 @app.command("models")
-def models_cmd(as_json: JsonOpt = False) -> None:
+def models_cmd(as_json: common.JsonOpt = False) -> None:
     """List the packaged models (any Hugging Face folder or hub name also works with --model)."""
     from leaklab.models.registry import PACKAGED
 
@@ -68,7 +58,7 @@ def models_cmd(as_json: JsonOpt = False) -> None:
         for s in PACKAGED.values()
     ]
     title = "packaged models (also: any HF folder or hub name)"
-    print_rows(rows, as_json, title, ("name", "tasks", "description"), _model_cells)
+    common.print_rows(rows, as_json, title, ("name", "tasks", "description"), _model_cells)
 
 
 def _model_cells(r: dict) -> tuple[str, str, str]:
@@ -76,7 +66,7 @@ def _model_cells(r: dict) -> tuple[str, str, str]:
 
 
 @app.command("corpora")
-def corpora_cmd(as_json: JsonOpt = False) -> None:
+def corpora_cmd(as_json: common.JsonOpt = False) -> None:
     """List the packaged corpora (user .txt/.csv/.jsonl files and hf:NAME datasets also work)."""
     from leaklab.corpora import describe_corpora
 
@@ -85,20 +75,20 @@ def corpora_cmd(as_json: JsonOpt = False) -> None:
     def cells(r: dict) -> tuple[str, str, str]:
         return r["name"], r["description"], ", ".join(r["variants"][:8]) + (" …" if len(r["variants"]) > 8 else "")
 
-    print_rows(describe_corpora(), as_json, title, ("name", "description", "variants"), cells)
+    common.print_rows(describe_corpora(), as_json, title, ("name", "description", "variants"), cells)
 
 
 @app.command("update")
 def update_cmd(
-    model: ModelOpt = "smollm2-135m",
-    corpus: CorpusOpt = "rotten-tomatoes",
+    model: common.ModelOpt = "smollm2-135m",
+    corpus: common.CorpusOpt = "rotten-tomatoes",
     batch_size: Annotated[int, typer.Option(help="Texts in the private batch.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the batch draw and of dropout.")] = 0,
-    out: UpdateOutOpt = Path("update.safetensors"),
-    task: TaskOpt = "next-token",
-    num_labels: NumLabelsOpt = 2,
-    min_tokens: MinTokensOpt = 1,
-    max_tokens: MaxTokensOpt = 64,
+    out: common.UpdateOutOpt = Path("update.safetensors"),
+    task: common.TaskOpt = "next-token",
+    num_labels: common.NumLabelsOpt = 2,
+    min_tokens: common.MinTokensOpt = 1,
+    max_tokens: common.MaxTokensOpt = 64,
     train_mode: Annotated[bool, typer.Option(help="Dropout on while computing the update.")] = False,
     batch_size_known: Annotated[bool, typer.Option(help="Server learns the batch size.")] = True,
     init_seed: Annotated[int, typer.Option(help="Seed of randomly initialised model parts.")] = 0,

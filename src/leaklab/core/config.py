@@ -108,14 +108,19 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
-    def require(self, positive: Iterable[str] = (), non_negative: Iterable[str] = ()) -> None:
-        """For ``__post_init__``: the named fields must be > 0 / >= 0 (one clear error naming the first)."""
+    def require(
+        self, positive: Iterable[str] = (), non_negative: Iterable[str] = (), below_one: Iterable[str] = ()
+    ) -> None:
+        """For ``__post_init__``: the named fields must be > 0 / >= 0 / < 1 (one clear error naming the first)."""
         for name in positive:
             if not getattr(self, name) > 0:
                 raise LeaklabError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise LeaklabError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in below_one:
+            if not getattr(self, name) < 1:
+                raise LeaklabError(f"{name} must be < 1, got {getattr(self, name)}")
 
     def changed(self) -> dict[str, Any]:
         """The options that differ from their defaults."""
@@ -160,20 +165,14 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
         raise LeaklabError(f"{where}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise LeaklabError(f"{where}: expected an integer, got {value!r}")
+    if hint in (int, float):
+        wrong = isinstance(value, bool) or (hint is int and isinstance(value, float) and not value.is_integer())
         try:
-            return int(value.strip() if isinstance(value, str) else value)
+            if not wrong:
+                return hint(value.strip() if isinstance(value, str) else value)
         except (TypeError, ValueError):
-            raise LeaklabError(f"{where}: expected an integer, got {value!r}") from None
-    if hint is float:
-        if isinstance(value, bool):
-            raise LeaklabError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value.strip() if isinstance(value, str) else value)
-        except (TypeError, ValueError):
-            raise LeaklabError(f"{where}: expected a number, got {value!r}") from None
+            pass
+        raise LeaklabError(f"{where}: expected {'an integer' if hint is int else 'a number'}, got {value!r}")
     if hint is str:
         return str(value)
     return value

@@ -10,8 +10,9 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from leaklab.threat.fedsgd import client_update, fedsgd_update, gradient
+    from leaklab.threat.fedsgd import fedsgd_update, gradient
     from leaklab.threat.observation import Observation, Secret, ThreatFlags, require_observation
+    from leaklab.threat.settings import client_update
     from leaklab.threat.store import load_secret, load_update, save_update
 
 _HOME = {
@@ -19,7 +20,7 @@ _HOME = {
     "Secret": "observation",
     "ThreatFlags": "observation",
     "require_observation": "observation",
-    "client_update": "fedsgd",
+    "client_update": "settings",
     "fedsgd_update": "fedsgd",
     "gradient": "fedsgd",
     "load_secret": "store",

@@ -114,20 +114,6 @@ def fedsgd_update(
     return obs, Secret(tuple(texts), tuple(tuple(t) for t in ids), tuple(labels))
 
 
-def client_update(
-    model: ModelRef,
-    corpus: str,
-    batch_size: int,
-    seed: int,
-    min_tokens: int = 1,
-    max_tokens: int = 10**9,
-    flags: ThreatFlags | None = None,
-) -> tuple[Observation, Secret]:
-    """Sample a private batch from ``corpus`` with ``seed`` and compute its FedSGD update."""
-    sample = private_sample(model, corpus, batch_size, seed, min_tokens, max_tokens)
-    return fedsgd_update(model, sample.texts, sample.labels, flags, seed)
-
-
 def private_sample(
     model: ModelRef, corpus: str, n: int, seed: int, min_tokens: int, max_tokens: int, check_labels: bool = True
 ) -> Sample:

@@ -266,3 +266,9 @@ def sample_update(
     n = s.texts_per_batch(batch_size)
     sample = private_sample(model, corpus, n, seed, min_tokens, max_tokens, check_labels=s.client.name != "reward")
     return run_setting(s, Client(model, sample.texts, sample.labels, flags or ThreatFlags(), seed, hooks))
+
+
+def client_update(*args: Any, **kwargs: Any) -> tuple[Observation, Secret]:
+    """A FedSGD update of a seeded private batch: :func:`sample_update` with setting "fedsgd" (model, corpus,
+    batch_size, seed, min_tokens, max_tokens, flags)."""
+    return sample_update("fedsgd", *args, **kwargs)

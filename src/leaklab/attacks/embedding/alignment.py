@@ -165,13 +165,12 @@ def _inner_attack(
     return out
 
 
-@EMBED_ATTACKS.register(
-    "alignment",
-    config=AlignmentConfig,
-    help="Procrustes/ridge map from k leaked pairs, then local attacks through it",
-    access="k leaked (text, vector) pairs + leaked vectors + a local encoder",
-)
+ACCESS = "k leaked (text, vector) pairs + leaked vectors + a local encoder"
+
+
+@EMBED_ATTACKS.register("alignment", config=AlignmentConfig, access=ACCESS)
 def evaluate(scn: Scenario, cfg: AlignmentConfig) -> AttackReport:
+    """Procrustes/ridge map from k leaked pairs, then local attacks through it."""
     local = load_encoder(cfg.local or scn.encoder)
     victim = victim_encoder(scn, cfg)
     ks, inner, method = cfg.ks, list(cfg.inner), cfg.method

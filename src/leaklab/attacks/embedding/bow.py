@@ -433,13 +433,12 @@ def train_bow(
     return inv, info | {"public_pairs": len(tr_texts), "augmented_pairs": len(aug), "held_out_pairs": n_val}
 
 
-@EMBED_ATTACKS.register(
-    "bow",
-    config=BowConfig,
-    help="vector -> vocabulary multi-label model trained on public (text, vector) pairs",
-    access="black-box embed (public texts) + leaked vectors",
-)
+ACCESS = "black-box embed (public texts) + leaked vectors"
+
+
+@EMBED_ATTACKS.register("bow", config=BowConfig, access=ACCESS)
 def evaluate(scn: Scenario, cfg: BowConfig) -> AttackReport:
+    """Vector -> vocabulary multi-label model trained on public (text, vector) pairs."""
     sample, targets = victim_targets(scn)
     before = scn.victim.usage.snapshot()
     inv, info = load_or_train(scn, cfg, BagOfWordsInverter.load, lambda: train_bow(scn, cfg))

@@ -154,13 +154,12 @@ class ClusteringConfig(Config):
         at_least(self, 1, "probes", "top_k")
 
 
-@EMBED_ATTACKS.register(
-    "clustering",
-    config=ClusteringConfig,
-    help="cluster hidden documents by the probe queries that retrieve them",
-    access="search endpoint only + probe vectors from the embedding API",
-)
+ACCESS = "search endpoint only + probe vectors from the embedding API"
+
+
+@EMBED_ATTACKS.register("clustering", config=ClusteringConfig, access=ACCESS)
 def evaluate(scn: Scenario, cfg: ClusteringConfig) -> AttackReport:
+    """Cluster hidden documents by the probe queries that retrieve them."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 

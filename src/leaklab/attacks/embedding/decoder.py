@@ -39,6 +39,7 @@ from leaklab.attacks.embedding.whitebox import (
     WhiteBoxInverter,
     bow_guesses,
     piece_words,
+    search_kwargs,
     vocab_from_texts,
     whole_word_ids,
 )
@@ -383,20 +384,13 @@ def search_refine(
     searcher = WhiteBoxInverter(
         enc,
         vocab_from_texts(tok, public, COMMON_WORDS, whole_words=False),
-        length_penalty=cfg.length_penalty,
         max_len=scn.max_tokens,
-        passes=cfg.passes,
-        prior=cfg.prior,
-        hops=cfg.hops,
         budget=cfg.search,
         seed=scn.seed,
         prior_ids=whole_word_ids(tok),
         units=piece_words(tok, public) if cfg.words > 0 or cfg.nonword > 0 else None,
-        words=cfg.words,
-        nonword=cfg.nonword,
-        spans=cfg.spans,
-        common=cfg.common,
         tokenizer=tok,
+        **search_kwargs(cfg),
     )
     k, size = cfg.candidates, cfg.pool
     bow_pools, bow_usage = [""] * len(starts), {"queries": 0, "calls": 0, "tokens": 0}
@@ -430,13 +424,12 @@ def search_refine(
     return texts, bow_usage
 
 
-@EMBED_ATTACKS.register(
-    "decoder",
-    config=DecoderConfig,
-    help="decoder (pretrained LM, top layers fine-tuned; or GRU) trained on public pairs + correction by re-embedding",
-    access="black-box embed (public texts, corrections) + leaked vectors",
-)
+ACCESS = "black-box embed (public texts, corrections) + leaked vectors"
+
+
+@EMBED_ATTACKS.register("decoder", config=DecoderConfig, access=ACCESS)
 def evaluate(scn: Scenario, cfg: DecoderConfig) -> AttackReport:
+    """Decoder (pretrained LM, top layers fine-tuned; or GRU) trained on public pairs + correction by re-embedding."""
     enc = scn.victim
     sample, targets = victim_targets(scn)
     before = enc.usage.snapshot()

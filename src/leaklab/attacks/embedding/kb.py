@@ -402,13 +402,12 @@ class KbExtractConfig(BowTraining, WhiteBoxSearch):
         return sub_config(BowTraining, self, vocab=self.wb_vocab)
 
 
-@EMBED_ATTACKS.register(
-    "kb-extract",
-    config=KbExtractConfig,
-    help="reconstruct hidden knowledge-base documents from similarity scores",
-    access="search endpoint only: query texts -> top-k (id, score); option encoder_known adds the index's encoder",
-)
+ACCESS = "search endpoint only: query texts -> top-k (id, score); option encoder_known adds the index's encoder"
+
+
+@EMBED_ATTACKS.register("kb-extract", config=KbExtractConfig, access=ACCESS)
 def evaluate(scn: Scenario, cfg: KbExtractConfig) -> AttackReport:
+    """Reconstruct hidden knowledge-base documents from similarity scores."""
     sample = scn.private()
     kb = HiddenKB(sample.texts, scn.victim, max_top_k=cfg.max_top_k)
     public = scn.public_texts()

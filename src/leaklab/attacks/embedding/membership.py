@@ -120,13 +120,12 @@ class MembershipConfig(Config):
     views: int = option(3, "target=encoder: word-drop views per text of the consistency score")
 
 
-@EMBED_ATTACKS.register(
-    "membership",
-    config=MembershipConfig,
-    help="was a text in the indexed knowledge base or the encoder's fine-tuning data",
-    access="search endpoint (kb) or black-box embed of the fine-tuned encoder + public base (encoder)",
-)
+ACCESS = "search endpoint (kb) or black-box embed of the fine-tuned encoder + public base (encoder)"
+
+
+@EMBED_ATTACKS.register("membership", config=MembershipConfig, access=ACCESS)
 def evaluate(scn: Scenario, cfg: MembershipConfig) -> AttackReport:
+    """Was a text in the indexed knowledge base or the encoder's fine-tuning data."""
     return _evaluate_kb(scn) if cfg.target == "kb" else _evaluate_encoder(scn, cfg)
 
 

@@ -72,14 +72,14 @@ class NearestConfig(Config):
         at_least(self, 1, "candidates", "k")
 
 
-@EMBED_ATTACKS.register(
-    "nearest",
-    config=NearestConfig,
-    help="fingerprint leaked vectors against a candidate corpus (exact / near-exact)",
-    access="black-box embed + leaked vectors",
-)
+ACCESS = "black-box embed + leaked vectors"
+
+
+@EMBED_ATTACKS.register("nearest", config=NearestConfig, access=ACCESS)
 def evaluate(scn: Scenario, cfg: NearestConfig) -> AttackReport:
-    """Half of the leaked documents are in the attacker's candidate list (with public distractors)."""
+    """Fingerprint leaked vectors against a candidate corpus (exact / near-exact).
+
+    Half of the leaked documents are in the attacker's candidate list (with public distractors)."""
     enc = scn.victim
     sample, targets = victim_targets(scn)
     before = enc.usage.snapshot()

@@ -505,6 +505,15 @@ def whole_word_ids(tokenizer: Any, pieces: bool = False) -> list[int]:
     ]
 
 
+#: options the coordinate search takes under the same name from every attack that runs it
+SEARCH_KEYS = ("length_penalty", "passes", "prior", "hops", "words", "nonword", "spans", "common")
+
+
+def search_kwargs(cfg: Config) -> dict[str, Any]:
+    """The :data:`SEARCH_KEYS` options of ``cfg`` as :class:`WhiteBoxInverter` keywords."""
+    return {k: getattr(cfg, k) for k in SEARCH_KEYS}
+
+
 @dataclass(frozen=True)
 class WhiteBoxSearch(Config):
     """Options of the white-box coordinate search and its start (the white-box attack's, and kb-extract's with
@@ -572,11 +581,7 @@ def make_whitebox(scn: Scenario, encoder: LocalEncoder, opts: WhiteBoxSearch) ->
         encoder,
         vocab,
         candidates=opts.candidates,
-        length_penalty=opts.length_penalty,
         max_len=opts.length,
-        passes=opts.passes,
-        prior=opts.prior,
-        hops=opts.hops,
         budget=opts.budget,
         seed=scn.seed,
         prior_ids=whole,
@@ -586,12 +591,9 @@ def make_whitebox(scn: Scenario, encoder: LocalEncoder, opts: WhiteBoxSearch) ->
         lm_moves=opts.lm_moves,
         lm_restart=opts.lm_restart,
         units=units,
-        words=opts.words,
         pool_top=opts.pool_top,
-        nonword=opts.nonword,
-        spans=opts.spans,
-        common=opts.common,
         common_ids=common_ids,
+        **search_kwargs(opts),
     )
 
 
@@ -611,13 +613,12 @@ def search_start(
     return bow_guesses(scn, encoder, vectors, opts.pool, bow) if opts.init == "bow" else (None, None)
 
 
-@EMBED_ATTACKS.register(
-    "whitebox",
-    config=WhiteBoxConfig,
-    help="batched coordinate search (HotFlip proposals, real-encoder scoring) from a bag-of-words start",
-    access="white-box encoder (gradients) + leaked vectors",
-)
+ACCESS = "white-box encoder (gradients) + leaked vectors"
+
+
+@EMBED_ATTACKS.register("whitebox", config=WhiteBoxConfig, access=ACCESS)
 def evaluate(scn: Scenario, cfg: WhiteBoxConfig) -> AttackReport:
+    """Batched coordinate search (HotFlip proposals, real-encoder scoring) from a bag-of-words start."""
     enc = require_local(scn.victim, "whitebox")
     max_tokens = cfg.max_tokens if cfg.max_tokens is not None else min(scn.max_tokens, 16)
     sample, targets = victim_targets(scn, max_tokens)

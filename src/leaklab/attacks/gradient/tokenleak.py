@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from leaklab.attacks.base import Recovery, register_gradient_attack
+from leaklab.attacks.base import register_gradient_attack
 from leaklab.attacks.gradient.subspace import numerical_rank, single_thread
-from leaklab.attacks.gradient.tokenset import BAG_SETTINGS, bag, embedding_gradient
+from leaklab.attacks.gradient.tokenset import BAG_SETTINGS, BagAttack, embedding_gradient
 from leaklab.core import Config, option
-from leaklab.errors import LeaklabError
 from leaklab.threat.observation import Observation
 
 
@@ -49,20 +48,14 @@ class ResidualOptions(Config):
     exclude: int = option(2048, "largest rows left out when estimating the softmax span")
 
     def __post_init__(self) -> None:
-        if not 0 <= self.rel < 1:
-            raise LeaklabError(f"rel must be in [0, 1), got {self.rel}")
-        if self.exclude < 0:
-            raise LeaklabError(f"exclude must be >= 0, got {self.exclude}")
+        self.require(non_negative=("rel", "exclude"), below_one=("rel",))
 
 
 @register_gradient_attack("tokenset-residual", ResidualOptions, settings=BAG_SETTINGS)
-class ResidualTokenSet:
+class ResidualTokenSet(BagAttack):
     """Bag of tokens from a tied embedding gradient (input path outside the softmax span)."""
 
-    name = "tokenset-residual"
+    name, options = "tokenset-residual", ResidualOptions
 
-    def __init__(self, opts: ResidualOptions | None = None) -> None:
-        self.opts = opts or ResidualOptions()
-
-    def run(self, obs: Observation) -> Recovery:
-        return bag(obs, leaked_tokens(obs, self.opts.rel, self.opts.exclude), {})
+    def leak(self, obs: Observation) -> list[int]:
+        return leaked_tokens(obs, self.opts.rel, self.opts.exclude)

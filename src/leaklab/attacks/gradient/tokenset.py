@@ -13,7 +13,6 @@ import torch
 
 from leaklab.attacks.base import CannotRun, Recovery, register_gradient_attack
 from leaklab.core import Config, option
-from leaklab.errors import LeaklabError
 from leaklab.models.registry import load_model
 from leaklab.threat.observation import SETTINGS, Observation
 
@@ -45,8 +44,7 @@ class TokenSetOptions(Config):
     tol: float = option(0.0, "a row counts when its norm exceeds tol x the largest row norm")
 
     def __post_init__(self) -> None:
-        if not 0 <= self.tol < 1:
-            raise LeaklabError(f"tol must be in [0, 1), got {self.tol}")
+        self.require(non_negative=("tol",), below_one=("tol",))
 
 
 def bag(obs: Observation, ids: list[int], info: dict) -> Recovery:
@@ -56,14 +54,27 @@ def bag(obs: Observation, ids: list[int], info: dict) -> Recovery:
     return Recovery([load_model(obs.model).decode(ids)], [ids], info={"n_tokens": len(ids), **info}, kind="bag")
 
 
-@register_gradient_attack("tokenset", TokenSetOptions, settings=BAG_SETTINGS)
-class TokenSetAttack:
-    """The bag of the batch's tokens: non-zero rows of an untied token-embedding gradient."""
+class BagAttack:
+    """A token-set attack: ``leak(obs)`` gives the ids, ``run`` returns them as a bag (or no signal)."""
 
-    name = "tokenset"
+    name = ""
+    options: type[Config] = Config
 
-    def __init__(self, opts: TokenSetOptions | None = None) -> None:
-        self.opts = opts or TokenSetOptions()
+    def __init__(self, opts: Config | None = None) -> None:
+        self.opts = opts or self.options()
+
+    def leak(self, obs: Observation) -> list[int]:
+        raise NotImplementedError
 
     def run(self, obs: Observation) -> Recovery:
-        return bag(obs, leaked_token_ids(obs, self.opts.tol), {})
+        return bag(obs, self.leak(obs), {})
+
+
+@register_gradient_attack("tokenset", TokenSetOptions, settings=BAG_SETTINGS)
+class TokenSetAttack(BagAttack):
+    """The bag of the batch's tokens: non-zero rows of an untied token-embedding gradient."""
+
+    name, options = "tokenset", TokenSetOptions
+
+    def leak(self, obs: Observation) -> list[int]:
+        return leaked_token_ids(obs, self.opts.tol)
