@@ -30,7 +30,7 @@ class MonitorConfig:
     enabled: bool = True
     window: int = 64
     min_queries: int = 16
-    threshold: float = 0.25  # above the 1%-FPR thresholds of benchmarks/service_bench.py (0.15, 0.21)
+    threshold: float = 0.25  # above the 1%-FPR thresholds measured in benchmarks/results/service.md
     action: str = "flag"
     throttle_factor: float = 0.1
     noise_epsilon: float = 50.0
