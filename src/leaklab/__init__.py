@@ -36,6 +36,7 @@ _API: dict[str, str] = {
     "settings": "leaklab.api",
     "Recovery": "leaklab.attacks.base",
     "RunRecord": "leaklab.experiments.runner",
+    "run_embedding": "leaklab.experiments.runner",
     "make_attack": "leaklab.attacks.base",
     "register_gradient_attack": "leaklab.attacks.base",
     "Config": "leaklab.core.config",
