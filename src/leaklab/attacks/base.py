@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 from leaklab.attacks.registry import GRADIENT_ATTACKS, attack_entry, register_gradient_attack
 from leaklab.errors import LeaklabError
-from leaklab.threat.observation import Observation, grad_norm, require_observation
+from leaklab.threat.observation import Observation, require_observation
 
 Status = Literal["recovered", "could_not_run", "no_signal"]
 Kind = Literal["texts", "bag"]
@@ -87,7 +87,7 @@ def run_attack(attack: GradientAttack, obs: Any) -> Recovery:
             "could_not_run",
             f"{name} does not support the '{obs.setting}' setting (supported: {', '.join(supported)})",
         )
-    elif grad_norm(obs.gradients) == 0.0:
+    elif not any(bool(g.any()) for g in obs.gradients.values()):
         rec = Recovery.failed("no_signal", f"the {obs.setting} update is all zeros: nothing to reconstruct from")
     else:
         rec = _run_viewed(attack, obs, name, setting_view, after_view)
