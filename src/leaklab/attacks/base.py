@@ -10,13 +10,15 @@ Nothing turns a failure into a score.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from leaklab.attacks.registry import GRADIENT_ATTACKS, attack_entry, register_gradient_attack
 from leaklab.errors import LeaklabError
 from leaklab.threat.observation import Observation, require_observation
 
+T = TypeVar("T")
 Status = Literal["recovered", "could_not_run", "no_signal"]
 Kind = Literal["texts", "bag"]
 STATUSES: tuple[Status, ...] = ("recovered", "could_not_run", "no_signal")
@@ -76,8 +78,6 @@ def run_attack(attack: GradientAttack, obs: Any) -> Recovery:
     """Run ``attack`` on an Observation (anything else, a Secret above all, is refused) through the setting's
     view, and time it. An attack that cannot use this observation returns status "could_not_run" with the
     reason; one that finds no information, "no_signal"; neither ever reads as a score."""
-    from leaklab.attacks.gradient.views import after_view, setting_view
-
     obs = require_observation(obs)
     name = getattr(attack, "name", type(attack).__name__)
     start = time.perf_counter()
@@ -90,26 +90,38 @@ def run_attack(attack: GradientAttack, obs: Any) -> Recovery:
     elif not any(bool(g.any()) for g in obs.gradients.values()):
         rec = Recovery.failed("no_signal", f"the {obs.setting} update is all zeros: nothing to reconstruct from")
     else:
-        rec = _run_viewed(attack, obs, name, setting_view, after_view)
+        rec = _run_viewed(attack, obs, name)
     rec.seconds = time.perf_counter() - start
     return rec
 
 
-def _run_viewed(attack: GradientAttack, obs: Observation, name: str, setting_view, after_view) -> Recovery:
-    where = f"{name} on the '{obs.setting}' setting"
+def outcome_of(where: str, run: Callable[[], T]) -> tuple[str, str | None, T | None]:
+    """(status, reason, result) of ``run()``: "recovered" with its result; "no_signal" on :class:`NoSignal` and
+    "could_not_run" on any other :class:`LeaklabError`, each with a one-line reason prefixed by ``where``."""
     try:
-        view, adapted = setting_view(obs)
-        if adapted.get("no_signal"):
-            return Recovery.failed("no_signal", f"{where}: {adapted['no_signal']}", {"adaptation": adapted})
-        rec = attack.run(view)
+        return "recovered", None, run()
     except NoSignal as exc:
-        return Recovery.failed("no_signal", f"{where}: {exc}")
-    except LeaklabError as exc:  # the observation lacks what the attack needs (not a user error at this point)
-        return Recovery.failed("could_not_run", f"{where}: {exc}")
-    rec = after_view(obs, rec, adapted)
+        return "no_signal", " ".join(f"{where}: {exc}".split()), None
+    except LeaklabError as exc:  # what the attack needs is missing (its input was checked before)
+        return "could_not_run", " ".join(f"{where}: {exc}".split()), None
+
+
+def _run_viewed(attack: GradientAttack, obs: Observation, name: str) -> Recovery:
+    status, reason, rec = outcome_of(f"{name} on the '{obs.setting}' setting", lambda: _viewed(attack, obs))
+    return rec if rec is not None else Recovery.failed(status, reason or "")
+
+
+def _viewed(attack: GradientAttack, obs: Observation) -> Recovery:
+    """The attack on the setting's view of ``obs``, then the setting's clean-up; no information → NoSignal."""
+    from leaklab.attacks.gradient.views import after_view, setting_view
+
+    view, adapted = setting_view(obs)
+    if adapted.get("no_signal"):
+        raise NoSignal(adapted["no_signal"])
+    rec = after_view(obs, attack.run(view), adapted)
     rec.info["adaptation"] = adapted
     if rec.ok and not rec.texts:
-        return Recovery.failed("no_signal", f"{where}: the attack ran but recovered no text", rec.info)
+        raise NoSignal("the attack ran but recovered no text")
     return rec
 
 
@@ -126,6 +138,7 @@ __all__ = [
     "Recovery",
     "attack_entry",
     "make_attack",
+    "outcome_of",
     "register_gradient_attack",
     "run_attack",
 ]

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
-from leaklab.attacks.base import GradientAttack, NoSignal, Recovery, make_attack, run_attack
+from leaklab.attacks.base import GradientAttack, Recovery, make_attack, outcome_of, run_attack
 from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario
-from leaklab.errors import LeaklabError
 from leaklab.metrics import score_bag, score_batch
 from leaklab.models import load_model
 from leaklab.threat.observation import Observation, Secret
@@ -29,7 +27,6 @@ TEXT_METRICS = ("rouge1", "rouge2", "rougeL", "token_f1", "exact_rate")
 BAG_METRICS = ("bag_precision", "bag_recall", "bag_f1", "bag_distinct_recall")
 STATUS_LABEL = {"recovered": "recovered", "could_not_run": "could not run", "no_signal": "no signal"}
 EMBEDDING = "embedding"  # the setting of embedding-attack records
-T = TypeVar("T")
 
 
 @dataclass
@@ -106,17 +103,6 @@ def attack_batch(
         scored = score(obs, secret, rec)
         record.aggregate, record.pairs = scored["aggregate"], scored["pairs"]
     return record
-
-
-def outcome_of(where: str, run: Callable[[], T]) -> tuple[str, str | None, T | None]:
-    """(status, reason, result) of ``run()``: "recovered" with its result; "no_signal" on :class:`NoSignal` and
-    "could_not_run" on any other :class:`LeaklabError`, each with a one-line reason prefixed by ``where``."""
-    try:
-        return "recovered", None, run()
-    except NoSignal as exc:
-        return "no_signal", " ".join(f"{where}: {exc}".split()), None
-    except LeaklabError as exc:  # the scenario lacks what the attack needs (its input was checked before)
-        return "could_not_run", " ".join(f"{where}: {exc}".split()), None
 
 
 def run_embedding(name: str, scenario: Scenario, options: Any = None) -> RunRecord:
