@@ -52,7 +52,7 @@ class SpanOptions(Config):
     budget_s: float = option(900.0, "decoding time limit (s); prefixes still open then are closed as they stand")
 
     def __post_init__(self) -> None:
-        self.require(positive=("max_len", "chunk", "budget_s"), non_negative=("tau1", "tau2"))
+        self.require(positive=("max_len", "chunk"), non_negative=("tau1", "tau2", "budget_s"))
 
 
 @dataclass(frozen=True)
