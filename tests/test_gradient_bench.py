@@ -9,15 +9,15 @@ import leaklab.bench.gradient as bench
 
 def test_interrupted_cell_resumes_after_its_finished_batches(tmp_path, monkeypatch):
     calls, fail_at = [], [2]
-    real = bench.run_attack
+    real = bench.attack_batch
 
-    def flaky(attack, obs):
+    def flaky(attack, obs, secret, **kw):
         calls.append(obs.batch_size)
         if len(calls) == fail_at[0]:
             raise RuntimeError("killed")  # the session ends during the second batch
-        return real(attack, obs)
+        return real(attack, obs, secret, **kw)
 
-    monkeypatch.setattr(bench, "run_attack", flaky)
+    monkeypatch.setattr(bench, "attack_batch", flaky)
     args = dict(model="tiny-llama", regimes=["short"], batch_sizes=[1], attacks=["dager"], batches=3)
     with pytest.raises(RuntimeError, match="killed"):
         bench.run_grid(tmp_path, **args)
@@ -43,8 +43,10 @@ def test_attack_options_reach_the_attack_and_are_recorded_in_the_cell_and_the_ta
     from leaklab.errors import LeaklabError
 
     seen = []
-    real = bench.run_attack
-    monkeypatch.setattr(bench, "run_attack", lambda attack, obs: seen.append(attack.opts) or real(attack, obs))
+    real = bench.attack_batch
+    monkeypatch.setattr(
+        bench, "attack_batch", lambda atk, obs, sec, **kw: seen.append(atk.opts) or real(atk, obs, sec, **kw)
+    )
     options = attack_options(["dager:max_frontier=64", "dager:budget_s=30"])
     assert options == {"dager": {"max_frontier": 64, "budget_s": 30}}
     (path,) = bench.run_grid(
@@ -52,19 +54,21 @@ def test_attack_options_reach_the_attack_and_are_recorded_in_the_cell_and_the_ta
     )
     assert seen[0].max_frontier == 64 and seen[0].budget_s == 30
     assert json.loads(path.read_text())["attack_options"] == {"dager": {"max_frontier": 64, "budget_s": 30}}
-    assert "| dager (budget_s=30, max_frontier=64) | 1 |" in bench.write_report(tmp_path).read_text()
+    assert "| dager (budget_s=30.0, max_frontier=64) | 1 |" in bench.write_report(tmp_path).read_text()  # typed
     with pytest.raises(LeaklabError, match="ATTACK:key=value"):
         attack_options(["max_atoms=3"])
     with pytest.raises(LeaklabError, match="not run"):
         bench.run_grid(tmp_path, "tiny-llama", ["short"], [1], ["dager"], options={"somp": {"beam": 2}})
-    with pytest.raises(LeaklabError, match="does not accept"):
+    with pytest.raises(LeaklabError, match="attack 'dager' has no option 'nope'; valid: tau1"):
         bench.run_grid(tmp_path / "x", "tiny-llama", ["short"], [1], ["dager"], options={"dager": {"nope": 1}})
 
 
 def test_attacks_run_one_at_a_time_are_merged_into_one_cell_each_with_its_commit(tmp_path, monkeypatch):
     ran = []
-    real = bench.run_attack
-    monkeypatch.setattr(bench, "run_attack", lambda attack, obs: ran.append(attack.name) or real(attack, obs))
+    real = bench.attack_batch
+    monkeypatch.setattr(
+        bench, "attack_batch", lambda atk, obs, sec, **kw: ran.append(atk.name) or real(atk, obs, sec, **kw)
+    )
     args = dict(model="tiny-llama", regimes=["short"], batch_sizes=[1], batches=1)
     (path,) = bench.run_grid(tmp_path, attacks=["dager"], options={"dager": {"budget_s": 30}}, **args)
     old = json.loads(path.read_text())
