@@ -21,7 +21,6 @@ from leaklab.threat.observation import Observation, require_observation
 T = TypeVar("T")
 Status = Literal["recovered", "could_not_run", "no_signal"]
 Kind = Literal["texts", "bag"]
-STATUSES: tuple[Status, ...] = ("recovered", "could_not_run", "no_signal")
 
 
 @dataclass

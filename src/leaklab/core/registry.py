@@ -119,11 +119,6 @@ class Registry(Generic[T]):
 
         return add if impl is None else add(impl)
 
-    def unregister(self, name: str) -> None:
-        """Remove ``name`` (for tests and plug-in reloads)."""
-        self._entries.pop(name, None)
-        self._aliases = {a: n for a, n in self._aliases.items() if n != name}
-
     def _load(self) -> None:
         if self._loaded or self._loading:
             return
