@@ -78,7 +78,7 @@ def test_dictionary_atoms_sum_to_the_observed_gradient(name):
     index = sketch_index(obs, signal_params(loaded))
     atoms = sentence_gradients(loaded, [list(t) for t in secret.token_ids], None, index)
     n_targets = sum(len(t) - 1 for t in secret.token_ids)  # mean next-token loss over all targets
-    m = observed_vector(obs, index)
+    m = observed_vector(obs, index, torch.device("cpu"))
     assert float((atoms.double().sum(0) / n_targets - m).norm() / m.norm()) < 1e-5
 
 

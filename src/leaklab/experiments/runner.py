@@ -20,6 +20,7 @@ from leaklab.attacks.base import GradientAttack, Recovery, make_attack, outcome_
 from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario
 from leaklab.metrics import score_bag, score_batch
 from leaklab.models import load_model
+from leaklab.models.device import current_device, device_record, reset_peak_memory
 from leaklab.threat.observation import Observation, Secret
 
 #: text metrics (matched ROUGE and token scores) and bag metrics (a token set scored as a set)
@@ -49,6 +50,7 @@ class RunRecord:
     seed: int | None = None
     victim_seconds: float = 0.0
     tokens: int | None = None
+    device: dict[str, Any] = field(default_factory=dict)  # where it ran: device, name, peak memory
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +83,7 @@ def attack_batch(
     """Run ``attack`` (an attack, or a registered name with ``options``) on ``obs``; score it against
     ``secret`` when given and the attack recovered something."""
     atk = make_attack(attack, options) if isinstance(attack, str) else attack
+    reset_peak_memory(current_device())
     rec = run_attack(atk, obs)
     config = getattr(atk, "config", None)
     record = RunRecord(
@@ -98,6 +101,7 @@ def attack_batch(
         seed=seed,
         victim_seconds=victim_seconds,
         tokens=sum(secret.lengths) if secret is not None else None,
+        device=device_record(),
     )
     if secret is not None and rec.ok:
         scored = score(obs, secret, rec)
@@ -115,9 +119,12 @@ def run_embedding(name: str, scenario: Scenario, options: Any = None) -> RunReco
     entry = EMBED_ATTACKS.get(name)
     cfg = entry.options(options)
     scenario.check()
+    reset_peak_memory(current_device())
     start = time.perf_counter()
     outcome = outcome_of(f"{name} on '{scenario.encoder}'", lambda: entry.impl(scenario, cfg))
-    return embedding_record(name, cfg.to_dict(), scenario.to_dict(), time.perf_counter() - start, *outcome)
+    record = embedding_record(name, cfg.to_dict(), scenario.to_dict(), time.perf_counter() - start, *outcome)
+    record.device = device_record()
+    return record
 
 
 def embedding_record(
@@ -182,6 +189,10 @@ def summarise(items: list[dict[str, Any]]) -> dict[str, Any]:
     out["scored_batches"] = len(scored)
     out["attack_seconds"] = float(np.mean([it["attack_seconds"] for it in items])) if items else 0.0
     out["victim_seconds"] = float(np.mean([it.get("victim_seconds", 0.0) for it in items])) if items else 0.0
+    peaks = [it["device"]["peak_memory_mb"] for it in items if (it.get("device") or {}).get("peak_memory_mb")]
+    out["peak_memory_mb"] = max(peaks) if peaks else None
+    devices = sorted({it["device"]["device"] for it in items if it.get("device")})
+    out["device"] = ", ".join(devices) if devices else None
     return out
 
 

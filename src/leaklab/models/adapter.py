@@ -84,6 +84,11 @@ class FamilyAdapter:
             self.position, "other"
         )
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters live: attack tensors computed with the model go there too."""
+        return self.embeddings.weight.device
+
     # ---------------------------------------------------------------- discovery
     def _layer_projections(self, layer: int) -> LayerProjections:
         block = self.blocks[layer]
@@ -153,8 +158,9 @@ class FamilyAdapter:
 
         for i, name in enumerate(modules):
             handles.append(self.model.get_submodule(name).register_forward_pre_hook(make_hook(i)))
+        kwargs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
         try:
-            self.model(input_ids=input_ids, **model_kwargs)
+            self.model(input_ids=input_ids.to(self.device), **kwargs)
         except _StopForward:
             pass
         finally:

@@ -20,6 +20,7 @@ from leaklab.errors import LeaklabError, UnknownNameError
 from leaklab.io import cache_dir
 from leaklab.models.adapter import FamilyAdapter
 from leaklab.models.assets import asset_file, package_dir
+from leaklab.models.device import current_device
 
 TASKS = ("next-token", "classify")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,6 +56,11 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         self.adapter = FamilyAdapter(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters live (inputs to it go there)."""
+        return next(self.model.parameters()).device
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -370,27 +376,29 @@ def hub_offline() -> bool:
         return True
 
 
-_LOADED: dict[ModelRef, LoadedModel] = {}
+_LOADED: dict[tuple[ModelRef, torch.device], LoadedModel] = {}
 
 
 def load_model(ref: ModelRef | str, task: str = "next-token", num_labels: int = 2, init_seed: int = 0) -> LoadedModel:
-    """Build (or return the already built) model for ``ref`` in eval mode. Treat it as read-only: callers
-    that train must ``copy.deepcopy(loaded.model)``."""
+    """Build (or return the already built) model for ``ref`` in eval mode, on the current device
+    (:func:`leaklab.models.device.current_device`). Treat it as read-only: callers that train must
+    ``copy.deepcopy(loaded.model)``."""
     if isinstance(ref, str):
         ref = ModelRef(ref, task, num_labels, init_seed)
-    if ref in _LOADED:
-        return _LOADED[ref]
+    device = current_device()
+    if (ref, device) in _LOADED:
+        return _LOADED[(ref, device)]
     spec = PACKAGED.get(ref.name)
     if spec is not None and ref.task not in spec.tasks:
         raise LeaklabError(
             f"model '{ref.name}' does not support task '{ref.task}'; it supports {', '.join(spec.tasks)}"
         )
     model, tok = spec.build(ref) if spec is not None else _build_external(ref)
-    model.eval()
+    model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(True)
     loaded = LoadedModel(ref, model, tok)
-    _LOADED[ref] = loaded
+    _LOADED[(ref, device)] = loaded
     return loaded
 
 

@@ -35,7 +35,16 @@ def environment() -> dict[str, Any]:
             versions[name] = version(name)
         except PackageNotFoundError:
             versions[name] = None
-    return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions}
+    from leaklab.models.device import current_device, device_name
+
+    device = current_device()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+        "device": str(device),
+        "device_name": device_name(device),
+    }
 
 
 @dataclass

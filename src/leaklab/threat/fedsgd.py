@@ -22,7 +22,7 @@ class Batch:
 
 
 def collate(loaded: LoadedModel, token_ids: list[list[int]], labels: list[int]) -> Batch:
-    """Right-padded tensors; for next-token the targets are the inputs with pads ignored."""
+    """Right-padded tensors on the model's device; for next-token the targets are the inputs with pads ignored."""
     if not token_ids or any(len(t) == 0 for t in token_ids):
         raise LeaklabError("every text in a batch needs at least one token")
     width = max(len(t) for t in token_ids)
@@ -38,7 +38,8 @@ def collate(loaded: LoadedModel, token_ids: list[list[int]], labels: list[int]) 
         if any(not 0 <= lab < loaded.ref.num_labels for lab in labels):
             raise LeaklabError(f"labels {sorted(set(labels))} outside 0..{loaded.ref.num_labels - 1}")
         target = torch.tensor(labels, dtype=torch.long)
-    return Batch(ids, mask, target)
+    device = loaded.device
+    return Batch(ids.to(device), mask.to(device), target.to(device))
 
 
 def batch_loss(loaded: LoadedModel, batch: Batch) -> torch.Tensor:
@@ -50,7 +51,7 @@ def batch_loss(loaded: LoadedModel, batch: Batch) -> torch.Tensor:
 def gradient(
     loaded: LoadedModel, batch: Batch, train_mode: bool = False, seed: int = 0, max_pass_tokens: int = 4096
 ) -> dict[str, torch.Tensor]:
-    """∇θ of the batch's mean loss, by parameter name (float32, detached).
+    """∇θ of the batch's mean loss, by parameter name (float32, detached, on the CPU: the update as shared).
 
     Batches wider than ``max_pass_tokens`` (rows × width) are run in row chunks whose losses are weighted
     by their share of the batch's loss terms (target tokens, or samples for classify), so the accumulated
@@ -75,7 +76,7 @@ def gradient(
                 (loss * share if rows < batch.input_ids.shape[0] else loss).backward()
     finally:
         model.eval()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return grads
 
@@ -84,7 +85,7 @@ def _loss_terms(loaded: LoadedModel, batch: Batch) -> torch.Tensor:
     """How many terms each row adds to the batch's mean loss: its shifted target tokens, or 1 (classify)."""
     if loaded.ref.task == "next-token":
         return (batch.labels[:, 1:] != IGNORE).sum(dim=1)
-    return torch.ones(batch.labels.shape[0], dtype=torch.long)
+    return torch.ones(batch.labels.shape[0], dtype=torch.long, device=batch.labels.device)
 
 
 def fedsgd_update(

@@ -52,7 +52,7 @@ class ClientHook(Protocol):
 def position_ids(batch: Batch) -> torch.Tensor:
     """Explicit (B, T) positions so every embedding sees the batch dimension (Opacus needs it for wpe)."""
     b, t = batch.input_ids.shape
-    return torch.arange(t).unsqueeze(0).expand(b, t)
+    return torch.arange(t, device=batch.input_ids.device).unsqueeze(0).expand(b, t)
 
 
 def token_log_probs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,11 +211,12 @@ def package(
     meta: dict[str, Any],
     batch_size: int | None = None,
 ) -> tuple[Observation, Secret]:
-    """Split a client's result into what the server sees (as the flags grant) and the private truth."""
+    """Split a client's result into what the server sees (as the flags grant, tensors on the CPU as shared)
+    and the private truth."""
     obs = Observation(
         model=ref,
         setting=setting,
-        gradients=grads,
+        gradients={n: g.detach().to("cpu") for n, g in grads.items()},
         flags=flags,
         batch_size=(batch_size if batch_size is not None else len(texts)) if flags.batch_size_known else None,
         labels=tuple(labels) if flags.labels_known else None,

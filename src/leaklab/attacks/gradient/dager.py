@@ -92,7 +92,8 @@ class SpanModel:
         self.sub2 = attention_subspace(obs, self.adapter, 1)
         self.l1_exact, self.l2_exact = not self.sub1.full, not self.sub2.full
         self.full_rank = not (self.l1_exact and self.l2_exact)
-        self.vocab = torch.arange(self.adapter.embeddings.num_embeddings)
+        self.device = self.adapter.device
+        self.vocab = torch.arange(self.adapter.embeddings.num_embeddings, device=self.device)
         self._dist1: dict[int, torch.Tensor] = {}
         # a full-rank span check separates nothing: rank-cap it (DAGER's best effort); a RoPE model's layer-1
         # inputs depend on the token alone, so layer 1 often stays exact while layer 2 is full
@@ -167,8 +168,8 @@ def warn_best_effort(spans: SpanModel, info: dict) -> None:
 
 def decoder_search(spans: SpanModel, opts: DagerOptions) -> list[Found]:
     """Greedy exact search: keep every extension whose new position passes the layer-2 span check."""
-    frontier = torch.zeros(1, 0, dtype=torch.long)
-    scores = torch.zeros(1, dtype=torch.float64)
+    frontier = torch.zeros(1, 0, dtype=torch.long, device=spans.device)
+    scores = torch.zeros(1, dtype=torch.float64, device=spans.device)
     previous: torch.Tensor | None = None
     finished: list[Found] = []
     limit = min(opts.max_len, spans.max_position())
@@ -208,10 +209,11 @@ def best_effort_decoder(
     topk = opts.best_effort_topk or 2 * spans.adapter.hidden_size
     starts = spans.candidates(0, 0.0, topk=max(n_sentences, 1))
     frontier = starts.view(-1, 1)
-    first = spans.extension_distances(torch.zeros(1, 0, dtype=torch.long), starts, opts.chunk)[0][0]
+    empty = torch.zeros(1, 0, dtype=torch.long, device=spans.device)
+    first = spans.extension_distances(empty, starts, opts.chunk)[0][0]
     hist = [first.tolist()]
-    alive = torch.ones(frontier.shape[0], dtype=torch.bool)
-    lengths = torch.full((frontier.shape[0],), opts.best_effort_max_len)
+    alive = torch.ones(frontier.shape[0], dtype=torch.bool, device=spans.device)
+    lengths = torch.full((frontier.shape[0],), opts.best_effort_max_len, device=spans.device)
     limit = min(opts.best_effort_max_len, spans.max_position())
     for p in range(1, limit):
         if not bool(alive.any()):
@@ -223,14 +225,14 @@ def best_effort_decoder(
         cand = spans.candidates(p, opts.tau1) if spans.l1_exact else spans.candidates(p, 0.0, topk=topk)
         dist = spans.extension_distances(frontier, cand, opts.chunk)[0]
         best, arg = dist.min(dim=1)
-        past = torch.tensor(hist, dtype=torch.float64)
+        past = torch.tensor(hist, dtype=torch.float64, device=spans.device)
         stop = best > past.mean(0) + 3 * past.std(0) + 1e-9 if p >= 4 else torch.zeros_like(alive)
         newly = alive & stop
         lengths[newly] = p
         alive &= ~stop
         frontier = torch.cat([frontier, cand[arg].view(-1, 1)], dim=1)
         hist.append(torch.where(alive, best, past.mean(0)).tolist())
-    past = torch.tensor(hist, dtype=torch.float64)
+    past = torch.tensor(hist, dtype=torch.float64, device=spans.device)
     out = []
     for i in range(frontier.shape[0]):
         n = int(min(lengths[i], frontier.shape[1]))
@@ -272,15 +274,15 @@ def encoder_search(spans: SpanModel, n_sentences: int, opts: DagerOptions) -> li
         total = 1
         for c in pools:
             total *= len(c)
-        seqs = _enumerate(pools) if total <= opts.encoder_cap else _coordinate_search(spans, pools, n_sentences)
+        seqs = _enumerate(pools, spans.device) if total <= opts.encoder_cap else _coordinate_search(spans, pools, n_sentences)
         for seq, score in _score_sentences(spans, seqs, opts.chunk):
             if seq not in found or found[seq].score > score:
                 found[seq] = Found(list(seq), score, exact=score < opts.tau2)
     return sorted(found.values(), key=lambda f: f.score)
 
 
-def _enumerate(pools: list[torch.Tensor]) -> torch.Tensor:
-    return torch.tensor(list(itertools.product(*[c.tolist() for c in pools])), dtype=torch.long)
+def _enumerate(pools: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.tensor(list(itertools.product(*[c.tolist() for c in pools])), dtype=torch.long, device=device)
 
 
 def _score_sentences(spans: SpanModel, seqs: torch.Tensor, chunk: int) -> list[tuple[tuple[int, ...], float]]:
@@ -298,7 +300,7 @@ def _coordinate_search(spans: SpanModel, pools: list[torch.Tensor], n_starts: in
     best candidate given the others; returns the final sequences."""
     results = []
     for start in range(max(n_starts, 1)):
-        seq = torch.tensor([c[min(start, len(c) - 1)] for c in pools])
+        seq = torch.stack([c[min(start, len(c) - 1)] for c in pools])
         for _ in range(sweeps):
             changed = False
             for p, c in enumerate(pools):
@@ -322,13 +324,14 @@ def last_tokens(spans: SpanModel, prefixes: list[list[int]]) -> list[int | None]
 
 
 def output_gradient(spans: SpanModel) -> torch.Tensor | None:
-    """The observed gradient of the output embedding (V × d, float64), or None when the update lacks it."""
+    """The observed gradient of the output embedding (V × d, float64, on the model's device), or None when the
+    update lacks it."""
     model = spans.loaded.model
     head = model.get_output_embeddings()
     name = next((n for n, p in model.named_parameters() if head is not None and p is head.weight), None)
     if name is None or name not in spans.obs.gradients:
         return None
-    return spans.obs.gradients[name].double()
+    return spans.obs.gradients[name].to(spans.device, torch.float64)
 
 
 @torch.no_grad()
@@ -347,10 +350,10 @@ def last_token_scores(spans: SpanModel, prefixes: list[list[int]]) -> torch.Tens
         return None
     width = max(len(p) for p in prefixes)
     pad = spans.loaded.tokenizer.pad_token_id or 0
-    ids = torch.full((len(prefixes), width), pad, dtype=torch.long)
+    ids = torch.full((len(prefixes), width), pad, dtype=torch.long, device=spans.device)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prefixes):
-        ids[i, : len(p)] = torch.tensor(p)
+        ids[i, : len(p)] = torch.tensor(p, device=spans.device)
         mask[i, : len(p)] = 1
     captured: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
@@ -362,7 +365,7 @@ def last_token_scores(spans: SpanModel, prefixes: list[list[int]]) -> torch.Tens
     h = torch.cat(captured).double()  # (B, width, d)
     n_targets = int(mask.sum())  # Σ_b (len_b + 1 − 1)
     flat_h = h[mask.bool()]  # (n, d)
-    targets = torch.full((len(prefixes), width), -1, dtype=torch.long)
+    targets = torch.full((len(prefixes), width), -1, dtype=torch.long, device=spans.device)
     targets[:, :-1] = ids[:, 1:]
     targets[mask == 0] = -1
     for i, p in enumerate(prefixes):
@@ -371,7 +374,7 @@ def last_token_scores(spans: SpanModel, prefixes: list[list[int]]) -> torch.Tens
     has_y = flat_y >= 0
     last = torch.stack([h[i, len(p) - 1] for i, p in enumerate(prefixes)])  # (B, d)
     gram = flat_h @ last.T  # (n, B): ⟨h_t, h_b⟩
-    known = torch.zeros(grad.shape[0], len(prefixes), dtype=torch.float64)  # Σ_t p_t(v) ⟨h_t, h_b⟩
+    known = torch.zeros(grad.shape[0], len(prefixes), dtype=torch.float64, device=spans.device)  # Σ_t p_t(v) ⟨h_t, h_b⟩
     for s in range(0, flat_h.shape[0], 512):
         probs = torch.softmax(head(flat_h[s : s + 512].to(head.weight.dtype)).double(), dim=-1)  # (chunk, V)
         known += probs.T @ gram[s : s + 512]

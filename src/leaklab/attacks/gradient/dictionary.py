@@ -30,19 +30,22 @@ def signal_params(loaded: LoadedModel, layers: tuple[int, ...] = (0, 1)) -> list
 
 
 def sketch_index(obs: Observation, params: list[str], size: int = SKETCH, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A seeded random subset of each parameter's flattened coordinates, ~``size`` in total."""
+    """A seeded random subset of each parameter's flattened coordinates, ~``size`` in total (CPU: drawn from a
+    CPU generator, so the subset is the same on every device)."""
     total = sum(obs.gradients[p].numel() for p in params)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     out = {}
     for p in params:
         n = obs.gradients[p].numel()
         k = min(n, max(1, round(size * n / total)))
-        out[p] = torch.randperm(n, generator=gen)[:k].sort().values
+        out[p] = torch.randperm(n, generator=gen, device="cpu")[:k].sort().values
     return out
 
 
-def observed_vector(obs: Observation, index: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([obs.gradients[p].flatten()[i].double() for p, i in index.items()])
+def observed_vector(obs: Observation, index: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The observed gradient on the sketch's coordinates (float64, on ``device``)."""
+    parts = [obs.gradients[p].flatten()[i.to(obs.gradients[p].device)] for p, i in index.items()]
+    return torch.cat(parts).to(device, torch.float64)
 
 
 def sentence_gradients(
@@ -53,7 +56,8 @@ def sentence_gradients(
     batch: int = 8,
 ) -> torch.Tensor:
     """(n, sketch) gradient of each sentence's summed loss (next-token: over its targets; classify: its
-    label), restricted to ``index``'s coordinates. Sentences are right-padded; pads carry no gradient."""
+    label), restricted to ``index``'s coordinates, on the model's device. Sentences are right-padded; pads
+    carry no gradient."""
     model = loaded.model
     modules = {p: model.get_submodule(p.rsplit(".", 1)[0]) for p in index}
     rows: list[torch.Tensor] = []
@@ -65,13 +69,13 @@ def sentence_gradients(
 
 
 def _batch_gradients(loaded, modules, index, sentences, labels) -> torch.Tensor:
-    model = loaded.model
+    model, device = loaded.model, loaded.device
     width = max(len(t) for t in sentences)
     pad = loaded.tokenizer.pad_token_id or 0
-    ids = torch.full((len(sentences), width), pad, dtype=torch.long)
+    ids = torch.full((len(sentences), width), pad, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
     for i, t in enumerate(sentences):
-        ids[i, : len(t)] = torch.tensor(t)
+        ids[i, : len(t)] = torch.tensor(t, device=device)
         mask[i, : len(t)] = 1
     inputs: dict[str, torch.Tensor] = {}
     grads: dict[str, torch.Tensor] = {}
@@ -96,7 +100,7 @@ def _batch_gradients(loaded, modules, index, sentences, labels) -> torch.Tensor:
                 reduction="sum",
             )
         else:
-            loss = torch.nn.functional.cross_entropy(logits, torch.tensor(labels), reduction="sum")
+            loss = torch.nn.functional.cross_entropy(logits, torch.tensor(labels, device=device), reduction="sum")
         with warnings.catch_warnings():  # the hooks fire on module outputs only: that is what we need
             warnings.simplefilter("ignore", UserWarning)
             loss.backward()
@@ -111,5 +115,5 @@ def _batch_gradients(loaded, modules, index, sentences, labels) -> torch.Tensor:
         x, delta = inputs[name].double(), grads[name].double()
         transposed = type(modules[name]).__name__ == "Conv1D"
         g = torch.einsum("bti,bto->bio", x, delta) if transposed else torch.einsum("bto,bti->boi", delta, x)
-        cols.append(g.reshape(len(sentences), -1)[:, idx])
+        cols.append(g.reshape(len(sentences), -1)[:, idx.to(device)])
     return torch.cat(cols, dim=1).float()

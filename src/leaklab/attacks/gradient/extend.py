@@ -63,10 +63,11 @@ class RopeExtender:
         return ext if ok else None
 
     def self_check(self) -> bool:
-        gen = torch.Generator().manual_seed(0)
-        prefixes = self.tokens[torch.randint(self.tokens.numel(), (2, 3), generator=gen)]
-        cols = torch.randint(self.tokens.numel(), (5,), generator=gen)
-        rows = torch.tensor([0, 1, 0, 1, 1])
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        dev = self.tokens.device
+        prefixes = self.tokens[torch.randint(self.tokens.numel(), (2, 3), generator=gen, device="cpu").to(dev)]
+        cols = torch.randint(self.tokens.numel(), (5,), generator=gen, device="cpu").to(dev)
+        rows = torch.tensor([0, 1, 0, 1, 1], device=dev)
         fast = self.pairs(prefixes, rows, cols)
         (slow,) = pair_module_inputs(
             self.adapter, prefixes, rows, self.tokens[cols], [self.adapter.mlp_inputs(0).module], 1
@@ -94,16 +95,17 @@ class RopeExtender:
         """(n, m, d) MLP inputs of every prefix + every candidate token."""
         n, m = prefixes.shape[0], self.tokens.numel()
         keys, values = self._prefix_cache(prefixes)
-        rows = torch.arange(n).repeat_interleave(m)
-        cols = torch.arange(m).repeat(n)
-        out = torch.empty(n * m, self.adapter.hidden_size)
+        dev = self.adapter.device
+        rows = torch.arange(n, device=dev).repeat_interleave(m)
+        cols = torch.arange(m, device=dev).repeat(n)
+        out = torch.empty(n * m, self.adapter.hidden_size, dtype=self.emb.dtype, device=dev)
         for s in range(0, n * m, chunk):
             out[s : s + chunk] = self._extend(keys, values, prefixes.shape[1], rows[s : s + chunk], cols[s : s + chunk])
         return out.view(n, m, -1)
 
     def _extend(self, keys, values, p: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         k = rows.numel()
-        pos = torch.full((k, 1), p)
+        pos = torch.full((k, 1), p, device=rows.device)
         cos, sin = self.rotary(self.emb[:1], pos)  # (k, 1, hd)
         q = self.q[cols].view(k, -1, 1, self.hd)  # (k, H, 1, hd)
         kn = self.k[cols].view(k, self.kvh, 1, self.hd)

@@ -21,9 +21,15 @@ class OmpResult:
     stop: str = ""
 
 
+def solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """argmin ‖a x − b‖ (float64). LAPACK's gelsd (SVD-based: near-duplicate atoms make ``a`` rank-deficient)
+    exists on the CPU only, so the small solve runs there whatever the device; the result goes back."""
+    return torch.linalg.lstsq(a.double().cpu(), b.double().cpu(), driver="gelsd").solution.to(a.device)
+
+
 def least_squares(atoms: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """α = argmin ‖target − atomsᵀ α‖ for atoms (k x n) (float64, via lstsq)."""
-    return torch.linalg.lstsq(atoms.double().T, target.double().unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    return solve(atoms.T, target.unsqueeze(1)).squeeze(1)
 
 
 def omp(
@@ -45,9 +51,9 @@ def omp(
     m = target.double()
     m_norm = float(m.norm()) or 1.0
     norms = d.norm(dim=1).clamp_min(1e-300)
-    available = torch.ones(d.shape[0], dtype=torch.bool)
+    available = torch.ones(d.shape[0], dtype=torch.bool, device=d.device)
     selected: list[int] = []
-    coef = torch.zeros(0, dtype=torch.float64)
+    coef = torch.zeros(0, dtype=torch.float64, device=d.device)
     resid = m.clone()
     history: list[float] = []
     limit = min(max_atoms if max_atoms is not None else d.shape[0], d.shape[0])
@@ -67,7 +73,7 @@ def omp(
         history.append(rel)
         available[best] = False
         if groups is not None:
-            available &= torch.tensor([g != groups[best] for g in groups])
+            available &= torch.tensor([g != groups[best] for g in groups], device=d.device)
         if max_atoms is None and rel < tol:
             stop = "residual below tol"
             break
@@ -101,8 +107,8 @@ def refine_swaps(
     norms = d.norm(dim=1).clamp_min(1e-300)
 
     def residual(sel: list[int]) -> float:
-        idx = torch.tensor(sel)
-        coef = torch.linalg.lstsq(gram[idx][:, idx], b[idx].unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        idx = torch.tensor(sel, device=d.device)
+        coef = solve(gram[idx][:, idx], b[idx].unsqueeze(1)).squeeze(1)
         return max(mm - float(b[idx] @ coef), 0.0) ** 0.5 / m_norm
 
     best = residual(selected)

@@ -163,11 +163,12 @@ class FullRankChecks:
         """(n, m) log distance of the MLP input of every prefix + every token."""
         n, m = prefixes.shape[0], self.tokens.numel()
         if self.mlp is None:
-            return self.full(prefixes, torch.arange(n).repeat_interleave(m), self.tokens.repeat(n), chunk).view(n, m)
+            rows = torch.arange(n, device=prefixes.device).repeat_interleave(m)
+            return self.full(prefixes, rows, self.tokens.repeat(n), chunk).view(n, m)
         if self.fast is not None:
             x = self.fast.all_pairs(prefixes, chunk).view(n * m, -1)
         else:
-            rows = torch.arange(n).repeat_interleave(m)
+            rows = torch.arange(n, device=prefixes.device).repeat_interleave(m)
             (x,) = pair_module_inputs(self.adapter, prefixes, rows, self.tokens.repeat(n), [self.mlp_module], 1, chunk)
         return self.mlp.distance(x).clamp_min(1e-12).log().view(n, m)
 
@@ -319,10 +320,10 @@ def model_samples(loaded, n: int, length: int, seed: int) -> torch.Tensor:
     """(n, 1 + length) token ids sampled from the model itself (temperature 1) after its BOS token."""
     tok = loaded.tokenizer
     bos = tok.bos_token_id if tok.bos_token_id is not None else (tok.eos_token_id or 0)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=loaded.device).manual_seed(seed)
     from transformers import DynamicCache
 
-    seqs = torch.full((n, 1), bos, dtype=torch.long)
+    seqs = torch.full((n, 1), bos, dtype=torch.long, device=loaded.device)
     cache = DynamicCache()
     for _ in range(length):
         logits = loaded.model(seqs[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1].float()
@@ -349,7 +350,7 @@ def _loops(seqs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """(n, m) True where appending tokens[j] to seqs[i] starts a loop: it repeats a trigram already in seqs[i],
     or extends a run of one token ("A A" gives the input of "A": under RoPE attention over identical tokens
     reproduces the same layer inputs, so the span checks cannot stop a loop)."""
-    out = torch.zeros(seqs.shape[0], tokens.numel(), dtype=torch.bool)
+    out = torch.zeros(seqs.shape[0], tokens.numel(), dtype=torch.bool, device="cpu")
     col = {int(t): j for j, t in enumerate(tokens.tolist())}
     for i, row in enumerate(seqs.tolist()):
         if len(set(row)) == 1 and row[0] in col:
@@ -361,7 +362,7 @@ def _loops(seqs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         for a, b, c in zip(row, row[1:], row[2:], strict=False):
             if (a, b) == last and c in col:
                 out[i, col[c]] = True
-    return out
+    return out.to(seqs.device)
 
 
 def robust_z(scores: torch.Tensor) -> torch.Tensor:
@@ -376,7 +377,8 @@ SENTENCE_ENDS = (".", "!", "?", '."', '!"', '?"', ".'", ".)")
 
 def sentence_final(loaded, tokens: torch.Tensor) -> torch.Tensor:
     """(m,) True for the tokens whose text ends a sentence."""
-    return torch.tensor([loaded.tokenizer.decode([t]).rstrip().endswith(SENTENCE_ENDS) for t in tokens.tolist()])
+    ends = [loaded.tokenizer.decode([t]).rstrip().endswith(SENTENCE_ENDS) for t in tokens.tolist()]
+    return torch.tensor(ends, device=tokens.device)
 
 
 def span_beam_decode(
@@ -401,13 +403,14 @@ def span_beam_decode(
     use_prior = prior and (opts.lm_weight > 0 or opts.out_weight > 0)
     ends = sentence_final(spans.loaded, tokens) if use_prior else None
     evidence = NextTokenEvidence(spans, tokens, explain=opts.explain, whiten=opts.whiten) if use_prior else None
-    empty = torch.zeros(1, 0, dtype=torch.long)
-    zeros = torch.zeros(tokens.numel(), dtype=torch.long)
+    dev = spans.device
+    empty = torch.zeros(1, 0, dtype=torch.long, device=dev)
+    zeros = torch.zeros(tokens.numel(), dtype=torch.long, device=dev)
     first = checks.full(empty, zeros, tokens, opts.chunk)
     n_starts = min(tokens.numel(), max(1, round(opts.starts_factor * n_texts)))
     order = torch.argsort(first)[:n_starts]
     seqs = tokens[order].view(-1, 1)
-    group = torch.arange(n_starts)
+    group = torch.arange(n_starts, device=dev)
     total = first[order].clone()  # Σ score so far
     done: list[Found] = []
     limit = min(opts.max_len, spans.max_position())
@@ -426,14 +429,14 @@ def span_beam_decode(
             if out_z is not None and opts.out_weight > 0:
                 mixed = mixed + opts.out_weight * out_z
             short = torch.topk(mixed, k, dim=1).indices
-            rows = torch.arange(n).repeat_interleave(k)
+            rows = torch.arange(n, device=dev).repeat_interleave(k)
             both = -mixed.gather(1, short)  # lower is better, like a log distance
             if opts.full_weight > 0 and k > 2:  # the shortlist re-scored by both span checks, as a robust z
                 full = checks.full(seqs, rows, tokens[short].flatten(), opts.chunk).view(n, k)
                 both = both - opts.full_weight * robust_z(full)
         else:
             short = torch.topk(cheap, k, dim=1, largest=False).indices  # (n, k)
-            rows = torch.arange(n).repeat_interleave(k)
+            rows = torch.arange(n, device=dev).repeat_interleave(k)
             both = checks.full(seqs, rows, tokens[short].flatten(), opts.chunk).view(n, k)
         rank = torch.argsort(both, dim=1)
         z_short = z.gather(1, short.gather(1, rank))  # robust z of the shortlist, best (by both checks) first
@@ -471,9 +474,9 @@ def span_beam_decode(
                 columns.append(colj)
         if not nxt:
             break
-        seqs, group, total = torch.stack(nxt), torch.tensor(nxt_group), torch.stack(nxt_total)
+        seqs, group, total = torch.stack(nxt), torch.tensor(nxt_group, device=dev), torch.stack(nxt_total)
         if evidence is not None:
-            evidence.select(torch.tensor(parents), torch.tensor(columns))
+            evidence.select(torch.tensor(parents, device=dev), torch.tensor(columns, device=dev))
     return done
 
 
@@ -496,7 +499,7 @@ def with_last_alternatives(spans: SpanModel, found: list[Found], k: int, room: i
         return found
     val, top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
     keep = val >= LAST_MARGIN * val[:, :1]  # only close runners-up are worth a dictionary atom
-    rank = torch.arange(keep.shape[1]).expand_as(keep)
+    rank = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
     width = keep.shape[1]
     while room is not None and width > 1 and int(keep.sum()) > room:
         width -= 1
@@ -530,7 +533,7 @@ def select_by_omp(
         for i, f in enumerate(found)
     ]
     groups = [text_group[i] for i in range(len(found)) for _ in labels]
-    target = observed_vector(spans.obs, index)
+    target = observed_vector(spans.obs, index, spans.device)
     res = refine_swaps(atoms, target, omp(atoms, target, n_known, opts.omp_tol, opts.omp_min_gain, groups), groups)
     chosen = [found[atom // len(labels)] for atom in res.selected]
     info = {
