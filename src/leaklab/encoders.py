@@ -208,7 +208,9 @@ class LocalEncoder(Encoder):
     ) -> None:
         if pooling not in ("mean", "cls"):
             raise UnknownNameError("pooling", pooling, ["mean", "cls"])
-        self.backbone = backbone.eval()
+        from leaklab.models.device import current_device
+
+        self.backbone = backbone.to(current_device()).eval()
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self.tokenizer = tokenizer
@@ -243,12 +245,18 @@ class LocalEncoder(Encoder):
             v = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
         return torch.nn.functional.normalize(v, dim=-1) if self.normalize else v
 
+    @property
+    def device(self) -> torch.device:
+        return self.word_embeddings.device
+
     def forward_embeds(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Sentence vectors from token input embeddings (B, T, d) — differentiable (white-box attacks)."""
+        attention_mask = attention_mask.to(inputs_embeds.device)
         out = self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         return self.pool(out.last_hidden_state, attention_mask)
 
     def forward_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         return self.pool(out.last_hidden_state, attention_mask)
 
@@ -263,7 +271,7 @@ class LocalEncoder(Encoder):
                     max_length=self.max_length,
                     return_tensors="pt",
                 )
-                parts.append(self.forward_ids(enc["input_ids"], enc["attention_mask"]).numpy())
+                parts.append(self.forward_ids(enc["input_ids"], enc["attention_mask"]).cpu().numpy())
         return np.concatenate(parts)
 
     def embed_ids(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
@@ -281,7 +289,7 @@ class LocalEncoder(Encoder):
         input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         with torch.no_grad():
-            return self.forward_ids(input_ids, mask).numpy()
+            return self.forward_ids(input_ids, mask).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- registry of local encoders

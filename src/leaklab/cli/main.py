@@ -149,13 +149,59 @@ def _mount_subcommands() -> None:
 
 _mount_subcommands()
 
+#: the commands that run a model (victim updates, attacks, benches, sweeps, the service's encoder): each takes
+#: --device, default $LEAKLAB_DEVICE or auto
+DEVICE_COMMANDS = (
+    ("update",),
+    ("demo",),
+    ("serve",),
+    ("gradient", "attack"),
+    ("gradient", "update-setting"),
+    ("gradient", "sweep"),
+    ("gradient", "bench"),
+    ("embed", "attack"),
+    ("embed", "train"),
+    ("embed", "invert"),
+    ("embed", "bench"),
+    ("embed", "defend-eval"),
+)
+
+
+def _use_device(_ctx, _param, value: str | None) -> str | None:
+    from leaklab.models.device import set_device
+
+    set_device(value)
+    return value
+
+
+def command():
+    """The click command of :data:`app`, with ``--device`` added to every command of :data:`DEVICE_COMMANDS`."""
+    import click
+
+    root = typer.main.get_command(app)
+    for path in DEVICE_COMMANDS:
+        cmd = root
+        for name in path:
+            cmd = cmd.commands[name]
+        cmd.params.append(
+            click.Option(
+                ["--device"],
+                default=None,
+                expose_value=False,
+                callback=_use_device,
+                help="Where models run: auto (CUDA when present), cpu, cuda or cuda:N [env LEAKLAB_DEVICE; "
+                "default auto).",
+            )
+        )
+    return root
+
 
 def main() -> None:
     """Console entry point: user errors print one line and exit 2; no traceback. A command's exit code (e.g. 3:
     the attack did not recover; 130: interrupted) is the process's: without standalone mode click returns it
     instead of exiting, so it is passed on here."""
     try:
-        code = app(standalone_mode=False)
+        code = command()(standalone_mode=False)
     except LeaklabError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -11,7 +11,14 @@ from leaklab.errors import LeaklabError
 
 
 def serve(
-    model: Annotated[str, typer.Option(help="Encoder to serve: minilm-l6, tiny-bert or hashing.")] = "minilm-l6",
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "--encoder",
+            help="Encoder to serve: minilm-l6, tiny-bert, hashing, or a sentence-transformers / HF encoder folder.",
+        ),
+    ] = "minilm-l6",
     db: Annotated[Path, typer.Option(help="SQLite database (keys, query log); created if missing.")] = Path(
         "leaklab-service.db"
     ),

@@ -24,7 +24,7 @@ CHOICES = "auto, cpu, cuda, cuda:N"
 #: share of the free device memory one chunked computation may take (the rest: the model, caches, others)
 MEMORY_SHARE = 0.25
 
-_current: torch.device | None = None
+_CHOSEN: dict[str, torch.device | None] = {"device": None}  # set by set_device (the CLI's --device)
 
 
 def resolve_device(spec: str | torch.device | None = None) -> torch.device:
@@ -59,25 +59,24 @@ def _cuda(text: str) -> torch.device:
 
 def set_device(spec: str | torch.device | None) -> torch.device:
     """Make ``spec`` (resolved) the device models are placed on from now on; returns it."""
-    global _current
-    _current = resolve_device(spec)
-    return _current
+    _CHOSEN["device"] = resolve_device(spec)
+    return _CHOSEN["device"]
 
 
 def current_device() -> torch.device:
     """The device set by :func:`set_device`, else ``LEAKLAB_DEVICE`` / auto."""
-    return _current if _current is not None else resolve_device(None)
+    chosen = _CHOSEN["device"]
+    return chosen if chosen is not None else resolve_device(None)
 
 
 @contextmanager
 def use_device(spec: str | torch.device | None) -> Iterator[torch.device]:
     """Place models on ``spec`` inside the block, then restore the previous choice."""
-    global _current
-    before = _current
+    before = _CHOSEN["device"]
     try:
         yield set_device(spec)
     finally:
-        _current = before
+        _CHOSEN["device"] = before
 
 
 def device_name(device: torch.device) -> str:

@@ -1,4 +1,5 @@
-"""Sentence encoders the service serves: the packaged MiniLM, a tiny random BERT, a fast hashing encoder.
+"""Sentence encoders the service serves: the packaged MiniLM, a tiny random BERT, a fast hashing encoder, or
+any sentence-transformers / Hugging Face encoder folder (its own pooling and normalisation when it says so).
 
 Each is a :class:`leaklab.encoders.CallableEncoder` (the attacks' encoder type) with the model's tokenizer
 (token counts: special tokens, no truncation), its input limit and unit-length output.
@@ -7,6 +8,7 @@ Each is a :class:`leaklab.encoders.CallableEncoder` (the attacks' encoder type) 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from functools import cache
 
@@ -24,9 +26,10 @@ def served(name: str, dim: int, max_seq_len: int, tokenizer: object, fn: Callabl
 def _minilm() -> Encoder:
     from sentence_transformers import SentenceTransformer
 
+    from leaklab.models.device import current_device
     from leaklab.models.registry import minilm_dir
 
-    st = SentenceTransformer(str(minilm_dir()), device="cpu")
+    st = SentenceTransformer(str(minilm_dir()), device=str(current_device()))
     return served(
         "minilm-l6",
         int(st.get_embedding_dimension()),
@@ -47,11 +50,11 @@ def _tiny_bert() -> Encoder:
     base = getattr(model, model.base_model_prefix, model)
 
     def embed(texts: list[str]) -> np.ndarray:
-        batch = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        batch = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt").to(loaded.device)
         with torch.no_grad():
             hidden = base(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy()
+        return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy()
 
     return served("tiny-bert", int(base.config.hidden_size), 128, tok, embed)
 
@@ -96,12 +99,25 @@ def encoder_names() -> list[str]:
     return list(ENCODERS)
 
 
+def _folder(path: str) -> Encoder:
+    """A sentence-transformers or Hugging Face encoder folder, pooled as its folder says (mean by default)."""
+    from pathlib import Path
+
+    from leaklab.encoders import load_encoder as load_local
+
+    local = load_local(path, fresh=True)
+    name = Path(os.path.expanduser(path)).resolve().name
+    return served(name, local.dim, local.max_seq_len, local.tokenizer, local.embed)
+
+
 @cache
 def load_encoder(name: str) -> Encoder:
-    """The encoder registered as ``name`` (memoised)."""
-    if name not in ENCODERS:
-        raise UnknownNameError("encoder", name, encoder_names())
-    return ENCODERS[name][1]()
+    """The encoder registered as ``name``, or an encoder folder (memoised)."""
+    if name in ENCODERS:
+        return ENCODERS[name][1]()
+    if os.path.isdir(os.path.expanduser(name)):
+        return _folder(name)
+    raise UnknownNameError("encoder", name, encoder_names(), "or a sentence-transformers / Hugging Face encoder folder")
 
 
 def vector_hash(vec: np.ndarray) -> str:

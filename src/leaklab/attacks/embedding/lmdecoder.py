@@ -61,6 +61,7 @@ class LMDecoderInverter(CorrectingInverter):
 
         loaded = load_model(base)
         self.model = copy.deepcopy(loaded.model).float().eval()
+        self.device = loaded.device
         self.tokenizer = loaded.tokenizer
         layers = self.model.model.layers
         if not 1 <= top <= len(layers):
@@ -68,13 +69,15 @@ class LMDecoderInverter(CorrectingInverter):
         self.dim, self.base, self.top, self.max_len, self.encoder = dim, base, top, max_len, encoder
         self.split = len(layers) - top
         self.vocab_ids = sorted(set(vocab_ids) | {START})
-        self.to_local = torch.full((self.model.config.vocab_size,), -100, dtype=torch.long)
-        self.to_local[self.vocab_ids] = torch.arange(len(self.vocab_ids))
+        self.to_local = torch.full((self.model.config.vocab_size,), -100, dtype=torch.long, device=self.device)
+        self.to_local[self.vocab_ids] = torch.arange(len(self.vocab_ids), device=self.device)
         torch.manual_seed(0)
         self.cond = Conditioner(dim, self.model.config.hidden_size, top)
         self.bias = nn.Sequential(nn.Linear(dim, 1024), nn.GELU(), nn.Linear(1024, len(self.vocab_ids)))
         nn.init.zeros_(self.bias[-1].weight)
         nn.init.zeros_(self.bias[-1].bias)
+        self.cond.to(self.device)  # initialised on the CPU (same seeded weights on every device), then moved
+        self.bias.to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
         for p in self.trainable_lm():
@@ -111,11 +114,15 @@ class LMDecoderInverter(CorrectingInverter):
     @contextlib.contextmanager
     def conditioned(self, v: torch.Tensor) -> Iterator[None]:
         """Within the block, every forward of the LM adds c(v) at the top layers' inputs."""
-        self._c = self.cond(v)
+        self._c = self.cond(v.to(self.device))
         try:
             yield
         finally:
             self._c = None
+
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast on the model's device type (the frozen states are stored in bf16 too)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     # -- data
     def encode(self, texts: list[str]) -> list[list[int]]:
@@ -126,7 +133,7 @@ class LMDecoderInverter(CorrectingInverter):
         """h_K: the residual stream entering layer K (frozen part, right-padded rows, causal attention)."""
         inner = self.model.model
         h = inner.embed_tokens(ids)
-        pos = torch.arange(ids.shape[1])[None]
+        pos = torch.arange(ids.shape[1], device=h.device)[None]
         rope = inner.rotary_emb(h, position_ids=pos)
         for layer in inner.layers[: self.split]:
             h = layer(h, attention_mask=None, position_embeddings=rope, position_ids=pos)
@@ -135,8 +142,9 @@ class LMDecoderInverter(CorrectingInverter):
     def _upper_logits(self, h: torch.Tensor, v: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
         """Top layers (with c(v) added by the hooks), final norm, tied head restricted to ``vocab``."""
         inner = self.model.model
-        pos = torch.arange(h.shape[1])[None]
+        pos = torch.arange(h.shape[1], device=h.device)[None]
         rope = inner.rotary_emb(h, position_ids=pos)
+        v = v.to(self.device)
         with self.conditioned(v):
             for layer in inner.layers[self.split :]:
                 h = layer(h, attention_mask=None, position_embeddings=rope, position_ids=pos)
@@ -162,8 +170,8 @@ class LMDecoderInverter(CorrectingInverter):
         seqs = self.encode(texts)
         order = np.argsort([len(s) for s in seqs], kind="stable")
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        v_all = torch.from_numpy(pair_vectors)
-        vocab = torch.tensor(self.vocab_ids)
+        v_all = torch.from_numpy(pair_vectors).to(self.device)
+        vocab = torch.tensor(self.vocab_ids, device=self.device)
         params = [
             {"params": self.trainable_lm(), "lr": lr},
             {"params": list(self.cond.parameters()) + list(self.bias.parameters()), "lr": cond_lr},
@@ -191,7 +199,7 @@ class LMDecoderInverter(CorrectingInverter):
                     for g, base in zip(opt.param_groups, bases, strict=True):
                         g["lr"] = base * scale
                     h, tgt = cached[bi]
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                    with self.autocast():
                         logits = self._upper_logits(h.float(), v_all[batches[bi]], vocab)
                     loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100)
                     opt.zero_grad()
@@ -218,8 +226,8 @@ class LMDecoderInverter(CorrectingInverter):
     @torch.no_grad()
     def _cache(self, seqs: list[list[int]], idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(seqs[i]) for i in idx)
-        ids = torch.tensor([seqs[i] + [START] * (width - len(seqs[i])) for i in idx])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        ids = torch.tensor([seqs[i] + [START] * (width - len(seqs[i])) for i in idx], device=self.device)
+        with self.autocast():
             h = self._lower(ids[:, :-1])
         tgt = self.to_local[ids[:, 1:]].clone()
         for r, i in enumerate(idx):  # no loss on the padding after each text's end token
@@ -232,8 +240,9 @@ class LMDecoderInverter(CorrectingInverter):
         texts, v = check_pairs(texts, vectors, self.dim)
         seqs = self.encode(texts)
         h, tgt = self._cache(seqs, np.arange(len(seqs)))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = self._upper_logits(h.float(), torch.from_numpy(v), torch.tensor(self.vocab_ids))
+        with self.autocast():
+            vocab = torch.tensor(self.vocab_ids, device=self.device)
+            logits = self._upper_logits(h.float(), torch.from_numpy(v), vocab)
         return float(nn.functional.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100))
 
     # -- decoding
@@ -242,8 +251,8 @@ class LMDecoderInverter(CorrectingInverter):
         """The ``beam`` most probable texts (length-normalised log p(x | v) over V) for each vector."""
         from transformers import LogitsProcessor, LogitsProcessorList
 
-        v = torch.from_numpy(check_vectors(vectors, self.dim, "vectors"))
-        vocab = torch.tensor(self.vocab_ids)
+        v = torch.from_numpy(check_vectors(vectors, self.dim, "vectors")).to(self.device)
+        vocab = torch.tensor(self.vocab_ids, device=self.device)
         bias = torch.zeros(0)
 
         class OnlyV(LogitsProcessor):
@@ -258,10 +267,10 @@ class LMDecoderInverter(CorrectingInverter):
         for s in range(0, len(v), chunk):
             rows = v[s : s + chunk]
             bias = self.bias(rows)
-            with self.conditioned(rows), torch.autocast("cpu", dtype=torch.bfloat16):
+            with self.conditioned(rows), self.autocast():
                 gen = self.model.generate(
-                    input_ids=torch.full((len(rows), 1), START),
-                    attention_mask=torch.ones(len(rows), 1, dtype=torch.long),
+                    input_ids=torch.full((len(rows), 1), START, device=self.device),
+                    attention_mask=torch.ones(len(rows), 1, dtype=torch.long, device=self.device),
                     num_beams=beam,
                     num_return_sequences=beam,
                     max_new_tokens=self.max_len,

@@ -274,7 +274,11 @@ def encoder_search(spans: SpanModel, n_sentences: int, opts: DagerOptions) -> li
         total = 1
         for c in pools:
             total *= len(c)
-        seqs = _enumerate(pools, spans.device) if total <= opts.encoder_cap else _coordinate_search(spans, pools, n_sentences)
+        seqs = (
+            _enumerate(pools, spans.device)
+            if total <= opts.encoder_cap
+            else _coordinate_search(spans, pools, n_sentences)
+        )
         for seq, score in _score_sentences(spans, seqs, opts.chunk):
             if seq not in found or found[seq].score > score:
                 found[seq] = Found(list(seq), score, exact=score < opts.tau2)
