@@ -16,7 +16,7 @@ from leaklab.core import Registry
 console = Console()
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-ModelOpt = Annotated[str, typer.Option(help="Packaged model name, HF folder or hub name.")]
+ModelOpt = Annotated[str, typer.Option(help="Packaged model name, HF folder, GGUF file or hub name.")]
 CorpusOpt = Annotated[str, typer.Option(help="Corpus name (name:variant), file, or hf:dataset.")]
 UpdateOutOpt = Annotated[Path, typer.Option(help="Update file to write (.safetensors).")]
 TaskOpt = Annotated[str, typer.Option(help="Victim training task: next-token or classify.")]

@@ -26,7 +26,7 @@ def attack_cmd(
     model: Annotated[
         str | None,
         typer.Option(
-            help="Model (packaged name, HF folder or hub name); default "
+            help="Model (packaged name, HF folder, GGUF file or hub name); default "
             "smollm2-135m, or the update's model with --update."
         ),
     ] = None,

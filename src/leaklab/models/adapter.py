@@ -16,12 +16,12 @@ from torch import nn
 
 from leaklab.errors import LeaklabError
 
-_Q_NAMES = ("q_proj", "query", "q_lin", "wq")
-_K_NAMES = ("k_proj", "key", "k_lin", "wk")
-_V_NAMES = ("v_proj", "value", "v_lin", "wv")
+_Q_NAMES = ("q_proj", "query", "q_lin", "wq", "q")  # "q": MPNet's attention.attn.q
+_K_NAMES = ("k_proj", "key", "k_lin", "wk", "k")
+_V_NAMES = ("v_proj", "value", "v_lin", "wv", "v")
 _FUSED_NAMES = ("c_attn", "qkv_proj", "Wqkv", "query_key_value", "qkv")
 #: the MLP's input-side linear maps (what multiplies the post-attention hidden state)
-_MLP_IN_NAMES = ("gate_proj", "up_proj", "c_fc", "fc1", "w1", "w3", "dense_h_to_4h")
+_MLP_IN_NAMES = ("gate_proj", "up_proj", "c_fc", "fc1", "w1", "w3", "dense_h_to_4h", "lin1")
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,9 @@ class FamilyAdapter:
         self.num_layers = len(self.blocks)
         self.embeddings: nn.Embedding = model.get_input_embeddings()
         self.position_embeddings, self.position = _find_positions(model, self.embeddings)
+        # RoBERTa, XLM-R and MPNet number positions from padding_idx + 1 (their position table has a padding row)
+        pad_row = getattr(self.position_embeddings, "padding_idx", None)
+        self.position_offset: int = pad_row + 1 if pad_row is not None else 0
         self.projections = [self._layer_projections(i) for i in range(self.num_layers)]
         self.first_norm = _first_norm(self.blocks[0], model)
         self.family = {"rope": "llama-like", "learned": "gpt2-like" if self.is_causal else "bert-like"}.get(
@@ -197,7 +200,7 @@ class FamilyAdapter:
         outs = []
         for start in range(0, len(token_ids), chunk):
             ids = token_ids[start : start + chunk].view(-1, 1)
-            pos = torch.full_like(ids, position)
+            pos = torch.full_like(ids, position + self.position_offset)
             outs.append(self.layer_inputs(ids, layer, position_ids=pos)[:, 0, :])
         return torch.cat(outs)
 

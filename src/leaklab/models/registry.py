@@ -132,25 +132,58 @@ def minilm_tokenizer():
 def smollm2_checkpoint() -> Path:
     """The packaged SmolLM2 GGUF, converted once to an fp32 Hugging Face checkpoint in the cache."""
     cached = cache_dir() / "models" / "smollm2-135m"
-    if (cached / "config.json").exists() and any(cached.glob("*.safetensors")):
-        return cached
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    if not _has_checkpoint(cached):
+        convert_gguf(_smollm2_dir() / SMOLLM2_GGUF, cached, "smollm2-135m")
+        smollm2_tokenizer()
+    return cached
 
+
+def _has_checkpoint(folder: Path) -> bool:
+    return (folder / "config.json").exists() and any(folder.glob("*.safetensors"))
+
+
+def convert_gguf(gguf_file: Path, cached: Path, label: str, tokenizer: bool = False) -> None:
+    """Dequantise a GGUF causal LM into an fp32 Hugging Face checkpoint at ``cached`` (and its tokenizer with
+    ``tokenizer``): transformers loads GGUF but refuses to ``save_pretrained`` the GGUF-loaded model, so the
+    weights move into a fresh model of the same class first."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_file.parent), gguf_file.name
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=False) as bar:
-        step = bar.add_task("smollm2-135m: dequantising the packaged GGUF (one time)", total=3)
-        gguf = AutoModelForCausalLM.from_pretrained(str(_smollm2_dir()), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        bar.update(step, advance=1, description="smollm2-135m: building an fp32 checkpoint")
+        step = bar.add_task(f"{label}: dequantising the GGUF (one time)", total=3)
+        try:
+            gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        except (OSError, ValueError, KeyError, NotImplementedError) as exc:
+            raise LeaklabError(f"'{gguf_file}' is not a GGUF causal LM transformers can read: {exc}") from None
+        bar.update(step, advance=1, description=f"{label}: building an fp32 checkpoint")
         cfg = gguf.config
         if hasattr(cfg, "quantization_config"):
             del cfg.quantization_config
-        model = LlamaForCausalLM(cfg)
+        model = type(gguf)(cfg)
         model.load_state_dict(gguf.state_dict(), strict=False)
         model.tie_weights()
-        bar.update(step, advance=1, description=f"smollm2-135m: saving to {cached}")
-        _save_atomically(cached, model.save_pretrained)
-        smollm2_tokenizer()
-        bar.update(step, advance=1, description="smollm2-135m: converted")
+        bar.update(step, advance=1, description=f"{label}: saving to {cached}")
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            if tokenizer:
+                AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
+
+        _save_atomically(cached, write)
+        bar.update(step, advance=1, description=f"{label}: converted")
+
+
+def gguf_checkpoint(path: str) -> Path:
+    """A user's GGUF file, converted once into the cache (keyed by its resolved path, size and mtime)."""
+    import hashlib
+
+    gguf_file = Path(os.path.expanduser(path)).resolve()
+    stat = gguf_file.stat()
+    key = hashlib.sha256(f"{gguf_file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "models" / f"gguf-{gguf_file.stem}-{key}"
+    if not _has_checkpoint(cached):
+        convert_gguf(gguf_file, cached, gguf_file.name, tokenizer=True)
     return cached
 
 
@@ -336,6 +369,10 @@ def _build_external(ref: ModelRef):
     from transformers import AutoConfig, AutoTokenizer
 
     name = ref.name
+    if name.lower().endswith(".gguf"):
+        if not os.path.isfile(os.path.expanduser(name)):
+            raise LeaklabError(f"GGUF file '{name}' not found")
+        name = str(gguf_checkpoint(name))
     is_folder = os.path.isdir(os.path.expanduser(name))
     if not is_folder and "/" not in name:
         raise UnknownNameError("model", name, model_names(), "or a Hugging Face folder or hub name like org/name")
