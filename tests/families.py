@@ -7,11 +7,54 @@ from pathlib import Path
 
 import torch
 
-WORDS = (
-    "the a cat dog sat ran on under mat roof river bank quiet evening morning rain fell old new small big red "
-    "green house garden window bridge candle meadow harbor forest tower stood walked near far today slowly bright "
-    "cold warm light dark stone road wind"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "under",
+    "mat",
+    "roof",
+    "river",
+    "bank",
+    "quiet",
+    "evening",
+    "morning",
+    "rain",
+    "fell",
+    "old",
+    "new",
+    "small",
+    "big",
+    "red",
+    "green",
+    "house",
+    "garden",
+    "window",
+    "bridge",
+    "candle",
+    "meadow",
+    "harbor",
+    "forest",
+    "tower",
+    "stood",
+    "walked",
+    "near",
+    "far",
+    "today",
+    "slowly",
+    "bright",
+    "cold",
+    "warm",
+    "light",
+    "dark",
+    "stone",
+    "road",
+    "wind",
+]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
 WIDTH, HEADS, LAYERS, FFN = 64, 4, 2, 128
 

@@ -32,7 +32,7 @@ def test_gguf_path_that_does_not_exist_is_one_line(tmp_path):
     from leaklab.errors import LeaklabError
     from leaklab.models import load_model
 
-    with pytest.raises(LeaklabError, match="GGUF file .* not found"):
+    with pytest.raises(LeaklabError, match=r"GGUF file .* not found"):
         load_model(str(tmp_path / "missing.gguf"))
 
 
