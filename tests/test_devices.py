@@ -121,3 +121,29 @@ def test_every_attack_tensor_is_placed_on_the_model_device(attack):
     with unplaced_tensors_fail():
         rec = atk.run(obs)
     assert sorted(rec.texts) == sorted(texts)
+
+
+def test_token_probs_chunked_equal_the_whole_softmax():
+    """The memory-chunked softmax kept at a token set equals the plain one (float64 over all of V)."""
+    from leaklab.attacks.gradient.somp import token_probs
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(37, 500, generator=gen) * 4
+    tokens = torch.tensor([3, 499, 0, 250, 17])
+    slow = torch.softmax(logits.double(), dim=-1)[:, tokens]
+    for rows in (1, 5, 36, 1000, None):
+        assert torch.allclose(token_probs(logits, tokens, rows), slow, rtol=0, atol=1e-15)
+
+
+def test_last_token_scores_do_not_depend_on_the_chunk(monkeypatch):
+    """DAGER's last-token evidence is the same whatever chunk the free memory allows."""
+    from leaklab.attacks.gradient import dager
+    from leaklab.threat.fedsgd import fedsgd_update
+
+    obs, _ = fedsgd_update(ModelRef("tiny-llama"), ["the cat sat on the mat today", "a quiet evening by the river"])
+    spans = dager.SpanModel(obs)
+    prefixes = [[1, 2, 3, 4], [5, 6, 7]]
+    wide = dager.last_token_scores(spans, prefixes)
+    monkeypatch.setattr(dager, "chunk_rows", lambda *_a, **_k: 2)
+    narrow = dager.last_token_scores(spans, prefixes)
+    assert torch.allclose(wide, narrow, rtol=1e-5, atol=1e-8)  # float32 head products, chunked differently

@@ -32,6 +32,7 @@ from leaklab.attacks.gradient.subspace import (
     token_distances,
 )
 from leaklab.core import Config, option
+from leaklab.models.device import chunk_rows
 from leaklab.models.registry import LoadedModel, load_model
 from leaklab.threat.observation import Observation
 
@@ -379,9 +380,11 @@ def last_token_scores(spans: SpanModel, prefixes: list[list[int]]) -> torch.Tens
     last = torch.stack([h[i, len(p) - 1] for i, p in enumerate(prefixes)])  # (B, d)
     gram = flat_h @ last.T  # (n, B): ⟨h_t, h_b⟩
     known = torch.zeros(grad.shape[0], len(prefixes), dtype=torch.float64, device=spans.device)  # Σ_t p_t(v) ⟨h_t, h_b⟩
-    for s in range(0, flat_h.shape[0], 512):
-        probs = torch.softmax(head(flat_h[s : s + 512].to(head.weight.dtype)).double(), dim=-1)  # (chunk, V)
-        known += probs.T @ gram[s : s + 512]
+    # rows per chunk from the device's free memory: each holds a (V,) logit row and its float64 softmax
+    step = chunk_rows(grad.shape[0] * 16, spans.device, most=4096)
+    for s in range(0, flat_h.shape[0], step):
+        probs = torch.softmax(head(flat_h[s : s + step].to(head.weight.dtype)).double(), dim=-1)  # (chunk, V)
+        known += probs.T @ gram[s : s + step]
     known.index_add_(0, flat_y[has_y], -gram[has_y])
     return -(grad @ last.T - known / n_targets).T  # (B, V)
 

@@ -64,6 +64,7 @@ from leaklab.attacks.gradient.subspace import (
 )
 from leaklab.core import option
 from leaklab.errors import UnknownNameError
+from leaklab.models.device import chunk_rows
 from leaklab.threat.observation import Observation
 
 
@@ -244,7 +245,7 @@ class NextTokenEvidence:
     def _add_background(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Pool Σ p_t(v) h_t over the token set for the positions (h (n, d), logits (n, V)) into the background;
         returns the positions' probabilities over the token set."""
-        probs = torch.softmax(logits.double(), dim=-1)[:, self.tokens]
+        probs = token_probs(logits, self.tokens)
         part = probs.T @ h.double()
         self.bg_sum = part if self.bg_sum is None else self.bg_sum + part
         self.bg_count += h.shape[0]
@@ -330,6 +331,16 @@ def model_samples(loaded, n: int, length: int, seed: int) -> torch.Tensor:
         nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)
         seqs = torch.cat([seqs, nxt], dim=1)
     return seqs
+
+
+def token_probs(logits: torch.Tensor, tokens: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """(n, m) softmax over the whole vocabulary (float64) of each logit row, kept at ``tokens``: rows are
+    normalised a chunk at a time (``rows``, default from the device's free memory) so the float64 (n, V)
+    matrix never exists at once."""
+    if rows is None:
+        rows = chunk_rows(logits.shape[1] * 8, logits.device, most=4096)
+    parts = [torch.softmax(logits[s : s + rows].double(), dim=-1)[:, tokens] for s in range(0, logits.shape[0], rows)]
+    return torch.cat(parts) if parts else logits.new_zeros(0, tokens.numel(), dtype=torch.float64)
 
 
 @torch.no_grad()
