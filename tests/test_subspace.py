@@ -183,3 +183,26 @@ def test_headwise_scores_match_a_per_head_least_squares_reference(whiten):
         energy = 1 - (xh.T - rows.T @ coef).norm(dim=0).pow(2)
         ref = torch.maximum(ref, energy / (rank / inputs.shape[1]))
     torch.testing.assert_close(headwise_scores(obs, ad, inputs, whiten=whiten), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_screened_distance_matches_the_float64_reference():
+    """The float32-screened vocabulary distance: rows near the span exact (float64), the others within float32
+    round-off, and the same rows under any membership threshold."""
+    from leaklab.attacks.gradient.subspace import screened_distance
+
+    gen = torch.Generator().manual_seed(3)
+    d, r = 96, 40
+    basis = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))[0].T.contiguous()
+    far = torch.randn(5000, d, generator=gen)
+    inside = (torch.randn(50, r, generator=gen, dtype=torch.float64) @ basis).float()
+    near = inside + 1e-2 * torch.randn(50, d, generator=gen)
+    x = torch.cat([far, inside, near, torch.zeros(1, d)])
+    slow = span_distance(x, basis)
+    fast = screened_distance(x, basis)
+    pool = slow < 0.05
+    assert int(pool.sum()) >= 100
+    assert torch.equal(fast[pool], slow[pool])
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    for tau in (1e-3, 1e-2, 0.05):
+        assert torch.equal(fast < tau, slow < tau)
+    assert fast[-1].item() == 1.0
