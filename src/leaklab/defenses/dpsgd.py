@@ -122,7 +122,8 @@ class DpSgd(DefenseConfig):
                     max_grad_norm=self.clip,
                     expected_batch_size=objective.n,
                     loss_reduction="mean",
-                    generator=torch.Generator().manual_seed(seed),
+                    # on the parameters' device (Opacus draws the noise there); a seed's noise is per device
+                    generator=torch.Generator(device=next(iter(params.values())).device).manual_seed(seed),
                 )
                 opt.pre_step()
                 grads = {n: p.grad.detach().clone() for n, p in params.items()}
