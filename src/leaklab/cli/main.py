@@ -111,6 +111,7 @@ def demo_cmd(
     batch_size: Annotated[int, typer.Option(help="Texts in the private batch.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the batch draw.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Run folder.")] = None,
+    overwrite: common.OverwriteOpt = False,
 ) -> None:
     """SOMP on the packaged defaults (smollm2-135m, rotten-tomatoes): what leaks from one FedSGD update."""
     from leaklab.evaluate import run_gradient_eval, show_run
@@ -127,6 +128,7 @@ def demo_cmd(
         task="next-token",
         out=out,
         console=console,
+        overwrite=overwrite,
     )
     show_run(summary, console)
 
