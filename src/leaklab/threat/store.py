@@ -121,6 +121,16 @@ _FLAG_TYPES = {
 SETTING_TASK = {"dpo": "next-token", "reward": "classify"}  # settings that fix the model's task
 
 
+_JSON_NAMES = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+}
+
+
 def _type_ok(value: Any, kind: type) -> bool:
     if kind is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
@@ -135,7 +145,8 @@ def _check_keys(data: dict, required: dict[str, type], optional: dict[str, type]
             raise LeaklabError(f"{where}: required key '{key}' is missing")
     for key, kind in {**required, **optional}.items():
         if data.get(key) is not None and not _type_ok(data[key], kind):
-            raise LeaklabError(f"{where}: '{key}' must be {kind.__name__}, got {type(data[key]).__name__}")
+            got = _JSON_NAMES.get(type(data[key]), type(data[key]).__name__)
+            raise LeaklabError(f"{where}: '{key}' must be {_JSON_NAMES[kind]}, got {got} {data[key]!r:.40}")
 
 
 def check_header(header: Any, p: Path) -> None:
@@ -191,9 +202,11 @@ def check_signal(obs: Observation, p: Path) -> None:
 
 def check_against_model(obs: Observation, ref: ModelRef | None = None) -> None:
     """Every shared tensor must exist in the model (``ref``, default the one the update names) with the
-    same shape; the first mismatch is named with both shapes."""
+    same shape; the first mismatch is named with both shapes. A full-model update must also hold the task
+    head's gradient (see :func:`_check_head`)."""
     ref = ref or obs.model
-    params = dict(_shared_model(ref, obs.meta).named_parameters())
+    model = _shared_model(ref, obs.meta)
+    params = dict(model.named_parameters())
     for name, tensor in obs.gradients.items():
         if name not in params:
             raise LeaklabError(
@@ -207,6 +220,21 @@ def check_against_model(obs: Observation, ref: ModelRef | None = None) -> None:
             )
         if tensor.dtype != torch.float32:
             raise LeaklabError(f"update tensor '{name}' is {tensor.dtype}, expected float32")
+    if "lora" not in obs.meta:
+        _check_head(obs, ref, list(params), getattr(model, "base_model_prefix", ""))
+
+
+def _check_head(obs: Observation, ref: ModelRef, names: list[str], prefix: str) -> None:
+    """An update that reached the backbone's last parameter passed through the task head, so it must hold
+    the head's gradient: one without it was computed for another task (e.g. a next-token update read as
+    classify on a model with tied embeddings, where every other tensor matches)."""
+    backbone = [n for n in names if prefix and n.startswith(prefix + ".")]
+    head = [n for n in names if n not in backbone]
+    if head and backbone and backbone[-1] in obs.gradients and not any(n in obs.gradients for n in head):
+        raise LeaklabError(
+            f"the update holds no gradient of the {ref.task} head of '{ref.name}' ({', '.join(head)}): "
+            f"it was not computed for a {ref.task} model"
+        )
 
 
 def _shared_model(ref: ModelRef, meta: dict):
