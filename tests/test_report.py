@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from leaklab.io import atomic_write, atomic_write_json
 from leaklab.errors import LeaklabError
+from leaklab.io import atomic_write, atomic_write_json
 from leaklab.report import run_folder
 from leaklab.report.run import STATUS_FILE
 
