@@ -152,6 +152,8 @@ CASES: dict[str, Callable[[Path, Path], None]] = {
     "unknown task": _header(_set("model", "task", "regress")),
     'num_labels "2"': _header(_set("model", "num_labels", "2")),
     "num_labels 0": _header(_set("model", "num_labels", 0)),
+    "num_labels null": _header(_set("model", "num_labels", None)),
+    "setting null": _header(_set("setting", None)),
     "flags a list": _header(_set("flags", [])),
     'local_steps "1"': _header(_set("flags", "local_steps", "1")),
     "unknown flag": _header(_set("flags", "oracle", True)),

@@ -77,15 +77,19 @@ def run_path(out: str | Path | None, label: str) -> Path:
 
 
 def check_output(path: str | Path, overwrite: bool = False, what: str = "run folder") -> Path:
-    """Refuse an output path that already holds something (an empty folder is free) unless ``overwrite``."""
+    """Refuse an output path that already holds something unless ``overwrite`` (an empty folder is free for
+    a run folder); a run folder cannot replace a file, nor a record (``what`` other than a run folder) a
+    folder."""
     p = Path(path)
-    if p.is_dir() and not any(p.iterdir()):
+    folder = what == "run folder"
+    if folder and p.is_dir() and not any(p.iterdir()):
         return p
     if p.exists() or p.is_symlink():
         if not overwrite:
             raise LeaklabError(f"{what} '{p}' already exists; pass --overwrite to replace it, or choose another --out")
-        if what == "run folder" and not p.is_dir():
-            raise LeaklabError(f"'{p}' is a file, not a run folder; remove it or choose another --out")
+        if p.is_dir() != folder:
+            kind = "a folder" if p.is_dir() else "a file"
+            raise LeaklabError(f"'{p}' is {kind}, not a {what}; remove it or choose another --out")
     return p
 
 

@@ -139,14 +139,20 @@ def _type_ok(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
+_NULLABLE = {"batch_size", "labels", "lengths", "learning_rate", "meta"}  # null: not known / not recorded
+
+
 def _check_keys(data: dict, required: dict[str, type], optional: dict[str, type], where: str) -> None:
     for key in required:
         if key not in data:
             raise LeaklabError(f"{where}: required key '{key}' is missing")
     for key, kind in {**required, **optional}.items():
-        if data.get(key) is not None and not _type_ok(data[key], kind):
-            got = _JSON_NAMES.get(type(data[key]), type(data[key]).__name__)
-            raise LeaklabError(f"{where}: '{key}' must be {_JSON_NAMES[kind]}, got {got} {data[key]!r:.40}")
+        if key not in data or (data[key] is None and key in _NULLABLE):
+            continue
+        if not _type_ok(data[key], kind):
+            value = data[key]
+            got = "null" if value is None else f"{_JSON_NAMES.get(type(value), type(value).__name__)} {value!r:.40}"
+            raise LeaklabError(f"{where}: '{key}' must be {_JSON_NAMES[kind]}, got {got}")
 
 
 def check_header(header: Any, p: Path) -> None:
@@ -154,7 +160,7 @@ def check_header(header: Any, p: Path) -> None:
     that agrees with the recorded labels and lengths, and a task the setting allows."""
     where = f"'{p}': update header"
     if not isinstance(header, dict):
-        raise LeaklabError(f"{where} is a {type(header).__name__}, not an object")
+        raise LeaklabError(f"{where} is {_JSON_NAMES.get(type(header), type(header).__name__)}, not an object")
     _check_keys(header, _REQUIRED, _OPTIONAL, where)
     if header["format"] != FORMAT:
         raise LeaklabError(f"'{p}': format {header['format']!r}, expected {FORMAT!r}")
@@ -271,7 +277,7 @@ def load_secret(path: str | Path, obs: Observation | None = None) -> Secret | No
 def _secret_from(data: Any, sp: Path) -> Secret:
     where = f"secret file '{sp}'"
     if not isinstance(data, dict):
-        raise LeaklabError(f"{where} is a JSON {type(data).__name__}, not an object")
+        raise LeaklabError(f"{where} holds {_JSON_NAMES.get(type(data), type(data).__name__)}, not an object")
     _check_keys(data, {"texts": list, "token_ids": list, "labels": list}, {"format": str}, where)
     if data.get("format", FORMAT) != FORMAT:
         raise LeaklabError(f"{where}: format {data['format']!r}, expected {FORMAT!r}")
