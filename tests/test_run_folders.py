@@ -92,6 +92,7 @@ def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
         ("gradient", "sweep", "--defense", "clip", "--values", "1", "--model", "tiny-llama"),
         ("embed", "attack", "--attack", "nearest", "--encoder", "tiny-bert"),
         ("embed", "defend-eval", "--model", "hashing"),
+        ("embed", "train", "--inverter", "bow", "--encoder", "tiny-bert"),
     ],
 )
 def test_other_outputs_refuse_an_existing_out(args, tmp_path, monkeypatch, capsys):

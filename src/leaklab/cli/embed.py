@@ -188,9 +188,12 @@ def train_cmd(
         list[str] | None, typer.Option("--option", "-o", help="Training option KEY=VALUE of the bow or decoder attack.")
     ] = None,
     api_key: Annotated[str | None, typer.Option(envvar="LEAKLAB_API_KEY", help="API key of an http encoder.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
 ) -> None:
-    """Train an inverter on public (text, vector) pairs only, and save it."""
+    """Train an inverter on public (text, vector) pairs only, and save it (the folder appears complete or not
+    at all)."""
     from leaklab.core import parse_pairs
+    from leaklab.report import check_output, run_folder
 
     if inverter not in INVERTERS:
         raise UnknownNameError("inverter", inverter, list(INVERTERS))
@@ -203,10 +206,12 @@ def train_cmd(
         from leaklab.attacks.embedding.decoder import DecoderTraining, train_decoder
 
         opts, train = DecoderTraining.from_dict(pairs, "decoder inverter"), train_decoder
+    check_output(out, overwrite)
     scn = _scenario(encoder, corpus, 1, seed, 1, max_tokens, api_key)
     with console.status(f"training a {inverter} inverter on {encoder} (≤ {train_seconds:.0f} s)"):
         inv, info = train(scn, opts)
-        inv.save(out)
+        with run_folder(out, "inverter", overwrite) as run:
+            inv.save(run.path)
     console.print(f"saved {inverter} inverter to {out}: {info}")
 
 
