@@ -74,3 +74,6 @@ def test_interrupted_run_leaves_no_finished_folder(tmp_path, exc):
         run.write_config({"seed": 2})  # config alone is no result: nothing is kept
         raise KeyboardInterrupt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run.incomplete"]
+    with run_folder(out, "t", overwrite=True) as run:
+        run.write_config({"seed": 4})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # a finished run supersedes the leftovers

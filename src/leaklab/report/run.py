@@ -96,8 +96,9 @@ def check_output(path: str | Path, overwrite: bool = False, what: str = "run fol
 @contextmanager
 def run_folder(out: str | Path | None, label: str, overwrite: bool = False) -> Iterator[RunDir]:
     """A :class:`RunDir` in a temporary sibling of the run's path, renamed into place when the block
-    completes (replacing an old run only with ``overwrite``). On an error or Ctrl-C, results already written
-    move to ``<path>.incomplete/`` with ``status.json``; a folder holding only the config is removed."""
+    completes (replacing an old run only with ``overwrite``; an earlier ``<path>.incomplete/`` is removed). On an
+    error or Ctrl-C, results already written move to ``<path>.incomplete/`` with ``status.json``; a folder
+    holding only the config is removed."""
     target = check_output(run_path(out, label), overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -106,6 +107,7 @@ def run_folder(out: str | Path | None, label: str, overwrite: bool = False) -> I
         yield run
         check_output(target, overwrite)  # another process may have written it meanwhile
         _replace_dir(work, target)
+        shutil.rmtree(_incomplete(target), ignore_errors=True)  # an earlier attempt's leftovers are superseded
     except BaseException as exc:
         _keep_incomplete(work, target, exc)
         raise
@@ -123,6 +125,10 @@ def _replace_dir(src: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _incomplete(target: Path) -> Path:
+    return target.with_name(target.name + INCOMPLETE_SUFFIX)
+
+
 def _keep_incomplete(work: Path, target: Path, exc: BaseException) -> None:
     if not work.exists():
         return
@@ -138,7 +144,7 @@ def _keep_incomplete(work: Path, target: Path, exc: BaseException) -> None:
             "run": str(target),
         },
     )
-    incomplete = target.with_name(target.name + INCOMPLETE_SUFFIX)
+    incomplete = _incomplete(target)
     if incomplete.is_dir():
         shutil.rmtree(incomplete, ignore_errors=True)
     os.replace(work, incomplete)
