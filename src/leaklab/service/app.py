@@ -174,8 +174,8 @@ def _validation_message(exc: RequestValidationError, request: Request) -> tuple[
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", None
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
-    msg = f"'{param}': {first['msg']}" if param else f"request body: {first['msg']}"
+    param = loc[0] if loc else None  # the top-level field, as OpenAI names it
+    msg = f"'{'.'.join(loc)}': {first['msg']}" if param else f"request body: {first['msg']}"
     if len(errors) > 1:
         msg += f" (and {len(errors) - 1} more error(s))"
     ctype = request.headers.get("content-type", "")
