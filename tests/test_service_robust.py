@@ -236,7 +236,8 @@ def test_flagged_key_stays_mitigated_after_restart(tmp_path):
 
     db = tmp_path / "svc.db"
     keys = _keys(db, "probe", "user")
-    cfg = write_config(tmp_path / "cfg.json", {"monitor": {"action": "noise", "noise_epsilon": 20}})
+    monitor = {"action": "noise", "noise_epsilon": 20}
+    cfg = write_config(tmp_path / "cfg.json", {"limits": {"rate": 1000, "burst": 1000}, "monitor": monitor})
     pools = load_pools()
     rng = np.random.default_rng(5)
     attack = padded_edit_chain(load_encoder("hashing"), pools, rng, 120, pad=3)
@@ -272,8 +273,8 @@ def test_flagged_key_stays_mitigated_after_restart(tmp_path):
 def test_one_key_cannot_starve_another(tmp_path):
     """MiniLM on CPU. Key 'big' sends three maximal requests at once (64 texts of 2,000 characters: 64 × 256
     tokens through the encoder) with at most one in flight per key; while the first runs, key 'small' sends
-    one-line requests. Bound: each small request completes in under 3 s and under a third of the big request's
-    time (without turns it waited for the whole big request); the big key's surplus requests wait in its own
+    one-line requests. Bound: each small request completes in under a third of the big request's time (without
+    turns it waited for the whole big request), their median in under 2 s; the big key's surplus requests wait in its own
     queue and get 503 + Retry-After at the 2 s deadline instead of occupying the server."""
     db = tmp_path / "svc.db"
     keys = _keys(db, "big", "small")
@@ -308,4 +309,4 @@ def test_one_key_cannot_starve_another(tmp_path):
     done = [b for b in big if b[0] == 200]
     busy = [b for b in big if b[0] == 503]
     assert len(done) == 1 and len(busy) == 2 and all(b[2] for b in busy), big
-    assert small and max(small) < 3.0 and max(small) < done[0][1] / 3, (small, done)
+    assert len(small) >= 3 and np.median(small) < 2.0 and max(small) < done[0][1] / 3, (small, done)
