@@ -366,3 +366,34 @@ def test_admission_queue_deadline_gives_busy():
     out = asyncio.run(go())
     assert sorted(out) == ["A:busy", "A:ok", "B:ok"] and out[0] == "B:ok"
     assert sched.in_flight("A") == 0
+
+
+def test_monitor_state_round_trips_through_the_store(tmp_path):
+    """Saved with the request's log rows and restored into a fresh monitor; a key with only a flag row (a
+    database from before states were saved) comes back flagged with that flag's action."""
+    from leaklab.service.monitor import Monitor, MonitorState
+    from leaklab.service.store import LogRow
+
+    store = Store(tmp_path / "m.db")
+    a, _ = store.create_key("a")
+    b, _ = store.create_key("b")
+    saved = MonitorState(a.id, 120, 0.8, True, 40, "throttle")
+    assert store.admit_and_log(a.id, "embeddings", [LogRow("t", 3, "v")], "none", 0, 0, monitor=saved)
+    store.add_flag(b.id, 0.6, "noise", {"queries": 30})
+    states = {s.key_id: s for s in store.monitor_states()}
+    assert states[a.id] == saved and states[b.id].flagged and states[b.id].action == "noise"
+    mon = Monitor()
+    mon.restore(list(states.values()))
+    assert mon.mitigation(a.id) == "throttle" and mon.mitigation(b.id) == "noise" and mon.mitigation("c") is None
+    assert mon.state(a.id) == saved
+    store.close()
+
+
+def test_limit_options_are_checked():
+    from leaklab.service.config import parse_config
+
+    cfg = parse_config({"server": {"max_body_bytes": 4096}, "keys": {"k": {"limits": {"max_concurrent": 3}}}})
+    assert cfg.server.max_body_bytes == 4096 and cfg.limits_for("k").max_concurrent == 3
+    for bad in ({"server": {"max_body_bytes": 10}}, {"limits": {"max_concurrent": 0}}, {"server": {"nope": 1}}):
+        with pytest.raises(LeaklabError, match=r"server|max_concurrent"):
+            parse_config(bad)
