@@ -199,6 +199,12 @@ def main() -> None:
         default=",".join(SECTIONS),
         help="Sections to (re)measure; the others are kept from the existing service.json.",
     )
+    ap.add_argument(
+        "--detect-sessions",
+        default="200,30",
+        help="Benign,attack sessions of each detection run on a model other than hashing (hashing: 600,60 at 48 "
+        "queries).",
+    )
     args = ap.parse_args()
     quiet()
     sections = [x.strip() for x in args.sections.split(",") if x.strip()]
@@ -210,6 +216,8 @@ def main() -> None:
         command += f" --detect-model {args.detect_model}"
     if args.sections != ",".join(SECTIONS):
         command += f" --sections {args.sections}"
+    if args.detect_sessions != "200,30":
+        command += f" --detect-sessions {args.detect_sessions}"
     path = RESULTS / "service.json"
     report: dict = json.loads(path.read_text(encoding="utf-8")) if path.exists() and len(sections) < 3 else {}
     report["environment"] = environment()
@@ -227,12 +235,14 @@ def main() -> None:
         t0 = time.time()
         print("detection ...", file=sys.stderr)
         dm = args.detect_model or args.model
+        n_ben, n_att = (60, 10) if q else (int(x) for x in args.detect_sessions.split(","))
         runs = [detection("hashing", 60 if q else 600, 10 if q else 60, 48, 0)]
         if dm != "hashing":
-            runs.append(detection(dm, 60 if q else 200, 10 if q else 30, 48, 1))
+            runs.append(detection(dm, n_ben, n_att, 48, 1))
         padded = ("padded-edit-chain", "alignment-collect")  # the issue-23 case: 120 queries, 3 pads per probe
         for m in dict.fromkeys(["hashing", dm]):
-            runs.append(detection(m, 60 if q else 200, 10 if q else 30, 120, 2, padded))
+            nb, na = (200, 30) if m == "hashing" and not q else (n_ben, n_att)
+            runs.append(detection(m, nb, na, 120, 2, padded))
         fresh = {(r["model"], r["session_length"]) for r in runs}
         kept = [d for d in report.get("detection", []) if (d["model"], d["session_length"]) not in fresh]
         report["detection"] = kept + runs
