@@ -243,6 +243,8 @@ def main() -> None:
         for m in dict.fromkeys(["hashing", dm]):
             nb, na = (200, 30) if m == "hashing" and not q else (n_ben, n_att)
             runs.append(detection(m, nb, na, 120, 2, padded))
+        for r in runs:
+            r["command"] = command
         fresh = {(r["model"], r["session_length"]) for r in runs}
         kept = [d for d in report.get("detection", []) if (d["model"], d["session_length"]) not in fresh]
         report["detection"] = kept + runs
@@ -310,11 +312,12 @@ def render(r: dict) -> str:
     lines += [
         "## Probe detection: TPR at 1% FPR (session score after N queries)",
         "",
-        f"Measured by `{r['commands']['detection']}`.",
-        "",
     ]
     for d in r["detection"]:
+        how = f"`{d['command']}`" if "command" in d else "an earlier version, before the probe-cluster feature"
         lines += [
+            f"Measured by {how}.",
+            "",
             f"Encoder {d['model']}, sessions of {d['session_length']} queries, {d['benign_sessions']} benign "
             f"sessions (half calibrate the threshold {d['threshold']:.3f}, half measure FPR = "
             f"{d['fpr_measured_heldout']:.3f}), {d['attack_sessions_per_class']} attack sessions per class.",
