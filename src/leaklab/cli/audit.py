@@ -47,9 +47,13 @@ def audit(
     report = run_audit(cfg, out, redact=redact, command=command, console=err)
     for s in report["summary"]:
         value = "–" if s["value"] is None else f"{s['value']:.3f}"
-        console.print(f"{s['title']}: [bold]{s['risk']}[/] ({s['metric']} = {value}; {s['detail']})", highlight=False)
+        console.print(
+            f"{s['title']}: [bold]{s['risk']}[/] ({s['metric']} = {value}; {s['detail']})",
+            highlight=False,
+            soft_wrap=True,
+        )
     for n in report["not_assessed"]:
-        console.print(f"not assessed: {n['title']} — {n['reason']}", highlight=False)
+        console.print(f"not assessed: {n['title']} — {n['reason']}", highlight=False, soft_wrap=True)
     console.print(
         f"wrote {out / 'report.html'} and {out / 'report.json'} ({report['reproducibility']['duration_s']} s)"
     )

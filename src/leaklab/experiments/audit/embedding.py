@@ -251,4 +251,4 @@ def _evidence(rec: dict[str, Any], thr: float) -> Evidence:
 
 
 def _fmt(x: Any) -> str:
-    return "–" if x is None else f"{x:.3g}" if isinstance(x, float) else str(x)
+    return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)

@@ -92,7 +92,7 @@ class GradientSection(Config):
     settings: tuple[dict, ...] = option(
         lambda: ({"setting": "fedsgd", "batch_size": 4},), "training settings (list of SettingSpec mappings)"
     )
-    defenses: tuple[dict, ...] = option(tuple, "defenses to sweep (list of DefenseSpec mappings)")
+    defenses: tuple[dict, ...] = option((), "defenses to sweep (list of DefenseSpec mappings)")
     sweep_setting: int = option(0, "index in settings of the setting the defense sweeps run on")
     sweep_batches: int = option(1, "private batches per sweep point")
 
@@ -437,7 +437,7 @@ def _fmt(x: Any) -> str:
     if x is None:
         return "–"
     if isinstance(x, float):
-        return "∞" if math.isinf(x) else f"{x:.3g}"
+        return "∞" if math.isinf(x) else f"{x:.3f}"
     return str(x)
 
 

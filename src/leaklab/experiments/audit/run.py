@@ -19,7 +19,7 @@ from leaklab.experiments.audit.surfaces import AUDIT_SURFACES, PLANNED, Plan, Su
 from leaklab.io import atomic_write_json, atomic_write_text
 from leaklab.progress import step_progress
 
-OVERRUN = 1.25  # steps stop starting once the elapsed time passes the budget by this factor
+OVERRUN = 1.25  # a surface starts no further step once it has spent its share of the budget times this
 STATE = "audit-state.json"
 
 
@@ -68,28 +68,39 @@ def plan_all(surfaces: dict[str, Surface], budget_s: float, out: Path, config_ke
     return scale, {n: s.plan(scale) for n, s in surfaces.items()}
 
 
+def shares(plans: dict[str, Plan], budget_s: float) -> dict[str, float]:
+    """Each surface's part of the budget, in proportion to its estimated battery."""
+    est = {n: sum(s.estimate_s for s in p.steps) for n, p in plans.items()}
+    total = sum(est.values()) or 1.0
+    return {n: budget_s * e / total for n, e in est.items()}
+
+
 def run_steps(
-    plans: dict[str, Plan], out: Path, budget_s: float, start: float, console: Console
+    plans: dict[str, Plan], out: Path, budget_s: float, console: Console
 ) -> tuple[dict[str, dict[str, dict]], list[dict[str, str]], int]:
-    """Run (or load from the cache) every step; steps that would start after the budget's overrun are listed
+    """Run (or load from the cache) every step. Each surface's first step always runs; a later one starts only
+    while the surface has spent less than its share of the budget (times :data:`OVERRUN`), else it is listed
     as not run. Returns the results per surface, the steps not run and the number loaded from the cache."""
     results: dict[str, dict[str, dict]] = {n: {} for n in plans}
     skipped, cached = [], 0
+    share = shares(plans, budget_s)
     total = sum(len(p.steps) for p in plans.values())
     with step_progress(console) as bar:
         task = bar.add_task("audit", total=total)
         for name, plan in plans.items():
-            for step in plan.steps:
+            spent = 0.0
+            for i, step in enumerate(plan.steps):
                 path = out / "steps" / name / f"{step.key}.json"
                 bar.update(task, description=f"{name}: {step.label}")
                 if path.exists():
                     results[name][step.name] = json.loads(path.read_text())
                     cached += 1
-                elif time.perf_counter() - start > budget_s * OVERRUN:
+                elif i and spent > share[name] * OVERRUN:
                     skipped.append({"surface": name, "step": step.label, "reason": "time budget spent"})
                 else:
-                    result = step.run()
-                    atomic_write_json(path, result)
+                    t0 = time.perf_counter()
+                    atomic_write_json(path, step.run())
+                    spent += time.perf_counter() - t0
                     results[name][step.name] = json.loads(path.read_text())
                 bar.advance(task)
     return results, skipped, cached
@@ -133,7 +144,7 @@ def run_audit(
     surfaces = build_surfaces(config)
     config_key = json.dumps(config.to_dict(), sort_keys=True, default=str)
     scale, plans = plan_all(surfaces, budget_s, out, config_key)
-    results, skipped, cached = run_steps(plans, out, budget_s, t0, console)
+    results, skipped, cached = run_steps(plans, out, budget_s, console)
     sections = []
     for name, surface in surfaces.items():
         body = surface.summarise(results[name], plans[name].steps)
