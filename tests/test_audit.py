@@ -81,6 +81,20 @@ def test_init_writes_the_commented_example_and_examples_parse(tmp_path, monkeypa
     assert code == 2 and "--force" in err
 
 
+def test_keys_document_every_section(monkeypatch, capsys):
+    code, out, _ = run_cli(monkeypatch, capsys, "keys", "--json")
+    rows = json.loads(out)
+    assert code == 0 and all(r["help"] for r in rows)
+    keys = {(r["where"], r["name"]) for r in rows}
+    assert {
+        ("(top level)", "time_budget_min"),
+        ("gradient", "model"),
+        ("gradient.settings[]", "learning_rate"),
+        ("embedding", "encoder"),
+        ("api-defenses.defenses[]", "kind"),
+    } <= keys
+
+
 BAD = [
     ({"gradient": {"model": "tiny-llama"}, "colour": 1}, "no key 'colour'; valid: corpus"),
     ({"gradient": {"modle": "tiny-llama"}}, "has no option 'modle'; valid: model, attack"),

@@ -59,6 +59,18 @@ def audit(
     )
 
 
+@app.command("keys")
+def keys(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List every key of an audit config: section, name, type, default and help."""
+    from leaklab.cli.common import print_rows
+    from leaklab.experiments.audit.config import schema
+
+    def cells(r: dict) -> tuple[str, str, str, str, str]:
+        return r["where"], r["name"], r["type"], str(r["default"]), r["help"]
+
+    print_rows(schema(), as_json, "audit config keys", ("section", "key", "type", "default", "help"), cells)
+
+
 @app.command("init")
 def init(
     path: Annotated[Path, typer.Argument(help="Where to write the example config.")] = Path("audit.yaml"),

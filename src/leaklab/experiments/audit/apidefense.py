@@ -77,7 +77,7 @@ class ApiDefenseSection(Config):
         return out
 
 
-@AUDIT_SURFACES.register("api-defenses", config=ApiDefenseSection)
+@AUDIT_SURFACES.register("api-defenses", config=ApiDefenseSection, items={"defenses": ApiDefenseSpec})
 class ApiDefenseSurface(Surface):
     """Defenses of an embedding API against an adaptive attacker, with their utility cost."""
 

@@ -107,6 +107,20 @@ def parse_config(data: dict[str, Any], path: str | None = None) -> AuditConfig:
     return AuditConfig(options, sections, unavailable, data, path)
 
 
+def schema() -> list[dict[str, Any]]:
+    """Every key of an audit config: the general options, then each surface's section and the mappings of its
+    lists, with type, default and help (``leaklab audit keys``)."""
+    from leaklab.experiments.audit.surfaces import AUDIT_SURFACES, load_planned
+
+    load_planned()
+    rows = [{"where": "(top level)", **r} for r in AuditOptions.describe()]
+    for entry in AUDIT_SURFACES.entries():
+        rows += [{"where": entry.name, **r} for r in entry.config.describe()]
+        for key, cls in entry.extra.get("items", {}).items():
+            rows += [{"where": f"{entry.name}.{key}[]", **r} for r in cls.describe()]
+    return rows
+
+
 def load_config(path: str | Path) -> AuditConfig:
     return parse_config(read_yaml(path), str(path))
 

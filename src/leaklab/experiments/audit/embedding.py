@@ -64,7 +64,7 @@ class EmbeddingSection(Config):
         return out
 
 
-@AUDIT_SURFACES.register("embedding", config=EmbeddingSection)
+@AUDIT_SURFACES.register("embedding", config=EmbeddingSection, items={"attacks": AttackSpec})
 class EmbeddingSurface(Surface):
     """Embedding vectors and search endpoints (inversion, knowledge-base extraction, membership)."""
 

@@ -135,7 +135,7 @@ def _defense_points(spec: DefenseSpec) -> list[tuple[str | None, Any, dict[str, 
     return [(param, v, {**spec.params, param: v}) for v in spec.values]
 
 
-@AUDIT_SURFACES.register("gradient", config=GradientSection)
+@AUDIT_SURFACES.register("gradient", config=GradientSection, items={"settings": SettingSpec, "defenses": DefenseSpec})
 class GradientSurface(Surface):
     """Shared updates of collaborative training (federated learning, LoRA, preference tuning)."""
 
@@ -152,7 +152,10 @@ class GradientSurface(Surface):
         from leaklab.threat.settings import resolve_setting
 
         require_causal_lm(section.model, "gradient.model")
-        make_attack(section.attack, section.attack_options)
+        try:
+            make_attack(section.attack, dict(section.attack_options))
+        except LeaklabError as exc:
+            raise LeaklabError(f"gradient.attack: {exc}") from None
         for i, s in enumerate(section.setting_specs()):
             name, opts = s.resolved()
             try:
