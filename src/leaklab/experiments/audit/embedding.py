@@ -19,7 +19,12 @@ from leaklab.experiments.audit.config import AuditOptions, api_key, require_enco
 from leaklab.experiments.audit.surfaces import AUDIT_SURFACES, RISK_LEVELS, Evidence, Plan, Step, Surface, risk_of
 
 #: (metric path, high, medium) deciding each attack family's risk
-RISK_RULES = {"membership": ("exact_query.auc", 0.8, 0.6), "kb-extract": ("token_f1", 0.5, None)}
+RISK_RULES = {
+    "membership": ("exact_query.auc", 0.8, 0.6),
+    "nearest": ("presence_auc", 0.8, 0.6),
+    "kb-extract": ("token_f1", 0.5, None),
+}
+METRIC_NAMES = {"exact_query.auc": "membership AUC", "presence_auc": "presence AUC", "token_f1": "token F1"}
 INVERSION_RULE = ("token_f1", 0.5, None)  # None: the audit's leak threshold
 
 
@@ -221,6 +226,11 @@ def _get(metrics: dict[str, Any] | None, path: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+def _first(metrics: dict[str, Any], *paths: str) -> float | None:
+    values = [_get(metrics, p) for p in paths]
+    return next((v for v in values if v is not None), None)
+
+
 def _row(rec: dict[str, Any]) -> dict[str, Any]:
     from leaklab.experiments.runner import record_outcome
 
@@ -232,8 +242,8 @@ def _row(rec: dict[str, Any]) -> dict[str, Any]:
         "outcome": record_outcome(rec),
         "token_f1": _get(m, "token_f1"),
         "rougeL": _get(m, "rougeL"),
-        "auc": _get(m, "exact_query.auc"),
-        "tpr": _get(m, "exact_query.tpr_at_1pct_fpr"),
+        "auc": _first(m, "exact_query.auc", "presence_auc"),
+        "tpr": _first(m, "exact_query.tpr_at_1pct_fpr", "presence_tpr_at_1pct_fpr"),
         "recovered_share": _get(m, "recovered_share"),
         "queries": queries,
         "seconds": rec.get("attack_seconds"),
@@ -243,7 +253,7 @@ def _row(rec: dict[str, Any]) -> dict[str, Any]:
 def _evidence(rec: dict[str, Any], thr: float) -> Evidence:
     metric, high, medium = RISK_RULES.get(rec["attack"], INVERSION_RULE)
     value = _get(rec.get("aggregate"), metric)
-    name = {"exact_query.auc": "membership AUC", "token_f1": "token F1"}[metric]
+    name = METRIC_NAMES[metric]
     if rec["status"] != "recovered":
         risk = "low" if rec["status"] == "no_signal" else "unknown"
         return Evidence(risk, name, None, f"{rec['attack']}: {rec.get('reason')}")
