@@ -55,7 +55,8 @@ def audit(
     for n in report["not_assessed"]:
         console.print(f"not assessed: {n['title']} — {n['reason']}", highlight=False, soft_wrap=True)
     console.print(
-        f"wrote {out / 'report.html'} and {out / 'report.json'} ({report['reproducibility']['duration_s']} s)"
+        f"wrote {out / 'report.html'} and {out / 'report.json'} ({report['reproducibility']['duration_s']} s)",
+        soft_wrap=True,
     )
 
 
