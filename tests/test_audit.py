@@ -187,3 +187,24 @@ def test_tiny_audit_report_in_headless_chromium(tmp_path):
     steps = sum(s["steps"]["planned"] for s in again["surfaces"])
     assert again["reproducibility"]["steps_from_cache"] == steps
     assert again["summary"] == report["summary"]
+
+
+def test_time_budget_scales_batches_and_states_it():
+    from leaklab.experiments.audit.run import build_surfaces, choose_scale
+
+    data = {
+        "time_budget_min": 1,
+        "gradient": {"model": "tiny-llama", "attack_options": {"budget_s": 60}, "batches": 4},
+        "embedding": {"encoder": "tiny-bert", "targets": 40, "attacks": [{"attack": "bow"}]},
+    }
+    surfaces = build_surfaces(parse_config(data))
+    full = {n: s.plan(1.0) for n, s in surfaces.items()}
+    scale = choose_scale(full, 60)
+    assert 0 < scale < 1
+    assert sum(s.estimate_s for p in full.values() for s in p.steps) * scale == pytest.approx(60)
+    scaled = {n: s.plan(scale) for n, s in surfaces.items()}
+    assert len(scaled["gradient"].steps) < len(full["gradient"].steps) == 4
+    notes = " ".join(c for p in scaled.values() for c in p.scaling)
+    assert "batches per setting 4 →" in notes and "time limit per batch 60 s →" in notes
+    assert "private targets 40 →" in notes and "training time" in notes
+    assert choose_scale(full, 10**6) == 1.0 and not any(p.scaling for p in full.values())
