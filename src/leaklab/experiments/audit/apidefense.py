@@ -148,9 +148,10 @@ class ApiDefenseSurface(Surface):
         for r in rows:
             f1 = r.get("bow_token_f1")
             r["stopped"] = r["family"] != "none" and r["status"] == "recovered" and f1 is not None and f1 <= thr
-        ok = [r for r in rows if r["stopped"]]
-        best = max(ok, key=lambda r: r["label_precision@10"]) if ok else None
         f1 = base.get("bow_token_f1")
+        safe = base["status"] == "recovered" and f1 is not None and f1 <= thr
+        ok = [r for r in rows if r["stopped"]]
+        best = max(ok, key=lambda r: r["label_precision@10"]) if ok and not safe else None
         evidence = Evidence(
             risk_of(f1, 0.5, thr),
             "BoW token F1",
@@ -183,6 +184,8 @@ class ApiDefenseSurface(Surface):
             f"{best['defense']} stops the adaptive probe (token F1 {best['bow_token_f1']:.3f}) keeping label "
             f"P@10 {best['label_precision@10']:.3f} (undefended {base['label_precision@10']:.3f})"
             if best
+            else f"none needed: the undefended API already keeps the probe at token F1 ≤ {thr}"
+            if safe
             else f"no swept API defense brought the probe to token F1 ≤ {thr}"
         )
         return {

@@ -282,6 +282,8 @@ class GradientSurface(Surface):
                 f"{best['defense']} {best['param'] or ''}={best['value']} brings {sec.attack} to "
                 f"{_fmt(best['rouge1'])} ROUGE-1 (≤ {thr}) at a utility cost of {best['cost']:+.2e} Δ loss"
             )
+        elif any(r["defense"] == "none" and r["stopped"] for r in sweep):
+            recommendation = f"none needed against {sec.attack}: the undefended update is already at ROUGE-1 ≤ {thr}"
         elif sweep:
             recommendation = f"no swept defense brought {sec.attack} to ROUGE-1 ≤ {thr}: sweep stronger values"
         return {
@@ -420,7 +422,10 @@ def _sweep_rows(
 
 
 def _recommend(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The defended point that stops the attack at the smallest utility cost."""
+    """The defended point that stops the attack at the smallest utility cost (none when the undefended update
+    already does)."""
+    if any(r["defense"] == "none" and r["stopped"] for r in rows):
+        return None
     ok = [r for r in rows if r["defense"] != "none" and r["stopped"] and r["cost"] is not None]
     return min(ok, key=lambda r: r["cost"]) if ok else None
 
