@@ -43,7 +43,7 @@ def not_assessed(config: AuditConfig) -> list[dict[str, str]]:
     for name, reason in missing.items():
         given = " (the config has a section for it)" if name in config.unavailable else ""
         out.append(
-            {"surface": name, "title": PLANNED[name][0], "reason": reason + given, "would_assess": PLANNED[name][2]}
+            {"surface": name, "title": PLANNED[name][0], "reason": reason + given, "would_assess": PLANNED[name][3]}
         )
     return out
 

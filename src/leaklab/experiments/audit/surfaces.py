@@ -6,7 +6,8 @@ the audit file) checks its section before any work (:meth:`Surface.preflight`), 
 section (:meth:`Surface.summarise`): a risk level with the evidence number, the threat model in plain words,
 tables, side-by-side examples and privacy–utility plots. Third-party or later surfaces register through the
 ``leaklab.audit_surfaces`` entry point group; the surfaces in :data:`PLANNED` that no installed module provides
-are listed in the report as not assessed, with the reason.
+are listed in the report as not assessed, with the reason. A later surface is a module of this package
+named in :data:`PLANNED` whose import registers it.
 """
 
 from __future__ import annotations
@@ -107,43 +108,56 @@ AUDIT_SURFACES: Registry[type[Surface]] = Registry(
     entry_points="leaklab.audit_surfaces",
 )
 
-#: surfaces the audit knows of that another leaklab module provides when installed: name -> (title, module
-#: whose import registers the surface, what it would assess)
-PLANNED: dict[str, tuple[str, str, str]] = {
+#: surfaces the audit knows of, each provided by a module of this package once written: name -> (title, the
+#: surface's module (importing it registers the surface), the leaklab module it builds on, what it assesses)
+PLANNED: dict[str, tuple[str, str, str, str]] = {
     "flower": (
         "Flower federated training",
-        "leaklab.fl.audit",
+        "leaklab.experiments.audit.flower",
+        "leaklab.fl",
         "gradient attacks on the updates a Flower server receives from real ClientApps",
     ),
     "lm-membership": (
         "Fine-tuned LM: membership and canaries",
-        "leaklab.attacks.membership.audit",
+        "leaklab.experiments.audit.lm_membership",
+        "leaklab.attacks.membership",
         "membership inference (loss, zlib, min-k, reference) and canary extraction on a fine-tune and its base",
     ),
     "kb-secrets": (
         "Knowledge base: secret extraction",
-        "leaklab.attacks.embedding.secrets_audit",
+        "leaklab.experiments.audit.kb_secrets",
+        "leaklab.attacks.embedding.kbsecrets",
         "extraction of secrets (keys, numbers, names) from a search endpoint's hidden documents",
     ),
 }
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def load_planned() -> dict[str, str]:
-    """Import the provider of each planned surface that is installed (importing registers it); the reason for
-    each one that is not."""
+    """Import the module of each planned surface that exists (importing registers it); the reason for each
+    surface that is not available."""
     import importlib
 
     missing = {}
-    for name, (_, module, _) in PLANNED.items():
+    for name, (_, module, base, _) in PLANNED.items():
         if name in AUDIT_SURFACES:
             continue
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not module.startswith(exc.name):
-                raise
-            missing[name] = f"not available in this leaklab version (module {module} is not installed)"
+        if not _importable(module):
+            missing[name] = (
+                f"{base} is installed but its audit surface ({module}) is not written yet"
+                if _importable(base)
+                else f"not available in this leaklab version ({base} is not installed)"
+            )
             continue
+        importlib.import_module(module)
         if name not in AUDIT_SURFACES:
             missing[name] = f"module {module} did not register the '{name}' surface"
     return missing
