@@ -39,10 +39,9 @@ def audit(
         return
     if config is None:
         raise LeaklabError("give --config AUDIT.yaml (`leaklab audit init audit.yaml` writes a commented example)")
-    from leaklab.experiments.audit import load_config, preflight, run_audit
+    from leaklab.experiments.audit import load_config, run_audit
 
     cfg = load_config(config)
-    preflight(cfg)
     command = shlex.join(["leaklab", *sys.argv[1:]])
     report = run_audit(cfg, out, redact=redact, command=command, console=err)
     for s in report["summary"]:
