@@ -208,3 +208,38 @@ def test_time_budget_scales_batches_and_states_it():
     assert "batches per setting 4 →" in notes and "time limit per batch 60 s →" in notes
     assert "private targets 40 →" in notes and "training time" in notes
     assert choose_scale(full, 10**6) == 1.0 and not any(p.scaling for p in full.values())
+
+
+def test_a_step_past_its_time_limit_is_stopped_and_listed(tmp_path, monkeypatch):
+    import time
+
+    from rich.console import Console
+
+    from leaklab.experiments.audit import run as audit_run
+    from leaklab.experiments.audit.surfaces import Plan, Step
+
+    monkeypatch.setattr(audit_run, "MIN_STEP_S", 0.5)
+    calls = []
+
+    def slow() -> dict:
+        time.sleep(30)
+        return {}
+
+    def fast() -> dict:
+        calls.append(1)
+        return {"ok": 1}
+
+    plans = {
+        "fast": Plan([Step("a", "fast step", {"k": 1}, fast, 0.01)]),
+        "slow": Plan([Step("a", "slow step", {}, slow, 0.01), Step("b", "next", {"k": 2}, fast, 0.01)]),
+    }
+    t0 = time.perf_counter()
+    results, skipped, cached = audit_run.run_steps(plans, tmp_path, 0.2, Console(quiet=True))
+    assert time.perf_counter() - t0 < 10
+    assert results == {"fast": {"a": {"ok": 1}}, "slow": {}}
+    assert [(s["step"], s["reason"].split(" (")[0]) for s in skipped] == [
+        ("slow step", "stopped at its time limit"),
+        ("next", "time budget spent"),
+    ]
+    again, _, cached = audit_run.run_steps({"fast": plans["fast"]}, tmp_path, 0.2, Console(quiet=True))
+    assert cached == 1 and calls == [1] and again["fast"]["a"] == {"ok": 1}  # resumed from the cache

@@ -7,19 +7,25 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from leaklab.experiments.audit.config import AuditConfig, preflight
-from leaklab.experiments.audit.surfaces import AUDIT_SURFACES, PLANNED, Plan, Surface, load_planned
+from leaklab.experiments.audit.surfaces import AUDIT_SURFACES, PLANNED, Plan, Step, Surface, load_planned
 from leaklab.io import atomic_write_json, atomic_write_text
 from leaklab.progress import step_progress
 
 OVERRUN = 1.25  # a surface starts no further step once it has spent its share of the budget times this
+STEP_LIMIT_FACTOR = 4.0  # a step may always run this many times its estimate ...
+MIN_STEP_S = 60.0  # ... and at least this long
 STATE = "audit-state.json"
 
 
@@ -75,12 +81,43 @@ def shares(plans: dict[str, Plan], budget_s: float) -> dict[str, float]:
     return {n: budget_s * e / total for n, e in est.items()}
 
 
+class StepTimeout(Exception):
+    """A step ran past its time limit."""
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`StepTimeout` in the block after ``seconds`` (a SIGALRM timer; no limit off the main
+    thread or where the platform has no such timer)."""
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise StepTimeout
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def step_limit(step: Step, share_left: float) -> float:
+    """A step may run for the rest of its surface's share, and never less than a few times its estimate."""
+    return max(STEP_LIMIT_FACTOR * step.estimate_s, share_left, MIN_STEP_S)
+
+
 def run_steps(
     plans: dict[str, Plan], out: Path, budget_s: float, console: Console
 ) -> tuple[dict[str, dict[str, dict]], list[dict[str, str]], int]:
     """Run (or load from the cache) every step. Each surface's first step always runs; a later one starts only
     while the surface has spent less than its share of the budget (times :data:`OVERRUN`), else it is listed
-    as not run. Returns the results per surface, the steps not run and the number loaded from the cache."""
+    as not run; a step that runs past :func:`step_limit` is stopped and listed likewise. Returns the results
+    per surface, the steps not run and the number loaded from the cache."""
     results: dict[str, dict[str, dict]] = {n: {} for n in plans}
     skipped, cached = [], 0
     share = shares(plans, budget_s)
@@ -98,10 +135,18 @@ def run_steps(
                 elif i and spent > share[name] * OVERRUN:
                     skipped.append({"surface": name, "step": step.label, "reason": "time budget spent"})
                 else:
+                    limit = step_limit(step, share[name] * OVERRUN - spent)
                     t0 = time.perf_counter()
-                    atomic_write_json(path, step.run())
+                    try:
+                        with time_limit(limit):
+                            result = step.run()
+                    except StepTimeout:
+                        reason = f"stopped at its time limit ({limit:.0f} s)"
+                        skipped.append({"surface": name, "step": step.label, "reason": reason})
+                    else:
+                        atomic_write_json(path, result)
+                        results[name][step.name] = json.loads(path.read_text())
                     spent += time.perf_counter() - t0
-                    results[name][step.name] = json.loads(path.read_text())
                 bar.advance(task)
     return results, skipped, cached
 
