@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -24,9 +26,11 @@ def main() -> None:
     ap.add_argument("--work", default="audit-quick-run", help="the audit's output folder (step cache included)")
     args = ap.parse_args()
     cmd = ["leaklab", "audit", "--config", args.config, "--out", args.work]
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     subprocess.run([sys.executable, "-m", "leaklab.cli", *cmd[1:]], check=True, cwd=ROOT)
     wall = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu, load1 = usage.ru_utime + usage.ru_stime, os.getloadavg()[0]
 
     from leaklab.report.browser import check_page
 
@@ -36,14 +40,14 @@ def main() -> None:
         shutil.copy(work / name, RESULTS / name)
     seen = check_page(RESULTS / "report.html", RESULTS / "report-first-screen.png")
     report = json.loads((RESULTS / "report.json").read_text())
-    write_readme(report, wall, " ".join(cmd), seen)
+    write_readme(report, wall, cpu, (load0, load1), " ".join(cmd), seen)
 
 
 def _num(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def write_readme(report: dict, wall: float, cmd: str, seen) -> None:
+def write_readme(report: dict, wall: float, cpu: float, load: tuple[float, float], cmd: str, seen) -> None:
     rows = "\n".join(
         f"| {s['title']} | {s['risk']} | {s['metric']} = {_num(s['value'])} | {s['detail']} | "
         f"{s['recommendation'] or '–'} |"
@@ -63,7 +67,8 @@ Chromium and screenshots its first screen).
 - First screen: ![first screen](report-first-screen.png)
 - **Wall time: {wall:.0f} s** ({wall / 60:.1f} min; target ≤ 15 min) on {env["device"]}; the audit's own duration
   {report["reproducibility"]["duration_s"]:g} s, budget {report["scaling"]["budget_min"]:g} min, scale
-  {report["scaling"]["scale"]:g}.
+  {report["scaling"]["scale"]:g}. CPU time of the audit process {cpu:.0f} s; 1-minute load average
+  {load[0]:.1f} at the start and {load[1]:.1f} at the end (the machine is shared).
 - In Chromium: {len(seen.console_errors)} console error(s), {requests} network request(s), sections
   {", ".join(seen.sections)}, surfaces {", ".join(seen.surfaces)}.
 
