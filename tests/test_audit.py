@@ -243,3 +243,5 @@ def test_a_step_past_its_time_limit_is_stopped_and_listed(tmp_path, monkeypatch)
     ]
     again, _, cached = audit_run.run_steps({"fast": plans["fast"]}, tmp_path, 0.2, Console(quiet=True))
     assert cached == 1 and calls == [1] and again["fast"]["a"] == {"ok": 1}  # resumed from the cache
+    _, skipped, _ = audit_run.run_steps(plans, tmp_path / "new", 0.2, Console(quiet=True), cached_only=True)
+    assert calls == [1] and len(skipped) == 3 and all("--cached-only" in s["reason"] for s in skipped)

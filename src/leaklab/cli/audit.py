@@ -32,6 +32,10 @@ def audit(
     redact: Annotated[
         bool, typer.Option("--redact", help="Mask private and recovered texts beyond their first characters.")
     ] = False,
+    cached_only: Annotated[
+        bool,
+        typer.Option("--cached-only", help="Write the report of the steps already cached in OUT; run nothing."),
+    ] = False,
 ) -> None:
     """Audit a system: gradient, embedding and API-defense surfaces; writes OUT/report.html and OUT/report.json.
     Finished steps are cached in OUT, so rerunning an interrupted audit resumes it."""
@@ -43,7 +47,7 @@ def audit(
 
     cfg = load_config(config)
     command = shlex.join(["leaklab", *sys.argv[1:]])
-    report = run_audit(cfg, out, redact=redact, command=command, console=err)
+    report = run_audit(cfg, out, redact=redact, cached_only=cached_only, command=command, console=err)
     for s in report["summary"]:
         value = "–" if s["value"] is None else f"{s['value']:.3f}"
         console.print(

@@ -152,7 +152,8 @@ def _reproducibility(r: dict[str, Any]) -> str:
         f"<p><b>Seed:</b> {r['seed']} · <b>device:</b> {escape(env['device'])} · <b>duration:</b> {r['duration_s']:g} s"
         f" ({r['steps_from_cache']} step(s) from the cache) · <b>started:</b> {escape(env['started_utc'])} · "
         f"<b>leaklab</b> {escape(str(env['leaklab']))} · Python {escape(env['python'])} · {escape(env['platform'])}"
-        f"{' · texts redacted' if r['redacted'] else ''}</p>"
+        f"{' · texts redacted' if r['redacted'] else ''}"
+        f"{' · report of the cached steps only (--cached-only)' if r.get('cached_only') else ''}</p>"
         f"<h3>Configuration</h3><pre>{escape(json.dumps(r['config'], indent=2, default=str))}</pre>"
         f"<h3>Package versions</h3><table><tbody>{packages}</tbody></table></section>"
     )

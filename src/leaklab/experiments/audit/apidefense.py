@@ -134,7 +134,9 @@ class ApiDefenseSurface(Surface):
         res = results.get("sweep")
         if res is None:
             return {
-                "evidence": Evidence("unknown", "BoW token F1", None, "the sweep did not run"),
+                "evidence": Evidence(
+                    "unknown", "BoW token F1", None, "the sweep did not run (see the time budget section)"
+                ),
                 "flags": [],
                 "tables": [],
                 "examples": [],

@@ -144,7 +144,7 @@ class EmbeddingSurface(Surface):
         evidence = (
             min(evidences, key=lambda e: RISK_LEVELS.index(e.risk))
             if evidences
-            else Evidence("unknown", "token F1", None, "no attack ran")
+            else Evidence("unknown", "token F1", None, "no attack ran (see the time budget section)")
         )
         access = self.section.encoder
         flags = [

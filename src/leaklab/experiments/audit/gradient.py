@@ -284,6 +284,8 @@ class GradientSurface(Surface):
             )
         elif any(r["defense"] == "none" and r["stopped"] for r in sweep):
             recommendation = f"none needed against {sec.attack}: the undefended update is already at ROUGE-1 ≤ {thr}"
+        elif not any(r["defense"] != "none" for r in sweep):
+            recommendation = "none: no defended sweep point ran (see the time budget section)" if sec.defenses else None
         elif sweep:
             recommendation = f"no swept defense brought {sec.attack} to ROUGE-1 ≤ {thr}: sweep stronger values"
         return {

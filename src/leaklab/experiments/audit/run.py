@@ -112,11 +112,12 @@ def step_limit(step: Step, share_left: float) -> float:
 
 
 def run_steps(
-    plans: dict[str, Plan], out: Path, budget_s: float, console: Console
+    plans: dict[str, Plan], out: Path, budget_s: float, console: Console, cached_only: bool = False
 ) -> tuple[dict[str, dict[str, dict]], list[dict[str, str]], int]:
     """Run (or load from the cache) every step. Each surface's first step always runs; a later one starts only
     while the surface has spent less than its share of the budget (times :data:`OVERRUN`), else it is listed
-    as not run; a step that runs past :func:`step_limit` is stopped and listed likewise. Returns the results
+    as not run; a step that runs past :func:`step_limit` is stopped and listed likewise (with ``cached_only``,
+    every step not in the cache is listed as not run). Returns the results
     per surface, the steps not run and the number loaded from the cache."""
     results: dict[str, dict[str, dict]] = {n: {} for n in plans}
     skipped, cached = [], 0
@@ -132,6 +133,8 @@ def run_steps(
                 if path.exists():
                     results[name][step.name] = json.loads(path.read_text())
                     cached += 1
+                elif cached_only:
+                    skipped.append({"surface": name, "step": step.label, "reason": "not in the cache (--cached-only)"})
                 elif i and spent > share[name] * OVERRUN:
                     skipped.append({"surface": name, "step": step.label, "reason": "time budget spent"})
                 else:
@@ -174,10 +177,13 @@ def run_audit(
     out: str | Path,
     *,
     redact: bool = False,
+    cached_only: bool = False,
     command: str | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """The whole audit; returns the report (also written to ``out/report.json`` and ``out/report.html``)."""
+    """The whole audit; returns the report (also written to ``out/report.json`` and ``out/report.html``).
+    ``cached_only`` writes the report of the steps already in ``out``'s cache (an interrupted audit) and runs
+    nothing."""
     from leaklab.report.html import redact_report, render_html
 
     console = console or Console(stderr=True)
@@ -189,7 +195,7 @@ def run_audit(
     surfaces = build_surfaces(config)
     config_key = json.dumps(config.to_dict(), sort_keys=True, default=str)
     scale, plans = plan_all(surfaces, budget_s, out, config_key)
-    results, skipped, cached = run_steps(plans, out, budget_s, console)
+    results, skipped, cached = run_steps(plans, out, budget_s, console, cached_only)
     sections = []
     for name, surface in surfaces.items():
         body = surface.summarise(results[name], plans[name].steps)
@@ -235,6 +241,7 @@ def run_audit(
             "duration_s": round(duration, 1),
             "steps_from_cache": cached,
             "redacted": redact,
+            "cached_only": cached_only,
         },
     }
     if redact:
