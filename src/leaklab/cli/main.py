@@ -135,9 +135,10 @@ def demo_cmd(
 
 def _mount_subcommands() -> None:
     """The command groups, listed explicitly: a broken module fails loudly instead of vanishing from --help."""
-    from leaklab.cli import embed, gradient, keys, monitor, serve, signals
+    from leaklab.cli import audit, embed, gradient, keys, monitor, serve, signals
 
     groups = (
+        (audit.app, "audit", "Audit a system: every leakage surface, one self-contained HTML report."),
         (gradient.app, "gradient", "Gradient inversion: attacks, threat settings, defenses, sweeps, benchmarks."),
         (embed.app, "embed", "Embedding inversion attacks, benchmarks and API-defense evaluation."),
         (keys.app, "keys", "API keys of the embedding service."),
