@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.leaklab-installed
 
-.PHONY: install demo test lint clean
+.PHONY: install chromium demo test lint clean
 
 $(STAMP): pyproject.toml requirements.txt requirements-torch.txt requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,12 +14,17 @@ $(STAMP): pyproject.toml requirements.txt requirements-torch.txt requirements-as
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+# Debian's chromium, for the audit report's browser test (idempotent; root or sudo)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+
+install: $(STAMP) chromium
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/leaklab demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --timeout 1800 tests
 
 lint: $(STAMP)

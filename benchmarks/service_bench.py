@@ -148,7 +148,9 @@ def overhead(model: str, texts: list[str]) -> dict:
     }
 
 
-def detection(model: str, n_benign: int, n_attack: int, length: int, seed: int) -> dict:
+def detection(
+    model: str, n_benign: int, n_attack: int, length: int, seed: int, attacks: tuple[str, ...] = ATTACKS
+) -> dict:
     """Session scores of benign replay vs attack loops; threshold at the 99th percentile of half the benign
     sessions (calibration), FPR measured on the other half, TPR per attack class."""
     enc = load_encoder(model)
@@ -160,7 +162,7 @@ def detection(model: str, n_benign: int, n_attack: int, length: int, seed: int) 
         for k in BENIGN
     }
     att = {
-        k: [session_score(enc, ATTACK_FNS[k](enc, pools, rng, length), kw) for _ in range(n_attack)] for k in ATTACKS
+        k: [session_score(enc, ATTACK_FNS[k](enc, pools, rng, length), kw) for _ in range(n_attack)] for k in attacks
     }
     all_ben = np.array([s for v in ben.values() for s in v])
     perm = rng.permutation(len(all_ben))
@@ -169,8 +171,8 @@ def detection(model: str, n_benign: int, n_attack: int, length: int, seed: int) 
     thr, fpr, _ = tpr_at_fpr(held, np.zeros(1), 0.01, calib)
     out.update({"threshold": thr, "fpr_measured_heldout": fpr})
     out["tpr"] = {k: float(np.mean(np.array(v) > thr)) for k, v in att.items()}
-    probing = [s for k in ("greedy-prefix", "edit-chain", "kb-sweep") for s in att[k]]
-    out["tpr_probing_loops"] = float(np.mean(np.array(probing) > thr))
+    probing = [s for k in ("greedy-prefix", "edit-chain", "kb-sweep") if k in att for s in att[k]]
+    out["tpr_probing_loops"] = float(np.mean(np.array(probing) > thr)) if probing else None
     out["benign_score_p99"] = {k: float(np.quantile(v, 0.99)) for k, v in ben.items()}
     out["attack_score_median"] = {k: float(np.median(v)) for k, v in att.items()}
     out["attack_sessions_per_class"] = n_attack
@@ -197,6 +199,12 @@ def main() -> None:
         default=",".join(SECTIONS),
         help="Sections to (re)measure; the others are kept from the existing service.json.",
     )
+    ap.add_argument(
+        "--detect-sessions",
+        default="200,30",
+        help="Benign,attack sessions of each detection run on a model other than hashing (hashing: 600,60 at 48 "
+        "queries).",
+    )
     args = ap.parse_args()
     quiet()
     sections = [x.strip() for x in args.sections.split(",") if x.strip()]
@@ -208,6 +216,8 @@ def main() -> None:
         command += f" --detect-model {args.detect_model}"
     if args.sections != ",".join(SECTIONS):
         command += f" --sections {args.sections}"
+    if args.detect_sessions != "200,30":
+        command += f" --detect-sessions {args.detect_sessions}"
     path = RESULTS / "service.json"
     report: dict = json.loads(path.read_text(encoding="utf-8")) if path.exists() and len(sections) < 3 else {}
     report["environment"] = environment()
@@ -225,11 +235,19 @@ def main() -> None:
         t0 = time.time()
         print("detection ...", file=sys.stderr)
         dm = args.detect_model or args.model
+        n_ben, n_att = (60, 10) if q else (int(x) for x in args.detect_sessions.split(","))
         runs = [detection("hashing", 60 if q else 600, 10 if q else 60, 48, 0)]
         if dm != "hashing":
-            runs.append(detection(dm, 60 if q else 200, 10 if q else 30, 48, 1))
-        fresh = {r["model"] for r in runs}
-        report["detection"] = [d for d in report.get("detection", []) if d["model"] not in fresh] + runs
+            runs.append(detection(dm, n_ben, n_att, 48, 1))
+        padded = ("padded-edit-chain", "alignment-collect")  # the issue-23 case: 120 queries, 3 pads per probe
+        for m in dict.fromkeys(["hashing", dm]):
+            nb, na = (200, 30) if m == "hashing" and not q else (n_ben, n_att)
+            runs.append(detection(m, nb, na, 120, 2, padded))
+        for r in runs:
+            r["command"] = command
+        fresh = {(r["model"], r["session_length"]) for r in runs}
+        kept = [d for d in report.get("detection", []) if (d["model"], d["session_length"]) not in fresh]
+        report["detection"] = kept + runs
         report["timings_s"]["detection"], report["commands"]["detection"] = time.time() - t0, command
     if "privacy" in sections:
         t0 = time.time()
@@ -294,11 +312,12 @@ def render(r: dict) -> str:
     lines += [
         "## Probe detection: TPR at 1% FPR (session score after N queries)",
         "",
-        f"Measured by `{r['commands']['detection']}`.",
-        "",
     ]
     for d in r["detection"]:
+        how = f"`{d['command']}`" if "command" in d else "an earlier version, before the probe-cluster feature"
         lines += [
+            f"Measured by {how}.",
+            "",
             f"Encoder {d['model']}, sessions of {d['session_length']} queries, {d['benign_sessions']} benign "
             f"sessions (half calibrate the threshold {d['threshold']:.3f}, half measure FPR = "
             f"{d['fpr_measured_heldout']:.3f}), {d['attack_sessions_per_class']} attack sessions per class.",
@@ -308,14 +327,16 @@ def render(r: dict) -> str:
         ]
         for k, v in d["tpr"].items():
             lines.append(f"| {k} | {v:.3f} | {d['attack_score_median'][k]:.3f} |")
+        if d["tpr_probing_loops"] is not None:
+            lines.append(f"| probing loops (greedy-prefix + edit-chain + kb-sweep) | {d['tpr_probing_loops']:.3f} | |")
         lines += [
-            f"| probing loops (greedy-prefix + edit-chain + kb-sweep) | {d['tpr_probing_loops']:.3f} | |",
             "",
             "Benign 99th-percentile scores: "
             + ", ".join(f"{k} {v:.3f}" for k, v in d["benign_score_p99"].items())
             + ". alignment-collect (natural public sentences) is benign-looking by construction: the monitor "
             "cannot see it; only quotas bound it. padded-edit-chain (where measured) is the evasion of the "
-            "edit-chain loop with 3 natural public sentences after every probe: 4x the queries per probe.",
+            "edit-chain loop with 3 natural public sentences after every probe: 4x the queries per probe; the "
+            "monitor's probe-cluster feature (edit-linked queries of >= 5 words forming one cluster) sees it.",
             "",
         ]
     pu = r["privacy_utility"]

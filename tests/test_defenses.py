@@ -410,8 +410,12 @@ def test_interrupted_sweep_keeps_the_points_it_finished(tmp_path, monkeypatch):
         return real(atk, obs, secret, **kw)
 
     monkeypatch.setattr(sweep_mod, "attack_batch", flaky)
+    out = tmp_path / "sweep"
     with pytest.raises(KeyboardInterrupt):
-        sweep_mod.sweep("clip", [1.0], "tokenset", "tiny-gpt2", "rotten-tomatoes", 2, 1, 0, tmp_path, max_tokens=16)
-    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+        sweep_mod.sweep("clip", [1.0], "tokenset", "tiny-gpt2", "rotten-tomatoes", 2, 1, 0, out, max_tokens=16)
+    assert not out.exists()  # an interrupted sweep does not read as a finished one
+    kept = tmp_path / "sweep.incomplete"
+    rows = json.loads((kept / "sweep.json").read_text())["rows"]
     assert [r["value"] for r in rows] == ["none"]
-    assert "| none |" in (tmp_path / "sweep.md").read_text()
+    assert "| none |" in (kept / "sweep.md").read_text()
+    assert json.loads((kept / "status.json").read_text())["status"] == "incomplete"

@@ -49,7 +49,10 @@ def test_chunk_rows_follow_free_memory(monkeypatch):
 
 def _main(monkeypatch, capsys, *args):
     from leaklab.cli.main import main
+    from leaklab.models import device
 
+    monkeypatch.setenv(ENV, "auto")  # --device is passed on through the environment: restored after the test
+    monkeypatch.setitem(device._CHOSEN, "device", None)
     monkeypatch.setattr(sys, "argv", ["leaklab", *args])
     with pytest.raises(SystemExit) as exc:
         main()

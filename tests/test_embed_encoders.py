@@ -109,7 +109,7 @@ def test_the_service_serves_the_attacks_encoder_type():
     before = enc.usage.snapshot()
     v = enc.embed(texts)
     assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
-    assert enc.usage.since(before) == {"queries": 2, "calls": 1, "tokens": sum(want)}
+    assert enc.usage.since(before) == {"queries": 2, "calls": 1, "tokens": sum(want), "retried": 0}
     raw = CallableEncoder(lambda t: np.array([[3.0, 4.0], [0.0, 0.0]])[: len(t)], 2, normalize=True, batch_size=None)
     np.testing.assert_allclose(raw.embed(["x", "y"]), [[0.6, 0.8], [0.0, 0.0]])
     np.testing.assert_allclose(normalise(np.array([[0.0, 2.0]])), [[0.0, 1.0]])

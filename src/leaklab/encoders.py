@@ -14,11 +14,14 @@ embedding service serves encoders of the same type (:mod:`leaklab.service.encode
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import os
 import re
+import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,20 +42,23 @@ def rough_token_count(text: str) -> int:
 
 @dataclass
 class Usage:
-    """What an attacker spent on an encoder: texts embedded, requests sent, tokens sent."""
+    """What an attacker spent on an encoder: texts embedded, requests sent, tokens sent, and texts sent again
+    after the server asked to retry (429/503)."""
 
     queries: int = 0
     calls: int = 0
     tokens: int = 0
+    retried: int = 0
 
     def snapshot(self) -> Usage:
-        return Usage(self.queries, self.calls, self.tokens)
+        return Usage(self.queries, self.calls, self.tokens, self.retried)
 
     def since(self, before: Usage) -> dict[str, int]:
         return {
             "queries": self.queries - before.queries,
             "calls": self.calls - before.calls,
             "tokens": self.tokens - before.tokens,
+            "retried": self.retried - before.retried,
         }
 
 
@@ -134,9 +140,39 @@ class CallableEncoder(Encoder):
         return normalise(out) if self.normalize else out
 
 
+RETRY_STATUSES = (429, 503)
+
+
+def retry_after_seconds(value: str | None, attempt: int) -> float:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date); without one, 1, 2, 4, ... s."""
+    if value:
+        value = value.strip()
+        if re.fullmatch(r"\d+(\.\d+)?", value):
+            return float(value)
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+        except (TypeError, ValueError):
+            pass
+    return float(2**attempt)
+
+
+def print_wait(url: str, status: int, seconds: float, attempt: int, max_retries: int) -> None:
+    """The visible wait: one line on stderr per retry."""
+    print(
+        f"{url} answered {status}; waiting {seconds:.1f}s (Retry-After) before retry {attempt}/{max_retries}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 class HttpEncoder(Encoder):
     """Client of an OpenAI-style embeddings endpoint: POST {base}/v1/embeddings {"model", "input": [..]} with
-    ``Authorization: Bearer KEY``; reads ``data[i].embedding`` (ordered by ``index``) and ``usage.prompt_tokens``."""
+    ``Authorization: Bearer KEY``; reads ``data[i].embedding`` (ordered by ``index``) and ``usage.prompt_tokens``.
+
+    A 429 or 503 is retried after the server's Retry-After, at most ``max_retries`` times per request and only
+    when the wait is at most ``max_wait`` seconds (a daily quota resets at midnight: that is an error, not a
+    wait); each wait is reported through ``on_wait`` and the re-sent texts are counted in ``usage.retried``."""
 
     def __init__(
         self,
@@ -147,9 +183,14 @@ class HttpEncoder(Encoder):
         batch_size: int = 64,
         timeout: float = 60.0,
         client: Any = None,
+        max_retries: int = 5,
+        max_wait: float = 120.0,
+        on_wait: Callable[[str, int, float, int, int], None] = print_wait,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         import httpx
 
+        self.max_retries, self.max_wait, self.on_wait, self._sleep = max_retries, max_wait, on_wait, sleep
         self.url = url.rstrip("/")
         if not self.url.endswith("/v1/embeddings"):
             self.url += "/v1/embeddings"
@@ -164,13 +205,29 @@ class HttpEncoder(Encoder):
         if dim is None:
             self.dim = int(self._post(["probe"]).shape[1])
 
-    def _post(self, texts: list[str]) -> np.ndarray:
+    def _send(self, texts: list[str]) -> Any:
         import httpx
 
         try:
-            resp = self._client.post(self.url, json={"model": self.model, "input": texts})
+            return self._client.post(self.url, json={"model": self.model, "input": texts})
         except httpx.HTTPError as exc:
             raise LeaklabError(f"embedding endpoint {self.url} unreachable: {exc}") from None
+
+    def _post(self, texts: list[str]) -> np.ndarray:
+        resp = self._send(texts)
+        attempt = 0
+        while resp.status_code in RETRY_STATUSES and attempt < self.max_retries:
+            wait = retry_after_seconds(resp.headers.get("retry-after"), attempt)
+            if wait > self.max_wait:
+                raise LeaklabError(
+                    f"embedding endpoint {self.url} answered {resp.status_code} with Retry-After {wait:.0f}s, "
+                    f"longer than the {self.max_wait:g}s this client waits: {resp.text[:200]}"
+                )
+            attempt += 1
+            self.on_wait(self.url, resp.status_code, wait, attempt, self.max_retries)
+            self._sleep(wait)
+            self.usage.retried += len(texts)
+            resp = self._send(texts)
         if resp.status_code != 200:
             raise LeaklabError(f"embedding endpoint {self.url} answered {resp.status_code}: {resp.text[:200]}")
         body = resp.json()

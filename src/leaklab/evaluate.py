@@ -15,11 +15,11 @@ from leaklab.errors import LeaklabError
 from leaklab.experiments.runner import BAG_METRICS, TEXT_METRICS, attack_batch, outcome_text, summarise
 from leaklab.models import ModelRef, load_model
 from leaklab.progress import step_progress
-from leaklab.report import new_run_dir
+from leaklab.report import check_output, run_folder
 from leaklab.threat import ThreatFlags, fedsgd_update, load_secret, load_update
 from leaklab.threat.fedsgd import private_sample
 from leaklab.threat.observation import Observation
-from leaklab.threat.store import check_against_model
+from leaklab.threat.store import check_against_model, expected_texts
 
 
 def run_gradient_eval(
@@ -37,75 +37,83 @@ def run_gradient_eval(
     attack_options: dict[str, Any] | None = None,
     out: str | Path | None = None,
     console: Console | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Attack ``batches`` private batches (seeds seed, seed+1, ...) and write a run folder."""
+    """Attack ``batches`` private batches (seeds seed, seed+1, ...) and write a run folder (renamed into place
+    when complete; an existing run at ``out`` is replaced only with ``overwrite``)."""
     console = console or Console(stderr=True)
     flags = flags or ThreatFlags()
     ref = ModelRef(model, task, num_labels)
     atk = make_attack(attack, attack_options or {})
+    if out is not None:
+        check_output(out, overwrite)  # before any work
     with console.status(f"loading {model} and checking corpus '{corpus}'"):
         load_model(ref)
         first = private_sample(ref, corpus, batch_size, seed, min_tokens, max_tokens)  # bad corpus/lengths fail now
-    run = new_run_dir(out, f"{attack}-{Path(model).name}-B{batch_size}")
-    config = {
-        "kind": "gradient-attack",
-        "attack": atk.name,
-        "attack_options": atk.config.to_dict(),
-        "model": ref.to_dict(),
-        "corpus": corpus,
-        "batch_size": batch_size,
-        "batches": batches,
-        "seed": seed,
-        "min_tokens": min_tokens,
-        "max_tokens": max_tokens,
-        "setting": "fedsgd",
-        "flags": flags.to_dict(),
-    }
-    run.write_config(config)
-    items: list[dict[str, Any]] = []
-    with step_progress(console) as bar:
-        task_id = bar.add_task(f"{attack} on {model}, B={batch_size}", total=batches)
-        for i in range(batches):
-            t0 = time.perf_counter()
-            bar.update(task_id, description=f"batch {i + 1}/{batches}: client update")
-            sample = first if i == 0 else private_sample(ref, corpus, batch_size, seed + i, min_tokens, max_tokens)
-            obs, secret = fedsgd_update(ref, sample.texts, sample.labels, flags, seed + i)  # = client_update
-            bar.update(task_id, description=f"batch {i + 1}/{batches}: {attack}")
-            victim_seconds = time.perf_counter() - t0
-            record = attack_batch(atk, obs, secret, batch=i, seed=seed + i, victim_seconds=victim_seconds)
-            items.append(record.to_dict())
-            run.write_items(items)
-            bar.update(task_id, advance=1)
-    aggregate = summarise(items)
-    run.write_aggregate({**aggregate, "config": config})
+    with run_folder(out, f"{attack}-{Path(model).name}-B{batch_size}", overwrite) as run:
+        config = {
+            "kind": "gradient-attack",
+            "attack": atk.name,
+            "attack_options": atk.config.to_dict(),
+            "model": ref.to_dict(),
+            "corpus": corpus,
+            "batch_size": batch_size,
+            "batches": batches,
+            "seed": seed,
+            "min_tokens": min_tokens,
+            "max_tokens": max_tokens,
+            "setting": "fedsgd",
+            "flags": flags.to_dict(),
+        }
+        run.write_config(config)
+        items: list[dict[str, Any]] = []
+        with step_progress(console) as bar:
+            task_id = bar.add_task(f"{attack} on {model}, B={batch_size}", total=batches)
+            for i in range(batches):
+                t0 = time.perf_counter()
+                bar.update(task_id, description=f"batch {i + 1}/{batches}: client update")
+                sample = first if i == 0 else private_sample(ref, corpus, batch_size, seed + i, min_tokens, max_tokens)
+                obs, secret = fedsgd_update(ref, sample.texts, sample.labels, flags, seed + i)  # = client_update
+                bar.update(task_id, description=f"batch {i + 1}/{batches}: {attack}")
+                victim_seconds = time.perf_counter() - t0
+                record = attack_batch(atk, obs, secret, batch=i, seed=seed + i, victim_seconds=victim_seconds)
+                items.append(record.to_dict())
+                run.write_items(items)
+                bar.update(task_id, advance=1)
+        aggregate = summarise(items)
+        run.write_aggregate({**aggregate, "config": config})
     return {"run_dir": str(run.path), "aggregate": aggregate, "items": items, "config": config}
 
 
 def load_checked_update(
     path: str | Path,
-    model: ModelRef | None = None,
+    model: ModelRef | str | None = None,
     batch_size: int | None = None,
     batch_size_known: bool = True,
+    task: str | None = None,
+    num_labels: int | None = None,
 ) -> Observation:
-    """Read a saved update for an attack: the model (``model`` or the one it names) must have every tensor
-    with the same shape, the gradients must be finite, and a given ``batch_size`` must match the update's.
+    """Read a saved update for an attack. Its header and secret are schema-checked and must agree; the model
+    (``model`` or the one it names; a bare name keeps the update's task and labels) must have every tensor
+    with the same shape; a given ``task``, ``num_labels`` or ``batch_size`` must match the update's.
     ``batch_size_known=False`` withholds the recorded batch size from the attacker."""
     obs = load_update(path, check_model=False)
+    load_secret(path, obs)  # a secret that contradicts the header fails here, before any work
+    ref = _model_for(obs, model, task, num_labels, path)
     if not batch_size_known:
         if batch_size is not None:
             raise LeaklabError("--batch-size grants the batch size; it cannot go with --no-batch-size-known")
         obs = replace(obs, flags=replace(obs.flags, batch_size_known=False), batch_size=None)
-    check_against_model(obs, model)
-    obs.check_finite()
-    if model is not None and model != obs.model:
-        obs = replace(obs, model=model)
+    check_against_model(obs, ref)
+    if ref != obs.model:
+        obs = replace(obs, model=ref)
     if batch_size is not None:
         if obs.batch_size is not None and batch_size != obs.batch_size:
             raise LeaklabError(
                 f"--batch-size {batch_size} contradicts the update '{path}', which records a batch of {obs.batch_size}"
             )
         secret = load_secret(path)
-        if obs.batch_size is None and secret is not None and len(secret) != batch_size:
+        if obs.batch_size is None and secret is not None and len(secret) != expected_texts(batch_size, obs.meta):
             raise LeaklabError(
                 f"--batch-size {batch_size} contradicts the update '{path}', which holds a batch of {len(secret)}"
             )
@@ -114,44 +122,72 @@ def load_checked_update(
     return obs
 
 
+def _model_for(
+    obs: Observation, model: ModelRef | str | None, task: str | None, num_labels: int | None, path: str | Path
+) -> ModelRef:
+    """The model to attack with: the update's, renamed by a bare ``model`` name; a task or label count that
+    differs from the one the update was computed for is refused."""
+    ref = (
+        ModelRef(model, obs.model.task, obs.model.num_labels, obs.model.init_seed) if isinstance(model, str) else model
+    )
+    ref = ref or obs.model
+    for given, what in ((task, "task"), (num_labels, "num_labels")):
+        if given is not None and given != getattr(ref, what):
+            raise LeaklabError(
+                f"--{what.replace('_', '-')} {given} contradicts the update '{path}', computed for a model with "
+                f"{what} {getattr(obs.model, what)}"
+            )
+    if ref.task != obs.model.task:
+        raise LeaklabError(
+            f"model task {ref.task} contradicts the update '{path}', computed for a {obs.model.task} model"
+        )
+    return ref
+
+
 def run_update_eval(
     attack: str,
     path: str | Path,
-    model: ModelRef | None = None,
+    model: ModelRef | str | None = None,
     batch_size: int | None = None,
     attack_options: dict[str, Any] | None = None,
     out: str | Path | None = None,
     console: Console | None = None,
     batch_size_known: bool = True,
+    overwrite: bool = False,
+    task: str | None = None,
+    num_labels: int | None = None,
 ) -> dict[str, Any]:
-    """Attack one saved update; score it against its ``.secret.json`` when one lies beside it."""
+    """Attack one saved update; score it against its ``.secret.json`` when one lies beside it. The run folder
+    is renamed into place when complete; an existing run at ``out`` is replaced only with ``overwrite``."""
     console = console or Console(stderr=True)
     atk = make_attack(attack, attack_options or {})
+    if out is not None:
+        check_output(out, overwrite)  # before any work
     with console.status(f"loading update {path}"):
-        obs = load_checked_update(path, model, batch_size, batch_size_known)
+        obs = load_checked_update(path, model, batch_size, batch_size_known, task, num_labels)
     secret = load_secret(path)
-    run = new_run_dir(out, f"{attack}-update-{Path(path).stem}")
-    config = {
-        "kind": "gradient-attack",
-        "attack": atk.name,
-        "attack_options": atk.config.to_dict(),
-        "update": str(path),
-        "model": obs.model.to_dict(),
-        "corpus": None,
-        "batch_size": obs.batch_size,
-        "batches": 1,
-        "seed": None,
-        "setting": obs.setting,
-        "flags": obs.flags.to_dict(),
-        "scored": secret is not None,
-    }
-    run.write_config(config)
-    with console.status(f"{attack} on {path}"):
-        record = attack_batch(atk, obs, secret, batch=0)
-    items = [record.to_dict()]
-    run.write_items(items)
-    aggregate = summarise(items)
-    run.write_aggregate({**aggregate, "config": config})
+    with run_folder(out, f"{attack}-update-{Path(path).stem}", overwrite) as run:
+        config = {
+            "kind": "gradient-attack",
+            "attack": atk.name,
+            "attack_options": atk.config.to_dict(),
+            "update": str(path),
+            "model": obs.model.to_dict(),
+            "corpus": None,
+            "batch_size": obs.batch_size,
+            "batches": 1,
+            "seed": None,
+            "setting": obs.setting,
+            "flags": obs.flags.to_dict(),
+            "scored": secret is not None,
+        }
+        run.write_config(config)
+        with console.status(f"{attack} on {path}"):
+            record = attack_batch(atk, obs, secret, batch=0)
+        items = [record.to_dict()]
+        run.write_items(items)
+        aggregate = summarise(items)
+        run.write_aggregate({**aggregate, "config": config})
     return {"run_dir": str(run.path), "aggregate": aggregate, "items": items, "config": config}
 
 

@@ -3,7 +3,8 @@
 For each value of one defense parameter (plus an undefended baseline), ``batches`` private batches are
 drawn (seeds seed, seed+1, ...), each defended update goes to the attack (Observation only), recoveries
 are scored after matching, and the utility of the same update is measured on public texts. Writes
-``sweep.json``, ``sweep.md`` and ``sweep.png`` into the output folder.
+``sweep.json``, ``sweep.md`` and ``sweep.png`` into the output folder, a run folder renamed into place when
+the sweep completes: an interrupted sweep keeps the points it measured in ``<out>.incomplete/``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from leaklab.experiments.runner import attack_batch, outcome_summary, outcome_te
 from leaklab.io import atomic_write, atomic_write_json, atomic_write_text
 from leaklab.models import ModelRef, load_model
 from leaklab.progress import step_progress
-from leaklab.report.run import environment
+from leaklab.report.run import check_output, environment, run_folder
 from leaklab.threat import ThreatFlags
 
 STRENGTH = {
@@ -103,9 +104,11 @@ def sweep(
     server_lr: float = 1e-3,
     baseline: bool = True,
     console: Console | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Attack ROUGE-1 and utility for each ``values`` of the defense's strength parameter; writes the table,
-    JSON and plot into ``out`` and returns the results."""
+    JSON and plot into ``out`` (an existing sweep there is replaced only with ``overwrite``) and returns the
+    results."""
     console = console or Console(stderr=True)
     ref = model if isinstance(model, ModelRef) else ModelRef(model)
     flags = flags or ThreatFlags()
@@ -118,6 +121,7 @@ def sweep(
         params = {**fixed, **({param: v} if param is not None else {})}
         points.append((v, [make_defense(defense, **params)]))
     atk = make_attack(attack, attack_options or {})
+    check_output(out, overwrite)  # after the names and options, before any work
     config = {
         "kind": "defense-sweep",
         "defense": defense,
@@ -140,7 +144,7 @@ def sweep(
     }
     load_model(ref)
     rows = []
-    with step_progress(console) as bar:
+    with run_folder(out, "sweep", overwrite) as run, step_progress(console) as bar:
         task = bar.add_task(f"{defense} sweep", total=len(points) * batches)
         for value, defs in points:
             done = []
@@ -177,9 +181,9 @@ def sweep(
                 )
                 bar.advance(task)
             rows.append(_row(value, param, done))
-            # every finished point is on disk at once: an interrupted sweep keeps what it measured
+            # every finished point is on disk at once: an interrupted sweep keeps it in <out>.incomplete/
             result = {"config": config, "rows": rows, "environment": environment()}
-            write_outputs(Path(out), result)
+            write_outputs(run.path, result)
     return result
 
 

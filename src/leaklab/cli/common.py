@@ -23,6 +23,7 @@ TaskOpt = Annotated[str, typer.Option(help="Victim training task: next-token or 
 NumLabelsOpt = Annotated[int, typer.Option(help="Classifier labels (classify).")]
 MinTokensOpt = Annotated[int, typer.Option(help="Shortest text, in tokens.")]
 MaxTokensOpt = Annotated[int, typer.Option(help="Longest text, in tokens.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing --out (otherwise it is refused).")]
 
 
 def print_rows(

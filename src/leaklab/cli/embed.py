@@ -139,6 +139,7 @@ def attack_cmd(
     ] = None,
     api_key: Annotated[str | None, typer.Option(envvar="LEAKLAB_API_KEY", help="API key of an http encoder.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the run record here (JSON).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out record.")] = False,
     public_limit: Annotated[
         int | None, typer.Option(help="Use at most this many public texts as attacker data (default: all).")
     ] = None,
@@ -150,8 +151,11 @@ def attack_cmd(
     from leaklab.attacks.embedding.registry import EMBED_ATTACKS
     from leaklab.experiments.runner import record_outcome, run_embedding
     from leaklab.io import atomic_write_json
+    from leaklab.report import check_output
 
     cfg = EMBED_ATTACKS.get(attack).options(option or [])  # a bad name or option fails before any work
+    if out:
+        check_output(out, overwrite, "run record")
     scn = _scenario(encoder, corpus, n, seed, min_tokens, max_tokens, api_key, public_limit)
     with console.status(f"running {attack} on {encoder}"):
         record = run_embedding(attack, scn, cfg)
@@ -184,9 +188,12 @@ def train_cmd(
         list[str] | None, typer.Option("--option", "-o", help="Training option KEY=VALUE of the bow or decoder attack.")
     ] = None,
     api_key: Annotated[str | None, typer.Option(envvar="LEAKLAB_API_KEY", help="API key of an http encoder.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
 ) -> None:
-    """Train an inverter on public (text, vector) pairs only, and save it."""
+    """Train an inverter on public (text, vector) pairs only, and save it (the folder appears complete or not
+    at all)."""
     from leaklab.core import parse_pairs
+    from leaklab.report import check_output, run_folder
 
     if inverter not in INVERTERS:
         raise UnknownNameError("inverter", inverter, list(INVERTERS))
@@ -199,10 +206,12 @@ def train_cmd(
         from leaklab.attacks.embedding.decoder import DecoderTraining, train_decoder
 
         opts, train = DecoderTraining.from_dict(pairs, "decoder inverter"), train_decoder
+    check_output(out, overwrite)
     scn = _scenario(encoder, corpus, 1, seed, 1, max_tokens, api_key)
     with console.status(f"training a {inverter} inverter on {encoder} (≤ {train_seconds:.0f} s)"):
         inv, info = train(scn, opts)
-        inv.save(out)
+        with run_folder(out, "inverter", overwrite) as run:
+            inv.save(run.path)
     console.print(f"saved {inverter} inverter to {out}: {info}")
 
 
@@ -283,11 +292,12 @@ def defend_eval(
     known_pairs: Annotated[str, typer.Option(help="Victim-tenant pairs the attacker holds, comma list.")] = "0,500",
     seed: Annotated[int, typer.Option(help="Seed of sampling and noise.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<time>-defend-eval).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out run folder.")] = False,
 ) -> None:
     """Attack success (BoW probe retrained on defended vectors; NN re-identification) vs retrieval utility."""
     from leaklab.errors import LeaklabError
     from leaklab.io import atomic_write_text
-    from leaklab.report import new_run_dir
+    from leaklab.report import check_output, run_folder
     from leaklab.service.defend_eval import default_sweep, plot_curves, prepare, prior_f1, run_sweep, table_md
     from leaklab.service.encoders import load_encoder
 
@@ -295,33 +305,35 @@ def defend_eval(
         pairs = tuple(int(x) for x in known_pairs.split(",") if x.strip())
     except ValueError as exc:
         raise LeaklabError(f"--known-pairs must be comma-separated integers (got {known_pairs!r})") from exc
+    if out is not None:
+        check_output(out, overwrite)
     enc = load_encoder(model)
-    run = new_run_dir(out, "defend-eval")
-    with console.status(f"embedding {victims} victim and {public} public texts of {corpus} with {model}"):
-        data = prepare(enc.embed, corpus, victims, public, seed)
-    sweep = default_sweep()
-    with console.status("sweeping defenses") as status:
-        rows = run_sweep(data, sweep, seed, pairs, progress=lambda s: status.update(f"defense {s}"))
-    prior = prior_f1(data)
-    config = {
-        "model": model,
-        "corpus": corpus,
-        "victims": victims,
-        "public": public,
-        "known_pairs": list(pairs),
-        "seed": seed,
-        "threat": {
-            "attacker_key_tenant": "attacker",
-            "adaptive_retraining": True,
-            "candidate_pool_contains_victim_docs": True,
-        },
-    }
-    run.write_config(config)
-    run.write_items(rows)
-    run.write_aggregate({"prior_bow_token_f1": prior, "points": len(rows)})
-    plot_curves(rows, prior, run.path / "privacy_utility.png", f"{model} on {corpus}: adaptive attacker vs utility")
-    atomic_write_text(
-        run.path / "privacy_utility.md", table_md(rows) + f"\nprior BoW token F1 (no vector): {prior:.3f}\n"
-    )
-    console.print(table_md(rows), highlight=False, markup=False)
+    with run_folder(out, "defend-eval", overwrite) as run:
+        with console.status(f"embedding {victims} victim and {public} public texts of {corpus} with {model}"):
+            data = prepare(enc.embed, corpus, victims, public, seed)
+        sweep = default_sweep()
+        with console.status("sweeping defenses") as status:
+            rows = run_sweep(data, sweep, seed, pairs, progress=lambda s: status.update(f"defense {s}"))
+        prior = prior_f1(data)
+        config = {
+            "model": model,
+            "corpus": corpus,
+            "victims": victims,
+            "public": public,
+            "known_pairs": list(pairs),
+            "seed": seed,
+            "threat": {
+                "attacker_key_tenant": "attacker",
+                "adaptive_retraining": True,
+                "candidate_pool_contains_victim_docs": True,
+            },
+        }
+        run.write_config(config)
+        run.write_items(rows)
+        run.write_aggregate({"prior_bow_token_f1": prior, "points": len(rows)})
+        plot_curves(rows, prior, run.path / "privacy_utility.png", f"{model} on {corpus}: adaptive attacker vs utility")
+        atomic_write_text(
+            run.path / "privacy_utility.md", table_md(rows) + f"\nprior BoW token F1 (no vector): {prior:.3f}\n"
+        )
+        console.print(table_md(rows), highlight=False, markup=False)
     console.print(f"wrote {run.path}/privacy_utility.png and .md")

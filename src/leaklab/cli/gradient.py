@@ -39,9 +39,15 @@ def attack_cmd(
     max_tokens: Annotated[int, typer.Option(help="Longest private text, in tokens.")] = 32,
     batches: Annotated[int, typer.Option(help="Private batches to attack (seeds seed, seed+1, ...).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the first batch draw.")] = 0,
-    task: common.TaskOpt = "next-token",
-    num_labels: common.NumLabelsOpt = 2,
+    task: Annotated[
+        str | None,
+        typer.Option(help="Victim training task: next-token or classify (default next-token, or the update's)."),
+    ] = None,
+    num_labels: Annotated[
+        int | None, typer.Option(help="Classifier labels (classify; default 2, or the update's).")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<time>-<label>).")] = None,
+    overwrite: common.OverwriteOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the aggregate as JSON.")] = False,
     update: Annotated[Path | None, typer.Option(help="Attack this saved update instead of fresh batches.")] = None,
     batch_size_known: Annotated[
@@ -59,7 +65,6 @@ def attack_cmd(
     from leaklab.core import parse_pairs
     from leaklab.evaluate import as_json as to_json
     from leaklab.evaluate import run_gradient_eval, run_update_eval, show_run
-    from leaklab.models import ModelRef
     from leaklab.threat import ThreatFlags
 
     if batches < 1:
@@ -69,16 +74,18 @@ def attack_cmd(
     status = err if as_json else console
     options = parse_pairs(attack_option, "attack option")
     if update is not None:
-        ref = ModelRef(model, task, num_labels) if model is not None else None
         summary = run_update_eval(
             attack,
             update,
-            ref,
+            model,
             batch_size,
             out=out,
             console=status,
             batch_size_known=batch_size_known,
             attack_options=options,
+            overwrite=overwrite,
+            task=task,
+            num_labels=num_labels,
         )
     else:
         summary = run_gradient_eval(
@@ -90,12 +97,13 @@ def attack_cmd(
             seed=seed,
             min_tokens=min_tokens,
             max_tokens=max_tokens,
-            task=task,
-            num_labels=num_labels,
+            task=task or "next-token",
+            num_labels=2 if num_labels is None else num_labels,
             flags=ThreatFlags(batch_size_known=batch_size_known),
             attack_options=options,
             out=out,
             console=status,
+            overwrite=overwrite,
         )
     if as_json:
         print(json.dumps(to_json(summary), indent=2))
@@ -261,8 +269,9 @@ def apply_defense_cmd(
     defs = parse_defenses(defense, defense_param)
     if not defs:
         raise LeaklabError("give at least one --defense")
-    obs = apply_defenses(load_update(update), defs, seed)
-    save_update(out, obs, load_secret(update))
+    original = load_update(update)
+    obs = apply_defenses(original, defs, seed)
+    save_update(out, obs, load_secret(update, original))
     console.print(f"wrote {out} ({len(obs.gradients)} tensors; defenses: {[r['name'] for r in obs.defenses]})")
 
 
@@ -304,6 +313,7 @@ def sweep_cmd(
     server_lr: Annotated[float, typer.Option(help="Step size applying a gradient for utility.")] = 1e-3,
     utility_texts: Annotated[int, typer.Option(help="Public texts scoring utility.")] = 16,
     out: Annotated[Path, typer.Option(help="Folder for sweep.json/.md/.png.")] = Path("sweep"),
+    overwrite: common.OverwriteOpt = False,
 ) -> None:
     """Attack ROUGE-1 vs defense strength (and ε) vs utility; writes a table, JSON and a plot."""
     from leaklab.sweep import sweep
@@ -335,6 +345,7 @@ def sweep_cmd(
         utility_texts=utility_texts,
         server_lr=server_lr,
         console=console,
+        overwrite=overwrite,
     )
     from leaklab.sweep import markdown_table
 

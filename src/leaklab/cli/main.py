@@ -111,6 +111,7 @@ def demo_cmd(
     batch_size: Annotated[int, typer.Option(help="Texts in the private batch.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the batch draw.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Run folder.")] = None,
+    overwrite: common.OverwriteOpt = False,
 ) -> None:
     """SOMP on the packaged defaults (smollm2-135m, rotten-tomatoes): what leaks from one FedSGD update."""
     from leaklab.evaluate import run_gradient_eval, show_run
@@ -127,15 +128,17 @@ def demo_cmd(
         task="next-token",
         out=out,
         console=console,
+        overwrite=overwrite,
     )
     show_run(summary, console)
 
 
 def _mount_subcommands() -> None:
     """The command groups, listed explicitly: a broken module fails loudly instead of vanishing from --help."""
-    from leaklab.cli import embed, gradient, keys, monitor, serve, signals
+    from leaklab.cli import audit, embed, gradient, keys, monitor, serve, signals
 
     groups = (
+        (audit.app, "audit", "Audit a system: every leakage surface, one self-contained HTML report."),
         (gradient.app, "gradient", "Gradient inversion: attacks, threat settings, defenses, sweeps, benchmarks."),
         (embed.app, "embed", "Embedding inversion attacks, benchmarks and API-defense evaluation."),
         (keys.app, "keys", "API keys of the embedding service."),
@@ -152,6 +155,7 @@ _mount_subcommands()
 #: the commands that run a model (victim updates, attacks, benches, sweeps, the service's encoder): each takes
 #: --device, default $LEAKLAB_DEVICE or auto
 DEVICE_COMMANDS = (
+    ("audit",),
     ("update",),
     ("demo",),
     ("serve",),
@@ -168,9 +172,14 @@ DEVICE_COMMANDS = (
 
 
 def _use_device(_ctx, _param, value: str | None) -> str | None:
-    from leaklab.models.device import set_device
+    """Resolve --device now (a bad one stops here, one line) and pass it to child processes too."""
+    import os
+
+    from leaklab.models.device import ENV, set_device
 
     set_device(value)
+    if value is not None:
+        os.environ[ENV] = value
     return value
 
 
@@ -189,7 +198,7 @@ def command():
                 default=None,
                 expose_value=False,
                 callback=_use_device,
-                help="Where models run: auto (CUDA when present), cpu, cuda or cuda:N [env LEAKLAB_DEVICE; "
+                help="Where models run: auto (CUDA when present), cpu, cuda or cuda:N (env LEAKLAB_DEVICE; "
                 "default auto).",
             )
         )

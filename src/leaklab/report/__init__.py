@@ -1,5 +1,5 @@
-"""Run folders: configuration, per-item and aggregate JSON, written atomically."""
+"""Run folders (written atomically as a whole) and the environment record."""
 
-from leaklab.report.run import RunDir, environment, new_run_dir
+from leaklab.report.run import RunDir, check_output, environment, run_folder
 
-__all__ = ["RunDir", "environment", "new_run_dir"]
+__all__ = ["RunDir", "check_output", "environment", "run_folder"]

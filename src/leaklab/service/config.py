@@ -21,6 +21,8 @@ class Limits:
     daily_tokens: int = 1_000_000
     max_inputs: int = 256
     max_chars: int = 20_000
+    max_request_tokens: int = 16_384  # tokens of one request (the encoder's count, before truncation)
+    max_concurrent: int = 2  # requests of one key in flight at once; more wait in the key's queue
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,16 @@ class MonitorConfig:
     action: str = "flag"
     throttle_factor: float = 0.1
     noise_epsilon: float = 50.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Request handling: the body-size limit (bytes, checked before the body is read), how long a request may
+    wait for its key's turn before a 503, and how many texts the encoder runs per turn (fair interleaving)."""
+
+    max_body_bytes: int = 2_000_000
+    queue_timeout_s: float = 10.0
+    encode_chunk: int = 16
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,7 @@ class ServiceConfig:
     key_defenses: dict[str, Pipeline] = field(default_factory=dict)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     durability: str = "normal"
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -61,7 +74,7 @@ class ServiceConfig:
         return self.key_defenses.get(key_name, self.defenses)
 
 
-_TOP = {"limits", "defenses", "monitor", "search", "keys", "durability"}
+_TOP = {"limits", "defenses", "monitor", "search", "server", "keys", "durability"}
 ACTIONS = ("flag", "throttle", "noise")
 
 
@@ -95,6 +108,13 @@ def _dataclass_from(cls: type, data: Any, where: str, base: Any = None) -> Any:
     return cls(**values)
 
 
+def _check_limits(limits: Limits, where: str) -> None:
+    if limits.rate <= 0 or limits.burst < 1 or limits.max_concurrent < 1:
+        raise LeaklabError(
+            f"config: '{where}.rate' must be > 0, '{where}.burst' >= 1 and '{where}.max_concurrent' >= 1"
+        )
+
+
 def parse_config(data: Any, source: str = "config") -> ServiceConfig:
     """Validate a parsed config mapping into a :class:`ServiceConfig`."""
     data = data or {}
@@ -106,12 +126,17 @@ def parse_config(data: Any, source: str = "config") -> ServiceConfig:
             f"{source}: unknown top-level field(s) {', '.join(sorted(extra))}; valid: {', '.join(sorted(_TOP))}"
         )
     limits = _dataclass_from(Limits, data.get("limits"), "limits")
-    if limits.rate <= 0 or limits.burst < 1:
-        raise LeaklabError("config: 'limits.rate' must be > 0 and 'limits.burst' >= 1")
+    _check_limits(limits, "limits")
     monitor = _dataclass_from(MonitorConfig, data.get("monitor"), "monitor")
     if monitor.action not in ACTIONS:
         raise LeaklabError(f"config: 'monitor.action' must be one of {', '.join(ACTIONS)} (got {monitor.action!r})")
     search = _dataclass_from(SearchConfig, data.get("search"), "search")
+    server = _dataclass_from(ServerConfig, data.get("server"), "server")
+    if server.max_body_bytes < 1024 or server.encode_chunk < 1 or server.queue_timeout_s <= 0:
+        raise LeaklabError(
+            "config: 'server.max_body_bytes' must be >= 1024, 'server.encode_chunk' >= 1 and "
+            "'server.queue_timeout_s' > 0"
+        )
     durability = data.get("durability", "normal")
     if durability not in ("normal", "full"):
         raise LeaklabError(f"config: 'durability' must be 'normal' or 'full' (got {durability!r})")
@@ -120,6 +145,7 @@ def parse_config(data: Any, source: str = "config") -> ServiceConfig:
         defenses=make_pipeline(data.get("defenses"), "defenses"),
         monitor=monitor,
         search=search,
+        server=server,
         durability=durability,
         raw=data,
     )
@@ -131,6 +157,7 @@ def parse_config(data: Any, source: str = "config") -> ServiceConfig:
             raise LeaklabError(f"config: 'keys.{name}' may only hold 'limits' and 'defenses'")
         if "limits" in per:
             cfg.key_limits[name] = _dataclass_from(Limits, per["limits"], f"keys.{name}.limits", base=limits)
+            _check_limits(cfg.key_limits[name], f"keys.{name}.limits")
         if "defenses" in per:
             cfg.key_defenses[name] = make_pipeline(per["defenses"], f"keys.{name}.defenses")
     return cfg

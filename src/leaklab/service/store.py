@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leaklab.errors import LeaklabError
+from leaklab.service.monitor import MonitorState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -34,6 +35,9 @@ CREATE TABLE IF NOT EXISTS usage (
 CREATE TABLE IF NOT EXISTS flags (
     id INTEGER PRIMARY KEY AUTOINCREMENT, key_id TEXT NOT NULL, ts REAL NOT NULL, score REAL NOT NULL,
     action TEXT NOT NULL, evidence TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS monitor_state (
+    key_id TEXT PRIMARY KEY, count INTEGER NOT NULL, score REAL NOT NULL, flagged INTEGER NOT NULL,
+    last_flag_at INTEGER NOT NULL, action TEXT, updated REAL NOT NULL);
 """
 KEY_PREFIX = "lk-"
 
@@ -147,9 +151,10 @@ class Store:
         daily_requests: int,
         daily_tokens: int,
         now: float | None = None,
+        monitor: MonitorState | None = None,
     ) -> str | None:
-        """Atomically: if the request fits today's quotas, log its rows and count it; returns the request id,
-        or None when the quota would be exceeded (nothing is written)."""
+        """Atomically: if the request fits today's quotas, log its rows, count it and save the key's monitor
+        state; returns the request id, or None when the quota would be exceeded (nothing is written)."""
         now = time.time() if now is None else now
         day = utc_day(now)
         tokens = sum(r.tokens for r in rows)
@@ -173,11 +178,38 @@ class Store:
                     "requests=requests+1, tokens=tokens+excluded.tokens",
                     (key_id, day, tokens),
                 )
+                if monitor is not None:
+                    self._save_monitor(monitor, now)
                 self.conn.execute("COMMIT")
             except BaseException:
                 self.conn.execute("ROLLBACK")
                 raise
         return request_id
+
+    def _save_monitor(self, st: MonitorState, now: float) -> None:
+        self.conn.execute(
+            "INSERT INTO monitor_state VALUES (?,?,?,?,?,?,?) ON CONFLICT(key_id) DO UPDATE SET count=excluded.count,"
+            " score=excluded.score, flagged=excluded.flagged, last_flag_at=excluded.last_flag_at,"
+            " action=excluded.action, updated=excluded.updated",
+            (st.key_id, st.count, st.score, int(st.flagged), st.last_flag_at, st.action, now),
+        )
+
+    def monitor_states(self) -> list[MonitorState]:
+        """Per-key monitor state as last saved; a key with a flag row but no saved state (a database written
+        before states were saved) comes back flagged with the action of its latest flag."""
+        with self.lock:
+            rows = self.conn.execute(
+                "SELECT key_id, count, score, flagged, last_flag_at, action FROM monitor_state"
+            ).fetchall()
+            flags = self.conn.execute(
+                "SELECT key_id, score, action FROM flags f WHERE id = (SELECT MAX(id) FROM flags WHERE key_id=f.key_id)"
+            ).fetchall()
+        out = {r[0]: MonitorState(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in rows}
+        for key_id, score, action in flags:
+            st = out.get(key_id)
+            if st is None or not st.flagged:
+                out[key_id] = MonitorState(key_id, st.count if st else 0, score, True, st.count if st else 0, action)
+        return list(out.values())
 
     def add_flag(self, key_id: str, score: float, action: str, evidence: dict) -> None:
         with self.lock:

@@ -1,0 +1,264 @@
+"""Audit surface ``embedding``: what an attacker learns from an encoder's vectors or its search endpoint.
+
+The battery runs registered embedding attacks (:data:`leaklab.attacks.embedding.registry.EMBED_ATTACKS`)
+through the runner (:func:`run_embedding`): by default inversion of leaked vectors (``bow``), knowledge-base
+extraction through a search endpoint (``kb-extract``) and knowledge-base membership (``membership``), each
+with the attacker's query counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from leaklab.core import Config, option
+from leaklab.errors import LeaklabError
+from leaklab.experiments.audit.config import AuditOptions, api_key, require_encoder
+from leaklab.experiments.audit.surfaces import AUDIT_SURFACES, RISK_LEVELS, Evidence, Plan, Step, Surface, risk_of
+
+#: (metric path, high, medium) deciding each attack family's risk
+RISK_RULES = {
+    "membership": ("exact_query.auc", 0.8, 0.6),
+    "nearest": ("presence_auc", 0.8, 0.6),
+    "kb-extract": ("token_f1", 0.5, None),
+}
+METRIC_NAMES = {"exact_query.auc": "membership AUC", "presence_auc": "presence AUC", "token_f1": "token F1"}
+INVERSION_RULE = ("token_f1", 0.5, None)  # None: the audit's leak threshold
+
+
+@dataclass(frozen=True)
+class AttackSpec(Config):
+    """One embedding attack and its options."""
+
+    attack: str = option("bow", "embedding attack (leaklab embed attacks)")
+    options: Mapping[str, Any] = option(lambda: {}, "the attack's options")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.options, dict):
+            raise LeaklabError("options must be a mapping of option names to values")
+
+
+@dataclass(frozen=True)
+class EmbeddingSection(Config):
+    """Section ``embedding``: an encoder (or a live endpoint) and the attacks run against it."""
+
+    encoder: str = option("minilm-l6", "packaged encoder, encoder folder, or http(s)://host:port[#model] endpoint")
+    api_key_env: str | None = option(None, "environment variable holding the endpoint's API key")
+    targets: int = option(20, "private texts embedded (leaked vectors / indexed documents)")
+    attacks: tuple[dict, ...] = option(
+        lambda: (
+            {"attack": "bow", "options": {"train_seconds": 60}},
+            {"attack": "kb-extract"},
+            {"attack": "membership"},
+        ),
+        "attacks (list of AttackSpec mappings)",
+    )
+
+    def __post_init__(self) -> None:
+        self.require(positive=("targets",))
+        self.attack_specs()
+
+    def attack_specs(self) -> list[AttackSpec]:
+        out = []
+        for i, d in enumerate(self.attacks):
+            if not isinstance(d, dict):
+                raise LeaklabError(f"embedding.attacks[{i}] must be a mapping of keys to values")
+            out.append(AttackSpec.from_dict(d, f"embedding.attacks[{i}]"))
+        return out
+
+
+@AUDIT_SURFACES.register("embedding", config=EmbeddingSection, items={"attacks": AttackSpec})
+class EmbeddingSurface(Surface):
+    """Embedding vectors and search endpoints (inversion, knowledge-base extraction, membership)."""
+
+    title = "Embeddings and search (inversion, KB extraction, membership)"
+    threat_model = (
+        "The attacker holds leaked vectors of private texts, or query access to a search endpoint over them, "
+        "plus public text of the same kind; it may embed its own texts with the same encoder (every query "
+        "counted). It never sees the private texts."
+    )
+
+    @staticmethod
+    def preflight(section: EmbeddingSection, options: AuditOptions) -> None:
+        from leaklab.attacks.embedding.registry import EMBED_ATTACKS
+
+        require_encoder(section.encoder, section.api_key_env, "embedding.encoder")
+        for i, a in enumerate(section.attack_specs()):
+            try:
+                EMBED_ATTACKS.get(a.attack).options(a.options)
+            except LeaklabError as exc:
+                raise LeaklabError(f"embedding.attacks[{i}]: {exc}") from None
+
+    def plan(self, scale: float) -> Plan:
+        sec, o = self.section, self.options
+        targets = max(4, math.floor(sec.targets * scale)) if scale < 1 else sec.targets
+        scaling = [f"embedding: private targets {sec.targets} → {targets}"] if targets < sec.targets else []
+        steps = []
+        for i, a in enumerate(sec.attack_specs()):
+            opts = dict(a.options)
+            train = _train_seconds(a)
+            if train is not None and scale < 1:
+                opts["train_seconds"] = max(10.0, round(train * scale, 1))
+                scaling.append(f"embedding: {a.attack} training time {train:g} s → {opts['train_seconds']:g} s")
+            spec = {
+                "encoder": sec.encoder,
+                "attack": a.attack,
+                "options": opts,
+                "corpus": o.corpus,
+                "n": targets,
+                "seed": o.seed,
+                "max_tokens": o.max_tokens,
+            }
+            estimate = (opts.get("train_seconds") or 30.0) + 30.0
+            steps.append(
+                Step(
+                    f"attack-{i}",
+                    f"{a.attack} on {sec.encoder}",
+                    spec,
+                    lambda spec=spec: _attack_step(spec, api_key(sec.api_key_env)),
+                    estimate,
+                )
+            )
+        return Plan(steps, scaling)
+
+    def summarise(self, results: dict[str, dict[str, Any]], steps: list[Step]) -> dict[str, Any]:
+        thr = self.options.leak_threshold
+        rows, examples, evidences = [], [], []
+        for st in steps:
+            rec = results.get(st.name)
+            if rec is None:
+                continue
+            rows.append(_row(rec))
+            evidences.append(_evidence(rec, thr))
+            examples += [
+                {
+                    "where": rec["attack"],
+                    "private": p.get("true_text", ""),
+                    "recovered": p.get("pred_text", ""),
+                    "score": None,
+                }
+                for p in rec.get("pairs", [])[:3]
+            ]
+        evidence = (
+            min(evidences, key=lambda e: RISK_LEVELS.index(e.risk))
+            if evidences
+            else Evidence("unknown", "token F1", None, "no attack ran (see the time budget section)")
+        )
+        access = self.section.encoder
+        flags = [
+            f"Encoder under audit: {access}" + (" (a live endpoint: black-box only)" if "://" in access else ""),
+            "Inversion: the attacker trains only on public-split texts it embeds itself (queries counted).",
+            "KB extraction and membership: the attacker sees only (id, score) results of its search queries.",
+        ]
+        table = {
+            "title": "Embedding attacks",
+            "columns": [
+                "attack",
+                "outcome",
+                "token F1",
+                "ROUGE-L",
+                "AUC",
+                "TPR@1%FPR",
+                "recovered share",
+                "attacker queries",
+                "seconds",
+            ],
+            "rows": [
+                [
+                    r["attack"],
+                    r["outcome"],
+                    _fmt(r["token_f1"]),
+                    _fmt(r["rougeL"]),
+                    _fmt(r["auc"]),
+                    _fmt(r["tpr"]),
+                    _fmt(r["recovered_share"]),
+                    str(r["queries"]),
+                    _fmt(r["seconds"]),
+                ]
+                for r in rows
+            ],
+        }
+        notes = [
+            f"Private targets are drawn from the private split of '{self.options.corpus}'; membership uses "
+            "a random halving of private texts (members indexed, non-members not)."
+        ]
+        return {
+            "evidence": evidence,
+            "flags": flags,
+            "tables": [table],
+            "examples": examples,
+            "plots": [],
+            "notes": notes,
+            "recommendation": None,
+            "data": {"attacks": rows},
+        }
+
+
+def _train_seconds(a: AttackSpec) -> float | None:
+    from leaklab.attacks.embedding.registry import EMBED_ATTACKS
+
+    cfg = EMBED_ATTACKS.get(a.attack).options(a.options)
+    value = getattr(cfg, "train_seconds", None)
+    return float(value) if value is not None else None
+
+
+def _attack_step(spec: dict[str, Any], key: str | None) -> dict[str, Any]:
+    from leaklab.attacks.embedding.registry import Scenario
+    from leaklab.experiments.runner import run_embedding
+
+    scn = Scenario(
+        encoder=spec["encoder"],
+        corpus=spec["corpus"],
+        n=spec["n"],
+        seed=spec["seed"],
+        max_tokens=spec["max_tokens"],
+        api_key=key,
+    )
+    return run_embedding(spec["attack"], scn, spec["options"]).to_dict()
+
+
+def _get(metrics: dict[str, Any] | None, path: str) -> float | None:
+    value: Any = metrics or {}
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _first(metrics: dict[str, Any], *paths: str) -> float | None:
+    values = [_get(metrics, p) for p in paths]
+    return next((v for v in values if v is not None), None)
+
+
+def _row(rec: dict[str, Any]) -> dict[str, Any]:
+    from leaklab.experiments.runner import record_outcome
+
+    m = rec.get("aggregate") or {}
+    usage = (rec.get("info") or {}).get("usage") or {}
+    queries = usage.get("search_queries", usage.get("queries", "–"))
+    return {
+        "attack": rec["attack"],
+        "outcome": record_outcome(rec),
+        "token_f1": _get(m, "token_f1"),
+        "rougeL": _get(m, "rougeL"),
+        "auc": _first(m, "exact_query.auc", "presence_auc"),
+        "tpr": _first(m, "exact_query.tpr_at_1pct_fpr", "presence_tpr_at_1pct_fpr"),
+        "recovered_share": _get(m, "recovered_share"),
+        "queries": queries,
+        "seconds": rec.get("attack_seconds"),
+    }
+
+
+def _evidence(rec: dict[str, Any], thr: float) -> Evidence:
+    metric, high, medium = RISK_RULES.get(rec["attack"], INVERSION_RULE)
+    value = _get(rec.get("aggregate"), metric)
+    name = METRIC_NAMES[metric]
+    if rec["status"] != "recovered":
+        risk = "low" if rec["status"] == "no_signal" else "unknown"
+        return Evidence(risk, name, None, f"{rec['attack']}: {rec.get('reason')}")
+    return Evidence(risk_of(value, high, medium if medium is not None else thr), name, value, rec["attack"])
+
+
+def _fmt(x: Any) -> str:
+    return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
