@@ -7,13 +7,15 @@ texts to a search endpoint and read back top-k ids, with scores where the API re
 
 1. locate: the template with blank slots (and a few random fills) returns the records that match it;
 2. shared slot pass: per slot, one query per candidate with the other slots blank — every answer ranks all
-   located records at once, so its cost is shared by them; a digits slot is searched in chunks of
-   ``digit_chunk`` positions (the other positions zero), i.e. 10^chunk queries per chunk instead of 10^L;
-   per record and slot the signal is the returned score, or −rank where the API returns ids only;
+   located records at once, so its cost is shared by them; a digits slot longer than ``digit_chunk`` is
+   searched in chunks of that many positions (the other positions zero): 10^chunk queries per chunk, not 10^L;
+   per record and slot the signal is the returned score; where the API returns ids only, the candidate is
+   sent alone (the record holding it rises to the top) and the signal is −rank;
    the template's records are the documents above the largest gap in the mean signal over these queries;
 3. per-record beam: the product of each slot's ``beam`` best candidates, best-first by summed rank, each
    sent as the fully filled template; a returned score >= ``exact_score`` (the record itself) stops the
-   record's search, else the best-signal combination is kept;
+   record's search, else the best-signal combination is kept (ids only: a full fill ranks its record first
+   whether or not it is right, so each slot takes its best-ranked candidate and no query is sent);
 4. digits position by position (scores only): each position's other 9 digits with the rest fixed, ``sweeps``
    passes, for the records not yet returned at ``exact_score``.
 
@@ -185,12 +187,13 @@ class Part:
     lo: int = 0
     hi: int = 0
 
-    def queries(self, template: Template, candidates: list[str]) -> list[str]:
-        """The template with this part filled by each candidate, other slots blank (digits: other positions 0)."""
-        if not self.hi:
-            return [template.fill({self.slot.key: c}) for c in candidates]
-        pad = "0" * self.slot.digits
-        return [template.fill({self.slot.key: pad[: self.lo] + c + pad[self.hi :]}) for c in candidates]
+    def queries(self, template: Template, candidates: list[str], bare: bool = False) -> list[str]:
+        """The template with this part filled by each candidate, other slots blank (digits: other positions 0);
+        ``bare``: the value alone."""
+        if self.hi:
+            pad = "0" * self.slot.digits
+            candidates = [pad[: self.lo] + c + pad[self.hi :] for c in candidates]
+        return list(candidates) if bare else [template.fill({self.slot.key: c}) for c in candidates]
 
 
 @dataclass
@@ -225,13 +228,14 @@ class KBSecretsAttack:
         template: Template,
         candidates: Mapping[str, Sequence[str]],
         top_k: int = 100,
-        beam: int = 3,
-        digit_chunk: int = 2,
+        beam: int = 5,
+        digit_chunk: int = 4,
         max_combos: int = 27,
         signal: str = "auto",
         exact_score: float = 0.9995,
         locate_probes: int = 4,
         sweeps: int = 2,
+        sharp_rank: int = 2,
         seed: int = 0,
     ) -> None:
         if signal not in SIGNALS:
@@ -243,7 +247,7 @@ class KBSecretsAttack:
                 raise LeaklabError(f"slot {{{slot.space}}} has an empty candidate list")
         self.top_k, self.beam, self.chunk, self.max_combos = top_k, beam, max(1, digit_chunk), max_combos
         self.signal, self.exact_score = signal, exact_score
-        self.locate_probes, self.sweeps = max(1, locate_probes), sweeps
+        self.locate_probes, self.sweeps, self.sharp_rank = max(1, locate_probes), sweeps, sharp_rank
         self.rng = np.random.default_rng(seed)
 
     def parts(self) -> list[tuple[Part, list[str]]]:
@@ -258,8 +262,9 @@ class KBSecretsAttack:
                 out.append((Part(slot), self.candidates[slot.key]))
         return out
 
-    def _locate(self, endpoint: SearchAccess) -> tuple[str, bool, bool]:
-        """The blank template twice and random fills: the signal mode, and whether scores are noisy/quantised."""
+    def _locate(self, endpoint: SearchAccess) -> tuple[str, bool, bool, set[str]]:
+        """The blank template twice and random fills: the signal mode, whether scores are noisy/quantised, and
+        the returned documents."""
         fills = [
             self.template.fill({s.key: str(self.rng.choice(self.candidates[s.key])) for s in self.template.slots})
             for _ in range(self.locate_probes - 1)
@@ -271,13 +276,14 @@ class KBSecretsAttack:
             raise LeaklabError(
                 "the search endpoint returns ids only, but signal=scores needs scores: use signal=auto or ranks"
             )
+        located = {d for ids, _ in answers for d in ids}
         if self.signal == "ranks" or not has_scores:
-            return "ranks", False, False
+            return "ranks", False, False, located
         first, second = (dict(zip(a[0], a[1] or [], strict=True)) for a in answers[:2])
         noisy = any(abs(first[i] - second[i]) > 1e-6 for i in first.keys() & second.keys())
         scores = [s for a in answers for s in (a[1] or [])]
         quantised = len(set(scores)) < len(scores) / 2
-        return "scores", noisy, quantised
+        return "scores", noisy, quantised, located
 
     @staticmethod
     def _signal(answer: Answer, mode: str) -> dict[str, float]:
@@ -289,19 +295,51 @@ class KBSecretsAttack:
 
     def run(self, endpoint: SearchAccess) -> SecretsResult:
         start = endpoint.queries
-        mode, noisy, quantised = self._locate(endpoint)
+        mode, noisy, quantised, located = self._locate(endpoint)
         early = mode == "scores" and not noisy and not quantised
         parts = self.parts()
-        tables = [
-            [self._signal(a, mode) for a in ask(endpoint, part.queries(self.template, cands), self.top_k)]
-            for part, cands in parts
-        ]
+        tables = self._shared_pass(endpoint, parts, mode)
+        if mode == "ranks":
+            records = self._sharp_records(located, tables)
+            guesses = {d: self._rank_guess(d, parts, tables, endpoint.queries) for d in records}
+            return SecretsResult(guesses, mode, len(records), noisy, quantised, endpoint.queries - start)
         records = self._records([row for rows in tables for row in rows], mode)
         beams = {d: self._beams(d, parts, tables) for d in records}
         guesses = self._settle(endpoint, beams, early, mode)
-        if mode == "scores":
-            self._refine_digits(endpoint, guesses, early)
+        self._refine_digits(endpoint, guesses, early)
         return SecretsResult(guesses, mode, len(records), noisy, quantised, endpoint.queries - start)
+
+    def _shared_pass(
+        self, endpoint: SearchAccess, parts: list[tuple[Part, list[str]]], mode: str
+    ) -> list[list[dict[str, float]]]:
+        """Per part, the signal of every returned document for each candidate. With scores, the candidate sits in
+        the template (other slots blank); ids only, the candidate is sent alone, so that the record holding it
+        rises to the top of the ranking. A query text repeated across parts is sent once."""
+        texts = [part.queries(self.template, cands, bare=mode == "ranks") for part, cands in parts]
+        unique = list(dict.fromkeys(t for ts in texts for t in ts))
+        answers = dict(zip(unique, ask(endpoint, unique, self.top_k), strict=True))
+        return [[self._signal(answers[t], mode) for t in ts] for ts in texts]
+
+    def _sharp_records(self, located: set[str], tables: list[list[dict[str, float]]]) -> list[str]:
+        """Ids only: the located documents that some candidate of every part puts within the first
+        ``sharp_rank`` + 1 results."""
+        best = [{d: max(row.get(d, -np.inf) for row in rows) for d in located} for rows in tables]
+        return sorted(d for d in located if all(b[d] >= -self.sharp_rank for b in best))
+
+    def _rank_guess(
+        self, doc: str, parts: list[tuple[Part, list[str]]], tables: list[list[dict[str, float]]], at: int
+    ) -> RecordGuess:
+        """Ids only: per part the candidate that ranks ``doc`` highest (a repeated slot space takes the next
+        best unused value)."""
+        values: dict[str, str] = {}
+        used: dict[str, set[str]] = {}
+        for (part, cands), rows in zip(parts, tables, strict=True):
+            sig = np.array([row.get(doc, -np.inf) for row in rows])
+            taken = used.setdefault(part.slot.space, set()) if not part.hi else set()
+            pick = next(cands[i] for i in np.argsort(-sig, kind="stable") if cands[i] not in taken)
+            taken.add(pick)
+            values[part.slot.key] = values.get(part.slot.key, "") + pick
+        return RecordGuess(doc, values, 0.0, False, at)
 
     def _records(self, rows: list[dict[str, float]], mode: str) -> list[str]:
         """The template's records: the documents above the largest gap in the mean signal over the shared
@@ -392,6 +430,53 @@ def _digit_edits(values: dict[str, str], key: str, p: int) -> list[dict[str, str
     return [{**values, key: cur[:p] + v + cur[p + 1 :]} for v in "0123456789" if v != cur[p]]
 
 
+class _ScoredIndex:
+    """A :class:`SearchAccess` seen as the (id, score) index that :class:`KBVectorRecovery` queries."""
+
+    def __init__(self, endpoint: SearchAccess) -> None:
+        self.endpoint = endpoint
+
+    @property
+    def queries(self) -> int:
+        return self.endpoint.queries
+
+    def search(self, texts: str | Sequence[str], k: int) -> list[list[tuple[str, float]]]:
+        out = []
+        for ids, scores in ask(self.endpoint, [texts] if isinstance(texts, str) else list(texts), k):
+            if scores is None:
+                raise LeaklabError("encoder_known recovers document vectors from scores: the endpoint returns ids only")
+            out.append(list(zip(ids, scores, strict=True)))
+        return out
+
+
+def recover_vectors(
+    endpoint: SearchAccess,
+    encoder: Encoder,
+    templates: Sequence[Template],
+    lists: Mapping[str, Sequence[str]] | None,
+    probes: int,
+    top_k: int,
+    seed: int,
+) -> tuple[dict[str, np.ndarray], int]:
+    """Encoder known: least-squares document vectors (kb-extract's :class:`KBVectorRecovery`) from the scores of
+    ``probes`` random fills per template; the vectors of documents returned at least ``dim`` times, and the
+    endpoint queries spent."""
+    from leaklab.attacks.embedding.kb import KBVectorRecovery
+
+    rng = np.random.default_rng(seed)
+    cands = {(i, s.key): candidates_of(s, lists) for i, t in enumerate(templates) for s in t.slots}
+    texts = [
+        t.fill({s.key: str(cands[i, s.key][rng.integers(len(cands[i, s.key]))]) for s in t.slots})
+        for i, t in enumerate(templates)
+        for _ in range(probes)
+    ]
+    vocab = sorted({w for t in texts for w in t.split()})
+    start = endpoint.queries
+    rec = KBVectorRecovery(encoder, texts, vocab, top_k=top_k, max_rounds=0, seed=seed).run(_ScoredIndex(endpoint))
+    kept = {d: v for d, v in rec.vectors.items() if rec.observations[d] >= encoder.dim}
+    return kept, endpoint.queries - start
+
+
 # ----------------------------------------------------------------------------- scoring and registration
 
 
@@ -454,16 +539,22 @@ class KbSecretsConfig(Config):
     score_noise: float = option(0.0, "σ of Gaussian noise on each returned score (>= 0)")
     score_step: float = option(0.0, "returned scores quantised to multiples of this step (0: off)")
     top_k: int = option(100, "results asked per query (at least 1)")
-    beam: int = option(3, "candidates kept per slot (digits: per chunk) for the per-record search")
-    digit_chunk: int = option(2, "digit positions searched together (10^chunk shared queries per chunk)")
+    beam: int = option(5, "candidates kept per slot (digits: per chunk) for the per-record search")
+    digit_chunk: int = option(4, "digit positions searched together (10^chunk shared queries per chunk)")
     max_combos: int = option(27, "most fully filled candidates sent per record")
     signal: str = option("auto", "auto (scores where returned, else ranks), scores (refuse ids-only) or ranks")
     sweeps: int = option(2, "position-by-position passes over digits slots (scores only; 0: none)")
+    sharp_rank: int = option(2, "ids only: a record is ranked within the first sharp_rank+1 by a value of each slot")
     exact_score: float = option(0.9995, "a returned score at least this ends a record's search (exact text)")
+    encoder_known: bool = option(False, "the attacker holds the encoder: recover document vectors, search offline")
+    probes: int = option(500, "encoder_known: random template fills sent per template to recover the vectors")
 
     def __post_init__(self) -> None:
         at_least(self, 1, "top_k", "beam", "digit_chunk", "max_combos", "kb_docs")
-        at_least(self, 0, "sweeps", "score_noise", "score_step")
+        at_least(self, 0, "sweeps", "score_noise", "score_step", "sharp_rank")
+        at_least(self, 1, "probes")
+        if self.encoder_known and not self.scores:
+            raise LeaklabError("option encoder_known recovers vectors from scores, but scores=false returns ids only")
         if self.signal not in SIGNALS:
             raise LeaklabError(f"option signal={self.signal!r}: must be one of {', '.join(SIGNALS)}")
         if self.signal == "scores" and not self.scores:
@@ -494,6 +585,7 @@ class KbSecretsConfig(Config):
             signal=self.signal,
             exact_score=self.exact_score,
             sweeps=self.sweeps,
+            sharp_rank=self.sharp_rank,
             seed=seed,
         )
 
@@ -524,7 +616,19 @@ def evaluate(scn: Scenario, cfg: KbSecretsConfig) -> AttackReport:
     kb = victim_kb(scn, cfg)
     index = HiddenKB(kb.docs, scn.victim, ids=kb.ids, max_top_k=max(cfg.top_k, 100))
     endpoint = LocalSearch(index, cfg.view(), seed=scn.seed)
-    results, templates = run_secrets(endpoint, cfg, scn.seed)
+    offline: dict[str, int] = {}
+    if cfg.encoder_known:
+        from leaklab.encoders import load_encoder, require_local
+
+        local = require_local(load_encoder(scn.encoder, fresh=True), "kb-secrets (encoder_known)")
+        vectors, _ = recover_vectors(
+            endpoint, local, list(cfg.parsed().values()), read_lists(cfg.lists), cfg.probes, cfg.top_k, scn.seed
+        )
+        search = VectorSearch(local, vectors)
+        results, templates = run_secrets(search, cfg, scn.seed)
+        offline = {"offline_queries": search.queries, "recovered_vectors": len(vectors)}
+    else:
+        results, templates = run_secrets(endpoint, cfg, scn.seed)
     metrics = score_guesses(kb, results, templates)
     per_secret = metrics.pop("per_secret")
     metrics.update(
@@ -534,6 +638,7 @@ def evaluate(scn: Scenario, cfg: KbSecretsConfig) -> AttackReport:
             "requests_total": endpoint.requests,
             "queries_per_secret": endpoint.queries / len(kb.secrets),
             "signal": {n: r.mode for n, r in results.items()},
+            **offline,
         }
     )
     examples = [
@@ -545,7 +650,13 @@ def evaluate(scn: Scenario, cfg: KbSecretsConfig) -> AttackReport:
         scn.to_dict(),
         metrics,
         {"search_queries": endpoint.queries, "search_requests": endpoint.requests},
-        {"access": ACCESS, "template_known": True, "api": cfg.view().label(), "top_k": cfg.top_k},
+        {
+            "access": ACCESS,
+            "template_known": True,
+            "encoder_known": cfg.encoder_known,
+            "api": cfg.view().label(),
+            "top_k": cfg.top_k,
+        },
         examples,
         {"located": {n: r.located for n, r in results.items()}},
     )
