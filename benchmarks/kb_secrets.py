@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pickle
 import time
 from pathlib import Path
 
@@ -154,11 +155,13 @@ def run(args: argparse.Namespace) -> dict:
         settings[name]["recall_at_10"] = recall_at_10(index, view, held_q, held_a, args.seed)
         traces[name] = endpoint.trace
     endpoint = LocalSearch(index, ScoreView(), seed=args.seed)
-    chunked = dataclasses.replace(cfg, digit_chunk=2)
-    settings["scores, digit_chunk=2"] = attack_setting(kb, endpoint, endpoint, chunked, args.seed, "scores-rounded(4)")
-    settings["scores, digit_chunk=2"]["recall_at_10"] = settings["scores"]["recall_at_10"]
-    traces["scores, digit_chunk=2"] = endpoint.trace
-    endpoint = LocalSearch(index, ScoreView(), seed=args.seed)
+    if args.variant_chunk:
+        name = f"scores, digit_chunk={args.variant_chunk}"
+        chunked = dataclasses.replace(cfg, digit_chunk=args.variant_chunk)
+        settings[name] = attack_setting(kb, endpoint, endpoint, chunked, args.seed, "scores-rounded(4)")
+        settings[name]["recall_at_10"] = settings["scores"]["recall_at_10"]
+        traces[name] = endpoint.trace
+        endpoint = LocalSearch(index, ScoreView(), seed=args.seed)
     vectors, spent = recover_vectors(endpoint, enc, list(cfg.parsed().values()), None, cfg.probes, cfg.top_k, args.seed)
     known = attack_setting(kb, VectorSearch(enc, vectors), endpoint, cfg, args.seed, "scores-rounded(4), encoder known")
     known["recall_at_10"] = settings["scores"]["recall_at_10"]
@@ -168,8 +171,15 @@ def run(args: argparse.Namespace) -> dict:
     settings["encoder-known"] = known
     traces["encoder-known"] = endpoint.trace
     out["settings"] = settings
-    out["monitor"] = monitor_eval(enc, traces, held_q, rng, settings)
-    out["quotas"] = quota_eval(enc, traces["scores"], settings["scores"]["per_secret"])
+    if args.cache:
+        args.cache.write_bytes(pickle.dumps((out, traces, held_q)))
+    return finish(out, traces, held_q, enc, rng)
+
+
+def finish(out: dict, traces: dict, held_q: list[str], enc: MemoEncoder, rng: np.random.Generator) -> dict:
+    """The monitor and quota measurements on the attack traces."""
+    out["monitor"] = monitor_eval(enc, traces, held_q, rng, out["settings"])
+    out["quotas"] = quota_eval(enc, traces["scores"], out["settings"]["scores"]["per_secret"])
     return out
 
 
@@ -286,9 +296,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--opt", action="append", default=[], help="a kb-secrets option, key=value (repeatable)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/kb-secrets"))
+    ap.add_argument("--variant-chunk", type=int, default=0, help="also run the scores setting with this digit_chunk")
+    ap.add_argument("--cache", type=Path, help="save the attack results and traces here (pickle) before the monitor")
+    ap.add_argument("--resume", type=Path, help="skip the attacks: load a --cache file, redo monitor and quotas")
     args = ap.parse_args()
     start = time.perf_counter()
-    res = run(args)
+    if args.resume:
+        out, traces, held_q = pickle.loads(args.resume.read_bytes())
+        res = finish(out, traces, held_q, MemoEncoder(load_encoder("minilm-l6")), np.random.default_rng(args.seed))
+    else:
+        res = run(args)
     res["seconds"] = round(time.perf_counter() - start, 1)
     res["command"] = (
         "python benchmarks/kb_secrets.py " + f"--docs {args.docs} --secrets {args.secrets} --seed {args.seed}"

@@ -229,7 +229,7 @@ class KBSecretsAttack:
         candidates: Mapping[str, Sequence[str]],
         top_k: int = 100,
         beam: int = 5,
-        digit_chunk: int = 4,
+        digit_chunk: int = 2,
         max_combos: int = 27,
         signal: str = "auto",
         exact_score: float = 0.9995,
@@ -540,7 +540,7 @@ class KbSecretsConfig(Config):
     score_step: float = option(0.0, "returned scores quantised to multiples of this step (0: off)")
     top_k: int = option(100, "results asked per query (at least 1)")
     beam: int = option(5, "candidates kept per slot (digits: per chunk) for the per-record search")
-    digit_chunk: int = option(4, "digit positions searched together (10^chunk shared queries per chunk)")
+    digit_chunk: int = option(2, "digit positions searched together (10^chunk shared queries per chunk)")
     max_combos: int = option(27, "most fully filled candidates sent per record")
     signal: str = option("auto", "auto (scores where returned, else ranks), scores (refuse ids-only) or ranks")
     sweeps: int = option(2, "position-by-position passes over digits slots (scores only; 0: none)")
