@@ -8,13 +8,20 @@ import pytest
 from cli_helpers import run_cli
 
 from leaklab.attacks.embedding.kb import HiddenKB
-from leaklab.attacks.embedding.kbsecrets import HttpSearch, KBSecretsAttack, KbSecretsConfig, LocalSearch
+from leaklab.attacks.embedding.kbsecrets import (
+    HttpSearch,
+    KBSecretsAttack,
+    KbSecretsConfig,
+    LocalSearch,
+    VectorSearch,
+    recover_vectors,
+)
 from leaklab.encoders import load_encoder
 from leaklab.errors import LeaklabError
 from leaklab.service.process import ServerProcess, write_config
 from leaklab.service.search_scores import ScoreView
 from leaklab.service.store import Store
-from leaklab.threat.kbsecrets import Template, plant_secrets, template_of
+from leaklab.threat.kbsecrets import Template, candidates_of, plant_secrets, template_of
 
 NAMES = ["Maria Lopez", "John Smith", "Wei Chen", "Anna Novak", "Omar Haddad", "Ines Duarte", "Karl Berg", "Lena Ito"]
 CONDITIONS = ["asthma", "diabetes", "epilepsy", "migraine", "gout", "anemia"]
@@ -41,7 +48,8 @@ def tiny():
 
 def _attack(template: str, **kw) -> KBSecretsAttack:
     t = template_of(template)
-    return KBSecretsAttack(t, {s.key: LISTS[s.space] for s in t.slots}, top_k=10, **kw)
+    lists = {k: v for k, v in LISTS.items() if any(s.space == k for s in t.slots)}
+    return KBSecretsAttack(t, {s.key: candidates_of(s, lists) for s in t.slots}, top_k=10, **kw)
 
 
 def _kb(seed: int = 3):
@@ -160,3 +168,19 @@ def test_live_endpoint_matches_local_index_tiny(tmp_path):
 @pytest.mark.real
 def test_live_endpoint_matches_local_index_minilm(tmp_path):
     _live_vs_local("minilm-l6", tmp_path)
+
+
+@pytest.mark.real
+def test_encoder_known_searches_recovered_vectors_with_no_further_query():
+    enc = load_encoder("minilm-l6")
+    kb = plant_secrets(BASE, ["vpn"], 1, 5)
+    (secret,) = kb.secrets
+    endpoint = LocalSearch(HiddenKB(kb.docs, enc, ids=kb.ids), ScoreView(decimals=6))
+    vectors, spent = recover_vectors(endpoint, enc, [template_of("vpn")], None, 420, 10, 0)
+    assert spent == endpoint.queries == 420 and secret.doc_id in vectors
+    truth = HiddenKB(kb.docs, enc, ids=kb.ids)._matrix[kb.ids.index(secret.doc_id)]
+    assert float(vectors[secret.doc_id] @ truth) > 0.999, float(vectors[secret.doc_id] @ truth)  # the hidden vector
+    offline = VectorSearch(enc, vectors)
+    res = _attack("vpn").run(offline)
+    assert res.guesses[secret.doc_id].values == dict(secret.values)
+    assert endpoint.queries == 420 and offline.queries == res.queries > 0
