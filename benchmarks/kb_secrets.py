@@ -288,6 +288,76 @@ def table(res: dict) -> str:
     return "\n".join(rows)
 
 
+def verdict(ok: bool) -> str:
+    return "**reached**" if ok else "**missed**"
+
+
+def summary(res: dict) -> str:
+    """The Markdown report: scale, command, table, the targets with their measured values, monitor and quotas."""
+    sc, ids = res["settings"]["scores"], res["settings"]["ids-only"]
+    mon, quo = res["monitor"], res["quotas"]
+    det = mon["detect"]["scores"]
+    pins, names = sc["slot_accuracy"].get("digits4", 0.0), sc["slot_accuracy"].get("name", 0.0)
+    early_flag = det["flag_at_query"] is not None and det["secrets_before_flag"] < 0.1
+    within = sc["queries_per_secret"] <= 2000
+    lines = [
+        "# kb-secrets: planted secrets extracted from a knowledge base through similarity queries",
+        "",
+        f"minilm-l6; {res['docs']} documents (bbc-news paragraphs, private split, plus {res['secrets']} planted "
+        f"records over the templates {', '.join(TEMPLATES)}); top_k 100. Wall time {res['seconds']:.0f} s on the "
+        "shared 2-core CPU.",
+        "",
+        f"    {res['command']}",
+        "",
+        "Exact recovery (all slots of a record right) per template, per slot type (share of slots right), queries "
+        "per planted secret (every query of the attack, shared ones divided over all secrets), and recall@10 of "
+        "the right document for held-out searches (half of a document's words) under the same API setting:",
+        "",
+        table(res),
+        "",
+        "![recovery against the query budget](recovery.png)",
+        "",
+        "## Targets",
+        "",
+        f"- Scores exposed, ≥ 90 % of 4-digit PINs and ≥ 90 % of names exactly with ≤ 2,000 queries per secret: "
+        f"{verdict(pins >= 0.9 and names >= 0.9 and within)} — 4-digit PINs exact {pins:.0%}, names "
+        f"{names:.0%}, {sc['queries_per_secret']:.0f} queries per secret.",
+        f"- Ranks only (ids-only API): {ids['exact_share']:.0%} of records exact, slot accuracy "
+        + ", ".join(f"{k} {v:.0%}" for k, v in ids["slot_accuracy"].items())
+        + f"; {ids['queries_per_secret']:.0f} queries per secret.",
+        f"- The monitor flags the attack before it has recovered 10 % of the secrets, with no flag on normal traffic: "
+        f"{verdict(early_flag and mon['normal_flagged_at_default'] == 0)}"
+        f" — flagged at query {det['flag_at_query']} with {det['secrets_before_flag']:.0%} of the secrets "
+        f"recovered; {mon['normal_flagged_at_default']} of {mon['normal_sessions']} normal sessions flagged at the "
+        f"service default threshold {mon['threshold']}; TPR at 1 % FPR {mon['tpr_at_1pct_fpr']:.2f} "
+        f"({mon['attack_sessions']} attack windows of {mon['session_length']} queries against {mon['normal_sessions']} "
+        f"normal sessions; threshold {mon['threshold_1pct_fpr']:.3f}, the highest normal score, as 1 % of "
+        f"{mon['normal_sessions']} sessions is below one).",
+        "",
+        "## Monitor detection point per API setting (service defaults)",
+        "",
+        "| API setting | flagged at query | secrets recovered before the flag |",
+        "|---|---|---|",
+        *[
+            f"| {n} | {d['flag_at_query'] or f'not within {MONITOR_REPLAY}'} | {d['secrets_before_flag']:.0%} |"
+            for n, d in mon["detect"].items()
+        ],
+        "",
+        "## Rate limit and quotas (scores setting)",
+        "",
+        f"The attack sends {quo['queries']} queries ({quo['tokens']} tokens); in requests of 64 queries that is "
+        f"{quo['requests_of_64']} requests, {quo['seconds_at_rate_limit']:.1f} s at the default rate limit and "
+        f"{quo['days_at_defaults']:.2f} days of the default daily quotas ({quo['default_daily_requests']} requests, "
+        f"{quo['default_daily_tokens']} tokens). A per-key daily quota counted in queries:",
+        "",
+        "| queries per key per day | secrets recovered on day one | days to finish |",
+        "|---|---|---|",
+        *[f"| {q} | {v['day_one_share']:.0%} | {v['days']} |" for q, v in quo["daily_query_quota"].items()],
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=2000, help="corpus documents besides the planted records")
@@ -314,6 +384,7 @@ def main() -> None:
     atomic_write_json(args.out / "results.json", res)
     plot(res, args.out / "recovery.png")
     atomic_write_text(args.out / "table.md", table(res) + "\n")
+    atomic_write_text(args.out / "summary.md", summary(res))
     print(table(res))
     print(json.dumps({k: v for k, v in res.items() if k not in ("settings",)}, indent=1, default=str))
 
