@@ -184,3 +184,32 @@ def test_encoder_known_searches_recovered_vectors_with_no_further_query():
     res = _attack("vpn").run(offline)
     assert res.guesses[secret.doc_id].values == dict(secret.values)
     assert endpoint.queries == 420 and offline.queries == res.queries > 0
+
+
+@pytest.mark.parametrize(
+    "search,check",
+    [
+        ({"scores": False}, lambda hits: all(set(h) == {"id"} for h in hits)),
+        (
+            {"score_step": 0.25},
+            lambda hits: all(abs(h["score"] / 0.25 - round(h["score"] / 0.25)) < 1e-6 for h in hits),
+        ),
+    ],
+)
+def test_service_search_serves_ids_only_and_quantised_scores(tmp_path, search, check):
+    """In-process app: /v1/search answers as its config's score view says, and logs that view."""
+    from fastapi.testclient import TestClient
+
+    from leaklab.service.app import DocumentIndex, create_app
+    from leaklab.service.config import parse_config
+    from leaklab.service.encoders import load_encoder as service_encoder
+
+    enc = service_encoder("hashing")
+    store = Store(tmp_path / "s.db")
+    _, key = store.create_key("user")
+    index = DocumentIndex([f"doc-{i}" for i in range(len(BASE))], enc.embed(BASE))
+    client = TestClient(create_app(parse_config({"search": search}), store, enc, index))
+    r = client.post("/v1/search", json={"query": "new laptop", "top_k": 4}, headers={"Authorization": f"Bearer {key}"})
+    hits = r.json()["data"][0]["results"]
+    assert r.status_code == 200 and len(hits) == 4 and check(hits)
+    assert store.query_rows()[-1]["defense"] == parse_config({"search": search}).search.view().label()
