@@ -384,7 +384,7 @@ def main() -> None:
     atomic_write_json(args.out / "results.json", res)
     plot(res, args.out / "recovery.png")
     atomic_write_text(args.out / "table.md", table(res) + "\n")
-    atomic_write_text(args.out / "summary.md", summary(res))
+    atomic_write_text(args.out / "README.md", summary(res))
     print(table(res))
     print(json.dumps({k: v for k, v in res.items() if k not in ("settings",)}, indent=1, default=str))
 
