@@ -16,8 +16,9 @@ texts to a search endpoint and read back top-k ids, with scores where the API re
    sent as the fully filled template; a returned score >= ``exact_score`` (the record itself) stops the
    record's search, else the best-signal combination is kept (ids only: a full fill ranks its record first
    whether or not it is right, so each slot takes its best-ranked candidate and no query is sent);
-4. digits position by position (scores only): each position's other 9 digits with the rest fixed, ``sweeps``
-   passes, for the records not yet returned at ``exact_score``.
+4. digits position by position (scores only): each position's other 9 digits with the rest fixed, then each
+   adjacent pair of positions (99 edits), up to ``sweeps`` rounds, for the records not yet returned at
+   ``exact_score`` whose score is at least ``refine_above``.
 
 Every request counts: the endpoint adapters count each query text and each request, and the attack's query
 budget is read from them. Noise is detected by sending the locate query twice (scores differ), quantisation
@@ -234,7 +235,8 @@ class KBSecretsAttack:
         signal: str = "auto",
         exact_score: float = 0.9995,
         locate_probes: int = 4,
-        sweeps: int = 2,
+        sweeps: int = 3,
+        refine_above: float = 0.9,
         sharp_rank: int = 2,
         seed: int = 0,
     ) -> None:
@@ -248,6 +250,7 @@ class KBSecretsAttack:
         self.top_k, self.beam, self.chunk, self.max_combos = top_k, beam, max(1, digit_chunk), max_combos
         self.signal, self.exact_score = signal, exact_score
         self.locate_probes, self.sweeps, self.sharp_rank = max(1, locate_probes), sweeps, sharp_rank
+        self.refine_above = refine_above
         self.rng = np.random.default_rng(seed)
 
     def parts(self) -> list[tuple[Part, list[str]]]:
@@ -404,13 +407,18 @@ class KBSecretsAttack:
         return best
 
     def _refine_digits(self, endpoint: SearchAccess, guesses: dict[str, RecordGuess], early: bool) -> None:
-        """Digits position by position: for each record not yet exact, each position's 9 other digits with the
-        rest fixed (one lock-step batch per position), keeping the best score; ``sweeps`` passes."""
+        """Digits position by position for the records not yet exact whose score is at least ``refine_above``:
+        all other digits at one position with the rest fixed, then at each adjacent pair of positions (99
+        edits; escapes a single position's local optimum), one lock-step batch per move, keeping the best
+        score; up to ``sweeps`` rounds while a round improves some record."""
         slots = [s for s in self.template.slots if s.digits]
-        todo = [d for d, g in guesses.items() if not g.exact]
+        moves = [(s.key, (p,)) for s in slots for p in range(s.digits)]
+        moves += [(s.key, (p, p + 1)) for s in slots for p in range(s.digits - 1)]
+        todo = [d for d, g in guesses.items() if not g.exact and g.signal >= self.refine_above]
         for _ in range(self.sweeps if slots else 0):
-            for slot, p in ((s, p) for s in slots for p in range(s.digits)):
-                asks = [(d, v) for d in todo for v in _digit_edits(guesses[d].values, slot.key, p)]
+            before = {d: guesses[d].signal for d in todo}
+            for key, positions in moves:
+                asks = [(d, v) for d in todo for v in _digit_edits(guesses[d].values, key, positions)]
                 if not asks:
                     return
                 answers = ask(endpoint, [self.template.fill(v) for _, v in asks], self.top_k)
@@ -422,12 +430,20 @@ class KBSecretsAttack:
                 for d in todo:
                     guesses[d].settled_at = endpoint.queries
                 todo = [d for d in todo if not guesses[d].exact]
+            todo = [d for d in todo if guesses[d].signal > before[d]]
 
 
-def _digit_edits(values: dict[str, str], key: str, p: int) -> list[dict[str, str]]:
-    """``values`` with digit ``p`` of slot ``key`` replaced by each other digit."""
+def _digit_edits(values: dict[str, str], key: str, positions: tuple[int, ...]) -> list[dict[str, str]]:
+    """``values`` with the digits of slot ``key`` at ``positions`` replaced by every other combination."""
     cur = values[key]
-    return [{**values, key: cur[:p] + v + cur[p + 1 :]} for v in "0123456789" if v != cur[p]]
+    out = []
+    for combo in itertools.product("0123456789", repeat=len(positions)):
+        new = list(cur)
+        for p, v in zip(positions, combo, strict=True):
+            new[p] = v
+        if "".join(new) != cur:
+            out.append({**values, key: "".join(new)})
+    return out
 
 
 class _ScoredIndex:
@@ -543,7 +559,8 @@ class KbSecretsConfig(Config):
     digit_chunk: int = option(2, "digit positions searched together (10^chunk shared queries per chunk)")
     max_combos: int = option(27, "most fully filled candidates sent per record")
     signal: str = option("auto", "auto (scores where returned, else ranks), scores (refuse ids-only) or ranks")
-    sweeps: int = option(2, "position-by-position passes over digits slots (scores only; 0: none)")
+    sweeps: int = option(3, "most rounds of position-by-position digit edits (scores only; 0: none)")
+    refine_above: float = option(0.9, "digit edits only for records whose best returned score is at least this")
     sharp_rank: int = option(2, "ids only: a record is ranked within the first sharp_rank+1 by a value of each slot")
     exact_score: float = option(0.9995, "a returned score at least this ends a record's search (exact text)")
     encoder_known: bool = option(False, "the attacker holds the encoder: recover document vectors, search offline")
@@ -585,6 +602,7 @@ class KbSecretsConfig(Config):
             signal=self.signal,
             exact_score=self.exact_score,
             sweeps=self.sweeps,
+            refine_above=self.refine_above,
             sharp_rank=self.sharp_rank,
             seed=seed,
         )
