@@ -68,6 +68,7 @@ def test_registry_has_all_attacks_and_rejects_unknown():
         "decoder",
         "alignment",
         "kb-extract",
+        "kb-secrets",
         "clustering",
         "membership",
     }

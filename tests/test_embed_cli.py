@@ -123,7 +123,11 @@ def test_bench_quick_writes_table_json_and_plots(monkeypatch, capsys, tmp_path):
     assert code == 2 and "valid:" in err
 
 
-EVERY_ATTACK = ("nearest", "whitebox", "bow", "decoder", "alignment", "kb-extract", "clustering", "membership")
+EVERY_ATTACK = (
+    *("nearest", "whitebox", "bow", "decoder", "alignment", "kb-extract", "clustering", "membership"),
+    "kb-secrets",
+)
+NOT_IN_EMBED_BENCH = {"kb-secrets": {"n": 3, "options": {"kb_docs": 30, "templates": "diagnosis;vpn"}}}
 
 
 @pytest.mark.parametrize("name", EVERY_ATTACK)
@@ -134,7 +138,7 @@ def test_every_attack_runs_from_the_cli(monkeypatch, capsys, tmp_path, name):
     from leaklab.embed_bench import QUICK
 
     assert set(EVERY_ATTACK) == set(EMBED_ATTACKS.names())  # a new attack must be added here
-    entry = QUICK[name]
+    entry = QUICK[name] if name in QUICK else NOT_IN_EMBED_BENCH[name]
     report = tmp_path / "r.json"
     args = ["attack", "--attack", name, "--encoder", "tiny-bert", "--n", str(entry["n"]), "--out", str(report)]
     if "public_limit" in entry:

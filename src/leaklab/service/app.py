@@ -29,9 +29,8 @@ from leaklab.service.guard import STATE_KEY, BodyGuard, error_body
 from leaklab.service.monitor import Monitor
 from leaklab.service.ratelimit import RateLimiter, retry_after
 from leaklab.service.scheduler import Busy, FairScheduler
+from leaklab.service.search_scores import Hit, ScoreView
 from leaklab.service.store import KeyRecord, LogRow, Store, utc_day
-
-SEARCH_DEFENSE = "scores-rounded(4)"
 
 
 class ApiError(Exception):
@@ -96,7 +95,7 @@ class SearchRequest(BaseModel):
 
 class SearchHit(BaseModel):
     id: str
-    score: float
+    score: float | None = Field(default=None, description="Absent when the service returns ids only.")
 
 
 class SearchResult(BaseModel):
@@ -126,18 +125,10 @@ class DocumentIndex:
     ids: list[str]
     vectors: np.ndarray  # (n, d) unit rows
 
-    def top_k(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        """Cosine top-k by one matrix product and argpartition."""
-        if not self.ids:
-            return [[] for _ in range(len(queries))]
-        sims = queries @ self.vectors.T
-        k = min(k, len(self.ids))
-        out = []
-        for row in sims:
-            idx = np.argpartition(-row, k - 1)[:k]
-            idx = idx[np.argsort(-row[idx], kind="stable")]
-            out.append([(self.ids[i], round(float(row[i]), 4)) for i in idx])
-        return out
+    def top_k(self, queries: np.ndarray, k: int, view: ScoreView | None = None) -> list[list[Hit]]:
+        """Cosine top-k by one matrix product, as ``view`` returns it (default: scores rounded to 4 decimals)."""
+        sims = queries @ self.vectors.T if self.ids else np.zeros((len(queries), 0))
+        return (view or ScoreView()).top_k(sims, self.ids, k, np.random.default_rng())
 
 
 def build_index(encoder: Encoder, corpus: str | None, limit: int) -> DocumentIndex:
@@ -404,10 +395,11 @@ def create_app(cfg: ServiceConfig, store: Store, encoder: Encoder, index: Docume
         counts = count_tokens(key, texts, "query")
         clean = embed_fairly(key, texts)
         observe(key, texts, clean)
-        hits = index.top_k(clean, body.top_k)
+        view = cfg.search.view()
+        hits = index.top_k(clean, body.top_k, view)
         rows = [LogRow(text_hash(t), c, text_hash(repr(h))) for t, c, h in zip(texts, counts, hits, strict=True)]
-        request_id = commit(key, "search", rows, SEARCH_DEFENSE)
-        data = [{"results": [{"id": i, "score": s} for i, s in h]} for h in hits]
+        request_id = commit(key, "search", rows, view.label())
+        data = [{"results": [{"id": i} if s is None else {"id": i, "score": s} for i, s in h]} for h in hits]
         return respond(data, counts, request_id)
 
     @app.get("/health")

@@ -9,6 +9,7 @@ from typing import Any
 
 from leaklab.errors import LeaklabError
 from leaklab.service.defenses import Pipeline, as_number, make_pipeline
+from leaklab.service.search_scores import ScoreView
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,18 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
+    """The searched documents and what /v1/search returns: scores (false: ids only), Gaussian noise of σ
+    ``score_noise`` on each score, scores quantised to multiples of ``score_step`` (0: off)."""
+
     corpus: str | None = None
     limit: int = 2000
     max_top_k: int = 100
+    scores: bool = True
+    score_noise: float = 0.0
+    score_step: float = 0.0
+
+    def view(self) -> ScoreView:
+        return ScoreView(self.scores, self.score_noise, self.score_step)
 
 
 @dataclass

@@ -71,17 +71,22 @@ class HiddenKB:
     def __len__(self) -> int:
         return len(self._docs)
 
+    def similarities(self, query_texts: Sequence[str]) -> np.ndarray:
+        """Cosine of each query with every document (one counted call of ``len(query_texts)`` queries)."""
+        texts = list(query_texts)
+        self.queries += len(texts)
+        self.calls += 1
+        q = self.encoder.embed(texts)
+        q = q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
+        return q @ self._matrix.T
+
     def search(self, query_texts: str | Sequence[str], k: int) -> list[list[Hit]]:
         texts = [query_texts] if isinstance(query_texts, str) else list(query_texts)
         if not 1 <= k <= self.max_top_k:
             raise LeaklabError(f"top_k must be in 1..{self.max_top_k}, got {k}")
         if not texts:
             return []
-        self.queries += len(texts)
-        self.calls += 1
-        q = self.encoder.embed(texts)
-        q = q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
-        sims = q @ self._matrix.T
+        sims = self.similarities(texts)
         k = min(k, sims.shape[1])
         top = np.argsort(-sims, axis=1)[:, :k]
         return [[(self.ids[j], float(sims[i, j])) for j in row] for i, row in enumerate(top)]

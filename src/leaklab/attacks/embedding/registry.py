@@ -244,7 +244,10 @@ def examples(true: list[str], pred: list[str], k: int = 5) -> list[dict[str, str
     return [{"true_text": t, "pred_text": p} for t, p in list(zip(true, pred, strict=True))[:k]]
 
 
-BUILTIN_MODULES = ("nearest", "whitebox", "bow", "decoder", "alignment", "kb", "clustering", "membership")
+BUILTIN_MODULES = (
+    *("nearest", "whitebox", "bow", "decoder", "alignment", "kb", "clustering", "membership"),
+    "kbsecrets",
+)
 
 
 def _load_builtin() -> None:
