@@ -113,9 +113,17 @@ server_app = ServerApp()
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     """Deployment entry point: the run comes from the run config (``flwr run --run-config``)."""
+    import time
+    from pathlib import Path
+
+    from leaklab.fl.simulate import summarise_run, write_run_folder
+
     run = FlRun.from_run_config(dict(context.run_config))
     auditor = Auditor(run, run.out or None)
+    start = time.perf_counter()
     try:
         run_federation(grid, context, run, auditor)
+        if run.out:
+            write_run_folder(Path(run.out), summarise_run(run, auditor, time.perf_counter() - start))
     finally:
         auditor.close()
