@@ -44,6 +44,8 @@ def simulate_cmd(
         str, typer.Option(help="none, server-dp, local-dp or secagg+ with options: server-dp:noise=0.5,view=outside.")
     ] = "none",
     capture: Annotated[str, typer.Option(help="clients, aggregate or both.")] = "both",
+    attack_clients: Annotated[int, typer.Option(help="Client updates attacked per round (0: all).")] = 0,
+    attack_budget_s: Annotated[float, typer.Option(help="Time budget of each attack run.")] = 120.0,
     min_tokens: common.MinTokensOpt = 4,
     max_tokens: common.MaxTokensOpt = 10,
     seed: Annotated[int, typer.Option(help="Seed of the private shards.")] = 0,
@@ -70,6 +72,8 @@ def simulate_cmd(
             "attacks": ",".join(attack),
             "defense": defense,
             "capture": capture,
+            "attack_clients": attack_clients,
+            "attack_budget_s": attack_budget_s,
             "min_tokens": min_tokens,
             "max_tokens": max_tokens,
             "seed": seed,

@@ -165,11 +165,19 @@ class Auditor:
         path = self.out / f"round-{server_round:03d}" / f"{who}.safetensors"
         save_update(path, obs, secret)
         self.on_event("captured", {"round": server_round, "who": who, "path": str(path)})
-        if self.attack:
+        if self._attack_this(server_round, who):
             for name in self.run.attack_list():
                 self.records.append(attack_update(name, obs, secret, self.run.options_of(name), server_round, who))
                 self.on_event("attacked", self.records[-1])
             atomic_write_json(self.out / "records.json", self.records)
+
+    def _attack_this(self, server_round: int, who: str) -> bool:
+        """Attack every aggregate, and the first ``attack_clients`` client updates of a round (0: all)."""
+        if not self.attack:
+            return False
+        limit = self.run.attack_clients
+        done = {r["target"] for r in self.records if r["round"] == server_round and r["target"] != "aggregate"}
+        return who == "aggregate" or limit == 0 or who in done or len(done) < limit
 
     def validation(self, server_round: int, tensors: Tensors) -> float | None:
         """Mean next-token loss of the global weights on held-out public-split texts (the utility)."""

@@ -35,6 +35,8 @@ class FlRun(Config):
     seed: int = option(0, "seed of the private shards")
     attacks: str = option("somp", "attacks the auditor runs, comma-separated (somp, dager, tokenset, ...)")
     attack_options: str = option("{}", "JSON: attack name -> options")
+    attack_clients: int = option(0, "client updates attacked per round (0: all; the rest are stored only)")
+    attack_budget_s: float = option(120.0, "time budget of each attack run (attacks with a budget_s option)")
     capture: Literal["clients", "aggregate", "both"] = option("both", "what the auditor captures each round")
     defense: str = option("none", "Flower defense: none, server-dp, local-dp or secagg+ (name:k=v,...)")
     val_texts: int = option(16, "public-split texts the server scores the global model on (0: none)")
@@ -59,7 +61,12 @@ class FlRun(Config):
             table = json.loads(self.attack_options or "{}")
         except json.JSONDecodeError as exc:
             raise LeaklabError(f"attack-options is not JSON: {exc}") from None
-        return dict(table.get(attack, {}))
+        opts = dict(table.get(attack, {}))
+        from leaklab.attacks.registry import attack_entry
+
+        if "budget_s" in attack_entry(attack).config.keys():  # noqa: SIM118  (a classmethod, not a dict)
+            opts.setdefault("budget_s", self.attack_budget_s)
+        return opts
 
     def client_config(self) -> dict[str, Any]:
         """What each client needs (nothing the auditor keeps: attacks, out)."""
@@ -104,6 +111,7 @@ class SecAggPlusOptions(Config):
     threshold: int = option(2, "shares needed to reconstruct")
     clipping_range: float = option(8.0, "parameters are clipped to ±range before quantisation")
     quantization_range: int = option(2**22, "quantisation levels")
+    max_weight: float = option(1000.0, "largest client weight (num-examples); parameters are scaled by w/max_weight")
 
     def __post_init__(self) -> None:
         if self.threshold > self.shares:

@@ -91,7 +91,11 @@ def _run_legacy(grid: Grid, context: Context, run: FlRun, auditor: Auditor, name
     if secure:
         _, opts = defense_of(run.defense)
         fit = SecAggPlusWorkflow(
-            opts.shares, opts.threshold, clipping_range=opts.clipping_range, quantization_range=opts.quantization_range
+            opts.shares,
+            opts.threshold,
+            clipping_range=opts.clipping_range,
+            quantization_range=opts.quantization_range,
+            max_weight=opts.max_weight,
         )
     DefaultWorkflow(fit_workflow=fit)(grid, legacy)
 

@@ -4,7 +4,8 @@ With W' = W + (α/r)·B·A, peft initialises A at random (Kaiming-uniform) and B
 ∂L/∂A = 0 and only ∂L/∂B carries signal. The target modules are the attention projections the family
 adapter finds (no name whitelist); the Observation's ``meta["lora"]`` records r, α, the target modules and
 the seed of A's initialisation (and, in a later federated round, the file of the global adapter
-weights), so an attacker rebuilds the identical adapted model with :func:`lora_model`. For classification the seeded head stays frozen as well (no ``modules_to_save``).
+weights), so an attacker rebuilds the identical adapted model with :func:`lora_model`. For classification
+the seeded head stays frozen as well (no ``modules_to_save``).
 """
 
 from __future__ import annotations
