@@ -115,6 +115,7 @@ class Auditor:
             **({"lora": lmeta} if lmeta else {}),
             **({"defenses": inner["defenses"]} if "defenses" in inner else {}),
             "flower": {"round": server_round, "aggregate": True},
+            **secagg_noise(self.run, examples, clients),
         }
         from dataclasses import replace
 
@@ -130,7 +131,11 @@ class Auditor:
 
     def _delta(self, server_round: int, reply: Tensors) -> Tensors:
         sent = self._sent[server_round]
-        return {k: (sent[k] - reply[k].detach().float().reshape(sent[k].shape)).contiguous() for k in sent}
+        # in float64: a reply (a SecAgg+ aggregate) may carry more precision than float32
+        return {
+            k: (sent[k].double() - reply[k].detach().double().reshape(sent[k].shape)).float().contiguous()
+            for k in sent
+        }
 
     def _flags(self, batch_size_known: bool) -> ThreatFlags:
         return ThreatFlags(
@@ -194,6 +199,18 @@ class Auditor:
     def close(self) -> None:
         if self._owns_out:
             shutil.rmtree(self.out, ignore_errors=True)
+
+
+def secagg_noise(run: FlRun, examples: list[int] | None, clients: int) -> dict[str, float]:
+    """SecAgg+'s known rounding noise on the aggregate: each client's weights, scaled by w/max_weight, are
+    stochastically rounded to steps of 2·clipping_range/quantization_range (variance ≤ step²/4, step²/6 on
+    average), and the server divides the sum by Σw: std per entry ≈ step·max_weight/w/√6/√N."""
+    name, opts = defense_of(run.defense)
+    if name != "secagg+":
+        return {}
+    w = (sum(examples) / len(examples)) if examples else run.batch_size
+    step = 2 * opts.clipping_range / opts.quantization_range
+    return {"delta_noise_std": step * opts.max_weight / w / 6**0.5 / clients**0.5}
 
 
 def attack_update(

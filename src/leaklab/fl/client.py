@@ -124,5 +124,7 @@ def _legacy_reply(tensors: list[torch.Tensor], num_examples: int) -> RecordDict:
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
 
-    params = ndarrays_to_parameters([t.numpy() for t in tensors])
+    # float64 (exact for float32 weights): Flower's SecAgg+ quantiser computes in the array's dtype, and in float32
+    # its steps of 2·clipping_range/quantization_range would round to float32's spacing at 2^log2(range)
+    params = ndarrays_to_parameters([t.double().numpy() for t in tensors])
     return compat.fitres_to_recorddict(FitRes(Status(Code.OK, ""), params, num_examples, {}), keep_input=True)
