@@ -82,19 +82,20 @@ def test_simulation_captures_every_client_update_and_recovers_its_texts(fedsgd_r
 
 def test_secagg_plus_leaves_only_the_sum_which_is_attacked_as_one_batch(tmp_path):
     """Flower's SecAgg+ hides each client's update; the server's aggregate (the mean update of 4 clients × 2
-    texts) is attacked as one batch of 8: DAGER recovers all 8 texts from it — which client held which is
-    not recovered."""
+    texts) is attacked as one batch of 8: SOMP recovers all 8 texts exactly from it — which client held which
+    is not recovered."""
     from leaklab.fl.simulate import simulate
 
     # quantisation fine enough (and weights unscaled) that SecAgg+ itself does not blur the update
     secure = "secagg+:quantization_range=536870912,max_weight=2"
-    run = FlRun(clients=4, rounds=1, out=str(tmp_path), defense=secure, **{**TINY, "attacks": "dager"})
+    run = FlRun(clients=4, rounds=1, out=str(tmp_path), defense=secure, **TINY)
     summary = simulate(run, num_cpus=2, client_cpus=1.0)
     assert not list((tmp_path / "round-001").glob("node-*"))
     (record,) = summary["records"]
     assert record["target"] == "aggregate" and record["observation"]["batch_size"] == 8
     assert record["status"] == "recovered" and record["aggregate"]["rouge1"] == 1.0
     assert len(record["recovered"]) == 8
+    assert record["observation"]["meta"]["delta_noise_std"] > 0  # SecAgg+'s rounding, known to the server
 
 
 def test_deployment_on_loopback_captures_updates(tmp_path):

@@ -8,6 +8,7 @@ client: ROUGE-1/2, token F1, outcome) and ``leakage.png`` (leakage per round).
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,11 +44,13 @@ def simulate(
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     auditor = Auditor(run, run.out or None, on_event)
     start = time.perf_counter()
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a terminated run still shuts Ray down
     try:
         run_simulation(
             make_server_app(run, auditor), client_app, run.clients, "ray", backend_config(num_cpus, client_cpus)
         )
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if ray.is_initialized():  # Flower shuts Ray down; make sure of it
             ray.shutdown()
     summary = summarise_run(run, auditor, time.perf_counter() - start)
@@ -55,6 +58,10 @@ def simulate(
         write_run_folder(Path(run.out), summary)
     auditor.close()
     return summary
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def summarise_run(run: FlRun, auditor: Auditor, seconds: float) -> dict[str, Any]:
