@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -80,9 +81,14 @@ def run_cli(name: str, args: list[str]) -> dict:
     with open(RUNS / f"{out.name}.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         ps = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            peak = max(peak, tree_rss(ps))
-            time.sleep(0.5)
+        try:
+            while proc.poll() is None:
+                peak = max(peak, tree_rss(ps))
+                time.sleep(0.5)
+        finally:  # stopped (timeout, Ctrl-C): the CLI shuts its Ray down on SIGTERM
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=60)
     wall = time.perf_counter() - start
     shown = "leaklab fl simulate " + " ".join(shlex.quote(a) for a in args) + " --out DIR"
     row = {
@@ -155,7 +161,39 @@ def write(rows: list[dict]) -> None:
     atomic_write(RESULTS / "fl.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def plot(rows: list[dict]) -> None:
+    """ROUGE-1 per grid row: SOMP/DAGER on client updates and on the aggregate; not recovered = black x at 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["somp/clients", "dager/clients", "somp/aggregate", "dager/aggregate"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.2
+    for i, r in enumerate(rows):
+        for j, key in enumerate(keys):
+            cell = r.get(key)
+            x = i + (j - 1.5) * width
+            if cell and cell["rouge1"] is not None:
+                ax.bar(x, cell["rouge1"], width, color=f"C{j}", label=key if i == 0 else None)
+            elif cell:
+                ax.scatter([x], [0], marker="x", color="black")
+    ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("mean ROUGE-1 (recovered updates)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(RESULTS / "fl.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
     ap = argparse.ArgumentParser()
     ap.add_argument("job", choices=["scale", "grid"])
     ap.add_argument("rows", nargs="*", help="grid rows to run (default: all)")
@@ -172,6 +210,11 @@ def main() -> None:
         row = run_cli(name, cli)
         existing = [r for r in existing if r["name"] != name] + [row]
         write(existing)
+        plot([r for r in existing if "somp/clients" in r or "dager/clients" in r])
+        leakage = RUNS / name.replace(" ", "_").replace("=", "") / "leakage.png"
+        if leakage.exists():
+            safe = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+            atomic_write(RESULTS / f"leakage-{safe}.png", lambda tmp, src=leakage: tmp.write_bytes(src.read_bytes()))
         print(json.dumps(row), flush=True)
 
 

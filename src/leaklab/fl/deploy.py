@@ -55,6 +55,7 @@ class Deployment:
     def __init__(self, nodes: int = 2, home: str | Path | None = None):
         self.nodes = nodes
         self.home = Path(home or tempfile.mkdtemp(prefix="leaklab-flwr-"))
+        self.home.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
         self.port = free_port()  # flwr 1.42 serves the Fleet, Control and Runtime APIs over one HTTP port
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
