@@ -47,6 +47,8 @@ GRID_BASE = [
     "0.01",
     "--attack-clients",
     "2",
+    "--attack-budget-s",
+    "30",
 ]
 #: row name -> extra CLI options (the issue's grid)
 GRID: dict[str, list[str]] = {

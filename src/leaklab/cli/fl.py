@@ -15,14 +15,14 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 
 
 def _table(summary: dict[str, Any]) -> Table:
-    from leaklab.fl.simulate import _cell, result_rows
+    from leaklab.fl.report import cell, result_rows
 
     table = Table(title=f"leakage per round × client ({summary['defense']['name']})")
     for col in ("round", "target", "attack", "texts", "ROUGE-1", "ROUGE-2", "token F1", "outcome"):
         table.add_column(col, overflow="fold")
     for r in result_rows(summary["records"]):
         table.add_row(
-            *(_cell(r[k]) for k in ("round", "target", "attack", "texts", "rouge1", "rouge2", "token_f1")), r["outcome"]
+            *(cell(r[k]) for k in ("round", "target", "attack", "texts", "rouge1", "rouge2", "token_f1")), r["outcome"]
         )
     return table
 

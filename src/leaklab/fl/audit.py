@@ -17,6 +17,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +118,6 @@ class Auditor:
             "flower": {"round": server_round, "aggregate": True},
             **secagg_noise(self.run, examples, clients),
         }
-        from dataclasses import replace
-
         obs = Observation(
             model=ref,
             setting="secagg",
@@ -133,8 +132,7 @@ class Auditor:
         sent = self._sent[server_round]
         # in float64: a reply (a SecAgg+ aggregate) may carry more precision than float32
         return {
-            k: (sent[k].double() - reply[k].detach().double().reshape(sent[k].shape)).float().contiguous()
-            for k in sent
+            k: (sent[k].double() - reply[k].detach().double().reshape(sent[k].shape)).float().contiguous() for k in sent
         }
 
     def _flags(self, batch_size_known: bool) -> ThreatFlags:

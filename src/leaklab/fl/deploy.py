@@ -63,29 +63,49 @@ class Deployment:
 
     def _start(self, name: str, args: list[str]) -> None:
         log = open(self.home / f"{name}.log", "w")  # noqa: SIM115  (closed with the process)
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.home,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.home, start_new_session=True
+        )
         log.close()
         self.procs.append(proc)
 
     def start(self) -> Deployment:
-        self._start("superlink", [
-            _bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(self.port),
-        ])
+        self._start(
+            "superlink",
+            [
+                _bin("flower-superlink"),
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+        )
         try:
             self._wait_port(self.port)
         except LeaklabError:
             self.stop()
             raise
         for i in range(self.nodes):
-            self._start(f"supernode-{i}", [
-                _bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                "--port", str(free_port()), "--node-config", f"partition-id={i} num-partitions={self.nodes}",
-            ])
+            self._start(
+                f"supernode-{i}",
+                [
+                    _bin("flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{self.port}",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    f"partition-id={i} num-partitions={self.nodes}",
+                ],
+            )
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n', encoding="utf-8")
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n',
+            encoding="utf-8",
+        )
         return self
 
     def _wait_port(self, port: int, timeout: float = 60) -> None:

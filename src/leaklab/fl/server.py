@@ -120,7 +120,7 @@ def main(grid: Grid, context: Context) -> None:
     import time
     from pathlib import Path
 
-    from leaklab.fl.simulate import summarise_run, write_run_folder
+    from leaklab.fl.report import summarise_run, write_run_folder
 
     run = FlRun.from_run_config(dict(context.run_config))
     auditor = Auditor(run, run.out or None)
