@@ -41,7 +41,7 @@ def simulate_cmd(
     lora_r: Annotated[int, typer.Option(help="LoRA rank (lora).")] = 8,
     attack: Annotated[list[str], typer.Option(help="Attack(s) run on every captured update (repeatable).")] = ["somp"],  # noqa: B006
     defense: Annotated[
-        str, typer.Option(help="none, server-dp, local-dp or secagg+ with options: server-dp:noise=0.5,view=outside.")
+        str, typer.Option(help="none, server-dp, local-dp or secagg+ with options, e.g. server-dp:noise=0.5,view=outside (leaklab fl defenses).")
     ] = "none",
     capture: Annotated[str, typer.Option(help="clients, aggregate or both.")] = "both",
     attack_clients: Annotated[int, typer.Option(help="Client updates attacked per round (0: all).")] = 0,
@@ -109,3 +109,11 @@ def simulate_cmd(
         return
     common.console.print(_table(summary))
     common.console.print(f"wall time {summary['seconds']} s; run folder {out} (results.md, leakage.png)")
+
+
+@app.command("defenses")
+def defenses_cmd(as_json: common.JsonOpt = False) -> None:
+    """List Flower's defenses that `fl simulate --defense NAME:k=v,...` runs, with their options."""
+    from leaklab.fl.config import FL_DEFENSES
+
+    common.list_entries(FL_DEFENSES, "Flower defenses", as_json)

@@ -95,7 +95,7 @@ class ServerDpOptions(Config):
 
 @dataclass(frozen=True)
 class LocalDpOptions(Config):
-    """Flower's LocalDpMod: each client clips its update to C and adds Gaussian noise for (ε, δ)."""
+    """Flower's LocalDpMod: each client clips its update to C and adds Gaussian noise for (ε, δ) to its weights."""
 
     clip: float = option(1.0, "clipping norm C")
     sensitivity: float = option(1.0, "sensitivity Δ of the noise")

@@ -113,6 +113,9 @@ def plot_leakage(summary: dict[str, Any], path: Path) -> None:
             if not v:
                 ax.scatter([x], [0], marker="x", color="black")
                 ax.annotate("n/a", (x, 0), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("mean ROUGE-1 (recovered)")
     ax.set_ylim(-0.05, 1.05)
