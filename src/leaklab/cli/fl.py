@@ -41,7 +41,11 @@ def simulate_cmd(
     lora_r: Annotated[int, typer.Option(help="LoRA rank (lora).")] = 8,
     attack: Annotated[list[str], typer.Option(help="Attack(s) run on every captured update (repeatable).")] = ["somp"],  # noqa: B006
     defense: Annotated[
-        str, typer.Option(help="none, server-dp, local-dp or secagg+ with options, e.g. server-dp:noise=0.5,view=outside (leaklab fl defenses).")
+        str,
+        typer.Option(
+            help="none, server-dp, local-dp or secagg+ with options, e.g. server-dp:noise=0.5,view=outside "
+            "(listed by: leaklab fl defenses)."
+        ),
     ] = "none",
     capture: Annotated[str, typer.Option(help="clients, aggregate or both.")] = "both",
     attack_clients: Annotated[int, typer.Option(help="Client updates attacked per round (0: all).")] = 0,
