@@ -47,6 +47,32 @@ def test_server_dp_wraps_inside_or_outside_the_audit(tmp_path):
             assert strategy.capture == "aggregate"  # it sees only the noised aggregate
 
 
+def test_auditor_turns_a_client_reply_into_its_fedsgd_gradient(tmp_path):
+    """Δ = θ_sent − θ_reply of leaklab's ClientApp step, seen through the FedSGD view, is the gradient leaklab's
+    FedSGD victim computes on the same texts (the slow obvious reference)."""
+    from leaklab.attacks.gradient.views import fedsgd_view
+    from leaklab.fl import Auditor
+    from leaklab.fl.client import private_batch, train_locally
+    from leaklab.fl.model import base_model, tensors_of
+    from leaklab.models.registry import ModelRef
+    from leaklab.threat.settings import make_update
+    from leaklab.threat.store import load_update
+
+    run = FlRun(clients=1, rounds=1, **TINY)
+    auditor = Auditor(run, tmp_path, attack=False)
+    sent = tensors_of(base_model(run.model, run.setting, run.lora_r))
+    auditor.sent(1, sent)
+    texts, labels = private_batch(run.client_config(), 0, 1)
+    reply, _ = train_locally(run.client_config(), sent, texts, labels, seed=0)
+    auditor.client(1, 7, reply, len(texts))
+    obs = load_update(tmp_path / "round-001" / "node-7.safetensors")
+    assert obs.setting == "fedsgd" and obs.batch_size == 2 and obs.flags.learning_rate == run.lr
+    ref, _ = make_update("fedsgd", ModelRef(run.model), texts)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    g, r = fedsgd_view(obs)[0].gradients[name].double(), ref.gradients[name].double()
+    assert float((g - r).norm() / r.norm()) < 1e-3
+
+
 @pytest.fixture(scope="module")
 def fedsgd_run(tmp_path_factory):
     from leaklab.fl.simulate import simulate
