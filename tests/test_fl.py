@@ -19,6 +19,8 @@ def test_run_options_are_checked_and_defenses_listed():
         FlRun(local_steps=3)
     with pytest.raises(UnknownNameError, match="local-dp, none, secagg\\+, server-dp"):
         FlRun(defense="dp")
+    with pytest.raises(UnknownNameError, match="unknown attack 'nope'"):
+        FlRun(attacks="somp,nope")
     name, opts = defense_of("server-dp:noise=0.5,view=outside")
     assert name == "server-dp" and opts.noise == 0.5 and opts.view == "outside"
 

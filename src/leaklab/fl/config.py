@@ -51,7 +51,10 @@ class FlRun(Config):
         if self.setting == "fedsgd" and self.local_steps != 1:
             raise LeaklabError("fedsgd is one SGD step: use --setting fedavg for local steps")
         defense_of(self.defense)
-        self.attack_list()
+        from leaklab.attacks.registry import attack_entry
+
+        for name in self.attack_list():  # unknown names fail here, before any client trains
+            attack_entry(name)
 
     def attack_list(self) -> list[str]:
         return [a.strip() for a in self.attacks.split(",") if a.strip()]
