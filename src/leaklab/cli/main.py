@@ -135,7 +135,7 @@ def demo_cmd(
 
 def _mount_subcommands() -> None:
     """The command groups, listed explicitly: a broken module fails loudly instead of vanishing from --help."""
-    from leaklab.cli import audit, embed, gradient, keys, monitor, serve, signals
+    from leaklab.cli import audit, embed, fl, gradient, keys, monitor, serve, signals
 
     groups = (
         (audit.app, "audit", "Audit a system: every leakage surface, one self-contained HTML report."),
@@ -144,6 +144,7 @@ def _mount_subcommands() -> None:
         (keys.app, "keys", "API keys of the embedding service."),
         (monitor.app, "monitor", "Probe detection reports of the embedding service."),
         (signals.app, "signals", "Red-team signals over vector dumps and the service log."),
+        (fl.app, "fl", "Federated learning on Flower: simulate a federation and attack its clients' updates."),
     )
     for sub, name, help_text in groups:
         app.add_typer(sub, name=name, help=help_text)
@@ -168,6 +169,7 @@ DEVICE_COMMANDS = (
     ("embed", "invert"),
     ("embed", "bench"),
     ("embed", "defend-eval"),
+    ("fl", "simulate"),
 )
 
 

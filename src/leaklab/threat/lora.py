@@ -3,8 +3,9 @@
 With W' = W + (α/r)·B·A, peft initialises A at random (Kaiming-uniform) and B = 0, so at the first step
 ∂L/∂A = 0 and only ∂L/∂B carries signal. The target modules are the attention projections the family
 adapter finds (no name whitelist); the Observation's ``meta["lora"]`` records r, α, the target modules and
-the seed of A's initialisation, so an attacker rebuilds the identical adapted model with
-:func:`lora_model`. For classification the seeded head stays frozen as well (no ``modules_to_save``).
+the seed of A's initialisation (and, in a later federated round, the file of the global adapter
+weights), so an attacker rebuilds the identical adapted model with :func:`lora_model`. For classification
+the seeded head stays frozen as well (no ``modules_to_save``).
 """
 
 from __future__ import annotations
@@ -89,9 +90,23 @@ def lora_model(ref: ModelRef, meta: dict[str, Any]) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(meta["init_seed"])
         model = get_peft_model(base, config)
+    if meta.get("adapter_weights"):  # a later federated round: the global adapter, not the seeded init
+        _load_adapter(model, meta["adapter_weights"])
     model.eval()
     _LORA[key] = model
     return model
+
+
+def _load_adapter(model: nn.Module, path: str) -> None:
+    """Copy the adapter tensors saved at ``path`` (safetensors, by parameter name) into ``model``."""
+    from safetensors.torch import load_file
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in load_file(path).items():
+            if name not in params:
+                raise LeaklabError(f"adapter file '{path}' holds '{name}', which the adapted model lacks")
+            params[name].copy_(tensor)
 
 
 def lora_update(

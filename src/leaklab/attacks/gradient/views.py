@@ -100,10 +100,13 @@ def denoise_deltas(obs: Observation, grads: dict[str, torch.Tensor], scale: floa
     Δ/(kη) carries the rounding error of storing θ_k: entries of std σ ≈ ulp(θ_k)/(√12·kη), a dense full-rank
     matrix. Each block is whitened by its σ and the blocks are stacked; right singular vectors whose singular
     value exceeds 3(√M + √d) (the noise's spectral-norm scale) span the inputs, and every block is projected
-    onto them (rank per layer returned). Without this a small learning rate makes every delta full rank.
+    onto them (rank per layer returned). Without this a small learning rate makes every delta full rank. A
+    protocol that adds known noise to Δ (SecAgg+'s stochastic quantisation) records its std per entry in
+    ``meta["delta_noise_std"]``; it adds to σ.
     """
     loaded = load_model(obs.model)
     params = dict(loaded.model.named_parameters())
+    floor = float(obs.meta.get("delta_noise_std", 0.0)) / scale  # a protocol's known noise (SecAgg+ rounding)
     ranks = {}
     for layer in SPAN_LAYERS:
         names = [p.param for _, p in loaded.adapter.projections[layer]]
@@ -115,7 +118,7 @@ def denoise_deltas(obs: Observation, grads: dict[str, torch.Tensor], scale: floa
         for n in names:
             theta = params[n].detach() - grads[n] * scale
             ulp = (torch.nextafter(theta, torch.full_like(theta, float("inf"))) - theta).double()
-            sigma = float(ulp.pow(2).mean().sqrt()) / 12**0.5 / scale
+            sigma = (float(ulp.pow(2).mean()) / 12 / scale**2 + floor**2) ** 0.5
             g = grads[n].double()
             blocks.append((g.t() if transposed[n] else g) / sigma)
         stack = torch.cat(blocks)

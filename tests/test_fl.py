@@ -1,0 +1,145 @@
+"""Flower: real federations (Ray simulation engine, and a loopback deployment) audited by AuditStrategy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from leaklab.errors import LeaklabError, UnknownNameError
+from leaklab.fl.config import FlRun, defense_of
+
+TINY = {"model": "tiny-llama", "batch_size": 2, "attacks": "somp", "val_texts": 0}
+
+
+def test_run_options_are_checked_and_defenses_listed():
+    with pytest.raises(LeaklabError, match="lr must be > 0"):
+        FlRun(lr=0.0)
+    with pytest.raises(LeaklabError, match="fedsgd is one SGD step"):
+        FlRun(local_steps=3)
+    with pytest.raises(UnknownNameError, match="local-dp, none, secagg\\+, server-dp"):
+        FlRun(defense="dp")
+    with pytest.raises(UnknownNameError, match="unknown attack 'nope'"):
+        FlRun(attacks="somp,nope")
+    name, opts = defense_of("server-dp:noise=0.5,view=outside")
+    assert name == "server-dp" and opts.noise == 0.5 and opts.view == "outside"
+
+
+def test_private_shards_are_disjoint_across_clients_and_rounds():
+    from leaklab.fl.client import private_batch
+
+    cfg = {**FlRun(clients=3, rounds=2, **TINY).client_config()}
+    batches = [private_batch(cfg, p, r)[0] for p in range(3) for r in (1, 2)]
+    assert all(len(b) == 2 for b in batches)
+    assert len({t for b in batches for t in b}) == 12
+
+
+def test_server_dp_wraps_inside_or_outside_the_audit(tmp_path):
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping as Dp
+
+    from leaklab.fl import Auditor, AuditStrategy
+    from leaklab.fl.server import message_strategy
+
+    for view, outer, inner in (("inside", Dp, AuditStrategy), ("outside", AuditStrategy, Dp)):
+        run = FlRun(defense=f"server-dp:view={view}", **TINY)
+        auditor = Auditor(run, tmp_path / view, attack=False)
+        strategy = message_strategy(run, auditor)
+        assert type(strategy) is outer and type(strategy.strategy) is inner
+        if view == "outside":
+            assert strategy.capture == "aggregate"  # it sees only the noised aggregate
+
+
+def test_auditor_turns_a_client_reply_into_its_fedsgd_gradient(tmp_path):
+    """Δ = θ_sent − θ_reply of leaklab's ClientApp step, seen through the FedSGD view, is the gradient leaklab's
+    FedSGD victim computes on the same texts (the slow obvious reference)."""
+    from leaklab.attacks.gradient.views import fedsgd_view
+    from leaklab.fl import Auditor
+    from leaklab.fl.client import private_batch, train_locally
+    from leaklab.fl.model import base_model, tensors_of
+    from leaklab.models.registry import ModelRef
+    from leaklab.threat.settings import make_update
+    from leaklab.threat.store import load_update
+
+    run = FlRun(clients=1, rounds=1, **TINY)
+    auditor = Auditor(run, tmp_path, attack=False)
+    sent = tensors_of(base_model(run.model, run.setting, run.lora_r))
+    auditor.sent(1, sent)
+    texts, labels = private_batch(run.client_config(), 0, 1)
+    reply, _ = train_locally(run.client_config(), sent, texts, labels, seed=0)
+    auditor.client(1, 7, reply, len(texts))
+    obs = load_update(tmp_path / "round-001" / "node-7.safetensors")
+    assert obs.setting == "fedsgd" and obs.batch_size == 2 and obs.flags.learning_rate == run.lr
+    ref, _ = make_update("fedsgd", ModelRef(run.model), texts)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    g, r = fedsgd_view(obs)[0].gradients[name].double(), ref.gradients[name].double()
+    assert float((g - r).norm() / r.norm()) < 1e-3
+
+
+@pytest.fixture(scope="module")
+def fedsgd_run(tmp_path_factory):
+    from leaklab.fl.simulate import simulate
+
+    out = tmp_path_factory.mktemp("fl") / "run"
+    return out, simulate(FlRun(clients=4, rounds=2, out=str(out), **TINY), num_cpus=2, client_cpus=1.0)
+
+
+def test_simulation_captures_every_client_update_and_recovers_its_texts(fedsgd_run):
+    import ray
+
+    from leaklab.threat.store import load_secret, load_update
+
+    out, summary = fedsgd_run
+    assert not ray.is_initialized()
+    clients = [r for r in summary["records"] if r["target"] != "aggregate"]
+    assert len(clients) == 8 and {r["round"] for r in clients} == {1, 2}
+    assert all(r["status"] == "recovered" and r["aggregate"]["rouge1"] == 1.0 for r in clients)
+    texts: list[str] = []
+    for rnd in (1, 2):
+        files = sorted((out / f"round-{rnd:03d}").glob("node-*.safetensors"))
+        assert len(files) == 4
+        for f in files:
+            obs = load_update(f, check_model=False)
+            assert obs.setting == "fedsgd" and obs.batch_size == 2 and obs.flags.batch_size_known
+            assert obs.flags.learning_rate == 0.01
+            texts += load_secret(f).texts  # kept apart from the update, for scoring only
+    assert len(set(texts)) == 16
+    round2 = load_update(out / "round-002" / "aggregate.safetensors", check_model=False)
+    assert (out / "round-002" / "global" / "config.json").exists() and round2.model.name.endswith("global")
+    assert (out / "results.md").exists() and (out / "leakage.png").exists()
+
+
+def test_secagg_plus_leaves_only_the_sum_which_is_attacked_as_one_batch(tmp_path):
+    """Flower's SecAgg+ hides each client's update; the server's aggregate (the mean update of 4 clients × 2
+    texts) is attacked as one batch of 8: SOMP recovers all 8 texts exactly from it — which client held which
+    is not recovered."""
+    from leaklab.fl.simulate import simulate
+
+    # quantisation fine enough (and weights unscaled) that SecAgg+ itself does not blur the update
+    secure = "secagg+:quantization_range=536870912,max_weight=2"
+    run = FlRun(clients=4, rounds=1, out=str(tmp_path), defense=secure, **TINY)
+    summary = simulate(run, num_cpus=2, client_cpus=1.0)
+    assert not list((tmp_path / "round-001").glob("node-*"))
+    (record,) = summary["records"]
+    assert record["target"] == "aggregate" and record["observation"]["batch_size"] == 8
+    assert record["status"] == "recovered" and record["aggregate"]["rouge1"] == 1.0
+    assert len(record["recovered"]) == 8
+    assert record["observation"]["meta"]["delta_noise_std"] > 0  # SecAgg+'s rounding, known to the server
+
+
+def test_deployment_on_loopback_captures_updates(tmp_path):
+    """flower-superlink + 2 flower-supernode processes on 127.0.0.1 (insecure), `flwr run` of the example app;
+    every process started is stopped."""
+    from pathlib import Path
+
+    from leaklab.fl.deploy import Deployment
+
+    app = Path(__file__).resolve().parents[1] / "examples" / "flower_app"
+    deployment = Deployment(nodes=2, home=tmp_path / "flwr")
+    with deployment:
+        done = deployment.run(app, {"out": str(tmp_path / "run"), "clients": 2, "rounds": 1}, timeout=400)
+        started = deployment.descendants()  # SuperLink, SuperExec, SuperNodes and what they spawned
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert all(not p.is_running() or p.status() == "zombie" for p in started)
+    assert len(list((tmp_path / "run" / "round-001").glob("node-*.safetensors"))) == 2
+    records = json.loads((tmp_path / "run" / "records.json").read_text())
+    assert any(r["target"] != "aggregate" and r["status"] == "recovered" for r in records)
