@@ -201,7 +201,7 @@ def train_cmd(
         opts, train = DecoderTraining.from_dict(pairs, "decoder inverter"), train_decoder
     scn = _scenario(encoder, corpus, 1, seed, 1, max_tokens, api_key)
     with console.status(f"training a {inverter} inverter on {encoder} (≤ {train_seconds:.0f} s)"):
-        inv, info = train(scn, opts)
+        inv, info = train(scn.public_data(), opts, scn.victim)
         inv.save(out)
     console.print(f"saved {inverter} inverter to {out}: {info}")
 
