@@ -328,6 +328,21 @@ def render(r: dict) -> str:
         "Prior BoW token F1 "
         f"(guessing frequent words, no vector): {pu['prior_bow_token_f1']:.3f}.",
         "",
+        "The attacker is the registered `bow` attack (options augment=0, decode=threshold) and the registered "
+        "`nearest` attack (every public text and the victim's documents as candidates, k=1), run by the "
+        "embedding runner on an access object: the victim-tenant vectors that leaked, the attacker's own tenant "
+        "of the defended API as a counting black-box encoder (retrained per defense, fresh noise per call) and, "
+        "with known pairs, victim-tenant (text, vector) pairs that map the victim's space onto its own when "
+        "that beats the identity on held-out pairs.",
+        "",
+        "Why these numbers moved (issue 20, one runner): before, defend-eval ran its own ridge probe over "
+        "content words (stopwords and words of ≤ 2 letters dropped) and scored the F1 of content-word sets; "
+        "BoW token F1 is now the bow attack's own score, the F1 of all words' multisets, so it and the prior "
+        "(same metric) are higher throughout (0.167 → see the `none` row; prior 0.066 before). NN "
+        "re-identification moved only where the defense is random: the candidates are now embedded through "
+        "the attacker's tenant in the attack's own call (fresh noise) rather than from the shared draw. "
+        "Utility columns are unchanged (same victim draw and seed).",
+        "",
         table_md(pu["rows"]),
     ]
     return "\n".join(lines) + "\n"
