@@ -328,8 +328,8 @@ def render(r: dict) -> str:
         "Prior BoW token F1 "
         f"(guessing frequent words, no vector): {pu['prior_bow_token_f1']:.3f}.",
         "",
-        "The attacker is the registered `bow` attack (options augment=0, decode=threshold) and the registered "
-        "`nearest` attack (every public text and the victim's documents as candidates, k=1), run by the "
+        "The attacker is the registered `bow` attack (options augment=0, decode=threshold, vocab=2000) and the "
+        "registered `nearest` attack (every public text and the victim's documents as candidates, k=1), run by the "
         "embedding runner on an access object: the victim-tenant vectors that leaked, the attacker's own tenant "
         "of the defended API as a counting black-box encoder (retrained per defense, fresh noise per call) and, "
         "with known pairs, victim-tenant (text, vector) pairs that map the victim's space onto its own when "
