@@ -75,14 +75,15 @@ def score_case(entry: Entry[Any], case: Case, pred: Prediction, cfg: Config) -> 
 
 # ----------------------------------------------------------------------------- inversion of leaked vectors
 def _inversion(entry: Entry[Any], scn: Scenario, cfg: Config) -> Case:
+    """The private sample's vectors leak; the entry's ``needs`` grant a black-box encoder or the weights."""
     needs = entry.extra.get("needs", ("encoder",))
-    weights = EncoderWeights(require_local(scn.victim, entry.name)) if "weights" in needs else None
+    local = require_local(scn.victim, entry.name) if "weights" in needs else None
     target_tokens = getattr(cfg, "target_max_tokens", None)
     sample, targets = victim_targets(scn, target_tokens(scn.max_tokens) if target_tokens else None)
-    access = Access(
+    access = Access(  # granted after the victim embedded its texts: only the attack's passes are counted
         vectors=LeakedVectors(targets, scn.victim.name),
         encoder=BlackBoxEncoder(scn.victim) if "encoder" in needs else None,
-        weights=weights,
+        weights=EncoderWeights(local) if local is not None else None,
     )
     return Case(access, scn.public_data(), EmbedSecret(list(sample.texts), targets, scn.victim), scn.to_dict())
 
