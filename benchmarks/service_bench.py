@@ -337,8 +337,8 @@ def render(r: dict) -> str:
         "",
         "Why these numbers moved (issue 20, one runner): before, defend-eval ran its own ridge probe over "
         "content words (stopwords and words of ≤ 2 letters dropped) and scored the F1 of content-word sets; "
-        "BoW token F1 is now the bow attack's own score, the F1 of all words' multisets, so it and the prior "
-        "(same metric) are higher throughout (0.167 → see the `none` row; prior 0.066 before). NN "
+        "BoW token F1 is now the bow attack's own score, the F1 of all words' multisets (before: 0.167 for "
+        "the `none` row, prior 0.066), and the prior is computed with that same metric. NN "
         "re-identification moved only where the defense is random: the candidates are now embedded through "
         "the attacker's tenant in the attack's own call (fresh noise) rather than from the shared draw. "
         "Utility columns are unchanged (same victim draw and seed).",
