@@ -45,7 +45,7 @@ def main() -> None:
     scn = Scenario(n=args.n, seed=args.seed)
     enc = scn.victim
     sample, targets = victim_targets(scn, opts.max_tokens)
-    inv = make_whitebox(scn, enc, opts)
+    inv = make_whitebox(scn.public_data(), enc, opts)
     tok, vocab = enc.tokenizer, set(inv.vocab.tolist())
     if args.score:
         for item in args.score:
@@ -54,7 +54,7 @@ def main() -> None:
             ids = tok(text, add_special_tokens=False)["input_ids"]
             print(f"{i} J {inv.objective([ids], v)[0]:.4f} cos {inv.cosines([ids], v)[0]:.4f} {text!r}")
         return
-    starts, pools = bow_guesses(scn, enc, targets, opts.pool, sub_config(BowTraining, opts))
+    starts, pools = bow_guesses(scn.public_data(), enc, targets, opts.pool, sub_config(BowTraining, opts))
     t0, f1s, failures = time.perf_counter(), [], 0
     for j, true in enumerate(sample.texts):
         v = torch.from_numpy(targets[j : j + 1])

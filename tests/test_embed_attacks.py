@@ -8,6 +8,7 @@ import torch
 from embed_toys import bag_encoder
 
 from leaklab.attacks.base import NoSignal
+from leaklab.attacks.embedding.access import SearchEndpoint
 from leaklab.attacks.embedding.alignment import Alignment, leaked_pairs
 from leaklab.attacks.embedding.bow import BagOfWordsInverter, build_vocab
 from leaklab.attacks.embedding.clustering import ProbeClustering
@@ -236,8 +237,10 @@ def test_whitebox_prior_moves_hops_and_budget_match_references(tiny):
     ]
     assert set(whole) < set(with_pieces) and set(with_pieces) - set(whole) == set(cont) and len(cont) > 100
     scn = Scenario("tiny-bert", n=2, max_tokens=16, public_limit=200)
-    plain_vocab = set(make_whitebox(scn, tiny, WhiteBoxConfig(vocab=300, full=True)).vocab.tolist())
-    piece_vocab = set(make_whitebox(scn, tiny, WhiteBoxConfig(vocab=300, full=True, pieces=True)).vocab.tolist())
+    plain_vocab = set(make_whitebox(scn.public_data(), tiny, WhiteBoxConfig(vocab=300, full=True)).vocab.tolist())
+    piece_vocab = set(
+        make_whitebox(scn.public_data(), tiny, WhiteBoxConfig(vocab=300, full=True, pieces=True)).vocab.tolist()
+    )
     assert not plain_vocab & set(cont) and set(cont) <= piece_vocab and plain_vocab <= piece_vocab
     # prior: the words of highest cos(e(w), v), against embedding each word alone
     inv = WhiteBoxInverter(tiny, vocab_ids=ids, candidates=4, passes=2, prior=3, prior_ids=ids)
@@ -269,7 +272,7 @@ def test_kb_vector_recovery_matches_the_true_document_vectors(tiny, public):
     kb = HiddenKB(public[:8], tiny)
     words = sorted({w for t in public for w in t.lower().split()})
     rec = KBVectorRecovery(load_encoder("tiny-bert", fresh=True), public[20:220], words, top_k=3, per_round=16)
-    res = rec.run(kb)
+    res = rec.run(SearchEndpoint(kb))
     assert res.adaptive_queries > 0 and min(res.observations.values()) >= tiny.dim + 16
     assert res.discovery_queries + res.adaptive_queries == kb.queries
     for i, doc_id in enumerate(kb.ids):  # reference: the index's own (hidden) normalised vectors
@@ -300,7 +303,7 @@ def test_alignment_k_larger_than_pairs_is_an_error():
 def test_kb_extraction_recovers_exact_bags_on_a_bag_encoder():
     enc = bag_encoder(VOCAB)
     kb = HiddenKB(DOCS, enc, max_top_k=5)
-    res = KBExtractor(VOCAB, ["the", "a"], top_k=5, candidates=40).run(kb)
+    res = KBExtractor(VOCAB, ["the", "a"], top_k=5, candidates=40).run(SearchEndpoint(kb))
     for doc_id, text in res.texts.items():
         assert sorted(text.split()) == sorted(kb.text_of(doc_id).split())
     assert sum(res.queries_per_doc.values()) + res.discovery_queries == kb.queries
@@ -335,7 +338,7 @@ def test_clustering_separates_two_topics():
     docs = ["red apples", "green pears", "apples pears", "fast car", "car road", "blue car road"]
     kb = HiddenKB(docs, enc)
     probes = ["apples", "pears", "red green", "car", "road", "blue fast"]
-    res = ProbeClustering(probes, enc.embed(probes), clusters=2, top_k=3).run(kb)
+    res = ProbeClustering(probes, enc.embed(probes), clusters=2, top_k=3).run(SearchEndpoint(kb))
     lab = dict(zip(res.doc_ids, res.labels, strict=True))
     assert lab["doc-0"] == lab["doc-1"] == lab["doc-2"] != lab["doc-3"] == lab["doc-4"] == lab["doc-5"]
 
@@ -350,10 +353,10 @@ def test_an_attack_that_finds_nothing_reports_no_signal(monkeypatch, tiny):
 
     probes = ["apples", "pears", "car"]
     with pytest.raises(NoSignal, match="retrieved no document"):
-        ProbeClustering(probes, tiny.embed(probes), clusters=2, top_k=3).run(Silent())
+        ProbeClustering(probes, tiny.embed(probes), clusters=2, top_k=3).run(SearchEndpoint(Silent()))
 
-    def nothing(scn, cfg):
-        return ProbeClustering(probes, scn.victim.embed(probes)).run(Silent())
+    def nothing(access, public, cfg):
+        return ProbeClustering(probes, access.need("encoder").embed(probes)).run(SearchEndpoint(Silent()))
 
     entry = dataclasses.replace(EMBED_ATTACKS.get("clustering"), impl=nothing)
     monkeypatch.setitem(EMBED_ATTACKS._entries, "clustering", entry)
@@ -364,7 +367,7 @@ def test_an_attack_that_finds_nothing_reports_no_signal(monkeypatch, tiny):
 
 def test_membership_kb_scores_and_finetune(tiny):
     kb = HiddenKB(DOCS[:3], tiny)
-    s = kb_scores(kb, DOCS)
+    s = kb_scores(SearchEndpoint(kb), DOCS)
     assert s[:3] == pytest.approx([1.0] * 3, abs=1e-5) and (s[3:] < 0.9999).all()
     tuned = finetune_simcse(tiny, DOCS, epochs=1, batch_size=4)
     assert not np.allclose(tuned.embed(DOCS), tiny.embed(DOCS))
@@ -617,8 +620,10 @@ def test_decoder_search_option_refines_through_black_box_queries():
 
 def test_whitebox_word_corpora_appends_other_public_split_words(tiny):
     scn = Scenario("tiny-bert", n=2, max_tokens=16, public_limit=200)
-    own = make_whitebox(scn, tiny, WhiteBoxConfig(vocab=300, words=5)).units
-    both = make_whitebox(scn, tiny, WhiteBoxConfig(vocab=300, words=5, word_corpora="bbc-news:paragraphs")).units
+    own = make_whitebox(scn.public_data(), tiny, WhiteBoxConfig(vocab=300, words=5)).units
+    both = make_whitebox(
+        scn.public_data(), tiny, WhiteBoxConfig(vocab=300, words=5, word_corpora="bbc-news:paragraphs")
+    ).units
     extra = scn.extra_public_texts("bbc-news:paragraphs", any_length=True)
     # reference: the scenario's own words first, in order, then the new words of the other corpus by frequency
     assert both[: len(own)] == own
@@ -628,7 +633,7 @@ def test_whitebox_word_corpora_appends_other_public_split_words(tiny):
     assert set(scn.extra_public_texts("bbc-news:paragraphs")) < set(extra)
     # option common with vocab=0 (the whole tokenizer): the common words are the public split's most frequent
     scn = Scenario("tiny-bert", n=2, max_tokens=16, public_limit=200)
-    inv = make_whitebox(scn, tiny, WhiteBoxConfig(vocab=0, common=3))
+    inv = make_whitebox(scn.public_data(), tiny, WhiteBoxConfig(vocab=0, common=3))
     assert inv.common_ids == vocab_from_texts(tiny.tokenizer, scn.public_texts(), 200)
     assert len(inv.common_ids) == 200 and len(inv.vocab) > 1000
 
@@ -653,11 +658,11 @@ def test_membership_split_has_no_domain_or_order_shift():
     neither drawn from one end of the corpus nor from one length range."""
     from scipy.stats import ks_2samp
 
-    from leaklab.attacks.embedding.membership import _split
     from leaklab.corpora.sampling import split_of
+    from leaklab.experiments.scenario import membership_split
 
     scn = Scenario("tiny-bert", n=150)
-    members, non = _split(scn, scn.n)
+    members, non = membership_split(scn)
     assert len(members) == len(non) == 150 and not set(members) & set(non)
     assert all(split_of(t) == "private" for t in members + non)
     where = {t: i for i, t in enumerate(scn.corpus_obj.texts)}

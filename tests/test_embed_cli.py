@@ -242,7 +242,7 @@ def test_bench_renders_an_entry_that_could_not_run_as_na_and_scores_the_others(m
     from leaklab.attacks.embedding.registry import EMBED_ATTACKS
     from leaklab.errors import LeaklabError
 
-    def cannot(scn, cfg):
+    def cannot(access, public, cfg):
         raise LeaklabError("no search endpoint on this encoder")
 
     monkeypatch.setitem(EMBED_ATTACKS._entries, "bow", dataclasses.replace(EMBED_ATTACKS.get("bow"), impl=cannot))

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from leaklab.service.defend_eval import BowProbe, default_sweep, plot_curves, prepare, prior_f1, run_sweep, table_md
+from leaklab.service.defend_eval import default_sweep, plot_curves, prepare, prior_f1, run_sweep, table_md
 from leaklab.service.encoders import load_encoder
 
 
@@ -14,15 +13,36 @@ def data():
     return prepare(load_encoder("hashing").embed, "bbc-news:paragraphs", 150, 400, seed=0, vocab_size=500)
 
 
-def test_ridge_probe_matches_sklearn(data):
-    from sklearn.linear_model import Ridge
+def test_the_attacker_is_the_registered_attacks_on_an_access_object(data, monkeypatch):
+    """defend-eval runs the registered bow and nearest attacks (typed options) through the runner: each receives
+    an Access (defended leaked vectors, a counting black-box tenant, the granted pairs and candidate documents)
+    and public data holding no victim text; their predictions are scored by the runner."""
+    import dataclasses
 
-    probe = BowProbe(data.vocab).fit(data.public_clean, data.public_texts, lam=1.0)
-    y = probe._targets(data.public_texts)
-    ref = Ridge(alpha=1.0, fit_intercept=True).fit(data.public_clean, y)
-    ours = np.hstack([data.public_clean, np.ones((len(data.public_clean), 1))]) @ probe.w
-    # sklearn does not penalise the intercept; with a tiny λ effect the predictions agree closely
-    assert np.corrcoef(ours.ravel(), ref.predict(data.public_clean).ravel())[0, 1] > 0.999
+    from leaklab.attacks.embedding.access import Access, PublicData
+    from leaklab.attacks.embedding.registry import EMBED_ATTACKS
+
+    seen = {}
+    for name in ("bow", "nearest"):
+        entry = EMBED_ATTACKS.get(name)
+
+        def spy(access, public, cfg, entry=entry):
+            assert isinstance(access, Access) and isinstance(public, PublicData)
+            assert not set(data.victim_texts) & set(public.texts())
+            assert access.pairs is not None and len(access.pairs) == 40
+            seen[entry.name] = (type(cfg).__name__, access.grants())
+            pred = entry.impl(access, public, cfg)
+            assert access.encoder.usage.queries > 0  # the attacker's own tenant was queried, and counted
+            return pred
+
+        monkeypatch.setitem(EMBED_ATTACKS._entries, name, dataclasses.replace(entry, impl=spy))
+    sweep = [s for s in default_sweep() if s[0] == "none"]
+    (row,) = run_sweep(data, sweep, seed=0, known_pairs=(40,))
+    assert row["status"] == "recovered" and row["bow_token_f1"] > prior_f1(data)
+    assert seen["bow"][0] == "BowConfig" and seen["nearest"][0] == "NearestConfig"
+    grants = seen["bow"][1]
+    assert grants["leaked_pairs"] == 40 and grants["leaked_vectors"]["count"] == len(data.victim_texts)
+    assert grants["black_box_encoder"]["encoder"] == "defended-api"
 
 
 def test_rotation_blocks_without_pairs_and_breaks_with_them(data):

@@ -209,7 +209,7 @@ def train_cmd(
     check_output(out, overwrite)
     scn = _scenario(encoder, corpus, 1, seed, 1, max_tokens, api_key)
     with console.status(f"training a {inverter} inverter on {encoder} (≤ {train_seconds:.0f} s)"):
-        inv, info = train(scn, opts)
+        inv, info = train(scn.public_data(), opts, scn.victim)
         with run_folder(out, "inverter", overwrite) as run:
             inv.save(run.path)
     console.print(f"saved {inverter} inverter to {out}: {info}")

@@ -2,7 +2,9 @@
 
 Every gradient front-end (``gradient attack``, ``gradient bench``, ``gradient sweep``, the settings benchmark,
 the Python API) goes through :func:`attack_batch`; only here are an Observation and its Secret held together.
-Every embedding front-end (``embed attack``, ``embed bench``) goes through :func:`run_embedding`. An attack that
+Every embedding front-end (``embed attack``, ``embed bench``, ``embed defend-eval``) goes through
+:func:`run_embedding` or :func:`attack_embedding`: the victim side (:mod:`.scenario`) builds the access the attack
+is granted, the attack returns a prediction, and only here is it scored against the private texts. An attack that
 could not run, or found no signal, yields a record with that status and its reason and no scores:
 :func:`summarise` averages recovered batches only and counts the others, so a failure never reads as 0.
 """
@@ -18,6 +20,7 @@ import numpy as np
 
 from leaklab.attacks.base import GradientAttack, Recovery, make_attack, outcome_of, run_attack
 from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario
+from leaklab.experiments.scenario import Case, build_case, score_case
 from leaklab.metrics import score_bag, score_batch
 from leaklab.models import load_model
 from leaklab.models.device import current_device, device_record, reset_peak_memory
@@ -112,19 +115,34 @@ def attack_batch(
 def run_embedding(name: str, scenario: Scenario, options: Any = None) -> RunRecord:
     """Evaluate embedding attack ``name`` on ``scenario`` with ``options`` (a dict, ``key=value`` strings or the
     attack's config), timed. Bad options and a scenario whose encoder or corpus cannot supply its targets raise
-    (the user's input); an attack that then fails on the scenario yields "could_not_run" (or "no_signal") with
-    the reason and no metrics. The record's observation is the scenario with the attacker's flags; ``aggregate``
-    holds the attack's metrics, ``info`` its own info and the attacker's ``usage``, ``pairs`` a few
-    (true, recovered) texts; ``recovered`` stays empty (the attacks report examples, not every text)."""
+    (the user's input); an attack that then fails on the scenario (or whose victim side cannot be built, e.g.
+    white-box access to a remote encoder) yields "could_not_run" (or "no_signal") with the reason and no
+    metrics. The record's observation is the scenario with the access grants and the attack's notes
+    (``flags``); ``aggregate`` holds the metrics, ``info`` the attack's info and the attacker's ``usage``,
+    ``pairs`` a few (true, recovered) texts; ``recovered`` stays empty (the records keep examples, not every
+    text)."""
     entry = EMBED_ATTACKS.get(name)
     cfg = entry.options(options)
     scenario.check()
     reset_peak_memory(current_device())
     start = time.perf_counter()
-    outcome = outcome_of(f"{name} on '{scenario.encoder}'", lambda: entry.impl(scenario, cfg))
+    outcome = outcome_of(
+        f"{name} on '{scenario.encoder}'", lambda: attack_embedding(name, build_case(entry, scenario, cfg), cfg)
+    )
     record = embedding_record(name, cfg.to_dict(), scenario.to_dict(), time.perf_counter() - start, *outcome)
     record.device = device_record()
     return record
+
+
+def attack_embedding(name: str, case: Case, cfg: Any) -> AttackReport:
+    """Run attack ``name`` on what ``case`` grants (never its secret), then score its prediction against the
+    case's secret. Raises what the attack raises (:func:`outcome_of` turns it into an outcome)."""
+    entry = EMBED_ATTACKS.get(name)
+    pred = entry.impl(case.access, case.public, cfg)
+    usage = case.access.usage()  # read before scoring: the scorer's own embeddings are no attacker queries
+    metrics, pairs = score_case(entry, case, pred, cfg)
+    flags = case.access.grants() | case.notes | pred.notes
+    return AttackReport(name, case.scenario, metrics, usage, flags, pairs, pred.info)
 
 
 def embedding_record(

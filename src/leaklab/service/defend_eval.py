@@ -2,37 +2,47 @@
 
 Threat model: the victim stores or shares vectors the API returned under the victim's tenant; those
 leak. The attacker holds an API key of its own (its own tenant) and public text (the "public" split), so
-it trains its probes on vectors defended exactly as the API defends them (adaptive: retrained per defense,
-fresh noise). Extra knowledge is an explicit flag: ``known_pairs`` = victim-tenant (text, vector) pairs
-the attacker holds (used to fit an orthogonal map from the victim's space to its own: the known-plaintext
-break of rotation); the victim's documents are among the attacker's candidate texts (dictionary attack).
+it trains on vectors defended exactly as the API defends them (adaptive: retrained per defense, fresh noise).
+Extra knowledge is an explicit grant: ``known_pairs`` = victim-tenant (text, vector) pairs the attacker holds
+(the attacks map the victim's space onto their own with an orthogonal map fitted on them, kept when it beats
+the identity on held-out pairs: the known-plaintext break of rotation); the victim's documents are among the
+attacker's candidate texts (dictionary attack).
 
-Attacks: a bag-of-words probe (ridge from vector to content-word multi-hot; top-m words, m tuned on the
-attacker's own held-out data) scored by token F1 on the victim's texts, and nearest-neighbour
-re-identification (top-1 over a candidate pool). Utility: label precision@10 and neighbour recall@10
-(top-10 overlap with the undefended ranking) among the victim's own defended vectors, and cosine to the
-clean vector where defined.
+Attacks: the registered ``bow`` and ``nearest`` embedding attacks with their typed options, run by the
+runner (:func:`leaklab.experiments.runner.attack_embedding`) on an access object built here (the victim's
+defended vectors, a counting black-box encoder that is the attacker's own tenant of the defended API, the known
+pairs, the candidate documents): the bag-of-words inverter's token F1 on the victim's texts, and
+nearest-neighbour re-identification (top-1 over the candidates). Utility: label precision@10 and neighbour
+recall@10 (top-10 overlap with the undefended ranking) among the victim's own defended vectors, and cosine to
+the clean vector where defined.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.linalg import orthogonal_procrustes
 
+from leaklab.attacks.embedding.access import Access, BlackBoxEncoder, LeakedPairs, LeakedVectors, PublicData
+from leaklab.attacks.embedding.bow import BowConfig
+from leaklab.attacks.embedding.nearest import NearestConfig
 from leaklab.corpora.sampling import split_of
+from leaklab.encoders import CallableEncoder
 from leaklab.errors import LeaklabError
-from leaklab.experiments.runner import outcome_of, record_outcome
+from leaklab.experiments.runner import attack_embedding, outcome_of, record_outcome
+from leaklab.experiments.scenario import Case, EmbedSecret
+from leaklab.metrics.embedding import word_prf, words
 from leaklab.service.defenses import Pipeline, make_pipeline
-from leaklab.service.monitor import STOPWORDS
 
 ROTATION_SECRET = "defend-eval-secret-0123456789"
 VICTIM, ATTACKER = "victim", "attacker"
-ATTACK_METRICS = ("bow_token_f1", "nn_reidentification", "bow_words_per_text")
+ATTACK_METRICS = ("bow_token_f1", "nn_reidentification")
+#: the bag-of-words attacker's options: no augmented training copies (each would be a defended API query), the
+#: 2000 most frequent public words, and the held-out-threshold decoding (the forward dictionary and per-vector
+#: NNLS of the ef1 decoding are too slow for a sweep that retrains the attacker at every point)
+BOW_OPTIONS = BowConfig(augment=0, decode="threshold", vocab=2000)
 
 
 def default_sweep() -> list[tuple[str, float | str, list[dict]]]:
@@ -46,59 +56,6 @@ def default_sweep() -> list[tuple[str, float | str, list[dict]]]:
     sweep += [("truncate", d, [{"kind": "truncate", "dims": d}]) for d in (4, 8, 16, 32, 64, 128)]
     sweep += [("rotate", "secret", [{"kind": "rotate", "secret": ROTATION_SECRET}])]
     return sweep
-
-
-def content_words(text: str) -> set[str]:
-    return {w for w in re.findall(r"[a-z]+", text.lower()) if w not in STOPWORDS and len(w) > 2}
-
-
-@dataclass
-class BowProbe:
-    """Ridge map vector -> content-word indicators; predicts each text's top-m words."""
-
-    vocab: list[str]
-    w: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    m: int = 5
-
-    def _targets(self, texts: list[str]) -> np.ndarray:
-        index = {w: i for i, w in enumerate(self.vocab)}
-        y = np.zeros((len(texts), len(self.vocab)), dtype=np.float32)
-        for r, t in enumerate(texts):
-            for w in content_words(t):
-                if w in index:
-                    y[r, index[w]] = 1
-        return y
-
-    def fit(self, x: np.ndarray, texts: list[str], lam: float = 1.0) -> BowProbe:
-        """W = (XᵀX + λI)⁻¹ XᵀY on 80% of the data; m maximises token F1 on the other 20%."""
-        n = len(x)
-        cut = int(n * 0.8)
-        xb = np.hstack([x, np.ones((n, 1), dtype=x.dtype)])
-        y = self._targets(texts)
-        a = xb[:cut].T @ xb[:cut] + lam * np.eye(xb.shape[1])
-        self.w = np.linalg.solve(a, xb[:cut].T @ y[:cut])
-        self.m = max((token_f1(self._predict(x[cut:], m), texts[cut:]), m) for m in (1, 2, 3, 5, 8, 12))[1]
-        a = xb.T @ xb + lam * np.eye(xb.shape[1])
-        self.w = np.linalg.solve(a, xb.T @ y)
-        return self
-
-    def _predict(self, x: np.ndarray, m: int) -> list[set[str]]:
-        scores = np.hstack([x, np.ones((len(x), 1), dtype=x.dtype)]) @ self.w
-        top = np.argsort(-scores, axis=1)[:, :m]
-        return [{self.vocab[j] for j in row} for row in top]
-
-    def predict(self, x: np.ndarray) -> list[set[str]]:
-        return self._predict(x, self.m)
-
-
-def token_f1(pred: list[set[str]], texts: list[str]) -> float:
-    """Mean over texts of the F1 between predicted and true content-word sets."""
-    scores = []
-    for p, t in zip(pred, texts, strict=True):
-        true = content_words(t)
-        hit = len(p & true)
-        scores.append(0.0 if not hit else 2 * hit / (len(p) + len(true)))
-    return float(np.mean(scores))
 
 
 def topk_neighbours(x: np.ndarray, k: int) -> np.ndarray:
@@ -123,6 +80,19 @@ class EvalData:
     public_texts: list[str]
     public_clean: np.ndarray
     vocab: list[str]
+    corpus: str = ""
+    embed: Callable[[list[str]], np.ndarray] | None = field(default=None, repr=False)
+
+    def clean(self, texts: list[str]) -> np.ndarray:
+        """Undefended vectors of ``texts`` (those already embedded are looked up, others embedded)."""
+        known = dict(zip(self.victim_texts, self.victim_clean, strict=True))
+        known.update(zip(self.public_texts, self.public_clean, strict=True))
+        missing = [t for t in dict.fromkeys(texts) if t not in known]
+        if missing:
+            if self.embed is None:
+                raise LeaklabError(f"{len(missing)} texts have no clean vector and no encoder embeds them")
+            known.update(zip(missing, self.embed(missing), strict=True))
+        return np.stack([known[t] for t in texts]).astype(np.float32)
 
 
 def prepare(
@@ -133,7 +103,8 @@ def prepare(
     seed: int,
     vocab_size: int = 2000,
 ) -> EvalData:
-    """Victim documents from the private split, attacker texts from the public split, both embedded clean."""
+    """Victim documents from the private split, attacker texts from the public split, both embedded clean;
+    ``vocab``: the public texts' most frequent words (the no-vector prior's guesses)."""
     from leaklab.corpora import load_corpus
 
     c = load_corpus(corpus)
@@ -147,14 +118,10 @@ def prepare(
     vi = sorted(rng.choice(priv, n_victim, replace=False))
     pi = sorted(rng.choice(pub, n_public, replace=False))
     vt, pt = [c.texts[i] for i in vi], [c.texts[i] for i in pi]
-    counts = Counter(w for t in pt for w in content_words(t))
+    counts = Counter(w for t in pt for w in words(t))
     vocab = [w for w, _ in counts.most_common(vocab_size)]
-    return EvalData(vt, np.array([c.labels[i] for i in vi]), embed(vt), pt, embed(pt), vocab)
-
-
-def _align(victim_pairs: np.ndarray, attacker_pairs: np.ndarray) -> np.ndarray:
-    r, _ = orthogonal_procrustes(victim_pairs, attacker_pairs)
-    return r
+    labels = np.array([c.labels[i] for i in vi])
+    return EvalData(vt, labels, embed(vt), pt, embed(pt), vocab, corpus, embed)
 
 
 def evaluate_point(
@@ -173,35 +140,48 @@ def evaluate_point(
     }
 
 
+def attacker_case(
+    data: EvalData, pipe: Pipeline, victim: np.ndarray, pairs: LeakedPairs | None, rng: np.random.Generator
+) -> Case:
+    """The victim side of one defense point: the leaked (victim-tenant) vectors, the attacker's own tenant of
+    the defended API as a counting black-box encoder, the known pairs, the victim's documents as known
+    candidates, the attacker's public texts; the victim's texts stay in the secret."""
+    dim = pipe.apply(data.victim_clean[:1], ATTACKER, np.random.default_rng(0)).shape[1]
+    api = CallableEncoder(lambda texts: pipe.apply(data.clean(texts), ATTACKER, rng), dim, "defended-api", None)
+    access = Access(
+        vectors=LeakedVectors(victim, api.name),
+        encoder=BlackBoxEncoder(api),
+        pairs=pairs,
+        hints={"known_documents": list(data.victim_texts)},
+    )
+    public = PublicData(data.corpus, None, 0, 1, 10**6, tuple(data.public_texts))
+    truth = {"present": np.ones(len(data.victim_texts), dtype=bool)}
+    secret = EmbedSecret(list(data.victim_texts), None, None, truth)
+    return Case(access, public, secret, {"corpus": data.corpus, "defense": pipe.describe()})
+
+
 def _attack(data: EvalData, pipe: Pipeline, known_pairs: int, rng: np.random.Generator, victim: np.ndarray) -> dict:
-    """BoW probe token F1 and NN re-identification of the attacker (its own tenant) on the leaked vectors."""
+    """The registered bow and nearest attacks of the attacker (its own tenant) on the leaked vectors."""
     if known_pairs > len(data.public_texts):
         raise LeaklabError(f"{known_pairs} known pairs asked for, but the attacker has {len(data.public_texts)} texts")
-    attacker_train = pipe.apply(data.public_clean, ATTACKER, rng)
-    leaked = victim
+    pairs = None
     if known_pairs:
-        # the attacker holds victim-tenant vectors of `known_pairs` public texts and re-embeds them itself; it
-        # keeps the orthogonal map only if it beats the identity on half of those pairs held out
         idx = rng.choice(len(data.public_texts), size=known_pairs, replace=False)
-        v_pairs = pipe.apply(data.public_clean[idx], VICTIM, rng)
-        a_pairs = attacker_train[idx]
-        half = known_pairs // 2
-        r = _align(v_pairs[:half], a_pairs[:half])
-        if np.linalg.norm(v_pairs[half:] @ r - a_pairs[half:]) < np.linalg.norm(v_pairs[half:] - a_pairs[half:]):
-            leaked = victim @ _align(v_pairs, a_pairs)
-    probe = BowProbe(data.vocab).fit(attacker_train, data.public_texts)
-    f1 = token_f1(probe.predict(leaked), data.victim_texts)
-    pool = np.vstack([pipe.apply(data.victim_clean, ATTACKER, rng), attacker_train])  # victim docs are candidates
-    hits = np.argmax(leaked @ pool.T, axis=1) == np.arange(len(leaked))
-    return {"bow_token_f1": f1, "nn_reidentification": float(hits.mean()), "bow_words_per_text": probe.m}
+        texts = [data.public_texts[i] for i in idx]
+        pairs = LeakedPairs(texts, pipe.apply(data.public_clean[idx], VICTIM, rng))
+    bow = attack_embedding("bow", attacker_case(data, pipe, victim, pairs, rng), BOW_OPTIONS)
+    nn_options = NearestConfig(candidates=len(data.public_texts), k=1)
+    nn = attack_embedding("nearest", attacker_case(data, pipe, victim, pairs, rng), nn_options)
+    return {"bow_token_f1": bow.metrics["token_f1"], "nn_reidentification": nn.metrics["exact_recovered_of_present"]}
 
 
 def prior_f1(data: EvalData) -> float:
-    """Token F1 of guessing the attacker's most frequent content words for every text (no vector used)."""
+    """Token F1 (as the bow attack is scored) of guessing the attacker's most frequent public words for every
+    text (no vector used)."""
     best = 0.0
     for m in (1, 2, 3, 5, 8, 12):
-        guess = set(data.vocab[:m])
-        best = max(best, token_f1([guess] * len(data.victim_texts), data.victim_texts))
+        guess = " ".join(data.vocab[:m])
+        best = max(best, float(np.mean([word_prf(guess, t)[2] for t in data.victim_texts])))
     return best
 
 

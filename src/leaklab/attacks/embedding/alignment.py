@@ -13,24 +13,15 @@ from typing import Any, Literal
 
 import numpy as np
 
+from leaklab.attacks.embedding.access import Access, Prediction, PublicData
 from leaklab.attacks.embedding.bow import BowTraining, train_bow
 from leaklab.attacks.embedding.decoder import DecoderTraining, train_decoder
 from leaklab.attacks.embedding.nearest import NearestNeighbour
-from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario, sub_config
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, sub_config
 from leaklab.attacks.embedding.whitebox import WhiteBoxInverter
 from leaklab.core import option
-from leaklab.corpora.sampling import eligible
-from leaklab.encoders import (
-    Encoder,
-    TransformedEncoder,
-    cached_embed,
-    check_texts,
-    check_vectors,
-    load_encoder,
-    random_rotation,
-)
+from leaklab.encoders import Encoder, cached_embed, check_texts, check_vectors
 from leaklab.errors import LeaklabError, UnknownNameError
-from leaklab.metrics.embedding import cosine_rows, score_inversion
 
 METHODS = ("procrustes", "ridge")
 
@@ -123,88 +114,50 @@ class AlignmentConfig(BowTraining):
         return DecoderTraining.from_pairs(self.decoder, "alignment's inner decoder")
 
 
-def victim_encoder(scn: Scenario, cfg: AlignmentConfig) -> Encoder:
-    """The victim behind a secret rotation (default) of the scenario's encoder, or another encoder."""
-    base = load_encoder(cfg.victim, api_key=scn.api_key) if cfg.victim else scn.victim
-    if cfg.transform == "none":
-        return base
-    return TransformedEncoder(
-        base, random_rotation(base.dim, scn.seed + 1), cfg.noise, seed=scn.seed, name=f"{base.name}+secret-rotation"
-    )
-
-
 def _inner_attack(
-    name: str,
-    scn: Scenario,
-    cfg: AlignmentConfig,
-    local: Encoder,
-    mapped: np.ndarray,
-    true: list[str],
-    cache: dict[str, Any],
-    scorer: tuple[np.ndarray, Encoder] | None = None,
-) -> dict[str, Any]:
-    """Run a local attack (trained / built on the local encoder's public pairs) on mapped vectors; ``scorer``
-    (the victim's target vectors and encoder) adds the cosine of the re-embedded recovery in the victim's space."""
+    name: str, public: PublicData, cfg: AlignmentConfig, local: Encoder, mapped: np.ndarray, cache: dict[str, Any]
+) -> list[str]:
+    """A local attack (trained / built on the local encoder's public pairs) on mapped vectors."""
     if name == "nearest":
         if "nn" not in cache:
-            texts, vecs = scn.public_pairs(local)
+            texts, vecs = public.pairs(local)
             cache["nn"] = NearestNeighbour(local, texts, candidate_vectors=vecs)
-        pred = cache["nn"].run(mapped).texts
-    elif name == "bow":
+        return cache["nn"].run(mapped).texts
+    if name == "bow":
         if "bow" not in cache:
-            cache["bow"] = train_bow(scn, sub_config(BowTraining, cfg), local)[0]
-        pred = cache["bow"].invert(mapped)
-    elif name == "decoder":
+            cache["bow"] = train_bow(public, sub_config(BowTraining, cfg), local)[0]
+        return cache["bow"].invert(mapped)
+    if name == "decoder":
         if "dec" not in cache:
-            cache["dec"] = train_decoder(scn, cfg.decoder_training(), local)[0]
-        pred = cache["dec"].invert(mapped, local, steps=cfg.steps)
-    else:
-        pred = WhiteBoxInverter(local, passes=cfg.wb_passes).invert(mapped)[0]
-    out = score_inversion(pred, true, *(scorer or (None, None)))
-    out.pop("per_item_f1")
-    return out
+            cache["dec"] = train_decoder(public, cfg.decoder_training(), local)[0]
+        return cache["dec"].invert(mapped, local, steps=cfg.steps)
+    return WhiteBoxInverter(local, passes=cfg.wb_passes).invert(mapped)[0]
 
 
 ACCESS = "k leaked (text, vector) pairs + leaked vectors + a local encoder"
 
 
-@EMBED_ATTACKS.register("alignment", config=AlignmentConfig, access=ACCESS)
-def evaluate(scn: Scenario, cfg: AlignmentConfig) -> AttackReport:
-    """Procrustes/ridge map from k leaked pairs, then local attacks through it."""
-    local = load_encoder(cfg.local or scn.encoder)
-    victim = victim_encoder(scn, cfg)
-    ks, inner, method = cfg.ks, list(cfg.inner), cfg.method
-    available = len(eligible(scn.corpus_obj, scn.tokenizer, scn.min_tokens, scn.max_tokens, "private")) - scn.n
-    if max(ks) > available:
-        raise LeaklabError(
-            f"k={max(ks)} leaked pairs requested but only {max(available, 0)} private texts "
-            "besides the targets are available"
-        )
-    sample = scn.private(n=scn.n + max(ks))
-    targets_text, pool = sample.texts[: scn.n], sample.texts[scn.n :]
-    targets = victim.embed(targets_text)
-    true_local = local.embed(targets_text)  # scoring only
-    leaked_texts, leaked_vecs = leaked_pairs(victim, pool, max(ks))  # what leaked; no attacker query
-    before = local.usage.snapshot()
-    rows, cache = [], {}
-    leaked_local = cached_embed(local, leaked_texts)
-    for k in ks:
-        align = Alignment(method, cfg.ridge).fit(leaked_vecs[:k], leaked_local[:k])
-        mapped = align.transform(targets)
-        row = {"k": k, "mapped_cosine": float(cosine_rows(mapped, true_local).mean())}
-        for name in inner:
-            row[name] = _inner_attack(name, scn, cfg, local, mapped, targets_text, cache, (targets, victim))
-        rows.append(row)
-    metrics = {"method": method, "sweep": rows, "victim": victim.name, "local": local.name}
-    usage = {"victim_queries": 0, **{f"local_{k}": v for k, v in local.usage.since(before).items()}}
-    return AttackReport(
-        "alignment",
-        scn.to_dict(),
-        metrics,
-        usage,
-        {
+@EMBED_ATTACKS.register("alignment", config=AlignmentConfig, access=ACCESS, case="alignment")
+def attack(access: Access, public: PublicData, cfg: AlignmentConfig) -> Prediction:
+    """Procrustes/ridge map from k leaked pairs, then local attacks through it (one recovery per k and inner
+    attack, named ``k=<k>/<inner>``; the mapped vectors per k, named ``k=<k>``)."""
+    leaked, pairs, local = access.need("vectors"), access.need("pairs"), access.need("reference")
+    leaked_local = cached_embed(local, pairs.texts)
+    variants: dict[str, list[str]] = {}
+    mapped_of: dict[str, np.ndarray] = {}
+    cache: dict[str, Any] = {}
+    for k in cfg.ks:
+        mapped = Alignment(cfg.method, cfg.ridge).fit(pairs.vectors[:k], leaked_local[:k]).transform(leaked.vectors)
+        mapped_of[f"k={k}"] = mapped
+        for name in cfg.inner:
+            variants[f"k={k}/{name}"] = _inner_attack(name, public, cfg, local, mapped, cache)
+    return Prediction(
+        variants=variants,
+        vectors=mapped_of,
+        measures={"method": cfg.method, "victim": leaked.encoder, "local": local.name},
+        notes={
             "leaked_pairs": "private texts disjoint from the targets",
-            "inner_attacks": inner,
+            "inner_attacks": list(cfg.inner),
             "victim_queries": "none: only the leaked pairs and vectors",
         },
     )

@@ -28,22 +28,19 @@ import torch
 from scipy.optimize import nnls
 from torch import nn
 
+from leaklab.attacks.embedding.access import Access, Prediction, PublicData, vectors_in_encoder_space
 from leaklab.attacks.embedding.registry import (
     EMBED_ATTACKS,
-    AttackReport,
     SavedInverter,
-    Scenario,
-    examples,
     load_inverter_files,
     load_or_train,
     save_inverter,
     span_augment,
-    victim_targets,
 )
 from leaklab.core import Config, option
-from leaklab.encoders import check_pairs, check_vectors
+from leaklab.encoders import Encoder, check_pairs, check_vectors
 from leaklab.errors import LeaklabError
-from leaklab.metrics.embedding import score_inversion, word_prf, words
+from leaklab.metrics.embedding import word_prf, words
 
 
 def build_vocab(texts: list[str], size: int, min_count: int = 2) -> list[str]:
@@ -402,21 +399,18 @@ class BowConfig(SavedInverter, BowTraining):
 
 
 def train_bow(
-    scn: Scenario, opts: BowTraining | None = None, encoder: Any = None
+    public: PublicData, opts: BowTraining | None, encoder: Encoder
 ) -> tuple[BagOfWordsInverter, dict[str, Any]]:
-    """Fit a bag-of-words inverter (``opts``, default: the defaults) on the scenario's public pairs through
-    ``encoder`` (default: the victim)."""
-    from leaklab.corpora.sampling import split_of
+    """Fit a bag-of-words inverter (``opts``, default: the defaults) on public pairs made through ``encoder``."""
     from leaklab.encoders import cached_embed
 
     opts = opts or BowTraining()
-    enc = encoder or scn.victim
-    texts, vecs = scn.public_pairs(enc, extra=opts.extra_corpora)
+    enc = encoder
+    texts, vecs = public.pairs(enc, extra=opts.extra_corpora)
     n_val = len(texts) // 10 if len(texts) >= 20 else 0
-    perm = np.random.default_rng(scn.seed).permutation(len(texts))
+    perm = np.random.default_rng(public.seed).permutation(len(texts))
     val_texts, tr_texts = [texts[i] for i in perm[:n_val]], [texts[i] for i in perm[n_val:]]
-    private = {t for t in scn.corpus_obj.texts if split_of(t) == "private"}
-    aug = span_augment(tr_texts, opts.augment, scn.seed, private | set(val_texts))
+    aug = public.drop_private(span_augment(tr_texts, opts.augment, public.seed, set(val_texts)))
     inv = BagOfWordsInverter(
         enc.dim, build_vocab(tr_texts, opts.vocab), opts.hidden, encoder=enc.name, decode=opts.decode
     )
@@ -426,7 +420,7 @@ def train_bow(
         np.concatenate([vecs[perm[n_val:]], aug_vecs]),
         epochs=opts.epochs,
         seconds=opts.train_seconds,
-        seed=scn.seed,
+        seed=public.seed,
         val=(val_texts, vecs[perm[:n_val]]) if n_val else None,
         forward_lambda=opts.forward_lambda,
     )
@@ -436,19 +430,11 @@ def train_bow(
 ACCESS = "black-box embed (public texts) + leaked vectors"
 
 
-@EMBED_ATTACKS.register("bow", config=BowConfig, access=ACCESS)
-def evaluate(scn: Scenario, cfg: BowConfig) -> AttackReport:
-    """Vector -> vocabulary multi-label model trained on public (text, vector) pairs."""
-    sample, targets = victim_targets(scn)
-    before = scn.victim.usage.snapshot()
-    inv, info = load_or_train(scn, cfg, BagOfWordsInverter.load, lambda: train_bow(scn, cfg))
-    pred = inv.invert(targets)
-    return AttackReport(
-        "bow",
-        scn.to_dict(),
-        score_inversion(pred, sample.texts, targets, scn.victim),
-        scn.victim.usage.since(before),
-        {"train_data": "public split only"},
-        examples(sample.texts, pred),
-        info,
-    )
+@EMBED_ATTACKS.register("bow", config=BowConfig, access=ACCESS, case="inversion", needs=("encoder",))
+def attack(access: Access, public: PublicData, cfg: BowConfig) -> Prediction:
+    """Vector -> vocabulary multi-label model trained on public (text, vector) pairs (leaked pairs, where
+    granted, map the leaked vectors into the encoder's space first)."""
+    enc = access.need("encoder")
+    inv, info = load_or_train(enc, cfg, BagOfWordsInverter.load, lambda: train_bow(public, cfg, enc))
+    pred = inv.invert(vectors_in_encoder_space(access))
+    return Prediction(texts=pred, notes={"train_data": "public split only"}, info=info)

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from leaklab.attacks.base import NoSignal
-from leaklab.attacks.embedding.kb import HiddenKB, SearchIndex
-from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario, at_least
+from leaklab.attacks.base import CannotRun, NoSignal
+from leaklab.attacks.embedding.access import Access, Prediction, PublicData, SearchEndpoint
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, at_least
 from leaklab.core import Config, option
 from leaklab.encoders import check_texts, check_vectors
 from leaklab.errors import LeaklabError
-from leaklab.metrics.embedding import cosine_rows, words
+from leaklab.metrics.embedding import words
 
 _STOP = frozenset(
     [
@@ -104,8 +104,8 @@ class ProbeClustering:
             raise LeaklabError(f"clusters must be >= 1, got {clusters}")
         self.k, self.top_k, self.tau, self.seed = clusters, top_k, temperature, seed
 
-    def run(self, kb: SearchIndex) -> Clusters:
-        hits = kb.search(self.probes, self.top_k)
+    def run(self, kb: SearchEndpoint) -> Clusters:
+        hits = kb.hits(self.probes, self.top_k)
         by_doc: dict[str, list[tuple[int, float]]] = defaultdict(list)
         for j, row in enumerate(hits):
             for doc_id, score in row:
@@ -157,64 +157,19 @@ class ClusteringConfig(Config):
 ACCESS = "search endpoint only + probe vectors from the embedding API"
 
 
-@EMBED_ATTACKS.register("clustering", config=ClusteringConfig, access=ACCESS)
-def evaluate(scn: Scenario, cfg: ClusteringConfig) -> AttackReport:
+@EMBED_ATTACKS.register("clustering", config=ClusteringConfig, access=ACCESS, case="clustering")
+def attack(access: Access, public: PublicData, cfg: ClusteringConfig) -> Prediction:
     """Cluster hidden documents by the probe queries that retrieve them."""
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-    from leaklab.corpora import load_corpus
-
-    kb_corpus = cfg.kb_corpus
-    sub = Scenario(
-        scn.encoder,
-        kb_corpus,
-        scn.n,
-        scn.seed,
-        scn.min_tokens,
-        cfg.kb_max_tokens,
-        api_key=scn.api_key,
-    )
-    sub.victim = scn.victim  # same encoder object
-    sub.corpus_obj = load_corpus(kb_corpus)
-    sample = sub.private()
-    labels_true = np.array(sample.labels)
-    kb = HiddenKB(sample.texts, scn.victim, max_top_k=100)
-    before = scn.victim.usage.snapshot()
-    probes = sub.public_texts(limit=cfg.probes)
-    k = cfg.clusters if cfg.clusters is not None else len(set(sample.labels))
-    attack = ProbeClustering(probes, scn.victim.embed(probes), clusters=k, top_k=cfg.top_k, seed=scn.seed)
-    res = attack.run(kb)
-    usage = scn.victim.usage.since(before)
-    usage["search_queries"] = kb.queries
-    pos = {d: i for i, d in enumerate(kb.ids)}
-    idx = np.array([pos[d] for d in res.doc_ids])
-    true_vecs = scn.victim.embed(sample.texts)  # scoring only
-    oracle = KMeans(k, n_init=10, random_state=scn.seed).fit_predict(true_vecs)
-    metrics = {
-        "docs": len(sample.texts),
-        "docs_retrieved": len(res.doc_ids),
-        "clusters": k,
-        "nmi": float(normalized_mutual_info_score(labels_true[idx], res.labels)),
-        "ari": float(adjusted_rand_score(labels_true[idx], res.labels)),
-        "oracle_nmi": float(normalized_mutual_info_score(labels_true, oracle)),
-        "representation_cosine": float(cosine_rows(res.representations, true_vecs[idx]).mean()),
-        "keywords": {str(c): kw for c, kw in res.keywords.items()},
-        "true_topics": {
-            str(c): Counter(sub.corpus_obj.label_names[labels_true[i]] for i in idx[res.labels == c]).most_common(1)[0][
-                0
-            ]
-            for c in range(k)
-            if (res.labels == c).any()
-        },
-    }
-    return AttackReport(
-        "clustering",
-        scn.to_dict() | {"kb_corpus": kb_corpus},
-        metrics,
-        usage,
-        {
-            "access": "query texts -> top-k ids and scores; probes from the public split",
-            "oracle": "k-means on the true document vectors (upper bound, not an attack)",
-        },
+    search, enc = access.need("search"), access.need("encoder")
+    k = cfg.clusters if cfg.clusters is not None else access.hints.get("topics")
+    if k is None:
+        raise CannotRun("needs option clusters: the number of topics is not granted")
+    probes = public.texts(limit=cfg.probes)
+    res = ProbeClustering(probes, enc.embed(probes), clusters=k, top_k=cfg.top_k, seed=public.seed).run(search)
+    return Prediction(
+        ids=res.doc_ids,
+        labels=res.labels,
+        vectors={"representations": res.representations},
+        measures={"clusters": k, "keywords": {str(c): kw for c, kw in res.keywords.items()}},
+        notes={"access": "query texts -> top-k ids and scores; probes from the public split"},
     )

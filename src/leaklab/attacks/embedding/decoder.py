@@ -20,19 +20,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from leaklab.attacks.embedding.access import Access, Prediction, PublicData
 from leaklab.attacks.embedding.bow import BowTraining
 from leaklab.attacks.embedding.correction import CorrectingInverter
 from leaklab.attacks.embedding.lmdecoder import LMDecoderInverter, lm_vocab
 from leaklab.attacks.embedding.registry import (
     EMBED_ATTACKS,
-    AttackReport,
     SavedInverter,
-    Scenario,
-    examples,
     load_inverter_files,
     load_or_train,
     save_inverter,
-    victim_targets,
 )
 from leaklab.attacks.embedding.whitebox import (
     COMMON_WORDS,
@@ -46,7 +43,6 @@ from leaklab.attacks.embedding.whitebox import (
 from leaklab.core import Config, option
 from leaklab.encoders import Encoder, check_pairs, check_vectors
 from leaklab.errors import LeaklabError
-from leaklab.metrics.embedding import score_inversion
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 
@@ -286,16 +282,17 @@ class DecoderTraining(Config):
 
 
 def train_decoder(
-    scn: Scenario,
-    opts: DecoderTraining | None = None,
-    encoder: Encoder | None = None,
+    public: PublicData,
+    opts: DecoderTraining | None,
+    encoder: Encoder,
     pairs: tuple[list[str], np.ndarray] | None = None,
 ) -> tuple[CorrectingInverter, dict[str, Any]]:
     """Option ``arch``: ``lm`` (a packaged pretrained LM, option ``base``, top ``layers`` fine-tuned) or ``gru``
-    (trained from scratch); ``train_seconds`` is the whole training budget (``opts``, default: the defaults)."""
+    (trained from scratch); ``train_seconds`` is the whole training budget (``opts``, default: the defaults).
+    Trained on ``pairs``, else on public pairs made through ``encoder``."""
     opts = opts or DecoderTraining()
-    enc = encoder or scn.victim
-    texts, vecs = pairs or scn.public_pairs(enc)
+    enc = encoder
+    texts, vecs = pairs or public.pairs(enc)
     if opts.arch == "lm":
         from leaklab.models import load_model
 
@@ -308,21 +305,21 @@ def train_decoder(
             seconds=opts.train_seconds if opts.train_seconds is not None else 600.0,
             lr=opts.lr,
             cond_lr=opts.cond_lr,
-            seed=scn.seed,
+            seed=public.seed,
             progress=opts.progress,
         )
         return lm, info
     inv = DecoderInverter(
         enc.dim,
-        piece_vocab(scn.tokenizer, texts, opts.vocab),
-        scn.tokenizer,
+        piece_vocab(public.tokenizer, texts, opts.vocab),
+        public.tokenizer,
         opts.emb,
         opts.hidden,
-        scn.max_tokens + 2,
+        public.max_tokens + 2,
         enc.name,
     )
     seconds = opts.train_seconds if opts.train_seconds is not None else 180.0
-    info = inv.fit(texts, vecs, seconds=seconds, epochs=opts.epochs, seed=scn.seed)
+    info = inv.fit(texts, vecs, seconds=seconds, epochs=opts.epochs, seed=public.seed)
     info["arch"] = "gru"
     return inv, info
 
@@ -361,7 +358,7 @@ class DecoderConfig(SavedInverter, DecoderTraining):
 
 
 def search_refine(
-    scn: Scenario,
+    public: PublicData,
     cfg: DecoderConfig,
     enc: Encoder,
     inv: CorrectingInverter,
@@ -379,16 +376,16 @@ def search_refine(
     ``words``, ``nonword``, ``length_penalty`` and ``passes`` as for the white-box attack. Option ``fluency`` = β
     adds β·(1/(|x|+1))·log p_dec(x, end | v) to J: the decoder's word order. Returns the texts and
     the usage of the bag-of-words training (public pairs, apart from the search's queries)."""
-    tok = scn.tokenizer
-    public = scn.public_texts()
+    tok = public.tokenizer
+    texts = public.texts()
     searcher = WhiteBoxInverter(
         enc,
-        vocab_from_texts(tok, public, COMMON_WORDS, whole_words=False),
-        max_len=scn.max_tokens,
+        vocab_from_texts(tok, texts, COMMON_WORDS, whole_words=False),
+        max_len=public.max_tokens,
         budget=cfg.search,
-        seed=scn.seed,
+        seed=public.seed,
         prior_ids=whole_word_ids(tok),
-        units=piece_words(tok, public) if cfg.words > 0 or cfg.nonword > 0 else None,
+        units=piece_words(tok, texts) if cfg.words > 0 or cfg.nonword > 0 else None,
         tokenizer=tok,
         **search_kwargs(cfg),
     )
@@ -398,19 +395,19 @@ def search_refine(
         # a bag-of-words inverter (its own defaults; public pairs only): its text is a second start, the one of
         # higher J is kept, and its top words join the pool
         before = enc.usage.snapshot()
-        bow_starts, bow_pools = bow_guesses(scn, enc, targets, size, BowTraining())
+        bow_starts, bow_pools = bow_guesses(public, enc, targets, size, BowTraining())
         bow_usage = enc.usage.since(before)
         ids = tok([*starts, *bow_starts], add_special_tokens=False)["input_ids"]
         starts = list(starts)
         for j in range(len(starts)):
             v = torch.from_numpy(targets[j : j + 1])
-            pair = [ids[j][: scn.max_tokens], ids[len(starts) + j][: scn.max_tokens]]
+            pair = [ids[j][: public.max_tokens], ids[len(starts) + j][: public.max_tokens]]
             if all(pair) and searcher.objective(pair, v).argmax() == 1:
                 starts[j] = bow_starts[j]
     pools = []
-    for start, texts, extra in zip(starts, evidence, bow_pools, strict=True):
+    for start, hyps, extra in zip(starts, evidence, bow_pools, strict=True):
         have = set(tok(start, add_special_tokens=False)["input_ids"])
-        rows = tok(texts, add_special_tokens=False)["input_ids"]
+        rows = tok(hyps, add_special_tokens=False)["input_ids"]
         words = (i for row in rows for i in set(row) - have if not tok.convert_ids_to_tokens(i).startswith("##"))
         counts = Counter(words)
         pools.append(" ".join([extra, tok.decode([i for i, _ in counts.most_common(size)])]))
@@ -420,25 +417,24 @@ def search_refine(
     fluency = cfg.fluency
     if fluency > 0 and hasattr(inv, "mean_logprob"):
         scorers = [lambda seqs, v=v: fluency * inv.mean_logprob(v, seqs) for v in targets]
-    texts, _ = searcher.invert(targets, starts, pools, proposers, scorers)
-    return texts, bow_usage
+    found, _ = searcher.invert(targets, starts, pools, proposers, scorers)
+    return found, bow_usage
 
 
 ACCESS = "black-box embed (public texts, corrections) + leaked vectors"
 
 
-@EMBED_ATTACKS.register("decoder", config=DecoderConfig, access=ACCESS)
-def evaluate(scn: Scenario, cfg: DecoderConfig) -> AttackReport:
+@EMBED_ATTACKS.register("decoder", config=DecoderConfig, access=ACCESS, case="inversion", needs=("encoder",))
+def attack(access: Access, public: PublicData, cfg: DecoderConfig) -> Prediction:
     """Decoder (pretrained LM, top layers fine-tuned; or GRU) trained on public pairs + correction by re-embedding."""
-    enc = scn.victim
-    sample, targets = victim_targets(scn)
+    targets, enc = access.need("vectors").vectors, access.need("encoder")
     before = enc.usage.snapshot()
-    pairs = scn.public_pairs(enc)
+    pairs = public.pairs(enc)
     inv, info = load_or_train(
-        scn,
+        enc,
         cfg,
-        lambda folder: load_decoder(folder, scn.tokenizer),
-        lambda: train_decoder(scn, cfg, enc, pairs),
+        lambda folder: load_decoder(folder, public.tokenizer),
+        lambda: train_decoder(public, cfg, enc, pairs),
     )
     train_usage = enc.usage.since(before)
     mid = enc.usage.snapshot()
@@ -446,20 +442,14 @@ def evaluate(scn: Scenario, cfg: DecoderConfig) -> AttackReport:
     base = inv.invert(targets, None, beam=beam)
     seeds = nearest_texts(*pairs, targets, cfg.seeds)
     pred = inv.invert(targets, enc, steps=steps, beam=beam, seeds=seeds, edits=edits) if steps > 0 else base
-    corrected = pred
+    variants = {"base": base}
     bow_usage = {"queries": 0}
     if search > 0:
+        variants["corrected"] = pred
         hyps = inv.beam_search(targets, beam)
         evidence = [h + s for h, s in zip(hyps, seeds, strict=True)]
-        pred, bow_usage = search_refine(scn, cfg, enc, inv, targets, pred, evidence)
+        pred, bow_usage = search_refine(public, cfg, enc, inv, targets, pred, evidence)
     attack_usage = enc.usage.since(mid)
-    metrics = score_inversion(pred, sample.texts, targets, enc)
-    metrics["base"] = {k: v for k, v in score_inversion(base, sample.texts, targets, enc).items() if k != "per_item_f1"}
-    if search > 0:
-        metrics["corrected"] = {
-            k: v for k, v in score_inversion(corrected, sample.texts, targets, enc).items() if k != "per_item_f1"
-        }
-    metrics["correction_queries_per_target"] = (attack_usage["queries"] - bow_usage["queries"]) / len(sample.texts)
     info.update(
         {
             "training_usage": train_usage,
@@ -469,12 +459,11 @@ def evaluate(scn: Scenario, cfg: DecoderConfig) -> AttackReport:
             "search_budget": search,
         }
     )
-    return AttackReport(
-        "decoder",
-        scn.to_dict(),
-        metrics,
-        enc.usage.since(before),
-        {
+    return Prediction(
+        texts=pred,
+        variants=variants,
+        measures={"correction_queries_per_target": (attack_usage["queries"] - bow_usage["queries"]) / len(targets)},
+        notes={
             "train_data": "public split only",
             "correction_seeds": "nearest public texts (already embedded for training)",
             "search": (
@@ -486,6 +475,5 @@ def evaluate(scn: Scenario, cfg: DecoderConfig) -> AttackReport:
             if search > 0
             else "none",
         },
-        examples(sample.texts, pred),
-        info,
+        info=info,
     )

@@ -1,7 +1,8 @@
 """Knowledge-base extraction through similarity queries.
 
 The victim indexes hidden documents; the attacker may only submit query texts and read back the top-k
-(id, score) pairs — locally through :class:`HiddenKB.search`, remotely through :class:`HttpKB` (``POST
+(id, score) pairs through a :class:`~leaklab.attacks.embedding.access.SearchEndpoint` over the index — locally
+:class:`HiddenKB`, remotely :class:`HttpKB` (``POST
 /v1/search`` with ``{"query": str | [str], "top_k": k}`` answered by ``{"data": [{"results": [{"id", "score"}]}]}``).
 
 Attack (:class:`KBExtractor`), an adaptive probe search that grows text where scores rise:
@@ -22,31 +23,23 @@ by the white-box inverter with no further query.
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from leaklab.attacks.base import NoSignal
+from leaklab.attacks.embedding.access import Access, Hit, Prediction, PublicData, SearchEndpoint
 from leaklab.attacks.embedding.bow import BowTraining
-from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario, at_least, examples, sub_config
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, at_least, sub_config
 from leaklab.attacks.embedding.whitebox import WhiteBoxSearch, make_whitebox, search_start
 from leaklab.core import option
-from leaklab.encoders import Encoder, check_texts
+from leaklab.encoders import Encoder, LocalEncoder, check_texts
 from leaklab.errors import LeaklabError
-from leaklab.metrics.embedding import score_inversion, words
-
-Hit = tuple[str, float]
-
-
-class SearchIndex(Protocol):
-    """What a KB attacker can call: top-k (id, score) for each query text; counts its queries."""
-
-    queries: int
-
-    def search(self, query_texts: str | Sequence[str], k: int) -> list[list[Hit]]: ...
+from leaklab.metrics.embedding import words
 
 
 class HiddenKB:
@@ -80,13 +73,28 @@ class HiddenKB:
         q = q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
         return q @ self._matrix.T
 
+    @property
+    def matrix(self) -> np.ndarray:
+        """The unit document vectors (victim side: for scoring only)."""
+        return self._matrix
+
     def search(self, query_texts: str | Sequence[str], k: int) -> list[list[Hit]]:
         texts = [query_texts] if isinstance(query_texts, str) else list(query_texts)
         if not 1 <= k <= self.max_top_k:
             raise LeaklabError(f"top_k must be in 1..{self.max_top_k}, got {k}")
         if not texts:
             return []
-        sims = self.similarities(texts)
+        return self.search_vectors(self.encoder.embed(texts), k)
+
+    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """Top-k (id, cosine) per query vector."""
+        if not 1 <= k <= self.max_top_k:
+            raise LeaklabError(f"top_k must be in 1..{self.max_top_k}, got {k}")
+        self.queries += len(vectors)
+        self.calls += 1
+        q = np.asarray(vectors, dtype=np.float32)
+        q = q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
+        sims = q @ self._matrix.T
         k = min(k, sims.shape[1])
         top = np.argsort(-sims, axis=1)[:, :k]
         return [[(self.ids[j], float(sims[i, j])) for j in row] for i, row in enumerate(top)]
@@ -183,12 +191,12 @@ class KBExtractor:
         self.top_k, self.candidates, self.min_gain = top_k, candidates, min_gain
         self.max_words, self.batch, self.start_words = max_words, batch, max(1, start_words)
 
-    def discover(self, kb: SearchIndex) -> dict[str, dict[str, float]]:
+    def discover(self, kb: SearchEndpoint) -> dict[str, dict[str, float]]:
         """Specificity of every probe word w to every doc d returned for it: s(w, d) − mean_d' s(w, d')."""
         seen: dict[str, dict[str, float]] = defaultdict(dict)
         for i in range(0, len(self.vocab), self.batch):
             part = self.vocab[i : i + self.batch]
-            for w, hits in zip(part, kb.search(part, self.top_k), strict=True):
+            for w, hits in zip(part, kb.hits(part, self.top_k), strict=True):
                 mean = float(np.mean([s for _, s in hits])) if hits else 0.0
                 for doc_id, score in hits:
                     seen[doc_id][w] = score - mean
@@ -200,7 +208,7 @@ class KBExtractor:
         pool = ranked[self.start_words :] + [w for w in self.function_words if w not in ranked] + head[:10]
         return _Growth(pool=pool, words=head)
 
-    def run(self, kb: SearchIndex) -> Extraction:
+    def run(self, kb: SearchEndpoint) -> Extraction:
         """Discovery, then growth and pruning of all discovered documents in lock-step batches."""
         start = kb.queries
         seen = self.discover(kb)
@@ -216,7 +224,7 @@ class KBExtractor:
                 break
             for i in range(0, len(asks), self.batch):
                 part = asks[i : i + self.batch]
-                answers = kb.search([" ".join(ws) for _, ws in part], self.top_k)
+                answers = kb.hits([" ".join(ws) for _, ws in part], self.top_k)
                 for (d, ws), hits in zip(part, answers, strict=True):
                     states[d].update(ws, dict(hits).get(d, -1.0), self.min_gain)
         return Extraction(
@@ -307,7 +315,7 @@ class KBVectorRecovery:
         self._vecs: dict[str, np.ndarray] = {}
         self._rows: dict[str, list[tuple[str, float]]] = defaultdict(list)
 
-    def _ask(self, kb: SearchIndex, texts: list[str]) -> None:
+    def _ask(self, kb: SearchEndpoint, texts: list[str]) -> None:
         """Submit ``texts`` and record every returned (doc, query, score)."""
         texts = [t for t in dict.fromkeys(texts) if t not in self._vecs]
         for i in range(0, len(texts), self.batch):
@@ -315,7 +323,7 @@ class KBVectorRecovery:
             vecs = self.encoder.embed(part)
             vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True).clip(1e-12)
             self._vecs.update(zip(part, vecs, strict=True))
-            for q, hits in zip(part, kb.search(part, self.top_k), strict=True):
+            for q, hits in zip(part, kb.hits(part, self.top_k), strict=True):
                 for doc_id, score in hits:
                     self._rows[doc_id].append((q, score))
 
@@ -348,7 +356,7 @@ class KBVectorRecovery:
         resid = float(np.sqrt(np.mean((q @ d - s) ** 2)))
         return (d / max(np.linalg.norm(d), 1e-12)).astype(np.float32), resid
 
-    def run(self, kb: SearchIndex) -> VectorRecovery:
+    def run(self, kb: SearchEndpoint) -> VectorRecovery:
         start = kb.queries
         self._ask(kb, self.probes)
         discovery = kb.queries - start
@@ -410,95 +418,71 @@ class KbExtractConfig(BowTraining, WhiteBoxSearch):
 ACCESS = "search endpoint only: query texts -> top-k (id, score); option encoder_known adds the index's encoder"
 
 
-@EMBED_ATTACKS.register("kb-extract", config=KbExtractConfig, access=ACCESS)
-def evaluate(scn: Scenario, cfg: KbExtractConfig) -> AttackReport:
+@EMBED_ATTACKS.register("kb-extract", config=KbExtractConfig, access=ACCESS, case="kb-extract")
+def attack(access: Access, public: PublicData, cfg: KbExtractConfig) -> Prediction:
     """Reconstruct hidden knowledge-base documents from similarity scores."""
-    sample = scn.private()
-    kb = HiddenKB(sample.texts, scn.victim, max_top_k=cfg.max_top_k)
-    public = scn.public_texts()
-    vocab, function_words = probe_vocab(public, cfg.vocab)
-    top_k, known = cfg.top_k, cfg.encoder_known
-    before = scn.victim.usage.snapshot()
-    if known:
-        pred_of, extra, info = _extract_known(scn, cfg, kb, public, vocab)
+    search = access.need("search")
+    texts = public.texts()
+    vocab, function_words = probe_vocab(texts, cfg.vocab)
+    if cfg.encoder_known:
+        pred_of, measures, vectors, info = _extract_known(access.need("weights").encoder, search, public, cfg, vocab)
     else:
-        attack = KBExtractor(vocab, function_words, top_k=top_k, candidates=cfg.candidates, start_words=cfg.start_words)
-        res = attack.run(kb)
-        pred_of = res.texts
-        extra = {
+        attack = KBExtractor(
+            vocab, function_words, top_k=cfg.top_k, candidates=cfg.candidates, start_words=cfg.start_words
+        )
+        res = attack.run(search)
+        pred_of, vectors, info = res.texts, {}, {}
+        measures = {
             "discovery_queries": res.discovery_queries,
             "growth_queries_per_doc": float(np.mean(list(res.queries_per_doc.values()) or [0])),
         }
-        info = {"discovered": res.info["discovered"]}
-    if not info["discovered"]:
+    if not pred_of:
         raise NoSignal("the probes discovered no hidden document")
-    ids = kb.ids
-    pred = [pred_of.get(i, "") for i in ids]
-    true = [kb.text_of(i) for i in ids]
-    metrics = score_inversion(pred, true, kb._matrix, scn.victim)  # the cosine is the scorer's (usage restored)
-    threshold = cfg.recovered_f1
-    f1 = np.array(metrics["per_item_f1"])
-    metrics.update(
-        {
-            "docs": len(ids),
-            "discovered": info.pop("discovered"),
-            "recovered_share": float((f1 >= threshold).mean()),
-            "recovered_f1_threshold": threshold,
-            "queries_total": kb.queries,
-            "queries_per_doc": kb.queries / len(ids),
-            **extra,
-        }
-    )
-    usage = scn.victim.usage.since(before)
-    usage["search_queries"] = kb.queries
-    return AttackReport(
-        "kb-extract",
-        scn.to_dict(),
-        metrics,
-        usage,
-        {
+    return Prediction(
+        texts=list(pred_of.values()),
+        ids=list(pred_of),
+        vectors=vectors,
+        measures=measures,
+        notes={
             "access": "query texts -> top-k ids and scores",
-            "encoder_known": known,
-            "top_k": top_k,
+            "encoder_known": cfg.encoder_known,
+            "top_k": cfg.top_k,
             "probe_vocab": f"{len(vocab)} most frequent public-split words",
         },
-        examples(true, pred),
-        info,
+        info=info,
     )
+
+
+def natural_order(ids: Sequence[str]) -> list[str]:
+    """Document ids in natural order (``doc-2`` before ``doc-10``)."""
+    return sorted(ids, key=lambda d: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", d)])
 
 
 def _extract_known(
-    scn: Scenario, cfg: KbExtractConfig, kb: HiddenKB, public: list[str], vocab: list[str]
-) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
+    local: LocalEncoder, kb: SearchEndpoint, public: PublicData, cfg: KbExtractConfig, vocab: list[str]
+) -> tuple[dict[str, str], dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
     """Encoder known: least-squares document vectors from scores, then offline white-box inversion of each."""
     import time
 
-    from leaklab.encoders import load_encoder, require_local
-    from leaklab.metrics.embedding import cosine_rows
-
-    local = require_local(load_encoder(scn.encoder, fresh=True), "kb-extract (encoder_known)")
     rec = KBVectorRecovery(
         local,
-        public[: cfg.probes],
+        public.texts()[: cfg.probes],
         vocab,
         top_k=cfg.top_k,
         per_round=cfg.per_round,
         max_rounds=cfg.rounds,
-        seed=scn.seed,
+        seed=public.seed,
     ).run(kb)
-    ids = [d for d in kb.ids if d in rec.vectors]
+    ids = natural_order(rec.vectors)
     vecs = np.stack([rec.vectors[d] for d in ids]) if ids else np.zeros((0, local.dim), np.float32)
-    true_vecs = kb._matrix[[kb.ids.index(d) for d in ids]]  # scoring only: how well d̂ was recovered
     start = time.perf_counter()
-    inv = make_whitebox(scn, local, cfg.search())
-    starts, pools = search_start(scn, local, vecs, cfg.search(), cfg.bow()) if ids else (None, None)
+    inv = make_whitebox(public, local, cfg.search())
+    starts, pools = search_start(public, local, vecs, cfg.search(), cfg.bow()) if ids else (None, None)
     texts, _ = inv.invert(vecs, starts, pools) if ids else ([], [])
-    extra = {
+    measures = {
         "discovery_queries": rec.discovery_queries,
         "adaptive_queries": rec.adaptive_queries,
         "observations_per_doc": float(np.mean(list(rec.observations.values()) or [0])),
-        "vector_cosine": float(cosine_rows(vecs, true_vecs).mean()) if ids else 0.0,
-        "vector_cosine_min": float(cosine_rows(vecs, true_vecs).min()) if ids else 0.0,
         "inversion_seconds": round(time.perf_counter() - start, 1),
     }
-    return dict(zip(ids, texts, strict=True)), extra, {"discovered": len(ids), "local_usage": vars(local.usage)}
+    return dict(zip(ids, texts, strict=True)), measures, dict(zip(ids, vecs, strict=True)), {}

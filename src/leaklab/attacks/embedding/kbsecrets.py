@@ -40,8 +40,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from leaklab.attacks.embedding.access import Access, Prediction, PublicData
 from leaklab.attacks.embedding.kb import HiddenKB
-from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario, at_least
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, Scenario, at_least
 from leaklab.core import Config, option
 from leaklab.encoders import Encoder
 from leaklab.errors import LeaklabError
@@ -86,6 +87,13 @@ class LocalSearch:
         self.rng = np.random.default_rng(seed)
         self.queries = self.requests = 0
         self.trace: list[str] = []
+
+    @property
+    def calls(self) -> int:
+        return self.requests
+
+    def grants(self) -> dict[str, Any]:
+        return {"search_endpoint": {"api": self.view.label(), "scores": self.view.scores}}
 
     def search_many(self, texts: list[str], k: int) -> list[Answer]:
         out: list[Answer] = []
@@ -496,13 +504,29 @@ def recover_vectors(
 # ----------------------------------------------------------------------------- scoring and registration
 
 
+@dataclass
+class RecordValues:
+    """A recorded guess as the runner reads it back from a prediction."""
+
+    values: dict[str, str]
+    settled_at: int | None
+
+
 def score_guesses(
     kb: PlantedKB, results: Mapping[str, SecretsResult], templates: Mapping[str, Template]
 ) -> dict[str, Any]:
     """Exact recovery per secret, per template and per slot kind (scoring only: reads the planted values)."""
+    return score_values(kb, {n: r.guesses for n, r in results.items()}, templates)
+
+
+def score_values(kb: PlantedKB, guesses: Mapping[str, Mapping[str, Any]], templates: Mapping[str, Template]) -> dict:
+    """:func:`score_guesses` of per-template guesses {doc id: guess with ``values`` and ``settled_at``} (objects or
+    dicts)."""
     per_secret = []
     for sec in kb.secrets:
-        guess = results[sec.template].guesses.get(sec.doc_id)
+        guess = guesses.get(sec.template, {}).get(sec.doc_id)
+        if isinstance(guess, dict):
+            guess = RecordValues(guess["values"], guess["settled_at"])
         slots = templates[sec.template].slots
         hits = {s.key: bool(guess and guess.values.get(s.key) == sec.value(s.key)) for s in slots}
         per_secret.append(
@@ -628,55 +652,32 @@ def run_secrets(
 ACCESS = "search endpoint only: query texts -> top-k ids, with scores where the API returns them; template known"
 
 
-@EMBED_ATTACKS.register("kb-secrets", config=KbSecretsConfig, access=ACCESS)
-def evaluate(scn: Scenario, cfg: KbSecretsConfig) -> AttackReport:
+@EMBED_ATTACKS.register("kb-secrets", config=KbSecretsConfig, access=ACCESS, case="kb-secrets")
+def attack(access: Access, public: PublicData, cfg: KbSecretsConfig) -> Prediction:
     """Extract planted secret records (PINs, diagnoses, passwords) from a KB through similarity queries."""
-    kb = victim_kb(scn, cfg)
-    index = HiddenKB(kb.docs, scn.victim, ids=kb.ids, max_top_k=max(cfg.top_k, 100))
-    endpoint = LocalSearch(index, cfg.view(), seed=scn.seed)
+    endpoint = access.need("search")
     offline: dict[str, int] = {}
     if cfg.encoder_known:
-        from leaklab.encoders import load_encoder, require_local
-
-        local = require_local(load_encoder(scn.encoder, fresh=True), "kb-secrets (encoder_known)")
+        local = access.need("weights").encoder
         vectors, _ = recover_vectors(
-            endpoint, local, list(cfg.parsed().values()), read_lists(cfg.lists), cfg.probes, cfg.top_k, scn.seed
+            endpoint, local, list(cfg.parsed().values()), read_lists(cfg.lists), cfg.probes, cfg.top_k, public.seed
         )
         search = VectorSearch(local, vectors)
-        results, templates = run_secrets(search, cfg, scn.seed)
+        results, templates = run_secrets(search, cfg, public.seed)
         offline = {"offline_queries": search.queries, "recovered_vectors": len(vectors)}
     else:
-        results, templates = run_secrets(endpoint, cfg, scn.seed)
-    metrics = score_guesses(kb, results, templates)
-    per_secret = metrics.pop("per_secret")
-    metrics.update(
-        {
-            "kb_docs": len(kb.docs),
-            "queries_total": endpoint.queries,
-            "requests_total": endpoint.requests,
-            "queries_per_secret": endpoint.queries / len(kb.secrets),
-            "signal": {n: r.mode for n, r in results.items()},
-            **offline,
-        }
-    )
-    examples = [
-        {"true_text": kb.docs[kb.ids.index(r["doc_id"])], "pred_text": _pred_text(results, templates, r["doc_id"])}
-        for r in per_secret[:5]
-    ]
-    return AttackReport(
-        "kb-secrets",
-        scn.to_dict(),
-        metrics,
-        {"search_queries": endpoint.queries, "search_requests": endpoint.requests},
-        {
-            "access": ACCESS,
-            "template_known": True,
-            "encoder_known": cfg.encoder_known,
-            "api": cfg.view().label(),
-            "top_k": cfg.top_k,
-        },
-        examples,
-        {"located": {n: r.located for n, r in results.items()}},
+        results, templates = run_secrets(endpoint, cfg, public.seed)
+    guesses = {
+        name: {d: {"values": g.values, "settled_at": g.settled_at} for d, g in res.guesses.items()}
+        for name, res in results.items()
+    }
+    ids = [d for res in results.values() for d in res.guesses]
+    return Prediction(
+        texts=[_pred_text(results, templates, d) for d in ids],
+        ids=ids,
+        measures={"signal": {n: r.mode for n, r in results.items()}, **offline},
+        notes={"template_known": True, "encoder_known": cfg.encoder_known},
+        info={"located": {n: r.located for n, r in results.items()}, "guesses": guesses},
     )
 
 

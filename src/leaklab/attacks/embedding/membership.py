@@ -19,12 +19,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from leaklab.attacks.embedding.kb import HiddenKB, SearchIndex
-from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario
+from leaklab.attacks.base import CannotRun
+from leaklab.attacks.embedding.access import Access, Prediction, PublicData, SearchEndpoint
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS
 from leaklab.core import Config, option
-from leaklab.encoders import Encoder, LocalEncoder, check_texts, load_encoder, require_local
+from leaklab.encoders import Encoder, LocalEncoder, check_texts
 from leaklab.errors import LeaklabError
-from leaklab.metrics.embedding import cosine_rows, membership_scores
+from leaklab.metrics.embedding import cosine_rows
 
 
 def drop_words(text: str, share: float, rng: np.random.Generator) -> str:
@@ -37,9 +38,9 @@ def drop_words(text: str, share: float, rng: np.random.Generator) -> str:
     return " ".join(x for i, x in enumerate(w) if i not in drop)
 
 
-def kb_scores(kb: SearchIndex, texts: Sequence[str]) -> np.ndarray:
+def kb_scores(kb: SearchEndpoint, texts: Sequence[str]) -> np.ndarray:
     """Top-1 similarity the search returns for each text."""
-    hits = kb.search(list(texts), 1)
+    hits = kb.hits(list(texts), 1)
     return np.array([row[0][1] if row else -1.0 for row in hits])
 
 
@@ -104,12 +105,6 @@ def finetune_simcse(
     return tuned
 
 
-def _split(scn: Scenario, n: int) -> tuple[list[str], list[str]]:
-    """Members and non-members: one seeded random halving of 2n private texts."""
-    texts = scn.private(n=2 * n).texts
-    return texts[:n], texts[n:]
-
-
 @dataclass(frozen=True)
 class MembershipConfig(Config):
     """Options of the membership attack."""
@@ -123,58 +118,23 @@ class MembershipConfig(Config):
 ACCESS = "search endpoint (kb) or black-box embed of the fine-tuned encoder + public base (encoder)"
 
 
-@EMBED_ATTACKS.register("membership", config=MembershipConfig, access=ACCESS)
-def evaluate(scn: Scenario, cfg: MembershipConfig) -> AttackReport:
-    """Was a text in the indexed knowledge base or the encoder's fine-tuning data."""
-    return _evaluate_kb(scn) if cfg.target == "kb" else _evaluate_encoder(scn, cfg)
-
-
-def _evaluate_kb(scn: Scenario) -> AttackReport:
-    members, non = _split(scn, scn.n)
-    kb = HiddenKB(members, scn.victim, max_top_k=10)
-    before = scn.victim.usage.snapshot()
-    candidates = members + non
-    labels = np.array([1] * len(members) + [0] * len(non))
-    rng = np.random.default_rng(scn.seed)
-    exact = kb_scores(kb, candidates)
-    perturbed = kb_scores(kb, [drop_words(t, 0.2, rng) for t in candidates])
-    metrics = {
-        "exact_query": membership_scores(exact, labels),
-        "perturbed_query": membership_scores(perturbed, labels),
-    }
-    usage = scn.victim.usage.since(before) | {"search_queries": kb.queries}
-    return AttackReport(
-        "membership",
-        scn.to_dict(),
-        metrics,
-        usage,
-        {"target": "kb", "split": "random halving of private texts (same distribution)"},
-    )
-
-
-def _evaluate_encoder(scn: Scenario, cfg: MembershipConfig) -> AttackReport:
-    base = require_local(load_encoder(scn.encoder), "membership --target encoder")
-    members, non = _split(scn, scn.n)
-    tuned = finetune_simcse(base, members, epochs=cfg.epochs, lr=cfg.lr, seed=scn.seed)
-    candidates = members + non
-    labels = np.array([1] * len(members) + [0] * len(non))
-    ft = augmentation_consistency(tuned, candidates, cfg.views, seed=scn.seed)
-    ref = augmentation_consistency(base, candidates, cfg.views, seed=scn.seed)
+@EMBED_ATTACKS.register("membership", config=MembershipConfig, access=ACCESS, case="membership")
+def attack(access: Access, public: PublicData, cfg: MembershipConfig) -> Prediction:
+    """Was a text in the indexed knowledge base or the encoder's fine-tuning data (scores per candidate)."""
+    candidates = access.hints.get("candidates")
+    if not candidates:
+        raise CannotRun("needs the candidate texts whose membership it scores (hint 'candidates')")
+    if cfg.target == "kb":
+        search = access.need("search")
+        rng = np.random.default_rng(public.seed)
+        scores = {
+            "exact_query": kb_scores(search, candidates),
+            "perturbed_query": kb_scores(search, [drop_words(t, 0.2, rng) for t in candidates]),
+        }
+        return Prediction(scores=scores, notes={"target": "kb"})
+    tuned, base = access.need("encoder"), access.need("reference")
+    ft = augmentation_consistency(tuned, candidates, cfg.views, seed=public.seed)
+    ref = augmentation_consistency(base, candidates, cfg.views, seed=public.seed)
     drift = cosine_rows(tuned.embed(candidates), base.embed(candidates))
-    metrics = {
-        "consistency_ref": membership_scores(ft - ref, labels),
-        "consistency": membership_scores(ft, labels),
-        "drift_from_base": membership_scores(-drift, labels),
-        "finetune": {"members": len(members), "epochs": cfg.epochs, "objective": "SimCSE"},
-    }
-    return AttackReport(
-        "membership",
-        scn.to_dict(),
-        metrics,
-        dict(tuned.usage.__dict__),
-        {
-            "target": "encoder",
-            "reference": f"public base model {base.name}",
-            "split": "random halving of private texts (same distribution)",
-        },
-    )
+    scores = {"consistency_ref": ft - ref, "consistency": ft, "drift_from_base": -drift}
+    return Prediction(scores=scores, notes={"target": "encoder", "reference": f"public base model {base.name}"})

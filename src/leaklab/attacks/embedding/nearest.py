@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from leaklab.attacks.embedding.registry import EMBED_ATTACKS, AttackReport, Scenario, at_least, examples, victim_targets
+from leaklab.attacks.embedding.access import Access, Prediction, PublicData, vectors_in_encoder_space
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, at_least
 from leaklab.core import Config, option
 from leaklab.encoders import Encoder, cached_embed, check_texts, check_vectors
-from leaklab.metrics.embedding import membership_scores, score_inversion
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -72,53 +72,23 @@ class NearestConfig(Config):
         at_least(self, 1, "candidates", "k")
 
 
-ACCESS = "black-box embed + leaked vectors"
+ACCESS = "black-box embed + leaked vectors + known candidate documents"
 
 
-@EMBED_ATTACKS.register("nearest", config=NearestConfig, access=ACCESS)
-def evaluate(scn: Scenario, cfg: NearestConfig) -> AttackReport:
+@EMBED_ATTACKS.register("nearest", config=NearestConfig, access=ACCESS, case="nearest")
+def attack(access: Access, public: PublicData, cfg: NearestConfig) -> Prediction:
     """Fingerprint leaked vectors against a candidate corpus (exact / near-exact).
 
-    Half of the leaked documents are in the attacker's candidate list (with public distractors)."""
-    enc = scn.victim
-    sample, targets = victim_targets(scn)
-    before = enc.usage.snapshot()
-    rng = np.random.default_rng(scn.seed)
-    present = rng.random(len(sample.texts)) < 0.5
-    distractors = scn.public_texts(limit=cfg.candidates)
-    candidates = distractors + [t for t, p in zip(sample.texts, present, strict=True) if p]
-    attack = NearestNeighbour(enc, candidates, near_exact=cfg.near_exact)
-    res = attack.run(targets, k=cfg.k)
-    truth_idx = {t: i for i, t in enumerate(attack.candidates)}
-    hit_at_k = [truth_idx.get(t, -1) in row for t, row in zip(sample.texts, res.top_indices, strict=True)]
-    flagged = res.present
-    metrics = {
-        "present": int(present.sum()),
-        "absent": int((~present).sum()),
-        "detect_precision": float((flagged & present).sum() / max(flagged.sum(), 1)),
-        "detect_recall": float((flagged & present).sum() / max(present.sum(), 1)),
-        "exact_recovered_of_present": float(
-            np.mean([r == t for r, t, p in zip(res.texts, sample.texts, present, strict=True) if p] or [0.0])
-        ),
-        "recall_at_k_present": float(np.mean([h for h, p in zip(hit_at_k, present, strict=True) if p] or [0.0])),
-        "candidates": len(attack.candidates),
-    }
-    if present.any() and (~present).any():
-        metrics.update({f"presence_{k}": v for k, v in membership_scores(res.best_score, present.astype(int)).items()})
-    absent_scores = (
-        score_inversion(
-            [r for r, p in zip(res.texts, present, strict=True) if not p],
-            [t for t, p in zip(sample.texts, present, strict=True) if not p],
-        )
-        if (~present).any()
-        else {}
-    )
-    metrics["absent_nearest_token_f1"] = absent_scores.get("token_f1", 0.0)
-    return AttackReport(
-        "nearest",
-        scn.to_dict(),
-        metrics,
-        enc.usage.since(before),
-        {"candidate_corpus": "public split + half of the leaked documents"},
-        examples(sample.texts, res.texts),
+    The candidates are public distractors plus the documents the scenario grants as known (hint
+    ``known_documents``: half of the leaked ones in the built-in scenario). Leaked pairs, where granted, map the
+    leaked vectors into the encoder's space first."""
+    enc = access.need("encoder")
+    candidates = public.texts(limit=cfg.candidates) + list(access.hints.get("known_documents", []))
+    nn = NearestNeighbour(enc, candidates, near_exact=cfg.near_exact)
+    res = nn.run(vectors_in_encoder_space(access), k=cfg.k)
+    return Prediction(
+        texts=res.texts,
+        ranked=[[nn.candidates[i] for i in row] for row in res.top_indices],
+        scores={"best": res.best_score, "declared_present": res.present},
+        measures={"candidates": len(nn.candidates)},
     )

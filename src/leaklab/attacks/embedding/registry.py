@@ -1,10 +1,12 @@
-"""Registry and evaluation scenario of embedding attacks.
+"""Registry and scenario of embedding attacks.
 
-Each attack module exposes a Python API (a class that receives only what its threat model grants: leaked
-vectors, a black-box ``embed``, a search endpoint, k leaked pairs, ...) and registers in :data:`EMBED_ATTACKS`
-one ``evaluate(scenario, config)`` function, with its typed options (a :class:`leaklab.core.Config`), that
-builds the victim side from a :class:`Scenario` (private texts -> vectors / hidden index), runs the attack on
-what the attacker may see, and scores the result against the private texts.
+Each attack module registers in :data:`EMBED_ATTACKS` one ``attack(access, public, config) -> Prediction``
+function with its typed options (a :class:`leaklab.core.Config`), the ``access`` it describes and the
+``case`` of :mod:`leaklab.experiments.scenario` that builds its victim side. The attack receives only what its
+threat model grants (:mod:`leaklab.attacks.embedding.access`: leaked vectors, a counting black-box encoder, a
+search endpoint, leaked pairs, ...) and the public data; the runner
+(:func:`leaklab.experiments.runner.run_embedding`) builds the victim from a :class:`Scenario`, calls the attack
+and alone scores its prediction against the private texts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from leaklab.attacks.embedding.access import PublicData
 from leaklab.core import Config, Registry, option
 from leaklab.encoders import Encoder, load_encoder
 from leaklab.errors import LeaklabError
@@ -130,18 +133,23 @@ class Scenario:
         lengths = [len(x) for x in self.tokenizer(sents, add_special_tokens=False)["input_ids"]] if sents else []
         return [t for t, n in zip(sents, lengths, strict=True) if self.min_tokens <= n <= self.max_tokens]
 
-    def public_pairs(
-        self, encoder: Encoder | None = None, limit: int | None = None, extra: str | list[str] = ""
-    ) -> tuple[list[str], np.ndarray]:
-        """(public text, vector) pairs the attacker makes by embedding public texts (queries counted); ``extra``
-        adds public sentences of other corpora."""
-        from leaklab.encoders import cached_embed
+    def public_data(self) -> PublicData:
+        """What the attacker knows of the corpus: its public texts (drawn once), other corpora's public
+        sentences, and the guard that keeps private-split texts out of what it generates."""
+        from leaklab.corpora.sampling import split_of
 
-        texts = self.public_texts(limit)
-        if extra:
-            seen = set(texts)
-            texts = texts + [t for t in self.extra_public_texts(extra) if t not in seen]
-        return texts, cached_embed(encoder or self.victim, texts)
+        private = frozenset(t for t in self.corpus_obj.texts if split_of(t) == "private")
+        return PublicData(
+            self.corpus,
+            self.tokenizer,
+            self.seed,
+            self.min_tokens,
+            self.max_tokens,
+            tuple(self.public_texts(limit=len(self.corpus_obj.texts) + 1)),
+            self.public_limit,
+            self.extra_public_texts,
+            lambda texts: [t for t in texts if t not in private],
+        )
 
 
 def span_augment(
@@ -212,12 +220,16 @@ def at_least(cfg: Config, minimum: float, *names: str) -> None:
 
 
 def load_or_train(
-    scn: Scenario, cfg: SavedInverter, load: Callable[[str], Any], train: Callable[[], tuple[Any, dict[str, Any]]]
+    encoder: Encoder,
+    cfg: SavedInverter,
+    load: Callable[[str], Any],
+    train: Callable[[], tuple[Any, dict[str, Any]]],
 ) -> tuple[Any, dict[str, Any]]:
-    """The inverter saved at option ``load``, else a freshly trained one (saved to option ``save`` if given)."""
+    """The inverter saved at option ``load`` (checked against ``encoder``), else a freshly trained one (saved to
+    option ``save`` if given)."""
     if cfg.load:
         inv = load(cfg.load)
-        check_inverter_encoder(inv, cfg.load, scn.encoder, scn.victim.dim)
+        check_inverter_encoder(inv, cfg.load, encoder.name, encoder.dim)
         return inv, {"loaded": cfg.load}
     inv, info = train()
     if cfg.save:
@@ -227,8 +239,8 @@ def load_or_train(
 
 @dataclass
 class AttackReport:
-    """What an attack module reports (:func:`leaklab.experiments.runner.run_embedding` turns it into a record):
-    scores, what the attacker spent, and what it was allowed to know."""
+    """A scored embedding attack (:func:`leaklab.experiments.runner.run_embedding` makes it and turns it into a
+    record): scores, what the attacker spent, and what it was allowed to know."""
 
     attack: str
     scenario: dict[str, Any]
@@ -258,7 +270,7 @@ def _load_builtin() -> None:
         importlib.import_module(f"leaklab.attacks.embedding.{name}")
 
 
-EMBED_ATTACKS: Registry[Callable[..., AttackReport]] = Registry(
+EMBED_ATTACKS: Registry[Callable[..., Any]] = Registry(
     "embedding attack", builtins=_load_builtin, entry_points="leaklab.attacks"
 )
 

@@ -42,20 +42,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from leaklab.attacks.embedding.access import Access, Prediction, PublicData
 from leaklab.attacks.embedding.bow import BowTraining, train_bow
 from leaklab.attacks.embedding.lmguide import LMPrior, lm_beam
-from leaklab.attacks.embedding.registry import (
-    EMBED_ATTACKS,
-    AttackReport,
-    Scenario,
-    examples,
-    sub_config,
-    victim_targets,
-)
+from leaklab.attacks.embedding.registry import EMBED_ATTACKS, sub_config
 from leaklab.core import Config, option
 from leaklab.encoders import Encoder, LocalEncoder, check_vectors, require_local
 from leaklab.errors import LeaklabError
-from leaklab.metrics.embedding import score_inversion
 
 COMMON_WORDS = 200  # option common screens this many of the most frequent public-split tokens
 
@@ -554,26 +547,31 @@ class WhiteBoxConfig(BowTraining, WhiteBoxSearch):
     vocab: int = option(8000, "public-split words by frequency in the search vocabulary and the bag-of-words start's")
     max_tokens: int | None = option(None, "longest private target, in tokens (default: the scenario's, at most 16)")
 
+    def target_max_tokens(self, scenario_max: int) -> int:
+        """The longest private target the scenario draws for this attack."""
+        return self.max_tokens if self.max_tokens is not None else min(scenario_max, 16)
 
-def make_whitebox(scn: Scenario, encoder: LocalEncoder, opts: WhiteBoxSearch) -> WhiteBoxInverter:
+
+def make_whitebox(public: PublicData, encoder: LocalEncoder, opts: WhiteBoxSearch) -> WhiteBoxInverter:
     """The white-box inverter with options ``opts``: the public-split words by frequency first, then (option
     ``full``) every other whole word of the tokenizer; option ``pieces``: ``##`` continuations too. Options
     ``words``/``nonword`` use the public split's multi-piece words; ``word_corpora`` (comma-separated corpus
     names) appends those of other corpora's public splits."""
     pieces = opts.pieces
     tok = encoder.tokenizer
-    vocab = vocab_from_texts(tok, scn.public_texts(), opts.vocab, whole_words=not pieces) if opts.vocab > 0 else None
+    texts = public.texts()
+    vocab = vocab_from_texts(tok, texts, opts.vocab, whole_words=not pieces) if opts.vocab > 0 else None
     whole = whole_word_ids(tok)
     if vocab is not None and opts.full:
         vocab = list(dict.fromkeys([*vocab, *(whole_word_ids(tok, pieces) if pieces else whole)]))
     common_ids = None
     if opts.common > 0 and vocab is None:  # option vocab=0: the common words still come from the public split
-        common_ids = vocab_from_texts(tok, scn.public_texts(), COMMON_WORDS, whole_words=not pieces)
-    units = piece_words(tok, scn.public_texts()) if opts.words > 0 or opts.nonword > 0 else None
+        common_ids = vocab_from_texts(tok, texts, COMMON_WORDS, whole_words=not pieces)
+    units = piece_words(tok, texts) if opts.words > 0 or opts.nonword > 0 else None
     if units is not None and opts.word_corpora:
         # more known words from other corpora's public splits, after the scenario's own (most frequent first)
         known = set(units)
-        more = piece_words(tok, scn.extra_public_texts(opts.word_corpora, any_length=True))
+        more = piece_words(tok, public.extra_texts(opts.word_corpora, any_length=True))
         units += [u for u in more if u not in known]
     lm = LMPrior(opts.lm, encoder.tokenizer, vocab if vocab is not None else whole) if opts.lm else None
     lm_opts = {"beams": opts.lm_beams, "k_lm": opts.lm_k_lm, "k_ev": opts.lm_k_ev, "weight": opts.lm_weight}
@@ -583,7 +581,7 @@ def make_whitebox(scn: Scenario, encoder: LocalEncoder, opts: WhiteBoxSearch) ->
         candidates=opts.candidates,
         max_len=opts.length,
         budget=opts.budget,
-        seed=scn.seed,
+        seed=public.seed,
         prior_ids=whole,
         lm=lm,
         lm_budget=opts.lm_budget,
@@ -598,42 +596,35 @@ def make_whitebox(scn: Scenario, encoder: LocalEncoder, opts: WhiteBoxSearch) ->
 
 
 def bow_guesses(
-    scn: Scenario, encoder: Encoder, vectors: np.ndarray, pool: int, bow: BowTraining
+    public: PublicData, encoder: Encoder, vectors: np.ndarray, pool: int, bow: BowTraining
 ) -> tuple[list[str], list[str]]:
     """Starting texts and per-vector word pools (top ``pool`` words) from a bag-of-words inverter trained
     (options ``bow``) on public pairs."""
-    inv, _ = train_bow(scn, bow, encoder)
+    inv, _ = train_bow(public, bow, encoder)
     return inv.invert(vectors), inv.top_words(vectors, pool)
 
 
 def search_start(
-    scn: Scenario, encoder: Encoder, vectors: np.ndarray, opts: WhiteBoxSearch, bow: BowTraining
+    public: PublicData, encoder: Encoder, vectors: np.ndarray, opts: WhiteBoxSearch, bow: BowTraining
 ) -> tuple[list[str], list[str]] | tuple[None, None]:
     """The search's starting texts and word pools: the bag-of-words guesses (option ``init=bow``), or none."""
-    return bow_guesses(scn, encoder, vectors, opts.pool, bow) if opts.init == "bow" else (None, None)
+    return bow_guesses(public, encoder, vectors, opts.pool, bow) if opts.init == "bow" else (None, None)
 
 
 ACCESS = "white-box encoder (gradients) + leaked vectors"
 
 
-@EMBED_ATTACKS.register("whitebox", config=WhiteBoxConfig, access=ACCESS)
-def evaluate(scn: Scenario, cfg: WhiteBoxConfig) -> AttackReport:
+@EMBED_ATTACKS.register("whitebox", config=WhiteBoxConfig, access=ACCESS, case="inversion", needs=("weights",))
+def attack(access: Access, public: PublicData, cfg: WhiteBoxConfig) -> Prediction:
     """Batched coordinate search (HotFlip proposals, real-encoder scoring) from a bag-of-words start."""
-    enc = require_local(scn.victim, "whitebox")
-    max_tokens = cfg.max_tokens if cfg.max_tokens is not None else min(scn.max_tokens, 16)
-    sample, targets = victim_targets(scn, max_tokens)
-    before = enc.usage.snapshot()
-    inv = make_whitebox(scn, enc, cfg)
-    starts, pools = search_start(scn, enc, targets, cfg, sub_config(BowTraining, cfg))
+    targets, enc = access.need("vectors").vectors, access.need("weights").encoder
+    inv = make_whitebox(public, enc, cfg)
+    starts, pools = search_start(public, enc, targets, cfg, sub_config(BowTraining, cfg))
     pred, cos = inv.invert(targets, starts, pools)
-    metrics = score_inversion(pred, sample.texts, targets, enc)
-    metrics["attack_cosine"] = float(np.mean(cos))
-    return AttackReport(
-        "whitebox",
-        scn.to_dict(),
-        metrics,
-        enc.usage.since(before),
-        {
+    return Prediction(
+        texts=pred,
+        measures={"attack_cosine": float(np.mean(cos))},
+        notes={
             "vocab_prior": f"{len(inv.vocab)} token ids: public-split whole words by frequency"
             + (", then every other whole word of the tokenizer" if cfg.full else "")
             + (", ## word pieces included (option pieces)" if cfg.pieces else ""),
@@ -655,5 +646,4 @@ def evaluate(scn: Scenario, cfg: WhiteBoxConfig) -> AttackReport:
                 else "none"
             ),
         },
-        examples(sample.texts, pred),
     )
