@@ -133,11 +133,12 @@ def demo_cmd(
 
 def _mount_subcommands() -> None:
     """The command groups, listed explicitly: a broken module fails loudly instead of vanishing from --help."""
-    from leaklab.cli import embed, gradient, keys, monitor, serve, signals
+    from leaklab.cli import embed, gradient, keys, lm, monitor, serve, signals
 
     groups = (
         (gradient.app, "gradient", "Gradient inversion: attacks, threat settings, defenses, sweeps, benchmarks."),
         (embed.app, "embed", "Embedding inversion attacks, benchmarks and API-defense evaluation."),
+        (lm.app, "lm", "Fine-tuned causal LMs: membership inference, canary extraction, DP fine-tuning."),
         (keys.app, "keys", "API keys of the embedding service."),
         (monitor.app, "monitor", "Probe detection reports of the embedding service."),
         (signals.app, "signals", "Red-team signals over vector dumps and the service log."),
