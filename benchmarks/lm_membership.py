@@ -79,8 +79,14 @@ def run_cell(cell: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]
     options = {"rmia": {"shadows": args.shadows, "shadow_texts": args.shadow_texts, "population": args.population}}
     start = time.perf_counter()
     attacks = [a for a in ATTACKS if a != "rmia" or args.shadows > 0]
-    result = evaluate_membership(access, load_secret(folder), attacks, options, exposure_samples=args.exposure_samples,
-                                 progress=lambda s: print(f"[{tag}] {s}", flush=True))
+    result = evaluate_membership(
+        access,
+        load_secret(folder),
+        attacks,
+        options,
+        exposure_samples=args.exposure_samples,
+        progress=lambda s: print(f"[{tag}] {s}", flush=True),
+    )
     result.update(cell=cell, tag=tag, finetune=record, attack_seconds=time.perf_counter() - start)
     return result
 
@@ -163,37 +169,51 @@ def report(args: argparse.Namespace, results: dict[str, dict], not_run: dict[str
                     lines.append(f"| {tag} | {r['attack']} | {r['status'].replace('_', ' ')}: {r['reason']} | | |")
                     continue
                 m = r["metrics"]
-                lines.append(f"| {tag} | {r['attack']} | {_ci(m['auc'])} | {_ci(m['tpr@0.01'])} | "
-                             f"{_ci(m['tpr@0.001'])} |")
+                lines.append(
+                    f"| {tag} | {r['attack']} | {_ci(m['auc'])} | {_ci(m['tpr@0.01'])} | {_ci(m['tpr@0.001'])} |"
+                )
         lines += ["", "ROC curves: `roc-<cell>.png`.", "", "## Victims: training, privacy, utility", ""]
-        lines += ["| cell | method | epochs | DP ε (δ) | σ | steps | train s | s/epoch | held-out ppl | length KS p |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| cell | method | epochs | DP ε (δ) | σ | steps | train s | s/epoch | held-out ppl | length KS p |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for tag, res in results.items():
             ft = res["finetune"]
             c, dp = ft["config"], ft.get("dp")
             eps = f"{dp['epsilon']:.2f} ({dp['delta']:g})" if dp else "-"
             sigma = f"{dp['noise_multiplier']:.3f}" if dp else "-"
             per_epoch = sum(ft["epoch_seconds"]) / len(ft["epoch_seconds"])
-            lines.append(f"| {tag} | {c['method']} | {c['epochs']} | {eps} | {sigma} | {ft['steps']} | "
-                         f"{ft['seconds']:.0f} | {per_epoch:.0f} | {res['utility']['heldout_perplexity']:.2f} | "
-                         f"{res['shift']['length']['p']:.2f} |")
+            lines.append(
+                f"| {tag} | {c['method']} | {c['epochs']} | {eps} | {sigma} | {ft['steps']} | "
+                f"{ft['seconds']:.0f} | {per_epoch:.0f} | {res['utility']['heldout_perplexity']:.2f} | "
+                f"{res['shift']['length']['p']:.2f} |"
+            )
         lines += ["", "## Canaries: exposure and extraction by k", ""]
-        lines += ["| cell | k | canaries | mean exposure (bits, of 26.6) | at sampling bound | greedy extracted | "
-                  "beam-5 extracted |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| cell | k | canaries | mean exposure (bits, of 26.6) | at sampling bound | greedy extracted | "
+            "beam-5 extracted |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for tag, res in results.items():
             for row in res["canary_summary"]:
-                lines.append(f"| {tag} | {row['k']} | {row['canaries']} | {row['mean_exposure']:.1f} | "
-                             f"{row['at_bound']} | {row['extracted_beam1']:.0%} | {row['extracted_beam5']:.0%} |")
+                lines.append(
+                    f"| {tag} | {row['k']} | {row['canaries']} | {row['mean_exposure']:.1f} | "
+                    f"{row['at_bound']} | {row['extracted_beam1']:.0%} | {row['extracted_beam5']:.0%} |"
+                )
     if args.shadows == 0:
         lines += ["", "rmia: not run (`--shadows 0`: no time was left for shadow fine-tunes)."]
     lines += ["", "## Cells not run", ""]
     if not_run:
         lines += ["| cell | why |", "|---|---|"] + [f"| {c} | {why} |" for c, why in not_run.items()]
-        lines += ["", "Measured pace (seconds per training text-pass): "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in pace.items() if k != "score")
-                  + (f"; scoring one cell {pace['score']:.0f} s" if "score" in pace else ""), "",
-                  "Run the rest: `flock /work/heavy.lock python benchmarks/lm_membership.py --members "
-                  f"{args.members} --cells {','.join(not_run)}` (cached cells are not redone)."]
+        lines += [
+            "",
+            "Measured pace (seconds per training text-pass): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in pace.items() if k != "score")
+            + (f"; scoring one cell {pace['score']:.0f} s" if "score" in pace else ""),
+            "",
+            "Run the rest: `flock /work/heavy.lock python benchmarks/lm_membership.py --members "
+            f"{args.members} --cells {','.join(not_run)}` (cached cells are not redone).",
+        ]
     else:
         lines.append("none")
     return "\n".join(lines) + "\n"

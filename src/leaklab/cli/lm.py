@@ -55,8 +55,16 @@ def finetune_cmd(
     from leaklab.progress import step_progress
     from leaklab.threat.finetune import FinetuneConfig, finetune, secret_path
 
-    values = {"model": model, "corpus": corpus, "members": members, "method": method, "epochs": epochs,
-              "epsilon": epsilon, "canary_repeats": canaries, "seed": seed}
+    values = {
+        "model": model,
+        "corpus": corpus,
+        "members": members,
+        "method": method,
+        "epochs": epochs,
+        "epsilon": epsilon,
+        "canary_repeats": canaries,
+        "seed": seed,
+    }
     extra = parse_pairs(option)
     clash = sorted(set(extra) & set(values))
     if clash:
@@ -120,7 +128,7 @@ def attack_cmd(
         options[name] = pairs
     access = _access(model, base, public, shadow_dir)
     with console.status("scoring") as status:
-        result = evaluate_membership(access, secret, names, options, progress=lambda s: status.update(s))
+        result = evaluate_membership(access, secret, names, options, progress=status.update)
     show_result(result)
     if out:
         atomic_write_json(out, result)
@@ -140,8 +148,10 @@ def show_result(result: dict) -> None:
     console.print(table)
     for row in result["canary_summary"]:
         beams = ", ".join(f"{k.removeprefix('extracted_')} {v:.0%}" for k, v in row.items() if k.startswith("extr"))
-        console.print(f"canaries k={row['k']}: mean exposure {row['mean_exposure']:.1f} of "
-                      f"{row['max_exposure']:.1f} bits; extracted {beams}")
+        console.print(
+            f"canaries k={row['k']}: mean exposure {row['mean_exposure']:.1f} of "
+            f"{row['max_exposure']:.1f} bits; extracted {beams}"
+        )
     console.print(f"held-out perplexity {result['utility']['heldout_perplexity']:.2f}")
 
 
@@ -155,10 +165,13 @@ def read_texts(path: Path, what: str) -> list[str]:
 
     if not path.is_file():
         raise LeaklabError(f"{what} file '{path}' does not exist")
-    texts = list(load_corpus(str(path)).texts)
-    if not texts:
+    try:
+        blank = not path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise LeaklabError(f"{what} file '{path}' is not UTF-8 text") from None
+    if blank:
         raise LeaklabError(f"{what} file '{path}' holds no text")
-    return texts
+    return list(load_corpus(str(path)).texts)
 
 
 @app.command("membership")
@@ -186,11 +199,24 @@ def membership_cmd(
     name = attack or ("reference" if base else "min-k++")
     scores = score_texts(access, name, texts)
     threshold = threshold_at_fpr(score_texts(access, name, calib), fpr) if calib else None
-    rows = [{"text": t, "score": float(s), "member": (bool(s > threshold) if threshold is not None else None)}
-            for t, s in zip(texts, scores, strict=True)]
+    rows = [
+        {"text": t, "score": float(s), "member": (bool(s > threshold) if threshold is not None else None)}
+        for t, s in zip(texts, scores, strict=True)
+    ]
     if as_json:
-        print(json.dumps({"attack": name, "grants": access.grants.to_dict(), "fpr": fpr, "threshold": threshold,
-                          "calibration_texts": len(calib or []), "candidates": rows}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "attack": name,
+                    "grants": access.grants.to_dict(),
+                    "fpr": fpr,
+                    "threshold": threshold,
+                    "calibration_texts": len(calib or []),
+                    "candidates": rows,
+                },
+                indent=2,
+            )
+        )
         return
     table = Table(title=f"{name} membership scores (higher = likelier member)")
     for col in ("score", "decision", "text"):
@@ -202,5 +228,7 @@ def membership_cmd(
     if threshold is None:
         console.print("no decision: give --non-members (texts known not to be in the fine-tune) to calibrate one")
     else:
-        console.print(f"threshold {threshold:.4f}: at most {fpr:.1%} of the {len(calib or [])} known non-members "
-                      f"score above it; {sum(r['member'] for r in rows)} of {len(rows)} candidates called members")
+        console.print(
+            f"threshold {threshold:.4f}: at most {fpr:.1%} of the {len(calib or [])} known non-members "
+            f"score above it; {sum(r['member'] for r in rows)} of {len(rows)} candidates called members"
+        )

@@ -6,7 +6,6 @@ utility (perplexity on the held-out non-members). Only this loop holds both the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,8 +44,14 @@ def evaluate_membership(
         if progress:
             progress(f"attack {name}")
         out = run_membership_attack(access, name, texts, (options or {}).get(name))
-        row: dict[str, Any] = {"attack": name, "status": out.status, "reason": out.reason, "needs": list(out.needs),
-                               "options": out.options, "seconds": out.seconds}
+        row: dict[str, Any] = {
+            "attack": name,
+            "status": out.status,
+            "reason": out.reason,
+            "needs": list(out.needs),
+            "options": out.options,
+            "seconds": out.seconds,
+        }
         if out.ok:
             assert out.scores is not None
             row["metrics"] = membership_report(out.scores, labels, rounds)
@@ -88,10 +93,3 @@ def summarise_canaries(canaries: dict[str, list[dict[str, Any]]], beams: Sequenc
             row[f"extracted_beam{b}"] = float(np.mean([c[f"recovered_beam{b}"] for c in ext]))
         out.append(row)
     return out
-
-
-def shadow_cache(folder: Path | None) -> Path | None:
-    if folder is None:
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder

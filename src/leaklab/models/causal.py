@@ -50,7 +50,9 @@ def _check_causal_folder(folder: Path) -> None:
     try:
         cfg = AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
-        raise LeaklabError(f"'{folder}' is not a Hugging Face model folder ({' '.join(str(exc).split())[:120]})") from None
+        raise LeaklabError(
+            f"'{folder}' is not a Hugging Face model folder ({' '.join(str(exc).split())[:120]})"
+        ) from None
     if not _is_decoder_config(cfg):
         raise LeaklabError(f"'{folder}' is not a causal language model (its config is a {cfg.model_type} encoder)")
 

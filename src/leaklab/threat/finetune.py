@@ -91,7 +91,9 @@ class FinetuneConfig(TrainOptions):
         try:
             ks = tuple(int(x) for x in self.canary_repeats.replace(" ", "").split(",") if x)
         except ValueError:
-            raise LeaklabError(f"canary_repeats must be a comma list of integers, got '{self.canary_repeats}'") from None
+            raise LeaklabError(
+                f"canary_repeats must be a comma list of integers, got '{self.canary_repeats}'"
+            ) from None
         if any(k < 1 for k in ks):
             raise LeaklabError(f"canary repeats must be >= 1, got {self.canary_repeats}")
         return ks
@@ -101,7 +103,7 @@ class FinetuneConfig(TrainOptions):
         return self.non_members if self.non_members is not None else self.members
 
     def training(self) -> TrainOptions:
-        return TrainOptions(**{k: getattr(self, k) for k in TrainOptions.keys()})
+        return TrainOptions(**{k: getattr(self, k) for k in TrainOptions.keys()})  # noqa: SIM118 (Config.keys: field names)
 
 
 @dataclass(frozen=True)
@@ -311,7 +313,7 @@ def _dp_loop(model, params, seqs, pad, opts: TrainOptions, record, progress) -> 
         "noise_multiplier": sigma,
         "sample_rate": q,
         "clip": opts.clip,
-        "accounted_steps": len(accountant),
+        "accounted_steps": sum(h[2] for h in accountant.history),
         "accountant": "opacus RDP",
     }
 

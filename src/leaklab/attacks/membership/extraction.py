@@ -26,7 +26,11 @@ def all_secrets(digits: int) -> list[str]:
 
 
 def canary_exposure(
-    lm: CausalLM, canaries: Sequence[Canary], digits: int, samples: int = 1000, exact_limit: int = 10_000,
+    lm: CausalLM,
+    canaries: Sequence[Canary],
+    digits: int,
+    samples: int = 1000,
+    exact_limit: int = 10_000,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Exposure of each canary: exact over the whole space when 10^digits <= ``exact_limit``, else estimated
@@ -39,10 +43,7 @@ def canary_exposure(
     out = []
     for prefix in prefixes:
         own = [c for c in canaries if c.prefix == prefix]
-        if exact:
-            pool = all_secrets(digits)
-        else:
-            pool = random_secrets(samples, digits, np.random.default_rng([seed, 11]))
+        pool = all_secrets(digits) if exact else random_secrets(samples, digits, np.random.default_rng([seed, 11]))
         pool_nll = sequence_nll(lm, [f"{prefix} {s}" for s in pool])
         canary_nll = sequence_nll(lm, [c.text for c in own])
         for c, nll in zip(own, canary_nll, strict=True):
@@ -51,8 +52,16 @@ def canary_exposure(
                 value, bound = exposure_exact(float(nll), others), False
             else:
                 value, bound = exposure_sampled(float(nll), pool_nll, space)
-            out.append({"secret": c.secret, "repeats": c.repeats, "exposure": value, "at_bound": bound,
-                        "max_exposure": float(np.log2(space)), "exact": exact})
+            out.append(
+                {
+                    "secret": c.secret,
+                    "repeats": c.repeats,
+                    "exposure": value,
+                    "at_bound": bound,
+                    "max_exposure": float(np.log2(space)),
+                    "exact": exact,
+                }
+            )
     return out
 
 
@@ -62,10 +71,15 @@ def continuation(lm: CausalLM, prefix: str, new_tokens: int, beams: int) -> str:
     ids = torch.tensor([encode_texts(lm, [prefix], end=False)[0]])
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.start_id
     out = lm.model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-        num_beams=beams, pad_token_id=pad, eos_token_id=None,
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        num_beams=beams,
+        pad_token_id=pad,
+        eos_token_id=None,
     )
-    return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def reproduces(text: str, secret: str) -> bool:

@@ -39,9 +39,7 @@ def score_texts(access: LMAccess, name: str, texts: Sequence[str], options: Any 
     return scores
 
 
-def run_membership_attack(
-    access: LMAccess, name: str, texts: Sequence[str], options: Any = None
-) -> MembershipOutcome:
+def run_membership_attack(access: LMAccess, name: str, texts: Sequence[str], options: Any = None) -> MembershipOutcome:
     entry = MEMBERSHIP_ATTACKS.get(name)
     cfg = entry.options(options)
     start = time.perf_counter()

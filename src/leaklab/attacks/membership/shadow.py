@@ -56,8 +56,10 @@ def split_public(public: Sequence[str], cfg: RmiaOptions) -> tuple[list[str], li
         )
     order = np.random.default_rng(cfg.seed).permutation(len(public))
     texts = [public[i] for i in order]
-    train = [texts[cfg.population + i * cfg.shadow_texts : cfg.population + (i + 1) * cfg.shadow_texts]
-             for i in range(cfg.shadows)]
+    train = [
+        texts[cfg.population + i * cfg.shadow_texts : cfg.population + (i + 1) * cfg.shadow_texts]
+        for i in range(cfg.shadows)
+    ]
     return texts[: cfg.population], train
 
 
@@ -91,9 +93,11 @@ def _probability(access: LMAccess, lm: CausalLM, texts: Sequence[str]) -> np.nda
     return np.exp([-s.loss for s in access.stats(lm, texts)])
 
 
-def rmia_scores(p_target: np.ndarray, p_shadows: np.ndarray, z_target: np.ndarray, z_shadows: np.ndarray,
-                a: float, gamma: float) -> np.ndarray:
+def rmia_scores(
+    p_target: np.ndarray, p_shadows: np.ndarray, z_target: np.ndarray, z_shadows: np.ndarray, a: float, gamma: float
+) -> np.ndarray:
     """Share of population z with LR(x)/LR(z) > γ; p_* are (texts,) and (shadows, texts) probabilities."""
+
     def ratio(pt: np.ndarray, ps: np.ndarray) -> np.ndarray:
         return pt / (0.5 * ((1 + a) * ps.mean(0) + (1 - a)))
 
