@@ -144,6 +144,68 @@ def best(result: dict[str, Any], key: str = "auc") -> tuple[str, float]:
     return top["attack"], top["metrics"][key]["value"]
 
 
+def _metric(res: dict[str, Any], attack: str, key: str) -> float | None:
+    for r in res["attacks"]:
+        if r["attack"] == attack and r["status"] == "recovered":
+            return r["metrics"][key]["value"]
+    return None
+
+
+def _verdict(ok: bool) -> str:
+    return "reached" if ok else "missed"
+
+
+def targets(results: dict[str, dict], not_run: dict[str, str], pace: dict[str, float], args) -> list[str]:
+    """Each target of the issue as reached / missed / not measured, with the measured value."""
+    out = []
+    full = results.get(cell_tag("full-e10", args))
+    if full:
+        name, auc = best(full)
+        tpr_name, tpr = best(full, "tpr@0.01")
+        out.append(
+            f"- 10-epoch full fine-tune, best AUC ≥ 0.9: {_verdict(auc >= 0.9)} ({name} {auc:.3f}); "
+            f"TPR@1 %FPR ≥ 0.3: {_verdict(tpr >= 0.3)} ({tpr_name} {tpr:.3f})."
+        )
+        ref, loss = _metric(full, "reference", "auc"), _metric(full, "loss", "auc")
+        if ref is not None and loss is not None:
+            out.append(f"- reference above LOSS: {'yes' if ref > loss else 'no'} (AUC {ref:.3f} vs {loss:.3f}).")
+        k16 = [r for r in full["canary_summary"] if r["k"] == 16]
+        if k16:
+            share = max(k16[0]["extracted_beam1"], k16[0]["extracted_beam5"])
+            out.append(
+                f"- canaries k=16 extracted by prefix prompting ≥ 50 %: {_verdict(share >= 0.5)} "
+                f"({share:.0%} of {k16[0]['canaries']})."
+            )
+    else:
+        out.append(
+            "- 10-epoch full fine-tune targets (AUC, TPR@1 %, reference vs LOSS, k=16 extraction): not measured."
+        )
+    dp = results.get(cell_tag("dp-eps8", args))
+    if dp:
+        name, auc = best(dp)
+        u = dp["utility"]
+        cost = f"held-out perplexity {u['heldout_perplexity']:.2f} vs base {u['base_heldout_perplexity']:.2f}"
+        if full:
+            cost += f" and 10-epoch full fine-tune {full['utility']['heldout_perplexity']:.2f}"
+        out.append(f"- DP ε=8, best AUC ≤ 0.6: {_verdict(auc <= 0.6)} ({name} {auc:.3f}); {cost}.")
+    else:
+        out.append("- DP ε=8 target: not measured.")
+    total = sum(r["finetune"]["seconds"] + r["attack_seconds"] for r in results.values())
+    est = sum(estimate_seconds(c.rsplit("-n", 1)[0], args, pace) or 0 for c in not_run)
+    full_grid = argparse.Namespace(**{**vars(args), "members": 500, "canaries_per_k": 4})
+    grid = sum(estimate_seconds(c, full_grid, pace) or 0 for c in CELLS)
+    out.append(
+        f"- projected for the issue's whole grid (500 members, 4 canaries per k, {len(CELLS)} cells, RMIA "
+        f"shadows not counted) at the measured pace: {grid / 3600:.1f} h."
+    )
+    out.append(
+        f"- whole benchmark ≤ 2 h on 2 cores: measured {total / 60:.0f} min for the cells run"
+        + (f" plus an estimated {est / 60:.0f} min for the cells not run" if not_run else "")
+        + f" at {args.members} members: {_verdict(total + est <= 7200)}."
+    )
+    return out
+
+
 def report(args: argparse.Namespace, results: dict[str, dict], not_run: dict[str, str], pace: dict[str, float]) -> str:
     lines = [
         "# LM membership inference and canary extraction (smollm2-135m, rotten-tomatoes short)",
@@ -200,6 +262,8 @@ def report(args: argparse.Namespace, results: dict[str, dict], not_run: dict[str
                     f"| {tag} | {row['k']} | {row['canaries']} | {row['mean_exposure']:.1f} | "
                     f"{row['at_bound']} | {row['extracted_beam1']:.0%} | {row['extracted_beam5']:.0%} |"
                 )
+    if results:
+        lines += ["", "## Targets (issue 22)", "", *targets(results, not_run, pace, args)]
     if args.shadows == 0:
         lines += ["", "rmia: not run (`--shadows 0`: no time was left for shadow fine-tunes)."]
     lines += ["", "## Cells not run", ""]
@@ -231,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exposure-samples", type=int, default=1000)
     p.add_argument("--budget-min", type=float, default=120.0, help="skip cells whose estimate would exceed it")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--out", type=Path, default=OUT, help="results folder")
     args = p.parse_args(argv)
     args.cells = [c.strip() for c in args.cells.split(",") if c.strip()]
     unknown = [c for c in args.cells if c not in CELLS]
@@ -240,15 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     from leaklab.io import atomic_write_json, atomic_write_text, cache_dir
 
     cache = cache_dir() / "lm-membership"
-    (OUT / "cells").mkdir(parents=True, exist_ok=True)
-    pace_file = OUT / "pace.json"
+    out = args.out
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    pace_file = out / "pace.json"
     pace: dict[str, float] = json.loads(pace_file.read_text()) if pace_file.is_file() else {}
     results: dict[str, dict] = {}
     not_run: dict[str, str] = {}
     start = time.perf_counter()
     for cell in args.cells:
         tag = cell_tag(cell, args)
-        path = OUT / "cells" / f"{tag}.json"
+        path = out / "cells" / f"{tag}.json"
         if path.is_file():
             results[tag] = json.loads(path.read_text())
             continue
@@ -265,10 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         update_pace(pace, res)
         atomic_write_json(pace_file, pace)
         results[tag] = res
-        plot_roc(res, OUT / f"roc-{tag}.png")
+        plot_roc(res, out / f"roc-{tag}.png")
         print(f"[{tag}] done: best AUC {best(res)}", flush=True)
-    atomic_write_text(OUT / "results.md", report(args, results, not_run, pace))
-    print(f"wrote {OUT / 'results.md'}")
+    atomic_write_text(out / "results.md", report(args, results, not_run, pace))
+    print(f"wrote {out / 'results.md'}")
     return 0
 
 

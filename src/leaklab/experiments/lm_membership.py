@@ -19,9 +19,9 @@ from leaklab.threat.finetune import FinetuneSecret
 DEFAULT_ATTACKS = ("loss", "zlib", "min-k", "min-k++", "reference", "rmia")
 
 
-def perplexity(access: LMAccess, texts: Sequence[str]) -> float:
-    """exp(total NLL / total predicted tokens) of ``texts`` under the fine-tune."""
-    stats = access.stats(access.target, texts)
+def perplexity(access: LMAccess, texts: Sequence[str], base: bool = False) -> float:
+    """exp(total NLL / total predicted tokens) of ``texts`` under the fine-tune (or the granted base model)."""
+    stats = access.stats(access.base if base and access.base is not None else access.target, texts)
     nll = sum(-float(s.logp.sum()) for s in stats)
     return float(np.exp(nll / sum(len(s.logp) for s in stats)))
 
@@ -72,7 +72,10 @@ def evaluate_membership(
         "attacks": rows,
         "canaries": canaries,
         "canary_summary": summarise_canaries(canaries, beams),
-        "utility": {"heldout_perplexity": perplexity(access, secret.non_members)},
+        "utility": {
+            "heldout_perplexity": perplexity(access, secret.non_members),
+            "base_heldout_perplexity": perplexity(access, secret.non_members, base=True) if access.base else None,
+        },
     }
 
 
