@@ -191,12 +191,12 @@ def targets(results: dict[str, dict], not_run: dict[str, str], pace: dict[str, f
     else:
         out.append("- DP ε=8 target: not measured.")
     total = sum(r["finetune"]["seconds"] + r["attack_seconds"] for r in results.values())
-    est = sum(estimate_seconds(c.rsplit("-n", 1)[0], args, pace) or 0 for c in not_run)
+    est = sum(estimate_seconds(c, args, pace) or 0 for c in not_run)
     full_grid = argparse.Namespace(**{**vars(args), "members": 500, "canaries_per_k": 4})
     grid = sum(estimate_seconds(c, full_grid, pace) or 0 for c in CELLS)
     out.append(
         f"- projected for the issue's whole grid (500 members, 4 canaries per k, {len(CELLS)} cells, RMIA "
-        f"shadows not counted) at the measured pace: {grid / 3600:.1f} h."
+        f"shadows not counted; an unmeasured method at the full fine-tune's pace) at the measured pace: {grid / 3600:.1f} h."
     )
     out.append(
         f"- whole benchmark ≤ 2 h on 2 cores: measured {total / 60:.0f} min for the cells run"
@@ -206,13 +206,19 @@ def targets(results: dict[str, dict], not_run: dict[str, str], pace: dict[str, f
     return out
 
 
+def common_args(args: argparse.Namespace) -> str:
+    model = "" if args.model == "smollm2-135m" else f"--model {args.model} "
+    return (
+        f"{model}--members {args.members} --canaries-per-k {args.canaries_per_k} --shadows {args.shadows} "
+        f"--shadow-texts {args.shadow_texts} --population {args.population} --exposure-samples {args.exposure_samples}"
+    )
+
+
 def report(args: argparse.Namespace, results: dict[str, dict], not_run: dict[str, str], pace: dict[str, float]) -> str:
     lines = [
         "# LM membership inference and canary extraction (smollm2-135m, rotten-tomatoes short)",
         "",
-        f"Command: `python benchmarks/lm_membership.py --members {args.members} --canaries-per-k {args.canaries_per_k}"
-        f" --shadows {args.shadows} --shadow-texts {args.shadow_texts} --population {args.population}"
-        f" --exposure-samples {args.exposure_samples} --cells {','.join(args.cells)}`"
+        f"Command: `python benchmarks/lm_membership.py {common_args(args)} --cells {','.join(args.cells)}`"
         " (fine-tunes cached under $LEAKLAB_CACHE/lm-membership).",
         "",
         f"Members: {args.members} texts of the rotten-tomatoes private split with 4..32 tokens; non-members: as many "
@@ -268,15 +274,15 @@ def report(args: argparse.Namespace, results: dict[str, dict], not_run: dict[str
         lines += ["", "rmia: not run (`--shadows 0`: no time was left for shadow fine-tunes)."]
     lines += ["", "## Cells not run", ""]
     if not_run:
-        lines += ["| cell | why |", "|---|---|"] + [f"| {c} | {why} |" for c, why in not_run.items()]
+        lines += ["| cell | why |", "|---|---|"] + [f"| {cell_tag(c, args)} | {why} |" for c, why in not_run.items()]
         lines += [
             "",
             "Measured pace (seconds per training text-pass): "
             + ", ".join(f"{k} {v:.2f}" for k, v in pace.items() if k != "score")
             + (f"; scoring one cell {pace['score']:.0f} s" if "score" in pace else ""),
             "",
-            "Run the rest: `flock /work/heavy.lock python benchmarks/lm_membership.py --members "
-            f"{args.members} --cells {','.join(not_run)}` (cached cells are not redone).",
+            f"Run the rest: `flock /work/heavy.lock python benchmarks/lm_membership.py {common_args(args)} "
+            f"--cells {','.join(not_run)}` (cached cells are not redone).",
         ]
     else:
         lines.append("none")
@@ -319,12 +325,12 @@ def main(argv: list[str] | None = None) -> int:
             results[tag] = json.loads(path.read_text())
             continue
         if args.report_only:
-            not_run[tag] = "not run"
+            not_run[cell] = "not run"
             continue
         est = estimate_seconds(cell, args, pace)
         left = args.budget_min * 60 - (time.perf_counter() - start)
         if results and est is not None and est > left:
-            not_run[tag] = f"not run: estimated {est / 60:.0f} min, {max(left, 0) / 60:.0f} min of the budget left"
+            not_run[cell] = f"not run: estimated {est / 60:.0f} min, {max(left, 0) / 60:.0f} min of the budget left"
             continue
         res = run_cell(cell, args, cache)
         atomic_write_json(path, res)
