@@ -196,7 +196,8 @@ def targets(results: dict[str, dict], not_run: dict[str, str], pace: dict[str, f
     grid = sum(estimate_seconds(c, full_grid, pace) or 0 for c in CELLS)
     out.append(
         f"- projected for the issue's whole grid (500 members, 4 canaries per k, {len(CELLS)} cells, RMIA "
-        f"shadows not counted; an unmeasured method at the full fine-tune's pace) at the measured pace: {grid / 3600:.1f} h."
+        f"shadows not counted; an unmeasured method at the full fine-tune's pace) at the measured pace: "
+        f"{grid / 3600:.1f} h."
     )
     out.append(
         f"- whole benchmark ≤ 2 h on 2 cores: measured {total / 60:.0f} min for the cells run"
