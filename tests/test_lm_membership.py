@@ -57,6 +57,21 @@ def test_scores_against_hand_computed_values():
     assert score_texts(access, "reference", one)[0] == pytest.approx(1.0)
 
 
+def test_rmia_scores_by_hand():
+    from leaklab.attacks.membership.shadow import rmia_scores
+
+    # a = 1: Pr(x) is the shadows' mean. LR(x) = [0.5/0.25, 0.1/0.2] = [2, 0.5]; LR(z) = [0.2/0.2, 0.3/0.1] = [1, 3]
+    got = rmia_scores(
+        np.array([0.5, 0.1]), np.array([[0.25, 0.2]]), np.array([0.2, 0.3]), np.array([[0.2, 0.1]]), a=1.0, gamma=1.0
+    )
+    np.testing.assert_allclose(got, [0.5, 0.0])  # 2/1 > 1 but 2/3 is not; 0.5/1 and 0.5/3 are not
+    # a = 0: Pr(x) = ½(mean + 1), so LR(x) = [0.5/0.625, 0.1/0.6]
+    got = rmia_scores(
+        np.array([0.5, 0.1]), np.array([[0.25, 0.2]]), np.array([0.2]), np.array([[0.2]]), a=0.0, gamma=1.0
+    )
+    np.testing.assert_allclose(got, [1.0, 0.0])  # LR(z) = 0.2/0.6 = 1/3 < 0.8, > 1/6
+
+
 def test_missing_grant_cannot_run_and_constant_scores_have_no_signal():
     stats = {t: TokenStats(LOGP, MU, SIGMA) for t in ("a b", "c d")}
     access = _access_with(stats)
