@@ -135,12 +135,13 @@ def demo_cmd(
 
 def _mount_subcommands() -> None:
     """The command groups, listed explicitly: a broken module fails loudly instead of vanishing from --help."""
-    from leaklab.cli import audit, embed, fl, gradient, keys, monitor, serve, signals
+    from leaklab.cli import audit, embed, fl, gradient, keys, lm, monitor, serve, signals
 
     groups = (
         (audit.app, "audit", "Audit a system: every leakage surface, one self-contained HTML report."),
         (gradient.app, "gradient", "Gradient inversion: attacks, threat settings, defenses, sweeps, benchmarks."),
         (embed.app, "embed", "Embedding inversion attacks, benchmarks and API-defense evaluation."),
+        (lm.app, "lm", "Fine-tuned causal LMs: membership inference, canary extraction, DP fine-tuning."),
         (keys.app, "keys", "API keys of the embedding service."),
         (monitor.app, "monitor", "Probe detection reports of the embedding service."),
         (signals.app, "signals", "Red-team signals over vector dumps and the service log."),

@@ -1,0 +1,349 @@
+"""Membership inference and canary extraction on fine-tuned smollm2-135m (rotten-tomatoes, short texts).
+
+Each cell fine-tunes smollm2-135m on ``--members`` member texts of the private split (plus canaries inserted
+k ∈ {1, 4, 16} times), then runs every membership attack (LOSS, zlib, Min-K%, Min-K%++, reference = base model,
+RMIA with shadow LoRA fine-tunes on public texts), canary exposure and prefix extraction, and held-out
+perplexity. Fine-tunes, shadows and each cell's results are cached; a cell whose estimated time (from the
+training speed measured so far) does not fit in ``--budget-min`` is reported as not run, with its estimate.
+
+    python benchmarks/lm_membership.py                       # every cell, 500 members
+    python benchmarks/lm_membership.py --cells full-e10,dp-eps8 --budget-min 40
+    python benchmarks/lm_membership.py --report-only          # rewrite the Markdown from cached cells
+
+Writes benchmarks/results/lm-membership/{results.md, cells/*.json, roc-*.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+OUT = ROOT / "results" / "lm-membership"
+
+#: cell name → fine-tuning options (all on smollm2-135m, rotten-tomatoes private split, 4..32 tokens)
+CELLS: dict[str, dict[str, Any]] = {
+    "full-e10": {"method": "full", "epochs": 10},
+    "dp-eps8": {"method": "lora", "epochs": 3, "epsilon": 8.0},
+    "full-e1": {"method": "full", "epochs": 1},
+    "full-e3": {"method": "full", "epochs": 3},
+    "lora-e10": {"method": "lora", "epochs": 10},
+    "lora-e1": {"method": "lora", "epochs": 1},
+    "lora-e3": {"method": "lora", "epochs": 3},
+    "dp-eps1": {"method": "lora", "epochs": 3, "epsilon": 1.0},
+}
+ATTACKS = ("loss", "zlib", "min-k", "min-k++", "reference", "rmia")
+
+
+def cell_tag(cell: str, args: argparse.Namespace) -> str:
+    return f"{cell}-n{args.members}" + ("" if args.model == "smollm2-135m" else f"-{args.model}")
+
+
+def finetune_config(cell: str, args: argparse.Namespace):
+    from leaklab.threat.finetune import FinetuneConfig
+
+    return FinetuneConfig(
+        model=args.model,
+        corpus="rotten-tomatoes",
+        members=args.members,
+        min_tokens=4,
+        max_tokens=32,
+        canary_repeats="1,4,16",
+        canaries_per_repeat=args.canaries_per_k,
+        seed=0,
+        **CELLS[cell],
+    )
+
+
+def run_cell(cell: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
+    from leaklab.attacks.membership import LMAccess
+    from leaklab.corpora import load_corpus
+    from leaklab.corpora.sampling import split_of
+    from leaklab.experiments.lm_membership import evaluate_membership
+    from leaklab.models.causal import load_causal_lm
+    from leaklab.threat.finetune import finetune, load_record, load_secret
+
+    tag = cell_tag(cell, args)
+    folder = cache / tag
+    cfg = finetune_config(cell, args)
+    if not (folder / "config.json").is_file() or load_record(folder).get("config") != cfg.to_dict():
+        print(f"[{tag}] fine-tuning", flush=True)
+        finetune(cfg, folder, progress=lambda what, done, total: print(f"[{tag}] {what} {done}/{total}", flush=True))
+    record = load_record(folder)
+    public = tuple(t for t in load_corpus("rotten-tomatoes").texts if split_of(t) == "public")
+    access = LMAccess(load_causal_lm(str(folder)), load_causal_lm(args.model), public, cache / "shadows")
+    options = {"rmia": {"shadows": args.shadows, "shadow_texts": args.shadow_texts, "population": args.population}}
+    start = time.perf_counter()
+    attacks = [a for a in ATTACKS if a != "rmia" or args.shadows > 0]
+    result = evaluate_membership(
+        access,
+        load_secret(folder),
+        attacks,
+        options,
+        exposure_samples=args.exposure_samples,
+        progress=lambda s: print(f"[{tag}] {s}", flush=True),
+    )
+    result.update(cell=cell, tag=tag, finetune=record, attack_seconds=time.perf_counter() - start)
+    return result
+
+
+def estimate_seconds(cell: str, args: argparse.Namespace, pace: dict[str, float]) -> float | None:
+    """Training texts × epochs × measured seconds per text-pass (full or LoRA/DP), plus a scoring allowance."""
+    opts = CELLS[cell]
+    kind = "dp" if "epsilon" in opts else opts["method"]
+    per_text = pace.get(kind) or pace.get("full")
+    if per_text is None:
+        return None
+    texts = args.members + args.canaries_per_k * 21
+    return texts * opts["epochs"] * per_text + pace.get("score", 0.0)
+
+
+def update_pace(pace: dict[str, float], result: dict[str, Any]) -> None:
+    ft = result["finetune"]
+    kind = "dp" if ft["config"].get("epsilon") else ft["config"]["method"]
+    passes = ft["texts"] * ft["config"]["epochs"]
+    pace[kind] = sum(ft["epoch_seconds"]) / passes
+    pace["score"] = result["attack_seconds"]
+
+
+def plot_roc(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for r in result["attacks"]:
+        if r["status"] == "recovered":
+            ax.plot(r["roc"]["fpr"], r["roc"]["tpr"], label=f"{r['attack']} ({r['metrics']['auc']['value']:.2f})")
+    ax.plot([1e-4, 1], [1e-4, 1], "k:", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(1e-3, 1)
+    ax.set_ylim(1e-3, 1)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(result["tag"])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _ci(m: dict[str, float]) -> str:
+    return f"{m['value']:.3f} [{m['low']:.2f}, {m['high']:.2f}]"
+
+
+def best(result: dict[str, Any], key: str = "auc") -> tuple[str, float]:
+    ok = [r for r in result["attacks"] if r["status"] == "recovered"]
+    top = max(ok, key=lambda r: r["metrics"][key]["value"])
+    return top["attack"], top["metrics"][key]["value"]
+
+
+def _metric(res: dict[str, Any], attack: str, key: str) -> float | None:
+    for r in res["attacks"]:
+        if r["attack"] == attack and r["status"] == "recovered":
+            return r["metrics"][key]["value"]
+    return None
+
+
+def _verdict(ok: bool) -> str:
+    return "reached" if ok else "missed"
+
+
+def targets(results: dict[str, dict], not_run: dict[str, str], pace: dict[str, float], args) -> list[str]:
+    """Each target of the issue as reached / missed / not measured, with the measured value."""
+    out = []
+    full = results.get(cell_tag("full-e10", args))
+    if full:
+        name, auc = best(full)
+        tpr_name, tpr = best(full, "tpr@0.01")
+        out.append(
+            f"- 10-epoch full fine-tune, best AUC ≥ 0.9: {_verdict(auc >= 0.9)} ({name} {auc:.3f}); "
+            f"TPR@1 %FPR ≥ 0.3: {_verdict(tpr >= 0.3)} ({tpr_name} {tpr:.3f})."
+        )
+        ref, loss = _metric(full, "reference", "auc"), _metric(full, "loss", "auc")
+        if ref is not None and loss is not None:
+            out.append(f"- reference above LOSS: {'yes' if ref > loss else 'no'} (AUC {ref:.3f} vs {loss:.3f}).")
+        k16 = [r for r in full["canary_summary"] if r["k"] == 16]
+        if k16:
+            share = max(k16[0]["extracted_beam1"], k16[0]["extracted_beam5"])
+            out.append(
+                f"- canaries k=16 extracted by prefix prompting ≥ 50 %: {_verdict(share >= 0.5)} "
+                f"({share:.0%} of {k16[0]['canaries']})."
+            )
+    else:
+        out.append(
+            "- 10-epoch full fine-tune targets (AUC, TPR@1 %, reference vs LOSS, k=16 extraction): not measured."
+        )
+    dp = results.get(cell_tag("dp-eps8", args))
+    if dp:
+        name, auc = best(dp)
+        u = dp["utility"]
+        cost = f"held-out perplexity {u['heldout_perplexity']:.2f} vs base {u['base_heldout_perplexity']:.2f}"
+        if full:
+            cost += f" and 10-epoch full fine-tune {full['utility']['heldout_perplexity']:.2f}"
+        out.append(f"- DP ε=8, best AUC ≤ 0.6: {_verdict(auc <= 0.6)} ({name} {auc:.3f}); {cost}.")
+    else:
+        out.append("- DP ε=8 target: not measured.")
+    total = sum(r["finetune"]["seconds"] + r["attack_seconds"] for r in results.values())
+    est = sum(estimate_seconds(c, args, pace) or 0 for c in not_run)
+    full_grid = argparse.Namespace(**{**vars(args), "members": 500, "canaries_per_k": 4})
+    grid = sum(estimate_seconds(c, full_grid, pace) or 0 for c in CELLS)
+    out.append(
+        f"- projected for the issue's whole grid (500 members, 4 canaries per k, {len(CELLS)} cells, RMIA "
+        f"shadows not counted; an unmeasured method at the full fine-tune's pace) at the measured pace: "
+        f"{grid / 3600:.1f} h."
+    )
+    out.append(
+        f"- whole benchmark ≤ 2 h on 2 cores: measured {total / 60:.0f} min for the cells run"
+        + (f" plus an estimated {est / 60:.0f} min for the cells not run" if not_run else "")
+        + f" at {args.members} members: {_verdict(total + est <= 7200)}."
+    )
+    return out
+
+
+def common_args(args: argparse.Namespace) -> str:
+    model = "" if args.model == "smollm2-135m" else f"--model {args.model} "
+    return (
+        f"{model}--members {args.members} --canaries-per-k {args.canaries_per_k} --shadows {args.shadows} "
+        f"--shadow-texts {args.shadow_texts} --population {args.population} --exposure-samples {args.exposure_samples}"
+    )
+
+
+def report(args: argparse.Namespace, results: dict[str, dict], not_run: dict[str, str], pace: dict[str, float]) -> str:
+    lines = [
+        "# LM membership inference and canary extraction (smollm2-135m, rotten-tomatoes short)",
+        "",
+        f"Command: `python benchmarks/lm_membership.py {common_args(args)} --cells {','.join(args.cells)}`"
+        " (fine-tunes cached under $LEAKLAB_CACHE/lm-membership).",
+        "",
+        f"Members: {args.members} texts of the rotten-tomatoes private split with 4..32 tokens; non-members: as many "
+        "held-out texts of the same split and length range (one random halving; KS tests recorded). Canaries "
+        f"`my account number is dddd-dddd` (10^8 space), {args.canaries_per_k} per k ∈ {{1, 4, 16}}. Attacks see the "
+        "fine-tune; `reference` and `rmia` are also granted the base model, `rmia` public texts (shadow LoRA "
+        "fine-tunes). Intervals: 95 % bootstrap (1000 resamples). Held-out perplexity: on the non-members.",
+        "",
+    ]
+    if results:
+        lines += ["## Membership (AUC, TPR@1 %FPR, TPR@0.1 %FPR with 95 % CI)", ""]
+        lines += ["| cell | attack | AUC | TPR@1% | TPR@0.1% |", "|---|---|---|---|---|"]
+        for tag, res in results.items():
+            for r in res["attacks"]:
+                if r["status"] != "recovered":
+                    lines.append(f"| {tag} | {r['attack']} | {r['status'].replace('_', ' ')}: {r['reason']} | | |")
+                    continue
+                m = r["metrics"]
+                lines.append(
+                    f"| {tag} | {r['attack']} | {_ci(m['auc'])} | {_ci(m['tpr@0.01'])} | {_ci(m['tpr@0.001'])} |"
+                )
+        lines += ["", "ROC curves: `roc-<cell>.png`.", "", "## Victims: training, privacy, utility", ""]
+        lines += [
+            "| cell | method | epochs | DP ε (δ) | σ | steps | train s | s/epoch | held-out ppl | length KS p |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for tag, res in results.items():
+            ft = res["finetune"]
+            c, dp = ft["config"], ft.get("dp")
+            eps = f"{dp['epsilon']:.2f} ({dp['delta']:g})" if dp else "-"
+            sigma = f"{dp['noise_multiplier']:.3f}" if dp else "-"
+            per_epoch = sum(ft["epoch_seconds"]) / len(ft["epoch_seconds"])
+            lines.append(
+                f"| {tag} | {c['method']} | {c['epochs']} | {eps} | {sigma} | {ft['steps']} | "
+                f"{ft['seconds']:.0f} | {per_epoch:.0f} | {res['utility']['heldout_perplexity']:.2f} | "
+                f"{res['shift']['length']['p']:.2f} |"
+            )
+        lines += ["", "## Canaries: exposure and extraction by k", ""]
+        lines += [
+            "| cell | k | canaries | mean exposure (bits, of 26.6) | at sampling bound | greedy extracted | "
+            "beam-5 extracted |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for tag, res in results.items():
+            for row in res["canary_summary"]:
+                lines.append(
+                    f"| {tag} | {row['k']} | {row['canaries']} | {row['mean_exposure']:.1f} | "
+                    f"{row['at_bound']} | {row['extracted_beam1']:.0%} | {row['extracted_beam5']:.0%} |"
+                )
+    if results:
+        lines += ["", "## Targets (issue 22)", "", *targets(results, not_run, pace, args)]
+    if args.shadows == 0:
+        lines += ["", "rmia: not run (`--shadows 0`: no time was left for shadow fine-tunes)."]
+    lines += ["", "## Cells not run", ""]
+    if not_run:
+        lines += ["| cell | why |", "|---|---|"] + [f"| {cell_tag(c, args)} | {why} |" for c, why in not_run.items()]
+        lines += [
+            "",
+            "Measured pace (seconds per training text-pass): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in pace.items() if k != "score")
+            + (f"; scoring one cell {pace['score']:.0f} s" if "score" in pace else ""),
+            "",
+            f"Run the rest: `flock /work/heavy.lock python benchmarks/lm_membership.py {common_args(args)} "
+            f"--cells {','.join(not_run)}` (cached cells are not redone).",
+        ]
+    else:
+        lines.append("none")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cells", default=",".join(CELLS), help="comma list, in priority order")
+    p.add_argument("--members", type=int, default=500)
+    p.add_argument("--model", default="smollm2-135m", help="victim and base model (tiny-llama: a smoke run)")
+    p.add_argument("--canaries-per-k", type=int, default=4)
+    p.add_argument("--shadows", type=int, default=2, help="RMIA shadow models (0: skip RMIA)")
+    p.add_argument("--shadow-texts", type=int, default=250)
+    p.add_argument("--population", type=int, default=200)
+    p.add_argument("--exposure-samples", type=int, default=1000)
+    p.add_argument("--budget-min", type=float, default=120.0, help="skip cells whose estimate would exceed it")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--out", type=Path, default=OUT, help="results folder")
+    args = p.parse_args(argv)
+    args.cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+    unknown = [c for c in args.cells if c not in CELLS]
+    if unknown:
+        print(f"unknown cell(s) {unknown}; valid: {', '.join(CELLS)}", file=sys.stderr)
+        return 2
+    from leaklab.io import atomic_write_json, atomic_write_text, cache_dir
+
+    cache = cache_dir() / "lm-membership"
+    out = args.out
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    pace_file = out / "pace.json"
+    pace: dict[str, float] = json.loads(pace_file.read_text()) if pace_file.is_file() else {}
+    results: dict[str, dict] = {}
+    not_run: dict[str, str] = {}
+    start = time.perf_counter()
+    for cell in args.cells:
+        tag = cell_tag(cell, args)
+        path = out / "cells" / f"{tag}.json"
+        if path.is_file():
+            results[tag] = json.loads(path.read_text())
+            continue
+        if args.report_only:
+            not_run[cell] = "not run"
+            continue
+        est = estimate_seconds(cell, args, pace)
+        left = args.budget_min * 60 - (time.perf_counter() - start)
+        if results and est is not None and est > left:
+            not_run[cell] = f"not run: estimated {est / 60:.0f} min, {max(left, 0) / 60:.0f} min of the budget left"
+            continue
+        res = run_cell(cell, args, cache)
+        atomic_write_json(path, res)
+        update_pace(pace, res)
+        atomic_write_json(pace_file, pace)
+        results[tag] = res
+        plot_roc(res, out / f"roc-{tag}.png")
+        print(f"[{tag}] done: best AUC {best(res)}", flush=True)
+    atomic_write_text(out / "results.md", report(args, results, not_run, pace))
+    print(f"wrote {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
