@@ -7,7 +7,12 @@ from leaklab.cli import main
 
 def run_cli(monkeypatch, capsys, *args):
     """(exit code, stdout, stderr) of ``leaklab embed ARGS``."""
-    monkeypatch.setattr(sys, "argv", ["leaklab", "embed", *args])
+    return run_leaklab(monkeypatch, capsys, "embed", *args)
+
+
+def run_leaklab(monkeypatch, capsys, *argv):
+    """(exit code, stdout, stderr) of ``leaklab ARGV`` run in-process through the console entry point."""
+    monkeypatch.setattr(sys, "argv", ["leaklab", *argv])
     code = 0
     try:
         main()

@@ -7,13 +7,12 @@ import json
 import os
 import shutil
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import run_leaklab
 
-from leaklab.cli import main
 from leaklab.experiments.audit import PLANNED, load_config, parse_config, run_audit
 from leaklab.report.html import mask_text, redact_report
 
@@ -42,14 +41,7 @@ TINY = {
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["leaklab", "audit", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_leaklab(monkeypatch, capsys, "audit", *args)
 
 
 def write(tmp_path: Path, data: dict) -> Path:

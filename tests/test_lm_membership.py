@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import zlib
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_leaklab
 
 from leaklab.attacks.membership import LMAccess, run_membership_attack, score_texts
 from leaklab.attacks.membership.extraction import canary_exposure, reproduces
-from leaklab.cli import main
 from leaklab.metrics.membership import exposure_exact, exposure_sampled, membership_report, threshold_at_fpr
 from leaklab.models.causal import CausalLM, TokenStats, encode_texts, load_causal_lm, sequence_nll, token_stats
 from leaklab.threat.finetune import Canary, FinetuneConfig, finetune, load_secret, membership_split
@@ -190,14 +189,7 @@ def test_dp_fine_tune_epsilon_is_opacus_accountants(tmp_path):
 
 
 def _lm(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["leaklab", "lm", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_leaklab(monkeypatch, capsys, "lm", *args)
 
 
 def test_membership_command_on_a_fine_tuned_folder(overfit, tmp_path, monkeypatch, capsys):

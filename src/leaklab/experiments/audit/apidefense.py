@@ -18,7 +18,16 @@ import numpy as np
 from leaklab.core import Config, option
 from leaklab.errors import LeaklabError
 from leaklab.experiments.audit.config import AuditOptions, api_key, require_encoder
-from leaklab.experiments.audit.surfaces import AUDIT_SURFACES, Evidence, Plan, Step, Surface, risk_of
+from leaklab.experiments.audit.surfaces import (
+    AUDIT_SURFACES,
+    Evidence,
+    Plan,
+    Step,
+    Surface,
+    require_mapping,
+    risk_of,
+    specs_of,
+)
 
 DEFAULT_DEFENSES = (
     {"kind": "gaussian", "param": "epsilon", "values": [300, 1000, 3000], "params": {"delta": 1e-5}},
@@ -37,8 +46,7 @@ class ApiDefenseSpec(Config):
     params: Mapping[str, Any] = option(lambda: {}, "fixed parameters")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.params, dict):
-            raise LeaklabError("params must be a mapping of parameter names to values")
+        require_mapping(self.params, "params", "parameter names")
 
     def pipelines(self) -> list[tuple[Any, list[dict[str, Any]]]]:
         """(value, defense specs of :func:`make_pipeline`) per point."""
@@ -69,12 +77,7 @@ class ApiDefenseSection(Config):
         self.specs()
 
     def specs(self) -> list[ApiDefenseSpec]:
-        out = []
-        for i, d in enumerate(self.defenses):
-            if not isinstance(d, dict):
-                raise LeaklabError(f"api-defenses.defenses[{i}] must be a mapping of keys to values")
-            out.append(ApiDefenseSpec.from_dict(d, f"api-defenses.defenses[{i}]"))
-        return out
+        return specs_of(ApiDefenseSpec, self.defenses, "api-defenses.defenses")
 
 
 @AUDIT_SURFACES.register("api-defenses", config=ApiDefenseSection, items={"defenses": ApiDefenseSpec})

@@ -16,7 +16,17 @@ from typing import Any
 from leaklab.core import Config, option
 from leaklab.errors import LeaklabError
 from leaklab.experiments.audit.config import AuditOptions, api_key, require_encoder
-from leaklab.experiments.audit.surfaces import AUDIT_SURFACES, RISK_LEVELS, Evidence, Plan, Step, Surface, risk_of
+from leaklab.experiments.audit.surfaces import (
+    AUDIT_SURFACES,
+    RISK_LEVELS,
+    Evidence,
+    Plan,
+    Step,
+    Surface,
+    require_mapping,
+    risk_of,
+    specs_of,
+)
 
 #: (metric path, high, medium) deciding each attack family's risk
 RISK_RULES = {
@@ -36,8 +46,7 @@ class AttackSpec(Config):
     options: Mapping[str, Any] = option(lambda: {}, "the attack's options")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.options, dict):
-            raise LeaklabError("options must be a mapping of option names to values")
+        require_mapping(self.options, "options", "option names")
 
 
 @dataclass(frozen=True)
@@ -61,12 +70,7 @@ class EmbeddingSection(Config):
         self.attack_specs()
 
     def attack_specs(self) -> list[AttackSpec]:
-        out = []
-        for i, d in enumerate(self.attacks):
-            if not isinstance(d, dict):
-                raise LeaklabError(f"embedding.attacks[{i}] must be a mapping of keys to values")
-            out.append(AttackSpec.from_dict(d, f"embedding.attacks[{i}]"))
-        return out
+        return specs_of(AttackSpec, self.attacks, "embedding.attacks")
 
 
 @AUDIT_SURFACES.register("embedding", config=EmbeddingSection, items={"attacks": AttackSpec})

@@ -20,7 +20,16 @@ import numpy as np
 from leaklab.core import Config, option
 from leaklab.errors import LeaklabError
 from leaklab.experiments.audit.config import AuditOptions, require_causal_lm
-from leaklab.experiments.audit.surfaces import AUDIT_SURFACES, Evidence, Plan, Step, Surface, risk_of
+from leaklab.experiments.audit.surfaces import (
+    AUDIT_SURFACES,
+    Evidence,
+    Plan,
+    Step,
+    Surface,
+    require_mapping,
+    risk_of,
+    specs_of,
+)
 
 SERVER_LR = 1e-3
 UTILITY_TEXTS = 16
@@ -39,8 +48,7 @@ class SettingSpec(Config):
 
     def __post_init__(self) -> None:
         self.require(positive=("batch_size", "local_steps", "clients"))
-        if not isinstance(self.options, dict):
-            raise LeaklabError("options must be a mapping of option names to values")
+        require_mapping(self.options, "options", "option names")
         if self.setting == "fedsgd" and (self.learning_rate is not None or self.local_steps != 1):
             raise LeaklabError("fedsgd shares one gradient: learning_rate and local_steps belong to fedavg")
         if self.setting == "fedavg" and self.learning_rate is None:
@@ -77,8 +85,7 @@ class DefenseSpec(Config):
     params: Mapping[str, Any] = option(lambda: {}, "fixed parameters, e.g. {max_norm: 1} for dpsgd")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.params, dict):
-            raise LeaklabError("params must be a mapping of parameter names to values")
+        require_mapping(self.params, "params", "parameter names")
 
 
 @dataclass(frozen=True)
@@ -98,8 +105,7 @@ class GradientSection(Config):
 
     def __post_init__(self) -> None:
         self.require(positive=("batches", "sweep_batches"))
-        if not isinstance(self.attack_options, dict):
-            raise LeaklabError("attack_options must be a mapping of option names to values")
+        require_mapping(self.attack_options, "attack_options", "option names")
         if not self.settings:
             raise LeaklabError("settings must list at least one training setting")
         specs = self.setting_specs()
@@ -108,16 +114,10 @@ class GradientSection(Config):
         self.defense_specs()
 
     def setting_specs(self) -> list[SettingSpec]:
-        return [_spec(SettingSpec, d, f"gradient.settings[{i}]") for i, d in enumerate(self.settings)]
+        return specs_of(SettingSpec, self.settings, "gradient.settings")
 
     def defense_specs(self) -> list[DefenseSpec]:
-        return [_spec(DefenseSpec, d, f"gradient.defenses[{i}]") for i, d in enumerate(self.defenses)]
-
-
-def _spec(cls: type[Config], data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise LeaklabError(f"{where} must be a mapping of keys to values")
-    return cls.from_dict(data, where)
+        return specs_of(DefenseSpec, self.defenses, "gradient.defenses")
 
 
 def _defense_points(spec: DefenseSpec) -> list[tuple[str | None, Any, dict[str, Any]]]:

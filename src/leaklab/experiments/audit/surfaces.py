@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from leaklab.core import Config, Registry
+from leaklab.errors import LeaklabError
 
 if TYPE_CHECKING:
     from leaklab.experiments.audit.config import AuditOptions
@@ -89,6 +90,24 @@ class Surface(ABC):
         """The report section from the finished steps' results (keyed by step name; a step missing from
         ``results`` did not run): ``evidence`` (an :class:`Evidence`), ``flags``, ``tables``, ``examples``,
         ``plots`` and ``notes``."""
+
+
+def spec_of(cls: type[Config], data: Any, where: str) -> Any:
+    """``data`` (a mapping from the config file) as a ``cls`` config; ``where`` names it in errors."""
+    if not isinstance(data, dict):
+        raise LeaklabError(f"{where} must be a mapping of keys to values")
+    return cls.from_dict(data, where)
+
+
+def specs_of(cls: type[Config], items: Any, where: str) -> list[Any]:
+    """:func:`spec_of` of each item of a config list, named ``where[i]`` in errors."""
+    return [spec_of(cls, d, f"{where}[{i}]") for i, d in enumerate(items)]
+
+
+def require_mapping(value: Any, field: str, keys: str) -> None:
+    """One clear line when a config field that holds a mapping (of ``keys`` to values) holds something else."""
+    if not isinstance(value, dict):
+        raise LeaklabError(f"{field} must be a mapping of {keys} to values")
 
 
 def risk_of(value: float | None, high: float, medium: float) -> str:
