@@ -20,3 +20,7 @@ def run_leaklab(monkeypatch, capsys, *argv):
         code = exc.code or 0
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+#: quick settings of the registered embedding attacks that the embedding bench does not run (beside its QUICK)
+NOT_IN_EMBED_BENCH = {"kb-secrets": {"n": 3, "options": {"kb_docs": 30, "templates": "diagnosis;vpn"}}}

@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from cli_helpers import NOT_IN_EMBED_BENCH
 from embed_toys import bag_encoder
 
 from leaklab.attacks.base import NoSignal
@@ -645,7 +646,7 @@ def test_every_attack_runs_on_minilm_with_the_quick_settings():
     from leaklab.embed_bench import QUICK
 
     for name in EMBED_ATTACKS.names():
-        entry = QUICK[name]
+        entry = QUICK[name] if name in QUICK else NOT_IN_EMBED_BENCH[name]
         scn = Scenario("minilm-l6", n=entry["n"], public_limit=entry.get("public_limit"))
         rep = run_embedding(name, scn, entry["options"])
         assert rep.attack == name and rep.aggregate and rep.observation["encoder"] == "minilm-l6", name

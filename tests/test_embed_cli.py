@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import NOT_IN_EMBED_BENCH, run_cli
 
 
 def test_list_and_two_attacks(monkeypatch, capsys, tmp_path):
@@ -127,7 +127,6 @@ EVERY_ATTACK = (
     *("nearest", "whitebox", "bow", "decoder", "alignment", "kb-extract", "clustering", "membership"),
     "kb-secrets",
 )
-NOT_IN_EMBED_BENCH = {"kb-secrets": {"n": 3, "options": {"kb_docs": 30, "templates": "diagnosis;vpn"}}}
 
 
 @pytest.mark.parametrize("name", EVERY_ATTACK)
