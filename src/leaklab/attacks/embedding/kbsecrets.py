@@ -472,6 +472,11 @@ class _ScoredIndex:
             out.append(list(zip(ids, scores, strict=True)))
         return out
 
+    def hits(self, texts: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
+        """(id, score) pairs per query text, as :class:`~leaklab.attacks.embedding.access.SearchEndpoint` gives
+        them to :class:`KBVectorRecovery`."""
+        return self.search(list(texts), k)
+
 
 def recover_vectors(
     endpoint: SearchAccess,
