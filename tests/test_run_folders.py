@@ -2,6 +2,7 @@
 that reads as a finished run; `--out` onto an existing run is refused unless `--overwrite`."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -36,15 +37,24 @@ def test_sigint_during_an_attack_exits_130_and_leaves_no_finished_run(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "leaklab.cli", "gradient", "attack", "--attack", "dager", "--model", "tiny-llama"]
     cmd += ["--batch-size", "2", "--batches", "500", "--min-tokens", "4", "--max-tokens", "16", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(".run.tmp-*/items.json", tmp_path, proc)  # the attack is under way: a batch is recorded
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    logs = tmp_path.parent / f"{tmp_path.name}-logs"  # outside tmp_path, whose listing is asserted below
+    logs.mkdir()
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a hang is dumped (SIGABRT below) instead of lost
+    with open(logs / "out", "w") as stdout, open(logs / "err", "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True, env=env)
+        try:
+            _wait_for(".run.tmp-*/items.json", tmp_path, proc)  # the attack is under way: a batch is recorded
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to err
+                proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    err = (logs / "err").read_text()
     assert proc.returncode == 130, err
     assert [ln for ln in err.splitlines() if ln.strip()][-1] == "interrupted", err
     assert "Traceback" not in err
