@@ -33,6 +33,10 @@ def _wait_for(pattern: str, folder: Path, proc: subprocess.Popen, timeout: float
     raise AssertionError(f"no {pattern} in {folder} after {timeout} s")
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_during_an_attack_exits_130_and_leaves_no_finished_run(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "leaklab.cli", "gradient", "attack", "--attack", "dager", "--model", "tiny-llama"]
@@ -41,7 +45,11 @@ def test_sigint_during_an_attack_exits_130_and_leaves_no_finished_run(tmp_path):
     logs.mkdir()
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a hang is dumped (SIGABRT below) instead of lost
     with open(logs / "out", "w") as stdout, open(logs / "err", "w") as stderr:
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True, env=env)
+        # Ctrl-C as a terminal sends it: an earlier test in this process (Ray, a browser driver) may leave SIGINT
+        # ignored, and an ignored SIGINT is inherited by the child, so it is reset to the default there
+        proc = subprocess.Popen(
+            cmd, stdout=stdout, stderr=stderr, text=True, env=env, preexec_fn=_default_sigint  # noqa: PLW1509
+        )
         try:
             _wait_for(".run.tmp-*/items.json", tmp_path, proc)  # the attack is under way: a batch is recorded
             proc.send_signal(signal.SIGINT)
