@@ -110,8 +110,10 @@ def test_simulation_captures_every_client_update_and_recovers_its_texts(fedsgd_r
 
 def test_secagg_plus_leaves_only_the_sum_which_is_attacked_as_one_batch(tmp_path):
     """Flower's SecAgg+ hides each client's update; the server's aggregate (the mean update of 4 clients × 2
-    texts) is attacked as one batch of 8: SOMP recovers all 8 texts exactly from it — which client held which
-    is not recovered."""
+    texts) is attacked as one batch of 8: SOMP recovers the 8 texts from it — which client held which is not
+    recovered. SecAgg+'s stochastic rounding (random per run) blurs the weakest signal, the LM-head rows that
+    give each text's last token: on most runs a few texts lose their last token (ROUGE-1 0.989; the plain
+    aggregate of the same run without SecAgg+ is exact). Bound: ROUGE-1 ≥ 0.95, every text ≥ 0.85, half exact."""
     from leaklab.fl.simulate import simulate
 
     # quantisation fine enough (and weights unscaled) that SecAgg+ itself does not blur the update
@@ -121,8 +123,10 @@ def test_secagg_plus_leaves_only_the_sum_which_is_attacked_as_one_batch(tmp_path
     assert not list((tmp_path / "round-001").glob("node-*"))
     (record,) = summary["records"]
     assert record["target"] == "aggregate" and record["observation"]["batch_size"] == 8
-    assert record["status"] == "recovered" and record["aggregate"]["rouge1"] == 1.0
+    assert record["status"] == "recovered" and record["aggregate"]["rouge1"] >= 0.95, record["aggregate"]
     assert len(record["recovered"]) == 8
+    assert all(p["rouge1"] >= 0.85 for p in record["pairs"]), record["pairs"]
+    assert sum(p["exact"] for p in record["pairs"]) >= 4, record["pairs"]
     assert record["observation"]["meta"]["delta_noise_std"] > 0  # SecAgg+'s rounding, known to the server
 
 
