@@ -213,3 +213,48 @@ def test_service_search_serves_ids_only_and_quantised_scores(tmp_path, search, c
     hits = r.json()["data"][0]["results"]
     assert r.status_code == 200 and len(hits) == 4 and check(hits)
     assert store.query_rows()[-1]["defense"] == parse_config({"search": search}).search.view().label()
+
+
+@pytest.mark.parametrize("escalation", ["ids-only", "score-noise"])
+def test_a_flagged_key_under_the_noise_action_gets_escalated_search_answers(tmp_path, escalation):
+    """The monitor's ``noise`` action reaches /v1/search: a flagged key gets ids only (or noised scores, σ 0.05,
+    so the same query's scores differ between calls) and the log names the escalated view; an unflagged key
+    still gets the configured exact scores."""
+    from fastapi.testclient import TestClient
+
+    from leaklab.service.app import DocumentIndex, create_app
+    from leaklab.service.config import parse_config
+    from leaklab.service.encoders import load_encoder as service_encoder
+
+    enc = service_encoder("hashing")
+    store = Store(tmp_path / "s.db")
+    flagged, flagged_key = store.create_key("probe")
+    _, user_key = store.create_key("user")
+    store.add_flag(flagged.id, 0.9, "noise", {"queries": 40})
+    cfg = parse_config({"monitor": {"action": "noise", "search_escalation": escalation}})
+    index = DocumentIndex([f"doc-{i}" for i in range(len(BASE))], enc.embed(BASE))
+    client = TestClient(create_app(cfg, store, enc, index))
+
+    def ask(key: str) -> list[dict]:
+        r = client.post("/v1/search", json={"query": "new laptop", "top_k": 4}, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200
+        return r.json()["data"][0]["results"]
+
+    plain = ask(user_key)
+    assert all("score" in h for h in plain) and store.query_rows()[-1]["defense"] == cfg.search.view().label()
+    first, second = ask(flagged_key), ask(flagged_key)
+    escalated = cfg.monitor.escalate(cfg.search.view())
+    assert store.query_rows()[-1]["defense"] == escalated.label() != cfg.search.view().label()
+    if escalation == "ids-only":
+        assert all(set(h) == {"id"} for h in first + second)
+    else:
+        assert [h["score"] for h in first] != [h["score"] for h in second]
+        assert [h["score"] for h in first] != [h["score"] for h in plain]
+
+
+def test_an_unknown_search_escalation_is_one_clear_error():
+    from leaklab.errors import LeaklabError
+    from leaklab.service.config import parse_config
+
+    with pytest.raises(LeaklabError, match="search_escalation' must be one of ids-only, score-noise"):
+        parse_config({"monitor": {"search_escalation": "drop"}})

@@ -396,6 +396,8 @@ def create_app(cfg: ServiceConfig, store: Store, encoder: Encoder, index: Docume
         clean = embed_fairly(key, texts)
         observe(key, texts, clean)
         view = cfg.search.view()
+        if monitor.mitigation(key.id) == "noise":
+            view = cfg.monitor.escalate(view)
         hits = index.top_k(clean, body.top_k, view)
         rows = [LogRow(text_hash(t), c, text_hash(repr(h))) for t, c, h in zip(texts, counts, hits, strict=True)]
         request_id = commit(key, "search", rows, view.label())

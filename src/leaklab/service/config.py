@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,10 @@ class Limits:
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    """Probe detector: window, score threshold and the action on a flag (flag | throttle | noise)."""
+    """Probe detector: window, score threshold and the action on a flag (flag | throttle | noise). Under
+    ``noise`` a flagged key's vectors get extra noise (``noise_epsilon``) and its /v1/search answers escalate
+    as ``search_escalation`` says: ``ids-only`` (scores withheld) or ``score-noise`` (Gaussian noise of σ
+    ``search_score_noise`` on every score, or the configured σ if that is larger)."""
 
     enabled: bool = True
     window: int = 64
@@ -37,6 +40,14 @@ class MonitorConfig:
     action: str = "flag"
     throttle_factor: float = 0.1
     noise_epsilon: float = 50.0
+    search_escalation: str = "ids-only"
+    search_score_noise: float = 0.05
+
+    def escalate(self, view: ScoreView) -> ScoreView:
+        """What a flagged key's searches return under the ``noise`` action."""
+        if self.search_escalation == "ids-only":
+            return replace(view, scores=False)
+        return replace(view, noise=max(view.noise, self.search_score_noise))
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,7 @@ class ServiceConfig:
 
 _TOP = {"limits", "defenses", "monitor", "search", "server", "keys", "durability"}
 ACTIONS = ("flag", "throttle", "noise")
+SEARCH_ESCALATIONS = ("ids-only", "score-noise")
 
 
 def _dataclass_from(cls: type, data: Any, where: str, base: Any = None) -> Any:
@@ -140,6 +152,13 @@ def parse_config(data: Any, source: str = "config") -> ServiceConfig:
     monitor = _dataclass_from(MonitorConfig, data.get("monitor"), "monitor")
     if monitor.action not in ACTIONS:
         raise LeaklabError(f"config: 'monitor.action' must be one of {', '.join(ACTIONS)} (got {monitor.action!r})")
+    if monitor.search_escalation not in SEARCH_ESCALATIONS:
+        raise LeaklabError(
+            f"config: 'monitor.search_escalation' must be one of {', '.join(SEARCH_ESCALATIONS)} "
+            f"(got {monitor.search_escalation!r})"
+        )
+    if monitor.search_score_noise <= 0:
+        raise LeaklabError(f"config: 'monitor.search_score_noise' must be > 0 (got {monitor.search_score_noise})")
     search = _dataclass_from(SearchConfig, data.get("search"), "search")
     server = _dataclass_from(ServerConfig, data.get("server"), "server")
     if server.max_body_bytes < 1024 or server.encode_chunk < 1 or server.queue_timeout_s <= 0:
