@@ -236,7 +236,9 @@ def test_a_flagged_key_under_the_noise_action_gets_escalated_search_answers(tmp_
     client = TestClient(create_app(cfg, store, enc, index))
 
     def ask(key: str) -> list[dict]:
-        r = client.post("/v1/search", json={"query": "new laptop", "top_k": 4}, headers={"Authorization": f"Bearer {key}"})
+        r = client.post(
+            "/v1/search", json={"query": "new laptop", "top_k": 4}, headers={"Authorization": f"Bearer {key}"}
+        )
         assert r.status_code == 200
         return r.json()["data"][0]["results"]
 
