@@ -205,7 +205,7 @@ class GradientSurface(Surface):
         steps = []
         specs = sec.setting_specs()
         for i, s in enumerate(specs):
-            for b in range(batches):
+            for b in range(self._shared_batches(i, batches), batches):
                 spec = {**common, "setting": s.to_dict(), "seed": o.seed + b}
                 steps.append(
                     Step(
@@ -236,13 +236,24 @@ class GradientSurface(Surface):
                     steps.append(Step(f"sweep-{j}-b{b}", label, spec, _runner(_sweep_step, spec), est + 5))
         return Plan(steps, scaling)
 
+    def _shared_batches(self, i: int, batches: int) -> int:
+        """How many of setting ``i``'s first batches the sweep's undefended point attacks already (the same
+        update on the same seeds): those are not attacked twice."""
+        sec = self.section
+        return min(sec.sweep_batches, batches) if sec.defenses and i == sec.sweep_setting else 0
+
+    def _setting_records(self, i: int, steps: list[Step], results: dict[str, dict[str, Any]]) -> list[dict]:
+        """Setting ``i``'s attacked batches: its own steps and, for the swept setting, the undefended sweep point's."""
+        own = (f"attack-{i}-",) + (("sweep-0-",) if self._shared_batches(i, 1) else ())
+        return [results[st.name] for st in steps if st.name.startswith(own) and st.name in results]
+
     # ------------------------------------------------------------------ summary
     def summarise(self, results: dict[str, dict[str, Any]], steps: list[Step]) -> dict[str, Any]:
         sec, thr = self.section, self.options.leak_threshold
         specs = sec.setting_specs()
         rows, examples = [], []
         for i, s in enumerate(specs):
-            recs = [results[st.name] for st in steps if st.name.startswith(f"attack-{i}-") and st.name in results]
+            recs = self._setting_records(i, steps, results)
             rows.append(_setting_row(s, recs))
             examples += [
                 {"where": s.label(), "private": p["true_text"], "recovered": p["pred_text"], "score": p["rouge1"]}

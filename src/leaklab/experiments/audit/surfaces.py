@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from leaklab.core import Config, Registry
@@ -72,9 +75,10 @@ class Surface(ABC):
     title: ClassVar[str] = ""
     threat_model: ClassVar[str] = ""
 
-    def __init__(self, section: Config, options: AuditOptions):
+    def __init__(self, section: Config, options: AuditOptions, workdir: Path | None = None):
         self.section = section
         self.options = options
+        self.workdir = workdir  # the surface's folder in the audit's output (files its steps keep), if any
 
     @staticmethod
     @abstractmethod
@@ -180,3 +184,31 @@ def load_planned() -> dict[str, str]:
         if name not in AUDIT_SURFACES:
             missing[name] = f"module {module} did not register the '{name}' surface"
     return missing
+
+
+@contextmanager
+def prefixed(where: str) -> Iterator[None]:
+    """Re-raise a :class:`LeaklabError` of the block as one line starting with ``where`` (the config field)."""
+    try:
+        yield
+    except LeaklabError as exc:
+        raise LeaklabError(f"{where}: {exc}") from None
+
+
+def scaled_count(n: int, scale: float, floor: int) -> int:
+    """``n`` scaled down by ``scale`` (< 1) but never below ``floor`` (nor above ``n``)."""
+    return n if scale >= 1 else min(n, max(floor, math.floor(n * scale)))
+
+
+def best_evidence(evidences: list[Evidence], fallback: Evidence) -> Evidence:
+    """The riskiest of a surface's evidences (the first of equal risk); ``fallback`` when none."""
+    return min(evidences, key=lambda e: RISK_LEVELS.index(e.risk)) if evidences else fallback
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """A report cell: – for missing, ∞, a float to ``digits`` decimals, anything else as text."""
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return "∞" if math.isinf(x) else f"{x:.{digits}f}"
+    return str(x)
