@@ -19,7 +19,7 @@ from leaklab.report.html import mask_text, redact_report
 ROOT = Path(__file__).resolve().parent.parent
 
 TINY = {
-    "time_budget_min": 5,
+    "time_budget_min": 30,  # ample: this test checks the report, not the scaling (a loaded machine would skip steps)
     "corpus": "chatterbot:english",
     "min_tokens": 4,
     "max_tokens": 16,
@@ -294,3 +294,32 @@ def test_flower_surface_simulates_a_federation_and_attacks_each_client(tmp_path)
     assert all(r["rouge1"] == 1.0 and r["outcome"] == "recovered" for r in rows)
     assert fl["evidence"] == {"risk": "high", "metric": "client ROUGE-1", "value": 1.0, "detail": "defense none"}
     assert fl["examples"] and "not configured" in report["not_assessed"][0]["reason"]
+
+
+def test_a_step_that_would_overrun_at_the_measured_pace_is_skipped(tmp_path):
+    """The first step ran 6× its estimate: a later step whose estimate at that pace no longer fits the surface's
+    share is skipped with the reason; one that still fits runs."""
+    import time
+
+    from rich.console import Console
+
+    from leaklab.experiments.audit import run as audit_run
+    from leaklab.experiments.audit.surfaces import Plan, Step
+
+    def slow() -> dict:
+        time.sleep(0.3)
+        return {"slow": 1}
+
+    def fast() -> dict:
+        return {"fast": 1}
+
+    steps = [Step("a", "slow", {"a": 1}, slow, 0.05), Step("b", "big", {"b": 1}, fast, 0.5)]
+    plans = {"s": Plan([*steps, Step("c", "small", {"c": 1}, fast, 0.01)])}
+    results, skipped, _ = audit_run.run_steps(plans, tmp_path, 1.0, Console(quiet=True))
+    assert set(results["s"]) == {"a", "c"}
+    (skip,) = skipped
+    assert (
+        skip["step"] == "big"
+        and "would overrun the time budget" in skip["reason"]
+        and "measured pace" in skip["reason"]
+    )

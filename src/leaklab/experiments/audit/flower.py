@@ -15,19 +15,9 @@ from typing import Any, Literal
 
 from leaklab.core import Config, option
 from leaklab.errors import LeaklabError
+from leaklab.experiments.audit.common import best_evidence, fmt, prefixed, report_section, require_mapping, risk_of
 from leaklab.experiments.audit.config import AuditOptions, require_causal_lm
-from leaklab.experiments.audit.surfaces import (
-    AUDIT_SURFACES,
-    Evidence,
-    Plan,
-    Step,
-    Surface,
-    best_evidence,
-    fmt,
-    prefixed,
-    require_mapping,
-    risk_of,
-)
+from leaklab.experiments.audit.surfaces import AUDIT_SURFACES, Evidence, Plan, Step, Surface
 
 STARTUP_S = 30.0  # Ray and the Flower simulation engine starting and stopping
 
@@ -208,19 +198,19 @@ class FlowerSurface(Surface):
             "Under secagg+ the server sees only the sum of the clients' updates; under server-dp the auditor sees "
             "each clipped update before the server's noise (view inside) unless configured otherwise.",
         ]
-        return {
-            "evidence": evidence,
-            "flags": flags,
-            "tables": tables,
-            "examples": examples,
-            "plots": [],
-            "notes": [
-                f"Each client holds a disjoint shard of the private split of '{self.options.corpus}'; the auditor "
-                f"runs {sec.attack} on every captured client update (Flower's Ray simulation engine, real ClientApps)."
-            ],
-            "recommendation": _recommend(runs, thr),
-            "data": {"runs": runs, "per_client": per_client},
-        }
+        notes = [
+            f"Each client holds a disjoint shard of the private split of '{self.options.corpus}'; the auditor runs "
+            f"{sec.attack} on every captured client update (Flower's Ray simulation engine, real ClientApps)."
+        ]
+        return report_section(
+            evidence,
+            flags,
+            tables=tables,
+            examples=examples,
+            notes=notes,
+            recommendation=_recommend(runs, thr),
+            data={"runs": runs, "per_client": per_client},
+        )
 
 
 def _simulate_step(spec: dict[str, Any]) -> dict[str, Any]:

@@ -18,21 +18,20 @@ from typing import Any
 
 from leaklab.core import Config, option
 from leaklab.errors import LeaklabError
-from leaklab.experiments.audit.config import AuditOptions, api_key, require_encoder
-from leaklab.experiments.audit.surfaces import (
-    AUDIT_SURFACES,
-    Evidence,
-    Plan,
-    Step,
-    Surface,
+from leaklab.experiments.audit.common import (
+    EncoderTarget,
     best_evidence,
+    check_embed_attack,
     fmt,
-    prefixed,
+    report_section,
     require_mapping,
     risk_of,
+    run_embed_attack,
     scaled_count,
     specs_of,
 )
+from leaklab.experiments.audit.config import AuditOptions
+from leaklab.experiments.audit.surfaces import AUDIT_SURFACES, Evidence, Plan, Step, Surface
 from leaklab.threat.kbsecrets import template_of
 
 ATTACK = "kb-secrets"
@@ -57,11 +56,9 @@ class ViewSpec(Config):
 
 
 @dataclass(frozen=True)
-class KbSecretsSection(Config):
+class KbSecretsSection(EncoderTarget):
     """Section ``kb-secrets``: the encoder behind the search endpoint, the planted secrets and the API views."""
 
-    encoder: str = option("minilm-l6", "packaged encoder, encoder folder, or http(s)://host:port[#model] endpoint")
-    api_key_env: str | None = option(None, "environment variable holding the endpoint's API key")
     secrets: int = option(12, "secret records planted in the knowledge base")
     kb_docs: int = option(500, "private-split documents of the knowledge base besides the secrets")
     templates: str = option(
@@ -111,12 +108,9 @@ class KbSecretsSurface(Surface):
 
     @staticmethod
     def preflight(section: KbSecretsSection, options: AuditOptions) -> None:
-        from leaklab.attacks.embedding.registry import EMBED_ATTACKS
-
-        require_encoder(section.encoder, section.api_key_env, "kb-secrets.encoder")
+        section.check_encoder("kb-secrets")
         for i, view in enumerate(section.view_specs()):
-            with prefixed(f"kb-secrets.views[{i}]"):
-                EMBED_ATTACKS.get(ATTACK).options(section.attack_config(view, section.kb_docs))
+            check_embed_attack(ATTACK, section.attack_config(view, section.kb_docs), f"kb-secrets.views[{i}]")
 
     def plan(self, scale: float) -> Plan:
         sec, o = self.section, self.options
@@ -142,7 +136,7 @@ class KbSecretsSurface(Surface):
                     f"view-{i}",
                     f"kb-secrets via {view.label()}",
                     spec,
-                    lambda spec=spec: _attack_step(spec, api_key(sec.api_key_env)),
+                    lambda spec=spec: run_embed_attack(ATTACK, spec, spec["secrets"], sec.key()),
                     estimate,
                 )
             )
@@ -196,28 +190,19 @@ class KbSecretsSurface(Surface):
                 for r in rows
             ],
         }
-        return {
-            "evidence": evidence,
-            "flags": flags,
-            "tables": [table],
-            "examples": examples,
-            "plots": [],
-            "notes": [
-                f"The knowledge base holds private-split texts of '{self.options.corpus}' with the secret records "
-                "planted among them (templates: " + self.section.templates + "); exact = every slot of a record "
-                "recovered."
-            ],
-            "recommendation": _recommendation(rows),
-            "data": {"views": rows},
-        }
-
-
-def _attack_step(spec: dict[str, Any], key: str | None) -> dict[str, Any]:
-    from leaklab.attacks.embedding.registry import Scenario
-    from leaklab.experiments.runner import run_embedding
-
-    scn = Scenario(encoder=spec["encoder"], corpus=spec["corpus"], n=spec["secrets"], seed=spec["seed"], api_key=key)
-    return run_embedding(ATTACK, scn, spec["options"]).to_dict()
+        notes = [
+            f"The knowledge base holds private-split texts of '{self.options.corpus}' with the secret records "
+            f"planted among them (templates: {self.section.templates}); exact = every slot of a record recovered."
+        ]
+        return report_section(
+            evidence,
+            flags,
+            tables=[table],
+            examples=examples,
+            notes=notes,
+            recommendation=_recommendation(rows),
+            data={"views": rows},
+        )
 
 
 def _row(rec: dict[str, Any], view: ViewSpec) -> dict[str, Any]:

@@ -21,20 +21,19 @@ from typing import Any
 
 from leaklab.core import Config, option
 from leaklab.errors import LeaklabError
-from leaklab.experiments.audit.config import AuditOptions, require_causal_lm
-from leaklab.experiments.audit.surfaces import (
-    AUDIT_SURFACES,
-    Evidence,
-    Plan,
-    Step,
-    Surface,
+from leaklab.experiments.audit.common import (
     best_evidence,
+    embedded_plot,
     fmt,
+    new_figure,
     prefixed,
+    report_section,
     require_mapping,
     risk_of,
     scaled_count,
 )
+from leaklab.experiments.audit.config import AuditOptions, require_causal_lm
+from leaklab.experiments.audit.surfaces import AUDIT_SURFACES, Evidence, Plan, Step, Surface
 
 DEFAULT_ATTACKS = ("loss", "zlib", "min-k", "min-k++", "reference")
 FINETUNE_DEFAULTS = {"members": 32, "method": "lora", "epochs": 3, "batch_size": 8}
@@ -157,7 +156,7 @@ class LmMembershipSurface(Surface):
         res = results.get("membership")
         if res is None:
             unknown = Evidence("unknown", "membership AUC", None, "the step did not run (see the time budget section)")
-            return _body(unknown, self._flags(None), [], [], [], [], None, {})
+            return report_section(unknown, self._flags(None))
         attacks = [_attack_row(r) for r in res["attacks"]]
         canaries = res.get("canary_summary") or []
         evidences = [
@@ -205,7 +204,16 @@ class LmMembershipSurface(Surface):
                 "fine-tune with DP-SGD (leaklab lm finetune --epsilon), fewer epochs, and deduplicate secrets out of "
                 "the training data"
             )
-        return _body(evidence, self._flags(res), tables, examples, plots, notes, recommendation, {"attacks": attacks})
+        return report_section(
+            evidence,
+            self._flags(res),
+            tables=tables,
+            examples=examples,
+            plots=plots,
+            notes=notes,
+            recommendation=recommendation,
+            data={"attacks": attacks},
+        )
 
     def _flags(self, res: dict[str, Any] | None) -> list[str]:
         grants = ((res or {}).get("access") or {}).get("grants") or {}
@@ -222,28 +230,6 @@ class LmMembershipSurface(Surface):
             if p is not None:
                 out.append(f"Members and non-members have the same length distribution (KS test p = {p:.2f}).")
         return out
-
-
-def _body(
-    evidence: Evidence,
-    flags: list[str],
-    tables: list,
-    examples: list,
-    plots: list,
-    notes: list,
-    recommendation: str | None,
-    data: dict,
-) -> dict[str, Any]:
-    return {
-        "evidence": evidence,
-        "flags": flags,
-        "tables": tables,
-        "examples": examples,
-        "plots": plots,
-        "notes": notes,
-        "recommendation": recommendation,
-        "data": data,
-    }
 
 
 def _read_texts(path: str | None, what: str) -> list[str]:
@@ -392,14 +378,7 @@ def _canary_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _roc_plot(res: dict[str, Any]) -> dict[str, str]:
     """ROC curve of each attack that ran (log–log axes: the low-FPR region is what matters)."""
-    import matplotlib
-
-    from leaklab.report.html import figure_uri
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = new_figure(5.5, 4)
     for r in res["attacks"]:
         if r.get("roc"):
             ax.plot(r["roc"]["fpr"], r["roc"]["tpr"], label=f"{r['attack']} (AUC {_metric(r, 'auc'):.2f})")
@@ -408,7 +387,4 @@ def _roc_plot(res: dict[str, Any]) -> dict[str, str]:
     ax.set_ylabel("true-positive rate")
     ax.set_title("membership ROC per attack")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    uri = figure_uri(fig)
-    plt.close(fig)
-    return {"title": "Membership ROC", "uri": uri}
+    return embedded_plot(fig, "Membership ROC")

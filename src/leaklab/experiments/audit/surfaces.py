@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from leaklab.core import Config, Registry
-from leaklab.errors import LeaklabError
 
 if TYPE_CHECKING:
     from leaklab.experiments.audit.config import AuditOptions
@@ -96,31 +93,6 @@ class Surface(ABC):
         ``plots`` and ``notes``."""
 
 
-def spec_of(cls: type[Config], data: Any, where: str) -> Any:
-    """``data`` (a mapping from the config file) as a ``cls`` config; ``where`` names it in errors."""
-    if not isinstance(data, dict):
-        raise LeaklabError(f"{where} must be a mapping of keys to values")
-    return cls.from_dict(data, where)
-
-
-def specs_of(cls: type[Config], items: Any, where: str) -> list[Any]:
-    """:func:`spec_of` of each item of a config list, named ``where[i]`` in errors."""
-    return [spec_of(cls, d, f"{where}[{i}]") for i, d in enumerate(items)]
-
-
-def require_mapping(value: Any, field: str, keys: str) -> None:
-    """One clear line when a config field that holds a mapping (of ``keys`` to values) holds something else."""
-    if not isinstance(value, dict):
-        raise LeaklabError(f"{field} must be a mapping of {keys} to values")
-
-
-def risk_of(value: float | None, high: float, medium: float) -> str:
-    """``high`` at or above ``high``, ``medium`` at or above ``medium``, else ``low``; unknown without a value."""
-    if value is None:
-        return "unknown"
-    return "high" if value >= high else "medium" if value >= medium else "low"
-
-
 AUDIT_SURFACES: Registry[type[Surface]] = Registry(
     "audit surface",
     {
@@ -184,31 +156,3 @@ def load_planned() -> dict[str, str]:
         if name not in AUDIT_SURFACES:
             missing[name] = f"module {module} did not register the '{name}' surface"
     return missing
-
-
-@contextmanager
-def prefixed(where: str) -> Iterator[None]:
-    """Re-raise a :class:`LeaklabError` of the block as one line starting with ``where`` (the config field)."""
-    try:
-        yield
-    except LeaklabError as exc:
-        raise LeaklabError(f"{where}: {exc}") from None
-
-
-def scaled_count(n: int, scale: float, floor: int) -> int:
-    """``n`` scaled down by ``scale`` (< 1) but never below ``floor`` (nor above ``n``)."""
-    return n if scale >= 1 else min(n, max(floor, math.floor(n * scale)))
-
-
-def best_evidence(evidences: list[Evidence], fallback: Evidence) -> Evidence:
-    """The riskiest of a surface's evidences (the first of equal risk); ``fallback`` when none."""
-    return min(evidences, key=lambda e: RISK_LEVELS.index(e.risk)) if evidences else fallback
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    """A report cell: – for missing, ∞, a float to ``digits`` decimals, anything else as text."""
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return "∞" if math.isinf(x) else f"{x:.{digits}f}"
-    return str(x)
