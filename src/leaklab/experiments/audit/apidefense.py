@@ -121,7 +121,7 @@ class ApiDefenseSurface(Surface):
             "known_pairs": sec.known_pairs,
             "points": points,
         }
-        estimate = (victims + public) / 50 + 3 * len(points)
+        estimate = (victims + public) / 25 + 5 * len(points)
         step = Step(
             "sweep",
             f"API defenses on {sec.encoder}",

@@ -108,7 +108,7 @@ class EmbeddingSurface(Surface):
                 "seed": o.seed,
                 "max_tokens": o.max_tokens,
             }
-            estimate = (opts.get("train_seconds") or 30.0) + 30.0
+            estimate = 2 * (opts.get("train_seconds") or 30.0) + 60.0
             steps.append(
                 Step(
                     f"attack-{i}",

@@ -178,8 +178,9 @@ class GradientSurface(Surface):
         from leaklab.models.registry import PACKAGED
 
         spec = PACKAGED.get(self.section.model)
-        victim = 2.0 if spec is not None and spec.random_init else 10.0
-        return min(float(opts.get("budget_s", 60)), 60.0) + victim
+        if spec is not None and spec.random_init:
+            return min(float(opts.get("budget_s", 60)), 60.0) + 2.0
+        return 2 * min(float(opts.get("budget_s", 60)), 60.0) + 60.0  # model loading, victim update, overshoot
 
     def plan(self, scale: float) -> Plan:
         sec, o = self.section, self.options
@@ -228,6 +229,9 @@ class GradientSurface(Surface):
                     }
                     label = f"sweep {name}{'' if value is None else f'={value:g}'}: batch {b + 1}/{sec.sweep_batches}"
                     steps.append(Step(f"sweep-{j}-b{b}", label, spec, _runner(_sweep_step, spec), est + 5))
+        # the undefended sweep point first: it is also the swept setting's attack, and a surface's first step
+        # always runs
+        steps.sort(key=lambda st: not st.name.startswith("sweep-0-"))
         return Plan(steps, scaling)
 
     def _shared_batches(self, i: int, batches: int) -> int:

@@ -35,7 +35,7 @@ from leaklab.experiments.audit.surfaces import AUDIT_SURFACES, Evidence, Plan, S
 from leaklab.threat.kbsecrets import template_of
 
 ATTACK = "kb-secrets"
-QUERIES_PER_S = 50.0  # search queries a minilm-sized local index answers per second on 2 CPU cores
+QUERIES_PER_S = 20.0  # search queries a minilm-sized local index answers per second on 2 shared CPU cores
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ class KbSecretsSurface(Surface):
                 "seed": o.seed,
                 "options": sec.attack_config(view, kb_docs),
             }
-            estimate = 15.0 + kb_docs / 40 + secrets * (100 if view.scores else 15) / QUERIES_PER_S
+            estimate = 15.0 + kb_docs / 20 + secrets * (100 if view.scores else 15) / QUERIES_PER_S
             steps.append(
                 Step(
                     f"view-{i}",

@@ -248,7 +248,7 @@ def _pass_s(model: str) -> float:
     from leaklab.models.registry import PACKAGED
 
     spec = PACKAGED.get(model)
-    return 0.01 if spec is not None and spec.random_init else 0.4
+    return 0.01 if spec is not None and spec.random_init else 0.9
 
 
 def _train_texts(cfg: Any) -> int:
