@@ -287,9 +287,10 @@ class GradientSurface(Surface):
         ]
         recommendation = None
         if best is not None:
+            reached = "no signal" if best["rouge1"] is None else f"{fmt(best['rouge1'])} ROUGE-1 (≤ {thr})"
             recommendation = (
                 f"{best['defense']} {best['param'] or ''}={best['value']} brings {sec.attack} to "
-                f"{fmt(best['rouge1'])} ROUGE-1 (≤ {thr}) at a utility cost of {best['cost']:+.2e} Δ loss"
+                f"{reached} at a utility cost of {best['cost']:+.2e} Δ loss"
             )
         elif any(r["defense"] == "none" and r["stopped"] for r in sweep):
             recommendation = f"none needed against {sec.attack}: the undefended update is already at ROUGE-1 ≤ {thr}"
