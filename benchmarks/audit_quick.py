@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "audit"
+TARGET_S = 15 * 60
 
 
 def main() -> None:
@@ -56,6 +57,11 @@ def write_readme(report: dict, wall: float, cpu: float, load: tuple[float, float
     missing = "\n".join(f"- {n['title']}: {n['reason']}" for n in report["not_assessed"]) or "- none"
     scaling = "\n".join(f"- {c}" for c in report["scaling"]["changes"]) or "- none"
     not_run = "\n".join(f"- {n['surface']}: {n['step']} ({n['reason']})" for n in report["scaling"]["not_run"])
+    steps = "\n".join(
+        f"| {t['surface']} | {t['step']} | {t['seconds']:.0f} | {t['estimate_s']:.0f} |"
+        for t in report["reproducibility"].get("step_seconds", [])
+    )
+    verdict = "**reached**" if wall <= TARGET_S else f"**missed** (measured {wall / 60:.1f} min)"
     env = report["reproducibility"]["environment"]
     requests = len(seen.network_requests((RESULTS / "report.html").resolve().as_uri()))
     text = f"""# `leaklab audit` on the packaged defaults (examples/audit-quick.yaml)
@@ -65,10 +71,10 @@ Chromium and screenshots its first screen).
 
 - Report: [report.html](report.html) (self-contained: open it in any browser, print it), [report.json](report.json)
 - First screen: ![first screen](report-first-screen.png)
-- **Wall time: {wall:.0f} s** ({wall / 60:.1f} min; target ≤ 15 min) on {env["device"]}; the audit's own duration
-  {report["reproducibility"]["duration_s"]:g} s, budget {report["scaling"]["budget_min"]:g} min, scale
-  {report["scaling"]["scale"]:g}. CPU time of the audit process {cpu:.0f} s; 1-minute load average
-  {load[0]:.1f} at the start and {load[1]:.1f} at the end (the machine is shared).
+- **Wall time: {wall:.0f} s** ({wall / 60:.1f} min; target ≤ 15 min: {verdict}) on {env["device"]}; the
+  audit's own duration {report["reproducibility"]["duration_s"]:g} s, budget
+  {report["scaling"]["budget_min"]:g} min, scale {report["scaling"]["scale"]:g}. CPU time of the audit process
+  {cpu:.0f} s; 1-minute load average {load[0]:.1f} at the start and {load[1]:.1f} at the end (the machine is shared).
 - In Chromium: {len(seen.console_errors)} console error(s), {requests} network request(s), sections
   {", ".join(seen.sections)}, surfaces {", ".join(seen.surfaces)}.
 
@@ -77,6 +83,12 @@ Chromium and screenshots its first screen).
 | surface | risk | evidence | where | recommended mitigation |
 |---|---|---|---|---|
 {rows}
+
+## Steps run (seconds measured vs the battery's estimate)
+
+| surface | step | seconds | estimate |
+|---|---|---|---|
+{steps}
 
 ## Scaling to the time budget
 

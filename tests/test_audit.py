@@ -13,13 +13,13 @@ import pytest
 import yaml
 from cli_helpers import run_leaklab
 
-from leaklab.experiments.audit import PLANNED, load_config, parse_config, run_audit
+from leaklab.experiments.audit import AUDIT_SURFACES, AuditOptions, load_config, parse_config, run_audit
 from leaklab.report.html import mask_text, redact_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
 TINY = {
-    "time_budget_min": 5,
+    "time_budget_min": 30,  # ample: this test checks the report, not the scaling (a loaded machine would skip steps)
     "corpus": "chatterbot:english",
     "min_tokens": 4,
     "max_tokens": 16,
@@ -36,6 +36,19 @@ TINY = {
         "victims": 30,
         "public": 200,
         "defenses": [{"kind": "truncate", "param": "dims", "values": [8]}],
+    },
+    "kb-secrets": {
+        "encoder": "tiny-bert",
+        "secrets": 3,
+        "kb_docs": 30,
+        "templates": "vpn",
+        "views": [{"scores": True}],
+    },
+    "lm-membership": {
+        "finetune": {"model": "tiny-llama", "members": 8, "epochs": 2, "lr": 1e-3, "canary_repeats": "4"},
+        "attacks": ["loss", "reference"],
+        "bootstrap": 20,
+        "exposure_samples": 20,
     },
 }
 
@@ -63,12 +76,13 @@ def test_init_writes_the_commented_example_and_examples_parse(tmp_path, monkeypa
     text = target.read_text()
     assert text.count("#") > 10  # commented
     cfg = load_config(target)
-    assert set(cfg.sections) == {"gradient", "embedding", "api-defenses"}
+    assert set(cfg.sections) == set(AUDIT_SURFACES.names()) - {"flower"}  # flower: in audit-full only
     assert cfg.sections["gradient"].model == "smollm2-135m" and cfg.sections["embedding"].encoder == "minilm-l6"
     assert [s.setting for s in cfg.sections["gradient"].setting_specs()] == ["fedsgd", "lora"]
     assert text == (ROOT / "examples" / "audit-quick.yaml").read_text()
     full = load_config(ROOT / "examples" / "audit-full.yaml")
     assert len(full.sections["gradient"].setting_specs()) > 2
+    assert set(full.sections) == set(AUDIT_SURFACES.names())  # the thorough run audits every surface
     code, _, err = run_cli(monkeypatch, capsys, "init", str(target))  # refuses to overwrite
     assert code == 2 and "--force" in err
 
@@ -95,12 +109,24 @@ BAD = [
     ({"corpus": "no-such-file.txt"}, "corpus file 'no-such-file.txt' does not exist"),
     ({"embedding": {"encoder": "http://127.0.0.1:{port}#minilm-l6"}}, "is unreachable"),
     ({"gradient": {"defenses": [{"defense": "nosuch", "values": [1]}]}}, "unknown defense 'nosuch'"),
+    ({"kb-secrets": {"encoder": "tiny-bert", "secret": 3}}, "'kb-secrets' has no option 'secret'; valid: encoder"),
+    ({"kb-secrets": {"views": [{"scores": False, "noise": 1}]}}, "kb-secrets.views[0] has no option 'noise'"),
+    ({"kb-secrets": {"templates": "no slot here"}}, "template 'no slot here' has no slot"),
+    ({"lm-membership": {"model": "tiny-bert", "members": "m.txt", "non_members": "n.txt"}}, "is not a causal LM"),
+    ({"lm-membership": {"finetune": {"model": "tiny-bert"}}}, "lm-membership.finetune.model: 'tiny-bert' is not a"),
+    ({"lm-membership": {"model": "tiny-llama", "members": "nope.txt", "non_members": "n.txt"}}, "'nope.txt' does not"),
+    ({"lm-membership": {"model": "tiny-llama"}}, "give members and non_members files"),
+    ({"lm-membership": {"attacks": ["loss", "nosuch"]}}, "unknown membership attack 'nosuch'"),
+    ({"flower": {"model": "tiny-llama", "defenses": ["dp"]}}, "flower.defenses[0]: unknown Flower defense 'dp'"),
+    ({"flower": {"model": "tiny-bert"}}, "flower.model: 'tiny-bert' is not a causal LM"),
 ]
 
 
 @pytest.mark.parametrize(("data", "message"), BAD)
 def test_bad_config_is_one_line_exit_2_before_any_work(tmp_path, monkeypatch, capsys, data, message):
     data = json.loads(json.dumps(data).replace("{port}", str(free_port())))
+    monkeypatch.chdir(tmp_path)
+    Path("n.txt").write_text("a text we did not train on\n")
     out = tmp_path / "out"
     code, _, err = run_cli(monkeypatch, capsys, "--config", str(write(tmp_path, data)), "--out", str(out))
     assert code == 2
@@ -154,14 +180,24 @@ def test_tiny_audit_report_in_headless_chromium(tmp_path):
 
     out = tmp_path / "audit"
     report = run_audit(parse_config(TINY, "tiny.yaml"), out, command="leaklab audit --config tiny.yaml")
-    assert {s["surface"] for s in report["surfaces"]} == {"gradient", "embedding", "api-defenses"}
-    assert {n["surface"] for n in report["not_assessed"]} >= set(PLANNED)  # listed, never silently skipped
-    assert all(n["reason"] for n in report["not_assessed"])
+    assessed = {s["surface"] for s in report["surfaces"]}
+    assert assessed == set(TINY) - set(AuditOptions.keys())
+    assert {n["surface"] for n in report["not_assessed"]} == set(AUDIT_SURFACES.names()) - assessed == {"flower"}
+    assert all("not configured" in n["reason"] for n in report["not_assessed"])  # listed, never silently skipped
     grad = next(s for s in report["surfaces"] if s["surface"] == "gradient")
     assert grad["evidence"]["metric"] == "ROUGE-1" and grad["examples"]
     assert [r["defense"] for r in grad["data"]["sweep"]] == ["none", "topk"]
     emb = next(s for s in report["surfaces"] if s["surface"] == "embedding")
     assert any("queries" in t["columns"][-2] for t in emb["tables"])
+    kbs = next(s for s in report["surfaces"] if s["surface"] == "kb-secrets")
+    (view,) = kbs["data"]["views"]
+    assert view["view"].startswith("scores") and view["queries_per_secret"] > 0 and view["secrets"] == 3
+    assert kbs["evidence"]["metric"] == "exact secrets" and kbs["evidence"]["value"] == view["exact_share"]
+    lm = next(s for s in report["surfaces"] if s["surface"] == "lm-membership")
+    assert [r["attack"] for r in lm["data"]["attacks"]] == ["loss", "reference"]
+    assert all(r["auc"] is not None and r["tpr1"] is not None for r in lm["data"]["attacks"])
+    assert lm["evidence"]["risk"] in ("high", "medium", "low") and any("Canaries" in t["title"] for t in lm["tables"])
+    assert any("base model" in f for f in lm["flags"]) and lm["plots"]
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["reproducibility"]["environment"]["packages"]["torch"]
     html = (out / "report.html").read_text()
@@ -188,6 +224,8 @@ def test_time_budget_scales_batches_and_states_it():
         "time_budget_min": 1,
         "gradient": {"model": "tiny-llama", "attack_options": {"budget_s": 60}, "batches": 4},
         "embedding": {"encoder": "tiny-bert", "targets": 40, "attacks": [{"attack": "bow"}]},
+        "kb-secrets": {"encoder": "tiny-bert", "secrets": 40, "kb_docs": 1000},
+        "lm-membership": {"finetune": {"model": "tiny-llama", "members": 64}},
     }
     surfaces = build_surfaces(parse_config(data))
     full = {n: s.plan(1.0) for n, s in surfaces.items()}
@@ -199,6 +237,7 @@ def test_time_budget_scales_batches_and_states_it():
     notes = " ".join(c for p in scaled.values() for c in p.scaling)
     assert "batches per setting 4 →" in notes and "time limit per batch 60 s →" in notes
     assert "private targets 40 →" in notes and "training time" in notes
+    assert "planted secrets 40 →" in notes and "fine-tune members 64 →" in notes
     assert choose_scale(full, 10**6) == 1.0 and not any(p.scaling for p in full.values())
 
 
@@ -237,3 +276,50 @@ def test_a_step_past_its_time_limit_is_stopped_and_listed(tmp_path, monkeypatch)
     assert cached == 1 and calls == [1] and again["fast"]["a"] == {"ok": 1}  # resumed from the cache
     _, skipped, _ = audit_run.run_steps(plans, tmp_path / "new", 0.2, Console(quiet=True), cached_only=True)
     assert calls == [1] and len(skipped) == 3 and all("--cached-only" in s["reason"] for s in skipped)
+
+
+def test_flower_surface_simulates_a_federation_and_attacks_each_client(tmp_path):
+    """A real Flower simulation (Ray engine, 2 ClientApps, 1 round) audited by the surface: every client update
+    and the aggregate attacked and scored, with the clients named in order."""
+    data = {
+        "corpus": "chatterbot:english",
+        "min_tokens": 4,
+        "max_tokens": 16,
+        "flower": {"model": "tiny-llama", "clients": 2, "rounds": 1, "attack_options": {"budget_s": 5}, "val_texts": 0},
+    }
+    report = run_audit(parse_config(data), tmp_path / "fl")
+    (fl,) = report["surfaces"]
+    rows = fl["data"]["per_client"]
+    assert sorted(r["target"] for r in rows) == ["aggregate", "client 1", "client 2"]
+    assert all(r["rouge1"] == 1.0 and r["outcome"] == "recovered" for r in rows)
+    assert fl["evidence"] == {"risk": "high", "metric": "client ROUGE-1", "value": 1.0, "detail": "defense none"}
+    assert fl["examples"] and "not configured" in report["not_assessed"][0]["reason"]
+
+
+def test_a_step_that_would_overrun_at_the_measured_pace_is_skipped(tmp_path):
+    """The first step ran 6× its estimate: a later step whose estimate at that pace no longer fits the surface's
+    share is skipped with the reason; one that still fits runs."""
+    import time
+
+    from rich.console import Console
+
+    from leaklab.experiments.audit import run as audit_run
+    from leaklab.experiments.audit.surfaces import Plan, Step
+
+    def slow() -> dict:
+        time.sleep(0.3)
+        return {"slow": 1}
+
+    def fast() -> dict:
+        return {"fast": 1}
+
+    steps = [Step("a", "slow", {"a": 1}, slow, 0.05), Step("b", "big", {"b": 1}, fast, 0.5)]
+    plans = {"s": Plan([*steps, Step("c", "small", {"c": 1}, fast, 0.01)])}
+    results, skipped, _ = audit_run.run_steps(plans, tmp_path, 1.0, Console(quiet=True))
+    assert set(results["s"]) == {"a", "c"}
+    (skip,) = skipped
+    assert (
+        skip["step"] == "big"
+        and "would overrun the time budget" in skip["reason"]
+        and "measured pace" in skip["reason"]
+    )

@@ -17,17 +17,20 @@ import numpy as np
 
 from leaklab.core import Config, option
 from leaklab.errors import LeaklabError
-from leaklab.experiments.audit.config import AuditOptions, api_key, require_encoder
-from leaklab.experiments.audit.surfaces import (
-    AUDIT_SURFACES,
-    Evidence,
-    Plan,
-    Step,
-    Surface,
+from leaklab.experiments.audit.common import (
+    EncoderTarget,
+    embedded_plot,
+    fmt,
+    new_figure,
+    prefixed,
+    report_section,
     require_mapping,
     risk_of,
+    scaled_count,
     specs_of,
 )
+from leaklab.experiments.audit.config import AuditOptions
+from leaklab.experiments.audit.surfaces import AUDIT_SURFACES, Evidence, Plan, Step, Surface
 
 DEFAULT_DEFENSES = (
     {"kind": "gaussian", "param": "epsilon", "values": [300, 1000, 3000], "params": {"delta": 1e-5}},
@@ -62,11 +65,9 @@ def _num(v: float) -> float | int:
 
 
 @dataclass(frozen=True)
-class ApiDefenseSection(Config):
+class ApiDefenseSection(EncoderTarget):
     """Section ``api-defenses``: the encoder behind the API, the sample sizes and the defenses swept."""
 
-    encoder: str = option("minilm-l6", "packaged encoder, encoder folder, or http(s)://host:port[#model] endpoint")
-    api_key_env: str | None = option(None, "environment variable holding the endpoint's API key")
     victims: int = option(100, "victim documents whose vectors leak")
     public: int = option(1000, "public texts the attacker embeds to train its probe")
     known_pairs: int = option(0, "victim-tenant (text, vector) pairs the attacker also holds (flag)")
@@ -94,18 +95,16 @@ class ApiDefenseSurface(Surface):
     def preflight(section: ApiDefenseSection, options: AuditOptions) -> None:
         from leaklab.service.defenses import make_pipeline
 
-        require_encoder(section.encoder, section.api_key_env, "api-defenses.encoder")
+        section.check_encoder("api-defenses")
         for i, s in enumerate(section.specs()):
-            try:
+            with prefixed(f"api-defenses.defenses[{i}]"):
                 for _, specs in s.pipelines():
                     make_pipeline(specs)
-            except LeaklabError as exc:
-                raise LeaklabError(f"api-defenses.defenses[{i}]: {exc}") from None
 
     def plan(self, scale: float) -> Plan:
         sec, o = self.section, self.options
-        public = max(200, int(sec.public * scale)) if scale < 1 else sec.public
-        victims = max(30, int(sec.victims * scale)) if scale < 1 else sec.victims
+        public = scaled_count(sec.public, scale, 200)
+        victims = scaled_count(sec.victims, scale, 30)
         scaling = []
         if public < sec.public or victims < sec.victims:
             scaling.append(
@@ -122,12 +121,12 @@ class ApiDefenseSurface(Surface):
             "known_pairs": sec.known_pairs,
             "points": points,
         }
-        estimate = (victims + public) / 50 + 3 * len(points)
+        estimate = (victims + public) / 25 + 5 * len(points)
         step = Step(
             "sweep",
             f"API defenses on {sec.encoder}",
             spec,
-            lambda: _sweep_step(spec, api_key(sec.api_key_env)),
+            lambda: _sweep_step(spec, sec.key()),
             estimate,
         )
         return Plan([step], scaling)
@@ -136,18 +135,9 @@ class ApiDefenseSurface(Surface):
         thr = self.options.leak_threshold
         res = results.get("sweep")
         if res is None:
-            return {
-                "evidence": Evidence(
-                    "unknown", "BoW token F1", None, "the sweep did not run (see the time budget section)"
-                ),
-                "flags": [],
-                "tables": [],
-                "examples": [],
-                "plots": [],
-                "notes": [],
-                "recommendation": None,
-                "data": {},
-            }
+            return report_section(
+                Evidence("unknown", "BoW token F1", None, "the sweep did not run (see the time budget section)"), []
+            )
         rows = res["rows"]
         base = next(r for r in rows if r["family"] == "none")
         for r in rows:
@@ -173,8 +163,8 @@ class ApiDefenseSurface(Surface):
                     r["defense"],
                     f"{r['label_precision@10']:.3f}",
                     f"{r['neighbour_recall@10']:.3f}",
-                    _fmt(r.get("bow_token_f1")),
-                    _fmt(r.get("nn_reidentification")),
+                    fmt(r.get("bow_token_f1")),
+                    fmt(r.get("nn_reidentification")),
                     "recommended" if r is best else ("stopped" if r["stopped"] else ""),
                 ]
                 for r in rows
@@ -193,19 +183,18 @@ class ApiDefenseSurface(Surface):
             if safe
             else f"no swept API defense brought the probe to token F1 ≤ {thr}"
         )
-        return {
-            "evidence": evidence,
-            "flags": flags,
-            "tables": [table],
-            "examples": [],
-            "plots": [_plot(rows, best, thr, res["prior_f1"])],
-            "notes": [
+        return report_section(
+            evidence,
+            flags,
+            tables=[table],
+            plots=[_plot(rows, best, thr, res["prior_f1"])],
+            notes=[
                 f"{res['victims']} victim documents (private split) and {res['public']} attacker texts (public "
                 f"split) of '{self.options.corpus}'; {res['queries']} texts embedded."
             ],
-            "recommendation": recommendation,
-            "data": {"rows": rows, "prior_f1": res["prior_f1"]},
-        }
+            recommendation=recommendation,
+            data={"rows": rows, "prior_f1": res["prior_f1"]},
+        )
 
 
 def _sweep_step(spec: dict[str, Any], key: str | None) -> dict[str, Any]:
@@ -225,19 +214,10 @@ def _sweep_step(spec: dict[str, Any], key: str | None) -> dict[str, Any]:
     }
 
 
-def _fmt(x: Any) -> str:
-    return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
-
-
 def _plot(rows: list[dict[str, Any]], best: dict[str, Any] | None, thr: float, prior: float) -> dict[str, str]:
-    import matplotlib
-
-    from leaklab.report.html import figure_uri
-
-    matplotlib.use("Agg")
+    fig, ax = new_figure()
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
     families = list(dict.fromkeys(r["family"] for r in rows))
     for k, fam in enumerate(families):
         pts = [r for r in rows if r["family"] == fam and r.get("bow_token_f1") is not None]
@@ -275,7 +255,4 @@ def _plot(rows: list[dict[str, Any]], best: dict[str, Any] | None, thr: float, p
     ax.set_ylim(0, max(0.6, float(np.nanmax([r.get("bow_token_f1") or 0 for r in rows])) + 0.05))
     ax.legend(fontsize=7)
     ax.set_title("privacy–utility of the API defenses")
-    fig.tight_layout()
-    uri = figure_uri(fig)
-    plt.close(fig)
-    return {"title": "Privacy–utility: API defenses", "uri": uri}
+    return embedded_plot(fig, "Privacy–utility: API defenses")

@@ -8,25 +8,25 @@ with the attacker's query counts.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from leaklab.core import Config, option
-from leaklab.errors import LeaklabError
-from leaklab.experiments.audit.config import AuditOptions, api_key, require_encoder
-from leaklab.experiments.audit.surfaces import (
-    AUDIT_SURFACES,
-    RISK_LEVELS,
-    Evidence,
-    Plan,
-    Step,
-    Surface,
+from leaklab.experiments.audit.common import (
+    EncoderTarget,
+    best_evidence,
+    check_embed_attack,
+    fmt,
+    report_section,
     require_mapping,
     risk_of,
+    run_embed_attack,
+    scaled_count,
     specs_of,
 )
+from leaklab.experiments.audit.config import AuditOptions
+from leaklab.experiments.audit.surfaces import AUDIT_SURFACES, Evidence, Plan, Step, Surface
 
 #: (metric path, high, medium) deciding each attack family's risk
 RISK_RULES = {
@@ -50,11 +50,9 @@ class AttackSpec(Config):
 
 
 @dataclass(frozen=True)
-class EmbeddingSection(Config):
+class EmbeddingSection(EncoderTarget):
     """Section ``embedding``: an encoder (or a live endpoint) and the attacks run against it."""
 
-    encoder: str = option("minilm-l6", "packaged encoder, encoder folder, or http(s)://host:port[#model] endpoint")
-    api_key_env: str | None = option(None, "environment variable holding the endpoint's API key")
     targets: int = option(20, "private texts embedded (leaked vectors / indexed documents)")
     attacks: tuple[dict, ...] = option(
         lambda: (
@@ -86,18 +84,13 @@ class EmbeddingSurface(Surface):
 
     @staticmethod
     def preflight(section: EmbeddingSection, options: AuditOptions) -> None:
-        from leaklab.attacks.embedding.registry import EMBED_ATTACKS
-
-        require_encoder(section.encoder, section.api_key_env, "embedding.encoder")
+        section.check_encoder("embedding")
         for i, a in enumerate(section.attack_specs()):
-            try:
-                EMBED_ATTACKS.get(a.attack).options(a.options)
-            except LeaklabError as exc:
-                raise LeaklabError(f"embedding.attacks[{i}]: {exc}") from None
+            check_embed_attack(a.attack, a.options, f"embedding.attacks[{i}]")
 
     def plan(self, scale: float) -> Plan:
         sec, o = self.section, self.options
-        targets = max(4, math.floor(sec.targets * scale)) if scale < 1 else sec.targets
+        targets = scaled_count(sec.targets, scale, 4)
         scaling = [f"embedding: private targets {sec.targets} → {targets}"] if targets < sec.targets else []
         steps = []
         for i, a in enumerate(sec.attack_specs()):
@@ -115,13 +108,13 @@ class EmbeddingSurface(Surface):
                 "seed": o.seed,
                 "max_tokens": o.max_tokens,
             }
-            estimate = (opts.get("train_seconds") or 30.0) + 30.0
+            estimate = 2 * (opts.get("train_seconds") or 30.0) + 60.0
             steps.append(
                 Step(
                     f"attack-{i}",
                     f"{a.attack} on {sec.encoder}",
                     spec,
-                    lambda spec=spec: _attack_step(spec, api_key(sec.api_key_env)),
+                    lambda spec=spec: run_embed_attack(spec["attack"], spec, spec["n"], sec.key()),
                     estimate,
                 )
             )
@@ -145,10 +138,8 @@ class EmbeddingSurface(Surface):
                 }
                 for p in rec.get("pairs", [])[:3]
             ]
-        evidence = (
-            min(evidences, key=lambda e: RISK_LEVELS.index(e.risk))
-            if evidences
-            else Evidence("unknown", "token F1", None, "no attack ran (see the time budget section)")
+        evidence = best_evidence(
+            evidences, Evidence("unknown", "token F1", None, "no attack ran (see the time budget section)")
         )
         access = self.section.encoder
         flags = [
@@ -173,13 +164,13 @@ class EmbeddingSurface(Surface):
                 [
                     r["attack"],
                     r["outcome"],
-                    _fmt(r["token_f1"]),
-                    _fmt(r["rougeL"]),
-                    _fmt(r["auc"]),
-                    _fmt(r["tpr"]),
-                    _fmt(r["recovered_share"]),
+                    fmt(r["token_f1"]),
+                    fmt(r["rougeL"]),
+                    fmt(r["auc"]),
+                    fmt(r["tpr"]),
+                    fmt(r["recovered_share"]),
                     str(r["queries"]),
-                    _fmt(r["seconds"]),
+                    fmt(r["seconds"]),
                 ]
                 for r in rows
             ],
@@ -188,16 +179,7 @@ class EmbeddingSurface(Surface):
             f"Private targets are drawn from the private split of '{self.options.corpus}'; membership uses "
             "a random halving of private texts (members indexed, non-members not)."
         ]
-        return {
-            "evidence": evidence,
-            "flags": flags,
-            "tables": [table],
-            "examples": examples,
-            "plots": [],
-            "notes": notes,
-            "recommendation": None,
-            "data": {"attacks": rows},
-        }
+        return report_section(evidence, flags, tables=[table], examples=examples, notes=notes, data={"attacks": rows})
 
 
 def _train_seconds(a: AttackSpec) -> float | None:
@@ -206,21 +188,6 @@ def _train_seconds(a: AttackSpec) -> float | None:
     cfg = EMBED_ATTACKS.get(a.attack).options(a.options)
     value = getattr(cfg, "train_seconds", None)
     return float(value) if value is not None else None
-
-
-def _attack_step(spec: dict[str, Any], key: str | None) -> dict[str, Any]:
-    from leaklab.attacks.embedding.registry import Scenario
-    from leaklab.experiments.runner import run_embedding
-
-    scn = Scenario(
-        encoder=spec["encoder"],
-        corpus=spec["corpus"],
-        n=spec["n"],
-        seed=spec["seed"],
-        max_tokens=spec["max_tokens"],
-        api_key=key,
-    )
-    return run_embedding(spec["attack"], scn, spec["options"]).to_dict()
 
 
 def _get(metrics: dict[str, Any] | None, path: str) -> float | None:
@@ -262,7 +229,3 @@ def _evidence(rec: dict[str, Any], thr: float) -> Evidence:
         risk = "low" if rec["status"] == "no_signal" else "unknown"
         return Evidence(risk, name, None, f"{rec['attack']}: {rec.get('reason')}")
     return Evidence(risk_of(value, high, medium if medium is not None else thr), name, value, rec["attack"])
-
-
-def _fmt(x: Any) -> str:
-    return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)

@@ -10,7 +10,6 @@ smallest utility cost (Δ validation loss on public texts against the undefended
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,17 +18,19 @@ import numpy as np
 
 from leaklab.core import Config, option
 from leaklab.errors import LeaklabError
-from leaklab.experiments.audit.config import AuditOptions, require_causal_lm
-from leaklab.experiments.audit.surfaces import (
-    AUDIT_SURFACES,
-    Evidence,
-    Plan,
-    Step,
-    Surface,
+from leaklab.experiments.audit.common import (
+    embedded_plot,
+    fmt,
+    new_figure,
+    prefixed,
+    report_section,
     require_mapping,
     risk_of,
+    scaled_count,
     specs_of,
 )
+from leaklab.experiments.audit.config import AuditOptions, require_causal_lm
+from leaklab.experiments.audit.surfaces import AUDIT_SURFACES, Evidence, Plan, Step, Surface
 
 SERVER_LR = 1e-3
 UTILITY_TEXTS = 16
@@ -152,22 +153,15 @@ class GradientSurface(Surface):
         from leaklab.threat.settings import resolve_setting
 
         require_causal_lm(section.model, "gradient.model")
-        try:
+        with prefixed("gradient.attack"):
             make_attack(section.attack, dict(section.attack_options))
-        except LeaklabError as exc:
-            raise LeaklabError(f"gradient.attack: {exc}") from None
         for i, s in enumerate(section.setting_specs()):
-            name, opts = s.resolved()
-            try:
-                resolve_setting(name, opts)
-            except LeaklabError as exc:
-                raise LeaklabError(f"gradient.settings[{i}]: {exc}") from None
+            with prefixed(f"gradient.settings[{i}]"):
+                resolve_setting(*s.resolved())
         for i, d in enumerate(section.defense_specs()):
-            try:
+            with prefixed(f"gradient.defenses[{i}]"):
                 for _, _, params in _defense_points(d):
                     make_defense(d.defense, **params)
-            except LeaklabError as exc:
-                raise LeaklabError(f"gradient.defenses[{i}]: {exc}") from None
 
     # ------------------------------------------------------------------ plan
     def _attack_options(self, scale: float) -> tuple[dict[str, Any], list[str]]:
@@ -184,13 +178,14 @@ class GradientSurface(Surface):
         from leaklab.models.registry import PACKAGED
 
         spec = PACKAGED.get(self.section.model)
-        victim = 2.0 if spec is not None and spec.random_init else 10.0
-        return min(float(opts.get("budget_s", 60)), 60.0) + victim
+        if spec is not None and spec.random_init:
+            return min(float(opts.get("budget_s", 60)), 60.0) + 2.0
+        return 2 * min(float(opts.get("budget_s", 60)), 60.0) + 60.0  # model loading, victim update, overshoot
 
     def plan(self, scale: float) -> Plan:
         sec, o = self.section, self.options
         opts, scaling = self._attack_options(scale)
-        batches = max(1, math.floor(sec.batches * scale)) if scale < 1 else sec.batches
+        batches = scaled_count(sec.batches, scale, 1)
         if batches < sec.batches:
             scaling.append(f"gradient: private batches per setting {sec.batches} → {batches}")
         est = self._estimate(opts)
@@ -205,7 +200,7 @@ class GradientSurface(Surface):
         steps = []
         specs = sec.setting_specs()
         for i, s in enumerate(specs):
-            for b in range(batches):
+            for b in range(self._shared_batches(i, batches), batches):
                 spec = {**common, "setting": s.to_dict(), "seed": o.seed + b}
                 steps.append(
                     Step(
@@ -234,7 +229,21 @@ class GradientSurface(Surface):
                     }
                     label = f"sweep {name}{'' if value is None else f'={value:g}'}: batch {b + 1}/{sec.sweep_batches}"
                     steps.append(Step(f"sweep-{j}-b{b}", label, spec, _runner(_sweep_step, spec), est + 5))
+        # the undefended sweep point first: it is also the swept setting's attack, and a surface's first step
+        # always runs
+        steps.sort(key=lambda st: not st.name.startswith("sweep-0-"))
         return Plan(steps, scaling)
+
+    def _shared_batches(self, i: int, batches: int) -> int:
+        """How many of setting ``i``'s first batches the sweep's undefended point attacks already (the same
+        update on the same seeds): those are not attacked twice."""
+        sec = self.section
+        return min(sec.sweep_batches, batches) if sec.defenses and i == sec.sweep_setting else 0
+
+    def _setting_records(self, i: int, steps: list[Step], results: dict[str, dict[str, Any]]) -> list[dict]:
+        """Setting ``i``'s attacked batches: its own steps and, for the swept setting, the undefended sweep point's."""
+        own = (f"attack-{i}-",) + (("sweep-0-",) if self._shared_batches(i, 1) else ())
+        return [results[st.name] for st in steps if st.name.startswith(own) and st.name in results]
 
     # ------------------------------------------------------------------ summary
     def summarise(self, results: dict[str, dict[str, Any]], steps: list[Step]) -> dict[str, Any]:
@@ -242,7 +251,7 @@ class GradientSurface(Surface):
         specs = sec.setting_specs()
         rows, examples = [], []
         for i, s in enumerate(specs):
-            recs = [results[st.name] for st in steps if st.name.startswith(f"attack-{i}-") and st.name in results]
+            recs = self._setting_records(i, steps, results)
             rows.append(_setting_row(s, recs))
             examples += [
                 {"where": s.label(), "private": p["true_text"], "recovered": p["pred_text"], "score": p["rouge1"]}
@@ -278,9 +287,10 @@ class GradientSurface(Surface):
         ]
         recommendation = None
         if best is not None:
+            reached = "no signal" if best["rouge1"] is None else f"{fmt(best['rouge1'])} ROUGE-1 (≤ {thr})"
             recommendation = (
                 f"{best['defense']} {best['param'] or ''}={best['value']} brings {sec.attack} to "
-                f"{_fmt(best['rouge1'])} ROUGE-1 (≤ {thr}) at a utility cost of {best['cost']:+.2e} Δ loss"
+                f"{reached} at a utility cost of {best['cost']:+.2e} Δ loss"
             )
         elif any(r["defense"] == "none" and r["stopped"] for r in sweep):
             recommendation = f"none needed against {sec.attack}: the undefended update is already at ROUGE-1 ≤ {thr}"
@@ -288,16 +298,16 @@ class GradientSurface(Surface):
             recommendation = "none: no defended sweep point ran (see the time budget section)" if sec.defenses else None
         elif sweep:
             recommendation = f"no swept defense brought {sec.attack} to ROUGE-1 ≤ {thr}: sweep stronger values"
-        return {
-            "evidence": evidence,
-            "flags": flags,
-            "tables": tables,
-            "examples": examples,
-            "plots": plots,
-            "notes": notes,
-            "recommendation": recommendation,
-            "data": {"settings": rows, "sweep": sweep},
-        }
+        return report_section(
+            evidence,
+            flags,
+            tables=tables,
+            examples=examples,
+            plots=plots,
+            notes=notes,
+            recommendation=recommendation,
+            data={"settings": rows, "sweep": sweep},
+        )
 
 
 def _runner(fn: Any, spec: dict[str, Any]) -> Any:
@@ -443,14 +453,6 @@ def _flags_text(specs: list[SettingSpec]) -> list[str]:
     return out
 
 
-def _fmt(x: Any) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return "∞" if math.isinf(x) else f"{x:.3f}"
-    return str(x)
-
-
 def _settings_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
     from leaklab.experiments.runner import outcome_text
 
@@ -459,10 +461,10 @@ def _settings_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
             r["setting"],
             str(r["batches"]),
             outcome_text(r, "rouge1"),
-            _fmt(r["rouge2"]),
-            _fmt(r["token_f1"]),
-            _fmt(r["exact_rate"]),
-            _fmt(r["attack_seconds"]),
+            fmt(r["rouge2"]),
+            fmt(r["token_f1"]),
+            fmt(r["exact_rate"]),
+            fmt(r["attack_seconds"]),
         ]
         for r in rows
     ]
@@ -484,10 +486,10 @@ def _sweep_table(rows: list[dict[str, Any]], best: dict[str, Any] | None, thr: f
             [
                 r["defense"],
                 strength,
-                _fmt(r["epsilon"]),
+                fmt(r["epsilon"]),
                 outcome_text(r, "rouge1"),
-                _fmt(r["token_f1"]),
-                _fmt(r["cost"]) if r["cost"] is None else f"{r['cost']:+.2e}",
+                fmt(r["token_f1"]),
+                fmt(r["cost"]) if r["cost"] is None else f"{r['cost']:+.2e}",
                 mark,
             ]
         )
@@ -500,14 +502,9 @@ def _sweep_table(rows: list[dict[str, Any]], best: dict[str, Any] | None, thr: f
 
 def _sweep_plot(rows: list[dict[str, Any]], best: dict[str, Any] | None, thr: float, sec: GradientSection) -> dict:
     """ROUGE-1 against utility cost per defense; the threshold line and the recommended point marked."""
-    import matplotlib
-
-    from leaklab.report.html import figure_uri
-
-    matplotlib.use("Agg")
+    fig, ax = new_figure()
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
     names = list(dict.fromkeys(r["defense"] for r in rows))
     for k, name in enumerate(names):
         pts = [r for r in rows if r["defense"] == name and r["cost"] is not None]
@@ -537,7 +534,4 @@ def _sweep_plot(rows: list[dict[str, Any]], best: dict[str, Any] | None, thr: fl
     ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3), useOffset=False)
     ax.legend(fontsize=7)
     ax.set_title("privacy–utility of the defenses (× = no recovered batch)")
-    fig.tight_layout()
-    uri = figure_uri(fig)
-    plt.close(fig)
-    return {"title": "Privacy–utility: gradient defenses", "uri": uri}
+    return embedded_plot(fig, "Privacy–utility: gradient defenses")

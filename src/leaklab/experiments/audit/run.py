@@ -29,8 +29,12 @@ MIN_STEP_S = 60.0  # ... and at least this long
 STATE = "audit-state.json"
 
 
-def build_surfaces(config: AuditConfig) -> dict[str, Surface]:
-    return {name: AUDIT_SURFACES.get(name).impl(section, config.options) for name, section in config.sections.items()}
+def build_surfaces(config: AuditConfig, out: Path | None = None) -> dict[str, Surface]:
+    """Each configured surface; with ``out``, each keeps its files under ``out/work/<surface>``."""
+    return {
+        name: AUDIT_SURFACES.get(name).impl(section, config.options, out / "work" / name if out else None)
+        for name, section in config.sections.items()
+    }
 
 
 def not_assessed(config: AuditConfig) -> list[dict[str, str]]:
@@ -111,17 +115,43 @@ def step_limit(step: Step, share_left: float) -> float:
     return max(STEP_LIMIT_FACTOR * step.estimate_s, share_left, MIN_STEP_S)
 
 
+class Pace:
+    """How much longer than estimated the steps of this run take (the machine's speed and load now): the
+    ratio of the measured to the estimated seconds of the steps run so far, at least 1."""
+
+    def __init__(self) -> None:
+        self.estimated = self.measured = 0.0
+
+    def add(self, step: Step, seconds: float) -> None:
+        self.estimated += step.estimate_s
+        self.measured += seconds
+
+    @property
+    def factor(self) -> float:
+        return max(1.0, self.measured / self.estimated) if self.estimated else 1.0
+
+    def predict(self, step: Step) -> float:
+        return step.estimate_s * self.factor
+
+
 def run_steps(
-    plans: dict[str, Plan], out: Path, budget_s: float, console: Console, cached_only: bool = False
+    plans: dict[str, Plan],
+    out: Path,
+    budget_s: float,
+    console: Console,
+    cached_only: bool = False,
+    timings: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, dict[str, dict]], list[dict[str, str]], int]:
     """Run (or load from the cache) every step. Each surface's first step always runs; a later one starts only
-    while the surface has spent less than its share of the budget (times :data:`OVERRUN`), else it is listed
-    as not run; a step that runs past :func:`step_limit` is stopped and listed likewise (with ``cached_only``,
-    every step not in the cache is listed as not run). Returns the results
-    per surface, the steps not run and the number loaded from the cache."""
+    while the surface has spent less than its share of the budget (times :data:`OVERRUN`) and its estimate at
+    the run's measured :class:`Pace` still fits that share, else it is listed as not run; a step that runs past
+    :func:`step_limit` is stopped and listed likewise (with ``cached_only``, every step not in the cache is
+    listed as not run). ``timings`` receives each run step's seconds and estimate. Returns the results per
+    surface, the steps not run and the number loaded from the cache."""
     results: dict[str, dict[str, dict]] = {n: {} for n in plans}
     skipped, cached = [], 0
     share = shares(plans, budget_s)
+    pace = Pace()
     total = sum(len(p.steps) for p in plans.values())
     with step_progress(console) as bar:
         task = bar.add_task("audit", total=total)
@@ -137,6 +167,12 @@ def run_steps(
                     skipped.append({"surface": name, "step": step.label, "reason": "not in the cache (--cached-only)"})
                 elif i and spent > share[name] * OVERRUN:
                     skipped.append({"surface": name, "step": step.label, "reason": "time budget spent"})
+                elif i and spent + pace.predict(step) > share[name] * OVERRUN:
+                    reason = (
+                        f"would overrun the time budget (about {pace.predict(step):.0f} s at the measured pace, "
+                        f"{pace.factor:.1f}× the estimates)"
+                    )
+                    skipped.append({"surface": name, "step": step.label, "reason": reason})
                 else:
                     limit = step_limit(step, share[name] * OVERRUN - spent)
                     t0 = time.perf_counter()
@@ -149,7 +185,18 @@ def run_steps(
                     else:
                         atomic_write_json(path, result)
                         results[name][step.name] = json.loads(path.read_text())
-                    spent += time.perf_counter() - t0
+                    took = time.perf_counter() - t0
+                    spent += took
+                    pace.add(step, took)
+                    if timings is not None:
+                        timings.append(
+                            {
+                                "surface": name,
+                                "step": step.label,
+                                "seconds": round(took, 1),
+                                "estimate_s": step.estimate_s,
+                            }
+                        )
                 bar.advance(task)
     return results, skipped, cached
 
@@ -192,10 +239,11 @@ def run_audit(
     out.mkdir(parents=True, exist_ok=True)
     wall0, t0 = time.time(), time.perf_counter()
     budget_s = config.options.time_budget_min * 60
-    surfaces = build_surfaces(config)
+    surfaces = build_surfaces(config, out)
     config_key = json.dumps(config.to_dict(), sort_keys=True, default=str)
     scale, plans = plan_all(surfaces, budget_s, out, config_key)
-    results, skipped, cached = run_steps(plans, out, budget_s, console, cached_only)
+    timings: list[dict[str, Any]] = []
+    results, skipped, cached = run_steps(plans, out, budget_s, console, cached_only, timings)
     sections = []
     for name, surface in surfaces.items():
         body = surface.summarise(results[name], plans[name].steps)
@@ -240,6 +288,7 @@ def run_audit(
             "environment": environment_record(wall0),
             "duration_s": round(duration, 1),
             "steps_from_cache": cached,
+            "step_seconds": timings,
             "redacted": redact,
             "cached_only": cached_only,
         },

@@ -17,10 +17,10 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from leaklab.core import Config, Registry
-from leaklab.errors import LeaklabError
 
 if TYPE_CHECKING:
     from leaklab.experiments.audit.config import AuditOptions
@@ -72,9 +72,10 @@ class Surface(ABC):
     title: ClassVar[str] = ""
     threat_model: ClassVar[str] = ""
 
-    def __init__(self, section: Config, options: AuditOptions):
+    def __init__(self, section: Config, options: AuditOptions, workdir: Path | None = None):
         self.section = section
         self.options = options
+        self.workdir = workdir  # the surface's folder in the audit's output (files its steps keep), if any
 
     @staticmethod
     @abstractmethod
@@ -90,31 +91,6 @@ class Surface(ABC):
         """The report section from the finished steps' results (keyed by step name; a step missing from
         ``results`` did not run): ``evidence`` (an :class:`Evidence`), ``flags``, ``tables``, ``examples``,
         ``plots`` and ``notes``."""
-
-
-def spec_of(cls: type[Config], data: Any, where: str) -> Any:
-    """``data`` (a mapping from the config file) as a ``cls`` config; ``where`` names it in errors."""
-    if not isinstance(data, dict):
-        raise LeaklabError(f"{where} must be a mapping of keys to values")
-    return cls.from_dict(data, where)
-
-
-def specs_of(cls: type[Config], items: Any, where: str) -> list[Any]:
-    """:func:`spec_of` of each item of a config list, named ``where[i]`` in errors."""
-    return [spec_of(cls, d, f"{where}[{i}]") for i, d in enumerate(items)]
-
-
-def require_mapping(value: Any, field: str, keys: str) -> None:
-    """One clear line when a config field that holds a mapping (of ``keys`` to values) holds something else."""
-    if not isinstance(value, dict):
-        raise LeaklabError(f"{field} must be a mapping of {keys} to values")
-
-
-def risk_of(value: float | None, high: float, medium: float) -> str:
-    """``high`` at or above ``high``, ``medium`` at or above ``medium``, else ``low``; unknown without a value."""
-    if value is None:
-        return "unknown"
-    return "high" if value >= high else "medium" if value >= medium else "low"
 
 
 AUDIT_SURFACES: Registry[type[Surface]] = Registry(
