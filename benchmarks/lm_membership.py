@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +71,16 @@ def run_cell(cell: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]
     tag = cell_tag(cell, args)
     folder = cache / tag
     cfg = finetune_config(cell, args)
-    if not (folder / "config.json").is_file() or load_record(folder).get("config") != cfg.to_dict():
-        print(f"[{tag}] fine-tuning", flush=True)
-        finetune(cfg, folder, progress=lambda what, done, total: print(f"[{tag}] {what} {done}/{total}", flush=True))
+    if not is_cached(folder, cfg):
+        snaps = {e: cache / cell_tag(c, args) for c, e in snapshot_cells(cell)}
+        snaps = {e: f for e, f in snaps.items() if not is_cached(f, replace(cfg, epochs=e))}
+        print(f"[{tag}] fine-tuning" + (f" (snapshots at epochs {sorted(snaps)})" if snaps else ""), flush=True)
+        finetune(
+            cfg,
+            folder,
+            progress=lambda what, done, total: print(f"[{tag}] {what} {done}/{total}", flush=True),
+            snapshots=snaps,
+        )
     record = load_record(folder)
     public = tuple(t for t in load_corpus("rotten-tomatoes").texts if split_of(t) == "public")
     access = LMAccess(load_causal_lm(str(folder)), load_causal_lm(args.model), public, cache / "shadows")
@@ -89,6 +97,24 @@ def run_cell(cell: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]
     )
     result.update(cell=cell, tag=tag, finetune=record, attack_seconds=time.perf_counter() - start)
     return result
+
+
+def is_cached(folder: Path, cfg) -> bool:
+    from leaklab.threat.finetune import load_record
+
+    return (folder / "config.json").is_file() and load_record(folder).get("config") == cfg.to_dict()
+
+
+def snapshot_cells(cell: str) -> list[tuple[str, int]]:
+    """The cells that are earlier epochs of ``cell``'s non-DP run: saved from it on the way."""
+    opts = CELLS[cell]
+    if "epsilon" in opts:
+        return []
+    return [
+        (c, CELLS[c]["epochs"])
+        for c in CELLS
+        if "epsilon" not in CELLS[c] and CELLS[c]["method"] == opts["method"] and CELLS[c]["epochs"] < opts["epochs"]
+    ]
 
 
 def estimate_seconds(cell: str, args: argparse.Namespace, pace: dict[str, float]) -> float | None:
@@ -151,6 +177,12 @@ def _metric(res: dict[str, Any], attack: str, key: str) -> float | None:
     return None
 
 
+def own_training(result: dict[str, Any]) -> float:
+    """Training seconds of a cell; 0 for a snapshot saved during a longer run (its time is that run's)."""
+    ft = result["finetune"]
+    return 0.0 if "snapshot_of_epochs" in ft else ft["seconds"]
+
+
 def _verdict(ok: bool) -> str:
     return "reached" if ok else "missed"
 
@@ -190,7 +222,7 @@ def targets(results: dict[str, dict], not_run: dict[str, str], pace: dict[str, f
         out.append(f"- DP ε=8, best AUC ≤ 0.6: {_verdict(auc <= 0.6)} ({name} {auc:.3f}); {cost}.")
     else:
         out.append("- DP ε=8 target: not measured.")
-    total = sum(r["finetune"]["seconds"] + r["attack_seconds"] for r in results.values())
+    total = sum(own_training(r) + r["attack_seconds"] for r in results.values())
     est = sum(estimate_seconds(c, args, pace) or 0 for c in not_run)
     full_grid = argparse.Namespace(**{**vars(args), "members": 500, "canaries_per_k": 4})
     grid = sum(estimate_seconds(c, full_grid, pace) or 0 for c in CELLS)
