@@ -290,7 +290,7 @@ def _load_checkpoint(folder: Path | None, key: str, model: nn.Module, opt: torch
     meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     if meta.get("key") != key:
         return None
-    state = torch.load(folder / "state.pt", weights_only=True)
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state["trained"], strict=False)
     opt.load_state_dict(state["optimizer"])
     return meta["record"]
