@@ -95,7 +95,14 @@ def run_cell(cell: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]
         exposure_samples=args.exposure_samples,
         progress=lambda s: print(f"[{tag}] {s}", flush=True),
     )
-    result.update(cell=cell, tag=tag, finetune=record, attack_seconds=time.perf_counter() - start)
+    result.update(
+        cell=cell,
+        tag=tag,
+        finetune=record,
+        attack_seconds=time.perf_counter() - start,
+        bench_args=common_args(args),
+        canaries_per_k=args.canaries_per_k,
+    )
     return result
 
 
@@ -187,10 +194,10 @@ def _verdict(ok: bool) -> str:
     return "reached" if ok else "missed"
 
 
-def targets(results: dict[str, dict], not_run: dict[str, str], pace: dict[str, float], args) -> list[str]:
-    """Each target of the issue as reached / missed / not measured, with the measured value."""
+def targets(results: dict[str, dict], members: int) -> list[str]:
+    """Each target of the issue as reached / missed / not measured at ``members`` members, with the value."""
     out = []
-    full = results.get(cell_tag("full-e10", args))
+    full = results.get(f"full-e10-n{members}")
     if full:
         name, auc = best(full)
         tpr_name, tpr = best(full, "tpr@0.01")
@@ -209,34 +216,34 @@ def targets(results: dict[str, dict], not_run: dict[str, str], pace: dict[str, f
                 f"({share:.0%} of {k16[0]['canaries']})."
             )
     else:
-        out.append(
-            "- 10-epoch full fine-tune targets (AUC, TPR@1 %, reference vs LOSS, k=16 extraction): not measured."
-        )
-    dp = results.get(cell_tag("dp-eps8", args))
+        out.append("- 10-epoch full fine-tune targets (AUC, TPR@1 %, reference vs LOSS, k=16 extraction): not run.")
+    dp = results.get(f"dp-eps8-n{members}")
     if dp:
         name, auc = best(dp)
         u = dp["utility"]
         cost = f"held-out perplexity {u['heldout_perplexity']:.2f} vs base {u['base_heldout_perplexity']:.2f}"
-        if full:
-            cost += f" and 10-epoch full fine-tune {full['utility']['heldout_perplexity']:.2f}"
+        for other in ("lora-e3", "full-e3", "full-e10"):
+            if f"{other}-n{members}" in results:
+                cost += (
+                    f" and non-private {other} {results[f'{other}-n{members}']['utility']['heldout_perplexity']:.2f}"
+                )
         out.append(f"- DP ε=8, best AUC ≤ 0.6: {_verdict(auc <= 0.6)} ({name} {auc:.3f}); {cost}.")
     else:
-        out.append("- DP ε=8 target: not measured.")
-    total = sum(own_training(r) + r["attack_seconds"] for r in results.values())
-    est = sum(estimate_seconds(c, args, pace) or 0 for c in not_run)
-    full_grid = argparse.Namespace(**{**vars(args), "members": 500, "canaries_per_k": 4})
-    grid = sum(estimate_seconds(c, full_grid, pace) or 0 for c in CELLS)
-    out.append(
-        f"- projected for the issue's whole grid (500 members, 4 canaries per k, {len(CELLS)} cells, RMIA "
-        f"shadows not counted; an unmeasured method at the full fine-tune's pace) at the measured pace: "
-        f"{grid / 3600:.1f} h."
-    )
-    out.append(
-        f"- whole benchmark ≤ 2 h on 2 cores: measured {total / 60:.0f} min for the cells run"
-        + (f" plus an estimated {est / 60:.0f} min for the cells not run" if not_run else "")
-        + f" at {args.members} members: {_verdict(total + est <= 7200)}."
-    )
+        out.append("- DP ε=8 target: not run.")
     return out
+
+
+def timing(results: dict[str, dict], members: int) -> list[str]:
+    """What the cells run at ``members`` members took: training (own runs only) and scoring."""
+    cells = [r for r in results.values() if r["members"] == members]
+    train = sum(own_training(r) for r in cells)
+    score = sum(r["attack_seconds"] for r in cells)
+    missing = [c for c in CELLS if f"{c}-n{members}" not in results]
+    return [
+        f"- {len(cells)} of {len(CELLS)} cells run: training {train / 60:.0f} min, scoring {score / 60:.0f} min; "
+        f"a rerun with the fine-tunes cached takes the scoring time: {score / 60:.0f} min"
+        + (f" (cells not run: {', '.join(missing)})." if missing else ".")
+    ]
 
 
 def common_args(args: argparse.Namespace) -> str:
@@ -247,79 +254,110 @@ def common_args(args: argparse.Namespace) -> str:
     )
 
 
-def report(args: argparse.Namespace, results: dict[str, dict], not_run: dict[str, str], pace: dict[str, float]) -> str:
+def report(results: dict[str, dict], pace: dict[str, float]) -> str:
+    """The Markdown of every cached cell (every member count), largest member count first."""
+    counts = sorted({r["members"] for r in results.values()}, reverse=True)
     lines = [
         "# LM membership inference and canary extraction (smollm2-135m, rotten-tomatoes short)",
         "",
-        f"Command: `python benchmarks/lm_membership.py {common_args(args)} --cells {','.join(args.cells)}`"
-        " (fine-tunes cached under $LEAKLAB_CACHE/lm-membership).",
+        "Commands (one per member count; fine-tunes cached under $LEAKLAB_CACHE/lm-membership, cells cached in "
+        "`cells/`, so chunked runs accumulate here):",
         "",
-        f"Members: {args.members} texts of the rotten-tomatoes private split with 4..32 tokens; non-members: as many "
-        "held-out texts of the same split and length range (one random halving; KS tests recorded). Canaries "
-        f"`my account number is dddd-dddd` (10^8 space), {args.canaries_per_k} per k ∈ {{1, 4, 16}}. Attacks see the "
-        "fine-tune; `reference` and `rmia` are also granted the base model, `rmia` public texts (shadow LoRA "
-        "fine-tunes). Intervals: 95 % bootstrap (1000 resamples). Held-out perplexity: on the non-members.",
+    ]
+    for n in counts:
+        cells = [r for r in results.values() if r["members"] == n]
+        lines.append(
+            f"- {n} members: `python benchmarks/lm_membership.py {cells[0].get('bench_args', '')} "
+            f"--cells {','.join(r['cell'] for r in cells)}`"
+        )
+    lines += [
+        "",
+        "Members: texts of the rotten-tomatoes private split with 4..32 tokens; non-members: as many held-out "
+        "texts of the same split and length range (one random halving; KS tests recorded). Canaries "
+        "`<prefix> dddd-dddd` (10^8 space) inserted k ∈ {1, 4, 16} times; the 24-member cells used one prefix "
+        "(`my account number is`) and one canary per k, later cells one prefix per canary (`alice's account number "
+        "is`, ...). Attacks see the fine-tune; `reference` and `rmia` are also granted the base model, `rmia` "
+        "public texts (shadow LoRA fine-tunes). Intervals: 95 % bootstrap (1000 resamples). Held-out perplexity: "
+        "on the non-members. Timings were taken on a shared 2-core machine (other jobs running, this one niced).",
         "",
     ]
     if results:
-        lines += ["## Membership (AUC, TPR@1 %FPR, TPR@0.1 %FPR with 95 % CI)", ""]
-        lines += ["| cell | attack | AUC | TPR@1% | TPR@0.1% |", "|---|---|---|---|---|"]
-        for tag, res in results.items():
-            for r in res["attacks"]:
-                if r["status"] != "recovered":
-                    lines.append(f"| {tag} | {r['attack']} | {r['status'].replace('_', ' ')}: {r['reason']} | | |")
-                    continue
-                m = r["metrics"]
-                lines.append(
-                    f"| {tag} | {r['attack']} | {_ci(m['auc'])} | {_ci(m['tpr@0.01'])} | {_ci(m['tpr@0.001'])} |"
-                )
-        lines += ["", "ROC curves: `roc-<cell>.png`.", "", "## Victims: training, privacy, utility", ""]
-        lines += [
-            "| cell | method | epochs | DP ε (δ) | σ | steps | train s | s/epoch | held-out ppl | length KS p |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for tag, res in results.items():
-            ft = res["finetune"]
-            c, dp = ft["config"], ft.get("dp")
-            eps = f"{dp['epsilon']:.2f} ({dp['delta']:g})" if dp else "-"
-            sigma = f"{dp['noise_multiplier']:.3f}" if dp else "-"
-            per_epoch = sum(ft["epoch_seconds"]) / len(ft["epoch_seconds"])
-            lines.append(
-                f"| {tag} | {c['method']} | {c['epochs']} | {eps} | {sigma} | {ft['steps']} | "
-                f"{ft['seconds']:.0f} | {per_epoch:.0f} | {res['utility']['heldout_perplexity']:.2f} | "
-                f"{res['shift']['length']['p']:.2f} |"
-            )
-        lines += ["", "## Canaries: exposure and extraction by k", ""]
-        lines += [
-            "| cell | k | canaries | mean exposure (bits, of 26.6) | at sampling bound | greedy extracted | "
-            "beam-5 extracted |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for tag, res in results.items():
-            for row in res["canary_summary"]:
-                lines.append(
-                    f"| {tag} | {row['k']} | {row['canaries']} | {row['mean_exposure']:.1f} | "
-                    f"{row['at_bound']} | {row['extracted_beam1']:.0%} | {row['extracted_beam5']:.0%} |"
-                )
-    if results:
-        lines += ["", "## Targets (issue 22)", "", *targets(results, not_run, pace, args)]
-    if args.shadows == 0:
-        lines += ["", "rmia: not run (`--shadows 0`: no time was left for shadow fine-tunes)."]
-    lines += ["", "## Cells not run", ""]
-    if not_run:
-        lines += ["| cell | why |", "|---|---|"] + [f"| {cell_tag(c, args)} | {why} |" for c, why in not_run.items()]
+        lines += _membership_table(results) + _victim_table(results) + _canary_table(results)
+    for n in counts:
+        lines += ["", f"## Targets (issue 22) at {n} members", "", *targets(results, n), *timing(results, n)]
+    if not any(r["attack"] == "rmia" for res in results.values() for r in res["attacks"]):
+        lines += ["", "rmia: not run in any cell (`--shadows 0`)."]
+    if pace:
         lines += [
             "",
-            "Measured pace (seconds per training text-pass): "
+            "Last measured pace (seconds per training text-pass, shared machine): "
             + ", ".join(f"{k} {v:.2f}" for k, v in pace.items() if k != "score")
-            + (f"; scoring one cell {pace['score']:.0f} s" if "score" in pace else ""),
-            "",
-            f"Run the rest: `flock /work/heavy.lock python benchmarks/lm_membership.py {common_args(args)} "
-            f"--cells {','.join(not_run)}` (cached cells are not redone).",
+            + (f"; scoring the last cell {pace['score']:.0f} s" if "score" in pace else ""),
         ]
-    else:
-        lines.append("none")
     return "\n".join(lines) + "\n"
+
+
+def _membership_table(results: dict[str, dict]) -> list[str]:
+    lines = ["## Membership (AUC, TPR@1 %FPR, TPR@0.1 %FPR with 95 % CI)", ""]
+    lines += ["| cell | attack | AUC | TPR@1% | TPR@0.1% |", "|---|---|---|---|---|"]
+    for tag, res in results.items():
+        for r in res["attacks"]:
+            if r["status"] != "recovered":
+                lines.append(f"| {tag} | {r['attack']} | {r['status'].replace('_', ' ')}: {r['reason']} | | |")
+                continue
+            m = r["metrics"]
+            lines.append(f"| {tag} | {r['attack']} | {_ci(m['auc'])} | {_ci(m['tpr@0.01'])} | {_ci(m['tpr@0.001'])} |")
+    return [*lines, "", "ROC curves: `roc-<cell>.png`.", ""]
+
+
+def _victim_table(results: dict[str, dict]) -> list[str]:
+    lines = ["## Victims: training, privacy, utility", ""]
+    lines += [
+        "| cell | method | epochs | DP ε (δ) | σ | steps | train s | s/epoch | held-out ppl | base ppl | length KS p |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for tag, res in results.items():
+        ft = res["finetune"]
+        c, dp = ft["config"], ft.get("dp")
+        eps = f"{dp['epsilon']:.2f} ({dp['delta']:g})" if dp else "-"
+        sigma = f"{dp['noise_multiplier']:.3f}" if dp else "-"
+        per_epoch = sum(ft["epoch_seconds"]) / len(ft["epoch_seconds"])
+        own = f"{ft['seconds']:.0f}" + (
+            f" (in the {ft['snapshot_of_epochs']}-epoch run)" if "snapshot_of_epochs" in ft else ""
+        )
+        u = res["utility"]
+        lines.append(
+            f"| {tag} | {c['method']} | {c['epochs']} | {eps} | {sigma} | {ft['steps']} | {own} | {per_epoch:.0f} | "
+            f"{u['heldout_perplexity']:.2f} | {u['base_heldout_perplexity']:.2f} | {res['shift']['length']['p']:.2f} |"
+        )
+    return [*lines, ""]
+
+
+def _canary_table(results: dict[str, dict]) -> list[str]:
+    lines = ["## Canaries: exposure and extraction by k", ""]
+    lines += [
+        "| cell | k | canaries | mean exposure (bits, of 26.6) | at sampling bound | greedy extracted "
+        "| beam-5 extracted |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for tag, res in results.items():
+        for row in res["canary_summary"]:
+            lines.append(
+                f"| {tag} | {row['k']} | {row['canaries']} | {row['mean_exposure']:.1f} | "
+                f"{row['at_bound']} | {row['extracted_beam1']:.0%} | {row['extracted_beam5']:.0%} |"
+            )
+    return lines
+
+
+def cached_cells(out: Path, model: str) -> dict[str, dict]:
+    """Every cell result in ``out/cells`` for ``model``, largest member count first, then in CELLS order."""
+    found = []
+    for path in out.glob("cells/*.json"):
+        res = json.loads(path.read_text())
+        if res["finetune"]["config"]["model"] == model:
+            found.append(res)
+    found.sort(key=lambda r: (-r["members"], list(CELLS).index(r["cell"])))
+    return {r["tag"]: r for r in found}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,31 +386,26 @@ def main(argv: list[str] | None = None) -> int:
     (out / "cells").mkdir(parents=True, exist_ok=True)
     pace_file = out / "pace.json"
     pace: dict[str, float] = json.loads(pace_file.read_text()) if pace_file.is_file() else {}
-    results: dict[str, dict] = {}
-    not_run: dict[str, str] = {}
-    start = time.perf_counter()
-    for cell in args.cells:
+    start, ran = time.perf_counter(), False
+    for cell in [] if args.report_only else args.cells:
         tag = cell_tag(cell, args)
         path = out / "cells" / f"{tag}.json"
         if path.is_file():
-            results[tag] = json.loads(path.read_text())
-            continue
-        if args.report_only:
-            not_run[cell] = "not run"
             continue
         est = estimate_seconds(cell, args, pace)
         left = args.budget_min * 60 - (time.perf_counter() - start)
-        if results and est is not None and est > left:
-            not_run[cell] = f"not run: estimated {est / 60:.0f} min, {max(left, 0) / 60:.0f} min of the budget left"
+        if ran and est is not None and est > left:
+            print(f"[{tag}] not run: estimated {est / 60:.0f} min, {max(left, 0) / 60:.0f} min of the budget left")
             continue
         res = run_cell(cell, args, cache)
         atomic_write_json(path, res)
         update_pace(pace, res)
         atomic_write_json(pace_file, pace)
-        results[tag] = res
+        ran = True
         plot_roc(res, out / f"roc-{tag}.png")
         print(f"[{tag}] done: best AUC {best(res)}", flush=True)
-    atomic_write_text(out / "results.md", report(args, results, not_run, pace))
+        atomic_write_text(out / "results.md", report(cached_cells(out, args.model), pace))
+    atomic_write_text(out / "results.md", report(cached_cells(out, args.model), pace))
     print(f"wrote {out / 'results.md'}")
     return 0
 
