@@ -61,11 +61,7 @@ def finetune_config(cell: str, args: argparse.Namespace):
 
 
 def run_cell(cell: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
-    from leaklab.attacks.membership import LMAccess
-    from leaklab.corpora import load_corpus
-    from leaklab.corpora.sampling import split_of
     from leaklab.experiments.lm_membership import evaluate_membership
-    from leaklab.models.causal import load_causal_lm
     from leaklab.threat.finetune import finetune, load_record, load_secret
 
     tag = cell_tag(cell, args)
@@ -82,16 +78,14 @@ def run_cell(cell: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]
             snapshots=snaps,
         )
     record = load_record(folder)
-    public = tuple(t for t in load_corpus("rotten-tomatoes").texts if split_of(t) == "public")
-    access = LMAccess(load_causal_lm(str(folder)), load_causal_lm(args.model), public, cache / "shadows")
-    options = {"rmia": {"shadows": args.shadows, "shadow_texts": args.shadow_texts, "population": args.population}}
+    access = attacker_access(folder, args.model, cache)
     start = time.perf_counter()
     attacks = [a for a in ATTACKS if a != "rmia" or args.shadows > 0]
     result = evaluate_membership(
         access,
         load_secret(folder),
         attacks,
-        options,
+        attack_options(args),
         exposure_samples=args.exposure_samples,
         progress=lambda s: print(f"[{tag}] {s}", flush=True),
     )
@@ -122,6 +116,45 @@ def snapshot_cells(cell: str) -> list[tuple[str, int]]:
         for c in CELLS
         if "epsilon" not in CELLS[c] and CELLS[c]["method"] == opts["method"] and CELLS[c]["epochs"] < opts["epochs"]
     ]
+
+
+def add_attacks(cell: str, args: argparse.Namespace, cache: Path, result: dict[str, Any]) -> bool:
+    """Run the attacks of ``--add-attacks`` that a cached cell lacks on its cached fine-tune; True if any ran."""
+    from leaklab.experiments.lm_membership import attack_rows
+    from leaklab.threat.finetune import load_secret
+
+    have = {r["attack"] for r in result["attacks"] if r["status"] == "recovered"}
+    todo = [a for a in args.add_attacks if a not in have]
+    if not todo:
+        return False
+    tag = result["tag"]
+    start = time.perf_counter()
+    rows = attack_rows(
+        attacker_access(cache / tag, args.model, cache),
+        load_secret(cache / tag),
+        todo,
+        attack_options(args),
+        progress=lambda s: print(f"[{tag}] {s}", flush=True),
+    )
+    result["attacks"] = [r for r in result["attacks"] if r["attack"] not in todo] + rows
+    result["attack_seconds"] += time.perf_counter() - start
+    result.setdefault("added", []).append({"attacks": todo, "args": common_args(args)})
+    return True
+
+
+def attacker_access(folder: Path, model: str, cache: Path):
+    """The fine-tune, the base model and the corpus's public split (each grant recorded by the access)."""
+    from leaklab.attacks.membership import LMAccess
+    from leaklab.corpora import load_corpus
+    from leaklab.corpora.sampling import split_of
+    from leaklab.models.causal import load_causal_lm
+
+    public = tuple(t for t in load_corpus("rotten-tomatoes").texts if split_of(t) == "public")
+    return LMAccess(load_causal_lm(str(folder)), load_causal_lm(model), public, cache / "shadows")
+
+
+def attack_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    return {"rmia": {"shadows": args.shadows, "shadow_texts": args.shadow_texts, "population": args.population}}
 
 
 def estimate_seconds(cell: str, args: argparse.Namespace, pace: dict[str, float]) -> float | None:
@@ -372,9 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exposure-samples", type=int, default=1000)
     p.add_argument("--budget-min", type=float, default=120.0, help="skip cells whose estimate would exceed it")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--add-attacks", default="", help="comma list of attacks to add to cells already cached")
     p.add_argument("--out", type=Path, default=OUT, help="results folder")
     args = p.parse_args(argv)
     args.cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+    args.add_attacks = [a.strip() for a in args.add_attacks.split(",") if a.strip()]
     unknown = [c for c in args.cells if c not in CELLS]
     if unknown:
         print(f"unknown cell(s) {unknown}; valid: {', '.join(CELLS)}", file=sys.stderr)
@@ -391,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         tag = cell_tag(cell, args)
         path = out / "cells" / f"{tag}.json"
         if path.is_file():
+            cached = json.loads(path.read_text())
+            if args.add_attacks and add_attacks(cell, args, cache, cached):
+                atomic_write_json(path, cached)
+                plot_roc(cached, out / f"roc-{tag}.png")
+                atomic_write_text(out / "results.md", report(cached_cells(out, args.model), pace))
             continue
         est = estimate_seconds(cell, args, pace)
         left = args.budget_min * 60 - (time.perf_counter() - start)

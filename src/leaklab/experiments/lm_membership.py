@@ -37,6 +37,38 @@ def evaluate_membership(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Every attack on members (label 1) vs non-members (label 0), canaries, and utility."""
+    rows = attack_rows(access, secret, attacks, options, rounds, progress)
+    if progress:
+        progress("canaries")
+    canaries = {
+        "exposure": canary_exposure(access.target, secret.canaries, secret.canary_digits, exposure_samples),
+        "extraction": extract_canaries(access.target, secret.canaries, beams),
+    }
+    return {
+        "access": access.record(),
+        "members": len(secret.members),
+        "non_members": len(secret.non_members),
+        "shift": secret.shift,
+        "attacks": rows,
+        "canaries": canaries,
+        "canary_summary": summarise_canaries(canaries, beams),
+        "utility": {
+            "heldout_perplexity": perplexity(access, secret.non_members),
+            "base_heldout_perplexity": perplexity(access, secret.non_members, base=True) if access.base else None,
+        },
+    }
+
+
+def attack_rows(
+    access: LMAccess,
+    secret: FinetuneSecret,
+    attacks: Sequence[str],
+    options: dict[str, Any] | None = None,
+    rounds: int = 1000,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per attack on members (label 1) vs non-members (label 0): its outcome and, when it produced
+    scores, AUC / TPR at 1 % and 0.1 % FPR with bootstrap intervals and the ROC curve."""
     texts = list(secret.members) + list(secret.non_members)
     labels = np.array([1] * len(secret.members) + [0] * len(secret.non_members))
     rows = []
@@ -58,25 +90,7 @@ def evaluate_membership(
             fpr, tpr = roc_points(out.scores, labels)
             row["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
         rows.append(row)
-    if progress:
-        progress("canaries")
-    canaries = {
-        "exposure": canary_exposure(access.target, secret.canaries, secret.canary_digits, exposure_samples),
-        "extraction": extract_canaries(access.target, secret.canaries, beams),
-    }
-    return {
-        "access": access.record(),
-        "members": len(secret.members),
-        "non_members": len(secret.non_members),
-        "shift": secret.shift,
-        "attacks": rows,
-        "canaries": canaries,
-        "canary_summary": summarise_canaries(canaries, beams),
-        "utility": {
-            "heldout_perplexity": perplexity(access, secret.non_members),
-            "base_heldout_perplexity": perplexity(access, secret.non_members, base=True) if access.base else None,
-        },
-    }
+    return rows
 
 
 def summarise_canaries(canaries: dict[str, list[dict[str, Any]]], beams: Sequence[int]) -> list[dict[str, Any]]:
