@@ -120,23 +120,34 @@ def snapshot_cells(cell: str) -> list[tuple[str, int]]:
 
 def add_attacks(cell: str, args: argparse.Namespace, cache: Path, result: dict[str, Any]) -> bool:
     """Run the attacks of ``--add-attacks`` that a cached cell lacks on its cached fine-tune; True if any ran."""
-    from leaklab.experiments.lm_membership import attack_rows
+    from leaklab.attacks.membership.extraction import canary_exposure, extract_canaries
+    from leaklab.experiments.lm_membership import attack_rows, summarise_canaries
     from leaklab.threat.finetune import load_secret
 
     have = {r["attack"] for r in result["attacks"] if r["status"] == "recovered"}
-    todo = [a for a in args.add_attacks if a not in have]
-    if not todo:
+    todo = [a for a in args.add_attacks if a not in have and a != "canaries"]
+    stale = "canaries" in args.add_attacks and any(
+        r.get("exposure_fitted") is None for r in result["canaries"]["exposure"]
+    )
+    if not todo and not stale:
         return False
     tag = result["tag"]
     start = time.perf_counter()
-    rows = attack_rows(
-        attacker_access(cache / tag, args.model, cache),
-        load_secret(cache / tag),
-        todo,
-        attack_options(args),
-        progress=lambda s: print(f"[{tag}] {s}", flush=True),
-    )
+    access, secret = attacker_access(cache / tag, args.model, cache), load_secret(cache / tag)
+
+    def progress(step: str) -> None:
+        print(f"[{tag}] {step}", flush=True)
+
+    rows = attack_rows(access, secret, todo, attack_options(args), progress=progress)
     result["attacks"] = [r for r in result["attacks"] if r["attack"] not in todo] + rows
+    if stale:
+        progress("canaries")
+        result["canaries"] = {
+            "exposure": canary_exposure(access.target, secret.canaries, secret.canary_digits, args.exposure_samples),
+            "extraction": extract_canaries(access.target, secret.canaries),
+        }
+        result["canary_summary"] = summarise_canaries(result["canaries"], (1, 5))
+        todo.append("canaries")
     result["attack_seconds"] += time.perf_counter() - start
     result.setdefault("added", []).append({"attacks": todo, "args": common_args(args)})
     return True
@@ -369,17 +380,26 @@ def _victim_table(results: dict[str, dict]) -> list[str]:
 def _canary_table(results: dict[str, dict]) -> list[str]:
     lines = ["## Canaries: exposure and extraction by k", ""]
     lines += [
-        "| cell | k | canaries | mean exposure (bits, of 26.6) | at sampling bound | greedy extracted "
-        "| beam-5 extracted |",
-        "|---|---|---|---|---|---|---|",
+        "| cell | k | canaries | mean exposure (bits, of 26.6) | at sampling bound | fitted exposure (normal tail) "
+        "| greedy extracted | beam-5 extracted |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for tag, res in results.items():
         for row in res["canary_summary"]:
+            fitted = row.get("mean_exposure_fitted")
             lines.append(
-                f"| {tag} | {row['k']} | {row['canaries']} | {row['mean_exposure']:.1f} | "
-                f"{row['at_bound']} | {row['extracted_beam1']:.0%} | {row['extracted_beam5']:.0%} |"
+                f"| {tag} | {row['k']} | {row['canaries']} | {row['mean_exposure']:.1f} | {row['at_bound']} | "
+                f"{'-' if fitted is None else f'{fitted:.1f}'} | {row['extracted_beam1']:.0%} | "
+                f"{row['extracted_beam5']:.0%} |"
             )
-    return lines
+    return [
+        *lines,
+        "",
+        "Exposure is estimated from sampled secrets of the format; with s samples it is resolved only up to "
+        "log2(s) bits below the ceiling, so a canary that no sample beats sits at the bound (26.6). The fitted "
+        "column extrapolates past it with a normal fit to the sampled losses (the Secret Sharer's estimate; "
+        "'-': cell scored before it existed).",
+    ]
 
 
 def cached_cells(out: Path, model: str) -> dict[str, dict]:
@@ -405,7 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exposure-samples", type=int, default=1000)
     p.add_argument("--budget-min", type=float, default=120.0, help="skip cells whose estimate would exceed it")
     p.add_argument("--report-only", action="store_true")
-    p.add_argument("--add-attacks", default="", help="comma list of attacks to add to cells already cached")
+    p.add_argument(
+        "--add-attacks",
+        default="",
+        help="comma list of attacks to add to cells already cached ('canaries': redo exposure and extraction "
+        "where the fitted exposure is missing)",
+    )
     p.add_argument("--out", type=Path, default=OUT, help="results folder")
     args = p.parse_args(argv)
     args.cells = [c.strip() for c in args.cells.split(",") if c.strip()]

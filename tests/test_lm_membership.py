@@ -15,7 +15,13 @@ from cli_helpers import run_leaklab
 
 from leaklab.attacks.membership import LMAccess, run_membership_attack, score_texts
 from leaklab.attacks.membership.extraction import canary_exposure, reproduces
-from leaklab.metrics.membership import exposure_exact, exposure_sampled, membership_report, threshold_at_fpr
+from leaklab.metrics.membership import (
+    exposure_exact,
+    exposure_fitted,
+    exposure_sampled,
+    membership_report,
+    threshold_at_fpr,
+)
 from leaklab.models.causal import CausalLM, TokenStats, encode_texts, load_causal_lm, sequence_nll, token_stats
 from leaklab.threat.finetune import Canary, FinetuneConfig, finetune, load_secret, membership_split
 
@@ -88,6 +94,12 @@ def test_exposure_and_threshold_by_hand():
     value, bound = exposure_sampled(1.5, [1.0, 2.0, 3.0, 4.0], 1024)
     assert value == pytest.approx(10 - math.log2(257)) and not bound
     assert exposure_sampled(0.1, [1.0, 2.0], 1024) == (pytest.approx(10.0), True)
+    # fitted: samples 1..5 → normal μ = 3, σ = √2.5; a loss of 3 has Φ = ½ → rank 1 + 512; far below → the ceiling
+    assert exposure_fitted(3.0, [1.0, 2.0, 3.0, 4.0, 5.0], 1024) == pytest.approx(10 - math.log2(513))
+    z = (1.0 - 3.0) / math.sqrt(2.5)
+    share = 0.5 * math.erfc(-z / math.sqrt(2))
+    assert exposure_fitted(1.0, [1.0, 2.0, 3.0, 4.0, 5.0], 1024) == pytest.approx(10 - math.log2(1 + 1024 * share))
+    assert exposure_fitted(-1e3, [1.0, 2.0, 3.0, 4.0, 5.0], 1024) == pytest.approx(10.0)
     t = threshold_at_fpr(np.arange(100.0), 0.05)
     assert np.sum(np.arange(100.0) > t) == 5
     assert reproduces(" 4812-0937", "4812-0937") and not reproduces(" 4812-09371", "4812-0937")

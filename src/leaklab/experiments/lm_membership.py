@@ -105,8 +105,13 @@ def summarise_canaries(canaries: dict[str, list[dict[str, Any]]], beams: Sequenc
             "mean_exposure": float(np.mean([c["exposure"] for c in exp])),
             "max_exposure": exp[0]["max_exposure"],
             "at_bound": sum(c["at_bound"] for c in exp),
+            "mean_exposure_fitted": _mean_or_none([c.get("exposure_fitted") for c in exp]),
         }
         for b in beams:
             row[f"extracted_beam{b}"] = float(np.mean([c[f"recovered_beam{b}"] for c in ext]))
         out.append(row)
     return out
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    return None if any(v is None for v in values) else float(np.mean(values))

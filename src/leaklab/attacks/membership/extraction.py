@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from leaklab.metrics.membership import exposure_exact, exposure_sampled
+from leaklab.metrics.membership import exposure_exact, exposure_fitted, exposure_sampled
 from leaklab.models.causal import CausalLM, encode_texts, model_device, sequence_nll
 from leaklab.threat.finetune import Canary, format_digits, random_secrets
 
@@ -58,6 +58,7 @@ def canary_exposure(
                     "repeats": c.repeats,
                     "exposure": value,
                     "at_bound": bound,
+                    "exposure_fitted": None if exact else exposure_fitted(float(nll), pool_nll, space),
                     "max_exposure": float(np.log2(space)),
                     "exact": exact,
                 }
