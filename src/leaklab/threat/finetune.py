@@ -446,7 +446,12 @@ def finetune(
 
     start = time.perf_counter()
     model, record = train_causal_lm(
-        lm, training_texts(secret), cfg.training(), progress, checkpoint=checkpoint, on_epoch=snapshot
+        lm,
+        training_texts(secret),
+        cfg.training(),
+        progress,
+        checkpoint=checkpoint,
+        on_epoch=snapshot if snapshots else None,
     )
     earlier = sum(record["epoch_seconds"][: record.get("resumed_epochs", 0)])  # epochs of an interrupted run
     record = _save_run(cfg, secret, model, lm.tokenizer, out, record, time.perf_counter() - start + earlier)
