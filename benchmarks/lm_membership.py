@@ -314,6 +314,15 @@ def report(results: dict[str, dict], pace: dict[str, float]) -> str:
             f"- {n} members: `python benchmarks/lm_membership.py {cells[0].get('bench_args', '')} "
             f"--cells {','.join(r['cell'] for r in cells)}`"
         )
+        added: dict[tuple[str, str], list[str]] = {}
+        for r in cells:
+            for a in r.get("added", []):
+                added.setdefault((a["args"], ",".join(a["attacks"])), []).append(r["cell"])
+        for (extra, attacks), names in added.items():
+            lines.append(
+                f"  - then `python benchmarks/lm_membership.py {extra} --add-attacks {attacks} "
+                f"--cells {','.join(names)}`"
+            )
     lines += [
         "",
         "Members: texts of the rotten-tomatoes private split with 4..32 tokens; non-members: as many held-out "
