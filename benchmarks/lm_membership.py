@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,35 +61,111 @@ def finetune_config(cell: str, args: argparse.Namespace):
 
 
 def run_cell(cell: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
-    from leaklab.attacks.membership import LMAccess
-    from leaklab.corpora import load_corpus
-    from leaklab.corpora.sampling import split_of
     from leaklab.experiments.lm_membership import evaluate_membership
-    from leaklab.models.causal import load_causal_lm
     from leaklab.threat.finetune import finetune, load_record, load_secret
 
     tag = cell_tag(cell, args)
     folder = cache / tag
     cfg = finetune_config(cell, args)
-    if not (folder / "config.json").is_file() or load_record(folder).get("config") != cfg.to_dict():
-        print(f"[{tag}] fine-tuning", flush=True)
-        finetune(cfg, folder, progress=lambda what, done, total: print(f"[{tag}] {what} {done}/{total}", flush=True))
+    if not is_cached(folder, cfg):
+        snaps = {e: cache / cell_tag(c, args) for c, e in snapshot_cells(cell)}
+        snaps = {e: f for e, f in snaps.items() if not is_cached(f, replace(cfg, epochs=e))}
+        print(f"[{tag}] fine-tuning" + (f" (snapshots at epochs {sorted(snaps)})" if snaps else ""), flush=True)
+        finetune(
+            cfg,
+            folder,
+            progress=lambda what, done, total: print(f"[{tag}] {what} {done}/{total}", flush=True),
+            snapshots=snaps,
+        )
     record = load_record(folder)
-    public = tuple(t for t in load_corpus("rotten-tomatoes").texts if split_of(t) == "public")
-    access = LMAccess(load_causal_lm(str(folder)), load_causal_lm(args.model), public, cache / "shadows")
-    options = {"rmia": {"shadows": args.shadows, "shadow_texts": args.shadow_texts, "population": args.population}}
+    access = attacker_access(folder, args.model, cache)
     start = time.perf_counter()
     attacks = [a for a in ATTACKS if a != "rmia" or args.shadows > 0]
     result = evaluate_membership(
         access,
         load_secret(folder),
         attacks,
-        options,
+        attack_options(args),
         exposure_samples=args.exposure_samples,
         progress=lambda s: print(f"[{tag}] {s}", flush=True),
     )
-    result.update(cell=cell, tag=tag, finetune=record, attack_seconds=time.perf_counter() - start)
+    result.update(
+        cell=cell,
+        tag=tag,
+        finetune=record,
+        attack_seconds=time.perf_counter() - start,
+        bench_args=common_args(args),
+        canaries_per_k=args.canaries_per_k,
+    )
     return result
+
+
+def is_cached(folder: Path, cfg) -> bool:
+    from leaklab.threat.finetune import load_record
+
+    return (folder / "config.json").is_file() and load_record(folder).get("config") == cfg.to_dict()
+
+
+def snapshot_cells(cell: str) -> list[tuple[str, int]]:
+    """The cells that are earlier epochs of ``cell``'s non-DP run: saved from it on the way."""
+    opts = CELLS[cell]
+    if "epsilon" in opts:
+        return []
+    return [
+        (c, CELLS[c]["epochs"])
+        for c in CELLS
+        if "epsilon" not in CELLS[c] and CELLS[c]["method"] == opts["method"] and CELLS[c]["epochs"] < opts["epochs"]
+    ]
+
+
+def add_attacks(cell: str, args: argparse.Namespace, cache: Path, result: dict[str, Any]) -> bool:
+    """Run the attacks of ``--add-attacks`` that a cached cell lacks on its cached fine-tune; True if any ran."""
+    from leaklab.attacks.membership.extraction import canary_exposure, extract_canaries
+    from leaklab.experiments.lm_membership import attack_rows, summarise_canaries
+    from leaklab.threat.finetune import load_secret
+
+    have = {r["attack"] for r in result["attacks"] if r["status"] == "recovered"}
+    todo = [a for a in args.add_attacks if a not in have and a != "canaries"]
+    stale = "canaries" in args.add_attacks and any(
+        r.get("exposure_fitted") is None for r in result["canaries"]["exposure"]
+    )
+    if not todo and not stale:
+        return False
+    tag = result["tag"]
+    start = time.perf_counter()
+    access, secret = attacker_access(cache / tag, args.model, cache), load_secret(cache / tag)
+
+    def progress(step: str) -> None:
+        print(f"[{tag}] {step}", flush=True)
+
+    rows = attack_rows(access, secret, todo, attack_options(args), progress=progress)
+    result["attacks"] = [r for r in result["attacks"] if r["attack"] not in todo] + rows
+    if stale:
+        progress("canaries")
+        result["canaries"] = {
+            "exposure": canary_exposure(access.target, secret.canaries, secret.canary_digits, args.exposure_samples),
+            "extraction": extract_canaries(access.target, secret.canaries),
+        }
+        result["canary_summary"] = summarise_canaries(result["canaries"], (1, 5))
+        todo.append("canaries")
+    result["attack_seconds"] += time.perf_counter() - start
+    result.setdefault("added", []).append({"attacks": todo, "args": common_args(args)})
+    return True
+
+
+def attacker_access(folder: Path, model: str, cache: Path):
+    """The fine-tune, the base model and the corpus's public split (each grant recorded by the access)."""
+    from leaklab.attacks.membership import LMAccess
+    from leaklab.corpora import load_corpus
+    from leaklab.corpora.sampling import split_of
+    from leaklab.models.causal import load_causal_lm
+
+    public = tuple(t for t in load_corpus("rotten-tomatoes").texts if split_of(t) == "public")
+    return LMAccess(load_causal_lm(str(folder)), load_causal_lm(model), public, cache / "shadows")
+
+
+def attack_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    return {"rmia": {"shadows": args.shadows, "shadow_texts": args.shadow_texts, "population": args.population}}
 
 
 def estimate_seconds(cell: str, args: argparse.Namespace, pace: dict[str, float]) -> float | None:
@@ -151,14 +228,20 @@ def _metric(res: dict[str, Any], attack: str, key: str) -> float | None:
     return None
 
 
+def own_training(result: dict[str, Any]) -> float:
+    """Training seconds of a cell; 0 for a snapshot saved during a longer run (its time is that run's)."""
+    ft = result["finetune"]
+    return 0.0 if "snapshot_of_epochs" in ft else ft["seconds"]
+
+
 def _verdict(ok: bool) -> str:
     return "reached" if ok else "missed"
 
 
-def targets(results: dict[str, dict], not_run: dict[str, str], pace: dict[str, float], args) -> list[str]:
-    """Each target of the issue as reached / missed / not measured, with the measured value."""
+def targets(results: dict[str, dict], members: int) -> list[str]:
+    """Each target of the issue as reached / missed / not measured at ``members`` members, with the value."""
     out = []
-    full = results.get(cell_tag("full-e10", args))
+    full = results.get(f"full-e10-n{members}")
     if full:
         name, auc = best(full)
         tpr_name, tpr = best(full, "tpr@0.01")
@@ -177,34 +260,34 @@ def targets(results: dict[str, dict], not_run: dict[str, str], pace: dict[str, f
                 f"({share:.0%} of {k16[0]['canaries']})."
             )
     else:
-        out.append(
-            "- 10-epoch full fine-tune targets (AUC, TPR@1 %, reference vs LOSS, k=16 extraction): not measured."
-        )
-    dp = results.get(cell_tag("dp-eps8", args))
+        out.append("- 10-epoch full fine-tune targets (AUC, TPR@1 %, reference vs LOSS, k=16 extraction): not run.")
+    dp = results.get(f"dp-eps8-n{members}")
     if dp:
         name, auc = best(dp)
         u = dp["utility"]
         cost = f"held-out perplexity {u['heldout_perplexity']:.2f} vs base {u['base_heldout_perplexity']:.2f}"
-        if full:
-            cost += f" and 10-epoch full fine-tune {full['utility']['heldout_perplexity']:.2f}"
+        for other in ("lora-e3", "full-e3", "full-e10"):
+            if f"{other}-n{members}" in results:
+                cost += (
+                    f" and non-private {other} {results[f'{other}-n{members}']['utility']['heldout_perplexity']:.2f}"
+                )
         out.append(f"- DP ε=8, best AUC ≤ 0.6: {_verdict(auc <= 0.6)} ({name} {auc:.3f}); {cost}.")
     else:
-        out.append("- DP ε=8 target: not measured.")
-    total = sum(r["finetune"]["seconds"] + r["attack_seconds"] for r in results.values())
-    est = sum(estimate_seconds(c, args, pace) or 0 for c in not_run)
-    full_grid = argparse.Namespace(**{**vars(args), "members": 500, "canaries_per_k": 4})
-    grid = sum(estimate_seconds(c, full_grid, pace) or 0 for c in CELLS)
-    out.append(
-        f"- projected for the issue's whole grid (500 members, 4 canaries per k, {len(CELLS)} cells, RMIA "
-        f"shadows not counted; an unmeasured method at the full fine-tune's pace) at the measured pace: "
-        f"{grid / 3600:.1f} h."
-    )
-    out.append(
-        f"- whole benchmark ≤ 2 h on 2 cores: measured {total / 60:.0f} min for the cells run"
-        + (f" plus an estimated {est / 60:.0f} min for the cells not run" if not_run else "")
-        + f" at {args.members} members: {_verdict(total + est <= 7200)}."
-    )
+        out.append("- DP ε=8 target: not run.")
     return out
+
+
+def timing(results: dict[str, dict], members: int) -> list[str]:
+    """What the cells run at ``members`` members took: training (own runs only) and scoring."""
+    cells = [r for r in results.values() if r["members"] == members]
+    train = sum(own_training(r) for r in cells)
+    score = sum(r["attack_seconds"] for r in cells)
+    missing = [c for c in CELLS if f"{c}-n{members}" not in results]
+    return [
+        f"- {len(cells)} of {len(CELLS)} cells run: training {train / 60:.0f} min, scoring {score / 60:.0f} min; "
+        f"a rerun with the fine-tunes cached takes the scoring time: {score / 60:.0f} min"
+        + (f" (cells not run: {', '.join(missing)})." if missing else ".")
+    ]
 
 
 def common_args(args: argparse.Namespace) -> str:
@@ -215,79 +298,128 @@ def common_args(args: argparse.Namespace) -> str:
     )
 
 
-def report(args: argparse.Namespace, results: dict[str, dict], not_run: dict[str, str], pace: dict[str, float]) -> str:
+def report(results: dict[str, dict], pace: dict[str, float]) -> str:
+    """The Markdown of every cached cell (every member count), largest member count first."""
+    counts = sorted({r["members"] for r in results.values()}, reverse=True)
     lines = [
         "# LM membership inference and canary extraction (smollm2-135m, rotten-tomatoes short)",
         "",
-        f"Command: `python benchmarks/lm_membership.py {common_args(args)} --cells {','.join(args.cells)}`"
-        " (fine-tunes cached under $LEAKLAB_CACHE/lm-membership).",
+        "Commands (one per member count; fine-tunes cached under $LEAKLAB_CACHE/lm-membership, cells cached in "
+        "`cells/`, so chunked runs accumulate here):",
         "",
-        f"Members: {args.members} texts of the rotten-tomatoes private split with 4..32 tokens; non-members: as many "
-        "held-out texts of the same split and length range (one random halving; KS tests recorded). Canaries "
-        f"`my account number is dddd-dddd` (10^8 space), {args.canaries_per_k} per k ∈ {{1, 4, 16}}. Attacks see the "
-        "fine-tune; `reference` and `rmia` are also granted the base model, `rmia` public texts (shadow LoRA "
-        "fine-tunes). Intervals: 95 % bootstrap (1000 resamples). Held-out perplexity: on the non-members.",
+    ]
+    for n in counts:
+        cells = [r for r in results.values() if r["members"] == n]
+        lines.append(
+            f"- {n} members: `python benchmarks/lm_membership.py {cells[0].get('bench_args', '')} "
+            f"--cells {','.join(r['cell'] for r in cells)}`"
+        )
+        added: dict[tuple[str, str], list[str]] = {}
+        for r in cells:
+            for a in r.get("added", []):
+                added.setdefault((a["args"], ",".join(a["attacks"])), []).append(r["cell"])
+        for (extra, attacks), names in added.items():
+            lines.append(
+                f"  - then `python benchmarks/lm_membership.py {extra} --add-attacks {attacks} "
+                f"--cells {','.join(names)}`"
+            )
+    lines += [
+        "",
+        "Members: texts of the rotten-tomatoes private split with 4..32 tokens; non-members: as many held-out "
+        "texts of the same split and length range (one random halving; KS tests recorded). Canaries "
+        "`<prefix> dddd-dddd` (10^8 space) inserted k ∈ {1, 4, 16} times; the 24-member cells used one prefix "
+        "(`my account number is`) and one canary per k, later cells one prefix per canary (`alice's account number "
+        "is`, ...). Attacks see the fine-tune; `reference` and `rmia` are also granted the base model, `rmia` "
+        "public texts (shadow LoRA fine-tunes). Intervals: 95 % bootstrap (1000 resamples). Held-out perplexity: "
+        "on the non-members. Timings were taken on a shared 2-core machine (other jobs running, this one niced).",
         "",
     ]
     if results:
-        lines += ["## Membership (AUC, TPR@1 %FPR, TPR@0.1 %FPR with 95 % CI)", ""]
-        lines += ["| cell | attack | AUC | TPR@1% | TPR@0.1% |", "|---|---|---|---|---|"]
-        for tag, res in results.items():
-            for r in res["attacks"]:
-                if r["status"] != "recovered":
-                    lines.append(f"| {tag} | {r['attack']} | {r['status'].replace('_', ' ')}: {r['reason']} | | |")
-                    continue
-                m = r["metrics"]
-                lines.append(
-                    f"| {tag} | {r['attack']} | {_ci(m['auc'])} | {_ci(m['tpr@0.01'])} | {_ci(m['tpr@0.001'])} |"
-                )
-        lines += ["", "ROC curves: `roc-<cell>.png`.", "", "## Victims: training, privacy, utility", ""]
-        lines += [
-            "| cell | method | epochs | DP ε (δ) | σ | steps | train s | s/epoch | held-out ppl | length KS p |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for tag, res in results.items():
-            ft = res["finetune"]
-            c, dp = ft["config"], ft.get("dp")
-            eps = f"{dp['epsilon']:.2f} ({dp['delta']:g})" if dp else "-"
-            sigma = f"{dp['noise_multiplier']:.3f}" if dp else "-"
-            per_epoch = sum(ft["epoch_seconds"]) / len(ft["epoch_seconds"])
-            lines.append(
-                f"| {tag} | {c['method']} | {c['epochs']} | {eps} | {sigma} | {ft['steps']} | "
-                f"{ft['seconds']:.0f} | {per_epoch:.0f} | {res['utility']['heldout_perplexity']:.2f} | "
-                f"{res['shift']['length']['p']:.2f} |"
-            )
-        lines += ["", "## Canaries: exposure and extraction by k", ""]
-        lines += [
-            "| cell | k | canaries | mean exposure (bits, of 26.6) | at sampling bound | greedy extracted | "
-            "beam-5 extracted |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for tag, res in results.items():
-            for row in res["canary_summary"]:
-                lines.append(
-                    f"| {tag} | {row['k']} | {row['canaries']} | {row['mean_exposure']:.1f} | "
-                    f"{row['at_bound']} | {row['extracted_beam1']:.0%} | {row['extracted_beam5']:.0%} |"
-                )
-    if results:
-        lines += ["", "## Targets (issue 22)", "", *targets(results, not_run, pace, args)]
-    if args.shadows == 0:
-        lines += ["", "rmia: not run (`--shadows 0`: no time was left for shadow fine-tunes)."]
-    lines += ["", "## Cells not run", ""]
-    if not_run:
-        lines += ["| cell | why |", "|---|---|"] + [f"| {cell_tag(c, args)} | {why} |" for c, why in not_run.items()]
+        lines += _membership_table(results) + _victim_table(results) + _canary_table(results)
+    for n in counts:
+        lines += ["", f"## Targets (issue 22) at {n} members", "", *targets(results, n), *timing(results, n)]
+    if not any(r["attack"] == "rmia" for res in results.values() for r in res["attacks"]):
+        lines += ["", "rmia: not run in any cell (`--shadows 0`)."]
+    if pace:
         lines += [
             "",
-            "Measured pace (seconds per training text-pass): "
+            "Last measured pace (seconds per training text-pass, shared machine): "
             + ", ".join(f"{k} {v:.2f}" for k, v in pace.items() if k != "score")
-            + (f"; scoring one cell {pace['score']:.0f} s" if "score" in pace else ""),
-            "",
-            f"Run the rest: `flock /work/heavy.lock python benchmarks/lm_membership.py {common_args(args)} "
-            f"--cells {','.join(not_run)}` (cached cells are not redone).",
+            + (f"; scoring the last cell {pace['score']:.0f} s" if "score" in pace else ""),
         ]
-    else:
-        lines.append("none")
     return "\n".join(lines) + "\n"
+
+
+def _membership_table(results: dict[str, dict]) -> list[str]:
+    lines = ["## Membership (AUC, TPR@1 %FPR, TPR@0.1 %FPR with 95 % CI)", ""]
+    lines += ["| cell | attack | AUC | TPR@1% | TPR@0.1% |", "|---|---|---|---|---|"]
+    for tag, res in results.items():
+        for r in res["attacks"]:
+            if r["status"] != "recovered":
+                lines.append(f"| {tag} | {r['attack']} | {r['status'].replace('_', ' ')}: {r['reason']} | | |")
+                continue
+            m = r["metrics"]
+            lines.append(f"| {tag} | {r['attack']} | {_ci(m['auc'])} | {_ci(m['tpr@0.01'])} | {_ci(m['tpr@0.001'])} |")
+    return [*lines, "", "ROC curves: `roc-<cell>.png`.", ""]
+
+
+def _victim_table(results: dict[str, dict]) -> list[str]:
+    lines = ["## Victims: training, privacy, utility", ""]
+    lines += [
+        "| cell | method | epochs | DP ε (δ) | σ | steps | train s | s/epoch | held-out ppl | base ppl | length KS p |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for tag, res in results.items():
+        ft = res["finetune"]
+        c, dp = ft["config"], ft.get("dp")
+        eps = f"{dp['epsilon']:.2f} ({dp['delta']:g})" if dp else "-"
+        sigma = f"{dp['noise_multiplier']:.3f}" if dp else "-"
+        per_epoch = sum(ft["epoch_seconds"]) / len(ft["epoch_seconds"])
+        own = f"{ft['seconds']:.0f}" + (
+            f" (in the {ft['snapshot_of_epochs']}-epoch run)" if "snapshot_of_epochs" in ft else ""
+        )
+        u = res["utility"]
+        lines.append(
+            f"| {tag} | {c['method']} | {c['epochs']} | {eps} | {sigma} | {ft['steps']} | {own} | {per_epoch:.0f} | "
+            f"{u['heldout_perplexity']:.2f} | {u['base_heldout_perplexity']:.2f} | {res['shift']['length']['p']:.2f} |"
+        )
+    return [*lines, ""]
+
+
+def _canary_table(results: dict[str, dict]) -> list[str]:
+    lines = ["## Canaries: exposure and extraction by k", ""]
+    lines += [
+        "| cell | k | canaries | mean exposure (bits, of 26.6) | at sampling bound | fitted exposure (normal tail) "
+        "| greedy extracted | beam-5 extracted |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for tag, res in results.items():
+        for row in res["canary_summary"]:
+            fitted = row.get("mean_exposure_fitted")
+            lines.append(
+                f"| {tag} | {row['k']} | {row['canaries']} | {row['mean_exposure']:.1f} | {row['at_bound']} | "
+                f"{'-' if fitted is None else f'{fitted:.1f}'} | {row['extracted_beam1']:.0%} | "
+                f"{row['extracted_beam5']:.0%} |"
+            )
+    return [
+        *lines,
+        "",
+        "Exposure is estimated from sampled secrets of the format; with s samples it is resolved only up to "
+        "log2(s) bits below the ceiling, so a canary that no sample beats sits at the bound (26.6). The fitted "
+        "column extrapolates past it with a normal fit to the sampled losses (the Secret Sharer's estimate; "
+        "'-': cell scored before it existed).",
+    ]
+
+
+def cached_cells(out: Path, model: str) -> dict[str, dict]:
+    """Every cell result in ``out/cells`` for ``model``, largest member count first, then in CELLS order."""
+    found = []
+    for path in out.glob("cells/*.json"):
+        res = json.loads(path.read_text())
+        if res["finetune"]["config"]["model"] == model:
+            found.append(res)
+    found.sort(key=lambda r: (-r["members"], list(CELLS).index(r["cell"])))
+    return {r["tag"]: r for r in found}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,9 +434,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exposure-samples", type=int, default=1000)
     p.add_argument("--budget-min", type=float, default=120.0, help="skip cells whose estimate would exceed it")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument(
+        "--add-attacks",
+        default="",
+        help="comma list of attacks to add to cells already cached ('canaries': redo exposure and extraction "
+        "where the fitted exposure is missing)",
+    )
     p.add_argument("--out", type=Path, default=OUT, help="results folder")
     args = p.parse_args(argv)
     args.cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+    args.add_attacks = [a.strip() for a in args.add_attacks.split(",") if a.strip()]
     unknown = [c for c in args.cells if c not in CELLS]
     if unknown:
         print(f"unknown cell(s) {unknown}; valid: {', '.join(CELLS)}", file=sys.stderr)
@@ -316,31 +455,31 @@ def main(argv: list[str] | None = None) -> int:
     (out / "cells").mkdir(parents=True, exist_ok=True)
     pace_file = out / "pace.json"
     pace: dict[str, float] = json.loads(pace_file.read_text()) if pace_file.is_file() else {}
-    results: dict[str, dict] = {}
-    not_run: dict[str, str] = {}
-    start = time.perf_counter()
-    for cell in args.cells:
+    start, ran = time.perf_counter(), False
+    for cell in [] if args.report_only else args.cells:
         tag = cell_tag(cell, args)
         path = out / "cells" / f"{tag}.json"
         if path.is_file():
-            results[tag] = json.loads(path.read_text())
-            continue
-        if args.report_only:
-            not_run[cell] = "not run"
+            cached = json.loads(path.read_text())
+            if args.add_attacks and add_attacks(cell, args, cache, cached):
+                atomic_write_json(path, cached)
+                plot_roc(cached, out / f"roc-{tag}.png")
+                atomic_write_text(out / "results.md", report(cached_cells(out, args.model), pace))
             continue
         est = estimate_seconds(cell, args, pace)
         left = args.budget_min * 60 - (time.perf_counter() - start)
-        if results and est is not None and est > left:
-            not_run[cell] = f"not run: estimated {est / 60:.0f} min, {max(left, 0) / 60:.0f} min of the budget left"
+        if ran and est is not None and est > left:
+            print(f"[{tag}] not run: estimated {est / 60:.0f} min, {max(left, 0) / 60:.0f} min of the budget left")
             continue
         res = run_cell(cell, args, cache)
         atomic_write_json(path, res)
         update_pace(pace, res)
         atomic_write_json(pace_file, pace)
-        results[tag] = res
+        ran = True
         plot_roc(res, out / f"roc-{tag}.png")
         print(f"[{tag}] done: best AUC {best(res)}", flush=True)
-    atomic_write_text(out / "results.md", report(args, results, not_run, pace))
+        atomic_write_text(out / "results.md", report(cached_cells(out, args.model), pace))
+    atomic_write_text(out / "results.md", report(cached_cells(out, args.model), pace))
     print(f"wrote {out / 'results.md'}")
     return 0
 

@@ -15,7 +15,13 @@ from cli_helpers import run_leaklab
 
 from leaklab.attacks.membership import LMAccess, run_membership_attack, score_texts
 from leaklab.attacks.membership.extraction import canary_exposure, reproduces
-from leaklab.metrics.membership import exposure_exact, exposure_sampled, membership_report, threshold_at_fpr
+from leaklab.metrics.membership import (
+    exposure_exact,
+    exposure_fitted,
+    exposure_sampled,
+    membership_report,
+    threshold_at_fpr,
+)
 from leaklab.models.causal import CausalLM, TokenStats, encode_texts, load_causal_lm, sequence_nll, token_stats
 from leaklab.threat.finetune import Canary, FinetuneConfig, finetune, load_secret, membership_split
 
@@ -88,6 +94,12 @@ def test_exposure_and_threshold_by_hand():
     value, bound = exposure_sampled(1.5, [1.0, 2.0, 3.0, 4.0], 1024)
     assert value == pytest.approx(10 - math.log2(257)) and not bound
     assert exposure_sampled(0.1, [1.0, 2.0], 1024) == (pytest.approx(10.0), True)
+    # fitted: samples 1..5 → normal μ = 3, σ = √2.5; a loss of 3 has Φ = ½ → rank 1 + 512; far below → the ceiling
+    assert exposure_fitted(3.0, [1.0, 2.0, 3.0, 4.0, 5.0], 1024) == pytest.approx(10 - math.log2(513))
+    z = (1.0 - 3.0) / math.sqrt(2.5)
+    share = 0.5 * math.erfc(-z / math.sqrt(2))
+    assert exposure_fitted(1.0, [1.0, 2.0, 3.0, 4.0, 5.0], 1024) == pytest.approx(10 - math.log2(1 + 1024 * share))
+    assert exposure_fitted(-1e3, [1.0, 2.0, 3.0, 4.0, 5.0], 1024) == pytest.approx(10.0)
     t = threshold_at_fpr(np.arange(100.0), 0.05)
     assert np.sum(np.arange(100.0) > t) == 5
     assert reproduces(" 4812-0937", "4812-0937") and not reproduces(" 4812-09371", "4812-0937")
@@ -144,6 +156,7 @@ def test_split_has_no_length_or_order_shift(tiny):
     assert secret.shift["length"]["p"] > 0.05 and secret.shift["order"]["p"] > 0.05
     assert [c.repeats for c in secret.canaries] == [1, 1, 4, 4]
     assert len({c.secret for c in secret.canaries}) == 4
+    assert len({c.prefix for c in secret.canaries}) == 4  # one prefix each: prompting can return every secret
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +260,65 @@ def test_membership_command_bad_inputs(overfit, tmp_path, monkeypatch, capsys):
         code, _, err = _lm(monkeypatch, capsys, "membership", *args)
         lines = [x for x in err.strip().splitlines() if x.strip()]
         assert code == 2 and len(lines) == 1 and needle in lines[0], err
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return load_causal_lm(str(folder)).model.state_dict()
+
+
+def _assert_same_weights(a, b) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_epoch_snapshot_is_the_shorter_run(tmp_path, method):
+    from leaklab.threat.finetune import load_record
+
+    small = {"model": "tiny-llama", "members": 6, "batch_size": 4, "max_tokens": 12, "method": method, "lora_r": 2}
+    two, one = FinetuneConfig(epochs=2, **small), FinetuneConfig(epochs=1, **small)
+    finetune(two, tmp_path / "two", snapshots={1: tmp_path / "snap1"})
+    finetune(one, tmp_path / "one")
+    _assert_same_weights(tmp_path / "snap1", tmp_path / "one")
+    assert load_record(tmp_path / "snap1")["config"] == one.to_dict()
+    assert load_secret(tmp_path / "snap1") == load_secret(tmp_path / "one")
+    with pytest.raises(Exception, match="snapshot epochs"):
+        finetune(one, tmp_path / "bad", snapshots={1: tmp_path / "x"})
+
+
+def test_interrupted_fine_tune_resumes_to_the_same_model(tmp_path):
+    cfg = FinetuneConfig(model="tiny-llama", members=6, epochs=3, batch_size=4, max_tokens=12)
+    finetune(cfg, tmp_path / "straight")
+
+    def stop(what: str, done: int, total: int) -> None:
+        if done > 2 * 2:  # a step of the third epoch (6 texts, 2 steps per epoch): two epochs were saved
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg, tmp_path / "resumed", progress=stop)
+    assert (tmp_path / ".resumed.resume" / "state.json").is_file() and not (tmp_path / "resumed").exists()
+    record = finetune(cfg, tmp_path / "resumed")
+    assert record["resumed_epochs"] == 2 and len(record["epoch_seconds"]) == 3
+    assert not (tmp_path / ".resumed.resume").exists()
+    _assert_same_weights(tmp_path / "resumed", tmp_path / "straight")
+
+
+def test_lm_commands_take_device(overfit, tmp_path, monkeypatch, capsys):
+    from leaklab.models import device
+
+    monkeypatch.setenv(device.ENV, "auto")  # --device is passed on through the environment: restored after
+    monkeypatch.setitem(device._CHOSEN, "device", None)
+    folder, _ = overfit
+    cand = tmp_path / "c.txt"
+    cand.write_text("some text\nanother text\n")
+    code, out, err = _lm(monkeypatch, capsys, "membership", "--model", str(folder), "--candidates", str(cand),
+                         "--device", "cpu", "--json")  # fmt: skip
+    assert code == 0, err
+    assert len(json.loads(out)["candidates"]) == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for cmd in ("finetune", "attack", "membership"):
+        code, _, err = _lm(monkeypatch, capsys, cmd, "--device", "cuda")
+        lines = [x for x in err.strip().splitlines() if x.strip()]
+        assert code == 2 and len(lines) == 1 and "CUDA is not available" in lines[0], (cmd, err)

@@ -171,6 +171,9 @@ DEVICE_COMMANDS = (
     ("embed", "bench"),
     ("embed", "defend-eval"),
     ("fl", "simulate"),
+    ("lm", "finetune"),
+    ("lm", "attack"),
+    ("lm", "membership"),
 )
 
 

@@ -37,27 +37,7 @@ def evaluate_membership(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Every attack on members (label 1) vs non-members (label 0), canaries, and utility."""
-    texts = list(secret.members) + list(secret.non_members)
-    labels = np.array([1] * len(secret.members) + [0] * len(secret.non_members))
-    rows = []
-    for name in attacks:
-        if progress:
-            progress(f"attack {name}")
-        out = run_membership_attack(access, name, texts, (options or {}).get(name))
-        row: dict[str, Any] = {
-            "attack": name,
-            "status": out.status,
-            "reason": out.reason,
-            "needs": list(out.needs),
-            "options": out.options,
-            "seconds": out.seconds,
-        }
-        if out.ok:
-            assert out.scores is not None
-            row["metrics"] = membership_report(out.scores, labels, rounds)
-            fpr, tpr = roc_points(out.scores, labels)
-            row["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
-        rows.append(row)
+    rows = attack_rows(access, secret, attacks, options, rounds, progress)
     if progress:
         progress("canaries")
     canaries = {
@@ -79,6 +59,40 @@ def evaluate_membership(
     }
 
 
+def attack_rows(
+    access: LMAccess,
+    secret: FinetuneSecret,
+    attacks: Sequence[str],
+    options: dict[str, Any] | None = None,
+    rounds: int = 1000,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per attack on members (label 1) vs non-members (label 0): its outcome and, when it produced
+    scores, AUC / TPR at 1 % and 0.1 % FPR with bootstrap intervals and the ROC curve."""
+    texts = list(secret.members) + list(secret.non_members)
+    labels = np.array([1] * len(secret.members) + [0] * len(secret.non_members))
+    rows = []
+    for name in attacks:
+        if progress:
+            progress(f"attack {name}")
+        out = run_membership_attack(access, name, texts, (options or {}).get(name))
+        row: dict[str, Any] = {
+            "attack": name,
+            "status": out.status,
+            "reason": out.reason,
+            "needs": list(out.needs),
+            "options": out.options,
+            "seconds": out.seconds,
+        }
+        if out.ok:
+            assert out.scores is not None
+            row["metrics"] = membership_report(out.scores, labels, rounds)
+            fpr, tpr = roc_points(out.scores, labels)
+            row["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+        rows.append(row)
+    return rows
+
+
 def summarise_canaries(canaries: dict[str, list[dict[str, Any]]], beams: Sequence[int]) -> list[dict[str, Any]]:
     """Per k: mean exposure and the share of canaries extracted exactly at each beam width."""
     out = []
@@ -91,8 +105,13 @@ def summarise_canaries(canaries: dict[str, list[dict[str, Any]]], beams: Sequenc
             "mean_exposure": float(np.mean([c["exposure"] for c in exp])),
             "max_exposure": exp[0]["max_exposure"],
             "at_bound": sum(c["at_bound"] for c in exp),
+            "mean_exposure_fitted": _mean_or_none([c.get("exposure_fitted") for c in exp]),
         }
         for b in beams:
             row[f"extracted_beam{b}"] = float(np.mean([c[f"recovered_beam{b}"] for c in ext]))
         out.append(row)
     return out
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    return None if any(v is None for v in values) else float(np.mean(values))

@@ -119,3 +119,17 @@ def exposure_sampled(secret_loss: float, sampled_losses: Sequence[float], space_
     share = float(np.mean(other <= secret_loss))
     rank = 1 + space_size * share
     return math.log2(space_size) - math.log2(rank), share == 0.0
+
+
+def exposure_fitted(secret_loss: float, sampled_losses: Sequence[float], space_size: float) -> float:
+    """Exposure extrapolated past the sampling bound (Carlini et al. 2019, §4.3): the sampled candidates'
+    losses fitted by a normal distribution, rank(s) ≈ 1 + |R|·P(loss <= loss(s)), so exposure
+    = log2|R| − log2(1 + |R|·Φ((loss(s) − μ) / σ)), at most log2|R|."""
+    from scipy.stats import norm
+
+    other = np.asarray(sampled_losses, dtype=np.float64)
+    if len(other) < 2 or not other.std() > 0:
+        raise LeaklabError("fitted exposure needs at least two distinct sampled candidates")
+    log_share = float(norm.logcdf(secret_loss, loc=other.mean(), scale=other.std(ddof=1)))
+    log_rank = float(np.logaddexp(0.0, math.log(space_size) + log_share))  # log(1 + |R|·share), no underflow
+    return math.log2(space_size) - log_rank / math.log(2)

@@ -70,9 +70,10 @@ def load_causal_lm(name: str) -> CausalLM:
     loaded = load_model(ModelRef(name))
     model = copy.deepcopy(loaded.model) if name in PACKAGED else loaded.model
     if name not in PACKAGED:
+        from leaklab.models.device import current_device
         from leaklab.models.registry import _LOADED
 
-        _LOADED.pop(ModelRef(name), None)  # a user's folder may change between calls: never serve a stale copy
+        _LOADED.pop((ModelRef(name), current_device()), None)  # a user's folder may change: never a stale copy
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -106,8 +107,15 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask, labels
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s weights are (the CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def sample_losses(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each sequence's mean next-token NLL over its labelled positions, shape (B,)."""
+    """Each sequence's mean next-token NLL over its labelled positions, shape (B,), on the model's device."""
+    device = model_device(model)
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     target = labels[:, 1:]
     nll = nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
@@ -140,14 +148,15 @@ def token_stats(lm: CausalLM, texts: Sequence[str], batch_size: int = 32) -> lis
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.start_id
     order = np.argsort([len(s) for s in seqs], kind="stable")  # similar lengths together: less padding
     stats: dict[int, TokenStats] = {}
+    device = model_device(lm.model)
     for b in range(0, len(order), batch_size):
         chunk = [int(i) for i in order[b : b + batch_size]]
-        ids, mask, _ = pad_batch([seqs[i] for i in chunk], pad)
+        ids, mask, _ = (t.to(device) for t in pad_batch([seqs[i] for i in chunk], pad))
         logp_all = torch.log_softmax(lm.model(input_ids=ids, attention_mask=mask).logits[:, :-1].double(), -1)
         probs = logp_all.exp()
         mu = (probs * logp_all).sum(-1)
         sigma = ((probs * logp_all.square()).sum(-1) - mu.square()).clamp(min=0).sqrt()
-        true = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        true, mu, sigma = (t.cpu() for t in (logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1), mu, sigma))
         for row, i in enumerate(chunk):
             n = len(seqs[i]) - 1
             stats[i] = TokenStats(true[row, :n].numpy(), mu[row, :n].numpy(), sigma[row, :n].numpy())
@@ -165,5 +174,5 @@ def sequence_nll(lm: CausalLM, texts: Sequence[str], batch_size: int = 64) -> np
         ids, mask, labels = pad_batch(chunk, pad)
         mean = sample_losses(lm.model, ids, mask, labels)
         counts = (labels[:, 1:] != -100).sum(1)
-        out[b : b + len(chunk)] = (mean * counts).numpy()
+        out[b : b + len(chunk)] = (mean.cpu() * counts).numpy()
     return out

@@ -11,12 +11,14 @@ Hugging Face folder; the Secret (members, non-members, canaries) goes beside it,
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -32,6 +34,7 @@ from leaklab.models.causal import CausalLM, encode_texts, load_causal_lm, pad_ba
 
 RECORD = "leaklab_finetune.json"
 Progress = Callable[[str, int, int], None]
+EpochHook = Callable[[int, nn.Module, dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,11 @@ class FinetuneConfig(TrainOptions):
     canary_repeats: str = option("", "comma list of insertion counts k, e.g. 1,4,16 (empty: no canaries)")
     canaries_per_repeat: int = option(4, "canaries inserted at each k")
     canary_digits: int = option(8, "random digits of each canary's secret (the format's space is 10^digits)")
-    canary_prefix: str = option("my account number is", "text before each canary's secret")
+    canary_prefix: str = option(
+        "{owner}'s account number is",
+        "text before each canary's secret; {owner} becomes a different first name per canary (without it, every "
+        "canary shares the prefix and prompting can return only one secret)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,11 +136,27 @@ def random_secrets(n: int, digits: int, rng: np.random.Generator) -> list[str]:
     return [format_digits("".join(str(d) for d in rng.integers(0, 10, digits))) for _ in range(n)]
 
 
+OWNERS = (
+    "alice", "bruno", "chloe", "dmitri", "elena", "farid", "grace", "hiro", "ines", "jonas", "kavya", "liam",
+    "maya", "nils", "olga", "pablo", "quinn", "rosa", "sami", "tara", "umar", "vera", "wei", "yusuf",
+)  # fmt: skip
+
+
+def canary_prefixes(template: str, n: int) -> list[str]:
+    """``n`` prefixes: ``{owner}`` filled with a distinct name per canary, or the template itself for all."""
+    if "{owner}" not in template:
+        return [template] * n
+    names = [OWNERS[i % len(OWNERS)] + (f" {i // len(OWNERS) + 1}" if i >= len(OWNERS) else "") for i in range(n)]
+    return [template.replace("{owner}", name) for name in names]
+
+
 def make_canaries(cfg: FinetuneConfig) -> list[Canary]:
     rng = np.random.default_rng([cfg.seed, 7])
-    secrets = random_secrets(len(cfg.repeats) * cfg.canaries_per_repeat, cfg.canary_digits, rng)
+    n = len(cfg.repeats) * cfg.canaries_per_repeat
+    secrets = random_secrets(n, cfg.canary_digits, rng)
     ks = [k for k in cfg.repeats for _ in range(cfg.canaries_per_repeat)]
-    return [Canary(cfg.canary_prefix, s, k) for s, k in zip(secrets, ks, strict=True)]
+    prefixes = canary_prefixes(cfg.canary_prefix, n)
+    return [Canary(p, s, k) for p, s, k in zip(prefixes, secrets, ks, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -209,10 +232,22 @@ def _with_lora(model: nn.Module, opts: TrainOptions) -> nn.Module:
 
 
 def train_causal_lm(
-    lm: CausalLM, texts: Sequence[str], opts: TrainOptions, progress: Progress | None = None
+    lm: CausalLM,
+    texts: Sequence[str],
+    opts: TrainOptions,
+    progress: Progress | None = None,
+    *,
+    checkpoint: Path | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune ``lm.model`` in place on ``texts`` (mean over texts of each text's mean token NLL); returns the
-    trained model (LoRA merged) and the training record (seconds per epoch, final loss, DP accounting)."""
+    trained model (LoRA merged) and the training record (seconds per epoch, final loss, DP accounting).
+
+    Without DP, ``checkpoint`` is a folder where the state after each epoch is kept (trained weights, optimiser,
+    record), so an interrupted run resumes at its last finished epoch with the same result; ``on_epoch(epoch,
+    model, record)`` is called after each epoch (e.g. to save the model as it was after ``epoch`` epochs)."""
+    if opts.epsilon is not None and (checkpoint is not None or on_epoch is not None):
+        raise LeaklabError("DP fine-tuning has no per-epoch checkpoints or snapshots (its noise depends on the epochs)")
     model = _with_lora(lm.model, opts) if opts.method == "lora" else lm.model
     params = [p for n, p in model.named_parameters() if opts.method == "full" or "lora_" in n]
     for p in model.parameters():
@@ -223,8 +258,10 @@ def train_causal_lm(
     seqs = encode_texts(lm, texts)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.start_id
     record: dict[str, Any] = {"texts": len(seqs), "params_trained": sum(p.numel() for p in params)}
-    loop = _dp_loop if opts.epsilon is not None else _plain_loop
-    loop(model, params, seqs, pad, opts, record, progress)
+    if opts.epsilon is not None:
+        _dp_loop(model, params, seqs, pad, opts, record, progress)
+    else:
+        _plain_loop(model, params, seqs, pad, opts, record, progress, checkpoint, on_epoch)
     model.eval()
     if opts.method == "lora":
         model = model.merge_and_unload()
@@ -233,14 +270,57 @@ def train_causal_lm(
     return model, record
 
 
-def _plain_loop(model, params, seqs, pad, opts: TrainOptions, record, progress) -> None:
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain (LoRA-merged) copy of a model being trained, leaving the original untouched."""
+    from peft import PeftModel
+
+    out = copy.deepcopy(model)
+    return out.merge_and_unload() if isinstance(out, PeftModel) else out
+
+
+def _state_key(opts: TrainOptions, seqs: Sequence[Sequence[int]]) -> str:
+    blob = json.dumps([opts.to_dict(), [list(s) for s in seqs]], sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _load_checkpoint(folder: Path | None, key: str, model: nn.Module, opt: torch.optim.Optimizer) -> dict | None:
+    """The record saved after the last finished epoch (weights and optimiser restored), or None to start over."""
+    if folder is None or not (folder / "state.json").is_file():
+        return None
+    meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    if meta.get("key") != key:
+        return None
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["trained"], strict=False)
+    opt.load_state_dict(state["optimizer"])
+    return meta["record"]
+
+
+def _save_checkpoint(folder: Path, key: str, model: nn.Module, opt: torch.optim.Optimizer, record: dict) -> None:
+    """Trained weights and optimiser state, then the record naming them (written last: a torn save is ignored)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    tmp = folder / "state.pt.tmp"
+    torch.save({"trained": trained, "optimizer": opt.state_dict()}, tmp)
+    tmp.replace(folder / "state.pt")
+    atomic_write_json(folder / "state.json", {"key": key, "record": record})
+
+
+def _plain_loop(model, params, seqs, pad, opts: TrainOptions, record, progress, checkpoint, on_epoch) -> None:
     opt = torch.optim.AdamW(params, lr=opts.learning_rate, weight_decay=0.0)
     rng = np.random.default_rng(opts.seed)
     steps_per_epoch = math.ceil(len(seqs) / opts.batch_size)
     record["epoch_seconds"], record["epoch_loss"] = [], []
+    key = _state_key(opts, seqs)
+    saved = _load_checkpoint(checkpoint, key, model, opt)
+    if saved is not None:
+        record.update(saved)
+    done = record["resumed_epochs"] = len(record["epoch_seconds"])
     for epoch in range(opts.epochs):
+        order = rng.permutation(len(seqs))  # drawn for finished epochs too: the resumed run sees the same orders
+        if epoch < done:
+            continue
         start, losses = time.perf_counter(), []
-        order = rng.permutation(len(seqs))
         for s in range(steps_per_epoch):
             batch = [seqs[i] for i in order[s * opts.batch_size : (s + 1) * opts.batch_size]]
             loss = sample_losses(model, *pad_batch(batch, pad)).mean()
@@ -252,6 +332,10 @@ def _plain_loop(model, params, seqs, pad, opts: TrainOptions, record, progress) 
                 progress("train", epoch * steps_per_epoch + s + 1, opts.epochs * steps_per_epoch)
         record["epoch_seconds"].append(time.perf_counter() - start)
         record["epoch_loss"].append(float(np.mean(losses)))
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model, {**record, "steps": (epoch + 1) * steps_per_epoch})
+        if checkpoint is not None and epoch + 1 < opts.epochs:
+            _save_checkpoint(checkpoint, key, model, opt, record)
     record["steps"] = opts.epochs * steps_per_epoch
 
 
@@ -333,16 +417,63 @@ def save_causal_lm(model: nn.Module, tokenizer: Any, out: Path, record: dict[str
     return out
 
 
-def finetune(cfg: FinetuneConfig, out: str | Path, progress: Progress | None = None) -> dict[str, Any]:
-    """Draw members and non-members, fine-tune, save the model folder at ``out`` and the Secret beside it."""
+def finetune(
+    cfg: FinetuneConfig,
+    out: str | Path,
+    progress: Progress | None = None,
+    *,
+    snapshots: dict[int, str | Path] | None = None,
+) -> dict[str, Any]:
+    """Draw members and non-members, fine-tune, save the model folder at ``out`` and the Secret beside it.
+
+    An interrupted run resumes at its last finished epoch (state kept in ``.OUT.resume`` beside ``out``, removed
+    when done). ``snapshots`` maps an epoch e < cfg.epochs to a folder that receives the model as it was after e
+    epochs, with its Secret and a record whose config says e epochs: the same model as a fine-tune run for e
+    epochs (same seed, same shuffles, constant learning rate)."""
     out = Path(out)
+    snapshots = {int(e): Path(f) for e, f in (snapshots or {}).items()}
+    bad = [e for e in snapshots if not 0 < e < cfg.epochs]
+    if bad:
+        raise LeaklabError(f"snapshot epochs must be in 1..{cfg.epochs - 1}, got {bad[0]}")
     lm = load_causal_lm(cfg.model)
     secret = membership_split(cfg, lm)
+    checkpoint = None if cfg.epsilon is not None else out.with_name(f".{out.name}.resume")
+
+    def snapshot(epoch: int, model: nn.Module, record: dict[str, Any]) -> None:
+        if epoch in snapshots:
+            record = {**record, "snapshot_of_epochs": cfg.epochs}  # trained within the longer run: no own time
+            _save_run(replace(cfg, epochs=epoch), secret, merged_copy(model), lm.tokenizer, snapshots[epoch], record)
+
     start = time.perf_counter()
-    model, record = train_causal_lm(lm, training_texts(secret), cfg.training(), progress)
-    record = {"config": cfg.to_dict(), **record, "seconds": time.perf_counter() - start, "shift": secret.shift}
+    model, record = train_causal_lm(
+        lm,
+        training_texts(secret),
+        cfg.training(),
+        progress,
+        checkpoint=checkpoint,
+        on_epoch=snapshot if snapshots else None,
+    )
+    earlier = sum(record["epoch_seconds"][: record.get("resumed_epochs", 0)])  # epochs of an interrupted run
+    record = _save_run(cfg, secret, model, lm.tokenizer, out, record, time.perf_counter() - start + earlier)
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return record
+
+
+def _save_run(
+    cfg: FinetuneConfig,
+    secret: FinetuneSecret,
+    model: nn.Module,
+    tokenizer: Any,
+    out: Path,
+    record: dict[str, Any],
+    seconds: float | None = None,
+) -> dict[str, Any]:
+    """The model folder with its record (``seconds``: training time, default the epochs' sum) and the Secret."""
+    trained = seconds if seconds is not None else float(sum(record["epoch_seconds"]))
+    record = {"config": cfg.to_dict(), **record, "seconds": trained, "shift": secret.shift}
     atomic_write_json(secret_path(out), secret.to_dict())
-    save_causal_lm(model, lm.tokenizer, out, record)
+    save_causal_lm(model, tokenizer, out, record)
     return record
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from leaklab.metrics.membership import exposure_exact, exposure_sampled
-from leaklab.models.causal import CausalLM, encode_texts, sequence_nll
+from leaklab.metrics.membership import exposure_exact, exposure_fitted, exposure_sampled
+from leaklab.models.causal import CausalLM, encode_texts, model_device, sequence_nll
 from leaklab.threat.finetune import Canary, format_digits, random_secrets
 
 
@@ -58,6 +58,7 @@ def canary_exposure(
                     "repeats": c.repeats,
                     "exposure": value,
                     "at_bound": bound,
+                    "exposure_fitted": None if exact else exposure_fitted(float(nll), pool_nll, space),
                     "max_exposure": float(np.log2(space)),
                     "exact": exact,
                 }
@@ -68,7 +69,7 @@ def canary_exposure(
 @torch.no_grad()
 def continuation(lm: CausalLM, prefix: str, new_tokens: int, beams: int) -> str:
     """The model's continuation of ``prefix`` (greedy when ``beams`` is 1)."""
-    ids = torch.tensor([encode_texts(lm, [prefix], end=False)[0]])
+    ids = torch.tensor([encode_texts(lm, [prefix], end=False)[0]], device=model_device(lm.model))
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.start_id
     out = lm.model.generate(
         input_ids=ids,
@@ -79,7 +80,7 @@ def continuation(lm: CausalLM, prefix: str, new_tokens: int, beams: int) -> str:
         pad_token_id=pad,
         eos_token_id=None,
     )
-    return lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return lm.tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
 
 
 def reproduces(text: str, secret: str) -> bool:
