@@ -49,6 +49,8 @@ GRID_BASE = [
     "2",
     "--attack-budget-s",
     "30",
+    "--client-cpus",
+    "2",  # one client actor at a time: two smollm2-135m actors and the server did not fit the shared 24 GiB
 ]
 #: row name -> extra CLI options (the issue's grid)
 GRID: dict[str, list[str]] = {
@@ -244,7 +246,7 @@ def main() -> None:
     ap.add_argument("--rounds", help="grid: rounds instead of 3")
     ap.add_argument("--attack-clients", help="grid: client updates attacked per round instead of 2")
     ap.add_argument("--attack-budget-s", help="grid: budget of each attack run instead of 30 s")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     unknown = [r for r in args.rows if r not in GRID]
     if unknown:
         ap.error(f"unknown grid rows {unknown}; valid: {list(GRID)}")
@@ -263,7 +265,7 @@ def main() -> None:
         existing = json.loads((RESULTS / "fl.json").read_text()) if (RESULTS / "fl.json").exists() else []
         existing = [r for r in existing if r["name"] != name] + [row]  # rows of earlier runs stay
         write(existing)
-        plot([r for r in existing if "somp/clients" in r or "dager/clients" in r])
+        plot([r for r in existing if r["name"] in GRID])
         leakage = RUNS / name.replace(" ", "_").replace("=", "") / "leakage.png"
         if leakage.exists():
             safe = "".join(c if c.isalnum() else "-" for c in name).strip("-")

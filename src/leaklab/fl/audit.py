@@ -60,9 +60,15 @@ class Auditor:
 
     # ------------------------------------------------------------------ what the server sent
     def sent(self, server_round: int, tensors: Tensors) -> None:
-        """The global weights of ``server_round``: the attacker's model is rebuilt from them."""
-        self._sent[server_round] = {k: v.detach().float().clone() for k, v in tensors.items()}
-        self._refs[server_round] = self._global_ref(server_round, self._sent[server_round])
+        """The global weights of ``server_round``: the attacker's model is rebuilt from them. Earlier rounds' weights
+        (and the model built from them) are dropped: a round's updates all arrive before the next round starts."""
+        from leaklab.models.registry import unload
+
+        for ref, _ in self._refs.values():
+            if ref.name != self.run.model:
+                unload(ref)
+        self._sent = {server_round: {k: v.detach().float().clone() for k, v in tensors.items()}}
+        self._refs = {server_round: self._global_ref(server_round, self._sent[server_round])}
         self.on_event("round", {"round": server_round})
 
     def _global_ref(self, server_round: int, tensors: Tensors) -> tuple[ModelRef, dict[str, Any]]:
