@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import shlex
 import signal
 import subprocess
@@ -130,6 +131,8 @@ def run_cli(name: str, args: list[str]) -> dict:
     if proc.returncode == 0 and summary_file.exists():
         summary = json.loads(summary_file.read_text())
         row.update(summarise(summary))
+        if not summary["records"] and "OutOfMemoryError" in (RUNS / f"{out.name}.log").read_text(errors="replace"):
+            row["exit"] = "0, no update: Ray's memory monitor killed the clients"
     prune(out)
     return row
 
@@ -141,6 +144,7 @@ def summarise(summary: dict) -> dict:
         "defense": summary["defense"],
         "utility": summary["utility"],
         "sim_s": summary["seconds"],
+        "clients": run["clients"],
         "rounds": run["rounds"],
         "attack_clients": run["attack_clients"],
         "attack_budget_s": run["attack_budget_s"],
@@ -175,8 +179,8 @@ def write(rows: list[dict]) -> None:
         "(recovered/attacked); n/a: the attack reported no signal or could not run. Val loss: mean next-token loss "
         "of the global model on 16 public texts, before the first round → after the last.",
         "",
-        "| run | rounds | attacked clients/round | exit | wall s | peak RSS GiB | SOMP clients | DAGER clients | "
-        "SOMP aggregate | DAGER aggregate | val loss | ε |",
+        "| run | clients × rounds | attacked clients/round | exit | wall s | peak RSS GiB | SOMP clients | "
+        "DAGER clients | SOMP aggregate | DAGER aggregate | val loss | ε |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -194,13 +198,18 @@ def write(rows: list[dict]) -> None:
         eps = (r.get("defense") or {}).get("epsilon_total")
         attacked = {0: "all", None: "—"}.get(r.get("attack_clients"), r.get("attack_clients"))
         lines.append(
-            f"| {r['name']} | {r.get('rounds', '—')} | {attacked} | {r['exit']} | {r['wall_s']} | "
+            f"| {r['name']} | {_clients(r)} × {r.get('rounds', '—')} | {attacked} | {r['exit']} | {r['wall_s']} | "
             f"{r['peak_rss_gib']} | {cell('somp/clients')} | "
             f"{cell('dager/clients')} | {cell('somp/aggregate')} | {cell('dager/aggregate')} | {last} | "
             f"{f'{eps:.3g}' if eps else '—'} |"
         )
     lines += ["", "Commands:", ""] + [f"- {r['name']}: `{r['command']}`" for r in rows]
     atomic_write(RESULTS / "fl.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
+
+
+def _clients(row: dict) -> str:
+    found = re.search(r"--clients (\d+)", row["command"])
+    return str(row.get("clients") or (found.group(1) if found else "—"))
 
 
 def overridden(args: list[str], values: dict[str, str | None]) -> list[str]:
@@ -249,6 +258,7 @@ def main() -> None:
     ap.add_argument("job", choices=["scale", "grid"])
     ap.add_argument("rows", nargs="*", help="grid rows to run (default: all)")
     ap.add_argument("--rounds", help="grid: rounds instead of 3")
+    ap.add_argument("--clients", help="grid: clients instead of 8")
     ap.add_argument("--attack-clients", help="grid: client updates attacked per round instead of 2")
     ap.add_argument("--attack-budget-s", help="grid: budget of each attack run instead of 30 s")
     args = ap.parse_intermixed_args()
