@@ -75,6 +75,17 @@ def test_auditor_turns_a_client_reply_into_its_fedsgd_gradient(tmp_path):
     assert float((g - r).norm() / r.norm()) < 1e-3
 
 
+def test_auditor_attacks_the_first_client_updates_and_the_aggregate_unless_told_not_to(tmp_path):
+    from leaklab.fl import Auditor
+
+    auditor = Auditor(FlRun(attack_clients=1, **TINY), tmp_path / "a")
+    auditor.records.append({"round": 1, "target": "node-1"})
+    assert auditor._attack_this(1, "node-1") and auditor._attack_this(1, "aggregate")
+    assert not auditor._attack_this(1, "node-2") and auditor._attack_this(2, "node-2")
+    quiet = Auditor(FlRun(attack_aggregate=False, **TINY), tmp_path / "b")
+    assert quiet._attack_this(1, "node-5") and not quiet._attack_this(1, "aggregate")
+
+
 @pytest.fixture(scope="module")
 def fedsgd_run(tmp_path_factory):
     from leaklab.fl.simulate import simulate
@@ -147,3 +158,76 @@ def test_deployment_on_loopback_captures_updates(tmp_path):
     assert len(list((tmp_path / "run" / "round-001").glob("node-*.safetensors"))) == 2
     records = json.loads((tmp_path / "run" / "records.json").read_text())
     assert any(r["target"] != "aggregate" and r["status"] == "recovered" for r in records)
+
+
+def _node_updates(folder):
+    from leaklab.threat.store import load_update
+
+    return [load_update(f, check_model=False) for f in sorted(folder.glob("node-*.safetensors"))]
+
+
+@pytest.mark.parametrize(
+    ("setting", "extra", "floor"),
+    [
+        ("fedavg", {"local_steps": 3}, 1.0),  # three local SGD steps: SOMP still recovers every text exactly
+        ("lora", {"lora_r": 64}, 0.9),  # rank 64 > the batch's ≤ 22 tokens: the adapter update is not saturated
+    ],
+)
+def test_fedavg_and_lora_updates_through_flower_are_attacked_in_their_setting(tmp_path, setting, extra, floor):
+    """A real Flower simulation in the FedAvg (k local steps) and LoRA (only adapter tensors sent) settings: the
+    auditor stores each client's reply as an update of that setting, with the protocol facts the server knows,
+    and SOMP recovers each client's texts from it."""
+    from leaklab.fl.model import shared_names, working_model
+    from leaklab.fl.simulate import simulate
+
+    run = FlRun(clients=2, rounds=1, setting=setting, capture="clients", out=str(tmp_path), **extra, **TINY)
+    summary = simulate(run, num_cpus=2, client_cpus=1.0)
+    updates = _node_updates(tmp_path / "round-001")
+    assert len(updates) == 2
+    for obs in updates:
+        assert obs.setting == setting and obs.batch_size == 2
+        assert obs.flags.local_steps == run.local_steps and obs.meta["optimizer_steps"] == run.local_steps
+    if setting == "lora":
+        sent = set(updates[0].gradients)
+        assert sent == set(shared_names(working_model(run.model, "lora", run.lora_r)))
+        assert all("lora_" in name for name in sent) and updates[0].meta["lora"]["r"] == 64
+    records = summary["records"]
+    assert len(records) == 2 and all(r["status"] == "recovered" for r in records)
+    assert sum(r["aggregate"]["rouge1"] for r in records) / 2 >= floor
+
+
+def test_server_dp_inside_auditor_sees_clipped_updates_outside_only_the_noised_mean(tmp_path):
+    """Flower's DifferentialPrivacyServerSideFixedClipping (z = 1, C = 0.05, 2 clients): wrapped inside it, the
+    auditor gets each clipped client update before the noise, and clipping alone does not stop SOMP; wrapped
+    around it, it gets only the mean with N(0, (z·C/n)²) added, and SOMP recovers nothing from it."""
+    import torch
+
+    from leaklab.fl.simulate import simulate
+    from leaklab.threat.store import load_update
+
+    z, clip, n = 1.0, 0.05, 2
+    spec = f"server-dp:noise={z},clip={clip}"
+    inside = FlRun(
+        clients=n, rounds=1, defense=f"{spec},view=inside", capture="clients", out=str(tmp_path / "in"), **TINY
+    )
+    seen = simulate(inside, num_cpus=2, client_cpus=1.0)
+    for obs in _node_updates(tmp_path / "in" / "round-001"):
+        norm = torch.sqrt(sum(g.double().pow(2).sum() for g in obs.gradients.values()))
+        assert float(norm) <= clip * 1.001  # clipped by Flower before the inner (audited) strategy
+    assert len(seen["records"]) == n
+    assert all(r["status"] == "recovered" and r["aggregate"]["rouge1"] == 1.0 for r in seen["records"])
+
+    opts = {**TINY, "attack_budget_s": 5.0}
+    outside = FlRun(clients=n, rounds=1, defense=f"{spec},view=outside", out=str(tmp_path / "out"), **opts)
+    noised = simulate(outside, num_cpus=2, client_cpus=1.0)
+    assert not list((tmp_path / "out" / "round-001").glob("node-*"))
+    agg = load_update(tmp_path / "out" / "round-001" / "aggregate.safetensors", check_model=False)
+    std = z * clip / n
+    assert agg.meta["delta_noise_std"] == pytest.approx(std)  # the server knows the noise it adds
+    measured = torch.cat([g.double().flatten() for g in agg.gradients.values()]).std()
+    assert float(measured) == pytest.approx(std, rel=0.02)
+    (record,) = noised["records"]
+    assert record["target"] == "aggregate"
+    assert record["status"] != "recovered" or record["aggregate"]["rouge1"] < 0.2
+    eps = seen["defense"]["epsilon_total"]
+    assert eps > 0 and noised["defense"]["epsilon_total"] == pytest.approx(eps)  # same z, rounds: same ε

@@ -49,6 +49,9 @@ def simulate_cmd(
     ] = "none",
     capture: Annotated[str, typer.Option(help="clients, aggregate or both.")] = "both",
     attack_clients: Annotated[int, typer.Option(help="Client updates attacked per round (0: all).")] = 0,
+    attack_aggregate: Annotated[
+        bool, typer.Option(help="Attack each round's aggregate (--no-attack-aggregate: store it only).")
+    ] = True,
     attack_budget_s: Annotated[float, typer.Option(help="Time budget of each attack run.")] = 120.0,
     min_tokens: common.MinTokensOpt = 4,
     max_tokens: common.MaxTokensOpt = 10,
@@ -77,6 +80,7 @@ def simulate_cmd(
             "defense": defense,
             "capture": capture,
             "attack_clients": attack_clients,
+            "attack_aggregate": attack_aggregate,
             "attack_budget_s": attack_budget_s,
             "min_tokens": min_tokens,
             "max_tokens": max_tokens,

@@ -60,9 +60,15 @@ class Auditor:
 
     # ------------------------------------------------------------------ what the server sent
     def sent(self, server_round: int, tensors: Tensors) -> None:
-        """The global weights of ``server_round``: the attacker's model is rebuilt from them."""
-        self._sent[server_round] = {k: v.detach().float().clone() for k, v in tensors.items()}
-        self._refs[server_round] = self._global_ref(server_round, self._sent[server_round])
+        """The global weights of ``server_round``: the attacker's model is rebuilt from them. Earlier rounds' weights
+        (and the model built from them) are dropped: a round's updates all arrive before the next round starts."""
+        from leaklab.models.registry import unload
+
+        for ref, _ in self._refs.values():
+            if ref.name != self.run.model:
+                unload(ref)
+        self._sent = {server_round: {k: v.detach().float().clone() for k, v in tensors.items()}}
+        self._refs = {server_round: self._global_ref(server_round, self._sent[server_round])}
         self.on_event("round", {"round": server_round})
 
     def _global_ref(self, server_round: int, tensors: Tensors) -> tuple[ModelRef, dict[str, Any]]:
@@ -116,7 +122,7 @@ class Auditor:
             **({"lora": lmeta} if lmeta else {}),
             **({"defenses": inner["defenses"]} if "defenses" in inner else {}),
             "flower": {"round": server_round, "aggregate": True},
-            **secagg_noise(self.run, examples, clients),
+            **known_noise(self.run, examples, clients),
         }
         obs = Observation(
             model=ref,
@@ -175,12 +181,15 @@ class Auditor:
             atomic_write_json(self.out / "records.json", self.records)
 
     def _attack_this(self, server_round: int, who: str) -> bool:
-        """Attack every aggregate, and the first ``attack_clients`` client updates of a round (0: all)."""
+        """Attack every aggregate (unless ``attack_aggregate`` is off), and the first ``attack_clients`` client
+        updates of a round (0: all)."""
         if not self.attack:
             return False
+        if who == "aggregate":
+            return self.run.attack_aggregate
         limit = self.run.attack_clients
         done = {r["target"] for r in self.records if r["round"] == server_round and r["target"] != "aggregate"}
-        return who == "aggregate" or limit == 0 or who in done or len(done) < limit
+        return limit == 0 or who in done or len(done) < limit
 
     def validation(self, server_round: int, tensors: Tensors) -> float | None:
         """Mean next-token loss of the global weights on held-out public-split texts (the utility)."""
@@ -199,16 +208,22 @@ class Auditor:
             shutil.rmtree(self.out, ignore_errors=True)
 
 
-def secagg_noise(run: FlRun, examples: list[int] | None, clients: int) -> dict[str, float]:
-    """SecAgg+'s known rounding noise on the aggregate: each client's weights, scaled by w/max_weight, are
-    stochastically rounded to steps of 2·clipping_range/quantization_range (variance ≤ step²/4, step²/6 on
-    average), and the server divides the sum by Σw: std per entry ≈ step·max_weight/w/√6/√N."""
+def known_noise(run: FlRun, examples: list[int] | None, clients: int) -> dict[str, float]:
+    """The noise per entry that the run's Flower defense adds to the aggregate the auditor sees, which the server
+    knows from the protocol parameters it set (``meta["delta_noise_std"]``; the delta denoiser adds it to σ).
+
+    SecAgg+: each client's weights, scaled by w/max_weight, are stochastically rounded to steps of
+    2·clipping_range/quantization_range (variance ≤ step²/4, step²/6 on average), and the server divides the sum
+    by Σw: std ≈ step·max_weight/w/√6/√N. Server-side DP seen from outside: Flower adds N(0, (z·C/n)²) to the
+    mean (n sampled clients); inside, the auditor sees the mean before the noise."""
     name, opts = defense_of(run.defense)
-    if name != "secagg+":
-        return {}
-    w = (sum(examples) / len(examples)) if examples else run.batch_size
-    step = 2 * opts.clipping_range / opts.quantization_range
-    return {"delta_noise_std": step * opts.max_weight / w / 6**0.5 / clients**0.5}
+    if name == "secagg+":
+        w = (sum(examples) / len(examples)) if examples else run.batch_size
+        step = 2 * opts.clipping_range / opts.quantization_range
+        return {"delta_noise_std": step * opts.max_weight / w / 6**0.5 / clients**0.5}
+    if name == "server-dp" and opts.view == "outside":
+        return {"delta_noise_std": opts.noise * opts.clip / run.clients}
+    return {}
 
 
 def attack_update(

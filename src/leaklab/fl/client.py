@@ -107,7 +107,8 @@ def train(msg: Message, context: Context) -> Message:
     new, ids = train_locally(cfg, weights, texts, labels, seed)
     write_secret(cfg, server_round, context.node_id, texts, ids, labels)
     if legacy:
-        return Message(_legacy_reply([new[n] for n in names], len(texts)), reply_to=msg)
+        secure = defense_of(str(cfg.get("defense", "none")))[0] == "secagg+"
+        return Message(_legacy_reply([new[n] for n in names], len(texts), secure), reply_to=msg)
     content = RecordDict({"arrays": ArrayRecord(new), "metrics": MetricRecord({"num-examples": len(texts)})})
     return Message(content, reply_to=msg)
 
@@ -120,11 +121,12 @@ def _legacy_weights(msg: Message, names: list[str]) -> dict[str, torch.Tensor]:
     return {n: torch.from_numpy(a.copy()) for n, a in zip(names, arrays, strict=True)}
 
 
-def _legacy_reply(tensors: list[torch.Tensor], num_examples: int) -> RecordDict:
+def _legacy_reply(tensors: list[torch.Tensor], num_examples: int, secure: bool) -> RecordDict:
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
 
-    # float64 (exact for float32 weights): Flower's SecAgg+ quantiser computes in the array's dtype, and in float32
-    # its steps of 2·clipping_range/quantization_range would round to float32's spacing at 2^log2(range)
-    params = ndarrays_to_parameters([t.double().numpy() for t in tensors])
+    # under SecAgg+ float64 (exact for float32 weights): Flower's SecAgg+ quantiser computes in the array's dtype,
+    # and in float32 its steps of 2·clipping_range/quantization_range would round to float32's spacing at
+    # 2^log2(range); otherwise (LocalDpMod) float32, half the memory
+    params = ndarrays_to_parameters([(t.double() if secure else t).numpy() for t in tensors])
     return compat.fitres_to_recorddict(FitRes(Status(Code.OK, ""), params, num_examples, {}), keep_input=True)

@@ -120,7 +120,7 @@ def plot_leakage(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("mean ROUGE-1 (recovered)")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(f"leakage per round ({summary['defense']['name']})", fontsize=9)
-    if series:
+    if ax.get_legend_handles_labels()[0]:  # not when every update came back n/a
         ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

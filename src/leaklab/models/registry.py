@@ -443,6 +443,12 @@ def clear_loaded() -> None:
     _LOADED.clear()
 
 
+def unload(ref: ModelRef) -> None:
+    """Forget the built copies of ``ref`` (every device), e.g. a per-round global model no longer attacked."""
+    for key in [k for k in _LOADED if k[0] == ref]:
+        del _LOADED[key]
+
+
 def _save_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """Write a folder via a temporary sibling and rename it into place (no half-written cache)."""
     target.parent.mkdir(parents=True, exist_ok=True)
