@@ -1,12 +1,16 @@
-"""Does the cost per batch grow with the vocabulary? Seconds per batch of SOMP at B=16 short on smollm2-135m and
-on a model with a 262,144-token vocabulary (smollm2's Llama architecture, random weights, ~2x its parameters,
-built offline from a transformers config), with the vocabulary-wide span distances unscreened (before: float64
-over every token) and screened (after: a float32 screen, float64 only for the pool of tokens near the span).
+"""Does the cost per batch grow with the vocabulary? Seconds per batch of SOMP (and DAGER) at B=4 and B=16
+short on smollm2-135m and on a model with a 262,144-token vocabulary (smollm2's Llama architecture, random
+weights, ~2x its parameters, built offline from a transformers config), with the vocabulary-wide work
+unrestricted (before: float64 span distances over every token, last-token softmax terms over the whole
+vocabulary) and restricted to token pools (after: a float32 span screen with float64 only near the span; exact
+last-token scores only on a certified pool, :func:`leaklab.attacks.gradient.dager.pooled_scores`).
 
-    flock /work/heavy.lock python benchmarks/vocab_bench.py [--batches 1] [--out benchmarks/results/devices]
+    flock LOCK python benchmarks/vocab_bench.py [--batches 1] [--sizes 4,16] [--attacks somp]
+        [--out benchmarks/results/devices]
 
-The large model reuses smollm2's tokenizer (49,152 tokens): texts only use those ids, but every vocabulary-wide
-step (layer-1 filter, last-token scores, output-gradient rows) runs over all 262,144 rows. Same run, same machine.
+Each finished cell is saved in ``vocab.json`` at once and skipped when the script runs again (resumable);
+delete that file to start over. The large model reuses smollm2's tokenizer (49,152 tokens): texts only use
+those ids, but every vocabulary-wide step runs over all 262,144 rows. Same run, same machine.
 """
 
 from __future__ import annotations
@@ -39,19 +43,26 @@ def big_model_folder() -> Path:
     return folder
 
 
-def time_cells(model: str, batches: int, screened: bool) -> list[dict]:
-    from leaklab.attacks.gradient import subspace
+def set_pool(restricted: bool) -> None:
+    """Switch every vocabulary-wide restriction on (after) or off (before)."""
+    from leaklab.attacks.gradient import dager, subspace
+
+    subspace.SCREEN_MIN_ROWS = 8192 if restricted else 10**12
+    dager.LAST_TOKEN_POOL = restricted
+
+
+def time_cell(attack: str, model: str, size: int, batches: int, restricted: bool) -> list[dict]:
     from leaklab.bench.gradient import REGIMES
     from leaklab.experiments.runner import attack_batch
     from leaklab.models import ModelRef
     from leaklab.threat.fedsgd import fedsgd_update, private_sample
 
-    subspace.SCREEN_MIN_ROWS = 8192 if screened else 10**12
+    set_pool(restricted)
     ref, reg, rows = ModelRef(model), REGIMES["short"], []
     for seed in range(batches):
-        sample = private_sample(ref, reg.corpus, 16, seed, reg.min_tokens, reg.max_tokens)
+        sample = private_sample(ref, reg.corpus, size, seed, reg.min_tokens, reg.max_tokens)
         obs, secret = fedsgd_update(ref, sample.texts, sample.labels, seed=seed)
-        rec = attack_batch("somp", obs, secret, batch=16, seed=seed)
+        rec = attack_batch(attack, obs, secret, batch=size, seed=seed)
         rows.append(
             {
                 "seed": seed,
@@ -61,7 +72,6 @@ def time_cells(model: str, batches: int, screened: bool) -> list[dict]:
                 "peak_memory_mb": rec.device.get("peak_memory_mb"),
             }
         )
-        print(json.dumps({"model": Path(model).name, "screened": screened, **rows[-1]}), flush=True)
     return rows
 
 
@@ -69,46 +79,73 @@ def mean(rows: list[dict]) -> float:
     return sum(r["seconds"] for r in rows) / len(rows)
 
 
+SMALL, LARGE = "smollm2-135m", f"llama-{BIG_VOCAB // 1024}k-random"
+
+
+def key(attack: str, size: int, model: str, restricted: bool) -> str:
+    return f"{attack}|B={size}|{model}|{'pool' if restricted else 'full'}"
+
+
+def table(cells: dict, attacks: list[str], sizes: list[int], batches: int) -> list[str]:
+    from leaklab.models.device import current_device, device_name
+
+    dev = current_device()
+    lines = [
+        f"# Cost against the vocabulary: B=4 and B=16 short, {batches} batch(es) per cell",
+        "",
+        f"Device: {device_name(dev)} ({dev}); the 2-core machine was shared with other jobs while timing (same",
+        "run: the two models of a row were timed back to back, so their ratio is what to read, not the seconds).",
+        "",
+        f"Command: `python benchmarks/vocab_bench.py --batches {batches}` (resumable: finished cells are kept in",
+        "`vocab.json`).",
+        "",
+        f"| attack | B | vocabulary-wide work | {SMALL} s/batch | {LARGE} s/batch | ratio | target <= 2x |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for attack in attacks:
+        for size in sizes:
+            for restricted in (False, True):
+                small, large = (
+                    cells.get(key(attack, size, SMALL, restricted)),
+                    cells.get(key(attack, size, LARGE, restricted)),
+                )
+                if not small or not large:
+                    continue
+                ratio = mean(large) / mean(small)
+                label = "token pools (after)" if restricted else "whole vocabulary (before)"
+                verdict = "reached" if ratio <= TARGET else "missed"
+                cols = [attack, size, label, f"{mean(small):.1f}", f"{mean(large):.1f}", f"{ratio:.2f}x", verdict]
+                lines.append("| " + " | ".join(str(c) for c in cols) + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=1)
+    parser.add_argument("--sizes", default="4,16", help="batch sizes, comma-separated")
+    parser.add_argument("--attacks", default="somp", help="gradient attacks, comma-separated")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "devices")
     args = parser.parse_args()
-    from leaklab.models.device import current_device, device_name
+    from leaklab.io import atomic_write_text
 
+    attacks, sizes = args.attacks.split(","), [int(b) for b in args.sizes.split(",")]
     big = str(big_model_folder())
-    cells = {}
-    for screened in (False, True):
-        for name, model in (("smollm2-135m", "smollm2-135m"), (f"llama-{BIG_VOCAB // 1024}k-random", big)):
-            cells[(name, screened)] = time_cells(model, args.batches, screened)
-    dev = current_device()
-    lines = [
-        f"# Cost against the vocabulary: SOMP, B=16 short, {args.batches} batch(es) per cell",
-        "",
-        f"Device: {device_name(dev)} ({dev}).",
-        "",
-        "Command: `flock /work/heavy.lock python benchmarks/vocab_bench.py"
-        f" --batches {args.batches}` (same run, same machine).",
-        "",
-        "| vocabulary distances | smollm2-135m s/batch | 262k-vocab model s/batch | ratio | target <= 2x |",
-        "|---|---|---|---|---|",
-    ]
-    for screened in (False, True):
-        small, large = (
-            mean(cells[("smollm2-135m", screened)]),
-            mean(cells[(f"llama-{BIG_VOCAB // 1024}k-random", screened)]),
-        )
-        ratio = large / small
-        label = "screened (after)" if screened else "float64 over all (before)"
-        lines.append(
-            f"| {label} | {small:.1f} | {large:.1f} | {ratio:.2f}x | {'met' if ratio <= TARGET else 'missed'} |"
-        )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "vocab.md").write_text("\n".join(lines) + "\n")
-    (args.out / "vocab.json").write_text(
-        json.dumps({f"{k[0]}|{'screened' if k[1] else 'float64'}": v for k, v in cells.items()}, indent=2)
-    )
-    print("\n".join(lines))
+    store = args.out / "vocab.json"
+    cells = json.loads(store.read_text()) if store.exists() else {}
+    for attack in attacks:
+        for size in sizes:
+            for restricted in (True, False):
+                for name, model in ((SMALL, SMALL), (LARGE, big)):
+                    k = key(attack, size, name, restricted)
+                    if k in cells:
+                        continue
+                    cells[k] = time_cell(attack, model, size, args.batches, restricted)
+                    print(json.dumps({"cell": k, "rows": cells[k]}), flush=True)
+                    atomic_write_text(store, json.dumps(cells, indent=2))
+                    lines = table(cells, attacks, sizes, args.batches)
+                    atomic_write_text(args.out / "vocab.md", "\n".join(lines) + "\n")
+    print("\n".join(table(cells, attacks, sizes, args.batches)))
 
 
 if __name__ == "__main__":

@@ -400,6 +400,7 @@ def last_token_scores(
     return full_scores(terms)
 
 
+@torch.no_grad()
 def last_token_terms(spans: SpanModel, prefixes: list[list[int]]) -> LastTokenTerms | None:
     model = spans.loaded.model
     head = model.get_output_embeddings()
@@ -429,6 +430,7 @@ def last_token_terms(spans: SpanModel, prefixes: list[list[int]]) -> LastTokenTe
     return LastTokenTerms(head, grad, flat_h, targets[mask.bool()], last, flat_h @ last.T)
 
 
+@torch.no_grad()
 def full_scores(terms: LastTokenTerms) -> torch.Tensor:
     """The vocabulary-wide reference: (B, V) scores, every softmax over the whole vocabulary in float64."""
     grad, n = terms.grad.double(), terms.flat_h.shape[0]  # N = Σ_b (len_b + 1 − 1) scored positions
@@ -442,6 +444,7 @@ def full_scores(terms: LastTokenTerms) -> torch.Tensor:
     return -(grad @ terms.last.T - known / n).T  # (B, V)
 
 
+@torch.no_grad()
 def pooled_scores(terms: LastTokenTerms, top: int, floor: float = 0.0, start: int = POOL_START) -> torch.Tensor | None:
     """:func:`full_scores` on a token pool, −inf elsewhere; None when no pool up to a quarter of the
     vocabulary is certified (the caller then scores the whole vocabulary).

@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from leaklab.models.device import chunk_rows
 from leaklab.models.registry import LoadedModel
 from leaklab.threat.observation import Observation
 
@@ -53,19 +54,33 @@ def sentence_gradients(
     sentences: list[list[int]],
     labels: list[int] | None,
     index: dict[str, torch.Tensor],
-    batch: int = 8,
+    batch: int | None = None,
 ) -> torch.Tensor:
     """(n, sketch) gradient of each sentence's summed loss (next-token: over its targets; classify: its
     label), restricted to ``index``'s coordinates, on the model's device. Sentences are right-padded; pads
-    carry no gradient."""
+    carry no gradient. ``batch`` sentences go through each forward/backward (default: from the device's free
+    memory, :func:`sentence_bytes`; at most 8)."""
     model = loaded.model
     modules = {p: model.get_submodule(p.rsplit(".", 1)[0]) for p in index}
+    batch = batch or chunk_rows(sentence_bytes(loaded, modules, sentences), loaded.device, most=8)
     rows: list[torch.Tensor] = []
     for s in range(0, len(sentences), batch):
         part = sentences[s : s + batch]
         labs = labels[s : s + batch] if labels is not None else None
         rows.append(_batch_gradients(loaded, modules, index, part, labs))
     return torch.cat(rows)
+
+
+def sentence_bytes(loaded: LoadedModel, modules: dict, sentences: list[list[int]]) -> int:
+    """Memory one sentence takes in :func:`sentence_gradients`: its float32 logits and their gradient over the
+    vocabulary, every layer's activations kept for the backward pass, and its float64 per-sentence weight
+    gradients of the signal layers (with their inputs and output gradients)."""
+    width = max((len(t) for t in sentences), default=1)
+    cfg = loaded.adapter
+    vocab = cfg.embeddings.num_embeddings
+    activations = 16 * width * cfg.hidden_size * cfg.num_layers
+    weights = sum(m.weight.numel() for m in modules.values())
+    return 4 * (3 * width * vocab + activations) + 8 * 2 * weights
 
 
 def _batch_gradients(loaded, modules, index, sentences, labels) -> torch.Tensor:
