@@ -56,10 +56,11 @@ def test_a_tiny_memory_budget_gives_the_unchunked_results(spans, monkeypatch):
     }
     tiny["distances"] = subspace.screened_distance(tiny["inputs"], spans.sub1.basis)
     tiny["gram"] = omp.gram_matrix(tiny["atoms"])
-    # every site split its work: token inputs, the logit rows, the sentences, the screen, the Gram's columns
-    inputs, logits, sentences, screen, columns = sizes
+    # every site split its work: token inputs, logit rows, sentences, their softmax rows, the screen, Gram columns
+    inputs, logits, sentences, *softmax_rows, screen, columns = sizes  # softmax rows: one per batch
     assert inputs < vocab.numel() and screen < vocab.numel(), sizes
-    assert logits < sum(map(len, prefixes)) and sentences == 1 and columns < tiny["atoms"].shape[1], sizes
+    assert logits < sum(map(len, prefixes)) and sentences == 1 and set(softmax_rows) == {1}, sizes
+    assert columns < tiny["atoms"].shape[1], sizes
     for name, got in tiny.items():  # float32 round-off of other matmul shapes, relative to the largest entry
         scale = float(whole[name].abs().max())
         torch.testing.assert_close(got, whole[name], rtol=1e-5, atol=1e-6 * scale, msg=name)

@@ -73,3 +73,20 @@ def _with(obs, name, g):
     import dataclasses
 
     return dataclasses.replace(obs, gradients={**obs.gradients, name: g})
+
+
+def test_atoms_with_one_softmax_per_prefix_match_the_full_loss(monkeypatch):
+    """Candidate-sentence gradients (OMP atoms) where last-token alternatives share their prefix's softmax
+    terms equal the gradients of each atom's own loss over the whole vocabulary."""
+    from leaklab.attacks.gradient import dictionary
+
+    obs, secret = fedsgd_update(ModelRef("tiny-llama"), TEXTS[:2])
+    loaded = SpanModel(obs).loaded
+    index = dictionary.sketch_index(obs, dictionary.signal_params(loaded))
+    base = [list(t) for t in secret.token_ids]
+    sentences = [p[:-1] + [alt] for p in base for alt in (p[-1], 13, 4000)] + [base[0][:3]]
+    fast = dictionary.sentence_gradients(loaded, sentences, None, index, batch=4)
+    monkeypatch.setattr(dictionary, "SHARED_SOFTMAX", False)
+    slow = dictionary.sentence_gradients(loaded, sentences, None, index, batch=4)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5 * float(slow.abs().max()))
+    assert not torch.allclose(fast[0], fast[1])  # the alternatives' atoms differ
