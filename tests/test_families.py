@@ -22,8 +22,6 @@ UNGUARDED = {"mistral"}
 KNOWN = {
     ("dager", "gemma"): "DAGER's last token comes from the output-embedding gradient alone; Gemma ties it to the "
     "input embedding scaled by sqrt(d), whose input-token rows win (SOMP's OMP arbitrates them)",
-    ("dager", "qwen2"): "the random-init Qwen2's first-layer attention gradients come out rank 1 (cause not found)",
-    ("somp", "qwen2"): "the random-init Qwen2's first-layer attention gradients come out rank 1 (cause not found)",
     ("somp", "roberta"): "SOMP's OMP prefers a 'the' -> 'a' swap on the random-init RoBERTa (DAGER recovers it)",
     ("somp", "xlm-roberta"): "SOMP's OMP prefers a 'the' -> 'a' swap on the random-init XLM-R (DAGER recovers it)",
 }
@@ -76,3 +74,17 @@ def test_unreadable_family_fails_with_one_line():
     with pytest.raises(LeaklabError, match=r"cannot find attention projections in block blocks\.0 \(Block\)") as err:
         FamilyAdapter(Odd())
     assert "\n" not in str(err.value)
+
+
+def test_folder_tokenizer_keeps_the_folders_tokenizer_model(tmp_path):
+    """transformers rebuilds a Qwen2 folder's tokenizer as BPE from its vocabulary; a word-level
+    tokenizer.json would then map every word to one id. The loader keeps the file's own tokenizer model."""
+    from families import _decoder_configs, word_tokenizer
+
+    from leaklab.models.registry import folder_tokenizer
+
+    tok = word_tokenizer(tmp_path)
+    _decoder_configs(tok)["qwen2"]().save_pretrained(str(tmp_path))
+    loaded = folder_tokenizer(str(tmp_path))
+    assert loaded(TEXTS[0])["input_ids"] == tok(TEXTS[0])["input_ids"]
+    assert len(set(loaded(TEXTS[0])["input_ids"])) == 7

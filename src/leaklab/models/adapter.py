@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from leaklab.errors import LeaklabError
+from leaklab.models.device import chunk_rows
 
 _Q_NAMES = ("q_proj", "query", "q_lin", "wq", "q")  # "q": MPNet's attention.attn.q
 _K_NAMES = ("k_proj", "key", "k_lin", "wk", "k")
@@ -194,9 +195,11 @@ class FamilyAdapter:
 
     @torch.no_grad()
     def token_inputs(
-        self, token_ids: torch.Tensor, position: int = 0, layer: int = 0, chunk: int = 8192
+        self, token_ids: torch.Tensor, position: int = 0, layer: int = 0, chunk: int | None = None
     ) -> torch.Tensor:
-        """First-layer input of each token alone at ``position`` (rows of the returned (n, d) matrix)."""
+        """First-layer input of each token alone at ``position`` (rows of the returned (n, d) matrix), a chunk of
+        tokens per forward pass (default: from the device's free memory, a few d-wide activations a token)."""
+        chunk = chunk or chunk_rows(16 * 4 * self.hidden_size, self.device, most=8192)
         outs = []
         for start in range(0, len(token_ids), chunk):
             ids = token_ids[start : start + chunk].view(-1, 1)

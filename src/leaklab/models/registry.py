@@ -6,6 +6,7 @@ label count, the seed of every randomly initialised part). Attacks rebuild the m
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -366,7 +367,7 @@ def _is_decoder_config(cfg) -> bool:
 
 def _build_external(ref: ModelRef):
     """Any Hugging Face folder, or a hub name when online."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     name = ref.name
     if name.lower().endswith(".gguf"):
@@ -380,7 +381,7 @@ def _build_external(ref: ModelRef):
     offline = hub_offline()
     try:
         cfg = AutoConfig.from_pretrained(folder, local_files_only=offline and not is_folder)
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=offline and not is_folder)
+        tok = folder_tokenizer(folder, local_files_only=offline and not is_folder)
     except (OSError, ValueError) as exc:
         if is_folder:
             raise LeaklabError(f"'{name}' is not a loadable Hugging Face model folder: {exc}") from None
@@ -396,6 +397,27 @@ def _build_external(ref: ModelRef):
     if ref.task == "next-token" and not decoder:
         raise LeaklabError(f"'{name}' is an encoder ({cfg.model_type}): use --task classify")
     return _from_folder(folder, ref, tok, decoder=decoder, local_files_only=offline and not is_folder), tok
+
+
+def folder_tokenizer(folder: str, **kw):
+    """The folder's tokenizer. transformers picks the tokenizer class from the model type and rebuilds it
+    from the vocabulary, so a Qwen2 folder holding a word-level ``tokenizer.json`` would get a BPE tokenizer
+    that maps every word to one id (a batch of one repeated token): when the class's tokenizer model is not
+    the one ``tokenizer.json`` describes, the file is loaded as it is."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = AutoTokenizer.from_pretrained(folder, **kw)
+    spec = Path(os.path.expanduser(folder)) / "tokenizer.json"
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or not spec.is_file():
+        return tok
+    try:
+        wanted = json.loads(spec.read_text())["model"]["type"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return tok
+    if type(backend.model).__name__ == wanted:
+        return tok
+    return PreTrainedTokenizerFast.from_pretrained(folder, **kw)
 
 
 def hub_offline() -> bool:

@@ -322,35 +322,89 @@ def _coordinate_search(spans: SpanModel, pools: list[torch.Tensor], n_starts: in
 
 def last_tokens(spans: SpanModel, prefixes: list[list[int]]) -> list[int | None]:
     """Next-token task: the most likely last token y_b of each text (see :func:`last_token_scores`)."""
-    scores = last_token_scores(spans, prefixes)
+    scores = last_token_scores(spans, prefixes, top=1)
     if scores is None:
         return [None] * len(prefixes)
     return scores.argmax(dim=1).tolist()
 
 
-def output_gradient(spans: SpanModel) -> torch.Tensor | None:
-    """The observed gradient of the output embedding (V × d, float64, on the model's device), or None when the
-    update lacks it."""
+def output_gradient(spans: SpanModel, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+    """The observed gradient of the output embedding (V × d, ``dtype``, on the model's device), or None when
+    the update lacks it."""
     model = spans.loaded.model
     head = model.get_output_embeddings()
     name = next((n for n, p in model.named_parameters() if head is not None and p is head.weight), None)
     if name is None or name not in spans.obs.gradients:
         return None
-    return spans.obs.gradients[name].to(spans.device, torch.float64)
+    return spans.obs.gradients[name].to(spans.device, dtype)
+
+
+#: restrict last-token scoring to a token pool (:func:`pooled_scores`); a benchmark turns it off to time the
+#: vocabulary-wide reference
+LAST_TOKEN_POOL = True
+#: starting pool: each position's most likely next tokens, and the best cheap scores of each text
+POOL_START = 64
+
+
+@dataclass
+class LastTokenTerms:
+    """What every last-token score is built from: lm_head inputs h_t of the N scored positions, their known
+    targets y_t (−1 at each prefix's last position, whose target is the unknown), each prefix's last input
+    h_b, the Gram terms ⟨h_t, h_b⟩ and the observed output-embedding gradient (float32, as shared)."""
+
+    head: torch.nn.Module
+    grad: torch.Tensor  # (V, d)
+    flat_h: torch.Tensor  # (N, d) float64
+    flat_y: torch.Tensor  # (N,)
+    last: torch.Tensor  # (B, d) float64
+    gram: torch.Tensor  # (N, B)
+
+    @property
+    def has_y(self) -> torch.Tensor:
+        return self.flat_y >= 0
+
+    def target_part(self, vocab: int) -> torch.Tensor:
+        """(V, B) Σ_{t: y_t = v} ⟨h_t, h_b⟩ over the known targets."""
+        out = torch.zeros(vocab, self.gram.shape[1], dtype=torch.float64, device=self.gram.device)
+        return out.index_add_(0, self.flat_y[self.has_y], self.gram[self.has_y])
+
+    def logits(self, rows: slice, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits of positions ``rows`` (over ``tokens`` only when given)."""
+        h = self.flat_h[rows].to(self.head.weight.dtype)
+        if tokens is None:
+            return self.head(h)
+        bias = self.head.bias[tokens] if getattr(self.head, "bias", None) is not None else None
+        return torch.nn.functional.linear(h, self.head.weight[tokens], bias)
 
 
 @torch.no_grad()
-def last_token_scores(spans: SpanModel, prefixes: list[list[int]]) -> torch.Tensor | None:
+def last_token_scores(
+    spans: SpanModel, prefixes: list[list[int]], top: int = 1, floor: float = 0.0
+) -> torch.Tensor | None:
     """(B, V) evidence that token v ends text b, from the output-embedding gradient (None without one).
 
     With W the output embedding and h_t its inputs, ∂L/∂W = (1/N) Σ_t (softmax(W h_t) − e_{y_t}) h_tᵀ. Given
     the recovered prefixes every term is known except −e_{y_b} h_bᵀ at each prefix's last position, so
     score_b(v) = −⟨R[v], h_b⟩ with R the observed gradient minus the known terms peaks at v = y_b (a tied
     input embedding adds the input-token gradients to R: a source of errors that OMP later arbitrates).
+    With :data:`LAST_TOKEN_POOL` only a token pool gets exact scores (−inf elsewhere), certified to hold each
+    text's ``top`` best tokens among those scoring at least ``floor`` × its best (:func:`pooled_scores`).
     """
+    terms = last_token_terms(spans, prefixes)
+    if terms is None:
+        return None
+    if LAST_TOKEN_POOL:
+        pooled = pooled_scores(terms, top, floor)
+        if pooled is not None:
+            return pooled
+    return full_scores(terms)
+
+
+@torch.no_grad()
+def last_token_terms(spans: SpanModel, prefixes: list[list[int]]) -> LastTokenTerms | None:
     model = spans.loaded.model
     head = model.get_output_embeddings()
-    grad = output_gradient(spans)
+    grad = output_gradient(spans, torch.float32)  # as shared: float64 only for the rows scored exactly
     if grad is None or not prefixes:
         return None
     width = max(len(p) for p in prefixes)
@@ -360,33 +414,111 @@ def last_token_scores(spans: SpanModel, prefixes: list[list[int]]) -> torch.Tens
     for i, p in enumerate(prefixes):
         ids[i, : len(p)] = torch.tensor(p, device=spans.device)
         mask[i, : len(p)] = 1
-    captured: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
-    try:
-        for s in range(0, len(prefixes), 8):  # bounded memory: logits are (rows, width, V)
-            model(input_ids=ids[s : s + 8], attention_mask=mask[s : s + 8])
-    finally:
-        handle.remove()
+    head_name = next(n for n, m in model.named_modules() if m is head)
+    captured = [  # the forward stops at the head: no (rows, width, V) logits
+        spans.adapter.module_inputs(ids[s : s + 8], [head_name], attention_mask=mask[s : s + 8])[0]
+        for s in range(0, len(prefixes), 8)
+    ]
     h = torch.cat(captured).double()  # (B, width, d)
-    n_targets = int(mask.sum())  # Σ_b (len_b + 1 − 1)
     flat_h = h[mask.bool()]  # (n, d)
     targets = torch.full((len(prefixes), width), -1, dtype=torch.long, device=spans.device)
     targets[:, :-1] = ids[:, 1:]
     targets[mask == 0] = -1
     for i, p in enumerate(prefixes):
         targets[i, len(p) - 1] = -1
-    flat_y = targets[mask.bool()]
-    has_y = flat_y >= 0
     last = torch.stack([h[i, len(p) - 1] for i, p in enumerate(prefixes)])  # (B, d)
-    gram = flat_h @ last.T  # (n, B): ⟨h_t, h_b⟩
-    known = torch.zeros(grad.shape[0], len(prefixes), dtype=torch.float64, device=spans.device)  # Σ_t p_t(v) ⟨h_t, h_b⟩
+    return LastTokenTerms(head, grad, flat_h, targets[mask.bool()], last, flat_h @ last.T)
+
+
+@torch.no_grad()
+def full_scores(terms: LastTokenTerms) -> torch.Tensor:
+    """The vocabulary-wide reference: (B, V) scores, every softmax over the whole vocabulary in float64."""
+    grad, n = terms.grad.double(), terms.flat_h.shape[0]  # N = Σ_b (len_b + 1 − 1) scored positions
+    known = torch.zeros(grad.shape[0], terms.last.shape[0], dtype=torch.float64, device=grad.device)
     # rows per chunk from the device's free memory: each holds a (V,) logit row and its float64 softmax
-    step = chunk_rows(grad.shape[0] * 16, spans.device, most=4096)
-    for s in range(0, flat_h.shape[0], step):
-        probs = torch.softmax(head(flat_h[s : s + step].to(head.weight.dtype)).double(), dim=-1)  # (chunk, V)
-        known += probs.T @ gram[s : s + step]
-    known.index_add_(0, flat_y[has_y], -gram[has_y])
-    return -(grad @ last.T - known / n_targets).T  # (B, V)
+    step = chunk_rows(grad.shape[0] * 16, grad.device, most=4096)
+    for s in range(0, n, step):
+        probs = torch.softmax(terms.logits(slice(s, s + step)).double(), dim=-1)  # (chunk, V)
+        known += probs.T @ terms.gram[s : s + step]
+    known -= terms.target_part(grad.shape[0])
+    return -(grad @ terms.last.T - known / n).T  # (B, V)
+
+
+@torch.no_grad()
+def pooled_scores(terms: LastTokenTerms, top: int, floor: float = 0.0, start: int = POOL_START) -> torch.Tensor | None:
+    """:func:`full_scores` on a token pool, −inf elsewhere; None when no pool up to a quarter of the
+    vocabulary is certified (the caller then scores the whole vocabulary).
+
+    score_b(v) = c_b(v) + s_b(v): the cheap part c_b(v) = −⟨G[v], h_b⟩ − (1/N) Σ_{y_t = v} ⟨h_t, h_b⟩ (one
+    float32 product with the observed gradient G) and the softmax part s_b(v) = (1/N) Σ_t p_t(v) ⟨h_t, h_b⟩.
+    The pool holds the K most likely next tokens of every position and the K best c_b of every text. A token
+    outside it has p_t(v) ≤ p_t⁽ᴷ⁺¹⁾ (the (K+1)-th largest probability at t) everywhere, so
+    |s_b(v)| ≤ ε_b = (1/N) Σ_t p_t⁽ᴷ⁺¹⁾ |⟨h_t, h_b⟩|: the pool is certified when every outside c_b(v) + ε_b
+    (plus float32 slack) stays below each text's ``top``-th best exact pooled score, or below ``floor`` × its
+    best when that is higher (a caller keeping only tokens above that share of the best); otherwise K
+    doubles."""
+    vocab, n = terms.grad.shape[0], terms.flat_h.shape[0]
+    k = max(start, top)
+    lse, kth, likely = position_softmax_summary(terms, min(vocab - 1, k))
+    cheap = -(terms.last.float() @ terms.grad.T).double()  # (B, V)
+    cheap -= terms.target_part(vocab).T / n
+    # float32 round-off bound of each cheap product: d · u · max_v ‖G[v]‖ · ‖h_b‖, doubled
+    slack = 2 * terms.grad.shape[1] * 2**-24 * float(terms.grad.norm(dim=1).max()) * terms.last.norm(dim=1)
+    while k <= vocab // 4:
+        k_tokens = likely[:, :k] if k <= likely.shape[1] else None
+        if k_tokens is None:
+            lse, kth, likely = position_softmax_summary(terms, min(vocab - 1, k))
+            k_tokens = likely[:, :k]
+        best = torch.topk(cheap, min(k, vocab), dim=1).indices
+        pool = torch.unique(torch.cat([k_tokens.flatten(), best.flatten(), terms.flat_y[terms.has_y]]))
+        exact = pool_scores(terms, pool, lse)  # (B, |pool|)
+        outside = cheap.clone()
+        outside[:, pool] = -torch.inf
+        eps = (terms.gram.abs() * kth_probability(kth, lse, k).unsqueeze(1)).sum(0) / n  # (B,)
+        ranked = torch.topk(exact, min(top, pool.numel()), dim=1).values
+        need = ranked[:, -1]
+        if floor > 0:
+            need = torch.where(ranked[:, 0] > 0, torch.maximum(need, floor * ranked[:, 0]), need)
+        if bool((need > outside.amax(dim=1) + eps + slack).all()):
+            scores = torch.full_like(cheap, -torch.inf)
+            scores[:, pool] = exact
+            return scores
+        k *= 2
+    return None
+
+
+def position_softmax_summary(terms: LastTokenTerms, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per position: the log-partition (float64), the K+1 largest logits and the K most likely tokens, from
+    float32 logits a chunk of positions at a time (the (N, V) logits are never held)."""
+    vocab, n = terms.grad.shape[0], terms.flat_h.shape[0]
+    step = chunk_rows(vocab * 4, terms.grad.device, most=4096)
+    lses, vals, idxs = [], [], []
+    for s in range(0, n, step):
+        logits = terms.logits(slice(s, s + step))
+        lses.append(torch.logsumexp(logits.double(), dim=-1))
+        v, i = torch.topk(logits, min(k + 1, vocab), dim=-1)
+        vals.append(v.double())
+        idxs.append(i[:, :k])
+    return torch.cat(lses), torch.cat(vals), torch.cat(idxs)
+
+
+def kth_probability(top_logits: torch.Tensor, lse: torch.Tensor, k: int) -> torch.Tensor:
+    """p_t⁽ᴷ⁺¹⁾: the (K+1)-th largest probability at each position, an upper bound for tokens outside its
+    top K (1 when the vocabulary has no K+1-th token)."""
+    if top_logits.shape[1] <= k:
+        return torch.ones_like(lse)
+    return torch.exp(top_logits[:, k] - lse)
+
+
+def pool_scores(terms: LastTokenTerms, pool: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Exact (float64) scores of the ``pool`` tokens: :func:`full_scores`' columns at ``pool``."""
+    n = terms.flat_h.shape[0]
+    probs = torch.exp(terms.logits(slice(0, n), pool).double() - lse.unsqueeze(1))  # (N, |pool|)
+    known = probs.T @ terms.gram
+    target = torch.zeros_like(known)
+    sel = torch.searchsorted(pool, terms.flat_y[terms.has_y])
+    target.index_add_(0, sel, terms.gram[terms.has_y])
+    return -(terms.grad[pool].double() @ terms.last.T - (known - target) / n).T
 
 
 def assemble(found: list[Found], n_out: int | None) -> list[Found]:

@@ -13,10 +13,16 @@ import warnings
 
 import torch
 
+from leaklab.models.device import chunk_rows
 from leaklab.models.registry import LoadedModel
 from leaklab.threat.observation import Observation
 
 SKETCH = 1 << 17  # coordinates kept per atom
+#: next-token atoms: the LM head's softmax term once per distinct prefix (:func:`head_input_gradients`); a
+#: benchmark and the reference test turn it off (a loss over every atom's full logits)
+SHARED_SOFTMAX = True
+#: config fields of families whose logits are post-processed after the head (the shortcut would miss it)
+LOGIT_POSTPROCESS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
 
 def signal_params(loaded: LoadedModel, layers: tuple[int, ...] = (0, 1)) -> list[str]:
@@ -53,22 +59,92 @@ def sentence_gradients(
     sentences: list[list[int]],
     labels: list[int] | None,
     index: dict[str, torch.Tensor],
-    batch: int = 8,
+    batch: int | None = None,
 ) -> torch.Tensor:
     """(n, sketch) gradient of each sentence's summed loss (next-token: over its targets; classify: its
     label), restricted to ``index``'s coordinates, on the model's device. Sentences are right-padded; pads
-    carry no gradient."""
+    carry no gradient. ``batch`` sentences go through each forward/backward (default: from the device's free
+    memory, :func:`sentence_bytes`; at most 8)."""
     model = loaded.model
     modules = {p: model.get_submodule(p.rsplit(".", 1)[0]) for p in index}
+    batch = batch or chunk_rows(sentence_bytes(loaded, modules, sentences), loaded.device, most=8)
+    shared: dict[tuple[int, ...], torch.Tensor] | None = {} if shared_softmax_applies(loaded) else None
     rows: list[torch.Tensor] = []
     for s in range(0, len(sentences), batch):
         part = sentences[s : s + batch]
         labs = labels[s : s + batch] if labels is not None else None
-        rows.append(_batch_gradients(loaded, modules, index, part, labs))
+        rows.append(_batch_gradients(loaded, modules, index, part, labs, shared))
     return torch.cat(rows)
 
 
-def _batch_gradients(loaded, modules, index, sentences, labels) -> torch.Tensor:
+def shared_softmax_applies(loaded: LoadedModel) -> bool:
+    """The head shortcut holds for a next-token model whose logits are its linear head's output."""
+    head = loaded.model.get_output_embeddings()
+    cfg = loaded.model.config
+    plain = not any(getattr(cfg, f, None) for f in LOGIT_POSTPROCESS)
+    return SHARED_SOFTMAX and loaded.ref.task == "next-token" and isinstance(head, torch.nn.Linear) and plain
+
+
+def head_input_gradients(
+    loaded: LoadedModel, h: torch.Tensor, ids: torch.Tensor, lengths: list[int], shared: dict
+) -> torch.Tensor:
+    """∂L/∂h of the summed next-token loss at the head's inputs h (b, width, d): Wᵀ p_t − W[y_t] at each
+    position with a target, 0 elsewhere. Wᵀ p_t depends on the tokens up to t only, so it is computed once per
+    distinct prefix (alternatives of a text share all of theirs) and kept in ``shared``: the vocabulary-wide
+    softmax runs per prefix, not per atom."""
+    head = loaded.model.get_output_embeddings()
+    weight = head.weight
+    keys = [(i, t, tuple(ids[i, : t + 1].tolist())) for i, n in enumerate(lengths) for t in range(n - 1)]
+    todo = list({k: (i, t) for i, t, k in keys if k not in shared}.items())
+    step = chunk_rows(weight.shape[0] * 4 * 3, weight.device, most=1024)  # logits, softmax, their product
+    with torch.no_grad():
+        for s in range(0, len(todo), step):
+            part = todo[s : s + step]
+            rows = torch.stack([h[i, t] for _, (i, t) in part]).to(weight.dtype)
+            probs = torch.softmax(head(rows).float(), dim=-1)
+            for (key, _), mean in zip(part, probs @ weight.float(), strict=True):
+                shared[key] = mean
+    grad = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+    for i, t, key in keys:
+        grad[i, t] = shared[key] - weight[ids[i, t + 1]].detach().float()
+    return grad
+
+
+def head_inputs(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The head's inputs (with their autograd graph) from a forward pass that stops before the head."""
+    captured: list[torch.Tensor] = []
+
+    def stop(_mod, args):
+        captured.append(args[0])
+        raise _HeadReached
+
+    handle = loaded.model.get_output_embeddings().register_forward_pre_hook(stop)
+    try:
+        loaded.model(input_ids=ids, attention_mask=mask)
+    except _HeadReached:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+class _HeadReached(Exception):
+    """Raised by the head's pre-hook to end a forward pass there."""
+
+
+def sentence_bytes(loaded: LoadedModel, modules: dict, sentences: list[list[int]]) -> int:
+    """Memory one sentence takes in :func:`sentence_gradients`: its float32 logits and their gradient over the
+    vocabulary, every layer's activations kept for the backward pass, and its float64 per-sentence weight
+    gradients of the signal layers (with their inputs and output gradients)."""
+    width = max((len(t) for t in sentences), default=1)
+    cfg = loaded.adapter
+    vocab = cfg.embeddings.num_embeddings
+    activations = 16 * width * cfg.hidden_size * cfg.num_layers
+    weights = sum(m.weight.numel() for m in modules.values())
+    return 4 * (3 * width * vocab + activations) + 8 * 2 * weights
+
+
+def _batch_gradients(loaded, modules, index, sentences, labels, shared=None) -> torch.Tensor:
     model, device = loaded.model, loaded.device
     width = max(len(t) for t in sentences)
     pad = loaded.tokenizer.pad_token_id or 0
@@ -89,31 +165,43 @@ def _batch_gradients(loaded, modules, index, sentences, labels) -> torch.Tensor:
         p.requires_grad_(False)
     try:
         model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids, attention_mask=mask)
-        logits = out.logits.float()
-        if loaded.ref.task == "next-token":
-            target = ids.masked_fill(mask == 0, -100)[:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]),
-                target.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
+        if shared is not None:
+            hidden = head_inputs(loaded, ids, mask)
+            dh = head_input_gradients(loaded, hidden.detach(), ids, [len(t) for t in sentences], shared)
+            roots, seeds = [hidden], [dh.to(hidden.dtype)]
         else:
-            loss = torch.nn.functional.cross_entropy(logits, torch.tensor(labels, device=device), reduction="sum")
+            roots, seeds = (
+                [_summed_loss(loaded, model(input_ids=ids, attention_mask=mask).logits, ids, mask, labels)],
+                None,
+            )
         with warnings.catch_warnings():  # the hooks fire on module outputs only: that is what we need
             warnings.simplefilter("ignore", UserWarning)
-            loss.backward()
+            torch.autograd.backward(roots, seeds)
     finally:
         for h in handles:
             h.remove()
         for p in frozen:
             p.requires_grad_(True)
         model.zero_grad(set_to_none=True)
+    return _collect(modules, index, inputs, grads, len(sentences), device)
+
+
+def _summed_loss(loaded, logits, ids, mask, labels) -> torch.Tensor:
+    """The batch's summed loss: next-token over every target, or each sentence's label."""
+    logits = logits.float()
+    if loaded.ref.task == "next-token":
+        target = ids.masked_fill(mask == 0, -100)[:, 1:]
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+        return torch.nn.functional.cross_entropy(flat, target.reshape(-1), ignore_index=-100, reduction="sum")
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(labels, device=ids.device), reduction="sum")
+
+
+def _collect(modules, index, inputs, grads, n: int, device) -> torch.Tensor:
+    """Each sentence's weight gradients G_b = Δ_bᵀ X_b of the signal layers at the sketch's coordinates."""
     cols = []
     for name, idx in index.items():
         x, delta = inputs[name].double(), grads[name].double()
         transposed = type(modules[name]).__name__ == "Conv1D"
         g = torch.einsum("bti,bto->bio", x, delta) if transposed else torch.einsum("bto,bti->boi", delta, x)
-        cols.append(g.reshape(len(sentences), -1)[:, idx.to(device)])
+        cols.append(g.reshape(n, -1)[:, idx.to(device)])
     return torch.cat(cols, dim=1).float()

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from leaklab.models.device import chunk_rows
+
 
 @dataclass
 class OmpResult:
@@ -82,6 +84,18 @@ def omp(
     return OmpResult(selected, coef, history, stop)
 
 
+def gram_matrix(atoms: torch.Tensor) -> torch.Tensor:
+    """D Dᵀ (float64) of the atoms (rows), summed over column chunks sized from the device's free memory: only
+    a chunk of the atoms is held in float64 at a time."""
+    k, dim = atoms.shape
+    step = chunk_rows(8 * k, atoms.device, most=dim)  # one float64 column of every atom
+    gram = torch.zeros(k, k, dtype=torch.float64, device=atoms.device)
+    for s in range(0, dim, step):
+        part = atoms[:, s : s + step].double()
+        gram += part @ part.T
+    return gram
+
+
 def refine_swaps(
     atoms: torch.Tensor,
     target: torch.Tensor,
@@ -103,7 +117,7 @@ def refine_swaps(
     selected = list(result.selected)
     if not selected:
         return result
-    gram, b, mm = d @ d.T, d @ m, float(m @ m)
+    gram, b, mm = gram_matrix(atoms), d @ m, float(m @ m)
     norms = d.norm(dim=1).clamp_min(1e-300)
 
     def residual(sel: list[int]) -> float:

@@ -505,7 +505,7 @@ def with_last_alternatives(spans: SpanModel, found: list[Found], k: int, room: i
     completion: a capped dictionary keeps every decoded text rather than the alternatives of the first ones."""
     if not (spans.causal and spans.next_token) or not found:
         return found
-    scores = last_token_scores(spans, [f.ids for f in found])
+    scores = last_token_scores(spans, [f.ids for f in found], top=k, floor=LAST_MARGIN)
     if scores is None:
         return found
     val, top = torch.topk(scores, min(k, scores.shape[1]), dim=1)

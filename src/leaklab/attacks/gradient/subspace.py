@@ -23,6 +23,7 @@ import torch
 
 from leaklab.errors import LeaklabError
 from leaklab.models.adapter import FamilyAdapter
+from leaklab.models.device import chunk_rows
 from leaklab.threat.observation import Observation
 
 #: singular values below this fraction of the largest are float32 noise, never signal
@@ -151,7 +152,13 @@ def screened_distance(x: torch.Tensor, basis: torch.Tensor, screen: float = SCRE
     """:func:`span_distance` of many rows at a fraction of the cost: a float32 screen, dist² ≈ 1 − ‖R x̂‖² (one
     matmul), finds the pool of rows near the span; only those are recomputed exactly (float64, direct form).
     The other rows keep the screen's value, which lies ``screen`` or more from the span, far above any
-    membership threshold, and within float32 round-off of the exact distance."""
+    membership threshold, and within float32 round-off of the exact distance. Rows go a chunk at a time
+    (from the device's free memory: a float32 copy of the row and its projection)."""
+    step = chunk_rows(4 * (x.shape[1] + basis.shape[0]) * 2, x.device)
+    return torch.cat([_screened(x[s : s + step], basis, screen) for s in range(0, x.shape[0], step)])
+
+
+def _screened(x: torch.Tensor, basis: torch.Tensor, screen: float) -> torch.Tensor:
     xh = x.detach().float()
     norm = xh.norm(dim=-1, keepdim=True)
     xh = xh / norm.clamp_min(1e-30)
