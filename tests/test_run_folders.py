@@ -48,7 +48,12 @@ def test_sigint_during_an_attack_exits_130_and_leaves_no_finished_run(tmp_path):
         # Ctrl-C as a terminal sends it: an earlier test in this process (Ray, a browser driver) may leave SIGINT
         # ignored, and an ignored SIGINT is inherited by the child, so it is reset to the default there
         proc = subprocess.Popen(
-            cmd, stdout=stdout, stderr=stderr, text=True, env=env, preexec_fn=_default_sigint  # noqa: PLW1509
+            cmd,
+            stdout=stdout,
+            stderr=stderr,
+            text=True,
+            env=env,
+            preexec_fn=_default_sigint,  # noqa: PLW1509
         )
         try:
             _wait_for(".run.tmp-*/items.json", tmp_path, proc)  # the attack is under way: a batch is recorded
