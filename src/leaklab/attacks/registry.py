@@ -14,6 +14,8 @@ BUILTINS = {
     "dager": "leaklab.attacks.gradient.dager",
     "tokenset": "leaklab.attacks.gradient.tokenset",
     "tokenset-residual": "leaklab.attacks.gradient.tokenleak",
+    "tag": "leaklab.attacks.gradient.optim",
+    "lamp": "leaklab.attacks.gradient.optim",
 }
 GRADIENT_ATTACKS: Registry[type] = Registry("attack", builtins=BUILTINS, entry_points="leaklab.attacks")
 
