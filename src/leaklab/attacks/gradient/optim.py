@@ -97,9 +97,7 @@ class Matcher:
         self.norms = (max(n2, 1e-300), max(n1, 1e-300))
         self.alpha = alpha
 
-    def distance(
-        self, x: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, create_graph: bool
-    ) -> torch.Tensor:
+    def distance(self, x: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, create_graph: bool) -> torch.Tensor:
         """D of the gradient that embeddings ``x`` with next-token ``labels`` (pads −100) cause."""
         with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel has no double backward
             loss = self.model(inputs_embeds=x, attention_mask=mask, labels=labels).loss
