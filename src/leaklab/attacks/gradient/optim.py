@@ -45,7 +45,7 @@ class TagOptions(Config):
     """TAG's options (``-o key=value``)."""
 
     steps: int = option(200, "continuous optimisation steps (Adam on the dummy embeddings)")
-    lr: float = option(0.01, "Adam learning rate")
+    lr: float = option(0.1, "Adam learning rate, in units of the vocabulary's row std")
     alpha: float = option(0.01, "weight of the L1 term of the gradient distance")
     vocab: str = option("tokenset", "tokens the embeddings project onto: tokenset (leaked rows, if shared) or full")
     init_std: float = option(1.0, "std of the random initial embeddings, in units of the vocabulary's row std")
@@ -173,6 +173,7 @@ class Dummy:
         mean = self.table.mean(0)
         x = mean + scale * torch.randn(s.batch_size, width, emb.shape[1], generator=gen).to(emb.device)
         self.x = x.requires_grad_(True)
+        self.scale = float(self.table.std())
 
     def indices(self, x: torch.Tensor | None = None) -> torch.Tensor:
         """Index into the pool of the nearest row (cosine) per position."""
@@ -308,7 +309,9 @@ class OptimAttack:
         return Recovery(texts, ids, info=info)
 
     def optimise(self, matcher: Matcher, dummy: Dummy, s: Setup, deadline: float) -> dict[str, Any]:
-        steps = tag_steps(matcher, dummy, torch.optim.Adam([dummy.x], lr=self.opts.lr), self.opts.steps, deadline)
+        steps = tag_steps(
+            matcher, dummy, torch.optim.Adam([dummy.x], lr=self.opts.lr * dummy.scale), self.opts.steps, deadline
+        )
         return {"steps": steps}
 
 
@@ -327,7 +330,7 @@ class LampAttack(OptimAttack):
 
     def optimise(self, matcher: Matcher, dummy: Dummy, s: Setup, deadline: float) -> dict[str, Any]:
         o = self.opts
-        opt = torch.optim.Adam([dummy.x], lr=o.lr)
+        opt = torch.optim.Adam([dummy.x], lr=o.lr * dummy.scale)
         score = LampScore(matcher, dummy, o.lm_weight)
         rng = random.Random(o.seed)
         steps, accepted, rounds = 0, 0, 0
@@ -342,5 +345,5 @@ class LampAttack(OptimAttack):
                 accepted += 1
                 with torch.no_grad():
                     dummy.x.copy_(new)
-                opt = torch.optim.Adam([dummy.x], lr=o.lr)  # the moments belong to the old rows
+                opt = torch.optim.Adam([dummy.x], lr=o.lr * dummy.scale)  # the moments belong to the old rows
         return {"steps": steps, "move_rounds": rounds, "moves_accepted": accepted}
