@@ -96,13 +96,23 @@ class Matcher:
         n1 = float(sum(g.double().abs().sum() for g in self.observed))
         self.norms = (max(n2, 1e-300), max(n1, 1e-300))
         self.alpha = alpha
+        emb = loaded.adapter.embeddings
+        self.table = next((i for i, p in enumerate(self.params) if p is emb.weight), None)
+        self.padding_idx = getattr(emb, "padding_idx", None)  # its row never receives a gradient
 
     def distance(self, x: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, create_graph: bool) -> torch.Tensor:
-        """D of the gradient that embeddings ``x`` with next-token ``labels`` (pads −100) cause."""
+        """D of the gradient that embeddings ``x`` with next-token ``labels`` (pads −100) cause. The embedding
+        table's gradient gets the input path too: ∂L/∂x_t is added to the row of the token x_t projects to
+        (``labels`` holds those tokens; not the padding row), as the victim's input ids add it to their rows."""
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
         with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel has no double backward
             loss = self.model(inputs_embeds=x, attention_mask=mask, labels=labels).loss
-            grads = torch.autograd.grad(loss, self.params, create_graph=create_graph)
-        return gradient_distance(list(grads), self.observed, self.alpha, self.norms)
+            *grads, gx = torch.autograd.grad(loss, [*self.params, x], create_graph=create_graph)
+        if self.table is not None:
+            keep = mask.bool() if self.padding_idx is None else mask.bool() & (labels != self.padding_idx)
+            grads[self.table] = grads[self.table].index_add(0, labels[keep], gx[keep])
+        return gradient_distance(grads, self.observed, self.alpha, self.norms)
 
 
 # ----------------------------------------------------------------------------- what the attack knows
