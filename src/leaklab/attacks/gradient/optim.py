@@ -202,16 +202,22 @@ class Dummy:
 
 
 def tag_steps(matcher: Matcher, dummy: Dummy, opt: torch.optim.Optimizer, steps: int, deadline: float) -> int:
-    """Up to ``steps`` Adam steps on D (stops at ``deadline``, a perf_counter time); returns the steps taken."""
-    for done in range(steps):
-        if time.perf_counter() > deadline:
-            return done
+    """Up to ``steps`` Adam steps on D (stops at ``deadline``, a perf_counter time), then the iterate with the
+    lowest D is kept (D jumps whenever a position's nearest token changes); returns the steps taken."""
+    best, best_x, done = math.inf, dummy.x.detach().clone(), 0
+    while done < steps and time.perf_counter() <= deadline:
+        done += 1
         dist = matcher.distance(dummy.x, dummy.labels(), dummy.mask, create_graph=True)
+        if float(dist) < best:
+            best, best_x = float(dist), dummy.x.detach().clone()
         (grad,) = torch.autograd.grad(dist, dummy.x)
         opt.zero_grad(set_to_none=True)
         dummy.x.grad = grad
         opt.step()
-    return steps
+    if float(matcher.distance(dummy.x.detach(), dummy.labels(), dummy.mask, False)) > best:
+        with torch.no_grad():
+            dummy.x.copy_(best_x)
+    return done
 
 
 # ----------------------------------------------------------------------------- discrete part (LAMP)
