@@ -42,6 +42,11 @@ EXPECTED = {
     **{
         (a, "lora"): ("could_not_run", "does not support the 'lora' setting") for a in ("tokenset", "tokenset-residual")
     },
+    ("somp-adaptive", "fedsgd"): ("rouge1", 1.0),  # no defense on the update: nothing to undo, plain SOMP
+    **{
+        ("somp-adaptive", s): ("could_not_run", f"does not support the '{s}' setting")
+        for s in ("fedavg", "lora", "dpo", "reward", "secagg")
+    },
     # the optimisation baselines match FedSGD gradients only; quality is bounded in test_optim_attacks.py
     **{(a, "fedsgd"): ("rouge1", 0.0) for a in ("tag", "lamp")},
     **{
