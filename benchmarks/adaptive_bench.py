@@ -24,7 +24,15 @@ from leaklab.models import ModelRef
 from leaklab.report.run import environment
 from leaklab.threat import ThreatFlags, client_update
 
-POINTS = [("topk", "fraction", v) for v in (0.5, 0.1, 0.01)] + [("gaussian", "sigma", v) for v in (1e-6, 1e-5, 1e-4)]
+#: the points in the order they run (the defenses' strongest claims first)
+POINTS = [
+    ("topk", "fraction", 0.01),
+    ("gaussian", "sigma", 1e-4),
+    ("topk", "fraction", 0.1),
+    ("topk", "fraction", 0.5),
+    ("gaussian", "sigma", 1e-5),
+    ("gaussian", "sigma", 1e-6),
+]
 ATTACKS = ("somp", "somp-adaptive")
 
 
