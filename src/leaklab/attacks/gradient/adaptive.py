@@ -12,7 +12,9 @@ Before SOMP runs, ``somp-adaptive`` restores that structure where the defense al
   as a low-rank matrix from the kept entries (hard-impute: fill the dropped entries from the rank-r SVD of the
   current estimate, ``impute_iters`` times). The rank r is chosen on a grid by how well the completion predicts
   a held-out 5 % of the kept entries; with fewer kept entries than a rank-r matrix has degrees of freedom the
-  group is underdetermined, recorded in ``info["adaptive"]`` (SOMP still runs on the completion).
+  group is underdetermined, recorded in ``info["adaptive"]`` (SOMP still runs on the completion). Only the two
+  attention groups are completed (the exact regime reads only them; the MLP input group, read past the rank
+  limit, stays as kept).
 * Clipping: span checks and OMP are scale-free; nothing to undo.
 
 Other defenses pass through unchanged (recorded). What was done is in ``info["adaptive"]``.
@@ -79,11 +81,18 @@ def complete_low_rank(observed: torch.Tensor, kept: torch.Tensor, rank: int, ite
     rounds, starting from the zero-filled matrix)."""
     x = observed.clone()
     for _ in range(iters):
-        with single_thread():
-            u, s, vh = torch.linalg.svd(x, full_matrices=False)
-        low = (u[:, :rank] * s[:rank]) @ vh[:rank]
-        x = torch.where(kept, observed, low)
+        x = torch.where(kept, observed, truncated(x, rank))
     return x
+
+
+def truncated(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """The best rank-``rank`` approximation of ``x`` (randomised SVD when the rank is small against x's size)."""
+    with single_thread():
+        if 4 * rank < min(x.shape):
+            u, s, v = torch.svd_lowrank(x, q=rank + 10, niter=4)
+            return (u[:, :rank] * s[:rank]) @ v[:, :rank].T
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
 
 
 def choose_rank(observed: torch.Tensor, kept: torch.Tensor, ranks: list[int], iters: int, seed: int = 0) -> int:
@@ -129,12 +138,12 @@ def _complete(
     loaded: LoadedModel, grads: dict[str, torch.Tensor], groups: list[list[tuple[str, bool]]], iters: int
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"groups": []}
-    for g in groups:
+    for g in groups[: len(SPAN_LAYERS)]:  # the attention groups; the MLP group is read only past the rank limit
         stack = _stack(grads, g)
         kept = stack != 0
-        cap = min(stack.shape) - 1
-        grid = sorted({r for r in (4, 8, 16, 32, 64, 128, 256, 512) if r <= cap} | {cap})
-        rank = choose_rank(stack, kept, grid, max(5, iters // 3))
+        cap = min(stack.shape) // 2
+        grid = [r for r in (8, 16, 32, 64, 128, 256) if r <= cap] or [max(1, cap)]
+        rank = choose_rank(stack, kept, grid, max(5, iters // 4))
         free = rank * (sum(stack.shape) - rank)
         _unstack(complete_low_rank(stack, kept, rank, iters), grads, g)
         n_kept = int(kept.sum())
