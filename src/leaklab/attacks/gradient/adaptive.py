@@ -151,7 +151,7 @@ def _complete(
         kept = stack != 0
         cap = min(stack.shape) // 2
         grid = [r for r in (8, 16, 32, 64, 128, 256) if r <= cap] or [max(1, cap)]
-        rank = choose_rank(stack, kept, grid, max(5, iters // 8))
+        rank = choose_rank(stack, kept, grid, max(5, iters // 4))
         free = rank * (sum(stack.shape) - rank)
         _unstack(complete_low_rank(stack, kept, rank, iters), grads, g)
         n_kept = int(kept.sum())
