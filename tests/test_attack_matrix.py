@@ -42,7 +42,21 @@ EXPECTED = {
     **{
         (a, "lora"): ("could_not_run", "does not support the 'lora' setting") for a in ("tokenset", "tokenset-residual")
     },
+    ("somp-adaptive", "fedsgd"): ("rouge1", 1.0),  # no defense on the update: nothing to undo, plain SOMP
+    **{
+        ("somp-adaptive", s): ("could_not_run", f"does not support the '{s}' setting")
+        for s in ("fedavg", "lora", "dpo", "reward", "secagg")
+    },
+    # the optimisation baselines match FedSGD gradients only; quality is bounded in test_optim_attacks.py
+    **{(a, "fedsgd"): ("rouge1", 0.0) for a in ("tag", "lamp")},
+    **{
+        (a, s): ("could_not_run", f"does not support the '{s}' setting")
+        for a in ("tag", "lamp")
+        for s in ("fedavg", "lora", "dpo", "reward", "secagg")
+    },
 }
+#: a few steps of the optimisation baselines (their defaults run for minutes)
+QUICK = {"tag": {"steps": 2}, "lamp": {"steps": 2, "every": 1, "candidates": 2}}
 
 
 def test_the_matrix_covers_every_registered_attack_and_setting():
@@ -68,7 +82,7 @@ def test_attack_on_setting(attack, setting):
     obs, secret = _update(setting)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        record = attack_batch(attack, obs, secret)
+        record = attack_batch(attack, obs, secret, options=QUICK.get(attack))
     expected = EXPECTED[(attack, setting)]
     if expected[0] == "could_not_run":
         assert record.status == "could_not_run" and record.aggregate is None and record.recovered == []

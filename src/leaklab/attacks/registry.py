@@ -14,6 +14,9 @@ BUILTINS = {
     "dager": "leaklab.attacks.gradient.dager",
     "tokenset": "leaklab.attacks.gradient.tokenset",
     "tokenset-residual": "leaklab.attacks.gradient.tokenleak",
+    "tag": "leaklab.attacks.gradient.optim",
+    "lamp": "leaklab.attacks.gradient.optim",
+    "somp-adaptive": "leaklab.attacks.gradient.adaptive",
 }
 GRADIENT_ATTACKS: Registry[type] = Registry("attack", builtins=BUILTINS, entry_points="leaklab.attacks")
 

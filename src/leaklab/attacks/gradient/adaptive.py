@@ -1,0 +1,189 @@
+"""Adaptive SOMP: an attacker who knows the defense on the update (the server sees ``meta["defenses"]``).
+
+A defense is credited only against an attacker who knows it. The span checks read the gradients of the tensors
+whose rows lie in the span of a layer's inputs (the first two layers' Q/K/V, the first layer's MLP inputs);
+each group G (out × d, the tensors sharing one input, stacked) is a rank-n matrix for n batch tokens below d.
+Before SOMP runs, ``somp-adaptive`` restores that structure where the defense allows:
+
+* Gaussian noise of known σ (Laplace of known scale b: σ = √2·b), also after clipping: G + σN has the noise's
+  singular values below σ(√M + √d) (M × d the group's shape); the right singular directions above
+  ``margin`` × that bound span the inputs, and every tensor of the group is projected onto them.
+* Top-k sparsification: the server sees which coordinates were kept (the non-zero ones). The group is completed
+  as a low-rank matrix from the kept entries (hard-impute: fill the dropped entries from the rank-r SVD of the
+  current estimate, ``impute_iters`` times). The rank r is chosen on a grid by how well the completion predicts
+  a held-out 5 % of the kept entries; with fewer kept entries than a rank-r matrix has degrees of freedom the
+  group is underdetermined, recorded in ``info["adaptive"]`` (SOMP still runs on the completion). Only the two
+  attention groups are completed (the exact regime reads only them; the MLP input group, read past the rank
+  limit, stays as kept).
+* Clipping: span checks and OMP are scale-free; nothing to undo.
+
+Other defenses pass through unchanged (recorded). What was done is in ``info["adaptive"]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from leaklab.attacks.base import Recovery, register_gradient_attack
+from leaklab.attacks.gradient.somp import SompAttack, SompOptions
+from leaklab.attacks.gradient.subspace import single_thread
+from leaklab.core import option
+from leaklab.models.registry import LoadedModel, load_model
+from leaklab.threat.observation import Observation
+
+#: layers whose attention inputs the span checks read, and the layer whose MLP input the full-rank checks read
+SPAN_LAYERS = (0, 1)
+
+
+def span_groups(loaded: LoadedModel, grads: dict[str, torch.Tensor]) -> list[list[tuple[str, bool]]]:
+    """(parameter, transposed) per group of shared tensors whose gradient rows share one input space."""
+    ad = loaded.adapter
+    groups = []
+    for layer in SPAN_LAYERS:
+        seen: dict[str, bool] = {}
+        for _, p in ad.projections[layer]:
+            seen.setdefault(p.param, p.transposed)
+        groups.append(list(seen.items()))
+    groups.append([(p.param, p.transposed) for p in ad.mlp_inputs(0).projections])
+    return [[(n, t) for n, t in g if n in grads] for g in groups if any(n in grads for n, _ in g)]
+
+
+def _stack(grads: dict[str, torch.Tensor], group: list[tuple[str, bool]]) -> torch.Tensor:
+    return torch.cat([(grads[n].t() if t else grads[n]).double() for n, t in group])
+
+
+def _unstack(stack: torch.Tensor, grads: dict[str, torch.Tensor], group: list[tuple[str, bool]]) -> None:
+    start = 0
+    for n, t in group:
+        rows = grads[n].shape[1] if t else grads[n].shape[0]
+        block = stack[start : start + rows]
+        grads[n] = (block.t() if t else block).to(grads[n].dtype).contiguous()
+        start += rows
+
+
+def project_known_noise(stack: torch.Tensor, sigma: float, margin: float) -> tuple[torch.Tensor, int]:
+    """``stack`` projected onto its right singular directions whose singular value exceeds
+    margin · σ(√M + √d) (the spectral norm of an M × d matrix of N(0, σ²) entries); with the rank kept."""
+    m, d = stack.shape
+    with single_thread():
+        _, s, vh = torch.linalg.svd(stack, full_matrices=False)
+    k = int((s > margin * sigma * (math.sqrt(m) + math.sqrt(d))).sum())
+    basis = vh[:k]
+    return (stack @ basis.T) @ basis, k
+
+
+def complete_low_rank(observed: torch.Tensor, kept: torch.Tensor, rank: int, iters: int) -> torch.Tensor:
+    """Hard-impute: X ← kept entries of ``observed``, the others from the rank-``rank`` SVD of X (``iters``
+    rounds, starting from the zero-filled matrix)."""
+    x = observed.clone()
+    for _ in range(iters):
+        x = torch.where(kept, observed, truncated(x, rank))
+    return x
+
+
+def truncated(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """The best rank-``rank`` approximation of ``x`` (randomised SVD when the rank is small against x's size)."""
+    with single_thread():
+        if 4 * rank < min(x.shape):
+            u, s, v = torch.svd_lowrank(x, q=rank + 10, niter=4)
+            return (u[:, :rank] * s[:rank]) @ v[:, :rank].T
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+def choose_rank(observed: torch.Tensor, kept: torch.Tensor, ranks: list[int], iters: int, seed: int = 0) -> int:
+    """The rank whose completion best predicts a held-out 5 % of the kept entries (relative error): the best of
+    ``ranks``, then of ranks within ±50 % of it (eighths of it apart)."""
+    best = _held_out_best(observed, kept, ranks, iters, seed)
+    cap = max(ranks)
+    fine = sorted({max(1, min(cap, round(best * f / 8))) for f in range(4, 13)})
+    return _held_out_best(observed, kept, fine, iters, seed)
+
+
+def _held_out_best(observed: torch.Tensor, kept: torch.Tensor, ranks: list[int], iters: int, seed: int) -> int:
+    gen = torch.Generator().manual_seed(seed)
+    held = kept & (torch.rand(kept.shape, generator=gen, dtype=torch.float64) < 0.05)
+    train = kept & ~held
+    truth = observed[held]
+    scale = float(truth.norm()) or 1.0
+    errors = {}
+    for r in ranks:
+        fit = complete_low_rank(torch.where(train, observed, 0.0), train, r, iters)
+        errors[r] = float((fit[held] - truth).norm()) / scale
+    return min(errors, key=errors.get)
+
+
+def adapt(obs: Observation, margin: float, iters: int) -> tuple[Observation, dict[str, Any]]:
+    """The update with each known defense's damage to the span groups undone where the structure allows."""
+    loaded = load_model(obs.model)
+    grads = dict(obs.gradients)
+    groups = span_groups(loaded, grads)
+    done: list[dict[str, Any]] = []
+    for rec in obs.defenses:
+        name = rec["name"]
+        if name in ("gaussian", "laplace"):
+            sigma = float(rec["std"]) if name == "gaussian" else math.sqrt(2) * float(rec["scale"])
+            ranks = []
+            for g in groups:
+                stack, k = project_known_noise(_stack(grads, g), sigma, margin)
+                _unstack(stack, grads, g)
+                ranks.append(k)
+            done.append({"defense": name, "sigma": sigma, "kept_ranks": ranks})
+        elif name == "topk":
+            done.append({"defense": name, **_complete(loaded, grads, groups, iters)})
+        elif name == "clip":
+            done.append({"defense": name, "note": "span checks and OMP are scale-free: nothing to undo"})
+        else:
+            done.append({"defense": name, "note": "no adaptive step: passed through"})
+    return replace(obs, gradients=grads), {"steps": done}
+
+
+def _complete(
+    loaded: LoadedModel, grads: dict[str, torch.Tensor], groups: list[list[tuple[str, bool]]], iters: int
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"groups": []}
+    for g in groups[: len(SPAN_LAYERS)]:  # the attention groups; the MLP group is read only past the rank limit
+        stack = _stack(grads, g)
+        kept = stack != 0
+        cap = min(stack.shape) // 2
+        grid = [r for r in (8, 16, 32, 64, 128, 256) if r <= cap] or [max(1, cap)]
+        rank = choose_rank(stack, kept, grid, max(5, iters // 4))
+        free = rank * (sum(stack.shape) - rank)
+        _unstack(complete_low_rank(stack, kept, rank, iters), grads, g)
+        n_kept = int(kept.sum())
+        out["groups"].append({"rank": rank, "kept": n_kept, "underdetermined": n_kept < free})
+    return out
+
+
+@dataclass(frozen=True)
+class AdaptiveOptions(SompOptions):
+    """SOMP's options plus the adaptive steps'."""
+
+    margin: float = option(1.5, "known noise: keep singular directions above margin x the noise's spectral norm")
+    impute_iters: int = option(60, "top-k: hard-impute rounds of the low-rank completion")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require(positive=("margin", "impute_iters"))
+
+
+@register_gradient_attack(
+    "somp-adaptive", AdaptiveOptions, settings=("fedsgd",), help="SOMP after undoing the known defense"
+)
+class AdaptiveSomp:
+    """SOMP on the update with the known defense's damage to the span tensors undone (denoised / completed)."""
+
+    name = "somp-adaptive"
+
+    def __init__(self, opts: AdaptiveOptions | None = None) -> None:
+        self.opts = opts or AdaptiveOptions()
+
+    def run(self, obs: Observation) -> Recovery:
+        view, info = adapt(obs, self.opts.margin, self.opts.impute_iters)
+        rec = SompAttack(self.opts).run(view)
+        rec.info["adaptive"] = info
+        return rec
