@@ -119,6 +119,7 @@ BAD = [
     ({"lm-membership": {"attacks": ["loss", "nosuch"]}}, "unknown membership attack 'nosuch'"),
     ({"flower": {"model": "tiny-llama", "defenses": ["dp"]}}, "flower.defenses[0]: unknown Flower defense 'dp'"),
     ({"flower": {"model": "tiny-bert"}}, "flower.model: 'tiny-bert' is not a causal LM"),
+    ({"gradient": {"model": "tiny-llama", "sweep_attack": "somp-adaptiv"}}, "gradient.sweep_attack: unknown"),
 ]
 
 
@@ -323,3 +324,18 @@ def test_a_step_that_would_overrun_at_the_measured_pace_is_skipped(tmp_path):
         and "would overrun the time budget" in skip["reason"]
         and "measured pace" in skip["reason"]
     )
+
+
+def test_defended_sweep_points_go_to_the_adaptive_attacker_and_the_report_says_so():
+    """``sweep_attack: somp-adaptive``: every defended sweep point is attacked by the attacker who knows the
+    defense, the undefended point (also the setting's own attack) by ``attack``; the note names which."""
+    from leaklab.experiments.audit.gradient import _adaptive_note
+    from leaklab.experiments.audit.run import build_surfaces
+
+    gradient = {"model": "tiny-llama", "defenses": [{"defense": "topk", "values": [0.1, 0.01]}]}
+    naive = build_surfaces(parse_config({"gradient": gradient}))["gradient"].plan(1.0)
+    adaptive = build_surfaces(parse_config({"gradient": {**gradient, "sweep_attack": "somp-adaptive"}}))
+    steps = {st.spec.get("defense", "-"): st.spec["attack"] for st in adaptive["gradient"].plan(1.0).steps}
+    assert steps == {"none": "somp", "topk": "somp-adaptive"}
+    assert {st.spec["attack"] for st in naive.steps} == {"somp"}
+    assert "knows each defense" in _adaptive_note("somp-adaptive") and "ignores it" in _adaptive_note("somp")

@@ -103,6 +103,13 @@ class GradientSection(Config):
     defenses: tuple[dict, ...] = option((), "defenses to sweep (list of DefenseSpec mappings)")
     sweep_setting: int = option(0, "index in settings of the setting the defense sweeps run on")
     sweep_batches: int = option(1, "private batches per sweep point")
+    sweep_attack: str = option(
+        "", "the attack on the defended sweep points (default: attack); somp-adaptive knows each defense"
+    )
+
+    @property
+    def defended_attack(self) -> str:
+        return self.sweep_attack or self.attack
 
     def __post_init__(self) -> None:
         self.require(positive=("batches", "sweep_batches"))
@@ -155,6 +162,9 @@ class GradientSurface(Surface):
         require_causal_lm(section.model, "gradient.model")
         with prefixed("gradient.attack"):
             make_attack(section.attack, dict(section.attack_options))
+        if section.sweep_attack:
+            with prefixed("gradient.sweep_attack"):
+                make_attack(section.sweep_attack, dict(section.attack_options))
         for i, s in enumerate(section.setting_specs()):
             with prefixed(f"gradient.settings[{i}]"):
                 resolve_setting(*s.resolved())
@@ -223,6 +233,7 @@ class GradientSurface(Surface):
                         "setting": base.to_dict(),
                         "seed": o.seed + b,
                         "defense": name,
+                        "attack": sec.attack if name == "none" else sec.defended_attack,
                         "param": param,
                         "value": value,
                         "params": params,
@@ -282,14 +293,13 @@ class GradientSurface(Surface):
             f"({self.options.min_tokens}–{self.options.max_tokens} tokens); utility is the validation loss on "
             f"{UTILITY_TEXTS} public texts after one server step (θ − η·g with η = {SERVER_LR:g} for a gradient, "
             "θ − Δ for a delta).",
-            "The attack is the same under every defense (no adaptive gradient attacker exists in this version): a "
-            "defense that 'stops' it bounds this attack only.",
+            _adaptive_note(sec.defended_attack),
         ]
         recommendation = None
         if best is not None:
             reached = "no signal" if best["rouge1"] is None else f"{fmt(best['rouge1'])} ROUGE-1 (≤ {thr})"
             recommendation = (
-                f"{best['defense']} {best['param'] or ''}={best['value']} brings {sec.attack} to "
+                f"{best['defense']} {best['param'] or ''}={best['value']} brings {sec.defended_attack} to "
                 f"{reached} at a utility cost of {best['cost']:+.2e} Δ loss"
             )
         elif any(r["defense"] == "none" and r["stopped"] for r in sweep):
@@ -297,7 +307,7 @@ class GradientSurface(Surface):
         elif not any(r["defense"] != "none" for r in sweep):
             recommendation = "none: no defended sweep point ran (see the time budget section)" if sec.defenses else None
         elif sweep:
-            recommendation = f"no swept defense brought {sec.attack} to ROUGE-1 ≤ {thr}: sweep stronger values"
+            recommendation = f"no swept defense brought {sec.defended_attack} to ROUGE-1 ≤ {thr}: sweep stronger values"
         return report_section(
             evidence,
             flags,
@@ -308,6 +318,19 @@ class GradientSurface(Surface):
             recommendation=recommendation,
             data={"settings": rows, "sweep": sweep},
         )
+
+
+def _adaptive_note(attack: str) -> str:
+    """Whether the sweep credits a defense against an attacker who knows it."""
+    if attack == "somp-adaptive":
+        return (
+            "The attacker knows each defense (somp-adaptive: it projects out known noise and completes top-k "
+            "sparsified gradients before SOMP); a defense is credited against that attacker."
+        )
+    return (
+        f"The attack ({attack}) is the same under every defense and ignores it: a defense that 'stops' it bounds "
+        "this attack only. Set 'attack: somp-adaptive' to judge defenses against an attacker who knows them."
+    )
 
 
 def _runner(fn: Any, spec: dict[str, Any]) -> Any:
@@ -529,7 +552,7 @@ def _sweep_plot(rows: list[dict[str, Any]], best: dict[str, Any] | None, thr: fl
             zorder=5,
         )
     ax.set_xlabel("utility cost: Δ validation loss vs undefended (lower is better)")
-    ax.set_ylabel(f"{sec.attack} ROUGE-1")
+    ax.set_ylabel(f"{sec.defended_attack} ROUGE-1")
     ax.set_ylim(0, 1.02)
     ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3), useOffset=False)
     ax.legend(fontsize=7)
