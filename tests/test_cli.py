@@ -117,3 +117,10 @@ def test_demo_runs_somp_on_the_packaged_defaults(tmp_path):
     assert agg["config"]["attack"] == "somp" and agg["config"]["model"]["name"] == "smollm2-135m"
     assert agg["rouge1"] == 1.0 and agg["rouge2"] == 1.0
     assert "recovered" in proc.stdout.lower() or "leaked" in proc.stdout.lower()
+
+
+def test_python_dash_m_leaklab_is_the_cli():
+    proc = subprocess.run(
+        [sys.executable, "-m", "leaklab", "--version"], capture_output=True, text=True, env=ENV, check=False
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("leaklab "), proc.stderr
