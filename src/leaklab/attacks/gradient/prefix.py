@@ -1,0 +1,157 @@
+"""Prefix evidence over every linear layer of the transformer blocks (FedSpy-style), in a K-FAC metric.
+
+In a causal LM the loss term at position t depends only on the tokens up to t + 1. So the gradient of a
+text's loss terms over positions [s, L) — computed on the text cut after its L-th token — is an exact additive
+part of the text's gradient, and so of the batch's, over all parameters: a candidate continuation of a known
+prefix can be held against the observed gradient G whatever the rank of one layer.
+
+A linear layer's weight gradient of a candidate is g = Σ_t δ_t x_tᵀ (output gradients δ, inputs x; every
+position up to L, since the later loss terms reach the prefix through attention). The per-position terms of all
+texts share a few strong directions, which otherwise decide any inner product with G; the candidate is scored
+in the metric of the layers' input and output-gradient second moments A and S (a K-FAC metric, from text the
+model samples itself): ⟨G, g⟩ = tr(Gᵀ S⁻¹ g A⁻¹) = Σ_t δ_tᵀ S⁻¹ G A⁻¹ x_t and ‖g‖² = Σ_{t,t'} (δ_tᵀ S⁻¹ δ_t')
+(x_tᵀ A⁻¹ x_t'), summed over the layers, without forming any candidate's weight gradient. The embedding and
+the LM head are left out: the head's gradient is what SOMP's output-gradient filter reads.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from leaklab.models.registry import LoadedModel
+
+
+def block_linears(loaded: LoadedModel) -> dict[str, torch.nn.Linear]:
+    """Every ``nn.Linear`` of the model but the output head, by module name (weight: ``name + '.weight'``)."""
+    head = loaded.model.get_output_embeddings()
+    return {n: m for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+
+
+@dataclass
+class Terms:
+    """Per row of a batch: each linear module's inputs x (n, t, in) and output gradients δ (n, t, out)."""
+
+    x: dict[str, torch.Tensor]
+    delta: dict[str, torch.Tensor]
+
+
+def loss_terms(
+    loaded: LoadedModel,
+    modules: dict[str, torch.nn.Linear],
+    ids: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> Terms:
+    """Inputs and output gradients of ``modules`` for each row's summed next-token loss over the tokens where
+    ``targets`` (n, L) is True (a token at j is predicted from position j − 1; position 0 is never a target).
+    One batched backward: the rows do not interact, so each row's δ is its own loss's."""
+    model = loaded.model
+    mask = torch.ones_like(ids) if mask is None else mask
+    xs: dict[str, torch.Tensor] = {}
+    ds: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, mod in modules.items():
+        handles.append(mod.register_forward_hook(lambda m, a, o, n=name: xs.__setitem__(n, a[0].detach())))
+        handles.append(mod.register_full_backward_hook(lambda m, gi, go, n=name: ds.__setitem__(n, go[0].detach())))
+    try:
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        labels = ids[:, 1:].masked_fill(~targets[:, 1:], -100)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        with warnings.catch_warnings():  # hooks on module outputs only: what is needed
+            warnings.simplefilter("ignore", UserWarning)
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    keep = mask.unsqueeze(-1).float()
+    return Terms({n: xs[n].float() * keep for n in modules}, {n: ds[n].float() * keep for n in modules})
+
+
+def weight_gradients(terms: Terms) -> dict[str, torch.Tensor]:
+    """Σ over rows and positions of δ xᵀ: the modules' weight gradients of the rows' summed loss."""
+    return {n: torch.einsum("bto,bti->oi", terms.delta[n].double(), terms.x[n].double()) for n in terms.x}
+
+
+@dataclass
+class KfacMetric:
+    """Per module A⁻¹ (inputs) and S⁻¹ (output gradients); ``None`` entries are the identity."""
+
+    a_inv: dict[str, torch.Tensor | None]
+    s_inv: dict[str, torch.Tensor | None]
+
+    @classmethod
+    def identity(cls, names: list[str]) -> KfacMetric:
+        return cls(dict.fromkeys(names), dict.fromkeys(names))
+
+    @classmethod
+    def from_terms(cls, terms: Terms, ridge: float) -> KfacMetric:
+        """(M + ridge × its top eigenvalue)⁻¹ of the second moments of x and δ over the terms' positions."""
+        return cls(
+            {n: _inverse_moments(x, ridge) for n, x in terms.x.items()},
+            {n: _inverse_moments(d, ridge) for n, d in terms.delta.items()},
+        )
+
+    def left(self, name: str, v: torch.Tensor) -> torch.Tensor:
+        s = self.s_inv[name]
+        return v if s is None else v @ s
+
+    def right(self, name: str, v: torch.Tensor) -> torch.Tensor:
+        a = self.a_inv[name]
+        return v if a is None else v @ a
+
+    def inner(self, name: str, g: torch.Tensor, h: torch.Tensor) -> float:
+        """tr(gᵀ S⁻¹ h A⁻¹) of two (out, in) matrices."""
+        return float((self.left(name, g.T.float()).T.double() * self.right(name, h.float()).double()).sum())
+
+
+def _inverse_moments(v: torch.Tensor, ridge: float) -> torch.Tensor:
+    flat = v.reshape(-1, v.shape[-1]).double()
+    second = flat.T @ flat / max(1, flat.shape[0])
+    evals, evecs = torch.linalg.eigh(second)
+    evals = evals.clamp_min(0) + ridge * float(evals.max())
+    return ((evecs / evals) @ evecs.T).float()
+
+
+class PrefixScorer:
+    """Scores candidate continuations (their :class:`Terms`) against a target gradient G (per module, (out,
+    in)) in a :class:`KfacMetric`: ⟨G, g⟩ and ‖g‖², summed over the modules."""
+
+    def __init__(self, target: dict[str, torch.Tensor], metric: KfacMetric) -> None:
+        self.metric = metric
+        # G̃ = S⁻¹ G A⁻¹, so that ⟨G, g⟩ = Σ_t δ_tᵀ G̃ x_t
+        self.white = {n: metric.right(n, metric.left(n, g.T.float()).T) for n, g in target.items()}
+        self.norm = sum(metric.inner(n, g, g) for n, g in target.items()) ** 0.5
+
+    def inner(self, terms: Terms) -> torch.Tensor:
+        """(n,) ⟨G, g_row⟩ in the metric."""
+        return sum(((terms.delta[n] @ w) * terms.x[n]).double().sum(dim=(1, 2)) for n, w in self.white.items())
+
+    def norms2(self, terms: Terms) -> torch.Tensor:
+        """(n,) ‖g_row‖² in the metric, from the positions' Gram matrices."""
+        out = 0.0
+        for n in self.white:
+            gx = self.metric.right(n, terms.x[n]) @ terms.x[n].transpose(1, 2)
+            gd = self.metric.left(n, terms.delta[n]) @ terms.delta[n].transpose(1, 2)
+            out = out + (gx.double() * gd.double()).sum(dim=(1, 2))
+        return out
+
+    def cosines(self, terms: Terms) -> torch.Tensor:
+        """(n,) cos(G, g_row) in the metric."""
+        return self.inner(terms) / (self.norms2(terms).clamp_min(1e-300).sqrt() * max(self.norm, 1e-300))
+
+
+def explain_away(
+    target: dict[str, torch.Tensor], known: dict[str, torch.Tensor], metric: KfacMetric
+) -> tuple[dict[str, torch.Tensor], float]:
+    """G − α K with α = ⟨G, K⟩ / ‖K‖² in the metric (the known texts' exact terms, e.g. confirmed prefixes,
+    fitted by least squares: the batch's token count, the 1/N of the mean loss, is not observed)."""
+    kk = sum(metric.inner(n, k, k) for n, k in known.items())
+    alpha = sum(metric.inner(n, target[n], k) for n, k in known.items()) / max(kk, 1e-300)
+    return {n: target[n].double() - alpha * known[n].double() for n in target}, alpha
