@@ -92,10 +92,15 @@ class KfacMetric:
 
     @classmethod
     def from_terms(cls, terms: Terms, ridge: float) -> KfacMetric:
-        """(M + ridge × its top eigenvalue)⁻¹ of the second moments of x and δ over the terms' positions."""
+        """(M + ridge × its top eigenvalue)⁻¹ of the second moments M of x and δ over the terms' positions."""
+        return cls.from_moments(*second_moments(terms), ridge)
+
+    @classmethod
+    def from_moments(cls, xx: dict, dd: dict, ridge: float) -> KfacMetric:
+        """From per-module second moments of x and δ (:func:`second_moments`, summed over batches if wanted:
+        the scale does not matter)."""
         return cls(
-            {n: _inverse_moments(x, ridge) for n, x in terms.x.items()},
-            {n: _inverse_moments(d, ridge) for n, d in terms.delta.items()},
+            {n: _ridged_inverse(m, ridge) for n, m in xx.items()}, {n: _ridged_inverse(m, ridge) for n, m in dd.items()}
         )
 
     def left(self, name: str, v: torch.Tensor) -> torch.Tensor:
@@ -111,10 +116,18 @@ class KfacMetric:
         return float((self.left(name, g.T.float()).T.double() * self.right(name, h.float()).double()).sum())
 
 
-def _inverse_moments(v: torch.Tensor, ridge: float) -> torch.Tensor:
-    flat = v.reshape(-1, v.shape[-1]).double()
-    second = flat.T @ flat / max(1, flat.shape[0])
-    evals, evecs = torch.linalg.eigh(second)
+def second_moments(terms: Terms) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per module Σ x xᵀ and Σ δ δᵀ (float64) over every row and position of the terms."""
+
+    def moment(v: torch.Tensor) -> torch.Tensor:
+        flat = v.reshape(-1, v.shape[-1]).double()
+        return flat.T @ flat
+
+    return {n: moment(x) for n, x in terms.x.items()}, {n: moment(d) for n, d in terms.delta.items()}
+
+
+def _ridged_inverse(second: torch.Tensor, ridge: float) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(second.double())
     evals = evals.clamp_min(0) + ridge * float(evals.max())
     return ((evecs / evals) @ evecs.T).float()
 

@@ -1,0 +1,144 @@
+"""Teacher-forced: does the observed gradient prefer a text's true continuation over the model's own, once whole
+continuations (not single tokens) are scored over every block linear layer (FedSpy-style prefix evidence)?
+
+For a few texts and positions s of one client update: the true prefix P (s tokens); candidates are the true
+continuation of L tokens and, for each of the model's top next tokens c ≠ the true one, c followed by the
+model's greedy continuation (L − 1 tokens) — what a beam of the decoder would hold. Each candidate's
+continuation gradient (its loss terms on P + continuation: an exact additive part of its text's gradient) is
+held against the observed gradient G, or against G with the batch's true prefixes at s explained away (the
+oracle state of a decoder that got every prefix right so far), by the cosine in a K-FAC metric
+(:mod:`leaklab.attacks.gradient.prefix`; ridge 0 = the plain Euclidean cosine). Prints, per L and score, how
+often the true continuation ranks first and in the top 3, next to the model's prior (Σ log p of the
+continuation) and an equal-weight mix of the standardised cosine and prior. The Secret is used for the
+teacher forcing and the scoring only.
+
+    python benchmarks/prefix_probe.py --regime long --batch-size 16 --seed 100 --texts 4 --positions 3,10,30
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from probe_setup import probe_parser, probe_update
+
+from leaklab.attacks.gradient.prefix import (
+    KfacMetric,
+    PrefixScorer,
+    block_linears,
+    explain_away,
+    loss_terms,
+    second_moments,
+    weight_gradients,
+)
+from leaklab.attacks.gradient.somp import model_samples
+from leaklab.models import load_model
+
+
+def greedy(model, seqs: torch.Tensor, steps: int) -> torch.Tensor:
+    for _ in range(steps):
+        nxt = model(input_ids=seqs).logits[:, -1].argmax(-1, keepdim=True)
+        seqs = torch.cat([seqs, nxt], dim=1)
+    return seqs
+
+
+def candidates(model, text: list[int], s: int, n: int, length: int) -> torch.Tensor:
+    """(n, s + length): row 0 the true text, rows 1.. the prior's top tokens ≠ the true one, greedily continued."""
+    prefix = torch.tensor(text[:s]).unsqueeze(0)
+    top = model(input_ids=prefix).logits[0, -1].topk(n).indices.tolist()
+    wrong = [t for t in top if t != text[s]][: n - 1]
+    starts = torch.cat([prefix.repeat(len(wrong), 1), torch.tensor(wrong).unsqueeze(1)], dim=1)
+    return torch.cat([torch.tensor(text[: s + length]).unsqueeze(0), greedy(model, starts, length - 1)])
+
+
+def prior(model, seqs: torch.Tensor, s: int) -> torch.Tensor:
+    logp = torch.log_softmax(model(input_ids=seqs).logits[:, :-1].float(), -1)
+    return logp.gather(2, seqs[:, 1:].unsqueeze(-1)).squeeze(-1)[:, s - 1 :].sum(1)
+
+
+def standardise(v: torch.Tensor) -> torch.Tensor:
+    return (v - v.mean()) / v.std().clamp_min(1e-12)
+
+
+def main() -> None:
+    ap = probe_parser(__doc__)
+    ap.add_argument("--texts", type=int, default=4)
+    ap.add_argument("--positions", default="3,10,30")
+    ap.add_argument("--lengths", default="1,4,8")
+    ap.add_argument("--cands", type=int, default=12, help="candidates per position (the true one included)")
+    ap.add_argument("--ridges", default="0,1e-2", help="K-FAC ridges (x top eigenvalue); 0 = Euclidean")
+    ap.add_argument("--samples", type=int, default=16, help="model samples for the metric's second moments")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    obs, secret = probe_update(args)
+    loaded = load_model(args.model)
+    model = loaded.model
+    modules = block_linears(loaded)
+    target = {n: obs.gradients[n + ".weight"] for n in modules}
+    texts = [list(t) for t in secret.token_ids]
+    positions = [int(p) for p in args.positions.split(",")]
+    lengths = [int(v) for v in args.lengths.split(",")]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        samples = model_samples(loaded, args.samples, 64, 0)[:, 1:]  # the batch's texts have no BOS
+    xx, dd = None, None
+    for i in range(0, samples.shape[0], 4):
+        part = samples[i : i + 4]
+        a, d = second_moments(loss_terms(loaded, modules, part, torch.ones_like(part, dtype=torch.bool)))
+        xx = a if xx is None else {n: xx[n] + a[n] for n in a}
+        dd = d if dd is None else {n: dd[n] + d[n] for n in d}
+    metrics = {
+        r: (KfacMetric.identity(list(modules)) if float(r) == 0 else KfacMetric.from_moments(xx, dd, float(r)))
+        for r in args.ridges.split(",")
+    }
+    print(
+        f"{args.regime} B={args.batch_size} seed {args.seed}: T={sum(secret.lengths)}; metric from "
+        f"{args.samples} samples in {time.perf_counter() - t0:.0f} s"
+    )
+    hits: dict[tuple, list[int]] = {}
+    for s in positions:
+        rows = [t[:s] for t in texts if len(t) > s]
+        known_ids = torch.tensor(rows)  # every text longer than s: no padding
+        known = weight_gradients(loss_terms(loaded, modules, known_ids, torch.ones_like(known_ids, dtype=torch.bool)))
+        scorers = {}
+        for r, metric in metrics.items():
+            scorers[f"cos r={r}"] = PrefixScorer(target, metric)
+            resid, alpha = explain_away(target, known, metric)
+            scorers[f"cos r={r}, prefixes explained away"] = PrefixScorer(resid, metric)
+            print(f"s={s}: ridge {r}: fitted α {alpha:.3e} (1/N = {1 / sum(len(t) - 1 for t in texts):.3e})")
+        for b, text in enumerate(texts[: args.texts]):
+            if len(text) < s + max(lengths):
+                continue
+            with torch.no_grad():
+                cands = candidates(model, text, s, args.cands, max(lengths))
+            for length in lengths:
+                seqs = cands[:, : s + length]
+                # rows with the same continuation as the true one (a greedy path that is right) are dropped
+                same = (seqs[:, s:] == seqs[0, s:]).all(1)
+                same[0] = False
+                seqs = seqs[~same]
+                cont = torch.zeros_like(seqs, dtype=torch.bool)
+                cont[:, s:] = True
+                terms = loss_terms(loaded, modules, seqs, cont)
+                with torch.no_grad():
+                    logp = prior(model, seqs, s)
+                scores = {"prior Σ log p": logp}
+                for name, scorer in scorers.items():
+                    cos = scorer.cosines(terms)
+                    scores[name] = cos
+                    scores[name + " + prior (standardised)"] = standardise(cos) + standardise(logp)
+                for name, v in scores.items():
+                    rank = int((v > v[0]).sum())
+                    hits.setdefault((length, name), []).append(rank)
+            print(f"  text {b} s={s} done, {time.perf_counter() - t0:.0f} s", flush=True)
+    print("\n| L | score | true continuation first | top 3 | cases |")
+    print("|---|---|---|---|---|")
+    for (length, name), ranks in hits.items():
+        first = sum(r == 0 for r in ranks) / len(ranks)
+        top3 = sum(r < 3 for r in ranks) / len(ranks)
+        print(f"| {length} | {name} | {first:.3f} | {top3:.3f} | {len(ranks)} |")
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
