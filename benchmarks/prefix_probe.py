@@ -60,6 +60,15 @@ def standardise(v: torch.Tensor) -> torch.Tensor:
     return (v - v.mean()) / v.std().clamp_min(1e-12)
 
 
+def table(hits: dict[tuple, list[int]]) -> None:
+    print("\n| L | score | true continuation first | top 3 | cases |")
+    print("|---|---|---|---|---|")
+    for (length, name), ranks in hits.items():
+        first = sum(r == 0 for r in ranks) / len(ranks)
+        top3 = sum(r < 3 for r in ranks) / len(ranks)
+        print(f"| {length} | {name} | {first:.3f} | {top3:.3f} | {len(ranks)} |", flush=True)
+
+
 def main() -> None:
     ap = probe_parser(__doc__)
     ap.add_argument("--texts", type=int, default=4)
@@ -91,6 +100,7 @@ def main() -> None:
         r: (KfacMetric.identity(list(modules)) if float(r) == 0 else KfacMetric.from_moments(xx, dd, float(r)))
         for r in args.ridges.split(",")
     }
+    del xx, dd
     print(
         f"{args.regime} B={args.batch_size} seed {args.seed}: T={sum(secret.lengths)}; metric from "
         f"{args.samples} samples in {time.perf_counter() - t0:.0f} s"
@@ -131,12 +141,8 @@ def main() -> None:
                     rank = int((v > v[0]).sum())
                     hits.setdefault((length, name), []).append(rank)
             print(f"  text {b} s={s} done, {time.perf_counter() - t0:.0f} s", flush=True)
-    print("\n| L | score | true continuation first | top 3 | cases |")
-    print("|---|---|---|---|---|")
-    for (length, name), ranks in hits.items():
-        first = sum(r == 0 for r in ranks) / len(ranks)
-        top3 = sum(r < 3 for r in ranks) / len(ranks)
-        print(f"| {length} | {name} | {first:.3f} | {top3:.3f} | {len(ranks)} |")
+        del scorers, known
+        table(hits)
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 

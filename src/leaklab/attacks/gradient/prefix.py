@@ -76,7 +76,7 @@ def loss_terms(
 
 def weight_gradients(terms: Terms) -> dict[str, torch.Tensor]:
     """Σ over rows and positions of δ xᵀ: the modules' weight gradients of the rows' summed loss."""
-    return {n: torch.einsum("bto,bti->oi", terms.delta[n].double(), terms.x[n].double()) for n in terms.x}
+    return {n: torch.einsum("bto,bti->oi", terms.delta[n], terms.x[n]) for n in terms.x}
 
 
 @dataclass
@@ -167,4 +167,4 @@ def explain_away(
     fitted by least squares: the batch's token count, the 1/N of the mean loss, is not observed)."""
     kk = sum(metric.inner(n, k, k) for n, k in known.items())
     alpha = sum(metric.inner(n, target[n], k) for n, k in known.items()) / max(kk, 1e-300)
-    return {n: target[n].double() - alpha * known[n].double() for n in target}, alpha
+    return {n: target[n] - alpha * known[n].to(target[n].dtype) for n in target}, alpha
