@@ -88,7 +88,7 @@ def test_scorer_matches_a_whitened_reference_and_prefers_the_true_continuation(t
     }
 
     def white(grads, suffix=""):
-        return torch.cat([(half[n][0] @ grads[n + suffix] @ half[n][1]).flatten() for n in modules])
+        return torch.cat([(half[n][0] @ grads[n + suffix].double() @ half[n][1]).flatten() for n in modules])
 
     g_white = white(target)
     for i in range(cands.shape[0]):
@@ -112,10 +112,10 @@ def test_explain_away_fits_the_known_part_by_least_squares_in_the_metric(tiny):
         )
         for n in modules
     }
-    k = torch.cat([(half[n][0] @ known[n] @ half[n][1]).flatten() for n in modules])
-    t = torch.cat([(half[n][0] @ target[n] @ half[n][1]).flatten() for n in modules])
+    k = torch.cat([(half[n][0] @ known[n].double() @ half[n][1]).flatten() for n in modules])
+    t = torch.cat([(half[n][0] @ target[n].double() @ half[n][1]).flatten() for n in modules])
     ref = torch.linalg.lstsq(k.unsqueeze(1), t.unsqueeze(1)).solution.item()
     assert alpha == pytest.approx(ref, rel=1e-4)
     assert alpha != pytest.approx(0.37, rel=1e-3)  # the other texts are not orthogonal to the known ones
     for n in modules:
-        assert torch.allclose(resid[n], target[n] - ref * known[n], rtol=1e-4, atol=1e-8)
+        assert torch.allclose(resid[n].double(), (target[n] - ref * known[n]).double(), rtol=1e-4, atol=1e-7)
