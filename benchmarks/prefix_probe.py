@@ -112,9 +112,11 @@ def main() -> None:
         known = weight_gradients(loss_terms(loaded, modules, known_ids, torch.ones_like(known_ids, dtype=torch.bool)))
         scorers = {}
         for r, metric in metrics.items():
-            scorers[f"cos r={r}"] = PrefixScorer(target, metric)
+            if float(r) > 0:  # the plain cosine over G is the per-token probe's score, already measured
+                scorers[f"cos r={r}"] = PrefixScorer(target, metric)
             resid, alpha = explain_away(target, known, metric)
             scorers[f"cos r={r}, prefixes explained away"] = PrefixScorer(resid, metric)
+            del resid
             print(f"s={s}: ridge {r}: fitted α {alpha:.3e} (1/N = {1 / sum(len(t) - 1 for t in texts):.3e})")
         for b, text in enumerate(texts[: args.texts]):
             if len(text) < s + max(lengths):

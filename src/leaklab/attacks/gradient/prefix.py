@@ -117,10 +117,10 @@ class KfacMetric:
 
 
 def second_moments(terms: Terms) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per module Σ x xᵀ and Σ δ δᵀ (float64) over every row and position of the terms."""
+    """Per module Σ x xᵀ and Σ δ δᵀ (float32: a model has many of them) over every row and position."""
 
     def moment(v: torch.Tensor) -> torch.Tensor:
-        flat = v.reshape(-1, v.shape[-1]).double()
+        flat = v.reshape(-1, v.shape[-1])
         return flat.T @ flat
 
     return {n: moment(x) for n, x in terms.x.items()}, {n: moment(d) for n, d in terms.delta.items()}
