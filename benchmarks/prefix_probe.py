@@ -42,13 +42,24 @@ def greedy(model, seqs: torch.Tensor, steps: int) -> torch.Tensor:
     return seqs
 
 
-def candidates(model, text: list[int], s: int, n: int, length: int) -> torch.Tensor:
-    """(n, s + length): row 0 the true text, rows 1.. the prior's top tokens ≠ the true one, greedily continued."""
+def candidates(
+    model, texts: list[list[int]], b: int, s: int, n: int, length: int, controls: int
+) -> tuple[torch.Tensor, int]:
+    """(rows, s + length) and the number of model rows: row 0 the true text b, rows 1..n − 1 the prior's top
+    tokens ≠ the true one, greedily continued; then the controls: the true continuation shifted by one token
+    (the batch's right tokens, misaligned) and the continuations at s of ``controls`` other batch texts (batch
+    tokens in the wrong context)."""
+    text = texts[b]
     prefix = torch.tensor(text[:s]).unsqueeze(0)
     top = model(input_ids=prefix).logits[0, -1].topk(n).indices.tolist()
     wrong = [t for t in top if t != text[s]][: n - 1]
     starts = torch.cat([prefix.repeat(len(wrong), 1), torch.tensor(wrong).unsqueeze(1)], dim=1)
-    return torch.cat([torch.tensor(text[: s + length]).unsqueeze(0), greedy(model, starts, length - 1)])
+    rows = [torch.tensor(text[: s + length]).unsqueeze(0), greedy(model, starts, length - 1)]
+    if controls > 0:
+        rows.append(torch.tensor(text[:s] + text[s + 1 : s + 1 + length]).unsqueeze(0))
+        others = [t for i, t in enumerate(texts) if i != b and len(t) >= s + length][:controls]
+        rows += [torch.tensor(text[:s] + t[s : s + length]).unsqueeze(0) for t in others]
+    return torch.cat(rows), 1 + len(wrong)
 
 
 def prior(model, seqs: torch.Tensor, s: int) -> torch.Tensor:
@@ -77,6 +88,7 @@ def main() -> None:
     ap.add_argument("--cands", type=int, default=12, help="candidates per position (the true one included)")
     ap.add_argument("--ridges", default="0,1e-2", help="K-FAC ridges (x top eigenvalue); 0 = Euclidean")
     ap.add_argument("--samples", type=int, default=16, help="model samples for the metric's second moments")
+    ap.add_argument("--controls", type=int, default=0, help="add controls: shifted truth + this many other texts")
     args = ap.parse_args()
     torch.manual_seed(0)
     obs, secret = probe_update(args)
@@ -121,8 +133,10 @@ def main() -> None:
         for b, text in enumerate(texts[: args.texts]):
             if len(text) < s + max(lengths):
                 continue
+            if len(text) < s + max(lengths) + 1:
+                continue
             with torch.no_grad():
-                cands = candidates(model, text, s, args.cands, max(lengths))
+                cands, n_model = candidates(model, texts, b, s, args.cands, max(lengths), args.controls)
             for length in lengths:
                 seqs = cands[:, : s + length]
                 # rows with the same continuation as the true one (a greedy path that is right) are dropped
@@ -139,9 +153,16 @@ def main() -> None:
                     cos = scorer.cosines(terms)
                     scores[name] = cos
                     scores[name + " + prior (standardised)"] = standardise(cos) + standardise(logp)
+                model_rows = torch.arange(seqs.shape[0]) < n_model - int(same.sum())
                 for name, v in scores.items():
-                    rank = int((v > v[0]).sum())
-                    hits.setdefault((length, name), []).append(rank)
+                    hits.setdefault((length, name), []).append(int((v > v[0]).sum()))
+                    if args.controls:  # the true continuation against the controls alone
+                        hits.setdefault((length, name + " [vs controls]"), []).append(
+                            int((v[~model_rows] > v[0]).sum())
+                        )
+                        hits.setdefault((length, name + " [vs model rows]"), []).append(
+                            int((v[model_rows] > v[0]).sum())
+                        )
             print(f"  text {b} s={s} done, {time.perf_counter() - t0:.0f} s", flush=True)
         del scorers, known
         table(hits)
