@@ -88,6 +88,7 @@ class KfacMetric:
 
     @classmethod
     def identity(cls, names: list[str]) -> KfacMetric:
+        """The Euclidean metric (the plain cosine)."""
         return cls(dict.fromkeys(names), dict.fromkeys(names))
 
     @classmethod
@@ -96,7 +97,7 @@ class KfacMetric:
         return cls.from_moments(*second_moments(terms), ridge)
 
     @classmethod
-    def from_moments(cls, xx: dict, dd: dict, ridge: float) -> KfacMetric:
+    def from_moments(cls, xx: dict[str, torch.Tensor], dd: dict[str, torch.Tensor], ridge: float) -> KfacMetric:
         """From per-module second moments of x and δ (:func:`second_moments`, summed over batches if wanted:
         the scale does not matter)."""
         return cls(
@@ -104,10 +105,12 @@ class KfacMetric:
         )
 
     def left(self, name: str, v: torch.Tensor) -> torch.Tensor:
+        """v S⁻¹ (rows of v: output-gradient vectors of module ``name``)."""
         s = self.s_inv[name]
         return v if s is None else v @ s
 
     def right(self, name: str, v: torch.Tensor) -> torch.Tensor:
+        """v A⁻¹ (rows of v: input vectors of module ``name``)."""
         a = self.a_inv[name]
         return v if a is None else v @ a
 
