@@ -6,6 +6,7 @@ update file per captured update (secrets apart), ``records.json`` and :mod:`leak
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -17,14 +18,43 @@ from leaklab.fl.audit import Auditor
 from leaklab.fl.config import FlRun
 from leaklab.fl.report import summarise_run, write_run_folder
 
+#: Ray's shared-memory object store (default: 30 % of the machine's memory); each round's messages pass through it,
+#: and larger objects than it holds fall back to disk
+OBJECT_STORE_BYTES = 1 << 30
+#: glibc returns a freed block to the OS at once only if it was mmap-ed: from this size on, blocks are (the default
+#: threshold adapts upwards to 32 MiB, and the heap keeps freed per-layer tensors of a model round after round)
+MMAP_THRESHOLD_BYTES = 1 << 17
 
-def backend_config(num_cpus: int, client_cpus: float) -> dict[str, Any]:
+
+def backend_config(num_cpus: int, client_cpus: float, object_store_bytes: int = OBJECT_STORE_BYTES) -> dict[str, Any]:
     """Ray with ``num_cpus`` CPUs, each client actor reserving ``client_cpus`` (so at most num_cpus/client_cpus
-    run at once), no GPU, no dashboard."""
+    run at once), an object store of ``object_store_bytes``, no GPU, no dashboard."""
     return {
         "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": num_cpus, "include_dashboard": False, "logging_level": "error"},
+        "init_args": {
+            "num_cpus": num_cpus,
+            "object_store_memory": object_store_bytes,
+            "include_dashboard": False,
+            "logging_level": "error",
+        },
     }
+
+
+def return_freed_memory() -> None:
+    """Make glibc hand freed tensor memory back to the OS, in this process (``mallopt``) and in the Ray workers
+    it starts (the environment they inherit); a no-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD_BYTES))
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return
 
 
 def simulate(
@@ -33,7 +63,9 @@ def simulate(
     client_cpus: float = 1.0,
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """The federation of ``run`` on Flower's Ray simulation engine; the auditor captures and attacks in-line."""
+    """The federation of ``run`` on Flower's Ray simulation engine. The auditor captures every update; it attacks
+    them after the federation (``run.attack_after``: Ray is shut down and Flower's copies of the replies are
+    gone first) or in-line."""
     import ray
     from flwr.simulation import run_simulation
 
@@ -41,7 +73,8 @@ def simulate(
     from leaklab.fl.server import make_server_app
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    auditor = Auditor(run, run.out or None, on_event)
+    return_freed_memory()
+    auditor = Auditor(run, run.out or None, on_event, defer=run.attack_after)
     start = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a terminated run still shuts Ray down
     try:
@@ -52,6 +85,8 @@ def simulate(
         signal.signal(signal.SIGTERM, previous)
         if ray.is_initialized():  # Flower shuts Ray down; make sure of it
             ray.shutdown()
+    gc.collect()
+    auditor.attack_stored()
     summary = summarise_run(run, auditor, time.perf_counter() - start)
     if run.out:
         write_run_folder(Path(run.out), summary)
