@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import shlex
 import signal
@@ -98,6 +99,13 @@ def tree_memory(proc: psutil.Process) -> tuple[int, int]:
     return rss, pss
 
 
+def ray_env() -> dict[str, str]:
+    """The CLI's environment with Ray's memory monitor off (unless set): on a shared machine other jobs' memory
+    pushes the node past the monitor's threshold and it kills the federation's client actor, the only Ray worker
+    there is, leaving rounds with clients missing. The kernel's OOM killer still guards the machine."""
+    return {**os.environ, "RAY_memory_monitor_refresh_ms": os.environ.get("RAY_memory_monitor_refresh_ms", "0")}  # noqa: SIM112
+
+
 def prune(out: Path) -> None:
     """Drop a finished run's update and global-model files (hundreds of MB each on smollm2-135m); its records,
     summary, results.md and leakage.png stay."""
@@ -110,7 +118,7 @@ def run_cli(name: str, args: list[str]) -> dict:
     cmd = [sys.executable, "-m", "leaklab.cli", "fl", "simulate", *args, "--out", str(out), "--json"]
     start, peak, peak_pss = time.perf_counter(), 0, 0
     with open(RUNS / f"{out.name}.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ray_env())
         ps = psutil.Process(proc.pid)
         try:
             while proc.poll() is None:
