@@ -71,7 +71,7 @@ def simulate_cmd(
 ) -> None:
     """Run a federation on Flower's simulation engine (Ray) and attack every captured update."""
     from leaklab.fl.config import FlRun
-    from leaklab.fl.simulate import simulate
+    from leaklab.fl.simulate import return_freed_memory, simulate
 
     run = FlRun.from_dict(
         {
@@ -120,6 +120,7 @@ def simulate_cmd(
             elif kind == "utility":
                 bar.update(task, description=f"round {info['round']}/{rounds}: val loss {info['val_loss']:.4f}")
 
+        return_freed_memory()  # this process runs only the federation
         summary = simulate(run, num_cpus, client_cpus, on_event)
     for rnd, missing in summary["missing_replies"].items():
         typer.echo(

@@ -10,7 +10,8 @@ import gc
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,20 +42,31 @@ def backend_config(num_cpus: int, client_cpus: float, object_store_bytes: int = 
 
 
 def return_freed_memory() -> None:
-    """Make glibc hand freed tensor memory back to the OS, in this process (``mallopt``) and in the Ray workers
-    it starts (the environment they inherit); a no-op where the C library is not glibc."""
+    """Make glibc hand freed tensor memory back to the OS in this process (``mallopt``; for a process that runs a
+    federation, such as the CLI's: the setting lasts for the process); a no-op where the C library is not glibc.
+    :func:`simulate` does the same for the Ray workers it starts, through their environment."""
     import ctypes
     import ctypes.util
 
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD_BYTES))
     name = ctypes.util.find_library("c")
     if not name:
         return
     try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt(-3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD
+        ctypes.CDLL(name).mallopt(-3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return
+
+
+@contextmanager
+def worker_environment() -> Iterator[None]:
+    """The environment the Ray workers inherit while Ray starts: glibc's mmap threshold fixed (see above)."""
+    key, previous = "MALLOC_MMAP_THRESHOLD_", os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ[key] = previous or str(MMAP_THRESHOLD_BYTES)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
 
 
 def simulate(
@@ -73,14 +85,14 @@ def simulate(
     from leaklab.fl.server import make_server_app
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    return_freed_memory()
     auditor = Auditor(run, run.out or None, on_event, defer=run.attack_after)
     start = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a terminated run still shuts Ray down
     try:
-        run_simulation(
-            make_server_app(run, auditor), client_app, run.clients, "ray", backend_config(num_cpus, client_cpus)
-        )
+        with worker_environment():
+            run_simulation(
+                make_server_app(run, auditor), client_app, run.clients, "ray", backend_config(num_cpus, client_cpus)
+            )
     finally:
         signal.signal(signal.SIGTERM, previous)
         if ray.is_initialized():  # Flower shuts Ray down; make sure of it
