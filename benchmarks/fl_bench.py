@@ -3,8 +3,8 @@
 Rerun (each job appends/replaces its rows in benchmarks/results/fl/fl.json and rewrites fl.md + fl.png):
   PYTHONPATH=src python benchmarks/fl_bench.py scale            # leaklab fl simulate --clients 100 --rounds 1
   PYTHONPATH=src python benchmarks/fl_bench.py grid [ROW ...]   # smollm2-135m, 8 clients × B=4, 3 rounds
-Each run is the CLI in a subprocess (``leaklab fl simulate``); peak memory is the largest sum of RSS over the
-process tree (driver, Ray raylet/GCS and client actors), sampled every 0.5 s.
+Each run is the CLI in a subprocess (``leaklab fl simulate``); peak memory is the largest sum of RSS (and of PSS)
+over the process tree (driver, Ray raylet/GCS and client actors), sampled every 0.5 s.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import shlex
 import signal
@@ -47,11 +48,11 @@ GRID_BASE = [
     "--lr",
     "0.01",
     "--attack-clients",
-    "2",
+    "1",
     "--attack-budget-s",
-    "30",
+    "20",
     "--client-cpus",
-    "2",  # one client actor at a time: two smollm2-135m actors and the server did not fit the shared 24 GiB
+    "2",  # one client actor at a time (the shared 2 cores; and each actor holds its own model copies)
 ]
 #: the aggregate is attacked where it is what the defense leaves (no defense, SecAgg+, server-side DP from outside)
 ONLY_CLIENTS = ["--no-attack-aggregate"]
@@ -88,12 +89,21 @@ SCALE = [
 ]
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
+def tree_memory(proc: psutil.Process) -> tuple[int, int]:
+    """RSS and PSS summed over the process tree (PSS splits each shared page among the processes mapping it)."""
+    rss = pss = 0
     for p in [proc, *proc.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total
+            info = p.memory_full_info()
+            rss, pss = rss + info.rss, pss + info.pss
+    return rss, pss
+
+
+def ray_env() -> dict[str, str]:
+    """The CLI's environment with Ray's memory monitor off (unless set): on a shared machine other jobs' memory
+    pushes the node past the monitor's threshold and it kills the federation's client actor, the only Ray worker
+    there is, leaving rounds with clients missing. The kernel's OOM killer still guards the machine."""
+    return {**os.environ, "RAY_memory_monitor_refresh_ms": os.environ.get("RAY_memory_monitor_refresh_ms", "0")}  # noqa: SIM112
 
 
 def prune(out: Path) -> None:
@@ -106,13 +116,14 @@ def prune(out: Path) -> None:
 def run_cli(name: str, args: list[str]) -> dict:
     out = RUNS / name.replace(" ", "_").replace("=", "")
     cmd = [sys.executable, "-m", "leaklab.cli", "fl", "simulate", *args, "--out", str(out), "--json"]
-    start, peak = time.perf_counter(), 0
+    start, peak, peak_pss = time.perf_counter(), 0, 0
     with open(RUNS / f"{out.name}.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ray_env())
         ps = psutil.Process(proc.pid)
         try:
             while proc.poll() is None:
-                peak = max(peak, tree_rss(ps))
+                rss, pss = tree_memory(ps)
+                peak, peak_pss = max(peak, rss), max(peak_pss, pss)
                 time.sleep(0.5)
         finally:  # stopped (timeout, Ctrl-C): the CLI shuts its Ray down on SIGTERM
             if proc.poll() is None:
@@ -126,11 +137,15 @@ def run_cli(name: str, args: list[str]) -> dict:
         "exit": proc.returncode,
         "wall_s": round(wall, 1),
         "peak_rss_gib": round(peak / 2**30, 2),
+        "peak_pss_gib": round(peak_pss / 2**30, 2),
     }
     summary_file = out / "summary.json"
     if proc.returncode == 0 and summary_file.exists():
         summary = json.loads(summary_file.read_text())
         row.update(summarise(summary))
+        missing = summary.get("missing_replies") or {}
+        if missing:  # a federation with clients killed (e.g. by Ray's memory monitor) is not the row asked for
+            row["exit"] = "0, clients missing: " + ", ".join(f"round {k}: {v}" for k, v in missing.items())
         if not summary["records"] and "OutOfMemoryError" in (RUNS / f"{out.name}.log").read_text(errors="replace"):
             row["exit"] = "0, no update: Ray's memory monitor killed the clients"
     prune(out)
@@ -179,9 +194,9 @@ def write(rows: list[dict]) -> None:
         "(recovered/attacked); n/a: the attack reported no signal or could not run. Val loss: mean next-token loss "
         "of the global model on 16 public texts, before the first round → after the last.",
         "",
-        "| run | clients × rounds | attacked clients/round | exit | wall s | peak RSS GiB | SOMP clients | "
-        "DAGER clients | SOMP aggregate | DAGER aggregate | val loss | ε |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | clients × rounds | attacked clients/round | exit | wall s | peak RSS GiB | peak PSS GiB | "
+        "SOMP clients | DAGER clients | SOMP aggregate | DAGER aggregate | val loss | ε |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
 
@@ -199,7 +214,7 @@ def write(rows: list[dict]) -> None:
         attacked = {0: "all", None: "—"}.get(r.get("attack_clients"), r.get("attack_clients"))
         lines.append(
             f"| {r['name']} | {_clients(r)} × {r.get('rounds', '—')} | {attacked} | {r['exit']} | {r['wall_s']} | "
-            f"{r['peak_rss_gib']} | {cell('somp/clients')} | "
+            f"{r['peak_rss_gib']} | {r.get('peak_pss_gib', '—')} | {cell('somp/clients')} | "
             f"{cell('dager/clients')} | {cell('somp/aggregate')} | {cell('dager/aggregate')} | {last} | "
             f"{f'{eps:.3g}' if eps else '—'} |"
         )
@@ -259,8 +274,8 @@ def main() -> None:
     ap.add_argument("rows", nargs="*", help="grid rows to run (default: all)")
     ap.add_argument("--rounds", help="grid: rounds instead of 3")
     ap.add_argument("--clients", help="grid: clients instead of 8")
-    ap.add_argument("--attack-clients", help="grid: client updates attacked per round instead of 2")
-    ap.add_argument("--attack-budget-s", help="grid: budget of each attack run instead of 30 s")
+    ap.add_argument("--attack-clients", help="grid: client updates attacked per round instead of 1")
+    ap.add_argument("--attack-budget-s", help="grid: budget of each attack run instead of 20 s")
     args = ap.parse_intermixed_args()
     unknown = [r for r in args.rows if r not in GRID]
     if unknown:

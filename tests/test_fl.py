@@ -79,11 +79,41 @@ def test_auditor_attacks_the_first_client_updates_and_the_aggregate_unless_told_
     from leaklab.fl import Auditor
 
     auditor = Auditor(FlRun(attack_clients=1, **TINY), tmp_path / "a")
-    auditor.records.append({"round": 1, "target": "node-1"})
     assert auditor._attack_this(1, "node-1") and auditor._attack_this(1, "aggregate")
+    assert auditor._attack_this(1, "node-1")  # the chosen client stays chosen
     assert not auditor._attack_this(1, "node-2") and auditor._attack_this(2, "node-2")
     quiet = Auditor(FlRun(attack_aggregate=False, **TINY), tmp_path / "b")
     assert quiet._attack_this(1, "node-5") and not quiet._attack_this(1, "aggregate")
+
+
+def test_deferred_auditor_stores_updates_holds_none_and_attacks_them_from_their_files(tmp_path):
+    """While the federation runs a deferred auditor writes each update and keeps only its path (no Observation
+    stays alive); afterwards it attacks the files and recovers the client's texts."""
+    import gc
+
+    from leaklab.fl import Auditor
+    from leaklab.fl.client import private_batch, train_locally
+    from leaklab.fl.model import base_model, tensors_of
+    from leaklab.threat.observation import Observation
+
+    run = FlRun(clients=1, rounds=1, attack_aggregate=False, **TINY)
+    auditor = Auditor(run, tmp_path, defer=True)
+    auditor.sent(1, tensors_of(base_model(run.model, run.setting, run.lora_r)))
+    texts, labels = private_batch(run.client_config(), 0, 1)
+    reply, ids = train_locally(run.client_config(), auditor._sent[1], texts, labels, seed=0)
+    auditor.secrets_dir.joinpath("round-001").mkdir(parents=True)
+    (auditor.secrets_dir / "round-001" / "node-3.json").write_text(
+        json.dumps({"texts": texts, "token_ids": ids, "labels": labels}), encoding="utf-8"
+    )
+    auditor.client(1, 3, reply, len(texts))
+    assert auditor.records == [] and auditor.pending == [(1, "node-3", tmp_path / "round-001" / "node-3.safetensors")]
+    assert auditor.pending[0][2].exists()
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, Observation)]
+    auditor.attack_stored()
+    assert auditor.pending == [] and [r["target"] for r in auditor.records] == ["node-3"]
+    assert auditor.records[0]["status"] == "recovered" and auditor.records[0]["aggregate"]["rouge1"] == 1.0
+    assert json.loads((tmp_path / "records.json").read_text())[0]["target"] == "node-3"
 
 
 @pytest.fixture(scope="module")

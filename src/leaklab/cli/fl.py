@@ -53,6 +53,14 @@ def simulate_cmd(
         bool, typer.Option(help="Attack each round's aggregate (--no-attack-aggregate: store it only).")
     ] = True,
     attack_budget_s: Annotated[float, typer.Option(help="Time budget of each attack run.")] = 120.0,
+    attack_after: Annotated[
+        bool,
+        typer.Option(
+            "--attack-after/--attack-inline",
+            help="Attack the stored updates after the federation (--attack-inline: as each is captured, which holds "
+            "the attack's memory beside Flower's).",
+        ),
+    ] = True,
     min_tokens: common.MinTokensOpt = 4,
     max_tokens: common.MaxTokensOpt = 10,
     seed: Annotated[int, typer.Option(help="Seed of the private shards.")] = 0,
@@ -63,7 +71,7 @@ def simulate_cmd(
 ) -> None:
     """Run a federation on Flower's simulation engine (Ray) and attack every captured update."""
     from leaklab.fl.config import FlRun
-    from leaklab.fl.simulate import simulate
+    from leaklab.fl.simulate import return_freed_memory, simulate
 
     run = FlRun.from_dict(
         {
@@ -82,6 +90,7 @@ def simulate_cmd(
             "attack_clients": attack_clients,
             "attack_aggregate": attack_aggregate,
             "attack_budget_s": attack_budget_s,
+            "attack_after": attack_after,
             "min_tokens": min_tokens,
             "max_tokens": max_tokens,
             "seed": seed,
@@ -106,10 +115,19 @@ def simulate_cmd(
                 bar.update(task, description=f"round {info['round']}/{rounds}: clients training")
             elif kind == "captured":
                 bar.update(task, advance=1, description=f"round {info['round']}/{rounds}: captured {info['who']}")
+            elif kind == "attacked":
+                bar.update(task, description=f"round {info['round']}: {info['attack']} on {info['target']} done")
             elif kind == "utility":
                 bar.update(task, description=f"round {info['round']}/{rounds}: val loss {info['val_loss']:.4f}")
 
+        return_freed_memory()  # this process runs only the federation
         summary = simulate(run, num_cpus, client_cpus, on_event)
+    for rnd, missing in summary["missing_replies"].items():
+        typer.echo(
+            f"warning: round {rnd}: {missing} of {clients} clients did not reply (their updates are missing from "
+            "the aggregate; see Flower's log, e.g. Ray's memory monitor)",
+            err=True,
+        )
     if as_json:
         import json
 

@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from leaklab.fl.config import FlRun, defense_of
-from leaklab.fl.model import base_model, lora_meta, tensors_of
+from leaklab.fl.model import base_model, lora_meta
 from leaklab.io import atomic_write_json
 from leaklab.models.registry import ModelRef, load_model
 from leaklab.threat.local import DELTA
@@ -41,18 +41,31 @@ Event = Callable[[str, dict[str, Any]], None]
 class Auditor:
     """Turns captured Flower updates into Observations, stores them and attacks them (see the module doc)."""
 
-    def __init__(self, run: FlRun, out: str | Path | None = None, on_event: Event | None = None, attack: bool = True):
+    def __init__(
+        self,
+        run: FlRun,
+        out: str | Path | None = None,
+        on_event: Event | None = None,
+        attack: bool = True,
+        defer: bool = False,
+    ):
+        """``attack``: attack the chosen updates at all; ``defer``: only store them while the federation runs and
+        attack them from their files in :meth:`attack_stored` (a captured update is not kept in memory)."""
         self.run = run
         self.out = Path(out) if out else Path(tempfile.mkdtemp(prefix="leaklab-fl-"))
         self._owns_out = not out
         self.on_event = on_event or (lambda kind, info: None)
         self.attack = attack
+        self.defer = defer
+        self.pending: list[tuple[int, str, Path]] = []
+        self._chosen: dict[int, set[str]] = {}
         self.records: list[dict[str, Any]] = []
         self.utility: dict[int, float] = {}
+        self.replies: dict[int, int] = {}  # round -> clients whose updates were aggregated
         self.defenses: list[dict[str, Any]] = []
         self._sent: dict[int, Tensors] = {}
         self._refs: dict[int, tuple[ModelRef, dict[str, Any]]] = {}
-        self._model = copy.deepcopy(base_model(run.model, run.setting, run.lora_r))
+        self._model: torch.nn.Module | None = None  # a scratch copy for validation and saving global weights
 
     @property
     def secrets_dir(self) -> Path:
@@ -60,14 +73,15 @@ class Auditor:
 
     # ------------------------------------------------------------------ what the server sent
     def sent(self, server_round: int, tensors: Tensors) -> None:
-        """The global weights of ``server_round``: the attacker's model is rebuilt from them. Earlier rounds' weights
-        (and the model built from them) are dropped: a round's updates all arrive before the next round starts."""
+        """The global weights of ``server_round`` (kept as given, not copied: the caller hands over fresh tensors):
+        the attacker's model is rebuilt from them. Earlier rounds' weights (and the model built from them) are
+        dropped: a round's updates all arrive before the next round starts."""
         from leaklab.models.registry import unload
 
         for ref, _ in self._refs.values():
             if ref.name != self.run.model:
                 unload(ref)
-        self._sent = {server_round: {k: v.detach().float().clone() for k, v in tensors.items()}}
+        self._sent = {server_round: {k: v.detach().float() for k, v in tensors.items()}}
         self._refs = {server_round: self._global_ref(server_round, self._sent[server_round])}
         self.on_event("round", {"round": server_round})
 
@@ -76,8 +90,8 @@ class Auditor:
         a saved Hugging Face folder (full model) or adapter file (LoRA) in the run folder."""
         ref = ModelRef(self.run.model)
         meta = lora_meta(self.run.model, self.run.lora_r) if self.run.setting == "lora" else {}
-        initial = tensors_of(base_model(self.run.model, self.run.setting, self.run.lora_r))
-        if all(torch.equal(initial[k], tensors[k]) for k in initial):
+        initial = dict(base_model(self.run.model, self.run.setting, self.run.lora_r).named_parameters())
+        if all(torch.equal(initial[k].detach(), v) for k, v in tensors.items()):
             return ref, meta
         folder = self.out / f"round-{server_round:03d}" / "global"
         if self.run.setting == "lora":
@@ -88,8 +102,9 @@ class Auditor:
             return ref, {**meta, "adapter_weights": str(folder / "adapter.safetensors")}
         from leaklab.fl.model import load_tensors
 
-        load_tensors(self._model, tensors)
-        self._model.save_pretrained(str(folder))
+        model = self._scratch_model()
+        load_tensors(model, tensors)
+        model.save_pretrained(str(folder))
         load_model(ref).tokenizer.save_pretrained(str(folder))
         return ModelRef(str(folder.resolve()), ref.task, ref.num_labels, ref.init_seed), meta
 
@@ -110,6 +125,7 @@ class Auditor:
 
     def aggregate(self, server_round: int, arrays: Tensors, examples: list[int] | None, clients: int) -> None:
         """The new global weights: the (weighted) mean update of ``clients`` clients, a ``secagg`` Observation."""
+        self.replies[server_round] = clients
         ref, lmeta = self._refs[server_round]
         inner = self._meta(lmeta)
         known = examples is not None
@@ -174,11 +190,34 @@ class Auditor:
         path = self.out / f"round-{server_round:03d}" / f"{who}.safetensors"
         save_update(path, obs, secret)
         self.on_event("captured", {"round": server_round, "who": who, "path": str(path)})
-        if self._attack_this(server_round, who):
-            for name in self.run.attack_list():
-                self.records.append(attack_update(name, obs, secret, self.run.options_of(name), server_round, who))
-                self.on_event("attacked", self.records[-1])
-            atomic_write_json(self.out / "records.json", self.records)
+        if not self._attack_this(server_round, who):
+            return
+        if self.defer:
+            self.pending.append((server_round, who, path))
+        else:
+            self._attack(server_round, who, obs, secret)
+
+    def _attack(self, server_round: int, who: str, obs: Observation, secret: Secret | None) -> None:
+        for name in self.run.attack_list():
+            self.records.append(attack_update(name, obs, secret, self.run.options_of(name), server_round, who))
+            self.on_event("attacked", self.records[-1])
+        atomic_write_json(self.out / "records.json", self.records)
+
+    def attack_stored(self) -> None:
+        """Attack the updates a deferred auditor stored, each read back from its file (after the federation, so
+        the attacks do not share memory with Flower's copies of every reply); a round's global model is dropped
+        once its updates are attacked."""
+        from leaklab.models.registry import unload
+        from leaklab.threat.store import load_secret, load_update
+
+        self._sent, self._refs, self._model = {}, {}, None  # the federation's state: not needed by the attacks
+        pending, self.pending = self.pending, []
+        for i, (server_round, who, path) in enumerate(pending):
+            obs = load_update(path, check_model=False)
+            self._attack(server_round, who, obs, load_secret(path, obs))
+            last_of_round = i + 1 == len(pending) or pending[i + 1][0] != server_round
+            if last_of_round and obs.model.name != self.run.model:
+                unload(obs.model)
 
     def _attack_this(self, server_round: int, who: str) -> bool:
         """Attack every aggregate (unless ``attack_aggregate`` is off), and the first ``attack_clients`` client
@@ -187,9 +226,16 @@ class Auditor:
             return False
         if who == "aggregate":
             return self.run.attack_aggregate
-        limit = self.run.attack_clients
-        done = {r["target"] for r in self.records if r["round"] == server_round and r["target"] != "aggregate"}
-        return limit == 0 or who in done or len(done) < limit
+        chosen = self._chosen.setdefault(server_round, set())
+        if self.run.attack_clients == 0 or who in chosen or len(chosen) < self.run.attack_clients:
+            chosen.add(who)
+            return True
+        return False
+
+    def _scratch_model(self) -> torch.nn.Module:
+        if self._model is None:
+            self._model = copy.deepcopy(base_model(self.run.model, self.run.setting, self.run.lora_r))
+        return self._model
 
     def validation(self, server_round: int, tensors: Tensors) -> float | None:
         """Mean next-token loss of the global weights on held-out public-split texts (the utility)."""
@@ -197,8 +243,9 @@ class Auditor:
             return None
         from leaklab.fl.model import load_tensors
 
-        load_tensors(self._model, tensors)
-        loss = validation_loss(self._model, self.run)
+        model = self._scratch_model()
+        load_tensors(model, tensors)
+        loss = validation_loss(model, self.run)
         self.utility[server_round] = loss
         self.on_event("utility", {"round": server_round, "val_loss": loss})
         return loss

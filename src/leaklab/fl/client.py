@@ -15,6 +15,7 @@ it applies the Flower mod the server's config names.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +56,26 @@ def private_batch(cfg: dict[str, Any], partition: int, server_round: int) -> tup
     return pool.texts[start : start + b], pool.labels[start : start + b]
 
 
-def train_locally(cfg: dict[str, Any], weights: dict[str, Any], texts: list[str], labels: list[int], seed: int):
-    """The client's new weights θ_k = θ − Δ after leaklab's local update, and the batch's token ids."""
+def train_locally(
+    cfg: dict[str, Any], weights: Mapping[str, Any] | None, texts: list[str], labels: list[int], seed: int
+):
+    """The client's new weights θ_k = θ − Δ after leaklab's local update, and the batch's token ids.
+
+    ``weights`` (the global weights; None: already loaded) are copied into the client's working model, which is
+    then updated in place: the returned tensors are that model's own (valid until the next call), so a client
+    holds one copy of the model beside the training step's."""
     model = working_model(cfg["model"], cfg["setting"], int(cfg["lora-r"]))
-    load_tensors(model, weights)
+    if weights is not None:
+        load_tensors(model, weights)
     loaded = load_model(ModelRef(cfg["model"]))
     batch, ids, _ = text_batch(loaded, texts, labels)
     steps = int(cfg["local-steps"])
     delta, _, _ = local_update(model, TextObjective(batch, loaded.ref.task), (), False, seed, steps, float(cfg["lr"]))
-    new = {n: (p.detach() - delta[n]).clone() for n, p in model.named_parameters() if n in delta}
-    return new, ids
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in list(delta):
+            params[name].sub_(delta.pop(name))
+    return {n: p.detach() for n, p in params.items() if p.requires_grad}, ids
 
 
 def write_secret(cfg: dict[str, Any], server_round: int, node_id: int, texts, ids, labels) -> None:
@@ -102,15 +113,29 @@ def train(msg: Message, context: Context) -> Message:
     texts, labels = private_batch(cfg, partition, server_round)
     model = working_model(cfg["model"], cfg["setting"], int(cfg["lora-r"]))
     names = shared_names(model)
-    weights = _legacy_weights(msg, names) if legacy else msg.content.array_records["arrays"].to_torch_state_dict()
+    if legacy:
+        load_tensors(model, _legacy_weights(msg, names))
+    else:
+        load_record(model, msg.content.array_records["arrays"])
     seed = int(cfg["seed"]) * 100_003 + server_round * 1_009 + partition
-    new, ids = train_locally(cfg, weights, texts, labels, seed)
+    new, ids = train_locally(cfg, None, texts, labels, seed)
     write_secret(cfg, server_round, context.node_id, texts, ids, labels)
     if legacy:
         secure = defense_of(str(cfg.get("defense", "none")))[0] == "secagg+"
         return Message(_legacy_reply([new[n] for n in names], len(texts), secure), reply_to=msg)
     content = RecordDict({"arrays": ArrayRecord(new), "metrics": MetricRecord({"num-examples": len(texts)})})
     return Message(content, reply_to=msg)
+
+
+def load_record(model: torch.nn.Module, record: ArrayRecord) -> None:
+    """Copy the global weights into ``model`` one array at a time (no second copy of the whole model)."""
+    params = dict(model.named_parameters())
+    missing = [n for n in shared_names(model) if n not in record]
+    if missing:
+        raise ValueError(f"the global weights lack {len(missing)} shared tensors (first: {missing[0]})")
+    with torch.no_grad():
+        for name, array in record.items():
+            params[name].copy_(torch.from_numpy(array.numpy()).reshape(params[name].shape))
 
 
 def _legacy_weights(msg: Message, names: list[str]) -> dict[str, torch.Tensor]:

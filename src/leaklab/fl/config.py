@@ -37,6 +37,9 @@ class FlRun(Config):
     attack_options: str = option("{}", "JSON: attack name -> options")
     attack_clients: int = option(0, "client updates attacked per round (0: all; the rest are stored only)")
     attack_aggregate: bool = option(True, "attack each round's aggregate (False: it is stored only)")
+    attack_after: bool = option(
+        True, "store updates while the federation runs and attack them afterwards (False: in-line, as captured)"
+    )
     attack_budget_s: float = option(120.0, "time budget of each attack run (attacks with a budget_s option)")
     capture: Literal["clients", "aggregate", "both"] = option("both", "what the auditor captures each round")
     defense: str = option("none", "Flower defense: none, server-dp, local-dp or secagg+ (name:k=v,...)")

@@ -18,6 +18,8 @@ def summarise_run(run: FlRun, auditor: Auditor, seconds: float) -> dict[str, Any
         "defense": {"name": name, **opts.to_dict(), **_epsilon(run)},
         "seconds": round(seconds, 2),
         "utility": {str(k): v for k, v in sorted(auditor.utility.items())},
+        "replies": {str(k): v for k, v in sorted(auditor.replies.items())},
+        "missing_replies": {str(k): run.clients - v for k, v in sorted(auditor.replies.items()) if v < run.clients},
         "records": auditor.records,
     }
 

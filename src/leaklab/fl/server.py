@@ -123,10 +123,11 @@ def main(grid: Grid, context: Context) -> None:
     from leaklab.fl.report import summarise_run, write_run_folder
 
     run = FlRun.from_run_config(dict(context.run_config))
-    auditor = Auditor(run, run.out or None)
+    auditor = Auditor(run, run.out or None, defer=run.attack_after)
     start = time.perf_counter()
     try:
         run_federation(grid, context, run, auditor)
+        auditor.attack_stored()
         if run.out:
             write_run_folder(Path(run.out), summarise_run(run, auditor, time.perf_counter() - start))
     finally:
