@@ -386,7 +386,7 @@ def last_token_scores(
     With W the output embedding and h_t its inputs, ∂L/∂W = (1/N) Σ_t (softmax(W h_t) − e_{y_t}) h_tᵀ. Given
     the recovered prefixes every term is known except −e_{y_b} h_bᵀ at each prefix's last position, so
     score_b(v) = −⟨R[v], h_b⟩ with R the observed gradient minus the known terms peaks at v = y_b (a tied
-    input embedding adds the input-token gradients to R: a source of errors that OMP later arbitrates).
+    input embedding's known input-path gradient is subtracted too: :func:`tied_input_gradient`).
     With :data:`LAST_TOKEN_POOL` only a token pool gets exact scores (−inf elsewhere), certified to hold each
     text's ``top`` best tokens among those scoring at least ``floor`` × its best (:func:`pooled_scores`).
     """
@@ -407,13 +407,7 @@ def last_token_terms(spans: SpanModel, prefixes: list[list[int]]) -> LastTokenTe
     grad = output_gradient(spans, torch.float32)  # as shared: float64 only for the rows scored exactly
     if grad is None or not prefixes:
         return None
-    width = max(len(p) for p in prefixes)
-    pad = spans.loaded.tokenizer.pad_token_id or 0
-    ids = torch.full((len(prefixes), width), pad, dtype=torch.long, device=spans.device)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prefixes):
-        ids[i, : len(p)] = torch.tensor(p, device=spans.device)
-        mask[i, : len(p)] = 1
+    ids, mask, targets = prefix_batch(spans, prefixes)
     head_name = next(n for n, m in model.named_modules() if m is head)
     captured = [  # the forward stops at the head: no (rows, width, V) logits
         spans.adapter.module_inputs(ids[s : s + 8], [head_name], attention_mask=mask[s : s + 8])[0]
@@ -421,13 +415,57 @@ def last_token_terms(spans: SpanModel, prefixes: list[list[int]]) -> LastTokenTe
     ]
     h = torch.cat(captured).double()  # (B, width, d)
     flat_h = h[mask.bool()]  # (n, d)
-    targets = torch.full((len(prefixes), width), -1, dtype=torch.long, device=spans.device)
+    last = torch.stack([h[i, len(p) - 1] for i, p in enumerate(prefixes)])  # (B, d)
+    tied = tied_input_gradient(spans, ids, mask, targets)
+    if tied is not None:
+        grad = grad - tied
+    return LastTokenTerms(head, grad, flat_h, targets[mask.bool()], last, flat_h @ last.T)
+
+
+def prefix_batch(spans: SpanModel, prefixes: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded prefixes, their mask and next-token targets (−1 at pads and at each prefix's last
+    position, whose target is the unknown last token)."""
+    width = max(len(p) for p in prefixes)
+    pad = spans.loaded.tokenizer.pad_token_id or 0
+    ids = torch.full((len(prefixes), width), pad, dtype=torch.long, device=spans.device)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prefixes):
+        ids[i, : len(p)] = torch.tensor(p, device=spans.device)
+        mask[i, : len(p)] = 1
+    targets = torch.full_like(ids, -1)
     targets[:, :-1] = ids[:, 1:]
     targets[mask == 0] = -1
     for i, p in enumerate(prefixes):
         targets[i, len(p) - 1] = -1
-    last = torch.stack([h[i, len(p) - 1] for i, p in enumerate(prefixes)])  # (B, d)
-    return LastTokenTerms(head, grad, flat_h, targets[mask.bool()], last, flat_h @ last.T)
+    return ids, mask, targets
+
+
+def tied_input_gradient(
+    spans: SpanModel, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor | None:
+    """A head tied to the input embedding also collects the gradient that reaches the prefixes' input rows
+    (scaled by the model's embedding multiplier, e.g. Gemma's sqrt(d)); it would swamp the last-token scores
+    of those rows. Every loss term but −logit_b(y_b) at each prefix's last position is known, so their gradient
+    through the input path alone (the head held fixed) is computed and returned (V × d, float32) for the
+    caller to subtract; None when the head is not tied. What is left of the unknown terms' input path is one
+    position per text (the SOMP dictionary arbitrates it)."""
+    model = spans.loaded.model
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight is not embed.weight:
+        return None
+    weight = embed.weight.detach().float().requires_grad_(True)
+    n, out = int(mask.sum()), torch.zeros_like(weight)
+    # texts per pass from the free memory: each holds its (width, V) logits and their float32 copies
+    step = chunk_rows(ids.shape[1] * weight.shape[0] * 16, weight.device, most=8)
+    for s in range(0, ids.shape[0], step):
+        rows, valid, y = ids[s : s + step], mask[s : s + step].bool(), targets[s : s + step]
+        with torch.enable_grad():
+            x = torch.func.functional_call(embed, {"weight": weight.to(embed.weight.dtype)}, (rows,))
+            logits = model(inputs_embeds=x, attention_mask=mask[s : s + step]).logits.float()
+            picked = logits.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            known = torch.logsumexp(logits, dim=-1)[valid].sum() - picked[y >= 0].sum()
+            out += torch.autograd.grad(known / n, weight)[0]
+    return out
 
 
 @torch.no_grad()

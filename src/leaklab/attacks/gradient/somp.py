@@ -52,7 +52,7 @@ from leaklab.attacks.gradient.dictionary import (
     sketch_index,
 )
 from leaklab.attacks.gradient.extend import RopeExtender
-from leaklab.attacks.gradient.omp import omp, refine_swaps
+from leaklab.attacks.gradient.omp import OmpResult, gram_matrix, ols, omp, refine_swaps
 from leaklab.attacks.gradient.subspace import (
     Subspace,
     attention_subspace,
@@ -545,7 +545,7 @@ def select_by_omp(
     ]
     groups = [text_group[i] for i in range(len(found)) for _ in labels]
     target = observed_vector(spans.obs, index, spans.device)
-    res = refine_swaps(atoms, target, omp(atoms, target, n_known, opts.omp_tol, opts.omp_min_gain, groups), groups)
+    res = best_selection(atoms, target, n_known, groups, opts)
     chosen = [found[atom // len(labels)] for atom in res.selected]
     info = {
         "omp_coef": [float(c) for c in res.coef],
@@ -554,6 +554,23 @@ def select_by_omp(
         "dictionary": len(sentences),
     }
     return chosen, info
+
+
+def best_selection(
+    atoms: torch.Tensor, target: torch.Tensor, n_known: int | None, groups: list[int], opts: SompOptions
+) -> OmpResult:
+    """OMP then swaps; when that leaves a residual above ``omp_tol`` (no exact fit), orthogonal least squares
+    then swaps as well (OMP's greedy step can settle on a pair of texts that each differ from the truth by one
+    token, a local minimum one swap cannot leave), keeping the lower residual."""
+    gram = gram_matrix(atoms)
+    res = refine_swaps(
+        atoms, target, omp(atoms, target, n_known, opts.omp_tol, opts.omp_min_gain, groups), groups, gram=gram
+    )
+    if not res.residual_norms or res.residual_norms[-1] <= opts.omp_tol:
+        return res
+    alt = refine_swaps(atoms, target, ols(atoms, target, len(res.selected), groups, gram), groups, gram=gram)
+    better = alt.residual_norms and alt.residual_norms[-1] < res.residual_norms[-1]
+    return alt if better else res
 
 
 @register_gradient_attack("somp", SompOptions, aliases=("somp-any",))
