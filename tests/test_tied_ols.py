@@ -10,6 +10,7 @@ import pytest
 import torch
 from families import build_family
 
+from leaklab.attacks.gradient import dictionary
 from leaklab.attacks.gradient.dager import SpanModel, prefix_batch, tied_input_gradient
 from leaklab.attacks.gradient.omp import least_squares, ols, refine_swaps
 from leaklab.models import ModelRef
@@ -34,13 +35,17 @@ def _untied_reference(model, ids, mask, targets) -> torch.Tensor:
     return embed.weight.grad
 
 
-def test_tied_input_gradient_matches_an_untied_copy(tmp_path):
+@pytest.mark.parametrize("shared", [True, False])
+def test_tied_input_gradient_matches_an_untied_copy(tmp_path, monkeypatch, shared):
+    """With the per-prefix softmax cache SOMP's atoms share (shared) and from the full logits (not shared)."""
+    monkeypatch.setattr(dictionary, "SHARED_SOFTMAX", shared)
     ref = ModelRef(str(build_family("gemma", tmp_path / "gemma")), "next-token")
     obs, secret = fedsgd_update(ref, TEXTS)
     spans = SpanModel(obs)
     prefixes = [list(t[:-1]) for t in secret.token_ids]
     ids, mask, targets = prefix_batch(spans, prefixes)
     got = tied_input_gradient(spans, ids, mask, targets)
+    assert bool(spans.head_means) == shared  # the cache the atoms reuse
     want = _untied_reference(spans.loaded.model, ids, mask, targets)
     assert got is not None and float(want.abs().max()) > 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)

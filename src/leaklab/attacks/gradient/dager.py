@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from leaklab.attacks.base import Recovery, register_gradient_attack
+from leaklab.attacks.gradient.dictionary import head_input_gradients, head_inputs, shared_softmax_applies
 from leaklab.attacks.gradient.subspace import (
     attention_subspace,
     extension_inputs,
@@ -96,6 +97,9 @@ class SpanModel:
         self.device = self.adapter.device
         self.vocab = torch.arange(self.adapter.embeddings.num_embeddings, device=self.device)
         self._dist1: dict[int, torch.Tensor] = {}
+        #: Wᵀ p (float32) of the LM head's softmax after each prefix seen, shared by the last-token scores and
+        #: SOMP's atoms (:func:`leaklab.attacks.gradient.dictionary.head_input_gradients`)
+        self.head_means: dict[tuple[int, ...], torch.Tensor] = {}
         # a full-rank span check separates nothing: rank-cap it (DAGER's best effort); a RoPE model's layer-1
         # inputs depend on the token alone, so layer 1 often stays exact while layer 2 is full
         cap = self.adapter.hidden_size - RANK_CUTOFF
@@ -448,22 +452,33 @@ def tied_input_gradient(
     of those rows. Every loss term but −logit_b(y_b) at each prefix's last position is known, so their gradient
     through the input path alone (the head held fixed) is computed and returned (V × d, float32) for the
     caller to subtract; None when the head is not tied. What is left of the unknown terms' input path is one
-    position per text (the SOMP dictionary arbitrates it)."""
+    position per text (the SOMP dictionary arbitrates it).
+
+    With a plain linear head the head-input gradients Wᵀ p_t − W[y_t] come from the per-prefix cache SOMP's
+    atoms share (:func:`leaklab.attacks.gradient.dictionary.head_input_gradients`), so the vocabulary-wide
+    softmax runs once per prefix for both; otherwise the loss is formed from the full logits."""
     model = spans.loaded.model
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is None or head.weight is not embed.weight:
         return None
     weight = embed.weight.detach().float().requires_grad_(True)
     n, out = int(mask.sum()), torch.zeros_like(weight)
-    # texts per pass from the free memory: each holds its (width, V) logits and their float32 copies
-    step = chunk_rows(ids.shape[1] * weight.shape[0] * 16, weight.device, most=8)
+    shared = shared_softmax_applies(spans.loaded)
+    # texts per pass from the free memory: without the shared softmax each holds its (width, V) logits
+    step = 8 if shared else chunk_rows(ids.shape[1] * weight.shape[0] * 16, weight.device, most=8)
     for s in range(0, ids.shape[0], step):
-        rows, valid, y = ids[s : s + step], mask[s : s + step].bool(), targets[s : s + step]
+        rows, part_mask, y = ids[s : s + step], mask[s : s + step], targets[s : s + step]
         with torch.enable_grad():
             x = torch.func.functional_call(embed, {"weight": weight.to(embed.weight.dtype)}, (rows,))
-            logits = model(inputs_embeds=x, attention_mask=mask[s : s + step]).logits.float()
+            if shared:
+                hidden = head_inputs(spans.loaded, rows, part_mask, embeds=x)
+                lengths = part_mask.sum(dim=1).tolist()
+                seed = head_input_gradients(spans.loaded, hidden.detach(), rows, lengths, spans.head_means, True)
+                out += torch.autograd.grad(hidden, weight, grad_outputs=seed.to(hidden.dtype) / n)[0]
+                continue
+            logits = model(inputs_embeds=x, attention_mask=part_mask).logits.float()
             picked = logits.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            known = torch.logsumexp(logits, dim=-1)[valid].sum() - picked[y >= 0].sum()
+            known = torch.logsumexp(logits, dim=-1)[part_mask.bool()].sum() - picked[y >= 0].sum()
             out += torch.autograd.grad(known / n, weight)[0]
     return out
 

@@ -536,7 +536,7 @@ def select_by_omp(
     index = sketch_index(spans.obs, params)
     sentences = [f.ids for f in found for _ in labels]
     atom_labels = [lab for _ in found for lab in labels] if labels != [None] else None
-    atoms = sentence_gradients(loaded, sentences, atom_labels, index)
+    atoms = sentence_gradients(loaded, sentences, atom_labels, index, head_means=spans.head_means)
     # one text per group: texts sharing a prefix with different last-token guesses are alternatives
     keys: dict[tuple, int] = {}
     text_group = [
