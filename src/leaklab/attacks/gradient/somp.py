@@ -556,19 +556,27 @@ def select_by_omp(
     return chosen, info
 
 
+#: swaps tried after the OLS start (the OMP start's search tries 60,000)
+OLS_SWAP_TRIALS = 6000
+
+
 def best_selection(
     atoms: torch.Tensor, target: torch.Tensor, n_known: int | None, groups: list[int], opts: SompOptions
 ) -> OmpResult:
     """OMP then swaps; when that leaves a residual above ``omp_tol`` (no exact fit), orthogonal least squares
     then swaps as well (OMP's greedy step can settle on a pair of texts that each differ from the truth by one
-    token, a local minimum one swap cannot leave), keeping the lower residual."""
+    token, a local minimum one swap cannot leave), keeping the lower residual. The second search starts only
+    where OLS picks other texts than OMP did, and tries fewer swaps (:data:`OLS_SWAP_TRIALS`)."""
     gram = gram_matrix(atoms)
     res = refine_swaps(
         atoms, target, omp(atoms, target, n_known, opts.omp_tol, opts.omp_min_gain, groups), groups, gram=gram
     )
     if not res.residual_norms or res.residual_norms[-1] <= opts.omp_tol:
         return res
-    alt = refine_swaps(atoms, target, ols(atoms, target, len(res.selected), groups, gram), groups, gram=gram)
+    start = ols(atoms, target, len(res.selected), groups, gram)
+    if {groups[i] for i in start.selected} == {groups[i] for i in res.selected}:
+        return res
+    alt = refine_swaps(atoms, target, start, groups, max_trials=OLS_SWAP_TRIALS, gram=gram)
     better = alt.residual_norms and alt.residual_norms[-1] < res.residual_norms[-1]
     return alt if better else res
 
