@@ -46,6 +46,10 @@ def test_tied_input_gradient_matches_an_untied_copy(tmp_path, monkeypatch, share
     ids, mask, targets = prefix_batch(spans, prefixes)
     got = tied_input_gradient(spans, ids, mask, targets)
     assert bool(spans.head_means) == shared  # the cache the atoms reuse
+    assert len(spans.tied_inputs) == len(prefixes)
+    again = tied_input_gradient(spans, ids[:1], mask[:1], targets[:1])  # from the per-prefix cache
+    want_first = _untied_reference(spans.loaded.model, ids[:1], mask[:1], targets[:1])
+    torch.testing.assert_close(again, want_first, rtol=1e-4, atol=1e-7)
     want = _untied_reference(spans.loaded.model, ids, mask, targets)
     assert got is not None and float(want.abs().max()) > 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)

@@ -100,6 +100,8 @@ class SpanModel:
         #: Wᵀ p (float32) of the LM head's softmax after each prefix seen, shared by the last-token scores and
         #: SOMP's atoms (:func:`leaklab.attacks.gradient.dictionary.head_input_gradients`)
         self.head_means: dict[tuple[int, ...], torch.Tensor] = {}
+        #: per prefix, the gradient of its known next-token terms at its input embeddings (tied heads only)
+        self.tied_inputs: dict[tuple[int, ...], torch.Tensor] = {}
         # a full-rank span check separates nothing: rank-cap it (DAGER's best effort); a RoPE model's layer-1
         # inputs depend on the token alone, so layer 1 often stays exact while layer 2 is full
         cap = self.adapter.hidden_size - RANK_CUTOFF
@@ -456,31 +458,50 @@ def tied_input_gradient(
 
     With a plain linear head the head-input gradients Wᵀ p_t − W[y_t] come from the per-prefix cache SOMP's
     atoms share (:func:`leaklab.attacks.gradient.dictionary.head_input_gradients`), so the vocabulary-wide
-    softmax runs once per prefix for both; otherwise the loss is formed from the full logits."""
+    softmax runs once per prefix for both; otherwise the loss is formed from the full logits. Each prefix's
+    input-embedding gradient is kept (``SpanModel.tied_inputs``): a later call on some of the same prefixes
+    (SOMP's second last-token pass) runs only the embedding's backward."""
     model = spans.loaded.model
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is None or head.weight is not embed.weight:
         return None
-    weight = embed.weight.detach().float().requires_grad_(True)
-    n, out = int(mask.sum()), torch.zeros_like(weight)
-    shared = shared_softmax_applies(spans.loaded)
+    lengths = mask.sum(dim=1).tolist()
+    keys = [tuple(ids[i, :n].tolist()) for i, n in enumerate(lengths)]
+    first = {k: i for i, k in reversed(list(enumerate(keys)))}  # one row per distinct prefix
+    todo = [i for k, i in first.items() if k not in spans.tied_inputs]
     # texts per pass from the free memory: without the shared softmax each holds its (width, V) logits
-    step = 8 if shared else chunk_rows(ids.shape[1] * weight.shape[0] * 16, weight.device, most=8)
-    for s in range(0, ids.shape[0], step):
-        rows, part_mask, y = ids[s : s + step], mask[s : s + step], targets[s : s + step]
-        with torch.enable_grad():
-            x = torch.func.functional_call(embed, {"weight": weight.to(embed.weight.dtype)}, (rows,))
-            if shared:
-                hidden = head_inputs(spans.loaded, rows, part_mask, embeds=x)
-                lengths = part_mask.sum(dim=1).tolist()
-                seed = head_input_gradients(spans.loaded, hidden.detach(), rows, lengths, spans.head_means, True)
-                out += torch.autograd.grad(hidden, weight, grad_outputs=seed.to(hidden.dtype) / n)[0]
-                continue
-            logits = model(inputs_embeds=x, attention_mask=part_mask).logits.float()
-            picked = logits.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            known = torch.logsumexp(logits, dim=-1)[part_mask.bool()].sum() - picked[y >= 0].sum()
-            out += torch.autograd.grad(known / n, weight)[0]
-    return out
+    shared = shared_softmax_applies(spans.loaded)
+    step = 8 if shared else chunk_rows(ids.shape[1] * embed.weight.shape[0] * 16, spans.device, most=8)
+    for s in range(0, len(todo), step):
+        rows = torch.tensor(todo[s : s + step], device=spans.device)
+        grads = _input_gradients(spans, ids[rows], mask[rows], targets[rows], shared)
+        for i, dx in zip(rows.tolist(), grads, strict=True):
+            spans.tied_inputs[keys[i]] = dx[: lengths[i]]
+    seed = torch.zeros(*ids.shape, embed.weight.shape[1], dtype=torch.float32, device=spans.device)
+    for i, key in enumerate(keys):
+        seed[i, : lengths[i]] = spans.tied_inputs[key]
+    weight = embed.weight.detach().float().requires_grad_(True)
+    with torch.enable_grad():  # the embedding's own backward: the scatter onto the input rows, with any scale
+        x = torch.func.functional_call(embed, {"weight": weight.to(embed.weight.dtype)}, (ids,))
+        return torch.autograd.grad(x, weight, grad_outputs=seed.to(x.dtype) / int(mask.sum()))[0]
+
+
+def _input_gradients(
+    spans: SpanModel, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, shared: bool
+) -> torch.Tensor:
+    """∂/∂x of the known next-token terms (summed, not averaged) of each row, x its input embeddings."""
+    model = spans.loaded.model
+    with torch.enable_grad():
+        x = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        if shared:
+            hidden = head_inputs(spans.loaded, ids, mask, embeds=x)
+            lengths = mask.sum(dim=1).tolist()
+            seed = head_input_gradients(spans.loaded, hidden.detach(), ids, lengths, spans.head_means, True)
+            return torch.autograd.grad(hidden, x, grad_outputs=seed.to(hidden.dtype))[0].float()
+        logits = model(inputs_embeds=x, attention_mask=mask).logits.float()
+        picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        known = torch.logsumexp(logits, dim=-1)[mask.bool()].sum() - picked[targets >= 0].sum()
+        return torch.autograd.grad(known, x)[0].float()
 
 
 @torch.no_grad()
