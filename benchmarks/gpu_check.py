@@ -4,7 +4,7 @@ Cells: B = 1, 2, 4, 8, 16 on short texts (rotten-tomatoes, 8-32 tokens) and B = 
 (bbc-news paragraphs, 64-128 tokens), one batch each. Writes benchmarks/results/gpu/gpu.json and gpu.md with
 the card's name. Refuses to run without CUDA (exit 2): CPU timings live in benchmarks/results/gradient/.
 
-    python benchmarks/gpu_check.py [--device cuda:0] [--batches 1] [--attacks somp,dager]
+    python benchmarks/gpu_check.py [--device cuda:0] [--attacks somp,dager] [--seed 0]
 """
 
 from __future__ import annotations

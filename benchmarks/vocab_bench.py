@@ -7,7 +7,7 @@ last-token scores only on a certified pool, :func:`leaklab.attacks.gradient.dage
 
     flock LOCK python benchmarks/vocab_bench.py [--batches 1] [--sizes 4,16] [--attacks somp]
         [--max-cells N] [--out benchmarks/results/devices]
-    python benchmarks/vocab_bench.py --profile somp|dager [--before]     # profile.md
+    python benchmarks/vocab_bench.py --profile somp|dager [--before] [--profile-size 4]     # profile.md
 
 Each finished cell is saved in ``vocab.json`` at once and skipped when the script runs again (resumable);
 delete that file to start over. The large model reuses smollm2's tokenizer (49,152 tokens): texts only use
@@ -167,7 +167,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=1)
     parser.add_argument("--sizes", default="4,16", help="batch sizes, comma-separated")
     parser.add_argument("--attacks", default="somp", help="gradient attacks, comma-separated")
-    parser.add_argument("--profile", metavar="ATTACK", help="only profile ATTACK on one B=4 large-model batch")
+    parser.add_argument("--profile", metavar="ATTACK", help="only profile ATTACK on one large-model batch")
+    parser.add_argument("--profile-size", type=int, default=4, help="with --profile: the batch size")
     parser.add_argument("--before", action="store_true", help="with --profile: the pools switched off")
     parser.add_argument("--max-cells", type=int, default=0, help="stop after timing this many cells (0: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "devices")
@@ -178,7 +179,7 @@ def main() -> None:
     big = str(big_model_folder())
     if args.profile:
         set_pool(not args.before)
-        profile(args.profile, big, 4)
+        profile(args.profile, big, args.profile_size)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "vocab.json"

@@ -150,3 +150,16 @@ def test_last_token_scores_do_not_depend_on_the_chunk(monkeypatch):
     monkeypatch.setattr(dager, "chunk_rows", lambda *_a, **_k: 2)
     narrow = dager.last_token_scores(spans, prefixes)
     assert torch.allclose(wide, narrow, rtol=1e-5, atol=1e-8)  # float32 head products, chunked differently
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the script runs the whole GPU check")
+def test_gpu_check_without_cuda_is_one_line():
+    """benchmarks/gpu_check.py on a CPU-only machine: exit 2 and one line naming what is missing."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CUDA" in lines[0], done.stderr

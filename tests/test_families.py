@@ -19,12 +19,6 @@ OPTIONS = {"somp": {"max_atoms": 64}, "dager": {}}
 #: transformers' own sliding-window cache builds a tensor on the default device and then moves it: the guard
 #: that sends unplaced tensors to meta cannot run there (the attacks run unguarded)
 UNGUARDED = {"mistral"}
-KNOWN = {
-    ("dager", "gemma"): "DAGER's last token comes from the output-embedding gradient alone; Gemma ties it to the "
-    "input embedding scaled by sqrt(d), whose input-token rows win (SOMP's OMP arbitrates them)",
-    ("somp", "roberta"): "SOMP's OMP prefers a 'the' -> 'a' swap on the random-init RoBERTa (DAGER recovers it)",
-    ("somp", "xlm-roberta"): "SOMP's OMP prefers a 'the' -> 'a' swap on the random-init XLM-R (DAGER recovers it)",
-}
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +29,7 @@ def family_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("family", DECODERS + ENCODERS)
 @pytest.mark.parametrize("attack", ["dager", "somp"])
-def test_family_b2_exact(family_dir, family, attack, request):
-    if (attack, family) in KNOWN:
-        request.applymarker(pytest.mark.xfail(reason=KNOWN[(attack, family)], strict=True))
+def test_family_b2_exact(family_dir, family, attack):
     task = "next-token" if family in DECODERS else "classify"
     ref = ModelRef(str(family_dir(family)), task)
     obs, secret = fedsgd_update(ref, TEXTS, [0, 1])

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from leaklab.attacks.base import Recovery, register_gradient_attack
+from leaklab.attacks.gradient.dictionary import head_input_gradients, head_inputs, shared_softmax_applies
 from leaklab.attacks.gradient.subspace import (
     attention_subspace,
     extension_inputs,
@@ -96,6 +97,11 @@ class SpanModel:
         self.device = self.adapter.device
         self.vocab = torch.arange(self.adapter.embeddings.num_embeddings, device=self.device)
         self._dist1: dict[int, torch.Tensor] = {}
+        #: Wᵀ p (float32) of the LM head's softmax after each prefix seen, shared by the last-token scores and
+        #: SOMP's atoms (:func:`leaklab.attacks.gradient.dictionary.head_input_gradients`)
+        self.head_means: dict[tuple[int, ...], torch.Tensor] = {}
+        #: per prefix, the gradient of its known next-token terms at its input embeddings (tied heads only)
+        self.tied_inputs: dict[tuple[int, ...], torch.Tensor] = {}
         # a full-rank span check separates nothing: rank-cap it (DAGER's best effort); a RoPE model's layer-1
         # inputs depend on the token alone, so layer 1 often stays exact while layer 2 is full
         cap = self.adapter.hidden_size - RANK_CUTOFF
@@ -386,7 +392,7 @@ def last_token_scores(
     With W the output embedding and h_t its inputs, ∂L/∂W = (1/N) Σ_t (softmax(W h_t) − e_{y_t}) h_tᵀ. Given
     the recovered prefixes every term is known except −e_{y_b} h_bᵀ at each prefix's last position, so
     score_b(v) = −⟨R[v], h_b⟩ with R the observed gradient minus the known terms peaks at v = y_b (a tied
-    input embedding adds the input-token gradients to R: a source of errors that OMP later arbitrates).
+    input embedding's known input-path gradient is subtracted too: :func:`tied_input_gradient`).
     With :data:`LAST_TOKEN_POOL` only a token pool gets exact scores (−inf elsewhere), certified to hold each
     text's ``top`` best tokens among those scoring at least ``floor`` × its best (:func:`pooled_scores`).
     """
@@ -407,13 +413,7 @@ def last_token_terms(spans: SpanModel, prefixes: list[list[int]]) -> LastTokenTe
     grad = output_gradient(spans, torch.float32)  # as shared: float64 only for the rows scored exactly
     if grad is None or not prefixes:
         return None
-    width = max(len(p) for p in prefixes)
-    pad = spans.loaded.tokenizer.pad_token_id or 0
-    ids = torch.full((len(prefixes), width), pad, dtype=torch.long, device=spans.device)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prefixes):
-        ids[i, : len(p)] = torch.tensor(p, device=spans.device)
-        mask[i, : len(p)] = 1
+    ids, mask, targets = prefix_batch(spans, prefixes)
     head_name = next(n for n, m in model.named_modules() if m is head)
     captured = [  # the forward stops at the head: no (rows, width, V) logits
         spans.adapter.module_inputs(ids[s : s + 8], [head_name], attention_mask=mask[s : s + 8])[0]
@@ -421,13 +421,87 @@ def last_token_terms(spans: SpanModel, prefixes: list[list[int]]) -> LastTokenTe
     ]
     h = torch.cat(captured).double()  # (B, width, d)
     flat_h = h[mask.bool()]  # (n, d)
-    targets = torch.full((len(prefixes), width), -1, dtype=torch.long, device=spans.device)
+    last = torch.stack([h[i, len(p) - 1] for i, p in enumerate(prefixes)])  # (B, d)
+    tied = tied_input_gradient(spans, ids, mask, targets)
+    if tied is not None:
+        grad = grad - tied
+    return LastTokenTerms(head, grad, flat_h, targets[mask.bool()], last, flat_h @ last.T)
+
+
+def prefix_batch(spans: SpanModel, prefixes: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded prefixes, their mask and next-token targets (−1 at pads and at each prefix's last
+    position, whose target is the unknown last token)."""
+    width = max(len(p) for p in prefixes)
+    pad = spans.loaded.tokenizer.pad_token_id or 0
+    ids = torch.full((len(prefixes), width), pad, dtype=torch.long, device=spans.device)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prefixes):
+        ids[i, : len(p)] = torch.tensor(p, device=spans.device)
+        mask[i, : len(p)] = 1
+    targets = torch.full_like(ids, -1)
     targets[:, :-1] = ids[:, 1:]
     targets[mask == 0] = -1
     for i, p in enumerate(prefixes):
         targets[i, len(p) - 1] = -1
-    last = torch.stack([h[i, len(p) - 1] for i, p in enumerate(prefixes)])  # (B, d)
-    return LastTokenTerms(head, grad, flat_h, targets[mask.bool()], last, flat_h @ last.T)
+    return ids, mask, targets
+
+
+def tied_input_gradient(
+    spans: SpanModel, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor | None:
+    """A head tied to the input embedding also collects the gradient that reaches the prefixes' input rows
+    (scaled by the model's embedding multiplier, e.g. Gemma's sqrt(d)); it would swamp the last-token scores
+    of those rows. Every loss term but −logit_b(y_b) at each prefix's last position is known, so their gradient
+    through the input path alone (the head held fixed) is computed and returned (V × d, float32) for the
+    caller to subtract; None when the head is not tied. What is left of the unknown terms' input path is one
+    position per text (the SOMP dictionary arbitrates it).
+
+    With a plain linear head the head-input gradients Wᵀ p_t − W[y_t] come from the per-prefix cache SOMP's
+    atoms share (:func:`leaklab.attacks.gradient.dictionary.head_input_gradients`), so the vocabulary-wide
+    softmax runs once per prefix for both; otherwise the loss is formed from the full logits. Each prefix's
+    input-embedding gradient is kept (``SpanModel.tied_inputs``): a later call on some of the same prefixes
+    (SOMP's second last-token pass) runs only the embedding's backward."""
+    model = spans.loaded.model
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight is not embed.weight:
+        return None
+    lengths = mask.sum(dim=1).tolist()
+    keys = [tuple(ids[i, :n].tolist()) for i, n in enumerate(lengths)]
+    first = {k: i for i, k in reversed(list(enumerate(keys)))}  # one row per distinct prefix
+    todo = [i for k, i in first.items() if k not in spans.tied_inputs]
+    # texts per pass from the free memory: without the shared softmax each holds its (width, V) logits
+    shared = shared_softmax_applies(spans.loaded)
+    step = 8 if shared else chunk_rows(ids.shape[1] * embed.weight.shape[0] * 16, spans.device, most=8)
+    for s in range(0, len(todo), step):
+        rows = torch.tensor(todo[s : s + step], device=spans.device)
+        grads = _input_gradients(spans, ids[rows], mask[rows], targets[rows], shared)
+        for i, dx in zip(rows.tolist(), grads, strict=True):
+            spans.tied_inputs[keys[i]] = dx[: lengths[i]]
+    seed = torch.zeros(*ids.shape, embed.weight.shape[1], dtype=torch.float32, device=spans.device)
+    for i, key in enumerate(keys):
+        seed[i, : lengths[i]] = spans.tied_inputs[key]
+    weight = embed.weight.detach().float().requires_grad_(True)
+    with torch.enable_grad():  # the embedding's own backward: the scatter onto the input rows, with any scale
+        x = torch.func.functional_call(embed, {"weight": weight.to(embed.weight.dtype)}, (ids,))
+        return torch.autograd.grad(x, weight, grad_outputs=seed.to(x.dtype) / int(mask.sum()))[0]
+
+
+def _input_gradients(
+    spans: SpanModel, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, shared: bool
+) -> torch.Tensor:
+    """∂/∂x of the known next-token terms (summed, not averaged) of each row, x its input embeddings."""
+    model = spans.loaded.model
+    with torch.enable_grad():
+        x = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        if shared:
+            hidden = head_inputs(spans.loaded, ids, mask, embeds=x)
+            lengths = mask.sum(dim=1).tolist()
+            seed = head_input_gradients(spans.loaded, hidden.detach(), ids, lengths, spans.head_means, True)
+            return torch.autograd.grad(hidden, x, grad_outputs=seed.to(hidden.dtype))[0].float()
+        logits = model(inputs_embeds=x, attention_mask=mask).logits.float()
+        picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        known = torch.logsumexp(logits, dim=-1)[mask.bool()].sum() - picked[targets >= 0].sum()
+        return torch.autograd.grad(known, x)[0].float()
 
 
 @torch.no_grad()

@@ -60,15 +60,19 @@ def sentence_gradients(
     labels: list[int] | None,
     index: dict[str, torch.Tensor],
     batch: int | None = None,
+    head_means: dict[tuple[int, ...], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(n, sketch) gradient of each sentence's summed loss (next-token: over its targets; classify: its
     label), restricted to ``index``'s coordinates, on the model's device. Sentences are right-padded; pads
     carry no gradient. ``batch`` sentences go through each forward/backward (default: from the device's free
-    memory, :func:`sentence_bytes`; at most 8)."""
+    memory, :func:`sentence_bytes`; at most 8). ``head_means``: a cache of Wᵀ p per prefix kept by the caller
+    across calls (:func:`head_input_gradients`)."""
     model = loaded.model
     modules = {p: model.get_submodule(p.rsplit(".", 1)[0]) for p in index}
     batch = batch or chunk_rows(sentence_bytes(loaded, modules, sentences), loaded.device, most=8)
-    shared: dict[tuple[int, ...], torch.Tensor] | None = {} if shared_softmax_applies(loaded) else None
+    shared = None
+    if shared_softmax_applies(loaded):
+        shared = head_means if head_means is not None else {}
     rows: list[torch.Tensor] = []
     for s in range(0, len(sentences), batch):
         part = sentences[s : s + batch]
@@ -86,15 +90,17 @@ def shared_softmax_applies(loaded: LoadedModel) -> bool:
 
 
 def head_input_gradients(
-    loaded: LoadedModel, h: torch.Tensor, ids: torch.Tensor, lengths: list[int], shared: dict
+    loaded: LoadedModel, h: torch.Tensor, ids: torch.Tensor, lengths: list[int], shared: dict, open_end: bool = False
 ) -> torch.Tensor:
     """∂L/∂h of the summed next-token loss at the head's inputs h (b, width, d): Wᵀ p_t − W[y_t] at each
     position with a target, 0 elsewhere. Wᵀ p_t depends on the tokens up to t only, so it is computed once per
     distinct prefix (alternatives of a text share all of theirs) and kept in ``shared``: the vocabulary-wide
-    softmax runs per prefix, not per atom."""
+    softmax runs per prefix, not per atom. ``open_end``: each sentence's last position is scored too, its
+    target unknown (only its log-partition term, Wᵀ p_t)."""
     head = loaded.model.get_output_embeddings()
     weight = head.weight
-    keys = [(i, t, tuple(ids[i, : t + 1].tolist())) for i, n in enumerate(lengths) for t in range(n - 1)]
+    scored = [n if open_end else n - 1 for n in lengths]
+    keys = [(i, t, tuple(ids[i, : t + 1].tolist())) for i, n in enumerate(scored) for t in range(n)]
     todo = list({k: (i, t) for i, t, k in keys if k not in shared}.items())
     step = chunk_rows(weight.shape[0] * 4 * 3, weight.device, most=1024)  # logits, softmax, their product
     with torch.no_grad():
@@ -106,12 +112,17 @@ def head_input_gradients(
                 shared[key] = mean
     grad = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
     for i, t, key in keys:
-        grad[i, t] = shared[key] - weight[ids[i, t + 1]].detach().float()
+        grad[i, t] = shared[key]
+        if t + 1 < lengths[i]:
+            grad[i, t] -= weight[ids[i, t + 1]].detach().float()
     return grad
 
 
-def head_inputs(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The head's inputs (with their autograd graph) from a forward pass that stops before the head."""
+def head_inputs(
+    loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The head's inputs (with their autograd graph) from a forward pass that stops before the head (from
+    the input embeddings ``embeds`` when given)."""
     captured: list[torch.Tensor] = []
 
     def stop(_mod, args):
@@ -120,7 +131,10 @@ def head_inputs(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> t
 
     handle = loaded.model.get_output_embeddings().register_forward_pre_hook(stop)
     try:
-        loaded.model(input_ids=ids, attention_mask=mask)
+        if embeds is None:
+            loaded.model(input_ids=ids, attention_mask=mask)
+        else:
+            loaded.model(inputs_embeds=embeds, attention_mask=mask)
     except _HeadReached:
         pass
     finally:

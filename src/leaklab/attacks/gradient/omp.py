@@ -84,6 +84,45 @@ def omp(
     return OmpResult(selected, coef, history, stop)
 
 
+def ols(
+    atoms: torch.Tensor, target: torch.Tensor, max_atoms: int, groups: list[int], gram: torch.Tensor | None = None
+) -> OmpResult:
+    """Orthogonal least squares (optimised OMP, Rebollo-Neira & Lowe 2002): ``max_atoms`` atoms chosen one at a
+    time, each the one whose addition lowers the least-squares residual most, ⟨r, g_j⟩² / ‖P⊥_S g_j‖² with
+    P⊥_S the projection off the atoms chosen so far. Unlike OMP's ⟨r, g_j⟩ / ‖g_j‖ it is not misled by
+    atoms nearly parallel to those already chosen (candidate texts one token apart), at a Gram matrix's cost.
+    ``groups`` as in :func:`omp`."""
+    d, m = atoms.double(), target.double()
+    gram = gram_matrix(atoms) if gram is None else gram
+    b, mm = d @ m, float(m @ m)
+    diag = gram.diagonal().clamp_min(1e-300)
+    available = torch.ones(d.shape[0], dtype=torch.bool, device=d.device)
+    selected: list[int] = []
+    history: list[float] = []
+    group_ids = torch.tensor(groups, device=d.device)
+    while len(selected) < min(max_atoms, d.shape[0]) and bool(available.any()):
+        if selected:
+            idx = torch.tensor(selected, device=d.device)
+            cross = gram[idx]  # (|S|, k)
+            inv = solve(gram[idx][:, idx], torch.cat([b[idx].unsqueeze(1), cross], dim=1))
+            corr = b - cross.T @ inv[:, 0]
+            perp = diag - (cross * inv[:, 1:]).sum(0)
+        else:
+            corr, perp = b, diag
+        score = corr**2 / perp.clamp_min(1e-300)
+        score[(perp <= 1e-9 * diag) | ~available] = -1.0
+        best = int(torch.argmax(score))
+        if float(score[best]) < 0:
+            break
+        selected.append(best)
+        available &= group_ids != groups[best]
+        idx = torch.tensor(selected, device=d.device)
+        coef = solve(gram[idx][:, idx], b[idx].unsqueeze(1)).squeeze(1)
+        history.append(max(mm - float(b[idx] @ coef), 0.0) ** 0.5 / (mm**0.5 or 1.0))
+    coef = least_squares(d[selected], m) if selected else torch.zeros(0, dtype=torch.float64, device=d.device)
+    return OmpResult(selected, coef, history, "max atoms")
+
+
 def gram_matrix(atoms: torch.Tensor) -> torch.Tensor:
     """D Dᵀ (float64) of the atoms (rows), summed over column chunks sized from the device's free memory: only
     a chunk of the atoms is held in float64 at a time."""
@@ -103,6 +142,7 @@ def refine_swaps(
     groups: list[int],
     passes: int = 3,
     max_trials: int = 60_000,
+    gram: torch.Tensor | None = None,
 ) -> OmpResult:
     """Local search after greedy selection: replace a selected atom by another atom of its group (another
     last-token guess) or by an atom of an unrepresented group (another text: greedy OMP can spend a slot on a
@@ -111,13 +151,14 @@ def refine_swaps(
 
     Residuals of trial subsets come from the Gram matrix, ‖m − D_S α‖² = ‖m‖² − b_Sᵀ G_SS⁻¹ b_S (b = D m),
     so a trial costs one |S| × |S| solve. Other-group candidates per slot are the atoms most correlated with
-    the residual, as many as ``max_trials`` allows."""
+    the residual, as many as ``max_trials`` allows. ``gram``: the atoms' Gram matrix when already computed."""
     d, m = atoms.double(), target.double()
     m_norm = float(m.norm()) or 1.0
     selected = list(result.selected)
     if not selected:
         return result
-    gram, b, mm = gram_matrix(atoms), d @ m, float(m @ m)
+    gram = gram_matrix(atoms) if gram is None else gram
+    b, mm = d @ m, float(m @ m)
     norms = d.norm(dim=1).clamp_min(1e-300)
 
     def residual(sel: list[int]) -> float:

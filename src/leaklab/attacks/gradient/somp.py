@@ -52,7 +52,7 @@ from leaklab.attacks.gradient.dictionary import (
     sketch_index,
 )
 from leaklab.attacks.gradient.extend import RopeExtender
-from leaklab.attacks.gradient.omp import omp, refine_swaps
+from leaklab.attacks.gradient.omp import OmpResult, gram_matrix, ols, omp, refine_swaps
 from leaklab.attacks.gradient.subspace import (
     Subspace,
     attention_subspace,
@@ -536,7 +536,7 @@ def select_by_omp(
     index = sketch_index(spans.obs, params)
     sentences = [f.ids for f in found for _ in labels]
     atom_labels = [lab for _ in found for lab in labels] if labels != [None] else None
-    atoms = sentence_gradients(loaded, sentences, atom_labels, index)
+    atoms = sentence_gradients(loaded, sentences, atom_labels, index, head_means=spans.head_means)
     # one text per group: texts sharing a prefix with different last-token guesses are alternatives
     keys: dict[tuple, int] = {}
     text_group = [
@@ -545,7 +545,7 @@ def select_by_omp(
     ]
     groups = [text_group[i] for i in range(len(found)) for _ in labels]
     target = observed_vector(spans.obs, index, spans.device)
-    res = refine_swaps(atoms, target, omp(atoms, target, n_known, opts.omp_tol, opts.omp_min_gain, groups), groups)
+    res = best_selection(atoms, target, n_known, groups, opts)
     chosen = [found[atom // len(labels)] for atom in res.selected]
     info = {
         "omp_coef": [float(c) for c in res.coef],
@@ -554,6 +554,31 @@ def select_by_omp(
         "dictionary": len(sentences),
     }
     return chosen, info
+
+
+#: swaps tried after the OLS start (the OMP start's search tries 60,000)
+OLS_SWAP_TRIALS = 6000
+
+
+def best_selection(
+    atoms: torch.Tensor, target: torch.Tensor, n_known: int | None, groups: list[int], opts: SompOptions
+) -> OmpResult:
+    """OMP then swaps; when that leaves a residual above ``omp_tol`` (no exact fit), orthogonal least squares
+    then swaps as well (OMP's greedy step can settle on a pair of texts that each differ from the truth by one
+    token, a local minimum one swap cannot leave), keeping the lower residual. The second search starts only
+    where OLS picks other texts than OMP did, and tries fewer swaps (:data:`OLS_SWAP_TRIALS`)."""
+    gram = gram_matrix(atoms)
+    res = refine_swaps(
+        atoms, target, omp(atoms, target, n_known, opts.omp_tol, opts.omp_min_gain, groups), groups, gram=gram
+    )
+    if not res.residual_norms or res.residual_norms[-1] <= opts.omp_tol:
+        return res
+    start = ols(atoms, target, len(res.selected), groups, gram)
+    if {groups[i] for i in start.selected} == {groups[i] for i in res.selected}:
+        return res
+    alt = refine_swaps(atoms, target, start, groups, max_trials=OLS_SWAP_TRIALS, gram=gram)
+    better = alt.residual_norms and alt.residual_norms[-1] < res.residual_norms[-1]
+    return alt if better else res
 
 
 @register_gradient_attack("somp", SompOptions, aliases=("somp-any",))
