@@ -89,6 +89,7 @@ def run_cell(cell: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]
         exposure_samples=args.exposure_samples,
         progress=lambda s: print(f"[{tag}] {s}", flush=True),
     )
+    keep_base_stats(access)
     result.update(
         cell=cell,
         tag=tag,
@@ -139,6 +140,7 @@ def add_attacks(cell: str, args: argparse.Namespace, cache: Path, result: dict[s
         print(f"[{tag}] {step}", flush=True)
 
     rows = attack_rows(access, secret, todo, attack_options(args), progress=progress)
+    keep_base_stats(access)
     result["attacks"] = [r for r in result["attacks"] if r["attack"] not in todo] + rows
     if stale:
         progress("canaries")
@@ -161,7 +163,21 @@ def attacker_access(folder: Path, model: str, cache: Path):
     from leaklab.models.causal import load_causal_lm
 
     public = tuple(t for t in load_corpus("rotten-tomatoes").texts if split_of(t) == "public")
-    return LMAccess(load_causal_lm(str(folder)), load_causal_lm(model), public, cache / "shadows")
+    if model not in _BASE:  # one base model per process: its statistics are shared by every cell's access
+        _BASE[model] = (load_causal_lm(model), {})
+    base, seen = _BASE[model]
+    access = LMAccess(load_causal_lm(str(folder)), base, public, cache / "shadows")
+    access.learn(base, seen)
+    return access
+
+
+def keep_base_stats(access) -> None:
+    """Remember what the cell computed under the shared base model for the next cells of this process."""
+    _BASE[access.base.name][1].update(access.known(access.base))
+
+
+#: model name → (the base model, its token statistics by text), shared by the cells one process scores
+_BASE: dict[str, tuple[Any, dict]] = {}
 
 
 def attack_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

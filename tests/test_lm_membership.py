@@ -322,3 +322,27 @@ def test_lm_commands_take_device(overfit, tmp_path, monkeypatch, capsys):
         code, _, err = _lm(monkeypatch, capsys, cmd, "--device", "cuda")
         lines = [x for x in err.strip().splitlines() if x.strip()]
         assert code == 2 and len(lines) == 1 and "CUDA is not available" in lines[0], (cmd, err)
+
+
+def test_length_grouped_backward_equals_one_padded_pass(tiny):
+    from leaklab.models.causal import pad_batch, sample_losses
+    from leaklab.threat.finetune import batch_backward
+
+    texts = ["a", "a film that drags on and on for far too long", "fine", "not bad at all, really", "ok then"]
+    seqs = encode_texts(tiny, texts)
+    model = tiny.model
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        reference = sample_losses(model, *pad_batch(seqs, 0)).mean()  # the slow obvious way: one padded pass
+        reference.backward()
+        want = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        got_loss = batch_backward(model, seqs, 0, groups=3)
+        assert got_loss == pytest.approx(float(reference), rel=1e-5)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            p.requires_grad_(False)
