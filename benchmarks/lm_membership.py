@@ -60,7 +60,9 @@ def finetune_config(cell: str, args: argparse.Namespace):
     )
 
 
-def run_cell(cell: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
+def run_cell(cell: str, args: argparse.Namespace, cache: Path, score_by: float | None = None) -> dict[str, Any]:
+    """Fine-tune (or reuse the cached fine-tune) and score the cell; ``score_by``: the perf-counter time by which
+    scoring is expected to end, else the cell stops after fine-tuning (ChunkEnd) and a rerun scores it."""
     from leaklab.experiments.lm_membership import evaluate_membership
     from leaklab.threat.finetune import finetune, load_record, load_secret
 
@@ -74,9 +76,11 @@ def run_cell(cell: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]
         finetune(
             cfg,
             folder,
-            progress=lambda what, done, total: print(f"[{tag}] {what} {done}/{total}", flush=True),
+            progress=chunk_progress(tag, cfg.epochs, args.stop_after_min),
             snapshots=snaps,
         )
+    if score_by is not None and time.perf_counter() > score_by:
+        raise ChunkEnd(f"[{tag}] fine-tuned; no time left to score it in this run: rerun to score")
     record = load_record(folder)
     access = attacker_access(folder, args.model, cache)
     start = time.perf_counter()
@@ -99,6 +103,27 @@ def run_cell(cell: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]
         canaries_per_k=args.canaries_per_k,
     )
     return result
+
+
+class ChunkEnd(Exception):
+    """A resumable fine-tune stopped at an epoch boundary because the chunk's time is up."""
+
+
+def chunk_progress(tag: str, epochs: int, stop_after_min: float | None):
+    """Prints each step; after ``stop_after_min`` minutes, stops at the first step of a new epoch (the state
+    after the finished epochs is saved, so the next run resumes there, losing one step)."""
+    start, first = time.perf_counter(), []
+
+    def progress(what: str, done: int, total: int) -> None:
+        print(f"[{tag}] {what} {done}/{total}", flush=True)
+        if not first:
+            first.append(done)
+        per_epoch = total // epochs
+        late = stop_after_min is not None and time.perf_counter() - start > stop_after_min * 60
+        if late and done > first[0] and done % per_epoch == 1 and "DP" not in what:
+            raise ChunkEnd(f"[{tag}] stopped after {(done - 1) // per_epoch} epochs: rerun to resume")
+
+    return progress
 
 
 def is_cached(folder: Path, cfg) -> bool:
@@ -192,7 +217,7 @@ def estimate_seconds(cell: str, args: argparse.Namespace, pace: dict[str, float]
     if per_text is None:
         return None
     texts = args.members + args.canaries_per_k * 21
-    return texts * opts["epochs"] * per_text + pace.get("score", 0.0)
+    return texts * opts["epochs"] * per_text + (score_estimate(args, pace) or 0.0)
 
 
 def update_pace(pace: dict[str, float], result: dict[str, Any]) -> None:
@@ -201,6 +226,14 @@ def update_pace(pace: dict[str, float], result: dict[str, Any]) -> None:
     passes = ft["texts"] * ft["config"]["epochs"]
     pace[kind] = sum(ft["epoch_seconds"]) / passes
     pace["score"] = result["attack_seconds"]
+    pace["score_per_candidate"] = result["attack_seconds"] / (result["members"] + result["non_members"])
+
+
+def score_estimate(args: argparse.Namespace, pace: dict[str, float]) -> float | None:
+    """Seconds to score one cell of ``args.members`` members (as many non-members) at the last measured pace."""
+    if "score_per_candidate" in pace:
+        return pace["score_per_candidate"] * 2 * args.members
+    return pace.get("score")
 
 
 def plot_roc(result: dict[str, Any], path: Path) -> None:
@@ -326,10 +359,11 @@ def report(results: dict[str, dict], pace: dict[str, float]) -> str:
     ]
     for n in counts:
         cells = [r for r in results.values() if r["members"] == n]
-        lines.append(
-            f"- {n} members: `python benchmarks/lm_membership.py {cells[0].get('bench_args', '')} "
-            f"--cells {','.join(r['cell'] for r in cells)}`"
-        )
+        runs: dict[str, list[str]] = {}
+        for r in cells:
+            runs.setdefault(r.get("bench_args", ""), []).append(r["cell"])
+        for bench_args, names in runs.items():
+            lines.append(f"- {n} members: `python benchmarks/lm_membership.py {bench_args} --cells {','.join(names)}`")
         added: dict[tuple[str, str], list[str]] = {}
         for r in cells:
             for a in r.get("added", []):
@@ -449,6 +483,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--population", type=int, default=200)
     p.add_argument("--exposure-samples", type=int, default=1000)
     p.add_argument("--budget-min", type=float, default=120.0, help="skip cells whose estimate would exceed it")
+    p.add_argument(
+        "--stop-after-min",
+        type=float,
+        default=None,
+        help="stop a resumable (non-DP) fine-tune at the first epoch boundary after this many minutes",
+    )
     p.add_argument("--report-only", action="store_true")
     p.add_argument(
         "--add-attacks",
@@ -482,12 +522,19 @@ def main(argv: list[str] | None = None) -> int:
                 plot_roc(cached, out / f"roc-{tag}.png")
                 atomic_write_text(out / "results.md", report(cached_cells(out, args.model), pace))
             continue
-        est = estimate_seconds(cell, args, pace)
+        trained = is_cached(cache / tag, finetune_config(cell, args))
+        est = score_estimate(args, pace) if trained else estimate_seconds(cell, args, pace)
         left = args.budget_min * 60 - (time.perf_counter() - start)
         if ran and est is not None and est > left:
             print(f"[{tag}] not run: estimated {est / 60:.0f} min, {max(left, 0) / 60:.0f} min of the budget left")
             continue
-        res = run_cell(cell, args, cache)
+        try:
+            scoring = score_estimate(args, pace)
+            score_by = None if scoring is None else start + args.budget_min * 60 - scoring
+            res = run_cell(cell, args, cache, score_by)
+        except ChunkEnd as end:
+            print(end, flush=True)
+            break
         atomic_write_json(path, res)
         update_pace(pace, res)
         atomic_write_json(pace_file, pace)
