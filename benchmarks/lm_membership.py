@@ -16,7 +16,9 @@ Writes benchmarks/results/lm-membership/{results.md, cells/*.json, roc-*.png}.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import pickle
 import sys
 import time
 from dataclasses import replace
@@ -93,7 +95,7 @@ def run_cell(cell: str, args: argparse.Namespace, cache: Path, score_by: float |
         exposure_samples=args.exposure_samples,
         progress=lambda s: print(f"[{tag}] {s}", flush=True),
     )
-    keep_base_stats(access)
+    keep_base_stats(access, cache)
     result.update(
         cell=cell,
         tag=tag,
@@ -165,7 +167,7 @@ def add_attacks(cell: str, args: argparse.Namespace, cache: Path, result: dict[s
         print(f"[{tag}] {step}", flush=True)
 
     rows = attack_rows(access, secret, todo, attack_options(args), progress=progress)
-    keep_base_stats(access)
+    keep_base_stats(access, cache)
     result["attacks"] = [r for r in result["attacks"] if r["attack"] not in todo] + rows
     if stale:
         progress("canaries")
@@ -188,17 +190,34 @@ def attacker_access(folder: Path, model: str, cache: Path):
     from leaklab.models.causal import load_causal_lm
 
     public = tuple(t for t in load_corpus("rotten-tomatoes").texts if split_of(t) == "public")
-    if model not in _BASE:  # one base model per process: its statistics are shared by every cell's access
-        _BASE[model] = (load_causal_lm(model), {})
+    if model not in _BASE:  # one base model per process; its statistics are kept on disk for the next runs
+        _BASE[model] = (load_causal_lm(model), load_base_stats(cache, model))
     base, seen = _BASE[model]
     access = LMAccess(load_causal_lm(str(folder)), base, public, cache / "shadows")
     access.learn(base, seen)
     return access
 
 
-def keep_base_stats(access) -> None:
-    """Remember what the cell computed under the shared base model for the next cells of this process."""
-    _BASE[access.base.name][1].update(access.known(access.base))
+def base_stats_file(cache: Path, model: str) -> Path:
+    return cache / f"base-stats-{hashlib.sha256(model.encode('utf-8')).hexdigest()[:12]}.pkl"
+
+
+def load_base_stats(cache: Path, model: str) -> dict:
+    """The base model's token statistics by text computed by earlier runs (the base model never changes)."""
+    path = base_stats_file(cache, model)
+    return pickle.loads(path.read_bytes()) if path.is_file() else {}
+
+
+def keep_base_stats(access, cache: Path) -> None:
+    """Remember what the cell computed under the shared base model, for the next cells and the next runs."""
+    seen = _BASE[access.base.name][1]
+    new = {t: s for t, s in access.known(access.base).items() if t not in seen}
+    if new:
+        seen.update(new)
+        path = base_stats_file(cache, access.base.name)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps(seen))
+        tmp.replace(path)
 
 
 #: model name → (the base model, its token statistics by text), shared by the cells one process scores
