@@ -122,7 +122,7 @@ def chunk_progress(tag: str, epochs: int, stop_after_min: float | None):
             first.append(done)
         per_epoch = total // epochs
         late = stop_after_min is not None and time.perf_counter() - start > stop_after_min * 60
-        if late and done > first[0] and done % per_epoch == 1 and "DP" not in what:
+        if late and done > first[0] and done % per_epoch == 1:
             raise ChunkEnd(f"[{tag}] stopped after {(done - 1) // per_epoch} epochs: rerun to resume")
 
     return progress
