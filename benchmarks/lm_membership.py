@@ -97,6 +97,7 @@ def run_cell(cell: str, args: argparse.Namespace, cache: Path, score_by: float |
     )
     keep_base_stats(access, cache)
     result.update(
+        control=base_control(access, load_secret(folder)),
         cell=cell,
         tag=tag,
         finetune=record,
@@ -126,6 +127,17 @@ def chunk_progress(tag: str, epochs: int, stop_after_min: float | None):
             raise ChunkEnd(f"[{tag}] stopped after {(done - 1) // per_epoch} epochs: rerun to resume")
 
     return progress
+
+
+def base_control(access, secret) -> dict[str, Any]:
+    """LOSS under the base model (never trained on either half): how far the split alone separates members from
+    non-members, the floor any attack's AUC is read against (from statistics the reference attack computed)."""
+    from leaklab.metrics.membership import bootstrap
+
+    texts = list(secret.members) + list(secret.non_members)
+    scores = [s.logp.mean() for s in access.stats(access.base, texts)]
+    labels = [1] * len(secret.members) + [0] * len(secret.non_members)
+    return {"base_loss_auc": bootstrap(scores, labels, None, 1000, 0).to_dict()}
 
 
 def is_cached(folder: Path, cfg) -> bool:
@@ -400,7 +412,11 @@ def report(results: dict[str, dict], pace: dict[str, float]) -> str:
         "(`my account number is`) and one canary per k, later cells one prefix per canary (`alice's account number "
         "is`, ...). Attacks see the fine-tune; `reference` and `rmia` are also granted the base model, `rmia` "
         "public texts (shadow LoRA fine-tunes). Intervals: 95 % bootstrap (1000 resamples). Held-out perplexity: "
-        "on the non-members. Timings were taken on a shared 2-core machine (other jobs running, this one niced).",
+        "on the non-members. `score s`: the cell's scoring time (every attack, canaries, perplexity; it includes the "
+        "base model's pass over the candidates only when no earlier run had cached it). `base-model LOSS AUC`: LOSS "
+        "under the base model, trained on neither half: what the split alone gives an attack (a control). Timings "
+        "were taken on a shared 2-core machine (other helpers' jobs running; the 500-member runs with one torch "
+        "thread, `OMP_NUM_THREADS=1`).",
         "",
     ]
     if results:
@@ -435,8 +451,9 @@ def _membership_table(results: dict[str, dict]) -> list[str]:
 def _victim_table(results: dict[str, dict]) -> list[str]:
     lines = ["## Victims: training, privacy, utility", ""]
     lines += [
-        "| cell | method | epochs | DP ε (δ) | σ | steps | train s | s/epoch | held-out ppl | base ppl | length KS p |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| cell | method | epochs | DP ε (δ) | σ | steps | train s | s/epoch | score s | held-out ppl | base ppl "
+        "| length KS p | base-model LOSS AUC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for tag, res in results.items():
         ft = res["finetune"]
@@ -448,9 +465,11 @@ def _victim_table(results: dict[str, dict]) -> list[str]:
             f" (in the {ft['snapshot_of_epochs']}-epoch run)" if "snapshot_of_epochs" in ft else ""
         )
         u = res["utility"]
+        control = res.get("control", {}).get("base_loss_auc")
         lines.append(
             f"| {tag} | {c['method']} | {c['epochs']} | {eps} | {sigma} | {ft['steps']} | {own} | {per_epoch:.0f} | "
-            f"{u['heldout_perplexity']:.2f} | {u['base_heldout_perplexity']:.2f} | {res['shift']['length']['p']:.2f} |"
+            f"{res['attack_seconds']:.0f} | {u['heldout_perplexity']:.2f} | {u['base_heldout_perplexity']:.2f} | "
+            f"{res['shift']['length']['p']:.2f} | {'-' if control is None else _ci(control)} |"
         )
     return [*lines, ""]
 
