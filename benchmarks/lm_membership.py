@@ -329,9 +329,14 @@ def targets(results: dict[str, dict], members: int) -> list[str]:
             f"- 10-epoch full fine-tune, best AUC ≥ 0.9: {_verdict(auc >= 0.9)} ({name} {auc:.3f}); "
             f"TPR@1 %FPR ≥ 0.3: {_verdict(tpr >= 0.3)} ({tpr_name} {tpr:.3f})."
         )
-        ref, loss = _metric(full, "reference", "auc"), _metric(full, "loss", "auc")
-        if ref is not None and loss is not None:
-            out.append(f"- reference above LOSS: {'yes' if ref > loss else 'no'} (AUC {ref:.3f} vs {loss:.3f}).")
+        pairs = []
+        for c in CELLS:
+            res = results.get(f"{c}-n{members}")
+            ref, loss = (_metric(res, "reference", "auc"), _metric(res, "loss", "auc")) if res else (None, None)
+            if ref is not None and loss is not None:
+                pairs.append(f"{c} {'yes' if ref > loss else 'no'}, {ref:.3f} vs {loss:.3f}")
+        if pairs:
+            out.append(f"- reference above LOSS (AUC): {'; '.join(pairs)}.")
         k16 = [r for r in full["canary_summary"] if r["k"] == 16]
         if k16:
             share = max(k16[0]["extracted_beam1"], k16[0]["extracted_beam5"])
