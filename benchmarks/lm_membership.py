@@ -334,7 +334,8 @@ def targets(results: dict[str, dict], members: int) -> list[str]:
             res = results.get(f"{c}-n{members}")
             ref, loss = (_metric(res, "reference", "auc"), _metric(res, "loss", "auc")) if res else (None, None)
             if ref is not None and loss is not None:
-                pairs.append(f"{c} {'yes' if ref > loss else 'no'}, {ref:.3f} vs {loss:.3f}")
+                verdict = "tie" if f"{ref:.3f}" == f"{loss:.3f}" else "yes" if ref > loss else "no"
+                pairs.append(f"{c} {verdict}, {ref:.3f} vs {loss:.3f}")
         if pairs:
             out.append(f"- reference above LOSS (AUC): {'; '.join(pairs)}.")
         k16 = [r for r in full["canary_summary"] if r["k"] == 16]
@@ -396,8 +397,9 @@ def report(results: dict[str, dict], pace: dict[str, float]) -> str:
     for n in counts:
         cells = [r for r in results.values() if r["members"] == n]
         runs: dict[str, list[str]] = {}
+        default = next((r["bench_args"] for r in cells if r.get("bench_args")), "")  # cells cached before it was kept
         for r in cells:
-            runs.setdefault(r.get("bench_args", ""), []).append(r["cell"])
+            runs.setdefault(r.get("bench_args") or default, []).append(r["cell"])
         for bench_args, names in runs.items():
             lines.append(f"- {n} members: `python benchmarks/lm_membership.py {bench_args} --cells {','.join(names)}`")
         added: dict[tuple[str, str], list[str]] = {}
