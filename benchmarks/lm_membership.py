@@ -16,7 +16,9 @@ Writes benchmarks/results/lm-membership/{results.md, cells/*.json, roc-*.png}.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import pickle
 import sys
 import time
 from dataclasses import replace
@@ -60,7 +62,9 @@ def finetune_config(cell: str, args: argparse.Namespace):
     )
 
 
-def run_cell(cell: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
+def run_cell(cell: str, args: argparse.Namespace, cache: Path, score_by: float | None = None) -> dict[str, Any]:
+    """Fine-tune (or reuse the cached fine-tune) and score the cell; ``score_by``: the perf-counter time by which
+    scoring is expected to end, else the cell stops after fine-tuning (ChunkEnd) and a rerun scores it."""
     from leaklab.experiments.lm_membership import evaluate_membership
     from leaklab.threat.finetune import finetune, load_record, load_secret
 
@@ -74,9 +78,11 @@ def run_cell(cell: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]
         finetune(
             cfg,
             folder,
-            progress=lambda what, done, total: print(f"[{tag}] {what} {done}/{total}", flush=True),
+            progress=chunk_progress(tag, cfg.epochs, args.stop_after_min),
             snapshots=snaps,
         )
+    if score_by is not None and time.perf_counter() > score_by:
+        raise ChunkEnd(f"[{tag}] fine-tuned; no time left to score it in this run: rerun to score")
     record = load_record(folder)
     access = attacker_access(folder, args.model, cache)
     start = time.perf_counter()
@@ -89,7 +95,9 @@ def run_cell(cell: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]
         exposure_samples=args.exposure_samples,
         progress=lambda s: print(f"[{tag}] {s}", flush=True),
     )
+    keep_base_stats(access, cache)
     result.update(
+        control=base_control(access, load_secret(folder)),
         cell=cell,
         tag=tag,
         finetune=record,
@@ -98,6 +106,38 @@ def run_cell(cell: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]
         canaries_per_k=args.canaries_per_k,
     )
     return result
+
+
+class ChunkEnd(Exception):
+    """A resumable fine-tune stopped at an epoch boundary because the chunk's time is up."""
+
+
+def chunk_progress(tag: str, epochs: int, stop_after_min: float | None):
+    """Prints each step; after ``stop_after_min`` minutes, stops at the first step of a new epoch (the state
+    after the finished epochs is saved, so the next run resumes there, losing one step)."""
+    start, first = time.perf_counter(), []
+
+    def progress(what: str, done: int, total: int) -> None:
+        print(f"[{tag}] {what} {done}/{total}", flush=True)
+        if not first:
+            first.append(done)
+        per_epoch = total // epochs
+        late = stop_after_min is not None and time.perf_counter() - start > stop_after_min * 60
+        if late and done > first[0] and done % per_epoch == 1:
+            raise ChunkEnd(f"[{tag}] stopped after {(done - 1) // per_epoch} epochs: rerun to resume")
+
+    return progress
+
+
+def base_control(access, secret) -> dict[str, Any]:
+    """LOSS under the base model (never trained on either half): how far the split alone separates members from
+    non-members, the floor any attack's AUC is read against (from statistics the reference attack computed)."""
+    from leaklab.metrics.membership import bootstrap
+
+    texts = list(secret.members) + list(secret.non_members)
+    scores = [s.logp.mean() for s in access.stats(access.base, texts)]
+    labels = [1] * len(secret.members) + [0] * len(secret.non_members)
+    return {"base_loss_auc": bootstrap(scores, labels, None, 1000, 0).to_dict()}
 
 
 def is_cached(folder: Path, cfg) -> bool:
@@ -139,6 +179,7 @@ def add_attacks(cell: str, args: argparse.Namespace, cache: Path, result: dict[s
         print(f"[{tag}] {step}", flush=True)
 
     rows = attack_rows(access, secret, todo, attack_options(args), progress=progress)
+    keep_base_stats(access, cache)
     result["attacks"] = [r for r in result["attacks"] if r["attack"] not in todo] + rows
     if stale:
         progress("canaries")
@@ -161,7 +202,38 @@ def attacker_access(folder: Path, model: str, cache: Path):
     from leaklab.models.causal import load_causal_lm
 
     public = tuple(t for t in load_corpus("rotten-tomatoes").texts if split_of(t) == "public")
-    return LMAccess(load_causal_lm(str(folder)), load_causal_lm(model), public, cache / "shadows")
+    if model not in _BASE:  # one base model per process; its statistics are kept on disk for the next runs
+        _BASE[model] = (load_causal_lm(model), load_base_stats(cache, model))
+    base, seen = _BASE[model]
+    access = LMAccess(load_causal_lm(str(folder)), base, public, cache / "shadows")
+    access.learn(base, seen)
+    return access
+
+
+def base_stats_file(cache: Path, model: str) -> Path:
+    return cache / f"base-stats-{hashlib.sha256(model.encode('utf-8')).hexdigest()[:12]}.pkl"
+
+
+def load_base_stats(cache: Path, model: str) -> dict:
+    """The base model's token statistics by text computed by earlier runs (the base model never changes)."""
+    path = base_stats_file(cache, model)
+    return pickle.loads(path.read_bytes()) if path.is_file() else {}
+
+
+def keep_base_stats(access, cache: Path) -> None:
+    """Remember what the cell computed under the shared base model, for the next cells and the next runs."""
+    seen = _BASE[access.base.name][1]
+    new = {t: s for t, s in access.known(access.base).items() if t not in seen}
+    if new:
+        seen.update(new)
+        path = base_stats_file(cache, access.base.name)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps(seen))
+        tmp.replace(path)
+
+
+#: model name → (the base model, its token statistics by text), shared by the cells one process scores
+_BASE: dict[str, tuple[Any, dict]] = {}
 
 
 def attack_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -176,7 +248,7 @@ def estimate_seconds(cell: str, args: argparse.Namespace, pace: dict[str, float]
     if per_text is None:
         return None
     texts = args.members + args.canaries_per_k * 21
-    return texts * opts["epochs"] * per_text + pace.get("score", 0.0)
+    return texts * opts["epochs"] * per_text + (score_estimate(args, pace) or 0.0)
 
 
 def update_pace(pace: dict[str, float], result: dict[str, Any]) -> None:
@@ -185,6 +257,14 @@ def update_pace(pace: dict[str, float], result: dict[str, Any]) -> None:
     passes = ft["texts"] * ft["config"]["epochs"]
     pace[kind] = sum(ft["epoch_seconds"]) / passes
     pace["score"] = result["attack_seconds"]
+    pace["score_per_candidate"] = result["attack_seconds"] / (result["members"] + result["non_members"])
+
+
+def score_estimate(args: argparse.Namespace, pace: dict[str, float]) -> float | None:
+    """Seconds to score one cell of ``args.members`` members (as many non-members) at the last measured pace."""
+    if "score_per_candidate" in pace:
+        return pace["score_per_candidate"] * 2 * args.members
+    return pace.get("score")
 
 
 def plot_roc(result: dict[str, Any], path: Path) -> None:
@@ -249,9 +329,15 @@ def targets(results: dict[str, dict], members: int) -> list[str]:
             f"- 10-epoch full fine-tune, best AUC ≥ 0.9: {_verdict(auc >= 0.9)} ({name} {auc:.3f}); "
             f"TPR@1 %FPR ≥ 0.3: {_verdict(tpr >= 0.3)} ({tpr_name} {tpr:.3f})."
         )
-        ref, loss = _metric(full, "reference", "auc"), _metric(full, "loss", "auc")
-        if ref is not None and loss is not None:
-            out.append(f"- reference above LOSS: {'yes' if ref > loss else 'no'} (AUC {ref:.3f} vs {loss:.3f}).")
+        pairs = []
+        for c in CELLS:
+            res = results.get(f"{c}-n{members}")
+            ref, loss = (_metric(res, "reference", "auc"), _metric(res, "loss", "auc")) if res else (None, None)
+            if ref is not None and loss is not None:
+                verdict = "tie" if f"{ref:.3f}" == f"{loss:.3f}" else "yes" if ref > loss else "no"
+                pairs.append(f"{c} {verdict}, {ref:.3f} vs {loss:.3f}")
+        if pairs:
+            out.append(f"- reference above LOSS (AUC): {'; '.join(pairs)}.")
         k16 = [r for r in full["canary_summary"] if r["k"] == 16]
         if k16:
             share = max(k16[0]["extracted_beam1"], k16[0]["extracted_beam5"])
@@ -310,10 +396,12 @@ def report(results: dict[str, dict], pace: dict[str, float]) -> str:
     ]
     for n in counts:
         cells = [r for r in results.values() if r["members"] == n]
-        lines.append(
-            f"- {n} members: `python benchmarks/lm_membership.py {cells[0].get('bench_args', '')} "
-            f"--cells {','.join(r['cell'] for r in cells)}`"
-        )
+        runs: dict[str, list[str]] = {}
+        default = next((r["bench_args"] for r in cells if r.get("bench_args")), "")  # cells cached before it was kept
+        for r in cells:
+            runs.setdefault(r.get("bench_args") or default, []).append(r["cell"])
+        for bench_args, names in runs.items():
+            lines.append(f"- {n} members: `python benchmarks/lm_membership.py {bench_args} --cells {','.join(names)}`")
         added: dict[tuple[str, str], list[str]] = {}
         for r in cells:
             for a in r.get("added", []):
@@ -331,7 +419,11 @@ def report(results: dict[str, dict], pace: dict[str, float]) -> str:
         "(`my account number is`) and one canary per k, later cells one prefix per canary (`alice's account number "
         "is`, ...). Attacks see the fine-tune; `reference` and `rmia` are also granted the base model, `rmia` "
         "public texts (shadow LoRA fine-tunes). Intervals: 95 % bootstrap (1000 resamples). Held-out perplexity: "
-        "on the non-members. Timings were taken on a shared 2-core machine (other jobs running, this one niced).",
+        "on the non-members. `score s`: the cell's scoring time (every attack, canaries, perplexity; it includes the "
+        "base model's pass over the candidates only when no earlier run had cached it). `base-model LOSS AUC`: LOSS "
+        "under the base model, trained on neither half: what the split alone gives an attack (a control). Timings "
+        "were taken on a shared 2-core machine (other helpers' jobs running; the 500-member runs with one torch "
+        "thread, `OMP_NUM_THREADS=1`).",
         "",
     ]
     if results:
@@ -366,8 +458,9 @@ def _membership_table(results: dict[str, dict]) -> list[str]:
 def _victim_table(results: dict[str, dict]) -> list[str]:
     lines = ["## Victims: training, privacy, utility", ""]
     lines += [
-        "| cell | method | epochs | DP ε (δ) | σ | steps | train s | s/epoch | held-out ppl | base ppl | length KS p |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| cell | method | epochs | DP ε (δ) | σ | steps | train s | s/epoch | score s | held-out ppl | base ppl "
+        "| length KS p | base-model LOSS AUC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for tag, res in results.items():
         ft = res["finetune"]
@@ -379,9 +472,11 @@ def _victim_table(results: dict[str, dict]) -> list[str]:
             f" (in the {ft['snapshot_of_epochs']}-epoch run)" if "snapshot_of_epochs" in ft else ""
         )
         u = res["utility"]
+        control = res.get("control", {}).get("base_loss_auc")
         lines.append(
             f"| {tag} | {c['method']} | {c['epochs']} | {eps} | {sigma} | {ft['steps']} | {own} | {per_epoch:.0f} | "
-            f"{u['heldout_perplexity']:.2f} | {u['base_heldout_perplexity']:.2f} | {res['shift']['length']['p']:.2f} |"
+            f"{res['attack_seconds']:.0f} | {u['heldout_perplexity']:.2f} | {u['base_heldout_perplexity']:.2f} | "
+            f"{res['shift']['length']['p']:.2f} | {'-' if control is None else _ci(control)} |"
         )
     return [*lines, ""]
 
@@ -433,6 +528,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--population", type=int, default=200)
     p.add_argument("--exposure-samples", type=int, default=1000)
     p.add_argument("--budget-min", type=float, default=120.0, help="skip cells whose estimate would exceed it")
+    p.add_argument(
+        "--stop-after-min",
+        type=float,
+        default=None,
+        help="stop a resumable (non-DP) fine-tune at the first epoch boundary after this many minutes",
+    )
     p.add_argument("--report-only", action="store_true")
     p.add_argument(
         "--add-attacks",
@@ -466,12 +567,19 @@ def main(argv: list[str] | None = None) -> int:
                 plot_roc(cached, out / f"roc-{tag}.png")
                 atomic_write_text(out / "results.md", report(cached_cells(out, args.model), pace))
             continue
-        est = estimate_seconds(cell, args, pace)
+        trained = is_cached(cache / tag, finetune_config(cell, args))
+        est = score_estimate(args, pace) if trained else estimate_seconds(cell, args, pace)
         left = args.budget_min * 60 - (time.perf_counter() - start)
         if ran and est is not None and est > left:
             print(f"[{tag}] not run: estimated {est / 60:.0f} min, {max(left, 0) / 60:.0f} min of the budget left")
             continue
-        res = run_cell(cell, args, cache)
+        try:
+            scoring = score_estimate(args, pace)
+            score_by = None if scoring is None else start + args.budget_min * 60 - scoring
+            res = run_cell(cell, args, cache, score_by)
+        except ChunkEnd as end:
+            print(end, flush=True)
+            break
         atomic_write_json(path, res)
         update_pace(pace, res)
         atomic_write_json(pace_file, pace)

@@ -288,9 +288,11 @@ def test_epoch_snapshot_is_the_shorter_run(tmp_path, method):
         finetune(one, tmp_path / "bad", snapshots={1: tmp_path / "x"})
 
 
-def test_interrupted_fine_tune_resumes_to_the_same_model(tmp_path):
-    cfg = FinetuneConfig(model="tiny-llama", members=6, epochs=3, batch_size=4, max_tokens=12)
-    finetune(cfg, tmp_path / "straight")
+@pytest.mark.parametrize("dp", [False, True])
+def test_interrupted_fine_tune_resumes_to_the_same_model(tmp_path, dp):
+    extra = {"method": "lora", "lora_r": 2, "epsilon": 8.0} if dp else {}  # DP: Poisson sampling and noise resume too
+    cfg = FinetuneConfig(model="tiny-llama", members=6, epochs=3, batch_size=3, max_tokens=12, **extra)
+    straight = finetune(cfg, tmp_path / "straight")
 
     def stop(what: str, done: int, total: int) -> None:
         if done > 2 * 2:  # a step of the third epoch (6 texts, 2 steps per epoch): two epochs were saved
@@ -303,6 +305,7 @@ def test_interrupted_fine_tune_resumes_to_the_same_model(tmp_path):
     assert record["resumed_epochs"] == 2 and len(record["epoch_seconds"]) == 3
     assert not (tmp_path / ".resumed.resume").exists()
     _assert_same_weights(tmp_path / "resumed", tmp_path / "straight")
+    assert record.get("dp") == straight.get("dp")  # the same ε over the same accounted steps
 
 
 def test_lm_commands_take_device(overfit, tmp_path, monkeypatch, capsys):
@@ -322,3 +325,27 @@ def test_lm_commands_take_device(overfit, tmp_path, monkeypatch, capsys):
         code, _, err = _lm(monkeypatch, capsys, cmd, "--device", "cuda")
         lines = [x for x in err.strip().splitlines() if x.strip()]
         assert code == 2 and len(lines) == 1 and "CUDA is not available" in lines[0], (cmd, err)
+
+
+def test_length_grouped_backward_equals_one_padded_pass(tiny):
+    from leaklab.models.causal import pad_batch, sample_losses
+    from leaklab.threat.finetune import batch_backward
+
+    texts = ["a", "a film that drags on and on for far too long", "fine", "not bad at all, really", "ok then"]
+    seqs = encode_texts(tiny, texts)
+    model = tiny.model
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        reference = sample_losses(model, *pad_batch(seqs, 0)).mean()  # the slow obvious way: one padded pass
+        reference.backward()
+        want = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        got_loss = batch_backward(model, seqs, 0, groups=3)
+        assert got_loss == pytest.approx(float(reference), rel=1e-5)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            p.requires_grad_(False)

@@ -243,11 +243,12 @@ def train_causal_lm(
     """Fine-tune ``lm.model`` in place on ``texts`` (mean over texts of each text's mean token NLL); returns the
     trained model (LoRA merged) and the training record (seconds per epoch, final loss, DP accounting).
 
-    Without DP, ``checkpoint`` is a folder where the state after each epoch is kept (trained weights, optimiser,
-    record), so an interrupted run resumes at its last finished epoch with the same result; ``on_epoch(epoch,
-    model, record)`` is called after each epoch (e.g. to save the model as it was after ``epoch`` epochs)."""
-    if opts.epsilon is not None and (checkpoint is not None or on_epoch is not None):
-        raise LeaklabError("DP fine-tuning has no per-epoch checkpoints or snapshots (its noise depends on the epochs)")
+    ``checkpoint`` is a folder where the state after each epoch is kept (trained weights, optimiser, record; with
+    DP also the sampling and noise random states and the accountant's ledger), so an interrupted run resumes at
+    its last finished epoch with the same result; ``on_epoch(epoch, model, record)`` is called after each epoch of
+    a non-DP run (e.g. to save the model as it was after ``epoch`` epochs)."""
+    if opts.epsilon is not None and on_epoch is not None:
+        raise LeaklabError("DP fine-tuning has no per-epoch snapshots (its noise depends on the epochs)")
     model = _with_lora(lm.model, opts) if opts.method == "lora" else lm.model
     params = [p for n, p in model.named_parameters() if opts.method == "full" or "lora_" in n]
     for p in model.parameters():
@@ -259,7 +260,7 @@ def train_causal_lm(
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.start_id
     record: dict[str, Any] = {"texts": len(seqs), "params_trained": sum(p.numel() for p in params)}
     if opts.epsilon is not None:
-        _dp_loop(model, params, seqs, pad, opts, record, progress)
+        _dp_loop(model, params, seqs, pad, opts, record, progress, checkpoint)
     else:
         _plain_loop(model, params, seqs, pad, opts, record, progress, checkpoint, on_epoch)
     model.eval()
@@ -283,8 +284,11 @@ def _state_key(opts: TrainOptions, seqs: Sequence[Sequence[int]]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
-def _load_checkpoint(folder: Path | None, key: str, model: nn.Module, opt: torch.optim.Optimizer) -> dict | None:
-    """The record saved after the last finished epoch (weights and optimiser restored), or None to start over."""
+def _load_checkpoint(
+    folder: Path | None, key: str, model: nn.Module, opt: torch.optim.Optimizer
+) -> tuple[dict, dict] | None:
+    """(record, extra state) saved after the last finished epoch (weights and optimiser restored), or None to
+    start over."""
     if folder is None or not (folder / "state.json").is_file():
         return None
     meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
@@ -293,17 +297,38 @@ def _load_checkpoint(folder: Path | None, key: str, model: nn.Module, opt: torch
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state["trained"], strict=False)
     opt.load_state_dict(state["optimizer"])
-    return meta["record"]
+    return meta["record"], state.get("extra", {})
 
 
-def _save_checkpoint(folder: Path, key: str, model: nn.Module, opt: torch.optim.Optimizer, record: dict) -> None:
-    """Trained weights and optimiser state, then the record naming them (written last: a torn save is ignored)."""
+def _save_checkpoint(
+    folder: Path, key: str, model: nn.Module, opt: torch.optim.Optimizer, record: dict, extra: dict | None = None
+) -> None:
+    """Trained weights, optimiser state and ``extra`` (e.g. DP's random states and privacy ledger), then the record
+    naming them (written last: a torn save is ignored)."""
     folder.mkdir(parents=True, exist_ok=True)
     trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     tmp = folder / "state.pt.tmp"
-    torch.save({"trained": trained, "optimizer": opt.state_dict()}, tmp)
+    torch.save({"trained": trained, "optimizer": opt.state_dict(), "extra": extra or {}}, tmp)
     tmp.replace(folder / "state.pt")
     atomic_write_json(folder / "state.json", {"key": key, "record": record})
+
+
+LENGTH_GROUPS = 2
+
+
+def batch_backward(model: nn.Module, batch: Sequence[Sequence[int]], pad: int, groups: int = LENGTH_GROUPS) -> float:
+    """Backpropagate the batch's mean per-text loss and return it. The batch is cut into ``groups`` runs of
+    similar length (each padded only to its own longest text) whose loss sums, divided by the batch size, add
+    up to the same gradient as one padded pass over the whole batch, with fewer padded positions computed."""
+    by_length = sorted(batch, key=len)
+    n, total = len(by_length), 0.0
+    for g in range(groups):
+        part = by_length[g * n // groups : (g + 1) * n // groups]
+        if part:
+            loss = sample_losses(model, *pad_batch(part, pad)).sum() / n
+            loss.backward()
+            total += float(loss.detach())
+    return total
 
 
 def _plain_loop(model, params, seqs, pad, opts: TrainOptions, record, progress, checkpoint, on_epoch) -> None:
@@ -314,7 +339,7 @@ def _plain_loop(model, params, seqs, pad, opts: TrainOptions, record, progress, 
     key = _state_key(opts, seqs)
     saved = _load_checkpoint(checkpoint, key, model, opt)
     if saved is not None:
-        record.update(saved)
+        record.update(saved[0])
     done = record["resumed_epochs"] = len(record["epoch_seconds"])
     for epoch in range(opts.epochs):
         order = rng.permutation(len(seqs))  # drawn for finished epochs too: the resumed run sees the same orders
@@ -323,11 +348,9 @@ def _plain_loop(model, params, seqs, pad, opts: TrainOptions, record, progress, 
         start, losses = time.perf_counter(), []
         for s in range(steps_per_epoch):
             batch = [seqs[i] for i in order[s * opts.batch_size : (s + 1) * opts.batch_size]]
-            loss = sample_losses(model, *pad_batch(batch, pad)).mean()
-            loss.backward()
+            losses.append(batch_backward(model, batch, pad))
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
             if progress:
                 progress("train", epoch * steps_per_epoch + s + 1, opts.epochs * steps_per_epoch)
         record["epoch_seconds"].append(time.perf_counter() - start)
@@ -339,8 +362,10 @@ def _plain_loop(model, params, seqs, pad, opts: TrainOptions, record, progress, 
     record["steps"] = opts.epochs * steps_per_epoch
 
 
-def _dp_loop(model, params, seqs, pad, opts: TrainOptions, record, progress) -> None:
-    """DP-SGD: Poisson sampling at q = B/N, Opacus per-sample clipping and noise, RDP accounting per step."""
+def _dp_loop(model, params, seqs, pad, opts: TrainOptions, record, progress, checkpoint=None) -> None:
+    """DP-SGD: Poisson sampling at q = B/N, Opacus per-sample clipping and noise, RDP accounting per step. With
+    ``checkpoint``, the state after each epoch (weights, optimiser, sampling and noise random states, the
+    accountant's ledger) is kept there, so an interrupted run resumes at its last finished epoch."""
     import warnings
 
     from opacus import GradSampleModule
@@ -357,7 +382,9 @@ def _dp_loop(model, params, seqs, pad, opts: TrainOptions, record, progress) -> 
     sigma = noise_for_epsilon(opts.epsilon, opts.delta, q, steps)
     accountant = RDPAccountant()
     rng = np.random.default_rng(opts.seed)
+    noise = torch.Generator().manual_seed(opts.seed)
     record["epoch_seconds"], record["epoch_loss"] = [], []
+    key = _state_key(opts, seqs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gsm = GradSampleModule(model, loss_reduction="mean", strict=False)
@@ -367,11 +394,18 @@ def _dp_loop(model, params, seqs, pad, opts: TrainOptions, record, progress) -> 
             max_grad_norm=opts.clip,
             expected_batch_size=opts.batch_size,
             loss_reduction="mean",
-            generator=torch.Generator().manual_seed(opts.seed),
+            generator=noise,
         )
         opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
+        saved = _load_checkpoint(checkpoint, key, model, opt)
+        if saved is not None:
+            record.update(saved[0])
+            rng.bit_generator.state = saved[1]["rng"]
+            noise.set_state(saved[1]["noise"])
+            accountant.history = [tuple(h) for h in saved[1]["history"]]
+        done = record["resumed_epochs"] = len(record["epoch_seconds"])
         try:
-            for epoch in range(opts.epochs):
+            for epoch in range(done, opts.epochs):
                 start, losses = time.perf_counter(), []
                 for s in range(steps_per_epoch):
                     chosen = np.flatnonzero(rng.random(n) < q)
@@ -387,6 +421,9 @@ def _dp_loop(model, params, seqs, pad, opts: TrainOptions, record, progress) -> 
                         progress("train (DP)", epoch * steps_per_epoch + s + 1, steps)
                 record["epoch_seconds"].append(time.perf_counter() - start)
                 record["epoch_loss"].append(float(np.mean(losses)) if losses else float("nan"))
+                if checkpoint is not None and epoch + 1 < opts.epochs:
+                    state = {"rng": rng.bit_generator.state, "noise": noise.get_state(), "history": accountant.history}
+                    _save_checkpoint(checkpoint, key, model, opt, record, state)
         finally:
             gsm._close()
     record["steps"] = steps
@@ -437,7 +474,7 @@ def finetune(
         raise LeaklabError(f"snapshot epochs must be in 1..{cfg.epochs - 1}, got {bad[0]}")
     lm = load_causal_lm(cfg.model)
     secret = membership_split(cfg, lm)
-    checkpoint = None if cfg.epsilon is not None else out.with_name(f".{out.name}.resume")
+    checkpoint = out.with_name(f".{out.name}.resume")
 
     def snapshot(epoch: int, model: nn.Module, record: dict[str, Any]) -> None:
         if epoch in snapshots:

@@ -70,6 +70,16 @@ class LMAccess:
                 self._stats[(key, t)] = s
         return [self._stats[(key, t)] for t in texts]
 
+    def known(self, lm: CausalLM) -> dict[str, TokenStats]:
+        """The token statistics computed so far under ``lm``, by text."""
+        key = id(lm.model)
+        return {t: s for (k, t), s in self._stats.items() if k == key}
+
+    def learn(self, lm: CausalLM, stats: dict[str, TokenStats]) -> None:
+        """Adopt statistics computed under this same ``lm`` object elsewhere (e.g. the base model shared by several
+        fine-tunes' accesses), so they are not computed again."""
+        self._stats.update({(id(lm.model), t): s for t, s in stats.items()})
+
     def record(self) -> dict[str, Any]:
         return {
             "target": self.target.name,
