@@ -301,6 +301,51 @@ def test_utility_applies_the_update_and_scores_public_texts():
     assert u["loss"] < u["loss_before"] and u["applied"] == "theta - delta"
 
 
+def _reference_horizon(ref: ModelRef, steps: int, lr: float, texts: list[str]) -> float:
+    """Slow obvious reference: a private copy of the model, plain autograd on each seed's batch, θ ← θ − lr·g."""
+    from leaklab.threat.fedsgd import collate, private_sample
+    from leaklab.threat.local import TextObjective
+
+    loaded = load_model(ref)
+    model = copy.deepcopy(loaded.model)
+    for step in range(steps):
+        sample = private_sample(ref, "rotten-tomatoes", 2, step, 4, 16)
+        batch = collate(loaded, [loaded.encode(t) for t in sample.texts], [0] * 2)
+        model.zero_grad()
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.sub_(lr * p.grad)
+    with torch.no_grad():
+        batch = collate(loaded, [loaded.encode(t) for t in texts], [0] * len(texts))
+        return float(TextObjective(batch, "next-token").mean_loss(model))
+
+
+def test_horizon_utility_matches_a_manual_training_loop_and_restores_the_model():
+    """20-step horizon machinery on tiny-llama: 3 undefended rounds equal a hand-written SGD loop on a model copy
+    (same batches), the shared model is unchanged afterwards, a defense changes the result, 0 rounds = before."""
+    from leaklab.defenses.utility import HorizonOptions, horizon_utility, validation_texts
+
+    ref = ModelRef("tiny-llama")
+    loaded = load_model(ref)
+    start = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    opts = HorizonOptions(steps=3, server_lr=0.5, texts=6)
+    plain = horizon_utility("fedsgd", ref, "rotten-tomatoes", 2, 0, (), opts, 4, 16)
+    obs, _ = fedsgd_update(ref, ["a b"])
+    texts, _ = validation_texts(obs, "rotten-tomatoes", 6, 0, 2, 16)
+    assert math.isclose(plain["loss"], _reference_horizon(ref, 3, 0.5, texts), rel_tol=1e-4)
+    assert plain["loss"] < plain["loss_before"] and plain["batch_seeds"] == [0, 1, 2]
+    assert all(torch.equal(p, start[n]) for n, p in loaded.model.named_parameters())
+    noisy = horizon_utility("fedsgd", ref, "rotten-tomatoes", 2, 0, [make_defense("gaussian", sigma=1.0)], opts, 4, 16)
+    assert noisy["loss"] > plain["loss"] + 0.1 and noisy["loss_before"] == plain["loss_before"]
+    none = horizon_utility("fedsgd", ref, "rotten-tomatoes", 2, 0, (), HorizonOptions(steps=0, texts=6), 4, 16)
+    assert none["loss"] == none["loss_before"] == plain["loss_before"]
+    assert HorizonOptions().steps == 20
+    with pytest.raises(LeaklabError, match="fedsgd or fedavg, not 'lora'"):
+        horizon_utility("lora", ref, "rotten-tomatoes", 2, 0, (), opts)
+
+
 def test_sweep_writes_table_json_plot_with_epsilon(tmp_path):
     import json
 
