@@ -5,7 +5,8 @@ Each (defense, strength, batch) update is computed once (``defended_update``: DP
 on the computed update) and given to ``somp`` (ignores the defense) and to ``somp-adaptive`` (knows it: low-rank
 completion of the kept coordinates / projection with the known noise std / nothing to undo for clipping).
 Every attacker runs in a forked child under a wall-clock budget per batch; one still running at the budget is
-stopped and recorded as a *budget stop* (an outcome, never a score). SOMP's own decoding budget is set to half
+stopped and recorded as a *budget stop* (an outcome, never a score); so is one that exceeds its memory cap
+(12 GiB of address space: the machine is shared). SOMP's own decoding budget is set to half
 of it so that a slow decode can still return a best-effort result.
 
 ``--horizon`` instead measures, per defense point and undefended, the validation loss on 16 public texts after
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -57,7 +59,12 @@ def key(defense: str, value: float, batch: int) -> str:
     return f"{defense}={value:g}#{batch}"
 
 
+#: address-space cap of each attacker's child, so that one attacker cannot take the shared machine's memory
+MEMORY_CAP_BYTES = 12 * 2**30
+
+
 def _child(conn: Any, attack: str, obs: Any, secret: Any, options: dict[str, Any]) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP_BYTES, MEMORY_CAP_BYTES))
     rec = attack_batch(attack, obs, secret, options=options)
     agg = rec.aggregate or {}
     conn.send(
@@ -82,15 +89,20 @@ def budgeted(attack: str, obs: Any, secret: Any, budget_s: float) -> dict[str, A
     proc = ctx.Process(target=_child, args=(there, attack, obs, secret, options), daemon=True)
     proc.start()
     there.close()
-    out = here.recv() if here.poll(budget_s) else None
+    out, reason = None, f"stopped at the {budget_s:g} s wall-clock budget per batch"
+    if here.poll(budget_s):
+        try:
+            out = here.recv()
+        except EOFError:  # the child died first: over the memory cap (or killed for memory by the machine)
+            reason = f"the attacker's process ended without a result (over the {MEMORY_CAP_BYTES >> 30} GiB cap)"
     proc.join(timeout=5)
     if proc.is_alive():
         proc.kill()
         proc.join()
     if out is None:
-        reason = f"stopped at the {budget_s:g} s wall-clock budget per batch" if proc.exitcode != 0 else "no result"
         out = {"status": "budget_stop", "reason": reason, "rouge1": None, "rouge2": None, "adaptive": None}
         out["seconds"] = time.perf_counter() - t0
+        out["exitcode"] = proc.exitcode
     out["options"] = options
     return out
 
