@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from leaklab.defenses import DEFENSES, apply_defenses, defended_update, make_defense, parse_defense
 from leaklab.defenses.dpsgd import noise_for_epsilon, rdp_epsilon
 from leaklab.defenses.update import embedding_params
+from leaklab.defenses.utility import HorizonOptions
 from leaklab.errors import LeaklabError
 from leaklab.models import ModelRef, load_model
 from leaklab.threat import ThreatFlags, fedsgd_update, load_update, save_update
@@ -325,7 +326,7 @@ def _reference_horizon(ref: ModelRef, steps: int, lr: float, texts: list[str]) -
 def test_horizon_utility_matches_a_manual_training_loop_and_restores_the_model():
     """20-step horizon machinery on tiny-llama: 3 undefended rounds equal a hand-written SGD loop on a model copy
     (same batches), the shared model is unchanged afterwards, a defense changes the result, 0 rounds = before."""
-    from leaklab.defenses.utility import HorizonOptions, horizon_utility, validation_texts
+    from leaklab.defenses.utility import horizon_utility, validation_texts
 
     ref = ModelRef("tiny-llama")
     loaded = load_model(ref)
@@ -351,8 +352,14 @@ def test_sweep_writes_table_json_plot_with_epsilon(tmp_path):
 
     from leaklab.sweep import sweep
 
-    result = sweep("dpsgd", [0.5], "tokenset", "tiny-gpt2", "rotten-tomatoes", 2, 1, 0, tmp_path, max_tokens=16)
+    horizon = HorizonOptions(steps=2, texts=4)
+    result = sweep(
+        "dpsgd", [0.5], "tokenset", "tiny-gpt2", "rotten-tomatoes", 2, 1, 0, tmp_path, max_tokens=16, horizon=horizon
+    )
     rows = result["rows"]
+    assert all(r["horizon"]["steps"] == 2 and r["horizon"]["loss"] > 0 for r in rows)
+    assert rows[0]["horizon"]["loss_before"] == rows[1]["horizon"]["loss_before"]  # same start, same batches
+    assert "| loss after N |" in (tmp_path / "sweep.md").read_text()
     assert [r["value"] for r in rows] == ["none", 0.5] and rows[0]["epsilon"] is None
     assert rows[1]["epsilon"] == rdp_epsilon(0.5, 1.0, 1, 1e-5)
     assert all(r["metric"] == "bag_f1" and 0 < r["leak"] <= 1 and r["rouge1"] is None for r in rows)
@@ -457,7 +464,19 @@ def test_interrupted_sweep_keeps_the_points_it_finished(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_mod, "attack_batch", flaky)
     out = tmp_path / "sweep"
     with pytest.raises(KeyboardInterrupt):
-        sweep_mod.sweep("clip", [1.0], "tokenset", "tiny-gpt2", "rotten-tomatoes", 2, 1, 0, out, max_tokens=16)
+        sweep_mod.sweep(
+            "clip",
+            [1.0],
+            "tokenset",
+            "tiny-gpt2",
+            "rotten-tomatoes",
+            2,
+            1,
+            0,
+            out,
+            max_tokens=16,
+            horizon=HorizonOptions(steps=0),
+        )
     assert not out.exists()  # an interrupted sweep does not read as a finished one
     kept = tmp_path / "sweep.incomplete"
     rows = json.loads((kept / "sweep.json").read_text())["rows"]
