@@ -483,3 +483,21 @@ def test_interrupted_sweep_keeps_the_points_it_finished(tmp_path, monkeypatch):
     assert [r["value"] for r in rows] == ["none"]
     assert "| none |" in (kept / "sweep.md").read_text()
     assert json.loads((kept / "status.json").read_text())["status"] == "incomplete"
+
+
+def test_cli_sweep_utility_steps_option_reaches_the_horizon(tmp_path):
+    """``leaklab gradient sweep --utility-steps 2``: the config records 2 rounds and every point has its loss."""
+    from typer.testing import CliRunner
+
+    from leaklab.cli.gradient import app
+
+    out = tmp_path / "s"
+    args = ["sweep", "--defense", "clip", "--values", "1", "--attack", "tokenset", "--model", "tiny-gpt2"]
+    res = CliRunner().invoke(
+        app,
+        [*args, "--batch-size", "2", "--batches", "1", "--max-tokens", "16", "--utility-steps", "2", "--out", str(out)],
+    )
+    assert res.exit_code == 0, res.output
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["config"]["horizon"]["steps"] == 2
+    assert all(r["horizon"]["steps"] == 2 and r["horizon"]["loss"] > 0 for r in saved["rows"])
