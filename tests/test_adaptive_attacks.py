@@ -39,3 +39,26 @@ def test_low_rank_completion_recovers_a_planted_matrix_and_its_rank():
     assert float((done - truth).norm() / truth.norm()) < 1e-4
     assert torch.equal(done[kept], truth[kept])
     assert choose_rank(observed, kept, [1, 2, 3, 6, 12], 100) == 3
+
+
+def test_dpsgd_noise_std_the_adaptive_attacker_assumes_matches_the_noise_opacus_adds():
+    """DP-SGD on tiny-llama (B = 2): the update with noise minus the same update without noise (same clipping)
+    has per-coordinate std σ·C/B, the value ``known_sigma`` derives from the defense record; Gaussian/Laplace
+    records map to their std, clipping to none, DP-SGD without a granted batch size to none."""
+    from leaklab.attacks.gradient.adaptive import known_sigma
+    from leaklab.defenses import defended_update, make_defense
+    from leaklab.models import ModelRef
+
+    ref = ModelRef("tiny-llama")
+    args = ("fedsgd", ref, "rotten-tomatoes", 2, 0)
+    noisy, _ = defended_update(*args, [make_defense("dpsgd", noise_multiplier=3.0, clip=0.5)], 4, 16)
+    clean, _ = defended_update(*args, [make_defense("dpsgd", noise_multiplier=0.0, clip=0.5)], 4, 16)
+    diff = torch.cat([(noisy.gradients[n] - clean.gradients[n]).flatten() for n in clean.gradients])
+    rec = noisy.meta["defenses"][0]
+    expected = known_sigma(rec, noisy.batch_size)
+    assert expected == 3.0 * 0.5 / 2
+    assert abs(float(diff.std()) / expected - 1) < 0.02 and diff.numel() > 10_000
+    assert known_sigma(rec, None) is None
+    assert known_sigma({"name": "gaussian", "std": 0.1}, 2) == 0.1
+    assert abs(known_sigma({"name": "laplace", "scale": 1.0}, 2) - 2**0.5) < 1e-12
+    assert known_sigma({"name": "clip", "params": {"max_norm": 1.0}}, 2) is None

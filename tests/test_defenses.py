@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from leaklab.defenses import DEFENSES, apply_defenses, defended_update, make_defense, parse_defense
 from leaklab.defenses.dpsgd import noise_for_epsilon, rdp_epsilon
 from leaklab.defenses.update import embedding_params
+from leaklab.defenses.utility import HorizonOptions
 from leaklab.errors import LeaklabError
 from leaklab.models import ModelRef, load_model
 from leaklab.threat import ThreatFlags, fedsgd_update, load_update, save_update
@@ -301,13 +302,64 @@ def test_utility_applies_the_update_and_scores_public_texts():
     assert u["loss"] < u["loss_before"] and u["applied"] == "theta - delta"
 
 
+def _reference_horizon(ref: ModelRef, steps: int, lr: float, texts: list[str]) -> float:
+    """Slow obvious reference: a private copy of the model, plain autograd on each seed's batch, θ ← θ − lr·g."""
+    from leaklab.threat.fedsgd import collate, private_sample
+    from leaklab.threat.local import TextObjective
+
+    loaded = load_model(ref)
+    model = copy.deepcopy(loaded.model)
+    for step in range(steps):
+        sample = private_sample(ref, "rotten-tomatoes", 2, step, 4, 16)
+        batch = collate(loaded, [loaded.encode(t) for t in sample.texts], [0] * 2)
+        model.zero_grad()
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.sub_(lr * p.grad)
+    with torch.no_grad():
+        batch = collate(loaded, [loaded.encode(t) for t in texts], [0] * len(texts))
+        return float(TextObjective(batch, "next-token").mean_loss(model))
+
+
+def test_horizon_utility_matches_a_manual_training_loop_and_restores_the_model():
+    """20-step horizon machinery on tiny-llama: 3 undefended rounds equal a hand-written SGD loop on a model copy
+    (same batches), the shared model is unchanged afterwards, a defense changes the result, 0 rounds = before."""
+    from leaklab.defenses.utility import horizon_utility, validation_texts
+
+    ref = ModelRef("tiny-llama")
+    loaded = load_model(ref)
+    start = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    opts = HorizonOptions(steps=3, server_lr=0.5, texts=6)
+    plain = horizon_utility("fedsgd", ref, "rotten-tomatoes", 2, 0, (), opts, 4, 16)
+    obs, _ = fedsgd_update(ref, ["a b"])
+    texts, _ = validation_texts(obs, "rotten-tomatoes", 6, 0, 2, 16)
+    assert math.isclose(plain["loss"], _reference_horizon(ref, 3, 0.5, texts), rel_tol=1e-4)
+    assert plain["loss"] < plain["loss_before"] and plain["batch_seeds"] == [0, 1, 2]
+    assert all(torch.equal(p, start[n]) for n, p in loaded.model.named_parameters())
+    noisy = horizon_utility("fedsgd", ref, "rotten-tomatoes", 2, 0, [make_defense("gaussian", sigma=1.0)], opts, 4, 16)
+    assert noisy["loss"] > plain["loss"] + 0.1 and noisy["loss_before"] == plain["loss_before"]
+    none = horizon_utility("fedsgd", ref, "rotten-tomatoes", 2, 0, (), HorizonOptions(steps=0, texts=6), 4, 16)
+    assert none["loss"] == none["loss_before"] == plain["loss_before"]
+    assert HorizonOptions().steps == 20
+    with pytest.raises(LeaklabError, match="fedsgd or fedavg, not 'lora'"):
+        horizon_utility("lora", ref, "rotten-tomatoes", 2, 0, (), opts)
+
+
 def test_sweep_writes_table_json_plot_with_epsilon(tmp_path):
     import json
 
     from leaklab.sweep import sweep
 
-    result = sweep("dpsgd", [0.5], "tokenset", "tiny-gpt2", "rotten-tomatoes", 2, 1, 0, tmp_path, max_tokens=16)
+    horizon = HorizonOptions(steps=2, texts=4)
+    result = sweep(
+        "dpsgd", [0.5], "tokenset", "tiny-gpt2", "rotten-tomatoes", 2, 1, 0, tmp_path, max_tokens=16, horizon=horizon
+    )
     rows = result["rows"]
+    assert all(r["horizon"]["steps"] == 2 and r["horizon"]["loss"] > 0 for r in rows)
+    assert rows[0]["horizon"]["loss_before"] == rows[1]["horizon"]["loss_before"]  # same start, same batches
+    assert "| loss after N |" in (tmp_path / "sweep.md").read_text()
     assert [r["value"] for r in rows] == ["none", 0.5] and rows[0]["epsilon"] is None
     assert rows[1]["epsilon"] == rdp_epsilon(0.5, 1.0, 1, 1e-5)
     assert all(r["metric"] == "bag_f1" and 0 < r["leak"] <= 1 and r["rouge1"] is None for r in rows)
@@ -412,10 +464,40 @@ def test_interrupted_sweep_keeps_the_points_it_finished(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_mod, "attack_batch", flaky)
     out = tmp_path / "sweep"
     with pytest.raises(KeyboardInterrupt):
-        sweep_mod.sweep("clip", [1.0], "tokenset", "tiny-gpt2", "rotten-tomatoes", 2, 1, 0, out, max_tokens=16)
+        sweep_mod.sweep(
+            "clip",
+            [1.0],
+            "tokenset",
+            "tiny-gpt2",
+            "rotten-tomatoes",
+            2,
+            1,
+            0,
+            out,
+            max_tokens=16,
+            horizon=HorizonOptions(steps=0),
+        )
     assert not out.exists()  # an interrupted sweep does not read as a finished one
     kept = tmp_path / "sweep.incomplete"
     rows = json.loads((kept / "sweep.json").read_text())["rows"]
     assert [r["value"] for r in rows] == ["none"]
     assert "| none |" in (kept / "sweep.md").read_text()
     assert json.loads((kept / "status.json").read_text())["status"] == "incomplete"
+
+
+def test_cli_sweep_utility_steps_option_reaches_the_horizon(tmp_path):
+    """``leaklab gradient sweep --utility-steps 2``: the config records 2 rounds and every point has its loss."""
+    from typer.testing import CliRunner
+
+    from leaklab.cli.gradient import app
+
+    out = tmp_path / "s"
+    args = ["sweep", "--defense", "clip", "--values", "1", "--attack", "tokenset", "--model", "tiny-gpt2"]
+    res = CliRunner().invoke(
+        app,
+        [*args, "--batch-size", "2", "--batches", "1", "--max-tokens", "16", "--utility-steps", "2", "--out", str(out)],
+    )
+    assert res.exit_code == 0, res.output
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["config"]["horizon"]["steps"] == 2
+    assert all(r["horizon"]["steps"] == 2 and r["horizon"]["loss"] > 0 for r in saved["rows"])

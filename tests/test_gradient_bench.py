@@ -94,3 +94,43 @@ def test_attacks_run_one_at_a_time_are_merged_into_one_cell_each_with_its_commit
     bench.run_grid(tmp_path, attacks=["dager"], force=True, **(args | {"batches": 2}))  # other batches: replaced
     cell = json.loads(path.read_text())
     assert set(cell["attacks"]) == {"dager"} and cell["batches"] == 2
+
+
+def test_an_expensive_attack_runs_on_fewer_batches_of_a_stored_cell_and_keeps_its_own_count(tmp_path):
+    """dager on 2 batches, then somp on the first 1: merged into one cell (2 batches), somp records 1 and the
+    table says so; asking somp for 1 batch again skips the cell."""
+    args = dict(model="tiny-llama", regimes=["short"], batch_sizes=[1])
+    (path,) = bench.run_grid(tmp_path, attacks=["dager"], batches=2, **args)
+    (path2,) = bench.run_grid(tmp_path, attacks=["somp"], batches=1, **args)
+    cell = json.loads(path.read_text())
+    assert path2 == path and cell["batches"] == 2 and set(cell["attacks"]) == {"dager", "somp"}
+    assert bench.attack_batches(cell, "somp") == 1 and bench.attack_batches(cell, "dager") == 2
+    assert len(cell["attacks"]["somp"]["runs"]) == 1 and cell["attacks"]["somp"]["runs"][0]["seed"] == 0
+    assert bench.run_grid(tmp_path, attacks=["somp"], batches=1, **args) == []
+    table = bench.write_report(tmp_path).read_text()
+    assert "| short | 1 | somp | 1 |" in table and "| short | 1 | dager | 2 |" in table
+
+
+def test_baseline_target_compares_somp_on_the_baselines_own_batches():
+    """SOMP ≥ TAG/LAMP is judged on the batches the baselines ran on (the first n), by hand-made cells."""
+
+    def runs(*scores):
+        return [{"status": "recovered", "rouge1": s} for s in scores]
+
+    cell = {
+        "regime": {"name": "short"},
+        "batch_size": 2,
+        "batches": 3,
+        "attacks": {
+            "somp": {"runs": runs(0.5, 1.0, 0.0)},
+            "tag": {"batches": 1, "runs": runs(0.4)},
+            "lamp": {"batches": 2, "runs": [*runs(0.7), {"status": "no_signal", "rouge1": None}]},
+        },
+    }
+    line = bench.baseline_target([cell], "short", 2)
+    assert "reached" in line and "SOMP 0.500 vs tag 0.400 on 1 batch(es)" in line
+    assert "SOMP 0.750 vs lamp 0.700 on 2 batch(es)" in line  # lamp's no-signal batch is not a 0
+    cell["attacks"]["lamp"]["runs"][1] = {"status": "recovered", "rouge1": 1.0}
+    line = bench.baseline_target([cell], "short", 2)
+    assert "missed" in line and "SOMP 0.750 vs lamp 0.850 on 2 batch(es)" in line
+    assert bench.baseline_target([cell], "short", 4).endswith("not measured")

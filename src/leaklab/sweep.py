@@ -20,7 +20,7 @@ from rich.console import Console
 
 from leaklab.attacks.base import make_attack
 from leaklab.defenses import defended_update, make_defense
-from leaklab.defenses.utility import utility
+from leaklab.defenses.utility import HORIZON_SETTINGS, HorizonOptions, horizon_utility, utility
 from leaklab.errors import LeaklabError
 from leaklab.experiments.runner import attack_batch, outcome_summary, outcome_text
 from leaklab.io import atomic_write, atomic_write_json, atomic_write_text
@@ -102,14 +102,17 @@ def sweep(
     max_tokens: int = 32,
     utility_texts: int = 16,
     server_lr: float = 1e-3,
+    horizon: HorizonOptions | None = None,
     baseline: bool = True,
     console: Console | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Attack ROUGE-1 and utility for each ``values`` of the defense's strength parameter; writes the table,
     JSON and plot into ``out`` (an existing sweep there is replaced only with ``overwrite``) and returns the
-    results."""
+    results. ``horizon`` (default: 20 rounds; ``steps=0`` skips it) adds each point's validation loss after that
+    many consecutive defended updates (the same batches at every point; fedsgd and fedavg only)."""
     console = console or Console(stderr=True)
+    horizon = horizon or HorizonOptions(server_lr=server_lr, texts=utility_texts)
     ref = model if isinstance(model, ModelRef) else ModelRef(model)
     flags = flags or ThreatFlags()
     param = strength_param(defense, param)
@@ -141,6 +144,7 @@ def sweep(
         "min_tokens": min_tokens,
         "max_tokens": max_tokens,
         "utility": {"texts": utility_texts, "split": "public", "server_lr": server_lr},
+        "horizon": horizon.to_dict(),
     }
     load_model(ref)
     rows = []
@@ -180,7 +184,23 @@ def sweep(
                     }
                 )
                 bar.advance(task)
-            rows.append(_row(value, param, done))
+            row = _row(value, param, done)
+            if horizon.steps > 0 and setting in HORIZON_SETTINGS:
+                bar.update(task, description=f"{defense}={value}: utility over {horizon.steps} rounds")
+                row["horizon"] = horizon_utility(
+                    setting,
+                    ref,
+                    corpus,
+                    batch_size,
+                    seed,
+                    defs,
+                    horizon,
+                    min_tokens,
+                    max_tokens,
+                    flags,
+                    **(setting_options or {}),
+                )
+            rows.append(row)
             # every finished point is on disk at once: an interrupted sweep keeps it in <out>.incomplete/
             result = {"config": config, "rows": rows, "environment": environment()}
             write_outputs(run.path, result)
@@ -193,12 +213,13 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"# {cfg['defense']} sweep: {cfg['attack']} on {cfg['model']['name']} · {cfg['corpus']} · "
         f"{cfg['setting']} · B={cfg['batch_size']} · {cfg['batches']} batch(es)\n\n"
         f"Utility: validation loss on {cfg['utility']['texts']} public texts after the update "
-        f"(lower is better).\n\n"
+        f"(lower is better); *loss after N* is the validation loss after {cfg.get('horizon', {}).get('steps', 0)} "
+        "consecutive defended updates on the same batches at every point (– where not run).\n\n"
         "A batch the attack could not run on, or found no signal in, is counted in *outcome* and left out of "
         "the means; a value with no recovered batch reads n/a, never 0.\n\n"
         "*leak* is ROUGE-1 after matching for text attacks and the bag F1 for token-set attacks.\n\n"
         f"| {cfg['param'] or 'defense'} | ε | outcome | leak | ± | ROUGE-1 | ROUGE-2 | token F1 | bag F1 | "
-        "utility loss | Δ loss | accuracy | attack s | note |\n|" + "---|" * 14 + "\n"
+        "utility loss | Δ loss | loss after N | accuracy | attack s | note |\n|" + "---|" * 15 + "\n"
     )
     lines = []
     for r in result["rows"]:
@@ -208,7 +229,8 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"{_fmt(r['rouge1'])} | {_fmt(r['rouge2'])} | {_fmt(r['token_f1'])} | {_fmt(r['bag_f1'])} | "
             f"{r['utility_loss']:.4f} | "
             f"{r['utility_loss'] - r['utility_loss_before']:+.2e} | "
-            f"{_fmt(r['utility_accuracy'])} | {r['attack_seconds']:.1f} | {'; '.join(r['reasons'])} |"
+            f"{_fmt((r.get('horizon') or {}).get('loss'))} | {_fmt(r['utility_accuracy'])} | "
+            f"{r['attack_seconds']:.1f} | {'; '.join(r['reasons'])} |"
         )
     return head + "\n".join(lines) + "\n"
 

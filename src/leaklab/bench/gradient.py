@@ -122,31 +122,40 @@ def run_cell(
         "attack_options": options,
         "gradient_seconds": float(np.mean(grad_seconds)),
         "attacks": {
-            a: summarise_runs(runs) | {"git_commit": key["git_commit"], "runs": runs} for a, runs in per_attack.items()
+            a: summarise_runs(runs) | {"git_commit": key["git_commit"], "batches": batches, "runs": runs}
+            for a, runs in per_attack.items()
         },
         "environment": environment(),
         "git_commit": key["git_commit"],
     }
 
 
-SAME_BATCHES = ("model", "regime", "batch_size", "batches", "seed", "flags")
+SAME_BATCHES = ("model", "regime", "batch_size", "seed", "flags")
 
 
 def merge_cells(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """``new`` plus the attacks of ``old`` that ``new`` did not run, when both scored the same client updates
-    (same model, regime, B, batch count, seed and flags; else ``new`` alone). Every attack keeps the commit
-    that produced it, so attacks can be run (and rerun) one at a time on one cell."""
-    if any(_as_json(old.get(k)) != _as_json(new.get(k)) for k in SAME_BATCHES):
+    (same model, regime, B, seed and flags, and ``new`` ran at most ``old``'s batches: its batches are then the
+    first of ``old``'s; else ``new`` alone). Every attack keeps its commit and its own batch count, so attacks
+    can be run (and rerun) one at a time on one cell, an expensive one on fewer batches."""
+    if any(_as_json(old.get(k)) != _as_json(new.get(k)) for k in SAME_BATCHES) or new["batches"] > old["batches"]:
         return new
     kept = {a: s for a, s in old["attacks"].items() if a not in new["attacks"]}
     for s in kept.values():
         s.setdefault("git_commit", old.get("git_commit"))
+        s.setdefault("batches", old["batches"])
     opts = {a: o for a, o in old.get("attack_options", {}).items() if a in kept}
-    return new | {
+    base = new if new["batches"] == old["batches"] else old  # the cell's batches and gradient time: the most
+    return base | {
         "attacks": kept | new["attacks"],
         "attack_options": opts | new.get("attack_options", {}),
         "git_commit": new["git_commit"],
     }
+
+
+def attack_batches(cell: dict[str, Any], attack: str) -> int:
+    """Batches ``attack`` ran on in ``cell`` (its own count when it ran on fewer than the cell's)."""
+    return int(cell["attacks"][attack].get("batches", cell["batches"]))
 
 
 def _as_json(obj: Any) -> Any:
@@ -229,11 +238,11 @@ def run_grid(
             done = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
             todo = list(attacks)
             if done is not None and not force:
-                if set(attacks) <= set(done["attacks"]) and done["batches"] >= batches:
+                if all(a in done["attacks"] and attack_batches(done, a) >= batches for a in attacks):
                     console.print(f"[dim]skip {path.name} (done; --force to redo)[/]")
                     continue
-                if done["batches"] == batches:
-                    todo = [a for a in attacks if a not in done["attacks"]]  # add only the missing attacks
+                if done["batches"] >= batches:  # add only the missing attacks, on the first `batches` updates
+                    todo = [a for a in attacks if a not in done["attacks"] or attack_batches(done, a) < batches]
             partial = out_dir / "cells" / ".partial" / path.name
             cell = run_cell(model, REGIMES[r], b, todo, batches, seed, flags, console, partial, options)
             if done is not None:
@@ -262,7 +271,15 @@ def write_report(out_dir: Path, title: str = "Gradient inversion benchmark") -> 
             opts = c.get("attack_options", {}).get(a)
             label = f"{a} ({', '.join(f'{k}={v}' for k, v in sorted(opts.items()))})" if opts else a
             rows.append(
-                (c["regime"]["name"], c["batch_size"], label, c["batches"], s, c["gradient_seconds"], c["model"])
+                (
+                    c["regime"]["name"],
+                    c["batch_size"],
+                    label,
+                    attack_batches(c, a),
+                    s,
+                    c["gradient_seconds"],
+                    c["model"],
+                )
             )
     order = {n: i for i, n in enumerate(REGIMES)}
     rows.sort(key=lambda r: (r[6], order.get(r[0], 99), r[1], r[2]))
@@ -347,4 +364,36 @@ def check_targets(cells: list[dict[str, Any]]) -> list[str]:
         if all(_stat(cells, r, b, "somp", "rouge1") is not None for b in (4, 16))
     ]
     out.append(f"multilingual rows at B=4 and B=16: {len(langs)}/4 languages measured ({', '.join(langs) or 'none'})")
+    out += [baseline_target(cells, regime, b) for regime, b in BASELINE_CELLS]
     return out
+
+
+#: the cells where issue 25 asks for the optimisation baselines (TAG, LAMP) next to SOMP
+BASELINE_CELLS = (("short", 1), ("short", 2), ("short", 4), ("short", 8), ("long", 4))
+
+
+def same_batch_rouge1(cell: dict[str, Any], attack: str, n: int) -> float | None:
+    """Mean ROUGE-1 of ``attack`` over the first ``n`` batches of ``cell`` (recovered ones; None if none)."""
+    runs = cell["attacks"][attack]["runs"][:n]
+    vals = [r["rouge1"] for r in runs if r.get("status", "recovered") == "recovered" and r.get("rouge1") is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def baseline_target(cells: list[dict[str, Any]], regime: str, b: int) -> str:
+    """Issue 25: SOMP ≥ TAG and ≥ LAMP, on the batches the baselines ran on."""
+    cell = next((c for c in cells if c["regime"]["name"] == regime and c["batch_size"] == b), None)
+    name = f"B={b} {regime}: SOMP >= TAG and LAMP (same batches)"
+    if cell is None or "somp" not in cell["attacks"] or not {"tag", "lamp"} & set(cell["attacks"]):
+        return f"{name} — not measured"
+    parts, ok = [], True
+    for a in ("tag", "lamp"):
+        if a not in cell["attacks"]:
+            parts.append(f"{a} not measured")
+            ok = False
+            continue
+        n = attack_batches(cell, a)
+        mine, theirs = same_batch_rouge1(cell, "somp", n), same_batch_rouge1(cell, a, n)
+        ok = ok and mine is not None and (theirs is None or mine >= theirs)
+        shown = "n/a" if theirs is None else f"{theirs:.3f}"
+        parts.append(f"SOMP {'n/a' if mine is None else f'{mine:.3f}'} vs {a} {shown} on {n} batch(es)")
+    return f"{name} — {'reached' if ok else 'missed'} ({'; '.join(parts)})"

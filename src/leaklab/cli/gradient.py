@@ -312,10 +312,14 @@ def sweep_cmd(
     local_steps: Annotated[int, typer.Option(help="Local passes (with --lr).")] = 1,
     server_lr: Annotated[float, typer.Option(help="Step size applying a gradient for utility.")] = 1e-3,
     utility_texts: Annotated[int, typer.Option(help="Public texts scoring utility.")] = 16,
+    utility_steps: Annotated[
+        int, typer.Option(help="Rounds of defended updates before the horizon's validation loss (0: skip).")
+    ] = 20,
     out: Annotated[Path, typer.Option(help="Folder for sweep.json/.md/.png.")] = Path("sweep"),
     overwrite: common.OverwriteOpt = False,
 ) -> None:
     """Attack ROUGE-1 vs defense strength (and ε) vs utility; writes a table, JSON and a plot."""
+    from leaklab.defenses.utility import HorizonOptions
     from leaklab.sweep import sweep
     from leaklab.threat import ThreatFlags
     from leaklab.threat.settings import resolve_setting
@@ -344,6 +348,7 @@ def sweep_cmd(
         max_tokens=max_tokens,
         utility_texts=utility_texts,
         server_lr=server_lr,
+        horizon=HorizonOptions(steps=utility_steps, server_lr=server_lr, texts=utility_texts),
         console=console,
         overwrite=overwrite,
     )

@@ -5,16 +5,23 @@ The update moves the shared weights as the protocol does: θ ← θ − Δ for d
 sample of the corpus's *public* split (never the private texts): next-token loss, or loss and accuracy for
 classification; DPO loss and pairwise accuracy (margin > 0) for dpo; Bradley–Terry loss and pairwise
 accuracy (r_c > r_r) for reward models. Compare with and without a defense after the same local steps.
+
+One step hides what a defense costs over training: :func:`horizon_utility` applies ``steps`` consecutive
+(defended) FedSGD/FedAvg rounds, each computed at the weights the previous rounds left, on the private batches
+of seeds ``seed``, ``seed + 1``, … (the same batches with and without a defense), and scores the result.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from leaklab.core import Config, option
 from leaklab.corpora import load_corpus, sample_texts
 from leaklab.errors import LeaklabError
 from leaklab.models.registry import load_model
@@ -107,4 +114,77 @@ def utility(
         "split": "public",
         "applied": "theta - lr*g" if is_gradient(obs) else "theta - delta",
         "server_lr": server_lr if is_gradient(obs) else None,
+    }
+
+
+@dataclass(frozen=True)
+class HorizonOptions(Config):
+    """Utility over a training horizon: validation loss after ``steps`` rounds of the (defended) update."""
+
+    steps: int = option(20, "FedSGD/FedAvg rounds applied before the validation loss is taken (0: skip)")
+    server_lr: float = option(1e-3, "step size η of θ ← θ − η·g for a gradient update")
+    texts: int = option(16, "public texts scoring the validation loss")
+
+    def __post_init__(self) -> None:
+        self.require(positive=("server_lr", "texts"), non_negative=("steps",))
+
+
+#: settings whose client trains the memoised shared model itself (the horizon moves that model's weights)
+HORIZON_SETTINGS = ("fedsgd", "fedavg")
+
+
+def horizon_utility(
+    setting: str,
+    model: Any,
+    corpus: str,
+    batch_size: int,
+    seed: int,
+    defenses: Sequence[Any] = (),
+    opts: HorizonOptions | None = None,
+    min_tokens: int = 1,
+    max_tokens: int = 32,
+    flags: Any = None,
+    **setting_options: Any,
+) -> dict[str, Any]:
+    """Validation loss after ``opts.steps`` consecutive defended updates (batch seeds seed, seed + 1, …), each
+    computed at the weights the earlier ones left; the shared model's weights are restored afterwards."""
+    from leaklab.defenses.pipeline import defended_update
+
+    if setting not in HORIZON_SETTINGS:
+        raise LeaklabError(f"utility over a horizon runs on {' or '.join(HORIZON_SETTINGS)}, not '{setting}'")
+    opts = opts or HorizonOptions()
+
+    def update(step: int) -> Observation:
+        return defended_update(
+            setting, model, corpus, batch_size, seed + step, defenses, min_tokens, max_tokens, flags, **setting_options
+        )[0]
+
+    first = update(0)
+    shared = _shared_model(first.model, first.meta)
+    texts, labels = validation_texts(first, corpus, opts.texts, seed, 2, max_tokens)
+    params = dict(shared.named_parameters())
+    saved = {n: p.detach().clone() for n, p in params.items() if n in first.gradients}
+    before = evaluate(shared, first, texts, labels, seed)
+    scale = opts.server_lr if is_gradient(first) else 1.0
+    try:
+        for step in range(opts.steps):
+            obs = first if step == 0 else update(step)
+            with torch.no_grad():
+                for name, u in obs.gradients.items():
+                    params[name].sub_(scale * u.to(params[name].device, params[name].dtype))
+        shared.eval()
+        after = evaluate(shared, first, texts, labels, seed)
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+    return {
+        "steps": opts.steps,
+        "loss": after["loss"],
+        "accuracy": after["accuracy"],
+        "loss_before": before["loss"],
+        "eval_texts": opts.texts,
+        "split": "public",
+        "server_lr": opts.server_lr if is_gradient(first) else None,
+        "batch_seeds": list(range(seed, seed + opts.steps)),
     }

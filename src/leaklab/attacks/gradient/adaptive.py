@@ -15,6 +15,10 @@ Before SOMP runs, ``somp-adaptive`` restores that structure where the defense al
   group is underdetermined, recorded in ``info["adaptive"]`` (SOMP still runs on the completion). Only the two
   attention groups are completed (the exact regime reads only them; the MLP input group, read past the rank
   limit, stays as kept).
+* DP-SGD (per-sample clipping to C, then N(0, σ²C²) on the sum, divided by B): the noise on the shared mean
+  gradient is Gaussian with std σ·C/B per coordinate (σ = the recorded noise multiplier, B = the granted batch
+  size); the per-sample clipping only rescales each text's rows, which leaves their span unchanged. The same
+  known-σ projection as for Gaussian noise; without a granted B the step is skipped (recorded).
 * Clipping: span checks and OMP are scale-free; nothing to undo.
 
 Other defenses pass through unchanged (recorded). What was done is in ``info["adaptive"]``.
@@ -117,6 +121,19 @@ def _held_out_best(observed: torch.Tensor, kept: torch.Tensor, ranks: list[int],
     return min(errors, key=errors.get)
 
 
+def known_sigma(rec: dict[str, Any], batch_size: int | None) -> float | None:
+    """Per-coordinate std of the noise a defense record adds to the shared update (None: not a noise defense,
+    or DP-SGD without the batch size)."""
+    name = rec["name"]
+    if name == "gaussian":
+        return float(rec["std"])
+    if name == "laplace":
+        return math.sqrt(2) * float(rec["scale"])
+    if name == "dpsgd" and batch_size:
+        return float(rec["noise_multiplier"]) * float(rec["params"]["clip"]) / batch_size
+    return None
+
+
 def adapt(obs: Observation, margin: float, iters: int) -> tuple[Observation, dict[str, Any]]:
     """The update with each known defense's damage to the span groups undone where the structure allows."""
     loaded = load_model(obs.model)
@@ -125,14 +142,16 @@ def adapt(obs: Observation, margin: float, iters: int) -> tuple[Observation, dic
     done: list[dict[str, Any]] = []
     for rec in obs.defenses:
         name = rec["name"]
-        if name in ("gaussian", "laplace"):
-            sigma = float(rec["std"]) if name == "gaussian" else math.sqrt(2) * float(rec["scale"])
+        sigma = known_sigma(rec, obs.batch_size)
+        if sigma is not None:
             ranks = []
             for g in groups:
                 stack, k = project_known_noise(_stack(grads, g), sigma, margin)
                 _unstack(stack, grads, g)
                 ranks.append(k)
             done.append({"defense": name, "sigma": sigma, "kept_ranks": ranks})
+        elif name == "dpsgd":
+            done.append({"defense": name, "note": "batch size not granted: the noise's std is unknown, passed through"})
         elif name == "topk":
             done.append({"defense": name, **_complete(loaded, grads, groups, iters)})
         elif name == "clip":
