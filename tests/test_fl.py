@@ -102,6 +102,8 @@ def test_deferred_auditor_stores_updates_holds_none_and_attacks_them_from_their_
     texts, labels = private_batch(run.client_config(), 0, 1)
     reply, ids = train_locally(run.client_config(), auditor._sent[1], texts, labels, seed=0)
     auditor.secrets_dir.joinpath("round-001").mkdir(parents=True)
+    gc.collect()
+    before = [o for o in gc.get_objects() if isinstance(o, Observation)]  # other tests' cached ones, kept alive
     (auditor.secrets_dir / "round-001" / "node-3.json").write_text(
         json.dumps({"texts": texts, "token_ids": ids, "labels": labels}), encoding="utf-8"
     )
@@ -109,7 +111,7 @@ def test_deferred_auditor_stores_updates_holds_none_and_attacks_them_from_their_
     assert auditor.records == [] and auditor.pending == [(1, "node-3", tmp_path / "round-001" / "node-3.safetensors")]
     assert auditor.pending[0][2].exists()
     gc.collect()
-    assert not [o for o in gc.get_objects() if isinstance(o, Observation)]
+    assert not [o for o in gc.get_objects() if isinstance(o, Observation) and not any(o is b for b in before)]
     auditor.attack_stored()
     assert auditor.pending == [] and [r["target"] for r in auditor.records] == ["node-3"]
     assert auditor.records[0]["status"] == "recovered" and auditor.records[0]["aggregate"]["rouge1"] == 1.0
