@@ -11,9 +11,11 @@ the seeded head stays frozen as well (no ``modules_to_save``).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,6 +97,33 @@ def lora_model(ref: ModelRef, meta: dict[str, Any]) -> nn.Module:
     model.eval()
     _LORA[key] = model
     return model
+
+
+def merged_ref(ref: ModelRef, meta: dict[str, Any]) -> ModelRef:
+    """The model a LoRA update was computed on, W + (α/r)·B·A, as a ModelRef.
+
+    At the seeded init B = 0 and that is ``ref`` itself. In a later federated round (``meta["adapter_weights"]``)
+    the global B ≠ 0 changes every layer's attention, so the inputs of layer 1 on differ from the base model's:
+    a span attack must compute its candidates on this model. It is merged once and saved beside the adapter
+    file (a folder named by the file's content hash), like the auditor's per-round global models.
+    """
+    from leaklab.models.registry import _save_atomically
+
+    path = meta.get("adapter_weights")
+    if not path:
+        return ref
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    folder = (Path(path).parent / f"merged-{digest}").resolve()
+    if not (folder / "config.json").exists():
+        merged = copy.deepcopy(lora_model(ref, meta)).merge_and_unload()
+        tokenizer = load_model(ref).tokenizer
+
+        def write(tmp: Path) -> None:
+            merged.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+
+        _save_atomically(folder, write)
+    return ModelRef(str(folder), ref.task, ref.num_labels, ref.init_seed)
 
 
 def _load_adapter(model: nn.Module, path: str) -> None:

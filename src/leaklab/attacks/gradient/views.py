@@ -17,7 +17,13 @@ attention inputs. Each setting reaches that view differently (:func:`fedsgd_view
   its rows lie in span{A x_i} ⊂ R^r. With P = Aᵀ(AAᵀ)⁻¹A, G' = ∂L/∂B·(AAᵀ)⁻¹A = s·Δᵀ X P has row space
   span{P x_i}; adding an orthonormal basis N of null(A) gives span{P x_i} ⊕ null(A), and a candidate x is
   in it iff A x ∈ span{A x_i}: the unchanged span check is exact when the batch's token count n < r (the
-  rank is n + d − r < d), best effort (full rank) when n ≥ r. A is rebuilt from the seed in the meta.
+  rank is n + d − r < d), best effort (full rank) when n ≥ r. A is rebuilt from the seed in the meta (in a
+  later federated round, with B, from the global adapter file). The same holds in every round: with B ≠ 0,
+  ∂L/∂B = s·(∂L/∂W')·Aᵀ for the merged weight W' = W + s·B·A, so the view refers to the merged model
+  (:func:`leaklab.threat.lora.merged_ref`), whose layer-1 inputs are the ones the batch produced. (∂L/∂A =
+  s·Bᵀ(∂L/∂W') is then nonzero too; its rows lie in span{x_i} itself, but a delta of A, a tensor of
+  Kaiming-scale entries moved by η²-small steps, is mostly float32 round-off: not used.) Saturation is
+  read from the r leading singular values of G' (:func:`adapter_rank`).
 * dropout on (``flags.train_mode``): masks perturb the inputs, so span distances are approximate; the
   attacks' rankings still apply, their exact thresholds may not (recorded in the result's info).
 
@@ -68,14 +74,18 @@ def fedsgd_view(obs: Observation) -> tuple[Observation, dict[str, Any]]:
     per_seq = int(meta.get("sequences_per_pair", 1)) if setting in ("dpo", "reward") else 1
     batch = obs.batch_size * per_seq if obs.batch_size is not None else None
     info["sequences_per_pair"] = per_seq
+    model = obs.model
     if setting == "lora" or "lora" in meta:
+        from leaklab.threat.lora import merged_ref
+
         grads, lora_info = lora_pseudo_gradients(obs, grads, meta["lora"])
         info["lora"] = lora_info
+        model = merged_ref(obs.model, meta["lora"])
     if flags.train_mode:
         info["dropout"] = "on: span distances approximate"
     paired = per_seq != 1
     view = Observation(
-        model=obs.model,
+        model=model,
         setting="fedsgd",
         gradients=grads,
         flags=replace(
@@ -142,6 +152,7 @@ def lora_pseudo_gradients(
     adapted = dict(lora_model(obs.model, lora_meta).named_parameters())
     out: dict[str, torch.Tensor] = {}
     used = {}
+    ranks: dict[int, int] = {}
     saturated: list[int] = []
     for layer in SPAN_LAYERS:
         proj = loaded.adapter.projections[layer]
@@ -155,7 +166,8 @@ def lora_pseudo_gradients(
         key, a, grad_b, rows = pair
         a = a.detach().double()
         g = grad_b.double()[rows[0] : rows[1]] @ torch.linalg.solve(a @ a.T, a)  # s·Δᵀ X P (out x d)
-        if numerical_rank(torch.linalg.svdvals(g)) >= a.shape[0]:
+        ranks[layer] = adapter_rank(g, a.shape[0])
+        if ranks[layer] >= a.shape[0]:
             saturated.append(layer)
         _, _, vh = torch.linalg.svd(a, full_matrices=True)
         null = vh[a.shape[0] :]  # orthonormal basis of null(A), (d − r) x d
@@ -176,7 +188,16 @@ def lora_pseudo_gradients(
         log.warning(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
     info = {"r": int(lora_meta["r"]), "projection": used, "exact_if_tokens_below": int(lora_meta["r"])}
-    return out, {**info, "saturated_layers": saturated}
+    return out, {**info, "adapter_ranks": ranks, "saturated_layers": saturated}
+
+
+def adapter_rank(pseudo: torch.Tensor, r: int) -> int:
+    """Numerical rank of a LoRA pseudo-gradient G' = ∂L/∂B·(AAᵀ)⁻¹A (out x d), which has rank ≤ r by
+    construction: only its r leading singular values are read. Beyond r they are float64 round-off of exact
+    zeros (≈ 1e-16·σ₁), and their drop from the float32 round-off that the shared ∂L/∂B carries in the
+    directions of R^r no input spans (≈ 1e-8·σ₁) would always be the largest gap, so the rank would read r
+    (saturated) whenever out > r, whatever the batch's token count."""
+    return numerical_rank(torch.linalg.svdvals(pseudo)[:r])
 
 
 def _lora_pair(proj, adapted: dict[str, torch.nn.Parameter], grads: dict[str, torch.Tensor]):
