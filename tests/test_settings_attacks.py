@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from leaklab.attacks.base import make_attack, run_attack
-from leaklab.attacks.gradient.subspace import attention_subspace, span_distance
-from leaklab.attacks.gradient.views import fedsgd_view, lora_pseudo_gradients
+from leaklab.attacks.gradient.subspace import attention_subspace, numerical_rank, span_distance
+from leaklab.attacks.gradient.views import adapter_rank, fedsgd_view, lora_pseudo_gradients
 from leaklab.errors import LeaklabError
 from leaklab.metrics import score_batch
 from leaklab.models.registry import ModelRef, load_model
@@ -106,6 +106,82 @@ def test_lora_span_check_matches_brute_force():
         members = set(torch.nonzero(ids < 1e-3).flatten().tolist())
         assert inside <= members and len(members) < 40
     assert set(torch.nonzero(fast < 1e-3).flatten().tolist()) == set(torch.nonzero(slow < 1e-3).flatten().tolist())
+
+
+def _adapter_update(n: int, r: int, out: int = 128, d: int = 192, seed: int = 0) -> torch.Tensor:
+    """G' = ∂L/∂B·(AAᵀ)⁻¹A for ∂L/∂B = s·Σ δ_i (A x_i)ᵀ over n random inputs, shared in float32 with a
+    relative round-off of 1e-7 per entry added (the size a float32 delta carries)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(r, d, generator=gen, dtype=torch.float64) / d**0.5
+    x, delta = torch.randn(n, d, generator=gen, dtype=torch.float64), torch.randn(n, out, generator=gen).double()
+    grad_b = (2.0 * delta.T @ (x @ a.T)).float().double()
+    grad_b += 1e-7 * grad_b.abs() * torch.randn(grad_b.shape, generator=gen, dtype=torch.float64)
+    return grad_b @ torch.linalg.solve(a @ a.T, a)
+
+
+@pytest.mark.parametrize(("n", "r"), [(10, 32), (31, 32), (5, 8), (40, 32), (8, 8), (200, 64)])
+def test_adapter_rank_is_the_batch_rank_below_r_and_saturated_above(n, r):
+    """The rank test against the count it must find: n inputs give rank min(n, r) despite float32 round-off.
+    Reading the whole spectrum of the (out x d) pseudo-gradient instead gives r for every n (out > r): the
+    float64 zeros beyond r sit far below the round-off, and that drop is the largest."""
+    g = _adapter_update(n, r)
+    assert adapter_rank(g, r) == min(n, r)
+    assert numerical_rank(torch.linalg.svdvals(g)) == r
+
+
+def test_lora_later_round_view_is_the_merged_model_and_pseudo_gradient_is_its_projected_gradient(tmp_path):
+    """A later federated round (global B ≠ 0, from an adapter file): the view refers to the merged weights
+    W' = W + s·B·A, and its pseudo-gradient block equals the slow reference s·(∂L/∂W')·Aᵀ(AAᵀ)⁻¹A computed by
+    autograd on a plain copy of the model carrying W'. SOMP then recovers the batch; on the base model (the
+    view before) the layer-1 inputs differ and it did not."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    from leaklab.threat.local import TextObjective, text_batch
+    from leaklab.threat.lora import LoraSpec, lora_model, lora_update
+
+    ref, spec = ModelRef("tiny-llama"), LoraSpec(r=64, alpha=128)
+    loaded = load_model(ref)
+    init = lora_model(ref, spec.meta(loaded))
+    gen = torch.Generator().manual_seed(1)
+    adapter = {
+        n: (p.detach() if ".lora_A." in n else 0.02 * torch.randn(p.shape, generator=gen))
+        for n, p in init.named_parameters()
+        if "lora_" in n
+    }
+    save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp_path / "adapter.safetensors"))
+    texts = ["A witty, low-key romantic comedy.", "Cold, nervy and memorable."]
+    obs, sec = lora_update(ref, texts, spec=spec, adapter=str(tmp_path / "adapter.safetensors"))
+    view, info = fedsgd_view(obs)
+    assert info["lora"]["saturated_layers"] == [] and info["lora"]["adapter_ranks"][0] < 64
+
+    mod = "model.layers.0.self_attn.v_proj"
+    a = adapter[f"base_model.model.{mod}.lora_A.default.weight"].double()
+    reference = copy.deepcopy(loaded.model)
+    weights = dict(reference.named_parameters())
+    with torch.no_grad():
+        for layer in range(2):
+            for slot in "qkv":
+                m = f"model.layers.{layer}.self_attn.{slot}_proj"
+                la = adapter[f"base_model.model.{m}.lora_A.default.weight"]
+                lb = adapter[f"base_model.model.{m}.lora_B.default.weight"]
+                weights[f"{m}.weight"] += 2.0 * lb @ la
+    merged = dict(load_model(view.model).model.named_parameters())
+    assert torch.allclose(merged[f"{mod}.weight"], weights[f"{mod}.weight"], atol=1e-6)
+    batch, _, _ = text_batch(loaded, texts, None)
+    reference.zero_grad()
+    TextObjective(batch, "next-token").mean_loss(reference).backward()
+    grad_w = weights[f"{mod}.weight"].grad.double()
+    expected = 2.0 * grad_w @ a.T @ torch.linalg.solve(a @ a.T, a)
+    got = view.gradients[f"{mod}.weight"].double()
+    assert float((got - expected).norm() / expected.norm()) < 1e-4
+
+    _, s = _attack("somp", obs, sec)
+    assert s.rouge1 == 1.0
+    base_view = type(view)(obs.model, "fedsgd", view.gradients, view.flags, view.batch_size)
+    _, s_base = _attack("somp", base_view, sec)
+    assert s_base.rouge1 < 1.0
 
 
 def test_lora_without_early_layer_adapter_is_refused():

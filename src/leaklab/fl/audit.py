@@ -208,6 +208,7 @@ class Auditor:
         the attacks do not share memory with Flower's copies of every reply); a round's global model is dropped
         once its updates are attacked."""
         from leaklab.models.registry import unload
+        from leaklab.threat.lora import release as release_lora
         from leaklab.threat.store import load_secret, load_update
 
         self._sent, self._refs, self._model = {}, {}, None  # the federation's state: not needed by the attacks
@@ -218,6 +219,8 @@ class Auditor:
             last_of_round = i + 1 == len(pending) or pending[i + 1][0] != server_round
             if last_of_round and obs.model.name != self.run.model:
                 unload(obs.model)
+            if last_of_round and "lora" in obs.meta:
+                release_lora(obs.model, obs.meta["lora"])
 
     def _attack_this(self, server_round: int, who: str) -> bool:
         """Attack every aggregate (unless ``attack_aggregate`` is off), and the first ``attack_clients`` client

@@ -103,17 +103,15 @@ def merged_ref(ref: ModelRef, meta: dict[str, Any]) -> ModelRef:
     """The model a LoRA update was computed on, W + (α/r)·B·A, as a ModelRef.
 
     At the seeded init B = 0 and that is ``ref`` itself. In a later federated round (``meta["adapter_weights"]``)
-    the global B ≠ 0 changes every layer's attention, so the inputs of layer 1 on differ from the base model's:
+    the global B ≠ 0 changes every layer's attention, so the inputs of layer 1 onwards differ from the base model's:
     a span attack must compute its candidates on this model. It is merged once and saved beside the adapter
     file (a folder named by the file's content hash), like the auditor's per-round global models.
     """
     from leaklab.models.registry import _save_atomically
 
-    path = meta.get("adapter_weights")
-    if not path:
+    folder = _merged_folder(meta)
+    if folder is None:
         return ref
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    folder = (Path(path).parent / f"merged-{digest}").resolve()
     if not (folder / "config.json").exists():
         merged = copy.deepcopy(lora_model(ref, meta)).merge_and_unload()
         tokenizer = load_model(ref).tokenizer
@@ -124,6 +122,27 @@ def merged_ref(ref: ModelRef, meta: dict[str, Any]) -> ModelRef:
 
         _save_atomically(folder, write)
     return ModelRef(str(folder), ref.task, ref.num_labels, ref.init_seed)
+
+
+def _merged_folder(meta: dict[str, Any]) -> Path | None:
+    path = meta.get("adapter_weights")
+    if not path:
+        return None
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return (Path(path).parent / f"merged-{digest}").resolve()
+
+
+def release(ref: ModelRef, meta: dict[str, Any]) -> None:
+    """Forget the adapted and merged models built for a later federated round's LoRA update (its attacks done);
+    the seeded init (no adapter file) is the federation's shared model and stays."""
+    from leaklab.models.registry import unload
+
+    path = meta.get("adapter_weights")
+    if not path:
+        return
+    _LORA.pop((ref, json.dumps(meta, sort_keys=True)), None)
+    if Path(path).exists():
+        unload(ModelRef(str(_merged_folder(meta)), ref.task, ref.num_labels, ref.init_seed))
 
 
 def _load_adapter(model: nn.Module, path: str) -> None:
@@ -147,13 +166,16 @@ def lora_update(
     spec: LoraSpec | None = None,
     minibatch: int | None = None,
     hooks: Sequence[ClientHook] = (),
+    adapter: str | None = None,
 ) -> tuple[Observation, Secret]:
     """Adapter gradients (``flags.learning_rate`` None: FedSGD-style) or adapter deltas Δ = θ_0 − θ_k after
-    ``flags.local_steps`` SGD passes (FedAvg-style); every other weight stays frozen and unshared."""
+    ``flags.local_steps`` SGD passes (FedAvg-style); every other weight stays frozen and unshared. ``adapter``:
+    a safetensors file of global adapter weights to start from (a later federated round) instead of the seeded
+    init."""
     flags = flags or ThreatFlags()
     spec = spec or LoraSpec()
     loaded = load_model(model)
-    meta = spec.meta(loaded)
+    meta = spec.meta(loaded) | ({"adapter_weights": adapter} if adapter else {})
     adapted = lora_model(model, meta)
     batch, ids, labs = text_batch(loaded, texts, labels)
     grads, info = client_step(adapted, TextObjective(batch, model.task), hooks, flags, seed, minibatch)
