@@ -154,9 +154,9 @@ def test_simulation_captures_every_client_update_and_recovers_its_texts(fedsgd_r
 def test_secagg_plus_leaves_only_the_sum_which_is_attacked_as_one_batch(tmp_path):
     """Flower's SecAgg+ hides each client's update; the server's aggregate (the mean update of 4 clients × 2
     texts) is attacked as one batch of 8: SOMP recovers the 8 texts from it — which client held which is not
-    recovered. SecAgg+'s stochastic rounding (random per run) blurs the weakest signal, the LM-head rows that
-    give each text's last token: on most runs a few texts lose their last token (ROUGE-1 0.989; the plain
-    aggregate of the same run without SecAgg+ is exact). Bound: ROUGE-1 ≥ 0.95, every text ≥ 0.85, half exact."""
+    recovered. SecAgg+'s stochastic rounding (random per run) tilts the denoised span most along each text's
+    weakest input, its last one; the span checks' noise tolerance keeps it (in-process, seeded:
+    test_secagg_rounding_with_its_noise_recorded_keeps_every_last_token). Bound: ROUGE-1 1.0, 7 of 8 exact."""
     from leaklab.fl.simulate import simulate
 
     # quantisation fine enough (and weights unscaled) that SecAgg+ itself does not blur the update
@@ -166,11 +166,58 @@ def test_secagg_plus_leaves_only_the_sum_which_is_attacked_as_one_batch(tmp_path
     assert not list((tmp_path / "round-001").glob("node-*"))
     (record,) = summary["records"]
     assert record["target"] == "aggregate" and record["observation"]["batch_size"] == 8
-    assert record["status"] == "recovered" and record["aggregate"]["rouge1"] >= 0.95, record["aggregate"]
+    assert record["status"] == "recovered" and record["aggregate"]["rouge1"] == 1.0, record["aggregate"]
     assert len(record["recovered"]) == 8
-    assert all(p["rouge1"] >= 0.85 for p in record["pairs"]), record["pairs"]
-    assert sum(p["exact"] for p in record["pairs"]) >= 4, record["pairs"]
+    assert sum(p["exact"] for p in record["pairs"]) >= 7, record["pairs"]
     assert record["observation"]["meta"]["delta_noise_std"] > 0  # SecAgg+'s rounding, known to the server
+
+
+def test_secagg_rounding_with_its_noise_recorded_keeps_every_last_token(tmp_path):
+    """The test above without Flower's runtime and with its randomness seeded: the 4 clients' replies trained
+    in-process, their weights rounded by Flower's own SecAgg+ quantiser (q = 2^29, clipping range 8), and the
+    mean attacked as the auditor's aggregate, whose recorded rounding std makes the denoiser cut at the true
+    rank. With span thresholds at float32 exactness alone, this seed lost the final token of 2 of the 8 texts
+    (each text's last input token fell just outside the noisy span); with the noise tolerance all 8 are exact."""
+    import numpy as np
+    import torch
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    from leaklab.attacks.gradient.views import setting_view
+    from leaklab.fl import Auditor
+    from leaklab.fl.audit import attack_update
+    from leaklab.fl.client import private_batch, train_locally
+    from leaklab.fl.model import base_model, tensors_of
+    from leaklab.io import atomic_write_json
+    from leaklab.threat.store import load_secret, load_update
+
+    q, clip, clients = 2**29, 8.0, 4
+    run = FlRun(clients=clients, rounds=1, defense=f"secagg+:quantization_range={q},max_weight=2", **TINY)
+    sent = {n: v.detach().clone() for n, v in tensors_of(base_model(run.model, run.setting, run.lora_r)).items()}
+    cfg, names, total = (
+        run.client_config(),
+        list(sent),
+        {n: torch.zeros(sent[n].shape, dtype=torch.float64) for n in sent},
+    )
+    np.random.seed(0)  # Flower's stochastic rounding draws from numpy's global generator
+    for k in range(clients):
+        texts, labels = private_batch(cfg, k, 1)
+        new, ids = train_locally(cfg, {n: v.clone() for n, v in sent.items()}, texts, labels, seed=k)
+        arrays = [new[n].double().numpy() for n in names]  # max_weight = B = 2: weights unscaled
+        for n, a in zip(names, dequantize(quantize(arrays, clip, q), clip, q), strict=True):
+            total[n] += torch.from_numpy(a)
+        atomic_write_json(
+            tmp_path / "secrets" / "round-001" / f"node-{k}.json", {"texts": texts, "token_ids": ids, "labels": labels}
+        )
+    auditor = Auditor(run, tmp_path, attack=False)
+    auditor.sent(1, sent)
+    auditor.aggregate(1, {n: t / clients for n, t in total.items()}, [2] * clients, clients)
+    path = tmp_path / "round-001" / "aggregate.safetensors"
+    obs = load_update(path, check_model=False)
+    assert obs.meta["delta_noise_std"] > 0
+    _, info = setting_view(obs)
+    assert info["denoised_ranks"][0] < 64 and all(t > 1e-3 for t in info["span_tolerance"].values())
+    row = attack_update("somp", obs, load_secret(path, obs), run.options_of("somp"), 1, "aggregate")
+    assert row["status"] == "recovered" and [p["exact"] for p in row["pairs"]] == [True] * 8, row["pairs"]
 
 
 def test_deployment_on_loopback_captures_updates(tmp_path):

@@ -184,6 +184,25 @@ def test_lora_later_round_view_is_the_merged_model_and_pseudo_gradient_is_its_pr
     assert s_base.rouge1 < 1.0
 
 
+def test_span_tolerance_bounds_true_inputs_distance_from_a_noisy_span():
+    """The denoiser's tolerance against the slow truth: a rank-k stack (whitened: unit noise entries) with a
+    spread of signal strengths, cut at k; every true input's distance from the estimated span stays within
+    span_tolerance, which exceeds the float32 threshold 1e-3 here, while random inputs stay far outside."""
+    from leaklab.attacks.gradient.views import span_tolerance
+
+    gen = torch.Generator().manual_seed(0)
+    m, d, k = 600, 128, 40
+    u = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))[0]
+    signal = u @ torch.diag(torch.logspace(5, 3.6, k, dtype=torch.float64)) @ v.T
+    _, sv, vh = torch.linalg.svd(signal + torch.randn(m, d, generator=gen, dtype=torch.float64))
+    tol = span_tolerance(sv, k, d)
+    true_inputs = torch.cat([v.T, torch.randn(200, k, generator=gen, dtype=torch.float64) @ v.T])
+    assert float(span_distance(true_inputs, vh[:k]).max()) <= tol
+    assert 1e-3 < tol < 0.05
+    assert float(span_distance(torch.randn(200, d, generator=gen, dtype=torch.float64), vh[:k]).min()) > 10 * tol
+
+
 def test_lora_without_early_layer_adapter_is_refused():
     obs, _ = _update("tiny-llama", "lora", 1, ThreatFlags(), r=8)
     grads = {k: v for k, v in obs.gradients.items() if "layers.0." not in k}

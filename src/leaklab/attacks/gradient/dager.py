@@ -97,6 +97,9 @@ class SpanModel:
         self.device = self.adapter.device
         self.vocab = torch.arange(self.adapter.embeddings.num_embeddings, device=self.device)
         self._dist1: dict[int, torch.Tensor] = {}
+        #: per span layer, the distance a true input may have from a span estimated under a protocol's known
+        #: noise (:func:`leaklab.attacks.gradient.views.denoise_deltas`): the floor of the span thresholds
+        self.noise_tolerance: dict[int, float] = dict(obs.meta.get("span_tolerance", {}))
         #: Wᵀ p (float32) of the LM head's softmax after each prefix seen, shared by the last-token scores and
         #: SOMP's atoms (:func:`leaklab.attacks.gradient.dictionary.head_input_gradients`)
         self.head_means: dict[tuple[int, ...], torch.Tensor] = {}
@@ -125,13 +128,17 @@ class SpanModel:
             self._dist1[key] = token_distances(self.adapter, self.sub1, self.vocab, key)
         return self._dist1[key]
 
+    def tau(self, layer: int, tau: float) -> float:
+        """The span threshold of ``layer`` (0: layer 1, 1: layer 2): ``tau``, or the noise tolerance if larger."""
+        return max(tau, self.noise_tolerance.get(layer, 0.0))
+
     def candidates(self, position: int, tau: float, topk: int = 0) -> torch.Tensor:
-        """Token ids whose layer-1 distance at ``position`` is below ``tau`` (or the ``topk`` nearest),
-        nearest first."""
+        """Token ids whose layer-1 distance at ``position`` is below ``tau`` (at least the noise tolerance; or
+        the ``topk`` nearest), nearest first."""
         d = self.layer1_distances(position)
         if topk:
             return torch.topk(d, min(topk, d.numel()), largest=False).indices
-        ids = torch.nonzero(d < tau).flatten()
+        ids = torch.nonzero(d < self.tau(0, tau)).flatten()
         return ids[torch.argsort(d[ids])]
 
     def extension_distances(
@@ -185,7 +192,7 @@ def decoder_search(spans: SpanModel, opts: DagerOptions) -> list[Found]:
         if cand.numel() == 0:
             break
         dist, x = spans.extension_distances(frontier, cand, opts.chunk, previous)
-        keep = dist < opts.tau2
+        keep = dist < spans.tau(1, opts.tau2)
         log.debug("step %d: %d prefixes x %d candidates -> %d kept", p, len(frontier), len(cand), int(keep.sum()))
         for i in torch.nonzero(~keep.any(dim=1)).flatten().tolist():
             if p > 0:
@@ -288,7 +295,7 @@ def encoder_search(spans: SpanModel, n_sentences: int, opts: DagerOptions) -> li
         )
         for seq, score in _score_sentences(spans, seqs, opts.chunk):
             if seq not in found or found[seq].score > score:
-                found[seq] = Found(list(seq), score, exact=score < opts.tau2)
+                found[seq] = Found(list(seq), score, exact=score < spans.tau(1, opts.tau2))
     return sorted(found.values(), key=lambda f: f.score)
 
 

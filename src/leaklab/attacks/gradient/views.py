@@ -69,7 +69,9 @@ def fedsgd_view(obs: Observation) -> tuple[Observation, dict[str, Any]]:
         scale = flags.learning_rate * flags.local_steps
         grads = {k: v / scale for k, v in grads.items()}
         info["delta_rescale"] = 1.0 / scale
-        info["denoised_ranks"] = denoise_deltas(obs, grads, scale)
+        info["denoised_ranks"], tolerance = denoise_deltas(obs, grads, scale)
+        if tolerance:
+            info["span_tolerance"] = tolerance
         info["approximate"] = flags.local_steps > 1
     per_seq = int(meta.get("sequences_per_pair", 1)) if setting in ("dpo", "reward") else 1
     batch = obs.batch_size * per_seq if obs.batch_size is not None else None
@@ -99,12 +101,20 @@ def fedsgd_view(obs: Observation) -> tuple[Observation, dict[str, Any]]:
         batch_size=batch,
         labels=None if paired else obs.labels,
         lengths=None if paired else obs.lengths,
-        meta={k: v for k, v in obs.meta.items() if k == "defenses"},
+        meta={k: v for k, v in obs.meta.items() if k == "defenses"}
+        | ({"span_tolerance": info["span_tolerance"]} if "span_tolerance" in info else {}),
     )
     return view, info
 
 
-def denoise_deltas(obs: Observation, grads: dict[str, torch.Tensor], scale: float) -> dict[int, int]:
+#: a true input's distance to the denoised span is about √(d − k)/s_k (see :func:`denoise_deltas`); the span
+#: checks accept up to this many times that
+SPAN_NOISE_FACTOR = 2.0
+
+
+def denoise_deltas(
+    obs: Observation, grads: dict[str, torch.Tensor], scale: float
+) -> tuple[dict[int, int], dict[int, float]]:
     """Truncate each span layer's rescaled (Q, K, V) deltas jointly at the float32 round-off of θ_k = θ₀ − Δ.
 
     Δ/(kη) carries the rounding error of storing θ_k: entries of std σ ≈ ulp(θ_k)/(√12·kη), a dense full-rank
@@ -113,11 +123,19 @@ def denoise_deltas(obs: Observation, grads: dict[str, torch.Tensor], scale: floa
     onto them (rank per layer returned). Without this a small learning rate makes every delta full rank. A
     protocol that adds known noise to Δ (SecAgg+'s stochastic quantisation) records its std per entry in
     ``meta["delta_noise_std"]``; it adds to σ.
+
+    The cut span is the true one only up to the noise: a kept direction of (whitened) singular value s_j is
+    tilted out of the true span by ≈ ‖P⊥Eᵀu_j‖/s_j ≈ √(d − k)/s_j (E the whitened noise, unit entries, in the
+    d − k discarded dimensions), so a true input x lies at distance ≈ √(d − k)·(Σ_j (x·v_j)²/s_j²)^½ ≤
+    √(d − k)/s_k from it. Where that exceeds the span checks' float32 thresholds (a protocol's noise, not
+    round-off), the batch's weakest input (a text's last input token, whose only loss term predicts the final
+    token) is rejected and the text decoded one token short; the second dict returns, per layer, the
+    tolerance :data:`SPAN_NOISE_FACTOR`·√(d − k)/s_k that the span checks then use as their floor.
     """
     loaded = load_model(obs.model)
     params = dict(loaded.model.named_parameters())
     floor = float(obs.meta.get("delta_noise_std", 0.0)) / scale  # a protocol's known noise (SecAgg+ rounding)
-    ranks = {}
+    ranks, tolerance = {}, {}
     for layer in SPAN_LAYERS:
         names = [p.param for _, p in loaded.adapter.projections[layer]]
         names = [n for i, n in enumerate(names) if n in grads and n in params and n not in names[:i]]
@@ -139,7 +157,15 @@ def denoise_deltas(obs: Observation, grads: dict[str, torch.Tensor], scale: floa
             g = grads[n].double()
             grads[n] = ((g.t() @ proj).t() if transposed[n] else g @ proj).float()
         ranks[layer] = k
-    return ranks
+        if 0 < k < stack.shape[1]:
+            tolerance[layer] = span_tolerance(sv, k, stack.shape[1])
+    return ranks, tolerance
+
+
+def span_tolerance(singular_values: torch.Tensor, k: int, d: int) -> float:
+    """:data:`SPAN_NOISE_FACTOR`·√(d − k)/s_k: how far a true input may lie from the rank-``k`` span of a
+    (M x d) matrix whose noise has unit entries (singular values descending; see :func:`denoise_deltas`)."""
+    return SPAN_NOISE_FACTOR * (d - k) ** 0.5 / float(singular_values[k - 1])
 
 
 def lora_pseudo_gradients(
