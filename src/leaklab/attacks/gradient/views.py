@@ -110,6 +110,9 @@ def fedsgd_view(obs: Observation) -> tuple[Observation, dict[str, Any]]:
 #: a true input's distance to the denoised span is about √(d − k)/s_k (see :func:`denoise_deltas`); the span
 #: checks accept up to this many times that
 SPAN_NOISE_FACTOR = 2.0
+#: the largest tolerance granted: a random input lies at ≈ 0.7 from a span of half the dimensions, so a noisier
+#: span no longer separates the batch's inputs and the checks stay at their own thresholds
+SPAN_TOLERANCE_MAX = 0.05
 
 
 def denoise_deltas(
@@ -129,8 +132,11 @@ def denoise_deltas(
     d − k discarded dimensions), so a true input x lies at distance ≈ √(d − k)·(Σ_j (x·v_j)²/s_j²)^½ ≤
     √(d − k)/s_k from it. Where that exceeds the span checks' float32 thresholds (a protocol's noise, not
     round-off), the batch's weakest input (a text's last input token, whose only loss term predicts the final
-    token) is rejected and the text decoded one token short; the second dict returns, per layer, the
-    tolerance :data:`SPAN_NOISE_FACTOR`·√(d − k)/s_k that the span checks then use as their floor.
+    token) is rejected and the text decoded one token short; with such a recorded noise the second dict
+    returns, per layer, the tolerance :data:`SPAN_NOISE_FACTOR`·√(d − k)/s_k that the span checks then use as
+    their floor, unless above :data:`SPAN_TOLERANCE_MAX`. (Without a recorded noise it stays empty: several
+    local steps make Δ only approximately low-rank, and the weak drift directions kept would loosen the checks
+    for nothing.)
     """
     loaded = load_model(obs.model)
     params = dict(loaded.model.named_parameters())
@@ -157,8 +163,9 @@ def denoise_deltas(
             g = grads[n].double()
             grads[n] = ((g.t() @ proj).t() if transposed[n] else g @ proj).float()
         ranks[layer] = k
-        if 0 < k < stack.shape[1]:
-            tolerance[layer] = span_tolerance(sv, k, stack.shape[1])
+        tol = span_tolerance(sv, k, stack.shape[1]) if 0 < k < stack.shape[1] else 0.0
+        if floor > 0 and tol <= SPAN_TOLERANCE_MAX:  # round-off alone: the span checks' own thresholds allow for it
+            tolerance[layer] = tol
     return ranks, tolerance
 
 
