@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from leaklab.errors import LeaklabError, UnknownNameError
+from leaklab.io import cache_dir
 from leaklab.models.registry import LoadedModel, ModelRef, load_model
 from leaklab.threat.local import ClientHook, TextObjective, client_step, package, text_batch
 from leaklab.threat.observation import Observation, Secret, ThreatFlags
@@ -105,7 +107,8 @@ def merged_ref(ref: ModelRef, meta: dict[str, Any]) -> ModelRef:
     At the seeded init B = 0 and that is ``ref`` itself. In a later federated round (``meta["adapter_weights"]``)
     the global B ≠ 0 changes every layer's attention, so the inputs of layer 1 onwards differ from the base model's:
     a span attack must compute its candidates on this model. It is merged once and saved beside the adapter
-    file (a folder named by the file's content hash), like the auditor's per-round global models.
+    file (a folder named by the file's content hash), like the auditor's per-round global models, or in leaklab's
+    cache where that folder is read-only.
     """
     from leaklab.models.registry import _save_atomically
 
@@ -125,11 +128,15 @@ def merged_ref(ref: ModelRef, meta: dict[str, Any]) -> ModelRef:
 
 
 def _merged_folder(meta: dict[str, Any]) -> Path | None:
+    """Beside the adapter file, or in leaklab's cache where that folder is read-only."""
     path = meta.get("adapter_weights")
     if not path:
         return None
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    return (Path(path).parent / f"merged-{digest}").resolve()
+    folder = Path(path).resolve().parent
+    if os.access(folder, os.W_OK):
+        return folder / f"merged-{digest}"
+    return cache_dir() / "models" / f"lora-merged-{digest}"
 
 
 def release(ref: ModelRef, meta: dict[str, Any]) -> None:
