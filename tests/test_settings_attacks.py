@@ -203,6 +203,31 @@ def test_span_tolerance_bounds_true_inputs_distance_from_a_noisy_span():
     assert float(span_distance(torch.randn(200, d, generator=gen, dtype=torch.float64), vh[:k]).min()) > 10 * tol
 
 
+def test_lora_final_tokens_are_chosen_by_the_update_among_guesses(monkeypatch):
+    """A LoRA update carries no output-embedding gradient, so the span attacks' texts end one token short;
+    the completion picks, per text, the guess whose batch gradient reproduces the update. With the guess lists
+    forced (tiny-llama's random LM guesses nothing): the true final token among 7 decoys is chosen for every
+    text that has it, and the text whose list lacks it keeps its recovered tokens."""
+    from leaklab.attacks.base import Recovery
+    from leaklab.attacks.gradient import views
+
+    obs, sec = _update("tiny-llama", "lora", 3, ThreatFlags(learning_rate=0.01), r=64)
+    true = [list(t) for t in sec.token_ids]
+    prefixes = [t[:-1] for t in true]
+    decoys = {i: [(t[-1] + 101 * (j + 1)) % 49152 for j in range(7)] for i, t in enumerate(true)}
+
+    def guesses(loaded, ids, k):
+        i = prefixes.index(ids)
+        return decoys[i] if i == 2 else decoys[i][:3] + [true[i][-1]] + decoys[i][3:]
+
+    monkeypatch.setattr(views, "lm_guesses", guesses)
+    rec = Recovery([""] * 3, [list(p) for p in prefixes])
+    info = views.fedsgd_view(obs)[1]
+    done = views.complete_lora_final_tokens(obs, rec, info)
+    assert done.token_ids == [true[0], true[1], prefixes[2]]
+    assert info["lora_final_tokens"]["appended"] == 2
+
+
 def test_lora_without_early_layer_adapter_is_refused():
     obs, _ = _update("tiny-llama", "lora", 1, ThreatFlags(), r=8)
     grads = {k: v for k, v in obs.gradients.items() if "layers.0." not in k}

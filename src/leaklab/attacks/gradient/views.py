@@ -278,12 +278,120 @@ def setting_view(obs: Observation) -> tuple[Observation, dict[str, Any]]:
 
 
 def after_view(obs: Observation, rec: Recovery, info: dict[str, Any]) -> Recovery:
-    """Setting-specific clean-up of a recovery: shuffle-paired preference data keeps one text per pair."""
+    """Setting-specific clean-up of a recovery: shuffle-paired preference data keeps one text per pair; LoRA
+    texts get their final token (:func:`complete_lora_final_tokens`)."""
     meta = obs.meta.get("inner_meta", obs.meta)
     if rec.kind == "texts" and info["sequences_per_pair"] > 1 and meta.get("pairing") == "shuffle" and rec.token_ids:
         rec = keep_fluent_of_permutations(obs, rec)
         info["kept_of_permutation_groups"] = len(rec.texts)
+    if rec.kind == "texts" and rec.token_ids and "lora" in info and not info["lora"]["saturated_layers"]:
+        rec = complete_lora_final_tokens(obs, rec, info)
     return rec
+
+
+#: the public LM's next-token guesses tried per text, at most this many texts, and the evidence (see
+#: :func:`_best_guess`) a guess needs to be appended
+LORA_FINAL_TOP, LORA_FINAL_MAX_TEXTS, LORA_FINAL_EVIDENCE = 8, 16, 0.8
+
+
+def complete_lora_final_tokens(obs: Observation, rec: Recovery, info: dict[str, Any]) -> Recovery:
+    """Append each recovered text's final token from a LoRA update.
+
+    A text's final token is only a prediction target: the span attacks read it from the output-embedding
+    gradient, which a LoRA update does not carry, so their texts end one token short. It still shapes the
+    update: it sets the loss gradient at the text's last input position, which flows into every attention
+    weight. Each text's summed-loss gradient of the layer-0/1 adapted projections (on the merged model,
+    projected like the update: G·P, P = Aᵀ(AAᵀ)⁻¹A) is computed once per guess among the public LM's
+    :data:`LORA_FINAL_TOP` next tokens; the batch's gradient is their sum, so choices are compared against the
+    observed pseudo-gradient at no further cost, by the relative residual after the best scale (the recovered
+    batch may differ from the true one). Coordinate passes set each text's guess with the others at theirs; a
+    guess is appended when its evidence over the runner-up (:func:`_best_guess`) reaches
+    :data:`LORA_FINAL_EVIDENCE`, else the text keeps its recovered tokens (the LM did not guess its final
+    token). Next-token task; at most :data:`LORA_FINAL_MAX_TEXTS` texts (one forward/backward pass per text and
+    guess)."""
+    from leaklab.threat.lora import lora_model, merged_ref
+
+    lmeta = obs.meta.get("lora") or obs.meta.get("inner_meta", {}).get("lora")
+    ids = [list(t) for t in rec.token_ids or []]
+    if obs.model.task != "next-token" or not ids or len(ids) > LORA_FINAL_MAX_TEXTS or min(map(len, ids)) == 0:
+        return rec
+    loaded = load_model(merged_ref(obs.model, lmeta))
+    adapted = dict(lora_model(obs.model, lmeta).named_parameters())
+    targets, observed = _lora_final_targets(loaded, adapted, obs.gradients)
+    guesses, atoms = [], []  # per text: the LM's guesses and the projected gradient with each appended
+    for t in ids:
+        top = lm_guesses(loaded, t, LORA_FINAL_TOP)
+        guesses.append(top)
+        atoms.append(torch.stack([_projected_gradient(loaded, targets, t + [y]) for y in top]))
+
+    def fit(choice: list[int]) -> tuple[torch.Tensor, float]:
+        """The residual of the batch's gradient after its best scale, and that scale."""
+        v = sum(atoms[i][c] for i, c in enumerate(choice))
+        scale = float(v @ observed) / max(float(v @ v), 1e-300)
+        return observed - scale * v, scale
+
+    choice, evidence = [0] * len(ids), [0.0] * len(ids)
+    for _ in range(2):
+        for i in range(len(ids)):
+            choice[i], evidence[i] = _best_guess(atoms[i], choice, i, fit)
+    appended = [e >= LORA_FINAL_EVIDENCE for e in evidence]
+    out = [t + [g[c]] if ok else t for t, g, c, ok in zip(ids, guesses, choice, appended, strict=True)]
+    info["lora_final_tokens"] = {
+        "appended": sum(appended),
+        "texts": len(ids),
+        "guesses_per_text": LORA_FINAL_TOP,
+        "residual": float(fit(choice)[0].norm() / observed.norm()),
+    }
+    return replace(rec, texts=[loaded.decode(t) for t in out], token_ids=out)
+
+
+def _best_guess(atoms: torch.Tensor, choice: list[int], i: int, fit) -> tuple[int, float]:
+    """Text ``i``'s best guess (the others fixed) and the evidence for it over the runner-up: the drop in squared
+    residual from runner-up to best as a share of their own difference ‖c·(v_r − v_b)‖² (c the fitted scale).
+    It is ≈ 1 when the best guess is the text's final token, whatever the other texts' errors add (they are
+    nearly orthogonal to that difference), and near 0 or below when neither guess is."""
+    trials = sorted((float(fit([*choice[:i], k, *choice[i + 1 :]])[0].pow(2).sum()), k) for k in range(len(atoms)))
+    if len(trials) < 2:
+        return trials[0][1], 0.0
+    (best, b), (runner, r) = trials[0], trials[1]
+    scale = fit([*choice[:i], b, *choice[i + 1 :]])[1]
+    gap = float((scale * (atoms[r] - atoms[b])).pow(2).sum())
+    return b, (runner - best) / max(gap, 1e-300)
+
+
+@torch.no_grad()
+def lm_guesses(loaded, ids: list[int], k: int) -> list[int]:
+    """The public LM's ``k`` most likely next tokens after ``ids``."""
+    logits = loaded.model(input_ids=torch.tensor([ids], device=loaded.device)).logits[0, -1]
+    return torch.topk(logits, k).indices.tolist()
+
+
+def _lora_final_targets(loaded, adapted, grads: dict[str, torch.Tensor]) -> tuple[list[tuple], torch.Tensor]:
+    """Per span layer (base parameter, output rows, transposed, P) of its adapted projection, and the observed
+    pseudo-gradients ∂L/∂B·(AAᵀ)⁻¹A flattened into one vector."""
+    targets, observed = [], []
+    for layer in SPAN_LAYERS:
+        proj = loaded.adapter.projections[layer]
+        key, a, grad_b, rows = _lora_pair(proj, adapted, grads)
+        a = a.detach().double()
+        solve = torch.linalg.solve(a @ a.T, a)
+        p = getattr(proj, key)
+        targets.append((p.param, rows, p.transposed, a.T @ solve))
+        observed.append((grad_b.double()[rows[0] : rows[1]] @ solve).flatten())
+    return targets, torch.cat(observed)
+
+
+def _projected_gradient(loaded, targets: list[tuple], ids: list[int]) -> torch.Tensor:
+    """G·P of one text's summed next-token loss for each target projection, flattened."""
+    params = dict(loaded.model.named_parameters())
+    x = torch.tensor([ids], device=loaded.device)
+    loss = loaded.model(input_ids=x, labels=x).loss * (len(ids) - 1)
+    grads = torch.autograd.grad(loss, [params[t[0]] for t in targets])
+    parts = []
+    for (_, rows, transposed, proj), g in zip(targets, grads, strict=True):
+        g = (g.t() if transposed else g).double()[rows[0] : rows[1]]  # noqa: PLW2901
+        parts.append((g @ proj).flatten().cpu())
+    return torch.cat(parts)
 
 
 def keep_fluent_of_permutations(obs: Observation, rec: Recovery, overlap: float = 0.6) -> Recovery:
