@@ -135,9 +135,11 @@ def test_lora_later_round_view_is_the_merged_model_and_pseudo_gradient_is_its_pr
     autograd on a plain copy of the model carrying W'. SOMP then recovers the batch; on the base model (the
     view before) the layer-1 inputs differ and it did not."""
     import copy
+    from pathlib import Path
 
     from safetensors.torch import save_file
 
+    from leaklab.models.registry import unload
     from leaklab.threat.local import TextObjective, text_batch
     from leaklab.threat.lora import LoraSpec, lora_model, lora_update
 
@@ -177,6 +179,9 @@ def test_lora_later_round_view_is_the_merged_model_and_pseudo_gradient_is_its_pr
     got = view.gradients[f"{mod}.weight"].double()
     assert float((got - expected).norm() / expected.norm()) < 1e-4
 
+    for weights_file in Path(view.model.name).glob("*.safetensors"):  # pruned (as fl_bench does): merged again
+        weights_file.unlink()
+    unload(view.model)
     _, s = _attack("somp", obs, sec)
     assert s.rouge1 == 1.0
     base_view = type(view)(obs.model, "fedsgd", view.gradients, view.flags, view.batch_size)

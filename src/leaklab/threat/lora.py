@@ -110,12 +110,12 @@ def merged_ref(ref: ModelRef, meta: dict[str, Any]) -> ModelRef:
     file (a folder named by the file's content hash), like the auditor's per-round global models, or in leaklab's
     cache where that folder is read-only.
     """
-    from leaklab.models.registry import _save_atomically
+    from leaklab.models.registry import _has_checkpoint, _save_atomically
 
     folder = _merged_folder(meta)
     if folder is None:
         return ref
-    if not (folder / "config.json").exists():
+    if not _has_checkpoint(folder):  # a folder whose weights were pruned is written again
         merged = copy.deepcopy(lora_model(ref, meta)).merge_and_unload()
         tokenizer = load_model(ref).tokenizer
 
