@@ -95,6 +95,11 @@ class SompOptions(SpanOptions):
     max_atoms: int = option(1024, "largest OMP dictionary")
     best_effort_atoms: bool = option(True, "full-rank regime: DAGER's best-effort texts are dictionary atoms too")
     pool: str = option("output", "full-rank regime: how the token pool is ranked: output, span or headwise")
+    refine_rounds: int = option(
+        0, "full-rank regime: rounds of residual-verified edits of OMP's chosen texts (extend, cut, re-end); 0 = off"
+    )
+    refine_width: int = option(4, "residual-verified edits: next tokens tried per source (span check, prior)")
+    refine_budget_s: float = option(300.0, "residual-verified edits: time limit, seconds")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,7 +107,15 @@ class SompOptions(SpanOptions):
             raise UnknownNameError("somp pool", self.pool, list(POOLS))
         self.require(
             positive=("beam", "max_atoms", "shortlist", "starts_factor"),
-            non_negative=("rank_cut", "last_alternatives", "branch_second", "whiten", "omp_tol"),
+            non_negative=(
+                "rank_cut",
+                "last_alternatives",
+                "branch_second",
+                "whiten",
+                "omp_tol",
+                "refine_rounds",
+                "refine_width",
+            ),
         )
 
 
@@ -489,6 +502,61 @@ def span_beam_decode(
         if evidence is not None:
             evidence.select(torch.tensor(parents, device=dev), torch.tensor(columns, device=dev))
     return done
+
+
+class TextEdits:
+    """The edits of a chosen text that :func:`leaklab.attacks.gradient.refine.refine_texts` scores by the
+    residual: the text extended by each of its best next tokens, cut by its last token, and its last token
+    replaced by each of the best tokens after the rest. Best next tokens: the ``width`` best by the layer-1 MLP
+    input check's robust z over the token set and the ``width`` most likely under the model's own prior."""
+
+    def __init__(self, spans: SpanModel, tokens: torch.Tensor, opts: SompOptions) -> None:
+        self.checks = FullRankChecks(spans, tokens, opts.rank_cut)
+        self.model = spans.loaded.model
+        self.tokens = tokens
+        self.width = min(opts.refine_width, tokens.numel())
+        self.chunk = opts.chunk
+        self.device = spans.device
+
+    @torch.no_grad()
+    def next_tokens(self, prefix: list[int]) -> list[int]:
+        seq = torch.tensor([prefix], device=self.device)
+        z = robust_z(self.checks.cheap(seq, self.chunk).masked_fill(_loops(seq, self.tokens), 0.0))[0]
+        logp = self.model(seq).logits[0, -1, self.tokens]
+        picks = torch.cat([torch.topk(z, self.width).indices, torch.topk(logp, self.width).indices])
+        return list(dict.fromkeys(self.tokens[picks].tolist()))
+
+    def __call__(self, text: list[int]) -> list[list[int]]:
+        out = [text + [v] for v in self.next_tokens(text)]
+        if len(text) > 2:
+            out.append(text[:-1])
+            out += [text[:-1] + [v] for v in self.next_tokens(text[:-1])]
+        return out
+
+
+def residual_refine(
+    spans: SpanModel, tokens: torch.Tensor, texts: list[list[int]], opts: SompOptions
+) -> tuple[list[list[int]], list[float]]:
+    """OMP's chosen texts after ``refine_rounds`` rounds of residual-verified edits (:class:`TextEdits`,
+    :func:`leaklab.attacks.gradient.refine.refine_texts`) on the OMP dictionary's coordinates; returns the
+    texts and the relative residual before and after each round."""
+    import time
+
+    from leaklab.attacks.gradient.refine import refine_texts
+
+    loaded = spans.loaded
+    index = sketch_index(spans.obs, signal_params(loaded))
+    target = observed_vector(spans.obs, index, spans.device)
+
+    def gradients(batch: list[list[int]]) -> torch.Tensor:
+        return sentence_gradients(loaded, batch, None, index, head_means=spans.head_means)
+
+    deadline = time.perf_counter() + opts.refine_budget_s
+    edits = TextEdits(spans, tokens, opts)
+    out, _, history = refine_texts(
+        texts, gradients(texts), target, edits, gradients, rounds=opts.refine_rounds, deadline=deadline
+    )
+    return out, history
 
 
 def dedupe(found: list[Found]) -> list[Found]:

@@ -1,0 +1,60 @@
+"""Residual-verified refinement of chosen texts: the replacement residual against an explicit least-squares
+refit, and the coordinate descent on a real (tiny-llama) gradient."""
+
+import torch
+
+from leaklab.attacks.gradient.dictionary import observed_vector, sentence_gradients, signal_params, sketch_index
+from leaklab.attacks.gradient.refine import fit_residual, refine_texts, replacement_residuals
+from leaklab.models import ModelRef, load_model
+from leaklab.threat import client_update
+
+
+def explicit_residual(atoms: torch.Tensor, target: torch.Tensor) -> float:
+    coef = torch.linalg.lstsq(atoms.double().T, target.double().unsqueeze(1), driver="gelsd").solution
+    return float((target.double() - atoms.double().T @ coef.squeeze(1)).norm() / target.double().norm())
+
+
+def test_replacement_residuals_equal_an_explicit_least_squares_refit():
+    gen = torch.Generator().manual_seed(0)
+    atoms = torch.randn(6, 200, generator=gen, dtype=torch.float64)
+    atoms[4] = atoms[1] * 2.0  # a rank-deficient dictionary (near-duplicate texts)
+    target = atoms[:3].sum(0) + 0.3 * torch.randn(200, generator=gen, dtype=torch.float64)
+    cands = torch.randn(5, 200, generator=gen, dtype=torch.float64)
+    cands[2] = atoms[0] + atoms[2]  # lies in the span of the others: explains nothing new
+    for slot in (0, 3, 5, 6):  # slot 6 = k: the candidate is added
+        got = replacement_residuals(atoms, target, slot, cands)
+        for j in range(cands.shape[0]):
+            rows = torch.cat([atoms[:slot], cands[j : j + 1], atoms[slot + 1 :]])
+            assert abs(float(got[j]) - explicit_residual(rows, target)) < 1e-9
+    assert abs(fit_residual(atoms, target) - explicit_residual(atoms, target)) < 1e-9
+
+
+def test_residual_verified_edits_complete_a_cut_text_and_fix_a_last_token():
+    """On a real tiny-llama update, two chosen texts are wrong — one cut three tokens short, one with a wrong
+    last token — among offered edits that include the right ones and random ones: the refinement reaches the
+    private texts and a residual near zero, and leaves the right texts alone."""
+    ref = ModelRef("tiny-llama")
+    obs, secret = client_update(ref, "rotten-tomatoes", 3, 1, 8, 14)
+    loaded = load_model(ref)
+    truth = [list(t) for t in secret.token_ids]
+    index = sketch_index(obs, signal_params(loaded))
+    target = observed_vector(obs, index, loaded.device)
+    vocab = loaded.adapter.embeddings.num_embeddings
+    gen = torch.Generator().manual_seed(1)
+    wrong_last = (truth[1][-1] + 7) % vocab
+    chosen = [truth[0][:-3], truth[1][:-1] + [wrong_last], truth[2]]
+
+    def edits(text: list[int]) -> list[list[int]]:
+        noise = torch.randint(0, vocab, (3,), generator=gen).tolist()
+        nxt = [t[len(text)] for t in truth if t[: len(text)] == text and len(t) > len(text)]
+        ends = [t[len(text) - 1] for t in truth if t[: len(text) - 1] == text[:-1]]
+        return [text + [v] for v in nxt + noise] + [text[:-1] + [v] for v in ends + noise] + [text[:-1]]
+
+    def gradients(batch: list[list[int]]) -> torch.Tensor:
+        return sentence_gradients(loaded, batch, None, index)
+
+    start = gradients(chosen)
+    texts, atoms, history = refine_texts(chosen, start, target, edits, gradients, rounds=6)
+    assert texts == truth
+    assert history[0] > 0.05 and history[-1] < 1e-3
+    assert abs(history[-1] - explicit_residual(atoms, target)) < 1e-6
