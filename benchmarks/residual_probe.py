@@ -16,6 +16,7 @@ import pickle
 import time
 from pathlib import Path
 
+import torch
 from probe_setup import probe_parser, probe_update
 
 from leaklab.attacks.gradient.dager import (
@@ -25,9 +26,12 @@ from leaklab.attacks.gradient.dager import (
     best_effort_decoder,
     complete_last_tokens,
 )
+from leaklab.attacks.gradient.dictionary import observed_vector, sentence_gradients, signal_params, sketch_index
+from leaklab.attacks.gradient.refine import KfacAtoms, replacement_residuals
 from leaklab.attacks.gradient.somp import (
     SompAttack,
     SompOptions,
+    TextEdits,
     dedupe,
     residual_refine,
     select_by_omp,
@@ -71,11 +75,65 @@ def print_score(label: str, chosen: list[list[int]], truth: list[list[int]], tok
     print(f"{label}: ROUGE-1 {sc.rouge1:.3f} ROUGE-2 {sc.rouge2:.3f} exact {sc.exact_rate:.3f}")
 
 
+def residual_space(spans: SpanModel, metric: str, layers: str):
+    """(gradients of texts, target) on the OMP dictionary's sketch (``metric`` euclid) or whitened in the K-FAC
+    metric over every coordinate of the attention projections of ``layers`` (e.g. "0,1")."""
+    if metric == "kfac":
+        params = signal_params(spans.loaded, tuple(int(x) for x in layers.split(",")))
+        space = KfacAtoms(spans.loaded, params)
+        return space, space.whiten({p: spans.obs.gradients[p] for p in params})
+    index = sketch_index(spans.obs, signal_params(spans.loaded))
+
+    def gradients(batch: list[list[int]]) -> torch.Tensor:
+        return sentence_gradients(spans.loaded, batch, None, index, head_means=spans.head_means)
+
+    return gradients, observed_vector(spans.obs, index, spans.device)
+
+
+def teacher_forced(
+    spans: SpanModel, attack: SompAttack, chosen: list[list[int]], truth: list[list[int]], metric: str, layers: str
+) -> None:
+    """Per chosen text, its correct part (up to where it leaves the closest private text) stands in its slot,
+    the other slots as OMP chose them: is the true next token, among the edit shortlist, the one whose
+    extension lowers the residual most? Also: the true text cut back (slot's text = correct part) vs the text
+    as chosen (does cutting the wrong tail lower the residual)."""
+    gradients, target = residual_space(spans, metric, layers)
+    edits = TextEdits(spans, attack.token_set(spans), attack.opts)
+    atoms = gradients(chosen)
+    firsts, listed, cut_better, cases = 0, 0, 0, 0
+    start = time.perf_counter()
+    for slot, c in enumerate(chosen):
+        best = max(truth, key=lambda t: (common_prefix(c, t), -abs(len(t) - len(c))))
+        k = common_prefix(c, best)
+        if k < 2 or k >= len(best):
+            continue
+        base = best[:k]
+        short = edits.next_tokens(base)
+        cands = [base + [v] for v in dict.fromkeys([best[k], *short])]
+        res = replacement_residuals(atoms, target, slot, gradients([c, base, *cands]))
+        cases += 1
+        listed += best[k] in short
+        firsts += int(res[2:].argmin()) == 0
+        cut_better += float(res[1]) < float(res[0])
+        rank = int((res[2:] < res[2]).sum())
+        print(
+            f"  slot {slot:2d} k {k:2d}: chosen {res[0]:.4f} cut {res[1]:.4f} true {res[2]:.4f} rank {rank} "
+            f"of {len(cands)} (in shortlist {best[k] in short}) best other {res[3:].min():.4f}"
+        )
+    print(
+        f"teacher-forced over {cases} slots: true next first {firsts}, in shortlist {listed}, "
+        f"cut lowers residual {cut_better}; {time.perf_counter() - start:.0f} s"
+    )
+
+
 def main() -> None:
     ap = probe_parser(__doc__, regime="short", batch_size=32, seed=1)
     ap.add_argument("--budget", type=float, default=300.0)
     ap.add_argument("--cache", default="/tmp/residual_probe")
     ap.add_argument("--refine", action="store_true")
+    ap.add_argument("--teacher", action="store_true", help="teacher-forced: rank of the true next token")
+    ap.add_argument("--metric", default="euclid", choices=["euclid", "kfac"])
+    ap.add_argument("--layers", default="0,1", help="kfac: attention layers whose projections are compared")
     ap.add_argument("--opt", action="append", default=[], help="a SOMP option, key=value (repeatable)")
     args = ap.parse_args()
     obs, secret = probe_update(args)
@@ -101,6 +159,8 @@ def main() -> None:
     print_score("SOMP", chosen, truth, tok)
     in_dict = sum(any(f.ids == t for f in state["found"]) for t in truth)
     print(f"true texts in the dictionary: {in_dict}/{len(truth)}")
+    if args.teacher:
+        teacher_forced(spans, attack, chosen, truth, args.metric, args.layers)
     if not args.refine:
         return
     tokens = attack.token_set(spans)

@@ -4,9 +4,9 @@ refit, and the coordinate descent on a real (tiny-llama) gradient."""
 import torch
 
 from leaklab.attacks.gradient.dictionary import observed_vector, sentence_gradients, signal_params, sketch_index
-from leaklab.attacks.gradient.refine import fit_residual, refine_texts, replacement_residuals
+from leaklab.attacks.gradient.refine import KfacAtoms, fit_residual, refine_texts, replacement_residuals
 from leaklab.models import ModelRef, load_model
-from leaklab.threat import client_update
+from leaklab.threat import client_update, fedsgd_update
 
 
 def explicit_residual(atoms: torch.Tensor, target: torch.Tensor) -> float:
@@ -58,3 +58,24 @@ def test_residual_verified_edits_complete_a_cut_text_and_fix_a_last_token():
     assert texts == truth
     assert history[0] > 0.05 and history[-1] < 1e-3
     assert abs(history[-1] - explicit_residual(atoms, target)) < 1e-6
+
+
+def test_kfac_atoms_sum_to_the_whitened_observed_gradient_and_match_the_kfac_inner_product():
+    """The whitened atoms of a batch's texts add up (÷ its target count) to the whitened observed gradient, and
+    their Euclidean inner products are the K-FAC inner products tr(gᵀ S⁻¹ h A⁻¹) of the raw gradients."""
+    from leaklab.attacks.gradient.prefix import KfacMetric
+
+    loaded = load_model("tiny-llama")
+    texts = ["The movie was a total waste of time.", "A gorgeous, witty and moving film."]
+    obs, secret = fedsgd_update(ModelRef("tiny-llama"), texts)
+    params = signal_params(loaded)
+    space = KfacAtoms(loaded, params, ridge=1e-2, samples=4, length=16)
+    atoms = space([list(t) for t in secret.token_ids])
+    n_targets = sum(len(t) - 1 for t in secret.token_ids)
+    target = space.whiten({p: obs.gradients[p] for p in params})
+    assert float((atoms.sum(0) / n_targets - target).norm() / target.norm()) < 1e-5
+    inv = {n: (a @ a).float() for n, a in space.a.items()}, {n: (s @ s).float() for n, s in space.s.items()}
+    metric = KfacMetric(*inv)
+    raw = {p: obs.gradients[p].double() for p in params}
+    want = sum(metric.inner(p.rsplit(".", 1)[0], raw[p], raw[p]) for p in params)
+    assert abs(float(target @ target) / want - 1) < 1e-3

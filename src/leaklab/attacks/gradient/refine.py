@@ -96,3 +96,54 @@ def refine_texts(
             break
         active = changed
     return texts, atoms, history
+
+
+def ridged_inverse_sqrt(second: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(M + ridge × its top eigenvalue)^(−1/2) of a second-moment matrix (float64)."""
+    evals, evecs = torch.linalg.eigh(second.double())
+    evals = evals.clamp_min(0) + ridge * float(evals.max())
+    return (evecs / evals.sqrt()) @ evecs.T
+
+
+class KfacAtoms:
+    """Texts' weight gradients on ``params`` (linear layers' ``.weight``), whitened as S^(−1/2) g A^(−1/2) with A
+    and S the second moments of each layer's inputs and output gradients on text the model samples itself (a
+    K-FAC metric, as in :mod:`leaklab.attacks.gradient.prefix`), flattened: Euclidean least squares on these
+    vectors is least squares in the K-FAC metric. The per-position terms of all texts share a few strong
+    directions, which otherwise decide every inner product with the observed gradient."""
+
+    def __init__(self, loaded, params: list[str], ridge: float = 1e-2, samples: int = 16, length: int = 64) -> None:
+        from leaklab.attacks.gradient.prefix import loss_terms, second_moments
+        from leaklab.attacks.gradient.somp import model_samples
+
+        self.loaded = loaded
+        self.params = params
+        self.modules = {p.rsplit(".", 1)[0]: loaded.model.get_submodule(p.rsplit(".", 1)[0]) for p in params}
+        ids = model_samples(loaded, samples, length, seed=0)
+        xx, dd = second_moments(loss_terms(loaded, self.modules, ids, torch.ones_like(ids, dtype=torch.bool)))
+        self.a = {n: ridged_inverse_sqrt(m, ridge) for n, m in xx.items()}
+        self.s = {n: ridged_inverse_sqrt(m, ridge) for n, m in dd.items()}
+
+    def whiten(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(dim,) the whitened, flattened weight gradients (``grads`` by parameter name, (out, in) each)."""
+        return torch.cat([(self.s[n] @ grads[n + ".weight"].double() @ self.a[n]).flatten() for n in self.modules])
+
+    def __call__(self, texts: list[list[int]], batch: int = 8) -> torch.Tensor:
+        """(n, dim) each text's summed next-token-loss gradient, whitened."""
+        from leaklab.attacks.gradient.prefix import loss_terms
+
+        rows = []
+        pad = self.loaded.tokenizer.pad_token_id or 0
+        for s in range(0, len(texts), batch):
+            part = texts[s : s + batch]
+            width = max(len(t) for t in part)
+            ids = torch.full((len(part), width), pad, dtype=torch.long, device=self.loaded.device)
+            mask = torch.zeros_like(ids)
+            for i, t in enumerate(part):
+                ids[i, : len(t)] = torch.tensor(t, device=ids.device)
+                mask[i, : len(t)] = 1
+            terms = loss_terms(self.loaded, self.modules, ids, mask.bool(), mask)
+            for i in range(len(part)):
+                g = {n + ".weight": terms.delta[n][i].double().T @ terms.x[n][i].double() for n in self.modules}
+                rows.append(self.whiten(g))
+        return torch.stack(rows)
