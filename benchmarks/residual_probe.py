@@ -90,13 +90,27 @@ def residual_space(spans: SpanModel, metric: str, layers: str):
     return gradients, observed_vector(spans.obs, index, spans.device)
 
 
+def greedy(edits: TextEdits, text: list[int], steps: int) -> list[int]:
+    """``text`` grown ``steps`` tokens by the span check's best next token."""
+    for _ in range(steps):
+        text = text + [edits.next_tokens(text)[0]]
+    return text
+
+
 def teacher_forced(
-    spans: SpanModel, attack: SompAttack, chosen: list[list[int]], truth: list[list[int]], metric: str, layers: str
+    spans: SpanModel,
+    attack: SompAttack,
+    chosen: list[list[int]],
+    truth: list[list[int]],
+    metric: str,
+    layers: str,
+    lookahead: int = 1,
 ) -> None:
     """Per chosen text, its correct part (up to where it leaves the closest private text) stands in its slot,
     the other slots as OMP chose them: is the true next token, among the edit shortlist, the one whose
     extension lowers the residual most? Also: the true text cut back (slot's text = correct part) vs the text
-    as chosen (does cutting the wrong tail lower the residual)."""
+    as chosen (does cutting the wrong tail lower the residual). With ``lookahead`` L > 1 every candidate token is
+    followed by L − 1 tokens of greedy span-check decoding (the true token too), and the first token is judged."""
     gradients, target = residual_space(spans, metric, layers)
     edits = TextEdits(spans, attack.token_set(spans), attack.opts)
     atoms = gradients(chosen)
@@ -109,7 +123,7 @@ def teacher_forced(
             continue
         base = best[:k]
         short = edits.next_tokens(base)
-        cands = [base + [v] for v in dict.fromkeys([best[k], *short])]
+        cands = [greedy(edits, base + [v], lookahead - 1) for v in dict.fromkeys([best[k], *short])]
         res = replacement_residuals(atoms, target, slot, gradients([c, base, *cands]))
         cases += 1
         listed += best[k] in short
@@ -133,6 +147,7 @@ def main() -> None:
     ap.add_argument("--refine", action="store_true")
     ap.add_argument("--teacher", action="store_true", help="teacher-forced: rank of the true next token")
     ap.add_argument("--metric", default="euclid", choices=["euclid", "kfac"])
+    ap.add_argument("--lookahead", type=int, default=1, help="teacher: tokens per candidate (greedy after the 1st)")
     ap.add_argument("--layers", default="0,1", help="kfac: attention layers whose projections are compared")
     ap.add_argument("--opt", action="append", default=[], help="a SOMP option, key=value (repeatable)")
     args = ap.parse_args()
@@ -160,7 +175,7 @@ def main() -> None:
     in_dict = sum(any(f.ids == t for f in state["found"]) for t in truth)
     print(f"true texts in the dictionary: {in_dict}/{len(truth)}")
     if args.teacher:
-        teacher_forced(spans, attack, chosen, truth, args.metric, args.layers)
+        teacher_forced(spans, attack, chosen, truth, args.metric, args.layers, args.lookahead)
     if not args.refine:
         return
     tokens = attack.token_set(spans)

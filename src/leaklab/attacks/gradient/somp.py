@@ -95,6 +95,11 @@ class SompOptions(SpanOptions):
     max_atoms: int = option(1024, "largest OMP dictionary")
     best_effort_atoms: bool = option(True, "full-rank regime: DAGER's best-effort texts are dictionary atoms too")
     pool: str = option("output", "full-rank regime: how the token pool is ranked: output, span or headwise")
+    exact_evidence: bool = option(
+        False,
+        "layer-1-exact full-rank regime: rank extensions by the span z + the prior + the output-gradient filter "
+        "(as in the pool regime), texts still ended by the outlier test",
+    )
     refine_rounds: int = option(
         0, "full-rank regime: rounds of residual-verified edits of OMP's chosen texts (extend, cut, re-end); 0 = off"
     )
@@ -424,8 +429,8 @@ def span_beam_decode(
     import time
 
     checks = FullRankChecks(spans, tokens, opts.rank_cut)
-    use_prior = prior and (opts.lm_weight > 0 or opts.out_weight > 0)
-    ends = sentence_final(spans.loaded, tokens) if use_prior else None
+    use_prior = (prior or opts.exact_evidence) and (opts.lm_weight > 0 or opts.out_weight > 0)
+    ends = sentence_final(spans.loaded, tokens) if prior else None
     evidence = NextTokenEvidence(spans, tokens, explain=opts.explain, whiten=opts.whiten) if use_prior else None
     dev = spans.device
     empty = torch.zeros(1, 0, dtype=torch.long, device=dev)
@@ -465,7 +470,7 @@ def span_beam_decode(
         rank = torch.argsort(both, dim=1)
         z_short = z.gather(1, short.gather(1, rank))  # robust z of the shortlist, best (by both checks) first
         last_step = time.perf_counter() > t_end or p == limit
-        if use_prior:
+        if ends is not None:
             emit = ends[short.gather(1, rank)[:, 0]] | last_step
             stop = torch.full_like(emit, last_step)
         else:
