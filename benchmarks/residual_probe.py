@@ -90,13 +90,6 @@ def residual_space(spans: SpanModel, metric: str, layers: str):
     return gradients, observed_vector(spans.obs, index, spans.device)
 
 
-def greedy(edits: TextEdits, text: list[int], steps: int) -> list[int]:
-    """``text`` grown ``steps`` tokens by the span check's best next token."""
-    for _ in range(steps):
-        text = text + [edits.next_tokens(text)[0]]
-    return text
-
-
 def teacher_forced(
     spans: SpanModel,
     attack: SompAttack,
@@ -123,7 +116,7 @@ def teacher_forced(
             continue
         base = best[:k]
         short = edits.next_tokens(base)
-        cands = [greedy(edits, base + [v], lookahead - 1) for v in dict.fromkeys([best[k], *short])]
+        cands = [edits.greedy(base + [v], lookahead - 1) for v in dict.fromkeys([best[k], *short])]
         res = replacement_residuals(atoms, target, slot, gradients([c, base, *cands]))
         cases += 1
         listed += best[k] in short

@@ -95,15 +95,14 @@ class SompOptions(SpanOptions):
     max_atoms: int = option(1024, "largest OMP dictionary")
     best_effort_atoms: bool = option(True, "full-rank regime: DAGER's best-effort texts are dictionary atoms too")
     pool: str = option("output", "full-rank regime: how the token pool is ranked: output, span or headwise")
-    exact_evidence: bool = option(
-        False,
-        "layer-1-exact full-rank regime: rank extensions by the span z + the prior + the output-gradient filter "
-        "(as in the pool regime), texts still ended by the outlier test",
-    )
     refine_rounds: int = option(
         0, "full-rank regime: rounds of residual-verified edits of OMP's chosen texts (extend, cut, re-end); 0 = off"
     )
     refine_width: int = option(4, "residual-verified edits: next tokens tried per source (span check, prior)")
+    refine_lookahead: int = option(
+        4, "residual-verified edits: tokens per continuation (the first tried, the rest greedy by the span check)"
+    )
+    refine_back: int = option(2, "residual-verified edits: tokens a text may be cut back before it is continued")
     refine_budget_s: float = option(300.0, "residual-verified edits: time limit, seconds")
 
     def __post_init__(self) -> None:
@@ -111,7 +110,7 @@ class SompOptions(SpanOptions):
         if self.pool not in POOLS:
             raise UnknownNameError("somp pool", self.pool, list(POOLS))
         self.require(
-            positive=("beam", "max_atoms", "shortlist", "starts_factor"),
+            positive=("beam", "max_atoms", "shortlist", "starts_factor", "refine_lookahead"),
             non_negative=(
                 "rank_cut",
                 "last_alternatives",
@@ -120,6 +119,7 @@ class SompOptions(SpanOptions):
                 "omp_tol",
                 "refine_rounds",
                 "refine_width",
+                "refine_back",
             ),
         )
 
@@ -429,8 +429,8 @@ def span_beam_decode(
     import time
 
     checks = FullRankChecks(spans, tokens, opts.rank_cut)
-    use_prior = (prior or opts.exact_evidence) and (opts.lm_weight > 0 or opts.out_weight > 0)
-    ends = sentence_final(spans.loaded, tokens) if prior else None
+    use_prior = prior and (opts.lm_weight > 0 or opts.out_weight > 0)
+    ends = sentence_final(spans.loaded, tokens) if use_prior else None
     evidence = NextTokenEvidence(spans, tokens, explain=opts.explain, whiten=opts.whiten) if use_prior else None
     dev = spans.device
     empty = torch.zeros(1, 0, dtype=torch.long, device=dev)
@@ -511,31 +511,48 @@ def span_beam_decode(
 
 class TextEdits:
     """The edits of a chosen text that :func:`leaklab.attacks.gradient.refine.refine_texts` scores by the
-    residual: the text extended by each of its best next tokens, cut by its last token, and its last token
-    replaced by each of the best tokens after the rest. Best next tokens: the ``width`` best by the layer-1 MLP
-    input check's robust z over the token set and the ``width`` most likely under the model's own prior."""
+    residual: the text cut back by 0 to ``refine_back`` tokens, then continued by each of the base's best next
+    tokens followed by ``refine_lookahead`` − 1 tokens of greedy span-check decoding (a continuation of several
+    tokens is told from a wrong one by the residual far more often than a single token: analysis.md, session
+    17), plus the bare cuts. Best next tokens: the ``refine_width`` best by the layer-1 MLP input check's robust z
+    over the token set and the ``refine_width`` most likely under the model's own prior."""
 
     def __init__(self, spans: SpanModel, tokens: torch.Tensor, opts: SompOptions) -> None:
         self.checks = FullRankChecks(spans, tokens, opts.rank_cut)
         self.model = spans.loaded.model
         self.tokens = tokens
         self.width = min(opts.refine_width, tokens.numel())
+        self.lookahead = opts.refine_lookahead
+        self.back = opts.refine_back
         self.chunk = opts.chunk
         self.device = spans.device
 
+    def _span_z(self, prefix: list[int]) -> torch.Tensor:
+        seq = torch.tensor([prefix], device=self.device)
+        return robust_z(self.checks.cheap(seq, self.chunk).masked_fill(_loops(seq, self.tokens), 0.0))[0]
+
     @torch.no_grad()
     def next_tokens(self, prefix: list[int]) -> list[int]:
-        seq = torch.tensor([prefix], device=self.device)
-        z = robust_z(self.checks.cheap(seq, self.chunk).masked_fill(_loops(seq, self.tokens), 0.0))[0]
-        logp = self.model(seq).logits[0, -1, self.tokens]
+        """The base's best next tokens by the span check, then by the prior (duplicates dropped)."""
+        z = self._span_z(prefix)
+        logp = self.model(torch.tensor([prefix], device=self.device)).logits[0, -1, self.tokens]
         picks = torch.cat([torch.topk(z, self.width).indices, torch.topk(logp, self.width).indices])
         return list(dict.fromkeys(self.tokens[picks].tolist()))
 
+    @torch.no_grad()
+    def greedy(self, text: list[int], steps: int) -> list[int]:
+        """``text`` grown ``steps`` tokens, each the span check's best next token."""
+        for _ in range(steps):
+            text = text + [int(self.tokens[self._span_z(text).argmax()])]
+        return text
+
     def __call__(self, text: list[int]) -> list[list[int]]:
-        out = [text + [v] for v in self.next_tokens(text)]
-        if len(text) > 2:
-            out.append(text[:-1])
-            out += [text[:-1] + [v] for v in self.next_tokens(text[:-1])]
+        out: list[list[int]] = []
+        for cut in range(min(self.back, len(text) - 2) + 1):
+            base = text[: len(text) - cut]
+            if cut:
+                out.append(base)
+            out += [self.greedy(base + [v], self.lookahead - 1) for v in self.next_tokens(base)]
         return out
 
 
