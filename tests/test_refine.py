@@ -1,6 +1,8 @@
 """Residual-verified refinement of chosen texts: the replacement residual against an explicit least-squares
 refit, and the coordinate descent on a real (tiny-llama) gradient."""
 
+from itertools import pairwise
+
 import torch
 
 from leaklab.attacks.gradient.dictionary import observed_vector, sentence_gradients, signal_params, sketch_index
@@ -79,3 +81,30 @@ def test_kfac_atoms_sum_to_the_whitened_observed_gradient_and_match_the_kfac_inn
     raw = {p: obs.gradients[p].double() for p in params}
     want = sum(metric.inner(p.rsplit(".", 1)[0], raw[p], raw[p]) for p in params)
     assert abs(float(target @ target) / want - 1) < 1e-3
+
+
+def test_somp_with_residual_verified_edits_never_raises_the_residual_and_edits_are_well_formed():
+    """Full-rank tiny-llama update (T > d): with ``refine_rounds`` SOMP records the residual after each round,
+    which never rises; each edit is a cut of at most ``refine_back`` tokens, or a base continued by exactly
+    ``refine_lookahead`` tokens."""
+    import pytest
+
+    from leaklab.attacks.base import make_attack, run_attack
+    from leaklab.attacks.gradient.dager import SpanModel
+    from leaklab.attacks.gradient.somp import SompAttack, SompOptions, TextEdits
+
+    obs, _ = client_update(ModelRef("tiny-llama"), "rotten-tomatoes", 9, 1, 6, 20)
+    with pytest.warns(RuntimeWarning, match="full rank"):
+        rec = run_attack(make_attack("somp", refine_rounds=2, refine_budget_s=60), obs)
+    history = rec.info["refine_residual"]
+    assert len(history) >= 2 and all(b <= a + 1e-9 for a, b in pairwise(history))
+    spans = SpanModel(obs)
+    opts = SompOptions(refine_lookahead=3, refine_back=2)
+    text = rec.token_ids[0]
+    edits = TextEdits(spans, SompAttack(opts).token_set(spans), opts)(text)
+    cuts = [e for e in edits if len(e) < len(text)]
+    assert cuts == [text[:-1], text[:-2]]
+    for e in edits:
+        if len(e) >= len(text):
+            base = len(e) - 3
+            assert len(text) - 2 <= base <= len(text) and e[:base] == text[:base]

@@ -739,6 +739,10 @@ class SompAttack:
         info["candidates"] = len(found)
         chosen, omp_info = select_by_omp(spans, found, n_known, self.opts)
         chosen, omp_info = self.rechoose_last_tokens(spans, chosen, omp_info)
+        if self.opts.refine_rounds > 0 and spans.causal and spans.full_rank and spans.next_token and chosen:
+            texts, history = residual_refine(spans, tokens, [f.ids for f in chosen], self.opts)
+            chosen = [Found(t, f.score, exact=False) for t, f in zip(texts, chosen, strict=True)]
+            omp_info["refine_residual"] = history
         info.update(omp_info)
         info["batch_size_estimate"] = n_known or len(chosen)
         return to_recovery(spans, chosen, info)
