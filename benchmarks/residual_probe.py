@@ -7,7 +7,13 @@ text, how it relates to the closest private text (the Secret is used for scoring
 residual-verified refinement of :mod:`leaklab.attacks.gradient.refine` and scores before/after.
 
     python benchmarks/residual_probe.py --regime short --batch-size 32 --seed 1 --budget 300
-    python benchmarks/residual_probe.py --regime short --batch-size 32 --seed 1 --refine
+    python benchmarks/residual_probe.py --regime short --batch-size 32 --seed 1 --teacher --lookahead 4
+    python benchmarks/residual_probe.py --regime short --batch-size 32 --seed 1 --refine \\
+        --opt refine_rounds=8 --opt refine_budget_s=900
+
+``--teacher`` ranks the true next token among the edit shortlist by the residual, per chosen text, from the
+text's right part (``--metric kfac``: in the K-FAC metric; ``--lookahead L``: each candidate continued by
+L − 1 greedy tokens).
 """
 
 from __future__ import annotations
