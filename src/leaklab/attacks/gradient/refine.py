@@ -1,11 +1,13 @@
 """Residual-verified refinement of OMP's chosen texts (sentence-level evidence from the whole observed gradient).
 
-After OMP has chosen B texts, each chosen text is edited in turn — extended by one of its best next tokens,
-cut by one token, or given another last token — and an edit is kept when replacing the text's atom by the
-edited text's gradient lowers the least-squares residual of the observed gradient over the dictionary's
-coordinates (every other chosen text refit). The residual is sentence-level evidence: a text's gradient is the
-sum of its positions' terms, so a right continuation explains a part of the observed gradient that a wrong one
-does not, whatever the other texts' errors leave in the residual.
+After OMP has chosen B texts, each chosen text is edited in turn (SOMP's edits,
+:class:`leaklab.attacks.gradient.somp.TextEdits`: cut back a few tokens, then continued by a few tokens) and an
+edit is kept when replacing the text's atom by the edited text's gradient lowers the least-squares residual of
+the observed gradient over the dictionary's coordinates (every other chosen text refit). The residual is
+sentence-level evidence: a text's gradient is the sum of its positions' terms, so a right continuation explains
+a part of the observed gradient that a wrong one does not. One token's terms are small next to what the other
+texts' errors leave in the residual; a continuation of several tokens separates better (analysis.md, session
+17).
 
 For the replaced slot i with the other chosen atoms A (rows) fixed, the refit residual of a candidate c is
 ‖r‖² − ⟨r, c⊥⟩² / ‖c⊥‖², with r the target's residual off A and c⊥ the candidate off A

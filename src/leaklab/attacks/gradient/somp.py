@@ -96,7 +96,7 @@ class SompOptions(SpanOptions):
     best_effort_atoms: bool = option(True, "full-rank regime: DAGER's best-effort texts are dictionary atoms too")
     pool: str = option("output", "full-rank regime: how the token pool is ranked: output, span or headwise")
     refine_rounds: int = option(
-        0, "full-rank regime: rounds of residual-verified edits of OMP's chosen texts (extend, cut, re-end); 0 = off"
+        0, "full-rank regime: rounds of residual-verified edits of OMP's chosen texts (cut back, continue); 0 = off"
     )
     refine_width: int = option(4, "residual-verified edits: next tokens tried per source (span check, prior)")
     refine_lookahead: int = option(
@@ -120,6 +120,7 @@ class SompOptions(SpanOptions):
                 "refine_rounds",
                 "refine_width",
                 "refine_back",
+                "refine_budget_s",
             ),
         )
 
@@ -470,7 +471,7 @@ def span_beam_decode(
         rank = torch.argsort(both, dim=1)
         z_short = z.gather(1, short.gather(1, rank))  # robust z of the shortlist, best (by both checks) first
         last_step = time.perf_counter() > t_end or p == limit
-        if ends is not None:
+        if use_prior:
             emit = ends[short.gather(1, rank)[:, 0]] | last_step
             stop = torch.full_like(emit, last_step)
         else:
