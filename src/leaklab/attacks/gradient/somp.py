@@ -95,14 +95,33 @@ class SompOptions(SpanOptions):
     max_atoms: int = option(1024, "largest OMP dictionary")
     best_effort_atoms: bool = option(True, "full-rank regime: DAGER's best-effort texts are dictionary atoms too")
     pool: str = option("output", "full-rank regime: how the token pool is ranked: output, span or headwise")
+    refine_rounds: int = option(
+        0, "full-rank regime: rounds of residual-verified edits of OMP's chosen texts (cut back, continue); 0 = off"
+    )
+    refine_width: int = option(4, "residual-verified edits: next tokens tried per source (span check, prior)")
+    refine_lookahead: int = option(
+        4, "residual-verified edits: tokens per continuation (the first tried, the rest greedy by the span check)"
+    )
+    refine_back: int = option(2, "residual-verified edits: tokens a text may be cut back before it is continued")
+    refine_budget_s: float = option(300.0, "residual-verified edits: time limit, seconds")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.pool not in POOLS:
             raise UnknownNameError("somp pool", self.pool, list(POOLS))
         self.require(
-            positive=("beam", "max_atoms", "shortlist", "starts_factor"),
-            non_negative=("rank_cut", "last_alternatives", "branch_second", "whiten", "omp_tol"),
+            positive=("beam", "max_atoms", "shortlist", "starts_factor", "refine_lookahead"),
+            non_negative=(
+                "rank_cut",
+                "last_alternatives",
+                "branch_second",
+                "whiten",
+                "omp_tol",
+                "refine_rounds",
+                "refine_width",
+                "refine_back",
+                "refine_budget_s",
+            ),
         )
 
 
@@ -491,6 +510,78 @@ def span_beam_decode(
     return done
 
 
+class TextEdits:
+    """The edits of a chosen text that :func:`leaklab.attacks.gradient.refine.refine_texts` scores by the
+    residual: the text cut back by 0 to ``refine_back`` tokens, then continued by each of the base's best next
+    tokens followed by ``refine_lookahead`` − 1 tokens of greedy span-check decoding (a continuation of several
+    tokens is told from a wrong one by the residual far more often than a single token: analysis.md, session
+    17), plus the bare cuts. Best next tokens: the ``refine_width`` best by the layer-1 MLP input check's robust z
+    over the token set and the ``refine_width`` most likely under the model's own prior."""
+
+    def __init__(self, spans: SpanModel, tokens: torch.Tensor, opts: SompOptions) -> None:
+        self.checks = FullRankChecks(spans, tokens, opts.rank_cut)
+        self.model = spans.loaded.model
+        self.tokens = tokens
+        self.width = min(opts.refine_width, tokens.numel())
+        self.lookahead = opts.refine_lookahead
+        self.back = opts.refine_back
+        self.chunk = opts.chunk
+        self.device = spans.device
+
+    def _span_z(self, prefix: list[int]) -> torch.Tensor:
+        seq = torch.tensor([prefix], device=self.device)
+        return robust_z(self.checks.cheap(seq, self.chunk).masked_fill(_loops(seq, self.tokens), 0.0))[0]
+
+    @torch.no_grad()
+    def next_tokens(self, prefix: list[int]) -> list[int]:
+        """The base's best next tokens by the span check, then by the prior (duplicates dropped)."""
+        z = self._span_z(prefix)
+        logp = self.model(torch.tensor([prefix], device=self.device)).logits[0, -1, self.tokens]
+        picks = torch.cat([torch.topk(z, self.width).indices, torch.topk(logp, self.width).indices])
+        return list(dict.fromkeys(self.tokens[picks].tolist()))
+
+    @torch.no_grad()
+    def greedy(self, text: list[int], steps: int) -> list[int]:
+        """``text`` grown ``steps`` tokens, each the span check's best next token."""
+        for _ in range(steps):
+            text = text + [int(self.tokens[self._span_z(text).argmax()])]
+        return text
+
+    def __call__(self, text: list[int]) -> list[list[int]]:
+        out: list[list[int]] = []
+        for cut in range(min(self.back, len(text) - 2) + 1):
+            base = text[: len(text) - cut]
+            if cut:
+                out.append(base)
+            out += [self.greedy(base + [v], self.lookahead - 1) for v in self.next_tokens(base)]
+        return out
+
+
+def residual_refine(
+    spans: SpanModel, tokens: torch.Tensor, texts: list[list[int]], opts: SompOptions
+) -> tuple[list[list[int]], list[float]]:
+    """OMP's chosen texts after ``refine_rounds`` rounds of residual-verified edits (:class:`TextEdits`,
+    :func:`leaklab.attacks.gradient.refine.refine_texts`) on the OMP dictionary's coordinates; returns the
+    texts and the relative residual before and after each round."""
+    import time
+
+    from leaklab.attacks.gradient.refine import refine_texts
+
+    loaded = spans.loaded
+    index = sketch_index(spans.obs, signal_params(loaded))
+    target = observed_vector(spans.obs, index, spans.device)
+
+    def gradients(batch: list[list[int]]) -> torch.Tensor:
+        return sentence_gradients(loaded, batch, None, index, head_means=spans.head_means)
+
+    deadline = time.perf_counter() + opts.refine_budget_s
+    edits = TextEdits(spans, tokens, opts)
+    out, _, history = refine_texts(
+        texts, gradients(texts), target, edits, gradients, rounds=opts.refine_rounds, deadline=deadline
+    )
+    return out, history
+
+
 def dedupe(found: list[Found]) -> list[Found]:
     return assemble(found, None)
 
@@ -649,6 +740,10 @@ class SompAttack:
         info["candidates"] = len(found)
         chosen, omp_info = select_by_omp(spans, found, n_known, self.opts)
         chosen, omp_info = self.rechoose_last_tokens(spans, chosen, omp_info)
+        if self.opts.refine_rounds > 0 and spans.causal and spans.full_rank and spans.next_token and chosen:
+            texts, history = residual_refine(spans, tokens, [f.ids for f in chosen], self.opts)
+            chosen = [Found(t, f.score, exact=False) for t, f in zip(texts, chosen, strict=True)]
+            omp_info["refine_residual"] = history
         info.update(omp_info)
         info["batch_size_estimate"] = n_known or len(chosen)
         return to_recovery(spans, chosen, info)
