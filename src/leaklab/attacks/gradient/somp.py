@@ -618,7 +618,10 @@ class SompAttack:
             return chosen, info | {"last_token_pass": "kept"}
         return rechosen, again_info | {"dictionary": info["dictionary"], "last_token_pass": "rechosen"}
 
-    def run(self, obs: Observation) -> Recovery:
+    def run(self, obs: Observation, tokens: torch.Tensor | None = None, prior: bool | None = None) -> Recovery:
+        """``tokens``: a token set found otherwise (the adaptive attacker's selection under known noise): the
+        pool decoder runs on it whatever the spans' rank, with the model's prior and the output-gradient
+        filter when ``prior`` (default: only where layer 1 is full rank)."""
         spans, n_known, info = start_attack(obs)
         dopts = DagerOptions(
             tau1=self.opts.tau1,
@@ -627,14 +630,15 @@ class SompAttack:
             chunk=self.opts.chunk,
             budget_s=self.opts.budget_s,
         )
-        if spans.causal and not spans.full_rank:
+        if spans.causal and not spans.full_rank and tokens is None:
             found = dedupe(decoder_search(spans, dopts))
             found = with_last_alternatives(spans, found, self.opts.last_alternatives, self.opts.max_atoms)
         elif spans.causal:
             n_texts = n_known or full_rank_batch_guess(spans)
-            tokens = self.token_set(spans)
+            tokens = self.token_set(spans) if tokens is None else tokens
+            prior = not spans.l1_exact if prior is None else prior
             info["token_set"] = int(tokens.numel())
-            found = dedupe(span_beam_decode(spans, tokens, n_texts, self.opts, prior=not spans.l1_exact))
+            found = dedupe(span_beam_decode(spans, tokens, n_texts, self.opts, prior=prior))
             extra: list[Found] = []
             if self.opts.best_effort_atoms:  # DAGER's greedy best-effort texts join the dictionary too
                 extra = assemble(best_effort_decoder(spans, n_texts, dopts), None)
