@@ -16,6 +16,7 @@ import argparse
 import torch
 
 from leaklab.attacks.gradient.adaptive import (
+    AdaptiveOptions,
     _stack,
     adapt,
     known_sigma,
@@ -35,7 +36,8 @@ def probe(spec: str, ref: ModelRef, seed: int, z: float) -> None:
     defense = make_defense(name, **{key: float(value)})
     obs, secret = defended_update(*args, [defense], 8, 32)
     sigma = known_sigma(obs.defenses[0], obs.batch_size)
-    done = adapt(obs, 1.5, 60, z)
+    opts = AdaptiveOptions()
+    done = adapt(obs, opts.margin, opts.impute_iters, z)
     step = done.info["steps"][0]
     true = sorted({t for ids in secret.token_ids for t in ids})
     got = set(done.tokens.tolist()) if done.tokens is not None else set()

@@ -621,8 +621,10 @@ class SompAttack:
     def run(self, obs: Observation, tokens: torch.Tensor | None = None, prior: bool | None = None) -> Recovery:
         """``tokens``: a token set found otherwise (the adaptive attacker's selection under known noise): the
         pool decoder runs on it whatever the spans' rank, with the model's prior and the output-gradient
-        filter when ``prior`` (default: only where layer 1 is full rank)."""
+        filter when ``prior`` (default: only where layer 1 is full rank); where the spans are not full rank the
+        exact search's texts join the dictionary too, and OMP chooses."""
         spans, n_known, info = start_attack(obs)
+        given = tokens is not None
         dopts = DagerOptions(
             tau1=self.opts.tau1,
             tau2=self.opts.tau2,
@@ -648,6 +650,11 @@ class SompAttack:
             found = with_last_alternatives(spans, found[:room], self.opts.last_alternatives, room)
             seen = {tuple(f.ids) for f in extra}
             found = [f for f in found if tuple(f.ids) not in seen][:room] + extra
+            if given and not spans.full_rank:  # a given token set on exact spans: the exact search's texts too
+                exact = dedupe(decoder_search(spans, dopts))
+                info["exact_candidates"] = len(exact)
+                exact = with_last_alternatives(spans, exact, self.opts.last_alternatives, self.opts.max_atoms)
+                found = dedupe(exact + found)[: self.opts.max_atoms]
         else:
             found = dedupe(encoder_search(spans, n_known or 1, dopts))
         info["candidates"] = len(found)
