@@ -119,19 +119,19 @@ def defended(ref: ModelRef, defense: str, param: str, value: float, batch: int, 
 def run_attacks(
     out: Path, done: dict, ref: ModelRef, size: int, batches: int, budgets: dict[str, float], only: set[str] | None
 ) -> None:
-    """Every point (``only``: the named ``defense=value`` ones) on batches 0…``batches``−1; an attacker's finished
-    result is kept unless it is the adaptive attacker's from an older version (:data:`ADAPTIVE_VERSION`)."""
-    for i in range(batches):
-        for defense, param, value in POINTS:
-            if only is not None and f"{defense}={value:g}" not in only:
-                continue
-            k = key(defense, value, i)
-            row = done["points"].get(k, {"defense": defense, "value": value, "batch": i})
-            todo = [a for a in (ATTACKS if defense != "clip" else ATTACKS[:1]) if stale(row.get(a), a)]
-            if not todo:
-                continue
-            obs, secret = defended(ref, defense, param, value, i, size)
-            for atk in todo:
+    """Every point (``only``: the named ``defense=value`` ones) on batches 0…``batches``−1, the adaptive attacker
+    over all batches first (the credited number), then the naive one; a finished result is kept unless it is
+    the adaptive attacker's from an older version (:data:`ADAPTIVE_VERSION`)."""
+    for atk in reversed(ATTACKS):
+        for i in range(batches):
+            for defense, param, value in POINTS:
+                if (only is not None and f"{defense}={value:g}" not in only) or (defense == "clip" and atk != "somp"):
+                    continue
+                k = key(defense, value, i)
+                row = done["points"].get(k, {"defense": defense, "value": value, "batch": i})
+                if not stale(row.get(atk), atk):
+                    continue
+                obs, secret = defended(ref, defense, param, value, i, size)
                 row[atk] = budgeted(atk, obs, secret, budgets[atk])
                 if atk == "somp-adaptive":
                     row[atk]["version"] = ADAPTIVE_VERSION
@@ -165,24 +165,41 @@ def save(out: Path, done: dict) -> None:
 
 # ----------------------------------------------------------------------------- the table
 def _cell(rows: list[dict], atk: str) -> str:
-    if not rows or atk not in rows[0]:
+    if rows and all(atk not in r for r in rows) and atk == "somp-adaptive":
         return "same as naive (nothing to undo)"
+    rows = [r for r in rows if atk in r]
+    if not rows:
+        return "not measured"
     scored = [r[atk]["rouge1"] for r in rows if r[atk]["status"] == "recovered" and r[atk]["rouge1"] is not None]
     other = [r[atk]["status"].replace("_", " ") for r in rows if r[atk]["status"] != "recovered"]
     text = f"{np.mean(scored):.3f}" if scored else "n/a"
+    if scored and len(scored) > 1:
+        text += f" [{min(scored):.2f}–{max(scored):.2f}]"
     return text + (f" ({len(other)}/{len(rows)} {', '.join(sorted(set(other)))})" if other else "")
 
 
+def _count(rows: list[dict]) -> str:
+    naive = sum("somp" in r for r in rows)
+    adaptive = sum("somp-adaptive" in r for r in rows)
+    return f"{naive} / {adaptive}" if adaptive else str(naive)
+
+
 def _step(rows: list[dict]) -> str:
-    if "somp-adaptive" not in rows[0]:
+    rows = [r for r in rows if "somp-adaptive" in r]
+    if not rows:
         return "–"
     info = rows[0]["somp-adaptive"].get("adaptive") or {}
     step = (info.get("steps") or [{}])[0]
     if "groups" in step:
         what = "completion ranks " + "/".join(str(g["rank"]) for g in step["groups"])
         return what + (" (underdetermined)" if any(g["underdetermined"] for g in step["groups"]) else "")
+    if "token_selection" in step:
+        sel = step["token_selection"]["selected"]
+        return f"σ={step['sigma']:.2g}, {sel} tokens selected, kept ranks " + "/".join(
+            str(r) for r in step["kept_ranks"][1:]
+        )
     if "kept_ranks" in step:
-        return f"σ={step['sigma']:.2g}, kept ranks " + "/".join(str(r) for r in step["kept_ranks"])
+        return f"σ={step['sigma']:.2g}, kept ranks " + "/".join(str(r) for r in step["kept_ranks"]) + " (older version)"
     return step.get("note", "–")
 
 
@@ -213,7 +230,8 @@ def write_table(out: Path, done: dict, model: str, size: int, budgets: dict[str,
             else "undefended run not measured."
         ),
         "",
-        "| defense | strength | batches | SOMP (naive) ROUGE-1 | SOMP-adaptive ROUGE-1 | adaptive step (batch 0) | "
+        "| defense | strength | batches (naive / adaptive) | SOMP (naive) ROUGE-1 | SOMP-adaptive ROUGE-1 | "
+        "adaptive step (first batch) | "
         f"s naive | s adaptive | val. loss after {steps} rounds | vs undefended |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -226,7 +244,7 @@ def write_table(out: Path, done: dict, model: str, size: int, budgets: dict[str,
             lines.append(f"| {defense} | {value:g} | 0 | not measured | not measured | – | – | – | {hl} | {rel} |")
             continue
         lines.append(
-            f"| {defense} | {value:g} | {len(rows)} | {_cell(rows, 'somp')} | {_cell(rows, 'somp-adaptive')} | "
+            f"| {defense} | {value:g} | {_count(rows)} | {_cell(rows, 'somp')} | {_cell(rows, 'somp-adaptive')} | "
             f"{_step(rows)} | {_mean_seconds(rows, 'somp')} | {_mean_seconds(rows, 'somp-adaptive')} | {hl} | {rel} |"
         )
     atomic_write_text(out / "adaptive.md", "\n".join(lines) + "\n")
@@ -246,7 +264,7 @@ def plot(out: Path, done: dict, steps: int) -> None:
         rows = [p for p in done["points"].values() if p["defense"] == defense and p["value"] == value]
         labels.append(f"{defense}\n{value:g}")
         for atk, dest in (("somp", naive), ("somp-adaptive", adapt)):
-            src = [r[atk if atk in r else "somp"] for r in rows]
+            src = [r[atk if atk in r or defense != "clip" else "somp"] for r in rows if atk in r or defense == "clip"]
             vals = [s["rouge1"] for s in src if s["status"] == "recovered" and s["rouge1"] is not None]
             dest.append(float(np.mean(vals)) if vals else np.nan)
         h = done.get("horizon", {}).get(f"{defense}={value:g}")
