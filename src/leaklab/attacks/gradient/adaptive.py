@@ -40,7 +40,13 @@ import torch
 
 from leaklab.attacks.base import NoSignal, Recovery, register_gradient_attack
 from leaklab.attacks.gradient.somp import SompAttack, SompOptions
-from leaklab.attacks.gradient.subspace import candidate_inputs, single_thread
+from leaklab.attacks.gradient.subspace import (
+    candidate_inputs,
+    numerical_rank,
+    row_space,
+    single_thread,
+    span_distance,
+)
 from leaklab.core import option
 from leaklab.models.registry import LoadedModel, load_model
 from leaklab.threat.observation import Observation
@@ -160,6 +166,36 @@ def prune_tokens(stack: torch.Tensor, inputs: torch.Tensor, chosen: list[int], b
     return keep
 
 
+def saturated_block(
+    stack: torch.Tensor, kept: torch.Tensor, slack: int = 4
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows, columns) of a fully kept block of a sparsified group whose rank r is below both its row count and
+    its width c by ``slack`` or more (None if there is none): such a block's row space is the batch's inputs'
+    span restricted to those columns. Blocks are the c most-kept columns and the rows kept on all of them, for
+    every c; the widest complement (c − r) wins."""
+    order = torch.argsort(kept.sum(0), descending=True)
+    best, best_room = None, 0
+    for c in range(8, stack.shape[1] + 1, 4):
+        cols = order[:c]
+        rows = torch.nonzero(kept[:, cols].all(1)).flatten()
+        if rows.numel() < c // 2:
+            break
+        r = numerical_rank(torch.linalg.svdvals(stack[rows][:, cols]))
+        if r + slack <= min(rows.numel(), c) and c - r > best_room:
+            best, best_room = (rows, cols), c - r
+    return best
+
+
+def block_tokens(
+    stack: torch.Tensor, block: tuple[torch.Tensor, torch.Tensor], inputs: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """Indices of the rows of ``inputs`` whose restriction to the block's columns lies in the block's row space
+    (span distance below ``tau``): the exact span check on kept coordinates only."""
+    rows, cols = block
+    basis, _, _ = row_space([stack[rows][:, cols]])
+    return torch.nonzero(span_distance(inputs[:, cols], basis) < tau).flatten()
+
+
 def complete_low_rank(observed: torch.Tensor, kept: torch.Tensor, rank: int, iters: int) -> torch.Tensor:
     """Hard-impute: X ← kept entries of ``observed``, the others from the rank-``rank`` SVD of X (``iters``
     rounds, starting from the zero-filled matrix)."""
@@ -224,7 +260,7 @@ class Adapted:
     tokens: torch.Tensor | None = None
 
 
-def adapt(obs: Observation, margin: float, iters: int, z: float = 6.0) -> Adapted:
+def adapt(obs: Observation, margin: float, iters: int, z: float = 6.0, tau: float = 1e-3) -> Adapted:
     """The update with each known defense's damage to the span groups undone where the structure allows."""
     loaded = load_model(obs.model)
     grads = dict(obs.gradients)
@@ -240,7 +276,8 @@ def adapt(obs: Observation, margin: float, iters: int, z: float = 6.0) -> Adapte
         elif name == "dpsgd":
             done.append({"defense": name, "note": "batch size not granted: the noise's std is unknown, passed through"})
         elif name == "topk":
-            done.append({"defense": name, **_complete(loaded, grads, groups, iters)})
+            block_info, tokens = _kept_block_tokens(loaded, grads, groups, tau)
+            done.append({"defense": name, **block_info, **_complete(loaded, grads, groups, iters)})
         elif name == "clip":
             done.append({"defense": name, "note": "span checks and OMP are scale-free: nothing to undo"})
         else:
@@ -273,6 +310,25 @@ def _denoise(
         ranks.append(k)
     step = {"sigma": sigma, "kept_ranks": ranks, "token_selection": select_info}
     return step, vocab[torch.tensor(picked, dtype=torch.long, device=ad.device)]
+
+
+def _kept_block_tokens(
+    loaded: LoadedModel, grads: dict[str, torch.Tensor], groups: list[list[tuple[str, bool]]], tau: float
+) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """Top-k: the layer-1 tokens from the exact span check on a saturated fully kept block (None without one)."""
+    stack = _stack(grads, groups[0])
+    block = saturated_block(stack, stack != 0)
+    if block is None:
+        return {"kept_block": None}, None
+    ad = loaded.adapter
+    vocab = torch.arange(ad.embeddings.num_embeddings, device=ad.device)
+    with torch.no_grad():
+        inputs = candidate_inputs(ad, vocab, 0).double()
+    found = block_tokens(stack, block, inputs, tau)
+    info = {
+        "kept_block": {"rows": int(block[0].numel()), "columns": int(block[1].numel()), "tokens": int(found.numel())}
+    }
+    return info, (vocab[found] if found.numel() else None)
 
 
 def _complete(
@@ -320,12 +376,14 @@ class AdaptiveSomp:
         self.opts = opts or AdaptiveOptions()
 
     def run(self, obs: Observation) -> Recovery:
-        done = adapt(obs, self.opts.margin, self.opts.impute_iters, self.opts.noise_z)
+        done = adapt(obs, self.opts.margin, self.opts.impute_iters, self.opts.noise_z, self.opts.tau1)
         if done.tokens is not None and done.tokens.numel() == 0:
             raise NoSignal("known noise: no layer-1 token's gain exceeds the noise bound")
         opts = self.opts
         if done.tokens is not None:
             opts = replace(opts, end_z=opts.noise_end_z, stop_z=opts.noise_stop_z)
-        rec = SompAttack(opts).run(done.obs, tokens=done.tokens, prior=self.opts.noise_prior)
+        sparse = any(rec["name"] == "topk" for rec in obs.defenses)
+        atk = SompAttack(opts, kept_from=obs if sparse else None)
+        rec = atk.run(done.obs, tokens=done.tokens, prior=self.opts.noise_prior)
         rec.info["adaptive"] = done.info
         return rec

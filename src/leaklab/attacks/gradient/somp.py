@@ -524,16 +524,18 @@ def with_last_alternatives(spans: SpanModel, found: list[Found], k: int, room: i
 
 
 def select_by_omp(
-    spans: SpanModel, found: list[Found], n_known: int | None, opts: SompOptions
+    spans: SpanModel, found: list[Found], n_known: int | None, opts: SompOptions, kept_from: Observation | None = None
 ) -> tuple[list[Found], dict]:
-    """Stage 3: OMP over the candidates' gradients (one atom per label for ``classify``)."""
+    """Stage 3: OMP over the candidates' gradients (one atom per label for ``classify``). ``kept_from``: a
+    sparsified update whose kept (non-zero) coordinates alone are compared (OMP on the kept coordinates)."""
     found = found[: opts.max_atoms]
     if not found:
         return [], {"omp_stop": "no candidates"}
     loaded = spans.loaded
     labels = list(range(loaded.ref.num_labels)) if loaded.ref.task == "classify" else [None]
     params = signal_params(loaded)
-    index = sketch_index(spans.obs, params)
+    source = kept_from if kept_from is not None else spans.obs
+    index = sketch_index(source, params, kept_only=kept_from is not None)
     sentences = [f.ids for f in found for _ in labels]
     atom_labels = [lab for _ in found for lab in labels] if labels != [None] else None
     atoms = sentence_gradients(loaded, sentences, atom_labels, index, head_means=spans.head_means)
@@ -544,7 +546,7 @@ def select_by_omp(
         for i, f in enumerate(found)
     ]
     groups = [text_group[i] for i in range(len(found)) for _ in labels]
-    target = observed_vector(spans.obs, index, spans.device)
+    target = observed_vector(source, index, spans.device)
     res = best_selection(atoms, target, n_known, groups, opts)
     chosen = [found[atom // len(labels)] for atom in res.selected]
     info = {
@@ -587,8 +589,10 @@ class SompAttack:
 
     name = "somp"
 
-    def __init__(self, opts: SompOptions | None = None) -> None:
+    def __init__(self, opts: SompOptions | None = None, kept_from: Observation | None = None) -> None:
         self.opts = opts or SompOptions()
+        #: a sparsified update: OMP compares its kept coordinates only (the adaptive attacker against top-k)
+        self.kept_from = kept_from
 
     def token_set(self, spans: SpanModel) -> torch.Tensor:
         """The batch's tokens: exact from layer 1 while its span is not full, else the largest rows of the
@@ -613,7 +617,7 @@ class SompAttack:
             return chosen, info
         prefixes = [Found(f.ids[:cut], f.score, f.exact) for f, cut in pairs]
         again = with_last_alternatives(spans, prefixes, self.opts.last_alternatives, self.opts.max_atoms)
-        rechosen, again_info = select_by_omp(spans, again, len(chosen), self.opts)
+        rechosen, again_info = select_by_omp(spans, again, len(chosen), self.opts, self.kept_from)
         if len(rechosen) != len(chosen) or again_info["omp_residual"] > info["omp_residual"]:
             return chosen, info | {"last_token_pass": "kept"}
         return rechosen, again_info | {"dictionary": info["dictionary"], "last_token_pass": "rechosen"}
@@ -658,7 +662,7 @@ class SompAttack:
         else:
             found = dedupe(encoder_search(spans, n_known or 1, dopts))
         info["candidates"] = len(found)
-        chosen, omp_info = select_by_omp(spans, found, n_known, self.opts)
+        chosen, omp_info = select_by_omp(spans, found, n_known, self.opts, self.kept_from)
         chosen, omp_info = self.rechoose_last_tokens(spans, chosen, omp_info)
         info.update(omp_info)
         info["batch_size_estimate"] = n_known or len(chosen)
