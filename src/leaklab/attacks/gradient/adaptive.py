@@ -20,7 +20,10 @@ Before SOMP runs, ``somp-adaptive`` restores that structure where the defense al
   a held-out 5 % of the kept entries; with fewer kept entries than a rank-r matrix has degrees of freedom the
   group is underdetermined, recorded in ``info["adaptive"]`` (SOMP still runs on the completion). Only the two
   attention groups are completed (the exact regime reads only them; the MLP input group, read past the rank
-  limit, stays as kept).
+  limit, stays as kept). Kept coordinates alone: a fully kept block of the layer-1 group whose rank is below
+  both its row count and its width spans the batch's inputs restricted to its columns, so the exact span check
+  on those columns gives the token set (:func:`saturated_block`, :func:`block_tokens`), decoded by SOMP's pool
+  decoder; OMP then compares the update's kept coordinates only (``SompAttack(kept_from=...)``).
 * DP-SGD (per-sample clipping to C, then N(0, σ²C²) on the sum, divided by B): the noise on the shared mean
   gradient is Gaussian with std σ·C/B per coordinate (σ = the recorded noise multiplier, B = the granted batch
   size); the per-sample clipping only rescales each text's rows, which leaves their span unchanged. The same
