@@ -53,6 +53,9 @@ POINTS: list[tuple[str, str, float]] = [
     ("clip", "max_norm", 0.01),
 ]
 ATTACKS = ("somp", "somp-adaptive")
+#: the adaptive attacker's version: results of an older one are rerun (session 17: token selection with the
+#: known σ, then the pool decoder)
+ADAPTIVE_VERSION = "noise-selection-1"
 
 
 def key(defense: str, value: float, batch: int) -> str:
@@ -113,19 +116,39 @@ def defended(ref: ModelRef, defense: str, param: str, value: float, batch: int, 
     )
 
 
-def run_attacks(out: Path, done: dict, ref: ModelRef, size: int, batches: int, budgets: dict[str, float]) -> None:
-    for i in range(batches):
-        for defense, param, value in POINTS:
-            k = key(defense, value, i)
-            if k in done["points"]:
-                continue
-            obs, secret = defended(ref, defense, param, value, i, size)
-            row = {}
-            for atk in ATTACKS if defense != "clip" else ATTACKS[:1]:
+def run_attacks(
+    out: Path,
+    done: dict,
+    ref: ModelRef,
+    size: int,
+    batches: int,
+    budgets: dict[str, float],
+    only: set[str] | None,
+    attackers: tuple[str, ...] = ATTACKS,
+) -> None:
+    """Every point (``only``: the named ``defense=value`` ones) on batches 0…``batches``−1, the adaptive attacker
+    over all batches first (the credited number), then the naive one; a finished result is kept unless it is
+    the adaptive attacker's from an older version (:data:`ADAPTIVE_VERSION`)."""
+    for atk in [a for a in reversed(ATTACKS) if a in attackers]:
+        for i in range(batches):
+            for defense, param, value in POINTS:
+                if (only is not None and f"{defense}={value:g}" not in only) or (defense == "clip" and atk != "somp"):
+                    continue
+                k = key(defense, value, i)
+                row = done["points"].get(k, {"defense": defense, "value": value, "batch": i})
+                if not stale(row.get(atk), atk):
+                    continue
+                obs, secret = defended(ref, defense, param, value, i, size)
                 row[atk] = budgeted(atk, obs, secret, budgets[atk])
+                if atk == "somp-adaptive":
+                    row[atk]["version"] = ADAPTIVE_VERSION
                 print(k, atk, row[atk]["status"], row[atk]["rouge1"], round(row[atk]["seconds"], 1), flush=True)
-            done["points"][k] = {"defense": defense, "value": value, "batch": i, **row}
-            save(out, done)
+                done["points"][k] = row
+                save(out, done)
+
+
+def stale(result: dict | None, attack: str) -> bool:
+    return result is None or (attack == "somp-adaptive" and result.get("version") != ADAPTIVE_VERSION)
 
 
 def run_horizon(out: Path, done: dict, ref: ModelRef, size: int, steps: int) -> None:
@@ -149,22 +172,44 @@ def save(out: Path, done: dict) -> None:
 
 # ----------------------------------------------------------------------------- the table
 def _cell(rows: list[dict], atk: str) -> str:
-    if not rows or atk not in rows[0]:
+    if rows and all(atk not in r for r in rows) and atk == "somp-adaptive":
         return "same as naive (nothing to undo)"
+    rows = [r for r in rows if atk in r]
+    if not rows:
+        return "not measured"
     scored = [r[atk]["rouge1"] for r in rows if r[atk]["status"] == "recovered" and r[atk]["rouge1"] is not None]
     other = [r[atk]["status"].replace("_", " ") for r in rows if r[atk]["status"] != "recovered"]
     text = f"{np.mean(scored):.3f}" if scored else "n/a"
+    if scored and len(scored) > 1:
+        text += f" [{min(scored):.2f}–{max(scored):.2f}]"
     return text + (f" ({len(other)}/{len(rows)} {', '.join(sorted(set(other)))})" if other else "")
 
 
+def _count(rows: list[dict]) -> str:
+    naive = sum("somp" in r for r in rows)
+    adaptive = sum("somp-adaptive" in r for r in rows)
+    return f"{naive} / {adaptive}" if adaptive else str(naive)
+
+
 def _step(rows: list[dict]) -> str:
-    if "somp-adaptive" not in rows[0]:
+    rows = [r for r in rows if "somp-adaptive" in r]
+    if not rows:
         return "–"
-    info = rows[0]["somp-adaptive"].get("adaptive") or {}
+    text = _step_text(rows[0]["somp-adaptive"])
+    return text if rows[0]["somp-adaptive"].get("version") == ADAPTIVE_VERSION else f"session 16 attacker: {text}"
+
+
+def _step_text(result: dict) -> str:
+    info = result.get("adaptive") or {}
     step = (info.get("steps") or [{}])[0]
     if "groups" in step:
         what = "completion ranks " + "/".join(str(g["rank"]) for g in step["groups"])
         return what + (" (underdetermined)" if any(g["underdetermined"] for g in step["groups"]) else "")
+    if "token_selection" in step:
+        sel = step["token_selection"]["selected"]
+        return f"σ={step['sigma']:.2g}, {sel} tokens selected, kept ranks " + "/".join(
+            str(r) for r in step["kept_ranks"][1:]
+        )
     if "kept_ranks" in step:
         return f"σ={step['sigma']:.2g}, kept ranks " + "/".join(str(r) for r in step["kept_ranks"])
     return step.get("note", "–")
@@ -184,7 +229,8 @@ def write_table(out: Path, done: dict, model: str, size: int, budgets: dict[str,
         "",
         "Generated by `python benchmarks/adaptive_bench.py --out benchmarks/results/sweeps/adaptive --batches N` "
         f"(attacks; budgets: naive {budgets['somp']:g} s, adaptive {budgets['somp-adaptive']:g} s wall per "
-        "batch, SOMP's own decoding budget half of it) and `... --horizon --steps "
+        "batch, SOMP's own decoding budget half of it; the session 16 attacker's rows: 240 s) and "
+        "`... --horizon --steps "
         f"{steps}` (utility). Each point: the same defended update (batch seeds 0, 1, …) to both attackers. "
         "A *budget stop* is an attacker still running at its budget: an outcome, not a score. The machine "
         "(2 cores) was shared with 3–4 other helpers' jobs (one thread per job): seconds are wall time under load.",
@@ -197,7 +243,8 @@ def write_table(out: Path, done: dict, model: str, size: int, budgets: dict[str,
             else "undefended run not measured."
         ),
         "",
-        "| defense | strength | batches | SOMP (naive) ROUGE-1 | SOMP-adaptive ROUGE-1 | adaptive step (batch 0) | "
+        "| defense | strength | batches (naive / adaptive) | SOMP (naive) ROUGE-1 | SOMP-adaptive ROUGE-1 | "
+        "adaptive step (first batch) | "
         f"s naive | s adaptive | val. loss after {steps} rounds | vs undefended |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -210,7 +257,7 @@ def write_table(out: Path, done: dict, model: str, size: int, budgets: dict[str,
             lines.append(f"| {defense} | {value:g} | 0 | not measured | not measured | – | – | – | {hl} | {rel} |")
             continue
         lines.append(
-            f"| {defense} | {value:g} | {len(rows)} | {_cell(rows, 'somp')} | {_cell(rows, 'somp-adaptive')} | "
+            f"| {defense} | {value:g} | {_count(rows)} | {_cell(rows, 'somp')} | {_cell(rows, 'somp-adaptive')} | "
             f"{_step(rows)} | {_mean_seconds(rows, 'somp')} | {_mean_seconds(rows, 'somp-adaptive')} | {hl} | {rel} |"
         )
     atomic_write_text(out / "adaptive.md", "\n".join(lines) + "\n")
@@ -230,7 +277,7 @@ def plot(out: Path, done: dict, steps: int) -> None:
         rows = [p for p in done["points"].values() if p["defense"] == defense and p["value"] == value]
         labels.append(f"{defense}\n{value:g}")
         for atk, dest in (("somp", naive), ("somp-adaptive", adapt)):
-            src = [r[atk if atk in r else "somp"] for r in rows]
+            src = [r[atk if atk in r or defense != "clip" else "somp"] for r in rows if atk in r or defense == "clip"]
             vals = [s["rouge1"] for s in src if s["status"] == "recovered" and s["rouge1"] is not None]
             dest.append(float(np.mean(vals)) if vals else np.nan)
         h = done.get("horizon", {}).get(f"{defense}={value:g}")
@@ -269,10 +316,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--batches", type=int, default=5)
     ap.add_argument("--naive-budget-s", type=float, default=90.0)
-    ap.add_argument("--adaptive-budget-s", type=float, default=240.0)
+    ap.add_argument("--adaptive-budget-s", type=float, default=400.0)
     ap.add_argument("--horizon", action="store_true", help="measure the utility over --steps rounds instead")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated defense=value points to run (default: all)")
+    ap.add_argument("--attackers", default=",".join(ATTACKS), help="comma-separated attackers to run (default: both)")
     a = ap.parse_args()
     torch.set_num_threads(1)  # forked children and a shared machine
     a.out.mkdir(parents=True, exist_ok=True)
@@ -281,14 +330,17 @@ def main() -> None:
     done.setdefault("points", {})
     done.setdefault("horizon", {})
     budgets = {"somp": a.naive_budget_s, "somp-adaptive": a.adaptive_budget_s}
-    done.setdefault("budgets_s", budgets)
+    if not a.report_only:
+        done["budgets_s"] = budgets
     ref = ModelRef(a.model)
     if not a.report_only:
         load_model(ref)
         if a.horizon:
             run_horizon(a.out, done, ref, a.batch_size, a.steps)
         else:
-            run_attacks(a.out, done, ref, a.batch_size, a.batches, budgets)
+            only = {p.strip() for p in a.only.split(",") if p.strip()} or None
+            attackers = tuple(x.strip() for x in a.attackers.split(",") if x.strip())
+            run_attacks(a.out, done, ref, a.batch_size, a.batches, budgets, only, attackers)
     write_table(a.out, done, a.model, a.batch_size, done["budgets_s"], a.steps)
 
 

@@ -5,16 +5,25 @@ whose rows lie in the span of a layer's inputs (the first two layers' Q/K/V, the
 each group G (out × d, the tensors sharing one input, stacked) is a rank-n matrix for n batch tokens below d.
 Before SOMP runs, ``somp-adaptive`` restores that structure where the defense allows:
 
-* Gaussian noise of known σ (Laplace of known scale b: σ = √2·b), also after clipping: G + σN has the noise's
-  singular values below σ(√M + √d) (M × d the group's shape); the right singular directions above
-  ``margin`` × that bound span the inputs, and every tensor of the group is projected onto them.
+* Gaussian noise of known σ (Laplace of known scale b: σ = √2·b), also after clipping. Layer 1's inputs depend
+  on the token alone, so its group is tested against the vocabulary itself (:func:`select_tokens`): tokens are
+  added greedily by how much of the group's energy their input explains, while that gain exceeds what a
+  pure-noise direction shows (σ²·χ²_M, :func:`null_gain_bound`), then pruned the same way; the layer-1 group
+  is projected onto the selected inputs' span. This per-token test keeps tokens whose singular directions
+  sink below the noise's spectral edge. The other groups (layer 2, layer-1 MLP input: prefix-dependent inputs,
+  no dictionary) keep their right singular directions above ``margin`` × σ(√M + √d), the noise's spectral
+  norm (M × d the group's shape). SOMP then runs its pool decoder on the selected tokens (robust-z span checks
+  with the thresholds ``noise_end_z`` / ``noise_stop_z``), and OMP on the denoised groups.
 * Top-k sparsification: the server sees which coordinates were kept (the non-zero ones). The group is completed
   as a low-rank matrix from the kept entries (hard-impute: fill the dropped entries from the rank-r SVD of the
   current estimate, ``impute_iters`` times). The rank r is chosen on a grid by how well the completion predicts
   a held-out 5 % of the kept entries; with fewer kept entries than a rank-r matrix has degrees of freedom the
   group is underdetermined, recorded in ``info["adaptive"]`` (SOMP still runs on the completion). Only the two
   attention groups are completed (the exact regime reads only them; the MLP input group, read past the rank
-  limit, stays as kept).
+  limit, stays as kept). Kept coordinates alone: a fully kept block of the layer-1 group whose rank is below
+  both its row count and its width spans the batch's inputs restricted to its columns, so the exact span check
+  on those columns gives the token set (:func:`saturated_block`, :func:`block_tokens`), decoded by SOMP's pool
+  decoder; OMP then compares the update's kept coordinates only (``SompAttack(kept_from=...)``).
 * DP-SGD (per-sample clipping to C, then N(0, σ²C²) on the sum, divided by B): the noise on the shared mean
   gradient is Gaussian with std σ·C/B per coordinate (σ = the recorded noise multiplier, B = the granted batch
   size); the per-sample clipping only rescales each text's rows, which leaves their span unchanged. The same
@@ -32,9 +41,15 @@ from typing import Any
 
 import torch
 
-from leaklab.attacks.base import Recovery, register_gradient_attack
+from leaklab.attacks.base import NoSignal, Recovery, register_gradient_attack
 from leaklab.attacks.gradient.somp import SompAttack, SompOptions
-from leaklab.attacks.gradient.subspace import single_thread
+from leaklab.attacks.gradient.subspace import (
+    candidate_inputs,
+    numerical_rank,
+    row_space,
+    single_thread,
+    span_distance,
+)
 from leaklab.core import option
 from leaklab.models.registry import LoadedModel, load_model
 from leaklab.threat.observation import Observation
@@ -78,6 +93,110 @@ def project_known_noise(stack: torch.Tensor, sigma: float, margin: float) -> tup
     k = int((s > margin * sigma * (math.sqrt(m) + math.sqrt(d))).sum())
     basis = vh[:k]
     return (stack @ basis.T) @ basis, k
+
+
+def null_gain_bound(sigma: float, rows: int, z: float) -> float:
+    """Largest gain ‖N u‖² a pure-noise direction may show: for a unit u and N (rows × d) of N(0, σ²) entries,
+    ‖N u‖²/σ² is χ² with ``rows`` degrees of freedom (mean rows, std √(2·rows)); the bound is ``z`` stds
+    above the mean."""
+    return sigma**2 * (rows + z * math.sqrt(2 * rows))
+
+
+def select_tokens(stack: torch.Tensor, inputs: torch.Tensor, sigma: float, z: float) -> tuple[list[int], dict]:
+    """The batch's layer-1 tokens from a noisy span group ``stack`` (M × d, N(0, σ²) per entry) and every
+    token's layer-1 input (rows of ``inputs``): greedy selection in the row space, then backward pruning.
+
+    The clean group is G = A X (X: the batch's distinct inputs), so ‖G(I − P_S)‖² — the energy left outside the
+    span of the selected inputs S — falls by ‖G u‖² when x is added (u: x's unit component orthogonal to S).
+    Each step adds the token with the largest gain; it stops when no gain exceeds what a pure-noise direction
+    shows (:func:`null_gain_bound`: the noise's energy along any fixed direction is σ²·χ²_M). Then every
+    selected token whose own direction (orthogonal to the others) carries no more than the bound is dropped,
+    one at a time (an early pick that the true tokens explain later). Returns the row indices of ``inputs``."""
+    x = inputs.double()
+    g = stack.double()
+    m, d = g.shape
+    bound = null_gain_bound(sigma, m, z)
+    with single_thread():
+        w = g.T @ g
+        norms2 = (x * x).sum(1)
+        base = ((x @ w) * x).sum(1)
+        q = x.new_zeros(d, 0)
+        c = x.new_zeros(x.shape[0], 0)  # X Q
+        b = x.new_zeros(x.shape[0], 0)  # X W Q
+        chosen: list[int] = []
+        gain = torch.zeros(0)
+        while len(chosen) < d - 1:
+            qwq = q.T @ w @ q
+            num = base - 2 * (c * b).sum(1) + ((c @ qwq) * c).sum(1)
+            gain = num / (norms2 - (c * c).sum(1)).clamp_min(1e-300)
+            gain[norms2 <= 1e-12 * float(norms2.max())] = -1.0
+            if chosen:
+                gain[chosen] = -1.0
+            best = int(gain.argmax())
+            if float(gain[best]) <= bound:
+                break
+            chosen.append(best)
+            v = x[best] - q @ (q.T @ x[best])
+            v = v / v.norm()
+            q = torch.cat([q, v[:, None]], 1)
+            c = torch.cat([c, (x @ v)[:, None]], 1)
+            b = torch.cat([b, (x @ (w @ v))[:, None]], 1)
+        forward = len(chosen)
+        pruned = prune_tokens(g, x, chosen, bound)
+    info = {"selected": len(pruned), "forward": forward, "pruned": forward - len(pruned), "null_bound": bound}
+    return pruned, info
+
+
+def own_gains(stack: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """‖G u_j‖² for each row x_j of ``rows``, u_j its unit component orthogonal to the other rows (what G
+    loses when x_j leaves the set)."""
+    gram = rows @ rows.T
+    dual = torch.linalg.solve(gram, rows)  # row j: (X Xᵀ)⁻¹ X, orthogonal to every other row, ⟨·, x_j⟩ = 1
+    u = dual / dual.norm(dim=1, keepdim=True)
+    return (u @ stack.T).pow(2).sum(1)
+
+
+def prune_tokens(stack: torch.Tensor, inputs: torch.Tensor, chosen: list[int], bound: float) -> list[int]:
+    """Drop, one at a time, the chosen token whose own direction carries the least gain while that is within
+    ``bound`` (noise)."""
+    keep = list(chosen)
+    while len(keep) > 1:
+        gains = own_gains(stack, inputs[keep])
+        worst = int(gains.argmin())
+        if float(gains[worst]) > bound:
+            break
+        keep.pop(worst)
+    return keep
+
+
+def saturated_block(
+    stack: torch.Tensor, kept: torch.Tensor, slack: int = 4
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows, columns) of a fully kept block of a sparsified group whose rank r is below both its row count and
+    its width c by ``slack`` or more (None if there is none): such a block's row space is the batch's inputs'
+    span restricted to those columns. Blocks are the c most-kept columns and the rows kept on all of them, for
+    every c; the widest complement (c − r) wins."""
+    order = torch.argsort(kept.sum(0), descending=True)
+    best, best_room = None, 0
+    for c in range(8, stack.shape[1] + 1, 4):
+        cols = order[:c]
+        rows = torch.nonzero(kept[:, cols].all(1)).flatten()
+        if rows.numel() < c // 2:
+            break
+        r = numerical_rank(torch.linalg.svdvals(stack[rows][:, cols]))
+        if r + slack <= min(rows.numel(), c) and c - r > best_room:
+            best, best_room = (rows, cols), c - r
+    return best
+
+
+def block_tokens(
+    stack: torch.Tensor, block: tuple[torch.Tensor, torch.Tensor], inputs: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """Indices of the rows of ``inputs`` whose restriction to the block's columns lies in the block's row space
+    (span distance below ``tau``): the exact span check on kept coordinates only."""
+    rows, cols = block
+    basis, _, _ = row_space([stack[rows][:, cols]])
+    return torch.nonzero(span_distance(inputs[:, cols], basis) < tau).flatten()
 
 
 def complete_low_rank(observed: torch.Tensor, kept: torch.Tensor, rank: int, iters: int) -> torch.Tensor:
@@ -134,31 +253,85 @@ def known_sigma(rec: dict[str, Any], batch_size: int | None) -> float | None:
     return None
 
 
-def adapt(obs: Observation, margin: float, iters: int) -> tuple[Observation, dict[str, Any]]:
+@dataclass
+class Adapted:
+    """The update with the known defense undone where the structure allows, what was done, and (known noise)
+    the layer-1 token set selected with the known σ."""
+
+    obs: Observation
+    info: dict[str, Any]
+    tokens: torch.Tensor | None = None
+
+
+def adapt(obs: Observation, margin: float, iters: int, z: float = 6.0, tau: float = 1e-3) -> Adapted:
     """The update with each known defense's damage to the span groups undone where the structure allows."""
     loaded = load_model(obs.model)
     grads = dict(obs.gradients)
     groups = span_groups(loaded, grads)
     done: list[dict[str, Any]] = []
+    tokens = None
     for rec in obs.defenses:
         name = rec["name"]
         sigma = known_sigma(rec, obs.batch_size)
         if sigma is not None:
-            ranks = []
-            for g in groups:
-                stack, k = project_known_noise(_stack(grads, g), sigma, margin)
-                _unstack(stack, grads, g)
-                ranks.append(k)
-            done.append({"defense": name, "sigma": sigma, "kept_ranks": ranks})
+            step, tokens = _denoise(loaded, grads, groups, sigma, margin, z)
+            done.append({"defense": name, **step})
         elif name == "dpsgd":
             done.append({"defense": name, "note": "batch size not granted: the noise's std is unknown, passed through"})
         elif name == "topk":
-            done.append({"defense": name, **_complete(loaded, grads, groups, iters)})
+            block_info, tokens = _kept_block_tokens(loaded, grads, groups, tau)
+            done.append({"defense": name, **block_info, **_complete(loaded, grads, groups, iters)})
         elif name == "clip":
             done.append({"defense": name, "note": "span checks and OMP are scale-free: nothing to undo"})
         else:
             done.append({"defense": name, "note": "no adaptive step: passed through"})
-    return replace(obs, gradients=grads), {"steps": done}
+    return Adapted(replace(obs, gradients=grads), {"steps": done}, tokens)
+
+
+def _denoise(
+    loaded: LoadedModel,
+    grads: dict[str, torch.Tensor],
+    groups: list[list[tuple[str, bool]]],
+    sigma: float,
+    margin: float,
+    z: float,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Known σ: the layer-1 tokens by :func:`select_tokens` and the layer-1 group projected onto their inputs'
+    span; the other groups projected onto their singular directions above the noise's edge."""
+    ad = loaded.adapter
+    vocab = torch.arange(ad.embeddings.num_embeddings, device=ad.device)
+    with torch.no_grad():
+        inputs = candidate_inputs(ad, vocab, 0).double()
+    stack = _stack(grads, groups[0])
+    picked, select_info = select_tokens(stack, inputs, sigma, z)
+    basis = torch.linalg.qr(inputs[picked].T).Q.T if picked else inputs.new_zeros(0, stack.shape[1])
+    _unstack((stack @ basis.T) @ basis, grads, groups[0])
+    ranks = [len(picked)]
+    for g in groups[1:]:
+        projected, k = project_known_noise(_stack(grads, g), sigma, margin)
+        _unstack(projected, grads, g)
+        ranks.append(k)
+    step = {"sigma": sigma, "kept_ranks": ranks, "token_selection": select_info}
+    return step, vocab[torch.tensor(picked, dtype=torch.long, device=ad.device)]
+
+
+def _kept_block_tokens(
+    loaded: LoadedModel, grads: dict[str, torch.Tensor], groups: list[list[tuple[str, bool]]], tau: float
+) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """Top-k: the layer-1 tokens from the exact span check on a saturated fully kept block (None without one)."""
+    stack = _stack(grads, groups[0])
+    block = saturated_block(stack, stack != 0)
+    if block is None:
+        return {"kept_block": None}, None
+    ad = loaded.adapter
+    vocab = torch.arange(ad.embeddings.num_embeddings, device=ad.device)
+    with torch.no_grad():
+        inputs = candidate_inputs(ad, vocab, 0).double()
+    found = block_tokens(stack, block, inputs, tau)
+    info = {
+        "kept_block": {"rows": int(block[0].numel()), "columns": int(block[1].numel()), "tokens": int(found.numel())}
+    }
+    return info, (vocab[found] if found.numel() else None)
 
 
 def _complete(
@@ -182,12 +355,16 @@ def _complete(
 class AdaptiveOptions(SompOptions):
     """SOMP's options plus the adaptive steps'."""
 
-    margin: float = option(1.5, "known noise: keep singular directions above margin x the noise's spectral norm")
+    margin: float = option(1.0, "known noise: keep singular directions above margin x the noise's spectral norm")
     impute_iters: int = option(60, "top-k: hard-impute rounds of the low-rank completion")
+    noise_z: float = option(6.0, "known noise: a token's gain must pass the noise's chi-square mean by this many stds")
+    noise_prior: bool = option(False, "known noise: decode with the model's prior and the output-gradient filter too")
+    noise_end_z: float = option(5.0, "known noise: end_z of the pool decoder (the true extension stands out less)")
+    noise_stop_z: float = option(3.0, "known noise: stop_z of the pool decoder")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.require(positive=("margin", "impute_iters"))
+        self.require(positive=("margin", "impute_iters", "noise_z"), non_negative=("noise_end_z", "noise_stop_z"))
 
 
 @register_gradient_attack(
@@ -202,7 +379,14 @@ class AdaptiveSomp:
         self.opts = opts or AdaptiveOptions()
 
     def run(self, obs: Observation) -> Recovery:
-        view, info = adapt(obs, self.opts.margin, self.opts.impute_iters)
-        rec = SompAttack(self.opts).run(view)
-        rec.info["adaptive"] = info
+        done = adapt(obs, self.opts.margin, self.opts.impute_iters, self.opts.noise_z, self.opts.tau1)
+        if done.tokens is not None and done.tokens.numel() == 0:
+            raise NoSignal("known noise: no layer-1 token's gain exceeds the noise bound")
+        opts = self.opts
+        if done.tokens is not None:
+            opts = replace(opts, end_z=opts.noise_end_z, stop_z=opts.noise_stop_z)
+        sparse = any(rec["name"] == "topk" for rec in obs.defenses)
+        atk = SompAttack(opts, kept_from=obs if sparse else None)
+        rec = atk.run(done.obs, tokens=done.tokens, prior=self.opts.noise_prior)
+        rec.info["adaptive"] = done.info
         return rec

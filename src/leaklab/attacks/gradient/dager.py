@@ -237,6 +237,8 @@ def best_effort_decoder(
                 info["budget_stop"] = p
             break
         cand = spans.candidates(p, opts.tau1) if spans.l1_exact else spans.candidates(p, 0.0, topk=topk)
+        if cand.numel() == 0:  # no token passes the layer-1 check: the texts end here
+            break
         dist = spans.extension_distances(frontier, cand, opts.chunk)[0]
         best, arg = dist.min(dim=1)
         past = torch.tensor(hist, dtype=torch.float64, device=spans.device)

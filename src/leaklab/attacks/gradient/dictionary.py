@@ -35,17 +35,27 @@ def signal_params(loaded: LoadedModel, layers: tuple[int, ...] = (0, 1)) -> list
     return names
 
 
-def sketch_index(obs: Observation, params: list[str], size: int = SKETCH, seed: int = 0) -> dict[str, torch.Tensor]:
+def sketch_index(
+    obs: Observation, params: list[str], size: int = SKETCH, seed: int = 0, kept_only: bool = False
+) -> dict[str, torch.Tensor]:
     """A seeded random subset of each parameter's flattened coordinates, ~``size`` in total (CPU: drawn from a
-    CPU generator, so the subset is the same on every device)."""
-    total = sum(obs.gradients[p].numel() for p in params)
+    CPU generator, so the subset is the same on every device). ``kept_only``: drawn from the coordinates the
+    update kept (its non-zero ones: a sparsified update's dropped coordinates carry no evidence)."""
+    pools = {p: _pool(obs.gradients[p], kept_only) for p in params}
+    total = sum(int(pool.numel()) for pool in pools.values()) or 1
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = {}
-    for p in params:
-        n = obs.gradients[p].numel()
+    for p, pool in pools.items():
+        n = int(pool.numel())
         k = min(n, max(1, round(size * n / total)))
-        out[p] = torch.randperm(n, generator=gen, device="cpu")[:k].sort().values
+        out[p] = pool[torch.randperm(n, generator=gen, device="cpu")[:k]].sort().values
     return out
+
+
+def _pool(grad: torch.Tensor, kept_only: bool) -> torch.Tensor:
+    if kept_only:
+        return torch.nonzero(grad.detach().flatten().cpu()).flatten()
+    return torch.arange(grad.numel())
 
 
 def observed_vector(obs: Observation, index: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:

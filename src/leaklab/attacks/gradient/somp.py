@@ -615,16 +615,18 @@ def with_last_alternatives(spans: SpanModel, found: list[Found], k: int, room: i
 
 
 def select_by_omp(
-    spans: SpanModel, found: list[Found], n_known: int | None, opts: SompOptions
+    spans: SpanModel, found: list[Found], n_known: int | None, opts: SompOptions, kept_from: Observation | None = None
 ) -> tuple[list[Found], dict]:
-    """Stage 3: OMP over the candidates' gradients (one atom per label for ``classify``)."""
+    """Stage 3: OMP over the candidates' gradients (one atom per label for ``classify``). ``kept_from``: a
+    sparsified update whose kept (non-zero) coordinates alone are compared (OMP on the kept coordinates)."""
     found = found[: opts.max_atoms]
     if not found:
         return [], {"omp_stop": "no candidates"}
     loaded = spans.loaded
     labels = list(range(loaded.ref.num_labels)) if loaded.ref.task == "classify" else [None]
     params = signal_params(loaded)
-    index = sketch_index(spans.obs, params)
+    source = kept_from if kept_from is not None else spans.obs
+    index = sketch_index(source, params, kept_only=kept_from is not None)
     sentences = [f.ids for f in found for _ in labels]
     atom_labels = [lab for _ in found for lab in labels] if labels != [None] else None
     atoms = sentence_gradients(loaded, sentences, atom_labels, index, head_means=spans.head_means)
@@ -635,7 +637,7 @@ def select_by_omp(
         for i, f in enumerate(found)
     ]
     groups = [text_group[i] for i in range(len(found)) for _ in labels]
-    target = observed_vector(spans.obs, index, spans.device)
+    target = observed_vector(source, index, spans.device)
     res = best_selection(atoms, target, n_known, groups, opts)
     chosen = [found[atom // len(labels)] for atom in res.selected]
     info = {
@@ -678,8 +680,10 @@ class SompAttack:
 
     name = "somp"
 
-    def __init__(self, opts: SompOptions | None = None) -> None:
+    def __init__(self, opts: SompOptions | None = None, kept_from: Observation | None = None) -> None:
         self.opts = opts or SompOptions()
+        #: a sparsified update: OMP compares its kept coordinates only (the adaptive attacker against top-k)
+        self.kept_from = kept_from
 
     def token_set(self, spans: SpanModel) -> torch.Tensor:
         """The batch's tokens: exact from layer 1 while its span is not full, else the largest rows of the
@@ -704,13 +708,18 @@ class SompAttack:
             return chosen, info
         prefixes = [Found(f.ids[:cut], f.score, f.exact) for f, cut in pairs]
         again = with_last_alternatives(spans, prefixes, self.opts.last_alternatives, self.opts.max_atoms)
-        rechosen, again_info = select_by_omp(spans, again, len(chosen), self.opts)
+        rechosen, again_info = select_by_omp(spans, again, len(chosen), self.opts, self.kept_from)
         if len(rechosen) != len(chosen) or again_info["omp_residual"] > info["omp_residual"]:
             return chosen, info | {"last_token_pass": "kept"}
         return rechosen, again_info | {"dictionary": info["dictionary"], "last_token_pass": "rechosen"}
 
-    def run(self, obs: Observation) -> Recovery:
+    def run(self, obs: Observation, tokens: torch.Tensor | None = None, prior: bool | None = None) -> Recovery:
+        """``tokens``: a token set found otherwise (the adaptive attacker's selection under known noise): the
+        pool decoder runs on it whatever the spans' rank, with the model's prior and the output-gradient
+        filter when ``prior`` (default: only where layer 1 is full rank); where the spans are not full rank the
+        exact search's texts join the dictionary too, and OMP chooses."""
         spans, n_known, info = start_attack(obs)
+        given = tokens is not None
         dopts = DagerOptions(
             tau1=self.opts.tau1,
             tau2=self.opts.tau2,
@@ -718,14 +727,15 @@ class SompAttack:
             chunk=self.opts.chunk,
             budget_s=self.opts.budget_s,
         )
-        if spans.causal and not spans.full_rank:
+        if spans.causal and not spans.full_rank and tokens is None:
             found = dedupe(decoder_search(spans, dopts))
             found = with_last_alternatives(spans, found, self.opts.last_alternatives, self.opts.max_atoms)
         elif spans.causal:
             n_texts = n_known or full_rank_batch_guess(spans)
-            tokens = self.token_set(spans)
+            tokens = self.token_set(spans) if tokens is None else tokens
+            prior = not spans.l1_exact if prior is None else prior
             info["token_set"] = int(tokens.numel())
-            found = dedupe(span_beam_decode(spans, tokens, n_texts, self.opts, prior=not spans.l1_exact))
+            found = dedupe(span_beam_decode(spans, tokens, n_texts, self.opts, prior=prior))
             extra: list[Found] = []
             if self.opts.best_effort_atoms:  # DAGER's greedy best-effort texts join the dictionary too
                 extra = assemble(best_effort_decoder(spans, n_texts, dopts), None)
@@ -735,10 +745,15 @@ class SompAttack:
             found = with_last_alternatives(spans, found[:room], self.opts.last_alternatives, room)
             seen = {tuple(f.ids) for f in extra}
             found = [f for f in found if tuple(f.ids) not in seen][:room] + extra
+            if given and not spans.full_rank:  # a given token set on exact spans: the exact search's texts too
+                exact = dedupe(decoder_search(spans, dopts))
+                info["exact_candidates"] = len(exact)
+                exact = with_last_alternatives(spans, exact, self.opts.last_alternatives, self.opts.max_atoms)
+                found = dedupe(exact + found)[: self.opts.max_atoms]
         else:
             found = dedupe(encoder_search(spans, n_known or 1, dopts))
         info["candidates"] = len(found)
-        chosen, omp_info = select_by_omp(spans, found, n_known, self.opts)
+        chosen, omp_info = select_by_omp(spans, found, n_known, self.opts, self.kept_from)
         chosen, omp_info = self.rechoose_last_tokens(spans, chosen, omp_info)
         if self.opts.refine_rounds > 0 and spans.causal and spans.full_rank and spans.next_token and chosen:
             texts, history = residual_refine(spans, tokens, [f.ids for f in chosen], self.opts)
