@@ -66,6 +66,9 @@ GRID: dict[str, list[str]] = {
     "server-dp z=0.01 outside": ["--defense", "server-dp:noise=0.01,clip=0.5,view=outside"],
     "server-dp z=1 inside": ["--defense", "server-dp:noise=1,clip=0.5,view=inside", *ONLY_CLIENTS],
     "server-dp z=1 outside": ["--defense", "server-dp:noise=1,clip=0.5,view=outside"],
+    # one federation serving an inside and an outside row (view=both: the auditor at both places)
+    "server-dp z=0.01 inside+outside": ["--defense", "server-dp:noise=0.01,clip=0.5,view=both"],
+    "server-dp z=1 inside+outside": ["--defense", "server-dp:noise=1,clip=0.5,view=both"],
     "local-dp eps=8": ["--defense", "local-dp:clip=0.5,sensitivity=0.5,epsilon=8", *ONLY_CLIENTS],
     "fedavg 1 step": ["--setting", "fedavg", "--local-steps", "1", *ONLY_CLIENTS],
     "fedavg 3 steps": ["--setting", "fedavg", "--local-steps", "3", *ONLY_CLIENTS],
@@ -263,6 +266,23 @@ def summarise(summary: dict) -> dict:
     return out
 
 
+def default_rows() -> list[str]:
+    """Every grid row, the server-DP views by their shared federation (not one run per view)."""
+    shared = {k.removesuffix(" inside+outside") for k in GRID if k.endswith(" inside+outside")}
+    return [k for k in GRID if k.rsplit(" ", 1)[0] not in shared]
+
+
+def split_views(row: dict) -> list[dict]:
+    """A ``... inside+outside`` row (one federation, view=both) as its inside row (the client-update cells) and
+    its outside row (the aggregate cells); other rows as they are."""
+    if not row["name"].endswith(" inside+outside"):
+        return [row]
+    stem = row["name"].removesuffix(" inside+outside")
+    inside = {k: v for k, v in row.items() if not k.endswith("/aggregate")}
+    outside = {k: v for k, v in row.items() if not k.endswith("/clients")}
+    return [{**inside, "name": f"{stem} inside"}, {**outside, "name": f"{stem} outside"}]
+
+
 def write(rows: list[dict]) -> None:
     atomic_write_json(RESULTS / "fl.json", rows)
     lines = [
@@ -392,12 +412,14 @@ def main() -> None:
     todo = (
         {"scale (100 clients, tiny-llama)": SCALE}
         if args.job == "scale"
-        else {k: base + GRID[k] for k in (args.rows or GRID)}  # in the order given
+        else {k: base + GRID[k] for k in (args.rows or default_rows())}  # in the order given
     )
     for name, cli in todo.items():
         row = run_cli(name, cli)
+        rows = split_views(row)
         existing = json.loads((RESULTS / "fl.json").read_text()) if (RESULTS / "fl.json").exists() else []
-        existing = [r for r in existing if r["name"] != name] + [row]  # rows of earlier runs stay
+        names = {r["name"] for r in rows}
+        existing = [r for r in existing if r["name"] not in names] + rows  # rows of earlier runs stay
         write(existing)
         plot([r for r in existing if r["name"] in GRID])
         leakage = run_dir(name) / "leakage.png"

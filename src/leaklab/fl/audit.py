@@ -75,9 +75,12 @@ class Auditor:
     def sent(self, server_round: int, tensors: Tensors) -> None:
         """The global weights of ``server_round`` (kept as given, not copied: the caller hands over fresh tensors):
         the attacker's model is rebuilt from them. Earlier rounds' weights (and the model built from them) are
-        dropped: a round's updates all arrive before the next round starts."""
+        dropped: a round's updates all arrive before the next round starts. A second call for the same round (an
+        auditor at two places of one strategy, e.g. inside and outside server-side DP) keeps the first."""
         from leaklab.models.registry import unload
 
+        if server_round in self._sent:
+            return
         for ref, _ in self._refs.values():
             if ref.name != self.run.model:
                 unload(ref)
@@ -268,7 +271,7 @@ def known_noise(run: FlRun, examples: list[int] | None, clients: int) -> dict[st
         w = (sum(examples) / len(examples)) if examples else run.batch_size
         step = 2 * opts.clipping_range / opts.quantization_range
         return {"delta_noise_std": step * opts.max_weight / w / 6**0.5 / clients**0.5}
-    if name == "server-dp" and opts.view == "outside":
+    if name == "server-dp" and opts.view in ("outside", "both"):
         return {"delta_noise_std": opts.noise * opts.clip / run.clients}
     return {}
 

@@ -3,16 +3,17 @@
 ``none`` and ``server-dp`` use the Message API (``flwr.serverapp.strategy``); ``server-dp`` with view
 ``inside`` wraps the auditing strategy in ``DifferentialPrivacyServerSideFixedClipping`` (the auditor sees
 each clipped update before noise), with view ``outside`` the other way round (it sees only the noised
-aggregate). ``local-dp`` and ``secagg+`` use the legacy path, the only one Flower's LocalDpMod and SecAgg+
-support in flwr 1.42: ``DefaultWorkflow`` (with ``SecAggPlusWorkflow`` as the fit workflow for secagg+) over
-the legacy FedAvg.
+aggregate), with view ``both`` at both places of one federation. ``local-dp`` and ``secagg+`` use the legacy
+path, the only one Flower's LocalDpMod and SecAgg+ support in flwr 1.42: ``DefaultWorkflow`` (with
+``SecAggPlusWorkflow`` as the fit workflow for secagg+) over the legacy FedAvg.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
@@ -36,12 +37,37 @@ def message_strategy(run: FlRun, auditor: Auditor) -> Strategy:
     dp = {"noise_multiplier": opts.noise, "clipping_norm": opts.clip, "num_sampled_clients": run.clients}
     if opts.view == "inside":
         return DifferentialPrivacyServerSideFixedClipping(AuditStrategy(fedavg, auditor, run.capture), **dp)
+    if opts.view == "both":  # one federation seen from both places: the clipped updates and the noised mean
+        inside = DifferentialPrivacyServerSideFixedClipping(AuditStrategy(fedavg, auditor, "clients"), **dp)
+        return AuditStrategy(inside, auditor, "aggregate")
     return AuditStrategy(DifferentialPrivacyServerSideFixedClipping(fedavg, **dp), auditor, "aggregate")
+
+
+class ReleasingGrid:
+    """``grid`` that drops the replies of its previous ``send_and_receive`` when the next one starts.
+
+    Flower's ``Strategy.start`` keeps a round's reply list in a local variable until the next round's replies
+    have all arrived, so the server held two rounds of client replies at once (with full-model replies: two
+    models per client). No strategy uses a round's replies after aggregating them; this grid empties the list
+    it returned (the caller's reference included) before sending the next round's messages."""
+
+    def __init__(self, grid: Grid):
+        self._grid = grid
+        self._last: list[Message] = []
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        self._last.clear()
+        self._last = list(self._grid.send_and_receive(messages, timeout=timeout))
+        return self._last
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 def run_federation(grid: Grid, context: Context, run: FlRun, auditor: Auditor) -> None:
     """Run ``run.rounds`` rounds on ``grid`` with the auditor capturing (and attacking) every round."""
     auditor.defenses = defense_record(run)
+    grid = ReleasingGrid(grid)  # type: ignore[assignment]
     model = base_model(run.model, run.setting, run.lora_r)
     name, _ = defense_of(run.defense)
     if name in ("secagg+", "local-dp"):
