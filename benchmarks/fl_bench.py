@@ -269,7 +269,7 @@ def summarise(summary: dict) -> dict:
 def default_rows() -> list[str]:
     """Every grid row, the server-DP views by their shared federation (not one run per view)."""
     shared = {k.removesuffix(" inside+outside") for k in GRID if k.endswith(" inside+outside")}
-    return [k for k in GRID if k.rsplit(" ", 1)[0] not in shared]
+    return [k for k in GRID if not (k.rpartition(" ")[2] in ("inside", "outside") and k.rpartition(" ")[0] in shared)]
 
 
 def split_views(row: dict) -> list[dict]:
