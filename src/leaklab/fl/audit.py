@@ -16,7 +16,7 @@ import copy
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,7 @@ class Auditor:
         return self.out / "secrets"
 
     # ------------------------------------------------------------------ what the server sent
-    def sent(self, server_round: int, tensors: Tensors) -> None:
+    def sent(self, server_round: int, tensors: Tensors | RecordTensors) -> None:
         """The global weights of ``server_round`` (kept as given, not copied: the caller hands over fresh tensors):
         the attacker's model is rebuilt from them. Earlier rounds' weights (and the model built from them) are
         dropped: a round's updates all arrive before the next round starts. A second call for the same round (an
@@ -84,7 +84,9 @@ class Auditor:
         for ref, _ in self._refs.values():
             if ref.name != self.run.model:
                 unload(ref)
-        self._sent = {server_round: {k: v.detach().float() for k, v in tensors.items()}}
+        if not isinstance(tensors, RecordTensors):  # a record's tensors are read from it when needed
+            tensors = {k: v.detach().float() for k, v in tensors.items()}
+        self._sent = {server_round: tensors}
         self._refs = {server_round: self._global_ref(server_round, self._sent[server_round])}
         self.on_event("round", {"round": server_round})
 
@@ -112,7 +114,9 @@ class Auditor:
         return ModelRef(str(folder.resolve()), ref.task, ref.num_labels, ref.init_seed), meta
 
     # ------------------------------------------------------------------ what the server received
-    def client(self, server_round: int, node_id: int, reply: Tensors, num_examples: int | None) -> None:
+    def client(
+        self, server_round: int, node_id: int, reply: Mapping[str, torch.Tensor], num_examples: int | None
+    ) -> None:
         """One client's reply: its update Δ = θ_sent − θ_reply as the setting's Observation."""
         ref, lmeta = self._refs[server_round]
         obs = Observation(
@@ -126,7 +130,9 @@ class Auditor:
         secret = self._secret(server_round, [node_id])
         self._capture(server_round, f"node-{node_id}", obs, secret)
 
-    def aggregate(self, server_round: int, arrays: Tensors, examples: list[int] | None, clients: int) -> None:
+    def aggregate(
+        self, server_round: int, arrays: Mapping[str, torch.Tensor], examples: list[int] | None, clients: int
+    ) -> None:
         """The new global weights: the (weighted) mean update of ``clients`` clients, a ``secagg`` Observation."""
         self.replies[server_round] = clients
         ref, lmeta = self._refs[server_round]
@@ -153,12 +159,14 @@ class Auditor:
         )
         self._capture(server_round, "aggregate", obs, self._secret(server_round, None))
 
-    def _delta(self, server_round: int, reply: Tensors) -> Tensors:
-        sent = self._sent[server_round]
-        # in float64: a reply (a SecAgg+ aggregate) may carry more precision than float32
-        return {
-            k: (sent[k].double() - reply[k].detach().double().reshape(sent[k].shape)).float().contiguous() for k in sent
-        }
+    def _delta(self, server_round: int, reply: Mapping[str, torch.Tensor]) -> Tensors:
+        """θ_sent − θ_reply per tensor, in float64 (a reply, e.g. a SecAgg+ aggregate, may carry more precision
+        than float32), stored as float32; each tensor of ``reply`` (e.g. :class:`RecordTensors`) read once."""
+        out: Tensors = {}
+        for k, sent in self._sent[server_round].items():
+            theirs = reply[k].detach().double().reshape(sent.shape)
+            out[k] = (sent.double() - theirs).float().contiguous()
+        return out
 
     def _flags(self, batch_size_known: bool) -> ThreatFlags:
         return ThreatFlags(
@@ -316,6 +324,23 @@ def _num_examples(msg: Message, key: str) -> int | None:
     return int(value) if value is not None else None
 
 
+class RecordTensors(Mapping[str, torch.Tensor]):
+    """The tensors of a Flower ArrayRecord, each deserialised when read: the auditor keeps the global weights
+    Flower holds anyway instead of a copy of its own."""
+
+    def __init__(self, record: ArrayRecord):
+        self.record = record
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.record[key].numpy(), copy=True))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.record)
+
+    def __len__(self) -> int:
+        return len(self.record)
+
+
 class AuditStrategy(Strategy):
     """Wrap ``strategy`` and hand the :class:`Auditor` the weights sent, each client's reply (``capture`` clients
     or both) and the aggregate (``capture`` aggregate or both). The federation itself is the inner strategy's."""
@@ -338,7 +363,7 @@ class AuditStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.auditor.sent(server_round, arrays.to_torch_state_dict())
+        self.auditor.sent(server_round, RecordTensors(arrays))
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -351,14 +376,14 @@ class AuditStrategy(Strategy):
                 self.auditor.client(
                     server_round,
                     msg.metadata.src_node_id,
-                    arrays.to_torch_state_dict(),
+                    RecordTensors(arrays),
                     _num_examples(msg, self.weighted_by_key),
                 )
         examples = [_num_examples(m, self.weighted_by_key) for m in replies]
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is not None and self.capture in ("aggregate", "both"):
             known = None if any(e is None for e in examples) else [int(e) for e in examples if e is not None]
-            self.auditor.aggregate(server_round, arrays.to_torch_state_dict(), known, len(replies))
+            self.auditor.aggregate(server_round, RecordTensors(arrays), known, len(replies))
         return arrays, metrics
 
     def configure_evaluate(

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
-from leaklab.fl.audit import Auditor, AuditStrategy, defense_record, legacy_audit_strategy
+from leaklab.fl.audit import Auditor, AuditStrategy, RecordTensors, defense_record, legacy_audit_strategy
 from leaklab.fl.config import FlRun, defense_of
 from leaklab.fl.model import base_model, shared_names, tensors_of
 
@@ -75,7 +75,7 @@ def run_federation(grid: Grid, context: Context, run: FlRun, auditor: Auditor) -
         return
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        loss = auditor.validation(server_round, arrays.to_torch_state_dict())
+        loss = auditor.validation(server_round, RecordTensors(arrays))
         return MetricRecord({"val-loss": loss}) if loss is not None else None
 
     message_strategy(run, auditor).start(
