@@ -93,6 +93,29 @@ def test_auditor_attacks_the_first_client_updates_and_the_aggregate_unless_told_
     assert quiet._attack_this(1, "node-5") and not quiet._attack_this(1, "aggregate")
 
 
+def test_releasing_grid_drops_a_rounds_replies_when_the_next_round_is_sent():
+    """Flower's Strategy.start keeps a round's reply list until the next round's replies have all arrived; the
+    grid the auditing strategy runs on empties it (the caller's reference too) before sending the next round."""
+    from leaklab.fl.audit import ReleasingGrid
+
+    class Grid:
+        run_id = 7
+
+        def __init__(self):
+            self.sent = 0
+
+        def send_and_receive(self, messages, *, timeout=None):
+            self.sent += 1
+            return [f"reply {self.sent}.{m}" for m in messages]
+
+    grid = ReleasingGrid(Grid())
+    first = grid.send_and_receive(["a", "b"], timeout=1.0)
+    assert first == ["reply 1.a", "reply 1.b"]
+    second = grid.send_and_receive(["c"])
+    assert first == [] and second == ["reply 2.c"]
+    assert grid.run_id == 7 and grid.sent == 2  # everything else is the wrapped grid's
+
+
 def test_deferred_auditor_stores_updates_holds_none_and_attacks_them_from_their_files(tmp_path):
     """While the federation runs a deferred auditor writes each update and keeps only its path (no Observation
     stays alive); afterwards it attacks the files and recovers the client's texts."""

@@ -324,6 +324,27 @@ def _num_examples(msg: Message, key: str) -> int | None:
     return int(value) if value is not None else None
 
 
+class ReleasingGrid:
+    """``grid`` that drops the replies of its previous ``send_and_receive`` when the next one starts.
+
+    Flower's ``Strategy.start`` keeps a round's reply list in a local variable until the next round's replies
+    have all arrived, so the server held two rounds of client replies at once (with full-model replies: two
+    models per client). No strategy uses a round's replies after aggregating them; this grid empties the list
+    it returned (the caller's reference included) before sending the next round's messages."""
+
+    def __init__(self, grid: Grid):
+        self._grid = grid
+        self._last: list[Message] = []
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        self._last.clear()
+        self._last = list(self._grid.send_and_receive(messages, timeout=timeout))
+        return self._last
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 class RecordTensors(Mapping[str, torch.Tensor]):
     """The tensors of a Flower ArrayRecord, each deserialised when read: the auditor keeps the global weights
     Flower holds anyway instead of a copy of its own."""
@@ -359,6 +380,11 @@ class AuditStrategy(Strategy):
 
     def summary(self) -> None:
         self.strategy.summary()
+
+    def start(self, grid: Grid, *args: Any, **kwargs: Any) -> Any:
+        """Flower's ``Strategy.start`` on a :class:`ReleasingGrid` (a round's replies are dropped before the next
+        round's arrive)."""
+        return super().start(ReleasingGrid(grid), *args, **kwargs)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -10,14 +10,20 @@ path, the only one Flower's LocalDpMod and SecAgg+ support in flwr 1.42: ``Defau
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
-from leaklab.fl.audit import Auditor, AuditStrategy, RecordTensors, defense_record, legacy_audit_strategy
+from leaklab.fl.audit import (
+    Auditor,
+    AuditStrategy,
+    RecordTensors,
+    ReleasingGrid,
+    defense_record,
+    legacy_audit_strategy,
+)
 from leaklab.fl.config import FlRun, defense_of
 from leaklab.fl.model import base_model, shared_names, tensors_of
 
@@ -41,27 +47,6 @@ def message_strategy(run: FlRun, auditor: Auditor) -> Strategy:
         inside = DifferentialPrivacyServerSideFixedClipping(AuditStrategy(fedavg, auditor, "clients"), **dp)
         return AuditStrategy(inside, auditor, "aggregate")
     return AuditStrategy(DifferentialPrivacyServerSideFixedClipping(fedavg, **dp), auditor, "aggregate")
-
-
-class ReleasingGrid:
-    """``grid`` that drops the replies of its previous ``send_and_receive`` when the next one starts.
-
-    Flower's ``Strategy.start`` keeps a round's reply list in a local variable until the next round's replies
-    have all arrived, so the server held two rounds of client replies at once (with full-model replies: two
-    models per client). No strategy uses a round's replies after aggregating them; this grid empties the list
-    it returned (the caller's reference included) before sending the next round's messages."""
-
-    def __init__(self, grid: Grid):
-        self._grid = grid
-        self._last: list[Message] = []
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        self._last.clear()
-        self._last = list(self._grid.send_and_receive(messages, timeout=timeout))
-        return self._last
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
 
 
 def run_federation(grid: Grid, context: Context, run: FlRun, auditor: Auditor) -> None:
