@@ -93,6 +93,14 @@ def test_auditor_attacks_the_first_client_updates_and_the_aggregate_unless_told_
     assert quiet._attack_this(1, "node-5") and not quiet._attack_this(1, "aggregate")
 
 
+def test_rounds_without_any_reply_count_as_missing_every_client():
+    from leaklab.fl.report import missing_replies
+
+    run = FlRun(clients=8, rounds=3, **TINY)
+    assert missing_replies(run, {1: 8, 2: 6}) == {"2": 2, "3": 8}
+    assert missing_replies(run, {1: 8, 2: 8, 3: 8}) == {}
+
+
 def test_releasing_grid_drops_a_rounds_replies_when_the_next_round_is_sent():
     """Flower's Strategy.start keeps a round's reply list until the next round's replies have all arrived; the
     grid the auditing strategy runs on empties it (the caller's reference too) before sending the next round."""

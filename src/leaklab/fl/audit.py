@@ -396,6 +396,7 @@ class AuditStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = [r for r in replies if not r.has_error()]
+        self.auditor.replies[server_round] = len(replies)
         if self.capture in ("clients", "both"):
             for msg in replies:
                 arrays = _single(msg.content.array_records)
@@ -444,6 +445,7 @@ def legacy_audit_strategy(strategy: Any, auditor: Auditor, names: list[str], sec
             return strategy.configure_fit(server_round, parameters, client_manager)
 
         def aggregate_fit(self, server_round, results, failures):
+            auditor.replies[server_round] = len(results)
             if not secure and auditor.run.capture in ("clients", "both"):
                 for proxy, res in results:
                     auditor.client(server_round, int(proxy.node_id), tensors(res.parameters), res.num_examples)
