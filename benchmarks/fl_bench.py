@@ -4,7 +4,9 @@ Rerun (each job appends/replaces its rows in benchmarks/results/fl/fl.json and r
   PYTHONPATH=src python benchmarks/fl_bench.py scale            # leaklab fl simulate --clients 100 --rounds 1
   PYTHONPATH=src python benchmarks/fl_bench.py grid [ROW ...]   # smollm2-135m, 8 clients × B=4, 3 rounds
 Each run is the CLI in a subprocess (``leaklab fl simulate``); peak memory is the largest sum of RSS (and of PSS)
-over the process tree (driver, Ray raylet/GCS and client actors), sampled every 0.5 s.
+over the process tree (driver, Ray raylet/GCS and client actors), sampled every 0.5 s; each row's ``memory`` holds
+the peaks per phase (startup, round N, the deferred attacks) and per kind of process, ``memory-<row>.png`` the
+timeline. ``server-dp z=… inside+outside`` is one federation audited at both places, written as its two rows.
 """
 
 from __future__ import annotations
