@@ -4,7 +4,9 @@ Rerun (each job appends/replaces its rows in benchmarks/results/fl/fl.json and r
   PYTHONPATH=src python benchmarks/fl_bench.py scale            # leaklab fl simulate --clients 100 --rounds 1
   PYTHONPATH=src python benchmarks/fl_bench.py grid [ROW ...]   # smollm2-135m, 8 clients × B=4, 3 rounds
 Each run is the CLI in a subprocess (``leaklab fl simulate``); peak memory is the largest sum of RSS (and of PSS)
-over the process tree (driver, Ray raylet/GCS and client actors), sampled every 0.5 s.
+over the process tree (driver, Ray raylet/GCS and client actors), sampled every 0.5 s; each row's ``memory`` holds
+the peaks per phase (startup, round N, the deferred attacks) and per kind of process, ``memory-<row>.png`` the
+timeline. ``server-dp z=… inside+outside`` is one federation audited at both places, written as its two rows.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,6 +68,9 @@ GRID: dict[str, list[str]] = {
     "server-dp z=0.01 outside": ["--defense", "server-dp:noise=0.01,clip=0.5,view=outside"],
     "server-dp z=1 inside": ["--defense", "server-dp:noise=1,clip=0.5,view=inside", *ONLY_CLIENTS],
     "server-dp z=1 outside": ["--defense", "server-dp:noise=1,clip=0.5,view=outside"],
+    # one federation serving an inside and an outside row (view=both: the auditor at both places)
+    "server-dp z=0.01 inside+outside": ["--defense", "server-dp:noise=0.01,clip=0.5,view=both"],
+    "server-dp z=1 inside+outside": ["--defense", "server-dp:noise=1,clip=0.5,view=both"],
     "local-dp eps=8": ["--defense", "local-dp:clip=0.5,sensitivity=0.5,epsilon=8", *ONLY_CLIENTS],
     "fedavg 1 step": ["--setting", "fedavg", "--local-steps", "1", *ONLY_CLIENTS],
     "fedavg 3 steps": ["--setting", "fedavg", "--local-steps", "3", *ONLY_CLIENTS],
@@ -89,14 +95,86 @@ SCALE = [
 ]
 
 
-def tree_memory(proc: psutil.Process) -> tuple[int, int]:
-    """RSS and PSS summed over the process tree (PSS splits each shared page among the processes mapping it)."""
-    rss = pss = 0
+def process_kind(p: psutil.Process, root: psutil.Process) -> str:
+    """Which part of the federation a process is: the driver (the CLI: server, auditor, simulation engine), a
+    Flower client actor, Ray's raylet or GCS, or another Ray process (idle workers, log monitor, agents)."""
+    if p.pid == root.pid:
+        return "driver"
+    cmd = " ".join(p.cmdline())
+    if "ClientAppActor" in cmd:
+        return "client actor"
+    for kind in ("raylet", "gcs_server"):
+        if kind in cmd:
+            return kind
+    return "ray other"
+
+
+def tree_memory(proc: psutil.Process) -> dict[str, tuple[int, int]]:
+    """RSS and PSS per kind of process in the tree (PSS splits each shared page among the processes mapping it)."""
+    out: dict[str, tuple[int, int]] = {}
     for p in [proc, *proc.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
-            info = p.memory_full_info()
-            rss, pss = rss + info.rss, pss + info.pss
-    return rss, pss
+            info, kind = p.memory_full_info(), process_kind(p, proc)
+            rss, pss = out.get(kind, (0, 0))
+            out[kind] = (rss + info.rss, pss + info.pss)
+    return out
+
+
+class MemoryLog:
+    """Samples of the process tree's memory per kind of process, each tagged with the run's phase: ``startup``,
+    ``round N`` while Ray runs (N: the newest round a client has trained), ``attacks`` once Ray is gone (the
+    deferred attacks on the stored updates). Peaks per phase: the largest total and, at that moment, each kind;
+    and each kind's own largest value in the phase."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.samples: list[dict] = []
+        self.ray_seen = False
+        self.start = time.perf_counter()
+
+    def phase(self, kinds: set[str]) -> str:
+        if "raylet" in kinds:
+            self.ray_seen = True
+            # a round's folder appears when its global model is saved (rounds ≥ 2) or a client has trained
+            rounds = [int(f.name.split("-")[1]) for f in self.out.glob("round-*")]
+            rounds += [int(f.name.split("-")[1]) for f in self.out.glob("secrets/round-*")]
+            return f"round {max(rounds)}" if rounds else "startup"
+        return "attacks" if self.ray_seen else "startup"
+
+    def sample(self, proc: psutil.Process) -> None:
+        mem = tree_memory(proc)
+        self.samples.append(
+            {
+                "t": round(time.perf_counter() - self.start, 1),
+                "phase": self.phase(set(mem)),
+                "rss": {k: v[0] for k, v in mem.items()},
+                "pss": {k: v[1] for k, v in mem.items()},
+            }
+        )
+
+    def peaks(self) -> dict:
+        """Per phase: peak total RSS/PSS (GiB), each kind's RSS/PSS at the RSS peak, and each kind's own peak."""
+        gib = 2**30
+        out: dict = {}
+        for phase in dict.fromkeys(s["phase"] for s in self.samples):
+            rows = [s for s in self.samples if s["phase"] == phase]
+            top = max(rows, key=lambda s: sum(s["rss"].values()))
+            kinds = sorted({k for s in rows for k in s["rss"]})
+            out[phase] = {
+                "seconds": round(rows[-1]["t"] - rows[0]["t"], 1),
+                "peak_rss_gib": round(sum(top["rss"].values()) / gib, 2),
+                "peak_pss_gib": round(max(sum(s["pss"].values()) for s in rows) / gib, 2),
+                "at_peak_rss_gib": {k: round(top["rss"].get(k, 0) / gib, 2) for k in kinds},
+                "at_peak_pss_gib": {k: round(top["pss"].get(k, 0) / gib, 2) for k in kinds},
+                "own_peak_rss_gib": {k: round(max(s["rss"].get(k, 0) for s in rows) / gib, 2) for k in kinds},
+            }
+        return out
+
+    def totals(self) -> tuple[int, int]:
+        return (
+            max((sum(s["rss"].values()) for s in self.samples), default=0),
+            max((sum(s["pss"].values()) for s in self.samples), default=0),
+        )
 
 
 def ray_env() -> dict[str, str]:
@@ -113,22 +191,28 @@ def prune(out: Path) -> None:
         f.unlink()
 
 
+def run_dir(name: str) -> Path:
+    return RUNS / name.replace(" ", "_").replace("=", "")
+
+
 def run_cli(name: str, args: list[str]) -> dict:
-    out = RUNS / name.replace(" ", "_").replace("=", "")
+    out = run_dir(name)
+    shutil.rmtree(out, ignore_errors=True)  # a previous run's round folders would mislabel the phases
     cmd = [sys.executable, "-m", "leaklab.cli", "fl", "simulate", *args, "--out", str(out), "--json"]
-    start, peak, peak_pss = time.perf_counter(), 0, 0
+    start, memory = time.perf_counter(), MemoryLog(out)
     with open(RUNS / f"{out.name}.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ray_env())
         ps = psutil.Process(proc.pid)
         try:
             while proc.poll() is None:
-                rss, pss = tree_memory(ps)
-                peak, peak_pss = max(peak, rss), max(peak_pss, pss)
+                memory.sample(ps)
                 time.sleep(0.5)
         finally:  # stopped (timeout, Ctrl-C): the CLI shuts its Ray down on SIGTERM
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait(timeout=60)
+    atomic_write_json(RUNS / f"{out.name}.memory.json", memory.samples)
+    peak, peak_pss = memory.totals()
     wall = time.perf_counter() - start
     shown = "leaklab fl simulate " + " ".join(shlex.quote(a) for a in args) + " --out DIR"
     row = {
@@ -138,6 +222,7 @@ def run_cli(name: str, args: list[str]) -> dict:
         "wall_s": round(wall, 1),
         "peak_rss_gib": round(peak / 2**30, 2),
         "peak_pss_gib": round(peak_pss / 2**30, 2),
+        "memory": memory.peaks(),
     }
     summary_file = out / "summary.json"
     if proc.returncode == 0 and summary_file.exists():
@@ -181,6 +266,23 @@ def summarise(summary: dict) -> dict:
                 "outcomes": sorted({r["outcome"] for r in rows if r["status"] != "recovered"})[:2],
             }
     return out
+
+
+def default_rows() -> list[str]:
+    """Every grid row, the server-DP views by their shared federation (not one run per view)."""
+    shared = {k.removesuffix(" inside+outside") for k in GRID if k.endswith(" inside+outside")}
+    return [k for k in GRID if not (k.rpartition(" ")[2] in ("inside", "outside") and k.rpartition(" ")[0] in shared)]
+
+
+def split_views(row: dict) -> list[dict]:
+    """A ``... inside+outside`` row (one federation, view=both) as its inside row (the client-update cells) and
+    its outside row (the aggregate cells); other rows as they are."""
+    if not row["name"].endswith(" inside+outside"):
+        return [row]
+    stem = row["name"].removesuffix(" inside+outside")
+    inside = {k: v for k, v in row.items() if not k.endswith("/aggregate")}
+    outside = {k: v for k, v in row.items() if not k.endswith("/clients")}
+    return [{**inside, "name": f"{stem} inside"}, {**outside, "name": f"{stem} outside"}]
 
 
 def write(rows: list[dict]) -> None:
@@ -267,6 +369,30 @@ def plot(rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def plot_memory(samples: list[dict], path: Path, title: str) -> None:
+    """RSS per kind of process over the run (stacked), the phases marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = ["driver", "client actor", "raylet", "gcs_server", "ray other"]
+    t = [s["t"] for s in samples]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.stackplot(t, *[[s["rss"].get(k, 0) / 2**30 for s in samples] for k in kinds], labels=kinds)
+    for i, s in enumerate(samples):
+        if i == 0 or s["phase"] != samples[i - 1]["phase"]:
+            ax.axvline(s["t"], color="black", lw=0.5)
+            ax.text(s["t"], ax.get_ylim()[1] * 0.97, s["phase"], fontsize=7, va="top")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("RSS GiB (stacked per kind of process)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, 0.9))
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     ap = argparse.ArgumentParser()
@@ -288,17 +414,22 @@ def main() -> None:
     todo = (
         {"scale (100 clients, tiny-llama)": SCALE}
         if args.job == "scale"
-        else {k: base + GRID[k] for k in (args.rows or GRID)}  # in the order given
+        else {k: base + GRID[k] for k in (args.rows or default_rows())}  # in the order given
     )
     for name, cli in todo.items():
         row = run_cli(name, cli)
+        rows = split_views(row)
         existing = json.loads((RESULTS / "fl.json").read_text()) if (RESULTS / "fl.json").exists() else []
-        existing = [r for r in existing if r["name"] != name] + [row]  # rows of earlier runs stay
+        names = {r["name"] for r in rows}
+        existing = [r for r in existing if r["name"] not in names] + rows  # rows of earlier runs stay
         write(existing)
         plot([r for r in existing if r["name"] in GRID])
-        leakage = RUNS / name.replace(" ", "_").replace("=", "") / "leakage.png"
+        leakage = run_dir(name) / "leakage.png"
+        safe = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+        samples = Path(f"{run_dir(name)}.memory.json")
+        if samples.exists():
+            plot_memory(json.loads(samples.read_text()), RESULTS / f"memory-{safe}.png", name)
         if leakage.exists():
-            safe = "".join(c if c.isalnum() else "-" for c in name).strip("-")
             atomic_write(RESULTS / f"leakage-{safe}.png", lambda tmp, src=leakage: tmp.write_bytes(src.read_bytes()))
         print(json.dumps(row), flush=True)
 

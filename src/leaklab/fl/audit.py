@@ -16,7 +16,7 @@ import copy
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -72,16 +72,21 @@ class Auditor:
         return self.out / "secrets"
 
     # ------------------------------------------------------------------ what the server sent
-    def sent(self, server_round: int, tensors: Tensors) -> None:
+    def sent(self, server_round: int, tensors: Tensors | RecordTensors) -> None:
         """The global weights of ``server_round`` (kept as given, not copied: the caller hands over fresh tensors):
         the attacker's model is rebuilt from them. Earlier rounds' weights (and the model built from them) are
-        dropped: a round's updates all arrive before the next round starts."""
+        dropped: a round's updates all arrive before the next round starts. A second call for the same round (an
+        auditor at two places of one strategy, e.g. inside and outside server-side DP) keeps the first."""
         from leaklab.models.registry import unload
 
+        if server_round in self._sent:
+            return
         for ref, _ in self._refs.values():
             if ref.name != self.run.model:
                 unload(ref)
-        self._sent = {server_round: {k: v.detach().float() for k, v in tensors.items()}}
+        if not isinstance(tensors, RecordTensors):  # a record's tensors are read from it when needed
+            tensors = {k: v.detach().float() for k, v in tensors.items()}
+        self._sent = {server_round: tensors}
         self._refs = {server_round: self._global_ref(server_round, self._sent[server_round])}
         self.on_event("round", {"round": server_round})
 
@@ -109,7 +114,9 @@ class Auditor:
         return ModelRef(str(folder.resolve()), ref.task, ref.num_labels, ref.init_seed), meta
 
     # ------------------------------------------------------------------ what the server received
-    def client(self, server_round: int, node_id: int, reply: Tensors, num_examples: int | None) -> None:
+    def client(
+        self, server_round: int, node_id: int, reply: Mapping[str, torch.Tensor], num_examples: int | None
+    ) -> None:
         """One client's reply: its update Δ = θ_sent − θ_reply as the setting's Observation."""
         ref, lmeta = self._refs[server_round]
         obs = Observation(
@@ -123,7 +130,9 @@ class Auditor:
         secret = self._secret(server_round, [node_id])
         self._capture(server_round, f"node-{node_id}", obs, secret)
 
-    def aggregate(self, server_round: int, arrays: Tensors, examples: list[int] | None, clients: int) -> None:
+    def aggregate(
+        self, server_round: int, arrays: Mapping[str, torch.Tensor], examples: list[int] | None, clients: int
+    ) -> None:
         """The new global weights: the (weighted) mean update of ``clients`` clients, a ``secagg`` Observation."""
         self.replies[server_round] = clients
         ref, lmeta = self._refs[server_round]
@@ -150,12 +159,14 @@ class Auditor:
         )
         self._capture(server_round, "aggregate", obs, self._secret(server_round, None))
 
-    def _delta(self, server_round: int, reply: Tensors) -> Tensors:
-        sent = self._sent[server_round]
-        # in float64: a reply (a SecAgg+ aggregate) may carry more precision than float32
-        return {
-            k: (sent[k].double() - reply[k].detach().double().reshape(sent[k].shape)).float().contiguous() for k in sent
-        }
+    def _delta(self, server_round: int, reply: Mapping[str, torch.Tensor]) -> Tensors:
+        """θ_sent − θ_reply per tensor, in float64 (a reply, e.g. a SecAgg+ aggregate, may carry more precision
+        than float32), stored as float32; each tensor of ``reply`` (e.g. :class:`RecordTensors`) read once."""
+        out: Tensors = {}
+        for k, sent in self._sent[server_round].items():
+            theirs = reply[k].detach().double().reshape(sent.shape)
+            out[k] = (sent.double() - theirs).float().contiguous()
+        return out
 
     def _flags(self, batch_size_known: bool) -> ThreatFlags:
         return ThreatFlags(
@@ -271,7 +282,7 @@ def known_noise(run: FlRun, examples: list[int] | None, clients: int) -> dict[st
         w = (sum(examples) / len(examples)) if examples else run.batch_size
         step = 2 * opts.clipping_range / opts.quantization_range
         return {"delta_noise_std": step * opts.max_weight / w / 6**0.5 / clients**0.5}
-    if name == "server-dp" and opts.view == "outside":
+    if name == "server-dp" and opts.view in ("outside", "both"):
         return {"delta_noise_std": opts.noise * opts.clip / run.clients}
     return {}
 
@@ -316,6 +327,44 @@ def _num_examples(msg: Message, key: str) -> int | None:
     return int(value) if value is not None else None
 
 
+class ReleasingGrid:
+    """``grid`` that drops the replies of its previous ``send_and_receive`` when the next one starts.
+
+    Flower's ``Strategy.start`` keeps a round's reply list in a local variable until the next round's replies
+    have all arrived, so the server held two rounds of client replies at once (with full-model replies: two
+    models per client). No strategy uses a round's replies after aggregating them; this grid empties the list
+    it returned (the caller's reference included) before sending the next round's messages."""
+
+    def __init__(self, grid: Grid):
+        self._grid = grid
+        self._last: list[Message] = []
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        self._last.clear()
+        self._last = list(self._grid.send_and_receive(messages, timeout=timeout))
+        return self._last
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+class RecordTensors(Mapping[str, torch.Tensor]):
+    """The tensors of a Flower ArrayRecord, each deserialised when read: the auditor keeps the global weights
+    Flower holds anyway instead of a copy of its own."""
+
+    def __init__(self, record: ArrayRecord):
+        self.record = record
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.record[key].numpy(), copy=True))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.record)
+
+    def __len__(self) -> int:
+        return len(self.record)
+
+
 class AuditStrategy(Strategy):
     """Wrap ``strategy`` and hand the :class:`Auditor` the weights sent, each client's reply (``capture`` clients
     or both) and the aggregate (``capture`` aggregate or both). The federation itself is the inner strategy's."""
@@ -335,30 +384,36 @@ class AuditStrategy(Strategy):
     def summary(self) -> None:
         self.strategy.summary()
 
+    def start(self, grid: Grid, *args: Any, **kwargs: Any) -> Any:
+        """Flower's ``Strategy.start`` on a :class:`ReleasingGrid` (a round's replies are dropped before the next
+        round's arrive)."""
+        return super().start(ReleasingGrid(grid), *args, **kwargs)
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.auditor.sent(server_round, arrays.to_torch_state_dict())
+        self.auditor.sent(server_round, RecordTensors(arrays))
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = [r for r in replies if not r.has_error()]
+        self.auditor.replies[server_round] = len(replies)
         if self.capture in ("clients", "both"):
             for msg in replies:
                 arrays = _single(msg.content.array_records)
                 self.auditor.client(
                     server_round,
                     msg.metadata.src_node_id,
-                    arrays.to_torch_state_dict(),
+                    RecordTensors(arrays),
                     _num_examples(msg, self.weighted_by_key),
                 )
         examples = [_num_examples(m, self.weighted_by_key) for m in replies]
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is not None and self.capture in ("aggregate", "both"):
             known = None if any(e is None for e in examples) else [int(e) for e in examples if e is not None]
-            self.auditor.aggregate(server_round, arrays.to_torch_state_dict(), known, len(replies))
+            self.auditor.aggregate(server_round, RecordTensors(arrays), known, len(replies))
         return arrays, metrics
 
     def configure_evaluate(
@@ -393,6 +448,7 @@ def legacy_audit_strategy(strategy: Any, auditor: Auditor, names: list[str], sec
             return strategy.configure_fit(server_round, parameters, client_manager)
 
         def aggregate_fit(self, server_round, results, failures):
+            auditor.replies[server_round] = len(results)
             if not secure and auditor.run.capture in ("clients", "both"):
                 for proxy, res in results:
                     auditor.client(server_round, int(proxy.node_id), tensors(res.parameters), res.num_examples)

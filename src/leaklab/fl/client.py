@@ -1,10 +1,10 @@
 """leaklab's Flower ClientApp: each SuperNode trains on its private shard with leaklab's victim code.
 
 Per round the client draws its batch (``batch-size`` texts of the corpus's private split, distinct across
-clients and rounds), loads the global weights, runs :func:`leaklab.threat.local.local_update` (FedSGD: one
-SGD step at η on the batch; FedAvg and LoRA: ``local-steps`` passes) and replies with its weights and
-``num-examples``. The private batch never enters a Flower message: with ``secrets-dir`` set, the client writes
-it there for the auditor's scoring only.
+clients and rounds), loads the global weights, runs leaklab's local SGD steps on them in place
+(:meth:`leaklab.threat.local.LocalTrainer.sgd_steps`; FedSGD: one SGD step at η on the batch; FedAvg and LoRA:
+``local-steps`` passes) and replies with its weights and ``num-examples``. The private batch never enters a
+Flower message: with ``secrets-dir`` set, the client writes it there for the auditor's scoring only.
 
 Flower's LocalDpMod and secaggplus_mod (flwr 1.42) read and write the legacy fit layout
 (``fitins.parameters`` / ``fitres.parameters``), so those defenses run on the legacy server path
@@ -29,7 +29,7 @@ from leaklab.fl.config import defense_of
 from leaklab.fl.model import load_tensors, shared_names, working_model
 from leaklab.io import atomic_write_json
 from leaklab.models.registry import ModelRef, load_model
-from leaklab.threat.local import TextObjective, local_update, text_batch
+from leaklab.threat.local import LocalTrainer, TextObjective, text_batch
 
 LEGACY_IN = "fitins.parameters"
 LEGACY_CONFIG = "fitins.config"
@@ -59,23 +59,21 @@ def private_batch(cfg: dict[str, Any], partition: int, server_round: int) -> tup
 def train_locally(
     cfg: dict[str, Any], weights: Mapping[str, Any] | None, texts: list[str], labels: list[int], seed: int
 ):
-    """The client's new weights θ_k = θ − Δ after leaklab's local update, and the batch's token ids.
+    """The client's new weights θ_k after leaklab's local SGD steps (FedSGD: one), and the batch's token ids.
 
-    ``weights`` (the global weights; None: already loaded) are copied into the client's working model, which is
-    then updated in place: the returned tensors are that model's own (valid until the next call), so a client
-    holds one copy of the model beside the training step's."""
+    ``weights`` (the global weights; None: already loaded) are copied into the client's working model, which the
+    steps then update in place (:meth:`LocalTrainer.sgd_steps`, the steps of leaklab's FedSGD/FedAvg victim,
+    without its private copy, start weights and delta: the client replies with weights, not a delta): the
+    returned tensors are that model's own (valid until the next call), so a client holds one copy of the model
+    beside the step's gradient."""
     model = working_model(cfg["model"], cfg["setting"], int(cfg["lora-r"]))
     if weights is not None:
         load_tensors(model, weights)
     loaded = load_model(ModelRef(cfg["model"]))
     batch, ids, _ = text_batch(loaded, texts, labels)
-    steps = int(cfg["local-steps"])
-    delta, _, _ = local_update(model, TextObjective(batch, loaded.ref.task), (), False, seed, steps, float(cfg["lr"]))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in list(delta):
-            params[name].sub_(delta.pop(name))
-    return {n: p.detach() for n, p in params.items() if p.requires_grad}, ids
+    objective = TextObjective(batch, loaded.ref.task)
+    LocalTrainer(model).sgd_steps(objective, int(cfg["local-steps"]), float(cfg["lr"]), None, seed)
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, ids
 
 
 def write_secret(cfg: dict[str, Any], server_round: int, node_id: int, texts, ids, labels) -> None:

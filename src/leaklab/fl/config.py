@@ -92,10 +92,10 @@ class ServerDpOptions(Config):
 
     noise: float = option(0.1, "noise multiplier z")
     clip: float = option(1.0, "clipping norm C of each update θ_sent − θ_reply")
-    view: Literal["inside", "outside"] = option(
+    view: Literal["inside", "outside", "both"] = option(
         "inside",
         "inside: the auditor wraps the inner strategy (clipped updates, before noise); outside: it "
-        "sees only the noised aggregate",
+        "sees only the noised aggregate; both: one federation, client updates seen inside and the aggregate outside",
     )
     delta: float = option(1e-5, "δ at which Flower's RDP accountant reports ε")
 

@@ -19,9 +19,15 @@ def summarise_run(run: FlRun, auditor: Auditor, seconds: float) -> dict[str, Any
         "seconds": round(seconds, 2),
         "utility": {str(k): v for k, v in sorted(auditor.utility.items())},
         "replies": {str(k): v for k, v in sorted(auditor.replies.items())},
-        "missing_replies": {str(k): run.clients - v for k, v in sorted(auditor.replies.items()) if v < run.clients},
+        "missing_replies": missing_replies(run, auditor.replies),
         "records": auditor.records,
     }
+
+
+def missing_replies(run: FlRun, replies: dict[int, int]) -> dict[str, int]:
+    """Clients that did not reply, per round; a round with no aggregate (no client replied) misses them all."""
+    counts = {r: replies.get(r, 0) for r in range(1, run.rounds + 1)}
+    return {str(r): run.clients - n for r, n in counts.items() if n < run.clients}
 
 
 def _epsilon(run: FlRun) -> dict[str, Any]:

@@ -3,9 +3,9 @@
 ``none`` and ``server-dp`` use the Message API (``flwr.serverapp.strategy``); ``server-dp`` with view
 ``inside`` wraps the auditing strategy in ``DifferentialPrivacyServerSideFixedClipping`` (the auditor sees
 each clipped update before noise), with view ``outside`` the other way round (it sees only the noised
-aggregate). ``local-dp`` and ``secagg+`` use the legacy path, the only one Flower's LocalDpMod and SecAgg+
-support in flwr 1.42: ``DefaultWorkflow`` (with ``SecAggPlusWorkflow`` as the fit workflow for secagg+) over
-the legacy FedAvg.
+aggregate), with view ``both`` at both places of one federation. ``local-dp`` and ``secagg+`` use the legacy
+path, the only one Flower's LocalDpMod and SecAgg+ support in flwr 1.42: ``DefaultWorkflow`` (with
+``SecAggPlusWorkflow`` as the fit workflow for secagg+) over the legacy FedAvg.
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
-from leaklab.fl.audit import Auditor, AuditStrategy, defense_record, legacy_audit_strategy
+from leaklab.fl.audit import (
+    Auditor,
+    AuditStrategy,
+    RecordTensors,
+    ReleasingGrid,
+    defense_record,
+    legacy_audit_strategy,
+)
 from leaklab.fl.config import FlRun, defense_of
 from leaklab.fl.model import base_model, shared_names, tensors_of
 
@@ -36,12 +43,16 @@ def message_strategy(run: FlRun, auditor: Auditor) -> Strategy:
     dp = {"noise_multiplier": opts.noise, "clipping_norm": opts.clip, "num_sampled_clients": run.clients}
     if opts.view == "inside":
         return DifferentialPrivacyServerSideFixedClipping(AuditStrategy(fedavg, auditor, run.capture), **dp)
+    if opts.view == "both":  # one federation seen from both places: the clipped updates and the noised mean
+        inside = DifferentialPrivacyServerSideFixedClipping(AuditStrategy(fedavg, auditor, "clients"), **dp)
+        return AuditStrategy(inside, auditor, "aggregate")
     return AuditStrategy(DifferentialPrivacyServerSideFixedClipping(fedavg, **dp), auditor, "aggregate")
 
 
 def run_federation(grid: Grid, context: Context, run: FlRun, auditor: Auditor) -> None:
     """Run ``run.rounds`` rounds on ``grid`` with the auditor capturing (and attacking) every round."""
     auditor.defenses = defense_record(run)
+    grid = ReleasingGrid(grid)  # type: ignore[assignment]
     model = base_model(run.model, run.setting, run.lora_r)
     name, _ = defense_of(run.defense)
     if name in ("secagg+", "local-dp"):
@@ -49,7 +60,7 @@ def run_federation(grid: Grid, context: Context, run: FlRun, auditor: Auditor) -
         return
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        loss = auditor.validation(server_round, arrays.to_torch_state_dict())
+        loss = auditor.validation(server_round, RecordTensors(arrays))
         return MetricRecord({"val-loss": loss}) if loss is not None else None
 
     message_strategy(run, auditor).start(

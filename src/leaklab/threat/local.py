@@ -150,6 +150,13 @@ class LocalTrainer:
         """Δ = θ_0 − θ_k after k plain SGD steps θ ← θ − η·g (each step one pass over the minibatches)."""
         params = trainable(self.model)
         start = {n: p.detach().clone() for n, p in params.items()}
+        self.sgd_steps(objective, steps, lr, minibatch, seed)
+        return {n: (start[n] - p.detach()).clone() for n, p in params.items()}
+
+    def sgd_steps(self, objective: Objective, steps: int, lr: float, minibatch: int | None, seed: int) -> None:
+        """``steps`` plain SGD steps θ ← θ − η·g on the trainer's model, in place (each step one pass over the
+        minibatches)."""
+        params = trainable(self.model)
         size = minibatch or objective.n
         chunks = [list(range(i, min(i + size, objective.n))) for i in range(0, objective.n, size)]
         k = 0
@@ -161,7 +168,6 @@ class LocalTrainer:
                     for n, p in params.items():
                         p.sub_(lr * grads[n])
                 k += 1
-        return {n: (start[n] - p.detach()).clone() for n, p in params.items()}
 
     def records(self, steps: int) -> list[dict[str, Any]]:
         return [hook.record(steps) for hook in self.hooks]
