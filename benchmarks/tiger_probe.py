@@ -20,8 +20,8 @@ import torch
 from probe_setup import probe_parser
 
 from leaklab.attacks.gradient.adaptive import adapt
-from leaklab.attacks.gradient.dager import SpanModel
-from leaklab.attacks.gradient.somp import output_pool
+from leaklab.attacks.gradient.dager import Found, SpanModel
+from leaklab.attacks.gradient.somp import SompOptions, dedupe, output_pool, select_by_omp, with_last_alternatives
 from leaklab.attacks.gradient.tiger import TigerOptions, ranked_decode, tiger_search
 from leaklab.bench.gradient import REGIMES
 from leaklab.defenses import defended_update, make_defense
@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--entropy-weight", type=float, default=0.01)
     ap.add_argument("--init-scale", type=float, default=20.0)
     ap.add_argument("--ranked", action="store_true", help="also the threshold-free greedy decode, and TIGER from it")
+    ap.add_argument("--omp", action="store_true", help="SOMP's OMP stage over the decoded texts (last token re-chosen)")
     ap.add_argument("--out", default="", help="write the summary JSON here too")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -141,6 +142,7 @@ def main() -> None:
         t1 = time.perf_counter()
         init = ranked_decode(spans, pool, lengths)
         out["ranked"] = texts_summary(init, tok, secret, true_ids, true) | {"seconds": time.perf_counter() - t1}
+        out["ranked_ids"] = init
     for name, start in (("tiger", None), ("tiger_from_ranked", init)):
         if name == "tiger_from_ranked" and start is None:
             continue
@@ -154,6 +156,21 @@ def main() -> None:
             "decoded_residual1_mean": float(torch.nanmean(res.residual1)),
             "decoded_residual2_mean": float(torch.nanmean(res.residual2)),
         }
+        out[f"{name}_ids"] = res.ids
+    if args.omp:
+        t1 = time.perf_counter()
+        texts = [ids for key in ("ranked_ids", "tiger_ids", "tiger_from_ranked_ids") for ids in out.pop(key, [])]
+        found = dedupe([Found(ids[:-1], 0.0, False) for ids in texts if len(ids) > 1])
+        opts_somp = SompOptions()
+        found = with_last_alternatives(spans, found, opts_somp.last_alternatives, opts_somp.max_atoms)
+        chosen, omp_info = select_by_omp(spans, found, args.batch_size, opts_somp)
+        out["omp"] = texts_summary([f.ids for f in chosen], tok, secret, true_ids, true) | {
+            "seconds": time.perf_counter() - t1,
+            "dictionary": omp_info.get("dictionary"),
+            "omp_residual": omp_info.get("omp_residual"),
+        }
+    for key in ("ranked_ids", "tiger_ids", "tiger_from_ranked_ids"):
+        out.pop(key, None)
     out["seconds"] = time.perf_counter() - t0
     text = json.dumps(out, indent=1, default=str)
     print(text, flush=True)
