@@ -88,7 +88,9 @@ def main() -> None:
     ap.add_argument("--soft", action="store_true", help="soft mixtures forward (no straight-through argmax)")
     ap.add_argument("--entropy-weight", type=float, default=0.01)
     ap.add_argument("--init-scale", type=float, default=20.0)
+    ap.add_argument("--init-boost", type=float, default=20.0)
     ap.add_argument("--ranked", action="store_true", help="also the threshold-free greedy decode, and TIGER from it")
+    ap.add_argument("--no-repeats", action="store_true", help="ranked decode: never the previous token again")
     ap.add_argument("--omp", action="store_true", help="SOMP's OMP stage over the decoded texts (last token re-chosen)")
     ap.add_argument("--out", default="", help="write the summary JSON here too")
     args = ap.parse_args()
@@ -135,12 +137,13 @@ def main() -> None:
         straight_through=not args.soft,
         entropy_weight=args.entropy_weight,
         init_scale=args.init_scale,
+        init_boost=args.init_boost,
     )
     lengths = list(secret.lengths)
     init = None
     if args.ranked:
         t1 = time.perf_counter()
-        init = ranked_decode(spans, pool, lengths)
+        init = ranked_decode(spans, pool, lengths, repeats=not args.no_repeats)
         out["ranked"] = texts_summary(init, tok, secret, true_ids, true) | {"seconds": time.perf_counter() - t1}
         out["ranked_ids"] = init
     for name, start in (("tiger", None), ("tiger_from_ranked", init)):

@@ -2,6 +2,8 @@
 derivation, the coverage term against an explicit projection, the differentiable layer capture against the
 existing one, and the threshold-free ranked decode on a real tiny batch."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -82,6 +84,8 @@ def test_ranked_decode_recovers_a_tiny_batch_and_tiger_keeps_it():
     truth = sorted(list(t) for t in secret.token_ids)
     # the last token of a text is invisible to the attention gradients of a next-token update
     assert sorted(t[:-1] for t in texts) == [t[:-1] for t in truth]
+    no_repeat = ranked_decode(spans, pool, lengths, repeats=False)
+    assert all(a != b for t in no_repeat for a, b in itertools.pairwise(t))
     res = tiger_search(
         spans.adapter, spans.sub1.basis, spans.sub2.basis, pool, dist1[pool], lengths, TigerOptions(steps=5), 0, texts
     )

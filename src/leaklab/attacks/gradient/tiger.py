@@ -88,10 +88,12 @@ class TigerOptions(Config):
     )
     entropy_weight: float = option(0.01, "weight of the per-position entropy, raised linearly to 10x at the end")
     init_scale: float = option(20.0, "start logits = -init_scale x layer-1 distance + unit Gaussian noise")
+    init_boost: float = option(20.0, "logit added to a given start text's tokens (low: the search may leave it)")
 
     def __post_init__(self) -> None:
         self.require(
-            positive=("steps", "lr"), non_negative=("layer2_weight", "coverage_weight", "entropy_weight", "init_scale")
+            positive=("steps", "lr"),
+            non_negative=("layer2_weight", "coverage_weight", "entropy_weight", "init_scale", "init_boost"),
         )
 
 
@@ -131,7 +133,7 @@ def tiger_search(
         slot = {int(t): j for j, t in enumerate(pool.tolist())}
         for i, ids in enumerate(init_ids):
             for t, tok in enumerate(ids):
-                start[i, t, slot[tok]] += opts.init_scale
+                start[i, t, slot[tok]] += opts.init_boost
     logits = start.requires_grad_(True)
     adam = torch.optim.Adam([logits], lr=opts.lr)
     b1, b2 = basis1.double(), basis2.double()
@@ -182,11 +184,13 @@ def decode(
 
 
 @torch.no_grad()
-def ranked_decode(spans: SpanModel, pool: torch.Tensor, lengths: list[int]) -> list[list[int]]:
+def ranked_decode(spans: SpanModel, pool: torch.Tensor, lengths: list[int], repeats: bool = True) -> list[list[int]]:
     """Threshold-free greedy decoding: the len(lengths) pool tokens nearest to the layer-2 span at position 0
     start the texts; each text then grows by the pool token whose new layer-2 input is nearest to the span
-    (an input identical to the previous one, a repeated first token, is skipped). This is where a continuous
-    search of one position's embedding over the pool ends at best: the enumerated minimum of its objective."""
+    (an input identical to the previous one, a repeated first token, is skipped; with ``repeats`` False so is
+    the previous token itself: under noise "x x" sits about as near the span as the true next token). This is
+    where a continuous search of one position's embedding over the pool ends at best: the enumerated minimum
+    of its objective."""
     dev = spans.device
     pool = pool.to(dev)
     empty = torch.zeros(1, 0, dtype=torch.long, device=dev)
@@ -198,5 +202,7 @@ def ranked_decode(spans: SpanModel, pool: torch.Tensor, lengths: list[int]) -> l
             prefix = torch.tensor([text], device=dev)
             prev = spans.adapter.layer_inputs(prefix, 1)[:, -1]
             dist, _ = spans.extension_distances(prefix, pool, previous=prev)
+            if not repeats:
+                dist = dist.masked_fill(pool[None] == text[-1], float("inf"))
             text.append(int(pool[torch.argmin(dist[0])]))
     return texts
