@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import torch
 from probe_setup import probe_parser
@@ -74,6 +75,13 @@ def texts_summary(ids: list[list[int]], tok, secret, true_ids: list[list[int]], 
         "position_accuracy": position_accuracy(ids, true_ids, pairs),
         "examples": [[secret.texts[t][:80], pred_texts[p][:80]] for p, t in pairs[:3]],
     }
+
+
+def save(out: dict, path: str) -> None:
+    """The summary so far (without the decoded ids), printed at the end and written after every stage."""
+    text = json.dumps({k: v for k, v in out.items() if not k.endswith("_ids")}, indent=1, default=str)
+    if path:
+        Path(path).write_text(text + "\n", encoding="utf-8")
 
 
 def main() -> None:
@@ -146,6 +154,7 @@ def main() -> None:
         init = ranked_decode(spans, pool, lengths, repeats=not args.no_repeats)
         out["ranked"] = texts_summary(init, tok, secret, true_ids, true) | {"seconds": time.perf_counter() - t1}
         out["ranked_ids"] = init
+        save(out, args.out)
     for name, start in (("tiger", None), ("tiger_from_ranked", init)):
         if name == "tiger_from_ranked" and start is None:
             continue
@@ -160,9 +169,10 @@ def main() -> None:
             "decoded_residual2_mean": float(torch.nanmean(res.residual2)),
         }
         out[f"{name}_ids"] = res.ids
+        save(out, args.out)
     if args.omp:
         t1 = time.perf_counter()
-        texts = [ids for key in ("ranked_ids", "tiger_ids", "tiger_from_ranked_ids") for ids in out.pop(key, [])]
+        texts = [ids for key in ("ranked_ids", "tiger_ids", "tiger_from_ranked_ids") for ids in out.get(key, [])]
         found = dedupe([Found(ids[:-1], 0.0, False) for ids in texts if len(ids) > 1])
         opts_somp = SompOptions()
         found = with_last_alternatives(spans, found, opts_somp.last_alternatives, opts_somp.max_atoms)
@@ -172,15 +182,9 @@ def main() -> None:
             "dictionary": omp_info.get("dictionary"),
             "omp_residual": omp_info.get("omp_residual"),
         }
-    for key in ("ranked_ids", "tiger_ids", "tiger_from_ranked_ids"):
-        out.pop(key, None)
     out["seconds"] = time.perf_counter() - t0
-    text = json.dumps(out, indent=1, default=str)
-    print(text, flush=True)
-    if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    save(out, args.out)
+    print(json.dumps({k: v for k, v in out.items() if not k.endswith("_ids")}, indent=1, default=str), flush=True)
 
 
 if __name__ == "__main__":
