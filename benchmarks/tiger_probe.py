@@ -23,7 +23,13 @@ from probe_setup import probe_parser
 from leaklab.attacks.gradient.adaptive import adapt
 from leaklab.attacks.gradient.dager import Found, SpanModel
 from leaklab.attacks.gradient.somp import SompOptions, dedupe, output_pool, select_by_omp, with_last_alternatives
-from leaklab.attacks.gradient.tiger import TigerOptions, ranked_decode, tiger_search
+from leaklab.attacks.gradient.tiger import (
+    TigerOptions,
+    ranked_decode,
+    soft_layer_inputs,
+    subspace_residual,
+    tiger_search,
+)
 from leaklab.bench.gradient import REGIMES
 from leaklab.defenses import defended_update, make_defense
 from leaklab.metrics.text import match_texts, score_batch
@@ -84,6 +90,38 @@ def save(out: dict, path: str) -> None:
         Path(path).write_text(text + "\n", encoding="utf-8")
 
 
+@torch.no_grad()
+def objective_gap(spans: SpanModel, true_ids: list[list[int]], pool: torch.Tensor, seed: int) -> dict:
+    """The search objective (mean layer-1 / layer-2 residual over every position but each text's last, which
+    the next-token gradient does not see) at the true texts, at the same texts with their tokens shuffled (the
+    right bag, wrong positions) and at texts of random pool tokens: a continuous search can only place tokens
+    where the truth scores below the shuffled control."""
+    gen = torch.Generator().manual_seed(seed)
+    shuffled = [[t[i] for i in torch.randperm(len(t), generator=gen).tolist()] for t in true_ids]
+    random = [pool[torch.randint(pool.numel(), (len(t),), generator=gen)].tolist() for t in true_ids]
+    width = max(len(t) for t in true_ids)
+    mask = torch.zeros(len(true_ids), width, dtype=torch.long)
+    for i, t in enumerate(true_ids):
+        mask[i, : len(t) - 1] = 1  # the scored positions
+    out = {}
+    for name, texts in (("true", true_ids), ("shuffled", shuffled), ("random_pool", random)):
+        ids = torch.zeros(len(texts), width, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids[i, : len(t)] = torch.tensor(t)
+        full = torch.zeros_like(ids)
+        for i, t in enumerate(texts):
+            full[i, : len(t)] = 1
+        x1, x2 = soft_layer_inputs(
+            spans.adapter, spans.adapter.embeddings(ids.to(spans.device)), full.long().to(spans.device)
+        )
+        keep = mask.bool().to(spans.device)
+        out[name] = {
+            "layer1": float(subspace_residual(x1.double()[keep], spans.sub1.basis).mean()),
+            "layer2": float(subspace_residual(x2.double()[keep], spans.sub2.basis).mean()),
+        }
+    return out
+
+
 def main() -> None:
     ap = probe_parser(__doc__, regime="short", batch_size=4, seed=0)
     ap.add_argument("--defense", default="", help="name:key=value, e.g. gaussian:sigma=1e-4")
@@ -99,6 +137,7 @@ def main() -> None:
     ap.add_argument("--init-boost", type=float, default=20.0)
     ap.add_argument("--ranked", action="store_true", help="also the threshold-free greedy decode, and TIGER from it")
     ap.add_argument("--no-repeats", action="store_true", help="ranked decode: never the previous token again")
+    ap.add_argument("--gap-only", action="store_true", help="only the objective at the truth vs controls")
     ap.add_argument("--omp", action="store_true", help="SOMP's OMP stage over the decoded texts (last token re-chosen)")
     ap.add_argument("--out", default="", help="write the summary JSON here too")
     args = ap.parse_args()
@@ -137,6 +176,11 @@ def main() -> None:
     }
     pool = make_pool(spans, args.pool, dist1)
     out["pool"] = token_prf({int(i) for i in pool}, true)
+    out["objective_gap"] = objective_gap(spans, true_ids, pool, args.seed)
+    save(out, args.out)
+    if args.gap_only:
+        print(json.dumps(out, indent=1, default=str), flush=True)
+        return
     opts = TigerOptions(
         steps=args.steps,
         lr=args.lr,
