@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--init-boost", type=float, default=20.0)
     ap.add_argument("--ranked", action="store_true", help="also the threshold-free greedy decode, and TIGER from it")
     ap.add_argument("--no-repeats", action="store_true", help="ranked decode: never the previous token again")
+    ap.add_argument("--skip-tiger", action="store_true", help="only the ranked decode (and --omp), no joint search")
     ap.add_argument("--gap-only", action="store_true", help="only the objective at the truth vs controls")
     ap.add_argument("--omp", action="store_true", help="SOMP's OMP stage over the decoded texts (last token re-chosen)")
     ap.add_argument("--out", default="", help="write the summary JSON here too")
@@ -200,7 +201,7 @@ def main() -> None:
         out["ranked_ids"] = init
         save(out, args.out)
     for name, start in (("tiger", None), ("tiger_from_ranked", init)):
-        if name == "tiger_from_ranked" and start is None:
+        if args.skip_tiger or (name == "tiger_from_ranked" and start is None):
             continue
         t1 = time.perf_counter()
         res = tiger_search(
