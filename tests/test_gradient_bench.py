@@ -109,6 +109,10 @@ def test_an_expensive_attack_runs_on_fewer_batches_of_a_stored_cell_and_keeps_it
     assert bench.run_grid(tmp_path, attacks=["somp"], batches=1, **args) == []
     table = bench.write_report(tmp_path).read_text()
     assert "| short | 1 | somp | 1 |" in table and "| short | 1 | dager | 2 |" in table
+    assert "hand note" not in table
+    (tmp_path / bench.NOTES).write_text("## Notes\n\nhand note on the steps\n")
+    table = bench.write_report(tmp_path).read_text()
+    assert table.rstrip().endswith("hand note on the steps") and "| short | 1 | somp | 1 |" in table
 
 
 def test_baseline_target_compares_somp_on_the_baselines_own_batches():

@@ -44,6 +44,9 @@ REGIMES: dict[str, Regime] = {
     "german": Regime("german", "chatterbot:german", 4, 32),
 }
 
+#: hand-written Markdown in the results folder, appended to gradient.md as it stands
+NOTES = "notes.md"
+
 SUMMARY_KEYS = ("rouge1", "rouge2", "rougeL", "token_f1", "exact_rate")
 
 
@@ -258,7 +261,7 @@ def load_cells(out_dir: Path) -> list[dict[str, Any]]:
 
 
 def write_report(out_dir: Path, title: str = "Gradient inversion benchmark") -> Path:
-    """Markdown table + ROUGE-1-vs-B plots from the stored cells."""
+    """Markdown table + ROUGE-1-vs-B plots from the stored cells (``notes.md`` of the folder appended)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -304,6 +307,9 @@ def write_report(out_dir: Path, title: str = "Gradient inversion benchmark") -> 
         )
     lines += ["", "## Targets (issue 3), evaluated from the cells above", ""]
     lines += [f"- {t}" for t in check_targets(cells)]
+    notes = out_dir / NOTES
+    if notes.exists():  # hand-written notes on the cells (settings, caveats) survive every regeneration
+        lines += ["", notes.read_text(encoding="utf-8").rstrip()]
     md = out_dir / "gradient.md"
     atomic_write_text(md, "\n".join(lines) + "\n")
     for regime in sorted({r[0] for r in rows}, key=lambda x: order.get(x, 99)):
