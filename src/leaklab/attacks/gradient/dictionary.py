@@ -55,7 +55,7 @@ def sketch_index(
 def _pool(grad: torch.Tensor, kept_only: bool) -> torch.Tensor:
     if kept_only:
         return torch.nonzero(grad.detach().flatten().cpu()).flatten()
-    return torch.arange(grad.numel())
+    return torch.arange(grad.numel(), device="cpu")
 
 
 def observed_vector(obs: Observation, index: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
