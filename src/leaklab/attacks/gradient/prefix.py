@@ -171,3 +171,19 @@ def explain_away(
     kk = sum(metric.inner(n, k, k) for n, k in known.items())
     alpha = sum(metric.inner(n, target[n], k) for n, k in known.items()) / max(kk, 1e-300)
     return {n: target[n] - alpha * known[n].to(target[n].dtype) for n in target}, alpha
+
+
+def model_samples(loaded: LoadedModel, n: int, length: int, seed: int) -> torch.Tensor:
+    """(n, 1 + length) token ids sampled from the model itself (temperature 1) after its BOS token."""
+    tok = loaded.tokenizer
+    bos = tok.bos_token_id if tok.bos_token_id is not None else (tok.eos_token_id or 0)
+    gen = torch.Generator(device=loaded.device).manual_seed(seed)
+    from transformers import DynamicCache
+
+    seqs = torch.full((n, 1), bos, dtype=torch.long, device=loaded.device)
+    cache = DynamicCache()
+    for _ in range(length):
+        logits = loaded.model(seqs[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1].float()
+        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)
+        seqs = torch.cat([seqs, nxt], dim=1)
+    return seqs

@@ -115,8 +115,7 @@ class KfacAtoms:
     directions, which otherwise decide every inner product with the observed gradient."""
 
     def __init__(self, loaded, params: list[str], ridge: float = 1e-2, samples: int = 16, length: int = 64) -> None:
-        from leaklab.attacks.gradient.prefix import loss_terms, second_moments
-        from leaklab.attacks.gradient.somp import model_samples
+        from leaklab.attacks.gradient.prefix import loss_terms, model_samples, second_moments
 
         self.loaded = loaded
         self.params = params

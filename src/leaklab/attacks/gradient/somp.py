@@ -53,6 +53,7 @@ from leaklab.attacks.gradient.dictionary import (
 )
 from leaklab.attacks.gradient.extend import RopeExtender
 from leaklab.attacks.gradient.omp import OmpResult, gram_matrix, ols, omp, refine_swaps
+from leaklab.attacks.gradient.prefix import model_samples
 from leaklab.attacks.gradient.subspace import (
     Subspace,
     attention_subspace,
@@ -336,22 +337,6 @@ class NextTokenEvidence:
 
 
 @torch.no_grad()
-def model_samples(loaded, n: int, length: int, seed: int) -> torch.Tensor:
-    """(n, 1 + length) token ids sampled from the model itself (temperature 1) after its BOS token."""
-    tok = loaded.tokenizer
-    bos = tok.bos_token_id if tok.bos_token_id is not None else (tok.eos_token_id or 0)
-    gen = torch.Generator(device=loaded.device).manual_seed(seed)
-    from transformers import DynamicCache
-
-    seqs = torch.full((n, 1), bos, dtype=torch.long, device=loaded.device)
-    cache = DynamicCache()
-    for _ in range(length):
-        logits = loaded.model(seqs[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1].float()
-        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)
-        seqs = torch.cat([seqs, nxt], dim=1)
-    return seqs
-
-
 def token_probs(logits: torch.Tensor, tokens: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """(n, m) softmax over the whole vocabulary (float64) of each logit row, kept at ``tokens``: rows are
     normalised a chunk at a time (``rows``, default from the device's free memory) so the float64 (n, V)
