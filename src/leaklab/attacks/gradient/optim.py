@@ -32,7 +32,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from leaklab.attacks.base import CannotRun, NoSignal, Recovery, register_gradient_attack
-from leaklab.attacks.gradient.dropout import RelaxedMasks, dropout_forward
+from leaklab.attacks.gradient.dropout import DropoutSites, RelaxedMasks, dropout_forward
 from leaklab.core import Config, option
 from leaklab.errors import UnknownNameError
 from leaklab.models.registry import LoadedModel, load_model
@@ -105,7 +105,7 @@ class Matcher:
         emb = loaded.adapter.embeddings
         self.table = next((i for i, p in enumerate(self.params) if p is emb.weight), None)
         self.padding_idx = getattr(emb, "padding_idx", None)  # its row never receives a gradient
-        self.relax: RelaxedMasks | None = None  # learned dropout masks (GRAB), applied in every forward
+        self.relax: DropoutSites | None = None  # dropout masks (GRAB: learned), applied in every forward
 
     def distance(self, x: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, create_graph: bool) -> torch.Tensor:
         """D of the gradient that embeddings ``x`` with next-token ``labels`` (pads −100) cause. The embedding
@@ -234,7 +234,7 @@ def tag_steps(matcher: Matcher, dummy: Dummy, opt: torch.optim.Optimizer, steps:
 
 def mask_logits(matcher: Matcher) -> list[torch.Tensor]:
     """The learned dropout masks' logits (none without ``learn_dropout``)."""
-    return matcher.relax.logits if matcher.relax is not None else []
+    return matcher.relax.logits if isinstance(matcher.relax, RelaxedMasks) else []
 
 
 def adam(matcher: Matcher, dummy: Dummy, lr: float, mask_lr: float) -> torch.optim.Adam:
@@ -364,7 +364,7 @@ class OptimAttack:
                 info["dropout_masks"] = learn_dropout(matcher, dummy, obs, stack)
             info |= self.optimise(matcher, dummy, s, deadline)
             info["final_distance"] = float(matcher.distance(dummy.x.detach(), dummy.labels(), dummy.mask, False))
-            if matcher.relax is not None:
+            if isinstance(matcher.relax, RelaxedMasks):
                 info["dropout_masks"] |= matcher.relax.summary()
         texts, ids = dummy.texts(loaded)
         return Recovery(texts, ids, info=info)
