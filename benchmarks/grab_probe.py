@@ -12,6 +12,14 @@ Three parts, each on seeded rotten-tomatoes batches (short regime, 8–32 tokens
   with learned masks (``learn_dropout=True``), and TAG given the client's own masks (an oracle: the gap it
   closes is all that learning the masks could recover).
 
+* ``maskspan`` — GPT-2 family only: the layer-1 span test with the embedding-dropout mask as an unknown.
+  The client's layer-1 attention input is x = LN(m ⊙ (e_v + p_i) / (1 − p)); with P the projector off the
+  span of the observed c_attn gradient, x lies in the span iff  P γ⊙C z − Σ_{j∈D} z_j P γ⊙C e_j + c P β = 0
+  (z = e_v + p_i, C centring, D the dropped coordinates, c the inverse LN scale): a sparse least-squares problem,
+  solved by OMP over the d coordinate atoms (up to p·d + 3·sd(Binomial(d, p)) of them). For every candidate
+  (token from the leaked token set, position) the relative residual is reported; the plain span test is
+  the same fit with no atom. Per true (text, position): is the true token the best candidate at its position?
+
 Results are cached per cell in ``--out``/grab.json (rerunning skips cells already there)::
 
     python benchmarks/grab_probe.py noop
@@ -32,7 +40,7 @@ import torch
 
 from leaklab.attacks.base import make_attack
 from leaklab.attacks.gradient.dropout import FixedMasks, RecordMasks, dropout_forward
-from leaklab.attacks.gradient.optim import Dummy, Matcher, Setup, TagAttack, TagOptions
+from leaklab.attacks.gradient.optim import Dummy, Matcher, Setup, TagAttack, TagOptions, leaked_pool
 from leaklab.experiments.runner import attack_batch
 from leaklab.io import atomic_write_text
 from leaklab.models.registry import ModelRef, load_model
@@ -154,13 +162,83 @@ def span_cell(name: str, b: int, seed: int, train_mode: bool, attack: str) -> di
     return scored(obs, secret, make_attack(attack))
 
 
+def masked_span_fit(a: torch.Tensor, az: torch.Tensor, scale: float, fixed: torch.Tensor, atoms: int) -> list[float]:
+    """Residuals ‖az − A_S c − fixed·c₀‖ / ``scale`` (the candidate's unprojected norm) after OMP with 0..atoms
+    greedy coordinate atoms (columns of ``a``); ``fixed`` (P β, the LN shift over the scale) is always in."""
+    norms = a.norm(dim=0).clamp_min(1e-12)
+    chosen: list[int] = []
+    out = []
+    base = [fixed[:, None]] if float(fixed.norm()) > 0 else []
+    for step in range(atoms + 1):
+        cols = torch.cat([*base, a[:, chosen]], dim=1)
+        resid = az - (cols @ torch.linalg.lstsq(cols, az[:, None]).solution)[:, 0] if cols.shape[1] else az
+        out.append(float(resid.norm()) / scale)
+        if step < atoms:
+            corr = (a.T @ resid).abs() / norms
+            if chosen:
+                corr[chosen] = -1
+            chosen.append(int(corr.argmax()))
+    return out
+
+
+def maskspan_cell(name: str, b: int, seed: int, train_mode: bool) -> dict[str, Any]:
+    """Layer-1 span test, plain and with the embedding-dropout mask as unknowns, on one update."""
+    flags = ThreatFlags(train_mode=train_mode)
+    obs, secret = client_update(ModelRef(name), "rotten-tomatoes", b, seed, 8, 32, flags)
+    loaded = load_model(obs.model)
+    tr = loaded.model.transformer
+    p, d = float(tr.drop.p), tr.wte.weight.shape[1]
+    g = obs.gradients["transformer.h.0.attn.c_attn.weight"].double()  # (in, out): columns span the inputs
+    u, sv, _ = torch.linalg.svd(g, full_matrices=False)
+    rank = int((sv > sv[0] * 1e-6).sum())
+    proj = torch.eye(d, dtype=torch.float64) - u[:, :rank] @ u[:, :rank].T
+    gamma, beta = tr.h[0].ln_1.weight.detach().double(), tr.h[0].ln_1.bias.detach().double()
+    centre = torch.eye(d, dtype=torch.float64) - 1.0 / d
+    lifted = torch.diag(gamma) @ centre
+    a = proj @ lifted
+    shift = proj @ beta
+    atoms = int(p * d + 3 * (d * p * (1 - p)) ** 0.5) + 1 if train_mode else 0
+    pool = leaked_pool(obs, loaded)
+    pool_ids = pool.tolist() if pool is not None else []
+    width = max(len(t) for t in secret.token_ids)
+    wte, wpe = tr.wte.weight.detach().double(), tr.wpe.weight.detach().double()
+    t0 = time.perf_counter()
+    resid = torch.full((width, len(pool_ids), 2), float("nan"), dtype=torch.float64)  # plain, masked
+    for i in range(width):
+        for k, v in enumerate(pool_ids):
+            z = wte[v] + wpe[i]
+            fit = masked_span_fit(a, a @ z, float((lifted @ z).norm()), shift, atoms)
+            resid[i, k, 0], resid[i, k, 1] = fit[0], fit[-1]
+    seconds = time.perf_counter() - t0
+    out: dict[str, Any] = {"rank": rank, "d": d, "p": p, "atoms": atoms, "pool": len(pool_ids), "seconds": seconds}
+    true_pairs = [(i, v) for ids in secret.token_ids for i, v in enumerate(ids)]
+    out["true_in_pool"] = sum(v in pool_ids for _, v in true_pairs) / len(true_pairs)
+    for col, label in ((0, "plain"), (1, "masked")):
+        hit, true_r, false_r = 0, [], []
+        for i, v in true_pairs:
+            if v not in pool_ids:
+                continue
+            k = pool_ids.index(v)
+            row = resid[i, :, col]
+            true_r.append(float(row[k]))
+            others = torch.cat([row[:k], row[k + 1 :]])
+            false_r.append(float(others.min()) if others.numel() else float("nan"))
+            hit += int(row.argmin()) == k
+        out[label] = {
+            "true_first_at_its_position": hit / len(true_pairs),
+            "median_true_residual": float(torch.tensor(true_r).median()) if true_r else None,
+            "median_best_false_residual": float(torch.tensor(false_r).nanmedian()) if false_r else None,
+        }
+    return out
+
+
 def show(key: str, cell: dict[str, Any]) -> None:
     print(key, json.dumps(cell, default=str), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("noop", "span", "tag"))
+    parser.add_argument("part", choices=("noop", "span", "tag", "maskspan"))
     parser.add_argument("--model", default="tiny-gpt2")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -180,6 +258,10 @@ def main() -> None:
                     for on in (False, True):
                         key = f"span|{args.model}|B={b}|seed={seed}|{attack}|dropout={'on' if on else 'off'}"
                         cells.append((key, lambda a=attack, o=on, b=b, s=seed: span_cell(args.model, b, s, o, a)))
+            elif args.part == "maskspan":
+                for on in (False, True):
+                    key = f"maskspan|{args.model}|B={b}|seed={seed}|dropout={'on' if on else 'off'}"
+                    cells.append((key, lambda o=on, b=b, s=seed: maskspan_cell(args.model, b, s, o)))
             elif args.part == "tag":
                 key = f"tag|{args.model}|B={b}|seed={seed}|steps={args.steps}|mask_lr={args.mask_lr}"
                 cells.append((key, lambda b=b, s=seed: tag_cells(args.model, b, s, args.steps, args.mask_lr)))
