@@ -18,7 +18,8 @@ Three parts, each on seeded rotten-tomatoes batches (short regime, 8–32 tokens
   (z = e_v + p_i, C centring, D the dropped coordinates, c the inverse LN scale): a sparse least-squares problem,
   solved by OMP over the d coordinate atoms (up to p·d + 3·sd(Binomial(d, p)) of them). For every candidate
   (token from the leaked token set, position) the relative residual is reported; the plain span test is
-  the same fit with no atom. Per true (text, position): is the true token the best candidate at its position?
+  the same fit with no atom. Reported: recall and precision of the (position, token) pairs whose residual
+  is below τ, against the batch's true pairs (recall over all true pairs, in the pool or not).
 
 Results are cached per cell in ``--out``/grab.json (rerunning skips cells already there)::
 
@@ -43,11 +44,13 @@ from leaklab.attacks.gradient.dropout import FixedMasks, RecordMasks, dropout_fo
 from leaklab.attacks.gradient.optim import Dummy, Matcher, Setup, TagAttack, TagOptions, leaked_pool
 from leaklab.experiments.runner import attack_batch
 from leaklab.io import atomic_write_text
+from leaklab.metrics.text import score_batch
 from leaklab.models.registry import ModelRef, load_model
 from leaklab.threat.fedsgd import batch_loss, collate, gradient
 from leaklab.threat.observation import Observation, Secret, ThreatFlags
 from leaklab.threat.settings import client_update
 
+TAUS = (1e-4, 1e-3, 1e-2)
 OUT = Path(__file__).parent / "results" / "gradient" / "grab"
 NEXT_TOKEN_MODELS = ("tiny-llama", "tiny-gpt2", "smollm2-135m", "gpt2-arch")
 TAG_ARMS = (
@@ -181,6 +184,22 @@ def masked_span_fit(a: torch.Tensor, az: torch.Tensor, scale: float, fixed: torc
     return out
 
 
+def position_decode(
+    loaded: Any, secret: Secret, resid: torch.Tensor, pool_ids: list[int], tau: float
+) -> dict[str, Any]:
+    """B = 1 text from layer 1 alone (GPT-2's absolute positions): position by position the pool token of
+    lowest residual while it is below ``tau``; ROUGE-1/2 against the true text."""
+    ids: list[int] = []
+    for i in range(resid.shape[0]):
+        k = int(resid[i].argmin())
+        if not float(resid[i, k]) < tau:
+            break
+        ids.append(pool_ids[k])
+    agg = score_batch([loaded.decode(ids)], list(secret.texts), [ids], [list(t) for t in secret.token_ids])
+    scores = agg.aggregate()
+    return {"tokens": len(ids), "rouge1": scores["rouge1"], "rouge2": scores["rouge2"]}
+
+
 def maskspan_cell(name: str, b: int, seed: int, train_mode: bool) -> dict[str, Any]:
     """Layer-1 span test, plain and with the embedding-dropout mask as unknowns, on one update."""
     flags = ThreatFlags(train_mode=train_mode)
@@ -211,24 +230,30 @@ def maskspan_cell(name: str, b: int, seed: int, train_mode: bool) -> dict[str, A
             resid[i, k, 0], resid[i, k, 1] = fit[0], fit[-1]
     seconds = time.perf_counter() - t0
     out: dict[str, Any] = {"rank": rank, "d": d, "p": p, "atoms": atoms, "pool": len(pool_ids), "seconds": seconds}
-    true_pairs = [(i, v) for ids in secret.token_ids for i, v in enumerate(ids)]
+    true_pairs = {(i, v) for ids in secret.token_ids for i, v in enumerate(ids)}
+    out["true_pairs"] = len(true_pairs)
     out["true_in_pool"] = sum(v in pool_ids for _, v in true_pairs) / len(true_pairs)
+    is_true = torch.zeros(width, len(pool_ids), dtype=torch.bool)
+    for i, v in true_pairs:
+        if v in pool_ids:
+            is_true[i, pool_ids.index(v)] = True
     for col, label in ((0, "plain"), (1, "masked")):
-        hit, true_r, false_r = 0, [], []
-        for i, v in true_pairs:
-            if v not in pool_ids:
-                continue
-            k = pool_ids.index(v)
-            row = resid[i, :, col]
-            true_r.append(float(row[k]))
-            others = torch.cat([row[:k], row[k + 1 :]])
-            false_r.append(float(others.min()) if others.numel() else float("nan"))
-            hit += int(row.argmin()) == k
-        out[label] = {
-            "true_first_at_its_position": hit / len(true_pairs),
-            "median_true_residual": float(torch.tensor(true_r).median()) if true_r else None,
-            "median_best_false_residual": float(torch.tensor(false_r).nanmedian()) if false_r else None,
+        r = resid[:, :, col]
+        cell: dict[str, Any] = {
+            "median_true_residual": float(r[is_true].median()),
+            "min_false_residual": float(r[~is_true].min()),
+            "median_false_residual": float(r[~is_true].median()),
         }
+        for tau in TAUS:
+            passed = r < tau
+            hit = int((passed & is_true).sum())
+            cell[f"tau={tau:g}"] = {
+                "recall": hit / len(true_pairs),
+                "precision": hit / max(1, int(passed.sum())),
+            }
+        if b == 1:
+            cell["b1_text"] = position_decode(loaded, secret, r, pool_ids, 1e-3)
+        out[label] = cell
     return out
 
 
