@@ -257,13 +257,56 @@ def maskspan_cell(name: str, b: int, seed: int, train_mode: bool) -> dict[str, A
     return out
 
 
+def final_distance(info: dict[str, Any]) -> float:
+    """D at the end, under the masks the arm matched with (the oracle's own; eval mode for plain TAG)."""
+    return float(info.get("oracle_final_distance", info.get("final_distance", float("nan"))))
+
+
+def report(cache: Cache) -> str:
+    """Markdown tables of the cached cells."""
+    lines = ["| model | active dropout calls (p) | ‖g_train − g_eval‖ / ‖g_eval‖ |", "|---|---|---|"]
+    for key, c in cache.cells.items():
+        if key.startswith("noop|"):
+            lines.append(
+                f"| {key[5:]} | {c['dropout_calls']} ({', '.join(map(str, c['rates'])) or '–'}) | {c['rel_diff']:.3f} |"
+            )
+    lines += ["", "| batch | TAG arm | ROUGE-1 | ROUGE-2 | s | final D |", "|---|---|---|---|---|---|"]
+    for key, arms in cache.cells.items():
+        if key.startswith("tag|"):
+            _, model, b, seed, steps, _ = key.split("|")
+            for arm, c in arms.items():
+                lines.append(
+                    f"| {model} {b} {seed} {steps} | {arm} | {c['rouge1']:.3f} | {c['rouge2']:.3f} | "
+                    f"{c['seconds']:.1f} | {c['info'].get('final_distance', float('nan')):.3f} |"
+                )
+    lines += [
+        "",
+        "| batch | dropout | rank | plain: recall / precision | masked: recall / precision | "
+        "masked: true / min false residual | B=1 text (plain → masked) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, c in cache.cells.items():
+        if key.startswith("maskspan|"):
+            _, model, b, seed, drop = key.split("|")
+            pl, ms = c["plain"], c["masked"]
+            t = "tau=0.001"
+            text = f"{pl['b1_text']['rouge1']:.3f} → {ms['b1_text']['rouge1']:.3f}" if "b1_text" in pl else ""
+            lines.append(
+                f"| {model} {b} {seed} ({c['true_pairs']} pairs) | {drop[8:]} | {c['rank']} | "
+                f"{pl[t]['recall']:.3f} / {pl[t]['precision']:.3f} | "
+                f"{ms[t]['recall']:.3f} / {ms[t]['precision']:.3f} | "
+                f"{ms['median_true_residual']:.1e} / {ms['min_false_residual']:.3f} | {text} |"
+            )
+    return "\n".join(lines)
+
+
 def show(key: str, cell: dict[str, Any]) -> None:
     print(key, json.dumps(cell, default=str), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("noop", "span", "tag", "maskspan"))
+    parser.add_argument("part", choices=("noop", "span", "tag", "maskspan", "report"))
     parser.add_argument("--model", default="tiny-gpt2")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -273,6 +316,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     cache = Cache(args.out / "grab.json")
+    if args.part == "report":
+        print(report(cache))
+        return
     cells: list[tuple[str, Any]] = []
     if args.part == "noop":
         cells = [(f"noop|{m}", lambda m=m: noop_cell(m)) for m in NEXT_TOKEN_MODELS]
