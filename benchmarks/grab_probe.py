@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from leaklab.attacks.base import make_attack
-from leaklab.attacks.gradient.dropout import FixedMasks, RecordMasks, dropout_forward
+from leaklab.attacks.gradient.dropout import FixedMasks, MaskedSpanTest, RecordMasks, dropout_forward, mask_atoms
 from leaklab.attacks.gradient.optim import Dummy, Matcher, Setup, TagAttack, TagOptions, leaked_pool
 from leaklab.experiments.runner import attack_batch
 from leaklab.io import atomic_write_text
@@ -165,25 +165,6 @@ def span_cell(name: str, b: int, seed: int, train_mode: bool, attack: str) -> di
     return scored(obs, secret, make_attack(attack))
 
 
-def masked_span_fit(a: torch.Tensor, az: torch.Tensor, scale: float, fixed: torch.Tensor, atoms: int) -> list[float]:
-    """Residuals ‖az − A_S c − fixed·c₀‖ / ``scale`` (the candidate's unprojected norm) after OMP with 0..atoms
-    greedy coordinate atoms (columns of ``a``); ``fixed`` (P β, the LN shift over the scale) is always in."""
-    norms = a.norm(dim=0).clamp_min(1e-12)
-    chosen: list[int] = []
-    out = []
-    base = [fixed[:, None]] if float(fixed.norm()) > 0 else []
-    for step in range(atoms + 1):
-        cols = torch.cat([*base, a[:, chosen]], dim=1)
-        resid = az - (cols @ torch.linalg.lstsq(cols, az[:, None]).solution)[:, 0] if cols.shape[1] else az
-        out.append(float(resid.norm()) / scale)
-        if step < atoms:
-            corr = (a.T @ resid).abs() / norms
-            if chosen:
-                corr[chosen] = -1
-            chosen.append(int(corr.argmax()))
-    return out
-
-
 def position_decode(
     loaded: Any, secret: Secret, resid: torch.Tensor, pool_ids: list[int], tau: float
 ) -> dict[str, Any]:
@@ -210,13 +191,8 @@ def maskspan_cell(name: str, b: int, seed: int, train_mode: bool) -> dict[str, A
     g = obs.gradients["transformer.h.0.attn.c_attn.weight"].double()  # (in, out): columns span the inputs
     u, sv, _ = torch.linalg.svd(g, full_matrices=False)
     rank = int((sv > sv[0] * 1e-6).sum())
-    proj = torch.eye(d, dtype=torch.float64) - u[:, :rank] @ u[:, :rank].T
-    gamma, beta = tr.h[0].ln_1.weight.detach().double(), tr.h[0].ln_1.bias.detach().double()
-    centre = torch.eye(d, dtype=torch.float64) - 1.0 / d
-    lifted = torch.diag(gamma) @ centre
-    a = proj @ lifted
-    shift = proj @ beta
-    atoms = int(p * d + 3 * (d * p * (1 - p)) ** 0.5) + 1 if train_mode else 0
+    test = MaskedSpanTest(u[:, :rank], tr.h[0].ln_1.weight.detach(), tr.h[0].ln_1.bias.detach())
+    atoms = mask_atoms(d, p) if train_mode else 0
     pool = leaked_pool(obs, loaded)
     pool_ids = pool.tolist() if pool is not None else []
     width = max(len(t) for t in secret.token_ids)
@@ -225,8 +201,7 @@ def maskspan_cell(name: str, b: int, seed: int, train_mode: bool) -> dict[str, A
     resid = torch.full((width, len(pool_ids), 2), float("nan"), dtype=torch.float64)  # plain, masked
     for i in range(width):
         for k, v in enumerate(pool_ids):
-            z = wte[v] + wpe[i]
-            fit = masked_span_fit(a, a @ z, float((lifted @ z).norm()), shift, atoms)
+            fit = test.residuals(wte[v] + wpe[i], atoms)
             resid[i, k, 0], resid[i, k, 1] = fit[0], fit[-1]
     seconds = time.perf_counter() - t0
     out: dict[str, Any] = {"rank": rank, "d": d, "p": p, "atoms": atoms, "pool": len(pool_ids), "seconds": seconds}

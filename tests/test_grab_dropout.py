@@ -120,3 +120,55 @@ def test_learn_dropout_option_is_recorded_and_declined_where_it_has_nothing_to_l
     assert not loaded.model.training and loaded.model.config._attn_implementation == "sdpa"
     plain = attack_batch("tag", obs, secret, options={"steps": 2})
     assert plain.options["learn_dropout"] is False and "dropout_masks" not in plain.info
+
+
+def _explicit_residual(test_inputs, z, dropped) -> float:
+    """Slow reference for one support: min over c, a of ‖P(γ⊙C z − Σ_{j∈D} a_j γ⊙C e_j + c β)‖ / ‖γ⊙C z‖,
+    built column by column from the definitions (numpy-free: float64 torch lstsq on the explicit matrix)."""
+    basis, gamma, beta = test_inputs
+    d = z.shape[0]
+    proj = torch.eye(d, dtype=torch.float64) - basis @ basis.T
+
+    def lift(v):
+        return gamma * (v - v.mean())
+
+    cols = [proj @ beta] + [proj @ lift(torch.eye(d, dtype=torch.float64)[j]) for j in dropped]
+    a = torch.stack(cols, dim=1)
+    target = proj @ lift(z)
+    resid = target - a @ torch.linalg.lstsq(a, target[:, None]).solution[:, 0]
+    return float(resid.norm() / lift(z).norm())
+
+
+def test_masked_span_test_is_exact_at_a_masked_input_and_never_below_the_best_support():
+    """d = 32, three layer-1 inputs LN(m ⊙ z_t / (1 − p)) with three dropped coordinates each span the
+    subspace. Each member: the plain test (no atom) fails, the masked one reaches ~0 with three atoms (its
+    own support); a non-member: every OMP residual is at least the best residual over all supports of that size
+    (brute force), and entry 0 equals the explicit mask-free fit."""
+    import itertools
+
+    from leaklab.attacks.gradient.dropout import MaskedSpanTest
+
+    gen = torch.Generator().manual_seed(0)
+    d, p = 32, 0.1
+    gamma = 1 + 0.3 * torch.randn(d, generator=gen, dtype=torch.float64)
+    beta = 0.2 * torch.randn(d, generator=gen, dtype=torch.float64)
+    ln = torch.nn.LayerNorm(d, dtype=torch.float64)
+    with torch.no_grad():
+        ln.weight.copy_(gamma)
+        ln.bias.copy_(beta)
+    zs = torch.randn(3, d, generator=gen, dtype=torch.float64)
+    masks = torch.ones(3, d, dtype=torch.float64)
+    masks[0, [2, 9, 30]] = masks[1, [4, 7, 20]] = masks[2, [0, 11, 17]] = 0
+    inputs = ln(masks * zs / (1 - p)).detach()
+    basis = torch.linalg.qr(inputs.T).Q
+    test = MaskedSpanTest(basis, gamma, beta)
+    for z in zs:
+        member = test.residuals(z, 3)
+        assert member[0] > 1e-2 and member[-1] < 1e-10
+    outsider = torch.randn(d, generator=gen, dtype=torch.float64)
+    fits = test.residuals(outsider, 3)
+    assert fits[0] == pytest.approx(_explicit_residual((basis, gamma, beta), outsider, ()), rel=1e-9)
+    for k, value in enumerate(fits):
+        best = min(_explicit_residual((basis, gamma, beta), outsider, s) for s in itertools.combinations(range(d), k))
+        assert value >= best - 1e-12
+    assert fits[-1] > 1e-3

@@ -145,3 +145,50 @@ def dropout_forward(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
         if switch:
             model.set_attn_implementation(impl)
+
+
+class MaskedSpanTest:
+    """The layer-1 span test with the input-dropout mask as unknowns (GPT-2 family: the first block's input
+    is LN(m ⊙ (e_v + p_i) / (1 − p))).
+
+    With P the projector off the span (orthonormal ``basis``, d × r) of the observed layer-1 inputs, γ, β the
+    LayerNorm's affine and C the centring, an input of candidate z lies in the span iff
+    P γ⊙C z − Σ_{j∈D} z_j P γ⊙C e_j + c P β = 0 for the dropped coordinates D and the inverse LN scale c
+    (the 1/(1 − p) factor is absorbed in c). Free coefficients on the coordinate atoms make this a sparse
+    least-squares problem; :meth:`residuals` solves it greedily (OMP: P β always in, then the coordinate atom
+    most correlated with the residual, refit)."""
+
+    def __init__(self, basis: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> None:
+        d = gamma.shape[0]
+        basis = basis.double()
+        self.proj = torch.eye(d, dtype=torch.float64) - basis @ basis.T
+        centre = torch.eye(d, dtype=torch.float64) - 1.0 / d
+        self.lifted = torch.diag(gamma.double()) @ centre
+        self.atoms = self.proj @ self.lifted
+        self.shift = self.proj @ beta.double()
+        self.atom_norms = self.atoms.norm(dim=0).clamp_min(1e-12)
+
+    def residuals(self, z: torch.Tensor, atoms: int) -> list[float]:
+        """Relative residuals (over ‖γ⊙C z‖) after 0, 1, …, ``atoms`` coordinate atoms; entry 0 is the plain
+        (mask-free) span test."""
+        z = z.double()
+        target = self.atoms @ z
+        scale = float((self.lifted @ z).norm())
+        base = [self.shift[:, None]] if float(self.shift.norm()) > 0 else []
+        chosen: list[int] = []
+        out = []
+        for step in range(atoms + 1):
+            cols = torch.cat([*base, self.atoms[:, chosen]], dim=1)
+            fit = cols @ torch.linalg.lstsq(cols, target[:, None]).solution if cols.shape[1] else None
+            resid = target - fit[:, 0] if fit is not None else target
+            out.append(float(resid.norm()) / scale)
+            if step < atoms:
+                corr = (self.atoms.T @ resid).abs() / self.atom_norms
+                corr[chosen] = -1
+                chosen.append(int(corr.argmax()))
+        return out
+
+
+def mask_atoms(d: int, p: float) -> int:
+    """Coordinate atoms allowed: the mean dropped count p·d plus three standard deviations, rounded up."""
+    return math.ceil(p * d + 3 * math.sqrt(d * p * (1 - p)))
