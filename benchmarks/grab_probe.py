@@ -254,6 +254,22 @@ def report(cache: Cache) -> str:
                     f"| {model} {b} {seed} {steps} | {arm} | {c['rouge1']:.3f} | {c['rouge2']:.3f} | "
                     f"{c['seconds']:.1f} | {c['info'].get('final_distance', float('nan')):.3f} |"
                 )
+    lines += ["", "| cell | TAG arm | batches | mean ROUGE-1 | mean ROUGE-2 | R-1 above eval matching |"]
+    lines.append("|---|---|---|---|---|---|")
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for key, arms in cache.cells.items():
+        if key.startswith("tag|"):
+            _, model, b, _, steps, _ = key.split("|")
+            groups.setdefault(f"{model} {b} {steps}", []).append(arms)
+    for cell, batches in groups.items():
+        for arm in TAG_ARMS:
+            r1 = [a[arm]["rouge1"] for a in batches]
+            r2 = [a[arm]["rouge2"] for a in batches]
+            wins = sum(a[arm]["rouge1"] > a[TAG_ARMS[1]]["rouge1"] for a in batches)
+            lines.append(
+                f"| {cell} | {arm} | {len(batches)} | {sum(r1) / len(r1):.3f} | {sum(r2) / len(r2):.3f} | "
+                f"{wins}/{len(batches)} |"
+            )
     lines += [
         "",
         "| batch | dropout | rank | plain: recall / precision | masked: recall / precision | "
