@@ -172,3 +172,14 @@ def test_masked_span_test_is_exact_at_a_masked_input_and_never_below_the_best_su
         best = min(_explicit_residual((basis, gamma, beta), outsider, s) for s in itertools.combinations(range(d), k))
         assert value >= best - 1e-12
     assert fits[-1] > 1e-3
+
+
+def test_lamp_learns_the_masks_through_its_discrete_rounds():
+    """LAMP with learn_dropout: continuous steps and move rounds both run with the relaxed masks (the
+    optimiser is rebuilt with the mask logits after an accepted move)."""
+    obs, secret = client_update(GPT2, "rotten-tomatoes", 1, 0, 4, 10, ThreatFlags(train_mode=True))
+    options = {"steps": 4, "every": 2, "candidates": 2, "learn_dropout": True}
+    record = attack_batch("lamp", obs, secret, options=options)
+    assert record.status == "recovered" and record.info["move_rounds"] >= 1
+    assert record.info["dropout_masks"]["learned"] is True
+    assert record.info["dropout_masks"]["mean_mask"] != pytest.approx(0.9, abs=1e-6)  # the masks moved
