@@ -24,6 +24,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from leaklab.attacks.base import CannotRun, NoSignal, Recovery, register_gradient_attack
+from leaklab.attacks.gradient.dropout import DropoutSites, RelaxedMasks, dropout_forward
 from leaklab.core import Config, option
 from leaklab.errors import UnknownNameError
 from leaklab.models.registry import LoadedModel, load_model
@@ -51,11 +53,15 @@ class TagOptions(Config):
     init_std: float = option(1.0, "std of the random initial embeddings, in units of the vocabulary's row std")
     seed: int = option(0, "seed of the initial embeddings")
     budget_s: float = option(0.0, "stop optimising after this many seconds (0: no limit)")
+    learn_dropout: bool = option(
+        False, "GRAB: when the update was computed with dropout on, learn relaxed dropout masks alongside"
+    )
+    mask_lr: float = option(0.1, "Adam learning rate of the dropout masks' logits (with learn_dropout)")
 
     def __post_init__(self) -> None:
         if self.vocab not in VOCABS:
             raise UnknownNameError("vocab", self.vocab, list(VOCABS))
-        self.require(positive=("steps", "lr", "init_std"), non_negative=("alpha", "budget_s"))
+        self.require(positive=("steps", "lr", "init_std", "mask_lr"), non_negative=("alpha", "budget_s"))
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,7 @@ class Matcher:
         emb = loaded.adapter.embeddings
         self.table = next((i for i, p in enumerate(self.params) if p is emb.weight), None)
         self.padding_idx = getattr(emb, "padding_idx", None)  # its row never receives a gradient
+        self.relax: DropoutSites | None = None  # dropout masks (GRAB: learned), applied in every forward
 
     def distance(self, x: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, create_graph: bool) -> torch.Tensor:
         """D of the gradient that embeddings ``x`` with next-token ``labels`` (pads −100) cause. The embedding
@@ -107,7 +114,8 @@ class Matcher:
         if not x.requires_grad:
             x = x.detach().requires_grad_(True)
         with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel has no double backward
-            loss = self.model(inputs_embeds=x, attention_mask=mask, labels=labels).loss
+            with self.relax or nullcontext():
+                loss = self.model(inputs_embeds=x, attention_mask=mask, labels=labels).loss
             *grads, gx = torch.autograd.grad(loss, [*self.params, x], create_graph=create_graph)
         if self.table is not None:
             keep = mask.bool() if self.padding_idx is None else mask.bool() & (labels != self.padding_idx)
@@ -203,21 +211,53 @@ class Dummy:
 
 def tag_steps(matcher: Matcher, dummy: Dummy, opt: torch.optim.Optimizer, steps: int, deadline: float) -> int:
     """Up to ``steps`` Adam steps on D (stops at ``deadline``, a perf_counter time), then the iterate with the
-    lowest D is kept (D jumps whenever a position's nearest token changes); returns the steps taken."""
-    best, best_x, done = math.inf, dummy.x.detach().clone(), 0
+    lowest D is kept (D jumps whenever a position's nearest token changes); returns the steps taken. With
+    learned dropout masks, their logits are optimised and kept alongside."""
+    variables = [dummy.x, *mask_logits(matcher)]
+    best, best_state, done = math.inf, [v.detach().clone() for v in variables], 0
     while done < steps and time.perf_counter() <= deadline:
         done += 1
         dist = matcher.distance(dummy.x, dummy.labels(), dummy.mask, create_graph=True)
         if float(dist) < best:
-            best, best_x = float(dist), dummy.x.detach().clone()
-        (grad,) = torch.autograd.grad(dist, dummy.x)
+            best, best_state = float(dist), [v.detach().clone() for v in variables]
+        grads = torch.autograd.grad(dist, variables)
         opt.zero_grad(set_to_none=True)
-        dummy.x.grad = grad
+        for v, g in zip(variables, grads, strict=True):
+            v.grad = g
         opt.step()
     if float(matcher.distance(dummy.x.detach(), dummy.labels(), dummy.mask, False)) > best:
         with torch.no_grad():
-            dummy.x.copy_(best_x)
+            for v, kept in zip(variables, best_state, strict=True):
+                v.copy_(kept)
     return done
+
+
+def mask_logits(matcher: Matcher) -> list[torch.Tensor]:
+    """The learned dropout masks' logits (none without ``learn_dropout``)."""
+    return matcher.relax.logits if isinstance(matcher.relax, RelaxedMasks) else []
+
+
+def adam(matcher: Matcher, dummy: Dummy, lr: float, mask_lr: float) -> torch.optim.Adam:
+    """Adam on the dummy embeddings (lr in units of the vocabulary's row std) and the masks' logits."""
+    groups: list[dict[str, Any]] = [{"params": [dummy.x], "lr": lr * dummy.scale}]
+    if mask_logits(matcher):
+        groups.append({"params": mask_logits(matcher), "lr": mask_lr})
+    return torch.optim.Adam(groups)
+
+
+def learn_dropout(matcher: Matcher, dummy: Dummy, obs: Observation, stack: ExitStack) -> dict[str, Any]:
+    """Set up GRAB's relaxed masks when the update was computed with dropout on and the model's forward has
+    active dropout calls (found by one forward); the model stays in train mode with eager attention until
+    ``stack`` closes. Returns what was done, for ``info``."""
+    if not obs.flags.train_mode:
+        return {"learned": False, "why": "the update was computed with dropout off (flags.train_mode)"}
+    stack.enter_context(dropout_forward(matcher.model))
+    matcher.relax = RelaxedMasks()
+    matcher.distance(dummy.x.detach(), dummy.labels(), dummy.mask, create_graph=False)  # creates the sites
+    if not matcher.relax.logits:
+        matcher.relax = None
+        return {"learned": False, "why": "the model's forward has no active dropout call (p = 0 everywhere)"}
+    return {"learned": True, "p": "from the model's config (public)", "masks": "learned, not granted"}
 
 
 # ----------------------------------------------------------------------------- discrete part (LAMP)
@@ -319,16 +359,19 @@ class OptimAttack:
         dummy = Dummy(loaded, s, o.init_std, o.seed)
         deadline = time.perf_counter() + o.budget_s if o.budget_s > 0 else math.inf
         info: dict[str, Any] = {"grants": s.grants, "lengths": s.lengths}
-        info |= self.optimise(matcher, dummy, s, deadline)
-        info["final_distance"] = float(matcher.distance(dummy.x.detach(), dummy.labels(), dummy.mask, False))
+        with ExitStack() as stack:
+            if o.learn_dropout:
+                info["dropout_masks"] = learn_dropout(matcher, dummy, obs, stack)
+            info |= self.optimise(matcher, dummy, s, deadline)
+            info["final_distance"] = float(matcher.distance(dummy.x.detach(), dummy.labels(), dummy.mask, False))
+            if isinstance(matcher.relax, RelaxedMasks):
+                info["dropout_masks"] |= matcher.relax.summary()
         texts, ids = dummy.texts(loaded)
         return Recovery(texts, ids, info=info)
 
     def optimise(self, matcher: Matcher, dummy: Dummy, s: Setup, deadline: float) -> dict[str, Any]:
-        steps = tag_steps(
-            matcher, dummy, torch.optim.Adam([dummy.x], lr=self.opts.lr * dummy.scale), self.opts.steps, deadline
-        )
-        return {"steps": steps}
+        opt = adam(matcher, dummy, self.opts.lr, self.opts.mask_lr)
+        return {"steps": tag_steps(matcher, dummy, opt, self.opts.steps, deadline)}
 
 
 @register_gradient_attack("tag", TagOptions, settings=("fedsgd",), help="TAG: L2+L1 gradient matching on embeddings")
@@ -346,7 +389,7 @@ class LampAttack(OptimAttack):
 
     def optimise(self, matcher: Matcher, dummy: Dummy, s: Setup, deadline: float) -> dict[str, Any]:
         o = self.opts
-        opt = torch.optim.Adam([dummy.x], lr=o.lr * dummy.scale)
+        opt = adam(matcher, dummy, o.lr, o.mask_lr)
         score = LampScore(matcher, dummy, o.lm_weight)
         rng = random.Random(o.seed)
         steps, accepted, rounds = 0, 0, 0
@@ -361,5 +404,5 @@ class LampAttack(OptimAttack):
                 accepted += 1
                 with torch.no_grad():
                     dummy.x.copy_(new)
-                opt = torch.optim.Adam([dummy.x], lr=o.lr * dummy.scale)  # the moments belong to the old rows
+                opt = adam(matcher, dummy, o.lr, o.mask_lr)  # the moments belong to the old rows
         return {"steps": steps, "move_rounds": rounds, "moves_accepted": accepted}
