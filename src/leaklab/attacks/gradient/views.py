@@ -24,8 +24,11 @@ attention inputs. Each setting reaches that view differently (:func:`fedsgd_view
   s·Bᵀ(∂L/∂W') is then nonzero too; its rows lie in span{x_i} itself, but a delta of A, a tensor of
   Kaiming-scale entries moved by η²-small steps, is mostly float32 round-off: not used.) Saturation is
   read from the r leading singular values of G' (:func:`adapter_rank`).
-* dropout on (``flags.train_mode``): masks perturb the inputs, so span distances are approximate; the
-  attacks' rankings still apply, their exact thresholds may not (recorded in the result's info).
+* dropout on (``flags.train_mode``): where the model has active dropout (the GPT-2 family, p = 0.1) the
+  client's masks perturb the span layers' inputs and the exact span checks fail: the span attacks then read
+  'no signal' (:mod:`leaklab.attacks.gradient.dropout` has a first-layer check with the masks as unknowns);
+  models without active dropout (the Llama family: ``attention_dropout`` 0) are unaffected. Recorded in the
+  result's info.
 
 Where no view exists (no first/second-layer attention gradient or LoRA pair) a :class:`LeaklabError` says so;
 where the view exists but carries no information (LoRA rank saturated on both span layers) the view says so
@@ -84,7 +87,9 @@ def fedsgd_view(obs: Observation) -> tuple[Observation, dict[str, Any]]:
         info["lora"] = lora_info
         model = merged_ref(obs.model, meta["lora"])
     if flags.train_mode:
-        info["dropout"] = "on: span distances approximate"
+        info["dropout"] = (
+            "on: active dropout (e.g. GPT-2, p = 0.1) breaks exact span checks; none in Llama-family models"
+        )
     paired = per_seq != 1
     view = Observation(
         model=model,
