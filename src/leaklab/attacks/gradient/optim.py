@@ -218,8 +218,8 @@ def tag_steps(matcher: Matcher, dummy: Dummy, opt: torch.optim.Optimizer, steps:
     while done < steps and time.perf_counter() <= deadline:
         done += 1
         dist = matcher.distance(dummy.x, dummy.labels(), dummy.mask, create_graph=True)
-        if float(dist) < best:
-            best, best_state = float(dist), [v.detach().clone() for v in variables]
+        if (value := float(dist.detach())) < best:
+            best, best_state = value, [v.detach().clone() for v in variables]
         grads = torch.autograd.grad(dist, variables)
         opt.zero_grad(set_to_none=True)
         for v, g in zip(variables, grads, strict=True):
