@@ -1,0 +1,200 @@
+"""UTR-style sentence evidence under LoRA r = 8 (smollm2-135m, rotten-tomatoes, short texts: 8–32 tokens).
+
+``grants``: what the LoRA update shares (tensor kinds, which are zero) and the adapter pseudo-gradients' ranks on
+every adapted module (r = saturated: no span or token-presence test), plus the additivity check: the sum of the
+texts' own adapter gradients (:func:`leaklab.attacks.gradient.utr.prefix_adapter_gradients`) against the update.
+``teacher``: with each text's true prefix (and the other texts' true gradients fitted, or not), the rank of the true
+next token among the LM's top-W guesses by the residual the prefix gradient leaves, against the LM prior's rank.
+``decode``: SOMP (the span attack, the setting's 'no signal') and ``utr`` through the one runner on the same
+batches, with and without the granted token set.
+
+Rerun (OMP_NUM_THREADS=1; one lane):
+  PYTHONPATH=src python benchmarks/utr_probe.py grants --batch-sizes 1 4 --seeds 0 1
+  PYTHONPATH=src python benchmarks/utr_probe.py teacher --batch-sizes 1 4 --seeds 0 1
+  PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 1 4 --seeds 0 1
+Writes benchmarks/results/gradient/utr/<command>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from leaklab.attacks.gradient.utr import (
+    GRANTED_TOKEN_SET,
+    LORA_B,
+    Residual,
+    adapter_modules,
+    module_weights,
+    observed_vector,
+    prefix_adapter_gradients,
+)
+from leaklab.attacks.gradient.views import adapter_rank
+from leaklab.experiments.runner import attack_batch
+from leaklab.io import atomic_write_json
+from leaklab.models.registry import ModelRef, load_model
+from leaklab.threat.lora import lora_model
+from leaklab.threat.observation import ThreatFlags
+from leaklab.threat.settings import sample_update
+
+OUT = Path("benchmarks/results/gradient/utr")
+MODEL, CORPUS, R = "smollm2-135m", "rotten-tomatoes", 8
+
+
+def update(b: int, seed: int):
+    return sample_update("lora", ModelRef(MODEL), CORPUS, b, seed, 8, 32, ThreatFlags(), r=R)
+
+
+def names_of(obs) -> list[str]:
+    return [n for n in obs.gradients if n.endswith(f"{LORA_B}.weight")]
+
+
+def grants(b: int, seed: int) -> dict:
+    obs, sec = update(b, seed)
+    model = lora_model(obs.model, obs.meta["lora"])
+    params = dict(model.named_parameters())
+    kinds: dict[str, dict] = {}
+    for n, g in obs.gradients.items():
+        kind = "lora_A" if ".lora_A." in n else ("lora_B" if ".lora_B." in n else "other")
+        k = kinds.setdefault(kind, {"tensors": 0, "nonzero_tensors": 0, "numbers": 0})
+        k["tensors"] += 1
+        k["nonzero_tensors"] += int(bool(g.any()))
+        k["numbers"] += g.numel()
+    ranks = []
+    for n in names_of(obs):
+        a = params[n.replace(".lora_B.", ".lora_A.")].detach().double()
+        g = obs.gradients[n].double() @ torch.linalg.solve(a @ a.T, a)
+        ranks.append(adapter_rank(g, R))
+    names = names_of(obs)
+    y = observed_vector(obs, names)
+    with torch.enable_grad():
+        per_text = prefix_adapter_gradients(model, adapter_modules(model, names), [list(t) for t in sec.token_ids])
+    total = per_text.sum(0)
+    cos = float(total @ y / (total.norm() * y.norm()))
+    n_targets = sum(len(t) - 1 for t in sec.token_ids)
+    scale_err = float((total / n_targets - y).norm() / y.norm())
+    return {
+        "B": b,
+        "seed": seed,
+        "tokens": sum(len(t) for t in sec.token_ids),
+        "kinds": kinds,
+        "adapter_ranks_min_max": [min(ranks), max(ranks)],
+        "modules": len(ranks),
+        "saturated_modules": sum(k >= R for k in ranks),
+        "sum_of_text_gradients_cos": cos,
+        "sum_over_targets_rel_err": scale_err,
+    }
+
+
+def teacher(b: int, seed: int, width: int = 24) -> dict:
+    """Per position (≥ 2) of each text: whether the true next token is among the LM's top-W, and whether it
+    ranks first among those W plus itself by the residual its prefix gradient leaves (the other texts' true
+    gradients fitted: 'oracle'; nothing fitted: 'alone'; 'w': every module's block weighted equally), by the prior
+    alone, and among the batch's token set (granted) by the oracle residual."""
+    obs, sec = update(b, seed)
+    model = lora_model(obs.model, obs.meta["lora"])
+    names = names_of(obs)
+    mods = adapter_modules(model, names)
+    y = observed_vector(obs, names)
+    w = module_weights(y, [obs.gradients[n].numel() for n in names])
+    texts = [list(t) for t in sec.token_ids]
+    vocab = sorted({x for t in texts for x in t})
+    with torch.enable_grad():
+        full = prefix_adapter_gradients(model, mods, texts)
+    keys = ("in_top", "first_oracle", "first_alone", "first_oracle_w", "first_alone_w", "first_prior", "first_set")
+    stats = dict.fromkeys(("positions", *keys), 0)
+    t0 = time.perf_counter()
+    for i, t in enumerate(texts):
+        others = [full[j] for j in range(len(texts)) if j != i]
+        fits = {
+            "oracle": Residual(y, others),
+            "alone": Residual(y, []),
+            "oracle_w": Residual(y * w, [o * w for o in others]),
+            "alone_w": Residual(y * w, []),
+        }
+        for k in range(2, len(t)):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([t[:k]])).logits[0, -1]
+            top = torch.topk(logits, width).indices.tolist()
+            stats["positions"] += 1
+            stats["in_top"] += int(t[k] in top)
+            stats["first_prior"] += int(t[k] == top[0])
+            cands = top if t[k] in top else [*top, t[k]]
+            cands = list(dict.fromkeys(cands + vocab))
+            with torch.enable_grad():
+                g = prefix_adapter_gradients(model, mods, [[*t[:k], c] for c in cands])
+            head = [j for j, c in enumerate(cands) if c in top or c == t[k]]
+            truth = cands.index(t[k])
+            for name, fit in fits.items():
+                rows = g[head] * (w if name.endswith("_w") else 1.0)
+                stats[f"first_{name}"] += int(head[int(torch.argmin(fit(rows)))] == truth)
+            in_set = [j for j, c in enumerate(cands) if c in vocab]
+            stats["first_set"] += int(in_set[int(torch.argmin(fits["oracle"](g[in_set])))] == truth)
+    return {"B": b, "seed": seed, "width": width, **stats, "seconds": time.perf_counter() - t0}
+
+
+def decode(b: int, seed: int, budget: float) -> list[dict]:
+    obs, sec = update(b, seed)
+    rows = []
+    granted = replace(obs, meta={**obs.meta, GRANTED_TOKEN_SET: sorted({x for t in sec.token_ids for x in t})})
+    runs = [
+        ("somp", obs, {}),
+        ("utr", obs, {"budget_s": budget}),
+        ("utr", granted, {"budget_s": budget, "grant_token_set": True}),
+    ]
+    for attack, o, opts in runs:
+        rec = attack_batch(attack, o, sec, seed=seed, options=opts)
+        agg = rec.aggregate or {}
+        row = {
+            "B": b,
+            "seed": seed,
+            "attack": attack,
+            "token_set_granted": bool(opts.get("grant_token_set")),
+            "status": rec.status,
+            "reason": rec.reason,
+            "rouge1": agg.get("rouge1"),
+            "rouge2": agg.get("rouge2"),
+            "exact_rate": agg.get("exact_rate"),
+            "seconds": rec.attack_seconds,
+            "residual": rec.info.get("residual"),
+            "recovered": rec.recovered,
+            "true": list(sec.texts),
+        }
+        print(json.dumps({k: v for k, v in row.items() if k not in ("recovered", "true")}), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("command", choices=("grants", "teacher", "decode"))
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--budget", type=float, default=900.0, help="utr time limit per batch, seconds")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    load_model(ModelRef(MODEL))
+    out = []
+    for b in args.batch_sizes:
+        for s in args.seeds:
+            if args.command == "grants":
+                row = grants(b, s)
+            elif args.command == "teacher":
+                row = teacher(b, s)
+            else:
+                out.extend(decode(b, s, args.budget))
+                continue
+            print(json.dumps(row), flush=True)
+            out.append(row)
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{args.command}.json"
+    atomic_write_json(path, {"rows": out, "note": "2-core CPU shared with other helpers' benchmarks"})
+
+
+if __name__ == "__main__":
+    main()
