@@ -8,8 +8,9 @@ text cut after its k-th token) is an exact additive part of the text's, and so o
 Texts are decoded one token at a time: each candidate continuation (the public LM's top guesses, or a granted
 token set ordered by them) is scored by how much its prefix's exact adapter gradient lowers the residual of the
 observed update after least squares on it and the texts already decoded (free scales: the 1/N of the mean loss is
-not observed). A text ends when no continuation lowers the residual. Texts are decoded one after another, each
-fitted beside the ones before (OMP-style), then each is decoded again with all the others fixed.
+not observed). A small beam of prefixes grows; a text ends when the best prefix has not improved for a few steps.
+Texts are decoded one after another, each fitted beside the ones before (OMP-style), then each is decoded again
+with all the others fixed.
 
 UTR's own token-presence step reads a dense adapter with a bias on the embedding output (weight-gradient rows over
 bias-gradient entries are input embeddings); LoRA has neither, so no token set is read here: it is either
@@ -134,13 +135,18 @@ class UtrOptions(Config):
     grant_token_set: bool = option(
         False, "extra knowledge, recorded: the batch's token set is granted (LoRA shares no token-presence signal)"
     )
+    beam: int = option(3, "prefixes kept per step")
+    patience: int = option(2, "steps without a better prefix before a text ends")
     weigh_modules: bool = option(True, "weigh every adapted module's block equally in the residual")
     min_gain: float = option(1e-3, "a text ends when its best continuation lowers the relative residual less")
     chunk: int = option(64, "candidate rows per backward pass")
     budget_s: float = option(1800.0, "time limit, seconds (decoding stops, texts so far are kept)")
 
     def __post_init__(self) -> None:
-        self.require(positive=("width", "first_width", "max_len", "chunk", "budget_s"), non_negative=("passes",))
+        self.require(
+            positive=("width", "first_width", "max_len", "chunk", "budget_s", "beam", "patience"),
+            non_negative=("passes",),
+        )
 
 
 class Decoder:
@@ -189,24 +195,33 @@ class Decoder:
         return torch.topk(logits, k).indices.tolist()
 
     def decode(self, fixed: list[torch.Tensor]) -> tuple[list[int], torch.Tensor, float]:
-        """One text beside the ``fixed`` texts' gradients: its tokens, its gradient and the residual."""
+        """One text beside the ``fixed`` texts' gradients: its tokens, its gradient and the residual. A beam of
+        prefixes grows one token per step; the best prefix seen is kept, and decoding stops when it has not
+        improved by ``min_gain`` for ``patience`` steps (a text's true continuation can raise the residual for a
+        step: its loss terms' later context is not there yet)."""
         fit = Residual(self.y, fixed)
         firsts = self.guesses([], self.opts.first_width)
         rows = [[a, b] for a in firsts for b in self.guesses([a], self.opts.width)]
-        text, grad, res = self._best(rows, fit)
-        while len(text) < self.opts.max_len and time.monotonic() < self.deadline:
-            rows = [[*text, c] for c in self.guesses(text, self.opts.width)]
-            cand, cgrad, cres = self._best(rows, fit)
-            if res - cres < self.opts.min_gain:
-                break
-            text, grad, res = cand, cgrad, cres
-        return text, grad, res
+        beam = self._keep(rows, fit)
+        best = beam[0]
+        stale = 0
+        while len(beam[0][0]) < self.opts.max_len and stale < self.opts.patience and time.monotonic() < self.deadline:
+            rows = [[*t, c] for t, _, _ in beam for c in self.guesses(t, self.opts.width)]
+            beam = self._keep(rows, fit)
+            if best[2] - beam[0][2] >= self.opts.min_gain:
+                best, stale = beam[0], 0
+            else:
+                stale += 1
+                if beam[0][2] < best[2]:
+                    best = beam[0]
+        return best
 
-    def _best(self, rows: list[list[int]], fit: Residual) -> tuple[list[int], torch.Tensor, float]:
+    def _keep(self, rows: list[list[int]], fit: Residual) -> list[tuple[list[int], torch.Tensor, float]]:
+        """The ``beam`` rows leaving the smallest residual: (tokens, weighted gradient, residual)."""
         grads = self.gradients(rows)
         res = fit(grads)
-        i = int(torch.argmin(res))
-        return rows[i], grads[i], float(res[i])
+        order = torch.argsort(res)[: self.opts.beam].tolist()
+        return [(rows[i], grads[i], float(res[i])) for i in order]
 
     def run(self, n: int) -> tuple[list[list[int]], float]:
         """``n`` texts, decoded one after another, then re-decoded ``passes`` times with the others fixed."""
