@@ -11,8 +11,9 @@ batches, with and without the granted token set.
 Rerun (OMP_NUM_THREADS=1; one lane):
   PYTHONPATH=src python benchmarks/utr_probe.py grants --batch-sizes 1 4 --seeds 0 1
   PYTHONPATH=src python benchmarks/utr_probe.py teacher --batch-sizes 1 4 --seeds 0 1
-  PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 1 4 --seeds 0 1
-Writes benchmarks/results/gradient/utr/<command>.json.
+  PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 1 --seeds 0 1 -o budget_s=600
+  PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 4 --seeds 0 -o beam=2 -o passes=0 -o budget_s=900
+Writes benchmarks/results/gradient/utr/<command>.json (decode: resumable, cells already there are skipped).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from leaklab.attacks.gradient.utr import (
     prefix_adapter_gradients,
 )
 from leaklab.attacks.gradient.views import adapter_rank
+from leaklab.core.config import parse_pairs
 from leaklab.experiments.runner import attack_batch
 from leaklab.io import atomic_write_json
 from leaklab.models.registry import ModelRef, load_model
@@ -44,6 +47,7 @@ from leaklab.threat.settings import sample_update
 
 OUT = Path("benchmarks/results/gradient/utr")
 MODEL, CORPUS, R = "smollm2-135m", "rotten-tomatoes", 8
+NOTE = "timings on a 2-core CPU shared with other helpers' benchmarks (OMP_NUM_THREADS=1)"
 
 
 def update(b: int, seed: int):
@@ -138,23 +142,23 @@ def teacher(b: int, seed: int, width: int = 24) -> dict:
     return {"B": b, "seed": seed, "width": width, **stats, "seconds": time.perf_counter() - t0}
 
 
-def decode(b: int, seed: int, budget: float) -> list[dict]:
+def decode(b: int, seed: int, opts: dict, done: set) -> Iterator[dict]:
+    """SOMP, then utr without and with the granted token set, on one batch (cells in ``done`` skipped)."""
     obs, sec = update(b, seed)
-    rows = []
     granted = replace(obs, meta={**obs.meta, GRANTED_TOKEN_SET: sorted({x for t in sec.token_ids for x in t})})
-    runs = [
-        ("somp", obs, {}),
-        ("utr", obs, {"budget_s": budget}),
-        ("utr", granted, {"budget_s": budget, "grant_token_set": True}),
-    ]
-    for attack, o, opts in runs:
-        rec = attack_batch(attack, o, sec, seed=seed, options=opts)
+    runs = [("somp", obs, {}), ("utr", granted, {**opts, "grant_token_set": True}), ("utr", obs, opts)]
+    for attack, o, options in runs:
+        key = (b, seed, attack, bool(options.get("grant_token_set")))
+        if key in done:
+            continue
+        rec = attack_batch(attack, o, sec, seed=seed, options=options)
         agg = rec.aggregate or {}
         row = {
             "B": b,
             "seed": seed,
             "attack": attack,
-            "token_set_granted": bool(opts.get("grant_token_set")),
+            "token_set_granted": key[3],
+            "options": rec.options,
             "status": rec.status,
             "reason": rec.reason,
             "rouge1": agg.get("rouge1"),
@@ -162,12 +166,12 @@ def decode(b: int, seed: int, budget: float) -> list[dict]:
             "exact_rate": agg.get("exact_rate"),
             "seconds": rec.attack_seconds,
             "residual": rec.info.get("residual"),
+            "backward_rows": rec.info.get("backward_rows"),
             "recovered": rec.recovered,
             "true": list(sec.texts),
         }
-        print(json.dumps({k: v for k, v in row.items() if k not in ("recovered", "true")}), flush=True)
-        rows.append(row)
-    return rows
+        print(json.dumps({k: v for k, v in row.items() if k not in ("recovered", "true", "options")}), flush=True)
+        yield row
 
 
 def main() -> None:
@@ -175,25 +179,26 @@ def main() -> None:
     ap.add_argument("command", choices=("grants", "teacher", "decode"))
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--budget", type=float, default=900.0, help="utr time limit per batch, seconds")
+    ap.add_argument("-o", "--utr-option", action="append", default=[], help="utr option key=value (decode)")
     args = ap.parse_args()
     torch.manual_seed(0)
     load_model(ModelRef(MODEL))
-    out = []
-    for b in args.batch_sizes:
-        for s in args.seeds:
-            if args.command == "grants":
-                row = grants(b, s)
-            elif args.command == "teacher":
-                row = teacher(b, s)
-            else:
-                out.extend(decode(b, s, args.budget))
-                continue
-            print(json.dumps(row), flush=True)
-            out.append(row)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{args.command}.json"
-    atomic_write_json(path, {"rows": out, "note": "2-core CPU shared with other helpers' benchmarks"})
+    out = json.loads(path.read_text())["rows"] if path.exists() and args.command == "decode" else []
+    opts = parse_pairs(args.utr_option, "utr option")
+    for b in args.batch_sizes:
+        for s in args.seeds:
+            if args.command == "decode":
+                done = {(r["B"], r["seed"], r["attack"], r["token_set_granted"]) for r in out}
+                for row in decode(b, s, opts, done):  # resumable: each cell is written when done
+                    out.append(row)
+                    atomic_write_json(path, {"rows": out, "note": NOTE})
+                continue
+            row = grants(b, s) if args.command == "grants" else teacher(b, s)
+            print(json.dumps(row), flush=True)
+            out.append(row)
+    atomic_write_json(path, {"rows": out, "note": NOTE})
 
 
 if __name__ == "__main__":
