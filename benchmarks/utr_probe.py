@@ -5,12 +5,15 @@ every adapted module (r = saturated: no span or token-presence test), plus the a
 texts' own adapter gradients (:func:`leaklab.attacks.gradient.utr.prefix_adapter_gradients`) against the update.
 ``teacher``: with each text's true prefix (and the other texts' true gradients fitted, or not), the rank of the true
 next token among the LM's top-W guesses by the residual the prefix gradient leaves, against the LM prior's rank.
+``filter``: over the whole vocabulary, the true next token's rank by a matched filter (each logit's change along the
+module-weighted update, finite difference) against the prior's.
 ``decode``: SOMP (the span attack, the setting's 'no signal') and ``utr`` through the one runner on the same
 batches, with and without the granted token set.
 
 Rerun (OMP_NUM_THREADS=1; one lane):
   PYTHONPATH=src python benchmarks/utr_probe.py grants --batch-sizes 1 4 --seeds 0 1
   PYTHONPATH=src python benchmarks/utr_probe.py teacher --batch-sizes 1 4 --seeds 0 1
+  PYTHONPATH=src python benchmarks/utr_probe.py filter --batch-sizes 1 4 --seeds 0 1
   PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 1 --seeds 0 1 -o budget_s=600
   PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 4 --seeds 0 -o beam=2 -o passes=0 -o budget_s=900
 Writes benchmarks/results/gradient/utr/<command>.json (decode: resumable, cells already there are skipped).
@@ -142,6 +145,53 @@ def teacher(b: int, seed: int, width: int = 24) -> dict:
     return {"B": b, "seed": seed, "width": width, **stats, "seconds": time.perf_counter() - t0}
 
 
+def vocab_filter(b: int, seed: int) -> dict:
+    """Teacher-forced, over the whole vocabulary: the true next token's rank by the matched filter −∂z_c/∂B·v
+    (the change of each next-token logit when the adapters move along v = w²·y, central finite difference) and by
+    the LM prior; and how often the union of the prior's top 24 and the filter's top 64 holds it."""
+    obs, sec = update(b, seed)
+    model = lora_model(obs.model, obs.meta["lora"])
+    params = dict(model.named_parameters())
+    names = names_of(obs)
+    y = observed_vector(obs, names)
+    v = y * module_weights(y, [obs.gradients[n].numel() for n in names]) ** 2
+    tang, start = {}, 0
+    for n in names:
+        tang[n] = v[start : start + params[n].numel()].view_as(params[n]).float()
+        start += params[n].numel()
+    eps = 1e-2 / max(float(t.abs().max()) for t in tang.values())
+    filt, prior, union, positions = [], [], 0, 0
+    for t in [list(x) for x in sec.token_ids]:
+
+        def logits(e: float, t=t) -> torch.Tensor:
+            for n in names:  # B = e·v (the seeded init has B = 0, restored after)
+                params[n].copy_(e * tang[n])
+            out = model(input_ids=torch.tensor([t])).logits[0].double()
+            for n in names:
+                params[n].zero_()
+            return out
+
+        with torch.no_grad():
+            zp, zm = logits(eps), logits(-eps)
+        z, dz = (zp + zm) / 2, -(zp - zm) / (2 * eps)
+        for k in range(1, len(t)):
+            rf, rp = int((dz[k - 1] > dz[k - 1, t[k]]).sum()), int((z[k - 1] > z[k - 1, t[k]]).sum())
+            filt.append(rf)
+            prior.append(rp)
+            union += int(rf < 64 or rp < 24)
+            positions += 1
+    return {
+        "B": b,
+        "seed": seed,
+        "positions": positions,
+        "filter_median_rank": float(torch.tensor(filt).median()),
+        "prior_median_rank": float(torch.tensor(prior).median()),
+        "prior_top24": sum(r < 24 for r in prior),
+        "filter_top64": sum(r < 64 for r in filt),
+        "union": union,
+    }
+
+
 def decode(b: int, seed: int, opts: dict, done: set) -> Iterator[dict]:
     """SOMP, then utr without and with the granted token set, on one batch (cells in ``done`` skipped)."""
     obs, sec = update(b, seed)
@@ -176,7 +226,7 @@ def decode(b: int, seed: int, opts: dict, done: set) -> Iterator[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("grants", "teacher", "decode"))
+    ap.add_argument("command", choices=("grants", "teacher", "filter", "decode"))
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("-o", "--utr-option", action="append", default=[], help="utr option key=value (decode)")
@@ -195,7 +245,7 @@ def main() -> None:
                     out.append(row)
                     atomic_write_json(path, {"rows": out, "note": NOTE})
                 continue
-            row = grants(b, s) if args.command == "grants" else teacher(b, s)
+            row = {"grants": grants, "teacher": teacher, "filter": vocab_filter}[args.command](b, s)
             print(json.dumps(row), flush=True)
             out.append(row)
     atomic_write_json(path, {"rows": out, "note": NOTE})
