@@ -15,7 +15,9 @@ Rerun (OMP_NUM_THREADS=1; one lane):
   PYTHONPATH=src python benchmarks/utr_probe.py teacher --batch-sizes 1 4 --seeds 0 1
   PYTHONPATH=src python benchmarks/utr_probe.py filter --batch-sizes 1 4 --seeds 0 1
   PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 1 --seeds 0 1 -o budget_s=600
-  PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 4 --seeds 0 -o beam=2 -o passes=0 -o budget_s=900
+  PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 4 --seeds 0 --cells somp granted \
+      -o beam=2 -o passes=0 -o width=16 -o first_width=48 -o budget_s=1200
+  (the same with --cells prior)
 Writes benchmarks/results/gradient/utr/<command>.json (decode: resumable, cells already there are skipped).
 """
 
@@ -192,12 +194,16 @@ def vocab_filter(b: int, seed: int) -> dict:
     }
 
 
-def decode(b: int, seed: int, opts: dict, done: set) -> Iterator[dict]:
+def decode(b: int, seed: int, opts: dict, done: set, cells: list[str]) -> Iterator[dict]:
     """SOMP, then utr without and with the granted token set, on one batch (cells in ``done`` skipped)."""
     obs, sec = update(b, seed)
     granted = replace(obs, meta={**obs.meta, GRANTED_TOKEN_SET: sorted({x for t in sec.token_ids for x in t})})
-    runs = [("somp", obs, {}), ("utr", granted, {**opts, "grant_token_set": True}), ("utr", obs, opts)]
-    for attack, o, options in runs:
+    runs = {
+        "somp": ("somp", obs, {}),
+        "granted": ("utr", granted, {**opts, "grant_token_set": True}),
+        "prior": ("utr", obs, opts),
+    }
+    for attack, o, options in (runs[c] for c in cells):
         key = (b, seed, attack, bool(options.get("grant_token_set")))
         if key in done:
             continue
@@ -230,6 +236,13 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("-o", "--utr-option", action="append", default=[], help="utr option key=value (decode)")
+    ap.add_argument(
+        "--cells",
+        nargs="+",
+        default=["somp", "granted", "prior"],
+        choices=("somp", "granted", "prior"),
+        help="decode: SOMP, utr with the granted token set, utr on the LM prior alone",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     load_model(ModelRef(MODEL))
@@ -241,7 +254,7 @@ def main() -> None:
         for s in args.seeds:
             if args.command == "decode":
                 done = {(r["B"], r["seed"], r["attack"], r["token_set_granted"]) for r in out}
-                for row in decode(b, s, opts, done):  # resumable: each cell is written when done
+                for row in decode(b, s, opts, done, args.cells):  # resumable: each cell is written when done
                     out.append(row)
                     atomic_write_json(path, {"rows": out, "note": NOTE})
                 continue
