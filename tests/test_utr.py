@@ -92,3 +92,31 @@ def test_utr_refuses_what_it_cannot_read():
     lora, _ = _update(1, r=8)
     rec = run_attack(make_attack("utr", {"grant_token_set": True}), lora)
     assert rec.status == "could_not_run" and "grants no token set" in rec.reason
+
+
+def test_matched_filter_is_the_logit_change_along_the_residual():
+    """The filter's finite difference against autograd: −∂z_c/∂B·v for a few tokens c."""
+    from leaklab.attacks.gradient.utr import Decoder, UtrOptions
+    from leaklab.models.registry import load_model
+
+    obs, sec = _update(1, r=8)
+    model = lora_model(obs.model, obs.meta["lora"])
+    names = _names(obs)
+    y = observed_vector(obs, names)
+    sizes = {n: obs.gradients[n].numel() for n in names}
+    dec = Decoder(model, load_model(obs.model).tokenizer, y, sizes, UtrOptions(filter_width=5), None)
+    fit = Residual(dec.y, [])
+    prefix = list(sec.token_ids[0][:4])
+    top = dec.filtered(prefix, fit)
+    v = (dec.w * fit.y).float()
+    params = dict(model.named_parameters())
+    with torch.enable_grad():
+        z = model(input_ids=torch.tensor([prefix])).logits[0, -1]
+        scores = []
+        for c in range(z.shape[0]) if z.shape[0] <= 64 else [*top, 0, 1, 2]:
+            g = torch.autograd.grad(z[c], [params[n] for n in names], retain_graph=True)
+            scores.append(-float(torch.cat([x.flatten() for x in g]) @ v))
+    assert all(not p.any() for n, p in params.items() if ".lora_B." in n)  # B = 0 restored
+    assert scores[0] == max(scores)  # the filter's best is the best by autograd among these
+    assert sorted(scores[:5], reverse=True) == scores[:5]
+    assert min(scores[:5]) > max(scores[5:])

@@ -135,6 +135,9 @@ class UtrOptions(Config):
     grant_token_set: bool = option(
         False, "extra knowledge, recorded: the batch's token set is granted (LoRA shares no token-presence signal)"
     )
+    filter_width: int = option(
+        0, "extra candidates per step from a whole-vocabulary matched filter of the residual (no granted set)"
+    )
     beam: int = option(3, "prefixes kept per step")
     patience: int = option(2, "steps without a better prefix before a text ends")
     weigh_modules: bool = option(True, "weigh every adapted module's block equally in the residual")
@@ -145,8 +148,12 @@ class UtrOptions(Config):
     def __post_init__(self) -> None:
         self.require(
             positive=("width", "first_width", "max_len", "chunk", "budget_s", "beam", "patience"),
-            non_negative=("passes",),
+            non_negative=("passes", "filter_width"),
         )
+
+
+#: the matched filter's step: the largest entry of ε·v, a B entry's size after a few SGD steps
+FILTER_STEP = 1e-2
 
 
 class Decoder:
@@ -194,6 +201,39 @@ class Decoder:
             return order[:k].tolist()
         return torch.topk(logits, k).indices.tolist()
 
+    def candidates(self, prefix: list[int], fit: Residual) -> list[int]:
+        """The LM's guesses after ``prefix``, plus (``filter_width``, no granted set) the matched filter's."""
+        out = self.guesses(prefix, self.opts.width)
+        if self.opts.filter_width and self.allowed is None:
+            out += [c for c in self.filtered(prefix, fit) if c not in out]
+        return out
+
+    @torch.no_grad()
+    def filtered(self, prefix: list[int], fit: Residual) -> list[int]:
+        """The ``filter_width`` tokens whose next-token loss term at the end of ``prefix`` best matches the
+        residual: a candidate c adds −∂z_c/∂B (plus a part common to all) to the prefix's gradient, so its inner
+        product with the residual direction v (raw adapter coordinates of the weighted residual) is −∂z_c/∂B·v
+        up to a constant, read for the whole vocabulary from two forward passes with B = ±ε·v (central finite
+        difference; B = 0 restored after)."""
+        v = self.w * fit.y
+        eps = FILTER_STEP / max(float(v.abs().max()), 1e-300)
+        ids = torch.tensor([prefix], device=next(self.model.parameters()).device)
+        change = self._logits_at(ids, eps * v) - self._logits_at(ids, -eps * v)
+        return torch.topk(-change, self.opts.filter_width).indices.tolist()
+
+    def _logits_at(self, ids: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Last-position logits with the B weights set to the blocks of ``b`` (zeros again afterwards)."""
+        weights = [m.weight for m in self.modules.values()]
+        try:
+            start = 0
+            for wt in weights:
+                wt.copy_(b[start : start + wt.numel()].view_as(wt).to(wt.dtype))
+                start += wt.numel()
+            return self.model(input_ids=ids).logits[0, -1].double().cpu()
+        finally:
+            for wt in weights:
+                wt.zero_()
+
     def decode(self, fixed: list[torch.Tensor]) -> tuple[list[int], torch.Tensor, float]:
         """One text beside the ``fixed`` texts' gradients: its tokens, its gradient and the residual. A beam of
         prefixes grows one token per step; the best prefix seen is kept, and decoding stops when it has not
@@ -201,12 +241,12 @@ class Decoder:
         step: its loss terms' later context is not there yet)."""
         fit = Residual(self.y, fixed)
         firsts = self.guesses([], self.opts.first_width)
-        rows = [[a, b] for a in firsts for b in self.guesses([a], self.opts.width)]
+        rows = [[a, b] for a in firsts for b in self.candidates([a], fit)]
         beam = self._keep(rows, fit)
         best = beam[0]
         stale = 0
         while len(beam[0][0]) < self.opts.max_len and stale < self.opts.patience and time.monotonic() < self.deadline:
-            rows = [[*t, c] for t, _, _ in beam for c in self.guesses(t, self.opts.width)]
+            rows = [[*t, c] for t, _, _ in beam for c in self.candidates(t, fit)]
             beam = self._keep(rows, fit)
             if best[2] - beam[0][2] >= self.opts.min_gain:
                 best, stale = beam[0], 0
