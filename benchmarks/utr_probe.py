@@ -52,6 +52,7 @@ from leaklab.threat.settings import sample_update
 
 OUT = Path("benchmarks/results/gradient/utr")
 MODEL, CORPUS, R = "smollm2-135m", "rotten-tomatoes", 8
+FILTER_WIDTH = 32
 NOTE = "timings on a 2-core CPU shared with other helpers' benchmarks (OMP_NUM_THREADS=1)"
 
 
@@ -202,10 +203,11 @@ def decode(b: int, seed: int, opts: dict, done: set, cells: list[str]) -> Iterat
         "somp": ("somp", obs, {}),
         "granted": ("utr", granted, {**opts, "grant_token_set": True}),
         "prior": ("utr", obs, opts),
+        "filter": ("utr", obs, {"filter_width": FILTER_WIDTH, **opts}),
     }
-    for attack, o, options in (runs[c] for c in cells):
-        key = (b, seed, attack, bool(options.get("grant_token_set")))
-        if key in done:
+    for cell in cells:
+        attack, o, options = runs[cell]
+        if (b, seed, cell) in done:
             continue
         rec = attack_batch(attack, o, sec, seed=seed, options=options)
         agg = rec.aggregate or {}
@@ -213,7 +215,8 @@ def decode(b: int, seed: int, opts: dict, done: set, cells: list[str]) -> Iterat
             "B": b,
             "seed": seed,
             "attack": attack,
-            "token_set_granted": key[3],
+            "cell": cell,
+            "token_set_granted": bool(options.get("grant_token_set")),
             "options": rec.options,
             "status": rec.status,
             "reason": rec.reason,
@@ -240,8 +243,8 @@ def main() -> None:
         "--cells",
         nargs="+",
         default=["somp", "granted", "prior"],
-        choices=("somp", "granted", "prior"),
-        help="decode: SOMP, utr with the granted token set, utr on the LM prior alone",
+        choices=("somp", "granted", "prior", "filter"),
+        help="decode: SOMP, utr with the granted token set, utr on the LM prior alone, utr on the prior + filter",
     )
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -253,7 +256,7 @@ def main() -> None:
     for b in args.batch_sizes:
         for s in args.seeds:
             if args.command == "decode":
-                done = {(r["B"], r["seed"], r["attack"], r["token_set_granted"]) for r in out}
+                done = {(r["B"], r["seed"], r["cell"]) for r in out}
                 for row in decode(b, s, opts, done, args.cells):  # resumable: each cell is written when done
                     out.append(row)
                     atomic_write_json(path, {"rows": out, "note": NOTE})
