@@ -12,12 +12,12 @@ batches, with and without the granted token set.
 
 Rerun (OMP_NUM_THREADS=1; one lane):
   PYTHONPATH=src python benchmarks/utr_probe.py grants --batch-sizes 1 4 --seeds 0 1
-  PYTHONPATH=src python benchmarks/utr_probe.py teacher --batch-sizes 1 4 --seeds 0 1
+  PYTHONPATH=src python benchmarks/utr_probe.py teacher --batch-sizes 1 --seeds 0 1
   PYTHONPATH=src python benchmarks/utr_probe.py filter --batch-sizes 1 4 --seeds 0 1
-  PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 1 --seeds 0 1 -o budget_s=600
+  PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 1 --seeds 0 1 --cells somp granted -o budget_s=600
   PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 4 --seeds 0 --cells somp granted \
-      -o beam=2 -o passes=0 -o width=16 -o first_width=48 -o budget_s=1200
-  (the same with --cells prior)
+      -o width=12 -o edit_width=4 -o passes=0 -o budget_s=1300
+  PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 1 --seeds 0 --cells prior filter -o budget_s=600
 Writes benchmarks/results/gradient/utr/<command>.json (decode: resumable, cells already there are skipped).
 """
 

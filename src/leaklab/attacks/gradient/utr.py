@@ -129,17 +129,20 @@ class UtrOptions(Config):
     """UTR-style sentence decoding in LoRA adapter space (``-o key=value``)."""
 
     width: int = option(24, "candidate next tokens per step (the public LM's top guesses, within the token set)")
-    first_width: int = option(64, "candidate first tokens per text (the LM's guesses after its document start)")
+    first_width: int = option(16, "first tokens per text considered for the starts (the LM's guesses)")
+    starts: int = option(4, "likeliest two-token starts under the LM grown per text")
     max_len: int = option(40, "longest text decoded, in tokens")
-    passes: int = option(1, "passes re-decoding each text with all the others fixed (after the first decode)")
+    passes: int = option(1, "passes editing each text again with all the others fixed (after the first decode)")
     grant_token_set: bool = option(
         False, "extra knowledge, recorded: the batch's token set is granted (LoRA shares no token-presence signal)"
     )
     filter_width: int = option(
         0, "extra candidates per step from a whole-vocabulary matched filter of the residual (no granted set)"
     )
-    beam: int = option(3, "prefixes kept per step")
+    beam: int = option(2, "prefixes kept per step")
     patience: int = option(2, "steps without a better prefix before a text ends")
+    edit_rounds: int = option(12, "rounds of residual-verified single-token edits of each decoded text; 0 = off")
+    edit_width: int = option(6, "tokens tried per position by the edits (the LM's guesses, within the set)")
     weigh_modules: bool = option(True, "weigh every adapted module's block equally in the residual")
     min_gain: float = option(1e-3, "a text ends when its best continuation lowers the relative residual less")
     chunk: int = option(64, "candidate rows per backward pass")
@@ -147,8 +150,18 @@ class UtrOptions(Config):
 
     def __post_init__(self) -> None:
         self.require(
-            positive=("width", "first_width", "max_len", "chunk", "budget_s", "beam", "patience"),
-            non_negative=("passes", "filter_width"),
+            positive=(
+                "width",
+                "first_width",
+                "starts",
+                "edit_width",
+                "max_len",
+                "chunk",
+                "budget_s",
+                "beam",
+                "patience",
+            ),
+            non_negative=("passes", "filter_width", "edit_rounds"),
         )
 
 
@@ -191,15 +204,29 @@ class Decoder:
         return torch.cat(out) * self.w
 
     @torch.no_grad()
-    def guesses(self, prefix: list[int], k: int) -> list[int]:
+    def ranked(self, prefix: list[int], k: int) -> tuple[list[int], list[float]]:
         """The LM's ``k`` likeliest next tokens after ``prefix`` (its document start when empty), within the
-        granted token set if any."""
+        granted token set if any, and their log-probabilities."""
         ids = torch.tensor([[self.start, *prefix]], device=next(self.model.parameters()).device)
-        logits = self.model(input_ids=ids).logits[0, -1].float().cpu()
-        if self.allowed is not None:
-            order = self.allowed[torch.argsort(logits[self.allowed], descending=True)]
-            return order[:k].tolist()
-        return torch.topk(logits, k).indices.tolist()
+        logp = torch.log_softmax(self.model(input_ids=ids).logits[0, -1].float().cpu(), -1)
+        pool = self.allowed if self.allowed is not None else torch.arange(logp.shape[0])
+        order = pool[torch.argsort(logp[pool], descending=True)][:k]
+        return order.tolist(), logp[order].tolist()
+
+    def guesses(self, prefix: list[int], k: int) -> list[int]:
+        return self.ranked(prefix, k)[0]
+
+    def starts(self) -> list[list[int]]:
+        """The ``starts`` likeliest first two tokens under the LM (within the granted set if any): a prefix's
+        adapter gradient tells little until its later loss terms are there (a true text's first tokens leave a
+        residual near 1), so texts start where the LM does and the residual decides between whole texts."""
+        pairs = []
+        firsts, lp1 = self.ranked([], self.opts.first_width)
+        for a, la in zip(firsts, lp1, strict=True):
+            seconds, lp2 = self.ranked([a], self.opts.width)
+            pairs += [(la + lb, [a, b]) for b, lb in zip(seconds, lp2, strict=True)]
+        pairs.sort(key=lambda x: -x[0])
+        return [p for _, p in pairs[: self.opts.starts]]
 
     def candidates(self, prefix: list[int], fit: Residual) -> list[int]:
         """The LM's guesses after ``prefix``, plus (``filter_width``, no granted set) the matched filter's."""
@@ -235,16 +262,24 @@ class Decoder:
                 wt.zero_()
 
     def decode(self, fixed: list[torch.Tensor]) -> tuple[list[int], torch.Tensor, float]:
-        """One text beside the ``fixed`` texts' gradients: its tokens, its gradient and the residual. A beam of
-        prefixes grows one token per step; the best prefix seen is kept, and decoding stops when it has not
-        improved by ``min_gain`` for ``patience`` steps (a text's true continuation can raise the residual for a
-        step: its loss terms' later context is not there yet)."""
+        """One text beside the ``fixed`` texts' gradients: its tokens, its gradient and the residual. From each
+        of the LM's likeliest starts (:meth:`starts`) a beam of prefixes grows one token per step by the
+        residual; the text leaving the smallest residual over all starts is kept."""
         fit = Residual(self.y, fixed)
-        firsts = self.guesses([], self.opts.first_width)
-        rows = [[a, b] for a in firsts for b in self.candidates([a], fit)]
-        beam = self._keep(rows, fit)
-        best = beam[0]
-        stale = 0
+        best = None
+        for start in self.starts():
+            if time.monotonic() >= self.deadline and best is not None:
+                break
+            grown = self.grow(start, fit)
+            if best is None or grown[2] < best[2]:
+                best = grown
+        return best
+
+    def grow(self, start: list[int], fit: Residual) -> tuple[list[int], torch.Tensor, float]:
+        """The best prefix seen while a beam grows from ``start``; it stops when that prefix has not improved by
+        ``min_gain`` for ``patience`` steps (a true continuation can fail to lower the residual for a step)."""
+        beam = self._keep([start], fit)
+        best, stale = beam[0], 0
         while len(beam[0][0]) < self.opts.max_len and stale < self.opts.patience and time.monotonic() < self.deadline:
             rows = [[*t, c] for t, _, _ in beam for c in self.candidates(t, fit)]
             beam = self._keep(rows, fit)
@@ -256,6 +291,30 @@ class Decoder:
                     best = beam[0]
         return best
 
+    def edit(self, text: list[int], fixed: list[torch.Tensor]) -> tuple[list[int], torch.Tensor, float]:
+        """Residual-verified single-token edits of a whole decoded text (delete a token; insert or substitute
+        one of the LM's ``edit_width`` guesses at a position, ``first_width`` at the first: the LM guesses a
+        text's first token worst): the best edit is kept while it lowers the residual by ``min_gain``, for at
+        most ``edit_rounds`` rounds. A whole text's evidence is far sharper than a prefix's (the true text
+        leaves no residual), so a skipped or wrong token is put right here."""
+        fit = Residual(self.y, fixed)
+        best = self._keep([text], fit)[0]
+        for _ in range(self.opts.edit_rounds):
+            if time.monotonic() >= self.deadline:
+                break
+            t = best[0]
+            rows = [t[:j] + t[j + 1 :] for j in range(len(t))] if len(t) > 2 else []
+            for j in range(len(t) + 1):
+                for c in self.guesses(t[:j], self.opts.edit_width if j else self.opts.first_width):
+                    rows.append([*t[:j], c, *t[j:]])
+                    if j < len(t) and c != t[j]:
+                        rows.append([*t[:j], c, *t[j + 1 :]])
+            top = self._keep(rows, fit)[0]
+            if best[2] - top[2] < self.opts.min_gain:
+                break
+            best = top
+        return best
+
     def _keep(self, rows: list[list[int]], fit: Residual) -> list[tuple[list[int], torch.Tensor, float]]:
         """The ``beam`` rows leaving the smallest residual: (tokens, weighted gradient, residual)."""
         grads = self.gradients(rows)
@@ -264,7 +323,8 @@ class Decoder:
         return [(rows[i], grads[i], float(res[i])) for i in order]
 
     def run(self, n: int) -> tuple[list[list[int]], float]:
-        """``n`` texts, decoded one after another, then re-decoded ``passes`` times with the others fixed."""
+        """``n`` texts, decoded (and edited) one after another, then edited ``passes`` times with the others
+        fixed."""
         texts: list[list[int]] = []
         grads: list[torch.Tensor] = []
         res = 1.0
@@ -272,13 +332,15 @@ class Decoder:
             if time.monotonic() >= self.deadline:
                 break
             t, g, res = self.decode(grads)
+            if self.opts.edit_rounds:
+                t, g, res = self.edit(t, grads)
             texts.append(t)
             grads.append(g)
         for _ in range(self.opts.passes):
             for i in range(len(texts)):
                 if time.monotonic() >= self.deadline:
                     return texts, res
-                t, g, r = self.decode(grads[:i] + grads[i + 1 :])
+                t, g, r = self.edit(texts[i], grads[:i] + grads[i + 1 :])
                 if r < res:
                     texts[i], grads[i], res = t, g, r
         return texts, res
