@@ -16,8 +16,9 @@ Rerun (OMP_NUM_THREADS=1; one lane):
   PYTHONPATH=src python benchmarks/utr_probe.py filter --batch-sizes 1 4 --seeds 0 1
   PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 1 --seeds 0 1 --cells somp granted -o budget_s=600
   PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 4 --seeds 0 --cells somp granted \
-      -o width=12 -o edit_width=4 -o passes=0 -o budget_s=1300
-  PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 1 --seeds 0 --cells prior filter -o budget_s=600
+      -o starts=2 -o width=12 -o edit_width=4 -o edit_rounds=4 -o passes=0 -o budget_s=800
+  (not run this session: --batch-sizes 1 --seeds 0 --cells prior filter -o budget_s=600; the first decoder's
+  prior-only cell is in decode-greedy-v1.json)
 Writes benchmarks/results/gradient/utr/<command>.json (decode: resumable, cells already there are skipped).
 """
 
