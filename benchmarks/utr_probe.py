@@ -7,6 +7,7 @@ texts' own adapter gradients (:func:`leaklab.attacks.gradient.utr.prefix_adapter
 next token among the LM's top-W guesses by the residual the prefix gradient leaves, against the LM prior's rank.
 ``filter``: over the whole vocabulary, the true next token's rank by a matched filter (each logit's change along the
 module-weighted update, finite difference) against the prior's.
+``bag``: the granted token set alone (no gradient), in the LM's greedy order, scored: what the grant gives.
 ``decode``: SOMP (the span attack, the setting's 'no signal') and ``utr`` through the one runner on the same
 batches, with and without the granted token set.
 
@@ -14,6 +15,7 @@ Rerun (OMP_NUM_THREADS=1; one lane):
   PYTHONPATH=src python benchmarks/utr_probe.py grants --batch-sizes 1 4 --seeds 0 1
   PYTHONPATH=src python benchmarks/utr_probe.py teacher --batch-sizes 1 --seeds 0 1
   PYTHONPATH=src python benchmarks/utr_probe.py filter --batch-sizes 1 4 --seeds 0 1
+  PYTHONPATH=src python benchmarks/utr_probe.py bag --batch-sizes 1 4 --seeds 0 1
   PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 1 --seeds 0 1 --cells somp granted -o budget_s=600
   PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 4 --seeds 0 --cells somp granted \
       -o starts=2 -o width=12 -o edit_width=4 -o edit_rounds=4 -o passes=0 -o budget_s=800
@@ -46,6 +48,7 @@ from leaklab.attacks.gradient.views import adapter_rank
 from leaklab.core.config import parse_pairs
 from leaklab.experiments.runner import attack_batch
 from leaklab.io import atomic_write_json
+from leaklab.metrics import score_batch
 from leaklab.models.registry import ModelRef, load_model
 from leaklab.threat.lora import lora_model
 from leaklab.threat.observation import ThreatFlags
@@ -196,6 +199,25 @@ def vocab_filter(b: int, seed: int) -> dict:
     }
 
 
+def bag_baseline(b: int, seed: int) -> dict:
+    """What the granted token set gives without any gradient: the set's tokens once each, in the LM's greedy
+    order (after its document start), cut into B texts, scored like the attacks."""
+    obs, sec = update(b, seed)
+    loaded = load_model(obs.model)
+    true = [list(t) for t in sec.token_ids]
+    left, seq = sorted({x for t in true for x in t}), []
+    with torch.no_grad():
+        while left:
+            logits = loaded.model(input_ids=torch.tensor([[0, *seq]])).logits[0, -1]
+            best = max(left, key=lambda x: float(logits[x]))
+            seq.append(best)
+            left.remove(best)
+    k = -(-len(seq) // b)
+    texts = [seq[i * k : (i + 1) * k] for i in range(b)]
+    agg = score_batch([loaded.decode(t) for t in texts], list(sec.texts), texts, true).aggregate()
+    return {"B": b, "seed": seed, "rouge1": agg["rouge1"], "rouge2": agg["rouge2"]}
+
+
 def decode(b: int, seed: int, opts: dict, done: set, cells: list[str]) -> Iterator[dict]:
     """SOMP, then utr without and with the granted token set, on one batch (cells in ``done`` skipped)."""
     obs, sec = update(b, seed)
@@ -236,7 +258,7 @@ def decode(b: int, seed: int, opts: dict, done: set, cells: list[str]) -> Iterat
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("grants", "teacher", "filter", "decode"))
+    ap.add_argument("command", choices=("grants", "teacher", "filter", "bag", "decode"))
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("-o", "--utr-option", action="append", default=[], help="utr option key=value (decode)")
@@ -262,7 +284,9 @@ def main() -> None:
                     out.append(row)
                     atomic_write_json(path, {"rows": out, "note": NOTE})
                 continue
-            row = {"grants": grants, "teacher": teacher, "filter": vocab_filter}[args.command](b, s)
+            row = {"grants": grants, "teacher": teacher, "filter": vocab_filter, "bag": bag_baseline}[args.command](
+                b, s
+            )
             print(json.dumps(row), flush=True)
             out.append(row)
     atomic_write_json(path, {"rows": out, "note": NOTE})

@@ -355,7 +355,7 @@ def observed_vector(obs: Observation, names: list[str]) -> torch.Tensor:
     "utr",
     UtrOptions,
     settings=("lora",),
-    help="LoRA: greedy decoding by prefix adapter-gradient residuals under the LM prior (UTR-style)",
+    help="LoRA (experimental): beam decoding by prefix adapter-gradient residuals under the LM prior (UTR-style)",
 )
 class UtrAttack:
     """Decodes the texts behind a LoRA update at its seeded init from the update's adapter gradients alone."""
