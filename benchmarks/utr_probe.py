@@ -7,6 +7,7 @@ texts' own adapter gradients (:func:`leaklab.attacks.gradient.utr.prefix_adapter
 next token among the LM's top-W guesses by the residual the prefix gradient leaves, against the LM prior's rank.
 ``filter``: over the whole vocabulary, the true next token's rank by a matched filter (each logit's change along the
 module-weighted update, finite difference) against the prior's.
+``starts``: the residual left by each true prefix, and the true first pair's rank by the LM and the residual.
 ``bag``: the granted token set alone (no gradient), in the LM's greedy order, scored: what the grant gives.
 ``decode``: SOMP (the span attack, the setting's 'no signal') and ``utr`` through the one runner on the same
 batches, with and without the granted token set.
@@ -15,6 +16,7 @@ Rerun (OMP_NUM_THREADS=1; one lane):
   PYTHONPATH=src python benchmarks/utr_probe.py grants --batch-sizes 1 4 --seeds 0 1
   PYTHONPATH=src python benchmarks/utr_probe.py teacher --batch-sizes 1 --seeds 0 1
   PYTHONPATH=src python benchmarks/utr_probe.py filter --batch-sizes 1 4 --seeds 0 1
+  PYTHONPATH=src python benchmarks/utr_probe.py starts --batch-sizes 1 4 --seeds 0 1
   PYTHONPATH=src python benchmarks/utr_probe.py bag --batch-sizes 1 4 --seeds 0 1
   PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 1 --seeds 0 1 --cells somp granted -o budget_s=600
   PYTHONPATH=src python benchmarks/utr_probe.py decode --batch-sizes 4 --seeds 0 --cells somp granted \
@@ -38,7 +40,9 @@ import torch
 from leaklab.attacks.gradient.utr import (
     GRANTED_TOKEN_SET,
     LORA_B,
+    Decoder,
     Residual,
+    UtrOptions,
     adapter_modules,
     module_weights,
     observed_vector,
@@ -199,6 +203,32 @@ def vocab_filter(b: int, seed: int) -> dict:
     }
 
 
+def starts(b: int, seed: int) -> dict:
+    """Why a text's start is hard: the module-weighted residual left by each true prefix of text 0 (nothing
+    else fitted); the rank of each text's true first pair among all pairs of the granted set by the LM
+    (:meth:`Decoder.starts`) and, at B = 1, by the residual."""
+    obs, sec = update(b, seed)
+    model = lora_model(obs.model, obs.meta["lora"])
+    names = names_of(obs)
+    y = observed_vector(obs, names)
+    true = [list(t) for t in sec.token_ids]
+    vocab = sorted({x for t in true for x in t})
+    sizes = {n: obs.gradients[n].numel() for n in names}
+    wide = UtrOptions(starts=10**6, first_width=10**6, width=10**6)
+    dec = Decoder(model, load_model(obs.model).tokenizer, y, sizes, wide, vocab)
+    fit = Residual(dec.y, [])
+    t = true[0]
+    with torch.enable_grad():
+        trajectory = fit(dec.gradients([t[:k] for k in range(2, len(t) + 1)])).tolist()
+    pairs = dec.starts()
+    row = {"B": b, "seed": seed, "pairs": len(pairs), "lm_rank_of_true_starts": [pairs.index(x[:2]) for x in true]}
+    if b == 1:
+        with torch.enable_grad():
+            res = fit(dec.gradients(pairs))
+        row["residual_rank_of_true_start"] = int((res < res[pairs.index(t[:2])]).sum())
+    return {**row, "true_prefix_residuals": [round(x, 3) for x in trajectory]}
+
+
 def bag_baseline(b: int, seed: int) -> dict:
     """What the granted token set gives without any gradient: the set's tokens once each, in the LM's greedy
     order (after its document start), cut into B texts, scored like the attacks."""
@@ -258,7 +288,7 @@ def decode(b: int, seed: int, opts: dict, done: set, cells: list[str]) -> Iterat
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("grants", "teacher", "filter", "bag", "decode"))
+    ap.add_argument("command", choices=("grants", "teacher", "filter", "starts", "bag", "decode"))
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("-o", "--utr-option", action="append", default=[], help="utr option key=value (decode)")
@@ -284,9 +314,9 @@ def main() -> None:
                     out.append(row)
                     atomic_write_json(path, {"rows": out, "note": NOTE})
                 continue
-            row = {"grants": grants, "teacher": teacher, "filter": vocab_filter, "bag": bag_baseline}[args.command](
-                b, s
-            )
+            row = {"grants": grants, "teacher": teacher, "filter": vocab_filter, "starts": starts, "bag": bag_baseline}[
+                args.command
+            ](b, s)
             print(json.dumps(row), flush=True)
             out.append(row)
     atomic_write_json(path, {"rows": out, "note": NOTE})
