@@ -111,9 +111,16 @@ def _run_viewed(attack: GradientAttack, obs: Observation, name: str) -> Recovery
 
 
 def _viewed(attack: GradientAttack, obs: Observation) -> Recovery:
-    """The attack on the setting's view of ``obs``, then the setting's clean-up; no information → NoSignal."""
+    """The attack on the setting's view of ``obs``, then the setting's clean-up; no information → NoSignal.
+    An attack with ``raw_update = True`` (one written for its settings' own tensors, e.g. ``utr`` on LoRA
+    adapter gradients) gets ``obs`` itself."""
     from leaklab.attacks.gradient.views import after_view, setting_view
 
+    if getattr(attack, "raw_update", False):
+        rec = attack.run(obs)
+        if rec.ok and not rec.texts:
+            raise NoSignal("the attack ran but recovered no text")
+        return rec
     view, adapted = setting_view(obs)
     if adapted.get("no_signal"):
         raise NoSignal(adapted["no_signal"])

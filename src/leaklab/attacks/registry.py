@@ -17,6 +17,7 @@ BUILTINS = {
     "tag": "leaklab.attacks.gradient.optim",
     "lamp": "leaklab.attacks.gradient.optim",
     "somp-adaptive": "leaklab.attacks.gradient.adaptive",
+    "utr": "leaklab.attacks.gradient.utr",
 }
 GRADIENT_ATTACKS: Registry[type] = Registry("attack", builtins=BUILTINS, entry_points="leaklab.attacks")
 
