@@ -162,6 +162,18 @@ class PrefixScorer:
         """(n,) cos(G, g_row) in the metric."""
         return self.inner(terms) / (self.norms2(terms).clamp_min(1e-300).sqrt() * max(self.norm, 1e-300))
 
+    def next_cosines(self, terms: NextTerms) -> torch.Tensor:
+        """(n, k) cos(G, g) in the metric of each candidate's own terms (:func:`next_token_terms`): one
+        position, so ⟨G, g⟩ = δᵀ (G̃ x) with G̃ x once per prefix, and ‖g‖² = (δᵀ S⁻¹ δ)(xᵀ A⁻¹ x)."""
+        inner, norms2 = 0.0, 0.0
+        for n, w in self.white.items():
+            x, d = terms.x[n], terms.delta[n]
+            inner = inner + (d.double() * (x @ w.T).double().unsqueeze(1)).sum(-1)
+            xx = (self.metric.right(n, x) * x).double().sum(-1)
+            dd = (self.metric.left(n, d) * d).double().sum(-1)
+            norms2 = norms2 + dd * xx.unsqueeze(1)
+        return inner / (norms2.clamp_min(1e-300).sqrt() * max(self.norm, 1e-300))
+
 
 def explain_away(
     target: dict[str, torch.Tensor], known: dict[str, torch.Tensor], metric: KfacMetric
@@ -187,3 +199,69 @@ def model_samples(loaded: LoadedModel, n: int, length: int, seed: int) -> torch.
         nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)
         seqs = torch.cat([seqs, nxt], dim=1)
     return seqs
+
+
+@dataclass
+class NextTerms:
+    """A next token's own terms for n prefixes and k candidate tokens each: per module the inputs x (n, in) at
+    the prefix's last position (shared by its candidates) and the output gradients δ (n, k, out) there of each
+    candidate's loss −log p(c | prefix)."""
+
+    x: dict[str, torch.Tensor]
+    delta: dict[str, torch.Tensor]
+
+    def as_terms(self) -> Terms:
+        """The same terms as :class:`Terms` of n·k one-position rows, in the order (prefix, candidate)."""
+        k = next(iter(self.delta.values())).shape[1]
+        return Terms(
+            {n: x.repeat_interleave(k, 0).unsqueeze(1) for n, x in self.x.items()},
+            {n: d.reshape(-1, 1, d.shape[-1]) for n, d in self.delta.items()},
+        )
+
+
+def next_token_terms(
+    loaded: LoadedModel,
+    modules: dict[str, torch.nn.Linear],
+    prefixes: torch.Tensor,
+    candidates: torch.Tensor,
+    cache=None,
+) -> NextTerms:
+    """The own terms δ_s x_sᵀ of each candidate next token's loss: for prefixes (n, s) and candidates (n, k),
+    the weight gradient of −log p(candidates[i, j] | prefixes[i]) with the earlier positions' activations held
+    fixed (their keys and values come from a KV cache without gradient). This is the loss's exact gradient but
+    for the terms that reach the prefix's earlier positions through attention: the last position's δ and x
+    are the exact ones (later positions do not exist). One forward of the prefixes but their last tokens (or
+    ``cache``, holding exactly that; it is consumed), then one batched forward and backward of n·k single
+    tokens, with the parameters' own gradients switched off."""
+    model = loaded.model
+    n, k = candidates.shape
+    if cache is None and prefixes.shape[1] > 1:
+        with torch.no_grad():
+            cache = model(input_ids=prefixes[:, :-1], use_cache=True).past_key_values
+    if cache is not None:
+        cache.batch_repeat_interleave(k)
+    embeds = model.get_input_embeddings()(prefixes[:, -1:].repeat_interleave(k, 0)).detach().requires_grad_(True)
+    xs: dict[str, torch.Tensor] = {}
+    ds: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, mod in modules.items():
+        handles.append(mod.register_forward_hook(lambda m, a, o, n=name: xs.__setitem__(n, a[0].detach())))
+        handles.append(mod.register_full_backward_hook(lambda m, gi, go, n=name: ds.__setitem__(n, go[0].detach())))
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        logits = model(inputs_embeds=embeds, past_key_values=cache, use_cache=cache is not None).logits[:, -1]
+        loss = torch.nn.functional.cross_entropy(logits.float(), candidates.reshape(-1), reduction="sum")
+        with warnings.catch_warnings():  # hooks on module outputs only: what is needed
+            warnings.simplefilter("ignore", UserWarning)
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return NextTerms(
+        {name: xs[name][::k, -1].float() for name in modules},
+        {name: ds[name][:, -1].float().reshape(n, k, -1) for name in modules},
+    )
