@@ -35,7 +35,9 @@ def _detached_prefix_gradient(tiny, prefix, token):
     def detach_early(_m, _a, out):
         return torch.cat([out[:, :cut].detach(), out[:, cut:]], dim=1)
 
-    hooks = [m.register_forward_hook(detach_early) for n, m in model.named_modules() if n.endswith(("k_proj", "v_proj"))]
+    hooks = [
+        m.register_forward_hook(detach_early) for n, m in model.named_modules() if n.endswith(("k_proj", "v_proj"))
+    ]
     try:
         model.zero_grad(set_to_none=True)
         logits = model(input_ids=prefix).logits[0, -1].float()
