@@ -11,6 +11,7 @@ from leaklab.attacks.gradient.prefix import (
     block_linears,
     loss_terms,
     next_token_terms,
+    rows_but_last,
     weight_gradients,
 )
 from leaklab.models import load_model
@@ -115,3 +116,67 @@ def test_next_token_terms_are_the_exact_terms_last_position(tiny):
     dropped = sum(float(exact.delta[n][:, : s - 1].norm()) for n in modules)
     kept = sum(float(exact.delta[n][:, s - 1].norm()) for n in modules)
     assert dropped > 1e-3 * kept
+
+
+def test_a_decoders_cache_without_its_last_position_gives_the_same_terms(tiny):
+    from transformers import DynamicCache
+
+    modules = block_linears(tiny)
+    prefixes = _ids(tiny, 3, 6, 6)
+    cands = _ids(tiny, 2, 4, 7)
+    cache = DynamicCache()
+    with torch.no_grad():
+        tiny.model(input_ids=prefixes, past_key_values=cache, use_cache=True)  # a decoder's cache: whole prefixes
+    rows = torch.tensor([2, 0])
+    fast = next_token_terms(tiny, modules, prefixes[rows], cands, rows_but_last(cache, rows))
+    slow = next_token_terms(tiny, modules, prefixes[rows], cands)
+    assert cache.get_seq_length() == 6  # the decoder's own cache is left alone
+    for n in modules:
+        assert torch.allclose(fast.x[n], slow.x[n], atol=1e-5)
+        assert torch.allclose(fast.delta[n], slow.delta[n], atol=1e-5, rtol=1e-4)
+
+
+def test_somp_decoder_re_ranks_unsure_shortlists_by_the_kfac_evidence_only_when_asked(monkeypatch):
+    """Pool regime on tiny-llama (T > d): with ``prefix_rescore`` the first choice of every re-ranked prefix is
+    the shortlist's best by score − w·z(cos), the cosines recomputed here from scratch (no cache); with no unsure
+    position (margin 0, no first positions) the decoder's output is the default's."""
+    from leaklab.attacks.gradient.dager import SpanModel
+    from leaklab.attacks.gradient.somp import PrefixRerank, SompAttack, SompOptions, span_beam_decode
+    from leaklab.models import ModelRef
+    from leaklab.threat import client_update
+
+    obs, secret = client_update(ModelRef("tiny-llama"), "rotten-tomatoes", 16, 0, 8, 32)
+    spans = SpanModel(obs)
+    assert spans.full_rank and not spans.l1_exact
+    tokens = SompAttack().token_set(spans)
+    base = SompOptions(max_len=3, beam=2, budget_s=120)
+    default = span_beam_decode(spans, tokens, len(secret.texts), base, prior=True)
+    calls = []
+    real = PrefixRerank.__call__
+
+    def record(self, seqs, toks, short, both, cache):
+        rank = real(self, seqs, toks, short, both, cache)
+        calls.append((seqs.clone(), short.clone(), both.clone(), rank))
+        return rank
+
+    monkeypatch.setattr(PrefixRerank, "__call__", record)
+    stats = {}
+    opts = SompOptions(max_len=3, beam=2, budget_s=120, prefix_rescore=1e3, prefix_first=2, prefix_margin=0.5)
+    found = span_beam_decode(spans, tokens, len(secret.texts), opts, prior=True, stats=stats)
+    assert found and stats["prefix_rescore"]["rows"] > 0 and stats["prefix_rescore"]["modules"] == 14
+    rescorer = PrefixRerank(spans, opts).rescorer
+    checked = 0
+    for seqs, short, both, rank in calls:
+        ordered = both.gather(1, torch.argsort(both, dim=1))
+        unsure = (ordered[:, 1] - ordered[:, 0] < 0.5) | (seqs.shape[1] <= 2)
+        for i in torch.nonzero(unsure).flatten().tolist()[:3]:
+            cos = rescorer.cosines(seqs[i : i + 1], tokens[short[i : i + 1]])[0]
+            z = (cos - cos.mean()) / cos.std()
+            assert int(rank[i, 0]) == int(torch.argmin(both[i] - 1e3 * z)), (seqs.shape, i)
+            checked += 1
+        for i in torch.nonzero(~unsure).flatten().tolist():
+            assert torch.equal(rank[i], torch.argsort(both[i]))
+    assert checked >= 3
+    quiet = SompOptions(max_len=3, beam=2, budget_s=120, prefix_rescore=1e3, prefix_first=0, prefix_margin=0.0)
+    same = span_beam_decode(spans, tokens, len(secret.texts), quiet, prior=True)
+    assert [f.ids for f in same] == [f.ids for f in default]

@@ -16,6 +16,7 @@ the LM head are left out: the head's gradient is what SOMP's output-gradient fil
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 
@@ -240,7 +241,8 @@ def next_token_terms(
             cache = model(input_ids=prefixes[:, :-1], use_cache=True).past_key_values
     if cache is not None:
         cache.batch_repeat_interleave(k)
-    embeds = model.get_input_embeddings()(prefixes[:, -1:].repeat_interleave(k, 0)).detach().requires_grad_(True)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(prefixes[:, -1:].repeat_interleave(k, 0))
     xs: dict[str, torch.Tensor] = {}
     ds: dict[str, torch.Tensor] = {}
     handles = []
@@ -251,11 +253,13 @@ def next_token_terms(
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        logits = model(inputs_embeds=embeds, past_key_values=cache, use_cache=cache is not None).logits[:, -1]
-        loss = torch.nn.functional.cross_entropy(logits.float(), candidates.reshape(-1), reduction="sum")
-        with warnings.catch_warnings():  # hooks on module outputs only: what is needed
-            warnings.simplefilter("ignore", UserWarning)
-            loss.backward()
+        with torch.enable_grad():  # callers may decode under no_grad
+            embeds = embeds.detach().requires_grad_(True)
+            logits = model(inputs_embeds=embeds, past_key_values=cache, use_cache=cache is not None).logits[:, -1]
+            loss = torch.nn.functional.cross_entropy(logits.float(), candidates.reshape(-1), reduction="sum")
+            with warnings.catch_warnings():  # hooks on module outputs only: what is needed
+                warnings.simplefilter("ignore", UserWarning)
+                loss.backward()
     finally:
         for h in handles:
             h.remove()
@@ -265,3 +269,49 @@ def next_token_terms(
         {name: xs[name][::k, -1].float() for name in modules},
         {name: ds[name][:, -1].float().reshape(n, k, -1) for name in modules},
     )
+
+
+def rows_but_last(cache, rows: torch.Tensor):
+    """A copy of a KV cache's ``rows`` without its last position: for a decoder's cache of its prefixes, the
+    ``cache`` :func:`next_token_terms` takes."""
+    out = copy.deepcopy(cache)
+    out.batch_select_indices(rows)
+    out.crop(-1)  # a negative count: tokens removed from the end
+    return out
+
+
+def sample_moments(
+    loaded: LoadedModel, modules: dict[str, torch.nn.Linear], samples: int, length: int, seed: int = 0, chunk: int = 4
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per module Σ x xᵀ and Σ δ δᵀ over ``samples`` texts of ``length`` tokens the model samples itself (no
+    BOS, like the batch's texts), every position a loss term: what :class:`KfacMetric` is built from."""
+    with torch.no_grad():
+        ids = model_samples(loaded, samples, length, seed)[:, 1:]
+    xx: dict[str, torch.Tensor] = {}
+    dd: dict[str, torch.Tensor] = {}
+    for i in range(0, ids.shape[0], chunk):
+        part = ids[i : i + chunk]
+        a, d = second_moments(loss_terms(loaded, modules, part, torch.ones_like(part, dtype=torch.bool)))
+        xx = a if not xx else {n: xx[n] + a[n] for n in a}
+        dd = d if not dd else {n: dd[n] + d[n] for n in d}
+    return xx, dd
+
+
+class NextTokenRescorer:
+    """The K-FAC next-token evidence for a decoder: the cosine, over every block linear layer the observation
+    holds, between the observed gradient and each candidate next token's own terms (:func:`next_token_terms`),
+    in the metric of the model's own samples' second moments (ridge × the top eigenvalue)."""
+
+    def __init__(
+        self, loaded: LoadedModel, gradients: dict[str, torch.Tensor], ridge: float, samples: int = 16, length: int = 64
+    ) -> None:
+        self.loaded = loaded
+        self.modules = {n: m for n, m in block_linears(loaded).items() if n + ".weight" in gradients}
+        xx, dd = sample_moments(loaded, self.modules, samples, length) if self.modules else ({}, {})
+        target = {n: gradients[n + ".weight"] for n in self.modules}
+        self.scorer = PrefixScorer(target, KfacMetric.from_moments(xx, dd, ridge))
+
+    def cosines(self, prefixes: torch.Tensor, candidates: torch.Tensor, cache=None) -> torch.Tensor:
+        """(n, k) for prefixes (n, s) of one length and candidate tokens (n, k); ``cache``: as
+        :func:`next_token_terms` takes it."""
+        return self.scorer.next_cosines(next_token_terms(self.loaded, self.modules, prefixes, candidates, cache))
