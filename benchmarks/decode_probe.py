@@ -8,6 +8,8 @@ tokens. The Secret is used for scoring only.
     python benchmarks/decode_probe.py --regime long --batch-size 16 --seed 100 --max-len 110 --budget 600
     python benchmarks/decode_probe.py --regime long --batch-size 16 --seed 100 --max-len 110 --budget 600 \\
         --opt explain=false
+    python benchmarks/decode_probe.py --regime long --batch-size 16 --seed 0 --max-len 16 --budget 600 \
+        --opt prefix_rescore=1000 --opt prefix_first=16
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ def main() -> None:
     attack = SompAttack(SompOptions.from_dict(opts, "somp"))
     tokens = attack.token_set(spans)
     start = time.perf_counter()
-    found = dedupe(span_beam_decode(spans, tokens, args.batch_size, attack.opts, prior=not spans.l1_exact))
+    stats: dict = {}
+    found = dedupe(span_beam_decode(spans, tokens, args.batch_size, attack.opts, prior=not spans.l1_exact, stats=stats))
     seconds = time.perf_counter() - start
     print(
         f"{args.regime} B={args.batch_size} seed {args.seed}: T={sum(secret.lengths)}, layer-1 exact "
-        f"{spans.l1_exact}, token set {tokens.numel()}; {len(found)} candidates in {seconds:.0f} s"
+        f"{spans.l1_exact}, token set {tokens.numel()}; {len(found)} candidates in {seconds:.0f} s {stats}"
     )
     prefixes, recalls = [], []
     for text in secret.token_ids:
