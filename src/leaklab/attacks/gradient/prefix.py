@@ -12,6 +12,11 @@ in the metric of the layers' input and output-gradient second moments A and S (a
 model samples itself): ⟨G, g⟩ = tr(Gᵀ S⁻¹ g A⁻¹) = Σ_t δ_tᵀ S⁻¹ G A⁻¹ x_t and ‖g‖² = Σ_{t,t'} (δ_tᵀ S⁻¹ δ_t')
 (x_tᵀ A⁻¹ x_t'), summed over the layers, without forming any candidate's weight gradient. The embedding and
 the LM head are left out: the head's gradient is what SOMP's output-gradient filter reads.
+
+The exact score of one candidate token needs a backward over its whole prefix. :func:`next_token_terms` keeps
+only the prefix's last position's terms δ_s x_sᵀ (the earlier positions' keys and values held fixed, from a
+KV cache): one token per candidate, all candidates of a prefix in one batched backward;
+:class:`NextTokenRescorer` scores them for SOMP's decoder (option ``prefix_rescore``).
 """
 
 from __future__ import annotations
