@@ -418,6 +418,9 @@ class PrefixRerank:
     (:class:`leaklab.attacks.gradient.prefix.NextTokenRescorer`). Only the order changes: the beams' running
     scores stay the decoder's own. ``stats``: prefixes re-ranked, first choices changed, seconds."""
 
+    #: candidate tokens per batched backward
+    CANDIDATES = 128
+
     def __init__(self, spans: SpanModel, opts: SompOptions) -> None:
         import time
 
@@ -443,8 +446,11 @@ class PrefixRerank:
         rows = torch.nonzero(unsure).flatten()
         if rows.numel() == 0:
             return rank
-        past = rows_but_last(cache, rows) if seqs.shape[1] > 1 else None
-        cos = self.rescorer.cosines(seqs[rows], tokens[short[rows]], past)
+        parts = []
+        for part in rows.split(max(1, self.CANDIDATES // short.shape[1])):  # bounded memory per backward
+            past = rows_but_last(cache, part) if seqs.shape[1] > 1 else None
+            parts.append(self.rescorer.cosines(seqs[part], tokens[short[part]], past))
+        cos = torch.cat(parts)
         z = (cos - cos.mean(1, keepdim=True)) / cos.std(1, keepdim=True).clamp_min(1e-12)
         adjusted = both.clone()
         adjusted[rows] = adjusted[rows] - self.opts.prefix_rescore * z.to(both)
