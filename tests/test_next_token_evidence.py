@@ -139,7 +139,7 @@ def test_a_decoders_cache_without_its_last_position_gives_the_same_terms(tiny):
 def test_somp_decoder_re_ranks_unsure_shortlists_by_the_kfac_evidence_only_when_asked(monkeypatch):
     """Pool regime on tiny-llama (T > d): with ``prefix_rescore`` the first choice of every re-ranked prefix is
     the shortlist's best by score − w·z(cos), the cosines recomputed here from scratch (no cache); with no unsure
-    position (margin 0, no first positions) the decoder's output is the default's."""
+    position (every prefix shorter than ``prefix_min``) the decoder's output is the default's."""
     from leaklab.attacks.gradient.dager import SpanModel
     from leaklab.attacks.gradient.somp import PrefixRerank, SompAttack, SompOptions, span_beam_decode
     from leaklab.models import ModelRef
@@ -161,7 +161,9 @@ def test_somp_decoder_re_ranks_unsure_shortlists_by_the_kfac_evidence_only_when_
 
     monkeypatch.setattr(PrefixRerank, "__call__", record)
     stats = {}
-    opts = SompOptions(max_len=3, beam=2, budget_s=120, prefix_rescore=1e3, prefix_first=2, prefix_margin=0.5)
+    opts = SompOptions(
+        max_len=3, beam=2, budget_s=120, prefix_rescore=1e3, prefix_first=2, prefix_margin=0.5, prefix_min=1
+    )
     found = span_beam_decode(spans, tokens, len(secret.texts), opts, prior=True, stats=stats)
     assert found and stats["prefix_rescore"]["rows"] > 0 and stats["prefix_rescore"]["modules"] == 14
     rescorer = PrefixRerank(spans, opts).rescorer
@@ -177,6 +179,6 @@ def test_somp_decoder_re_ranks_unsure_shortlists_by_the_kfac_evidence_only_when_
         for i in torch.nonzero(~unsure).flatten().tolist():
             assert torch.equal(rank[i], torch.argsort(both[i]))
     assert checked >= 3
-    quiet = SompOptions(max_len=3, beam=2, budget_s=120, prefix_rescore=1e3, prefix_first=0, prefix_margin=0.0)
+    quiet = SompOptions(max_len=3, beam=2, budget_s=120, prefix_rescore=1e3, prefix_margin=1e9, prefix_min=99)
     same = span_beam_decode(spans, tokens, len(secret.texts), quiet, prior=True)
     assert [f.ids for f in same] == [f.ids for f in default]

@@ -115,6 +115,9 @@ class SompOptions(SpanOptions):
         1.0, "K-FAC re-ranking: positions where the best two shortlist scores differ by less than this"
     )
     prefix_first: int = option(10, "K-FAC re-ranking: and every prefix up to this many tokens")
+    prefix_min: int = option(
+        3, "K-FAC re-ranking: only prefixes of at least this many tokens (the first position is an attention sink)"
+    )
     prefix_ridge: float = option(1e-2, "K-FAC re-ranking: the metric's ridge (x top eigenvalue)")
 
     def __post_init__(self) -> None:
@@ -136,6 +139,7 @@ class SompOptions(SpanOptions):
                 "prefix_rescore",
                 "prefix_margin",
                 "prefix_first",
+                "prefix_min",
             ),
         )
 
@@ -412,9 +416,9 @@ def sentence_final(loaded, tokens: torch.Tensor) -> torch.Tensor:
 
 class PrefixRerank:
     """The K-FAC next-token evidence in the pool decoder (option ``prefix_rescore``): where the decoder is unsure
-    — every prefix of up to ``prefix_first`` tokens, and wherever the best two shortlist scores differ by less
-    than ``prefix_margin`` — the shortlist is re-ranked by its score plus ``prefix_rescore`` × the standardised
-    cosine between the observed gradient and each token's own gradient terms over every block linear layer
+    — every prefix of ``prefix_min`` to ``prefix_first`` tokens, and wherever the best two shortlist scores
+    differ by less than ``prefix_margin`` — the shortlist is re-ranked by its score plus ``prefix_rescore`` × the
+    standardised cosine between the observed gradient and each token's own gradient terms over every block linear layer
     (:class:`leaklab.attacks.gradient.prefix.NextTokenRescorer`). Only the order changes: the beams' running
     scores stay the decoder's own. ``stats``: prefixes re-ranked, first choices changed, seconds."""
 
@@ -436,7 +440,7 @@ class PrefixRerank:
         import time
 
         rank = torch.argsort(both, dim=1)
-        if not self.rescorer.modules or short.shape[1] < 2:
+        if not self.rescorer.modules or short.shape[1] < 2 or seqs.shape[1] < self.opts.prefix_min:
             return rank
         start = time.perf_counter()
         ordered = both.gather(1, rank)
