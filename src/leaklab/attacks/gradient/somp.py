@@ -434,6 +434,16 @@ class PrefixRerank:
         self.stats = {"modules": len(self.rescorer.modules), "rows": 0, "changed": 0}
         self.stats["seconds"] = time.perf_counter() - start
 
+    def cosines(
+        self, seqs: torch.Tensor, tokens: torch.Tensor, short: torch.Tensor, cache, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """(len(rows), k) the K-FAC cosines of the shortlist tokens ``tokens[short[rows]]`` after ``seqs[rows]``."""
+        parts = []
+        for part in rows.split(max(1, self.CANDIDATES // short.shape[1])):  # bounded memory per backward
+            past = rows_but_last(cache, part) if seqs.shape[1] > 1 else None
+            parts.append(self.rescorer.cosines(seqs[part], tokens[short[part]], past))
+        return torch.cat(parts)
+
     def __call__(self, seqs: torch.Tensor, tokens: torch.Tensor, short: torch.Tensor, both: torch.Tensor, cache):
         """The shortlist's order, best first (``both``: lower is better; ``cache``: the decoder's KV cache of
         ``seqs``)."""
@@ -450,12 +460,7 @@ class PrefixRerank:
         rows = torch.nonzero(unsure).flatten()
         if rows.numel() == 0:
             return rank
-        parts = []
-        for part in rows.split(max(1, self.CANDIDATES // short.shape[1])):  # bounded memory per backward
-            past = rows_but_last(cache, part) if seqs.shape[1] > 1 else None
-            parts.append(self.rescorer.cosines(seqs[part], tokens[short[part]], past))
-        cos = torch.cat(parts)
-        z = (cos - cos.mean(1, keepdim=True)) / cos.std(1, keepdim=True).clamp_min(1e-12)
+        z = standardised(self.cosines(seqs, tokens, short, cache, rows))
         adjusted = both.clone()
         adjusted[rows] = adjusted[rows] - self.opts.prefix_rescore * z.to(both)
         new = torch.argsort(adjusted, dim=1)
@@ -463,6 +468,11 @@ class PrefixRerank:
         self.stats["changed"] += int((new[rows, 0] != rank[rows, 0]).sum())
         self.stats["seconds"] += time.perf_counter() - start
         return new
+
+
+def standardised(v: torch.Tensor) -> torch.Tensor:
+    """(n, k) → (n, k): each row minus its mean, over its standard deviation."""
+    return (v - v.mean(1, keepdim=True)) / v.std(1, keepdim=True).clamp_min(1e-12)
 
 
 def span_beam_decode(
