@@ -420,7 +420,8 @@ class PrefixRerank:
     differ by less than ``prefix_margin`` — the shortlist is re-ranked by its score plus ``prefix_rescore`` × the
     standardised cosine between the observed gradient and each token's own gradient terms over every block linear layer
     (:class:`leaklab.attacks.gradient.prefix.NextTokenRescorer`). Only the order changes: the beams' running
-    scores stay the decoder's own. ``stats``: prefixes re-ranked, first choices changed, seconds."""
+    scores stay the decoder's own. ``stats``: prefixes re-ranked, first choices changed, seconds re-ranking and
+    seconds building the metric."""
 
     #: candidate tokens per batched backward
     CANDIDATES = 128
@@ -431,8 +432,8 @@ class PrefixRerank:
         start = time.perf_counter()
         self.rescorer = NextTokenRescorer(spans.loaded, spans.obs.gradients, opts.prefix_ridge)
         self.opts = opts
-        self.stats = {"modules": len(self.rescorer.modules), "rows": 0, "changed": 0}
-        self.stats["seconds"] = time.perf_counter() - start
+        self.stats = {"modules": len(self.rescorer.modules), "rows": 0, "changed": 0, "seconds": 0.0}
+        self.stats["setup_seconds"] = time.perf_counter() - start
 
     def cosines(
         self, seqs: torch.Tensor, tokens: torch.Tensor, short: torch.Tensor, cache, rows: torch.Tensor
