@@ -37,10 +37,9 @@ from leaklab.attacks.gradient.prefix import (
     explain_away,
     loss_terms,
     next_token_terms,
-    second_moments,
+    sample_moments,
     weight_gradients,
 )
-from leaklab.attacks.gradient.somp import model_samples
 from leaklab.models import load_model
 
 
@@ -110,14 +109,7 @@ def main() -> None:
     positions = [int(p) for p in args.positions.split(",")]
     lengths = [int(v) for v in args.lengths.split(",")]
     t0 = time.perf_counter()
-    with torch.no_grad():
-        samples = model_samples(loaded, args.samples, 64, 0)[:, 1:]  # the batch's texts have no BOS
-    xx, dd = None, None
-    for i in range(0, samples.shape[0], 4):
-        part = samples[i : i + 4]
-        a, d = second_moments(loss_terms(loaded, modules, part, torch.ones_like(part, dtype=torch.bool)))
-        xx = a if xx is None else {n: xx[n] + a[n] for n in a}
-        dd = d if dd is None else {n: dd[n] + d[n] for n in d}
+    xx, dd = sample_moments(loaded, modules, args.samples, 64)
     metrics = {
         r: (KfacMetric.identity(list(modules)) if float(r) == 0 else KfacMetric.from_moments(xx, dd, float(r)))
         for r in args.ridges.split(",")
