@@ -12,7 +12,15 @@ often the true continuation ranks first and in the top 3, next to the model's pr
 continuation) and an equal-weight mix of the standardised cosine and prior. The Secret is used for the
 teacher forcing and the scoring only.
 
+With ``--cheap`` the one-token cases (L = 1) are also scored by the cheap approximation — each candidate's own
+terms δ_s x_sᵀ only (:func:`leaklab.attacks.gradient.prefix.next_token_terms`: one KV-cached token per
+candidate, every candidate of a case in one batched backward) — in the same metric against the same targets
+("[own terms]" rows); the seconds per case of the exact and the cheap score and their rank agreement are
+printed at the end.
+
     python benchmarks/prefix_probe.py --regime long --batch-size 16 --seed 100 --texts 4 --positions 3,10,30
+    python benchmarks/prefix_probe.py --regime long --batch-size 16 --seed 100 --texts 4 --positions 3,5,10,20 \
+        --lengths 1 --controls 4 --ridges 1e-2 --cheap
 """
 
 from __future__ import annotations
@@ -28,10 +36,10 @@ from leaklab.attacks.gradient.prefix import (
     block_linears,
     explain_away,
     loss_terms,
-    second_moments,
+    next_token_terms,
+    sample_moments,
     weight_gradients,
 )
-from leaklab.attacks.gradient.somp import model_samples
 from leaklab.models import load_model
 
 
@@ -89,6 +97,7 @@ def main() -> None:
     ap.add_argument("--ridges", default="0,1e-2", help="K-FAC ridges (x top eigenvalue); 0 = Euclidean")
     ap.add_argument("--samples", type=int, default=16, help="model samples for the metric's second moments")
     ap.add_argument("--controls", type=int, default=0, help="add controls: shifted truth + this many other texts")
+    ap.add_argument("--cheap", action="store_true", help="L = 1: also the own-terms approximation, timed")
     args = ap.parse_args()
     torch.manual_seed(0)
     obs, secret = probe_update(args)
@@ -100,14 +109,7 @@ def main() -> None:
     positions = [int(p) for p in args.positions.split(",")]
     lengths = [int(v) for v in args.lengths.split(",")]
     t0 = time.perf_counter()
-    with torch.no_grad():
-        samples = model_samples(loaded, args.samples, 64, 0)[:, 1:]  # the batch's texts have no BOS
-    xx, dd = None, None
-    for i in range(0, samples.shape[0], 4):
-        part = samples[i : i + 4]
-        a, d = second_moments(loss_terms(loaded, modules, part, torch.ones_like(part, dtype=torch.bool)))
-        xx = a if xx is None else {n: xx[n] + a[n] for n in a}
-        dd = d if dd is None else {n: dd[n] + d[n] for n in d}
+    xx, dd = sample_moments(loaded, modules, args.samples, 64)
     metrics = {
         r: (KfacMetric.identity(list(modules)) if float(r) == 0 else KfacMetric.from_moments(xx, dd, float(r)))
         for r in args.ridges.split(",")
@@ -118,6 +120,8 @@ def main() -> None:
         f"{args.samples} samples in {time.perf_counter() - t0:.0f} s"
     )
     hits: dict[tuple, list[int]] = {}
+    timing = {"exact": 0.0, "own terms": 0.0}
+    agree: list[float] = []
     for s in positions:
         rows = [t[:s] for t in texts if len(t) > s]
         known_ids = torch.tensor(rows)  # every text longer than s: no padding
@@ -145,14 +149,20 @@ def main() -> None:
                 seqs = seqs[~same]
                 cont = torch.zeros_like(seqs, dtype=torch.bool)
                 cont[:, s:] = True
-                terms = loss_terms(loaded, modules, seqs, cont)
                 with torch.no_grad():
                     logp = prior(model, seqs, s)
+                t1 = time.perf_counter()
+                terms = loss_terms(loaded, modules, seqs, cont)
                 scores = {"prior Σ log p": logp}
                 for name, scorer in scorers.items():
                     cos = scorer.cosines(terms)
                     scores[name] = cos
                     scores[name + " + prior (standardised)"] = standardise(cos) + standardise(logp)
+                if args.cheap and length == 1:
+                    timing["exact"] += time.perf_counter() - t1
+                    scores.update(cheap_scores(loaded, modules, seqs, s, scorers, timing))
+                    for name in scorers:
+                        agree.append(spearman(scores[name], scores[name + " [own terms]"]))
                 model_rows = torch.arange(seqs.shape[0]) < n_model - int(same.sum())
                 for name, v in scores.items():
                     hits.setdefault((length, name), []).append(int((v > v[0]).sum()))
@@ -166,7 +176,30 @@ def main() -> None:
             print(f"  text {b} s={s} done, {time.perf_counter() - t0:.0f} s", flush=True)
         del scorers, known
         table(hits)
+    if args.cheap:
+        cases = len(hits.get((1, "prior Σ log p"), [])) or 1
+        print(
+            "seconds per L = 1 case (terms and cosines against every target): exact "
+            f"{timing['exact'] / cases:.2f}, own terms {timing['own terms'] / cases:.2f}; Spearman ρ of the two "
+            f"cosines over a case's candidates: mean {sum(agree) / max(len(agree), 1):.3f}, min "
+            f"{min(agree, default=float('nan')):.3f}"
+        )
     print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+def cheap_scores(loaded, modules, seqs: torch.Tensor, s: int, scorers: dict, timing: dict) -> dict:
+    """The own-terms cosines of the case's candidate tokens seqs[:, s] after the shared prefix seqs[0, :s],
+    all in one batched backward; the time goes to ``timing['own terms']``."""
+    t1 = time.perf_counter()
+    terms = next_token_terms(loaded, modules, seqs[:1, :s], seqs[:, s].unsqueeze(0))
+    out = {name + " [own terms]": scorer.next_cosines(terms)[0] for name, scorer in scorers.items()}
+    timing["own terms"] += time.perf_counter() - t1
+    return out
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = standardise(a.argsort().argsort().double()), standardise(b.argsort().argsort().double())
+    return float((ra * rb).sum() / (a.numel() - 1))
 
 
 if __name__ == "__main__":

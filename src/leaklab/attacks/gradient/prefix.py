@@ -12,10 +12,16 @@ in the metric of the layers' input and output-gradient second moments A and S (a
 model samples itself): ⟨G, g⟩ = tr(Gᵀ S⁻¹ g A⁻¹) = Σ_t δ_tᵀ S⁻¹ G A⁻¹ x_t and ‖g‖² = Σ_{t,t'} (δ_tᵀ S⁻¹ δ_t')
 (x_tᵀ A⁻¹ x_t'), summed over the layers, without forming any candidate's weight gradient. The embedding and
 the LM head are left out: the head's gradient is what SOMP's output-gradient filter reads.
+
+The exact score of one candidate token needs a backward over its whole prefix. :func:`next_token_terms` keeps
+only the prefix's last position's terms δ_s x_sᵀ (the earlier positions' keys and values held fixed, from a
+KV cache): one token per candidate, all candidates of a prefix in one batched backward;
+:class:`NextTokenRescorer` scores them for SOMP's decoder (option ``prefix_rescore``).
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 
@@ -162,6 +168,18 @@ class PrefixScorer:
         """(n,) cos(G, g_row) in the metric."""
         return self.inner(terms) / (self.norms2(terms).clamp_min(1e-300).sqrt() * max(self.norm, 1e-300))
 
+    def next_cosines(self, terms: NextTerms) -> torch.Tensor:
+        """(n, k) cos(G, g) in the metric of each candidate's own terms (:func:`next_token_terms`): one
+        position, so ⟨G, g⟩ = δᵀ (G̃ x) with G̃ x once per prefix, and ‖g‖² = (δᵀ S⁻¹ δ)(xᵀ A⁻¹ x)."""
+        inner, norms2 = 0.0, 0.0
+        for n, w in self.white.items():
+            x, d = terms.x[n], terms.delta[n]
+            inner = inner + (d.double() * (x @ w.T).double().unsqueeze(1)).sum(-1)
+            xx = (self.metric.right(n, x) * x).double().sum(-1)
+            dd = (self.metric.left(n, d) * d).double().sum(-1)
+            norms2 = norms2 + dd * xx.unsqueeze(1)
+        return inner / (norms2.clamp_min(1e-300).sqrt() * max(self.norm, 1e-300))
+
 
 def explain_away(
     target: dict[str, torch.Tensor], known: dict[str, torch.Tensor], metric: KfacMetric
@@ -187,3 +205,118 @@ def model_samples(loaded: LoadedModel, n: int, length: int, seed: int) -> torch.
         nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)
         seqs = torch.cat([seqs, nxt], dim=1)
     return seqs
+
+
+@dataclass
+class NextTerms:
+    """A next token's own terms for n prefixes and k candidate tokens each: per module the inputs x (n, in) at
+    the prefix's last position (shared by its candidates) and the output gradients δ (n, k, out) there of each
+    candidate's loss −log p(c | prefix)."""
+
+    x: dict[str, torch.Tensor]
+    delta: dict[str, torch.Tensor]
+
+    def as_terms(self) -> Terms:
+        """The same terms as :class:`Terms` of n·k one-position rows, in the order (prefix, candidate)."""
+        k = next(iter(self.delta.values())).shape[1]
+        return Terms(
+            {n: x.repeat_interleave(k, 0).unsqueeze(1) for n, x in self.x.items()},
+            {n: d.reshape(-1, 1, d.shape[-1]) for n, d in self.delta.items()},
+        )
+
+
+def next_token_terms(
+    loaded: LoadedModel,
+    modules: dict[str, torch.nn.Linear],
+    prefixes: torch.Tensor,
+    candidates: torch.Tensor,
+    cache=None,
+) -> NextTerms:
+    """The own terms δ_s x_sᵀ of each candidate next token's loss: for prefixes (n, s) and candidates (n, k),
+    the weight gradient of −log p(candidates[i, j] | prefixes[i]) with the earlier positions' activations held
+    fixed (their keys and values come from a KV cache without gradient). This is the loss's exact gradient but
+    for the terms that reach the prefix's earlier positions through attention: the last position's δ and x
+    are the exact ones (later positions do not exist). One forward of the prefixes but their last tokens (or
+    ``cache``, holding exactly that; it is consumed), then one batched forward and backward of n·k single
+    tokens, with the parameters' own gradients switched off."""
+    model = loaded.model
+    n, k = candidates.shape
+    if cache is None and prefixes.shape[1] > 1:
+        with torch.no_grad():
+            cache = model(input_ids=prefixes[:, :-1], use_cache=True).past_key_values
+    if cache is not None:
+        cache.batch_repeat_interleave(k)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(prefixes[:, -1:].repeat_interleave(k, 0))
+    xs: dict[str, torch.Tensor] = {}
+    ds: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, mod in modules.items():
+        handles.append(mod.register_forward_hook(lambda m, a, o, n=name: xs.__setitem__(n, a[0].detach())))
+        handles.append(mod.register_full_backward_hook(lambda m, gi, go, n=name: ds.__setitem__(n, go[0].detach())))
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.enable_grad():  # callers may decode under no_grad
+            embeds = embeds.detach().requires_grad_(True)
+            logits = model(inputs_embeds=embeds, past_key_values=cache, use_cache=cache is not None).logits[:, -1]
+            loss = torch.nn.functional.cross_entropy(logits.float(), candidates.reshape(-1), reduction="sum")
+            with warnings.catch_warnings():  # hooks on module outputs only: what is needed
+                warnings.simplefilter("ignore", UserWarning)
+                loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return NextTerms(
+        {name: xs[name][::k, -1].float() for name in modules},
+        {name: ds[name][:, -1].float().reshape(n, k, -1) for name in modules},
+    )
+
+
+def rows_but_last(cache, rows: torch.Tensor):
+    """A copy of a KV cache's ``rows`` without its last position: for a decoder's cache of its prefixes, the
+    ``cache`` :func:`next_token_terms` takes."""
+    out = copy.deepcopy(cache)
+    out.batch_select_indices(rows)
+    out.crop(-1)  # a negative count: tokens removed from the end
+    return out
+
+
+def sample_moments(
+    loaded: LoadedModel, modules: dict[str, torch.nn.Linear], samples: int, length: int, seed: int = 0, chunk: int = 4
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per module Σ x xᵀ and Σ δ δᵀ over ``samples`` texts of ``length`` tokens the model samples itself (no
+    BOS, like the batch's texts), every position a loss term: what :class:`KfacMetric` is built from."""
+    with torch.no_grad():
+        ids = model_samples(loaded, samples, length, seed)[:, 1:]
+    xx: dict[str, torch.Tensor] = {}
+    dd: dict[str, torch.Tensor] = {}
+    for i in range(0, ids.shape[0], chunk):
+        part = ids[i : i + chunk]
+        a, d = second_moments(loss_terms(loaded, modules, part, torch.ones_like(part, dtype=torch.bool)))
+        xx = a if not xx else {n: xx[n] + a[n] for n in a}
+        dd = d if not dd else {n: dd[n] + d[n] for n in d}
+    return xx, dd
+
+
+class NextTokenRescorer:
+    """The K-FAC next-token evidence for a decoder: the cosine, over every block linear layer the observation
+    holds, between the observed gradient and each candidate next token's own terms (:func:`next_token_terms`),
+    in the metric of the model's own samples' second moments (ridge × the top eigenvalue)."""
+
+    def __init__(
+        self, loaded: LoadedModel, gradients: dict[str, torch.Tensor], ridge: float, samples: int = 16, length: int = 64
+    ) -> None:
+        self.loaded = loaded
+        self.modules = {n: m for n, m in block_linears(loaded).items() if n + ".weight" in gradients}
+        xx, dd = sample_moments(loaded, self.modules, samples, length) if self.modules else ({}, {})
+        target = {n: gradients[n + ".weight"] for n in self.modules}
+        self.scorer = PrefixScorer(target, KfacMetric.from_moments(xx, dd, ridge))
+
+    def cosines(self, prefixes: torch.Tensor, candidates: torch.Tensor, cache=None) -> torch.Tensor:
+        """(n, k) for prefixes (n, s) of one length and candidate tokens (n, k); ``cache``: as
+        :func:`next_token_terms` takes it."""
+        return self.scorer.next_cosines(next_token_terms(self.loaded, self.modules, prefixes, candidates, cache))

@@ -53,7 +53,7 @@ from leaklab.attacks.gradient.dictionary import (
 )
 from leaklab.attacks.gradient.extend import RopeExtender
 from leaklab.attacks.gradient.omp import OmpResult, gram_matrix, ols, omp, refine_swaps
-from leaklab.attacks.gradient.prefix import model_samples
+from leaklab.attacks.gradient.prefix import NextTokenRescorer, model_samples, rows_but_last
 from leaklab.attacks.gradient.subspace import (
     Subspace,
     attention_subspace,
@@ -105,13 +105,27 @@ class SompOptions(SpanOptions):
     )
     refine_back: int = option(2, "residual-verified edits: tokens a text may be cut back before it is continued")
     refine_budget_s: float = option(300.0, "residual-verified edits: time limit, seconds")
+    prefix_rescore: float = option(
+        0.0,
+        "pool regime: weight of the K-FAC next-token evidence over every block linear layer (each shortlist "
+        "token's own gradient terms, standardised over the shortlist) when re-ranking the shortlist at "
+        "uncertain positions; 0 = off",
+    )
+    prefix_margin: float = option(
+        1.0, "K-FAC re-ranking: positions where the best two shortlist scores differ by less than this"
+    )
+    prefix_first: int = option(10, "K-FAC re-ranking: and every prefix up to this many tokens")
+    prefix_min: int = option(
+        3, "K-FAC re-ranking: only prefixes of at least this many tokens (the first position is an attention sink)"
+    )
+    prefix_ridge: float = option(1e-2, "K-FAC re-ranking: the metric's ridge (x top eigenvalue)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.pool not in POOLS:
             raise UnknownNameError("somp pool", self.pool, list(POOLS))
         self.require(
-            positive=("beam", "max_atoms", "shortlist", "starts_factor", "refine_lookahead"),
+            positive=("beam", "max_atoms", "shortlist", "starts_factor", "refine_lookahead", "prefix_ridge"),
             non_negative=(
                 "rank_cut",
                 "last_alternatives",
@@ -122,6 +136,10 @@ class SompOptions(SpanOptions):
                 "refine_width",
                 "refine_back",
                 "refine_budget_s",
+                "prefix_rescore",
+                "prefix_margin",
+                "prefix_first",
+                "prefix_min",
             ),
         )
 
@@ -396,8 +414,75 @@ def sentence_final(loaded, tokens: torch.Tensor) -> torch.Tensor:
     return torch.tensor(ends, device=tokens.device)
 
 
+class PrefixRerank:
+    """The K-FAC next-token evidence in the pool decoder (option ``prefix_rescore``): where the decoder is unsure
+    — every prefix of ``prefix_min`` to ``prefix_first`` tokens, and wherever the best two shortlist scores
+    differ by less than ``prefix_margin`` — the shortlist is re-ranked by its score plus ``prefix_rescore`` × the
+    standardised cosine between the observed gradient and each token's own gradient terms over every block linear layer
+    (:class:`leaklab.attacks.gradient.prefix.NextTokenRescorer`). Only the order changes: the beams' running
+    scores stay the decoder's own. ``stats``: prefixes re-ranked, first choices changed, seconds re-ranking and
+    seconds building the metric."""
+
+    #: candidate tokens per batched backward
+    CANDIDATES = 128
+
+    def __init__(self, spans: SpanModel, opts: SompOptions) -> None:
+        import time
+
+        start = time.perf_counter()
+        self.rescorer = NextTokenRescorer(spans.loaded, spans.obs.gradients, opts.prefix_ridge)
+        self.opts = opts
+        self.stats = {"modules": len(self.rescorer.modules), "rows": 0, "changed": 0, "seconds": 0.0}
+        self.stats["setup_seconds"] = time.perf_counter() - start
+
+    def cosines(
+        self, seqs: torch.Tensor, tokens: torch.Tensor, short: torch.Tensor, cache, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """(len(rows), k) the K-FAC cosines of the shortlist tokens ``tokens[short[rows]]`` after ``seqs[rows]``."""
+        parts = []
+        for part in rows.split(max(1, self.CANDIDATES // short.shape[1])):  # bounded memory per backward
+            past = rows_but_last(cache, part) if seqs.shape[1] > 1 else None
+            parts.append(self.rescorer.cosines(seqs[part], tokens[short[part]], past))
+        return torch.cat(parts)
+
+    def __call__(self, seqs: torch.Tensor, tokens: torch.Tensor, short: torch.Tensor, both: torch.Tensor, cache):
+        """The shortlist's order, best first (``both``: lower is better; ``cache``: the decoder's KV cache of
+        ``seqs``)."""
+        import time
+
+        rank = torch.argsort(both, dim=1)
+        if not self.rescorer.modules or short.shape[1] < 2 or seqs.shape[1] < self.opts.prefix_min:
+            return rank
+        start = time.perf_counter()
+        ordered = both.gather(1, rank)
+        unsure = (ordered[:, 1] - ordered[:, 0]) < self.opts.prefix_margin
+        if seqs.shape[1] <= self.opts.prefix_first:
+            unsure[:] = True
+        rows = torch.nonzero(unsure).flatten()
+        if rows.numel() == 0:
+            return rank
+        z = standardised(self.cosines(seqs, tokens, short, cache, rows))
+        adjusted = both.clone()
+        adjusted[rows] = adjusted[rows] - self.opts.prefix_rescore * z.to(both)
+        new = torch.argsort(adjusted, dim=1)
+        self.stats["rows"] += int(rows.numel())
+        self.stats["changed"] += int((new[rows, 0] != rank[rows, 0]).sum())
+        self.stats["seconds"] += time.perf_counter() - start
+        return new
+
+
+def standardised(v: torch.Tensor) -> torch.Tensor:
+    """(n, k) → (n, k): each row minus its mean, over its standard deviation."""
+    return (v - v.mean(1, keepdim=True)) / v.std(1, keepdim=True).clamp_min(1e-12)
+
+
 def span_beam_decode(
-    spans: SpanModel, tokens: torch.Tensor, n_texts: int, opts: SompOptions, prior: bool = False
+    spans: SpanModel,
+    tokens: torch.Tensor,
+    n_texts: int,
+    opts: SompOptions,
+    prior: bool = False,
+    stats: dict | None = None,
 ) -> list[Found]:
     """Full-rank regime decoding (stage 2): from the start tokens that best pass the checks at position 0,
     grow every prefix by the extensions among ``tokens`` that stand out (cheap check over all, both checks
@@ -411,13 +496,18 @@ def span_beam_decode(
     + ``out_weight`` · the output-gradient filter's robust z (:class:`NextTokenEvidence`) over the pool,
     prefixes are not ended by the outlier test (it no longer separates), and a candidate is emitted wherever
     the best next token ends a sentence: OMP chooses the length. There, ``branch_second`` > 1 keeps that many
-    second tokens per start token (up to ``beam``), each grown on, for OMP to choose between."""
+    second tokens per start token (up to ``beam``), each grown on, for OMP to choose between; with
+    ``prefix_rescore`` > 0 the shortlist is re-ranked where the decoder is unsure (:class:`PrefixRerank`, its
+    counts in ``stats['prefix_rescore']``)."""
     import time
 
     checks = FullRankChecks(spans, tokens, opts.rank_cut)
     use_prior = prior and (opts.lm_weight > 0 or opts.out_weight > 0)
     ends = sentence_final(spans.loaded, tokens) if use_prior else None
     evidence = NextTokenEvidence(spans, tokens, explain=opts.explain, whiten=opts.whiten) if use_prior else None
+    rerank = PrefixRerank(spans, opts) if use_prior and opts.prefix_rescore > 0 else None
+    if rerank is not None and stats is not None:
+        stats["prefix_rescore"] = rerank.stats
     dev = spans.device
     empty = torch.zeros(1, 0, dtype=torch.long, device=dev)
     zeros = torch.zeros(tokens.numel(), dtype=torch.long, device=dev)
@@ -453,7 +543,7 @@ def span_beam_decode(
             short = torch.topk(cheap, k, dim=1, largest=False).indices  # (n, k)
             rows = torch.arange(n, device=dev).repeat_interleave(k)
             both = checks.full(seqs, rows, tokens[short].flatten(), opts.chunk).view(n, k)
-        rank = torch.argsort(both, dim=1)
+        rank = torch.argsort(both, dim=1) if rerank is None else rerank(seqs, tokens, short, both, evidence.cache)
         z_short = z.gather(1, short.gather(1, rank))  # robust z of the shortlist, best (by both checks) first
         last_step = time.perf_counter() > t_end or p == limit
         if use_prior:
@@ -720,7 +810,7 @@ class SompAttack:
             tokens = self.token_set(spans) if tokens is None else tokens
             prior = not spans.l1_exact if prior is None else prior
             info["token_set"] = int(tokens.numel())
-            found = dedupe(span_beam_decode(spans, tokens, n_texts, self.opts, prior=prior))
+            found = dedupe(span_beam_decode(spans, tokens, n_texts, self.opts, prior=prior, stats=info))
             extra: list[Found] = []
             if self.opts.best_effort_atoms:  # DAGER's greedy best-effort texts join the dictionary too
                 extra = assemble(best_effort_decoder(spans, n_texts, dopts), None)
