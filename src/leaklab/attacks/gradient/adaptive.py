@@ -23,7 +23,10 @@ Before SOMP runs, ``somp-adaptive`` restores that structure where the defense al
   limit, stays as kept). Kept coordinates alone: a fully kept block of the layer-1 group whose rank is below
   both its row count and its width spans the batch's inputs restricted to its columns, so the exact span check
   on those columns gives the token set (:func:`saturated_block`, :func:`block_tokens`), decoded by SOMP's pool
-  decoder; OMP then compares the update's kept coordinates only (``SompAttack(kept_from=...)``).
+  decoder. With those tokens the layer-1 group is not completed but refit on their inputs' span from its kept
+  entries (:func:`rebuild_on_inputs`, exact for rows kept on enough columns), so the span checks see layer 1
+  as exact and every decoder draws its candidates from those tokens; OMP then compares the update's kept
+  coordinates only (``SompAttack(kept_from=...)``).
 * DP-SGD (per-sample clipping to C, then N(0, σ²C²) on the sum, divided by B): the noise on the shared mean
   gradient is Gaussian with std σ·C/B per coordinate (σ = the recorded noise multiplier, B = the granted batch
   size); the per-sample clipping only rescales each text's rows, which leaves their span unchanged. The same
@@ -199,6 +202,24 @@ def block_tokens(
     return torch.nonzero(span_distance(inputs[:, cols], basis) < tau).flatten()
 
 
+def rebuild_on_inputs(observed: torch.Tensor, kept: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Each row of a sparsified group refit on the span of known ``inputs`` (r × d) from its kept entries alone:
+    row i = c_i X with c_i the least-squares solution of g_i[K_i] = c_i X[:, K_i] (K_i: its kept columns;
+    the minimum-norm one where fewer than r are kept, zero where none is). When the clean group is C X, every
+    row kept on r or more columns in general position comes back exactly, dropped entries included."""
+    x = inputs.double()
+    out = observed.new_zeros(observed.shape, dtype=torch.float64)
+    with single_thread():
+        for i in range(observed.shape[0]):
+            cols = torch.nonzero(kept[i]).flatten()
+            if cols.numel() == 0:
+                continue
+            sub = x[:, cols].T  # |K_i| × r
+            coef = torch.linalg.lstsq(sub, observed[i, cols].double().unsqueeze(1), driver="gelsd").solution
+            out[i] = coef.squeeze(1) @ x
+    return out
+
+
 def complete_low_rank(observed: torch.Tensor, kept: torch.Tensor, rank: int, iters: int) -> torch.Tensor:
     """Hard-impute: X ← kept entries of ``observed``, the others from the rank-``rank`` SVD of X (``iters``
     rounds, starting from the zero-filled matrix)."""
@@ -280,7 +301,7 @@ def adapt(obs: Observation, margin: float, iters: int, z: float = 6.0, tau: floa
             done.append({"defense": name, "note": "batch size not granted: the noise's std is unknown, passed through"})
         elif name == "topk":
             block_info, tokens = _kept_block_tokens(loaded, grads, groups, tau)
-            done.append({"defense": name, **block_info, **_complete(loaded, grads, groups, iters)})
+            done.append({"defense": name, **block_info, **_sparse_groups(loaded, grads, groups, iters, tokens)})
         elif name == "clip":
             done.append({"defense": name, "note": "span checks and OMP are scale-free: nothing to undo"})
         else:
@@ -332,6 +353,30 @@ def _kept_block_tokens(
         "kept_block": {"rows": int(block[0].numel()), "columns": int(block[1].numel()), "tokens": int(found.numel())}
     }
     return info, (vocab[found] if found.numel() else None)
+
+
+def _sparse_groups(
+    loaded: LoadedModel,
+    grads: dict[str, torch.Tensor],
+    groups: list[list[tuple[str, bool]]],
+    iters: int,
+    tokens: torch.Tensor | None,
+) -> dict[str, Any]:
+    """Top-k: with the layer-1 tokens known (a saturated kept block), the layer-1 group is refit on their inputs'
+    span from its kept entries (:func:`rebuild_on_inputs`: exact, and the span checks see layer 1 as exact, so
+    every decoder draws its candidates from those tokens, not from a full-rank pool); the other attention
+    group is completed as a low-rank matrix. Without known tokens both are completed."""
+    if tokens is None:
+        return _complete(loaded, grads, groups, iters)
+    stack = _stack(grads, groups[0])
+    with torch.no_grad():
+        inputs = candidate_inputs(loaded.adapter, tokens, 0).double()
+    _unstack(rebuild_on_inputs(stack, stack != 0, inputs), grads, groups[0])
+    layer1 = {
+        "rebuilt_on_tokens": int(tokens.numel()),
+        "rows_underdetermined": int(((stack != 0).sum(1) < len(tokens)).sum()),
+    }
+    return {"layer1": layer1, **_complete(loaded, grads, groups[1 : len(SPAN_LAYERS)], iters)}
 
 
 def _complete(
