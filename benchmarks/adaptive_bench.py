@@ -22,7 +22,10 @@ Points go to ``points.json`` as each finishes; a rerun skips the finished ones. 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import fcntl
+import gc
 import json
 import multiprocessing as mp
 import resource
@@ -119,9 +122,19 @@ def budgeted(attack: str, obs: Any, secret: Any, budget_s: float) -> dict[str, A
 
 
 def defended(ref: ModelRef, defense: str, param: str, value: float, batch: int, size: int) -> tuple[Any, Any]:
-    return defended_update(
+    out = defended_update(
         "fedsgd", ref, CORPUS, size, batch, [make_defense(defense, **{param: value})], MIN_TOKENS, MAX_TOKENS
     )
+    release_memory()
+    return out
+
+
+def release_memory() -> None:
+    """Hand the training step's freed heap back to the system before the attacker's child is forked (the
+    machine is shared: a parent that keeps it makes every child's copy-on-write pages count twice)."""
+    gc.collect()
+    with contextlib.suppress(OSError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def run_attacks(
