@@ -62,10 +62,11 @@ ATTACKS = ("somp", "somp-adaptive")
 #: Naive SOMP: "somp-s18" (session 18's code; earlier rows carry no version). Adaptive, noise (Gaussian, DP-SGD):
 #: session 17's token selection with the known σ, then the pool decoder. Adaptive, top-k: session 17's kept-block
 #: tokens, low-rank completion and OMP on kept coordinates; "topk-kept-block-2" (session 18): with kept-block tokens
-#: the layer-1 group is refit on their span from its kept entries instead of completed.
+#: the layer-1 group is refit on their span from its kept entries instead of completed; "topk-kept-rows-3"
+#: (session 18): without a saturated block, the tokens whose embedding-gradient row keeps half its entries.
 VERSIONS: dict[str, dict[str, str]] = {
     "somp": {"gaussian": "somp-s18", "dpsgd": "somp-s18", "topk": "somp-s18", "clip": "somp-s18"},
-    "somp-adaptive": {"gaussian": "noise-selection-1", "dpsgd": "noise-selection-1", "topk": "topk-kept-block-2"},
+    "somp-adaptive": {"gaussian": "noise-selection-1", "dpsgd": "noise-selection-1", "topk": "topk-kept-rows-3"},
 }
 
 
@@ -274,7 +275,8 @@ def _step_text(result: dict) -> str:
     if "groups" in step:
         what = "completion ranks " + "/".join(str(g["rank"]) for g in step["groups"])
         if step.get("layer1"):
-            what = f"layer 1 refit on {step['layer1']['rebuilt_on_tokens']} kept-block tokens, layer-2 " + what
+            source = "kept-row" if step.get("kept_rows") else "kept-block"
+            what = f"layer 1 refit on {step['layer1']['rebuilt_on_tokens']} {source} tokens, layer-2 " + what
         return what + (" (underdetermined)" if any(g["underdetermined"] for g in step["groups"]) else "")
     if "token_selection" in step:
         sel = step["token_selection"]["selected"]

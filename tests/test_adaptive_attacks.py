@@ -271,3 +271,24 @@ def test_adaptive_somp_at_top_k_half_sees_layer_1_as_exact_on_the_kept_block_tok
     assert step["kept_block"]["tokens"] == step["layer1"]["rebuilt_on_tokens"] == rec.info["rank_l1"]
     assert rec.info["rank_l1"] >= len({t for ids in secret.token_ids for t in ids}) - 1
     assert rec.status == "recovered" and rec.aggregate["rouge1"] >= 0.9
+
+
+def test_kept_embedding_rows_hold_every_batch_token_under_top_k_one_percent():
+    """tiny-llama, B = 2, global top-k 1 %: every token of the batch keeps at least half of its
+    input-embedding gradient row (its positions' input gradients survive the cut), so ``kept_row_tokens``
+    returns a superset of the batch's tokens, most-kept first — checked against a per-row count in Python."""
+    from leaklab.attacks.gradient.adaptive import kept_row_tokens
+    from leaklab.defenses import defended_update, make_defense
+    from leaklab.models import ModelRef, load_model
+
+    ref = ModelRef("tiny-llama")
+    obs, secret = defended_update("fedsgd", ref, "rotten-tomatoes", 2, 0, [make_defense("topk", fraction=0.01)], 4, 16)
+    loaded = load_model(ref)
+    info, tokens = kept_row_tokens(loaded, dict(obs.gradients), 0.5)
+    name = next(n for n, p in loaded.model.named_parameters() if p is loaded.adapter.embeddings.weight)
+    grad = obs.gradients[name]
+    slow = [v for v in range(grad.shape[0]) if sum(1 for e in grad[v].tolist() if e != 0) >= 0.5 * grad.shape[1]]
+    assert sorted(tokens.tolist()) == slow and info["tokens"] == len(slow)
+    assert {t for ids in secret.token_ids for t in ids} <= set(slow)
+    counts = (grad[tokens] != 0).sum(1)
+    assert bool((counts[:-1] >= counts[1:]).all())

@@ -284,7 +284,9 @@ class Adapted:
     tokens: torch.Tensor | None = None
 
 
-def adapt(obs: Observation, margin: float, iters: int, z: float = 6.0, tau: float = 1e-3) -> Adapted:
+def adapt(
+    obs: Observation, margin: float, iters: int, z: float = 6.0, tau: float = 1e-3, row_share: float = 0.5
+) -> Adapted:
     """The update with each known defense's damage to the span groups undone where the structure allows."""
     loaded = load_model(obs.model)
     grads = dict(obs.gradients)
@@ -301,6 +303,8 @@ def adapt(obs: Observation, margin: float, iters: int, z: float = 6.0, tau: floa
             done.append({"defense": name, "note": "batch size not granted: the noise's std is unknown, passed through"})
         elif name == "topk":
             block_info, tokens = _kept_block_tokens(loaded, grads, groups, tau)
+            if tokens is None:
+                block_info["kept_rows"], tokens = kept_row_tokens(loaded, grads, row_share)
             done.append({"defense": name, **block_info, **_sparse_groups(loaded, grads, groups, iters, tokens)})
         elif name == "clip":
             done.append({"defense": name, "note": "span checks and OMP are scale-free: nothing to undo"})
@@ -355,6 +359,25 @@ def _kept_block_tokens(
     return info, (vocab[found] if found.numel() else None)
 
 
+def kept_row_tokens(
+    loaded: LoadedModel, grads: dict[str, torch.Tensor], share: float
+) -> tuple[dict[str, Any] | None, torch.Tensor | None]:
+    """Top-k without a saturated block: the tokens whose input-embedding gradient row keeps at least ``share``
+    of its entries, most-kept first (None without such a gradient or row). A batch token's row carries its
+    positions' input gradients and survives the cut; with a tied output head the softmax's most probable
+    tokens survive too (extra tokens: the decoder and OMP choose)."""
+    emb = loaded.adapter.embeddings.weight
+    name = next((n for n, p in loaded.model.named_parameters() if p is emb), None)
+    if name is None or name not in grads:
+        return None, None
+    counts = (grads[name] != 0).sum(1)
+    rows = torch.nonzero(counts >= share * grads[name].shape[1]).flatten()
+    if rows.numel() == 0:
+        return {"share": share, "tokens": 0}, None
+    rows = rows[torch.argsort(counts[rows], descending=True)]
+    return {"share": share, "tokens": int(rows.numel())}, rows.to(loaded.adapter.device)
+
+
 def _sparse_groups(
     loaded: LoadedModel,
     grads: dict[str, torch.Tensor],
@@ -402,6 +425,9 @@ class AdaptiveOptions(SompOptions):
 
     margin: float = option(1.0, "known noise: keep singular directions above margin x the noise's spectral norm")
     impute_iters: int = option(60, "top-k: hard-impute rounds of the low-rank completion")
+    row_share: float = option(
+        0.5, "top-k without a saturated kept block: tokens whose embedding-gradient row keeps this share"
+    )
     noise_z: float = option(6.0, "known noise: a token's gain must pass the noise's chi-square mean by this many stds")
     noise_prior: bool = option(False, "known noise: decode with the model's prior and the output-gradient filter too")
     noise_end_z: float = option(5.0, "known noise: end_z of the pool decoder (the true extension stands out less)")
@@ -409,7 +435,9 @@ class AdaptiveOptions(SompOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.require(positive=("margin", "impute_iters", "noise_z"), non_negative=("noise_end_z", "noise_stop_z"))
+        self.require(
+            positive=("margin", "impute_iters", "noise_z", "row_share"), non_negative=("noise_end_z", "noise_stop_z")
+        )
 
 
 @register_gradient_attack(
@@ -424,7 +452,8 @@ class AdaptiveSomp:
         self.opts = opts or AdaptiveOptions()
 
     def run(self, obs: Observation) -> Recovery:
-        done = adapt(obs, self.opts.margin, self.opts.impute_iters, self.opts.noise_z, self.opts.tau1)
+        o = self.opts
+        done = adapt(obs, o.margin, o.impute_iters, o.noise_z, o.tau1, o.row_share)
         if done.tokens is not None and done.tokens.numel() == 0:
             raise NoSignal("known noise: no layer-1 token's gain exceeds the noise bound")
         opts = self.opts
