@@ -25,8 +25,10 @@ Before SOMP runs, ``somp-adaptive`` restores that structure where the defense al
   on those columns gives the token set (:func:`saturated_block`, :func:`block_tokens`), decoded by SOMP's pool
   decoder. With those tokens the layer-1 group is not completed but refit on their inputs' span from its kept
   entries (:func:`rebuild_on_inputs`, exact for rows kept on enough columns), so the span checks see layer 1
-  as exact and every decoder draws its candidates from those tokens; OMP then compares the update's kept
-  coordinates only (``SompAttack(kept_from=...)``).
+  as exact and every decoder draws its candidates from those tokens. Without a saturated block the tokens
+  are those whose input-embedding gradient row keeps at least ``row_share`` of its entries
+  (:func:`kept_row_tokens`; a superset of the batch's tokens with a tied head), handled the same way. OMP
+  then compares the update's kept coordinates only (``SompAttack(kept_from=...)``).
 * DP-SGD (per-sample clipping to C, then N(0, σ²C²) on the sum, divided by B): the noise on the shared mean
   gradient is Gaussian with std σ·C/B per coordinate (σ = the recorded noise multiplier, B = the granted batch
   size); the per-sample clipping only rescales each text's rows, which leaves their span unchanged. The same
