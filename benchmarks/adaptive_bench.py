@@ -108,8 +108,11 @@ def budgeted(attack: str, obs: Any, secret: Any, budget_s: float) -> dict[str, A
     if here.poll(budget_s):
         try:
             out = here.recv()
-        except EOFError:  # the child died first: over the memory cap (or killed for memory by the machine)
-            reason = f"the attacker's process ended without a result (over the {MEMORY_CAP_BYTES >> 30} GiB cap)"
+        except EOFError:  # the child died first: over the memory cap, or the machine ran out of memory
+            reason = (
+                f"the attacker's process ended without a result (over the {MEMORY_CAP_BYTES >> 30} GiB cap, or "
+                "the shared machine out of memory: not an outcome of the attack; rerun it)"
+            )
     proc.join(timeout=5)
     if proc.is_alive():
         proc.kill()
