@@ -22,9 +22,14 @@ Points go to ``points.json`` as each finishes; a rerun skips the finished ones. 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import fcntl
+import gc
 import json
 import multiprocessing as mp
 import resource
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -53,9 +58,16 @@ POINTS: list[tuple[str, str, float]] = [
     ("clip", "max_norm", 0.01),
 ]
 ATTACKS = ("somp", "somp-adaptive")
-#: the adaptive attacker's version: results of an older one are rerun (session 17: token selection with the
-#: known σ, then the pool decoder)
-ADAPTIVE_VERSION = "noise-selection-1"
+#: each attacker's version per defense family, recorded on every result; a result of another version is rerun.
+#: Naive SOMP: "somp-s18" (session 18's code; earlier rows carry no version). Adaptive, noise (Gaussian, DP-SGD):
+#: session 17's token selection with the known σ, then the pool decoder. Adaptive, top-k: session 17's kept-block
+#: tokens, low-rank completion and OMP on kept coordinates; "topk-kept-block-2" (session 18): with kept-block tokens
+#: the layer-1 group is refit on their span from its kept entries instead of completed; "topk-kept-rows-3"
+#: (session 18): without a saturated block, the tokens whose embedding-gradient row keeps half its entries.
+VERSIONS: dict[str, dict[str, str]] = {
+    "somp": {"gaussian": "somp-s18", "dpsgd": "somp-s18", "topk": "somp-s18", "clip": "somp-s18"},
+    "somp-adaptive": {"gaussian": "noise-selection-1", "dpsgd": "noise-selection-1", "topk": "topk-kept-rows-3"},
+}
 
 
 def key(defense: str, value: float, batch: int) -> str:
@@ -96,8 +108,11 @@ def budgeted(attack: str, obs: Any, secret: Any, budget_s: float) -> dict[str, A
     if here.poll(budget_s):
         try:
             out = here.recv()
-        except EOFError:  # the child died first: over the memory cap (or killed for memory by the machine)
-            reason = f"the attacker's process ended without a result (over the {MEMORY_CAP_BYTES >> 30} GiB cap)"
+        except EOFError:  # the child died first: over the memory cap, or the machine ran out of memory
+            reason = (
+                f"the attacker's process ended without a result (over the {MEMORY_CAP_BYTES >> 30} GiB cap, or "
+                "the shared machine out of memory: not an outcome of the attack; rerun it)"
+            )
     proc.join(timeout=5)
     if proc.is_alive():
         proc.kill()
@@ -111,9 +126,19 @@ def budgeted(attack: str, obs: Any, secret: Any, budget_s: float) -> dict[str, A
 
 
 def defended(ref: ModelRef, defense: str, param: str, value: float, batch: int, size: int) -> tuple[Any, Any]:
-    return defended_update(
+    out = defended_update(
         "fedsgd", ref, CORPUS, size, batch, [make_defense(defense, **{param: value})], MIN_TOKENS, MAX_TOKENS
     )
+    release_memory()
+    return out
+
+
+def release_memory() -> None:
+    """Hand the training step's freed heap back to the system before the attacker's child is forked (the
+    machine is shared: a parent that keeps it makes every child's copy-on-write pages count twice)."""
+    gc.collect()
+    with contextlib.suppress(OSError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def run_attacks(
@@ -127,28 +152,60 @@ def run_attacks(
     attackers: tuple[str, ...] = ATTACKS,
 ) -> None:
     """Every point (``only``: the named ``defense=value`` ones) on batches 0…``batches``−1, the adaptive attacker
-    over all batches first (the credited number), then the naive one; a finished result is kept unless it is
-    the adaptive attacker's from an older version (:data:`ADAPTIVE_VERSION`)."""
+    over all batches first (the credited number), then the naive one; a finished result is kept unless another
+    version of its attacker produced it (:data:`VERSIONS`). Each result is written as soon as it finishes."""
     for atk in [a for a in reversed(ATTACKS) if a in attackers]:
         for i in range(batches):
             for defense, param, value in POINTS:
                 if (only is not None and f"{defense}={value:g}" not in only) or (defense == "clip" and atk != "somp"):
                     continue
                 k = key(defense, value, i)
-                row = done["points"].get(k, {"defense": defense, "value": value, "batch": i})
-                if not stale(row.get(atk), atk):
+                row = load(out)["points"].get(k, {})  # fresh: another process may have written this point
+                if not stale(row.get(atk), atk, defense):
                     continue
                 obs, secret = defended(ref, defense, param, value, i, size)
-                row[atk] = budgeted(atk, obs, secret, budgets[atk])
-                if atk == "somp-adaptive":
-                    row[atk]["version"] = ADAPTIVE_VERSION
-                print(k, atk, row[atk]["status"], row[atk]["rouge1"], round(row[atk]["seconds"], 1), flush=True)
-                done["points"][k] = row
-                save(out, done)
+                result = budgeted(atk, obs, secret, budgets[atk])
+                result["version"] = VERSIONS[atk][defense]
+                result["commit"] = COMMIT
+                print(k, atk, result["status"], result["rouge1"], round(result["seconds"], 1), flush=True)
+                record(out, done, k, {"defense": defense, "value": value, "batch": i}, atk, result)
 
 
-def stale(result: dict | None, attack: str) -> bool:
-    return result is None or (attack == "somp-adaptive" and result.get("version") != ADAPTIVE_VERSION)
+def stale(result: dict | None, attack: str, defense: str) -> bool:
+    return result is None or result.get("version") != VERSIONS[attack][defense]
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
+#: the code's commit, recorded on each result (the working tree may hold uncommitted changes on top)
+COMMIT = _commit()
+
+
+def load(out: Path) -> dict:
+    path = out / "points.json"
+    done = json.loads(path.read_text()) if path.exists() else {}
+    done.setdefault("points", {})
+    done.setdefault("horizon", {})
+    return done
+
+
+def record(out: Path, done: dict, k: str, fields: dict, atk: str, result: dict) -> None:
+    """Write one attacker's result for point ``k`` into ``points.json``, merged with what is on disk under a file
+    lock (two bench processes may run different points at once), and refresh ``done`` from the merge."""
+    with open(out / ".points.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = load(out)
+        merged["points"].setdefault(k, dict(fields))[atk] = result
+        merged["budgets_s"] = done.get("budgets_s", merged.get("budgets_s"))
+        save(out, merged)
+    done.clear()
+    done.update(merged)
 
 
 def run_horizon(out: Path, done: dict, ref: ModelRef, size: int, steps: int) -> None:
@@ -160,9 +217,15 @@ def run_horizon(out: Path, done: dict, ref: ModelRef, size: int, steps: int) -> 
         defs = [] if defense == "none" else [make_defense(defense, **{param: value})]
         t0 = time.perf_counter()
         res = horizon_utility("fedsgd", ref, CORPUS, size, 0, defs, opts, MIN_TOKENS, MAX_TOKENS)
-        done["horizon"][k] = {**res, "defense": defense, "value": value, "seconds": time.perf_counter() - t0}
+        entry = {**res, "defense": defense, "value": value, "seconds": time.perf_counter() - t0}
         print("horizon", k, round(res["loss"], 4), round(time.perf_counter() - t0, 1), flush=True)
-        save(out, done)
+        with open(out / ".points.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            merged = load(out)
+            merged["horizon"][k] = entry
+            save(out, merged)
+        done.clear()
+        done.update(merged)
 
 
 def save(out: Path, done: dict) -> None:
@@ -195,8 +258,18 @@ def _step(rows: list[dict]) -> str:
     rows = [r for r in rows if "somp-adaptive" in r]
     if not rows:
         return "–"
-    text = _step_text(rows[0]["somp-adaptive"])
-    return text if rows[0]["somp-adaptive"].get("version") == ADAPTIVE_VERSION else f"session 16 attacker: {text}"
+    first = min(rows, key=lambda r: r["batch"])["somp-adaptive"]
+    text = _step_text(first)
+    return text if first.get("version") else f"session 16 attacker: {text}"
+
+
+def _versions(rows: list[dict]) -> str:
+    """The attacker versions behind a cell's rows, naive / adaptive (rows without one: "s16", session 16's)."""
+    parts = []
+    for atk in ATTACKS:
+        got = sorted({r[atk].get("version") or "s16" for r in rows if atk in r})
+        parts.append(", ".join(got) if got else "–")
+    return " / ".join(parts)
 
 
 def _step_text(result: dict) -> str:
@@ -204,6 +277,9 @@ def _step_text(result: dict) -> str:
     step = (info.get("steps") or [{}])[0]
     if "groups" in step:
         what = "completion ranks " + "/".join(str(g["rank"]) for g in step["groups"])
+        if step.get("layer1"):
+            source = "kept-row" if step.get("kept_rows") else "kept-block"
+            what = f"layer 1 refit on {step['layer1']['rebuilt_on_tokens']} {source} tokens, layer-2 " + what
         return what + (" (underdetermined)" if any(g["underdetermined"] for g in step["groups"]) else "")
     if "token_selection" in step:
         sel = step["token_selection"]["selected"]
@@ -244,9 +320,9 @@ def write_table(out: Path, done: dict, model: str, size: int, budgets: dict[str,
         ),
         "",
         "| defense | strength | batches (naive / adaptive) | SOMP (naive) ROUGE-1 | SOMP-adaptive ROUGE-1 | "
-        "adaptive step (first batch) | "
+        "adaptive step (first batch) | attacker versions (naive / adaptive) | "
         f"s naive | s adaptive | val. loss after {steps} rounds | vs undefended |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for defense, _, value in POINTS:
         rows = [p for p in done["points"].values() if p["defense"] == defense and p["value"] == value]
@@ -254,11 +330,12 @@ def write_table(out: Path, done: dict, model: str, size: int, budgets: dict[str,
         hl = f"{h['loss']:.4f}" if h else "not measured"
         rel = f"{h['loss'] - base['loss']:+.4f}" if h and base else "–"
         if not rows:
-            lines.append(f"| {defense} | {value:g} | 0 | not measured | not measured | – | – | – | {hl} | {rel} |")
+            lines.append(f"| {defense} | {value:g} | 0 | not measured | not measured | – | – | – | – | {hl} | {rel} |")
             continue
         lines.append(
             f"| {defense} | {value:g} | {_count(rows)} | {_cell(rows, 'somp')} | {_cell(rows, 'somp-adaptive')} | "
-            f"{_step(rows)} | {_mean_seconds(rows, 'somp')} | {_mean_seconds(rows, 'somp-adaptive')} | {hl} | {rel} |"
+            f"{_step(rows)} | {_versions(rows)} | {_mean_seconds(rows, 'somp')} | "
+            f"{_mean_seconds(rows, 'somp-adaptive')} | {hl} | {rel} |"
         )
     atomic_write_text(out / "adaptive.md", "\n".join(lines) + "\n")
     plot(out, done, steps)
@@ -325,10 +402,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)  # forked children and a shared machine
     a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / "points.json"
-    done = json.loads(path.read_text()) if path.exists() else {}
-    done.setdefault("points", {})
-    done.setdefault("horizon", {})
+    done = load(a.out)
     budgets = {"somp": a.naive_budget_s, "somp-adaptive": a.adaptive_budget_s}
     if not a.report_only:
         done["budgets_s"] = budgets

@@ -226,3 +226,69 @@ def test_adaptive_somp_reads_top_k_one_percent_from_the_kept_coordinates_end_to_
     block = rec.info["adaptive"]["steps"][0]["kept_block"]
     assert block["tokens"] >= len({t for ids in secret.token_ids for t in ids}) - 1
     assert rec.status == "recovered" and rec.aggregate["rouge1"] >= 0.5
+
+
+def test_rebuild_on_inputs_restores_a_planted_top_k_group_exactly():
+    """A rank-8 group G = A X (64 × 48, X: 8 vocabulary rows) sparsified by global top-k 30 % (by magnitude):
+    refit on the known inputs X from the kept entries alone, every row kept on 8 or more columns equals the
+    clean row (dropped entries included) — the obvious reference is the clean group itself; a row kept on
+    fewer columns still lies in X's span, and a row with nothing kept is zero."""
+    from leaklab.attacks.gradient.adaptive import rebuild_on_inputs
+
+    gen = torch.Generator().manual_seed(3)
+    vocab = torch.randn(300, 48, generator=gen, dtype=torch.float64)
+    x = vocab[[5, 40, 77, 120, 161, 200, 244, 290]]
+    clean = torch.randn(64, 8, generator=gen, dtype=torch.float64) @ x
+    cut = clean.abs().flatten().kthvalue(int(0.7 * clean.numel())).values
+    kept = clean.abs() > cut
+    kept[0] = False
+    kept[1] = False
+    kept[1, :3] = True
+    sparse = torch.where(kept, clean, 0.0)
+    out = rebuild_on_inputs(sparse, kept, x)
+    full = kept.sum(1) >= 8
+    assert int(full.sum()) > 40
+    assert torch.allclose(out[full], clean[full], atol=1e-9, rtol=0)
+    assert not torch.allclose(sparse[full], clean[full])  # the fit restored dropped entries
+    coef = torch.linalg.lstsq(x.T, out[1].unsqueeze(1)).solution.squeeze(1)
+    assert torch.allclose(coef @ x, out[1], atol=1e-9) and torch.allclose(out[1, :3], clean[1, :3], atol=1e-9)
+    assert bool((out[0] == 0).all())
+
+
+def test_adaptive_somp_at_top_k_half_sees_layer_1_as_exact_on_the_kept_block_tokens():
+    """tiny-llama, B = 2, global top-k 50 %: with the tokens from a saturated kept block, the layer-1 group is
+    refit on their span, so SOMP's layer-1 rank is the token count (the completed group was full rank, and
+    the best-effort decoder then searched the 2·d nearest vocabulary tokens per position); texts recovered."""
+    from leaklab.defenses import defended_update, make_defense
+    from leaklab.experiments.runner import attack_batch
+    from leaklab.models import ModelRef
+
+    obs, secret = defended_update(
+        "fedsgd", ModelRef("tiny-llama"), "rotten-tomatoes", 2, 0, [make_defense("topk", fraction=0.5)], 4, 16
+    )
+    rec = attack_batch("somp-adaptive", obs, secret, options={"budget_s": 30})
+    step = rec.info["adaptive"]["steps"][0]
+    assert step["kept_block"]["tokens"] == step["layer1"]["rebuilt_on_tokens"] == rec.info["rank_l1"]
+    assert rec.info["rank_l1"] >= len({t for ids in secret.token_ids for t in ids}) - 1
+    assert rec.status == "recovered" and rec.aggregate["rouge1"] >= 0.9
+
+
+def test_kept_embedding_rows_hold_every_batch_token_under_top_k_one_percent():
+    """tiny-llama, B = 2, global top-k 1 %: every token of the batch keeps at least half of its
+    input-embedding gradient row (its positions' input gradients survive the cut), so ``kept_row_tokens``
+    returns a superset of the batch's tokens, most-kept first — checked against a per-row count in Python."""
+    from leaklab.attacks.gradient.adaptive import kept_row_tokens
+    from leaklab.defenses import defended_update, make_defense
+    from leaklab.models import ModelRef, load_model
+
+    ref = ModelRef("tiny-llama")
+    obs, secret = defended_update("fedsgd", ref, "rotten-tomatoes", 2, 0, [make_defense("topk", fraction=0.01)], 4, 16)
+    loaded = load_model(ref)
+    info, tokens = kept_row_tokens(loaded, dict(obs.gradients), 0.5)
+    name = next(n for n, p in loaded.model.named_parameters() if p is loaded.adapter.embeddings.weight)
+    grad = obs.gradients[name]
+    slow = [v for v in range(grad.shape[0]) if sum(1 for e in grad[v].tolist() if e != 0) >= 0.5 * grad.shape[1]]
+    assert sorted(tokens.tolist()) == slow and info["tokens"] == len(slow)
+    assert {t for ids in secret.token_ids for t in ids} <= set(slow)
+    counts = (grad[tokens] != 0).sum(1)
+    assert bool((counts[:-1] >= counts[1:]).all())

@@ -23,7 +23,12 @@ Before SOMP runs, ``somp-adaptive`` restores that structure where the defense al
   limit, stays as kept). Kept coordinates alone: a fully kept block of the layer-1 group whose rank is below
   both its row count and its width spans the batch's inputs restricted to its columns, so the exact span check
   on those columns gives the token set (:func:`saturated_block`, :func:`block_tokens`), decoded by SOMP's pool
-  decoder; OMP then compares the update's kept coordinates only (``SompAttack(kept_from=...)``).
+  decoder. With those tokens the layer-1 group is not completed but refit on their inputs' span from its kept
+  entries (:func:`rebuild_on_inputs`, exact for rows kept on enough columns), so the span checks see layer 1
+  as exact and every decoder draws its candidates from those tokens. Without a saturated block the tokens
+  are those whose input-embedding gradient row keeps at least ``row_share`` of its entries
+  (:func:`kept_row_tokens`; a superset of the batch's tokens with a tied head), handled the same way. OMP
+  then compares the update's kept coordinates only (``SompAttack(kept_from=...)``).
 * DP-SGD (per-sample clipping to C, then N(0, σ²C²) on the sum, divided by B): the noise on the shared mean
   gradient is Gaussian with std σ·C/B per coordinate (σ = the recorded noise multiplier, B = the granted batch
   size); the per-sample clipping only rescales each text's rows, which leaves their span unchanged. The same
@@ -199,6 +204,24 @@ def block_tokens(
     return torch.nonzero(span_distance(inputs[:, cols], basis) < tau).flatten()
 
 
+def rebuild_on_inputs(observed: torch.Tensor, kept: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Each row of a sparsified group refit on the span of known ``inputs`` (r × d) from its kept entries alone:
+    row i = c_i X with c_i the least-squares solution of g_i[K_i] = c_i X[:, K_i] (K_i: its kept columns;
+    the minimum-norm one where fewer than r are kept, zero where none is). When the clean group is C X, every
+    row kept on r or more columns in general position comes back exactly, dropped entries included."""
+    x = inputs.double()
+    out = observed.new_zeros(observed.shape, dtype=torch.float64)
+    with single_thread():
+        for i in range(observed.shape[0]):
+            cols = torch.nonzero(kept[i]).flatten()
+            if cols.numel() == 0:
+                continue
+            sub = x[:, cols].T  # |K_i| × r
+            coef = torch.linalg.lstsq(sub, observed[i, cols].double().unsqueeze(1), driver="gelsd").solution
+            out[i] = coef.squeeze(1) @ x
+    return out
+
+
 def complete_low_rank(observed: torch.Tensor, kept: torch.Tensor, rank: int, iters: int) -> torch.Tensor:
     """Hard-impute: X ← kept entries of ``observed``, the others from the rank-``rank`` SVD of X (``iters``
     rounds, starting from the zero-filled matrix)."""
@@ -263,7 +286,9 @@ class Adapted:
     tokens: torch.Tensor | None = None
 
 
-def adapt(obs: Observation, margin: float, iters: int, z: float = 6.0, tau: float = 1e-3) -> Adapted:
+def adapt(
+    obs: Observation, margin: float, iters: int, z: float = 6.0, tau: float = 1e-3, row_share: float = 0.5
+) -> Adapted:
     """The update with each known defense's damage to the span groups undone where the structure allows."""
     loaded = load_model(obs.model)
     grads = dict(obs.gradients)
@@ -280,7 +305,9 @@ def adapt(obs: Observation, margin: float, iters: int, z: float = 6.0, tau: floa
             done.append({"defense": name, "note": "batch size not granted: the noise's std is unknown, passed through"})
         elif name == "topk":
             block_info, tokens = _kept_block_tokens(loaded, grads, groups, tau)
-            done.append({"defense": name, **block_info, **_complete(loaded, grads, groups, iters)})
+            if tokens is None:
+                block_info["kept_rows"], tokens = kept_row_tokens(loaded, grads, row_share)
+            done.append({"defense": name, **block_info, **_sparse_groups(loaded, grads, groups, iters, tokens)})
         elif name == "clip":
             done.append({"defense": name, "note": "span checks and OMP are scale-free: nothing to undo"})
         else:
@@ -334,6 +361,49 @@ def _kept_block_tokens(
     return info, (vocab[found] if found.numel() else None)
 
 
+def kept_row_tokens(
+    loaded: LoadedModel, grads: dict[str, torch.Tensor], share: float
+) -> tuple[dict[str, Any] | None, torch.Tensor | None]:
+    """Top-k without a saturated block: the tokens whose input-embedding gradient row keeps at least ``share``
+    of its entries, most-kept first (None without such a gradient or row). A batch token's row carries its
+    positions' input gradients and survives the cut; with a tied output head the softmax's most probable
+    tokens survive too (extra tokens: the decoder and OMP choose)."""
+    emb = loaded.adapter.embeddings.weight
+    name = next((n for n, p in loaded.model.named_parameters() if p is emb), None)
+    if name is None or name not in grads:
+        return None, None
+    counts = (grads[name] != 0).sum(1)
+    rows = torch.nonzero(counts >= share * grads[name].shape[1]).flatten()
+    if rows.numel() == 0:
+        return {"share": share, "tokens": 0}, None
+    rows = rows[torch.argsort(counts[rows], descending=True)]
+    return {"share": share, "tokens": int(rows.numel())}, rows.to(loaded.adapter.device)
+
+
+def _sparse_groups(
+    loaded: LoadedModel,
+    grads: dict[str, torch.Tensor],
+    groups: list[list[tuple[str, bool]]],
+    iters: int,
+    tokens: torch.Tensor | None,
+) -> dict[str, Any]:
+    """Top-k: with the layer-1 tokens known (a saturated kept block), the layer-1 group is refit on their inputs'
+    span from its kept entries (:func:`rebuild_on_inputs`: exact, and the span checks see layer 1 as exact, so
+    every decoder draws its candidates from those tokens, not from a full-rank pool); the other attention
+    group is completed as a low-rank matrix. Without known tokens both are completed."""
+    if tokens is None:
+        return _complete(loaded, grads, groups, iters)
+    stack = _stack(grads, groups[0])
+    with torch.no_grad():
+        inputs = candidate_inputs(loaded.adapter, tokens, 0).double()
+    _unstack(rebuild_on_inputs(stack, stack != 0, inputs), grads, groups[0])
+    layer1 = {
+        "rebuilt_on_tokens": int(tokens.numel()),
+        "rows_underdetermined": int(((stack != 0).sum(1) < len(tokens)).sum()),
+    }
+    return {"layer1": layer1, **_complete(loaded, grads, groups[1 : len(SPAN_LAYERS)], iters)}
+
+
 def _complete(
     loaded: LoadedModel, grads: dict[str, torch.Tensor], groups: list[list[tuple[str, bool]]], iters: int
 ) -> dict[str, Any]:
@@ -357,6 +427,9 @@ class AdaptiveOptions(SompOptions):
 
     margin: float = option(1.0, "known noise: keep singular directions above margin x the noise's spectral norm")
     impute_iters: int = option(60, "top-k: hard-impute rounds of the low-rank completion")
+    row_share: float = option(
+        0.5, "top-k without a saturated kept block: tokens whose embedding-gradient row keeps this share"
+    )
     noise_z: float = option(6.0, "known noise: a token's gain must pass the noise's chi-square mean by this many stds")
     noise_prior: bool = option(False, "known noise: decode with the model's prior and the output-gradient filter too")
     noise_end_z: float = option(5.0, "known noise: end_z of the pool decoder (the true extension stands out less)")
@@ -364,7 +437,9 @@ class AdaptiveOptions(SompOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.require(positive=("margin", "impute_iters", "noise_z"), non_negative=("noise_end_z", "noise_stop_z"))
+        self.require(
+            positive=("margin", "impute_iters", "noise_z", "row_share"), non_negative=("noise_end_z", "noise_stop_z")
+        )
 
 
 @register_gradient_attack(
@@ -379,7 +454,8 @@ class AdaptiveSomp:
         self.opts = opts or AdaptiveOptions()
 
     def run(self, obs: Observation) -> Recovery:
-        done = adapt(obs, self.opts.margin, self.opts.impute_iters, self.opts.noise_z, self.opts.tau1)
+        o = self.opts
+        done = adapt(obs, o.margin, o.impute_iters, o.noise_z, o.tau1, o.row_share)
         if done.tokens is not None and done.tokens.numel() == 0:
             raise NoSignal("known noise: no layer-1 token's gain exceeds the noise bound")
         opts = self.opts
