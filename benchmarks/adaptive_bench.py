@@ -75,7 +75,7 @@ def key(defense: str, value: float, batch: int) -> str:
 
 
 #: address-space cap of each attacker's child, so that one attacker cannot take the shared machine's memory
-MEMORY_CAP_BYTES = 12 * 2**30
+MEMORY_CAP_BYTES = 20 * 2**30
 
 
 def _child(conn: Any, attack: str, obs: Any, secret: Any, options: dict[str, Any]) -> None:
@@ -104,21 +104,24 @@ def budgeted(attack: str, obs: Any, secret: Any, budget_s: float) -> dict[str, A
     proc = ctx.Process(target=_child, args=(there, attack, obs, secret, options), daemon=True)
     proc.start()
     there.close()
-    out, reason = None, f"stopped at the {budget_s:g} s wall-clock budget per batch"
+    out, status, reason = None, "budget_stop", f"stopped at the {budget_s:g} s wall-clock budget per batch"
     if here.poll(budget_s):
         try:
             out = here.recv()
         except EOFError:  # the child died first: over the memory cap, or the machine ran out of memory
-            reason = (
-                f"the attacker's process ended without a result (over the {MEMORY_CAP_BYTES >> 30} GiB cap, or "
-                "the shared machine out of memory: not an outcome of the attack; rerun it)"
+            status, reason = (
+                "died",
+                (
+                    f"the attacker's process ended without a result (over the {MEMORY_CAP_BYTES >> 30} GiB cap, or "
+                    "the shared machine out of memory: not an outcome of the attack; rerun it)"
+                ),
             )
     proc.join(timeout=5)
     if proc.is_alive():
         proc.kill()
         proc.join()
     if out is None:
-        out = {"status": "budget_stop", "reason": reason, "rouge1": None, "rouge2": None, "adaptive": None}
+        out = {"status": status, "reason": reason, "rouge1": None, "rouge2": None, "adaptive": None}
         out["seconds"] = time.perf_counter() - t0
         out["exitcode"] = proc.exitcode
     out["options"] = options
@@ -172,7 +175,7 @@ def run_attacks(
 
 
 def stale(result: dict | None, attack: str, defense: str) -> bool:
-    return result is None or result.get("version") != VERSIONS[attack][defense]
+    return result is None or result["status"] == "died" or result.get("version") != VERSIONS[attack][defense]
 
 
 def _commit() -> str | None:
