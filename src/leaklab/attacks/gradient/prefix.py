@@ -44,6 +44,17 @@ class Terms:
     delta: dict[str, torch.Tensor]
 
 
+def _capture(modules: dict[str, torch.nn.Linear]) -> tuple[dict, dict, list]:
+    """Hooks that store each module's input x and output gradient δ (detached) by name; remove the handles."""
+    xs: dict[str, torch.Tensor] = {}
+    ds: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, mod in modules.items():
+        handles.append(mod.register_forward_hook(lambda m, a, o, n=name: xs.__setitem__(n, a[0].detach())))
+        handles.append(mod.register_full_backward_hook(lambda m, gi, go, n=name: ds.__setitem__(n, go[0].detach())))
+    return xs, ds, handles
+
+
 def loss_terms(
     loaded: LoadedModel,
     modules: dict[str, torch.nn.Linear],
@@ -56,12 +67,7 @@ def loss_terms(
     One batched backward: the rows do not interact, so each row's δ is its own loss's."""
     model = loaded.model
     mask = torch.ones_like(ids) if mask is None else mask
-    xs: dict[str, torch.Tensor] = {}
-    ds: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, mod in modules.items():
-        handles.append(mod.register_forward_hook(lambda m, a, o, n=name: xs.__setitem__(n, a[0].detach())))
-        handles.append(mod.register_full_backward_hook(lambda m, gi, go, n=name: ds.__setitem__(n, go[0].detach())))
+    xs, ds, handles = _capture(modules)
     try:
         model.zero_grad(set_to_none=True)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
@@ -248,12 +254,7 @@ def next_token_terms(
         cache.batch_repeat_interleave(k)
     with torch.no_grad():
         embeds = model.get_input_embeddings()(prefixes[:, -1:].repeat_interleave(k, 0))
-    xs: dict[str, torch.Tensor] = {}
-    ds: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, mod in modules.items():
-        handles.append(mod.register_forward_hook(lambda m, a, o, n=name: xs.__setitem__(n, a[0].detach())))
-        handles.append(mod.register_full_backward_hook(lambda m, gi, go, n=name: ds.__setitem__(n, go[0].detach())))
+    xs, ds, handles = _capture(modules)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         for p, _ in flags:
