@@ -55,6 +55,13 @@ def _capture(modules: dict[str, torch.nn.Linear]) -> tuple[dict, dict, list]:
     return xs, ds, handles
 
 
+def _backward(loss: torch.Tensor) -> None:
+    """``loss.backward()`` without the warning that the :func:`_capture` hooks see module outputs only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        loss.backward()
+
+
 def loss_terms(
     loaded: LoadedModel,
     modules: dict[str, torch.nn.Linear],
@@ -75,9 +82,7 @@ def loss_terms(
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
         )
-        with warnings.catch_warnings():  # hooks on module outputs only: what is needed
-            warnings.simplefilter("ignore", UserWarning)
-            loss.backward()
+        _backward(loss)
     finally:
         for h in handles:
             h.remove()
@@ -263,9 +268,7 @@ def next_token_terms(
             embeds = embeds.detach().requires_grad_(True)
             logits = model(inputs_embeds=embeds, past_key_values=cache, use_cache=cache is not None).logits[:, -1]
             loss = torch.nn.functional.cross_entropy(logits.float(), candidates.reshape(-1), reduction="sum")
-            with warnings.catch_warnings():  # hooks on module outputs only: what is needed
-                warnings.simplefilter("ignore", UserWarning)
-                loss.backward()
+            _backward(loss)
     finally:
         for h in handles:
             h.remove()
